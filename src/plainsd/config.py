@@ -1,0 +1,134 @@
+"""Configs for the three networks and named presets.
+
+Each network takes its config whole. Field names follow the original latent-diffusion configs
+(model_channels, channel_mult, num_res_blocks, ...) so that the numbers can be checked against them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408          # CLIP BPE vocabulary
+    context_length: int = 77         # tokens per prompt, start and end tokens included
+    width: int = 768                 # hidden size
+    layers: int = 12                 # transformer layers stored in the checkpoint
+    heads: int = 12                  # attention heads
+    mlp_ratio: float = 4.0           # feed-forward width / width
+    act: str = "quick_gelu"          # "quick_gelu" (OpenAI CLIP, SD1) or "gelu" (OpenCLIP, SD2)
+    clip_skip: int = 1               # default output layer counted from the last: 1 = last, 2 = penultimate
+    layout: str = "openai"           # checkpoint key layout: "openai" (transformers names) or "openclip"
+    pad: str = "eot"                 # tokenizer padding: "eot" (SD1) or "zero" (SD2)
+    projection_dim: int = 0          # text_projection to CLIP's joint space (0 = none; SD1 files have none)
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4             # 4 latent channels; 9 for inpainting (latent + masked latent + mask)
+    out_channels: int = 4
+    model_channels: int = 320        # channels of the first level
+    channel_mult: tuple = (1, 2, 4, 4)   # channels per level, as multiples of model_channels
+    num_res_blocks: int = 2          # ResBlocks per level on the way down (one more on the way up)
+    attention_levels: tuple = (0, 1, 2)  # levels (0 = full resolution) that have a SpatialTransformer
+    num_heads: int = 8               # heads per attention layer (SD1) ...
+    head_dim: int = -1               # ... or a fixed head size (SD2: 64); exactly one of them is > 0
+    context_dim: int = 768           # width of the text states read by cross-attention
+    transformer_depth: int = 1       # BasicTransformerBlocks per SpatialTransformer
+    use_linear_proj: bool = False    # SD2: proj_in / proj_out are Linear instead of 1x1 Conv
+    norm_groups: int = 32            # GroupNorm groups
+
+    def heads_for(self, channels: int) -> int:
+        return self.num_heads if self.num_heads > 0 else channels // self.head_dim
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3
+    ch: int = 128                    # channels of the first level
+    ch_mult: tuple = (1, 2, 4, 4)    # len(ch_mult) - 1 downsamplings: factor 8
+    num_res_blocks: int = 2
+    z_channels: int = 4              # latent channels
+    norm_groups: int = 32
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass
+class ModelConfig:
+    text: TextConfig = field(default_factory=TextConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    prediction: str = "eps"          # what the UNet predicts: "eps" (noise) or "v" (velocity)
+    scale_factor: float = 0.18215    # latents are multiplied by this before the UNet sees them
+    resolution: int = 512            # native image size in pixels
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        def make(kind, values):
+            names = {f.name for f in dataclasses.fields(kind)}
+            unknown = set(values) - names
+            if unknown:
+                raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
+            values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+            return kind(**values)
+
+        d = dict(d)
+        return make(cls, {**d, "text": make(TextConfig, d.get("text", {})), "unet": make(UNetConfig, d.get("unet", {})),
+                          "vae": make(VAEConfig, d.get("vae", {}))})
+
+
+def _sd1() -> ModelConfig:
+    return ModelConfig()
+
+
+def _sd2(prediction: str = "eps", resolution: int = 512) -> ModelConfig:
+    return ModelConfig(
+        text=TextConfig(width=1024, layers=24, heads=16, act="gelu", clip_skip=2, layout="openclip", pad="zero",
+                        projection_dim=1024),
+        unet=UNetConfig(num_heads=-1, head_dim=64, context_dim=1024, use_linear_proj=True),
+        prediction=prediction,
+        resolution=resolution,
+    )
+
+
+def _tiny(sd2: bool = False, in_channels: int = 4, prediction: str = "eps") -> ModelConfig:
+    """Small enough for tests in seconds; same classes, same key layout."""
+    if sd2:
+        text = TextConfig(width=64, layers=3, heads=4, act="gelu", clip_skip=2, layout="openclip", pad="zero", projection_dim=64)
+        unet = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
+                          num_heads=-1, head_dim=16, context_dim=64, use_linear_proj=True)
+    else:
+        text = TextConfig(width=64, layers=3, heads=4)
+        unet = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
+                          num_heads=4, context_dim=64)
+    unet.in_channels = in_channels
+    vae = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+    return ModelConfig(text=text, unet=unet, vae=vae, prediction=prediction, resolution=64)
+
+
+PRESETS = {
+    "sd15": _sd1,
+    "sd15-inpaint": lambda: dataclasses.replace(_sd1(), unet=UNetConfig(in_channels=9)),
+    "sd21": _sd2,
+    "sd21-v": lambda: _sd2(prediction="v", resolution=768),
+    "sd2-inpaint": lambda: dataclasses.replace(_sd2(), unet=dataclasses.replace(_sd2().unet, in_channels=9)),
+    "tiny": _tiny,
+    "tiny-sd2": lambda: _tiny(sd2=True),
+    "tiny-v": lambda: _tiny(sd2=True, prediction="v"),
+    "tiny-inpaint": lambda: _tiny(in_channels=9),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()

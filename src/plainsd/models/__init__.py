@@ -1,0 +1,38 @@
+"""The networks of Stable Diffusion, as plain nn.Modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .clip import CLIPTextModel
+from .tokenizer import Tokenizer
+from .unet import UNetModel
+from .vae import AutoencoderKL
+
+
+class StableDiffusion(nn.Module):
+    """The tokenizer and the three networks of one model, with the config they were built from."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tokenizer = Tokenizer("sd2" if config.text.pad == "zero" else "sd1", config.text.context_length)
+        self.text_encoder = CLIPTextModel(config.text)
+        self.unet = UNetModel(config.unet)
+        self.vae = AutoencoderKL(config.vae)
+        self.name = "random"  # a file's stem once loaded
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def __repr__(self) -> str:
+        params = sum(p.numel() for p in self.parameters())
+        kind = "SD2" if self.config.text.layout == "openclip" else "SD1"
+        return (f"StableDiffusion({self.name!r}, {kind}, prediction={self.config.prediction}, "
+                f"unet in_channels={self.config.unet.in_channels}, {params / 1e6:.1f}M parameters, {self.dtype})")
+
+
+__all__ = ["StableDiffusion", "Tokenizer", "CLIPTextModel", "UNetModel", "AutoencoderKL"]

@@ -1,0 +1,115 @@
+"""CLIP's text transformer (Radford et al. 2021), the prompt encoder of Stable Diffusion.
+
+Module names are transformers' CLIPTextModel names (`text_model.encoder.layers.0.self_attn.q_proj`),
+which are the keys SD1 checkpoints store under `cond_stage_model.transformer.`. OpenCLIP's keys (SD2)
+are converted to these by plainsd.weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from .layers import attention, quick_gelu
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Causal: each token sees itself and the tokens before it, never the padding after the prompt.
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.act = quick_gelu if act == "quick_gelu" else F.gelu
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg.width, cfg.heads)
+        self.layer_norm1 = nn.LayerNorm(cfg.width)
+        self.mlp = CLIPMLP(cfg.width, int(cfg.width * cfg.mlp_ratio), cfg.act)
+        self.layer_norm2 = nn.LayerNorm(cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = nn.Embedding(cfg.context_length, cfg.width)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([CLIPEncoderLayer(cfg) for _ in range(cfg.layers)])
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.width)
+
+
+class CLIPTextModel(nn.Module):
+    """Token ids [B, T] -> hidden states [B, T, width].
+
+    `clip_skip` picks the layer whose output is used, counted from the last (1 = last layer,
+    2 = penultimate, as A1111's "Clip skip"); the final layer norm is applied to it either way.
+    """
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.text_model = CLIPTextTransformer(cfg)
+        if cfg.projection_dim:
+            self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_model.final_layer_norm.weight.dtype
+
+    def forward(self, ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+        clip_skip = clip_skip or self.config.clip_skip
+        n = len(self.text_model.encoder.layers)
+        if not 1 <= clip_skip <= n:
+            raise ValueError(f"clip_skip must be between 1 and {n} for this text encoder, got {clip_skip}")
+        if ids.shape[1] > self.config.context_length:
+            raise ValueError(f"at most {self.config.context_length} tokens per sequence, got {ids.shape[1]}")
+        x = self.text_model.embeddings(ids).to(self.dtype)
+        for layer in self.text_model.encoder.layers[: n - clip_skip + 1]:
+            x = layer(x)
+        return self.text_model.final_layer_norm(x)
+
+    def pooled(self, ids: torch.Tensor) -> torch.Tensor:
+        """CLIP's text embedding: the last layer's state at the end token, projected if the model can."""
+        x = self.forward(ids, clip_skip=1)
+        # The end token has the highest id, so argmax finds it (the first one, where padding is also EOT).
+        x = x[torch.arange(x.shape[0]), ids.argmax(dim=-1)]
+        return self.text_projection(x) if hasattr(self, "text_projection") else x

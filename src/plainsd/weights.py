@@ -1,0 +1,538 @@
+"""Loading and saving checkpoints.
+
+plainsd's module names are the original (CompVis / Stability) checkpoint keys, so the single-file
+layout loads with a prefix per network; only OpenCLIP's text tower (SD2) and the diffusers folder
+layout need renaming. Every load is strict: a file that does not fit the model raises one
+CheckpointError that names the problem and the first few keys, never a silent partial load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+import struct
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+from .models import StableDiffusion
+
+UNET, VAE = "model.diffusion_model.", "first_stage_model."
+TEXT_OPENAI, TEXT_OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+DEFAULT_MODEL = Path(__file__).parent / "data" / "plainsd-base.safetensors"
+
+# Tensors that original checkpoints carry besides the three networks: the training noise schedule,
+# EMA copies (used only with ema=True), tokenizer position ids, OpenCLIP's temperature.
+_IGNORED = re.compile(
+    r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
+    r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance"
+    r"|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|logvar|v_pred|model_ema\..*"
+    r"|cond_stage_model\.transformer\.text_model\.embeddings\.position_ids|cond_stage_model\.model\.logit_scale"
+    r"|cond_stage_model\.model\.attn_mask|first_stage_model\.loss\..*)$"
+)
+
+
+class CheckpointError(ValueError):
+    """A file or folder that is not a Stable Diffusion checkpoint plainsd can load."""
+
+
+def _few(keys, n: int = 4) -> str:
+    keys = sorted(keys)
+    more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+# --- reading tensors ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TensorSource:
+    """The tensors of a file: names and shapes at once, values on demand (memory-mapped where possible)."""
+    shapes: dict[str, tuple]
+    get: Callable[[str], torch.Tensor]
+    metadata: dict[str, str]
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and struct.unpack("<Q", head[:8])[0] < 100_000_000 and head[8:9] == b"{"
+
+
+def read_tensors(path: str | os.PathLike) -> TensorSource:
+    """Open a .safetensors file (memory-mapped) or a .ckpt/.pt/.bin file (weights_only, never unpickling code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such checkpoint file: {path}")
+    if path.stat().st_size < 9:
+        raise CheckpointError(f"{path} is not a checkpoint: the file is only {path.stat().st_size} bytes long")
+    if path.suffix == ".safetensors" or _is_safetensors(path):
+        try:
+            f = safe_open(str(path), framework="pt")
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            return TensorSource(shapes, f.get_tensor, dict(f.metadata() or {}))
+        except Exception as e:  # safetensors raises its own error types for bad headers and sizes
+            raise CheckpointError(f"{path} is not a readable .safetensors file (truncated or not a checkpoint): {e}") from None
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic != b"PK":
+        raise CheckpointError(f"{path} is not a checkpoint: expected a .safetensors file, a PyTorch .ckpt/.pt file "
+                              "or a diffusers folder")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds pickled Python objects other than tensors; plainsd loads .ckpt files only "
+                              f"with weights_only=True and never runs pickled code (convert it to .safetensors with a "
+                              f"tool you trust): {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt): {e}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(obj).__name__}, not a dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return TensorSource({k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__, {})
+
+
+# --- the text tower in OpenCLIP's layout (SD2) --------------------------------------------------
+
+_OPENCLIP_NAMES = [  # (plainsd / transformers name, OpenCLIP name), per layer where {i} appears
+    ("text_model.embeddings.token_embedding.weight", "token_embedding.weight"),
+    ("text_model.embeddings.position_embedding.weight", "positional_embedding"),
+    ("text_model.final_layer_norm.", "ln_final."),
+    ("text_model.encoder.layers.{i}.layer_norm1.", "transformer.resblocks.{i}.ln_1."),
+    ("text_model.encoder.layers.{i}.layer_norm2.", "transformer.resblocks.{i}.ln_2."),
+    ("text_model.encoder.layers.{i}.self_attn.out_proj.", "transformer.resblocks.{i}.attn.out_proj."),
+    ("text_model.encoder.layers.{i}.mlp.fc1.", "transformer.resblocks.{i}.mlp.c_fc."),
+    ("text_model.encoder.layers.{i}.mlp.fc2.", "transformer.resblocks.{i}.mlp.c_proj."),
+]
+
+
+def _openclip_rename(name: str, to_openclip: bool) -> str | None:
+    m = re.search(r"(?:layers|resblocks)\.(\d+)\.", name)
+    i = m.group(1) if m else None
+    for ours, theirs in _OPENCLIP_NAMES:
+        src, dst = (ours, theirs) if to_openclip else (theirs, ours)
+        if "{i}" in src:
+            if i is None:
+                continue
+            src, dst = src.format(i=i), dst.format(i=i)
+        if name == src or (src.endswith(".") and name.startswith(src)):
+            return dst + name[len(src):]
+    return None
+
+
+def text_to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """plainsd text-encoder state -> OpenCLIP keys (q/k/v fused into in_proj, projection transposed)."""
+    out = {}
+    for name, t in state.items():
+        m = re.match(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)$", name)
+        if m:
+            i, kind = m.groups()
+            parts = [state[f"text_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(parts, 0)
+        elif re.search(r"self_attn\.[kv]_proj\.", name):
+            continue
+        elif name == "text_projection.weight":
+            out["text_projection"] = t.t().contiguous()
+        else:
+            out[_openclip_rename(name, to_openclip=True)] = t
+    return out
+
+
+def text_from_openclip(shapes: dict[str, tuple]) -> dict[str, tuple[str, Callable]]:
+    """OpenCLIP key shapes -> {plainsd name: (source key, how to take the tensor from it)}."""
+    plan = {}
+    for key, shape in shapes.items():
+        m = re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key)
+        if m:
+            i, kind = m.groups()
+            width = shape[0] // 3
+            for j, p in enumerate("qkv"):
+                plan[f"text_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}"] = (key, lambda t, j=j, w=width: t[j * w:(j + 1) * w])
+        elif key == "text_projection":
+            plan["text_projection.weight"] = (key, lambda t: t.t())
+        else:
+            name = _openclip_rename(key, to_openclip=False)
+            plan[name if name else "?" + key] = (key, lambda t: t)
+    return plan
+
+
+# --- the diffusers folder layout ------------------------------------------------------------------
+
+_UNET_RES = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+             ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
+_VAE_RES = [("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"), ("conv_shortcut", "nin_shortcut")]
+_VAE_ATTN = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"),
+             ("query", "q"), ("key", "k"), ("value", "v"), ("proj_attn", "proj_out")]  # older diffusers names
+
+
+def unet_diffusers_names(cfg: UNetConfig) -> list[tuple[str, str]]:
+    """(diffusers prefix, original prefix) pairs for a UNet of this config."""
+    pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+             ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2.")]
+
+    def res(d: str, o: str):
+        pairs.extend((f"{d}{a}.", f"{o}{b}.") for a, b in _UNET_RES)
+
+    n_levels, per = len(cfg.channel_mult), cfg.num_res_blocks + 1
+    for i in range(n_levels):
+        for j in range(cfg.num_res_blocks):
+            res(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{1 + i * per + j}.0.")
+            pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{1 + i * per + j}.1."))
+        pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * per}.0.op."))
+    res("mid_block.resnets.0.", "middle_block.0.")
+    pairs.append(("mid_block.attentions.0.", "middle_block.1."))
+    res("mid_block.resnets.1.", "middle_block.2.")
+    for i in range(n_levels):
+        has_attn = (n_levels - 1 - i) in cfg.attention_levels
+        for j in range(per):
+            res(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{i * per + j}.0.")
+            pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{i * per + j}.1."))
+        pairs.append((f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{i * per + per - 1}.{2 if has_attn else 1}.conv."))
+    return pairs
+
+
+def vae_diffusers_names(cfg: VAEConfig) -> list[tuple[str, str]]:
+    pairs = [("quant_conv.", "quant_conv."), ("post_quant_conv.", "post_quant_conv.")]
+    n_levels = len(cfg.ch_mult)
+    for part in ("encoder", "decoder"):
+        pairs += [(f"{part}.conv_in.", f"{part}.conv_in."), (f"{part}.conv_out.", f"{part}.conv_out."),
+                  (f"{part}.conv_norm_out.", f"{part}.norm_out.")]
+        for k, block in enumerate(("block_1", "block_2")):
+            pairs += [(f"{part}.mid_block.resnets.{k}.{a}.", f"{part}.mid.{block}.{b}.") for a, b in _VAE_RES]
+        pairs += [(f"{part}.mid_block.attentions.0.{a}.", f"{part}.mid.attn_1.{b}.") for a, b in _VAE_ATTN]
+    for i in range(n_levels):
+        for j in range(cfg.num_res_blocks + 1):
+            pairs += [(f"encoder.down_blocks.{i}.resnets.{j}.{a}.", f"encoder.down.{i}.block.{j}.{b}.") for a, b in _VAE_RES]
+            pairs += [(f"decoder.up_blocks.{i}.resnets.{j}.{a}.", f"decoder.up.{n_levels - 1 - i}.block.{j}.{b}.")
+                      for a, b in _VAE_RES]
+        pairs.append((f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"encoder.down.{i}.downsample.conv."))
+        pairs.append((f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{n_levels - 1 - i}.upsample.conv."))
+    return pairs
+
+
+def _rename(key: str, pairs: list[tuple[str, str]]) -> str | None:
+    best = max((p for p in pairs if key.startswith(p[0])), key=lambda p: len(p[0]), default=None)
+    return best[1] + key[len(best[0]):] if best else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def _component_file(folder: Path) -> Path:
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                 "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"no weights file in {folder} (expected diffusion_pytorch_model.safetensors or model.safetensors)")
+
+
+def _diffusers_config(root: Path) -> ModelConfig:
+    u = _read_json(root / "unet" / "config.json")
+    v = _read_json(root / "vae" / "config.json")
+    t = _read_json(root / "text_encoder" / "config.json")
+    for field in ("class_embed_type", "addition_embed_type", "encoder_hid_dim"):
+        if u.get(field):
+            raise CheckpointError(f"{root} is not an SD 1.x/2.x model (its UNet has {field}={u[field]!r}; SDXL and "
+                                  "other UNet variants are not supported)")
+    boc = list(u["block_out_channels"])
+    heads = u.get("num_attention_heads") or u.get("attention_head_dim", 8)
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(boc)
+    head_dims = {c // h for c, h in zip(boc, heads)}
+    per_level = isinstance(u.get("num_attention_heads") or u.get("attention_head_dim"), (list, tuple))
+    num_heads, head_dim = (-1, head_dims.pop()) if per_level and len(head_dims) == 1 else (heads[0], -1)
+    depth = u.get("transformer_layers_per_block", 1)
+    unet = UNetConfig(
+        in_channels=u["in_channels"], out_channels=u["out_channels"], model_channels=boc[0],
+        channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=u["layers_per_block"],
+        attention_levels=tuple(i for i, b in enumerate(u["down_block_types"]) if "CrossAttn" in b),
+        num_heads=num_heads, head_dim=head_dim, context_dim=u["cross_attention_dim"],
+        transformer_depth=depth[0] if isinstance(depth, (list, tuple)) else depth,
+        use_linear_proj=bool(u.get("use_linear_projection", False)), norm_groups=u.get("norm_num_groups", 32))
+    vboc = list(v["block_out_channels"])
+    vae = VAEConfig(in_channels=v.get("in_channels", 3), ch=vboc[0], ch_mult=tuple(c // vboc[0] for c in vboc),
+                    num_res_blocks=v["layers_per_block"], z_channels=v["latent_channels"],
+                    norm_groups=v.get("norm_num_groups", 32))
+    pad = "eot"
+    special = root / "tokenizer" / "special_tokens_map.json"
+    if special.is_file():
+        p = _read_json(special).get("pad_token")
+        p = p.get("content") if isinstance(p, dict) else p
+        pad = "eot" if p in (None, "<|endoftext|>") else "zero"
+    openclip = t.get("hidden_act") == "gelu"
+    text = TextConfig(vocab_size=t["vocab_size"], context_length=t["max_position_embeddings"], width=t["hidden_size"],
+                      layers=t["num_hidden_layers"], heads=t["num_attention_heads"],
+                      mlp_ratio=t["intermediate_size"] / t["hidden_size"], act=t.get("hidden_act", "quick_gelu"),
+                      clip_skip=1, layout="openclip" if openclip else "openai", pad=pad)
+    sched = root / "scheduler" / "scheduler_config.json"
+    prediction = "eps"
+    if sched.is_file() and _read_json(sched).get("prediction_type") == "v_prediction":
+        prediction = "v"
+    return ModelConfig(text=text, unet=unet, vae=vae, prediction=prediction,
+                       scale_factor=v.get("scaling_factor", 0.18215), resolution=v.get("sample_size", 512))
+
+
+def _read_diffusers(root: Path) -> tuple[ModelConfig, TensorSource]:
+    """A diffusers folder as one TensorSource in the original single-file layout."""
+    for part in ("unet", "vae", "text_encoder"):
+        if not (root / part / "config.json").is_file():
+            raise CheckpointError(f"{root} is not a diffusers model folder: {part}/config.json is missing")
+    config = _diffusers_config(root)
+    shapes, getters = {}, {}
+    tables = {"unet": (unet_diffusers_names(config.unet), UNET), "vae": (vae_diffusers_names(config.vae), VAE)}
+    for part in ("unet", "vae", "text_encoder"):
+        src = read_tensors(_component_file(root / part))
+        for key, shape in src.shapes.items():
+            if part == "text_encoder":
+                name = TEXT_OPENAI + key
+            else:
+                pairs, prefix = tables[part]
+                new = _rename(key, pairs)
+                name = prefix + new if new else f"{part}/{key}"  # left unrenamed: reported as unexpected
+            shapes[name] = shape
+            getters[name] = (src.get, key)
+    source = TensorSource(shapes, lambda name: getters[name][0](getters[name][1]), {})
+    return config, source
+
+
+# --- recognising a single file's model from its tensors ----------------------------------------
+
+def infer_config(shapes: dict[str, tuple], metadata: dict[str, str]) -> tuple[ModelConfig, str | None]:
+    """The ModelConfig of an original-layout checkpoint: from plainsd's metadata, else from tensor shapes.
+
+    Also returns the key of the tensor whose spread tells v-prediction apart, where that test applies.
+    """
+    if "plainsd.config" in metadata:
+        try:
+            return ModelConfig.from_dict(json.loads(metadata["plainsd.config"])), None
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"the file's plainsd.config metadata is unreadable: {e}") from None
+    keys = set(shapes)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise CheckpointError("this is an SDXL checkpoint (it has conditioner.embedders.* tensors); plainsd loads SD 1.x and 2.x")
+    if UNET + "input_blocks.0.0.weight" not in keys:
+        lora = any("lora_" in k for k in list(keys)[:50])
+        kind = " (it looks like a LoRA file)" if lora else ""
+        raise CheckpointError(f"not a Stable Diffusion checkpoint{kind}: it has no {UNET}* tensors; "
+                              f"its first keys are {_few(keys)}")
+
+    u = lambda k: shapes.get(UNET + k)  # noqa: E731
+    mc = u("input_blocks.0.0.weight")[0]
+    blocks: dict[int, set[str]] = {}
+    for k in keys:
+        m = re.match(re.escape(UNET) + r"input_blocks\.(\d+)\.(\d+)\.(\w+)", k)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(f"{m.group(2)}.{m.group(3)}")
+    mults, levels_attn, counts, count = [], [], [], 0
+    for i in range(1, max(blocks) + 1):
+        parts = blocks.get(i, set())
+        if "0.op" in parts:
+            counts.append(count)
+            count = 0
+            continue
+        if count == 0:
+            mults.append(u(f"input_blocks.{i}.0.out_layers.3.weight")[0] // mc)
+            if any(p.startswith("1.") for p in parts):
+                levels_attn.append(len(mults) - 1)
+        count += 1
+    counts.append(count)
+    if len(set(counts)) != 1:
+        raise CheckpointError(f"unsupported UNet layout: {counts} ResBlocks per level (plainsd expects the same number on every level)")
+    proj_in = u("middle_block.1.proj_in.weight")
+    context_dim = u("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
+    depth = len({k for k in keys if k.startswith(UNET + "middle_block.1.transformer_blocks.") and k.endswith("attn1.to_q.weight")})
+    sd2_unet = context_dim == 1024 or (proj_in is not None and len(proj_in) == 2)
+    unet = UNetConfig(in_channels=u("input_blocks.0.0.weight")[1], out_channels=u("out.2.weight")[0], model_channels=mc,
+                      channel_mult=tuple(mults), num_res_blocks=counts[0], attention_levels=tuple(levels_attn),
+                      num_heads=-1 if sd2_unet else 8, head_dim=64 if sd2_unet else -1, context_dim=context_dim,
+                      transformer_depth=max(depth, 1), use_linear_proj=proj_in is not None and len(proj_in) == 2)
+
+    if any(k.startswith(TEXT_OPENCLIP) for k in keys):
+        p = TEXT_OPENCLIP
+        vocab, width = shapes[p + "token_embedding.weight"]
+        layers = len({k.split(".")[4] for k in keys if k.startswith(p + "transformer.resblocks.")})
+        mlp = shapes[p + "transformer.resblocks.0.mlp.c_fc.weight"][0]
+        text = TextConfig(vocab_size=vocab, context_length=shapes[p + "positional_embedding"][0], width=width, layers=layers,
+                          heads=max(width // 64, 1), mlp_ratio=mlp / width, act="gelu", clip_skip=2, layout="openclip", pad="zero",
+                          projection_dim=shapes[p + "text_projection"][1] if p + "text_projection" in keys else 0)
+    elif any(k.startswith(TEXT_OPENAI) for k in keys):
+        p = TEXT_OPENAI + "text_model."
+        vocab, width = shapes[p + "embeddings.token_embedding.weight"]
+        layers = len({k.split(".")[5] for k in keys if k.startswith(p + "encoder.layers.")})
+        mlp = shapes[p + "encoder.layers.0.mlp.fc1.weight"][0]
+        proj = shapes.get(TEXT_OPENAI + "text_projection.weight")
+        text = TextConfig(vocab_size=vocab, context_length=shapes[p + "embeddings.position_embedding.weight"][0], width=width,
+                          layers=layers, heads=max(width // 64, 1), mlp_ratio=mlp / width,
+                          projection_dim=proj[0] if proj else 0)
+    else:
+        raise CheckpointError(f"not a full Stable Diffusion checkpoint: it has no text encoder tensors "
+                              f"({TEXT_OPENAI}* or {TEXT_OPENCLIP}*)")
+
+    if VAE + "encoder.conv_in.weight" not in keys:
+        raise CheckpointError(f"not a full Stable Diffusion checkpoint: it has no VAE tensors ({VAE}*)")
+    ch = shapes[VAE + "encoder.conv_in.weight"][0]
+    n_levels = len({k.split(".")[3] for k in keys if k.startswith(VAE + "encoder.down.")})
+    vae = VAEConfig(in_channels=shapes[VAE + "encoder.conv_in.weight"][1], ch=ch,
+                    ch_mult=tuple(shapes[VAE + f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(n_levels)),
+                    num_res_blocks=len({k.split(".")[5] for k in keys if k.startswith(VAE + "encoder.down.0.block.")}),
+                    z_channels=shapes[VAE + "post_quant_conv.weight"][0])
+
+    prediction = "eps"
+    if "v_pred" in keys:
+        prediction = "v"
+    # SD 2.x 768 models are v-prediction but nothing in the file says so; like ComfyUI, look at the
+    # spread of one LayerNorm bias that v-training moves (override with load(..., prediction=...)).
+    key = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    v_test = sd2_unet and unet.in_channels == 4 and key in keys
+    return ModelConfig(text=text, unet=unet, vae=vae, prediction=prediction, resolution=768 if sd2_unet else 512), (key if v_test else None)
+
+
+def _v_by_weights(source: TensorSource, key: str | None) -> bool:
+    return key is not None and float(source.get(key).float().std(unbiased=False)) > 0.09
+
+
+# --- the public functions -------------------------------------------------------------------------
+
+def original_state_dict(sd: StableDiffusion) -> dict[str, torch.Tensor]:
+    """The model's tensors under the original single-file keys."""
+    out = {UNET + k: v for k, v in sd.unet.state_dict().items()}
+    out.update({VAE + k: v for k, v in sd.vae.state_dict().items()})
+    text = sd.text_encoder.state_dict()
+    if sd.config.text.layout == "openclip":
+        out.update({TEXT_OPENCLIP + k: v for k, v in text_to_openclip(text).items()})
+    else:
+        out.update({TEXT_OPENAI + k: v for k, v in text.items()})
+    return out
+
+
+def _source_plan(config: ModelConfig, source: TensorSource) -> dict[str, tuple[str, Callable]]:
+    """{plainsd state-dict name: (source key, transform)} for every network tensor in the source."""
+    plan = {}
+    text_plan = text_from_openclip({k[len(TEXT_OPENCLIP):]: s for k, s in source.shapes.items() if k.startswith(TEXT_OPENCLIP)})
+    for name, (key, fn) in text_plan.items():
+        plan["text_encoder." + name] = (TEXT_OPENCLIP + key, fn)
+    for key in source.shapes:
+        if _IGNORED.match(key) or key.startswith(TEXT_OPENCLIP):
+            continue
+        for prefix, part in ((UNET, "unet."), (VAE, "vae."), (TEXT_OPENAI, "text_encoder.")):
+            if key.startswith(prefix):
+                plan[part + key[len(prefix):]] = (key, lambda t: t)
+                break
+        else:
+            plan["?" + key] = (key, lambda t: t)
+    return plan
+
+
+def _ema_key(key: str) -> str:
+    # LDM stores EMA weights as model_ema.<name without "model." and without dots>.
+    return "model_ema." + key[len("model."):].replace(".", "")
+
+
+def load(path: str | os.PathLike | None = None, *, prediction: str | None = None, ema: bool = False,
+         dtype: torch.dtype = torch.float32) -> StableDiffusion:
+    """Load a checkpoint: an original single file (.safetensors, .ckpt) or a diffusers folder.
+
+    prediction: "eps" or "v" overrides what the file suggests (SD 2.x 768 models are "v").
+    ema: take the UNet's EMA weights (model_ema.*) instead of the live ones, where the file has them.
+    With no path, the default model that ships with plainsd.
+    """
+    if path is None:
+        if not DEFAULT_MODEL.is_file():
+            raise CheckpointError("plainsd has no default model yet; pass a checkpoint path, or use plainsd.build('tiny') "
+                                  "for a random tiny model")
+        path = DEFAULT_MODEL
+    path = Path(path)
+    if prediction not in (None, "eps", "v"):
+        raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+    v_key = None
+    if path.is_dir():
+        config, source = _read_diffusers(path)
+    elif not path.exists():
+        raise CheckpointError(f"no such checkpoint file or folder: {path}")
+    else:
+        source = read_tensors(path)
+        config, v_key = infer_config(source.shapes, source.metadata)
+        if _v_by_weights(source, v_key):
+            config.prediction = "v"
+    if prediction:
+        config.prediction = prediction
+
+    with torch.device("meta"):
+        sd = StableDiffusion(config)
+    expected = {k: tuple(v.shape) for k, v in sd.state_dict().items()}
+    plan = _source_plan(config, source)
+    if ema:
+        for name, (key, fn) in plan.items():
+            if name.startswith("unet."):
+                if _ema_key(key) not in source.shapes:
+                    raise CheckpointError(f"{path.name} has no EMA weights for {key} (expected {_ema_key(key)}); load it with ema=False")
+                plan[name] = (_ema_key(key), fn)
+
+    missing = [k for k in expected if k not in plan]
+    unexpected = [plan[k][0] for k in plan if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors missing ({_few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors ({_few(unexpected)})")
+    if problems:
+        raise CheckpointError(f"{path.name} does not fit the {_describe(config)} model it looks like: " + "; ".join(problems))
+
+    state, misshaped = {}, []
+    for name, want in expected.items():
+        key, fn = plan[name]
+        tensor = fn(source.get(key))
+        if tuple(tensor.shape) != want:
+            if tensor.numel() == torch.Size(want).numel() and len(want) == 4 and want[2:] == (1, 1):
+                tensor = tensor.reshape(want)  # attention projections stored as Linear instead of 1x1 Conv
+            else:
+                misshaped.append(f"{key}: file {list(tensor.shape)}, model {list(want)}")
+                continue
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path.name}: tensor {key} is {tensor.dtype}, expected floating point weights")
+        state[name] = tensor.to(dtype).contiguous()
+    if misshaped:
+        raise CheckpointError(f"{path.name} does not fit the {_describe(config)} model it looks like: "
+                              f"{len(misshaped)} tensors have the wrong shape ({'; '.join(misshaped[:4])})")
+    sd.load_state_dict(state, strict=True, assign=True)
+    sd.name = path.stem if path.is_file() else path.name
+    return sd.eval().requires_grad_(False)
+
+
+def _describe(config: ModelConfig) -> str:
+    kind = "SD2" if config.text.layout == "openclip" or config.unet.context_dim == 1024 else "SD1"
+    extra = ", inpainting" if config.unet.in_channels == 9 else ""
+    return f"{kind}{extra}"
+
+
+def save(sd: StableDiffusion, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write the model as one .safetensors file in the original layout (A1111, ComfyUI, diffusers read it).
+
+    The file is written under a temporary name and renamed, so an interrupted save leaves no partial file.
+    dtype: e.g. torch.float16 to halve the file; default: the model's own dtype.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"plainsd saves .safetensors files only; got {path.name!r}")
+    state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in original_state_dict(sd).items()}
+    metadata = {"format": "pt", "plainsd.config": sd.config.to_json(), "plainsd.prediction": sd.config.prediction}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
