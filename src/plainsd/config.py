@@ -42,7 +42,7 @@ class UNetConfig:
     norm_groups: int = 32            # GroupNorm groups
 
     def heads_for(self, channels: int) -> int:
-        return self.num_heads if self.num_heads > 0 else channels // self.head_dim
+        return self.num_heads if self.num_heads > 0 else max(1, channels // self.head_dim)
 
 
 @dataclass
@@ -101,15 +101,18 @@ def _sd2(prediction: str = "eps", resolution: int = 512) -> ModelConfig:
 
 
 def _tiny(sd2: bool = False, in_channels: int = 4, prediction: str = "eps") -> ModelConfig:
-    """Small enough for tests in seconds; same classes, same key layout."""
+    """Small enough for tests in seconds; same classes, same key layout.
+
+    The text towers keep CLIP's head size (64), so their head count can be read off a file's shapes.
+    """
     if sd2:
-        text = TextConfig(width=64, layers=3, heads=4, act="gelu", clip_skip=2, layout="openclip", pad="zero", projection_dim=64)
+        text = TextConfig(width=128, layers=3, heads=2, act="gelu", clip_skip=2, layout="openclip", pad="zero", projection_dim=128)
         unet = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
-                          num_heads=-1, head_dim=16, context_dim=64, use_linear_proj=True)
+                          num_heads=-1, head_dim=16, context_dim=128, use_linear_proj=True)
     else:
-        text = TextConfig(width=64, layers=3, heads=4)
+        text = TextConfig(width=128, layers=3, heads=2)
         unet = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
-                          num_heads=4, context_dim=64)
+                          num_heads=4, context_dim=128)
     unet.in_channels = in_channels
     vae = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
     return ModelConfig(text=text, unet=unet, vae=vae, prediction=prediction, resolution=64)

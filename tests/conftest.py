@@ -1,0 +1,48 @@
+import pytest
+
+import plainsd
+
+PARITY: list[tuple[str, float]] = []
+
+
+@pytest.fixture
+def record_parity():
+    """Tests call record_parity(name, max_abs_diff); the figures are printed at the end of the run."""
+    return lambda name, value: PARITY.append((name, value))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PARITY:
+        terminalreporter.section("parity with reference implementations (max abs difference)")
+        for name, value in PARITY:
+            terminalreporter.write_line(f"{name:60s} {value:.3e}")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return plainsd.build("tiny", seed=0)
+
+
+_REFERENCE_CACHE: dict = {}
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """reference(name) -> (config, diffusers unet, diffusers vae, transformers text encoder, folder, plainsd model).
+
+    The reference networks get random weights, are written as a diffusers folder, and plainsd loads
+    that folder through its checkpoint loader. Cached per name for the session.
+    """
+    from tests.reference import build_diffusers, write_diffusers_folder
+    from tests.test_configs import test_config
+
+    def get(name: str):
+        if name not in _REFERENCE_CACHE:
+            config = test_config(name)
+            unet, vae, text = build_diffusers(config, seed=len(_REFERENCE_CACHE))
+            folder = write_diffusers_folder(tmp_path_factory.mktemp(name), config, unet, vae, text)
+            _REFERENCE_CACHE[name] = (config, unet, vae, text, folder, plainsd.load(folder))
+        return _REFERENCE_CACHE[name]
+
+    yield get
+    _REFERENCE_CACHE.clear()

@@ -1,0 +1,58 @@
+"""The UNet gives diffusers' UNet2DConditionModel outputs on the same weights (loaded from a diffusers folder)."""
+
+import pytest
+import torch
+
+import plainsd
+from tests.reference import max_diff
+
+TOL = 1e-4
+
+
+def _compare(reference, record_parity, name, size=16):
+    config, unet, _, _, _, sd = reference(name)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, config.unet.in_channels, size, size, generator=g)
+    t = torch.tensor([10, 900])
+    ctx = torch.randn(2, 77, config.unet.context_dim, generator=g)
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=ctx).sample
+        ours = sd.unet(x, t, ctx)
+    d = max_diff(ours, ref)
+    record_parity(f"UNet {name} vs diffusers", d)
+    assert d <= TOL, d
+    assert ref.abs().mean() > 0.01  # the comparison is not between two near-zero outputs
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-sd2", "tiny-inpaint", "tiny-deep"])
+def test_tiny_unet_matches_diffusers(reference, record_parity, name):
+    _compare(reference, record_parity, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sd15", "sd21"])
+def test_full_unet_matches_diffusers(reference, record_parity, name):
+    _compare(reference, record_parity, name, size=16)
+
+
+def test_fractional_and_scalar_timesteps(tiny):
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 128)
+    a = tiny.unet(x, torch.tensor([500.0, 500.0]), ctx)
+    assert torch.allclose(tiny.unet(x, 500, ctx), a)
+    assert not torch.allclose(tiny.unet(x, 500.5, ctx), a)
+
+
+def test_bad_shapes_are_clear(tiny):
+    with pytest.raises(ValueError, match=r"takes \[B, 4, h, w\]"):
+        tiny.unet(torch.randn(1, 3, 8, 8), 1, torch.randn(1, 77, 128))
+    with pytest.raises(ValueError, match="multiples of 2"):
+        tiny.unet(torch.randn(1, 4, 7, 8), 1, torch.randn(1, 77, 128))
+    with pytest.raises(ValueError, match="width 128"):
+        tiny.unet(torch.randn(1, 4, 8, 8), 1, torch.randn(1, 77, 32))
+
+
+def test_build_is_deterministic():
+    a, b = plainsd.build("tiny", seed=3), plainsd.build("tiny", seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    c = plainsd.build("tiny", seed=4)
+    assert not torch.equal(a.unet.out[2].weight, c.unet.out[2].weight)

@@ -1,0 +1,107 @@
+"""Reference implementations (diffusers, transformers, open_clip) built to match plainsd configs.
+
+Test-only: these libraries are test extras and the package never imports them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from plainsd.config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+
+
+def perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    """Add noise to every parameter, so that zero-initialised layers cannot hide a wrong mapping."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return module.eval()
+
+
+def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
+    n = len(cfg.channel_mult)
+    channels = [cfg.model_channels * m for m in cfg.channel_mult]
+    heads = [cfg.heads_for(c) for c in channels]
+    return dict(
+        sample_size=8, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        block_out_channels=channels, layers_per_block=cfg.num_res_blocks,
+        down_block_types=["CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in range(n)],
+        up_block_types=["CrossAttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D" for i in reversed(range(n))],
+        cross_attention_dim=cfg.context_dim, attention_head_dim=heads if cfg.head_dim > 0 else cfg.num_heads,
+        use_linear_projection=cfg.use_linear_proj, norm_num_groups=cfg.norm_groups,
+        transformer_layers_per_block=cfg.transformer_depth,
+    )
+
+
+def diffusers_vae_kwargs(cfg: VAEConfig, scale_factor: float = 0.18215) -> dict:
+    n = len(cfg.ch_mult)
+    return dict(
+        in_channels=cfg.in_channels, out_channels=cfg.in_channels, latent_channels=cfg.z_channels,
+        block_out_channels=[cfg.ch * m for m in cfg.ch_mult], layers_per_block=cfg.num_res_blocks,
+        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+        norm_num_groups=cfg.norm_groups, scaling_factor=scale_factor, sample_size=64,
+    )
+
+
+def hf_text_kwargs(cfg: TextConfig) -> dict:
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=int(cfg.width * cfg.mlp_ratio),
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, max_position_embeddings=cfg.context_length,
+        hidden_act=cfg.act, projection_dim=cfg.projection_dim or cfg.width,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407 if cfg.pad == "eot" else 0,
+    )
+
+
+def build_diffusers(config: ModelConfig, seed: int = 0):
+    """(unet, vae, text_encoder) of diffusers / transformers with random, perturbed weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = perturb(UNet2DConditionModel(**diffusers_unet_kwargs(config.unet)), seed + 1)
+    vae = perturb(AutoencoderKL(**diffusers_vae_kwargs(config.vae, config.scale_factor)), seed + 2)
+    text = perturb(CLIPTextModel(CLIPTextConfig(**hf_text_kwargs(config.text))), seed + 3, scale=0.02)
+    return unet, vae, text
+
+
+def write_diffusers_folder(root: Path, config: ModelConfig, unet, vae, text, safe_serialization: bool = True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(root / "unet", safe_serialization=safe_serialization)
+    vae.save_pretrained(root / "vae", safe_serialization=safe_serialization)
+    text.save_pretrained(root / "text_encoder", safe_serialization=safe_serialization)
+    (root / "tokenizer").mkdir(exist_ok=True)
+    pad = "<|endoftext|>" if config.text.pad == "eot" else "!"
+    (root / "tokenizer" / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad}))
+    (root / "scheduler").mkdir(exist_ok=True)
+    prediction = "v_prediction" if config.prediction == "v" else "epsilon"
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": prediction}))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root
+
+
+def build_open_clip_text(cfg: TextConfig, seed: int = 0):
+    """open_clip's text tower (the SD2 text encoder) with random, perturbed weights."""
+    from open_clip.model import CLIPTextCfg, _build_text_tower
+
+    torch.manual_seed(seed)
+    tower = _build_text_tower(cfg.projection_dim or cfg.width, CLIPTextCfg(
+        context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.width, heads=cfg.heads,
+        layers=cfg.layers, mlp_ratio=cfg.mlp_ratio), quick_gelu=cfg.act == "quick_gelu")
+    return perturb(tower, seed + 4, scale=0.02)
+
+
+def open_clip_hidden(tower, ids: torch.Tensor, skip: int = 1) -> torch.Tensor:
+    """open_clip's hidden states after all but the last skip-1 layers, then ln_final."""
+    x, mask = tower._embeds(ids)
+    for block in list(tower.transformer.resblocks)[: len(tower.transformer.resblocks) - skip + 1]:
+        x = block(x, attn_mask=mask)
+    return tower.ln_final(x)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a.float() - b.float()).abs().max())
