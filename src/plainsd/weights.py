@@ -479,7 +479,7 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
                     raise CheckpointError(f"{path.name} has no EMA weights for {key} (expected {_ema_key(key)}); load it with ema=False")
                 plan[name] = (_ema_key(key), fn)
 
-    missing = [k for k in expected if k not in plan]
+    missing = sorted({_original_name(k, config, source) for k in expected if k not in plan})
     unexpected = [plan[k][0] for k in plan if k not in expected]
     problems = []
     if missing:
@@ -508,6 +508,21 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
     sd.load_state_dict(state, strict=True, assign=True)
     sd.name = path.stem if path.is_file() else path.name
     return sd.eval().requires_grad_(False)
+
+
+def _original_name(name: str, config: ModelConfig, source: TensorSource) -> str:
+    """The key under which a file would store plainsd's tensor `name` (for error messages)."""
+    part, rest = name.split(".", 1)
+    if part == "unet":
+        return UNET + rest
+    if part == "vae":
+        return VAE + rest
+    if any(k.startswith(TEXT_OPENCLIP) for k in source.shapes):
+        m = re.match(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.[qkv]_proj\.(weight|bias)$", rest)
+        if m:
+            return TEXT_OPENCLIP + f"transformer.resblocks.{m.group(1)}.attn.in_proj_{m.group(2)}"
+        return TEXT_OPENCLIP + ("text_projection" if rest == "text_projection.weight" else _openclip_rename(rest, True) or rest)
+    return TEXT_OPENAI + rest
 
 
 def _describe(config: ModelConfig) -> str:
