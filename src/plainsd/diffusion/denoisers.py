@@ -1,0 +1,92 @@
+"""Denoisers: turn a noise- or velocity-predicting network into D(x, sigma) -> clean estimate.
+
+Samplers only ever call model(x, sigma, **extra) and get the denoised latents back (Karras et al.
+2022, k-diffusion's contract). Here x is in the "sigma" scaling: x = x0 + sigma * noise. The network
+itself sees x / sqrt(sigma^2 + 1) (the DDPM scaling) and the continuous timestep of sigma.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import schedules
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+
+class DiscreteDenoiser:
+    """D(x, sigma) for a network trained on SD's 1000 discrete timesteps.
+
+    net(x_in, t, cond, **kw) returns eps (prediction="eps") or v (prediction="v").
+    """
+
+    def __init__(self, net: Callable, prediction: str = "eps", alphas_cumprod: torch.Tensor | None = None,
+                 quantize: bool = False):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        self.net = net
+        self.prediction = prediction
+        self.alphas_cumprod = schedules.alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
+        self.sigmas = schedules.sigmas_from_alphas_cumprod(self.alphas_cumprod)  # low to high
+        self.quantize = quantize
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        return schedules.sigma_to_t(sigma, self.sigmas, self.quantize)
+
+    def get_sigmas(self, n: int, schedule: str = "normal") -> torch.Tensor:
+        return schedules.get_sigmas(schedule, n, self.sigmas)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        s = _bcast(sigma, x)
+        c_in = 1 / (s**2 + 1) ** 0.5
+        out = self.net(x * c_in, self.sigma_to_t(sigma.cpu()).to(x.device), **extra)
+        if self.prediction == "eps":
+            return x - s * out
+        # v = alpha * eps - sigma_ddpm * x0 in DDPM scaling; solved for x0 in sigma scaling:
+        return x / (s**2 + 1) - out * s / (s**2 + 1) ** 0.5
+
+
+def lcm_boundary(denoiser: DiscreteDenoiser, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> Callable:
+    """Latent consistency models' boundary condition (Luo et al. 2023): blend the estimate with the input.
+
+    D'(x, sigma) = c_out(t) D(x, sigma) + c_skip(t) x_ddpm, with c_skip -> 1 as t -> 0.
+    """
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, **extra) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        t = denoiser.sigma_to_t(sigma.cpu()).round().to(x.device) * timestep_scaling
+        c_skip = sigma_data**2 / (t**2 + sigma_data**2)
+        c_out = t / (t**2 + sigma_data**2) ** 0.5
+        s = _bcast(sigma.to(x.device), x)
+        return _bcast(c_out, x) * denoiser(x, sigma, **extra) + _bcast(c_skip, x) * x / (s**2 + 1) ** 0.5
+
+    return denoise
+
+
+def training_loss(net: Callable, x0: torch.Tensor, cond, prediction: str = "eps",
+                  alphas_cumprod: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                  timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """DDPM's simple loss (Ho et al. 2020): noise x0 at a random timestep, regress eps (or v) with MSE."""
+    ac = (schedules.alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).to(x0.device)
+    if timesteps is None:
+        timesteps = torch.randint(0, len(ac), (x0.shape[0],), generator=generator).to(x0.device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    xt = schedules.add_noise(x0, noise, timesteps, ac)
+    a = _bcast(ac[timesteps], x0)
+    target = noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    return F.mse_loss(net(xt, timesteps, cond).float(), target.float())
