@@ -95,19 +95,24 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size=None) -> torch.Tensor:
+        # `size` matches the skip connection when a latent side is not a multiple of the UNet's factor.
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):
     """A sequence of layers; ResBlocks get the timestep embedding, transformers the text."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, size=None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -166,9 +171,6 @@ class UNetModel(nn.Module):
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"the UNet takes [B, {cfg.in_channels}, h, w] latents, got {list(x.shape)}")
-        factor = 2 ** (len(cfg.channel_mult) - 1)
-        if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"latent height and width must be multiples of {factor}, got {x.shape[2]}x{x.shape[3]}")
         if context.shape[-1] != cfg.context_dim:
             raise ValueError(f"the UNet reads text states of width {cfg.context_dim}, got {context.shape[-1]}")
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
@@ -181,5 +183,6 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None)
         return self.out(h).to(x.dtype)

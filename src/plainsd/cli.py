@@ -1,0 +1,214 @@
+"""The `plainsd` command: argument parsing -> the same public functions a Python user calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXAMPLES = """examples:
+  plainsd txt2img "a red circle on the left" --steps 20 --seed 1 -o circle.png
+  plainsd txt2img "a cat" --model v1-5-pruned-emaonly.safetensors --sampler "Euler a" --cfg-scale 7
+  plainsd img2img "a blue square" --init-image circle.png --strength 0.6
+  plainsd inpaint "a star" --init-image circle.png --mask mask.png
+  plainsd png-info circle.png
+"""
+
+
+def _common(p: argparse.ArgumentParser, strength: float | None = None):
+    p.add_argument("prompt", help="what to draw (A1111 syntax: (word:1.3), [word], BREAK)")
+    p.add_argument("--negative-prompt", default="", help="what not to draw")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="DPM++ 2M", help='A1111 name, e.g. "Euler a", "DPM++ 2M Karras" (see: plainsd samplers)')
+    p.add_argument("--schedule", default="automatic", help="schedule type: automatic, karras, exponential, ...")
+    p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, default=-1, help="-1 for a random seed; image i gets seed + i")
+    p.add_argument("--width", type=int, default=None, help="multiple of 8; default: the model's resolution")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1, help="images per batch")
+    p.add_argument("--batch-count", type=int, default=1, help="batches, one after the other")
+    p.add_argument("--clip-skip", type=int, default=None, help="1 = last CLIP layer, 2 = penultimate (SD2's default)")
+    p.add_argument("--eta", type=float, default=None, help="noise multiplier of ancestral / DDIM samplers")
+    if strength is not None:
+        p.add_argument("--strength", "--denoising-strength", type=float, default=strength,
+                       help=f"0 keeps the image, 1 replaces it (default {strength})")
+    p.add_argument("-o", "--output", default=None, help="output PNG (several images: NAME-1.png, ...); default outputs/")
+    p.add_argument("--model", default=None, help="checkpoint file or diffusers folder; default: the shipped model")
+    p.add_argument("--prediction", choices=["eps", "v"], default=None, help="override what the model predicts")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--save-steps", action="store_true", help="also write the denoising process as a GIF and a contact sheet")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plainsd", description="Stable Diffusion in plain PyTorch, on the CPU.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("txt2img", help="text to image"))
+    p = sub.add_parser("img2img", help="image to image")
+    _common(p, strength=0.8)
+    p.add_argument("--init-image", required=True)
+    p.add_argument("--resize-mode", default="just resize", choices=["just resize", "crop and resize", "resize and fill"])
+    p = sub.add_parser("inpaint", help="repaint the white part of a mask")
+    _common(p, strength=0.75)
+    p.add_argument("--init-image", required=True)
+    p.add_argument("--mask", required=True, help="white = repaint, black = keep (or transparent = keep)")
+    p.add_argument("--mask-blur", type=int, default=4)
+    p.add_argument("--invert-mask", action="store_true")
+    p = sub.add_parser("png-info", help="print the generation parameters stored in an image")
+    p.add_argument("image")
+    p.add_argument("--json", action="store_true", help="as JSON fields")
+    p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("samplers", help="list samplers and schedules")
+    p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("demo", help="draw one picture with the default model and say where it is")
+    p.add_argument("-o", "--output", default="outputs/demo.png")
+    p.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _load_model(path: str | None, prediction: str | None):
+    import plainsd
+    from plainsd.weights import DEFAULT_MODEL
+
+    if path is None and not DEFAULT_MODEL.is_file():
+        print("plainsd: note: no default model is shipped yet; drawing with a random tiny model (expect noise). "
+              "Pass --model PATH for a real checkpoint.", file=sys.stderr)
+        return plainsd.build("tiny", seed=0)
+    return plainsd.load(path, prediction=prediction)
+
+
+def _open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except FileNotFoundError:
+        raise ValueError(f"no such image file: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def _outputs(args, n: int, seeds: list[int], kind: str) -> list[Path]:
+    if args.output:
+        out = Path(args.output)
+        if out.suffix.lower() != ".png":
+            raise ValueError(f"the output must be a .png file, got {out.name}")
+        return [out] if n == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(n)]
+    folder = Path("outputs") / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    start = 1 + max([int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")] or [0])
+    return [folder / f"{start + i:05d}-{s}.png" for i, s in enumerate(seeds)]
+
+
+def _generate(args) -> int:
+    import torch
+
+    from plainsd import pipeline
+    from plainsd.images import contact_sheet
+    from plainsd.pnginfo import save_png
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kwargs = dict(steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg_scale,
+                  seed=args.seed, width=args.width, height=args.height, batch_size=args.batch_size,
+                  batch_count=args.batch_count, clip_skip=args.clip_skip, eta=args.eta, progress=not args.quiet,
+                  record_steps=args.save_steps)
+    # Check the cheap things before loading a model.
+    from plainsd.diffusion.samplers import resolve_sampler
+    resolve_sampler(args.sampler, args.schedule)
+    init = _open_image(args.init_image) if args.command in ("img2img", "inpaint") else None
+    mask = _open_image(args.mask) if args.command == "inpaint" else None
+    for side in (args.width, args.height):
+        if side is not None and (side <= 0 or side % 8):
+            raise ValueError(f"width and height must be positive multiples of 8, got {args.width}x{args.height}")
+    if args.output and Path(args.output).suffix.lower() != ".png":
+        raise ValueError(f"the output must be a .png file, got {Path(args.output).name}")
+    sd = _load_model(args.model, args.prediction)
+    started = time.perf_counter()
+    if args.command == "txt2img":
+        result = pipeline.txt2img(sd, args.prompt, args.negative_prompt, **kwargs)
+    elif args.command == "img2img":
+        result = pipeline.img2img(sd, init, args.prompt, args.negative_prompt, strength=args.strength,
+                                  resize_mode=args.resize_mode, **kwargs)
+    else:
+        result = pipeline.inpaint(sd, init, mask, args.prompt, args.negative_prompt, strength=args.strength,
+                                  mask_blur=args.mask_blur, inpainting_mask_invert=args.invert_mask, **kwargs)
+    elapsed = time.perf_counter() - started
+    paths = _outputs(args, len(result.images), result.seeds, args.command)
+    for i, (image, text, path) in enumerate(zip(result.images, result.infotexts, paths)):
+        save_png(image, path, text)
+        print(f"{path}  (seed {result.seeds[i]})")
+        if args.save_steps and result.frames:
+            frames = result.frames[i]
+            gif = path.with_name(path.stem + "-steps.gif")
+            tmp = gif.with_name("." + gif.name + ".tmp")
+            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:] + [frames[-1]] * 3, duration=150, loop=0)
+            tmp.replace(gif)
+            sheet = save_png(contact_sheet(frames), path.with_name(path.stem + "-steps.png"), text)
+            print(f"{gif}\n{sheet}  (the denoising process, step by step)")
+    print(f"{len(result.images)} image(s) in {elapsed:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _png_info(args) -> int:
+    from plainsd.pnginfo import parse_infotext, read_parameters
+
+    text = read_parameters(_open_image(args.image))
+    if not text:
+        print(f"{args.image} holds no generation parameters", file=sys.stderr)
+        return 1
+    print(json.dumps(parse_infotext(text), indent=2, ensure_ascii=False) if args.json else text)
+    return 0
+
+
+def _samplers(args) -> int:
+    from plainsd.diffusion.samplers import SAMPLERS
+    from plainsd.diffusion.schedules import SCHEDULE_LABELS
+
+    width = max(len(n) for n in SAMPLERS)
+    for name, info in SAMPLERS.items():
+        print(f"{name:{width}}  default schedule: {info.schedule:12}  aliases: {', '.join(info.aliases)}")
+    print("\nschedules: " + ", ".join(SCHEDULE_LABELS))
+    return 0
+
+
+def _demo(args) -> int:
+    from plainsd import pipeline
+    from plainsd.pnginfo import save_png
+    from plainsd.weights import DEFAULT_MODEL
+
+    sd = _load_model(None, None)
+    prompt = "a red circle on the left, on a blue background"
+    result = pipeline.txt2img(sd, prompt, steps=20, seed=1, progress=True)
+    path = save_png(result.images[0], args.output, result.infotexts[0])
+    which = "the default model" if DEFAULT_MODEL.is_file() else "a random tiny model (no default model is shipped yet)"
+    print(f"drew {prompt!r} with {which}\nthe image is at {path.resolve()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from plainsd.weights import CheckpointError
+
+    handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "png-info": _png_info,
+                "samplers": _samplers, "demo": _demo}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, TypeError, CheckpointError, OSError) as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"plainsd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("plainsd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

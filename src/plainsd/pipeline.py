@@ -1,0 +1,285 @@
+"""txt2img, img2img and inpainting: the one place where the networks and the samplers meet.
+
+    result = txt2img(sd, "a red circle", steps=20, sampler="DPM++ 2M", seed=1)
+    result.images[0].save("out.png")
+
+Seeds: image i of a run gets seed + i, and its noise (the initial latents and any noise a sampler adds
+later) comes from its own generator, so an image is the same whether it was made alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from . import images as imgs
+from .diffusion import samplers as S
+from .diffusion.denoisers import DiscreteDenoiser
+from .diffusion.guidance import CFGDenoiser
+from .diffusion.schedules import SCHEDULE_LABELS
+from .models import StableDiffusion
+from .pnginfo import infotext
+from .prompts import encode_pair, extract_loras
+
+MAX_SEED = 2**32 - 1
+
+
+class Interrupted(Exception):
+    """Raised inside a run to stop it; the run returns what it has."""
+
+
+@dataclass
+class Result:
+    images: list[Image.Image]
+    seeds: list[int]
+    infotexts: list[str]
+    parameters: dict
+    frames: list[list[Image.Image]] = field(default_factory=list)  # per image, one frame per step (record_steps)
+    interrupted: bool = False
+
+
+@dataclass
+class StepInfo:
+    """What a step callback receives."""
+    step: int                 # 0-based step of this batch
+    total: int                # steps in this batch
+    batch: int                # which batch of the run (batch_count)
+    latents: torch.Tensor     # current noisy latents (sigma scaling)
+    denoised: torch.Tensor    # the current estimate of the clean latents
+    sigma: float
+
+    def preview(self) -> list[Image.Image]:
+        """Cheap RGB previews of the current estimate (no VAE)."""
+        return imgs.latent_preview(self.denoised)
+
+
+def _check_size(sd: StableDiffusion, width: int, height: int):
+    f = sd.config.vae.factor
+    if width % f or height % f or width < f or height < f:
+        raise ValueError(f"width and height must be positive multiples of {f}, got {width}x{height}")
+
+
+def _seed(seed: int | None) -> int:
+    if seed is None or seed < 0:
+        return random.randint(0, MAX_SEED)
+    if seed > MAX_SEED:
+        raise ValueError(f"seed must be between -1 and {MAX_SEED}, got {seed}")
+    return int(seed)
+
+
+def _net(sd: StableDiffusion, concat: torch.Tensor | None):
+    """The UNet as the denoiser's network: (x, t, cond) -> prediction; inpainting models get their extra channels."""
+
+    def net(x, t, cond):
+        if concat is not None:
+            x = torch.cat([x, concat.repeat(x.shape[0] // concat.shape[0], 1, 1, 1).to(x.dtype)], dim=1)
+        return sd.unet(x, t, cond)
+
+    return net
+
+
+class _KeepUnmasked:
+    """Inpainting with an ordinary model: outside the mask, the estimate is the original latent."""
+
+    def __init__(self, inner, init_latent: torch.Tensor, keep: torch.Tensor):
+        self.inner, self.init, self.keep = inner, init_latent, keep
+
+    def __call__(self, x, sigma, **extra):
+        denoised = self.inner(x, sigma, **extra)
+        return self.init * self.keep + denoised * (1 - self.keep)
+
+
+def _run_sampler(info: S.SamplerInfo, model, x, sigmas, extra_args, callback, progress, generators, seeds, eta):
+    opts = dict(info.options)
+    fn = info.function
+    if eta is not None and "eta" in fn.__code__.co_varnames:
+        opts["eta"] = eta
+    if info.stochastic:
+        if fn in (S.sample_dpmpp_sde, S.sample_dpmpp_2m_sde, S.sample_dpmpp_3m_sde):
+            opts["noise_sampler"] = S.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seeds)
+        else:
+            ns = S.NoiseSampler(x)
+            ns.generators = generators  # continue each image's own generator
+            opts["noise_sampler"] = ns
+    if fn is S.sample_dpm_fast:
+        return fn(model, x, float(sigmas[-2]), float(sigmas[0]), len(sigmas) - 1, extra_args=extra_args,
+                  callback=callback, disable=not progress, **opts)
+    if fn is S.sample_dpm_adaptive:
+        return fn(model, x, float(sigmas[-2]), float(sigmas[0]), extra_args=extra_args, callback=callback,
+                  disable=not progress, **opts)
+    return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=not progress, **opts)
+
+
+def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, steps: int = 20,
+             sampler: str = "DPM++ 2M", schedule: str | None = None, cfg_scale: float = 7.0, seed: int = -1,
+             width: int | None = None, height: int | None = None, batch_size: int = 1, batch_count: int = 1,
+             clip_skip: int | None = None, eta: float | None = None, init_image: Image.Image | None = None,
+             strength: float = 0.8, resize_mode: str = "just resize", mask: Image.Image | None = None,
+             mask_blur: int = 4, inpainting_mask_invert: bool = False, guidance_until: float = 1.0,
+             callback: Callable[[StepInfo], None] | None = None, interrupt: Callable[[], bool] | None = None,
+             progress: bool = False, record_steps: bool = False) -> Result:
+    """The common path of txt2img, img2img and inpaint; see those for the parameters."""
+    if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+        raise TypeError("prompt and negative_prompt must be strings")
+    width = width or (init_image.width // 8 * 8 if init_image is not None else sd.config.resolution)
+    height = height or (init_image.height // 8 * 8 if init_image is not None else sd.config.resolution)
+    _check_size(sd, width, height)
+    if not 1 <= steps <= 1000:
+        raise ValueError(f"steps must be between 1 and 1000, got {steps}")
+    if batch_size < 1 or batch_count < 1:
+        raise ValueError(f"batch size and batch count must be at least 1, got {batch_size} and {batch_count}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength (denoising strength) must be between 0 and 1, got {strength}")
+    info, schedule_name = S.resolve_sampler(sampler, schedule)
+    first_seed = _seed(seed)
+    if first_seed + batch_size * batch_count - 1 > MAX_SEED:
+        first_seed = first_seed % (MAX_SEED - batch_size * batch_count)
+    prompt_text, loras = extract_loras(prompt)
+    if loras:
+        raise ValueError("this model has no LoRA support loaded; remove the <lora:...> tags from the prompt")
+
+    device, factor = next(sd.unet.parameters()).device, sd.config.vae.factor
+    latent_shape = (sd.config.vae.z_channels, height // factor, width // factor)
+    denoiser = DiscreteDenoiser(_net(sd, None), sd.config.prediction)
+    sigmas_full = denoiser.get_sigmas(steps, schedule_name)
+
+    # img2img / inpaint: the starting latents, and for masks what to keep.
+    init_latent = keep = concat = None
+    paste = None
+    sigmas = sigmas_full
+    native_inpaint = sd.config.unet.in_channels == 9
+    if init_image is not None:
+        init = imgs.resize(init_image, width, height, resize_mode)
+        with torch.no_grad():
+            init_latent = sd.vae.encode(imgs.to_tensor(init).to(device)).mode() * sd.config.scale_factor
+        run_steps = int(steps * strength)
+        sigmas = sigmas_full[steps - run_steps:] if run_steps > 0 else sigmas_full[-1:]
+        if mask is not None:
+            m = imgs.prepare_mask(mask, width, height, mask_blur, inpainting_mask_invert)
+            paste = (init, m)
+            latent_mask = imgs.mask_tensor(m, latent_shape[2], latent_shape[1]).to(device).round()
+            keep = 1 - latent_mask
+            if native_inpaint:
+                with torch.no_grad():
+                    masked = imgs.to_tensor(init).to(device) * (imgs.mask_tensor(m, width, height).to(device) < 0.5)
+                    masked_latent = sd.vae.encode(masked).mode() * sd.config.scale_factor
+                concat = torch.cat([latent_mask, masked_latent], dim=1)
+    elif mask is not None:
+        raise ValueError("a mask needs an init image (inpainting)")
+    if native_inpaint and concat is None:
+        # An inpainting model without a mask: everything is to be painted, over a grey image (as A1111 does).
+        with torch.no_grad():
+            grey = sd.vae.encode(torch.zeros(1, 3, height, width, device=device)).mode() * sd.config.scale_factor
+        concat = torch.cat([torch.ones_like(grey[:, :1]), grey], dim=1)
+    denoiser.net = _net(sd, concat)
+
+    negatives = [negative_prompt] * batch_size
+    cond, uncond = encode_pair(sd.tokenizer, sd.text_encoder, [prompt_text] * batch_size, negatives, clip_skip)
+    cond, uncond = cond.to(device), uncond.to(device)
+    guided = CFGDenoiser(denoiser, cfg_scale, sigmas, guidance_until)
+    model = _KeepUnmasked(guided, init_latent, keep) if keep is not None and not native_inpaint else guided
+
+    used_clip_skip = clip_skip or sd.config.text.clip_skip
+    params = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=info.name,
+                  schedule=schedule_name, cfg_scale=cfg_scale, seed=first_seed, width=width, height=height,
+                  batch_size=batch_size, batch_count=batch_count, clip_skip=used_clip_skip,
+                  denoising_strength=strength if init_image is not None else None, model=sd.name,
+                  model_hash=getattr(sd, "hash", None))
+
+    result = Result([], [], [], params)
+    for batch in range(batch_count):
+        seeds = [first_seed + batch * batch_size + i for i in range(batch_size)]
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
+        if init_latent is not None:
+            x = init_latent.repeat(batch_size, 1, 1, 1) + noise * sigmas[0]
+        else:
+            x = noise * sigmas[0]
+        frames: list[tuple[torch.Tensor, float]] = []
+        state = {"denoised": x if init_latent is None else init_latent.repeat(batch_size, 1, 1, 1)}
+
+        def on_step(d, total=len(sigmas) - 1, batch=batch):
+            state["denoised"] = d["denoised"]
+            if record_steps:
+                frames.append((d["x"].detach().clone(), float(d["sigma"])))
+            if callback is not None:
+                callback(StepInfo(d["i"], total, batch, d["x"], d["denoised"], float(d["sigma"])))
+            if interrupt is not None and interrupt():
+                raise Interrupted()
+
+        extra = {"cond": cond, "uncond": uncond if cfg_scale != 1.0 else None}
+        try:
+            if len(sigmas) > 1:
+                latents = _run_sampler(info, model, x, sigmas, extra, on_step, progress, generators, seeds, eta)
+            else:
+                latents = x
+        except Interrupted:
+            latents = state["denoised"]
+            result.interrupted = True
+        pictures = decode(sd, latents)
+        if paste is not None:
+            original, m = paste
+            pictures = [Image.composite(p, original, m) for p in pictures]
+        if record_steps:
+            decoded = [decode(sd, f / (1 + s**2) ** 0.5) for f, s in frames] + [pictures]
+            result.frames.extend([[step[i] for step in decoded] for i in range(batch_size)])
+        for s, p in zip(seeds, pictures):
+            result.images.append(p)
+            result.seeds.append(s)
+            result.infotexts.append(_infotext(params, s))
+        if result.interrupted:
+            break
+    return result
+
+
+def decode(sd: StableDiffusion, latents: torch.Tensor) -> list[Image.Image]:
+    """Scaled latents -> PIL images."""
+    with torch.no_grad():
+        return imgs.to_pil(sd.vae.decode(latents / sd.config.scale_factor))
+
+
+def _infotext(p: dict, seed: int) -> str:
+    schedule_label = {v: k for k, v in SCHEDULE_LABELS.items()}.get(p["schedule"], p["schedule"])
+    return infotext(
+        p["prompt"], p["negative_prompt"], **{
+            "Steps": p["steps"], "Sampler": p["sampler"], "Schedule type": schedule_label,
+            "CFG scale": float(p["cfg_scale"]), "Seed": seed, "Size": f"{p['width']}x{p['height']}",
+            "Model hash": p["model_hash"], "Model": p["model"], "Denoising strength": p["denoising_strength"],
+            "Clip skip": p["clip_skip"] if p["clip_skip"] and p["clip_skip"] > 1 else None})
+
+
+def txt2img(sd: StableDiffusion, prompt: str, negative_prompt: str = "", **kwargs) -> Result:
+    """Text to image.
+
+    steps, sampler (A1111 names: "DPM++ 2M", "Euler a", ... or "DPM++ 2M Karras"), schedule ("automatic",
+    "karras", ...), cfg_scale, seed (-1: random), width/height (multiples of 8; default the model's
+    resolution), batch_size, batch_count, clip_skip, eta, callback(StepInfo), interrupt() -> bool,
+    progress (a bar per step), record_steps (one decoded frame per step, for the emerging-image view).
+    """
+    for key in ("init_image", "mask"):
+        if kwargs.get(key) is not None:
+            raise TypeError(f"txt2img takes no {key}; use img2img or inpaint")
+    return generate(sd, prompt, negative_prompt, **kwargs)
+
+
+def img2img(sd: StableDiffusion, init_image: Image.Image, prompt: str, negative_prompt: str = "", *,
+            strength: float = 0.8, resize_mode: str = "just resize", **kwargs) -> Result:
+    """Image to image: the init image is noised to `strength` (0 keeps it, 1 replaces it) and denoised."""
+    if not isinstance(init_image, Image.Image):
+        raise TypeError("init_image must be a PIL image")
+    return generate(sd, prompt, negative_prompt, init_image=init_image, strength=strength, resize_mode=resize_mode, **kwargs)
+
+
+def inpaint(sd: StableDiffusion, init_image: Image.Image, mask: Image.Image, prompt: str, negative_prompt: str = "", *,
+            strength: float = 0.75, mask_blur: int = 4, inpainting_mask_invert: bool = False, **kwargs) -> Result:
+    """Repaint the white part of the mask. 9-channel inpainting models do it natively; other models by
+    keeping the original latents outside the mask at every step. The result is pasted over the original
+    through the blurred mask, so the unmasked part stays exactly as it was."""
+    if not isinstance(init_image, Image.Image) or not isinstance(mask, Image.Image):
+        raise TypeError("init_image and mask must be PIL images")
+    return generate(sd, prompt, negative_prompt, init_image=init_image, mask=mask, strength=strength,
+                    mask_blur=mask_blur, inpainting_mask_invert=inpainting_mask_invert, **kwargs)

@@ -1,0 +1,96 @@
+"""A1111's "parameters" PNG text chunk: write it, read it back."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+# The order A1111 writes the fields in.
+FIELDS = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
+          "Denoising strength", "Clip skip", "Mask blur", "ENSD", "Version")
+
+
+def _quote(value) -> str:
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text and '"' not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _number(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def infotext(prompt: str, negative_prompt: str = "", **fields) -> str:
+    """'prompt\\nNegative prompt: ...\\nSteps: 20, Sampler: ..., ...'; fields with no value are left out."""
+    items = [(k, fields[k]) for k in FIELDS if fields.get(k) not in (None, "")]
+    items += [(k, v) for k, v in fields.items() if k not in FIELDS and v not in (None, "")]
+    line = ", ".join(f"{k}: {_quote(_number(v))}" for k, v in items)
+    out = prompt
+    if negative_prompt:
+        out += f"\nNegative prompt: {negative_prompt}"
+    return out + "\n" + line
+
+
+_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> dict:
+    """The inverse of infotext(): {'Prompt': ..., 'Negative prompt': ..., 'Steps': '20', ...} (values as strings)."""
+    lines = text.strip().split("\n")
+    last = lines[-1] if lines else ""
+    if len(_PAIR.findall(last)) < 3:  # not a parameters line: everything is prompt
+        lines.append("")
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines[:-1]:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].lstrip()
+        (negative if in_negative else prompt).append(line)
+    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _PAIR.findall(last):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        out[key.strip()] = value
+    return out
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None) -> Path:
+    """Write a PNG with the parameters chunk, through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = PngImagePlugin.PngInfo()
+    if parameters:
+        meta.add_text("parameters", parameters)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=meta)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_parameters(path_or_image) -> str | None:
+    """The parameters text of a PNG (or of a JPEG/WebP's EXIF comment, where A1111 puts it), if any."""
+    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    text = image.info.get("parameters")
+    if text is None and "exif" in image.info:
+        try:
+            comment = image.getexif().get_ifd(0x8769).get(0x9286)
+            if isinstance(comment, bytes):
+                comment = comment[8:].decode("utf-16-be" if comment.startswith(b"UNICODE") else "latin-1", "ignore")
+            text = comment or None
+        except Exception:  # EXIF parsing is best effort: a missing comment is not an error
+            text = None
+    return text

@@ -1,0 +1,94 @@
+"""The noise schedule and sigma schedules: SD's constants, diffusers' timesteps and forward process."""
+
+import pytest
+import torch
+
+from plainsd.diffusion import schedules as sch
+from plainsd.diffusion.guidance import CFGDenoiser
+
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def test_sd_betas_and_sigma_range():
+    betas = sch.betas_scaled_linear()
+    assert len(betas) == 1000 and abs(float(betas[0]) - 0.00085) < 1e-12 and abs(float(betas[-1]) - 0.012) < 1e-12
+    sigmas = sch.sigmas_from_alphas_cumprod(sch.alphas_cumprod())
+    assert abs(float(sigmas[0]) - 0.0292) < 1e-4 and abs(float(sigmas[-1]) - 14.6146) < 1e-3  # A1111's sigma range
+
+
+def test_alphas_cumprod_and_forward_process_match_diffusers():
+    from diffusers import DDPMScheduler
+
+    ref = DDPMScheduler(**SD_BETAS)
+    assert torch.allclose(sch.alphas_cumprod(), ref.alphas_cumprod, rtol=1e-5)
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    assert torch.allclose(sch.add_noise(x0, noise, t, ref.alphas_cumprod), ref.add_noise(x0, noise, t), atol=1e-6)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("n", [1, 7, 20, 50])
+def test_timestep_spacing_matches_diffusers(spacing, n):
+    from diffusers import DDIMScheduler
+
+    ref = DDIMScheduler(**SD_BETAS, timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
+    ref.set_timesteps(n)
+    assert sch.timesteps_spaced(n, spacing).tolist() == ref.timesteps.tolist()
+
+
+@pytest.mark.parametrize("name", sch.SCHEDULES)
+@pytest.mark.parametrize("n", [1, 4, 25])
+def test_every_schedule_is_decreasing_and_ends_at_zero(name, n):
+    table = sch.sigmas_from_alphas_cumprod(sch.alphas_cumprod())
+    s = sch.get_sigmas(name, n, table)
+    assert s.shape == (n + 1,) and s[-1] == 0 and (s[:-1] > 0).all()
+    assert (s[1:] < s[:-1]).all(), s
+    assert float(s[0]) <= float(table[-1]) * 1.0001
+
+
+def test_schedule_values():
+    table = sch.sigmas_from_alphas_cumprod(sch.alphas_cumprod())
+    simple = sch.get_sigmas("simple", 4, table)
+    assert torch.allclose(simple[:-1], table[[999, 749, 499, 249]])
+    ddim = sch.get_sigmas("ddim", 4, table)
+    assert torch.allclose(ddim[:-1], table[[751, 501, 251, 1]])
+    assert torch.allclose(sch.get_sigmas("Karras", 4, table), sch.get_sigmas_karras(4, float(table[0]), float(table[-1])))
+    sgm = sch.get_sigmas("sgm_uniform", 4, table)
+    assert abs(float(sgm[0]) - float(table[-1])) < 1e-3 and sgm[-2] > table[0]
+
+
+def test_unknown_schedule_lists_known_ones():
+    with pytest.raises(ValueError, match="unknown schedule 'beta'; known schedules: automatic, uniform, karras"):
+        sch.get_sigmas("beta", 10, torch.linspace(0.03, 14.6, 1000))
+    with pytest.raises(ValueError, match="at least 1"):
+        sch.get_sigmas("karras", 0, torch.linspace(0.03, 14.6, 1000))
+
+
+class _Counting:
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, x, sigma, cond):
+        self.batches.append(x.shape[0])
+        return x * 0 + cond.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+
+
+def test_cfg_one_batch_and_skipped_at_scale_one():
+    inner = _Counting()
+    x, s = torch.zeros(2, 4, 8, 8), torch.tensor([1.0, 1.0])
+    cond, uncond = torch.ones(2, 77, 8), torch.zeros(2, 77, 8)
+    out = CFGDenoiser(inner, 7.5)(x, s, cond=cond, uncond=uncond)
+    assert inner.batches == [4]  # cond and uncond together
+    assert torch.allclose(out, torch.full_like(out, 7.5))  # 0 + 7.5 * (1 - 0)
+    CFGDenoiser(inner, 1.0)(x, s, cond=cond, uncond=uncond)
+    assert inner.batches[-1] == 2
+
+
+def test_cfg_can_stop_early():
+    inner = _Counting()
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
+    cfg = CFGDenoiser(inner, 5.0, sigmas, guidance_until=0.5)
+    x, cond, uncond = torch.zeros(1, 4, 8, 8), torch.ones(1, 77, 8), torch.zeros(1, 77, 8)
+    for s in sigmas[:-1]:
+        cfg(x, s.reshape(1), cond=cond, uncond=uncond)
+    assert inner.batches == [2, 2, 1, 1]
