@@ -249,6 +249,9 @@ def _diffusers_from_our_file(path, config):
     if config.text.layout == "openclip":
         state = convert_open_clip_checkpoint(text, ckpt)
         state = {k: v for k, v in state.items() if k != "text_projection.weight"}
+        # diffusers drops SD2's last text layer (it only ever uses the penultimate one)
+        layers = len({k.split(".")[3] for k in state if k.startswith("text_model.encoder.layers.")})
+        text = CLIPTextModel(CLIPTextConfig(**{**hf_text_kwargs(config.text), "num_hidden_layers": layers}))
     else:
         state = convert_ldm_clip_checkpoint(ckpt)
     missing, unexpected = text.load_state_dict(state, strict=False)
@@ -268,7 +271,7 @@ def _check_diffusers_reads(tmp_path, record_parity, name, size=8):
     x = torch.randn(1, sd.config.unet.in_channels, size, size, generator=g)
     z = torch.randn(1, 4, size, size, generator=g)
     with torch.no_grad():
-        skip = sd.config.text.clip_skip
+        skip = sd.config.text.clip_skip - (sd.config.text.layers - text.config.num_hidden_layers)
         ref_ctx = text(ids, output_hidden_states=True).hidden_states[-skip]
         ref_ctx = text.text_model.final_layer_norm(ref_ctx)
         ctx = sd.text_encoder(ids)

@@ -1,0 +1,116 @@
+"""txt2img / img2img / inpaint on tiny random models: seeds, sizes, strength, masks, callbacks, every sampler."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import plainsd
+from plainsd import pipeline
+from plainsd.diffusion.samplers import SAMPLERS
+from plainsd.pnginfo import parse_infotext
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return plainsd.build("tiny", seed=0)
+
+
+def _arr(image):
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_seeds_batches_and_reproducibility(sd):
+    r = pipeline.txt2img(sd, "a red circle", steps=4, seed=10, batch_size=2, batch_count=2)
+    assert r.seeds == [10, 11, 12, 13] and len(r.images) == 4 and r.images[0].size == (64, 64)
+    alone = pipeline.txt2img(sd, "a red circle", steps=4, seed=12)
+    assert np.array_equal(_arr(alone.images[0]), _arr(r.images[2]))  # the same whether alone or in a batch
+    again = pipeline.txt2img(sd, "a red circle", steps=4, seed=10, batch_size=2, batch_count=2)
+    assert all(np.array_equal(_arr(a), _arr(b)) for a, b in zip(r.images, again.images))
+    assert not np.array_equal(_arr(r.images[0]), _arr(r.images[1]))
+    rnd = pipeline.txt2img(sd, "x", steps=2, seed=-1)
+    assert 0 <= rnd.seeds[0] < 2**32 and parse_infotext(rnd.infotexts[0])["Seed"] == str(rnd.seeds[0])
+
+
+def test_sizes_and_bad_values(sd):
+    r = pipeline.txt2img(sd, "x", steps=2, seed=1, width=72, height=40)
+    assert r.images[0].size == (72, 40)
+    with pytest.raises(ValueError, match="multiples of 8, got 60x64"):
+        pipeline.txt2img(sd, "x", steps=2, width=60, height=64)
+    with pytest.raises(ValueError, match="steps must be between 1 and 1000"):
+        pipeline.txt2img(sd, "x", steps=0)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pipeline.txt2img(sd, "x", sampler="nope")
+    with pytest.raises(ValueError, match="unknown schedule"):
+        pipeline.txt2img(sd, "x", schedule="nope")
+    with pytest.raises(ValueError, match="strength"):
+        pipeline.img2img(sd, Image.new("RGB", (64, 64)), "x", strength=1.5)
+    with pytest.raises(ValueError, match="seed must be"):
+        pipeline.txt2img(sd, "x", seed=2**40)
+
+
+def test_infotext_fields(sd):
+    r = pipeline.txt2img(sd, "a (red:1.2) circle", "blurry", steps=3, seed=5, sampler="Euler a", cfg_scale=5.5, clip_skip=2)
+    f = parse_infotext(r.infotexts[0])
+    assert f["Prompt"] == "a (red:1.2) circle" and f["Negative prompt"] == "blurry"
+    assert (f["Steps"], f["Sampler"], f["Schedule type"], f["CFG scale"], f["Seed"]) == ("3", "Euler a", "Normal", "5.5", "5")
+    assert f["Size"] == "64x64" and f["Model"] == "tiny" and f["Clip skip"] == "2"
+
+
+def test_guidance_and_negative_prompt(sd):
+    a = pipeline.txt2img(sd, "x", "one thing", steps=3, seed=1, cfg_scale=1.0)
+    b = pipeline.txt2img(sd, "x", "another thing", steps=3, seed=1, cfg_scale=1.0)
+    assert np.array_equal(_arr(a.images[0]), _arr(b.images[0]))  # scale 1: the negative prompt is not used
+    c = pipeline.txt2img(sd, "x", "another thing", steps=3, seed=1, cfg_scale=7.0)
+    assert not np.array_equal(_arr(a.images[0]), _arr(c.images[0]))
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_runs(sd, name):
+    r = pipeline.txt2img(sd, "x", steps=3, seed=2, sampler=name)
+    assert r.images[0].size == (64, 64) and parse_infotext(r.infotexts[0])["Sampler"] == name
+
+
+def test_callback_interrupt_and_steps(sd):
+    seen = []
+    r = pipeline.txt2img(sd, "x", steps=5, seed=1, sampler="Euler", callback=lambda s: seen.append((s.step, s.total)))
+    assert seen == [(i, 5) for i in range(5)] and not r.interrupted
+    stop = pipeline.txt2img(sd, "x", steps=5, seed=1, batch_count=3, sampler="Euler", interrupt=lambda: True)
+    assert stop.interrupted and len(stop.images) == 1
+    frames = pipeline.txt2img(sd, "x", steps=4, seed=1, record_steps=True, batch_size=2).frames
+    assert len(frames) == 2 and len(frames[0]) == 5
+
+
+def test_img2img_strength(sd):
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    zero = pipeline.img2img(sd, init, "x", strength=0.0, steps=10, seed=1)
+    with torch.no_grad():
+        roundtrip = pipeline.decode(sd, sd.vae.encode(plainsd.images.to_tensor(init)).mode() * sd.config.scale_factor)
+    assert np.array_equal(_arr(zero.images[0]), _arr(roundtrip[0]))  # strength 0: only the VAE round trip
+    calls = []
+    pipeline.img2img(sd, init, "x", strength=0.5, steps=10, seed=1, sampler="Euler", callback=lambda s: calls.append(s))
+    assert len(calls) == 5  # half the steps
+    big = pipeline.img2img(sd, init.resize((128, 96)), "x", steps=2, seed=1, width=64, height=64, resize_mode="crop and resize")
+    assert big.images[0].size == (64, 64) and "Denoising strength: 0.8" in big.infotexts[0]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-inpaint"])
+def test_inpaint_keeps_the_unmasked_part(preset):
+    model = plainsd.build(preset, seed=1)
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))  # repaint the left half
+    r = pipeline.inpaint(model, init, mask, "x", steps=4, seed=1, mask_blur=0, strength=1.0)
+    out, src = _arr(r.images[0]), _arr(init)
+    assert np.array_equal(out[:, 32:], src[:, 32:])
+    assert not np.array_equal(out[:, :32], src[:, :32])
+    inverted = pipeline.inpaint(model, init, mask, "x", steps=2, seed=1, mask_blur=0, inpainting_mask_invert=True)
+    assert np.array_equal(_arr(inverted.images[0])[:, :32], src[:, :32])
+
+
+def test_other_model_kinds_run():
+    for preset in ("tiny-sd2", "tiny-v", "tiny-inpaint"):
+        r = pipeline.txt2img(plainsd.build(preset), "a (red) circle BREAK left", steps=2, seed=1)
+        assert r.images[0].size == (64, 64)
+    with pytest.raises(ValueError, match="LoRA"):
+        pipeline.txt2img(plainsd.build("tiny"), "a <lora:x:1> circle", steps=1)

@@ -1,0 +1,90 @@
+"""A1111 prompt syntax: attention weights, 75-token chunks, BREAK, negative prompts of other lengths."""
+
+import pytest
+import torch
+
+import plainsd
+from plainsd.prompts import encode_pair, encode_prompt, extract_loras, parse_prompt_attention, tokenize_chunks
+
+
+def _close(got, want):
+    assert len(got) == len(want), got
+    for (t1, w1), (t2, w2) in zip(got, want):
+        assert t1 == t2 and w1 == pytest.approx(w2), (got, want)
+
+
+@pytest.mark.parametrize("text,want", [  # the examples in A1111's documentation of its parser
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    ("\\(literal\\]", [("(literal]", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+      (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+    ("[faded]", [("faded", 1 / 1.1)]),
+    ("a BREAK b", [("a", 1.0), ("BREAK", -1), ("b", 1.0)]),
+    ("", [("", 1.0)]),
+])
+def test_attention_syntax(text, want):
+    _close(parse_prompt_attention(text), want)
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return plainsd.build("tiny", seed=0)
+
+
+def test_short_prompt_is_one_plain_chunk(sd):
+    chunks = tokenize_chunks(sd.tokenizer, "a red circle")
+    assert len(chunks) == 1
+    assert chunks[0][0] == sd.tokenizer(["a red circle"])[0].tolist()
+    assert chunks[0][1] == [1.0] * 77
+
+
+def test_sd2_chunks_pad_with_zero():
+    sd2 = plainsd.build("tiny-sd2")
+    ids = tokenize_chunks(sd2.tokenizer, "a red circle")[0][0]
+    assert ids == sd2.tokenizer(["a red circle"])[0].tolist() and ids[-1] == 0
+
+
+def test_long_prompts_and_break(sd):
+    words = " ".join(["circle"] * 100)
+    chunks = tokenize_chunks(sd.tokenizer, words)
+    assert len(chunks) == 2 and all(len(c[0]) == 77 for c in chunks)
+    assert chunks[0][0][1:76] == [sd.tokenizer.encode("circle")[0]] * 75
+    assert len(tokenize_chunks(sd.tokenizer, "a red circle BREAK on the left")) == 2
+    weights = tokenize_chunks(sd.tokenizer, "a (red:1.5) circle")[0][1]
+    assert weights[:5] == [1.0, 1.0, 1.5, 1.0, 1.0]
+
+
+def test_comma_backtrack_moves_the_last_phrase(sd):
+    # 70 single-token words, a comma, then 10 more: the chunk is cut after the comma (A1111's comma padding).
+    prompt = " ".join(["red"] * 70) + ", " + " ".join(["blue"] * 10)
+    first, second = tokenize_chunks(sd.tokenizer, prompt)
+    comma = sd.tokenizer.encode(",")[0]
+    assert first[0][71] == comma and first[0][72] == sd.tokenizer.eot_id
+    assert second[0][1:11] == [sd.tokenizer.encode("blue")[0]] * 10
+
+
+def test_encoding_weights_and_shapes(sd):
+    plain = encode_prompt(sd.tokenizer, sd.text_encoder, "a red circle")
+    direct = sd.text_encoder(sd.tokenizer(["a red circle"]))
+    assert torch.allclose(plain, direct)
+    weighted = encode_prompt(sd.tokenizer, sd.text_encoder, "a (red:1.5) circle")
+    assert not torch.allclose(weighted, plain)
+    assert weighted.mean().item() == pytest.approx(plain.mean().item(), rel=1e-4)  # A1111 keeps the mean
+    assert encode_prompt(sd.tokenizer, sd.text_encoder, " ".join(["circle"] * 100)).shape == (1, 154, 128)
+    assert not torch.allclose(encode_prompt(sd.tokenizer, sd.text_encoder, "a red circle", clip_skip=2), plain)
+
+
+def test_negative_prompt_padded_with_empty_chunks(sd):
+    cond, uncond = encode_pair(sd.tokenizer, sd.text_encoder, [" ".join(["circle"] * 100)], ["blurry"])
+    assert cond.shape == uncond.shape == (1, 154, 128)
+    empty = encode_prompt(sd.tokenizer, sd.text_encoder, "")
+    assert torch.allclose(uncond[:, 77:], empty)
+
+
+def test_lora_tags_are_extracted():
+    text, loras = extract_loras("a star <lora:shapes:0.8> on the left <lora:style>")
+    assert text == "a star  on the left " and loras == [("shapes", 0.8), ("style", 1.0)]
