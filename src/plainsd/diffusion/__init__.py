@@ -1,0 +1,1 @@
+"""The maths of diffusion: schedules, denoisers, guidance, samplers. Knows nothing of the networks."""

@@ -1,0 +1,240 @@
+"""Training data: a captioned world of coloured shapes drawn with Pillow, and users' own image folders.
+
+The shapes world is deterministic by seed: sample i of seed s is always the same picture and caption.
+Captions vary in phrasing and sometimes leave an attribute out, so that an unspecified attribute is
+sampled rather than fixed. The star is known to the generator and the judge but left out of the base
+model's data (HELD_OUT), for the fine-tuning recipes to teach.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 220, 40),
+    "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
+}
+BACKGROUNDS = {**COLOURS, "gray": (128, 128, 128)}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+HELD_OUT = ("star",)
+ALL_SHAPES = SHAPES + HELD_OUT
+SIZES = {"small": 0.25, "large": 0.45}  # side of the shape's box as a fraction of the image side
+POSITIONS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75), "centre": (0.5, 0.5)}
+PAIRS = (("left", "right"), ("top", "bottom"))
+
+_POS_WORDS = {
+    "left": ["on the left", "at the left", "on the left side"], "right": ["on the right", "at the right", "on the right side"],
+    "top": ["at the top", "on top", "in the upper part"], "bottom": ["at the bottom", "in the lower part", "at the bottom"],
+    "centre": ["in the centre", "in the middle", "in the center"],
+}
+
+
+@dataclass
+class Obj:
+    shape: str
+    colour: str
+    size: str
+    position: str
+
+
+@dataclass
+class Scene:
+    objects: list[Obj]
+    background: str
+    caption: str = ""
+    # which attributes the caption states, per object: e.g. {"shape", "colour", "position"}
+    stated: list[set] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["stated"] = [sorted(s) for s in self.stated]
+        return d
+
+
+def shape_polygon(shape: str, cx: float, cy: float, side: float) -> list[tuple[float, float]] | None:
+    """Vertices of a shape filling a side x side box centred on (cx, cy); None for the circle."""
+    h = side / 2
+    if shape == "circle":
+        return None
+    if shape == "square":
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":
+        return [(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "diamond":
+        return [(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)]
+    if shape == "cross":
+        a = side / 6
+        return [(cx - a, cy - h), (cx + a, cy - h), (cx + a, cy - a), (cx + h, cy - a), (cx + h, cy + a), (cx + a, cy + a),
+                (cx + a, cy + h), (cx - a, cy + h), (cx - a, cy + a), (cx - h, cy + a), (cx - h, cy - a), (cx - a, cy - a)]
+    if shape == "star":
+        pts = []
+        for k in range(10):
+            r = h if k % 2 == 0 else h * 0.42
+            ang = -math.pi / 2 + k * math.pi / 5
+            pts.append((cx + r * math.cos(ang), cy + h * 0.08 + r * math.sin(ang)))
+        return pts
+    raise ValueError(f"unknown shape {shape!r}; known shapes: {', '.join(ALL_SHAPES)}")
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, side: float, fill) -> None:
+    poly = shape_polygon(shape, cx, cy, side)
+    if poly is None:
+        draw.ellipse([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], fill=fill)
+    else:
+        draw.polygon(poly, fill=fill)
+
+
+def render(scene: Scene, size: int = 64, supersample: int = 4) -> Image.Image:
+    """Draw a scene, anti-aliased by drawing larger and shrinking."""
+    big = size * supersample
+    image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    for o in scene.objects:
+        px, py = POSITIONS[o.position]
+        draw_shape(draw, o.shape, px * big, py * big, SIZES[o.size] * big, COLOURS[o.colour])
+    return image.resize((size, size), Image.LANCZOS)
+
+
+def _phrase(o: Obj, stated: set, rng: random.Random) -> str:
+    words = []
+    if "size" in stated:
+        words.append(o.size if rng.random() < 0.8 else {"small": "little", "large": "big"}[o.size])
+    if "colour" in stated:
+        words.append(o.colour)
+    words.append(o.shape)
+    text = " ".join(words)
+    if "position" in stated:
+        text += " " + rng.choice(_POS_WORDS[o.position])
+    return text
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    """One of several phrasings of the scene, stating only the attributes in scene.stated."""
+    bg = scene.background
+    say_bg = rng.random() < 0.5
+    if len(scene.objects) == 2:
+        a, b = (_phrase(o, s, rng) for o, s in zip(scene.objects, scene.stated))
+        text = f"a {a} and a {b}"
+        return text + (f", {bg} background" if say_bg else "")
+    o, stated = scene.objects[0], scene.stated[0]
+    form = rng.randrange(4)
+    if form == 0:
+        text = "a " + _phrase(o, stated, rng)
+        return text + (f" on a {bg} background" if say_bg else "")
+    if form == 1:  # "red circle, left side, on blue"
+        parts = [" ".join(w for w in ((o.size if "size" in stated else ""), (o.colour if "colour" in stated else ""), o.shape) if w)]
+        if "position" in stated:
+            parts.append(f"{o.position} side" if o.position != "centre" else "centre")
+        if say_bg:
+            parts.append(f"on {bg}")
+        return ", ".join(parts)
+    if form == 2:
+        text = f"a {o.shape}"
+        if "colour" in stated:
+            text += f" that is {o.colour}"
+        if "size" in stated:
+            text += f", {o.size}"
+        if "position" in stated:
+            text += ", " + rng.choice(_POS_WORDS[o.position])
+        return text + (f", {bg} background" if say_bg else "")
+    text = _phrase(o, stated, rng)
+    return text + (f" on {bg}" if say_bg else "")
+
+
+def random_scene(rng: random.Random, shapes=SHAPES, two_objects: float = 0.25) -> Scene:
+    n = 2 if rng.random() < two_objects else 1
+    colours = rng.sample(list(COLOURS), n)
+    background = rng.choice([b for b in BACKGROUNDS if b not in colours])
+    if n == 1:
+        positions = [rng.choice(list(POSITIONS))]
+    else:
+        positions = list(rng.choice(PAIRS))
+        rng.shuffle(positions)
+    objects = [Obj(rng.choice(shapes), c, rng.choice(list(SIZES)), p) for c, p in zip(colours, positions)]
+    stated = []
+    for _ in objects:
+        s = {"shape", "colour"}
+        if rng.random() < 0.15:  # sometimes the colour is left to the model
+            s.discard("colour")
+        if rng.random() < 0.6:
+            s.add("size")
+        if rng.random() < 0.8 or n == 2:
+            s.add("position")
+        stated.append(s)
+    scene = Scene(objects, background, stated=stated)
+    scene.caption = caption(scene, rng)
+    return scene
+
+
+class ShapesDataset:
+    """dataset[i] -> (PIL image, caption, scene); deterministic in (seed, i)."""
+
+    def __init__(self, length: int = 100_000, seed: int = 0, size: int = 64, shapes=SHAPES, two_objects: float = 0.25):
+        self.length, self.seed, self.size, self.shapes, self.two_objects = length, seed, size, tuple(shapes), two_objects
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene(self, i: int) -> Scene:
+        return random_scene(random.Random(self.seed * 1_000_003 + i), self.shapes, self.two_objects)
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        scene = self.scene(i)
+        return render(scene, self.size), scene.caption, scene
+
+
+class FolderDataset:
+    """Users' own data, in the ecosystem's two conventions:
+
+    - image files with a caption in a same-name .txt file (kohya, A1111), or
+    - metadata.jsonl with {"file_name": ..., "text": ...} per line (Hugging Face imagefolder).
+    """
+
+    EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+    def __init__(self, folder: str | Path, size: int = 64, caption_column: str = "text"):
+        self.folder, self.size = Path(folder), size
+        if not self.folder.is_dir():
+            raise ValueError(f"no such data folder: {self.folder}")
+        meta = self.folder / "metadata.jsonl"
+        self.items: list[tuple[Path, str]] = []
+        if meta.is_file():
+            for n, line in enumerate(meta.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    self.items.append((self.folder / row["file_name"], str(row.get(caption_column, ""))))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{meta}, line {n}: expected a JSON object with file_name and {caption_column}") from None
+        else:
+            for path in sorted(self.folder.iterdir()):
+                if path.suffix.lower() in self.EXTENSIONS:
+                    txt = path.with_suffix(".txt")
+                    self.items.append((path, txt.read_text().strip() if txt.is_file() else ""))
+        if not self.items:
+            raise ValueError(f"{self.folder} holds no images ({', '.join(self.EXTENSIONS)}) and no metadata.jsonl")
+        missing = [str(p) for p, _ in self.items if not p.is_file()]
+        if missing:
+            raise ValueError(f"metadata.jsonl names files that are not there: {', '.join(missing[:3])}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from PIL import ImageOps
+
+        path, text = self.items[i]
+        try:
+            image = Image.open(path).convert("RGB")
+        except OSError as e:
+            raise ValueError(f"cannot read image {path}: {e}") from None
+        return ImageOps.fit(image, (self.size, self.size), Image.LANCZOS), text, None

@@ -1,0 +1,68 @@
+"""The shapes world: deterministic, varied captions, the held-out star, and users' folders."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from plainsd.train.data import ALL_SHAPES, COLOURS, SHAPES, FolderDataset, ShapesDataset
+
+
+def test_deterministic_by_seed():
+    a, b = ShapesDataset(seed=3), ShapesDataset(seed=3)
+    for i in (0, 17, 999):
+        assert a[i][1] == b[i][1] and np.array_equal(np.asarray(a[i][0]), np.asarray(b[i][0]))
+    assert ShapesDataset(seed=4)[0][1] != a[0][1] or ShapesDataset(seed=4)[1][1] != a[1][1]
+
+
+def test_coverage_and_partial_captions():
+    ds = ShapesDataset(seed=0)
+    scenes = [ds.scene(i) for i in range(2000)]
+    objects = [o for s in scenes for o in s.objects]
+    assert {o.shape for o in objects} == set(SHAPES) and "star" not in {o.shape for o in objects}
+    assert {o.colour for o in objects} == set(COLOURS) and len(COLOURS) == 8
+    assert {o.size for o in objects} == {"small", "large"}
+    assert {o.position for o in objects} == {"left", "right", "top", "bottom", "centre"}
+    assert 0.15 < np.mean([len(s.objects) == 2 for s in scenes]) < 0.35
+    assert any("colour" not in st for s in scenes for st in s.stated)  # attributes are sometimes left out
+    assert any("position" not in st for s in scenes for st in s.stated)
+    assert len({s.caption for s in scenes}) > 1500
+    for s in scenes[:300]:  # what the caption states is in it
+        for o, st in zip(s.objects, s.stated):
+            assert o.shape in s.caption
+            if "colour" in st:
+                assert o.colour in s.caption
+
+
+def test_the_star_is_known_but_held_out():
+    assert "star" in ALL_SHAPES and "star" not in SHAPES
+    star = ShapesDataset(seed=0, shapes=["star"])
+    assert all(o.shape == "star" for i in range(20) for o in star.scene(i).objects)
+
+
+def test_folder_with_txt_captions(tmp_path):
+    Image.new("RGB", (80, 40), "red").save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red thing\n")
+    Image.new("RGB", (40, 40), "blue").save(tmp_path / "b.jpg")
+    ds = FolderDataset(tmp_path, size=32)
+    assert len(ds) == 2 and ds[0][1] == "a red thing" and ds[1][1] == "" and ds[0][0].size == (32, 32)
+
+
+def test_folder_with_metadata_jsonl(tmp_path):
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "x.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", "text": "red"}) + "\n")
+    assert FolderDataset(tmp_path)[0][1] == "red"
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "missing.png", "text": "x"}\n')
+    with pytest.raises(ValueError, match="not there: .*missing.png"):
+        FolderDataset(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text("not json\n")
+    with pytest.raises(ValueError, match="line 1: expected a JSON object"):
+        FolderDataset(tmp_path)
+
+
+def test_empty_or_missing_folder(tmp_path):
+    with pytest.raises(ValueError, match="holds no images"):
+        FolderDataset(tmp_path)
+    with pytest.raises(ValueError, match="no such data folder"):
+        FolderDataset(tmp_path / "nope")
