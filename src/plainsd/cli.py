@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("samplers", help="list samplers and schedules")
     p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("train", help="train the VAE, CLIP or the UNet from a config file")
+    p.add_argument("network", choices=["vae", "clip", "unet"])
+    p.add_argument("--config", default=None, help="a JSON training config (default: the shipped recipe)")
+    p.add_argument("--out", default=None, help="run folder (checkpoints, samples, exported weights)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true")
     p = sub.add_parser("demo", help="draw one picture with the default model and say where it is")
     p.add_argument("-o", "--output", default="outputs/demo.png")
     p.add_argument("--debug", action="store_true")
@@ -192,12 +200,27 @@ def _demo(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from plainsd.train.loop import TrainConfig
+    from plainsd.train.recipes import RECIPES
+
+    config = args.config or str(Path(__file__).parent / "data" / "recipes" / f"{args.network}.json")
+    cfg = TrainConfig.from_file(config, out=args.out, steps=args.steps)
+    if cfg.network != args.network:
+        raise ValueError(f"{config} is a {cfg.network} config, not a {args.network} one")
+    result = RECIPES[args.network](cfg, resume=args.resume, progress=not args.quiet)
+    losses = result["losses"]
+    print(f"trained {args.network} to step {result['step']} in {result['seconds']:.0f} s; "
+          f"loss {losses[0]:.4f} -> {sum(losses[-20:]) / len(losses[-20:]):.4f} (mean of the last 20); run folder {cfg.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from plainsd.weights import CheckpointError
 
     handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "png-info": _png_info,
-                "samplers": _samplers, "demo": _demo}
+                "samplers": _samplers, "demo": _demo, "train": _train}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, CheckpointError, OSError) as e:

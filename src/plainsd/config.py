@@ -27,6 +27,18 @@ class TextConfig:
 
 
 @dataclass
+class VisionConfig:
+    """CLIP's image tower (a ViT), used to train the text tower contrastively and for evaluation."""
+    image_size: int = 64             # input side in pixels
+    patch_size: int = 8              # side of each patch token
+    width: int = 128
+    layers: int = 4
+    heads: int = 2
+    mlp_ratio: float = 4.0
+    projection_dim: int = 64         # the joint text-image space
+
+
+@dataclass
 class UNetConfig:
     in_channels: int = 4             # 4 latent channels; 9 for inpainting (latent + masked latent + mask)
     out_channels: int = 4

@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TextConfig
+from ..config import TextConfig, VisionConfig
 from .layers import attention, quick_gelu
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
@@ -26,7 +26,7 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Causal: each token sees itself and the tokens before it, never the padding after the prompt.
-        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True))
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=self.causal))
 
 
 class CLIPMLP(nn.Module):
@@ -41,11 +41,11 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig | VisionConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg.width, cfg.heads)
+        self.self_attn = CLIPAttention(cfg.width, cfg.heads, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.width)
-        self.mlp = CLIPMLP(cfg.width, int(cfg.width * cfg.mlp_ratio), cfg.act)
+        self.mlp = CLIPMLP(cfg.width, int(cfg.width * cfg.mlp_ratio), getattr(cfg, "act", "quick_gelu"))
         self.layer_norm2 = nn.LayerNorm(cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,3 +113,39 @@ class CLIPTextModel(nn.Module):
         # The end token has the highest id, so argmax finds it (the first one, where padding is also EOT).
         x = x[torch.arange(x.shape[0]), ids.argmax(dim=-1)]
         return self.text_projection(x) if hasattr(self, "text_projection") else x
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.randn(cfg.width) * cfg.width**-0.5)
+        self.patch_embedding = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.width)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(images).flatten(2).transpose(1, 2)  # [B, patches, width]
+        cls = self.class_embedding.expand(x.shape[0], 1, -1).to(x.dtype)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight.to(x.dtype)
+
+
+class CLIPVisionModel(nn.Module):
+    """CLIP's ViT image tower (transformers' names): images in [-1, 1] -> projected embedding."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = CLIPVisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.width)  # (sic: transformers' name)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList([CLIPEncoderLayer(cfg, causal=False) for _ in range(cfg.layers)])
+        self.post_layernorm = nn.LayerNorm(cfg.width)
+        self.visual_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.config.image_size
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = self.pre_layrnorm(self.embeddings(images))
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.visual_projection(self.post_layernorm(x[:, 0]))

@@ -1,0 +1,251 @@
+"""The three trainings of Stable Diffusion, as the paper stages them, on small configs.
+
+1. vae:  the autoencoder, on images: reconstruction (L1) + a small KL term.
+2. clip: text and image towers, contrastively: cosine similarities, symmetric cross-entropy over the
+         batch's other pairs, learned temperature (Radford et al. 2021).
+3. unet: the noise predictor on frozen VAE latents and frozen CLIP text states: random timestep, noise
+         added by the forward process, MSE on the predicted noise, some captions left empty so that
+         classifier-free guidance works (Rombach et al. 2022; Ho & Salimans 2022).
+
+Each writes its networks into its run folder; the unet recipe writes the whole model as one original-
+layout checkpoint (model.safetensors) that plainsd.load reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from ..config import ModelConfig, TextConfig, UNetConfig, VAEConfig, VisionConfig
+from ..diffusion.denoisers import training_loss
+from ..images import contact_sheet, to_pil, to_tensor
+from ..models import StableDiffusion
+from ..models.clip import CLIPTextModel, CLIPVisionModel
+from ..models.tokenizer import Tokenizer
+from ..models.vae import AutoencoderKL
+from ..weights import save
+from .data import FolderDataset, ShapesDataset
+from .loop import TrainConfig, _atomic_save, train
+
+# The small Stable Diffusion that plainsd trains and ships: same classes and layout as SD 1.x.
+BASE_MODEL = ModelConfig(
+    text=TextConfig(width=64, layers=3, heads=2, projection_dim=64),
+    unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(0, 1, 2),
+                    num_heads=4, context_dim=64),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1),
+    resolution=64,
+)
+BASE_VISION = VisionConfig(image_size=64, patch_size=8, width=96, layers=3, heads=2, projection_dim=64)
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    base = dataclasses.asdict(BASE_MODEL)
+    for part, values in cfg.model.items():
+        if part in ("text", "unet", "vae"):
+            base[part].update(values)
+        elif part != "vision":
+            base[part] = values
+    return ModelConfig.from_dict(base)
+
+
+def vision_config(cfg: TrainConfig) -> VisionConfig:
+    return VisionConfig(**{**dataclasses.asdict(BASE_VISION), **cfg.model.get("vision", {})})
+
+
+def dataset(cfg: TrainConfig, size: int):
+    data = dict(cfg.data)
+    kind = data.pop("kind", "shapes")
+    if kind == "shapes":
+        return ShapesDataset(length=data.get("length", 1_000_000), seed=data.get("seed", 0), size=size)
+    if kind == "folder":
+        return FolderDataset(data["path"], size=size)
+    raise ValueError(f"unknown data kind {kind!r}; known: shapes, folder")
+
+
+def batch(ds, cfg: TrainConfig, step: int, micro: int) -> tuple[torch.Tensor, list[str]]:
+    """The micro-batch of a step: a pure function of (seed, step, micro)."""
+    rng = random.Random(f"{cfg.seed}:{step}:{micro}")
+    items = [ds[rng.randrange(len(ds))] for _ in range(cfg.batch_size)]
+    return torch.cat([to_tensor(im) for im, _, _ in items]), [c for _, c, _ in items]
+
+
+def _named(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.nn.Parameter]:
+    return {prefix + k: p for k, p in module.named_parameters()}
+
+
+def _load_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    f = safe_open(str(path), framework="pt")
+    return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+# --- 1. the autoencoder --------------------------------------------------------------------------------
+
+def train_vae(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    mc = model_config(cfg)
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(mc.vae)
+    ds = dataset(cfg, mc.resolution)
+    kl_weight = cfg.extra.get("kl_weight", 1e-6)
+    out = Path(cfg.out)
+
+    def loss_fn(step, micro):
+        x, _ = batch(ds, cfg, step, micro)
+        posterior = vae.encode(x)
+        g = torch.Generator().manual_seed(step * 131 + micro)
+        recon = vae.decode(posterior.sample(g))
+        # L1 per pixel, plus the KL summed per sample and scaled as latent diffusion does (per pixel).
+        return F.l1_loss(recon, x) + kl_weight * posterior.kl().mean() / x[0].numel()
+
+    def export(step, weights):
+        state = {("first_stage_model." + k): v for k, v in weights.items()}
+        scale = latent_scale(vae, weights, ds, cfg)
+        meta = {"plainsd.vae_config": json.dumps(dataclasses.asdict(mc.vae)), "plainsd.scale_factor": str(scale)}
+        _atomic_save(state, out / "vae.safetensors", meta)
+
+    def sample(step, weights):
+        x, _ = batch(ds, dataclasses.replace(cfg, batch_size=8, seed=cfg.seed + 999), 0, 0)
+        with _swapped(vae, weights), torch.no_grad():
+            recon = vae.decode(vae.encode(x).mode())
+        (out / "samples").mkdir(exist_ok=True)
+        contact_sheet(to_pil(torch.cat([x, recon]))).save(out / "samples" / f"vae-{step:06d}.png")
+
+    return train(cfg, _named(vae), loss_fn, resume, sample, export, progress)
+
+
+class _swapped:
+    """Temporarily load exported (e.g. EMA) weights into a module."""
+
+    def __init__(self, module, weights):
+        self.module, self.weights = module, weights
+
+    def __enter__(self):
+        self.saved = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        self.module.load_state_dict({k: v.to(self.saved[k].dtype) for k, v in self.weights.items()}, strict=False)
+
+    def __exit__(self, *exc):
+        self.module.load_state_dict(self.saved)
+
+
+@torch.no_grad()
+def latent_scale(vae: AutoencoderKL, weights: dict, ds, cfg: TrainConfig, n: int = 256) -> float:
+    """1 / std of the latents, so that the UNet sees unit-variance latents (SD's 0.18215 was found so)."""
+    with _swapped(vae, weights):
+        x, _ = batch(ds, dataclasses.replace(cfg, batch_size=n, seed=cfg.seed + 12345), 0, 0)
+        z = vae.encode(x).sample(torch.Generator().manual_seed(0))
+    return float(1.0 / z.std())
+
+
+# --- 2. CLIP ------------------------------------------------------------------------------------------
+
+def train_clip(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    mc = model_config(cfg)
+    torch.manual_seed(cfg.seed)
+    text, vision = CLIPTextModel(mc.text), CLIPVisionModel(vision_config(cfg))
+    logit_scale = torch.nn.Parameter(torch.tensor(2.6592))  # log(1 / 0.07), CLIP's initial temperature
+    tokenizer = Tokenizer("sd1" if mc.text.pad == "eot" else "sd2")
+    ds = dataset(cfg, mc.resolution)
+    out = Path(cfg.out)
+    params = {**_named(text, "text."), **_named(vision, "vision."), "logit_scale": logit_scale}
+
+    def loss_fn(step, micro):
+        images, captions = batch(ds, cfg, step, micro)
+        t = F.normalize(text.pooled(tokenizer(captions)).float(), dim=-1)
+        v = F.normalize(vision(images).float(), dim=-1)
+        logits = logit_scale.clamp(max=4.6052).exp() * v @ t.T  # temperature capped at 100, as CLIP
+        target = torch.arange(len(captions))
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    def export(step, weights):
+        state = {("cond_stage_model.transformer." + k[5:]): v for k, v in weights.items() if k.startswith("text.")}
+        state.update({("clip_vision." + k[7:]): v for k, v in weights.items() if k.startswith("vision.")})
+        state["clip_logit_scale"] = weights["logit_scale"].reshape(1)
+        meta = {"plainsd.text_config": json.dumps(dataclasses.asdict(mc.text)),
+                "plainsd.vision_config": json.dumps(dataclasses.asdict(vision_config(cfg)))}
+        _atomic_save(state, out / "clip.safetensors", meta)
+
+    return train(cfg, params, loss_fn, resume, None, export, progress)
+
+
+def load_clip(path: str | Path) -> tuple[CLIPTextModel, CLIPVisionModel, float]:
+    f = safe_open(str(path), framework="pt")
+    meta = f.metadata()
+    text = CLIPTextModel(TextConfig(**_tuples(json.loads(meta["plainsd.text_config"]))))
+    vision = CLIPVisionModel(VisionConfig(**json.loads(meta["plainsd.vision_config"])))
+    text.load_state_dict(_load_prefixed(Path(path), "cond_stage_model.transformer."))
+    vision.load_state_dict(_load_prefixed(Path(path), "clip_vision."))
+    return text.eval(), vision.eval(), float(f.get_tensor("clip_logit_scale")[0].exp())
+
+
+def load_vae(path: str | Path) -> tuple[AutoencoderKL, float]:
+    f = safe_open(str(path), framework="pt")
+    meta = f.metadata()
+    vae = AutoencoderKL(VAEConfig(**_tuples(json.loads(meta["plainsd.vae_config"]))))
+    vae.load_state_dict(_load_prefixed(Path(path), "first_stage_model."))
+    return vae.eval(), float(meta["plainsd.scale_factor"])
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+# --- 3. the UNet --------------------------------------------------------------------------------------
+
+SAMPLE_PROMPTS = ["a red circle on the left", "a large blue square", "a small yellow triangle at the top",
+                  "a green cross on the right", "a white diamond in the centre on a black background",
+                  "a purple circle at the bottom", "a red square on the left and a blue circle on the right",
+                  "an orange triangle"]
+
+
+def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    mc = model_config(cfg)
+    vae_path, clip_path = cfg.extra.get("vae"), cfg.extra.get("clip")
+    if not vae_path or not clip_path:
+        raise ValueError("the unet recipe needs extra.vae and extra.clip: the files the vae and clip trainings wrote")
+    vae, scale = load_vae(vae_path)
+    text, _, _ = load_clip(clip_path)
+    mc = dataclasses.replace(mc, vae=vae.config, text=text.config, scale_factor=scale)
+    torch.manual_seed(cfg.seed)
+    sd = StableDiffusion(mc)
+    sd.vae.load_state_dict(vae.state_dict())
+    sd.text_encoder.load_state_dict(text.state_dict())
+    sd.vae.requires_grad_(False)
+    sd.text_encoder.requires_grad_(False)
+    ds = dataset(cfg, mc.resolution)
+    empty = cfg.extra.get("empty_caption", 0.1)
+    out = Path(cfg.out)
+
+    def loss_fn(step, micro):
+        images, captions = batch(ds, cfg, step, micro)
+        rng = random.Random(f"empty:{cfg.seed}:{step}:{micro}")
+        captions = ["" if rng.random() < empty else c for c in captions]
+        g = torch.Generator().manual_seed(step * 7919 + micro)
+        with torch.no_grad():
+            latents = sd.vae.encode(images).sample(g) * scale
+            context = sd.text_encoder(sd.tokenizer(captions))
+        return training_loss(sd.unet, latents, context, mc.prediction, generator=g)
+
+    def export(step, weights):
+        with _swapped(sd.unet, {k[5:]: v for k, v in weights.items()}):
+            save(sd, out / "model.safetensors", dtype=torch.float16 if cfg.extra.get("fp16", True) else None)
+
+    def sample(step, weights):
+        from ..pipeline import txt2img  # the public API, as a user would call it
+
+        with _swapped(sd.unet, {k[5:]: v for k, v in weights.items()}):
+            sd.eval()
+            pics = [txt2img(sd, p, steps=20, cfg_scale=5.0, seed=i).images[0] for i, p in enumerate(SAMPLE_PROMPTS)]
+            sd.train()
+        (out / "samples").mkdir(exist_ok=True)
+        contact_sheet(pics).save(out / "samples" / f"unet-{step:06d}.png")
+
+    sd.unet.train()
+    return train(cfg, _named(sd.unet, "unet."), loss_fn, resume, sample, export, progress)
+
+
+RECIPES = {"vae": train_vae, "clip": train_clip, "unet": train_unet}
