@@ -72,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("eval", help="measure a model on held-out prompts (JSON)")
+    p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--prompts", type=int, default=100, help="held-out single-object prompts")
+    p.add_argument("--two-object-prompts", type=int, default=50)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg-scale", type=float, default=5.0)
+    p.add_argument("--sampler", default="DPM++ 2M")
+    p.add_argument("--schedule", default="karras")
+    p.add_argument("--vae", default=None, help="a VAE training's vae.safetensors, for PSNR")
+    p.add_argument("--clip", default=None, help="a CLIP training's clip.safetensors, for retrieval")
+    p.add_argument("-o", "--output", default=None, help="also write the JSON here")
+    p.add_argument("--debug", action="store_true")
     p = sub.add_parser("demo", help="draw one picture with the default model and say where it is")
     p.add_argument("-o", "--output", default="outputs/demo.png")
     p.add_argument("--debug", action="store_true")
@@ -215,12 +227,42 @@ def _train(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    import torch
+
+    from plainsd.eval import metrics
+
+    out: dict = {}
+    if args.vae:
+        from plainsd.train.recipes import load_vae
+        out["vae_psnr_db"] = round(metrics.vae_psnr(load_vae(args.vae)[0]), 2)
+    if args.clip:
+        from plainsd.models.tokenizer import Tokenizer
+        from plainsd.train.recipes import load_clip
+        text, vision, _ = load_clip(args.clip)
+        out["clip_top1_retrieval"] = metrics.clip_retrieval(text, vision, Tokenizer("sd1"))
+    if args.prompts or args.two_object_prompts:
+        sd = _load_model(args.model, None)
+        common = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, schedule=args.schedule)
+        with torch.no_grad():
+            if args.prompts:
+                out["single_object"] = metrics.adherence(sd, args.prompts, 1, **common)
+            if args.two_object_prompts:
+                out["two_objects"] = metrics.adherence(sd, args.two_object_prompts, 2, **common)
+        out["settings"] = {**common, "model": sd.name}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from plainsd.weights import CheckpointError
 
     handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "png-info": _png_info,
-                "samplers": _samplers, "demo": _demo, "train": _train}
+                "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, CheckpointError, OSError) as e:

@@ -38,6 +38,7 @@ def test_three_trainings_and_a_resume(tmp_path):
     assert text.config.width == 64 and temperature > 1
 
     extra = {"vae": str(tmp_path / "vae" / "vae.safetensors"), "clip": str(tmp_path / "clip" / "clip.safetensors")}
+    extra["latent_cache"] = 8
     first = train_unet(_cfg(tmp_path, "unet", 20, extra=extra, ema_decay=0.9), progress=False)
     resumed = train_unet(_cfg(tmp_path, "unet", 40, extra=extra, ema_decay=0.9), resume=True, progress=False)
     assert resumed["losses"][:20] == first["losses"] and len(resumed["losses"]) == 40

@@ -220,13 +220,23 @@ def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
     empty = cfg.extra.get("empty_caption", 0.1)
     out = Path(cfg.out)
 
+    cache = _latent_cache(sd.vae, ds, cfg.extra.get("latent_cache", 0), progress)
+
     def loss_fn(step, micro):
-        images, captions = batch(ds, cfg, step, micro)
+        g = torch.Generator().manual_seed(step * 7919 + micro)
+        if cache is not None:  # the frozen VAE's posteriors, computed once
+            rng = random.Random(f"{cfg.seed}:{step}:{micro}")
+            idx = [rng.randrange(len(cache[2])) for _ in range(cfg.batch_size)]
+            mean, std = cache[0][idx], cache[1][idx]
+            latents = (mean + std * torch.randn(mean.shape, generator=g)) * scale
+            captions = [cache[2][i] for i in idx]
+        else:
+            images, captions = batch(ds, cfg, step, micro)
+            with torch.no_grad():
+                latents = sd.vae.encode(images).sample(g) * scale
         rng = random.Random(f"empty:{cfg.seed}:{step}:{micro}")
         captions = ["" if rng.random() < empty else c for c in captions]
-        g = torch.Generator().manual_seed(step * 7919 + micro)
         with torch.no_grad():
-            latents = sd.vae.encode(images).sample(g) * scale
             context = sd.text_encoder(sd.tokenizer(captions))
         return training_loss(sd.unet, latents, context, mc.prediction, generator=g)
 
@@ -246,6 +256,23 @@ def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
 
     sd.unet.train()
     return train(cfg, _named(sd.unet, "unet."), loss_fn, resume, sample, export, progress)
+
+
+@torch.no_grad()
+def _latent_cache(vae: AutoencoderKL, ds, n: int, progress: bool):
+    """(means, stds, captions) of the first n images of the data set, or None for n = 0."""
+    if not n:
+        return None
+    from tqdm.auto import tqdm
+
+    means, stds, captions = [], [], []
+    for start in tqdm(range(0, min(n, len(ds)), 64), desc="encoding latents", disable=not progress):
+        items = [ds[i] for i in range(start, min(start + 64, n, len(ds)))]
+        post = vae.encode(torch.cat([to_tensor(im) for im, _, _ in items]))
+        means.append(post.mean)
+        stds.append(post.std)
+        captions += [c for _, c, _ in items]
+    return torch.cat(means), torch.cat(stds), captions
 
 
 RECIPES = {"vae": train_vae, "clip": train_clip, "unet": train_unet}

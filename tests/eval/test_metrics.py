@@ -1,0 +1,62 @@
+"""Evaluation numbers: held-out prompts, adherence through the judge, PSNR, retrieval, the eval command."""
+
+import json
+
+import pytest
+import torch
+
+import plainsd
+from plainsd.cli import main
+from plainsd.eval import metrics
+from plainsd.train.data import ShapesDataset
+
+
+def test_held_out_prompts_state_everything_and_differ_from_training():
+    scenes = metrics.held_out_scenes(50)
+    assert all(len(s.objects) == 1 and s.stated[0] == {"shape", "colour", "size", "position"} for s in scenes)
+    train = {ShapesDataset(seed=s).scene(i).caption for s in (0, 1, 2) for i in range(200)}
+    assert len({s.caption for s in scenes} & train) < 5
+    assert all(len(s.objects) == 2 for s in metrics.held_out_scenes(10, objects=2))
+
+
+class _Perfect:
+    """A stand-in 'model' whose txt2img draws exactly the scene of the prompt."""
+
+
+def test_adherence_of_a_perfect_painter(monkeypatch):
+    from plainsd import pipeline
+    from plainsd.train.data import render
+
+    scenes = {s.caption: s for s in metrics.held_out_scenes(20) + metrics.held_out_scenes(10, 2)}
+
+    class R:
+        def __init__(self, image):
+            self.images = [image]
+
+    monkeypatch.setattr(pipeline, "txt2img", lambda sd, prompt, *a, **k: R(render(scenes[prompt])))
+    assert metrics.adherence(None, 20) == {"colour_and_shape": 1.0, "position": 1.0, "size": 1.0, "all": 1.0}
+    assert metrics.adherence(None, 10, objects=2)["all"] == 1.0
+
+
+def test_random_model_scores_low_and_metrics_are_numbers():
+    sd = plainsd.build("tiny")
+    score = metrics.adherence(sd, 5, steps=2)
+    assert score["colour_and_shape"] <= 0.4
+    psnr = metrics.vae_psnr(sd.vae, n=8)
+    assert 0 < psnr < 20
+    from plainsd.config import VisionConfig
+    from plainsd.models.clip import CLIPVisionModel
+
+    vision = CLIPVisionModel(VisionConfig(width=32, layers=1, heads=1, projection_dim=128))
+    tiny_text = plainsd.build("tiny-sd2").text_encoder  # has a projection to 128
+    r = metrics.clip_retrieval(tiny_text, vision, plainsd.build("tiny-sd2").tokenizer, n=20)
+    assert 0 <= r <= 0.3
+
+
+def test_eval_command_writes_json(tmp_path, capsys):
+    model = tmp_path / "m.safetensors"
+    plainsd.save(plainsd.build("tiny"), model)
+    assert main(["eval", "--model", str(model), "--prompts", "2", "--two-object-prompts", "1", "--steps", "2",
+                 "-o", str(tmp_path / "e.json")]) == 0
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert set(data["single_object"]) == {"colour_and_shape", "position", "size", "all"} and "two_objects" in data
