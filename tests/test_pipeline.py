@@ -114,3 +114,15 @@ def test_other_model_kinds_run():
         assert r.images[0].size == (64, 64)
     with pytest.raises(ValueError, match="LoRA"):
         pipeline.txt2img(plainsd.build("tiny"), "a <lora:x:1> circle", steps=1)
+
+
+def test_the_models_own_defaults_are_used(tmp_path):
+    model = plainsd.build("tiny")
+    model.defaults = {"steps": 3, "sampler": "Euler", "cfg_scale": 4.0, "width": 48, "height": 40}
+    plainsd.save(model, tmp_path / "m.safetensors")
+    loaded = plainsd.load(tmp_path / "m.safetensors")
+    assert loaded.defaults == model.defaults
+    f = parse_infotext(pipeline.txt2img(loaded, "x", seed=1).infotexts[0])
+    assert (f["Steps"], f["Sampler"], f["CFG scale"], f["Size"]) == ("3", "Euler", "4", "48x40")
+    f = parse_infotext(pipeline.txt2img(loaded, "x", seed=1, steps=2, cfg_scale=6).infotexts[0])
+    assert (f["Steps"], f["CFG scale"]) == ("2", "6")

@@ -20,10 +20,11 @@ EXAMPLES = """examples:
 def _common(p: argparse.ArgumentParser, strength: float | None = None):
     p.add_argument("prompt", help="what to draw (A1111 syntax: (word:1.3), [word], BREAK)")
     p.add_argument("--negative-prompt", default="", help="what not to draw")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--sampler", default="DPM++ 2M", help='A1111 name, e.g. "Euler a", "DPM++ 2M Karras" (see: plainsd samplers)')
-    p.add_argument("--schedule", default="automatic", help="schedule type: automatic, karras, exponential, ...")
-    p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--steps", type=int, default=None, help="default: the model's recommendation, else 20")
+    p.add_argument("--sampler", default=None,
+                   help='A1111 name, e.g. "Euler a", "DPM++ 2M Karras" (see: plainsd samplers); default: the model\'s, else DPM++ 2M')
+    p.add_argument("--schedule", default=None, help="schedule type: automatic, karras, exponential, ...")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = off); default: the model's, else 7")
     p.add_argument("--seed", type=int, default=-1, help="-1 for a random seed; image i gets seed + i")
     p.add_argument("--width", type=int, default=None, help="multiple of 8; default: the model's resolution")
     p.add_argument("--height", type=int, default=None)
@@ -141,7 +142,11 @@ def _generate(args) -> int:
                   record_steps=args.save_steps)
     # Check the cheap things before loading a model.
     from plainsd.diffusion.samplers import resolve_sampler
-    resolve_sampler(args.sampler, args.schedule)
+    from plainsd.diffusion.schedules import get_sigmas
+    if args.sampler is not None:
+        resolve_sampler(args.sampler, args.schedule)
+    if args.schedule is not None:
+        get_sigmas(args.schedule, 1, torch.linspace(0.03, 14.6, 1000))
     init = _open_image(args.init_image) if args.command in ("img2img", "inpaint") else None
     mask = _open_image(args.mask) if args.command == "inpaint" else None
     for side in (args.width, args.height):
@@ -205,7 +210,7 @@ def _demo(args) -> int:
 
     sd = _load_model(None, None)
     prompt = "a red circle on the left, on a blue background"
-    result = pipeline.txt2img(sd, prompt, steps=20, seed=1, progress=True)
+    result = pipeline.txt2img(sd, prompt, seed=1, progress=True)
     path = save_png(result.images[0], args.output, result.infotexts[0])
     which = "the default model" if DEFAULT_MODEL.is_file() else "a random tiny model (no default model is shipped yet)"
     print(f"drew {prompt!r} with {which}\nthe image is at {path.resolve()}")

@@ -114,19 +114,30 @@ def _run_sampler(info: S.SamplerInfo, model, x, sigmas, extra_args, callback, pr
     return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=not progress, **opts)
 
 
-def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, steps: int = 20,
-             sampler: str = "DPM++ 2M", schedule: str | None = None, cfg_scale: float = 7.0, seed: int = -1,
+DEFAULTS = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "automatic", "cfg_scale": 7.0}
+
+
+def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, steps: int | None = None,
+             sampler: str | None = None, schedule: str | None = None, cfg_scale: float | None = None, seed: int = -1,
              width: int | None = None, height: int | None = None, batch_size: int = 1, batch_count: int = 1,
              clip_skip: int | None = None, eta: float | None = None, init_image: Image.Image | None = None,
              strength: float = 0.8, resize_mode: str = "just resize", mask: Image.Image | None = None,
              mask_blur: int = 4, inpainting_mask_invert: bool = False, guidance_until: float = 1.0,
              callback: Callable[[StepInfo], None] | None = None, interrupt: Callable[[], bool] | None = None,
              progress: bool = False, record_steps: bool = False) -> Result:
-    """The common path of txt2img, img2img and inpaint; see those for the parameters."""
+    """The common path of txt2img, img2img and inpaint; see those for the parameters.
+
+    Settings left as None come from the model's own recommended defaults (sd.defaults), then DEFAULTS.
+    """
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise TypeError("prompt and negative_prompt must be strings")
-    width = width or (init_image.width // 8 * 8 if init_image is not None else sd.config.resolution)
-    height = height or (init_image.height // 8 * 8 if init_image is not None else sd.config.resolution)
+    chosen = {**DEFAULTS, **getattr(sd, "defaults", {})}
+    steps = chosen["steps"] if steps is None else steps
+    sampler = chosen["sampler"] if sampler is None else sampler
+    schedule = chosen["schedule"] if schedule is None else schedule
+    cfg_scale = chosen["cfg_scale"] if cfg_scale is None else cfg_scale
+    width = width or (init_image.width // 8 * 8 if init_image is not None else chosen.get("width", sd.config.resolution))
+    height = height or (init_image.height // 8 * 8 if init_image is not None else chosen.get("height", sd.config.resolution))
     _check_size(sd, width, height)
     if not 1 <= steps <= 1000:
         raise ValueError(f"steps must be between 1 and 1000, got {steps}")

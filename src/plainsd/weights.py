@@ -27,6 +27,7 @@ from .models import StableDiffusion
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 TEXT_OPENAI, TEXT_OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 DEFAULT_MODEL = Path(__file__).parent / "data" / "plainsd-base.safetensors"
+GENERATION_DEFAULTS = ("steps", "sampler", "schedule", "cfg_scale", "width", "height", "negative_prompt")
 
 # Tensors that original checkpoints carry besides the three networks: the training noise schedule,
 # EMA copies (used only with ema=True), tokenizer position ids, OpenCLIP's temperature.
@@ -507,6 +508,12 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
                               f"{len(misshaped)} tensors have the wrong shape ({'; '.join(misshaped[:4])})")
     sd.load_state_dict(state, strict=True, assign=True)
     sd.name = path.stem if path.is_file() else path.name
+    if "plainsd.defaults" in source.metadata:
+        try:
+            defaults = json.loads(source.metadata["plainsd.defaults"])
+            sd.defaults = {k: v for k, v in defaults.items() if k in GENERATION_DEFAULTS}
+        except (json.JSONDecodeError, AttributeError):
+            pass  # defaults are a convenience; a file with unreadable ones still loads
     return sd.eval().requires_grad_(False)
 
 
@@ -543,6 +550,8 @@ def save(sd: StableDiffusion, path: str | os.PathLike, dtype: torch.dtype | None
     state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in original_state_dict(sd).items()}
     metadata = {"format": "pt", "plainsd.config": sd.config.to_json(), "plainsd.prediction": sd.config.prediction}
+    if getattr(sd, "defaults", None):
+        metadata["plainsd.defaults"] = json.dumps(sd.defaults)
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file(state, str(tmp), metadata=metadata)

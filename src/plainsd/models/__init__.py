@@ -23,6 +23,9 @@ class StableDiffusion(nn.Module):
         self.unet = UNetModel(config.unet)
         self.vae = AutoencoderKL(config.vae)
         self.name = "random"  # a file's stem once loaded
+        # Generation defaults the model's maker recommends (steps, sampler, schedule, cfg_scale, width,
+        # height); read from the checkpoint's metadata, used where a caller leaves a setting out.
+        self.defaults: dict = {}
 
     @property
     def dtype(self) -> torch.dtype:

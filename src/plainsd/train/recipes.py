@@ -36,7 +36,7 @@ from .loop import TrainConfig, _atomic_save, train
 # The small Stable Diffusion that plainsd trains and ships: same classes and layout as SD 1.x.
 BASE_MODEL = ModelConfig(
     text=TextConfig(width=64, layers=3, heads=2, projection_dim=64),
-    unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(0, 1, 2),
+    unet=UNetConfig(model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1, attention_levels=(0, 1, 2),
                     num_heads=4, context_dim=64),
     vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1),
     resolution=64,
