@@ -118,9 +118,14 @@ def _setup(x, extra_args):
     return ({} if extra_args is None else extra_args), x.new_ones([x.shape[0]])
 
 
-def _churn(sigmas, i, s_churn, s_tmin, s_tmax):
-    n = len(sigmas) - 1
-    return min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+def _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler):
+    """Karras et al.'s optional "churn": raise the noise level by a factor (1 + gamma) before the step."""
+    gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+    sigma_hat = sigmas[i] * (gamma + 1)
+    if gamma > 0:
+        noise = (noise_sampler or default_noise_sampler(x))(sigmas[i], sigma_hat)
+        x = x + noise * s_noise * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
+    return x, sigma_hat
 
 
 def _report(callback, x, i, sigma, sigma_hat, denoised):
@@ -137,11 +142,7 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     """Euler steps on the probability-flow ODE (Karras et al. 2022, Algorithm 2, first-order)."""
     extra_args, s_in = _setup(x, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
-        gamma = _churn(sigmas, i, s_churn, s_tmin, s_tmax)
-        sigma_hat = sigmas[i] * (gamma + 1)
-        if gamma > 0:
-            noise = (noise_sampler or default_noise_sampler(x))(sigmas[i], sigma_hat)
-            x = x + noise * s_noise * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
+        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
         denoised = model(x, sigma_hat * s_in, **extra_args)
         d = to_d(x, sigma_hat, denoised)
         _report(callback, x, i, sigmas[i], sigma_hat, denoised)
@@ -171,11 +172,7 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     """Heun's second-order method (Karras et al. 2022, Algorithm 2); Euler for the last step to 0."""
     extra_args, s_in = _setup(x, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
-        gamma = _churn(sigmas, i, s_churn, s_tmin, s_tmax)
-        sigma_hat = sigmas[i] * (gamma + 1)
-        if gamma > 0:
-            noise = (noise_sampler or default_noise_sampler(x))(sigmas[i], sigma_hat)
-            x = x + noise * s_noise * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
+        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
         denoised = model(x, sigma_hat * s_in, **extra_args)
         d = to_d(x, sigma_hat, denoised)
         _report(callback, x, i, sigmas[i], sigma_hat, denoised)
@@ -195,11 +192,7 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
     """Midpoint steps in log sigma, after DPM-Solver-2 (Lu et al. 2022) and Karras et al. (2022)."""
     extra_args, s_in = _setup(x, extra_args)
     for i in trange(len(sigmas) - 1, disable=disable):
-        gamma = _churn(sigmas, i, s_churn, s_tmin, s_tmax)
-        sigma_hat = sigmas[i] * (gamma + 1)
-        if gamma > 0:
-            noise = (noise_sampler or default_noise_sampler(x))(sigmas[i], sigma_hat)
-            x = x + noise * s_noise * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
+        x, sigma_hat = _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)
         denoised = model(x, sigma_hat * s_in, **extra_args)
         d = to_d(x, sigma_hat, denoised)
         _report(callback, x, i, sigmas[i], sigma_hat, denoised)
