@@ -241,17 +241,22 @@ def _eval(args) -> int:
     if args.vae:
         from plainsd.train.recipes import load_vae
         out["vae_psnr_db"] = round(metrics.vae_psnr(load_vae(args.vae)[0]), 2)
+    clip = None
     if args.clip:
         from plainsd.models.tokenizer import Tokenizer
         from plainsd.train.recipes import load_clip
         text, vision, _ = load_clip(args.clip)
-        out["clip_top1_retrieval"] = metrics.clip_retrieval(text, vision, Tokenizer("sd1"))
+        clip = (text, vision, Tokenizer("sd1"))
+        out["clip_top1_retrieval"] = metrics.clip_retrieval(*clip)
     if args.prompts or args.two_object_prompts:
         sd = _load_model(args.model, None)
         common = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, schedule=args.schedule)
         with torch.no_grad():
             if args.prompts:
-                out["single_object"] = metrics.adherence(sd, args.prompts, 1, **common)
+                pairs: list = []
+                out["single_object"] = metrics.adherence(sd, args.prompts, 1, keep_images=pairs, **common)
+                if clip:
+                    out["single_object"].update(metrics.distribution_metrics(pairs, *clip))
             if args.two_object_prompts:
                 out["two_objects"] = metrics.adherence(sd, args.two_object_prompts, 2, **common)
         out["settings"] = {**common, "model": sd.name}

@@ -60,3 +60,20 @@ def test_eval_command_writes_json(tmp_path, capsys):
                  "-o", str(tmp_path / "e.json")]) == 0
     data = json.loads((tmp_path / "e.json").read_text())
     assert set(data["single_object"]) == {"colour_and_shape", "position", "size", "all"} and "two_objects" in data
+
+
+def test_eval_with_clip_reports_distribution_metrics(tmp_path, capsys):
+    from plainsd.train.loop import TrainConfig
+    from plainsd.train.recipes import train_clip
+
+    cfg = TrainConfig(network="clip", steps=2, batch_size=4, out=str(tmp_path / "clip"), data={"kind": "shapes", "length": 8},
+                      model={"text": {"width": 64, "layers": 1, "heads": 1, "projection_dim": 16},
+                             "vision": {"width": 32, "layers": 1, "heads": 1, "projection_dim": 16}})
+    train_clip(cfg, progress=False)
+    model = tmp_path / "m.safetensors"
+    plainsd.save(plainsd.build("tiny"), model)
+    assert main(["eval", "--model", str(model), "--prompts", "3", "--two-object-prompts", "0", "--steps", "1",
+                 "--clip", str(tmp_path / "clip" / "clip.safetensors"), "-o", str(tmp_path / "e.json")]) == 0
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert {"fid_clip", "clip_score", "inception_score_judge"} <= set(data["single_object"])
+    assert 0 <= data["clip_top1_retrieval"] <= 1

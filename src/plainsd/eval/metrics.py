@@ -34,7 +34,7 @@ def held_out_scenes(n: int, objects: int = 1, seed: int = HELD_OUT_SEED, shapes=
 
 def adherence(sd, n: int = 100, objects: int = 1, steps: int = 20, sampler: str = "DPM++ 2M",
               schedule: str = "karras", cfg_scale: float = 5.0, negative_prompt: str = "", seed: int = 0,
-              shapes=SHAPES, progress: bool = False) -> dict:
+              shapes=SHAPES, progress: bool = False, keep_images: list | None = None) -> dict:
     from ..pipeline import txt2img
 
     scenes = held_out_scenes(n, objects, shapes=shapes)
@@ -42,6 +42,8 @@ def adherence(sd, n: int = 100, objects: int = 1, steps: int = 20, sampler: str 
     for i, scene in enumerate(scenes):
         image = txt2img(sd, scene.caption, negative_prompt, steps=steps, sampler=sampler, schedule=schedule,
                         cfg_scale=cfg_scale, seed=seed + i).images[0]
+        if keep_images is not None:
+            keep_images.append((image, scene))
         verdicts = judge(image, scene)
         tallies["colour_and_shape"].append(all(v["colour"] and v["shape"] for v in verdicts))
         tallies["position"].append(all(v["position"] for v in verdicts))
@@ -72,3 +74,19 @@ def clip_retrieval(text_encoder, vision, tokenizer, n: int = 100) -> float:
     t = torch.nn.functional.normalize(text_encoder.pooled(tokenizer([s.caption for s in scenes])).float(), dim=-1)
     v = torch.nn.functional.normalize(vision(images).float(), dim=-1)
     return float((t @ v.T).argmax(dim=1).eq(torch.arange(n)).float().mean())
+
+
+def distribution_metrics(pairs, text_encoder, vision, tokenizer) -> dict:
+    """FID against ground-truth renders of the same scenes, CLIP score, Inception Score over judge labels."""
+    from ..train.data import render
+    from .fid import clip_score, fid, inception_score
+    from .judge import detect
+
+    images = [im for im, _ in pairs]
+    labels = []
+    for im in images:
+        found = detect(im)[1]
+        labels.append(f"{found[0].colour} {found[0].shape}" if found else "nothing")
+    return {"fid_clip": round(fid(vision, images, [render(s) for _, s in pairs]), 4),
+            "clip_score": round(clip_score(text_encoder, vision, tokenizer, images, [s.caption for _, s in pairs]), 2),
+            "inception_score_judge": round(inception_score(labels), 2)}
