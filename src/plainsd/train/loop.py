@@ -197,7 +197,7 @@ def train(cfg: TrainConfig, params: dict[str, torch.nn.Parameter], loss_fn: Call
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = loss_fn(step, micro) / cfg.grad_accum
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         optimizer.step()

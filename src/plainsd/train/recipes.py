@@ -34,11 +34,13 @@ from .data import FolderDataset, ShapesDataset
 from .loop import TrainConfig, _atomic_save, train
 
 # The small Stable Diffusion that plainsd trains and ships: same classes and layout as SD 1.x.
+# GroupNorm with one channel per group normalises away each channel's mean, and with it an image's
+# colour, right before the output layer: the small networks keep SD's 4+ channels per group instead.
 BASE_MODEL = ModelConfig(
     text=TextConfig(width=64, layers=3, heads=2, projection_dim=64),
     unet=UNetConfig(model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=1, attention_levels=(0, 1, 2),
-                    num_heads=4, context_dim=64),
-    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1),
+                    num_heads=4, context_dim=64, norm_groups=16),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, norm_groups=8),
     resolution=64,
 )
 BASE_VISION = VisionConfig(image_size=64, patch_size=8, width=96, layers=3, heads=2, projection_dim=64)
