@@ -117,9 +117,7 @@ def _open_image(path: str):
 
 def _outputs(args, n: int, seeds: list[int], kind: str) -> list[Path]:
     if args.output:
-        out = Path(args.output)
-        if out.suffix.lower() != ".png":
-            raise ValueError(f"the output must be a .png file, got {out.name}")
+        out = Path(args.output)  # its .png suffix was checked before the model was loaded
         return [out] if n == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(n)]
     folder = Path("outputs") / kind
     folder.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,7 @@ def mask_tensor(mask: Image.Image, width: int, height: int) -> torch.Tensor:
     return torch.from_numpy(arr)[None, None]
 
 
-def contact_sheet(frames: list[Image.Image], columns: int = 8, label: list[str] | None = None) -> Image.Image:
+def contact_sheet(frames: list[Image.Image], columns: int = 8) -> Image.Image:
     columns = max(1, min(columns, len(frames)))
     rows = (len(frames) + columns - 1) // columns
     w, h = frames[0].size

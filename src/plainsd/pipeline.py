@@ -188,9 +188,9 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
         concat = torch.cat([torch.ones_like(grey[:, :1]), grey], dim=1)
     denoiser.net = _net(sd, concat)
 
-    negatives = [negative_prompt] * batch_size
-    cond, uncond = encode_pair(sd.tokenizer, sd.text_encoder, [prompt_text] * batch_size, negatives, clip_skip)
-    cond, uncond = cond.to(device), uncond.to(device)
+    # One prompt for the whole batch: encode it once and repeat the states.
+    cond, uncond = encode_pair(sd.tokenizer, sd.text_encoder, [prompt_text], [negative_prompt], clip_skip)
+    cond, uncond = cond.repeat(batch_size, 1, 1).to(device), uncond.repeat(batch_size, 1, 1).to(device)
     guided = CFGDenoiser(denoiser, cfg_scale, sigmas, guidance_until)
     model = _KeepUnmasked(guided, init_latent, keep) if keep is not None and not native_inpaint else guided
 
