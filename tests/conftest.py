@@ -1,3 +1,4 @@
+import shutil
 import zlib
 
 import pytest
@@ -33,7 +34,8 @@ def reference(tmp_path_factory):
     """reference(name) -> (config, diffusers unet, diffusers vae, transformers text encoder, folder, plainsd model).
 
     The reference networks get random weights, are written as a diffusers folder, and plainsd loads
-    that folder through its checkpoint loader. Cached per name for the session.
+    that folder through its checkpoint loader. Cached per name for the session; the folder is deleted
+    once loaded (a full-size SD2 folder is 5 GB, and CI machines have little disk), so `folder` is None.
     """
     from tests.reference import build_diffusers, write_diffusers_folder
     from tests.test_configs import test_config
@@ -43,7 +45,13 @@ def reference(tmp_path_factory):
             config = test_config(name)
             unet, vae, text = build_diffusers(config, seed=zlib.crc32(name.encode()) % 1000)  # same weights every run
             folder = write_diffusers_folder(tmp_path_factory.mktemp(name), config, unet, vae, text)
-            _REFERENCE_CACHE[name] = (config, unet, vae, text, folder, plainsd.load(folder))
+            try:
+                ours = plainsd.load(folder)
+                for t in [*ours.parameters(), *ours.buffers()]:
+                    t.data = t.data.clone()  # plainsd.load memory-maps the files; copy so that the disk is freed
+            finally:
+                shutil.rmtree(folder)
+            _REFERENCE_CACHE[name] = (config, unet, vae, text, None, ours)
         return _REFERENCE_CACHE[name]
 
     yield get
