@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   plainsd img2img "a blue square" --init-image circle.png --strength 0.6
   plainsd inpaint "a star" --init-image circle.png --mask mask.png
   plainsd png-info circle.png
+  plainsd serve --models-dir models --port 7860
 """
 
 
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (checkpoints, samples, exported weights)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("eval", help="measure a model on held-out prompts (JSON)")
@@ -84,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None, help="a VAE training's vae.safetensors, for PSNR")
     p.add_argument("--clip", default=None, help="a CLIP training's clip.safetensors, for retrieval")
     p.add_argument("-o", "--output", default=None, help="also write the JSON here")
+    p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("serve", help="an AUTOMATIC1111-compatible HTTP API and a web page")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--model", default=None, help="one checkpoint to serve (default: the shipped model)")
+    group.add_argument("--models-dir", default=None, help="a folder of checkpoints; clients choose among them")
+    p.add_argument("--host", default="127.0.0.1", help="default loopback only; 0.0.0.0 listens on every interface")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--api-auth", default=None, help="user:password (several separated by commas) for HTTP basic auth")
+    p.add_argument("--max-queue", type=int, default=16, help="jobs that may wait; more get 503")
+    p.add_argument("--max-size", type=int, default=2048, help="largest width or height a request may ask for")
+    p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--max-images", type=int, default=16, help="most images per request (batch size x count)")
+    p.add_argument("--outputs", default="outputs/api", help="where save_images=true requests write")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("demo", help="draw one picture with the default model and say where it is")
     p.add_argument("-o", "--output", default="outputs/demo.png")
@@ -215,7 +231,33 @@ def _demo(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import torch
+
+    try:
+        import uvicorn
+
+        from plainsd.server import Limits, create_app
+    except ImportError as e:
+        raise ValueError(f"plainsd serve needs FastAPI and uvicorn ({e}); install them with: "
+                         "pip install 'plainsd[serve]'") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_images=args.max_images)
+    app = create_app(args.model, args.models_dir, auth=args.api_auth, max_queue=args.max_queue, limits=limits,
+                     outputs=args.outputs)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"plainsd: note: listening on {args.host}, reachable from other machines"
+              + ("" if args.api_auth else " without authentication (see --api-auth)"), file=sys.stderr)
+    print(f"plainsd: serving {app.state.store.current.title} at http://{args.host}:{args.port}/ "
+          f"(API: /sdapi/v1/..., docs: /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _train(args) -> int:
+    import torch
+
     from plainsd.train.loop import TrainConfig
     from plainsd.train.recipes import RECIPES
 
@@ -223,6 +265,8 @@ def _train(args) -> int:
     cfg = TrainConfig.from_file(config, out=args.out, steps=args.steps)
     if cfg.network != args.network:
         raise ValueError(f"{config} is a {cfg.network} config, not a {args.network} one")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = RECIPES[args.network](cfg, resume=args.resume, progress=not args.quiet)
     losses = result["losses"]
     print(f"trained {args.network} to step {result['step']} in {result['seconds']:.0f} s; "
@@ -270,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     from plainsd.weights import CheckpointError
 
     handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "png-info": _png_info,
-                "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval}
+                "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, CheckpointError, OSError) as e:

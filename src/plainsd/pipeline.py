@@ -32,6 +32,10 @@ class Interrupted(Exception):
     """Raised inside a run to stop it; the run returns what it has."""
 
 
+class _Skipped(Exception):
+    """Raised inside a run to end the current batch early and go on with the next (A1111's Skip)."""
+
+
 @dataclass
 class Result:
     images: list[Image.Image]
@@ -124,7 +128,7 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
              strength: float = 0.8, resize_mode: str = "just resize", mask: Image.Image | None = None,
              mask_blur: int = 4, inpainting_mask_invert: bool = False, guidance_until: float = 1.0,
              callback: Callable[[StepInfo], None] | None = None, interrupt: Callable[[], bool] | None = None,
-             progress: bool = False, record_steps: bool = False) -> Result:
+             skip: Callable[[], bool] | None = None, progress: bool = False, record_steps: bool = False) -> Result:
     """The common path of txt2img, img2img and inpaint; see those for the parameters.
 
     Settings left as None come from the model's own recommended defaults (sd.defaults), then DEFAULTS.
@@ -221,6 +225,8 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
                 callback(StepInfo(d["i"], total, batch, d["x"], d["denoised"], float(d["sigma"])))
             if interrupt is not None and interrupt():
                 raise Interrupted()
+            if skip is not None and skip():
+                raise _Skipped()
 
         extra = {"cond": cond, "uncond": uncond if cfg_scale != 1.0 else None}
         try:
@@ -231,6 +237,8 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
         except Interrupted:
             latents = state["denoised"]
             result.interrupted = True
+        except _Skipped:
+            latents = state["denoised"]
         pictures = decode(sd, latents)
         if paste is not None:
             original, m = paste
@@ -268,8 +276,9 @@ def txt2img(sd: StableDiffusion, prompt: str, negative_prompt: str = "", **kwarg
 
     steps, sampler (A1111 names: "DPM++ 2M", "Euler a", ... or "DPM++ 2M Karras"), schedule ("automatic",
     "karras", ...), cfg_scale, seed (-1: random), width/height (multiples of 8; default the model's
-    resolution), batch_size, batch_count, clip_skip, eta, callback(StepInfo), interrupt() -> bool,
-    progress (a bar per step), record_steps (one decoded frame per step, for the emerging-image view).
+    resolution), batch_size, batch_count, clip_skip, eta, callback(StepInfo), interrupt() -> bool (stop
+    and return what there is), skip() -> bool (end this batch early, go on with the next), progress (a bar
+    per step), record_steps (one decoded frame per step, for the emerging-image view).
     """
     for key in ("init_image", "mask"):
         if kwargs.get(key) is not None:

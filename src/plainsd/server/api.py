@@ -1,0 +1,281 @@
+"""AUTOMATIC1111's API, as its clients speak it: request fields and defaults, checks, and answers.
+
+Every field A1111 accepts is accepted; the ones plainsd has no use for (restore_faces, alwayson_scripts,
+hires fix, subseeds ...) are echoed back and otherwise ignored. Checks raise BadRequest with one sentence,
+which the app answers with 422.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+
+from plainsd.diffusion.samplers import SAMPLERS, resolve_sampler
+from plainsd.diffusion.schedules import SCHEDULE_LABELS
+from plainsd.pnginfo import parse_infotext, read_parameters
+
+
+class BadRequest(ValueError):
+    """A request that cannot be run as asked; the message says what is wrong and what is allowed."""
+
+
+@dataclass
+class Limits:
+    max_size: int = 2048              # width and height, pixels
+    max_steps: int = 150
+    max_images: int = 16              # batch_size x n_iter per request
+    max_image_pixels: int = 4096 * 4096   # decoded input images (init image, mask, png-info)
+    max_image_bytes: int = 50 * 2**20
+
+
+class Txt2ImgRequest(BaseModel):
+    """A1111's StableDiffusionTxt2ImgProcessingAPI fields with its defaults (others are accepted as well)."""
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: Optional[list[str]] = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: Optional[str] = None
+    sampler_index: str = "Euler"
+    scheduler: Optional[str] = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: Optional[bool] = None
+    tiling: Optional[bool] = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: Optional[float] = None
+    denoising_strength: Optional[float] = None
+    s_min_uncond: Optional[float] = None
+    s_churn: Optional[float] = None
+    s_tmax: Optional[float] = None
+    s_tmin: Optional[float] = None
+    s_noise: Optional[float] = None
+    override_settings: Optional[dict[str, Any]] = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: Optional[str] = None
+    refiner_switch_at: Optional[float] = None
+    disable_extra_networks: bool = False
+    comments: Optional[dict[str, Any]] = None
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: Optional[str] = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: Optional[str] = None
+    hr_sampler_name: Optional[str] = None
+    hr_scheduler: Optional[str] = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    force_task_id: Optional[str] = None
+    script_name: Optional[str] = None
+    script_args: list = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict = Field(default_factory=dict)
+    infotext: Optional[str] = None
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """A1111's StableDiffusionImg2ImgProcessingAPI: txt2img's fields plus the init image and mask."""
+    init_images: Optional[list] = None
+    resize_mode: int = 0
+    image_cfg_scale: Optional[float] = None
+    mask: Optional[str] = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: Optional[int] = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: Optional[float] = None
+    latent_mask: Optional[str] = None
+    include_init_images: bool = False
+    denoising_strength: Optional[float] = 0.75
+
+
+class OptionsRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class PngInfoRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    image: str = ""
+
+
+# --- images in and out -------------------------------------------------------------------------------
+
+def decode_image(data: Any, what: str, limits: Limits) -> Image.Image:
+    """A base64 image (optionally a data: URL) -> a loaded PIL image, with size limits checked first."""
+    if not isinstance(data, str) or not data:
+        raise BadRequest(f"{what} must be a base64-encoded image")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    if len(data) > limits.max_image_bytes * 4 // 3 + 4:
+        raise BadRequest(f"{what} is larger than the limit of {limits.max_image_bytes // 2**20} MB")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{what} is not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+    except (UnidentifiedImageError, OSError):
+        raise BadRequest(f"{what} is not an image PIL can read (PNG, JPEG, WebP ...)") from None
+    w, h = image.size
+    if w * h > limits.max_image_pixels:
+        raise BadRequest(f"{what} is {w}x{h}; images may have at most {limits.max_image_pixels} pixels")
+    try:
+        image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadRequest(f"{what} is a damaged image: {e}") from None
+    return image
+
+
+def encode_png(image: Image.Image, parameters: str | None = None) -> str:
+    from PIL import PngImagePlugin
+
+    meta = PngImagePlugin.PngInfo()
+    if parameters:
+        meta.add_text("parameters", parameters)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=meta)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# --- requests -> pipeline arguments ------------------------------------------------------------------
+
+def sampler_and_schedule(req: Txt2ImgRequest) -> tuple[str, str]:
+    name = req.sampler_name or req.sampler_index or "Euler"
+    schedule = req.scheduler or "automatic"
+    try:
+        info, sched = resolve_sampler(name, schedule)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    return info.name, sched
+
+
+def generation_kwargs(req: Txt2ImgRequest, limits: Limits) -> dict:
+    """Checked keyword arguments for plainsd.pipeline.generate (without images)."""
+    for name in ("width", "height"):
+        value = getattr(req, name)
+        if value % 8 or not 8 <= value <= limits.max_size:
+            raise BadRequest(f"{name} must be a multiple of 8 between 8 and {limits.max_size}, got {value}")
+    if not 1 <= req.steps <= limits.max_steps:
+        raise BadRequest(f"steps must be between 1 and {limits.max_steps}, got {req.steps}")
+    if req.batch_size < 1 or req.n_iter < 1:
+        raise BadRequest(f"batch_size and n_iter must be at least 1, got {req.batch_size} and {req.n_iter}")
+    if req.batch_size * req.n_iter > limits.max_images:
+        raise BadRequest(f"batch_size x n_iter may be at most {limits.max_images} images, "
+                         f"got {req.batch_size} x {req.n_iter}")
+    if not 0.0 <= req.cfg_scale <= 100.0:
+        raise BadRequest(f"cfg_scale must be between 0 and 100, got {req.cfg_scale}")
+    if req.seed < -1 or req.seed > 2**32 - 1:
+        raise BadRequest(f"seed must be -1 (random) or between 0 and {2**32 - 1}, got {req.seed}")
+    sampler, schedule = sampler_and_schedule(req)
+    overrides = req.override_settings or {}
+    clip_skip = overrides.get("CLIP_stop_at_last_layers")
+    if clip_skip is not None and (not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12):
+        raise BadRequest(f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {clip_skip!r}")
+    return dict(steps=req.steps, sampler=sampler, schedule=schedule, cfg_scale=req.cfg_scale, seed=req.seed,
+                width=req.width, height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
+                clip_skip=clip_skip, eta=req.eta)
+
+
+def img2img_kwargs(req: Img2ImgRequest, limits: Limits) -> dict:
+    kwargs = generation_kwargs(req, limits)
+    if not req.init_images:
+        raise BadRequest("init_images must hold one base64-encoded image")
+    kwargs["init_image"] = decode_image(req.init_images[0], "init_images[0]", limits).convert("RGB")
+    strength = 0.75 if req.denoising_strength is None else req.denoising_strength
+    if not 0.0 <= strength <= 1.0:
+        raise BadRequest(f"denoising_strength must be between 0 and 1, got {strength}")
+    kwargs["strength"] = strength
+    if req.resize_mode not in (0, 1, 2, 3):
+        raise BadRequest(f"resize_mode must be 0 (just resize), 1 (crop and resize), 2 (resize and fill) "
+                         f"or 3 (just resize, latent upscale), got {req.resize_mode}")
+    kwargs["resize_mode"] = {3: 0}.get(req.resize_mode, req.resize_mode)
+    if req.mask:
+        kwargs["mask"] = decode_image(req.mask, "mask", limits)
+        blur = req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x, req.mask_blur_y)
+        if not 0 <= blur <= 64:
+            raise BadRequest(f"mask_blur must be between 0 and 64, got {blur}")
+        kwargs["mask_blur"] = blur
+        kwargs["inpainting_mask_invert"] = bool(req.inpainting_mask_invert)
+    return kwargs
+
+
+def echo(req: BaseModel, drop_images: bool = False) -> dict:
+    """The request as A1111 echoes it in `parameters` (init images and mask left out unless asked for)."""
+    out = req.model_dump()
+    if drop_images:
+        out["init_images"] = None
+        out["mask"] = None
+    return out
+
+
+def info_json(req: Txt2ImgRequest, result, sd, kwargs: dict) -> str:
+    p = result.parameters
+    n = len(result.images)
+    info = {
+        "prompt": req.prompt, "all_prompts": [req.prompt] * n,
+        "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
+        "seed": p["seed"], "all_seeds": result.seeds, "subseed": req.subseed, "all_subseeds": [req.subseed] * n,
+        "subseed_strength": req.subseed_strength, "width": p["width"], "height": p["height"],
+        "sampler_name": p["sampler"], "scheduler": _schedule_label(p["schedule"]), "cfg_scale": p["cfg_scale"],
+        "steps": p["steps"], "batch_size": p["batch_size"], "restore_faces": False,
+        "face_restoration_model": None, "sd_model_name": sd.name, "sd_model_hash": getattr(sd, "hash", None),
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": p.get("denoising_strength"), "extra_generation_params": {},
+        "index_of_first_image": 0, "infotexts": result.infotexts, "styles": req.styles or [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p["clip_skip"],
+        "is_using_inpainting_conditioning": sd.config.unet.in_channels == 9 and kwargs.get("init_image") is not None,
+        "version": "plainsd", "interrupted": result.interrupted,
+    }
+    return json.dumps(info)
+
+
+def _schedule_label(name: str) -> str:
+    return {v: k for k, v in SCHEDULE_LABELS.items()}.get(name, name)
+
+
+# --- lists -------------------------------------------------------------------------------------------
+
+def samplers() -> list[dict]:
+    return [{"name": s.name, "aliases": list(s.aliases), "options": {k: str(v) for k, v in s.options}}
+            for s in SAMPLERS.values()]
+
+
+def schedulers() -> list[dict]:
+    return [{"name": key, "label": label, "aliases": None, "default_rho": 7.0 if key == "karras" else -1,
+             "need_inner_model": False} for label, key in SCHEDULE_LABELS.items()]
+
+
+def png_info(req: PngInfoRequest, limits: Limits) -> dict:
+    if not req.image:
+        raise BadRequest("image must be a base64-encoded image")
+    image = decode_image(req.image, "image", limits)
+    text = read_parameters(image)
+    items = {k: v for k, v in image.info.items() if isinstance(v, str) and k != "parameters"}
+    return {"info": text or "", "items": items, "parameters": parse_infotext(text) if text else {}}

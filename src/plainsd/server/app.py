@@ -1,0 +1,321 @@
+"""The HTTP server: AUTOMATIC1111's /sdapi/v1 routes and a web page, on FastAPI.
+
+    app = create_app(models_dir="models")        # or model="m.safetensors"; neither: the shipped model
+    uvicorn.run(app, host="127.0.0.1", port=7860)
+
+One generation runs at a time; the others wait in a bounded queue (503 with Retry-After when it is full).
+A request whose client disconnects is dropped from the queue, or interrupted at its next step if it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import secrets
+import time
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from plainsd import pipeline
+from plainsd.pnginfo import save_png
+
+from . import api
+from .jobs import Job, JobQueue, QueueFull
+from .models import ModelStore
+
+RETRY_AFTER_SECONDS = 5
+
+
+def create_app(model: str | Path | None = None, models_dir: str | Path | None = None, *,
+               auth: str | None = None, max_queue: int = 16, limits: api.Limits | None = None,
+               outputs: str | Path = "outputs/api") -> FastAPI:
+    """auth: "user:pass" (several separated by commas) for HTTP basic auth on every route."""
+    store = ModelStore(model, models_dir)
+    queue = JobQueue(max_queue)
+    limits = limits or api.Limits()
+    credentials = _parse_auth(auth)
+    options: dict = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
+                     "eta_noise_seed_delta": 0, "outdir_samples": str(outputs)}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        queue.close()
+
+    app = FastAPI(title="plainsd", description="AUTOMATIC1111-compatible API of plainsd", version="1",
+                  lifespan=lifespan)
+    app.state.store, app.state.queue, app.state.limits = store, queue, limits
+
+    if credentials:
+        app.add_middleware(_BasicAuth, credentials=credentials)
+
+    @app.exception_handler(api.BadRequest)
+    async def _bad_request(request: Request, exc: api.BadRequest):
+        return JSONResponse({"error": "BadRequest", "detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
+        return JSONResponse({"error": "BadRequest", "detail": f"{where}: {first.get('msg', 'invalid request')}",
+                             "errors": _jsonable(exc.errors())}, status_code=422)
+
+    # --- generation ---------------------------------------------------------------------------------
+
+    async def run_job(request: Request, req: api.Txt2ImgRequest, kwargs: dict, kind: str) -> dict:
+        entry = store.current
+        overrides = req.override_settings or {}
+        if overrides.get("sd_model_checkpoint"):
+            entry = _find(store, overrides["sd_model_checkpoint"])
+            if not req.override_settings_restore_afterwards:
+                store.select(entry.name)
+        if kwargs["clip_skip"] is None and options.get("CLIP_stop_at_last_layers", 1) > 1:
+            kwargs["clip_skip"] = options["CLIP_stop_at_last_layers"]
+
+        def work(job: Job):
+            sd = store.get(entry)
+
+            def on_step(info: pipeline.StepInfo):
+                job.batch_step, job.batch_steps = info.step + 1, info.total
+                job.step = info.batch * info.total + info.step + 1
+                job.steps_total = info.total * req.n_iter
+                job.preview = info
+            result = pipeline.generate(sd, req.prompt, req.negative_prompt, callback=on_step,
+                                       interrupt=job.should_stop, skip=job.take_skip, **kwargs)
+            return sd, result
+
+        job = Job(work, kind=kind, steps_total=req.steps * req.n_iter)
+        try:
+            queue.submit(job)
+        except QueueFull as e:
+            raise HTTPException(503, str(e), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        wrapped = asyncio.wrap_future(job.future)
+        while not wrapped.done():
+            await asyncio.wait({wrapped}, timeout=0.25)
+            if not wrapped.done() and await request.is_disconnected():
+                queue.cancel(job)
+                break
+        if job.cancelled:
+            raise HTTPException(499, "the client went away; the job was cancelled")
+        try:
+            sd, result = wrapped.result()
+        except ValueError as e:  # what the pipeline refuses (e.g. a LoRA tag, a size the model cannot take)
+            raise api.BadRequest(str(e)) from None
+        images = list(result.images)
+        if req.save_images:
+            folder = Path(options.get("outdir_samples") or outputs)
+            for i, (image, text) in enumerate(zip(result.images, result.infotexts)):
+                save_png(image, folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{result.seeds[i]}-{i}.png", text)
+        encoded = [api.encode_png(im, text) for im, text in zip(images, result.infotexts)] if req.send_images else []
+        if kind == "img2img" and getattr(req, "include_init_images", False) and req.send_images:
+            encoded += [api.encode_png(kwargs["init_image"])]
+        return {"images": encoded, "parameters": api.echo(req, drop_images=kind == "img2img" and
+                                                          not getattr(req, "include_init_images", False)),
+                "info": api.info_json(req, result, sd, kwargs)}
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(req: api.Txt2ImgRequest, request: Request):
+        return await run_job(request, req, api.generation_kwargs(req, limits), "txt2img")
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(req: api.Img2ImgRequest, request: Request):
+        return await run_job(request, req, api.img2img_kwargs(req, limits), "img2img")
+
+    # --- progress and control ---------------------------------------------------------------------------
+
+    @app.get("/sdapi/v1/progress")
+    async def progress(skip_current_image: bool = False):
+        job = queue.current
+        waiting = queue.waiting()
+        state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+                 "job_count": waiting + (job is not None), "job_timestamp": "0", "job_no": 0,
+                 "sampling_step": 0, "sampling_steps": 0}
+        if job is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None,
+                    "textinfo": None, "current_task": None}
+        total = max(job.steps_total, 1)
+        fraction = min(job.step / total, 1.0)
+        elapsed = time.time() - (job.started or time.time())
+        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+        state.update(job=job.kind, interrupted=job.interrupted, skipped=job.skipped,
+                     job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or time.time())),
+                     sampling_step=job.batch_step, sampling_steps=job.batch_steps)
+        image = None
+        if not skip_current_image and job.preview is not None:
+            previews = job.preview.preview()
+            image = api.encode_png(_grid(previews)) if previews else None
+        return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": image,
+                "textinfo": f"step {job.batch_step} of {job.batch_steps}", "current_task": job.kind}
+
+    @app.post("/sdapi/v1/interrupt")
+    async def interrupt():
+        if queue.current is not None:
+            queue.current.interrupt()
+        return {}
+
+    @app.post("/sdapi/v1/skip")
+    async def skip():
+        if queue.current is not None:
+            queue.current.skipped = True
+        return {}
+
+    # --- lists and settings -------------------------------------------------------------------------------
+
+    @app.get("/sdapi/v1/samplers")
+    async def samplers():
+        return api.samplers()
+
+    @app.get("/sdapi/v1/schedulers")
+    async def schedulers():
+        return api.schedulers()
+
+    @app.get("/sdapi/v1/sd-models")
+    async def sd_models():
+        return [e.describe() for e in store.entries()]
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    async def refresh_checkpoints():
+        await asyncio.to_thread(store.refresh)
+        return {}
+
+    @app.get("/sdapi/v1/options")
+    async def get_options():
+        return {**options, "sd_model_checkpoint": store.current.title,
+                "sd_checkpoint_hash": store.current.sha256}
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(req: api.OptionsRequest):
+        values = req.model_dump()
+        if "sd_model_checkpoint" in values:
+            store.select(_find(store, values.pop("sd_model_checkpoint")).name)
+        if "CLIP_stop_at_last_layers" in values:
+            v = values["CLIP_stop_at_last_layers"]
+            if not isinstance(v, int) or not 1 <= v <= 12:
+                raise api.BadRequest(f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {v!r}")
+        options.update(values)
+        return None
+
+    @app.get("/sdapi/v1/cmd-flags")
+    async def cmd_flags():
+        return {"api": True, "nowebui": False, "listen": False, "api_auth": bool(credentials)}
+
+    @app.get("/sdapi/v1/upscalers")
+    async def upscalers():
+        return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}]
+
+    @app.get("/sdapi/v1/sd-vae")
+    async def sd_vae():
+        return []
+
+    @app.get("/sdapi/v1/loras")
+    async def loras():
+        return []
+
+    @app.get("/sdapi/v1/embeddings")
+    async def embeddings():
+        return {"loaded": {}, "skipped": {}}
+
+    @app.get("/sdapi/v1/prompt-styles")
+    async def prompt_styles():
+        return []
+
+    @app.get("/sdapi/v1/memory")
+    async def memory():
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"ram": {"peak_rss": rss}, "cuda": {"error": "no GPU: plainsd runs on the CPU"}}
+
+    @app.post("/sdapi/v1/png-info")
+    async def png_info(req: api.PngInfoRequest):
+        return api.png_info(req, limits)
+
+    # --- the web page -----------------------------------------------------------------------------------
+
+    page = resources.files("plainsd.server").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(page)
+
+    @app.get("/plainsd/defaults")
+    async def defaults():
+        """What the page pre-fills: the current model's own recommended settings."""
+        entry = store.current
+        sd = await asyncio.to_thread(store.get, entry)
+        merged = {**pipeline.DEFAULTS, **getattr(sd, "defaults", {})}
+        size = sd.config.resolution
+        return {"steps": merged["steps"], "sampler": merged["sampler"], "schedule": merged["schedule"],
+                "cfg_scale": merged["cfg_scale"], "width": merged.get("width", size),
+                "height": merged.get("height", size), "model": entry.title}
+
+    @app.get("/favicon.ico")
+    async def favicon():
+        return Response(status_code=204)
+
+    return app
+
+
+def _find(store: ModelStore, name):
+    try:
+        return store.find(name)
+    except ValueError as e:
+        raise api.BadRequest(str(e)) from None
+
+
+def _grid(images):
+    from plainsd.images import contact_sheet
+    return images[0] if len(images) == 1 else contact_sheet(images, columns=min(4, len(images)))
+
+
+class _BasicAuth:
+    """HTTP basic auth on every route, as plain ASGI middleware (it leaves disconnect detection intact)."""
+
+    def __init__(self, app, credentials: list[tuple[str, str]]):
+        self.app, self.credentials = app, credentials
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            header = headers.get(b"authorization", b"").decode("latin-1")
+            if not _authorised(header, self.credentials):
+                response = JSONResponse({"detail": "authentication required (HTTP basic auth)"}, status_code=401,
+                                        headers={"WWW-Authenticate": 'Basic realm="plainsd"'})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _parse_auth(auth: str | None) -> list[tuple[str, str]]:
+    if not auth:
+        return []
+    pairs = []
+    for item in auth.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError("--api-auth takes user:password (several separated by commas)")
+        pairs.append((user, password))
+    return pairs
+
+
+def _authorised(header: str | None, credentials: list[tuple[str, str]]) -> bool:
+    if not header or not header.lower().startswith("basic "):
+        return False
+    try:
+        user, _, password = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return False
+    ok = False
+    for u, p in credentials:  # compare with every pair, in constant time
+        ok |= secrets.compare_digest(u.encode(), user.encode()) & secrets.compare_digest(p.encode(), password.encode())
+    return ok
+
+
+def _jsonable(errors):
+    return [{k: (v if isinstance(v, (str, int, float, list, type(None))) else str(v)) for k, v in e.items()}
+            for e in errors]

@@ -1,0 +1,296 @@
+"""The A1111 API in-process: fields, defaults, answers, validation, models, auth, queue limits."""
+
+import base64
+import io
+import json
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+import plainsd
+from plainsd.pnginfo import parse_infotext
+
+from fastapi.testclient import TestClient  # the serve extra is part of the test extras
+
+from plainsd.server import Limits, create_app
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    plainsd.save(plainsd.build("tiny", seed=0), folder / "alpha.safetensors")
+    (folder / "sub").mkdir()
+    plainsd.save(plainsd.build("tiny", seed=1), folder / "sub" / "beta.safetensors")
+    (folder / "notes.txt").write_text("not a model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def client(models_dir):
+    app = create_app(models_dir=models_dir, limits=Limits(max_size=256, max_steps=30, max_images=4))
+    with TestClient(app) as c:
+        yield c
+
+
+def b64png(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_txt2img_answer_has_a1111_shape(client):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "negative_prompt": "blue", "steps": 3,
+                                               "width": 64, "height": 48, "seed": 5, "batch_size": 2,
+                                               "sampler_name": "DPM++ 2M", "scheduler": "Karras", "cfg_scale": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"images", "parameters", "info"}
+    assert isinstance(body["info"], str)
+    info = json.loads(body["info"])
+    assert info["all_seeds"] == [5, 6] and info["seed"] == 5
+    assert info["width"] == 64 and info["height"] == 48 and info["sampler_name"] == "DPM++ 2M"
+    assert info["sd_model_name"] == "alpha" and len(info["sd_model_hash"]) == 10
+    images = [decode(b) for b in body["images"]]
+    assert [im.size for im in images] == [(64, 48)] * 2
+    fields = parse_infotext(images[1].info["parameters"])
+    assert fields["Prompt"] == "a red circle" and fields["Negative prompt"] == "blue"
+    assert fields["Seed"] == "6" and fields["Schedule type"] == "Karras" and fields["CFG scale"] == "5"
+    assert fields["Model"] == "alpha" and fields["Model hash"] == info["sd_model_hash"]
+    # parameters echoes the request with A1111's defaults filled in
+    assert body["parameters"]["prompt"] == "a red circle" and body["parameters"]["n_iter"] == 1
+    assert body["parameters"]["restore_faces"] is None and body["parameters"]["send_images"] is True
+
+
+def test_same_seed_same_image_and_defaults(client):
+    req = {"prompt": "x", "steps": 2, "width": 32, "height": 32, "seed": 7}
+    a = client.post("/sdapi/v1/txt2img", json=req).json()
+    b = client.post("/sdapi/v1/txt2img", json=req).json()
+    assert a["images"] == b["images"]
+    p = a["parameters"]
+    # A1111's API defaults for fields the client left out
+    assert (p["cfg_scale"], p["sampler_index"], p["batch_size"], p["n_iter"], p["subseed"]) == (7.0, "Euler", 1, 1, -1)
+    assert json.loads(a["info"])["sampler_name"] == "Euler"
+
+
+def test_unknown_fields_and_unsupported_features_are_ignored(client):
+    r = client.post("/sdapi/v1/txt2img", json={
+        "prompt": "x", "steps": 2, "width": 32, "height": 32, "restore_faces": True, "tiling": False,
+        "enable_hr": False, "alwayson_scripts": {"controlnet": {"args": []}}, "styles": ["s"],
+        "some_future_field": 3, "sampler_name": "Euler a", "scheduler": "automatic", "send_images": False})
+    assert r.status_code == 200, r.text
+    assert r.json()["images"] == [] and r.json()["parameters"]["some_future_field"] == 3
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"width": 65}, "multiple of 8"),
+    ({"width": 512}, "between 8 and 256"),
+    ({"steps": 0}, "steps must be between 1 and 30"),
+    ({"steps": 31}, "steps must be between 1 and 30"),
+    ({"batch_size": 3, "n_iter": 2}, "at most 4 images"),
+    ({"sampler_name": "Nope"}, "known samplers"),
+    ({"scheduler": "wobbly"}, "unknown schedule"),
+    ({"seed": -5}, "seed must be"),
+    ({"width": "wide"}, "width"),
+    ({"override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, "unknown model"),
+    ({"prompt": "a <lora:style:1> circle"}, "LoRA"),
+])
+def test_bad_requests_get_422_with_one_clear_sentence(client, body, words):
+    r = client.post("/sdapi/v1/txt2img", json={"steps": 2, "width": 32, "height": 32, **body})
+    assert r.status_code == 422, r.text
+    assert words in r.json()["detail"]
+
+
+def test_img2img_keeps_the_init_image_at_strength_zero_and_inpaints(client):
+    init = Image.new("RGB", (64, 64), (200, 30, 30))
+    r = client.post("/sdapi/v1/img2img", json={"init_images": [b64png(init)], "prompt": "x", "steps": 4,
+                                               "width": 64, "height": 64, "denoising_strength": 0.5, "seed": 1})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["parameters"]["init_images"] is None  # A1111 leaves them out of the echo
+    assert json.loads(body["info"])["denoising_strength"] == 0.5
+    assert "Denoising strength: 0.5" in decode(body["images"][0]).info["parameters"]
+    # inpainting: the unmasked half stays exactly as it was (the result is pasted through the mask)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 0, 64, 64))
+    r = client.post("/sdapi/v1/img2img", json={"init_images": ["data:image/png;base64," + b64png(init)],
+                                               "mask": b64png(mask), "mask_blur": 0, "prompt": "x", "steps": 4,
+                                               "width": 64, "height": 64, "denoising_strength": 1.0,
+                                               "include_init_images": True})
+    assert r.status_code == 200, r.text
+    out = decode(r.json()["images"][0]).convert("RGB")
+    assert len(r.json()["images"]) == 2  # the result, then the init image
+    left = [out.getpixel((x, y)) for x in range(0, 28) for y in range(64)]
+    assert all(p == (200, 30, 30) for p in left)
+
+
+@pytest.mark.parametrize("image, words", [
+    ("not base64!!", "not valid base64"),
+    (base64.b64encode(b"hello, not an image").decode(), "not an image"),
+    (None, "init_images must hold"),
+])
+def test_bad_images_are_refused(client, image, words):
+    body = {"prompt": "x", "steps": 2, "width": 32, "height": 32}
+    if image is not None:
+        body["init_images"] = [image]
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 422 and words in r.json()["detail"], r.text
+
+
+def test_image_pixel_limit_is_checked_before_decoding(models_dir):
+    app = create_app(models_dir=models_dir, limits=Limits(max_image_pixels=100 * 100))
+    with TestClient(app) as c:
+        big = b64png(Image.new("RGB", (200, 200)))
+        r = c.post("/sdapi/v1/img2img", json={"init_images": [big], "steps": 2, "width": 32, "height": 32})
+    assert r.status_code == 422 and "at most 10000 pixels" in r.json()["detail"]
+
+
+def test_lists(client):
+    samplers = client.get("/sdapi/v1/samplers").json()
+    names = [s["name"] for s in samplers]
+    assert {"Euler a", "DPM++ 2M", "DDIM", "UniPC", "LCM"} <= set(names)
+    assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
+    schedulers = client.get("/sdapi/v1/schedulers").json()
+    assert {"automatic", "karras", "exponential"} <= {s["name"] for s in schedulers}
+    assert {"Karras", "Automatic"} <= {s["label"] for s in schedulers}
+    models = client.get("/sdapi/v1/sd-models").json()
+    assert [m["model_name"] for m in models] == ["alpha", "sub/beta"]
+    assert all(set(m) == {"title", "model_name", "hash", "sha256", "filename", "config"} for m in models)
+    assert models[0]["title"] == f"alpha.safetensors [{models[0]['hash']}]"
+    assert models[0]["sha256"].startswith(models[0]["hash"]) and len(models[0]["sha256"]) == 64
+
+
+def test_options_switch_models_only_among_those_found(client):
+    models = client.get("/sdapi/v1/sd-models").json()
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == models[0]["title"]
+    req = {"prompt": "x", "steps": 2, "width": 32, "height": 32, "seed": 3}
+    first = client.post("/sdapi/v1/txt2img", json=req).json()
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": models[1]["title"]}).status_code == 200
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == models[1]["title"]
+    second = client.post("/sdapi/v1/txt2img", json=req).json()
+    assert json.loads(second["info"])["sd_model_name"] == "beta"
+    assert second["images"] != first["images"]
+    for bad in ["../alpha.safetensors", "/etc/passwd", "notes.txt", "gamma"]:
+        r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": bad})
+        assert r.status_code == 422 and "unknown model" in r.json()["detail"]
+    # per-request override, restored afterwards (A1111's default)
+    r = client.post("/sdapi/v1/txt2img", json={**req, "override_settings": {"sd_model_checkpoint": "alpha"}}).json()
+    assert r["images"] == first["images"]
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == models[1]["title"]
+    client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "alpha"})
+
+
+def test_png_info_reads_back_parameters(client):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a (red:1.2) circle", "steps": 2, "width": 32,
+                                               "height": 32, "seed": 9})
+    info = client.post("/sdapi/v1/png-info", json={"image": r.json()["images"][0]}).json()
+    assert set(info) == {"info", "items", "parameters"}
+    assert info["info"].startswith("a (red:1.2) circle\n")
+    assert info["parameters"]["Seed"] == "9" and info["parameters"]["Prompt"] == "a (red:1.2) circle"
+    assert client.post("/sdapi/v1/png-info", json={"image": "@@"}).status_code == 422
+
+
+def test_progress_interrupt_and_skip_while_running(models_dir):
+    app = create_app(models_dir=models_dir)
+    seen = []
+    with TestClient(app) as c:
+        def watch():
+            for _ in range(400):
+                p = c.get("/sdapi/v1/progress").json()
+                if p["state"]["sampling_step"] >= 2:
+                    seen.append(p)
+                    c.post("/sdapi/v1/interrupt")
+                    return
+                time.sleep(0.01)
+        t = threading.Thread(target=watch)
+        t.start()
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 150, "width": 64, "height": 64, "n_iter": 3})
+        t.join()
+        assert r.status_code == 200
+        info = json.loads(r.json()["info"])
+        assert info["interrupted"] and len(r.json()["images"]) == 1  # stopped in the first batch, returned what it had
+        p = seen[0]
+        assert 0 < p["progress"] < 0.5 and p["state"]["job"] == "txt2img" and p["state"]["sampling_steps"] == 150
+        assert p["current_image"] and decode(p["current_image"]).size[0] > 0
+        assert c.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+        def skipper():
+            for _ in range(400):
+                if c.get("/sdapi/v1/progress").json()["state"]["sampling_step"] >= 2:
+                    c.post("/sdapi/v1/skip")
+                    return
+                time.sleep(0.01)
+        req = {"prompt": "x", "steps": 100, "width": 64, "height": 64, "n_iter": 2, "seed": 1}
+        full = c.post("/sdapi/v1/txt2img", json=req).json()["images"]
+        t = threading.Thread(target=skipper)
+        t.start()
+        r = c.post("/sdapi/v1/txt2img", json=req)
+        t.join()
+        info = json.loads(r.json()["info"])
+        assert not info["interrupted"] and info["all_seeds"] == [1, 2]
+        images = r.json()["images"]
+        assert images[0] != full[0] and images[1] == full[1]  # the first batch was cut short, the second ran whole
+
+
+def test_queue_is_bounded(models_dir):
+    app = create_app(models_dir=models_dir, max_queue=1)
+    results = []
+    with TestClient(app) as c:
+        def post(steps):
+            results.append(c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": steps, "width": 64, "height": 64}))
+        first = threading.Thread(target=post, args=(150,))
+        first.start()
+        for _ in range(400):  # wait until the first job runs
+            if c.get("/sdapi/v1/progress").json()["state"]["job"]:
+                break
+            time.sleep(0.01)
+        second = threading.Thread(target=post, args=(2,))
+        second.start()
+        for _ in range(400):  # ... and the second waits
+            if c.get("/sdapi/v1/progress").json()["state"]["job_count"] == 2:
+                break
+            time.sleep(0.01)
+        third = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 32, "height": 32})
+        assert third.status_code == 503 and "queue is full" in third.json()["detail"]
+        assert third.headers["Retry-After"].isdigit()
+        c.post("/sdapi/v1/interrupt")
+        first.join()
+        second.join()
+    assert sorted(r.status_code for r in results) == [200, 200]
+
+
+def test_basic_auth_on_every_route(models_dir):
+    app = create_app(models_dir=models_dir, auth="ann:secret,bob:pw")
+    with TestClient(app) as c:
+        for path in ["/", "/sdapi/v1/samplers", "/sdapi/v1/sd-models", "/docs"]:
+            assert c.get(path).status_code == 401
+        assert c.get("/sdapi/v1/samplers", auth=("ann", "wrong")).status_code == 401
+        assert c.post("/sdapi/v1/txt2img", json={"steps": 1, "width": 8, "height": 8}).status_code == 401
+        assert c.get("/sdapi/v1/samplers", auth=("ann", "secret")).status_code == 200
+        assert c.get("/sdapi/v1/samplers", auth=("bob", "pw")).status_code == 200
+        r = c.get("/sdapi/v1/samplers", headers={"Authorization": "Basic !!!"})
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Basic")
+    with pytest.raises(ValueError, match="user:password"):
+        create_app(models_dir=models_dir, auth="nopassword")
+
+
+def test_web_page_is_served_without_external_resources(client):
+    r = client.get("/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    html = r.text
+    assert 'id="prompt"' in html and 'id="generate"' in html and "/sdapi/v1/txt2img" not in html.split("<script>")[0]
+    assert "http://" not in html and "https://" not in html  # nothing fetched from a CDN
+    d = client.get("/plainsd/defaults").json()
+    assert d["width"] == 64 and d["sampler"] and d["steps"] >= 1
+
+
+def test_bad_models_folder_is_one_sentence(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoints"):
+        create_app(models_dir=tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        create_app(models_dir=tmp_path / "nope")

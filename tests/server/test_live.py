@@ -1,0 +1,173 @@
+"""A real `plainsd serve` on loopback: concurrent clients, the bounded queue, interrupt, clients that leave,
+and the web page driven in headless Chromium."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+import plainsd
+
+MAX_QUEUE = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served")
+    plainsd.save(plainsd.build("tiny", seed=0), folder / "tiny.safetensors")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "plainsd.cli", "serve", "--models-dir", str(folder), "--port",
+                             str(port), "--max-queue", str(MAX_QUEUE), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/sdapi/v1/samplers", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail("plainsd serve exited: " + proc.stdout.read())
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("plainsd serve did not answer within 30 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _idle(url, timeout=10.0) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if httpx.get(url + "/sdapi/v1/progress", timeout=5).json()["state"]["job_count"] == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_concurrent_clients_all_answered_queue_bounded(server):
+    answers, refusals, depth = {}, [], []
+    stop = threading.Event()
+
+    def client(c):
+        with httpx.Client(base_url=server, timeout=120) as http:
+            for k in range(3):
+                body = {"prompt": f"client {c} request {k}", "steps": 6, "width": 64, "height": 64, "seed": 100 * c + k}
+                while True:  # a well-behaved client honours 503 + Retry-After (shortened here)
+                    r = http.post("/sdapi/v1/txt2img", json=body)
+                    if r.status_code != 503:
+                        break
+                    refusals.append(r.headers.get("Retry-After"))
+                    time.sleep(0.2)
+                answers[(c, k)] = r
+
+    def watch():
+        with httpx.Client(base_url=server, timeout=10) as http:
+            while not stop.is_set():
+                depth.append(http.get("/sdapi/v1/progress").json()["state"]["job_count"])
+                time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert len(answers) == 24 and all(r.status_code == 200 for r in answers.values())
+    for (c, k), r in answers.items():  # each answer is the one its client asked for
+        info = json.loads(r.json()["info"])
+        assert info["prompt"] == f"client {c} request {k}" and info["seed"] == 100 * c + k
+    assert max(depth) <= MAX_QUEUE + 1          # one running, at most MAX_QUEUE waiting
+    assert refusals and all(v and v.isdigit() for v in refusals)  # 8 clients > 3 places: some were told to retry
+    assert _idle(server)
+
+
+def test_interrupt_returns_what_it_has(server):
+    result = {}
+
+    def long_job():
+        result["r"] = httpx.post(server + "/sdapi/v1/txt2img", timeout=120,
+                                 json={"prompt": "x", "steps": 150, "width": 64, "height": 64, "n_iter": 4})
+    t = threading.Thread(target=long_job)
+    t.start()
+    for _ in range(500):
+        if httpx.get(server + "/sdapi/v1/progress").json()["state"]["sampling_step"] >= 3:
+            break
+        time.sleep(0.02)
+    start = time.time()
+    httpx.post(server + "/sdapi/v1/interrupt")
+    t.join()
+    assert time.time() - start < 10
+    r = result["r"]
+    assert r.status_code == 200 and len(r.json()["images"]) == 1 and json.loads(r.json()["info"])["interrupted"]
+
+
+def test_a_client_that_leaves_does_not_leave_its_job_running(server):
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/sdapi/v1/txt2img", timeout=1.0,
+                   json={"prompt": "x", "steps": 150, "width": 64, "height": 64, "n_iter": 16})
+    # 16 x 150 steps would take far longer than this if the job went on for nobody
+    assert _idle(server, timeout=5.0)
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_web_page_in_headless_chromium(server, tmp_path):
+    if _chromium() is None or shutil.which("chromedriver") is None:
+        # Not a silent skip: .ci/run installs Debian's chromium and chromium-driver, so CI always has them.
+        pytest.fail("this test needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = _chromium()
+    for flag in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        driver.get(server + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 5)  # lists loaded from the API
+        assert driver.find_element(By.ID, "width").get_attribute("value") == "64"     # the model's own size
+        driver.find_element(By.ID, "prompt").send_keys("a red circle on the left")
+        for field, value in [("steps", "8"), ("seed", "42")]:
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        driver.find_element(By.ID, "generate").click()
+        image = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#gallery img.result")))
+        wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image))
+        assert driver.execute_script("return arguments[0].naturalWidth", image) == 64
+        caption = driver.find_element(By.CSS_SELECTOR, "#gallery figcaption").text
+        assert caption.startswith("a red circle on the left") and "Seed: 42" in caption and "Steps: 8" in caption
+        assert driver.find_element(By.ID, "error").text == ""
+        assert "seed 42" in driver.find_element(By.ID, "status").text
+    finally:
+        driver.quit()
+
