@@ -105,3 +105,30 @@ def open_clip_hidden(tower, ids: torch.Tensor, skip: int = 1) -> torch.Tensor:
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return float((a.float() - b.float()).abs().max())
+
+
+def diffusers_from_our_file(path, config):
+    """Read a plainsd-written file with diffusers' own single-file converters."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    ckpt = load_file(str(path))
+    unet = UNet2DConditionModel(**diffusers_unet_kwargs(config.unet))
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, dict(unet.config)), strict=True)
+    vae = AutoencoderKL(**diffusers_vae_kwargs(config.vae))
+    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, dict(vae.config)), strict=True)
+    text = CLIPTextModel(CLIPTextConfig(**hf_text_kwargs(config.text)))
+    if config.text.layout == "openclip":
+        state = convert_open_clip_checkpoint(text, ckpt)
+        state = {k: v for k, v in state.items() if k != "text_projection.weight"}
+        # diffusers drops SD2's last text layer (it only ever uses the penultimate one)
+        layers = len({k.split(".")[3] for k in state if k.startswith("text_model.encoder.layers.")})
+        text = CLIPTextModel(CLIPTextConfig(**{**hf_text_kwargs(config.text), "num_hidden_layers": layers}))
+    else:
+        state = convert_ldm_clip_checkpoint(ckpt)
+    missing, unexpected = text.load_state_dict(state, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    return unet.eval(), vae.eval(), text.eval()

@@ -82,3 +82,38 @@ def test_console_script_and_debug_traceback():
     bad = subprocess.run([sys.executable, "-m", "plainsd.cli", "txt2img", "x", "--sampler", "nope", "--debug"],
                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert bad.returncode != 0 and "Traceback" in bad.stderr
+
+
+def test_lora_merge_and_lora_and_embedding_folders(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    import plainsd
+    from plainsd import lora
+    from plainsd.embeddings import Embedding, save_embedding
+    from tests.test_lora import random_lora
+
+    base = plainsd.build("tiny", seed=3)
+    plainsd.save(base, tmp_path / "base.safetensors")
+    (tmp_path / "loras").mkdir()
+    save_file(random_lora(base), str(tmp_path / "loras" / "style.safetensors"))
+    assert main(["lora", "merge", "base.safetensors", "loras/style.safetensors", "--weight", "0.5", "-o", "m.safetensors"]) == 0
+    assert "at weight 0.5" in capsys.readouterr().out
+    merged = plainsd.load(tmp_path / "m.safetensors")
+    expected = lora.merge(plainsd.load(tmp_path / "base.safetensors"), lora.read_lora(tmp_path / "loras" / "style.safetensors"), 0.5)
+    for a, b in zip(merged.unet.parameters(), expected.unet.parameters()):
+        assert torch.equal(a, b)
+    # the merged model draws what the tag draws
+    common = ["--steps", "3", "--seed", "2", "--width", "32", "--height", "32", "--quiet"]
+    main(["txt2img", "x", "--model", "m.safetensors", "-o", "merged.png"] + common)
+    main(["txt2img", "x <lora:style:0.5>", "--model", "base.safetensors", "--lora-dir", "loras", "-o", "tag.png"] + common)
+    assert np.array_equal(np.asarray(Image.open("merged.png")), np.asarray(Image.open("tag.png")))
+    # an embedding used by name
+    (tmp_path / "emb").mkdir()
+    vectors = base.text_encoder.text_model.embeddings.token_embedding.weight[base.tokenizer.encode("red")].detach()
+    save_embedding(Embedding("crimson", vectors), tmp_path / "emb" / "crimson.safetensors")
+    main(["txt2img", "a crimson x", "--model", "base.safetensors", "--embeddings-dir", "emb", "-o", "e.png"] + common)
+    main(["txt2img", "a red x", "--model", "base.safetensors", "-o", "r.png"] + common)
+    assert np.array_equal(np.asarray(Image.open("e.png")), np.asarray(Image.open("r.png")))
+    assert main(["lora", "merge", "base.safetensors", "base.safetensors", "-o", "n.safetensors"]) == 2
+    assert "not a LoRA" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import plainsd
 from plainsd.config import preset
 from plainsd.models import StableDiffusion
 from plainsd.weights import CheckpointError, TensorSource, _v_by_weights, infer_config, original_state_dict
-from tests.reference import diffusers_unet_kwargs, diffusers_vae_kwargs, hf_text_kwargs, max_diff
+from tests.reference import diffusers_from_our_file, diffusers_unet_kwargs, diffusers_vae_kwargs, hf_text_kwargs, max_diff
 
 
 def _bare_file(sd, path, drop=(), add=None):
@@ -232,33 +232,6 @@ def test_diffusers_folder_with_bin_files(tmp_path):
         assert max_diff(sd.unet(x, torch.tensor([3]), ctx), unet(x, torch.tensor([3]), encoder_hidden_states=ctx).sample) <= 1e-4
 
 
-def _diffusers_from_our_file(path, config):
-    """Read a plainsd-written file with diffusers' own single-file converters."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
-    from safetensors.torch import load_file
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    ckpt = load_file(str(path))
-    unet = UNet2DConditionModel(**diffusers_unet_kwargs(config.unet))
-    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, dict(unet.config)), strict=True)
-    vae = AutoencoderKL(**diffusers_vae_kwargs(config.vae))
-    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, dict(vae.config)), strict=True)
-    text = CLIPTextModel(CLIPTextConfig(**hf_text_kwargs(config.text)))
-    if config.text.layout == "openclip":
-        state = convert_open_clip_checkpoint(text, ckpt)
-        state = {k: v for k, v in state.items() if k != "text_projection.weight"}
-        # diffusers drops SD2's last text layer (it only ever uses the penultimate one)
-        layers = len({k.split(".")[3] for k in state if k.startswith("text_model.encoder.layers.")})
-        text = CLIPTextModel(CLIPTextConfig(**{**hf_text_kwargs(config.text), "num_hidden_layers": layers}))
-    else:
-        state = convert_ldm_clip_checkpoint(ckpt)
-    missing, unexpected = text.load_state_dict(state, strict=False)
-    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
-    return unet.eval(), vae.eval(), text.eval()
-
-
 def _check_diffusers_reads(tmp_path, record_parity, name, size=8):
     sd = plainsd.build(name, seed=11)
     for module in (sd.unet, sd.vae, sd.text_encoder):  # no zero-initialised layers
@@ -266,7 +239,7 @@ def _check_diffusers_reads(tmp_path, record_parity, name, size=8):
         perturb(module, 12, scale=0.02)
     path = plainsd.save(sd, tmp_path / f"{name}.safetensors")
     try:
-        unet, vae, text = _diffusers_from_our_file(path, sd.config)
+        unet, vae, text = diffusers_from_our_file(path, sd.config)
     finally:
         path.unlink()  # full-size files are 4-5 GB; CI machines have little disk
     ids = sd.tokenizer(["a red circle on the left"])

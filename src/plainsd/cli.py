@@ -39,6 +39,8 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     p.add_argument("-o", "--output", default=None, help="output PNG (several images: NAME-1.png, ...); default outputs/")
     p.add_argument("--model", default=None, help="checkpoint file or diffusers folder; default: the shipped model")
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="override what the model predicts")
+    p.add_argument("--lora-dir", default=None, help="folder of LoRA files, used by <lora:name:weight> in the prompt")
+    p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings, used by name in prompts")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--save-steps", action="store_true", help="also write the denoising process as a GIF and a contact sheet")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -87,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default=None, help="a CLIP training's clip.safetensors, for retrieval")
     p.add_argument("-o", "--output", default=None, help="also write the JSON here")
     p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("lora", help="LoRA files: merge one into a checkpoint")
+    lsub = p.add_subparsers(dest="lora_command", required=True)
+    q = lsub.add_parser("merge", help="add a LoRA into a checkpoint's weights and save a new checkpoint")
+    q.add_argument("base", help="the checkpoint (single file or diffusers folder)")
+    q.add_argument("lora", help="a LoRA file in the kohya / A1111 format")
+    q.add_argument("--weight", type=float, default=1.0, help="the LoRA's strength, as in <lora:name:weight>")
+    q.add_argument("-o", "--output", required=True, help="the merged checkpoint (.safetensors)")
+    q.add_argument("--half", action="store_true", help="save float16 weights")
+    q.add_argument("--debug", action="store_true")
     p = sub.add_parser("serve", help="an AUTOMATIC1111-compatible HTTP API and a web page")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--model", default=None, help="one checkpoint to serve (default: the shipped model)")
@@ -99,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--max-images", type=int, default=16, help="most images per request (batch size x count)")
     p.add_argument("--outputs", default="outputs/api", help="where save_images=true requests write")
+    p.add_argument("--lora-dir", default=None, help="folder of LoRA files for <lora:name:weight> in prompts")
+    p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("demo", help="draw one picture with the default model and say where it is")
@@ -153,7 +166,7 @@ def _generate(args) -> int:
     kwargs = dict(steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg_scale,
                   seed=args.seed, width=args.width, height=args.height, batch_size=args.batch_size,
                   batch_count=args.batch_count, clip_skip=args.clip_skip, eta=args.eta, progress=not args.quiet,
-                  record_steps=args.save_steps)
+                  record_steps=args.save_steps, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     # Check the cheap things before loading a model.
     from plainsd.diffusion.samplers import resolve_sampler
     from plainsd.diffusion.schedules import get_sigmas
@@ -231,6 +244,24 @@ def _demo(args) -> int:
     return 0
 
 
+def _lora(args) -> int:
+    import torch
+
+    import plainsd
+    from plainsd import lora
+
+    out = Path(args.output)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"the merged checkpoint must be a .safetensors file, got {out.name}")
+    adapter = lora.read_lora(args.lora)
+    sd = plainsd.load(args.base)
+    lora.merge(sd, adapter, args.weight)
+    plainsd.save(sd, out, dtype=torch.float16 if args.half else None)
+    print(f"merged {Path(args.lora).name} ({len(adapter.layers)} layers) at weight {args.weight} into "
+          f"{Path(args.base).name}: {out}")
+    return 0
+
+
 def _serve(args) -> int:
     import torch
 
@@ -245,7 +276,7 @@ def _serve(args) -> int:
         torch.set_num_threads(args.threads)
     limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_images=args.max_images)
     app = create_app(args.model, args.models_dir, auth=args.api_auth, max_queue=args.max_queue, limits=limits,
-                     outputs=args.outputs)
+                     outputs=args.outputs, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"plainsd: note: listening on {args.host}, reachable from other machines"
               + ("" if args.api_auth else " without authentication (see --api-auth)"), file=sys.stderr)
@@ -314,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     from plainsd.weights import CheckpointError
 
     handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "png-info": _png_info,
-                "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve}
+                "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "lora": _lora}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, CheckpointError, OSError) as e:

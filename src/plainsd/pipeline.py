@@ -23,6 +23,8 @@ from .diffusion.guidance import CFGDenoiser
 from .diffusion.schedules import SCHEDULE_LABELS
 from .models import StableDiffusion
 from .pnginfo import infotext
+from . import lora as lora_mod
+from .embeddings import load_embeddings
 from .prompts import encode_pair, extract_loras
 
 MAX_SEED = 2**32 - 1
@@ -128,13 +130,33 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
              strength: float = 0.8, resize_mode: str = "just resize", mask: Image.Image | None = None,
              mask_blur: int = 4, inpainting_mask_invert: bool = False, guidance_until: float = 1.0,
              callback: Callable[[StepInfo], None] | None = None, interrupt: Callable[[], bool] | None = None,
-             skip: Callable[[], bool] | None = None, progress: bool = False, record_steps: bool = False) -> Result:
+             skip: Callable[[], bool] | None = None, progress: bool = False, record_steps: bool = False,
+             lora_dir: str | None = None, embeddings_dir: str | None = None) -> Result:
     """The common path of txt2img, img2img and inpaint; see those for the parameters.
 
     Settings left as None come from the model's own recommended defaults (sd.defaults), then DEFAULTS.
+    <lora:name:weight> tags in the prompt apply LoRA files from lora_dir for this run; the names of
+    textual-inversion embeddings in embeddings_dir are replaced by their vectors.
     """
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise TypeError("prompt and negative_prompt must be strings")
+    prompt_text, requested = extract_loras(prompt)
+    loras = lora_mod.resolve(requested, lora_dir)
+    embeddings = load_embeddings(embeddings_dir, sd) if embeddings_dir is not None else None
+    with lora_mod.applied(sd, loras):
+        return _generate(sd, prompt, prompt_text, negative_prompt, embeddings, steps=steps, sampler=sampler,
+                         schedule=schedule, cfg_scale=cfg_scale, seed=seed, width=width, height=height,
+                         batch_size=batch_size, batch_count=batch_count, clip_skip=clip_skip, eta=eta,
+                         init_image=init_image, strength=strength, resize_mode=resize_mode, mask=mask,
+                         mask_blur=mask_blur, inpainting_mask_invert=inpainting_mask_invert,
+                         guidance_until=guidance_until, callback=callback, interrupt=interrupt, skip=skip,
+                         progress=progress, record_steps=record_steps)
+
+
+def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sampler, schedule, cfg_scale, seed,
+              width, height, batch_size, batch_count, clip_skip, eta, init_image, strength, resize_mode, mask,
+              mask_blur, inpainting_mask_invert, guidance_until, callback, interrupt, skip, progress,
+              record_steps) -> Result:
     chosen = {**DEFAULTS, **getattr(sd, "defaults", {})}
     steps = chosen["steps"] if steps is None else steps
     sampler = chosen["sampler"] if sampler is None else sampler
@@ -153,9 +175,6 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
     first_seed = _seed(seed)
     if first_seed + batch_size * batch_count - 1 > MAX_SEED:
         first_seed = first_seed % (MAX_SEED - batch_size * batch_count)
-    prompt_text, loras = extract_loras(prompt)
-    if loras:
-        raise ValueError("this model has no LoRA support loaded; remove the <lora:...> tags from the prompt")
 
     device, factor = next(sd.unet.parameters()).device, sd.config.vae.factor
     latent_shape = (sd.config.vae.z_channels, height // factor, width // factor)
@@ -193,7 +212,7 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
     denoiser.net = _net(sd, concat)
 
     # One prompt for the whole batch: encode it once and repeat the states.
-    cond, uncond = encode_pair(sd.tokenizer, sd.text_encoder, [prompt_text], [negative_prompt], clip_skip)
+    cond, uncond = encode_pair(sd.tokenizer, sd.text_encoder, [prompt_text], [negative_prompt], clip_skip, embeddings)
     cond, uncond = cond.repeat(batch_size, 1, 1).to(device), uncond.repeat(batch_size, 1, 1).to(device)
     guided = CFGDenoiser(denoiser, cfg_scale, sigmas, guidance_until)
     model = _KeepUnmasked(guided, init_latent, keep) if keep is not None and not native_inpaint else guided

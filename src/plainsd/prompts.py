@@ -78,8 +78,11 @@ def extract_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     return _LORA.sub("", prompt), found
 
 
-def tokenize_chunks(tokenizer, prompt: str) -> list[tuple[list[int], list[float]]]:
-    """The prompt as chunks of (77 token ids, 77 weights), each <start> 75 tokens <end>, padded."""
+def tokenize_chunks(tokenizer, prompt: str, embeddings=None) -> list[tuple[list[int], list[float]]]:
+    """The prompt as chunks of (77 token ids, 77 weights), each <start> 75 tokens <end>, padded.
+
+    embeddings (an EmbeddingSet): names of textual-inversion embeddings become their placeholder ids,
+    kept whole within one chunk."""
     chunks: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
     weights: list[float] = []
@@ -100,7 +103,20 @@ def tokenize_chunks(tokenizer, prompt: str) -> list[tuple[list[int], list[float]
         if weight == -1:  # BREAK
             close()
             continue
-        for token in tokenizer.encode(text):
+        tokens = tokenizer.encode(text)
+        i = 0
+        while i < len(tokens):
+            found = embeddings.match(tokens, i) if embeddings is not None else None
+            if found is not None:
+                vector_ids, consumed = found
+                if len(ids) + len(vector_ids) > CHUNK:
+                    close()
+                ids.extend(vector_ids[:CHUNK])
+                weights.extend([weight] * len(vector_ids[:CHUNK]))
+                i += consumed
+                continue
+            token = tokens[i]
+            i += 1
             if token == comma_id:
                 last_comma = len(ids)
             elif len(ids) == CHUNK and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
@@ -119,14 +135,15 @@ def tokenize_chunks(tokenizer, prompt: str) -> list[tuple[list[int], list[float]
     return chunks
 
 
-def encode_prompt(tokenizer, text_encoder, prompt: str, clip_skip: int | None = None) -> torch.Tensor:
+def encode_prompt(tokenizer, text_encoder, prompt: str, clip_skip: int | None = None, embeddings=None) -> torch.Tensor:
     """A prompt -> text states [1, 77 * chunks, width], with attention weights applied."""
-    chunks = tokenize_chunks(tokenizer, prompt)
+    chunks = tokenize_chunks(tokenizer, prompt, embeddings)
     device = next(text_encoder.parameters()).device
     ids = torch.tensor([c[0] for c in chunks], device=device)
     w = torch.tensor([c[1] for c in chunks], device=device, dtype=torch.float32)
     with torch.no_grad():
-        z = text_encoder(ids, clip_skip=clip_skip).float()  # [chunks, 77, width]
+        extra = embeddings.vectors.to(device) if embeddings is not None and len(embeddings.vectors) else None
+        z = text_encoder(ids, clip_skip=clip_skip, extra=extra).float()  # [chunks, 77, width]
     if (w != 1).any():
         mean_before = z.mean(dim=(1, 2), keepdim=True)
         z = z * w[..., None]
@@ -134,10 +151,11 @@ def encode_prompt(tokenizer, text_encoder, prompt: str, clip_skip: int | None = 
     return z.reshape(1, -1, z.shape[-1])
 
 
-def encode_pair(tokenizer, text_encoder, prompts: list[str], negatives: list[str], clip_skip: int | None = None):
+def encode_pair(tokenizer, text_encoder, prompts: list[str], negatives: list[str], clip_skip: int | None = None,
+                embeddings=None):
     """Prompts and negative prompts -> (cond, uncond), padded with empty-prompt chunks to one length."""
-    cond = [encode_prompt(tokenizer, text_encoder, p, clip_skip) for p in prompts]
-    uncond = [encode_prompt(tokenizer, text_encoder, n, clip_skip) for n in negatives]
+    cond = [encode_prompt(tokenizer, text_encoder, p, clip_skip, embeddings) for p in prompts]
+    uncond = [encode_prompt(tokenizer, text_encoder, n, clip_skip, embeddings) for n in negatives]
     longest = max(t.shape[1] for t in cond + uncond)
     empty = None
     padded = []

@@ -294,3 +294,29 @@ def test_bad_models_folder_is_one_sentence(tmp_path):
         create_app(models_dir=tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         create_app(models_dir=tmp_path / "nope")
+
+
+def test_loras_and_embeddings_from_their_folders(models_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from plainsd.embeddings import Embedding, save_embedding
+    from tests.test_lora import random_lora
+
+    sd = plainsd.build("tiny", seed=0)
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "emb").mkdir()
+    save_file(random_lora(sd), str(tmp_path / "loras" / "style.safetensors"))
+    vectors = sd.text_encoder.text_model.embeddings.token_embedding.weight[sd.tokenizer.encode("red")].detach()
+    save_embedding(Embedding("crimson", vectors), tmp_path / "emb" / "crimson.safetensors")
+    app = create_app(models_dir=models_dir, lora_dir=tmp_path / "loras", embeddings_dir=tmp_path / "emb")
+    with TestClient(app) as c:
+        assert [entry["name"] for entry in c.get("/sdapi/v1/loras").json()] == ["style"]
+        assert list(c.get("/sdapi/v1/embeddings").json()["loaded"]) == ["crimson"]
+        req = {"steps": 2, "width": 32, "height": 32, "seed": 1}
+        def pixels(prompt):
+            return decode(c.post("/sdapi/v1/txt2img", json={**req, "prompt": prompt}).json()["images"][0]).tobytes()
+        plain = pixels("a red x")
+        assert pixels("a crimson x") == plain
+        assert pixels("a red x <lora:style:1>") != plain
+        r = c.post("/sdapi/v1/txt2img", json={**req, "prompt": "<lora:../../etc/passwd:1>"})
+        assert r.status_code == 422 and "no LoRA named" in r.json()["detail"]

@@ -59,8 +59,16 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.context_length, cfg.width)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+    def forward(self, ids: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """ids past the vocabulary index `extra` (textual-inversion vectors): id vocab_size + i is extra[i]."""
+        if extra is None:
+            tokens = self.token_embedding(ids)
+        else:
+            vocab = self.token_embedding.num_embeddings
+            tokens = self.token_embedding(ids.clamp(max=vocab - 1))
+            rows = extra[(ids - vocab).clamp(min=0, max=max(len(extra) - 1, 0))].to(tokens.dtype)
+            tokens = torch.where((ids >= vocab)[..., None], rows, tokens)
+        return tokens + self.position_embedding.weight[: ids.shape[1]]
 
 
 class CLIPEncoder(nn.Module):
@@ -95,14 +103,15 @@ class CLIPTextModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.text_model.final_layer_norm.weight.dtype
 
-    def forward(self, ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, clip_skip: int | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """extra: vectors for token ids past the vocabulary (textual inversion)."""
         clip_skip = clip_skip or self.config.clip_skip
         n = len(self.text_model.encoder.layers)
         if not 1 <= clip_skip <= n:
             raise ValueError(f"clip_skip must be between 1 and {n} for this text encoder, got {clip_skip}")
         if ids.shape[1] > self.config.context_length:
             raise ValueError(f"at most {self.config.context_length} tokens per sequence, got {ids.shape[1]}")
-        x = self.text_model.embeddings(ids).to(self.dtype)
+        x = self.text_model.embeddings(ids, extra).to(self.dtype)
         for layer in self.text_model.encoder.layers[: n - clip_skip + 1]:
             x = layer(x)
         return self.text_model.final_layer_norm(x)

@@ -34,8 +34,13 @@ RETRY_AFTER_SECONDS = 5
 
 def create_app(model: str | Path | None = None, models_dir: str | Path | None = None, *,
                auth: str | None = None, max_queue: int = 16, limits: api.Limits | None = None,
-               outputs: str | Path = "outputs/api") -> FastAPI:
-    """auth: "user:pass" (several separated by commas) for HTTP basic auth on every route."""
+               outputs: str | Path = "outputs/api", lora_dir: str | Path | None = None,
+               embeddings_dir: str | Path | None = None) -> FastAPI:
+    """auth: "user:pass" (several separated by commas) for HTTP basic auth on every route.
+    lora_dir / embeddings_dir: folders whose LoRAs (<lora:name:weight>) and embeddings prompts may use."""
+    for folder in (lora_dir, embeddings_dir):
+        if folder is not None and not Path(folder).is_dir():
+            raise ValueError(f"folder {folder} does not exist")
     store = ModelStore(model, models_dir)
     queue = JobQueue(max_queue)
     limits = limits or api.Limits()
@@ -87,7 +92,8 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
                 job.steps_total = info.total * req.n_iter
                 job.preview = info
             result = pipeline.generate(sd, req.prompt, req.negative_prompt, callback=on_step,
-                                       interrupt=job.should_stop, skip=job.take_skip, **kwargs)
+                                       interrupt=job.should_stop, skip=job.take_skip, lora_dir=lora_dir,
+                                       embeddings_dir=embeddings_dir, **kwargs)
             return sd, result
 
         job = Job(work, kind=kind, steps_total=req.steps * req.n_iter)
@@ -215,11 +221,24 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
 
     @app.get("/sdapi/v1/loras")
     async def loras():
-        return []
+        from plainsd.lora import find_loras
+        return [{"name": name, "alias": name, "path": str(path), "metadata": {}}
+                for name, path in find_loras(lora_dir).items()]
+
+    @app.post("/sdapi/v1/refresh-loras")
+    async def refresh_loras():
+        return {}  # the folder is read on every request
 
     @app.get("/sdapi/v1/embeddings")
     async def embeddings():
-        return {"loaded": {}, "skipped": {}}
+        if embeddings_dir is None:
+            return {"loaded": {}, "skipped": {}}
+        from plainsd.embeddings import load_embeddings
+        found = await asyncio.to_thread(load_embeddings, embeddings_dir, await asyncio.to_thread(store.get))
+        loaded = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                         "shape": found.vectors.shape[1], "vectors": len(found.by_tokens_for(name))}
+                  for name in found.names}
+        return {"loaded": loaded, "skipped": {k: {} for k in found.skipped}}
 
     @app.get("/sdapi/v1/prompt-styles")
     async def prompt_styles():

@@ -1,0 +1,76 @@
+"""Textual-inversion embeddings: A1111's file formats, and their vectors standing in for words in prompts."""
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import plainsd
+from plainsd.embeddings import Embedding, EmbeddingSet, load_embeddings, read_embedding, save_embedding
+from plainsd.pipeline import txt2img
+from plainsd.prompts import encode_prompt, tokenize_chunks
+from plainsd.weights import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return plainsd.build("tiny", seed=2)
+
+
+def word_vectors(sd, text: str) -> torch.Tensor:
+    """The token embeddings of a text's tokens: an embedding made of them must act exactly like the text."""
+    ids = torch.tensor(sd.tokenizer.encode(text))
+    return sd.text_encoder.text_model.embeddings.token_embedding.weight[ids].detach().clone()
+
+
+def test_file_formats_round_trip(tmp_path, sd):
+    v = torch.randn(3, sd.config.text.width)
+    save_embedding(Embedding("thing", v, step=500), tmp_path / "thing.safetensors")
+    e = read_embedding(tmp_path / "thing.safetensors")
+    assert e.name == "thing" and e.step == 500 and torch.equal(e.vectors, v)
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": v}, "name": "old", "step": 7,
+                "sd_checkpoint": "abc", "sd_checkpoint_name": "m"}, tmp_path / "old.pt")
+    e = read_embedding(tmp_path / "old.pt")
+    assert e.name == "old" and e.step == 7 and torch.equal(e.vectors, v)
+    torch.save({"<cat-toy>": v[0]}, tmp_path / "learned_embeds.bin")  # diffusers' textual_inversion output
+    assert read_embedding(tmp_path / "learned_embeds.bin").vectors.shape == (1, sd.config.text.width)
+
+
+def test_bad_embedding_files(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"string_to_param": {"*": Evil()}}, f)
+    with pytest.raises(CheckpointError):
+        read_embedding(tmp_path / "evil.pt")
+    save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(tmp_path / "xl.safetensors"))
+    with pytest.raises(CheckpointError, match="SDXL"):
+        read_embedding(tmp_path / "xl.safetensors")
+    save_file({"a": torch.zeros(1, 4), "b": torch.zeros(1, 4)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="no emb_params"):
+        read_embedding(tmp_path / "other.safetensors")
+
+
+def test_an_embedding_of_word_vectors_acts_as_those_words(tmp_path, sd):
+    save_embedding(Embedding("mystar", word_vectors(sd, "red star")), tmp_path / "mystar.safetensors")
+    save_embedding(Embedding("wide", torch.zeros(2, 16)), tmp_path / "wide.safetensors")  # another model's: skipped
+    found = load_embeddings(tmp_path, sd)
+    assert found.names == ["mystar"] and "wide" in found.skipped
+    a = encode_prompt(sd.tokenizer, sd.text_encoder, "a big mystar on the left", embeddings=found)
+    b = encode_prompt(sd.tokenizer, sd.text_encoder, "a big red star on the left")
+    assert torch.equal(a, b)
+    kw = dict(steps=3, seed=4, width=32, height=32)
+    with_emb = txt2img(sd, "a (mystar:1.2)", embeddings_dir=tmp_path, **kw).images[0]
+    assert with_emb.tobytes() == txt2img(sd, "a (red star:1.2)", **kw).images[0].tobytes()
+    assert with_emb.tobytes() != txt2img(sd, "a mystar", **kw).images[0].tobytes()  # without the folder: just a word
+
+
+def test_embeddings_are_not_split_across_chunks(sd):
+    vectors = torch.randn(5, sd.config.text.width)
+    found = EmbeddingSet([Embedding("fiver", vectors)], sd.tokenizer, sd.config.text.width, sd.config.text.vocab_size)
+    chunks = tokenize_chunks(sd.tokenizer, "dog " * 73 + "fiver", embeddings=found)
+    assert len(chunks) == 2
+    placeholder = list(range(sd.config.text.vocab_size, sd.config.text.vocab_size + 5))
+    assert chunks[1][0][1:6] == placeholder and not set(placeholder) & set(chunks[0][0])
