@@ -89,6 +89,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default=None, help="a CLIP training's clip.safetensors, for retrieval")
     p.add_argument("-o", "--output", default=None, help="also write the JSON here")
     p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("finetune", help="teach a model from a few images: dreambooth, textual-inversion, lora")
+    p.add_argument("method", choices=["dreambooth", "textual-inversion", "lora"])
+    p.add_argument("--config", default=None, help="a JSON config (default: the shipped recipe, which teaches the "
+                                                  "shipped model a star)")
+    p.add_argument("--model", default=None, help="the base checkpoint (default: the shipped model)")
+    p.add_argument("--data", default=None, help="folder of instance images (captions: same-name .txt or metadata.jsonl)")
+    p.add_argument("--instance-prompt", default=None, help='one caption for every instance image, e.g. "a sks star"')
+    p.add_argument("--class-prompt", action="append", default=None,
+                   help="dreambooth prior preservation: a class prompt (repeatable); the base model draws the class images")
+    p.add_argument("--num-class-images", type=int, default=None)
+    p.add_argument("--prior-weight", type=float, default=None, help="weight of the prior-preservation loss")
+    p.add_argument("--train-text-encoder", action="store_true", default=None, help="dreambooth / lora: also the text encoder")
+    p.add_argument("--token", default=None, help="textual inversion: the embedding's name, as written in prompts")
+    p.add_argument("--init-word", default=None, help="textual inversion: the word whose vectors start it")
+    p.add_argument("--vectors", type=int, default=None, help="textual inversion: vectors per token")
+    p.add_argument("--rank", type=int, default=None, help="lora: rank")
+    p.add_argument("--alpha", type=float, default=None, help="lora: alpha (the update is scaled by alpha / rank)")
+    p.add_argument("--max-train-steps", type=int, default=None)
+    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine", "cosine_with_restarts"], default=None)
+    p.add_argument("--lr-cycles", type=int, default=None, help="cycles of cosine_with_restarts")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--validation-prompt", action="append", default=None, help="drawn into samples/ (repeatable)")
+    p.add_argument("--sample-every", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--out", default=None, help="run folder (checkpoint, samples, the result)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true")
     p = sub.add_parser("lora", help="LoRA files: merge one into a checkpoint")
     lsub = p.add_subparsers(dest="lora_command", required=True)
     q = lsub.add_parser("merge", help="add a LoRA into a checkpoint's weights and save a new checkpoint")
@@ -244,6 +274,44 @@ def _demo(args) -> int:
     return 0
 
 
+def _finetune(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from plainsd.train.finetune import finetune, settings
+    from plainsd.train.loop import TrainConfig
+
+    config = args.config or str(Path(__file__).parent / "data" / "recipes" / f"finetune-{args.method}.json")
+    cfg = TrainConfig.from_file(config, out=args.out, steps=args.max_train_steps, lr=args.learning_rate,
+                                lr_schedule=args.lr_schedule, lr_cycles=args.lr_cycles, batch_size=args.batch_size,
+                                sample_every=args.sample_every, checkpoint_every=args.checkpoint_every)
+    if cfg.network != args.method:
+        raise ValueError(f"{config} is a {cfg.network} config, not a {args.method} one")
+    extra = dict(cfg.extra)
+    if args.data:  # the user's own images: their captions, not the recipe's instance prompt
+        extra.pop("instance_prompt", None)
+    for key, value in [("model", args.model), ("instance_prompt", args.instance_prompt),
+                       ("class_prompts", args.class_prompt), ("num_class_images", args.num_class_images),
+                       ("prior_weight", args.prior_weight), ("train_text_encoder", args.train_text_encoder),
+                       ("token", args.token), ("init_word", args.init_word), ("vectors", args.vectors),
+                       ("rank", args.rank), ("alpha", args.alpha), ("validation_prompts", args.validation_prompt)]:
+        if value is not None:
+            extra[key] = value
+    data = {"kind": "folder", "path": args.data} if args.data else cfg.data
+    cfg = dataclasses.replace(cfg, extra=extra, data=data)
+    settings(cfg)  # unknown settings are reported before anything is loaded
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = finetune(cfg, resume=args.resume, progress=not args.quiet)
+    losses = result["losses"]
+    made = {"dreambooth": "model.safetensors", "lora": "lora.safetensors",
+            "textual-inversion": f"{extra.get('token', 'sks-star')}.safetensors"}[args.method]
+    print(f"{args.method}: {result['step']} steps in {result['seconds']:.0f} s; loss {losses[0]:.4f} -> "
+          f"{sum(losses[-20:]) / len(losses[-20:]):.4f} (mean of the last 20); wrote {Path(cfg.out) / made}")
+    return 0
+
+
 def _lora(args) -> int:
     import torch
 
@@ -345,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     from plainsd.weights import CheckpointError
 
     handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "png-info": _png_info,
-                "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "lora": _lora}
+                "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "lora": _lora, "finetune": _finetune}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, CheckpointError, OSError) as e:

@@ -24,11 +24,12 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 SCHEDULES = ("constant", "cosine", "cosine_with_restarts")
+NETWORKS = ("vae", "clip", "unet", "dreambooth", "textual-inversion", "lora")  # trainings and fine-tunings
 
 
 @dataclass
 class TrainConfig:
-    network: str = "unet"              # vae | clip | unet
+    network: str = "unet"              # vae | clip | unet, or dreambooth | textual-inversion | lora
     steps: int = 1000                  # optimizer steps
     batch_size: int = 32
     grad_accum: int = 1                # micro-batches per optimizer step
@@ -66,8 +67,8 @@ class TrainConfig:
         return cfg
 
     def check(self):
-        if self.network not in ("vae", "clip", "unet"):
-            raise ValueError(f"network must be vae, clip or unet, got {self.network!r}")
+        if self.network not in NETWORKS:
+            raise ValueError(f"network must be one of {', '.join(NETWORKS)}, got {self.network!r}")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; known: {', '.join(SCHEDULES)}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.checkpoint_every < 1:

@@ -1,0 +1,210 @@
+"""Teaching a trained model something new from a handful of images: DreamBooth, textual inversion, LoRA.
+
+All three minimise the same denoising loss as the base training, on the instance images' latents:
+- dreambooth (Ruiz et al. 2022): every UNet weight (optionally the text encoder too) is trained; with prior
+  preservation, class images that the base model drew from class prompts are trained on beside them with
+  their own loss (weight `prior_weight`), so that the model keeps drawing what it drew before;
+- textual-inversion (Gal et al. 2022): only new token vectors, initialised from a word; the model is untouched;
+- lora (Hu et al. 2021): low-rank adapters beside the attention projections; saved in kohya's format.
+
+The settings live in TrainConfig.extra (see FINETUNE_DEFAULTS); the data is a folder of images with captions
+(data.kind = "folder"), or, for the proof on the shipped model, renders of the shapes world
+(data.kind = "shapes" with data.shapes = ["star"], a shape the base model never saw).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from .. import lora as lora_mod
+from ..diffusion.denoisers import training_loss
+from ..embeddings import Embedding, EmbeddingSet, save_embedding
+from ..images import contact_sheet, to_tensor
+from ..pnginfo import save_png
+from ..prompts import tokenize_chunks
+from ..weights import load, save
+from .data import FolderDataset, ShapesDataset
+from .loop import TrainConfig, _atomic_save, train
+
+METHODS = ("dreambooth", "textual-inversion", "lora")
+
+FINETUNE_DEFAULTS = {
+    "model": None,                 # the base checkpoint; None: the shipped model
+    "instance_prompt": None,       # one caption for every instance image (e.g. "a sks star"); None: the captions
+    "class_prompts": [],           # prior preservation (dreambooth): what the base model draws as class images
+    "num_class_images": 64,
+    "prior_weight": 1.0,
+    "train_text_encoder": False,   # dreambooth and lora
+    "token": "sks-star",           # textual inversion: the embedding's name, written in prompts
+    "init_word": "shape",          # textual inversion: the vectors start as this word's
+    "vectors": 1,                  # textual inversion: vectors per token
+    "rank": 4,                     # lora
+    "alpha": 4.0,                  # lora
+    "validation_prompts": [],      # drawn into samples/ every sample_every steps
+    "num_instance_images": 12,     # data.kind = shapes: how many renders
+}
+
+
+def settings(cfg: TrainConfig) -> dict:
+    unknown = set(cfg.extra) - set(FINETUNE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown fine-tuning settings {sorted(unknown)}; known: {', '.join(FINETUNE_DEFAULTS)}")
+    s = {**FINETUNE_DEFAULTS, **cfg.extra}
+    if isinstance(s["class_prompts"], str):
+        s["class_prompts"] = [s["class_prompts"]]
+    return s
+
+
+def instance_data(cfg: TrainConfig, s: dict, size: int) -> list[tuple]:
+    """[(PIL image, caption)] of the instance images."""
+    data = dict(cfg.data)
+    kind = data.get("kind", "folder")
+    if kind == "folder":
+        if "path" not in data:
+            raise ValueError("data.path must name the folder of instance images")
+        ds = FolderDataset(data["path"], size=size)
+        items = [(ds[i][0], ds[i][1]) for i in range(len(ds))]
+    elif kind == "shapes":
+        ds = ShapesDataset(seed=data.get("seed", 77), size=size, shapes=tuple(data.get("shapes", ["star"])),
+                           two_objects=0.0)
+        items = [(ds[i][0], ds[i][1]) for i in range(s["num_instance_images"])]
+    else:
+        raise ValueError(f"unknown data kind {kind!r}; known: folder, shapes")
+    if s["instance_prompt"]:
+        items = [(image, s["instance_prompt"]) for image, _ in items]
+    elif not all(c for _, c in items):
+        raise ValueError("some instance images have no caption: give them .txt captions or set instance_prompt")
+    return items
+
+
+def class_data(sd, s: dict, out: Path, progress: bool) -> list[tuple]:
+    """The base model's own pictures for the class prompts, drawn once and cached in out/class_images."""
+    if not s["class_prompts"] or not s["num_class_images"]:
+        return []
+    from PIL import Image
+
+    from ..pipeline import txt2img
+
+    folder = out / "class_images"
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(s["num_class_images"]):
+        prompt = s["class_prompts"][i % len(s["class_prompts"])]
+        path = folder / f"{i:04d}.png"
+        if not path.is_file():  # a resumed run reuses what was drawn
+            result = txt2img(sd, prompt, seed=10_000 + i)
+            save_png(result.images[0], path, result.infotexts[0])
+            if progress:
+                print(f"\rclass images {i + 1}/{s['num_class_images']}", end="", flush=True)
+        items.append((Image.open(path).convert("RGB"), prompt))
+    if progress:
+        print()
+    return items
+
+
+@torch.no_grad()
+def _latents(sd, items) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    post = sd.vae.encode(torch.cat([to_tensor(im) for im, _ in items]))
+    return post.mean, post.std, [c for _, c in items]
+
+
+def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    method = cfg.network
+    if method not in METHODS:
+        raise ValueError(f"unknown fine-tuning method {method!r}; known: {', '.join(METHODS)}")
+    s = settings(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    sd = load(s["model"]).float()
+    sd.requires_grad_(False)
+    scale = sd.config.scale_factor
+    instances = instance_data(cfg, s, sd.config.resolution)
+    inst = _latents(sd, instances)
+    prior = class_data(sd, s, out, progress) if method == "dreambooth" else []
+    cls = _latents(sd, prior) if prior else None
+
+    # What is trained, and how captions become text states.
+    extra_vectors = None
+    embset = None
+    if method == "textual-inversion":
+        width = sd.config.text.width
+        init_ids = sd.tokenizer.encode(s["init_word"]) or sd.tokenizer.encode("shape")
+        table = sd.text_encoder.text_model.embeddings.token_embedding.weight
+        init = torch.stack([table[init_ids[i % len(init_ids)]] for i in range(s["vectors"])]).float()
+        extra_vectors = torch.nn.Parameter(init.clone())
+        embset = EmbeddingSet([Embedding(s["token"], init)], sd.tokenizer, width, sd.config.text.vocab_size)
+        if not embset.names:
+            raise ValueError(f"token {s['token']!r} has no text to write in prompts")
+        vocab = sd.config.text.vocab_size
+        if not any(i >= vocab for c in inst[2] for chunk in tokenize_chunks(sd.tokenizer, c, embset) for i in chunk[0]):
+            raise ValueError(f"the captions never mention the token {s['token']!r}; set instance_prompt, "
+                             f"e.g. 'a {s['token']}'")
+        params = {"emb": extra_vectors}
+    elif method == "lora":
+        adapters = lora_mod.attach(sd, rank=s["rank"], alpha=s["alpha"], text_encoder=s["train_text_encoder"])
+        params = {f"{k}.{n}": p for k, a in adapters.items() for n, p in a.named_parameters()}
+        for p in params.values():
+            p.requires_grad_(True)
+    else:
+        sd.unet.requires_grad_(True)
+        params = {"unet." + k: p for k, p in sd.unet.named_parameters()}
+        if s["train_text_encoder"]:
+            sd.text_encoder.requires_grad_(True)
+            params.update({"text." + k: p for k, p in sd.text_encoder.named_parameters()})
+    train_text = method == "textual-inversion" or s["train_text_encoder"]
+
+    def encode(captions: list[str]) -> torch.Tensor:
+        ids = torch.tensor([tokenize_chunks(sd.tokenizer, c, embset)[0][0] for c in captions])
+        with torch.set_grad_enabled(train_text):
+            return sd.text_encoder(ids, extra=extra_vectors)
+
+    def loss_fn(step, micro):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 31 + micro)
+        rng = random.Random(f"{cfg.seed}:{step}:{micro}")
+
+        def draw(mean, std, captions):
+            idx = [rng.randrange(len(captions)) for _ in range(cfg.batch_size)]
+            z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
+            return z, [captions[i] for i in idx]
+        z, captions = draw(*inst)
+        loss = training_loss(sd.unet, z, encode(captions), sd.config.prediction, generator=g)
+        if cls is not None:
+            zc, cc = draw(*cls)
+            loss = loss + s["prior_weight"] * training_loss(sd.unet, zc, encode(cc), sd.config.prediction, generator=g)
+        return loss
+
+    def export(step, weights):
+        if method == "textual-inversion":
+            save_embedding(Embedding(s["token"], weights["emb"], step), out / f"{s['token']}.safetensors",
+                           checkpoint_name=sd.name)
+        elif method == "lora":
+            meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(s["rank"]),
+                    "ss_network_alpha": str(s["alpha"]), "ss_steps": str(step), "ss_base_model": sd.name,
+                    "plainsd.finetune": json.dumps(dataclasses.asdict(cfg))}
+            _atomic_save(lora_mod.adapters_state(adapters), out / "lora.safetensors", meta)
+        else:
+            sd.eval()
+            save(sd, out / "model.safetensors", dtype=torch.float16)
+
+    def sample(step, weights):
+        from ..pipeline import txt2img
+
+        prompts = s["validation_prompts"] or [instances[0][1]]
+        kwargs = {}
+        if method == "textual-inversion":
+            export(step, weights)
+            kwargs["embeddings_dir"] = out
+        pics = [txt2img(sd, p, seed=i, **kwargs).images[0] for i, p in enumerate(prompts * (8 // len(prompts) or 1))]
+        (out / "samples").mkdir(exist_ok=True)
+        contact_sheet(pics).save(out / "samples" / f"{method}-{step:06d}.png")
+
+    cfg = dataclasses.replace(cfg, ema_decay=0.0)
+    result = train(cfg, params, loss_fn, resume, sample, export, progress)
+    result["model"] = sd
+    return result

@@ -1,0 +1,98 @@
+"""DreamBooth, textual inversion and LoRA on a tiny model: what each trains, what it writes, resume."""
+
+import pytest
+import torch
+
+import plainsd
+from plainsd import lora
+from plainsd.cli import main
+from plainsd.embeddings import read_embedding
+from plainsd.pipeline import txt2img
+from plainsd.train.finetune import finetune
+from plainsd.train.loop import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ft") / "base.safetensors"
+    plainsd.save(plainsd.build("tiny", seed=0), path)
+    return path
+
+
+def config(base, out, method, steps=4, **extra):
+    return TrainConfig(network=method, steps=steps, batch_size=2, lr=1e-2, checkpoint_every=2, out=str(out),
+                       data={"kind": "shapes", "shapes": ["star"]},
+                       extra={"model": str(base), "num_instance_images": 3, **extra})
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_textual_inversion_learns_only_its_vectors(base, tmp_path):
+    r = finetune(config(base, tmp_path, "textual-inversion", instance_prompt="a sks-star", token="sks-star",
+                        init_word="circle", vectors=2), progress=False)
+    emb = read_embedding(tmp_path / "sks-star.safetensors")
+    sd = plainsd.load(base)
+    start = sd.text_encoder.text_model.embeddings.token_embedding.weight[sd.tokenizer.encode("circle")[0]]
+    assert emb.vectors.shape == (2, sd.config.text.width) and emb.step == 4
+    assert not torch.allclose(emb.vectors[0], start)  # it moved from its initial word
+    for a, b in zip(r["model"].state_dict().values(), sd.state_dict().values()):
+        assert torch.equal(a, b)  # the model itself is untouched
+    kw = dict(steps=2, seed=0, width=32, height=32)
+    with_token = txt2img(sd, "a sks-star", embeddings_dir=tmp_path, **kw).images[0]
+    assert with_token.tobytes() != txt2img(sd, "a sks-star", **kw).images[0].tobytes()
+    with pytest.raises(ValueError, match="never mention the token"):
+        finetune(config(base, tmp_path / "x", "textual-inversion", instance_prompt="a star", token="zz-thing"),
+                 progress=False)
+
+
+def test_lora_trains_adapters_in_kohya_format(base, tmp_path):
+    r = finetune(config(base, tmp_path, "lora", instance_prompt="a sks star", rank=2, alpha=1.0,
+                        train_text_encoder=True), progress=False)
+    state = lora.read_lora(tmp_path / "lora.safetensors")
+    assert any(k.startswith("lora_te_") for k in state.layers) and any(k.startswith("lora_unet_") for k in state.layers)
+    assert all(layer.rank == 2 and layer.alpha == 1.0 for layer in state.layers.values())
+    sd = plainsd.load(base)
+    lora.merge(sd, state)  # the file fits the model it was trained on
+    trained = r["model"]  # adapters still hooked: merged weights must act the same
+    ids = sd.tokenizer(["a sks star"])
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = trained.unet(x, torch.tensor([400]), trained.text_encoder(ids))
+        b = sd.unet(x, torch.tensor([400]), sd.text_encoder(ids))
+    assert (a - b).abs().max() < 1e-2  # the file holds fp16 weights
+
+
+def test_dreambooth_prior_preservation_and_exact_resume(base, tmp_path):
+    extra = dict(instance_prompt="a sks star", class_prompts=["a red circle"], num_class_images=2, prior_weight=1.0)
+    straight = finetune(config(base, tmp_path / "a", "dreambooth", **extra), progress=False)
+    assert sorted(p.name for p in (tmp_path / "a" / "class_images").iterdir()) == ["0000.png", "0001.png"]
+    finetune(config(base, tmp_path / "b", "dreambooth", steps=2, **extra), progress=False)
+    resumed = finetune(config(base, tmp_path / "b", "dreambooth", **extra), resume=True, progress=False)
+    assert resumed["losses"] == pytest.approx(straight["losses"], abs=1e-6)
+    for a, b in zip(straight["model"].unet.parameters(), resumed["model"].unet.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    without = finetune(config(base, tmp_path / "c", "dreambooth", steps=1, instance_prompt="a sks star"), progress=False)
+    assert without["losses"][0] < straight["losses"][0]  # the prior term adds its own loss
+    model = plainsd.load(tmp_path / "a" / "model.safetensors")
+    changed = max(float((p - q).abs().max()) for p, q in zip(model.unet.parameters(), plainsd.load(base).unet.parameters()))
+    assert changed > 1e-3
+
+
+def test_finetune_command(base, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    from PIL import Image
+    for i in range(3):
+        Image.new("RGB", (40, 40), (200, 40 * i, 0)).save(data / f"{i}.png")
+    (data / "0.txt").write_text("an orange thing")
+    args = ["finetune", "lora", "--model", str(base), "--data", str(data), "--max-train-steps", "2", "--out",
+            str(tmp_path / "run"), "--quiet", "--rank", "2", "--sample-every", "0"]
+    assert main(args) == 2
+    assert "no caption" in capsys.readouterr().err
+    assert main(args + ["--instance-prompt", "a zwx thing"]) == 0
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "run" / "lora.safetensors").is_file()
+    (tmp_path / "bad.json").write_text('{"network": "lora", "extra": {"rnak": 4}}')
+    assert main(["finetune", "lora", "--config", str(tmp_path / "bad.json"), "--quiet"]) == 2
+    assert "unknown fine-tuning settings ['rnak']" in capsys.readouterr().err
