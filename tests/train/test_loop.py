@@ -42,14 +42,15 @@ def test_ema_follows_with_decay():
 def _problem(seed=0):
     torch.manual_seed(seed)
     w = torch.nn.Parameter(torch.zeros(4))
+    b = torch.nn.Parameter(torch.tensor(0.0))  # a 0-dim parameter (like CLIP's temperature) must resume too
     target = torch.tensor([1.0, -2.0, 3.0, 0.5])
 
     def loss_fn(step, micro):
         g = torch.Generator().manual_seed(step * 10 + micro)
         x = torch.randn(16, 4, generator=g)
-        return ((x @ w - x @ target) ** 2).mean()
+        return ((x @ w + b - x @ target - 0.7) ** 2).mean()
 
-    return {"w": w}, loss_fn
+    return {"w": w, "b": b}, loss_fn
 
 
 def test_loss_goes_down_and_resume_is_exact(tmp_path):
@@ -74,5 +75,6 @@ def test_loss_goes_down_and_resume_is_exact(tmp_path):
     resumed = train(cfg2, params3, loss_fn3, resume=True, progress=False)
     assert len(resumed["losses"]) == 30
     assert torch.allclose(params3["w"], params["w"], atol=1e-6)
+    assert torch.allclose(params3["b"], params["b"], atol=1e-6)
     assert torch.allclose(resumed["weights"]["w"], straight["weights"]["w"], atol=1e-6)
     assert math.isclose(resumed["losses"][-1], straight["losses"][-1], rel_tol=1e-5)

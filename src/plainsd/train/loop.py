@@ -154,6 +154,8 @@ def load_checkpoint(path: Path, params: dict, optimizer: torch.optim.Optimizer, 
             for key in ("exp_avg", "exp_avg_sq"):
                 if f"opt.{k}.{key}" in f.keys():
                     state[key] = f.get_tensor(f"opt.{k}.{key}")
+                elif f"{k}.{key}" in meta["opt_scalars"]:  # a 0-dim parameter's moments are stored as numbers
+                    state[key] = torch.tensor(meta["opt_scalars"][f"{k}.{key}"], dtype=p.dtype)
             if f"{k}.step" in meta["opt_scalars"]:
                 state["step"] = torch.tensor(meta["opt_scalars"][f"{k}.step"])
             if state:
