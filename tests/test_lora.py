@@ -137,3 +137,22 @@ def test_trained_adapters_save_in_the_format_they_load_from(tmp_path):
     merged = lora.merge(sd, lora.read_lora(tmp_path / "mine.safetensors"))
     with torch.no_grad():
         assert max_diff(merged.unet(x, torch.tensor([300]), merged.text_encoder(ids)), hooked) <= 1e-5
+
+
+def test_locon_conv_layers_merge_as_their_low_rank_convolution(tmp_path):
+    import torch.nn.functional as F
+
+    sd = plainsd.build("tiny", seed=4)
+    key, name = "lora_unet_down_blocks_0_resnets_0_conv1", "input_blocks.1.0.in_layers.2"
+    assert lora.name_table(sd)[key] == ("unet", name)
+    conv = sd.unet.get_submodule(name)
+    g = torch.Generator().manual_seed(1)
+    down = torch.randn(3, conv.in_channels, 3, 3, generator=g) * 0.1
+    up = torch.randn(conv.out_channels, 3, 1, 1, generator=g) * 0.1
+    save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(6.0)},
+              str(tmp_path / "locon.safetensors"))
+    x = torch.randn(1, conv.in_channels, 8, 8, generator=g)
+    with torch.no_grad():
+        expected = conv(x) + 0.5 * (6.0 / 3) * F.conv2d(F.conv2d(x, down, padding=1), up)
+        lora.merge(sd, lora.read_lora(tmp_path / "locon.safetensors"), 0.5)
+        assert max_diff(sd.unet.get_submodule(name)(x), expected) <= 1e-5
