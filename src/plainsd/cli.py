@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="karras")
     p.add_argument("--vae", default=None, help="a VAE training's vae.safetensors, for PSNR")
     p.add_argument("--clip", default=None, help="a CLIP training's clip.safetensors, for retrieval")
+    p.add_argument("--checks", action="store_true",
+                   help="also: adherence against CFG 1..5, the negative prompt 'red' on 'a circle', img2img at 0.3")
+    p.add_argument("--concept-prompt", default=None, help='fine-tuning proof: how often this prompt draws --concept-shape')
+    p.add_argument("--concept-shape", default="star")
+    p.add_argument("--lora-dir", default=None, help="for <lora:...> in --concept-prompt")
+    p.add_argument("--embeddings-dir", default=None, help="for embeddings in --concept-prompt")
     p.add_argument("-o", "--output", default=None, help="also write the JSON here")
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("finetune", help="teach a model from a few images: dreambooth, textual-inversion, lora")
@@ -400,6 +406,22 @@ def _eval(args) -> int:
                     out["single_object"].update(metrics.distribution_metrics(pairs, *clip))
             if args.two_object_prompts:
                 out["two_objects"] = metrics.adherence(sd, args.two_object_prompts, 2, **common)
+    if args.checks or args.concept_prompt:
+        sd = _load_model(args.model, None)
+        common = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, schedule=args.schedule)
+        with torch.no_grad():
+            if args.checks:
+                n = max(args.prompts // 2, 10)
+                sweep_args = {k: v for k, v in common.items() if k != "cfg_scale"}
+                out["cfg_sweep_colour_and_shape"] = metrics.guidance_sweep(sd, n=n, **sweep_args)
+                out["negative_prompt"] = metrics.negative_prompt_effect(sd, n=n, **common)
+                out["img2img_0.3_keeps"] = metrics.img2img_keeps(sd, n=n, **common)
+            if args.concept_prompt:
+                out["concept"] = {"prompt": args.concept_prompt, "shape": args.concept_shape,
+                                  "rate": metrics.concept_rate(sd, args.concept_prompt, args.concept_shape,
+                                                               n=max(args.prompts // 2, 10), lora_dir=args.lora_dir,
+                                                               embeddings_dir=args.embeddings_dir, **common)}
+    if args.prompts or args.two_object_prompts or args.checks or args.concept_prompt:
         out["settings"] = {**common, "model": sd.name}
     text = json.dumps(out, indent=2)
     print(text)

@@ -77,3 +77,36 @@ def test_eval_with_clip_reports_distribution_metrics(tmp_path, capsys):
     data = json.loads((tmp_path / "e.json").read_text())
     assert {"fid_clip", "clip_score", "inception_score_judge"} <= set(data["single_object"])
     assert 0 <= data["clip_top1_retrieval"] <= 1
+
+
+def test_checks_with_stand_in_painters(monkeypatch):
+    from plainsd import pipeline
+    from plainsd.train.data import Obj, Scene, render
+
+    class R:
+        def __init__(self, image):
+            self.images = [image]
+
+    def painter(sd, prompt, negative="", **k):  # draws a red circle unless told not to draw red
+        colour = "blue" if "red" in negative else "red"
+        shape = "star" if "sks" in prompt else "circle"
+        return R(render(Scene([Obj(shape, colour, "large", "centre")], "white")))
+
+    monkeypatch.setattr(pipeline, "txt2img", painter)
+    effect = metrics.negative_prompt_effect(None, n=4)
+    assert effect["red_without"] == 1.0 and effect["red_with"] == 0.0
+    assert metrics.concept_rate(None, "a sks star", "star", n=3) == 1.0
+    assert metrics.concept_rate(None, "a circle", "star", n=3) == 0.0
+    monkeypatch.setattr(pipeline, "img2img", lambda sd, image, prompt, **k: R(image))  # keeps its input exactly
+    assert metrics.img2img_keeps(None, n=6) == 1.0
+
+
+def test_eval_checks_on_a_tiny_model(tmp_path, capsys):
+    model = tmp_path / "m.safetensors"
+    plainsd.save(plainsd.build("tiny"), model)
+    assert main(["eval", "--model", str(model), "--prompts", "0", "--two-object-prompts", "0", "--steps", "1",
+                 "--checks", "--concept-prompt", "a star", "-o", str(tmp_path / "e.json")]) == 0
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert set(data["cfg_sweep_colour_and_shape"]) == {"1.0", "2.0", "3.0", "5.0"}
+    assert 0 <= data["img2img_0.3_keeps"] <= 1 and 0 <= data["concept"]["rate"] <= 1
+    assert set(data["negative_prompt"]) == {"prompt", "negative_prompt", "red_without", "red_with"}
