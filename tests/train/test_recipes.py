@@ -50,3 +50,16 @@ def test_three_trainings_and_a_resume(tmp_path):
     assert sd.config.scale_factor == scale and sd.config.resolution == 64
     assert txt2img(sd, "a red circle", steps=2, seed=0).images[0].size == (64, 64)
     assert torch.equal(sd.text_encoder.text_model.final_layer_norm.weight, text.text_model.final_layer_norm.weight.half().float())
+
+    # shipping: fp16 weights that carry their recommended settings, and a card written from the runs
+    from plainsd.train import ship
+    (tmp_path / "eval.json").write_text(json.dumps({"vae_psnr_db": 20.5, "single_object": {"colour_and_shape": 0.5},
+                                                    "settings": {"steps": 20}}))
+    ship.main(["--runs", str(tmp_path), "--eval", str(tmp_path / "eval.json"), "--out", str(tmp_path / "base.safetensors")])
+    shipped = plainsd.load(tmp_path / "base.safetensors")
+    assert shipped.defaults == ship.RECOMMENDED
+    text = (tmp_path / "base.md").read_text()
+    assert "| unet | 40 | 8 |" in text and "| VAE reconstruction PSNR (dB) | 20.5 |" in text
+    assert "| single object: colour and shape | 0.5 |" in text
+    result = txt2img(shipped, "a red circle", seed=0)  # the plain call uses the model's own settings
+    assert result.parameters["steps"] == 20 and result.parameters["cfg_scale"] == 5.0 and result.images[0].size == (64, 64)

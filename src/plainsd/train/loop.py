@@ -178,10 +178,10 @@ def train(cfg: TrainConfig, params: dict[str, torch.nn.Parameter], loss_fn: Call
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
     ckpt = out / "checkpoint.safetensors"
-    start, losses = 0, []
+    start, losses, before = 0, [], 0.0
     if resume and ckpt.is_file():
         start, meta = load_checkpoint(ckpt, params, optimizer, ema)
-        losses = meta.get("losses", [])
+        losses, before = meta.get("losses", []), meta.get("seconds", 0.0)
     elif resume:
         print(f"plainsd: note: no checkpoint in {out}; starting from step 0")
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -212,8 +212,10 @@ def train(cfg: TrainConfig, params: dict[str, torch.nn.Parameter], loss_fn: Call
         if on_sample and cfg.sample_every and done % cfg.sample_every == 0:
             on_sample(done, export())
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(ckpt, done, params, optimizer, ema, {"losses": losses})
+            save_checkpoint(ckpt, done, params, optimizer, ema,
+                            {"losses": losses, "seconds": before + time.perf_counter() - started})
             if on_checkpoint:
                 on_checkpoint(done, export())
     elapsed = time.perf_counter() - started
-    return {"losses": losses, "step": cfg.steps, "seconds": elapsed, "weights": export()}
+    return {"losses": losses, "step": cfg.steps, "seconds": elapsed, "total_seconds": before + elapsed,
+            "weights": export()}

@@ -1,0 +1,123 @@
+"""Make the shipped default model from a finished training: fp16 weights with their recommended settings,
+and a model card written from the run folders and `plainsd eval`'s JSON.
+
+    python -m plainsd.train.ship --runs runs --eval runs/eval.json
+
+writes src/plainsd/data/plainsd-base.safetensors and src/plainsd/data/plainsd-base.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..weights import DEFAULT_MODEL, load, save
+
+# What the plain command uses: the settings the evaluation measured.
+RECOMMENDED = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "karras", "cfg_scale": 5.0, "width": 64, "height": 64}
+
+
+def run_facts(runs: Path, net: str) -> dict:
+    """Steps, seconds and recipe of one training run (seconds from its checkpoint, or its logs)."""
+    folder = runs / net
+    facts: dict = {"recipe": json.loads((folder / "config.json").read_text())}
+    meta = json.loads(safe_open(str(folder / "checkpoint.safetensors"), "pt").metadata()["plainsd.train"])
+    facts["steps"] = meta["step"]
+    seconds = meta.get("seconds")
+    if seconds is None:  # older checkpoints: the CLI's closing lines, one per (resumed) segment
+        lines = [m for log in sorted(runs.glob(f"{net}*.log"))
+                 for m in re.findall(rf"trained {net} to step (\d+) in (\d+) s", log.read_text(errors="ignore"))]
+        seconds = sum(int(s) for _, s in lines) if lines else None
+    facts["seconds"] = seconds
+    facts["final_loss"] = sum(meta["losses"][-50:]) / len(meta["losses"][-50:])
+    return facts
+
+
+def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
+    def minutes(net):
+        s = facts[net]["seconds"]
+        return f"{s / 60:.1f} min" if s else "not recorded"
+
+    total = sum(facts[n]["seconds"] or 0 for n in ("vae", "clip", "unet"))
+    so, two = metrics.get("single_object", {}), metrics.get("two_objects", {})
+    lines = [
+        "# plainsd-base: the model plainsd ships",
+        "",
+        "A small Stable Diffusion (SD 1.x classes and checkpoint layout: CLIP text encoder, latent UNet, "
+        "AutoencoderKL with 4 latent channels and factor 8) trained from scratch on a CPU by plainsd's own "
+        "recipes, on the shapes world of `plainsd.train.data`: 5 shapes (circle, square, triangle, diamond, "
+        "cross), 8 colours, 2 sizes, 5 positions, 8 backgrounds, one or two objects, captions in varied phrasing "
+        "that sometimes leave attributes out. The star is kept out of the data (the fine-tuning recipes teach it).",
+        "",
+        f"- Weights: `plainsd-base.safetensors`, {params / 1e6:.1f} M parameters, float16, {size_bytes / 2**20:.1f} MB, "
+        "original SD key layout (A1111, ComfyUI and diffusers' single-file loader read it).",
+        f"- Images: {RECOMMENDED['width']}x{RECOMMENDED['height']} pixels (latents 8x8x4).",
+        f"- Recommended (the plain `plainsd txt2img` uses these): {RECOMMENDED['steps']} steps of "
+        f"{RECOMMENDED['sampler']} with the {RECOMMENDED['schedule']} schedule, CFG {RECOMMENDED['cfg_scale']:g}.",
+        "",
+        "## Training (2-core CPU, float32)",
+        "",
+        "| network | steps | batch | time | recipe |",
+        "|---|---|---|---|---|",
+    ]
+    for net in ("vae", "clip", "unet"):
+        r = facts[net]["recipe"]
+        lines.append(f"| {net} | {facts[net]['steps']} | {r['batch_size']} | {minutes(net)} | lr {r['lr']:g} "
+                     f"{r['lr_schedule']}, {json.dumps(r.get('extra', {}))} |")
+    lines += [
+        "",
+        f"Total training time: {total / 60:.0f} min (VAE and CLIP ran side by side, one thread each; the UNet on "
+        "both cores). " + facts.get("note", ""),
+        "",
+        "## Evaluation (`plainsd eval --checks`, held-out prompts and seeds)",
+        "",
+        "| measure | value |",
+        "|---|---|",
+    ]
+    rows = [("VAE reconstruction PSNR (dB)", metrics.get("vae_psnr_db")),
+            ("CLIP text -> image top-1 retrieval among 100", metrics.get("clip_top1_retrieval")),
+            ("single object: colour and shape", so.get("colour_and_shape")),
+            ("single object: position", so.get("position")),
+            ("single object: size", so.get("size")),
+            ("two objects: colour and shape (both)", two.get("colour_and_shape")),
+            ("two objects: position", two.get("position")),
+            ("FID on CLIP image features (vs renders)", so.get("fid_clip")),
+            ("CLIP score", so.get("clip_score")),
+            ("colour and shape at CFG 1 / 2 / 3 / 5", " / ".join(f"{v:.2f}" for v in metrics.get("cfg_sweep_colour_and_shape", {}).values()) or None),
+            ("'a circle': red objects without / with negative prompt 'red'",
+             f"{metrics['negative_prompt']['red_without']:.2f} / {metrics['negative_prompt']['red_with']:.2f}" if "negative_prompt" in metrics else None),
+            ("img2img at strength 0.3 keeps shape, colour and position", metrics.get("img2img_0.3_keeps"))]
+    for name, value in rows:
+        if value is not None:
+            lines.append(f"| {name} | {value if isinstance(value, str) else round(value, 3)} |")
+    lines += ["", f"Settings: {json.dumps(metrics.get('settings', {}))}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--eval", default="runs/eval.json")
+    p.add_argument("--note", default="", help="anything about this run the card should say")
+    p.add_argument("--out", default=str(DEFAULT_MODEL))
+    args = p.parse_args(argv)
+    runs = Path(args.runs)
+    facts = {net: run_facts(runs, net) for net in ("vae", "clip", "unet")}
+    facts["note"] = args.note
+    metrics = json.loads(Path(args.eval).read_text())
+    sd = load(runs / "unet" / "model.safetensors")
+    sd.defaults = dict(RECOMMENDED)
+    out = save(sd, args.out, dtype=torch.float16)
+    params = sum(p.numel() for p in sd.parameters())
+    text = card(facts, metrics, out.stat().st_size, params)
+    out.with_suffix(".md").write_text(text)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB) and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
