@@ -1,6 +1,8 @@
 """The three trainings of Stable Diffusion, as the paper stages them, on small configs.
 
-1. vae:  the autoencoder, on images: reconstruction (L1) + a small KL term.
+1. vae:  the autoencoder, on images: reconstruction (L1) + a small KL term. Like SD's, it is a general image
+         codec: its data ("shapes": "all") includes the star, so that a fine-tuned UNet can draw one;
+         CLIP and the UNet never see a star.
 2. clip: text and image towers, contrastively: cosine similarities, symmetric cross-entropy over the
          batch's other pairs, learned temperature (Radford et al. 2021).
 3. unet: the noise predictor on frozen VAE latents and frozen CLIP text states: random timestep, noise
@@ -30,7 +32,7 @@ from ..models.clip import CLIPTextModel, CLIPVisionModel
 from ..models.tokenizer import Tokenizer
 from ..models.vae import AutoencoderKL
 from ..weights import save
-from .data import FolderDataset, ShapesDataset
+from .data import ALL_SHAPES, SHAPES, FolderDataset, ShapesDataset
 from .loop import TrainConfig, _atomic_save, train
 
 # The small Stable Diffusion that plainsd trains and ships: same classes and layout as SD 1.x.
@@ -64,7 +66,10 @@ def dataset(cfg: TrainConfig, size: int):
     data = dict(cfg.data)
     kind = data.pop("kind", "shapes")
     if kind == "shapes":
-        return ShapesDataset(length=data.get("length", 1_000_000), seed=data.get("seed", 0), size=size)
+        shapes = data.get("shapes", "base")
+        shapes = {"base": SHAPES, "all": ALL_SHAPES}.get(shapes, shapes) if isinstance(shapes, str) else shapes
+        return ShapesDataset(length=data.get("length", 1_000_000), seed=data.get("seed", 0), size=size,
+                             shapes=tuple(shapes))
     if kind == "folder":
         return FolderDataset(data["path"], size=size)
     raise ValueError(f"unknown data kind {kind!r}; known: shapes, folder")
