@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also: adherence against CFG 1..5, the negative prompt 'red' on 'a circle', img2img at 0.3")
     p.add_argument("--concept-prompt", default=None, help='fine-tuning proof: how often this prompt draws --concept-shape')
     p.add_argument("--concept-shape", default="star")
+    p.add_argument("--concept-images", type=int, default=50, help="images drawn for --concept-prompt")
     p.add_argument("--lora-dir", default=None, help="for <lora:...> in --concept-prompt")
     p.add_argument("--embeddings-dir", default=None, help="for embeddings in --concept-prompt")
     p.add_argument("-o", "--output", default=None, help="also write the JSON here")
@@ -419,7 +420,7 @@ def _eval(args) -> int:
             if args.concept_prompt:
                 out["concept"] = {"prompt": args.concept_prompt, "shape": args.concept_shape,
                                   "rate": metrics.concept_rate(sd, args.concept_prompt, args.concept_shape,
-                                                               n=max(args.prompts // 2, 10), lora_dir=args.lora_dir,
+                                                               n=args.concept_images, lora_dir=args.lora_dir,
                                                                embeddings_dir=args.embeddings_dir, **common)}
     if args.prompts or args.two_object_prompts or args.checks or args.concept_prompt:
         out["settings"] = {**common, "model": sd.name}

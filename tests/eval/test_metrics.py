@@ -105,7 +105,7 @@ def test_eval_checks_on_a_tiny_model(tmp_path, capsys):
     model = tmp_path / "m.safetensors"
     plainsd.save(plainsd.build("tiny"), model)
     assert main(["eval", "--model", str(model), "--prompts", "0", "--two-object-prompts", "0", "--steps", "1",
-                 "--checks", "--concept-prompt", "a star", "-o", str(tmp_path / "e.json")]) == 0
+                 "--checks", "--concept-prompt", "a star", "--concept-images", "4", "-o", str(tmp_path / "e.json")]) == 0
     data = json.loads((tmp_path / "e.json").read_text())
     assert set(data["cfg_sweep_colour_and_shape"]) == {"1.0", "2.0", "3.0", "5.0"}
     assert 0 <= data["img2img_0.3_keeps"] <= 1 and 0 <= data["concept"]["rate"] <= 1
