@@ -24,7 +24,7 @@ BACKGROUNDS = {**COLOURS, "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 HELD_OUT = ("star",)
 ALL_SHAPES = SHAPES + HELD_OUT
-SIZES = {"small": 0.3, "large": 0.45}  # side of the shape's box as a fraction of the image side
+SIZES = {"small": 0.25, "large": 0.45}  # side of the shape's box as a fraction of the image side
 POSITIONS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75), "centre": (0.5, 0.5)}
 PAIRS = (("left", "right"), ("top", "bottom"))
 

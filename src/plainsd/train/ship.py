@@ -71,8 +71,8 @@ def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
                      f"{r['lr_schedule']}, {json.dumps(r.get('extra', {}))} |")
     lines += [
         "",
-        f"Total training time: {total / 60:.0f} min (VAE and CLIP ran side by side, one thread each; the UNet on "
-        "both cores). " + facts.get("note", ""),
+        f"Total training time: {total / 60:.0f} min, the sum of the three runs (`make model` runs the VAE and CLIP "
+        "side by side, one thread each). " + facts.get("note", ""),
         "",
         "## Evaluation (`plainsd eval --checks`, held-out prompts and seeds)",
         "",
