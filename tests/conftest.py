@@ -1,3 +1,4 @@
+import gc
 import shutil
 import zlib
 
@@ -29,18 +30,24 @@ def tiny():
 _REFERENCE_CACHE: dict = {}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """reference(name) -> (config, diffusers unet, diffusers vae, transformers text encoder, folder, plainsd model).
 
     The reference networks get random weights, are written as a diffusers folder, and plainsd loads
-    that folder through its checkpoint loader. Cached per name for the session; the folder is deleted
-    once loaded (a full-size SD2 folder is 5 GB, and CI machines have little disk), so `folder` is None.
+    that folder through its checkpoint loader. Cached per name for the module, one full-size pair at a time
+    (each takes GBs of RAM). The folder is deleted once loaded (a full-size SD2 folder is 5 GB, and CI
+    machines have little disk), so `folder` is None.
     """
     from tests.reference import build_diffusers, write_diffusers_folder
     from tests.test_configs import test_config
 
     def get(name: str):
+        if name not in _REFERENCE_CACHE and not name.startswith("tiny"):
+            # A full-size pair (diffusers + plainsd, float32) takes 5-10 GB of RAM: keep one at a time.
+            for other in [k for k in _REFERENCE_CACHE if not k.startswith("tiny")]:
+                del _REFERENCE_CACHE[other]
+            gc.collect()
         if name not in _REFERENCE_CACHE:
             config = test_config(name)
             unet, vae, text = build_diffusers(config, seed=zlib.crc32(name.encode()) % 1000)  # same weights every run
