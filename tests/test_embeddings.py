@@ -74,3 +74,13 @@ def test_embeddings_are_not_split_across_chunks(sd):
     assert len(chunks) == 2
     placeholder = list(range(sd.config.text.vocab_size, sd.config.text.vocab_size + 5))
     assert chunks[1][0][1:6] == placeholder and not set(placeholder) & set(chunks[0][0])
+
+
+def test_pooled_embedding_finds_the_end_token_past_placeholder_ids(sd):
+    vectors = word_vectors(sd, "red star")
+    found = EmbeddingSet([Embedding("mystar", vectors)], sd.tokenizer, sd.config.text.width,
+                         sd.config.text.vocab_size)
+    a = torch.tensor([tokenize_chunks(sd.tokenizer, "a mystar", found)[0][0]])
+    b = torch.tensor([tokenize_chunks(sd.tokenizer, "a red star")[0][0]])
+    with torch.no_grad():
+        assert torch.equal(sd.text_encoder.pooled(a, extra=found.vectors), sd.text_encoder.pooled(b))

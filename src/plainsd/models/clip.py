@@ -116,11 +116,12 @@ class CLIPTextModel(nn.Module):
             x = layer(x)
         return self.text_model.final_layer_norm(x)
 
-    def pooled(self, ids: torch.Tensor) -> torch.Tensor:
+    def pooled(self, ids: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """CLIP's text embedding: the last layer's state at the end token, projected if the model can."""
-        x = self.forward(ids, clip_skip=1)
+        x = self.forward(ids, clip_skip=1, extra=extra)
         # The end token has the highest id, so argmax finds it (the first one, where padding is also EOT).
-        x = x[torch.arange(x.shape[0]), ids.argmax(dim=-1)]
+        vocab = self.text_model.embeddings.token_embedding.num_embeddings
+        x = x[torch.arange(x.shape[0]), ids.masked_fill(ids >= vocab, 0).argmax(dim=-1)]  # not an embedding's ids
         return self.text_projection(x) if hasattr(self, "text_projection") else x
 
 
