@@ -97,7 +97,6 @@ class EmbeddingSet:
     def __init__(self, embeddings: list[Embedding], tokenizer, width: int, vocab_size: int):
         self.by_tokens: dict[tuple[int, ...], list[int]] = {}
         self.names: list[str] = []
-        self.names_to_ids: dict[str, list[int]] = {}
         self.skipped: dict[str, str] = {}
         self.embeddings = {e.name: e for e in embeddings}
         rows, offset = [], vocab_size
@@ -110,15 +109,11 @@ class EmbeddingSet:
                 continue
             n = emb.vectors.shape[0]
             self.by_tokens[tokens] = list(range(offset, offset + n))
-            self.names_to_ids[emb.name] = self.by_tokens[tokens]
             self.names.append(emb.name)
             rows.append(emb.vectors)
             offset += n
         self.vectors = torch.cat(rows) if rows else torch.zeros(0, width)
         self.longest = max((len(t) for t in self.by_tokens), default=0)
-
-    def by_tokens_for(self, name: str) -> list[int]:
-        return self.names_to_ids[name]
 
     def match(self, tokens: list[int], i: int) -> tuple[list[int], int] | None:
         """(placeholder ids, tokens consumed) if an embedding's name starts at tokens[i]."""

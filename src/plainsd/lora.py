@@ -135,13 +135,9 @@ def applied(sd, loras: list[tuple[LoRA, float]]):
             continue  # weight 0 is the base model, exactly
         for k, d in deltas(sd, lora, w).items():
             changes[k] = changes[k] + d if k in changes else d
-    saved = {}
+    saved = {k: getattr(sd, k[0]).get_parameter(k[1]).detach().clone() for k in changes}
     try:
-        with torch.no_grad():
-            for (net, name), d in changes.items():
-                p = getattr(sd, net).get_parameter(name)
-                saved[(net, name)] = p.detach().clone()
-                p.copy_((p.float() + d).to(p.dtype))
+        _add(sd, changes)
         yield sd
     finally:
         with torch.no_grad():
@@ -151,11 +147,15 @@ def applied(sd, loras: list[tuple[LoRA, float]]):
 
 def merge(sd, lora: LoRA, weight: float = 1.0):
     """Add the LoRA into the model's weights for good (what `plainsd lora merge` saves)."""
+    _add(sd, deltas(sd, lora, weight))
+    return sd
+
+
+def _add(sd, changes: dict[tuple[str, str], torch.Tensor]):
     with torch.no_grad():
-        for (net, name), d in deltas(sd, lora, weight).items():
+        for (net, name), d in changes.items():
             p = getattr(sd, net).get_parameter(name)
             p.copy_((p.float() + d).to(p.dtype))
-    return sd
 
 
 def find_loras(folder: str | os.PathLike | None) -> dict[str, Path]:

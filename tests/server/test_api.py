@@ -283,7 +283,7 @@ def test_web_page_is_served_without_external_resources(client):
     r = client.get("/")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
     html = r.text
-    assert 'id="prompt"' in html and 'id="generate"' in html and "/sdapi/v1/txt2img" not in html.split("<script>")[0]
+    assert 'id="prompt"' in html and 'id="generate"' in html
     assert "http://" not in html and "https://" not in html  # nothing fetched from a CDN
     d = client.get("/plainsd/defaults").json()
     assert d["width"] == 64 and d["sampler"] and d["steps"] >= 1

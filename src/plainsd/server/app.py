@@ -236,7 +236,7 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
         from plainsd.embeddings import load_embeddings
         found = await asyncio.to_thread(load_embeddings, embeddings_dir, await asyncio.to_thread(store.get))
         loaded = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                         "shape": found.vectors.shape[1], "vectors": len(found.by_tokens_for(name))}
+                         "shape": found.vectors.shape[1], "vectors": found.embeddings[name].vectors.shape[0]}
                   for name in found.names}
         return {"loaded": loaded, "skipped": {k: {} for k in found.skipped}}
 

@@ -26,7 +26,6 @@ class Job:
     kind: str = "txt2img"
     steps_total: int = 0          # sampling steps over all batches, for the progress fraction
     future: Future = field(default_factory=Future)
-    submitted: float = field(default_factory=time.time)
     started: float | None = None
     interrupted: bool = False
     skipped: bool = False
@@ -54,7 +53,6 @@ class JobQueue:
         self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Condition()
         self.current: Job | None = None
-        self.finished = 0
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="plainsd-worker", daemon=True)
         self._thread.start()
@@ -113,4 +111,3 @@ class JobQueue:
             finally:
                 with self._lock:
                     self.current = None
-                    self.finished += 1

@@ -68,11 +68,11 @@ def instance_data(cfg: TrainConfig, s: dict, size: int) -> list[tuple]:
         if "path" not in data:
             raise ValueError("data.path must name the folder of instance images")
         ds = FolderDataset(data["path"], size=size)
-        items = [(ds[i][0], ds[i][1]) for i in range(len(ds))]
+        items = [ds[i][:2] for i in range(len(ds))]
     elif kind == "shapes":
         ds = ShapesDataset(seed=data.get("seed", 77), size=size, shapes=tuple(data.get("shapes", ["star"])),
                            two_objects=0.0)
-        items = [(ds[i][0], ds[i][1]) for i in range(s["num_instance_images"])]
+        items = [ds[i][:2] for i in range(s["num_instance_images"])]
     else:
         raise ValueError(f"unknown data kind {kind!r}; known: folder, shapes")
     if s["instance_prompt"]:
