@@ -104,7 +104,7 @@ def test_lora_merge_and_lora_and_embedding_folders(tmp_path, capsys):
     for a, b in zip(merged.unet.parameters(), expected.unet.parameters()):
         assert torch.equal(a, b)
     # the merged model draws what the tag draws
-    common = ["--steps", "3", "--seed", "2", "--width", "32", "--height", "32", "--quiet"]
+    common = ["--steps", "3", "--seed", "2", "--width", "32", "--height", "32", "--quiet", "--precision", "fp32"]  # exact equality
     main(["txt2img", "x", "--model", "m.safetensors", "-o", "merged.png"] + common)
     main(["txt2img", "x <lora:style:0.5>", "--model", "base.safetensors", "--lora-dir", "loras", "-o", "tag.png"] + common)
     assert np.array_equal(np.asarray(Image.open("merged.png")), np.asarray(Image.open("tag.png")))

@@ -41,10 +41,20 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="override what the model predicts")
     p.add_argument("--lora-dir", default=None, help="folder of LoRA files, used by <lora:name:weight> in the prompt")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings, used by name in prompts")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    _runtime_args(p)
+    p.add_argument("--fast", action="store_true",
+                   help="fast mode: DeepCache, guidance for the first 60%% of the steps, the model's tiny decoder (less exact)")
     p.add_argument("--save-steps", action="store_true", help="also write the denoising process as a GIF and a contact sheet")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def _runtime_args(p: argparse.ArgumentParser):
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="the networks' number format; auto = bf16 where the CPU has native bf16 (avx512_bf16/AMX), else fp32")
+    p.add_argument("--backend", choices=["eager", "openvino"], default="eager",
+                   help="openvino: run the UNet compiled by OpenVINO (pip install 'plainsd[openvino]'); cached on disk")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("samplers", help="list samplers and schedules")
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("train", help="train the VAE, CLIP or the UNet from a config file")
-    p.add_argument("network", choices=["vae", "clip", "unet"])
+    p.add_argument("network", choices=["vae", "clip", "unet", "taesd"])
     p.add_argument("--config", default=None, help="a JSON training config (default: the shipped recipe)")
     p.add_argument("--out", default=None, help="run folder (checkpoints, samples, exported weights)")
     p.add_argument("--steps", type=int, default=None)
@@ -94,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept-images", type=int, default=50, help="images drawn for --concept-prompt")
     p.add_argument("--lora-dir", default=None, help="for <lora:...> in --concept-prompt")
     p.add_argument("--embeddings-dir", default=None, help="for embeddings in --concept-prompt")
+    p.add_argument("--fast", action="store_true", help="measure fast mode (the adherence prompts)")
+    _runtime_args(p)
     p.add_argument("-o", "--output", default=None, help="also write the JSON here")
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("finetune", help="teach a model from a few images: dreambooth, textual-inversion, lora")
@@ -149,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", default="outputs/api", help="where save_images=true requests write")
     p.add_argument("--lora-dir", default=None, help="folder of LoRA files for <lora:name:weight> in prompts")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    _runtime_args(p)
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("demo", help="draw one picture with the default model and say where it is")
     p.add_argument("-o", "--output", default="outputs/demo.png")
@@ -157,15 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_model(path: str | None, prediction: str | None):
+def _load_model(path: str | None, prediction: str | None, precision: str = "auto", backend: str = "eager"):
     import plainsd
+    from plainsd import runtime
     from plainsd.weights import DEFAULT_MODEL
 
+    dtype = runtime.choose_dtype(precision)
     if path is None and not DEFAULT_MODEL.is_file():
         print("plainsd: note: no default model is shipped yet; drawing with a random tiny model (expect noise). "
               "Pass --model PATH for a real checkpoint.", file=sys.stderr)
-        return plainsd.build("tiny", seed=0)
-    return plainsd.load(path, prediction=prediction)
+        return runtime.prepare(plainsd.build("tiny", seed=0).to(dtype), backend)
+    return runtime.prepare(plainsd.load(path, prediction=prediction, dtype=dtype), backend)
 
 
 def _open_image(path: str):
@@ -203,7 +217,8 @@ def _generate(args) -> int:
     kwargs = dict(steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg_scale,
                   seed=args.seed, width=args.width, height=args.height, batch_size=args.batch_size,
                   batch_count=args.batch_count, clip_skip=args.clip_skip, eta=args.eta, progress=not args.quiet,
-                  record_steps=args.save_steps, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+                  record_steps=args.save_steps, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+                  fast=args.fast)
     # Check the cheap things before loading a model.
     from plainsd.diffusion.samplers import resolve_sampler
     from plainsd.diffusion.schedules import get_sigmas
@@ -218,7 +233,7 @@ def _generate(args) -> int:
             raise ValueError(f"width and height must be positive multiples of 8, got {args.width}x{args.height}")
     if args.output and Path(args.output).suffix.lower() != ".png":
         raise ValueError(f"the output must be a .png file, got {Path(args.output).name}")
-    sd = _load_model(args.model, args.prediction)
+    sd = _load_model(args.model, args.prediction, args.precision, args.backend)
     started = time.perf_counter()
     if args.command == "txt2img":
         result = pipeline.txt2img(sd, args.prompt, args.negative_prompt, **kwargs)
@@ -351,7 +366,8 @@ def _serve(args) -> int:
         torch.set_num_threads(args.threads)
     limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_images=args.max_images)
     app = create_app(args.model, args.models_dir, auth=args.api_auth, max_queue=args.max_queue, limits=limits,
-                     outputs=args.outputs, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+                     outputs=args.outputs, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+                     precision=args.precision, backend=args.backend)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"plainsd: note: listening on {args.host}, reachable from other machines"
               + ("" if args.api_auth else " without authentication (see --api-auth)"), file=sys.stderr)
@@ -396,19 +412,22 @@ def _eval(args) -> int:
         text, vision, _ = load_clip(args.clip)
         clip = (text, vision, Tokenizer("sd1"))
         out["clip_top1_retrieval"] = metrics.clip_retrieval(*clip)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sd = None
     if args.prompts or args.two_object_prompts:
-        sd = _load_model(args.model, None)
+        sd = _load_model(args.model, None, args.precision, args.backend)
         common = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, schedule=args.schedule)
         with torch.no_grad():
             if args.prompts:
                 pairs: list = []
-                out["single_object"] = metrics.adherence(sd, args.prompts, 1, keep_images=pairs, **common)
+                out["single_object"] = metrics.adherence(sd, args.prompts, 1, keep_images=pairs, fast=args.fast, **common)
                 if clip:
                     out["single_object"].update(metrics.distribution_metrics(pairs, *clip))
             if args.two_object_prompts:
-                out["two_objects"] = metrics.adherence(sd, args.two_object_prompts, 2, **common)
+                out["two_objects"] = metrics.adherence(sd, args.two_object_prompts, 2, fast=args.fast, **common)
     if args.checks or args.concept_prompt:
-        sd = _load_model(args.model, None)
+        sd = sd or _load_model(args.model, None, args.precision, args.backend)
         common = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, schedule=args.schedule)
         with torch.no_grad():
             if args.checks:
@@ -423,7 +442,8 @@ def _eval(args) -> int:
                                                                n=args.concept_images, lora_dir=args.lora_dir,
                                                                embeddings_dir=args.embeddings_dir, **common)}
     if args.prompts or args.two_object_prompts or args.checks or args.concept_prompt:
-        out["settings"] = {**common, "model": sd.name}
+        out["settings"] = {**common, "model": sd.name, "precision": str(sd.dtype).replace("torch.", ""),
+                           "backend": args.backend, "fast": args.fast}
     text = json.dumps(out, indent=2)
     print(text)
     if args.output:

@@ -25,6 +25,7 @@ from .models import StableDiffusion
 from .pnginfo import infotext
 from . import lora as lora_mod
 from .embeddings import load_embeddings
+from .fast import FAST, DeepCacheUNet, FastSettings
 from .prompts import encode_pair, extract_loras
 
 MAX_SEED = 2**32 - 1
@@ -77,13 +78,15 @@ def _seed(seed: int | None) -> int:
     return int(seed)
 
 
-def _net(sd: StableDiffusion, concat: torch.Tensor | None):
+def _net(sd: StableDiffusion, concat: torch.Tensor | None, unet=None):
     """The UNet as the denoiser's network: (x, t, cond) -> prediction; inpainting models get their extra channels."""
+
+    unet = unet or getattr(sd, "backend", None) or sd.unet  # fast mode's, a compiled UNet (runtime.prepare), the module
 
     def net(x, t, cond):
         if concat is not None:
             x = torch.cat([x, concat.repeat(x.shape[0] // concat.shape[0], 1, 1, 1).to(x.dtype)], dim=1)
-        return sd.unet(x, t, cond)
+        return unet(x, t, cond)
 
     return net
 
@@ -131,12 +134,15 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
              mask_blur: int = 4, inpainting_mask_invert: bool = False, guidance_until: float = 1.0,
              callback: Callable[[StepInfo], None] | None = None, interrupt: Callable[[], bool] | None = None,
              skip: Callable[[], bool] | None = None, progress: bool = False, record_steps: bool = False,
-             lora_dir: str | None = None, embeddings_dir: str | None = None) -> Result:
+             lora_dir: str | None = None, embeddings_dir: str | None = None,
+             fast: bool | FastSettings = False) -> Result:
     """The common path of txt2img, img2img and inpaint; see those for the parameters.
 
     Settings left as None come from the model's own recommended defaults (sd.defaults), then DEFAULTS.
     <lora:name:weight> tags in the prompt apply LoRA files from lora_dir for this run; the names of
     textual-inversion embeddings in embeddings_dir are replaced by their vectors.
+    fast: True (or FastSettings) trades exactness for speed: DeepCache, a guidance cut-off and the
+    model's tiny decoder (plainsd.fast).
     """
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise TypeError("prompt and negative_prompt must be strings")
@@ -150,13 +156,14 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
                          init_image=init_image, strength=strength, resize_mode=resize_mode, mask=mask,
                          mask_blur=mask_blur, inpainting_mask_invert=inpainting_mask_invert,
                          guidance_until=guidance_until, callback=callback, interrupt=interrupt, skip=skip,
-                         progress=progress, record_steps=record_steps)
+                         progress=progress, record_steps=record_steps,
+                         fast=FAST if fast is True else (fast or None))
 
 
 def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sampler, schedule, cfg_scale, seed,
               width, height, batch_size, batch_count, clip_skip, eta, init_image, strength, resize_mode, mask,
               mask_blur, inpainting_mask_invert, guidance_until, callback, interrupt, skip, progress,
-              record_steps) -> Result:
+              record_steps, fast) -> Result:
     chosen = {**DEFAULTS, **getattr(sd, "defaults", {})}
     steps = chosen["steps"] if steps is None else steps
     sampler = chosen["sampler"] if sampler is None else sampler
@@ -209,7 +216,13 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
         with torch.no_grad():
             grey = sd.vae.encode(torch.zeros(1, 3, height, width, device=device)).mode() * sd.config.scale_factor
         concat = torch.cat([torch.ones_like(grey[:, :1]), grey], dim=1)
-    denoiser.net = _net(sd, concat)
+    deepcache = None
+    if fast is not None:
+        guidance_until = min(guidance_until, fast.guidance_until)
+        if fast.deepcache_interval > 1 and getattr(sd, "backend", None) is None:
+            deepcache = DeepCacheUNet(sd.unet, fast.deepcache_interval, fast.deepcache_depth)
+    denoiser.net = _net(sd, concat, deepcache)
+    tiny = tiny_decoder(sd) if fast is not None and fast.tiny_decoder else None
 
     # One prompt for the whole batch: encode it once and repeat the states.
     cond, uncond = encode_pair(sd.tokenizer, sd.text_encoder, [prompt_text], [negative_prompt], clip_skip, embeddings)
@@ -233,6 +246,8 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
             x = init_latent.repeat(batch_size, 1, 1, 1) + noise * sigmas[0]
         else:
             x = noise * sigmas[0]
+        if deepcache is not None:
+            deepcache.cached, deepcache.calls = None, 0  # each batch starts with a whole UNet pass
         frames: list[tuple[torch.Tensor, float]] = []
         state = {"denoised": x if init_latent is None else init_latent.repeat(batch_size, 1, 1, 1)}
 
@@ -258,12 +273,12 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
             result.interrupted = True
         except _Skipped:
             latents = state["denoised"]
-        pictures = decode(sd, latents)
+        pictures = decode(sd, latents, tiny)
         if paste is not None:
             original, m = paste
             pictures = [Image.composite(p, original, m) for p in pictures]
         if record_steps:
-            decoded = [decode(sd, f / (1 + s**2) ** 0.5) for f, s in frames] + [pictures]
+            decoded = [decode(sd, f / (1 + s**2) ** 0.5, tiny) for f, s in frames] + [pictures]
             result.frames.extend([[step[i] for step in decoded] for i in range(batch_size)])
         for s, p in zip(seeds, pictures):
             result.images.append(p)
@@ -274,10 +289,24 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
     return result
 
 
-def decode(sd: StableDiffusion, latents: torch.Tensor) -> list[Image.Image]:
-    """Scaled latents -> PIL images."""
+DECODE_TILE = 64  # latents; larger latents (images over 512 px on a side) are decoded by overlapping tiles
+
+
+def decode(sd: StableDiffusion, latents: torch.Tensor, tiny=None) -> list[Image.Image]:
+    """Scaled latents -> PIL images, by the VAE (by tiles when large) or by a tiny (TAESD) decoder."""
     with torch.no_grad():
-        return imgs.to_pil(sd.vae.decode(latents / sd.config.scale_factor))
+        if tiny is not None:
+            return imgs.to_pil(tiny.decode(latents))
+        return imgs.to_pil(sd.vae.decode_tiled(latents / sd.config.scale_factor, DECODE_TILE, DECODE_TILE // 4))
+
+
+def tiny_decoder(sd: StableDiffusion):
+    """The model's TAESD decoder (loaded once from sd.tiny_decoder_path), or None if it has none."""
+    if getattr(sd, "tiny_decoder", None) is None and getattr(sd, "tiny_decoder_path", None):
+        from .fast import load_tiny_decoder
+        # kept outside the module tree, so that saving the model does not write it into the checkpoint
+        object.__setattr__(sd, "tiny_decoder", load_tiny_decoder(sd.tiny_decoder_path, sd.vae.dtype))
+    return getattr(sd, "tiny_decoder", None)
 
 
 def _infotext(p: dict, seed: int) -> str:

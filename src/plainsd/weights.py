@@ -508,6 +508,9 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
                               f"{len(misshaped)} tensors have the wrong shape ({'; '.join(misshaped[:4])})")
     sd.load_state_dict(state, strict=True, assign=True)
     sd.name = path.stem if path.is_file() else path.name
+    tiny = path.with_suffix(".taesd.safetensors") if path.is_file() else path / "taesd_decoder.safetensors"
+    if tiny.is_file():
+        sd.tiny_decoder_path = tiny  # fast mode's decoder, loaded when first used
     if "plainsd.defaults" in source.metadata:
         try:
             defaults = json.loads(source.metadata["plainsd.defaults"])

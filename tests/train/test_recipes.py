@@ -7,7 +7,8 @@ import torch
 import plainsd
 from plainsd.pipeline import txt2img
 from plainsd.train.loop import TrainConfig
-from plainsd.train.recipes import load_clip, load_vae, train_clip, train_unet, train_vae
+from plainsd.fast import load_tiny_decoder
+from plainsd.train.recipes import load_clip, load_vae, train_clip, train_taesd, train_unet, train_vae
 
 TINY = {"text": {"width": 64, "layers": 2, "heads": 1, "projection_dim": 32},
         "vae": {"ch": 16, "ch_mult": [1, 1, 1, 2], "num_res_blocks": 1, "norm_groups": 8},
@@ -31,6 +32,12 @@ def test_three_trainings_and_a_resume(tmp_path):
     assert _falls(vae["losses"]), vae["losses"]
     model, scale = load_vae(tmp_path / "vae" / "vae.safetensors")
     assert 0.01 < scale < 100
+
+    # fast mode's tiny decoder, distilled from the VAE's latents back to the images
+    extra = {"vae": str(tmp_path / "vae" / "vae.safetensors"), "width": 16, "latent_cache": 8}
+    taesd = train_taesd(_cfg(tmp_path, "taesd", 30, extra=extra, lr=5e-3), progress=False)
+    assert _falls(taesd["losses"]), taesd["losses"]
+    assert load_tiny_decoder(tmp_path / "taesd" / "taesd.safetensors").width == 16
 
     clip = train_clip(_cfg(tmp_path, "clip", 30), progress=False)
     assert _falls(clip["losses"]), clip["losses"]
@@ -58,6 +65,7 @@ def test_three_trainings_and_a_resume(tmp_path):
     ship.main(["--runs", str(tmp_path), "--eval", str(tmp_path / "eval.json"), "--out", str(tmp_path / "base.safetensors")])
     shipped = plainsd.load(tmp_path / "base.safetensors")
     assert shipped.defaults == ship.RECOMMENDED
+    assert shipped.tiny_decoder_path == tmp_path / "base.taesd.safetensors"  # shipped beside it, found by load
     text = (tmp_path / "base.md").read_text()
     assert "| unet | 40 | 8 |" in text and "| VAE reconstruction PSNR (dB) | 20.5 |" in text
     assert "| single object: colour and shape | 0.5 |" in text

@@ -36,14 +36,14 @@ def held_out_scenes(n: int, objects: int = 1, seed: int = HELD_OUT_SEED, shapes=
 
 def adherence(sd, n: int = 100, objects: int = 1, steps: int = 20, sampler: str = "DPM++ 2M",
               schedule: str = "karras", cfg_scale: float = 5.0, negative_prompt: str = "", seed: int = 0,
-              shapes=SHAPES, progress: bool = False, keep_images: list | None = None) -> dict:
+              shapes=SHAPES, progress: bool = False, keep_images: list | None = None, fast=False) -> dict:
     from ..pipeline import txt2img
 
     scenes = held_out_scenes(n, objects, shapes=shapes)
     tallies: dict[str, list[bool]] = {"colour_and_shape": [], "position": [], "size": [], "all": []}
     for i, scene in enumerate(scenes):
         image = txt2img(sd, scene.caption, negative_prompt, steps=steps, sampler=sampler, schedule=schedule,
-                        cfg_scale=cfg_scale, seed=seed + i).images[0]
+                        cfg_scale=cfg_scale, seed=seed + i, fast=fast).images[0]
         if keep_images is not None:
             keep_images.append((image, scene))
         verdicts = judge(image, scene)

@@ -173,7 +173,9 @@ class UNetModel(nn.Module):
             raise ValueError(f"the UNet takes [B, {cfg.in_channels}, h, w] latents, got {list(x.shape)}")
         if context.shape[-1] != cfg.context_dim:
             raise ValueError(f"the UNet reads text states of width {cfg.context_dim}, got {context.shape[-1]}")
-        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
+        if not torch.is_tensor(timesteps):
+            timesteps = torch.tensor(timesteps, device=x.device)
+        timesteps = timesteps.reshape(-1).expand(x.shape[0])
         dtype = self.dtype
         emb = self.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(dtype))
         h, context = x.to(dtype), context.to(dtype)

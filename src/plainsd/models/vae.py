@@ -193,6 +193,51 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"the VAE decodes [B, {self.config.z_channels}, h, w] latents, got {list(latents.shape)}")
         return self.decoder(self.post_quant_conv(latents.to(self.dtype))).float()
 
+    def decode_tiled(self, latents: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+        """decode() by overlapping latent tiles (tile x tile, `overlap` shared with each neighbour), blended
+        with linear ramps across the overlaps: memory bounded by one tile, for images of any size.
+
+        Each tile's decoder sees only its own latents (the mid-block attention is global), so the result
+        differs a little from decode(); the ramps hide the tile borders."""
+        b, _, h, w = latents.shape
+        if h <= tile and w <= tile:
+            return self.decode(latents)
+        if not 0 <= overlap < tile:
+            raise ValueError(f"overlap must be between 0 and tile - 1, got overlap {overlap} for tile {tile}")
+        f, stride = self.config.factor, tile - overlap
+        out = torch.zeros(b, self.config.in_channels, h * f, w * f)
+        weight = torch.zeros(1, 1, h * f, w * f)
+        for top in _starts(h, tile, stride):
+            for left in _starts(w, tile, stride):
+                piece = self.decode(latents[:, :, top:top + tile, left:left + tile])
+                ph, pw = piece.shape[2:]
+                ramp = (_ramp(ph, overlap * f, top > 0, top + tile < h)[:, None]
+                        * _ramp(pw, overlap * f, left > 0, left + tile < w)[None, :])
+                out[:, :, top * f:top * f + ph, left * f:left * f + pw] += piece * ramp
+                weight[:, :, top * f:top * f + ph, left * f:left * f + pw] += ramp
+        return out / weight
+
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
         posterior = self.encode(images)
         return self.decode(posterior.sample(generator)), posterior
+
+
+def _starts(size: int, tile: int, stride: int) -> list[int]:
+    """Tile origins along one side: every `stride`, the last one flush with the end."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def _ramp(n: int, width: int, fade_in: bool, fade_out: bool) -> torch.Tensor:
+    """Weights along one side of a tile: rising over `width` pixels where a neighbour comes before, falling
+    where one comes after, 1 elsewhere (never 0, so every pixel keeps some weight)."""
+    r = torch.ones(n)
+    steps = (torch.arange(width, dtype=torch.float32) + 0.5) / width
+    if fade_in and width:
+        r[:width] = torch.minimum(r[:width], steps)
+    if fade_out and width:
+        r[n - width:] = torch.minimum(r[n - width:], steps.flip(0))
+    return r
+

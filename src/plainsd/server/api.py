@@ -94,6 +94,8 @@ class Txt2ImgRequest(BaseModel):
     save_images: bool = False
     alwayson_scripts: dict = Field(default_factory=dict)
     infotext: Optional[str] = None
+    # plainsd's own: fast mode (DeepCache, guidance cut-off, tiny decoder); A1111 clients never send it
+    fast: bool = False
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -200,7 +202,7 @@ def generation_kwargs(req: Txt2ImgRequest, limits: Limits) -> dict:
         raise BadRequest(f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {clip_skip!r}")
     return dict(steps=req.steps, sampler=sampler, schedule=schedule, cfg_scale=req.cfg_scale, seed=req.seed,
                 width=req.width, height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
-                clip_skip=clip_skip, eta=req.eta)
+                clip_skip=clip_skip, eta=req.eta, fast=bool(req.fast))
 
 
 def img2img_kwargs(req: Img2ImgRequest, limits: Limits) -> dict:

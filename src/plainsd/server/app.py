@@ -35,13 +35,14 @@ RETRY_AFTER_SECONDS = 5
 def create_app(model: str | Path | None = None, models_dir: str | Path | None = None, *,
                auth: str | None = None, max_queue: int = 16, limits: api.Limits | None = None,
                outputs: str | Path = "outputs/api", lora_dir: str | Path | None = None,
-               embeddings_dir: str | Path | None = None) -> FastAPI:
+               embeddings_dir: str | Path | None = None, precision: str = "auto", backend: str = "eager") -> FastAPI:
     """auth: "user:pass" (several separated by commas) for HTTP basic auth on every route.
-    lora_dir / embeddings_dir: folders whose LoRAs (<lora:name:weight>) and embeddings prompts may use."""
+    lora_dir / embeddings_dir: folders whose LoRAs (<lora:name:weight>) and embeddings prompts may use.
+    precision / backend: how the models run (plainsd.runtime)."""
     for folder in (lora_dir, embeddings_dir):
         if folder is not None and not Path(folder).is_dir():
             raise ValueError(f"folder {folder} does not exist")
-    store = ModelStore(model, models_dir)
+    store = ModelStore(model, models_dir, precision, backend)
     queue = JobQueue(max_queue)
     limits = limits or api.Limits()
     credentials = _parse_auth(auth)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import plainsd
+from plainsd import runtime
 from plainsd.weights import DEFAULT_MODEL
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt")
@@ -51,7 +52,12 @@ def file_sha256(path: Path) -> str:
 class ModelStore:
     """Finds the models, loads one at a time (lazily), switches on request."""
 
-    def __init__(self, model: str | Path | None = None, models_dir: str | Path | None = None):
+    def __init__(self, model: str | Path | None = None, models_dir: str | Path | None = None,
+                 precision: str = "auto", backend: str = "eager"):
+        runtime.choose_dtype(precision)
+        if backend not in runtime.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; known: {', '.join(runtime.BACKENDS)}")
+        self.precision, self.backend = precision, backend
         if model is not None and models_dir is not None:
             raise ValueError("give either a model file or a models folder, not both")
         self.models_dir = Path(models_dir) if models_dir is not None else None
@@ -128,11 +134,13 @@ class ModelStore:
             entry = entry or self.current
             if self._loaded is None or self._loaded[0] != entry.name:
                 self._loaded = None
+                dtype = runtime.choose_dtype(self.precision)
                 if entry.path is None:
-                    sd = plainsd.build("tiny", seed=0)
+                    sd = plainsd.build("tiny", seed=0).to(dtype)
                     sd.name = entry.name
                 else:
-                    sd = plainsd.load(entry.path)
+                    sd = plainsd.load(entry.path, dtype=dtype)
+                runtime.prepare(sd, self.backend)
                 sd.hash = entry.hash
                 self._loaded = (entry.name, sd)
             return self._loaded[1]

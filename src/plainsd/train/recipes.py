@@ -107,7 +107,7 @@ def train_vae(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
         g = torch.Generator().manual_seed(step * 131 + micro)
         recon = vae.decode(posterior.sample(g))
         # L1 per pixel, plus the KL summed per sample and scaled as latent diffusion does (per pixel).
-        return F.l1_loss(recon, x) + kl_weight * posterior.kl().mean() / x[0].numel()
+        return F.l1_loss(recon.float(), x) + kl_weight * posterior.kl().float().mean() / x[0].numel()
 
     def export(step, weights):
         state = {("first_stage_model." + k): v for k, v in weights.items()}
@@ -282,4 +282,42 @@ def _latent_cache(vae: AutoencoderKL, ds, n: int, progress: bool):
     return torch.cat(means), torch.cat(stds), captions
 
 
-RECIPES = {"vae": train_vae, "clip": train_clip, "unet": train_unet}
+def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Fast mode's tiny decoder (TAESD's architecture) for a trained VAE: from the VAE encoder's latents,
+    as the UNet sees them (times the scale factor), back to the images, in [0, 1]; L1 loss."""
+    from ..models.taesd import TinyDecoder
+
+    vae_path = cfg.extra.get("vae")
+    if not vae_path:
+        raise ValueError("the taesd recipe needs extra.vae: the file the vae training wrote")
+    vae, scale = load_vae(vae_path)
+    vae.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    decoder = TinyDecoder(vae.config.z_channels, cfg.extra.get("width", 64))
+    ds = dataset(cfg, model_config(cfg).resolution)
+    out = Path(cfg.out)
+    cache = _latent_cache(vae, ds, cfg.extra.get("latent_cache", 4096), progress)
+    images = torch.stack([to_tensor(ds[i][0])[0] for i in range(len(cache[2]))])
+
+    def loss_fn(step, micro):
+        rng = random.Random(f"{cfg.seed}:{step}:{micro}")
+        idx = [rng.randrange(len(images)) for _ in range(cfg.batch_size)]
+        g = torch.Generator().manual_seed(step * 31 + micro)
+        mean, std = cache[0][idx], cache[1][idx]
+        latents = (mean + std * torch.randn(mean.shape, generator=g)) * scale
+        return F.l1_loss(decoder(latents).float(), (images[idx] + 1) / 2)
+
+    def export(step, weights):
+        meta = {"plainsd.taesd_width": str(decoder.width), "plainsd.scale_factor": str(scale)}
+        _atomic_save({k: v.half() for k, v in weights.items()}, out / "taesd.safetensors", meta)
+
+    def sample(step, weights):
+        with _swapped(decoder, weights), torch.no_grad():
+            pics = decoder(cache[0][:8] * scale) * 2 - 1
+        (out / "samples").mkdir(exist_ok=True)
+        contact_sheet(to_pil(torch.cat([images[:8], pics.clamp(-1, 1)]))).save(out / "samples" / f"taesd-{step:06d}.png")
+
+    return train(cfg, _named(decoder), loss_fn, resume, sample, export, progress)
+
+
+RECIPES = {"vae": train_vae, "clip": train_clip, "unet": train_unet, "taesd": train_taesd}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -52,7 +53,9 @@ def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
         "AutoencoderKL with 4 latent channels and factor 8) trained from scratch on a CPU by plainsd's own "
         "recipes, on the shapes world of `plainsd.train.data`: 5 shapes (circle, square, triangle, diamond, "
         "cross), 8 colours, 2 sizes, 5 positions, 8 backgrounds, one or two objects, captions in varied phrasing "
-        "that sometimes leave attributes out. The star is kept out of the data (the fine-tuning recipes teach it).",
+        "that sometimes leave attributes out. The star is kept out of the data of CLIP and the UNet (the fine-tuning "
+        "recipes teach it); the VAE, a codec for any picture as SD's is, also saw stars " + ("(its recipe's data: "
+        "shapes 'all')." if facts["vae"]["recipe"].get("data", {}).get("shapes") == "all" else "(no: this VAE did not).") + "",
         "",
         f"- Weights: `plainsd-base.safetensors`, {params / 1e6:.1f} M parameters, float16, {size_bytes / 2**20:.1f} MB, "
         "original SD key layout (A1111, ComfyUI and diffusers' single-file loader read it).",
@@ -60,14 +63,15 @@ def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
         f"- Recommended (the plain `plainsd txt2img` uses these): {RECOMMENDED['steps']} steps of "
         f"{RECOMMENDED['sampler']} with the {RECOMMENDED['schedule']} schedule, CFG {RECOMMENDED['cfg_scale']:g}.",
         "",
-        "## Training (2-core CPU, float32)",
+        "## Training (2-core CPU)",
         "",
-        "| network | steps | batch | time | recipe |",
-        "|---|---|---|---|---|",
+        "| network | steps | batch | time | precision | recipe |",
+        "|---|---|---|---|---|---|",
     ]
     for net in ("vae", "clip", "unet"):
         r = facts[net]["recipe"]
-        lines.append(f"| {net} | {facts[net]['steps']} | {r['batch_size']} | {minutes(net)} | lr {r['lr']:g} "
+        lines.append(f"| {net} | {facts[net]['steps']} | {r['batch_size']} | {minutes(net)} | "
+                     f"{'bf16 autocast' if r.get('bf16') else 'float32'} | lr {r['lr']:g} "
                      f"{r['lr_schedule']}, {json.dumps(r.get('extra', {}))} |")
     lines += [
         "",
@@ -117,6 +121,13 @@ def main(argv=None):
     text = card(facts, metrics, out.stat().st_size, params)
     out.with_suffix(".md").write_text(text)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB) and {out.with_suffix('.md')}")
+    tiny = runs / "taesd" / "taesd.safetensors"
+    if tiny.is_file():  # fast mode's decoder, found by plainsd.load next to the model
+        target = out.with_suffix(".taesd.safetensors")
+        tmp = target.with_name("." + target.name + ".tmp")
+        shutil.copyfile(tiny, tmp)
+        tmp.replace(target)
+        print(f"wrote {target} ({target.stat().st_size / 2**20:.2f} MB)")
 
 
 if __name__ == "__main__":

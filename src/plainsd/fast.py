@@ -1,0 +1,101 @@
+"""Fast mode: trade a little exactness for speed, each part switchable and measured (benchmarks/).
+
+1. DeepCache (Ma, Fang & Wang 2023): a UNet's deep features change slowly from one sampling step to the
+   next. Every `interval`-th call runs the whole UNet and keeps the features that enter its last
+   `depth` output blocks; the calls in between run only the first `depth` input blocks (full resolution)
+   and those last output blocks on the kept features.
+2. Guidance cut-off: classifier-free guidance only for the first `guidance_until` of the steps; after
+   that the unconditional half of the batch is not computed (CFGDenoiser's guidance_until).
+3. A tiny VAE decoder (TAESD's architecture, models/taesd.py) instead of SD's decoder at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .models.layers import timestep_embedding
+from .models.taesd import TinyDecoder
+from .weights import CheckpointError, read_tensors
+
+
+@dataclass
+class FastSettings:
+    deepcache_interval: int = 3     # 1 = off
+    deepcache_depth: int = 1        # how many input / output blocks run on the cheap steps
+    guidance_until: float = 0.6     # fraction of the steps that get classifier-free guidance
+    tiny_decoder: bool = True       # decode with the model's TAESD decoder when it has one
+
+
+FAST = FastSettings()
+
+
+class DeepCacheUNet:
+    """Calls the UNet like unet(x, t, context), running it whole only every `interval` calls."""
+
+    def __init__(self, unet: torch.nn.Module, interval: int = 3, depth: int = 1):
+        if interval < 1 or not 1 <= depth < len(unet.output_blocks):
+            raise ValueError(f"DeepCache needs interval >= 1 and 1 <= depth < {len(unet.output_blocks)}, "
+                             f"got {interval} and {depth}")
+        self.unet, self.interval, self.depth = unet, interval, depth
+        self.calls, self.full_calls = 0, 0
+        self.cached: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        unet, cfg = self.unet, self.unet.config
+        full = self.calls % self.interval == 0 or self.cached is None or self.cached.shape[0] != x.shape[0]
+        self.calls += 1
+        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
+        dtype = unet.dtype
+        emb = unet.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(dtype))
+        h, context = x.to(dtype), context.to(dtype)
+        n_out = len(unet.output_blocks)
+        inputs = unet.input_blocks if full else unet.input_blocks[: self.depth]
+        skips = []
+        for block in inputs:
+            h = block(h, emb, context)
+            skips.append(h)
+        if full:
+            self.full_calls += 1
+            h = unet.middle_block(h, emb, context)
+            first = 0
+        else:
+            h, first = self.cached, n_out - self.depth
+        for j in range(first, n_out):
+            if full and j == n_out - self.depth:
+                self.cached = h
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = unet.output_blocks[j](h, emb, context, size=skips[-1].shape[-2:] if skips else None)
+        return unet.out(h).to(x.dtype)
+
+
+def load_tiny_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> TinyDecoder:
+    """A TAESD decoder file: .safetensors (TAESD's or diffusers' AutoencoderTiny names) or .pth (weights only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such tiny decoder file: {path}")
+    source = read_tensors(path)
+    state = {}
+    for key in source.shapes:
+        name = key
+        if name.startswith("decoder.layers."):  # diffusers: the clamp is not a layer, so every index is one less
+            index, _, rest = name[len("decoder.layers."):].partition(".")
+            name = f"{int(index) + 1}.{rest}" if index.isdigit() else name
+        elif name.startswith("decoder."):
+            name = name[len("decoder."):]
+        if name.split(".")[0].isdigit():
+            state[name] = source.get(key)
+    if "1.weight" not in state or state["1.weight"].ndim != 4:
+        raise CheckpointError(f"{path.name} is not a TAESD decoder (no first convolution '1.weight' among its tensors)")
+    width, latent_channels = state["1.weight"].shape[:2]
+    decoder = TinyDecoder(latent_channels, width)
+    expected = decoder.state_dict()
+    wrong = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise CheckpointError(f"{path.name} does not fit a TAESD decoder of width {width}: "
+                              f"{len(wrong)} tensors missing or misshaped (e.g. {wrong[0]})")
+    decoder.load_state_dict({k: state[k].to(dtype) for k in expected})
+    return decoder.to(dtype).eval().requires_grad_(False)

@@ -1,0 +1,110 @@
+"""Fast mode: DeepCache, the guidance cut-off and the tiny (TAESD) decoder, each checked against what it must equal."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import plainsd
+from plainsd import fast
+from plainsd.images import to_pil
+from plainsd.fast import load_tiny_decoder
+from plainsd.models.taesd import TinyDecoder
+from plainsd.pipeline import txt2img
+from plainsd.weights import CheckpointError
+
+
+def _model(seed=0):
+    sd = plainsd.build("tiny", seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sd.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return sd
+
+
+def test_deepcache_reuses_exactly_the_deep_features():
+    sd = _model()
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 128)
+    with torch.no_grad():
+        reference = sd.unet(x, t, c)
+        every = fast.DeepCacheUNet(sd.unet, interval=1)
+        assert torch.equal(every(x, t, c), reference) and torch.equal(every(x, t, c), reference)
+        cached = fast.DeepCacheUNet(sd.unet, interval=3, depth=1)
+        assert torch.equal(cached(x, t, c), reference)
+        # a cheap call on the same inputs: the kept deep features are the ones a full pass would compute
+        assert torch.allclose(cached(x, t, c), reference, atol=1e-6)
+        other = cached(torch.randn(2, 4, 8, 8), torch.tensor([400.0, 400.0]), c)  # cheap, and it is not the full answer
+        assert not torch.allclose(other, reference, atol=1e-3)
+        assert cached.full_calls == 1 and cached.calls == 3
+        cached(x[:1], t[:1], c[:1])  # a new batch shape (guidance switched off): a full pass
+        assert cached.full_calls == 2
+    with pytest.raises(ValueError, match="DeepCache needs"):
+        fast.DeepCacheUNet(sd.unet, interval=0)
+
+
+def _count_calls(sd):
+    batches, full = [], []
+    sd.unet.input_blocks[0].register_forward_hook(lambda m, i, o: batches.append(o.shape[0]))
+    sd.unet.middle_block.register_forward_hook(lambda m, i, o: full.append(1))
+    return batches, full
+
+
+def test_fast_generation_skips_what_it_says():
+    sd = _model(1)
+    batches, full = _count_calls(sd)
+    txt2img(sd, "a red circle", steps=10, sampler="DPM++ 2M", seed=0, cfg_scale=5)
+    assert batches == [2] * 10 and len(full) == 10  # exact path: CFG on every step, every UNet pass whole
+    batches.clear(), full.clear()
+    settings = fast.FastSettings(deepcache_interval=3, guidance_until=0.6, tiny_decoder=False)
+    txt2img(sd, "a red circle", steps=10, sampler="DPM++ 2M", seed=0, cfg_scale=5, fast=settings)
+    assert batches == [2] * 6 + [1] * 4            # guidance for the first 60% of the steps
+    assert len(full) == 4                          # whole passes at calls 0, 3, the batch change at 6, and 9
+
+
+def test_tiny_decoder_equals_diffusers_autoencoder_tiny(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    reference = AutoencoderTiny().eval()  # TAESD's configuration
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    diffusers_file = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, diffusers_file)
+    ours = load_tiny_decoder(diffusers_file)
+    assert ours.width == 64
+    latents = torch.randn(1, 4, 8, 12)
+    with torch.no_grad():
+        expected = reference.decode(latents).sample
+        got = ours(latents) * 2 - 1
+    assert (got - expected).abs().max() < 1e-5
+
+    taesd_file = tmp_path / "taesd_decoder.safetensors"  # TAESD's own names: the nn.Sequential's indices
+    save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, taesd_file)
+    assert "1.weight" in ours.state_dict() and "3.conv.0.weight" in ours.state_dict()
+    with torch.no_grad():
+        assert torch.equal(load_tiny_decoder(taesd_file)(latents), ours(latents))
+
+    save_file({"first_stage_model.decoder.conv_in.weight": torch.zeros(1)}, tmp_path / "vae.safetensors")
+    with pytest.raises(CheckpointError, match="is not a TAESD decoder"):
+        load_tiny_decoder(tmp_path / "vae.safetensors")
+
+
+def test_fast_mode_decodes_with_the_models_tiny_decoder(tmp_path):
+    sd = _model(2)
+    path = plainsd.save(sd, tmp_path / "m.safetensors")
+    tiny = TinyDecoder(4, 16)
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, tmp_path / "m.taesd.safetensors")
+    loaded = plainsd.load(path)
+    assert loaded.tiny_decoder_path == tmp_path / "m.taesd.safetensors"
+    seen = []
+    settings = fast.FastSettings(deepcache_interval=1, guidance_until=1.0, tiny_decoder=True)
+    result = txt2img(loaded, "a red circle", steps=3, sampler="DPM++ 2M", seed=0, fast=settings,
+                     callback=lambda info: seen.append(info.denoised))
+    assert loaded.tiny_decoder.width == 16
+    assert "tiny_decoder" not in dict(loaded.named_children())  # not part of the model (not saved with it)
+    with torch.no_grad():  # DPM++ 2M ends on its last estimate: the picture is the tiny decoder's view of it
+        expected = to_pil(tiny.decode(seen[-1]))[0]
+    assert result.images[0].tobytes() == expected.tobytes()
+    exact = txt2img(loaded, "a red circle", steps=3, sampler="DPM++ 2M", seed=0)
+    assert result.images[0].tobytes() != exact.images[0].tobytes()

@@ -1,0 +1,89 @@
+"""Precision and backends: bf16 where native, float32 on request, the OpenVINO-compiled UNet, all within
+bf16 tolerance of the float32 reference; the compiled model is cached on disk and follows weight changes."""
+
+import numpy as np
+import pytest
+import torch
+
+import plainsd
+from plainsd import runtime
+from plainsd.pipeline import txt2img
+
+
+def _model(seed=0):
+    sd = plainsd.build("tiny", seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sd.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return sd
+
+
+def _pixels(result):
+    return np.asarray(result.images[0], dtype=np.float64)
+
+
+def test_choose_dtype(monkeypatch):
+    assert runtime.choose_dtype("fp32") == torch.float32
+    assert runtime.choose_dtype("bf16") == torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    assert runtime.choose_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "fma"})  # bf16 would be emulated: slower
+    assert runtime.choose_dtype("auto") == torch.float32
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; known: auto, bf16, fp32"):
+        runtime.choose_dtype("fp16")
+    with pytest.raises(ValueError, match="unknown backend"):
+        runtime.prepare(_model(), backend="tensorrt")
+
+
+def test_bf16_path_within_tolerance_of_fp32():
+    sd = _model()
+    exact = txt2img(sd, "a red circle", steps=6, seed=3, cfg_scale=5)
+    runtime.prepare(sd, precision="bf16")
+    assert sd.unet.dtype == torch.bfloat16 and sd.vae.dtype == torch.bfloat16
+    assert sd.unet.input_blocks[1][0].in_layers[2].weight.is_contiguous(memory_format=torch.channels_last)
+    fast = txt2img(sd, "a red circle", steps=6, seed=3, cfg_scale=5)
+    diff = np.abs(_pixels(exact) - _pixels(fast))
+    assert diff.mean() < 3.0 and diff.max() < 64, (diff.mean(), diff.max())  # of 255
+    runtime.prepare(sd, precision="fp32")  # and back: float32 gives the float32 image again, up to bf16 rounding of weights
+    assert sd.unet.dtype == torch.float32
+
+
+def test_openvino_backend_matches_eager_and_caches(tmp_path, monkeypatch):
+    import openvino as ov  # a test extra: a missing one fails here rather than skipping
+    sd = _model(1)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([900.0, 900.0]), torch.randn(2, 77, 128)
+    with torch.no_grad():
+        reference = sd.unet(x, t, c)
+    runtime.prepare(sd, backend="openvino", cache_dir=tmp_path)
+    out = sd.backend(x, t, c)
+    assert (out - reference).abs().max() < 1e-4 * reference.abs().max()
+    assert len(list(tmp_path.glob("*/unet.xml"))) == 1
+
+    # a second process (here: a second backend) reads the converted model from disk, converting nothing
+    monkeypatch.setattr(ov, "convert_model", lambda *a, **k: pytest.fail("converted again despite the cache"))
+    again = runtime.OpenVINOUNet(sd.unet, tmp_path)
+    assert torch.equal(again(x, t, c), out)
+
+    # weights changed in place (as a LoRA does for one run): the compiled model follows
+    monkeypatch.undo()
+    with torch.no_grad():
+        sd.unet.out[2].weight.mul_(2)
+        changed = sd.unet(x, t, c)
+    assert (sd.backend(x, t, c) - changed).abs().max() < 1e-4 * changed.abs().max()
+
+    # bf16: within bf16 tolerance of the float32 reference
+    runtime.prepare(sd, backend="openvino", cache_dir=tmp_path, precision="bf16")
+    with torch.no_grad():
+        sd.unet.out[2].weight.div_(2)
+    bf = sd.backend(x, t, c)
+    assert (bf - reference).abs().max() < 0.08 * reference.abs().max()
+
+
+def test_openvino_backend_in_generation(tmp_path):
+    sd = _model(2)
+    eager = txt2img(sd, "a blue square", steps=5, seed=1, cfg_scale=4)
+    runtime.prepare(sd, backend="openvino", cache_dir=tmp_path)
+    compiled = txt2img(sd, "a blue square", steps=5, seed=1, cfg_scale=4)
+    assert np.abs(_pixels(eager) - _pixels(compiled)).max() <= 2
