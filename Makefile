@@ -32,6 +32,7 @@ model: $(VENV)/.run
 	$(VENV)/bin/plainsd train vae --threads 1 --quiet > runs/vae.log 2>&1 & \
 	$(VENV)/bin/plainsd train clip --threads 1 --quiet > runs/clip.log 2>&1; wait
 	$(VENV)/bin/plainsd train unet --quiet > runs/unet.log 2>&1
+	$(VENV)/bin/plainsd train taesd --quiet > runs/taesd.log 2>&1
 	$(VENV)/bin/plainsd eval --model runs/unet/model.safetensors --vae runs/vae/vae.safetensors \
 		--clip runs/clip/clip.safetensors --checks -o runs/eval.json
 	$(PY) -m plainsd.train.ship --runs runs --eval runs/eval.json

@@ -26,7 +26,7 @@ from .weights import CheckpointError, read_tensors
 class FastSettings:
     deepcache_interval: int = 3     # 1 = off
     deepcache_depth: int = 1        # how many input / output blocks run on the cheap steps
-    guidance_until: float = 0.6     # fraction of the steps that get classifier-free guidance
+    guidance_until: float = 0.8     # fraction of the steps that get classifier-free guidance
     tiny_decoder: bool = True       # decode with the model's TAESD decoder when it has one
 
 

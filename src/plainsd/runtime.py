@@ -112,7 +112,8 @@ class OpenVINOUNet:
         self.unet = unet
         self.cache = Path(cache_dir) if cache_dir else default_cache_dir() / "openvino"
         self.core = ov.Core()
-        self.core.set_property({"CACHE_DIR": str(self.cache / "blobs")})
+        # compiled blobs apart per precision (OpenVINO 2026.4 gave a bf16 compile the f32 blob of a model)
+        self.core.set_property({"CACHE_DIR": str(self.cache / f"blobs-{self.precision}")})
         self.threads = threads
         self._versions = None
         self._model = None

@@ -66,6 +66,39 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and struct.unpack("<Q", head[:8])[0] < 100_000_000 and head[8:9] == b"{"
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class _SafetensorsReader:
+    """Reads one tensor at a time from a .safetensors file with plain file reads.
+
+    Not memory-mapped on purpose: the pages of a mapped file count as the process's resident memory
+    until the mapping closes, so loading a 2 GB fp16 checkpoint into bf16 weights would peak at the
+    file plus the weights; read this way it peaks at the weights plus one tensor."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            self.header = json.loads(f.read(n))
+        self.start = 8 + n
+
+    def __call__(self, key: str) -> torch.Tensor:
+        info = self.header[key]
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{self.path.name}: tensor {key} has dtype {info['dtype']}, which plainsd does not read")
+        begin, end = info["data_offsets"]
+        buf = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            f.readinto(buf)
+        if not buf:
+            return torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+        return torch.frombuffer(buf, dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
 def read_tensors(path: str | os.PathLike) -> TensorSource:
     """Open a .safetensors file (memory-mapped) or a .ckpt/.pt/.bin file (weights_only, never unpickling code)."""
     path = Path(path)
@@ -75,9 +108,13 @@ def read_tensors(path: str | os.PathLike) -> TensorSource:
         raise CheckpointError(f"{path} is not a checkpoint: the file is only {path.stat().st_size} bytes long")
     if path.suffix == ".safetensors" or _is_safetensors(path):
         try:
-            f = safe_open(str(path), framework="pt")
+            f = safe_open(str(path), framework="pt")  # checks the header, offsets and size
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            return TensorSource(shapes, f.get_tensor, dict(f.metadata() or {}))
+            metadata = dict(f.metadata() or {})
+            del f
+            return TensorSource(shapes, _SafetensorsReader(path), metadata)
+        except CheckpointError:
+            raise
         except Exception as e:  # safetensors raises its own error types for bad headers and sizes
             raise CheckpointError(f"{path} is not a readable .safetensors file (truncated or not a checkpoint): {e}") from None
     with open(path, "rb") as f:
