@@ -133,8 +133,8 @@ class OpenVINOUNet:
         if xml.is_file():
             self._model = self.core.read_model(str(xml))
         else:
-            # Convert from a plain layout (a channels-last module came out as NaNs in OpenVINO 2026.4), and
-            # copy the weights (share_weights=False) so that later changes to the module cannot reach it.
+            # Copy the weights (share_weights=False): with shared memory, the module's own later changes (its
+            # channels-last copies, made right after) reached the converted model as NaNs in OpenVINO 2026.4.
             self.unet.to(memory_format=torch.contiguous_format)
             try:
                 with torch.no_grad(), warnings.catch_warnings():
@@ -142,7 +142,7 @@ class OpenVINOUNet:
                     model = self.ov.convert_model(self.unet, example_input=example, share_weights=False)
             finally:
                 self.unet.to(memory_format=torch.channels_last)
-            tmp = xml.parent.with_name(key + ".tmp")
+            tmp = xml.parent.with_name(f"{key}.{os.getpid()}.tmp")
             tmp.mkdir(parents=True, exist_ok=True)
             self.ov.save_model(model, str(tmp / "unet.xml"), compress_to_fp16=False)
             if xml.parent.exists():  # another process got there first
