@@ -320,3 +320,13 @@ def test_loras_and_embeddings_from_their_folders(models_dir, tmp_path):
         assert pixels("a red x <lora:style:1>") != plain
         r = c.post("/sdapi/v1/txt2img", json={**req, "prompt": "<lora:../../etc/passwd:1>"})
         assert r.status_code == 422 and "no LoRA named" in r.json()["detail"]
+
+
+def test_fast_mode_is_a_request_field(client):
+    req = {"prompt": "a red circle", "steps": 6, "width": 32, "height": 32, "seed": 3, "cfg_scale": 5,
+           "sampler_name": "DPM++ 2M"}
+    exact = client.post("/sdapi/v1/txt2img", json=req).json()
+    fast = client.post("/sdapi/v1/txt2img", json={**req, "fast": True}).json()
+    again = client.post("/sdapi/v1/txt2img", json={**req, "fast": True}).json()
+    assert fast["parameters"]["fast"] is True and fast["images"] == again["images"]
+    assert fast["images"] != exact["images"]  # DeepCache and the guidance cut-off change the picture
