@@ -74,18 +74,14 @@ def _diffusers_parts(checkpoint: Path, dtype, parts=("unet",)):
     cfg = preset("sd15")
     ckpt = load_file(str(checkpoint))
     out = {}
-    if "unet" in parts:
-        with torch.device("meta"):
-            unet = UNet2DConditionModel(**diffusers_unet_kwargs(cfg.unet))
-        unet.load_state_dict({k: v.to(dtype) for k, v in convert_ldm_unet_checkpoint(ckpt, dict(unet.config)).items()},
-                             assign=True)
-        out["unet"] = unet.eval()
-    if "vae" in parts:
-        with torch.device("meta"):
-            vae = AutoencoderKL(**diffusers_vae_kwargs(cfg.vae))
-        vae.load_state_dict({k: v.to(dtype) for k, v in convert_ldm_vae_checkpoint(ckpt, dict(vae.config)).items()},
-                            assign=True)
-        out["vae"] = vae.eval()
+    networks = {"unet": (UNet2DConditionModel, diffusers_unet_kwargs(cfg.unet), convert_ldm_unet_checkpoint),
+                "vae": (AutoencoderKL, diffusers_vae_kwargs(cfg.vae), convert_ldm_vae_checkpoint)}
+    for part, (cls, kwargs, convert) in networks.items():
+        if part in parts:
+            with torch.device("meta"):
+                net = cls(**kwargs)
+            net.load_state_dict({k: v.to(dtype) for k, v in convert(ckpt, dict(net.config)).items()}, assign=True)
+            out[part] = net.eval()
     if "text" in parts:
         from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -303,6 +299,11 @@ def model_gflop(size: int) -> tuple[float, float]:
         return step, counter.get_total_flops() / 1e9
 
 
+def _skipped(runtime: str, skip: set[str]) -> bool:
+    """--skip diffusers / openvino / plainsd drops every runtime of that name ("plainsd-openvino" is both)."""
+    return bool(set(runtime.split("-")) & skip)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -320,7 +321,7 @@ def main(argv=None) -> int:
 
     skip = set(filter(None, args.skip.split(",")))
     sizes = [int(s) for s in args.sizes.split(",")]
-    variants = {k: v for k, v in VARIANTS.items() if not ({v[0].split("-")[0], v[0].split("-")[-1]} & skip)}
+    variants = {k: v for k, v in VARIANTS.items() if not _skipped(v[0], skip)}
     checkpoint = _checkpoint()
     peaks = matmul_peak(args.threads)
     print(f"matmul peak ({args.threads} threads): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True)
@@ -339,7 +340,7 @@ def main(argv=None) -> int:
     if "vae" not in skip:
         jobs += [("vae", 512, name) for name, (rt, _) in variants.items() if rt in ("diffusers", "plainsd")]
     if "e2e" not in skip:
-        jobs += [("e2e", 512, name) for name, v in E2E.items() if not ({v[0].split("-")[0], v[0].split("-")[-1]} & skip)]
+        jobs += [("e2e", 512, name) for name, v in E2E.items() if not _skipped(v[0], skip)]
     results: dict[tuple, list[dict]] = {}
     for r in range(args.rounds):
         for kind, size, name in jobs:

@@ -58,14 +58,6 @@ def choose_dtype(precision: str = "auto") -> torch.dtype:
     return _DTYPES[precision]
 
 
-def set_threads(threads: int | None):
-    """Use this many CPU threads for torch (None or 0: torch's default, one per core)."""
-    if threads:
-        if threads < 1:
-            raise ValueError(f"threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
-
-
 def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = None, precision: str | None = None):
     """Get a loaded model ready to generate: channels-last convolutions and the chosen backend.
 
@@ -103,7 +95,7 @@ def fingerprint(module: torch.nn.Module, extra: str = "") -> str:
 class OpenVINOUNet:
     """The UNet through OpenVINO: converted once per weights, compiled once per input shape, cached on disk."""
 
-    def __init__(self, unet: torch.nn.Module, cache_dir: str | os.PathLike | None = None, threads: int | None = None):
+    def __init__(self, unet: torch.nn.Module, cache_dir: str | os.PathLike | None = None):
         try:
             import openvino as ov
         except ImportError:
@@ -114,7 +106,6 @@ class OpenVINOUNet:
         self.core = ov.Core()
         # compiled blobs apart per precision (OpenVINO 2026.4 gave a bf16 compile the f32 blob of a model)
         self.core.set_property({"CACHE_DIR": str(self.cache / f"blobs-{self.precision}")})
-        self.threads = threads
         self._versions = None
         self._model = None
         self._compiled: dict[tuple, object] = {}
@@ -164,7 +155,7 @@ class OpenVINOUNet:
             model = self._model.clone()
             model.reshape({i: list(s) for i, s in enumerate(shape)})
             config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
-            config["INFERENCE_NUM_THREADS"] = self.threads or torch.get_num_threads()
+            config["INFERENCE_NUM_THREADS"] = torch.get_num_threads()  # as many as torch uses (--threads)
             request = self.core.compile_model(model, "CPU", config).create_infer_request()
             self._compiled[shape] = request
         out = request.infer([x32.numpy(), t.numpy(), c32.numpy()])

@@ -266,8 +266,9 @@ def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
 
 
 @torch.no_grad()
-def _latent_cache(vae: AutoencoderKL, ds, n: int, progress: bool):
-    """(means, stds, captions) of the first n images of the data set, or None for n = 0."""
+def _latent_cache(vae: AutoencoderKL, ds, n: int, progress: bool, keep_images: list | None = None):
+    """(means, stds, captions) of the first n images of the data set, or None for n = 0; keep_images
+    collects the image tensors too."""
     if not n:
         return None
     from tqdm.auto import tqdm
@@ -275,7 +276,10 @@ def _latent_cache(vae: AutoencoderKL, ds, n: int, progress: bool):
     means, stds, captions = [], [], []
     for start in tqdm(range(0, min(n, len(ds)), 64), desc="encoding latents", disable=not progress):
         items = [ds[i] for i in range(start, min(start + 64, n, len(ds)))]
-        post = vae.encode(torch.cat([to_tensor(im) for im, _, _ in items]))
+        images = torch.cat([to_tensor(im) for im, _, _ in items])
+        if keep_images is not None:
+            keep_images.append(images)
+        post = vae.encode(images)
         means.append(post.mean)
         stds.append(post.std)
         captions += [c for _, c, _ in items]
@@ -296,8 +300,9 @@ def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -
     decoder = TinyDecoder(vae.config.z_channels, cfg.extra.get("width", 64))
     ds = dataset(cfg, model_config(cfg).resolution)
     out = Path(cfg.out)
-    cache = _latent_cache(vae, ds, cfg.extra.get("latent_cache", 4096), progress)
-    images = torch.stack([to_tensor(ds[i][0])[0] for i in range(len(cache[2]))])
+    kept: list[torch.Tensor] = []
+    cache = _latent_cache(vae, ds, cfg.extra.get("latent_cache", 4096), progress, keep_images=kept)
+    images = torch.cat(kept)
 
     def loss_fn(step, micro):
         rng = random.Random(f"{cfg.seed}:{step}:{micro}")
