@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checks", action="store_true",
                    help="also: adherence against CFG 1..5, the negative prompt 'red' on 'a circle', img2img at 0.3")
     p.add_argument("--concept-prompt", default=None, help='fine-tuning proof: how often this prompt draws --concept-shape')
-    p.add_argument("--concept-shape", default="star")
+    p.add_argument("--concept-shape", default="heart")
     p.add_argument("--concept-images", type=int, default=50, help="images drawn for --concept-prompt")
     p.add_argument("--lora-dir", default=None, help="for <lora:...> in --concept-prompt")
     p.add_argument("--embeddings-dir", default=None, help="for embeddings in --concept-prompt")
@@ -111,10 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="teach a model from a few images: dreambooth, textual-inversion, lora")
     p.add_argument("method", choices=["dreambooth", "textual-inversion", "lora"])
     p.add_argument("--config", default=None, help="a JSON config (default: the shipped recipe, which teaches the "
-                                                  "shipped model a star)")
+                                                  "shipped model a heart)")
     p.add_argument("--model", default=None, help="the base checkpoint (default: the shipped model)")
     p.add_argument("--data", default=None, help="folder of instance images (captions: same-name .txt or metadata.jsonl)")
-    p.add_argument("--instance-prompt", default=None, help='one caption for every instance image, e.g. "a sks star"')
+    p.add_argument("--instance-prompt", default=None, help='one caption for every instance image, e.g. "a sks heart"')
     p.add_argument("--class-prompt", action="append", default=None,
                    help="dreambooth prior preservation: a class prompt (repeatable); the base model draws the class images")
     p.add_argument("--num-class-images", type=int, default=None)
@@ -328,7 +328,7 @@ def _finetune(args) -> int:
     result = finetune(cfg, resume=args.resume, progress=not args.quiet)
     losses = result["losses"]
     made = {"dreambooth": "model.safetensors", "lora": "lora.safetensors",
-            "textual-inversion": f"{extra.get('token', 'sks-star')}.safetensors"}[args.method]
+            "textual-inversion": f"{extra.get('token', 'sks-heart')}.safetensors"}[args.method]
     print(f"{args.method}: {result['step']} steps in {result['seconds']:.0f} s; loss {losses[0]:.4f} -> "
           f"{sum(losses[-20:]) / len(losses[-20:]):.4f} (mean of the last 20); wrote {Path(cfg.out) / made}")
     return 0
@@ -404,7 +404,9 @@ def _eval(args) -> int:
     out: dict = {}
     if args.vae:
         from plainsd.train.recipes import load_vae
-        out["vae_psnr_db"] = round(metrics.vae_psnr(load_vae(args.vae)[0]), 2)
+        vae = load_vae(args.vae)[0]
+        out["vae_psnr_db"] = round(metrics.vae_psnr(vae), 2)
+        out["vae_roundtrip_adherence"] = metrics.vae_roundtrip_adherence(vae, n=args.prompts or 100)
     clip = None
     if args.clip:
         from plainsd.models.tokenizer import Tokenizer

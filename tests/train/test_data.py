@@ -35,10 +35,21 @@ def test_coverage_and_partial_captions():
                 assert o.colour in s.caption
 
 
-def test_the_star_is_known_but_held_out():
-    assert "star" in ALL_SHAPES and "star" not in SHAPES
-    star = ShapesDataset(seed=0, shapes=["star"])
-    assert all(o.shape == "star" for i in range(20) for o in star.scene(i).objects)
+def test_the_heart_and_the_star_are_known_but_held_out():
+    for shape in ("heart", "star"):
+        assert shape in ALL_SHAPES and shape not in SHAPES
+        ds = ShapesDataset(seed=0, shapes=[shape])
+        assert all(o.shape == shape for i in range(20) for o in ds.scene(i).objects)
+
+
+def test_sizes_can_be_restricted_and_the_default_data_is_unchanged():
+    large = ShapesDataset(seed=3, shapes=["heart"], sizes=["large"], two_objects=0.0)
+    assert {large.scene(i).objects[0].size for i in range(30)} == {"large"}
+    assert ShapesDataset(seed=3).scene(7) == ShapesDataset(seed=3, sizes=("small", "large")).scene(7)
+    with pytest.raises(ValueError, match="unknown shape or size 'huge'"):
+        ShapesDataset(sizes=["huge"])
+    with pytest.raises(ValueError, match="unknown shape or size 'blob'"):
+        ShapesDataset(shapes=["blob"])
 
 
 def test_folder_with_txt_captions(tmp_path):

@@ -3,6 +3,8 @@
 - adherence: the judge reads each generated image; the share of images whose stated colour and shape,
   position and size are right (single objects), and the same for two-object prompts;
 - vae_psnr: reconstruction PSNR of held-out images;
+- vae_roundtrip_adherence: the judge on VAE round trips of the held-out prompts' renders: the ceiling the
+  autoencoder puts on adherence (a UNet cannot draw what the decoder cannot give back);
 - clip_retrieval: text -> image top-1 among held-out pairs;
 - guidance_sweep, negative_prompt_effect, img2img_keeps: that CFG, negative prompts and img2img do their job;
 - concept_rate: how often a prompt draws a given shape (the fine-tuning proofs).
@@ -65,6 +67,25 @@ def vae_psnr(vae, n: int = 128, size: int = 64) -> float:
     recon = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
     mse = float(((recon - x) ** 2).mean())
     return 10 * math.log10(4.0 / max(mse, 1e-12))  # peak-to-peak 2 in [-1, 1]
+
+
+@torch.no_grad()
+def vae_roundtrip_adherence(vae, n: int = 100, size: int = 64) -> dict:
+    """Adherence of encode-then-decode of ground-truth renders for the single-object held-out prompts."""
+    from ..images import to_pil
+    from ..train.data import render
+
+    scenes = held_out_scenes(n, 1)
+    tallies: dict[str, list[bool]] = {"colour_and_shape": [], "position": [], "size": []}
+    for i in range(0, n, 32):
+        batch = scenes[i:i + 32]
+        x = torch.cat([to_tensor(render(s, size)) for s in batch]).to(vae.dtype)
+        for image, scene in zip(to_pil(vae.decode(vae.encode(x).mode()).float()), batch):
+            v = judge(image, scene)[0]
+            tallies["colour_and_shape"].append(v["colour"] and v["shape"])
+            tallies["position"].append(v["position"])
+            tallies["size"].append(v["size"])
+    return {k: sum(t) / len(t) for k, t in tallies.items()}
 
 
 @torch.no_grad()

@@ -9,7 +9,8 @@ All three minimise the same denoising loss as the base training, on the instance
 
 The settings live in TrainConfig.extra (see FINETUNE_DEFAULTS); the data is a folder of images with captions
 (data.kind = "folder"), or, for the proof on the shipped model, renders of the shapes world
-(data.kind = "shapes" with data.shapes = ["star"], a shape the base model never saw).
+(data.kind = "shapes" with data.shapes = ["heart"], a shape the base model never saw; data.sizes = ["large"]
+because the 8x8x4 latent of a 64-px image cannot hold a small one).
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ METHODS = ("dreambooth", "textual-inversion", "lora")
 
 FINETUNE_DEFAULTS = {
     "model": None,                 # the base checkpoint; None: the shipped model
-    "instance_prompt": None,       # one caption for every instance image (e.g. "a sks star"); None: the captions
+    "instance_prompt": None,       # one caption for every instance image (e.g. "a sks heart"); None: the captions
     "class_prompts": [],           # prior preservation (dreambooth): what the base model draws as class images
     "num_class_images": 64,
     "prior_weight": 1.0,
     "train_text_encoder": False,   # dreambooth and lora
-    "token": "sks-star",           # textual inversion: the embedding's name, written in prompts
+    "token": "sks-heart",          # textual inversion: the embedding's name, written in prompts
     "init_word": "shape",          # textual inversion: the vectors start as this word's
     "vectors": 1,                  # textual inversion: vectors per token
     "rank": 4,                     # lora
@@ -70,8 +71,8 @@ def instance_data(cfg: TrainConfig, s: dict, size: int) -> list[tuple]:
         ds = FolderDataset(data["path"], size=size)
         items = [ds[i][:2] for i in range(len(ds))]
     elif kind == "shapes":
-        ds = ShapesDataset(seed=data.get("seed", 77), size=size, shapes=tuple(data.get("shapes", ["star"])),
-                           two_objects=0.0)
+        ds = ShapesDataset(seed=data.get("seed", 77), size=size, shapes=tuple(data.get("shapes", ["heart"])),
+                           two_objects=0.0, sizes=tuple(data.get("sizes", ["small", "large"])))
         items = [ds[i][:2] for i in range(s["num_instance_images"])]
     else:
         raise ValueError(f"unknown data kind {kind!r}; known: folder, shapes")

@@ -1,8 +1,8 @@
 """The three trainings of Stable Diffusion, as the paper stages them, on small configs.
 
 1. vae:  the autoencoder, on images: reconstruction (L1) + a small KL term. With data "shapes": "all" it
-         also sees the star (a VAE that never saw one decodes it as a blob, so fine-tuning cannot teach
-         it); the shipped VAE was trained without it.
+         also sees the held-out shapes (heart, star); the shipped VAE was trained without them, and still
+         gives back large hearts (the shape the fine-tuning recipes teach).
 2. clip: text and image towers, contrastively: cosine similarities, symmetric cross-entropy over the
          batch's other pairs, learned temperature (Radford et al. 2021).
 3. unet: the noise predictor on frozen VAE latents and frozen CLIP text states: random timestep, noise

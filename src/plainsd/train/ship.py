@@ -53,9 +53,9 @@ def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
         "AutoencoderKL with 4 latent channels and factor 8) trained from scratch on a CPU by plainsd's own "
         "recipes, on the shapes world of `plainsd.train.data`: 5 shapes (circle, square, triangle, diamond, "
         "cross), 8 colours, 2 sizes, 5 positions, 8 backgrounds, one or two objects, captions in varied phrasing "
-        "that sometimes leave attributes out. The star is kept out of the data of CLIP and the UNet (the fine-tuning "
-        "recipes teach it). " + ("The VAE, a codec for any picture as SD's is, saw stars too (its recipe's data: "
-        "shapes 'all')." if facts["vae"]["recipe"].get("data", {}).get("shapes") == "all" else "It is kept out of the VAE's data too."),
+        "that sometimes leave attributes out. The heart and the star are kept out of the data of CLIP and the UNet (the "
+        "fine-tuning recipes teach the heart). " + ("The VAE, a codec for any picture as SD's is, saw them too "
+        "(its recipe's data: shapes 'all')." if facts["vae"]["recipe"].get("data", {}).get("shapes") == "all" else "They are kept out of the VAE's data too."),
         "",
         f"- Weights: `plainsd-base.safetensors`, {params / 1e6:.1f} M parameters, float16, {size_bytes / 2**20:.1f} MB, "
         "original SD key layout (A1111, ComfyUI and diffusers' single-file loader read it).",
