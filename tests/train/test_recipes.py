@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import torch
 
 import plainsd
@@ -71,3 +73,15 @@ def test_three_trainings_and_a_resume(tmp_path):
     assert "| single object: colour and shape | 0.5 |" in text
     result = txt2img(shipped, "a red circle", seed=0)  # the plain call uses the model's own settings
     assert result.parameters["steps"] == 20 and result.parameters["cfg_scale"] == 5.0 and result.images[0].size == (64, 64)
+
+
+def test_load_vae_reads_a_whole_checkpoint_and_load_clip_says_what_is_missing(tmp_path):
+    sd = plainsd.build("tiny")
+    path = plainsd.save(sd, tmp_path / "model.safetensors")
+    vae, scale = load_vae(path)
+    assert scale == sd.config.scale_factor
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(vae.decode(vae.encode(x).mode()), sd.vae.decode(sd.vae.encode(x).mode()))
+    with pytest.raises(ValueError, match="not a CLIP written by `plainsd train clip`"):
+        load_clip(path)

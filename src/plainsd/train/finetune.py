@@ -33,11 +33,13 @@ from .data import FolderDataset, ShapesDataset
 from .loop import TrainConfig, _atomic_save, train
 
 METHODS = ("dreambooth", "textual-inversion", "lora")
+CLASS_PROMPTS_SEED = 5  # class_prompts = "shapes": captions of this seed of the shapes world (not the held-out prompts')
 
 FINETUNE_DEFAULTS = {
     "model": None,                 # the base checkpoint; None: the shipped model
     "instance_prompt": None,       # one caption for every instance image (e.g. "a sks heart"); None: the captions
-    "class_prompts": [],           # prior preservation (dreambooth): what the base model draws as class images
+    "class_prompts": [],           # prior preservation (dreambooth): what the base model draws as class images;
+                                   # "shapes": one caption of the shapes world per class image
     "num_class_images": 64,
     "prior_weight": 1.0,
     "train_text_encoder": False,   # dreambooth and lora
@@ -56,6 +58,8 @@ def settings(cfg: TrainConfig) -> dict:
     if unknown:
         raise ValueError(f"unknown fine-tuning settings {sorted(unknown)}; known: {', '.join(FINETUNE_DEFAULTS)}")
     s = {**FINETUNE_DEFAULTS, **cfg.extra}
+    if s["class_prompts"] == "shapes":  # the base model's own world: varied captions of its training data's kind
+        s["class_prompts"] = [ShapesDataset(seed=CLASS_PROMPTS_SEED).scene(i).caption for i in range(s["num_class_images"])]
     if isinstance(s["class_prompts"], str):
         s["class_prompts"] = [s["class_prompts"]]
     return s

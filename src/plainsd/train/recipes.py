@@ -86,6 +86,14 @@ def _named(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.nn.Para
     return {prefix + k: p for k, p in module.named_parameters()}
 
 
+def _metadata(path: str | Path) -> dict:
+    """The safetensors header's metadata; {} for anything else (weights.load then says what is wrong)."""
+    try:
+        return safe_open(str(path), framework="pt").metadata() or {}
+    except Exception:
+        return {}
+
+
 def _load_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     f = safe_open(str(path), framework="pt")
     return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
@@ -180,8 +188,10 @@ def train_clip(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
 
 
 def load_clip(path: str | Path) -> tuple[CLIPTextModel, CLIPVisionModel, float]:
+    meta = _metadata(path)
+    if "plainsd.vision_config" not in meta:
+        raise ValueError(f"{path} is not a CLIP written by `plainsd train clip` (it has no image tower)")
     f = safe_open(str(path), framework="pt")
-    meta = f.metadata()
     text = CLIPTextModel(TextConfig(**_tuples(json.loads(meta["plainsd.text_config"]))))
     vision = CLIPVisionModel(VisionConfig(**json.loads(meta["plainsd.vision_config"])))
     text.load_state_dict(_load_prefixed(Path(path), "cond_stage_model.transformer."))
@@ -190,8 +200,13 @@ def load_clip(path: str | Path) -> tuple[CLIPTextModel, CLIPVisionModel, float]:
 
 
 def load_vae(path: str | Path) -> tuple[AutoencoderKL, float]:
-    f = safe_open(str(path), framework="pt")
-    meta = f.metadata()
+    """A VAE written by `plainsd train vae`, or the VAE inside a whole model checkpoint."""
+    meta = _metadata(path)
+    if "plainsd.vae_config" not in meta:
+        from ..weights import load
+
+        sd = load(path)
+        return sd.vae.eval(), sd.config.scale_factor
     vae = AutoencoderKL(VAEConfig(**_tuples(json.loads(meta["plainsd.vae_config"]))))
     vae.load_state_dict(_load_prefixed(Path(path), "first_stage_model."))
     return vae.eval(), float(meta["plainsd.scale_factor"])
