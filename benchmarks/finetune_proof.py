@@ -81,7 +81,8 @@ def main() -> int:
         note = ""
         if method == "lora":
             note = "weight 0 == base image: " + ("yes" if _lora_at_zero_is_exact(run) else "NO")
-        rows.append((name, f"{minutes:.1f} min", f"{size / 2**20:.2f} MB", f"{rate:.2f}", note, adherence))
+        shown = f"{size / 2**20:.2f} MB" if size >= 2**20 else f"{size / 2**10:.1f} KB"
+        rows.append((name, f"{minutes:.1f} min", shown, f"{rate:.2f}", note, adherence))
         print(rows[-1], flush=True)
     lines = ["| method | time | file | 'sks heart' drawn as a heart | ordinary prompts: colour and shape / position / size | note |",
              "|---|---|---|---|---|---|"]

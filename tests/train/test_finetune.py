@@ -96,3 +96,22 @@ def test_finetune_command(base, tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"network": "lora", "extra": {"rnak": 4}}')
     assert main(["finetune", "lora", "--config", str(tmp_path / "bad.json"), "--quiet"]) == 2
     assert "unknown fine-tuning settings ['rnak']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["dreambooth", "textual-inversion", "lora"])
+def test_shipped_recipes_teach_large_hearts(method):
+    from pathlib import Path
+
+    from plainsd.eval.judge import detect
+    from plainsd.train.finetune import instance_data, settings
+
+    recipe = Path(plainsd.__file__).parent / "data" / "recipes" / f"finetune-{method}.json"
+    cfg = TrainConfig.from_file(recipe)
+    s = settings(cfg)
+    items = instance_data(cfg, s, 64)
+    assert len(items) == s["num_instance_images"]
+    for image, caption in items:  # the judge reads every instance image as one large heart
+        found = detect(image)[1]
+        assert len(found) == 1 and (found[0].shape, found[0].size) == ("heart", "large")
+        assert "heart" in caption
+    assert cfg.network == method
