@@ -117,3 +117,11 @@ def test_lora_merge_and_lora_and_embedding_folders(tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open("e.png")), np.asarray(Image.open("r.png")))
     assert main(["lora", "merge", "base.safetensors", "base.safetensors", "-o", "n.safetensors"]) == 2
     assert "not a LoRA" in capsys.readouterr().err
+
+
+def test_loss_trend_compares_means_not_single_steps():
+    from plainsd.cli import _loss_trend
+
+    losses = [1.0, 0.0] * 20 + [0.2] * 20  # the first step alone (1.0) would overstate the start
+    assert _loss_trend(losses) == "loss 0.5000 -> 0.2000 (means of the first and last 20 steps)"
+    assert _loss_trend([0.3, 0.1]) == "loss 0.3000 -> 0.1000 (means of the first and last 1 steps)"

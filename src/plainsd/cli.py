@@ -329,8 +329,8 @@ def _finetune(args) -> int:
     losses = result["losses"]
     made = {"dreambooth": "model.safetensors", "lora": "lora.safetensors",
             "textual-inversion": f"{extra.get('token', 'sks-heart')}.safetensors"}[args.method]
-    print(f"{args.method}: {result['step']} steps in {result['seconds']:.0f} s; loss {losses[0]:.4f} -> "
-          f"{sum(losses[-20:]) / len(losses[-20:]):.4f} (mean of the last 20); wrote {Path(cfg.out) / made}")
+    print(f"{args.method}: {result['step']} steps in {result['seconds']:.0f} s; {_loss_trend(losses)}; "
+          f"wrote {Path(cfg.out) / made}")
     return 0
 
 
@@ -392,8 +392,15 @@ def _train(args) -> int:
     result = RECIPES[args.network](cfg, resume=args.resume, progress=not args.quiet)
     losses = result["losses"]
     print(f"trained {args.network} to step {result['step']} in {result['seconds']:.0f} s; "
-          f"loss {losses[0]:.4f} -> {sum(losses[-20:]) / len(losses[-20:]):.4f} (mean of the last 20); run folder {cfg.out}")
+          f"{_loss_trend(losses)}; run folder {cfg.out}")
     return 0
+
+
+def _loss_trend(losses: list[float], n: int = 20) -> str:
+    """First and last n steps' mean loss (one step's loss is noise: each draws its own timesteps)."""
+    k = min(n, max(len(losses) // 2, 1))
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return f"loss {first:.4f} -> {last:.4f} (means of the first and last {k} steps)"
 
 
 def _eval(args) -> int:
