@@ -3,8 +3,8 @@
 The shapes world is deterministic by seed: sample i of seed s is always the same picture and caption.
 Captions vary in phrasing and sometimes leave an attribute out, so that an unspecified attribute is
 sampled rather than fixed. The heart and the star are known to the generator and the judge but left out of
-the base model's data (HELD_OUT), for the fine-tuning recipes to teach: the heart (large ones survive the
-shipped VAE's round trip, 36 of 40); the star's thin points do not (0 of 40 at 64 px).
+the base model's data (HELD_OUT), for the fine-tuning recipes to teach: the heart, because large ones survive
+the shipped VAE's round trip, where the star's thin points come back as a blob.
 """
 
 from __future__ import annotations
