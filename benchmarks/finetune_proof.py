@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from plainsd.train.finetune import output_name
+
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "proof"
 PLAINSD = [str(Path(sys.executable).parent / "plainsd")]  # the console script beside this Python
@@ -68,8 +70,7 @@ def main() -> int:
         start = time.perf_counter()
         subprocess.run([*PLAINSD, "finetune", method, "--out", str(run), "--quiet", *extra], check=True, cwd=ROOT)
         minutes = (time.perf_counter() - start) / 60
-        artefact = {"dreambooth": "model.safetensors", "lora": "lora.safetensors",
-                    "textual-inversion": "sks-heart.safetensors"}[method]
+        artefact = output_name(method)  # the recipes keep the default token, sks-heart
         size = os.path.getsize(run / artefact)
         concept_args = ["--prompts", "0", "--two-object-prompts", "0", "--concept-prompt", prompt,
                         "--concept-shape", "heart", "--concept-images", "50"]

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=5.0)
     p.add_argument("--sampler", default="DPM++ 2M")
     p.add_argument("--schedule", default="karras")
-    p.add_argument("--vae", default=None, help="a VAE training's vae.safetensors, for PSNR")
+    p.add_argument("--vae", default=None, help="a VAE training's vae.safetensors, or a whole checkpoint: PSNR and "
+                                                   "the judge on VAE round trips")
     p.add_argument("--clip", default=None, help="a CLIP training's clip.safetensors, for retrieval")
     p.add_argument("--checks", action="store_true",
                    help="also: adherence against CFG 1..5, the negative prompt 'red' on 'a circle', img2img at 0.3")
@@ -326,11 +327,8 @@ def _finetune(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = finetune(cfg, resume=args.resume, progress=not args.quiet)
-    losses = result["losses"]
-    made = {"dreambooth": "model.safetensors", "lora": "lora.safetensors",
-            "textual-inversion": f"{extra.get('token', 'sks-heart')}.safetensors"}[args.method]
-    print(f"{args.method}: {result['step']} steps in {result['seconds']:.0f} s; {_loss_trend(losses)}; "
-          f"wrote {Path(cfg.out) / made}")
+    print(f"{args.method}: {result['step']} steps in {result['seconds']:.0f} s; {_loss_trend(result['losses'])}; "
+          f"wrote {result['output']}")
     return 0
 
 

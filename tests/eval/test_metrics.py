@@ -57,10 +57,10 @@ class _Codec:
 
 
 def test_vae_roundtrip_adherence_is_the_judge_on_round_trips():
-    assert metrics.vae_roundtrip_adherence(_Codec(lambda z: z), n=40) == {"colour_and_shape": 1.0, "position": 1.0,
-                                                                          "size": 1.0}
+    perfect = metrics.vae_roundtrip_adherence(_Codec(lambda z: z), n=40)
+    assert perfect == {"colour_and_shape": 1.0, "position": 1.0, "size": 1.0, "all": 1.0}
     flat = metrics.vae_roundtrip_adherence(_Codec(torch.zeros_like), n=40)  # a grey picture: nothing to find
-    assert flat == {"colour_and_shape": 0.0, "position": 0.0, "size": 0.0}
+    assert flat == {"colour_and_shape": 0.0, "position": 0.0, "size": 0.0, "all": 0.0}
     def blurred(k):  # k x k averages: the coarser, the fewer shapes survive
         return metrics.vae_roundtrip_adherence(_Codec(lambda z: torch.nn.functional.interpolate(
             torch.nn.functional.avg_pool2d(z, k), scale_factor=k, mode="bilinear")), n=40)["colour_and_shape"]

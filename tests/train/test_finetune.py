@@ -92,7 +92,8 @@ def test_finetune_command(base, tmp_path, capsys):
     assert main(args) == 2
     assert "no caption" in capsys.readouterr().err
     assert main(args + ["--instance-prompt", "a zwx thing"]) == 0
-    assert "wrote" in capsys.readouterr().out and (tmp_path / "run" / "lora.safetensors").is_file()
+    assert f"wrote {tmp_path / 'run' / 'lora.safetensors'}" in capsys.readouterr().out
+    assert (tmp_path / "run" / "lora.safetensors").is_file()
     (tmp_path / "bad.json").write_text('{"network": "lora", "extra": {"rnak": 4}}')
     assert main(["finetune", "lora", "--config", str(tmp_path / "bad.json"), "--quiet"]) == 2
     assert "unknown fine-tuning settings ['rnak']" in capsys.readouterr().err

@@ -36,28 +36,35 @@ def held_out_scenes(n: int, objects: int = 1, seed: int = HELD_OUT_SEED, shapes=
     return scenes
 
 
+def _scores(verdicts: list[dict[str, bool]]) -> dict[str, bool]:
+    """One image's verdicts (one per object asked for) -> the four tallies of adherence."""
+    return {"colour_and_shape": all(v["colour"] and v["shape"] for v in verdicts),
+            "position": all(v["position"] for v in verdicts), "size": all(v["size"] for v in verdicts),
+            "all": all(all(v.values()) for v in verdicts)}
+
+
+def _shares(tallies: list[dict[str, bool]]) -> dict[str, float]:
+    return {k: sum(t[k] for t in tallies) / len(tallies) for k in tallies[0]}
+
+
 def adherence(sd, n: int = 100, objects: int = 1, steps: int = 20, sampler: str = "DPM++ 2M",
               schedule: str = "karras", cfg_scale: float = 5.0, negative_prompt: str = "", seed: int = 0,
               shapes=SHAPES, progress: bool = False, keep_images: list | None = None, fast=False) -> dict:
     from ..pipeline import txt2img
 
     scenes = held_out_scenes(n, objects, shapes=shapes)
-    tallies: dict[str, list[bool]] = {"colour_and_shape": [], "position": [], "size": [], "all": []}
+    tallies = []
     for i, scene in enumerate(scenes):
         image = txt2img(sd, scene.caption, negative_prompt, steps=steps, sampler=sampler, schedule=schedule,
                         cfg_scale=cfg_scale, seed=seed + i, fast=fast).images[0]
         if keep_images is not None:
             keep_images.append((image, scene))
-        verdicts = judge(image, scene)
-        tallies["colour_and_shape"].append(all(v["colour"] and v["shape"] for v in verdicts))
-        tallies["position"].append(all(v["position"] for v in verdicts))
-        tallies["size"].append(all(v["size"] for v in verdicts))
-        tallies["all"].append(all(all(v.values()) for v in verdicts))
+        tallies.append(_scores(judge(image, scene)))
         if progress:
             print(f"\r{i + 1}/{n}", end="", flush=True)
     if progress:
         print()
-    return {k: sum(v) / len(v) for k, v in tallies.items()}
+    return _shares(tallies)
 
 
 @torch.no_grad()
@@ -76,16 +83,13 @@ def vae_roundtrip_adherence(vae, n: int = 100, size: int = 64) -> dict:
     from ..train.data import render
 
     scenes = held_out_scenes(n, 1)
-    tallies: dict[str, list[bool]] = {"colour_and_shape": [], "position": [], "size": []}
+    tallies = []
     for i in range(0, n, 32):
         batch = scenes[i:i + 32]
         x = torch.cat([to_tensor(render(s, size)) for s in batch]).to(vae.dtype)
         for image, scene in zip(to_pil(vae.decode(vae.encode(x).mode()).float()), batch):
-            v = judge(image, scene)[0]
-            tallies["colour_and_shape"].append(v["colour"] and v["shape"])
-            tallies["position"].append(v["position"])
-            tallies["size"].append(v["size"])
-    return {k: sum(t) / len(t) for k, t in tallies.items()}
+            tallies.append(_scores(judge(image, scene)))
+    return _shares(tallies)
 
 
 @torch.no_grad()

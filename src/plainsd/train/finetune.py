@@ -53,6 +53,12 @@ FINETUNE_DEFAULTS = {
 }
 
 
+def output_name(method: str, token: str = FINETUNE_DEFAULTS["token"]) -> str:
+    """The file a fine-tuning writes into its run folder (textual inversion: named after its token)."""
+    return {"dreambooth": "model.safetensors", "lora": "lora.safetensors",
+            "textual-inversion": f"{token}.safetensors"}[method]
+
+
 def settings(cfg: TrainConfig) -> dict:
     unknown = set(cfg.extra) - set(FINETUNE_DEFAULTS)
     if unknown:
@@ -184,18 +190,19 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> d
             loss = loss + s["prior_weight"] * training_loss(sd.unet, zc, encode(cc), sd.config.prediction, generator=g)
         return loss
 
+    made = out / output_name(method, s["token"])
+
     def export(step, weights):
         if method == "textual-inversion":
-            save_embedding(Embedding(s["token"], weights["emb"], step), out / f"{s['token']}.safetensors",
-                           checkpoint_name=sd.name)
+            save_embedding(Embedding(s["token"], weights["emb"], step), made, checkpoint_name=sd.name)
         elif method == "lora":
             meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(s["rank"]),
                     "ss_network_alpha": str(s["alpha"]), "ss_steps": str(step), "ss_base_model": sd.name,
                     "plainsd.finetune": json.dumps(dataclasses.asdict(cfg))}
-            _atomic_save(lora_mod.adapters_state(adapters), out / "lora.safetensors", meta)
+            _atomic_save(lora_mod.adapters_state(adapters), made, meta)
         else:
             sd.eval()
-            save(sd, out / "model.safetensors", dtype=torch.float16)
+            save(sd, made, dtype=torch.float16)
 
     def sample(step, weights):
         from ..pipeline import txt2img
@@ -211,5 +218,5 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> d
 
     cfg = dataclasses.replace(cfg, ema_decay=0.0)
     result = train(cfg, params, loss_fn, resume, sample, export, progress)
-    result["model"] = sd
+    result["model"], result["output"] = sd, made
     return result
