@@ -29,12 +29,13 @@ def run_facts(runs: Path, net: str) -> dict:
     facts: dict = {"recipe": json.loads((folder / "config.json").read_text())}
     meta = json.loads(safe_open(str(folder / "checkpoint.safetensors"), "pt").metadata()["plainsd.train"])
     facts["steps"] = meta["step"]
-    seconds = meta.get("seconds")
-    if seconds is None:  # older checkpoints: the CLI's closing lines, one per (resumed) segment
-        lines = [m for log in sorted(runs.glob(f"{net}*.log"))
-                 for m in re.findall(rf"trained {net} to step (\d+) in (\d+) s", log.read_text(errors="ignore"))]
-        seconds = sum(int(s) for _, s in lines) if lines else None
-    facts["seconds"] = seconds
+    # The checkpoint counts its run's time across resumes, but a run resumed from a checkpoint written before
+    # checkpoints carried their time counts only the later segments; the CLI's closing lines in the logs
+    # (one per segment) count them all. The larger of the two is the run's time.
+    lines = [m for log in sorted(runs.glob(f"{net}*.log"))
+             for m in re.findall(rf"trained {net} to step (\d+) in (\d+) s", log.read_text(errors="ignore"))]
+    counts = [s for s in (meta.get("seconds"), sum(int(s) for _, s in lines) if lines else None) if s is not None]
+    facts["seconds"] = max(counts) if counts else None
     facts["final_loss"] = sum(meta["losses"][-50:]) / len(meta["losses"][-50:])
     return facts
 
@@ -75,8 +76,8 @@ def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
                      f"{r['lr_schedule']}, {json.dumps(r.get('extra', {}))} |")
     lines += [
         "",
-        f"Total training time: {total / 60:.0f} min, the sum of the three runs (`make model` runs the VAE and CLIP "
-        "side by side, one thread each). " + facts.get("note", ""),
+        f"Total training time: {total / 60:.0f} min, the sum of the three runs (`make model` runs them one "
+        "after the other on all cores). " + facts.get("note", ""),
         "",
         "## Evaluation (`plainsd eval --checks`, held-out prompts and seeds)",
         "",

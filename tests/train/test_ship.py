@@ -1,0 +1,38 @@
+"""The model card's facts about each training run."""
+
+import json
+
+import torch
+
+from plainsd.train.loop import _atomic_save
+from plainsd.train.ship import run_facts
+
+
+def _run(tmp_path, net, meta, logs):
+    folder = tmp_path / net
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"network": net, "batch_size": 4}))
+    _atomic_save({"model.w": torch.zeros(1)}, folder / "checkpoint.safetensors",
+                 {"plainsd.train": json.dumps({"step": 300, "losses": [1.0, 0.5], **meta})})
+    for name, text in logs.items():
+        (tmp_path / name).write_text(text)
+
+
+def test_time_is_the_checkpoints_cumulative_count(tmp_path):
+    _run(tmp_path, "vae", {"seconds": 90.0}, {"vae.log": "trained vae to step 300 in 40 s; loss ...\n"})
+    facts = run_facts(tmp_path, "vae")
+    assert facts["steps"] == 300 and facts["seconds"] == 90.0 and facts["final_loss"] == 0.75
+
+
+def test_segments_before_checkpoints_carried_their_time_are_counted_from_the_logs(tmp_path):
+    # resumed twice; the first checkpoint had no time, so the final one counts only the last segment (50 s)
+    _run(tmp_path, "vae", {"seconds": 50.0}, {
+        "vae-first.log": "trained vae to step 100 in 70 s; loss\n",
+        "vae.log": "trained vae to step 200 in 60 s; loss\ntrained vae to step 300 in 50 s; loss\n",
+        "clip.log": "trained clip to step 100 in 1000 s; loss\n"})
+    assert run_facts(tmp_path, "vae")["seconds"] == 180
+
+
+def test_no_time_anywhere_is_said(tmp_path):
+    _run(tmp_path, "unet", {}, {})
+    assert run_facts(tmp_path, "unet")["seconds"] is None
