@@ -29,8 +29,8 @@ test: $(VENV)/.test
 # UNet, then the evaluation and the shipped file with its card.
 model: $(VENV)/.run
 	mkdir -p runs
-	$(VENV)/bin/plainsd train vae --threads 1 --quiet > runs/vae.log 2>&1 & \
-	$(VENV)/bin/plainsd train clip --threads 1 --quiet > runs/clip.log 2>&1; wait
+	$(VENV)/bin/plainsd train clip --quiet > runs/clip.log 2>&1
+	$(VENV)/bin/plainsd train vae --quiet > runs/vae.log 2>&1
 	$(VENV)/bin/plainsd train unet --quiet > runs/unet.log 2>&1
 	$(VENV)/bin/plainsd train taesd --quiet > runs/taesd.log 2>&1
 	$(VENV)/bin/plainsd eval --model runs/unet/model.safetensors --vae runs/vae/vae.safetensors \

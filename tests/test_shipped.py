@@ -32,8 +32,8 @@ def test_the_plain_call_uses_the_cards_settings():
 
 
 def test_it_draws_what_it_is_told():
-    # The card's figures on 100 held-out prompts: colour and shape 0.56, position 1.0, size 0.93. On the
+    # The card's figures on 100 held-out prompts: colour and shape 0.77, position 0.99, size 0.97. On the
     # first 20 the same seeds give the same pictures; a broken loader, sampler or prompt path falls far below.
     sd = plainsd.load()
     score = metrics.adherence(sd, 20)
-    assert score["position"] >= 0.9 and score["size"] >= 0.8 and score["colour_and_shape"] >= 0.4, score
+    assert score["position"] >= 0.9 and score["size"] >= 0.8 and score["colour_and_shape"] >= 0.55, score
