@@ -25,8 +25,9 @@ demo: $(VENV)/.run
 test: $(VENV)/.test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Retrain the shipped model from scratch (about 90 minutes on 2 cores): VAE and CLIP side by side, then the
-# UNet, then the evaluation and the shipped file with its card.
+# Retrain the shipped model from scratch (about 90 minutes on 2 cores by the measured step rates; not yet timed
+# as one run): CLIP, the VAE, the UNet and the tiny decoder one after the other, then the evaluation and the
+# shipped file with its card.
 model: $(VENV)/.run
 	mkdir -p runs
 	$(VENV)/bin/plainsd train clip --quiet > runs/clip.log 2>&1
