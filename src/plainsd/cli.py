@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="karras")
     p.add_argument("--vae", default=None, help="a VAE training's vae.safetensors, or a whole checkpoint: PSNR and "
                                                    "the judge on VAE round trips")
+    p.add_argument("--taesd", default=None, help="with --vae: a tiny decoder file (fast mode's), judged on round trips "
+                                                   "through the VAE's encoder and this decoder")
     p.add_argument("--clip", default=None, help="a CLIP training's clip.safetensors, for retrieval")
     p.add_argument("--checks", action="store_true",
                    help="also: adherence against CFG 1..5, the negative prompt 'red' on 'a circle', img2img at 0.3")
@@ -409,9 +411,13 @@ def _eval(args) -> int:
     out: dict = {}
     if args.vae:
         from plainsd.train.recipes import load_vae
-        vae = load_vae(args.vae)[0]
+        vae, scale = load_vae(args.vae)
         out["vae_psnr_db"] = round(metrics.vae_psnr(vae), 2)
         out["vae_roundtrip_adherence"] = metrics.vae_roundtrip_adherence(vae, n=args.prompts or 100)
+        if args.taesd:
+            from plainsd.fast import load_tiny_decoder
+            out["taesd_roundtrip_adherence"] = metrics.vae_roundtrip_adherence(
+                vae, n=args.prompts or 100, tiny_decoder=load_tiny_decoder(args.taesd), scale_factor=scale)
     clip = None
     if args.clip:
         from plainsd.models.tokenizer import Tokenizer

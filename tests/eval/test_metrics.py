@@ -67,6 +67,20 @@ def test_vae_roundtrip_adherence_is_the_judge_on_round_trips():
     assert 1.0 > blurred(2) > blurred(4) > blurred(8)
 
 
+def test_tiny_decoder_round_trip_decodes_the_scaled_latents():
+    class Tiny:  # fast mode's decoder reads latents times the scale factor and returns [-1, 1] images
+        def __init__(self, scale):
+            self.scale = scale
+
+        def decode(self, z):
+            return z / self.scale
+
+    right = metrics.vae_roundtrip_adherence(_Codec(torch.zeros_like), n=40, tiny_decoder=Tiny(0.2), scale_factor=0.2)
+    assert right == {"colour_and_shape": 1.0, "position": 1.0, "size": 1.0, "all": 1.0}
+    wrong = metrics.vae_roundtrip_adherence(_Codec(torch.zeros_like), n=40, tiny_decoder=Tiny(0.2), scale_factor=0.02)
+    assert wrong["colour_and_shape"] < 0.5  # a washed-out picture: the colours are lost
+
+
 def test_random_model_scores_low_and_metrics_are_numbers():
     sd = plainsd.build("tiny")
     score = metrics.adherence(sd, 5, steps=2)

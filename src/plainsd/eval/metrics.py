@@ -77,8 +77,11 @@ def vae_psnr(vae, n: int = 128, size: int = 64) -> float:
 
 
 @torch.no_grad()
-def vae_roundtrip_adherence(vae, n: int = 100, size: int = 64) -> dict:
-    """Adherence of encode-then-decode of ground-truth renders for the single-object held-out prompts."""
+def vae_roundtrip_adherence(vae, n: int = 100, size: int = 64, tiny_decoder=None, scale_factor: float = 1.0) -> dict:
+    """Adherence of encode-then-decode of ground-truth renders for the single-object held-out prompts.
+
+    With `tiny_decoder` (fast mode's TAESD decoder), the VAE encodes and the tiny decoder decodes the
+    latents times `scale_factor`, as fast mode decodes the UNet's output."""
     from ..images import to_pil
     from ..train.data import render
 
@@ -87,7 +90,9 @@ def vae_roundtrip_adherence(vae, n: int = 100, size: int = 64) -> dict:
     for i in range(0, n, 32):
         batch = scenes[i:i + 32]
         x = torch.cat([to_tensor(render(s, size)) for s in batch]).to(vae.dtype)
-        for image, scene in zip(to_pil(vae.decode(vae.encode(x).mode()).float()), batch):
+        z = vae.encode(x).mode()
+        decoded = vae.decode(z) if tiny_decoder is None else tiny_decoder.decode(z.float() * scale_factor)
+        for image, scene in zip(to_pil(decoded.float()), batch):
             tallies.append(_scores(judge(image, scene)))
     return _shares(tallies)
 
