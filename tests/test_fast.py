@@ -36,12 +36,14 @@ def test_deepcache_reuses_exactly_the_deep_features():
         assert cached.full_calls == 2
     with pytest.raises(ValueError, match="DeepCache needs"):
         fast.DeepCacheUNet(sd.unet, interval=0)
+    with pytest.raises(ValueError, match="DeepCache needs"):
+        fast.DeepCacheUNet(sd.unet, warmup=-1)
 
 
 def _count_calls(sd):
     batches, full = [], []
     sd.unet.input_blocks[0].register_forward_hook(lambda m, i, o: batches.append(o.shape[0]))
-    sd.unet.middle_block.register_forward_hook(lambda m, i, o: full.append(1))
+    sd.unet.middle_block.register_forward_hook(lambda m, i, o: full.append(len(batches) - 1))  # which call
     return batches, full
 
 
@@ -55,6 +57,10 @@ def test_fast_generation_skips_what_it_says():
     txt2img(sd, "a red circle", steps=10, sampler="DPM++ 2M", seed=0, cfg_scale=5, fast=settings)
     assert batches == [2] * 6 + [1] * 4            # guidance for the first 60% of the steps
     assert len(full) == 4                          # whole passes at calls 0, 3, the batch change at 6, and 9
+    batches.clear(), full.clear()
+    settings = fast.FastSettings(deepcache_interval=3, deepcache_start=0.3, guidance_until=1.0, tiny_decoder=False)
+    txt2img(sd, "a red circle", steps=10, sampler="DPM++ 2M", seed=0, cfg_scale=5, fast=settings)
+    assert full == [0, 1, 2, 5, 8]                 # the first 30% whole, then every third call from the last of them
 
 
 def test_tiny_decoder_equals_diffusers_autoencoder_tiny(tmp_path):

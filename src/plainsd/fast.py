@@ -3,7 +3,9 @@
 1. DeepCache (Ma, Fang & Wang 2023): a UNet's deep features change slowly from one sampling step to the
    next. Every `interval`-th call runs the whole UNet and keeps the features that enter its last
    `depth` output blocks; the calls in between run only the first `depth` input blocks (full resolution)
-   and those last output blocks on the kept features.
+   and those last output blocks on the kept features. The first `deepcache_start` of the steps, where
+   the picture's layout, shapes and colours are decided and the features change fastest, always run the
+   whole UNet (the paper's non-uniform schedule makes the same point by spacing its full steps closer early).
 2. Guidance cut-off: classifier-free guidance only for the first `guidance_until` of the steps; after
    that the unconditional half of the batch is not computed (CFGDenoiser's guidance_until).
 3. A tiny VAE decoder (TAESD's architecture, models/taesd.py) instead of SD's decoder at the end.
@@ -26,6 +28,7 @@ from .weights import CheckpointError, read_tensors
 class FastSettings:
     deepcache_interval: int = 3     # 1 = off
     deepcache_depth: int = 1        # how many input / output blocks run on the cheap steps
+    deepcache_start: float = 0.0    # fraction of the steps that run the whole UNet before caching starts
     guidance_until: float = 0.8     # fraction of the steps that get classifier-free guidance
     tiny_decoder: bool = True       # decode with the model's TAESD decoder when it has one
 
@@ -36,17 +39,19 @@ FAST = FastSettings()
 class DeepCacheUNet:
     """Calls the UNet like unet(x, t, context), running it whole only every `interval` calls."""
 
-    def __init__(self, unet: torch.nn.Module, interval: int = 3, depth: int = 1):
-        if interval < 1 or not 1 <= depth < len(unet.output_blocks):
-            raise ValueError(f"DeepCache needs interval >= 1 and 1 <= depth < {len(unet.output_blocks)}, "
-                             f"got {interval} and {depth}")
-        self.unet, self.interval, self.depth = unet, interval, depth
+    def __init__(self, unet: torch.nn.Module, interval: int = 3, depth: int = 1, warmup: int = 0):
+        if interval < 1 or not 1 <= depth < len(unet.output_blocks) or warmup < 0:
+            raise ValueError(f"DeepCache needs interval >= 1, 1 <= depth < {len(unet.output_blocks)} and warmup >= 0, "
+                             f"got {interval}, {depth} and {warmup}")
+        self.unet, self.interval, self.depth, self.warmup = unet, interval, depth, warmup
         self.calls, self.full_calls = 0, 0
         self.cached: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         unet, cfg = self.unet, self.unet.config
-        full = self.calls % self.interval == 0 or self.cached is None or self.cached.shape[0] != x.shape[0]
+        since = self.calls - max(self.warmup - 1, 0)  # the last warm-up call counts as the first full one
+        full = (self.calls < self.warmup or since % self.interval == 0
+                or self.cached is None or self.cached.shape[0] != x.shape[0])
         self.calls += 1
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         dtype = unet.dtype

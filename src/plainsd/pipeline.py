@@ -220,7 +220,8 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
     if fast is not None:
         guidance_until = min(guidance_until, fast.guidance_until)
         if fast.deepcache_interval > 1 and getattr(sd, "backend", None) is None:
-            deepcache = DeepCacheUNet(sd.unet, fast.deepcache_interval, fast.deepcache_depth)
+            deepcache = DeepCacheUNet(sd.unet, fast.deepcache_interval, fast.deepcache_depth,
+                                      warmup=round(fast.deepcache_start * (len(sigmas) - 1)))
     denoiser.net = _net(sd, concat, deepcache)
     tiny = tiny_decoder(sd) if fast is not None and fast.tiny_decoder else None
 
