@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("samplers", help="list samplers and schedules")
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("train", help="train the VAE, CLIP or the UNet from a config file")
-    p.add_argument("network", choices=["vae", "clip", "unet", "taesd"])
+    p.add_argument("network", choices=["vae", "vae-decoder", "clip", "unet", "taesd"])
     p.add_argument("--config", default=None, help="a JSON training config (default: the shipped recipe)")
     p.add_argument("--out", default=None, help="run folder (checkpoints, samples, exported weights)")
     p.add_argument("--steps", type=int, default=None)

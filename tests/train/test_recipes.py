@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import plainsd
+from plainsd.images import to_tensor
+from plainsd.train.data import ShapesDataset
 from plainsd.pipeline import txt2img
 from plainsd.train.loop import TrainConfig
 from plainsd.fast import load_tiny_decoder
-from plainsd.train.recipes import load_clip, load_vae, train_clip, train_taesd, train_unet, train_vae
+from plainsd.train.recipes import load_clip, load_vae, train_clip, train_taesd, train_unet, train_vae, train_vae_decoder
 
 TINY = {"text": {"width": 64, "layers": 2, "heads": 1, "projection_dim": 32},
         "vae": {"ch": 16, "ch_mult": [1, 1, 1, 2], "num_res_blocks": 1, "norm_groups": 8},
@@ -39,6 +41,18 @@ def test_three_trainings_and_a_resume(tmp_path):
     taesd = train_taesd(_cfg(tmp_path, "taesd", 30, extra=extra, lr=5e-3), progress=False)
     assert _falls(taesd["losses"]), taesd["losses"]
     assert load_tiny_decoder(tmp_path / "taesd" / "taesd.safetensors").width == 16
+
+    # the decoder fine-tuned on the frozen encoder's latents: the encoder and the latent scale stay as they were
+    extra = {"vae": str(tmp_path / "vae" / "vae.safetensors"), "latent_cache": 8}
+    train_vae_decoder(_cfg(tmp_path, "vae-decoder", 40, extra=extra, lr=1e-3), progress=False)
+    refined, refined_scale = load_vae(tmp_path / "vae-decoder" / "vae.safetensors")
+    images = torch.cat([to_tensor(ShapesDataset(length=8, seed=0)[i][0]) for i in range(8)])  # DATA's images
+    with torch.no_grad():  # (the loss per step is too noisy to compare: the young VAE's posteriors are wide)
+        error = [float((v.decode(v.encode(images).mode()) - images).abs().mean()) for v in (model, refined)]
+    assert error[1] < 0.9 * error[0], error
+    assert refined_scale == scale
+    assert all(torch.equal(a, b) for a, b in zip(refined.encoder.state_dict().values(), model.encoder.state_dict().values()))
+    assert not torch.equal(refined.decoder.conv_out.weight, model.decoder.conv_out.weight)
 
     clip = train_clip(_cfg(tmp_path, "clip", 30), progress=False)
     assert _falls(clip["losses"]), clip["losses"]

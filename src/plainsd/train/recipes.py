@@ -133,6 +133,47 @@ def train_vae(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     return train(cfg, _named(vae), loss_fn, resume, sample, export, progress)
 
 
+def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune a trained VAE's decoder with its encoder frozen, as Stability's ft-EMA / ft-MSE VAEs did for SD:
+    the latent space stays the same (a UNet trained on it needs no retraining), only the pictures drawn from
+    it get better. From the frozen encoder's latents (cached, sampled from the posterior) back to the images; L1."""
+    vae_path = cfg.extra.get("vae")
+    if not vae_path:
+        raise ValueError("the vae-decoder recipe needs extra.vae: the file the vae training wrote")
+    vae, scale = load_vae(vae_path)
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    mc = dataclasses.replace(model_config(cfg), vae=vae.config)
+    ds = dataset(cfg, mc.resolution)
+    out = Path(cfg.out)
+    kept: list[torch.Tensor] = []
+    cache = _latent_cache(vae, ds, cfg.extra.get("latent_cache", 4096), progress, keep_images=kept)
+    images = torch.cat(kept)
+    trained = {k: p for k, p in _named(vae).items() if p.requires_grad}
+
+    def loss_fn(step, micro):
+        rng = random.Random(f"{cfg.seed}:{step}:{micro}")
+        idx = [rng.randrange(len(images)) for _ in range(cfg.batch_size)]
+        g = torch.Generator().manual_seed(step * 131 + micro)
+        mean, std = cache[0][idx], cache[1][idx]
+        return F.l1_loss(vae.decode(mean + std * torch.randn(mean.shape, generator=g)).float(), images[idx])
+
+    def export(step, weights):
+        with _swapped(vae, weights):
+            state = {("first_stage_model." + k): v for k, v in vae.state_dict().items()}
+        meta = {"plainsd.vae_config": json.dumps(dataclasses.asdict(vae.config)), "plainsd.scale_factor": str(scale)}
+        _atomic_save(state, out / "vae.safetensors", meta)
+
+    def sample(step, weights):
+        with _swapped(vae, weights), torch.no_grad():
+            recon = vae.decode(cache[0][:8])
+        (out / "samples").mkdir(exist_ok=True)
+        contact_sheet(to_pil(torch.cat([images[:8], recon.clamp(-1, 1)]))).save(out / "samples" / f"vae-decoder-{step:06d}.png")
+
+    return train(cfg, trained, loss_fn, resume, sample, export, progress)
+
+
 class _swapped:
     """Temporarily load exported (e.g. EMA) weights into a module."""
 
@@ -340,4 +381,5 @@ def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -
     return train(cfg, _named(decoder), loss_fn, resume, sample, export, progress)
 
 
-RECIPES = {"vae": train_vae, "clip": train_clip, "unet": train_unet, "taesd": train_taesd}
+RECIPES = {"vae": train_vae, "vae-decoder": train_vae_decoder, "clip": train_clip, "unet": train_unet,
+           "taesd": train_taesd}
