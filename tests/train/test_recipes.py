@@ -6,12 +6,14 @@ import pytest
 import torch
 
 import plainsd
-from plainsd.images import to_tensor
+import numpy as np
+
+from plainsd.images import to_pil, to_tensor
 from plainsd.train.data import ShapesDataset
 from plainsd.pipeline import txt2img
 from plainsd.train.loop import TrainConfig
 from plainsd.fast import load_tiny_decoder
-from plainsd.train.recipes import load_clip, load_vae, train_clip, train_taesd, train_unet, train_vae, train_vae_decoder
+from plainsd.train.recipes import generated_latents, load_clip, load_vae, train_clip, train_taesd, train_unet, train_vae, train_vae_decoder
 
 TINY = {"text": {"width": 64, "layers": 2, "heads": 1, "projection_dim": 32},
         "vae": {"ch": 16, "ch_mult": [1, 1, 1, 2], "num_res_blocks": 1, "norm_groups": 8},
@@ -73,6 +75,18 @@ def test_three_trainings_and_a_resume(tmp_path):
     assert txt2img(sd, "a red circle", steps=2, seed=0).images[0].size == (64, 64)
     assert torch.equal(sd.text_encoder.text_model.final_layer_norm.weight, text.text_model.final_layer_norm.weight.half().float())
 
+    # the sampler's latents, made many captions at a time, are the ones txt2img decodes for the same seed
+    z = generated_latents(sd, ["a red circle", "a blue square"], seed=5, steps=4)
+    for caption, seed, latent in (("a red circle", 5, z[:1]), ("a blue square", 6, z[1:])):
+        drawn = txt2img(sd, caption, steps=4, seed=seed, sampler="DPM++ 2M", schedule="karras", cfg_scale=5).images[0]
+        mine = to_pil(sd.vae.decode(latent / sd.config.scale_factor))[0]
+        assert np.abs(np.asarray(drawn, dtype=int) - np.asarray(mine, dtype=int)).max() <= 1
+    # and a tiny decoder trained half on such latents, against the VAE decoder's pictures of them
+    extra = {"vae": str(tmp_path / "vae" / "vae.safetensors"), "width": 16, "latent_cache": 8,
+             "model": str(tmp_path / "unet" / "model.safetensors"), "generated": 8}
+    taesd = train_taesd(_cfg(tmp_path, "taesd-generated", 30, extra=extra, lr=5e-3), progress=False)
+    assert _falls(taesd["losses"]), taesd["losses"]
+
     # shipping: fp16 weights that carry their recommended settings, and a card written from the runs
     from plainsd.train import ship
     (tmp_path / "eval.json").write_text(json.dumps({"vae_psnr_db": 20.5, "single_object": {"colour_and_shape": 0.5},
@@ -98,3 +112,16 @@ def test_load_vae_reads_a_whole_checkpoint_and_load_clip_says_what_is_missing(tm
         assert torch.equal(vae.decode(vae.encode(x).mode()), sd.vae.decode(sd.vae.encode(x).mode()))
     with pytest.raises(ValueError, match="not a CLIP written by `plainsd train clip`"):
         load_clip(path)
+
+
+def test_every_shipped_recipe_is_a_valid_config_of_a_known_training():
+    from pathlib import Path
+
+    from plainsd.train.recipes import RECIPES
+
+    folder = Path(plainsd.__file__).parent / "data" / "recipes"
+    for path in sorted(folder.glob("*.json")):
+        cfg = TrainConfig.from_file(path)
+        if not path.name.startswith("finetune-"):
+            assert path.stem == cfg.network and cfg.network in RECIPES, path.name
+    assert {p.stem for p in folder.glob("*.json")} >= set(RECIPES)  # `plainsd train NET` finds its recipe

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 SCHEDULES = ("constant", "cosine", "cosine_with_restarts")
-NETWORKS = ("vae", "clip", "unet", "taesd", "dreambooth", "textual-inversion", "lora")  # trainings and fine-tunings
+NETWORKS = ("vae", "vae-decoder", "clip", "unet", "taesd", "dreambooth", "textual-inversion", "lora")  # trainings and fine-tunings
 
 
 @dataclass

@@ -342,9 +342,42 @@ def _latent_cache(vae: AutoencoderKL, ds, n: int, progress: bool, keep_images: l
     return torch.cat(means), torch.cat(stds), captions
 
 
+@torch.no_grad()
+def generated_latents(sd: StableDiffusion, captions: list[str], seed: int, steps: int = 20, cfg_scale: float = 5.0,
+                      batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """What the model's sampler hands to the decoder (scaled latents) for these captions: DPM++ 2M Karras, CFG,
+    caption i with seed + i (txt2img's latents for that prompt and seed), many captions per batch."""
+    from tqdm.auto import tqdm
+
+    from ..diffusion import samplers
+    from ..diffusion.denoisers import DiscreteDenoiser
+    from ..diffusion.guidance import CFGDenoiser
+    from ..prompts import encode_pair
+
+    denoiser = DiscreteDenoiser(lambda x, t, cond: sd.unet(x, t, cond), sd.config.prediction)
+    sigmas = denoiser.get_sigmas(steps, "karras")
+    guided = CFGDenoiser(denoiser, cfg_scale, sigmas)
+    f, res = sd.config.vae.factor, sd.config.resolution
+    out = []
+    for start in tqdm(range(0, len(captions), batch_size), desc="generating latents", disable=not progress):
+        chunk = captions[start:start + batch_size]
+        x = torch.stack([torch.randn(sd.config.unet.in_channels, res // f, res // f,  # txt2img's noise for seed + i
+                                     generator=torch.Generator().manual_seed(seed + start + i)) for i in range(len(chunk))])
+        x = x * sigmas[0]
+        cond, uncond = encode_pair(sd.tokenizer, sd.text_encoder, chunk, [""] * len(chunk))  # as txt2img encodes them
+        extra = {"cond": cond, "uncond": uncond}
+        out.append(samplers.sample_dpmpp_2m(guided, x, sigmas, extra_args=extra, disable=True).float())
+    return torch.cat(out)
+
+
 def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Fast mode's tiny decoder (TAESD's architecture) for a trained VAE: from the VAE encoder's latents,
-    as the UNet sees them (times the scale factor), back to the images, in [0, 1]; L1 loss."""
+    as the UNet sees them (times the scale factor), back to the images, in [0, 1]; L1 loss.
+
+    With extra.model (a whole checkpoint with this VAE) and extra.generated = N, half of each batch is instead
+    latents the model's sampler produced for N captions, with the VAE decoder's pictures of them as the target:
+    the sampler's latents are not quite the encoder's (a flat background comes out slightly off the encoder's
+    values), and a decoder that only saw the encoder's latents paints such backgrounds in blotches."""
     from ..models.taesd import TinyDecoder
 
     vae_path = cfg.extra.get("vae")
@@ -359,14 +392,35 @@ def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -
     kept: list[torch.Tensor] = []
     cache = _latent_cache(vae, ds, cfg.extra.get("latent_cache", 4096), progress, keep_images=kept)
     images = torch.cat(kept)
+    generated = targets = None
+    if cfg.extra.get("generated"):
+        if not cfg.extra.get("model"):
+            raise ValueError("extra.generated needs extra.model: the checkpoint whose sampler makes the latents")
+        from ..weights import load
+
+        sd = load(cfg.extra["model"]).eval()
+        if abs(sd.config.scale_factor - scale) > 1e-4 * scale:
+            raise ValueError(f"extra.model's latent scale ({sd.config.scale_factor}) is not extra.vae's ({scale}): "
+                             "they must share the VAE")
+        captions = [ds[len(ds) - 1 - i][1] for i in range(cfg.extra["generated"])]  # not the encoded images' captions
+        generated = generated_latents(sd, captions, cfg.seed + 7, progress=progress)
+        with torch.no_grad():
+            targets = torch.cat([(vae.decode(z / scale).clamp(-1, 1) + 1) / 2
+                                 for z in generated.split(64)])
+        del sd
 
     def loss_fn(step, micro):
         rng = random.Random(f"{cfg.seed}:{step}:{micro}")
-        idx = [rng.randrange(len(images)) for _ in range(cfg.batch_size)]
+        n_gen = cfg.batch_size // 2 if generated is not None else 0
+        idx = [rng.randrange(len(images)) for _ in range(cfg.batch_size - n_gen)]
         g = torch.Generator().manual_seed(step * 31 + micro)
         mean, std = cache[0][idx], cache[1][idx]
         latents = (mean + std * torch.randn(mean.shape, generator=g)) * scale
-        return F.l1_loss(decoder(latents).float(), (images[idx] + 1) / 2)
+        loss = F.l1_loss(decoder(latents).float(), (images[idx] + 1) / 2)
+        if n_gen:
+            gi = [rng.randrange(len(generated)) for _ in range(n_gen)]
+            loss = (loss + F.l1_loss(decoder(generated[gi]).float(), targets[gi])) / 2
+        return loss
 
     def export(step, weights):
         meta = {"plainsd.taesd_width": str(decoder.width), "plainsd.scale_factor": str(scale)}
