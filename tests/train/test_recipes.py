@@ -97,6 +97,9 @@ def test_three_trainings_and_a_resume(tmp_path):
     assert shipped.tiny_decoder_path == tmp_path / "base.taesd.safetensors"  # shipped beside it, found by load
     text = (tmp_path / "base.md").read_text()
     assert "| unet | 40 | 8 |" in text and "| VAE reconstruction PSNR (dB) | 20.5 |" in text
+    assert "| vae-decoder | 40 | 8 |" in text and "the sum of the 4 runs" in text
+    assert torch.equal(shipped.vae.decoder.conv_out.weight, refined.decoder.conv_out.weight.half().float())
+    assert torch.equal(shipped.vae.encoder.conv_in.weight, model.encoder.conv_in.weight.half().float())
     assert "| single object: colour and shape | 0.5 |" in text
     result = txt2img(shipped, "a red circle", seed=0)  # the plain call uses the model's own settings
     assert result.parameters["steps"] == 20 and result.parameters["cfg_scale"] == 5.0 and result.images[0].size == (64, 64)

@@ -23,6 +23,9 @@ from ..weights import DEFAULT_MODEL, load, save
 RECOMMENDED = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "karras", "cfg_scale": 5.0, "width": 64, "height": 64}
 
 
+NETS = ("vae", "vae-decoder", "clip", "unet")  # the runs the shipped model is made of (vae-decoder: if it ran)
+
+
 def run_facts(runs: Path, net: str) -> dict:
     """Steps, seconds and recipe of one training run (seconds from its checkpoint, or its logs)."""
     folder = runs / net
@@ -45,7 +48,8 @@ def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
         s = facts[net]["seconds"]
         return f"{s / 60:.1f} min" if s else "not recorded"
 
-    total = sum(facts[n]["seconds"] or 0 for n in ("vae", "clip", "unet"))
+    nets = [n for n in NETS if n in facts]
+    total = sum(facts[n]["seconds"] or 0 for n in nets)
     so, two = metrics.get("single_object", {}), metrics.get("two_objects", {})
     lines = [
         "# plainsd-base: the model plainsd ships",
@@ -69,15 +73,17 @@ def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
         "| network | steps | batch | time | precision | recipe |",
         "|---|---|---|---|---|---|",
     ]
-    for net in ("vae", "clip", "unet"):
+    for net in nets:
         r = facts[net]["recipe"]
         lines.append(f"| {net} | {facts[net]['steps']} | {r['batch_size']} | {minutes(net)} | "
                      f"{'bf16 autocast' if r.get('bf16') else 'float32'} | lr {r['lr']:g} "
                      f"{r['lr_schedule']}, {json.dumps(r.get('extra', {}))} |")
     lines += [
         "",
-        f"Total training time: {total / 60:.0f} min, the sum of the three runs (`make model` runs them one "
-        "after the other on all cores). " + facts.get("note", ""),
+        f"Total training time: {total / 60:.0f} min, the sum of the {len(nets)} runs (`make model` runs them one "
+        "after the other on all cores). " + ("The vae-decoder run fine-tunes the VAE's decoder on its frozen encoder's "
+        "latents after the VAE training (the shipped VAE has its encoder and that decoder; the UNet's latent space is "
+        "the encoder's, unchanged). " if "vae-decoder" in nets else "") + facts.get("note", ""),
         "",
         "## Evaluation (`plainsd eval --checks`, held-out prompts and seeds)",
         "",
@@ -112,10 +118,14 @@ def main(argv=None):
     p.add_argument("--out", default=str(DEFAULT_MODEL))
     args = p.parse_args(argv)
     runs = Path(args.runs)
-    facts = {net: run_facts(runs, net) for net in ("vae", "clip", "unet")}
+    facts = {net: run_facts(runs, net) for net in NETS if net != "vae-decoder" or (runs / net).is_dir()}
     facts["note"] = args.note
     metrics = json.loads(Path(args.eval).read_text())
     sd = load(runs / "unet" / "model.safetensors")
+    if "vae-decoder" in facts:  # the fine-tuned decoder (the encoder, and so the latents, are the VAE run's)
+        from .recipes import load_vae
+
+        sd.vae.load_state_dict(load_vae(runs / "vae-decoder" / "vae.safetensors")[0].state_dict())
     sd.defaults = dict(RECOMMENDED)
     out = save(sd, args.out, dtype=torch.float16)
     params = sum(p.numel() for p in sd.parameters())
