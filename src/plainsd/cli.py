@@ -43,7 +43,7 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings, used by name in prompts")
     _runtime_args(p)
     p.add_argument("--fast", action="store_true",
-                   help="fast mode: DeepCache, guidance for the first 80%% of the steps, the model's tiny decoder (less exact)")
+                   help="fast mode: DeepCache (the whole UNet every 2nd step), guidance for the first 60%% of the steps, the model's tiny decoder (less exact)")
     p.add_argument("--save-steps", action="store_true", help="also write the denoising process as a GIF and a contact sheet")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")

@@ -26,10 +26,10 @@ from .weights import CheckpointError, read_tensors
 
 @dataclass
 class FastSettings:
-    deepcache_interval: int = 3     # 1 = off
+    deepcache_interval: int = 2     # 1 = off
     deepcache_depth: int = 1        # how many input / output blocks run on the cheap steps
     deepcache_start: float = 0.0    # fraction of the steps that run the whole UNet before caching starts
-    guidance_until: float = 0.8     # fraction of the steps that get classifier-free guidance
+    guidance_until: float = 0.6     # fraction of the steps that get classifier-free guidance
     tiny_decoder: bool = True       # decode with the model's TAESD decoder when it has one
 
 
