@@ -369,6 +369,8 @@ def _table(results, peaks, sizes, args) -> str:
              f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s. Median of {args.rounds} rounds; "
              f"command: `.venv/bin/python benchmarks/speed.py " + " ".join(sys.argv[1:]) + "`", ""]
     for size in sizes:
+        if not any(("unet", size, name) in results for name in VARIANTS):
+            continue  # --skip unet
         step_gflop, _ = model_gflop(size)
         base = _median(results.get(("unet", size, "diffusers fp32"), []), "seconds")
         lines += [f"UNet step with CFG (batch 2) at {size}x{size}: {step_gflop:.0f} GFLOP", "",
