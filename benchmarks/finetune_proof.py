@@ -1,7 +1,7 @@
 """The fine-tuning proof on the shipped model: each method teaches it a heart (a shape it never saw).
 
     .venv/bin/python benchmarks/finetune_proof.py             # about 40 minutes on 2 cores
-    .venv/bin/python benchmarks/finetune_proof.py --only lora  # one method
+    .venv/bin/python benchmarks/finetune_proof.py --only lora  # one method (the other rows stay)
 
 For each method the shipped recipe (src/plainsd/data/recipes/finetune-*.json) runs through the plain CLI,
 `plainsd finetune METHOD --out runs/proof/NAME`, timed; then `plainsd eval` measures how often the identifier
@@ -85,15 +85,23 @@ def main() -> int:
         shown = f"{size / 2**20:.2f} MB" if size >= 2**20 else f"{size / 2**10:.1f} KB"
         rows.append((name, f"{minutes:.1f} min", shown, f"{rate:.2f}", note, adherence))
         print(rows[-1], flush=True)
-    lines = ["| method | time | file | 'sks heart' drawn as a heart | ordinary prompts: colour and shape / position / size | note |",
-             "|---|---|---|---|---|---|"]
+    made = {}
     for name, t, size, rate, note, adh in rows:
         a = f"{adh['colour_and_shape']:.2f} / {adh['position']:.2f} / {adh['size']:.2f}" if adh else "unchanged (model untouched)"
-        lines.append(f"| {name} | {t} | {size} | {rate} | {a} | {note} |")
+        made[name] = f"| {name} | {t} | {size} | {rate} | {a} | {note} |"
+    results = ROOT / "benchmarks" / "finetune_results.md"
+    if args.only and results.is_file():  # keep the other methods' rows of the last full run
+        for line in results.read_text().splitlines():
+            name = line.split("|")[1].strip() if line.startswith("| ") else ""
+            if name in METHODS and name not in made:
+                made[name] = line
+    lines = ["| method | time | file | 'sks heart' drawn as a heart | ordinary prompts: colour and shape / position / size | note |",
+             "|---|---|---|---|---|---|"]
+    lines += [made[name] for name in ["base model (shipped)", *METHODS] if name in made]
     table = "\n".join(lines)
     print(table)
-    (ROOT / "benchmarks" / "finetune_results.md").write_text(
-        "Made by `.venv/bin/python benchmarks/finetune_proof.py` (2-core CPU).\n\n" + table + "\n")
+    results.write_text("Made by `.venv/bin/python benchmarks/finetune_proof.py` (2-core CPU)"
+                       + (f"; the {args.only} rows by `--only {args.only}`" if args.only else "") + ".\n\n" + table + "\n")
     return 0
 
 
