@@ -409,6 +409,8 @@ def _eval(args) -> int:
     from plainsd.eval import metrics
 
     out: dict = {}
+    if args.taesd and not args.vae:
+        raise ValueError("--taesd needs --vae: the VAE (or whole checkpoint) whose encoder feeds the tiny decoder")
     if args.vae:
         from plainsd.train.recipes import load_vae
         vae, scale = load_vae(args.vae)

@@ -105,6 +105,11 @@ def test_eval_command_writes_json(tmp_path, capsys):
     assert set(data["single_object"]) == {"colour_and_shape", "position", "size", "all"} and "two_objects" in data
 
 
+def test_eval_taesd_without_vae_is_refused(capsys):
+    assert main(["eval", "--taesd", "t.safetensors", "--prompts", "0", "--two-object-prompts", "0"]) != 0
+    assert "--taesd needs --vae" in capsys.readouterr().err
+
+
 def test_eval_with_clip_reports_distribution_metrics(tmp_path, capsys):
     from plainsd.train.loop import TrainConfig
     from plainsd.train.recipes import train_clip
