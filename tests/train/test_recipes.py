@@ -2,12 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import plainsd
-import numpy as np
-
 from plainsd.images import to_pil, to_tensor
 from plainsd.train.data import ShapesDataset
 from plainsd.pipeline import txt2img
