@@ -24,7 +24,9 @@ def test_seeds_batches_and_reproducibility(sd):
     r = pipeline.txt2img(sd, "a red circle", steps=4, seed=10, batch_size=2, batch_count=2)
     assert r.seeds == [10, 11, 12, 13] and len(r.images) == 4 and r.images[0].size == (64, 64)
     alone = pipeline.txt2img(sd, "a red circle", steps=4, seed=12)
-    assert np.array_equal(_arr(alone.images[0]), _arr(r.images[2]))  # the same whether alone or in a batch
+    # The same picture whether alone or in a batch, up to float rounding: batched matrix products may sum in
+    # another order, which can move a pixel by one level (seen on CI); a different seed would move thousands.
+    assert np.abs(_arr(alone.images[0]) - _arr(r.images[2])).max() <= 1
     again = pipeline.txt2img(sd, "a red circle", steps=4, seed=10, batch_size=2, batch_count=2)
     assert all(np.array_equal(_arr(a), _arr(b)) for a, b in zip(r.images, again.images))
     assert not np.array_equal(_arr(r.images[0]), _arr(r.images[1]))
