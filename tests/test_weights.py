@@ -208,6 +208,23 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
         plainsd.save(plainsd.build("tiny"), tmp_path / "m.ckpt")
 
 
+def test_saved_files_follow_the_umask(tmp_path):
+    """safetensors alone creates owner-only files (0600); a saved model is as readable as any other file."""
+    import os
+    import stat
+
+    from plainsd.weights import write_safetensors
+
+    old = os.umask(0o022)
+    try:
+        out = plainsd.save(plainsd.build("tiny"), tmp_path / "m.safetensors")
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644
+        os.umask(0o077)
+        assert stat.S_IMODE(write_safetensors({"x": torch.zeros(2)}, tmp_path / "x.safetensors").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
 def test_default_model_is_explained_when_absent(monkeypatch, tmp_path):
     import plainsd.weights as w
 

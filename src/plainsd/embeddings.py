@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .weights import CheckpointError, read_tensors
+from .weights import CheckpointError, read_tensors, write_safetensors
 
 SUFFIXES = (".safetensors", ".pt", ".bin")
 
@@ -80,14 +79,7 @@ def save_embedding(emb: Embedding, path: str | os.PathLike, checkpoint_name: str
         meta["step"] = str(emb.step)
     if checkpoint_name:
         meta["sd_checkpoint_name"] = checkpoint_name
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file({"emb_params": emb.vectors.detach().float().contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_safetensors({"emb_params": emb.vectors.detach().float()}, path, meta)
 
 
 class EmbeddingSet:

@@ -592,9 +592,19 @@ def save(sd: StableDiffusion, path: str | os.PathLike, dtype: torch.dtype | None
     metadata = {"format": "pt", "plainsd.config": sd.config.to_json(), "plainsd.prediction": sd.config.prediction}
     if getattr(sd, "defaults", None):
         metadata["plainsd.defaults"] = json.dumps(sd.defaults)
-    tmp = path.with_name(path.name + ".tmp")
+    return write_safetensors(state, path, metadata)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a .safetensors file whole or not at all (a temporary file, then a rename), readable as the
+    user's umask allows (safetensors alone creates files only their owner can read)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file(state, str(tmp), metadata=metadata)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

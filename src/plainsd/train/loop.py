@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,8 +19,9 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from ..weights import write_safetensors
 
 SCHEDULES = ("constant", "cosine", "cosine_with_restarts")
 NETWORKS = ("vae", "vae-decoder", "clip", "unet", "taesd", "dreambooth", "textual-inversion", "lora")  # trainings and fine-tunings
@@ -106,13 +106,7 @@ class EMA:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]):
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_safetensors(tensors, path, metadata)
 
 
 def save_checkpoint(path: Path, step: int, params: dict, optimizer: torch.optim.Optimizer, ema: EMA | None, info: dict):
