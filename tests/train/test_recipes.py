@@ -8,11 +8,11 @@ import torch
 
 import plainsd
 from plainsd.images import to_pil, to_tensor
-from plainsd.train.data import ShapesDataset
+from plainsd.train.data import BACKGROUNDS, ShapesDataset
 from plainsd.pipeline import txt2img
 from plainsd.train.loop import TrainConfig
 from plainsd.fast import load_tiny_decoder
-from plainsd.train.recipes import generated_latents, load_clip, load_vae, train_clip, train_taesd, train_unet, train_vae, train_vae_decoder
+from plainsd.train.recipes import generated_latents, object_weights, weighted_l1, load_clip, load_vae, train_clip, train_taesd, train_unet, train_vae, train_vae_decoder
 
 TINY = {"text": {"width": 64, "layers": 2, "heads": 1, "projection_dim": 32},
         "vae": {"ch": 16, "ch_mult": [1, 1, 1, 2], "num_res_blocks": 1, "norm_groups": 8},
@@ -127,3 +127,25 @@ def test_every_shipped_recipe_is_a_valid_config_of_a_known_training():
         if not path.name.startswith("finetune-"):
             assert path.stem == cfg.network and cfg.network in RECIPES, path.name
     assert {p.stem for p in folder.glob("*.json")} >= set(RECIPES)  # `plainsd train NET` finds its recipe
+
+
+def test_object_weights_mark_the_objects_pixels():
+    from plainsd.eval.metrics import held_out_scenes
+    from plainsd.train.data import render
+
+    scenes = held_out_scenes(6, 1)
+    images = torch.cat([to_tensor(render(s, 64)) for s in scenes])
+    w = object_weights(images, 10.0)
+    assert w.shape == (6, 1, 64, 64) and set(w.unique().tolist()) == {1.0, 10.0}
+    for s, wi, im in zip(scenes, w, images):
+        background = torch.tensor(BACKGROUNDS[s.background], dtype=torch.float32) / 127.5 - 1
+        exact = (im - background[:, None, None]).abs().amax(0) > 0.1  # the render knows its own background colour
+        assert torch.equal(wi[0] == 10, exact)
+        share = float(exact.float().mean())
+        assert (0.01 < share < 0.08) if s.objects[0].size == "small" else (0.05 < share < 0.3)
+    pred, target = torch.zeros(6, 3, 64, 64), images
+    assert torch.allclose(weighted_l1(pred, target), torch.nn.functional.l1_loss(pred, target))
+    assert torch.allclose(weighted_l1(pred, target, torch.full_like(w, 3.0)), torch.nn.functional.l1_loss(pred, target))
+    # all the weight on the objects: the loss is the error on the objects' pixels alone
+    on = (w == 10).expand_as(target)
+    assert torch.allclose(weighted_l1(pred, target, (w == 10).float()), (pred - target).abs()[on].mean())

@@ -133,10 +133,31 @@ def train_vae(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     return train(cfg, _named(vae), loss_fn, resume, sample, export, progress)
 
 
+def object_weights(images: torch.Tensor, weight: float, threshold: float = 0.1) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, H, W): `weight` on the pixels of objects, 1 on the background.
+
+    The background is each image's median border colour (as the judge reads it); a pixel belongs to an object
+    when some channel differs from it by more than `threshold` (images in [-1, 1]). A small shape covers 2% of
+    a 64x64 picture, so a plain per-pixel loss is almost all background and lets the decoder round off
+    a small diamond's corners; weighting the objects makes their edges count."""
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
+    background = border.median(dim=-1).values[..., None, None]
+    on_object = (images - background).abs().amax(dim=1, keepdim=True) > threshold
+    return 1 + (weight - 1) * on_object.float()
+
+
+def weighted_l1(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """L1 averaged with per-pixel weights (plain L1 for None)."""
+    if weights is None:
+        return F.l1_loss(pred, target)
+    return ((pred - target).abs() * weights).sum() / (weights.sum() * pred.shape[1])
+
+
 def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Fine-tune a trained VAE's decoder with its encoder frozen, as Stability's ft-EMA / ft-MSE VAEs did for SD:
     the latent space stays the same (a UNet trained on it needs no retraining), only the pictures drawn from
-    it get better. From the frozen encoder's latents (cached, sampled from the posterior) back to the images; L1."""
+    it get better. From the frozen encoder's latents (cached, sampled from the posterior) back to the images; L1,
+    with extra.object_weight (default 1: plain L1) times more weight on the objects' pixels (see object_weights)."""
     vae_path = cfg.extra.get("vae")
     if not vae_path:
         raise ValueError("the vae-decoder recipe needs extra.vae: the file the vae training wrote")
@@ -151,13 +172,15 @@ def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = T
     cache = _latent_cache(vae, ds, cfg.extra.get("latent_cache", 4096), progress, keep_images=kept)
     images = torch.cat(kept)
     trained = {k: p for k, p in _named(vae).items() if p.requires_grad}
+    object_weight = float(cfg.extra.get("object_weight", 1.0))
 
     def loss_fn(step, micro):
         rng = random.Random(f"{cfg.seed}:{step}:{micro}")
         idx = [rng.randrange(len(images)) for _ in range(cfg.batch_size)]
         g = torch.Generator().manual_seed(step * 131 + micro)
         mean, std = cache[0][idx], cache[1][idx]
-        return F.l1_loss(vae.decode(mean + std * torch.randn(mean.shape, generator=g)).float(), images[idx])
+        weights = object_weights(images[idx], object_weight) if object_weight != 1 else None
+        return weighted_l1(vae.decode(mean + std * torch.randn(mean.shape, generator=g)).float(), images[idx], weights)
 
     def export(step, weights):
         with _swapped(vae, weights):
@@ -377,7 +400,8 @@ def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -
     With extra.model (a whole checkpoint with this VAE) and extra.generated = N, half of each batch is instead
     latents the model's sampler produced for N captions, with the VAE decoder's pictures of them as the target:
     the sampler's latents are not quite the encoder's (a flat background comes out slightly off the encoder's
-    values), and a decoder that only saw the encoder's latents paints such backgrounds in blotches."""
+    values), and a decoder that only saw the encoder's latents paints such backgrounds in blotches.
+    extra.object_weight weights the objects' pixels as in the vae-decoder recipe."""
     from ..models.taesd import TinyDecoder
 
     vae_path = cfg.extra.get("vae")
@@ -409,6 +433,11 @@ def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -
                                  for z in generated.split(64)])
         del sd
 
+    object_weight = float(cfg.extra.get("object_weight", 1.0))
+
+    def weights_of(pictures):  # pictures in [0, 1]
+        return object_weights(pictures * 2 - 1, object_weight) if object_weight != 1 else None
+
     def loss_fn(step, micro):
         rng = random.Random(f"{cfg.seed}:{step}:{micro}")
         n_gen = cfg.batch_size // 2 if generated is not None else 0
@@ -416,10 +445,11 @@ def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -
         g = torch.Generator().manual_seed(step * 31 + micro)
         mean, std = cache[0][idx], cache[1][idx]
         latents = (mean + std * torch.randn(mean.shape, generator=g)) * scale
-        loss = F.l1_loss(decoder(latents).float(), (images[idx] + 1) / 2)
+        target = (images[idx] + 1) / 2
+        loss = weighted_l1(decoder(latents).float(), target, weights_of(target))
         if n_gen:
             gi = [rng.randrange(len(generated)) for _ in range(n_gen)]
-            loss = (loss + F.l1_loss(decoder(generated[gi]).float(), targets[gi])) / 2
+            loss = (loss + weighted_l1(decoder(generated[gi]).float(), targets[gi], weights_of(targets[gi]))) / 2
         return loss
 
     def export(step, weights):
