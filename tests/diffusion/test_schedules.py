@@ -92,3 +92,17 @@ def test_cfg_can_stop_early():
     for s in sigmas[:-1]:
         cfg(x, s.reshape(1), cond=cond, uncond=uncond)
     assert inner.batches == [2, 2, 1, 1]
+
+
+def test_training_loss_weights_are_a_weighted_mean_over_latent_pixels():
+    from plainsd.diffusion.denoisers import training_loss
+
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 500])
+    zero = lambda x, t, c: torch.zeros_like(x)  # noqa: E731 - predicts no noise: the loss is the noise's own size
+    plain = training_loss(zero, x0, None, timesteps=t, noise=noise)
+    assert torch.allclose(plain, (noise ** 2).mean())
+    assert torch.allclose(training_loss(zero, x0, None, timesteps=t, noise=noise, weights=torch.full((2, 1, 8, 8), 4.0)), plain)
+    left = torch.zeros(2, 1, 8, 8)
+    left[..., :4] = 1
+    assert torch.allclose(training_loss(zero, x0, None, timesteps=t, noise=noise, weights=left), (noise[..., :4] ** 2).mean())

@@ -69,6 +69,15 @@ def test_three_trainings_and_a_resume(tmp_path):
     saved = json.loads((tmp_path / "unet" / "config.json").read_text())
     assert saved["steps"] == 40
 
+    # going on from a whole checkpoint (extra.init) with the objects' latent pixels weighted: it starts from
+    # that checkpoint's UNet (at lr 0 it stays there) and takes the weighted loss
+    extra = {"vae": str(tmp_path / "vae" / "vae.safetensors"), "init": str(tmp_path / "unet" / "model.safetensors"),
+             "latent_cache": 8, "object_weight": 5}
+    still = train_unet(_cfg(tmp_path, "unet-still", 2, extra=extra, lr=0.0, ema_decay=0.0), progress=False)
+    assert len(still["losses"]) == 2
+    a, b = (plainsd.load(tmp_path / d / "model.safetensors").unet.state_dict() for d in ("unet", "unet-still"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
     sd = plainsd.load(tmp_path / "unet" / "model.safetensors")  # the exported model loads and draws
     assert sd.config.scale_factor == scale and sd.config.resolution == 64
     assert txt2img(sd, "a red circle", steps=2, seed=0).images[0].size == (64, 64)

@@ -79,8 +79,11 @@ def lcm_boundary(denoiser: DiscreteDenoiser, sigma_data: float = 0.5, timestep_s
 
 def training_loss(net: Callable, x0: torch.Tensor, cond, prediction: str = "eps",
                   alphas_cumprod: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                  timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """DDPM's simple loss (Ho et al. 2020): noise x0 at a random timestep, regress eps (or v) with MSE."""
+                  timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """DDPM's simple loss (Ho et al. 2020): noise x0 at a random timestep, regress eps (or v) with MSE.
+
+    weights (broadcastable to (B, 1, H, W)): a weighted mean over the latent pixels instead of the plain mean."""
     ac = (schedules.alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).to(x0.device)
     if timesteps is None:
         timesteps = torch.randint(0, len(ac), (x0.shape[0],), generator=generator).to(x0.device)
@@ -89,4 +92,8 @@ def training_loss(net: Callable, x0: torch.Tensor, cond, prediction: str = "eps"
     xt = schedules.add_noise(x0, noise, timesteps, ac)
     a = _bcast(ac[timesteps], x0)
     target = noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
-    return F.mse_loss(net(xt, timesteps, cond).float(), target.float())
+    pred = net(xt, timesteps, cond).float()
+    if weights is None:
+        return F.mse_loss(pred, target.float())
+    weights = weights.float().expand(x0.shape[0], 1, *x0.shape[2:])
+    return ((pred - target.float()) ** 2 * weights).sum() / (weights.sum() * x0.shape[1])

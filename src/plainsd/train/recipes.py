@@ -290,23 +290,43 @@ SAMPLE_PROMPTS = ["a red circle on the left", "a large blue square", "a small ye
 
 def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     mc = model_config(cfg)
-    vae_path, clip_path = cfg.extra.get("vae"), cfg.extra.get("clip")
-    if not vae_path or not clip_path:
-        raise ValueError("the unet recipe needs extra.vae and extra.clip: the files the vae and clip trainings wrote")
+    vae_path, clip_path, init = cfg.extra.get("vae"), cfg.extra.get("clip"), cfg.extra.get("init")
+    if not vae_path or not (clip_path or init):
+        raise ValueError("the unet recipe needs extra.vae and extra.clip: the files the vae and clip trainings wrote "
+                         "(or extra.init, a whole checkpoint to go on training, in place of extra.clip)")
     vae, scale = load_vae(vae_path)
-    text, _, _ = load_clip(clip_path)
-    mc = dataclasses.replace(mc, vae=vae.config, text=text.config, scale_factor=scale)
     torch.manual_seed(cfg.seed)
-    sd = StableDiffusion(mc)
+    if init:  # go on training a whole checkpoint's UNet, with its text encoder
+        from ..weights import load
+
+        sd = load(init, dtype=torch.float32)
+        if abs(sd.config.scale_factor - scale) > 1e-4 * scale:
+            raise ValueError(f"extra.init's latent scale ({sd.config.scale_factor}) is not extra.vae's ({scale}): "
+                             "they must share the VAE encoder")
+        mc = sd.config
+    else:
+        text, _, _ = load_clip(clip_path)
+        mc = dataclasses.replace(mc, vae=vae.config, text=text.config, scale_factor=scale)
+        sd = StableDiffusion(mc)
+        sd.text_encoder.load_state_dict(text.state_dict())
     sd.vae.load_state_dict(vae.state_dict())
-    sd.text_encoder.load_state_dict(text.state_dict())
+    sd.unet.requires_grad_(True)  # (a loaded checkpoint comes frozen, for inference)
     sd.vae.requires_grad_(False)
     sd.text_encoder.requires_grad_(False)
     ds = dataset(cfg, mc.resolution)
     empty = cfg.extra.get("empty_caption", 0.1)
     out = Path(cfg.out)
 
-    cache = _latent_cache(sd.vae, ds, cfg.extra.get("latent_cache", 0), progress)
+    object_weight = float(cfg.extra.get("object_weight", 1.0))
+    kept: list[torch.Tensor] | None = [] if object_weight != 1 else None
+    cache = _latent_cache(sd.vae, ds, cfg.extra.get("latent_cache", 0), progress, keep_images=kept)
+    latent_weights = None
+    if kept is not None:  # the objects' latent pixels (any the object touches) weigh object_weight in the loss
+        if cache is None:
+            raise ValueError("extra.object_weight in the unet recipe needs extra.latent_cache")
+        f = mc.resolution // cache[0].shape[-1]
+        latent_weights = torch.cat([F.max_pool2d(object_weights(im, object_weight), f) for im in kept])
+        del kept
 
     def loss_fn(step, micro):
         g = torch.Generator().manual_seed(step * 7919 + micro)
@@ -316,7 +336,9 @@ def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
             mean, std = cache[0][idx], cache[1][idx]
             latents = (mean + std * torch.randn(mean.shape, generator=g)) * scale
             captions = [cache[2][i] for i in idx]
+            weights = latent_weights[idx] if latent_weights is not None else None
         else:
+            weights = None
             images, captions = batch(ds, cfg, step, micro)
             with torch.no_grad():
                 latents = sd.vae.encode(images).sample(g) * scale
@@ -324,7 +346,7 @@ def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
         captions = ["" if rng.random() < empty else c for c in captions]
         with torch.no_grad():
             context = sd.text_encoder(sd.tokenizer(captions))
-        return training_loss(sd.unet, latents, context, mc.prediction, generator=g)
+        return training_loss(sd.unet, latents, context, mc.prediction, generator=g, weights=weights)
 
     def export(step, weights):
         with _swapped(sd.unet, {k[5:]: v for k, v in weights.items()}):
