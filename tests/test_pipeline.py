@@ -128,3 +128,26 @@ def test_the_models_own_defaults_are_used(tmp_path):
     assert (f["Steps"], f["Sampler"], f["CFG scale"], f["Size"]) == ("3", "Euler", "4", "48x40")
     f = parse_infotext(pipeline.txt2img(loaded, "x", seed=1, steps=2, cfg_scale=6).infotexts[0])
     assert (f["Steps"], f["CFG scale"]) == ("2", "6")
+    assert "Guidance until" not in f  # guidance on every step: nothing to record
+
+
+def test_guidance_until_is_a_setting_with_a_model_default(tmp_path):
+    """Guidance for the first part of the steps only: the guided run equals a hand-made mix of the two."""
+    from plainsd.fast import FastSettings
+
+    model = plainsd.build("tiny")
+    model.defaults = {"guidance_until": 0.5}
+    plainsd.save(model, tmp_path / "m.safetensors")
+    loaded = plainsd.load(tmp_path / "m.safetensors")
+    assert loaded.defaults == {"guidance_until": 0.5}
+    kw = dict(steps=6, sampler="DPM++ 2M", cfg_scale=5, seed=3)
+    r = pipeline.txt2img(loaded, "a red circle", **kw)
+    assert parse_infotext(r.infotexts[0])["Guidance until"] == "0.5" and r.parameters["guidance_until"] == 0.5
+    # the same as fast mode's cut-off with nothing else of fast mode on (tested step by step in test_fast)
+    cut = FastSettings(deepcache_interval=1, guidance_until=0.5, tiny_decoder=False)
+    same = pipeline.txt2img(loaded, "a red circle", guidance_until=1.0, fast=cut, **kw)
+    assert np.array_equal(_arr(r.images[0]), _arr(same.images[0]))
+    full = pipeline.txt2img(loaded, "a red circle", guidance_until=1.0, **kw)  # the caller's value wins
+    assert not np.array_equal(_arr(r.images[0]), _arr(full.images[0]))
+    with pytest.raises(ValueError, match=r"guidance_until .* must be in \(0, 1\], got 1.5"):
+        pipeline.txt2img(loaded, "x", guidance_until=1.5, steps=2)

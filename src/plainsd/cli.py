@@ -26,6 +26,8 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
                    help='A1111 name, e.g. "Euler a", "DPM++ 2M Karras" (see: plainsd samplers); default: the model\'s, else DPM++ 2M')
     p.add_argument("--schedule", default=None, help="schedule type: automatic, karras, exponential, ...")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = off); default: the model's, else 7")
+    p.add_argument("--guidance-until", type=float, default=None,
+                   help="guidance for this fraction of the steps only, 0..1 (1 = all); default: the model's, else 1")
     p.add_argument("--seed", type=int, default=-1, help="-1 for a random seed; image i gets seed + i")
     p.add_argument("--width", type=int, default=None, help="multiple of 8; default: the model's resolution")
     p.add_argument("--height", type=int, default=None)
@@ -80,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("train", help="train the VAE, CLIP or the UNet from a config file")
     p.add_argument("network", choices=["vae", "vae-decoder", "clip", "unet", "taesd"])
-    p.add_argument("--config", default=None, help="a JSON training config (default: the shipped recipe)")
+    p.add_argument("--config", default=None, help="a JSON training config, or a shipped recipe's name such as "
+                                                   "unet-objects (default: the shipped recipe named after the network)")
     p.add_argument("--out", default=None, help="run folder (checkpoints, samples, exported weights)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
@@ -93,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--two-object-prompts", type=int, default=50)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg-scale", type=float, default=5.0)
+    p.add_argument("--guidance-until", type=float, default=None,
+                   help="guidance for this fraction of the steps (default: the model's recommendation, else 1)")
     p.add_argument("--sampler", default="DPM++ 2M")
     p.add_argument("--schedule", default="karras")
     p.add_argument("--vae", default=None, help="a VAE training's vae.safetensors, or a whole checkpoint: PSNR and "
@@ -218,7 +223,8 @@ def _generate(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     kwargs = dict(steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg_scale,
-                  seed=args.seed, width=args.width, height=args.height, batch_size=args.batch_size,
+                  guidance_until=args.guidance_until, seed=args.seed, width=args.width, height=args.height,
+                  batch_size=args.batch_size,
                   batch_count=args.batch_count, clip_skip=args.clip_skip, eta=args.eta, progress=not args.quiet,
                   record_steps=args.save_steps, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
                   fast=args.fast)
@@ -383,7 +389,10 @@ def _train(args) -> int:
     from plainsd.train.loop import TrainConfig
     from plainsd.train.recipes import RECIPES
 
-    config = args.config or str(Path(__file__).parent / "data" / "recipes" / f"{args.network}.json")
+    recipes = Path(__file__).parent / "data" / "recipes"
+    config = args.config or str(recipes / f"{args.network}.json")
+    if not Path(config).exists() and (recipes / f"{config}.json").is_file():  # a shipped recipe's name
+        config = str(recipes / f"{config}.json")
     cfg = TrainConfig.from_file(config, out=args.out, steps=args.steps)
     if cfg.network != args.network:
         raise ValueError(f"{config} is a {cfg.network} config, not a {args.network} one")
@@ -406,6 +415,7 @@ def _loss_trend(losses: list[float], n: int = 20) -> str:
 def _eval(args) -> int:
     import torch
 
+    from plainsd import pipeline
     from plainsd.eval import metrics
 
     out: dict = {}
@@ -432,7 +442,8 @@ def _eval(args) -> int:
     sd = None
     if args.prompts or args.two_object_prompts:
         sd = _load_model(args.model, None, args.precision, args.backend)
-        common = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, schedule=args.schedule)
+        common = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, schedule=args.schedule,
+                      guidance_until=args.guidance_until)
         with torch.no_grad():
             if args.prompts:
                 pairs: list = []
@@ -443,7 +454,8 @@ def _eval(args) -> int:
                 out["two_objects"] = metrics.adherence(sd, args.two_object_prompts, 2, fast=args.fast, **common)
     if args.checks or args.concept_prompt:
         sd = sd or _load_model(args.model, None, args.precision, args.backend)
-        common = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, schedule=args.schedule)
+        common = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, schedule=args.schedule,
+                      guidance_until=args.guidance_until)
         with torch.no_grad():
             if args.checks:
                 n = max(args.prompts // 2, 10)
@@ -457,7 +469,8 @@ def _eval(args) -> int:
                                                                n=args.concept_images, lora_dir=args.lora_dir,
                                                                embeddings_dir=args.embeddings_dir, **common)}
     if args.prompts or args.two_object_prompts or args.checks or args.concept_prompt:
-        out["settings"] = {**common, "model": sd.name, "precision": str(sd.dtype).replace("torch.", ""),
+        used = args.guidance_until if args.guidance_until is not None else {**pipeline.DEFAULTS, **getattr(sd, "defaults", {})}["guidance_until"]
+        out["settings"] = {**common, "guidance_until": used, "model": sd.name, "precision": str(sd.dtype).replace("torch.", ""),
                            "backend": args.backend, "fast": args.fast}
     text = json.dumps(out, indent=2)
     print(text)

@@ -123,7 +123,7 @@ def _run_sampler(info: S.SamplerInfo, model, x, sigmas, extra_args, callback, pr
     return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=not progress, **opts)
 
 
-DEFAULTS = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "automatic", "cfg_scale": 7.0}
+DEFAULTS = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "automatic", "cfg_scale": 7.0, "guidance_until": 1.0}
 
 
 def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, steps: int | None = None,
@@ -131,7 +131,7 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
              width: int | None = None, height: int | None = None, batch_size: int = 1, batch_count: int = 1,
              clip_skip: int | None = None, eta: float | None = None, init_image: Image.Image | None = None,
              strength: float = 0.8, resize_mode: str = "just resize", mask: Image.Image | None = None,
-             mask_blur: int = 4, inpainting_mask_invert: bool = False, guidance_until: float = 1.0,
+             mask_blur: int = 4, inpainting_mask_invert: bool = False, guidance_until: float | None = None,
              callback: Callable[[StepInfo], None] | None = None, interrupt: Callable[[], bool] | None = None,
              skip: Callable[[], bool] | None = None, progress: bool = False, record_steps: bool = False,
              lora_dir: str | None = None, embeddings_dir: str | None = None,
@@ -139,6 +139,9 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
     """The common path of txt2img, img2img and inpaint; see those for the parameters.
 
     Settings left as None come from the model's own recommended defaults (sd.defaults), then DEFAULTS.
+    guidance_until (0..1]: classifier-free guidance for that fraction of the steps only, the conditional
+    prediction alone after it (guidance in a limited interval, Kynkäänniemi et al. 2024; the late, low-noise
+    steps draw the fine detail, which strong guidance there overshoots); 1 = every step.
     <lora:name:weight> tags in the prompt apply LoRA files from lora_dir for this run; the names of
     textual-inversion embeddings in embeddings_dir are replaced by their vectors.
     fast: True (or FastSettings) trades exactness for speed: DeepCache, a guidance cut-off and the
@@ -169,6 +172,9 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
     sampler = chosen["sampler"] if sampler is None else sampler
     schedule = chosen["schedule"] if schedule is None else schedule
     cfg_scale = chosen["cfg_scale"] if cfg_scale is None else cfg_scale
+    guidance_until = chosen.get("guidance_until", 1.0) if guidance_until is None else guidance_until
+    if not 0.0 < guidance_until <= 1.0:
+        raise ValueError(f"guidance_until (the fraction of the steps with guidance) must be in (0, 1], got {guidance_until}")
     width = width or (init_image.width // 8 * 8 if init_image is not None else chosen.get("width", sd.config.resolution))
     height = height or (init_image.height // 8 * 8 if init_image is not None else chosen.get("height", sd.config.resolution))
     _check_size(sd, width, height)
@@ -233,7 +239,8 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
 
     used_clip_skip = clip_skip or sd.config.text.clip_skip
     params = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=info.name,
-                  schedule=schedule_name, cfg_scale=cfg_scale, seed=first_seed, width=width, height=height,
+                  schedule=schedule_name, cfg_scale=cfg_scale, guidance_until=guidance_until, seed=first_seed,
+                  width=width, height=height,
                   batch_size=batch_size, batch_count=batch_count, clip_skip=used_clip_skip,
                   denoising_strength=strength if init_image is not None else None, model=sd.name,
                   model_hash=getattr(sd, "hash", None))
@@ -317,7 +324,8 @@ def _infotext(p: dict, seed: int) -> str:
             "Steps": p["steps"], "Sampler": p["sampler"], "Schedule type": schedule_label,
             "CFG scale": float(p["cfg_scale"]), "Seed": seed, "Size": f"{p['width']}x{p['height']}",
             "Model hash": p["model_hash"], "Model": p["model"], "Denoising strength": p["denoising_strength"],
-            "Clip skip": p["clip_skip"] if p["clip_skip"] and p["clip_skip"] > 1 else None})
+            "Clip skip": p["clip_skip"] if p["clip_skip"] and p["clip_skip"] > 1 else None,
+            "Guidance until": p["guidance_until"] if p["guidance_until"] < 1.0 else None})
 
 
 def txt2img(sd: StableDiffusion, prompt: str, negative_prompt: str = "", **kwargs) -> Result:

@@ -27,7 +27,7 @@ from .models import StableDiffusion
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 TEXT_OPENAI, TEXT_OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 DEFAULT_MODEL = Path(__file__).parent / "data" / "plainsd-base.safetensors"
-GENERATION_DEFAULTS = ("steps", "sampler", "schedule", "cfg_scale", "width", "height", "negative_prompt")
+GENERATION_DEFAULTS = ("steps", "sampler", "schedule", "cfg_scale", "guidance_until", "width", "height", "negative_prompt")
 
 # Tensors that original checkpoints carry besides the three networks: the training noise schedule,
 # EMA copies (used only with ema=True), tokenizer position ids, OpenCLIP's temperature.

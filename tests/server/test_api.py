@@ -99,6 +99,7 @@ def test_unknown_fields_and_unsupported_features_are_ignored(client):
     ({"width": "wide"}, "width"),
     ({"override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, "unknown model"),
     ({"prompt": "a <lora:style:1> circle"}, "LoRA"),
+    ({"guidance_until": 0}, "guidance_until (the fraction of the steps with guidance) must be in (0, 1]"),
 ])
 def test_bad_requests_get_422_with_one_clear_sentence(client, body, words):
     r = client.post("/sdapi/v1/txt2img", json={"steps": 2, "width": 32, "height": 32, **body})
@@ -330,3 +331,12 @@ def test_fast_mode_is_a_request_field(client):
     again = client.post("/sdapi/v1/txt2img", json={**req, "fast": True}).json()
     assert fast["parameters"]["fast"] is True and fast["images"] == again["images"]
     assert fast["images"] != exact["images"]  # DeepCache and the guidance cut-off change the picture
+
+
+def test_guidance_until_is_a_request_field(client):
+    req = {"prompt": "a red circle", "steps": 6, "width": 32, "height": 32, "seed": 3, "cfg_scale": 5,
+           "sampler_name": "DPM++ 2M"}
+    full = client.post("/sdapi/v1/txt2img", json=req).json()
+    cut = client.post("/sdapi/v1/txt2img", json={**req, "guidance_until": 0.5}).json()
+    assert "Guidance until: 0.5" in json.loads(cut["info"])["infotexts"][0]
+    assert cut["images"] != full["images"] and "Guidance until" not in json.loads(full["info"])["infotexts"][0]

@@ -49,14 +49,15 @@ def _shares(tallies: list[dict[str, bool]]) -> dict[str, float]:
 
 def adherence(sd, n: int = 100, objects: int = 1, steps: int = 20, sampler: str = "DPM++ 2M",
               schedule: str = "karras", cfg_scale: float = 5.0, negative_prompt: str = "", seed: int = 0,
-              shapes=SHAPES, progress: bool = False, keep_images: list | None = None, fast=False) -> dict:
+              shapes=SHAPES, progress: bool = False, keep_images: list | None = None, fast=False,
+              guidance_until: float | None = None) -> dict:
     from ..pipeline import txt2img
 
     scenes = held_out_scenes(n, objects, shapes=shapes)
     tallies = []
     for i, scene in enumerate(scenes):
         image = txt2img(sd, scene.caption, negative_prompt, steps=steps, sampler=sampler, schedule=schedule,
-                        cfg_scale=cfg_scale, seed=seed + i, fast=fast).images[0]
+                        cfg_scale=cfg_scale, seed=seed + i, fast=fast, guidance_until=guidance_until).images[0]
         if keep_images is not None:
             keep_images.append((image, scene))
         tallies.append(_scores(judge(image, scene)))
@@ -138,20 +139,20 @@ def _has(image, colour: str | None = None, shape: str | None = None) -> bool:
 
 def negative_prompt_effect(sd, prompt: str = "a circle", negative: str = "red", colour: str = "red", n: int = 100,
                            steps: int = 20, sampler: str = "DPM++ 2M", schedule: str = "karras",
-                           cfg_scale: float = 5.0) -> dict:
+                           cfg_scale: float = 5.0, guidance_until: float | None = None) -> dict:
     """Share of images with a `colour` object for `prompt`, without and with the negative prompt."""
     from ..pipeline import txt2img
 
     def share(neg):
         hits = [_has(txt2img(sd, prompt, neg, steps=steps, sampler=sampler, schedule=schedule, cfg_scale=cfg_scale,
-                             seed=i).images[0], colour=colour) for i in range(n)]
+                             guidance_until=guidance_until, seed=i).images[0], colour=colour) for i in range(n)]
         return sum(hits) / n
     without, with_neg = share(""), share(negative)
     return {"prompt": prompt, "negative_prompt": negative, f"{colour}_without": without, f"{colour}_with": with_neg}
 
 
 def img2img_keeps(sd, n: int = 50, strength: float = 0.3, steps: int = 20, sampler: str = "DPM++ 2M",
-                  schedule: str = "karras", cfg_scale: float = 5.0) -> float:
+                  schedule: str = "karras", cfg_scale: float = 5.0, guidance_until: float | None = None) -> float:
     """Share of held-out renders whose shape, colour and position survive img2img at `strength`."""
     from ..pipeline import img2img
     from ..train.data import render
@@ -160,7 +161,8 @@ def img2img_keeps(sd, n: int = 50, strength: float = 0.3, steps: int = 20, sampl
     for i, scene in enumerate(held_out_scenes(n, 1, seed=HELD_OUT_SEED + 1)):
         size = sd.config.resolution if sd is not None else 64
         out = img2img(sd, render(scene, size), scene.caption, strength=strength, steps=steps,
-                      sampler=sampler, schedule=schedule, cfg_scale=cfg_scale, seed=i).images[0]
+                      sampler=sampler, schedule=schedule, cfg_scale=cfg_scale, guidance_until=guidance_until,
+                      seed=i).images[0]
         v = judge(out, scene)[0]
         kept.append(v["shape"] and v["colour"] and v["position"])
     return sum(kept) / n

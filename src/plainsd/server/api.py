@@ -94,8 +94,10 @@ class Txt2ImgRequest(BaseModel):
     save_images: bool = False
     alwayson_scripts: dict = Field(default_factory=dict)
     infotext: Optional[str] = None
-    # plainsd's own: fast mode (DeepCache, guidance cut-off, tiny decoder); A1111 clients never send it
+    # plainsd's own: fast mode (DeepCache, guidance cut-off, tiny decoder), and the fraction of the steps with
+    # guidance (None: the model's recommendation); A1111 clients never send them
     fast: bool = False
+    guidance_until: Optional[float] = None
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -193,6 +195,8 @@ def generation_kwargs(req: Txt2ImgRequest, limits: Limits) -> dict:
                          f"got {req.batch_size} x {req.n_iter}")
     if not 0.0 <= req.cfg_scale <= 100.0:
         raise BadRequest(f"cfg_scale must be between 0 and 100, got {req.cfg_scale}")
+    if req.guidance_until is not None and not 0.0 < req.guidance_until <= 1.0:
+        raise BadRequest(f"guidance_until (the fraction of the steps with guidance) must be in (0, 1], got {req.guidance_until}")
     if req.seed < -1 or req.seed > 2**32 - 1:
         raise BadRequest(f"seed must be -1 (random) or between 0 and {2**32 - 1}, got {req.seed}")
     sampler, schedule = sampler_and_schedule(req)
@@ -202,7 +206,7 @@ def generation_kwargs(req: Txt2ImgRequest, limits: Limits) -> dict:
         raise BadRequest(f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {clip_skip!r}")
     return dict(steps=req.steps, sampler=sampler, schedule=schedule, cfg_scale=req.cfg_scale, seed=req.seed,
                 width=req.width, height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
-                clip_skip=clip_skip, eta=req.eta, fast=bool(req.fast))
+                clip_skip=clip_skip, eta=req.eta, fast=bool(req.fast), guidance_until=req.guidance_until)
 
 
 def img2img_kwargs(req: Img2ImgRequest, limits: Limits) -> dict:
