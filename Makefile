@@ -34,9 +34,11 @@ model: $(VENV)/.run
 	$(VENV)/bin/plainsd train clip --quiet > runs/clip.log 2>&1
 	$(VENV)/bin/plainsd train vae --quiet > runs/vae.log 2>&1
 	$(VENV)/bin/plainsd train vae-decoder --quiet > runs/vae-decoder.log 2>&1
+	$(VENV)/bin/plainsd train vae-decoder --config vae-decoder-objects --quiet > runs/vae-decoder-objects.log 2>&1
 	$(VENV)/bin/plainsd train unet --quiet > runs/unet.log 2>&1
+	$(VENV)/bin/plainsd train unet --config unet-objects --quiet > runs/unet-objects.log 2>&1
 	$(VENV)/bin/plainsd train taesd --quiet > runs/taesd.log 2>&1
-	$(VENV)/bin/plainsd eval --model runs/unet/model.safetensors --vae runs/vae-decoder/vae.safetensors \
+	$(VENV)/bin/plainsd eval --model runs/unet-objects/model.safetensors --vae runs/vae-decoder-objects/vae.safetensors \
 		--clip runs/clip/clip.safetensors --checks -o runs/eval.json
 	$(PY) -m plainsd.train.ship --runs runs --eval runs/eval.json
 

@@ -32,10 +32,15 @@ VARIANTS = {
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, default=200)
+    p.add_argument("--model", help="a checkpoint (default: the shipped model); its tiny decoder is the "
+                                    "NAME.taesd.safetensors beside it")
+    p.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run only these rows")
     args = p.parse_args()
-    sd = runtime.prepare(plainsd.load(dtype=runtime.choose_dtype("auto")))
+    sd = runtime.prepare(plainsd.load(args.model, dtype=runtime.choose_dtype("auto")))
     print("| setting | colour and shape | position | size | all four |\n|---|---|---|---|---|")
     for name, settings in VARIANTS.items():
+        if args.only and name not in args.only:
+            continue
         with torch.no_grad():
             r = metrics.adherence(sd, args.prompts, 1, fast=settings or False)
         print(f"| {name} | {r['colour_and_shape']:.3f} | {r['position']:.3f} | {r['size']:.3f} | {r['all']:.3f} |", flush=True)

@@ -73,9 +73,9 @@ def test_three_trainings_and_a_resume(tmp_path):
     # that checkpoint's UNet (at lr 0 it stays there) and takes the weighted loss
     extra = {"vae": str(tmp_path / "vae" / "vae.safetensors"), "init": str(tmp_path / "unet" / "model.safetensors"),
              "latent_cache": 8, "object_weight": 5}
-    still = train_unet(_cfg(tmp_path, "unet-still", 2, extra=extra, lr=0.0, ema_decay=0.0), progress=False)
+    still = train_unet(_cfg(tmp_path, "unet-objects", 2, extra=extra, lr=0.0, ema_decay=0.0), progress=False)
     assert len(still["losses"]) == 2
-    a, b = (plainsd.load(tmp_path / d / "model.safetensors").unet.state_dict() for d in ("unet", "unet-still"))
+    a, b = (plainsd.load(tmp_path / d / "model.safetensors").unet.state_dict() for d in ("unet", "unet-objects"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     sd = plainsd.load(tmp_path / "unet" / "model.safetensors")  # the exported model loads and draws
@@ -105,7 +105,8 @@ def test_three_trainings_and_a_resume(tmp_path):
     assert shipped.tiny_decoder_path == tmp_path / "base.taesd.safetensors"  # shipped beside it, found by load
     text = (tmp_path / "base.md").read_text()
     assert "| unet | 40 | 8 |" in text and "| VAE reconstruction PSNR (dB) | 20.5 |" in text
-    assert "| vae-decoder | 40 | 8 |" in text and "the sum of the 4 runs" in text
+    assert "| vae-decoder | 40 | 8 |" in text and "| unet-objects | 2 | 8 |" in text and "the sum of the 5 runs" in text
+    assert "The -objects runs go on from the run before them" in text
     assert torch.equal(shipped.vae.decoder.conv_out.weight, refined.decoder.conv_out.weight.half().float())
     assert torch.equal(shipped.vae.encoder.conv_in.weight, model.encoder.conv_in.weight.half().float())
     assert "| single object: colour and shape | 0.5 |" in text
@@ -133,8 +134,8 @@ def test_every_shipped_recipe_is_a_valid_config_of_a_known_training():
     folder = Path(plainsd.__file__).parent / "data" / "recipes"
     for path in sorted(folder.glob("*.json")):
         cfg = TrainConfig.from_file(path)
-        if not path.name.startswith("finetune-"):
-            assert path.stem == cfg.network and cfg.network in RECIPES, path.name
+        if not path.name.startswith("finetune-"):  # NETWORK.json, or NETWORK-STAGE.json for a later stage
+            assert cfg.network in RECIPES and path.stem in (cfg.network, f"{cfg.network}-objects"), path.name
     assert {p.stem for p in folder.glob("*.json")} >= set(RECIPES)  # `plainsd train NET` finds its recipe
 
 

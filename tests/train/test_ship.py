@@ -33,6 +33,13 @@ def test_segments_before_checkpoints_carried_their_time_are_counted_from_the_log
     assert run_facts(tmp_path, "vae")["seconds"] == 180
 
 
+def test_a_later_stage_of_the_same_network_is_its_own_run(tmp_path):
+    # unet-objects trains the network "unet" too: its log must not count towards the unet run
+    _run(tmp_path, "unet", {}, {"unet.log": "trained unet to step 300 in 100 s; loss\n",
+                                "unet-objects.log": "trained unet to step 200 in 40 s; loss\n"})
+    assert run_facts(tmp_path, "unet")["seconds"] == 100
+
+
 def test_no_time_anywhere_is_said(tmp_path):
     _run(tmp_path, "unet", {}, {})
     assert run_facts(tmp_path, "unet")["seconds"] is None

@@ -20,10 +20,16 @@ from safetensors import safe_open
 from ..weights import DEFAULT_MODEL, load, save
 
 # What the plain command uses: the settings the evaluation measured.
-RECOMMENDED = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "karras", "cfg_scale": 5.0, "width": 64, "height": 64}
+# Guidance for the first 60% of the steps only: on this model, guidance in the last, low-noise steps rounds
+# off a small diamond's corners (judged a circle) the harder the stronger it is.
+RECOMMENDED = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "karras", "cfg_scale": 5.0, "guidance_until": 0.6,
+               "width": 64, "height": 64}
 
 
-NETS = ("vae", "vae-decoder", "clip", "unet")  # the runs the shipped model is made of (vae-decoder: if it ran)
+# The runs the shipped model is made of, in order; the ones after vae and clip only if they ran. The -objects runs
+# go on from the run before them with the objects' pixels weighted in the loss (extra.object_weight).
+NETS = ("vae", "vae-decoder", "vae-decoder-objects", "clip", "unet", "unet-objects")
+OPTIONAL = ("vae-decoder", "vae-decoder-objects", "unet-objects")
 
 
 def run_facts(runs: Path, net: str) -> dict:
@@ -35,8 +41,11 @@ def run_facts(runs: Path, net: str) -> dict:
     # The checkpoint counts its run's time across resumes, but a run resumed from a checkpoint written before
     # checkpoints carried their time counts only the later segments; the CLI's closing lines in the logs
     # (one per segment) count them all. The larger of the two is the run's time.
-    lines = [m for log in sorted(runs.glob(f"{net}*.log"))
-             for m in re.findall(rf"trained {net} to step (\d+) in (\d+) s", log.read_text(errors="ignore"))]
+    network = facts["recipe"]["network"]
+    others = [n for n in NETS if n != net and n.startswith(net)]  # unet-objects.log is not the unet run's
+    logs = [log for log in sorted(runs.glob(f"{net}*.log")) if not any(log.name.startswith(o) for o in others)]
+    lines = [m for log in logs
+             for m in re.findall(rf"trained {network} to step (\d+) in (\d+) s", log.read_text(errors="ignore"))]
     counts = [s for s in (meta.get("seconds"), sum(int(s) for _, s in lines) if lines else None) if s is not None]
     facts["seconds"] = max(counts) if counts else None
     facts["final_loss"] = sum(meta["losses"][-50:]) / len(meta["losses"][-50:])
@@ -66,7 +75,9 @@ def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
         "original SD key layout (A1111, ComfyUI and diffusers' single-file loader read it).",
         f"- Images: {RECOMMENDED['width']}x{RECOMMENDED['height']} pixels (latents 8x8x4).",
         f"- Recommended (the plain `plainsd txt2img` uses these): {RECOMMENDED['steps']} steps of "
-        f"{RECOMMENDED['sampler']} with the {RECOMMENDED['schedule']} schedule, CFG {RECOMMENDED['cfg_scale']:g}.",
+        f"{RECOMMENDED['sampler']} with the {RECOMMENDED['schedule']} schedule, CFG {RECOMMENDED['cfg_scale']:g} "
+        f"for the first {RECOMMENDED['guidance_until']:.0%} of the steps (`--guidance-until`; the conditional "
+        "prediction alone after that: late guidance rounds off the corners of small shapes).",
         "",
         "## Training (2-core CPU)",
         "",
@@ -83,7 +94,10 @@ def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
         f"Total training time: {total / 60:.0f} min, the sum of the {len(nets)} runs (`make model` runs them one "
         "after the other on all cores). " + ("The vae-decoder run fine-tunes the VAE's decoder on its frozen encoder's "
         "latents after the VAE training (the shipped VAE has its encoder and that decoder; the UNet's latent space is "
-        "the encoder's, unchanged). " if "vae-decoder" in nets else "") + facts.get("note", ""),
+        "the encoder's, unchanged). " if "vae-decoder" in nets else "") + ("The -objects runs go on from the run "
+        "before them with the objects' pixels weighted more in the loss (the recipes' object_weight): a small shape "
+        "covers 2% of the picture, and a plain per-pixel loss let the decoder and the UNet round off a small "
+        "diamond's corners. " if any(n.endswith("-objects") for n in nets) else "") + facts.get("note", ""),
         "",
         "## Evaluation (`plainsd eval --checks`, held-out prompts and seeds)",
         "",
@@ -118,14 +132,15 @@ def main(argv=None):
     p.add_argument("--out", default=str(DEFAULT_MODEL))
     args = p.parse_args(argv)
     runs = Path(args.runs)
-    facts = {net: run_facts(runs, net) for net in NETS if net != "vae-decoder" or (runs / net).is_dir()}
+    facts = {net: run_facts(runs, net) for net in NETS if net not in OPTIONAL or (runs / net).is_dir()}
     facts["note"] = args.note
     metrics = json.loads(Path(args.eval).read_text())
-    sd = load(runs / "unet" / "model.safetensors")
-    if "vae-decoder" in facts:  # the fine-tuned decoder (the encoder, and so the latents, are the VAE run's)
+    sd = load(runs / ("unet-objects" if "unet-objects" in facts else "unet") / "model.safetensors")
+    decoder = next((n for n in ("vae-decoder-objects", "vae-decoder") if n in facts), None)
+    if decoder:  # the fine-tuned decoder (the encoder, and so the latents, are the VAE run's)
         from .recipes import load_vae
 
-        sd.vae.load_state_dict(load_vae(runs / "vae-decoder" / "vae.safetensors")[0].state_dict())
+        sd.vae.load_state_dict(load_vae(runs / decoder / "vae.safetensors")[0].state_dict())
     sd.defaults = dict(RECOMMENDED)
     out = save(sd, args.out, dtype=torch.float16)
     params = sum(p.numel() for p in sd.parameters())
