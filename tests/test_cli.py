@@ -67,6 +67,10 @@ def test_img2img_inpaint_and_png_info(capsys):
     (["img2img", "x", "--init-image", "nothing.png"], "no such image file"),
     (["img2img", "x", "--init-image", "bad.png"], "cannot read image bad.png"),
     (["png-info", "bad.png"], "cannot read image"),
+    (["txt2img", "x", "--guidance-until", "0"], "guidance_until (the fraction of the steps with guidance) must be in (0, 1]"),
+    # a shipped recipe by name: unet-objects goes on from the earlier runs' files, here absent
+    (["train", "unet", "--config", "unet-objects"], "no such checkpoint file or folder: runs/vae-decoder-objects/vae.safetensors"),
+    (["train", "vae", "--config", "unet-objects"], "is a unet config, not a vae one"),
 ])
 def test_bad_input_is_one_line(args, message, capsys):
     open("bad.png", "wb").write(b"not a png")
