@@ -116,3 +116,19 @@ def test_shipped_recipes_teach_large_hearts(method):
         assert len(found) == 1 and (found[0].shape, found[0].size) == ("heart", "large")
         assert "heart" in caption
     assert cfg.network == method
+
+
+def test_object_weight_marks_the_latent_pixels_an_object_touches():
+    from plainsd.eval.metrics import held_out_scenes
+    from plainsd.train.data import render
+    from plainsd.train.finetune import _latents
+
+    sd = plainsd.build("tiny", seed=0)
+    scenes = held_out_scenes(3, 1)
+    items = [(render(s, 64), s.caption) for s in scenes]
+    mean, std, captions, weights = _latents(sd, items, 5.0)
+    assert weights.shape == (3, 1, 8, 8) and set(weights.unique().tolist()) == {1.0, 5.0}
+    for s, w in zip(scenes, weights):  # the object's centre (its position word) is a weighted latent pixel
+        x, y = {"left": (2, 4), "right": (6, 4), "top": (4, 2), "bottom": (4, 6), "centre": (4, 4)}[s.objects[0].position]
+        assert w[0, y, x] == 5.0 and w[0, 0, 0] == 1.0
+    assert _latents(sd, items)[3] is None and captions == [s.caption for s in scenes]

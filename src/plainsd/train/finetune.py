@@ -21,6 +21,7 @@ import random
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .. import lora as lora_mod
 from ..diffusion.denoisers import training_loss
@@ -50,6 +51,8 @@ FINETUNE_DEFAULTS = {
     "alpha": 4.0,                  # lora
     "validation_prompts": [],      # drawn into samples/ every sample_every steps
     "num_instance_images": 12,     # data.kind = shapes: how many renders
+    "object_weight": 1.0,          # weight of the latent pixels objects touch in the loss (as the unet-objects
+                                   # recipe trained the shipped UNet); 1: the plain loss
 }
 
 
@@ -119,9 +122,16 @@ def class_data(sd, s: dict, out: Path, progress: bool) -> list[tuple]:
 
 
 @torch.no_grad()
-def _latents(sd, items) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    post = sd.vae.encode(torch.cat([to_tensor(im) for im, _ in items]))
-    return post.mean, post.std, [c for _, c in items]
+def _latents(sd, items, object_weight: float = 1.0) -> tuple:
+    """(means, stds, captions, per-latent-pixel loss weights or None) of the images."""
+    images = torch.cat([to_tensor(im) for im, _ in items])
+    post = sd.vae.encode(images)
+    weights = None
+    if object_weight != 1:
+        from .recipes import object_weights
+
+        weights = F.max_pool2d(object_weights(images, object_weight), images.shape[-1] // post.mean.shape[-1])
+    return post.mean, post.std, [c for _, c in items], weights
 
 
 def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -136,9 +146,9 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> d
     sd.requires_grad_(False)
     scale = sd.config.scale_factor
     instances = instance_data(cfg, s, sd.config.resolution)
-    inst = _latents(sd, instances)
+    inst = _latents(sd, instances, s["object_weight"])
     prior = class_data(sd, s, out, progress) if method == "dreambooth" else []
-    cls = _latents(sd, prior) if prior else None
+    cls = _latents(sd, prior, s["object_weight"]) if prior else None
 
     # What is trained, and how captions become text states.
     extra_vectors = None
@@ -179,15 +189,16 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> d
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 31 + micro)
         rng = random.Random(f"{cfg.seed}:{step}:{micro}")
 
-        def draw(mean, std, captions):
+        def draw(mean, std, captions, weights):
             idx = [rng.randrange(len(captions)) for _ in range(cfg.batch_size)]
             z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
-            return z, [captions[i] for i in idx]
-        z, captions = draw(*inst)
-        loss = training_loss(sd.unet, z, encode(captions), sd.config.prediction, generator=g)
+            return z, [captions[i] for i in idx], None if weights is None else weights[idx]
+        z, captions, w = draw(*inst)
+        loss = training_loss(sd.unet, z, encode(captions), sd.config.prediction, generator=g, weights=w)
         if cls is not None:
-            zc, cc = draw(*cls)
-            loss = loss + s["prior_weight"] * training_loss(sd.unet, zc, encode(cc), sd.config.prediction, generator=g)
+            zc, cc, wc = draw(*cls)
+            loss = loss + s["prior_weight"] * training_loss(sd.unet, zc, encode(cc), sd.config.prediction,
+                                                            generator=g, weights=wc)
         return loss
 
     made = out / output_name(method, s["token"])
