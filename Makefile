@@ -27,8 +27,9 @@ test: $(VENV)/.test
 
 # Retrain the shipped model from scratch (not yet timed as one run; the card gives each run's time): CLIP, the
 # VAE, its decoder fine-tuned on the frozen encoder (the UNet trains on that VAE file: same encoder, so the same
-# latents, and its checkpoint carries the better decoder), the UNet and the tiny decoder one after the other, then the
-# evaluation and the shipped file with its card.
+# latents, and its checkpoint carries the better decoder), that decoder again with the objects' pixels weighted
+# (vae-decoder-objects), the UNet, the UNet again with the objects' latent pixels weighted (unet-objects) and the
+# tiny decoder one after the other, then the evaluation and the shipped file with its card.
 model: $(VENV)/.run
 	mkdir -p runs
 	$(VENV)/bin/plainsd train clip --quiet > runs/clip.log 2>&1

@@ -469,9 +469,10 @@ def _eval(args) -> int:
                                                                n=args.concept_images, lora_dir=args.lora_dir,
                                                                embeddings_dir=args.embeddings_dir, **common)}
     if args.prompts or args.two_object_prompts or args.checks or args.concept_prompt:
-        used = args.guidance_until if args.guidance_until is not None else {**pipeline.DEFAULTS, **getattr(sd, "defaults", {})}["guidance_until"]
-        out["settings"] = {**common, "guidance_until": used, "model": sd.name, "precision": str(sd.dtype).replace("torch.", ""),
-                           "backend": args.backend, "fast": args.fast}
+        recommended = {**pipeline.DEFAULTS, **getattr(sd, "defaults", {})}
+        used = recommended["guidance_until"] if args.guidance_until is None else args.guidance_until
+        out["settings"] = {**common, "guidance_until": used, "model": sd.name,
+                           "precision": str(sd.dtype).replace("torch.", ""), "backend": args.backend, "fast": args.fast}
     text = json.dumps(out, indent=2)
     print(text)
     if args.output:
