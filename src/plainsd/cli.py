@@ -469,8 +469,7 @@ def _eval(args) -> int:
                                                                n=args.concept_images, lora_dir=args.lora_dir,
                                                                embeddings_dir=args.embeddings_dir, **common)}
     if args.prompts or args.two_object_prompts or args.checks or args.concept_prompt:
-        recommended = {**pipeline.DEFAULTS, **getattr(sd, "defaults", {})}
-        used = recommended["guidance_until"] if args.guidance_until is None else args.guidance_until
+        used = pipeline.recommended(sd)["guidance_until"] if args.guidance_until is None else args.guidance_until
         out["settings"] = {**common, "guidance_until": used, "model": sd.name,
                            "precision": str(sd.dtype).replace("torch.", ""), "backend": args.backend, "fast": args.fast}
     text = json.dumps(out, indent=2)

@@ -126,6 +126,11 @@ def _run_sampler(info: S.SamplerInfo, model, x, sigmas, extra_args, callback, pr
 DEFAULTS = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "automatic", "cfg_scale": 7.0, "guidance_until": 1.0}
 
 
+def recommended(sd: StableDiffusion) -> dict:
+    """The settings a call that leaves them out gets: the model's own recommendations (sd.defaults), then DEFAULTS."""
+    return {**DEFAULTS, **getattr(sd, "defaults", {})}
+
+
 def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, steps: int | None = None,
              sampler: str | None = None, schedule: str | None = None, cfg_scale: float | None = None, seed: int = -1,
              width: int | None = None, height: int | None = None, batch_size: int = 1, batch_count: int = 1,
@@ -167,12 +172,12 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
               width, height, batch_size, batch_count, clip_skip, eta, init_image, strength, resize_mode, mask,
               mask_blur, inpainting_mask_invert, guidance_until, callback, interrupt, skip, progress,
               record_steps, fast) -> Result:
-    chosen = {**DEFAULTS, **getattr(sd, "defaults", {})}
+    chosen = recommended(sd)
     steps = chosen["steps"] if steps is None else steps
     sampler = chosen["sampler"] if sampler is None else sampler
     schedule = chosen["schedule"] if schedule is None else schedule
     cfg_scale = chosen["cfg_scale"] if cfg_scale is None else cfg_scale
-    guidance_until = chosen.get("guidance_until", 1.0) if guidance_until is None else guidance_until
+    guidance_until = chosen["guidance_until"] if guidance_until is None else guidance_until
     if not 0.0 < guidance_until <= 1.0:
         raise ValueError(f"guidance_until (the fraction of the steps with guidance) must be in (0, 1], got {guidance_until}")
     width = width or (init_image.width // 8 * 8 if init_image is not None else chosen.get("width", sd.config.resolution))

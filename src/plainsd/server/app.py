@@ -268,7 +268,7 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
         """What the page pre-fills: the current model's own recommended settings."""
         entry = store.current
         sd = await asyncio.to_thread(store.get, entry)
-        merged = {**pipeline.DEFAULTS, **getattr(sd, "defaults", {})}
+        merged = pipeline.recommended(sd)
         size = sd.config.resolution
         return {"steps": merged["steps"], "sampler": merged["sampler"], "schedule": merged["schedule"],
                 "cfg_scale": merged["cfg_scale"], "width": merged.get("width", size),
