@@ -59,6 +59,8 @@ def test_openvino_backend_matches_eager_and_caches(tmp_path, monkeypatch):
     monkeypatch.setattr(ov, "convert_model", lambda *a, **k: pytest.fail("converted again despite the cache"))
     again = runtime.OpenVINOUNet(sd.unet, tmp_path)
     assert torch.equal(again(x, t, c), out)
+    # ... and compiles nothing either: it finds the blob the first compile wrote (one blob, not two)
+    assert len(list((tmp_path / "blobs-f32").glob("*.blob"))) == 1
 
     # weights changed in place (as a LoRA does for one run): the compiled model follows
     monkeypatch.undo()
