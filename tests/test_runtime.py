@@ -55,15 +55,22 @@ def test_openvino_backend_matches_eager_and_caches(tmp_path, monkeypatch):
     assert (out - reference).abs().max() < 1e-4 * reference.abs().max()
     assert len(list(tmp_path.glob("*/unet.xml"))) == 1
 
-    # a second process (here: a second backend) reads the converted model from disk, converting nothing
+    assert len(list(tmp_path.glob("*/*.blob"))) == 1  # the compiled model of this input shape, exported
+
+    # a second process (here: a second backend) imports that compiled model: nothing converted or compiled
     monkeypatch.setattr(ov, "convert_model", lambda *a, **k: pytest.fail("converted again despite the cache"))
+    monkeypatch.setattr(ov.Core, "compile_model", lambda *a, **k: pytest.fail("compiled again despite the cache"))
     again = runtime.OpenVINOUNet(sd.unet, tmp_path)
     assert torch.equal(again(x, t, c), out)
-    # ... and compiles nothing either: it finds the blob the first compile wrote (one blob, not two)
-    assert len(list((tmp_path / "blobs-f32").glob("*.blob"))) == 1
+    monkeypatch.undo()
+
+    # a blob this OpenVINO cannot read (another version's, a damaged one) is compiled afresh and replaced
+    blob = next(tmp_path.glob("*/*.blob"))
+    blob.write_bytes(b"not a compiled model")
+    assert torch.equal(runtime.OpenVINOUNet(sd.unet, tmp_path)(x, t, c), out)
+    assert blob.stat().st_size > 1000 and not list(tmp_path.glob("*/*.tmp"))
 
     # weights changed in place (as a LoRA does for one run): the compiled model follows
-    monkeypatch.undo()
     with torch.no_grad():
         sd.unet.out[2].weight.mul_(2)
         changed = sd.unet(x, t, c)

@@ -10,8 +10,8 @@ latents, sigmas and all sampler maths stay float32 (the denoiser casts at the ne
 
 Compiled path. backend="openvino" converts the UNet once with openvino.convert_model, keeps the
 converted model on disk (keyed by a fingerprint of the weights, the config and the precision), and
-runs it with OpenVINO's CPU plugin; compiled blobs go to the same cache, so a second run starts in
-seconds. The UNet's own parameters stay the truth: when they change (a LoRA applied for one run, say)
+runs it with OpenVINO's CPU plugin; the compiled model of each input shape is exported beside it, so
+that a second run maps it from the file and starts in seconds (nothing converted, compiled or hashed). The UNet's own parameters stay the truth: when they change (a LoRA applied for one run, say)
 the compiled model is looked up again for the new weights.
 """
 
@@ -93,7 +93,11 @@ def fingerprint(module: torch.nn.Module, extra: str = "") -> str:
 
 
 class OpenVINOUNet:
-    """The UNet through OpenVINO: converted once per weights, compiled once per input shape, cached on disk."""
+    """The UNet through OpenVINO: converted once per weights, compiled once per input shape, both kept on disk.
+
+    cache/<fingerprint>/unet.xml is the converted model (to compile for a new shape); beside it, one exported
+    compiled model per input shape, thread count and OpenVINO version, which a later run imports directly (mapped
+    from the file) without reading or hashing the converted model again."""
 
     def __init__(self, unet: torch.nn.Module, cache_dir: str | os.PathLike | None = None):
         try:
@@ -104,9 +108,8 @@ class OpenVINOUNet:
         self.unet = unet
         self.cache = Path(cache_dir) if cache_dir else default_cache_dir() / "openvino"
         self.core = ov.Core()
-        # compiled blobs apart per precision (OpenVINO 2026.4 gave a bf16 compile the f32 blob of a model)
-        self.core.set_property({"CACHE_DIR": str(self.cache / f"blobs-{self.precision}")})
         self._versions = None
+        self._key: str | None = None
         self._model = None
         self._compiled: dict[tuple, object] = {}
 
@@ -117,13 +120,10 @@ class OpenVINOUNet:
     def _current_versions(self) -> tuple:
         return tuple(p._version for p in self.unet.parameters())  # in-place changes (LoRA) bump these
 
-    def _load(self, example: tuple[torch.Tensor, ...]):
-        cfg = getattr(self.unet, "config", None)
-        key = fingerprint(self.unet, json.dumps(cfg.__dict__ if cfg is not None else {}, default=str) + self.precision)
-        xml = self.cache / key / "unet.xml"
-        if xml.is_file():
-            self._model = self.core.read_model(str(xml))
-        else:
+    def _converted(self, example: tuple[torch.Tensor, ...]):
+        """The converted model of the current weights: read from the cache, or converted and saved there."""
+        xml = self.cache / self._key / "unet.xml"
+        if not xml.is_file():
             # Copy the weights (share_weights=False): with shared memory, the module's own later changes (its
             # channels-last copies, made right after) reached the converted model as NaNs in OpenVINO 2026.4.
             self.unet.to(memory_format=torch.contiguous_format)
@@ -133,34 +133,54 @@ class OpenVINOUNet:
                     model = self.ov.convert_model(self.unet, example_input=example, share_weights=False)
             finally:
                 self.unet.to(memory_format=torch.channels_last)
-            tmp = xml.parent.with_name(f"{key}.{os.getpid()}.tmp")
+            tmp = xml.parent.with_name(f"{self._key}.{os.getpid()}.tmp")
             tmp.mkdir(parents=True, exist_ok=True)
             self.ov.save_model(model, str(tmp / "unet.xml"), compress_to_fp16=False)
+            del model
             if xml.parent.exists():  # another process got there first
                 shutil.rmtree(tmp)
             else:
                 os.replace(tmp, xml.parent)
-            del model
-            # Compile what later runs will read: OpenVINO keys its compiled blobs by a hash of the model, and the
-            # converted model hashes differently from the same model read back, so compiling the converted one
-            # left the second run to compile again (8 s more start-up at 512x512 with SD1.5's UNet).
-            self._model = self.core.read_model(str(xml))
-        self._compiled = {}
+        return self.core.read_model(str(xml))
+
+    def _compile(self, shape: tuple, example: tuple[torch.Tensor, ...]):
+        config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_NUM_THREADS": torch.get_num_threads()}  # as many as torch uses (--threads)
+        dims = "_".join("x".join(map(str, s)) for s in shape)
+        blob = self.cache / self._key / f"{dims}-{config['INFERENCE_NUM_THREADS']}t-ov{self.ov.__version__.split('-')[0]}.blob"
+        if blob.is_file():
+            try:
+                import numpy as np
+
+                mapped = np.memmap(blob, dtype=np.uint8, mode="c")  # copy-on-write: OpenVINO wants a writeable array
+                compiled = self.core.import_model(self.ov.Tensor(mapped, shared_memory=True), "CPU", config)
+                return compiled, mapped  # (the mapping lives as long as the compiled model)
+            except Exception:  # noqa: BLE001 - a blob this OpenVINO cannot read: compile afresh and replace it
+                pass
+        if self._model is None:
+            self._model = self._converted(example)
+        model = self._model.clone()
+        model.reshape({i: list(s) for i, s in enumerate(shape)})
+        compiled = self.core.compile_model(model, "CPU", config)
+        tmp = blob.with_name(f"{blob.name}.{os.getpid()}.tmp")
+        exported = compiled.export_model()  # bytes, or an io.BytesIO in OpenVINO 2026.4
+        with open(tmp, "wb") as f:
+            f.write(exported.getbuffer() if hasattr(exported, "getbuffer") else exported)
+        del exported
+        os.replace(tmp, blob)
+        return compiled, None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         t = t.to(torch.float32).reshape(-1).expand(x.shape[0]).contiguous()
         x32, c32 = x.float().contiguous(), context.float().contiguous()
-        if self._model is None or self._versions != self._current_versions():
-            self._load((x32, t, c32))
+        if self._key is None or self._versions != self._current_versions():
+            cfg = getattr(self.unet, "config", None)
+            self._key = fingerprint(self.unet, json.dumps(cfg.__dict__ if cfg is not None else {}, default=str) + self.precision)
             self._versions = self._current_versions()
+            self._model, self._compiled = None, {}
         shape = (tuple(x32.shape), tuple(t.shape), tuple(c32.shape))
-        request = self._compiled.get(shape)
-        if request is None:
-            model = self._model.clone()
-            model.reshape({i: list(s) for i, s in enumerate(shape)})
-            config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
-            config["INFERENCE_NUM_THREADS"] = torch.get_num_threads()  # as many as torch uses (--threads)
-            request = self.core.compile_model(model, "CPU", config).create_infer_request()
-            self._compiled[shape] = request
-        out = request.infer([x32.numpy(), t.numpy(), c32.numpy()])
+        if shape not in self._compiled:
+            compiled, mapped = self._compile(shape, (x32, t, c32))
+            self._compiled[shape] = (compiled.create_infer_request(), mapped)
+        out = self._compiled[shape][0].infer([x32.numpy(), t.numpy(), c32.numpy()])
         return torch.from_numpy(out[0].copy()).to(x.dtype)
