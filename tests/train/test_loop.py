@@ -78,3 +78,15 @@ def test_loss_goes_down_and_resume_is_exact(tmp_path):
     assert torch.allclose(params3["b"], params["b"], atol=1e-6)
     assert torch.allclose(resumed["weights"]["w"], straight["weights"]["w"], atol=1e-6)
     assert math.isclose(resumed["losses"][-1], straight["losses"][-1], rel_tol=1e-5)
+
+
+def test_weight_decay_shrinks_matrices_but_not_biases_gains_or_scalars(tmp_path):
+    from plainsd.train.loop import param_groups
+
+    params = {"w": torch.nn.Parameter(torch.ones(2, 3)), "b": torch.nn.Parameter(torch.ones(3)),
+              "logit_scale": torch.nn.Parameter(torch.tensor(2.0))}
+    assert [len(g["params"]) for g in param_groups(params, 0.1)] == [1, 2]
+    cfg = TrainConfig(network="x", steps=10, lr=0.1, weight_decay=0.5, checkpoint_every=100, out=str(tmp_path))
+    train(cfg, params, lambda step, micro: 0.0 * sum(p.sum() for p in params.values()), progress=False)
+    assert torch.allclose(params["w"], torch.full((2, 3), (1 - 0.1 * 0.5) ** 10))  # AdamW's decoupled decay alone
+    assert torch.equal(params["b"], torch.ones(3)) and float(params["logit_scale"]) == 2.0

@@ -37,7 +37,7 @@ class TrainConfig:
     lr_schedule: str = "constant"      # constant | cosine | cosine_with_restarts
     lr_cycles: int = 1                 # cycles of cosine_with_restarts
     warmup: int = 0                    # linear warm-up steps
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0          # AdamW's, on matrices and kernels only (not biases, gains, scalars)
     grad_clip: float = 1.0
     ema_decay: float = 0.0             # 0 = no EMA; the EMA weights are what gets exported
     bf16: bool = False                 # bf16 autocast on the CPU
@@ -109,6 +109,15 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     write_safetensors(tensors, path, metadata)
 
 
+def param_groups(params: dict[str, torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """Weight decay on the matrices and kernels; none on biases, norms' gains and scalars such as CLIP's
+    logit scale (decay would pull the temperature and the gains towards zero), as CLIP's training does."""
+    decayed = [p for p in params.values() if p.ndim >= 2]
+    rest = [p for p in params.values() if p.ndim < 2]
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def save_checkpoint(path: Path, step: int, params: dict, optimizer: torch.optim.Optimizer, ema: EMA | None, info: dict):
     tensors = {f"model.{k}": v for k, v in params.items()}
     if ema is not None:
@@ -169,7 +178,7 @@ def train(cfg: TrainConfig, params: dict[str, torch.nn.Parameter], loss_fn: Call
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(params, cfg.weight_decay), lr=cfg.lr)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
     ckpt = out / "checkpoint.safetensors"
     start, losses, before = 0, [], 0.0
