@@ -159,3 +159,53 @@ def test_object_weights_mark_the_objects_pixels():
     # all the weight on the objects: the loss is the error on the objects' pixels alone
     on = (w == 10).expand_as(target)
     assert torch.allclose(weighted_l1(pred, target, (w == 10).float()), (pred - target).abs()[on].mean())
+
+
+def test_hard_negative_batches_group_scenes_that_differ_in_one_attribute_and_mark_every_fitting_pair():
+    import random
+
+    from plainsd.train.data import Obj, Scene
+    from plainsd.train.recipes import fits, hard_negative_batch, hard_negative_scenes
+
+    def scene(caption, stated, background="blue", **attrs):
+        o = {"shape": "circle", "colour": "red", "size": "small", "position": "left", **attrs}
+        return Scene([Obj(**o)], background, caption, [set(stated)])
+
+    said = scene("a red circle on the left", {"shape", "colour", "position"})
+    assert fits(said, scene("", {"shape"}, size="large"))  # the size is left out: either size fits
+    assert not fits(said, scene("", {"shape"}, shape="square"))
+    assert not fits(said, scene("", {"shape"}, position="right"))
+    on_blue = scene("a red circle on the left on blue", {"shape", "colour", "position"})
+    assert fits(said, scene("", {"shape"}, background="green"))
+    assert not fits(on_blue, scene("", {"shape"}, background="green"))  # a named background must match
+
+    ds = ShapesDataset(seed=0)
+    scenes = hard_negative_scenes(ds, random.Random(0), groups=5, group=4)
+    for g in range(0, 20, 4):
+        base = scenes[g].objects[0]
+        for v in scenes[g + 1:g + 4]:
+            o = v.objects[0]
+            changed = [k for k in ("shape", "colour", "size", "position") if getattr(o, k) != getattr(base, k)]
+            assert len(changed) == 1 and changed[0] != "colour", changed
+            assert v.background == scenes[g].background and v.stated == scenes[g].stated
+
+    cfg = TrainConfig(network="clip", steps=1, batch_size=16, seed=3)
+    images, captions, target = hard_negative_batch(ds, cfg, 0, 0, fraction=0.5, group=4)
+    assert images.shape == (16, 3, 64, 64) and len(captions) == 16 and target.shape == (16, 16)
+    assert torch.equal(target.diagonal(), torch.ones(16))
+    again = hard_negative_batch(ds, cfg, 0, 0, fraction=0.5, group=4)
+    assert again[1] == captions and torch.equal(again[0], images) and torch.equal(again[2], target)
+
+
+def test_hard_negatives_are_checked(tmp_path):
+    cfg = _cfg(tmp_path, "clip", 1, extra={"hard_negatives": 0.5, "vary": ["colour"]})
+    with pytest.raises(ValueError, match="extra.vary a list of shape, size, position"):
+        train_clip(cfg, progress=False)
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    to_pil(torch.zeros(1, 3, 64, 64))[0].save(folder / "a.png")
+    (folder / "a.txt").write_text("a black picture")
+    cfg = _cfg(tmp_path, "clip", 1, extra={"hard_negatives": 0.5})
+    cfg.data = {"kind": "folder", "path": str(folder)}
+    with pytest.raises(ValueError, match="needs the shapes data"):
+        train_clip(cfg, progress=False)

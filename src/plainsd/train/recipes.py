@@ -4,7 +4,12 @@
          also sees the held-out shapes (heart, star); the shipped VAE was trained without them, and still
          gives back large hearts (the shape the fine-tuning recipes teach).
 2. clip: text and image towers, contrastively: cosine similarities, symmetric cross-entropy over the
-         batch's other pairs, learned temperature (Radford et al. 2021).
+         batch's other pairs, learned temperature (Radford et al. 2021). In random batches of this world
+         the colours, positions and backgrounds already tell the pairs apart, and both towers learned to
+         ignore the shape (captions differing only in the shape word came out 0.9998 alike): neither tower
+         gains from seeing the shape while the other ignores it. extra.hard_negatives fills part of each
+         batch with groups of scenes that differ in one attribute (extra.vary), with every caption's
+         positives marked (a caption that leaves the size out fits both sizes), and the towers then learn it.
 3. unet: the noise predictor on frozen VAE latents and frozen CLIP text states: random timestep, noise
          added by the forward process, MSE on the predicted noise, some captions left empty so that
          classifier-free guidance works (Rombach et al. 2022; Ho & Salimans 2022).
@@ -18,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -32,7 +38,7 @@ from ..models.clip import CLIPTextModel, CLIPVisionModel
 from ..models.tokenizer import Tokenizer
 from ..models.vae import AutoencoderKL
 from ..weights import save
-from .data import ALL_SHAPES, SHAPES, FolderDataset, ShapesDataset
+from .data import ALL_SHAPES, POSITIONS, SHAPES, FolderDataset, Scene, ShapesDataset, caption, random_scene, render
 from .loop import TrainConfig, _atomic_save, train
 
 # The small Stable Diffusion that plainsd trains and ships: same classes and layout as SD 1.x.
@@ -232,13 +238,28 @@ def train_clip(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
     out = Path(cfg.out)
     params = {**_named(text, "text."), **_named(vision, "vision."), "logit_scale": logit_scale}
 
+    hard, group = float(cfg.extra.get("hard_negatives", 0.0)), int(cfg.extra.get("group", 4))
+    vary = tuple(cfg.extra.get("vary", VARY))
+    if hard and not isinstance(ds, ShapesDataset):
+        raise ValueError("extra.hard_negatives needs the shapes data (it draws variants of a scene); "
+                         "leave it out for a folder of images")
+    if hard and not (0 < hard <= 1 and group >= 2 and vary and set(vary) <= set(VARY)):
+        raise ValueError(f"extra.hard_negatives must be a fraction of the batch in (0, 1], extra.group at least 2 "
+                         f"and extra.vary a list of {', '.join(VARY)}; got {hard}, {group}, {list(vary)}")
+
     def loss_fn(step, micro):
-        images, captions = batch(ds, cfg, step, micro)
+        if hard:
+            images, captions, target = hard_negative_batch(ds, cfg, step, micro, hard, group, vary)
+        else:
+            images, captions = batch(ds, cfg, step, micro)
+            target = torch.eye(len(captions))
         t = F.normalize(text.pooled(tokenizer(captions)).float(), dim=-1)
         v = F.normalize(vision(images).float(), dim=-1)
-        logits = logit_scale.clamp(max=4.6052).exp() * v @ t.T  # temperature capped at 100, as CLIP
-        target = torch.arange(len(captions))
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        logits = logit_scale.clamp(max=4.6052).exp() * t @ v.T  # temperature capped at 100, as CLIP
+        # cross-entropy against the images each caption fits (the diagonal, and any other image that shows
+        # every attribute the caption states) and the captions each image fits
+        return (F.cross_entropy(logits, target / target.sum(1, keepdim=True)) +
+                F.cross_entropy(logits.T, target.T / target.T.sum(1, keepdim=True))) / 2
 
     def export(step, weights):
         state = {("cond_stage_model.transformer." + k[5:]): v for k, v in weights.items() if k.startswith("text.")}
@@ -249,6 +270,52 @@ def train_clip(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
         _atomic_save(state, out / "clip.safetensors", meta)
 
     return train(cfg, params, loss_fn, resume, None, export, progress)
+
+
+def fits(caption_scene: Scene, image_scene: Scene) -> bool:
+    """Whether an image shows everything a single-object caption states (the background only if named)."""
+    if len(caption_scene.objects) != 1 or len(image_scene.objects) != 1:
+        return caption_scene == image_scene
+    a, b = caption_scene.objects[0], image_scene.objects[0]
+    if any(getattr(a, k) != getattr(b, k) for k in caption_scene.stated[0] | {"shape"}):
+        return False
+    said_bg = re.search(rf"\b{caption_scene.background}\b", caption_scene.caption) is not None
+    return not said_bg or caption_scene.background == image_scene.background
+
+
+VARY = ("shape", "size", "position")  # what hard negatives may change (a list may repeat one to weight it)
+
+
+def hard_negative_scenes(ds: ShapesDataset, rng: random.Random, groups: int, group: int, vary=VARY) -> list[Scene]:
+    """`groups` groups of `group` single-object scenes: a random one, then variants of it that each differ in one
+    attribute (drawn from `vary`), captioned anew with the same stated attributes."""
+    scenes = []
+    for _ in range(groups):
+        base = random_scene(rng, ds.shapes, two_objects=0.0, sizes=ds.sizes)
+        o = base.objects[0]
+        scenes.append(base)
+        for _ in range(group - 1):
+            what = rng.choice(vary)
+            choices = {"shape": ds.shapes, "size": ds.sizes, "position": tuple(POSITIONS)}[what]
+            value = rng.choice([c for c in choices if c != getattr(o, what)])
+            v = Scene([dataclasses.replace(o, **{what: value})], base.background, stated=[set(base.stated[0])])
+            v.caption = caption(v, rng)
+            scenes.append(v)
+    return scenes
+
+
+def hard_negative_batch(ds: ShapesDataset, cfg: TrainConfig, step: int, micro: int, fraction: float, group: int,
+                        vary=VARY):
+    """A CLIP batch in which `fraction` of the pairs are hard_negative_scenes, so that the towers must tell apart
+    shapes and sizes, not only the colours that random batches already separate; the rest are random scenes.
+    Returns images, captions and the 0/1 matrix of which caption fits which image (a caption that leaves the
+    size out fits both sizes). A pure function of (seed, step, micro)."""
+    rng = random.Random(f"{cfg.seed}:{step}:{micro}:hard")
+    scenes = hard_negative_scenes(ds, rng, int(cfg.batch_size * fraction) // group, group, vary)
+    scenes += [ds.scene(rng.randrange(len(ds))) for _ in range(cfg.batch_size - len(scenes))]
+    images = torch.cat([to_tensor(render(s, ds.size)) for s in scenes])
+    target = torch.tensor([[float(i == j or fits(a, b)) for j, b in enumerate(scenes)] for i, a in enumerate(scenes)])
+    return images, [s.caption for s in scenes], target
 
 
 def load_clip(path: str | Path) -> tuple[CLIPTextModel, CLIPVisionModel, float]:
