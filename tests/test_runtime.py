@@ -70,6 +70,16 @@ def test_openvino_backend_matches_eager_and_caches(tmp_path, monkeypatch):
     assert torch.equal(runtime.OpenVINOUNet(sd.unet, tmp_path)(x, t, c), out)
     assert blob.stat().st_size > 1000 and not list(tmp_path.glob("*/*.tmp"))
 
+    # a disk that cannot take the compiled model costs a warning, not the result (and leaves no partial file)
+    blob.unlink()
+    def refuse(*a):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(runtime.os, "replace", refuse)
+    with pytest.warns(UserWarning, match="could not keep the compiled model"):
+        assert torch.equal(runtime.OpenVINOUNet(sd.unet, tmp_path)(x, t, c), out)
+    assert not list(tmp_path.glob("*/*.blob")) and not list(tmp_path.glob("*/*.tmp"))
+    monkeypatch.undo()
+
     # weights changed in place (as a LoRA does for one run): the compiled model follows
     with torch.no_grad():
         sd.unet.out[2].weight.mul_(2)

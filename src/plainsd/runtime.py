@@ -11,8 +11,9 @@ latents, sigmas and all sampler maths stay float32 (the denoiser casts at the ne
 Compiled path. backend="openvino" converts the UNet once with openvino.convert_model, keeps the
 converted model on disk (keyed by a fingerprint of the weights, the config and the precision), and
 runs it with OpenVINO's CPU plugin; the compiled model of each input shape is exported beside it, so
-that a second run maps it from the file and starts in seconds (nothing converted, compiled or hashed). The UNet's own parameters stay the truth: when they change (a LoRA applied for one run, say)
-the compiled model is looked up again for the new weights.
+that a second run maps it from the file and starts in seconds (nothing converted, compiled or hashed).
+The UNet's own parameters stay the truth: when they change (a LoRA applied for one run, say) the
+compiled model is looked up again for the new weights.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -150,8 +152,6 @@ class OpenVINOUNet:
         blob = self.cache / self._key / f"{dims}-{config['INFERENCE_NUM_THREADS']}t-ov{self.ov.__version__.split('-')[0]}.blob"
         if blob.is_file():
             try:
-                import numpy as np
-
                 mapped = np.memmap(blob, dtype=np.uint8, mode="c")  # copy-on-write: OpenVINO wants a writeable array
                 compiled = self.core.import_model(self.ov.Tensor(mapped, shared_memory=True), "CPU", config)
                 return compiled, mapped  # (the mapping lives as long as the compiled model)
@@ -163,11 +163,14 @@ class OpenVINOUNet:
         model.reshape({i: list(s) for i, s in enumerate(shape)})
         compiled = self.core.compile_model(model, "CPU", config)
         tmp = blob.with_name(f"{blob.name}.{os.getpid()}.tmp")
-        exported = compiled.export_model()  # bytes, or an io.BytesIO in OpenVINO 2026.4
-        with open(tmp, "wb") as f:
-            f.write(exported.getbuffer() if hasattr(exported, "getbuffer") else exported)
-        del exported
-        os.replace(tmp, blob)
+        try:
+            exported = compiled.export_model()  # bytes, or an io.BytesIO in OpenVINO 2026.4
+            with open(tmp, "wb") as f:
+                f.write(exported.getbuffer() if hasattr(exported, "getbuffer") else exported)
+            os.replace(tmp, blob)
+        except OSError as e:  # a full or read-only disk costs the next run a compile, not this run its picture
+            tmp.unlink(missing_ok=True)
+            warnings.warn(f"plainsd: could not keep the compiled model in {blob.parent}: {e}")
         return compiled, None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
