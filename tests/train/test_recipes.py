@@ -165,7 +165,7 @@ def test_hard_negative_batches_group_scenes_that_differ_in_one_attribute_and_mar
     import random
 
     from plainsd.train.data import Obj, Scene
-    from plainsd.train.recipes import fits, hard_negative_batch, hard_negative_scenes
+    from plainsd.train.recipes import clip_targets, fits, hard_negative_batch, hard_negative_scenes
 
     def scene(caption, stated, background="blue", **attrs):
         o = {"shape": "circle", "colour": "red", "size": "small", "position": "left", **attrs}
@@ -178,6 +178,10 @@ def test_hard_negative_batches_group_scenes_that_differ_in_one_attribute_and_mar
     on_blue = scene("a red circle on the left on blue", {"shape", "colour", "position"})
     assert fits(said, scene("", {"shape"}, background="green"))
     assert not fits(on_blue, scene("", {"shape"}, background="green"))  # a named background must match
+    # the loss's targets: each caption's own picture, and every other picture it fits (not the reverse here:
+    # a picture of a large circle on green is not what "a red circle on the left on blue" asks for)
+    large = scene("a large red circle on the left", {"shape", "colour", "size", "position"}, "green", size="large")
+    assert clip_targets([said, large, on_blue]).tolist() == [[1, 1, 1], [0, 1, 0], [1, 0, 1]]
 
     ds = ShapesDataset(seed=0)
     scenes = hard_negative_scenes(ds, random.Random(0), groups=5, group=4)

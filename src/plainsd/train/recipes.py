@@ -6,7 +6,7 @@
 2. clip: text and image towers, contrastively: cosine similarities, symmetric cross-entropy over the
          batch's other pairs, learned temperature (Radford et al. 2021). In random batches of this world
          the colours, positions and backgrounds already tell the pairs apart, and both towers learned to
-         ignore the shape (captions differing only in the shape word came out 0.9998 alike): neither tower
+         ignore the shape (captions differing only in the shape word came out nearly identical): neither tower
          gains from seeing the shape while the other ignores it. extra.hard_negatives fills part of each
          batch with groups of scenes that differ in one attribute (extra.vary), with every caption's
          positives marked (a caption that leaves the size out fits both sizes), and the towers then learn it.
@@ -314,8 +314,12 @@ def hard_negative_batch(ds: ShapesDataset, cfg: TrainConfig, step: int, micro: i
     scenes = hard_negative_scenes(ds, rng, int(cfg.batch_size * fraction) // group, group, vary)
     scenes += [ds.scene(rng.randrange(len(ds))) for _ in range(cfg.batch_size - len(scenes))]
     images = torch.cat([to_tensor(render(s, ds.size)) for s in scenes])
-    target = torch.tensor([[float(i == j or fits(a, b)) for j, b in enumerate(scenes)] for i, a in enumerate(scenes)])
-    return images, [s.caption for s in scenes], target
+    return images, [s.caption for s in scenes], clip_targets(scenes)
+
+
+def clip_targets(scenes: list[Scene]) -> torch.Tensor:
+    """[i, j] = 1 where scene i's caption fits scene j's image (always on the diagonal), else 0."""
+    return torch.tensor([[float(i == j or fits(a, b)) for j, b in enumerate(scenes)] for i, a in enumerate(scenes)])
 
 
 def load_clip(path: str | Path) -> tuple[CLIPTextModel, CLIPVisionModel, float]:
