@@ -113,6 +113,17 @@ def test_three_trainings_and_a_resume(tmp_path):
     result = txt2img(shipped, "a red circle", seed=0)  # the plain call uses the model's own settings
     assert result.parameters["steps"] == 20 and result.parameters["cfg_scale"] == 5.0 and result.images[0].size == (64, 64)
 
+    # shipping again with the VAE of that shipped model (only CLIP and the UNet retrained): its weights and its
+    # card's rows carried over, the UNet the runs'
+    (tmp_path / "vae-decoder" / "vae.safetensors").unlink()  # not read
+    ship.main(["--runs", str(tmp_path), "--eval", str(tmp_path / "eval.json"), "--out", str(tmp_path / "again.safetensors"),
+               "--vae-from", str(tmp_path / "base.safetensors")])
+    again = plainsd.load(tmp_path / "again.safetensors")
+    assert all(torch.equal(v, shipped.vae.state_dict()[k]) for k, v in again.vae.state_dict().items())
+    assert all(torch.equal(v, shipped.unet.state_dict()[k]) for k, v in again.unet.state_dict().items())
+    rows = [line for line in text.splitlines() if line.startswith("| vae")]
+    assert rows and all(row in (tmp_path / "again.md").read_text() for row in rows)
+
 
 def test_load_vae_reads_a_whole_checkpoint_and_load_clip_says_what_is_missing(tmp_path):
     sd = plainsd.build("tiny")

@@ -43,3 +43,21 @@ def test_a_later_stage_of_the_same_network_is_its_own_run(tmp_path):
 def test_no_time_anywhere_is_said(tmp_path):
     _run(tmp_path, "unet", {}, {})
     assert run_facts(tmp_path, "unet")["seconds"] is None
+
+
+def test_an_earlier_cards_vae_rows_are_carried_over_as_they_are():
+    from plainsd.train.ship import carried_vae_facts
+
+    old = ("They are kept out of the VAE's data too.\n\n| network | steps | batch | time | precision | recipe |\n"
+           "|---|---|---|---|---|---|\n| vae | 6500 | 16 | 68.8 min | bf16 autocast | lr 0.001 cosine, {} |\n"
+           "| clip | 1500 | 64 | 6.8 min | float32 | lr 0.001 cosine, {} |\n"
+           "| vae-decoder-objects | 2000 | 16 | 9.2 min | bf16 autocast | lr 0.0002 cosine, {} |\n")
+    facts = carried_vae_facts(old)
+    assert set(facts) == {"vae", "vae-decoder-objects"}
+    assert facts["vae"]["steps"] == 6500 and abs(facts["vae"]["seconds"] - 68.8 * 60) < 1e-6
+    assert facts["vae"]["row"] == "| vae | 6500 | 16 | 68.8 min | bf16 autocast | lr 0.001 cosine, {} |"
+    assert facts["vae"]["recipe"]["data"]["shapes"] is None
+    import pytest
+
+    with pytest.raises(ValueError, match="no training row for the vae run"):
+        carried_vae_facts("| clip | 1500 | 64 | 6.8 min | float32 | lr |")

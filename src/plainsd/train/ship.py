@@ -4,6 +4,11 @@ and a model card written from the run folders and `plainsd eval`'s JSON.
     python -m plainsd.train.ship --runs runs --eval runs/eval.json
 
 writes src/plainsd/data/plainsd-base.safetensors and src/plainsd/data/plainsd-base.md.
+
+    python -m plainsd.train.ship --runs runs --eval runs/eval.json --vae-from OLD.safetensors
+
+ships the VAE of an earlier shipped model instead of the runs' (when only the text encoder and the UNet were
+retrained on its latents): the VAE's weights come from that file and its training rows from the card beside it.
 """
 
 from __future__ import annotations
@@ -52,6 +57,24 @@ def run_facts(runs: Path, net: str) -> dict:
     return facts
 
 
+VAE_NETS = ("vae", "vae-decoder", "vae-decoder-objects")
+
+
+def carried_vae_facts(card_text: str) -> dict:
+    """The VAE runs' rows of an earlier model card, kept as they are (steps and time read back from them)."""
+    facts = {}
+    for line in card_text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0] in VAE_NETS and cells[1].isdigit():
+            minutes = re.fullmatch(r"([\d.]+) min", cells[3])
+            shapes = "all" if "saw them too" in card_text else None
+            facts[cells[0]] = {"row": line.strip(), "steps": int(cells[1]), "recipe": {"data": {"shapes": shapes}},
+                               "seconds": float(minutes.group(1)) * 60 if minutes else None}
+    if "vae" not in facts:
+        raise ValueError("that model card has no training row for the vae run to carry over")
+    return facts
+
+
 def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
     def minutes(net):
         s = facts[net]["seconds"]
@@ -85,6 +108,9 @@ def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
         "|---|---|---|---|---|---|",
     ]
     for net in nets:
+        if "row" in facts[net]:  # carried over from an earlier card
+            lines.append(facts[net]["row"])
+            continue
         r = facts[net]["recipe"]
         lines.append(f"| {net} | {facts[net]['steps']} | {r['batch_size']} | {minutes(net)} | "
                      f"{'bf16 autocast' if r.get('bf16') else 'float32'} | lr {r['lr']:g} "
@@ -130,14 +156,24 @@ def main(argv=None):
     p.add_argument("--eval", default="runs/eval.json")
     p.add_argument("--note", default="", help="anything about this run the card should say")
     p.add_argument("--out", default=str(DEFAULT_MODEL))
+    p.add_argument("--vae-from", help="an earlier shipped model whose VAE (and card rows for it) to keep")
     args = p.parse_args(argv)
     runs = Path(args.runs)
-    facts = {net: run_facts(runs, net) for net in NETS if net not in OPTIONAL or (runs / net).is_dir()}
+    carried = carried_vae_facts(Path(args.vae_from).with_suffix(".md").read_text()) if args.vae_from else {}
+    facts: dict = {}
+    for net in NETS:
+        if carried and net in VAE_NETS:
+            if net in carried:
+                facts[net] = carried[net]
+        elif net not in OPTIONAL or (runs / net).is_dir():
+            facts[net] = run_facts(runs, net)
     facts["note"] = args.note
     metrics = json.loads(Path(args.eval).read_text())
     sd = load(runs / ("unet-objects" if "unet-objects" in facts else "unet") / "model.safetensors")
     decoder = next((n for n in ("vae-decoder-objects", "vae-decoder") if n in facts), None)
-    if decoder:  # the fine-tuned decoder (the encoder, and so the latents, are the VAE run's)
+    if args.vae_from:  # encoder and decoder as shipped before (the UNet trained on that encoder's latents)
+        sd.vae.load_state_dict(load(args.vae_from).vae.state_dict())
+    elif decoder:  # the fine-tuned decoder (the encoder, and so the latents, are the VAE run's)
         from .recipes import load_vae
 
         sd.vae.load_state_dict(load_vae(runs / decoder / "vae.safetensors")[0].state_dict())
