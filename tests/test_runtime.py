@@ -100,3 +100,23 @@ def test_openvino_backend_in_generation(tmp_path):
     runtime.prepare(sd, backend="openvino", cache_dir=tmp_path)
     compiled = txt2img(sd, "a blue square", steps=5, seed=1, cfg_scale=4)
     assert np.abs(_pixels(eager) - _pixels(compiled)).max() <= 2
+
+
+def test_the_openvino_cache_drops_its_least_recently_used_models_beyond_its_limit(tmp_path, monkeypatch):
+    import os
+
+    for age, name in enumerate(["newest", "middle", "oldest", "inuse"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "unet.xml").write_bytes(b"x" * 1000)
+        os.utime(tmp_path / name, (1e9 - age * 100, 1e9 - age * 100))
+    (tmp_path / "half.123.tmp").mkdir()  # another process's conversion in progress: not the cache's to judge
+    (tmp_path / "half.123.tmp" / "unet.xml").write_bytes(b"x" * 5000)
+    # 4000 bytes of models; a 2500-byte limit drops the two least recently used, except the one in use
+    assert runtime.prune_cache(tmp_path, 2500, keep="inuse") == ["oldest", "middle"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half.123.tmp", "inuse", "newest"]
+    assert runtime.prune_cache(tmp_path, 2500, keep="inuse") == []  # within the limit now
+    monkeypatch.setenv("PLAINSD_OPENVINO_CACHE_GB", "0.5")
+    assert runtime.cache_limit() == 2**29
+    monkeypatch.setenv("PLAINSD_OPENVINO_CACHE_GB", "lots")
+    with pytest.raises(ValueError, match="must be a number of gigabytes, not 'lots'"):
+        runtime.cache_limit()

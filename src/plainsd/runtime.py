@@ -94,12 +94,43 @@ def fingerprint(module: torch.nn.Module, extra: str = "") -> str:
     return h.hexdigest()
 
 
+def cache_limit() -> int:
+    """Bytes the OpenVINO cache may hold (PLAINSD_OPENVINO_CACHE_GB, default 20: four or five SD1.5-size models)."""
+    value = os.environ.get("PLAINSD_OPENVINO_CACHE_GB", "20")
+    try:
+        gb = float(value)
+    except ValueError:
+        raise ValueError(f"PLAINSD_OPENVINO_CACHE_GB must be a number of gigabytes, not {value!r}") from None
+    return int(gb * 2**30)
+
+
+def prune_cache(root: Path, limit: int, keep: str) -> list[str]:
+    """Delete the least recently used models of the cache until it holds at most `limit` bytes; `keep` (the model
+    in use) stays whatever its size. A model's folder is touched each time a run uses it. Returns what went."""
+    entries = []
+    for folder in root.iterdir() if root.is_dir() else ():
+        if folder.is_dir() and not folder.name.endswith(".tmp"):
+            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            entries.append((folder.stat().st_mtime, folder.name, size))
+    total = sum(size for _, _, size in entries)
+    removed = []
+    for _, name, size in sorted(entries):
+        if total <= limit:
+            break
+        if name != keep:
+            shutil.rmtree(root / name, ignore_errors=True)
+            total -= size
+            removed.append(name)
+    return removed
+
+
 class OpenVINOUNet:
     """The UNet through OpenVINO: converted once per weights, compiled once per input shape, both kept on disk.
 
     cache/<fingerprint>/unet.xml is the converted model (to compile for a new shape); beside it, one exported
     compiled model per input shape, thread count and OpenVINO version, which a later run imports directly (mapped
-    from the file) without reading or hashing the converted model again."""
+    from the file) without reading or hashing the converted model again. The cache keeps the most recently used
+    models up to PLAINSD_OPENVINO_CACHE_GB (20 by default; each LoRA combination is a model of its own)."""
 
     def __init__(self, unet: torch.nn.Module, cache_dir: str | os.PathLike | None = None):
         try:
@@ -168,6 +199,7 @@ class OpenVINOUNet:
             with open(tmp, "wb") as f:
                 f.write(exported.getbuffer() if hasattr(exported, "getbuffer") else exported)
             os.replace(tmp, blob)
+            prune_cache(self.cache, cache_limit(), keep=self._key)
         except OSError as e:  # a full or read-only disk costs the next run a compile, not this run its picture
             tmp.unlink(missing_ok=True)
             warnings.warn(f"plainsd: could not keep the compiled model in {blob.parent}: {e}")
@@ -181,6 +213,8 @@ class OpenVINOUNet:
             self._key = fingerprint(self.unet, json.dumps(cfg.__dict__ if cfg is not None else {}, default=str) + self.precision)
             self._versions = self._current_versions()
             self._model, self._compiled = None, {}
+            if (self.cache / self._key).is_dir():
+                os.utime(self.cache / self._key)  # its last use, for pruning
         shape = (tuple(x32.shape), tuple(t.shape), tuple(c32.shape))
         if shape not in self._compiled:
             compiled, mapped = self._compile(shape, (x32, t, c32))
