@@ -224,3 +224,20 @@ def test_hard_negatives_are_checked(tmp_path):
     cfg.data = {"kind": "folder", "path": str(folder)}
     with pytest.raises(ValueError, match="needs the shapes data"):
         train_clip(cfg, progress=False)
+
+
+def test_the_vae_recipe_weights_the_objects_pixels_when_asked(tmp_path):
+    # lr 0, one step: the recorded loss is the object-weighted L1 (plus the KL) of the initial VAE, by hand
+    from plainsd.models.vae import AutoencoderKL
+    from plainsd.train.recipes import batch, dataset, model_config
+
+    cfg = _cfg(tmp_path, "vae", 1, lr=0.0, extra={"object_weight": 10, "kl_weight": 0.0}, ema_decay=0.0)
+    loss = train_vae(cfg, progress=False)["losses"][0]
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(model_config(cfg).vae)
+    x, _ = batch(dataset(cfg, 64), cfg, 0, 0)
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(x).sample(torch.Generator().manual_seed(0)))
+    w = object_weights(x, 10.0)
+    assert abs(loss - float(weighted_l1(recon, x, w))) < 1e-5
+    assert abs(loss - float(weighted_l1(recon, x))) > 1e-3  # and that is not the plain L1

@@ -113,6 +113,7 @@ def train_vae(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     vae = AutoencoderKL(mc.vae)
     ds = dataset(cfg, mc.resolution)
     kl_weight = cfg.extra.get("kl_weight", 1e-6)
+    object_weight = float(cfg.extra.get("object_weight", 1.0))
     out = Path(cfg.out)
 
     def loss_fn(step, micro):
@@ -120,8 +121,10 @@ def train_vae(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
         posterior = vae.encode(x)
         g = torch.Generator().manual_seed(step * 131 + micro)
         recon = vae.decode(posterior.sample(g))
-        # L1 per pixel, plus the KL summed per sample and scaled as latent diffusion does (per pixel).
-        return F.l1_loss(recon.float(), x) + kl_weight * posterior.kl().float().mean() / x[0].numel()
+        # L1 per pixel (the objects' pixels weighted extra.object_weight times, see object_weights), plus the KL
+        # summed per sample and scaled as latent diffusion does (per pixel).
+        weights = object_weights(x, object_weight) if object_weight != 1 else None
+        return weighted_l1(recon.float(), x, weights) + kl_weight * posterior.kl().float().mean() / x[0].numel()
 
     def export(step, weights):
         state = {("first_stage_model." + k): v for k, v in weights.items()}
