@@ -199,10 +199,14 @@ class OpenVINOUNet:
             with open(tmp, "wb") as f:
                 f.write(exported.getbuffer() if hasattr(exported, "getbuffer") else exported)
             os.replace(tmp, blob)
-            prune_cache(self.cache, cache_limit(), keep=self._key)
         except OSError as e:  # a full or read-only disk costs the next run a compile, not this run its picture
             tmp.unlink(missing_ok=True)
             warnings.warn(f"plainsd: could not keep the compiled model in {blob.parent}: {e}")
+        else:
+            try:
+                prune_cache(self.cache, cache_limit(), keep=self._key)
+            except OSError:  # another run pruning the same cache at the same moment: its business
+                pass
         return compiled, None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -213,8 +217,10 @@ class OpenVINOUNet:
             self._key = fingerprint(self.unet, json.dumps(cfg.__dict__ if cfg is not None else {}, default=str) + self.precision)
             self._versions = self._current_versions()
             self._model, self._compiled = None, {}
-            if (self.cache / self._key).is_dir():
+            try:
                 os.utime(self.cache / self._key)  # its last use, for pruning
+            except OSError:  # not in the cache (yet)
+                pass
         shape = (tuple(x32.shape), tuple(t.shape), tuple(c32.shape))
         if shape not in self._compiled:
             compiled, mapped = self._compile(shape, (x32, t, c32))

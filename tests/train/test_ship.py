@@ -61,3 +61,12 @@ def test_an_earlier_cards_vae_rows_are_carried_over_as_they_are():
 
     with pytest.raises(ValueError, match="no training row for the vae run"):
         carried_vae_facts("| clip | 1500 | 64 | 6.8 min | float32 | lr |")
+
+
+def test_vae_from_without_its_card_says_so(tmp_path):
+    import pytest
+
+    from plainsd.train import ship
+
+    with pytest.raises(SystemExit, match="needs the model's card beside it"):
+        ship.main(["--runs", str(tmp_path), "--vae-from", str(tmp_path / "old.safetensors")])

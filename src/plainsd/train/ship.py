@@ -159,7 +159,12 @@ def main(argv=None):
     p.add_argument("--vae-from", help="an earlier shipped model whose VAE (and card rows for it) to keep")
     args = p.parse_args(argv)
     runs = Path(args.runs)
-    carried = carried_vae_facts(Path(args.vae_from).with_suffix(".md").read_text()) if args.vae_from else {}
+    carried = {}
+    if args.vae_from:
+        old_card = Path(args.vae_from).with_suffix(".md")
+        if not old_card.is_file():
+            raise SystemExit(f"--vae-from needs the model's card beside it ({old_card}) to carry its VAE's training rows")
+        carried = carried_vae_facts(old_card.read_text())
     facts: dict = {}
     for net in NETS:
         if carried and net in VAE_NETS:
