@@ -63,11 +63,11 @@ VAE_NETS = ("vae", "vae-decoder", "vae-decoder-objects")
 def carried_vae_facts(card_text: str) -> dict:
     """The VAE runs' rows of an earlier model card, kept as they are (steps and time read back from them)."""
     facts = {}
+    shapes = "all" if "saw them too" in card_text else None  # the card's sentence on the VAE's data
     for line in card_text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 6 and cells[0] in VAE_NETS and cells[1].isdigit():
             minutes = re.fullmatch(r"([\d.]+) min", cells[3])
-            shapes = "all" if "saw them too" in card_text else None
             facts[cells[0]] = {"row": line.strip(), "steps": int(cells[1]), "recipe": {"data": {"shapes": shapes}},
                                "seconds": float(minutes.group(1)) * 60 if minutes else None}
     if "vae" not in facts:
