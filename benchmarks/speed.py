@@ -44,6 +44,8 @@ E2E = {
     "plainsd bf16 (default)": ("plainsd", "bf16", False),
     "plainsd openvino bf16 (compiled)": ("plainsd-openvino", "bf16", False),
     "plainsd --fast": ("plainsd", "bf16", True),
+    "plainsd --fast --tiny-decoder": ("plainsd", "bf16", {"tiny_decoder": True}),
+    "plainsd --fast, DeepCache over 2 blocks": ("plainsd", "bf16", {"deepcache_depth": 2}),
 }
 
 
@@ -149,6 +151,7 @@ def worker(task: dict) -> dict:
     if runtime.startswith("plainsd"):
         import plainsd
         from plainsd import pipeline, runtime as rt
+        from plainsd.fast import FastSettings
 
         sd = rt.prepare(plainsd.load(checkpoint, dtype=dtype), "openvino" if runtime == "plainsd-openvino" else "eager",
                         cache_dir=CACHE / "plainsd-openvino")
@@ -192,7 +195,7 @@ def worker(task: dict) -> dict:
                 result["startup"] = time.perf_counter() - started
                 t0 = time.perf_counter()
                 pipeline.txt2img(sd, prompt, steps=20, sampler="DPM++ 2M", cfg_scale=7, seed=1, width=size, height=size,
-                                 fast=task["fast"])
+                                 fast=FastSettings(**task["fast"]) if isinstance(task["fast"], dict) else task["fast"])
                 result["seconds"] = time.perf_counter() - t0
             else:
                 from diffusers import DPMSolverMultistepScheduler

@@ -63,6 +63,15 @@ def test_fast_generation_skips_what_it_says():
     assert full == [0, 1, 2, 5, 8]                 # the first 30% whole, then every third call from the last of them
 
 
+def test_fast_and_tiny_decoder_switches_choose_the_parts():
+    assert fast.choose(False) is False
+    assert fast.choose(True) == fast.FAST == fast.FastSettings(deepcache_interval=2, deepcache_depth=1,
+                                                            guidance_until=0.6, tiny_decoder=False)
+    assert fast.choose(True, tiny_decoder=True) == fast.FastSettings(tiny_decoder=True)
+    assert fast.choose(False, tiny_decoder=True) == fast.FastSettings(deepcache_interval=1, guidance_until=1.0,
+                                                                      tiny_decoder=True)  # the decoder alone
+
+
 def test_tiny_decoder_equals_diffusers_autoencoder_tiny(tmp_path):
     from diffusers import AutoencoderTiny
 
@@ -100,7 +109,7 @@ def test_fast_mode_decodes_with_the_models_tiny_decoder(tmp_path):
     loaded = plainsd.load(path)
     assert loaded.tiny_decoder_path == tmp_path / "m.taesd.safetensors"
     seen = []
-    settings = fast.FastSettings(deepcache_interval=1, guidance_until=1.0, tiny_decoder=True)
+    settings = fast.choose(False, tiny_decoder=True)  # --tiny-decoder without --fast
     result = txt2img(loaded, "a red circle", steps=3, sampler="DPM++ 2M", seed=0, fast=settings,
                      callback=lambda info: seen.append(info.denoised))
     assert loaded.tiny_decoder.width == 16

@@ -45,7 +45,9 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings, used by name in prompts")
     _runtime_args(p)
     p.add_argument("--fast", action="store_true",
-                   help="fast mode: DeepCache (the whole UNet every 2nd step), guidance for the first 60%% of the steps, the model's tiny decoder (less exact)")
+                   help="fast mode: DeepCache (the whole UNet every 2nd step), guidance for the first 60%% of the steps (less exact)")
+    p.add_argument("--tiny-decoder", action="store_true",
+                   help="decode with the model's tiny decoder (NAME.taesd.safetensors beside it; faster, less exact)")
     p.add_argument("--save-steps", action="store_true", help="also write the denoising process as a GIF and a contact sheet")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -217,6 +219,7 @@ def _generate(args) -> int:
     import torch
 
     from plainsd import pipeline
+    from plainsd.fast import choose as choose_fast
     from plainsd.images import contact_sheet
     from plainsd.pnginfo import save_png
 
@@ -227,7 +230,7 @@ def _generate(args) -> int:
                   batch_size=args.batch_size,
                   batch_count=args.batch_count, clip_skip=args.clip_skip, eta=args.eta, progress=not args.quiet,
                   record_steps=args.save_steps, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-                  fast=args.fast)
+                  fast=choose_fast(args.fast, args.tiny_decoder))
     # Check the cheap things before loading a model.
     from plainsd.diffusion.samplers import resolve_sampler
     from plainsd.diffusion.schedules import get_sigmas

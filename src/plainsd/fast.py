@@ -8,7 +8,9 @@
    whole UNet (the paper's non-uniform schedule makes the same point by spacing its full steps closer early).
 2. Guidance cut-off: classifier-free guidance only for the first `guidance_until` of the steps; after
    that the unconditional half of the batch is not computed (CFGDenoiser's guidance_until).
-3. A tiny VAE decoder (TAESD's architecture, models/taesd.py) instead of SD's decoder at the end.
+3. A tiny VAE decoder (TAESD's architecture, models/taesd.py) instead of SD's decoder at the end. Not part
+   of the default fast mode (--fast): on the shipped model it costs more adherence than the other two parts
+   together (benchmarks/fast_adherence.py), for a few percent of the time at 512x512; --tiny-decoder adds it.
 """
 
 from __future__ import annotations
@@ -30,10 +32,19 @@ class FastSettings:
     deepcache_depth: int = 1        # how many input / output blocks run on the cheap steps
     deepcache_start: float = 0.0    # fraction of the steps that run the whole UNet before caching starts
     guidance_until: float = 0.6     # fraction of the steps that get classifier-free guidance
-    tiny_decoder: bool = True       # decode with the model's TAESD decoder when it has one
+    tiny_decoder: bool = False      # decode with the model's TAESD decoder when it has one
 
 
 FAST = FastSettings()
+
+
+def choose(fast: bool, tiny_decoder: bool = False) -> FastSettings | bool:
+    """What --fast and --tiny-decoder ask for: fast mode's settings, the tiny decoder alone, both, or False."""
+    if not tiny_decoder:
+        return FAST if fast else False
+    if fast:
+        return FastSettings(tiny_decoder=True)
+    return FastSettings(deepcache_interval=1, guidance_until=1.0, tiny_decoder=True)
 
 
 class DeepCacheUNet:

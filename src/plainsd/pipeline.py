@@ -149,8 +149,8 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
     steps draw the fine detail, which strong guidance there overshoots); 1 = every step.
     <lora:name:weight> tags in the prompt apply LoRA files from lora_dir for this run; the names of
     textual-inversion embeddings in embeddings_dir are replaced by their vectors.
-    fast: True (or FastSettings) trades exactness for speed: DeepCache, a guidance cut-off and the
-    model's tiny decoder (plainsd.fast).
+    fast: True (or FastSettings) trades exactness for speed: DeepCache and a guidance cut-off;
+    FastSettings(tiny_decoder=True) adds the model's tiny decoder (plainsd.fast.choose).
     """
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise TypeError("prompt and negative_prompt must be strings")

@@ -333,6 +333,15 @@ def test_fast_mode_is_a_request_field(client):
     assert fast["images"] != exact["images"]  # DeepCache and the guidance cut-off change the picture
 
 
+def test_tiny_decoder_is_a_request_field():
+    from plainsd.fast import FastSettings
+    from plainsd.server.api import Txt2ImgRequest, generation_kwargs
+
+    kwargs = generation_kwargs(Txt2ImgRequest(prompt="a red circle", tiny_decoder=True), Limits())
+    assert kwargs["fast"] == FastSettings(deepcache_interval=1, guidance_until=1.0, tiny_decoder=True)
+    assert generation_kwargs(Txt2ImgRequest(prompt="a red circle", fast=True), Limits())["fast"].tiny_decoder is False
+
+
 def test_guidance_until_is_a_request_field(client):
     req = {"prompt": "a red circle", "steps": 6, "width": 32, "height": 32, "seed": 3, "cfg_scale": 5,
            "sampler_name": "DPM++ 2M"}

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from plainsd.diffusion.samplers import SAMPLERS, resolve_sampler
 from plainsd.diffusion.schedules import SCHEDULE_LABELS
+from plainsd.fast import choose as choose_fast
 from plainsd.pnginfo import parse_infotext, read_parameters
 
 
@@ -94,9 +95,10 @@ class Txt2ImgRequest(BaseModel):
     save_images: bool = False
     alwayson_scripts: dict = Field(default_factory=dict)
     infotext: Optional[str] = None
-    # plainsd's own: fast mode (DeepCache, guidance cut-off, tiny decoder), and the fraction of the steps with
-    # guidance (None: the model's recommendation); A1111 clients never send them
+    # plainsd's own: fast mode (DeepCache, guidance cut-off), the model's tiny decoder, and the fraction of the
+    # steps with guidance (None: the model's recommendation); A1111 clients never send them
     fast: bool = False
+    tiny_decoder: bool = False
     guidance_until: Optional[float] = None
 
 
@@ -206,7 +208,8 @@ def generation_kwargs(req: Txt2ImgRequest, limits: Limits) -> dict:
         raise BadRequest(f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {clip_skip!r}")
     return dict(steps=req.steps, sampler=sampler, schedule=schedule, cfg_scale=req.cfg_scale, seed=req.seed,
                 width=req.width, height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
-                clip_skip=clip_skip, eta=req.eta, fast=bool(req.fast), guidance_until=req.guidance_until)
+                clip_skip=clip_skip, eta=req.eta, fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)),
+                guidance_until=req.guidance_until)
 
 
 def img2img_kwargs(req: Img2ImgRequest, limits: Limits) -> dict:
