@@ -10,7 +10,8 @@
    that the unconditional half of the batch is not computed (CFGDenoiser's guidance_until).
 3. A tiny VAE decoder (TAESD's architecture, models/taesd.py) instead of SD's decoder at the end. Not part
    of the default fast mode (--fast): on the shipped model it costs more adherence than the other two parts
-   together (benchmarks/fast_adherence.py), for a few percent of the time at 512x512; --tiny-decoder adds it.
+   together (benchmarks/fast_adherence.py) and saves a tenth of fast mode's time at 512x512
+   (benchmarks/fast_speed.md); --tiny-decoder adds it.
 """
 
 from __future__ import annotations
