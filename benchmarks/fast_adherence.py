@@ -17,7 +17,7 @@ import torch
 import plainsd
 from plainsd import runtime
 from plainsd.eval import metrics
-from plainsd.fast import FAST, FastSettings
+from plainsd.fast import FAST, FastSettings, choose
 
 # name: (fast-mode settings or None for the exact path, guidance_until or None for the model's recommendation).
 # The parts of fast mode come on top of the model's recommended settings; the shipped model's card already
@@ -28,10 +28,10 @@ VARIANTS = {
     "DeepCache, whole UNet every 3rd step": (FastSettings(deepcache_interval=3, guidance_until=1.0, tiny_decoder=False), None),
     "DeepCache, whole UNet every 2nd step": (FastSettings(deepcache_interval=2, guidance_until=1.0, tiny_decoder=False), None),
     "guidance for the first 60% only": (FastSettings(deepcache_interval=1, guidance_until=0.6, tiny_decoder=False), None),
-    "tiny decoder only (--tiny-decoder)": (FastSettings(deepcache_interval=1, guidance_until=1.0, tiny_decoder=True), None),
+    "tiny decoder only (--tiny-decoder)": (choose(False, tiny_decoder=True), None),
     "fast mode (--fast)": (FAST, None),
     "fast mode, DeepCache over 2 blocks": (FastSettings(deepcache_depth=2), None),
-    "fast mode and the tiny decoder (--fast --tiny-decoder)": (FastSettings(tiny_decoder=True), None),
+    "fast mode and the tiny decoder (--fast --tiny-decoder)": (choose(True, tiny_decoder=True), None),
 }
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from plainsd.train.loop import _atomic_save
@@ -57,15 +58,11 @@ def test_an_earlier_cards_vae_rows_are_carried_over_as_they_are():
     assert facts["vae"]["steps"] == 6500 and abs(facts["vae"]["seconds"] - 68.8 * 60) < 1e-6
     assert facts["vae"]["row"] == "| vae | 6500 | 16 | 68.8 min | bf16 autocast | lr 0.001 cosine, {} |"
     assert facts["vae"]["recipe"]["data"]["shapes"] is None
-    import pytest
-
     with pytest.raises(ValueError, match="no training row for the vae run"):
         carried_vae_facts("| clip | 1500 | 64 | 6.8 min | float32 | lr |")
 
 
 def test_vae_from_without_its_card_says_so(tmp_path):
-    import pytest
-
     from plainsd.train import ship
 
     with pytest.raises(SystemExit, match="needs the model's card beside it"):
