@@ -166,7 +166,11 @@ def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = T
     """Fine-tune a trained VAE's decoder with its encoder frozen, as Stability's ft-EMA / ft-MSE VAEs did for SD:
     the latent space stays the same (a UNet trained on it needs no retraining), only the pictures drawn from
     it get better. From the frozen encoder's latents (cached, sampled from the posterior) back to the images; L1,
-    with extra.object_weight (default 1: plain L1) times more weight on the objects' pixels (see object_weights)."""
+    with extra.object_weight (default 1: plain L1) times more weight on the objects' pixels (see object_weights).
+
+    extra.latent_noise (default 0) adds Gaussian noise to each sample's latents, its standard deviation drawn
+    uniformly from [0, latent_noise] in the UNet's units (latents times the scale factor, unit variance): the
+    decoder learns to draw the right picture from latents that are a little off, as a UNet's are."""
     vae_path = cfg.extra.get("vae")
     if not vae_path:
         raise ValueError("the vae-decoder recipe needs extra.vae: the file the vae training wrote")
@@ -182,14 +186,18 @@ def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = T
     images = torch.cat(kept)
     trained = {k: p for k, p in _named(vae).items() if p.requires_grad}
     object_weight = float(cfg.extra.get("object_weight", 1.0))
+    latent_noise = float(cfg.extra.get("latent_noise", 0.0))
+    if latent_noise < 0:
+        raise ValueError(f"extra.latent_noise must be >= 0 (a standard deviation in the UNet's units), not {latent_noise}")
 
     def loss_fn(step, micro):
         rng = random.Random(f"{cfg.seed}:{step}:{micro}")
         idx = [rng.randrange(len(images)) for _ in range(cfg.batch_size)]
         g = torch.Generator().manual_seed(step * 131 + micro)
         mean, std = cache[0][idx], cache[1][idx]
+        z = noisy_latents(mean, std, g, latent_noise / scale)
         weights = object_weights(images[idx], object_weight) if object_weight != 1 else None
-        return weighted_l1(vae.decode(mean + std * torch.randn(mean.shape, generator=g)).float(), images[idx], weights)
+        return weighted_l1(vae.decode(z).float(), images[idx], weights)
 
     def export(step, weights):
         with _swapped(vae, weights):
@@ -204,6 +212,16 @@ def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = T
         contact_sheet(to_pil(torch.cat([images[:8], recon.clamp(-1, 1)]))).save(out / "samples" / f"vae-decoder-{step:06d}.png")
 
     return train(cfg, trained, loss_fn, resume, sample, export, progress)
+
+
+def noisy_latents(mean: torch.Tensor, std: torch.Tensor, g: torch.Generator, max_noise: float = 0.0) -> torch.Tensor:
+    """A posterior sample (mean + std * e), plus Gaussian noise whose standard deviation is drawn per sample
+    uniformly from [0, max_noise] (in the latents' own units)."""
+    z = mean + std * torch.randn(mean.shape, generator=g)
+    if max_noise:
+        sigma = torch.rand(len(mean), *[1] * (mean.dim() - 1), generator=g) * max_noise
+        z = z + sigma * torch.randn(mean.shape, generator=g)
+    return z
 
 
 class _swapped:
