@@ -129,3 +129,27 @@ def test_loss_trend_compares_means_not_single_steps():
     losses = [1.0, 0.0] * 20 + [0.2] * 20  # the first step alone (1.0) would overstate the start
     assert _loss_trend(losses) == "loss 0.5000 -> 0.2000 (means of the first and last 20 steps)"
     assert _loss_trend([0.3, 0.1]) == "loss 0.3000 -> 0.1000 (means of the first and last 1 steps)"
+
+
+def test_tiny_decoder_from_a_file_or_beside_the_model(capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    import plainsd
+    from plainsd.models.taesd import TinyDecoder
+
+    plainsd.save(plainsd.build("tiny", seed=0), "m.safetensors")
+    save_file({k: v.contiguous() for k, v in TinyDecoder(4, 16).state_dict().items()}, "other.safetensors")
+    args = ["txt2img", "x", "--steps", "3", "--seed", "2", "--model", "m.safetensors", "--quiet"]
+    # asked for, but the model has none beside it and no file is named: one line saying where it goes
+    assert main(args + ["--tiny-decoder", "-o", "none.png"]) == 2
+    assert "this model has no tiny decoder: put a TAESD decoder file beside" in capsys.readouterr().err
+    assert main(args + ["--tiny-decoder", "other.safetensors", "-o", "named.png"]) == 0
+    shutil.copy("other.safetensors", "m.taesd.safetensors")
+    assert main(args + ["--tiny-decoder", "-o", "beside.png"]) == 0
+    assert main(args + ["-o", "exact.png"]) == 0
+    assert open("named.png", "rb").read() == open("beside.png", "rb").read()  # the same decoder either way
+    assert np.asarray(Image.open("named.png")).tobytes() != np.asarray(Image.open("exact.png")).tobytes()
+    assert main(args + ["--tiny-decoder", "m.safetensors"]) == 2  # a whole checkpoint is not a tiny decoder
+    assert "is not a TAESD decoder" in capsys.readouterr().err

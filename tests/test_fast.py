@@ -119,3 +119,4 @@ def test_fast_mode_decodes_with_the_models_tiny_decoder(tmp_path):
     assert result.images[0].tobytes() == expected.tobytes()
     exact = txt2img(loaded, "a red circle", steps=3, sampler="DPM++ 2M", seed=0)
     assert result.images[0].tobytes() != exact.images[0].tobytes()
+    assert "Decoder: TAESD" in result.infotexts[0] and "Decoder" not in exact.infotexts[0]  # the parameters say so

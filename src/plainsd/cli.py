@@ -46,8 +46,9 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     _runtime_args(p)
     p.add_argument("--fast", action="store_true",
                    help="fast mode: DeepCache (the whole UNet every 2nd step), guidance for the first 60%% of the steps (less exact)")
-    p.add_argument("--tiny-decoder", action="store_true",
-                   help="decode with the model's tiny decoder (NAME.taesd.safetensors beside it; faster, less exact)")
+    p.add_argument("--tiny-decoder", nargs="?", const=True, default=False, metavar="FILE",
+                   help="decode with a tiny (TAESD) decoder: the model's (NAME.taesd.safetensors beside it) or FILE "
+                        "(TAESD's or diffusers' taesd decoder .safetensors); faster, less exact")
     p.add_argument("--save-steps", action="store_true", help="also write the denoising process as a GIF and a contact sheet")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -230,7 +231,7 @@ def _generate(args) -> int:
                   batch_size=args.batch_size,
                   batch_count=args.batch_count, clip_skip=args.clip_skip, eta=args.eta, progress=not args.quiet,
                   record_steps=args.save_steps, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-                  fast=choose_fast(args.fast, args.tiny_decoder))
+                  fast=choose_fast(args.fast, bool(args.tiny_decoder)))
     # Check the cheap things before loading a model.
     from plainsd.diffusion.samplers import resolve_sampler
     from plainsd.diffusion.schedules import get_sigmas
@@ -245,7 +246,17 @@ def _generate(args) -> int:
             raise ValueError(f"width and height must be positive multiples of 8, got {args.width}x{args.height}")
     if args.output and Path(args.output).suffix.lower() != ".png":
         raise ValueError(f"the output must be a .png file, got {Path(args.output).name}")
+    tiny = None
+    if isinstance(args.tiny_decoder, str):
+        from plainsd.fast import load_tiny_decoder
+
+        tiny = load_tiny_decoder(args.tiny_decoder)  # a wrong file fails here, before the model loads
     sd = _load_model(args.model, args.prediction, args.precision, args.backend)
+    if tiny is not None:
+        if tiny[1].in_channels != sd.config.vae.z_channels:
+            raise ValueError(f"{Path(args.tiny_decoder).name} decodes {tiny[1].in_channels}-channel latents; this model's "
+                             f"have {sd.config.vae.z_channels}")
+        object.__setattr__(sd, "tiny_decoder", tiny.to(sd.vae.dtype))
     started = time.perf_counter()
     if args.command == "txt2img":
         result = pipeline.txt2img(sd, args.prompt, args.negative_prompt, **kwargs)

@@ -235,6 +235,10 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
                                       warmup=round(fast.deepcache_start * (len(sigmas) - 1)))
     denoiser.net = _net(sd, concat, deepcache)
     tiny = tiny_decoder(sd) if fast is not None and fast.tiny_decoder else None
+    if fast is not None and fast.tiny_decoder and tiny is None:
+        raise ValueError("this model has no tiny decoder: put a TAESD decoder file beside the checkpoint as "
+                         "NAME.taesd.safetensors (taesd_decoder.safetensors in a diffusers folder), or on the command "
+                         "line name the file with --tiny-decoder FILE")
 
     # One prompt for the whole batch: encode it once and repeat the states.
     cond, uncond = encode_pair(sd.tokenizer, sd.text_encoder, [prompt_text], [negative_prompt], clip_skip, embeddings)
@@ -248,7 +252,8 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
                   width=width, height=height,
                   batch_size=batch_size, batch_count=batch_count, clip_skip=used_clip_skip,
                   denoising_strength=strength if init_image is not None else None, model=sd.name,
-                  model_hash=getattr(sd, "hash", None))
+                  model_hash=getattr(sd, "hash", None),
+                  deepcache=deepcache.interval if deepcache is not None else None, tiny_decoder=tiny is not None)
 
     result = Result([], [], [], params)
     for batch in range(batch_count):
@@ -330,7 +335,8 @@ def _infotext(p: dict, seed: int) -> str:
             "CFG scale": float(p["cfg_scale"]), "Seed": seed, "Size": f"{p['width']}x{p['height']}",
             "Model hash": p["model_hash"], "Model": p["model"], "Denoising strength": p["denoising_strength"],
             "Clip skip": p["clip_skip"] if p["clip_skip"] and p["clip_skip"] > 1 else None,
-            "Guidance until": p["guidance_until"] if p["guidance_until"] < 1.0 else None})
+            "Guidance until": p["guidance_until"] if p["guidance_until"] < 1.0 else None,
+            "DeepCache interval": p.get("deepcache"), "Decoder": "TAESD" if p.get("tiny_decoder") else None})
 
 
 def txt2img(sd: StableDiffusion, prompt: str, negative_prompt: str = "", **kwargs) -> Result:

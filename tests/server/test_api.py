@@ -99,6 +99,7 @@ def test_unknown_fields_and_unsupported_features_are_ignored(client):
     ({"width": "wide"}, "width"),
     ({"override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, "unknown model"),
     ({"prompt": "a <lora:style:1> circle"}, "LoRA"),
+    ({"tiny_decoder": True}, "this model has no tiny decoder"),
     ({"guidance_until": 0}, "guidance_until (the fraction of the steps with guidance) must be in (0, 1]"),
 ])
 def test_bad_requests_get_422_with_one_clear_sentence(client, body, words):

@@ -168,6 +168,16 @@ def test_web_page_in_headless_chromium(server, tmp_path):
         assert caption.startswith("a red circle on the left") and "Seed: 42" in caption and "Steps: 8" in caption
         assert driver.find_element(By.ID, "error").text == ""
         assert "seed 42" in driver.find_element(By.ID, "status").text
+        assert "DeepCache" not in caption and "Decoder" not in caption
+        # fast mode from its switch (the parameters say so); the tiny decoder, which this model lacks: one sentence
+        driver.find_element(By.ID, "fast").click()
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery figcaption")) == 2)
+        captions = [f.text for f in driver.find_elements(By.CSS_SELECTOR, "#gallery figcaption")]
+        assert any("DeepCache interval: 2" in c for c in captions), captions
+        driver.find_element(By.ID, "tiny").click()
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: "no tiny decoder" in d.find_element(By.ID, "error").text)
     finally:
         driver.quit()
 
