@@ -31,6 +31,8 @@ VARIANTS = {
     "tiny decoder only (--tiny-decoder)": (choose(False, tiny_decoder=True), None),
     "fast mode (--fast)": (FAST, None),
     "fast mode, DeepCache over 2 blocks": (FastSettings(deepcache_depth=2), None),
+    "fast mode, the last step whole (20 steps)": (FastSettings(deepcache_end=0.05), None),
+    "fast mode, the last 10% of the steps whole": (FastSettings(deepcache_end=0.1), None),
     "fast mode and the tiny decoder (--fast --tiny-decoder)": (choose(True, tiny_decoder=True), None),
 }
 

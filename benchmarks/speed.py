@@ -46,6 +46,8 @@ E2E = {
     "plainsd --fast": ("plainsd", "bf16", True),
     "plainsd --fast --tiny-decoder": ("plainsd", "bf16", {"tiny_decoder": True}),
     "plainsd --fast, DeepCache over 2 blocks": ("plainsd", "bf16", {"deepcache_depth": 2}),
+    "plainsd --fast, the last step whole": ("plainsd", "bf16", {"deepcache_end": 0.05}),
+    "plainsd --fast, the last 10% of the steps whole": ("plainsd", "bf16", {"deepcache_end": 0.1}),
 }
 
 

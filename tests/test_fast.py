@@ -61,6 +61,13 @@ def test_fast_generation_skips_what_it_says():
     settings = fast.FastSettings(deepcache_interval=3, deepcache_start=0.3, guidance_until=1.0, tiny_decoder=False)
     txt2img(sd, "a red circle", steps=10, sampler="DPM++ 2M", seed=0, cfg_scale=5, fast=settings)
     assert full == [0, 1, 2, 5, 8]                 # the first 30% whole, then every third call from the last of them
+    batches.clear(), full.clear()
+    settings = fast.FastSettings(deepcache_interval=3, deepcache_end=0.2, guidance_until=1.0, tiny_decoder=False)
+    txt2img(sd, "a red circle", steps=10, sampler="DPM++ 2M", seed=0, cfg_scale=5, fast=settings)
+    assert full == [0, 3, 6, 8, 9]                 # every third call, and the last 20% of the steps whole
+    batches.clear(), full.clear()
+    txt2img(sd, "a red circle", steps=5, sampler="Heun", seed=0, cfg_scale=5, fast=settings)
+    assert len(batches) == 9 and full == [0, 3, 6, 7, 8]  # Heun: two calls a step (one on the last); the last step's whole
 
 
 def test_fast_and_tiny_decoder_switches_choose_the_parts():

@@ -6,6 +6,8 @@
    and those last output blocks on the kept features. The first `deepcache_start` of the steps, where
    the picture's layout, shapes and colours are decided and the features change fastest, always run the
    whole UNet (the paper's non-uniform schedule makes the same point by spacing its full steps closer early).
+   The last `deepcache_end` of the steps run it whole too: they draw the finest detail (a small shape's
+   corners), and the last step's estimate is the picture.
 2. Guidance cut-off: classifier-free guidance only for the first `guidance_until` of the steps; after
    that the unconditional half of the batch is not computed (CFGDenoiser's guidance_until).
 3. A tiny VAE decoder (TAESD's architecture, models/taesd.py) instead of SD's decoder at the end. Not part
@@ -32,6 +34,7 @@ class FastSettings:
     deepcache_interval: int = 2     # 1 = off
     deepcache_depth: int = 1        # how many input / output blocks run on the cheap steps
     deepcache_start: float = 0.0    # fraction of the steps that run the whole UNet before caching starts
+    deepcache_end: float = 0.0      # fraction of the steps at the end (the least noisy) that run the whole UNet
     guidance_until: float = 0.6     # fraction of the steps that get classifier-free guidance
     tiny_decoder: bool = False      # decode with the model's TAESD decoder when it has one
 
@@ -51,21 +54,25 @@ def choose(fast: bool, tiny_decoder: bool = False) -> FastSettings | bool:
 class DeepCacheUNet:
     """Calls the UNet like unet(x, t, context), running it whole only every `interval` calls."""
 
-    def __init__(self, unet: torch.nn.Module, interval: int = 3, depth: int = 1, warmup: int = 0):
+    def __init__(self, unet: torch.nn.Module, interval: int = 3, depth: int = 1, warmup: int = 0,
+                 whole_from_t: float | None = None):
+        """whole_from_t: calls at this timestep or a smaller one (the end of sampling) run the whole UNet."""
         if interval < 1 or not 1 <= depth < len(unet.output_blocks) or warmup < 0:
             raise ValueError(f"DeepCache needs interval >= 1, 1 <= depth < {len(unet.output_blocks)} and warmup >= 0, "
                              f"got {interval}, {depth} and {warmup}")
         self.unet, self.interval, self.depth, self.warmup = unet, interval, depth, warmup
+        self.whole_from_t = whole_from_t
         self.calls, self.full_calls = 0, 0
         self.cached: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         unet, cfg = self.unet, self.unet.config
         since = self.calls - max(self.warmup - 1, 0)  # the last warm-up call counts as the first full one
-        full = (self.calls < self.warmup or since % self.interval == 0
-                or self.cached is None or self.cached.shape[0] != x.shape[0])
-        self.calls += 1
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
+        full = (self.calls < self.warmup or since % self.interval == 0
+                or self.cached is None or self.cached.shape[0] != x.shape[0]
+                or (self.whole_from_t is not None and float(timesteps.max()) <= self.whole_from_t + 1e-4))
+        self.calls += 1
         dtype = unet.dtype
         emb = unet.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(dtype))
         h, context = x.to(dtype), context.to(dtype)

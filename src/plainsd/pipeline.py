@@ -231,8 +231,11 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
     if fast is not None:
         guidance_until = min(guidance_until, fast.guidance_until)
         if fast.deepcache_interval > 1 and getattr(sd, "backend", None) is None:
+            steps_run = len(sigmas) - 1
+            last = round(fast.deepcache_end * steps_run)  # the last steps, by their noise level (any sampler)
+            whole_from_t = float(denoiser.sigma_to_t(sigmas[steps_run - last])) if last else None
             deepcache = DeepCacheUNet(sd.unet, fast.deepcache_interval, fast.deepcache_depth,
-                                      warmup=round(fast.deepcache_start * (len(sigmas) - 1)))
+                                      warmup=round(fast.deepcache_start * steps_run), whole_from_t=whole_from_t)
     denoiser.net = _net(sd, concat, deepcache)
     tiny = tiny_decoder(sd) if fast is not None and fast.tiny_decoder else None
     if fast is not None and fast.tiny_decoder and tiny is None:
