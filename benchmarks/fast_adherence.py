@@ -33,6 +33,8 @@ VARIANTS = {
     "fast mode, DeepCache over 2 blocks": (FastSettings(deepcache_depth=2), None),
     "fast mode, the last step whole (20 steps)": (FastSettings(deepcache_end=0.05), None),
     "fast mode, the last 10% of the steps whole": (FastSettings(deepcache_end=0.1), None),
+    "fast mode, 2 blocks on the first 40% of the steps": (FastSettings(deepcache_early=0.4), None),
+    "fast mode, 2 blocks on the first 60% of the steps": (FastSettings(deepcache_early=0.6), None),
     "fast mode and the tiny decoder (--fast --tiny-decoder)": (choose(True, tiny_decoder=True), None),
 }
 

@@ -47,7 +47,8 @@ E2E = {
     "plainsd --fast --tiny-decoder": ("plainsd", "bf16", {"tiny_decoder": True}),
     "plainsd --fast, DeepCache over 2 blocks": ("plainsd", "bf16", {"deepcache_depth": 2}),
     "plainsd --fast, the last step whole": ("plainsd", "bf16", {"deepcache_end": 0.05}),
-    "plainsd --fast, the last 10% of the steps whole": ("plainsd", "bf16", {"deepcache_end": 0.1}),
+    "plainsd --fast, 2 blocks on the first 40% of the steps": ("plainsd", "bf16", {"deepcache_early": 0.4}),
+    "plainsd --fast, 2 blocks on the first 60% of the steps": ("plainsd", "bf16", {"deepcache_early": 0.6}),
 }
 
 
@@ -316,6 +317,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="timed UNet steps per process (the fastest counts)")
     p.add_argument("--sizes", default="512,256")
     p.add_argument("--skip", default="", help="comma-separated: unet, vae, e2e, openvino, diffusers")
+    p.add_argument("--e2e", default="", help="semicolon-separated: only these end-to-end rows (default: all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.md"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -345,7 +347,11 @@ def main(argv=None) -> int:
     if "vae" not in skip:
         jobs += [("vae", 512, name) for name, (rt, _) in variants.items() if rt in ("diffusers", "plainsd")]
     if "e2e" not in skip:
-        jobs += [("e2e", 512, name) for name, v in E2E.items() if not _skipped(v[0], skip)]
+        chosen = [n.strip() for n in args.e2e.split(";") if n.strip()]
+        unknown = [n for n in chosen if n not in E2E]
+        if unknown:
+            raise SystemExit(f"unknown --e2e row {unknown[0]!r}; rows: {', '.join(E2E)}")
+        jobs += [("e2e", 512, name) for name, v in E2E.items() if not _skipped(v[0], skip) and (not chosen or name in chosen)]
     results: dict[tuple, list[dict]] = {}
     for r in range(args.rounds):
         for kind, size, name in jobs:

@@ -68,6 +68,15 @@ def test_fast_generation_skips_what_it_says():
     batches.clear(), full.clear()
     txt2img(sd, "a red circle", steps=5, sampler="Heun", seed=0, cfg_scale=5, fast=settings)
     assert len(batches) == 9 and full == [0, 3, 6, 7, 8]  # Heun: two calls a step (one on the last); the last step's whole
+    # more blocks on the cheap calls of the first 40% of the steps: the switch to fewer refills the cache
+    second = []
+    sd.unet.input_blocks[1].register_forward_hook(lambda m, i, o: second.append(len(batches) - 1))
+    batches.clear(), full.clear()
+    settings = fast.FastSettings(deepcache_interval=3, deepcache_early=0.4, deepcache_early_depth=2,
+                                 guidance_until=1.0, tiny_decoder=False)
+    txt2img(sd, "a red circle", steps=10, sampler="DPM++ 2M", seed=0, cfg_scale=5, fast=settings)
+    assert full == [0, 3, 4, 6, 9]                 # every third call, and call 4 where the depth changes
+    assert second == [0, 1, 2, 3, 4, 6, 9]         # the second block: whole passes and the early cheap calls
 
 
 def test_fast_and_tiny_decoder_switches_choose_the_parts():

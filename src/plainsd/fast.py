@@ -6,8 +6,10 @@
    and those last output blocks on the kept features. The first `deepcache_start` of the steps, where
    the picture's layout, shapes and colours are decided and the features change fastest, always run the
    whole UNet (the paper's non-uniform schedule makes the same point by spacing its full steps closer early).
-   The last `deepcache_end` of the steps run it whole too: they draw the finest detail (a small shape's
-   corners), and the last step's estimate is the picture.
+   The last `deepcache_end` of the steps can run it whole too (on the shipped model this changes nothing:
+   benchmarks/fast_adherence.py). The cheap calls of the first `deepcache_early` of the steps can run more
+   blocks (`deepcache_early_depth`) than the later ones: the middle steps, where the shapes form, lose
+   most from the cached features, and the extra blocks cost most on the guided (batch 2) steps anyway.
 2. Guidance cut-off: classifier-free guidance only for the first `guidance_until` of the steps; after
    that the unconditional half of the batch is not computed (CFGDenoiser's guidance_until).
 3. A tiny VAE decoder (TAESD's architecture, models/taesd.py) instead of SD's decoder at the end. Not part
@@ -35,6 +37,8 @@ class FastSettings:
     deepcache_depth: int = 1        # how many input / output blocks run on the cheap steps
     deepcache_start: float = 0.0    # fraction of the steps that run the whole UNet before caching starts
     deepcache_end: float = 0.0      # fraction of the steps at the end (the least noisy) that run the whole UNet
+    deepcache_early: float = 0.0    # fraction of the steps, from the start, whose cheap calls run ...
+    deepcache_early_depth: int = 2  # ... this many blocks instead of deepcache_depth
     guidance_until: float = 0.6     # fraction of the steps that get classifier-free guidance
     tiny_decoder: bool = False      # decode with the model's TAESD decoder when it has one
 
@@ -55,12 +59,15 @@ class DeepCacheUNet:
     """Calls the UNet like unet(x, t, context), running it whole only every `interval` calls."""
 
     def __init__(self, unet: torch.nn.Module, interval: int = 3, depth: int = 1, warmup: int = 0,
-                 whole_from_t: float | None = None):
-        """whole_from_t: calls at this timestep or a smaller one (the end of sampling) run the whole UNet."""
-        if interval < 1 or not 1 <= depth < len(unet.output_blocks) or warmup < 0:
-            raise ValueError(f"DeepCache needs interval >= 1, 1 <= depth < {len(unet.output_blocks)} and warmup >= 0, "
-                             f"got {interval}, {depth} and {warmup}")
+                 whole_from_t: float | None = None, early_depth: int | None = None, early_until_t: float | None = None):
+        """whole_from_t: calls at this timestep or a smaller one (the end of sampling) run the whole UNet.
+        early_depth: the cheap calls at timesteps above early_until_t (the start of sampling) run this many blocks."""
+        n = len(unet.output_blocks)
+        if interval < 1 or not 1 <= depth < n or not 1 <= (early_depth or depth) < n or warmup < 0:
+            raise ValueError(f"DeepCache needs interval >= 1, depths from 1 to {n - 1} and warmup >= 0, "
+                             f"got {interval}, {depth}, {early_depth} and {warmup}")
         self.unet, self.interval, self.depth, self.warmup = unet, interval, depth, warmup
+        self.late_depth, self.early_depth, self.early_until_t = depth, early_depth, early_until_t
         self.whole_from_t = whole_from_t
         self.calls, self.full_calls = 0, 0
         self.cached: torch.Tensor | None = None
@@ -69,6 +76,10 @@ class DeepCacheUNet:
         unet, cfg = self.unet, self.unet.config
         since = self.calls - max(self.warmup - 1, 0)  # the last warm-up call counts as the first full one
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
+        if self.early_depth is not None:
+            depth = self.early_depth if float(timesteps.max()) > self.early_until_t + 1e-4 else self.late_depth
+            if depth != self.depth:  # the kept features sit before a different block: refill them
+                self.depth, self.cached = depth, None
         full = (self.calls < self.warmup or since % self.interval == 0
                 or self.cached is None or self.cached.shape[0] != x.shape[0]
                 or (self.whole_from_t is not None and float(timesteps.max()) <= self.whole_from_t + 1e-4))

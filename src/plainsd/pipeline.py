@@ -234,8 +234,12 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
             steps_run = len(sigmas) - 1
             last = round(fast.deepcache_end * steps_run)  # the last steps, by their noise level (any sampler)
             whole_from_t = float(denoiser.sigma_to_t(sigmas[steps_run - last])) if last else None
+            early = round(fast.deepcache_early * steps_run)  # the first steps, also by their noise level
+            early_until_t = float(denoiser.sigma_to_t(sigmas[early])) if early else None
             deepcache = DeepCacheUNet(sd.unet, fast.deepcache_interval, fast.deepcache_depth,
-                                      warmup=round(fast.deepcache_start * steps_run), whole_from_t=whole_from_t)
+                                      warmup=round(fast.deepcache_start * steps_run), whole_from_t=whole_from_t,
+                                      early_depth=fast.deepcache_early_depth if early else None,
+                                      early_until_t=early_until_t)
     denoiser.net = _net(sd, concat, deepcache)
     tiny = tiny_decoder(sd) if fast is not None and fast.tiny_decoder else None
     if fast is not None and fast.tiny_decoder and tiny is None:
