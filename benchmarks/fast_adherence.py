@@ -29,12 +29,12 @@ VARIANTS = {
     "DeepCache, whole UNet every 2nd step": (FastSettings(deepcache_interval=2, guidance_until=1.0, tiny_decoder=False), None),
     "guidance for the first 60% only": (FastSettings(deepcache_interval=1, guidance_until=0.6, tiny_decoder=False), None),
     "tiny decoder only (--tiny-decoder)": (choose(False, tiny_decoder=True), None),
-    "fast mode (--fast)": (FAST, None),
-    "fast mode, DeepCache over 2 blocks": (FastSettings(deepcache_depth=2), None),
-    "fast mode, the last step whole (20 steps)": (FastSettings(deepcache_end=0.05), None),
-    "fast mode, the last 10% of the steps whole": (FastSettings(deepcache_end=0.1), None),
-    "fast mode, 2 blocks on the first 40% of the steps": (FastSettings(deepcache_early=0.4), None),
+    "fast mode (--fast): 2 blocks on the first 40% of the steps, 1 after": (FAST, None),
+    "fast mode, 1 block throughout (--fast before 2026-12-03)": (FastSettings(), None),
+    "fast mode, 2 blocks throughout": (FastSettings(deepcache_depth=2), None),
     "fast mode, 2 blocks on the first 60% of the steps": (FastSettings(deepcache_early=0.6), None),
+    "fast mode, 1 block throughout, the last step whole (20 steps)": (FastSettings(deepcache_end=0.05), None),
+    "fast mode, 1 block throughout, the last 10% of the steps whole": (FastSettings(deepcache_end=0.1), None),
     "fast mode and the tiny decoder (--fast --tiny-decoder)": (choose(True, tiny_decoder=True), None),
 }
 

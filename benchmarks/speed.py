@@ -44,10 +44,9 @@ E2E = {
     "plainsd bf16 (default)": ("plainsd", "bf16", False),
     "plainsd openvino bf16 (compiled)": ("plainsd-openvino", "bf16", False),
     "plainsd --fast": ("plainsd", "bf16", True),
-    "plainsd --fast --tiny-decoder": ("plainsd", "bf16", {"tiny_decoder": True}),
-    "plainsd --fast, DeepCache over 2 blocks": ("plainsd", "bf16", {"deepcache_depth": 2}),
-    "plainsd --fast, the last step whole": ("plainsd", "bf16", {"deepcache_end": 0.05}),
-    "plainsd --fast, 2 blocks on the first 40% of the steps": ("plainsd", "bf16", {"deepcache_early": 0.4}),
+    "plainsd --fast --tiny-decoder": ("plainsd", "bf16", {"deepcache_early": 0.4, "tiny_decoder": True}),
+    "plainsd --fast, 1 block throughout (--fast before 2026-12-03)": ("plainsd", "bf16", {}),
+    "plainsd --fast, 2 blocks throughout": ("plainsd", "bf16", {"deepcache_depth": 2}),
     "plainsd --fast, 2 blocks on the first 60% of the steps": ("plainsd", "bf16", {"deepcache_early": 0.6}),
 }
 

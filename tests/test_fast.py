@@ -82,8 +82,9 @@ def test_fast_generation_skips_what_it_says():
 def test_fast_and_tiny_decoder_switches_choose_the_parts():
     assert fast.choose(False) is False
     assert fast.choose(True) == fast.FAST == fast.FastSettings(deepcache_interval=2, deepcache_depth=1,
+                                                            deepcache_early=0.4, deepcache_early_depth=2,
                                                             guidance_until=0.6, tiny_decoder=False)
-    assert fast.choose(True, tiny_decoder=True) == fast.FastSettings(tiny_decoder=True)
+    assert fast.choose(True, tiny_decoder=True) == fast.FastSettings(deepcache_early=0.4, tiny_decoder=True)
     assert fast.choose(False, tiny_decoder=True) == fast.FastSettings(deepcache_interval=1, guidance_until=1.0,
                                                                       tiny_decoder=True)  # the decoder alone
 
