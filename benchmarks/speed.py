@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -377,7 +378,7 @@ def _table(results, peaks, sizes, args) -> str:
 
     lines = [f"Machine: {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}; measured matmul peak "
              f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s. Median of {args.rounds} rounds; "
-             f"command: `.venv/bin/python benchmarks/speed.py " + " ".join(sys.argv[1:]) + "`", ""]
+             f"command: `.venv/bin/python benchmarks/speed.py " + shlex.join(sys.argv[1:]) + "`", ""]
     for size in sizes:
         if not any(("unet", size, name) in results for name in VARIANTS):
             continue  # --skip unet
