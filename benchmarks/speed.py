@@ -16,6 +16,7 @@ Needs the test extras (diffusers, transformers) and openvino: pip install -e '.[
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -45,9 +46,10 @@ E2E = {
     "plainsd bf16 (default)": ("plainsd", "bf16", False),
     "plainsd openvino bf16 (compiled)": ("plainsd-openvino", "bf16", False),
     "plainsd --fast": ("plainsd", "bf16", True),
-    "plainsd --fast --tiny-decoder": ("plainsd", "bf16", {"deepcache_early": 0.4, "tiny_decoder": True}),
-    "plainsd --fast, 1 block throughout (--fast before 2026-12-03)": ("plainsd", "bf16", {}),
-    "plainsd --fast, 2 blocks throughout": ("plainsd", "bf16", {"deepcache_depth": 2}),
+    # a dict: what differs from --fast's settings (plainsd.fast.FAST)
+    "plainsd --fast --tiny-decoder": ("plainsd", "bf16", {"tiny_decoder": True}),
+    "plainsd --fast, 1 block throughout (--fast before 2026-12-03)": ("plainsd", "bf16", {"deepcache_early": 0.0}),
+    "plainsd --fast, 2 blocks throughout": ("plainsd", "bf16", {"deepcache_depth": 2, "deepcache_early": 0.0}),
     "plainsd --fast, 2 blocks on the first 60% of the steps": ("plainsd", "bf16", {"deepcache_early": 0.6}),
 }
 
@@ -154,7 +156,7 @@ def worker(task: dict) -> dict:
     if runtime.startswith("plainsd"):
         import plainsd
         from plainsd import pipeline, runtime as rt
-        from plainsd.fast import FastSettings
+        from plainsd.fast import FAST
 
         sd = rt.prepare(plainsd.load(checkpoint, dtype=dtype), "openvino" if runtime == "plainsd-openvino" else "eager",
                         cache_dir=CACHE / "plainsd-openvino")
@@ -198,7 +200,7 @@ def worker(task: dict) -> dict:
                 result["startup"] = time.perf_counter() - started
                 t0 = time.perf_counter()
                 pipeline.txt2img(sd, prompt, steps=20, sampler="DPM++ 2M", cfg_scale=7, seed=1, width=size, height=size,
-                                 fast=FastSettings(**task["fast"]) if isinstance(task["fast"], dict) else task["fast"])
+                                 fast=dataclasses.replace(FAST, **task["fast"]) if isinstance(task["fast"], dict) else task["fast"])
                 result["seconds"] = time.perf_counter() - t0
             else:
                 from diffusers import DPMSolverMultistepScheduler

@@ -153,3 +153,6 @@ def test_tiny_decoder_from_a_file_or_beside_the_model(capsys):
     assert np.asarray(Image.open("named.png")).tobytes() != np.asarray(Image.open("exact.png")).tobytes()
     assert main(args + ["--tiny-decoder", "m.safetensors"]) == 2  # a whole checkpoint is not a tiny decoder
     assert "is not a TAESD decoder" in capsys.readouterr().err
+    save_file({k: v.contiguous() for k, v in TinyDecoder(8, 16).state_dict().items()}, "wide.safetensors")
+    assert main(args + ["--tiny-decoder", "wide.safetensors"]) == 2  # latents of another VAE
+    assert "wide.safetensors decodes 8-channel latents; this model's have 4" in capsys.readouterr().err

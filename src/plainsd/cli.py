@@ -253,8 +253,8 @@ def _generate(args) -> int:
         tiny = load_tiny_decoder(args.tiny_decoder)  # a wrong file fails here, before the model loads
     sd = _load_model(args.model, args.prediction, args.precision, args.backend)
     if tiny is not None:
-        if tiny[1].in_channels != sd.config.vae.z_channels:
-            raise ValueError(f"{Path(args.tiny_decoder).name} decodes {tiny[1].in_channels}-channel latents; this model's "
+        if tiny.latent_channels != sd.config.vae.z_channels:
+            raise ValueError(f"{Path(args.tiny_decoder).name} decodes {tiny.latent_channels}-channel latents; this model's "
                              f"have {sd.config.vae.z_channels}")
         object.__setattr__(sd, "tiny_decoder", tiny.to(sd.vae.dtype))
     started = time.perf_counter()

@@ -45,7 +45,7 @@ class TinyDecoder(nn.Sequential):
                        nn.Upsample(scale_factor=2), _conv(width, width, bias=False)]
         layers += [Block(width, width), _conv(width, out_channels)]
         super().__init__(*layers)
-        self.width = width
+        self.width, self.latent_channels = width, latent_channels
 
     @property
     def dtype(self) -> torch.dtype:
