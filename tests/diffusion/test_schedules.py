@@ -106,3 +106,29 @@ def test_training_loss_weights_are_a_weighted_mean_over_latent_pixels():
     left = torch.zeros(2, 1, 8, 8)
     left[..., :4] = 1
     assert torch.allclose(training_loss(zero, x0, None, timesteps=t, noise=noise, weights=left), (noise[..., :4] ** 2).mean())
+
+
+def test_training_loss_min_snr_gamma_weights_each_sample_by_its_timestep():
+    from plainsd.diffusion import schedules
+    from plainsd.diffusion.denoisers import training_loss
+
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([5, 300, 900])  # SNR far above 5, about 1.4, far below 1
+    ac = schedules.alphas_cumprod()[t]
+    snr = ac / (1 - ac)
+    assert snr[0] > 5 and snr[2] < 1
+    zero = lambda x, t, c: torch.zeros_like(x)  # noqa: E731
+    per_sample = (noise ** 2).mean(dim=(1, 2, 3))
+    eps_w = torch.clamp(snr, max=5.0) / snr  # below 1 only where SNR > 5
+    assert eps_w[1] == 1 and eps_w[2] == 1 and eps_w[0] < 0.1
+    got = training_loss(zero, x0, None, timesteps=t, noise=noise, snr_gamma=5.0)
+    assert torch.allclose(got, (per_sample * eps_w).mean())
+    # v-prediction: min(SNR, gamma) / (SNR + 1) on the v target
+    v = ac.sqrt()[:, None, None, None] * noise - (1 - ac).sqrt()[:, None, None, None] * x0
+    got_v = training_loss(zero, x0, None, "v", timesteps=t, noise=noise, snr_gamma=5.0)
+    assert torch.allclose(got_v, ((v ** 2).mean(dim=(1, 2, 3)) * torch.clamp(snr, max=5.0) / (snr + 1)).mean())
+    # with per-pixel weights as well: both apply
+    left = torch.zeros(3, 1, 8, 8)
+    left[..., :4] = 1
+    got_w = training_loss(zero, x0, None, timesteps=t, noise=noise, weights=left, snr_gamma=5.0)
+    assert torch.allclose(got_w, ((noise[..., :4] ** 2).mean(dim=(1, 2, 3)) * eps_w).mean())

@@ -80,10 +80,13 @@ def lcm_boundary(denoiser: DiscreteDenoiser, sigma_data: float = 0.5, timestep_s
 def training_loss(net: Callable, x0: torch.Tensor, cond, prediction: str = "eps",
                   alphas_cumprod: torch.Tensor | None = None, generator: torch.Generator | None = None,
                   timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                  weights: torch.Tensor | None = None) -> torch.Tensor:
+                  weights: torch.Tensor | None = None, snr_gamma: float | None = None) -> torch.Tensor:
     """DDPM's simple loss (Ho et al. 2020): noise x0 at a random timestep, regress eps (or v) with MSE.
 
-    weights (broadcastable to (B, 1, H, W)): a weighted mean over the latent pixels instead of the plain mean."""
+    weights (broadcastable to (B, 1, H, W)): a weighted mean over the latent pixels instead of the plain mean.
+    snr_gamma: Min-SNR-gamma weighting (Hang et al. 2023): each sample's loss times min(SNR, gamma) / SNR for
+    eps (min(SNR, gamma) / (SNR + 1) for v), SNR = alpha_bar / (1 - alpha_bar); it takes weight off the
+    nearly clean timesteps, whose gradients conflict with the noisy ones. 5 is the paper's value."""
     ac = (schedules.alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).to(x0.device)
     if timesteps is None:
         timesteps = torch.randint(0, len(ac), (x0.shape[0],), generator=generator).to(x0.device)
@@ -93,7 +96,13 @@ def training_loss(net: Callable, x0: torch.Tensor, cond, prediction: str = "eps"
     a = _bcast(ac[timesteps], x0)
     target = noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
     pred = net(xt, timesteps, cond).float()
-    if weights is None:
+    if weights is None and snr_gamma is None:
         return F.mse_loss(pred, target.float())
+    squared = (pred - target.float()) ** 2
+    if snr_gamma is not None:  # per-sample weights on the timesteps
+        snr = (ac[timesteps] / (1 - ac[timesteps])).float()
+        squared = squared * _bcast(snr.clamp(max=snr_gamma) / (snr if prediction == "eps" else snr + 1), squared)
+    if weights is None:
+        return squared.mean()
     weights = weights.float().expand(x0.shape[0], 1, *x0.shape[2:])
-    return ((pred - target.float()) ** 2 * weights).sum() / (weights.sum() * x0.shape[1])
+    return (squared * weights).sum() / (weights.sum() * x0.shape[1])

@@ -12,7 +12,8 @@
          positives marked (a caption that leaves the size out fits both sizes), and the towers then learn it.
 3. unet: the noise predictor on frozen VAE latents and frozen CLIP text states: random timestep, noise
          added by the forward process, MSE on the predicted noise, some captions left empty so that
-         classifier-free guidance works (Rombach et al. 2022; Ho & Salimans 2022).
+         classifier-free guidance works (Rombach et al. 2022; Ho & Salimans 2022). extra.snr_gamma
+         weights each sample's loss by Min-SNR-gamma (see diffusion.denoisers.training_loss).
 
 Each writes its networks into its run folder; the unet recipe writes the whole model as one original-
 layout checkpoint (model.safetensors) that plainsd.load reads.
@@ -440,7 +441,8 @@ def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
         captions = ["" if rng.random() < empty else c for c in captions]
         with torch.no_grad():
             context = sd.text_encoder(sd.tokenizer(captions))
-        return training_loss(sd.unet, latents, context, mc.prediction, generator=g, weights=weights)
+        return training_loss(sd.unet, latents, context, mc.prediction, generator=g, weights=weights,
+                             snr_gamma=cfg.extra.get("snr_gamma"))
 
     def export(step, weights):
         with _swapped(sd.unet, {k[5:]: v for k, v in weights.items()}):
