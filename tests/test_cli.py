@@ -156,3 +156,17 @@ def test_tiny_decoder_from_a_file_or_beside_the_model(capsys):
     save_file({k: v.contiguous() for k, v in TinyDecoder(8, 16).state_dict().items()}, "wide.safetensors")
     assert main(args + ["--tiny-decoder", "wide.safetensors"]) == 2  # latents of another VAE
     assert "wide.safetensors decodes 8-channel latents; this model's have 4" in capsys.readouterr().err
+
+
+def test_fast_with_openvino_says_what_it_leaves_out(capsys, monkeypatch):
+    import plainsd.cli
+
+    def stop(*a, **k):
+        raise ValueError("stopped before loading")
+
+    monkeypatch.setattr(plainsd.cli, "_load_model", stop)
+    assert main(["txt2img", "x", "--fast", "--backend", "openvino", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--fast stops guidance early but cannot reuse UNet features" in err and "stopped before loading" in err
+    assert main(["txt2img", "x", "--fast", "--quiet"]) == 2  # eager: nothing to say
+    assert "cannot reuse" not in capsys.readouterr().err

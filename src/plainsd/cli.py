@@ -251,6 +251,9 @@ def _generate(args) -> int:
         from plainsd.fast import load_tiny_decoder
 
         tiny = load_tiny_decoder(args.tiny_decoder)  # a wrong file fails here, before the model loads
+    if args.fast and args.backend == "openvino":
+        print("plainsd: with --backend openvino, --fast stops guidance early but cannot reuse UNet features "
+              "(DeepCache needs the eager UNet)", file=sys.stderr)
     sd = _load_model(args.model, args.prediction, args.precision, args.backend)
     if tiny is not None:
         if tiny.latent_channels != sd.config.vae.z_channels:
