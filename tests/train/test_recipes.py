@@ -77,6 +77,9 @@ def test_three_trainings_and_a_resume(tmp_path):
     assert len(still["losses"]) == 2
     a, b = (plainsd.load(tmp_path / d / "model.safetensors").unet.state_dict() for d in ("unet", "unet-objects"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # extra.snr_gamma reaches the loss: the same draws, the nearly clean timesteps weighted less (never more)
+    snr = train_unet(_cfg(tmp_path, "unet-snr", 2, extra={**extra, "snr_gamma": 5}, lr=0.0, ema_decay=0.0), progress=False)
+    assert all(w <= p for w, p in zip(snr["losses"], still["losses"])) and snr["losses"] != still["losses"]
 
     sd = plainsd.load(tmp_path / "unet" / "model.safetensors")  # the exported model loads and draws
     assert sd.config.scale_factor == scale and sd.config.resolution == 64
