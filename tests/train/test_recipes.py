@@ -80,6 +80,8 @@ def test_three_trainings_and_a_resume(tmp_path):
     # extra.snr_gamma reaches the loss: the same draws, the nearly clean timesteps weighted less (never more)
     snr = train_unet(_cfg(tmp_path, "unet-snr", 2, extra={**extra, "snr_gamma": 5}, lr=0.0, ema_decay=0.0), progress=False)
     assert all(w <= p for w, p in zip(snr["losses"], still["losses"])) and snr["losses"] != still["losses"]
+    with pytest.raises(ValueError, match="extra.snr_gamma must be a positive number"):
+        train_unet(_cfg(tmp_path, "unet-snr0", 2, extra={**extra, "snr_gamma": 0}), progress=False)
 
     sd = plainsd.load(tmp_path / "unet" / "model.safetensors")  # the exported model loads and draws
     assert sd.config.scale_factor == scale and sd.config.resolution == 64

@@ -385,6 +385,9 @@ SAMPLE_PROMPTS = ["a red circle on the left", "a large blue square", "a small ye
 
 def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     mc = model_config(cfg)
+    snr_gamma = cfg.extra.get("snr_gamma")
+    if snr_gamma is not None and (isinstance(snr_gamma, bool) or not isinstance(snr_gamma, (int, float)) or snr_gamma <= 0):
+        raise ValueError(f"extra.snr_gamma must be a positive number (5 is the usual value), got {snr_gamma!r}")
     vae_path, clip_path, init = cfg.extra.get("vae"), cfg.extra.get("clip"), cfg.extra.get("init")
     if not vae_path or not (clip_path or init):
         raise ValueError("the unet recipe needs extra.vae and extra.clip: the files the vae and clip trainings wrote "
@@ -442,7 +445,7 @@ def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
         with torch.no_grad():
             context = sd.text_encoder(sd.tokenizer(captions))
         return training_loss(sd.unet, latents, context, mc.prediction, generator=g, weights=weights,
-                             snr_gamma=cfg.extra.get("snr_gamma"))
+                             snr_gamma=snr_gamma)
 
     def export(step, weights):
         with _swapped(sd.unet, {k[5:]: v for k, v in weights.items()}):
