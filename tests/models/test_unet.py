@@ -59,3 +59,23 @@ def test_build_is_deterministic():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     c = plainsd.build("tiny", seed=4)
     assert not torch.equal(a.unet.out[2].weight, c.unet.out[2].weight)
+
+
+def test_long_bf16_attention_goes_head_by_head_and_stays_within_bf16_tolerance(monkeypatch):
+    import torch.nn.functional as F
+
+    from plainsd.models import layers
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 1024, 80) for _ in range(3))  # [B, N, C], 2 heads of 40 as SD1.5's first level
+    ref = layers.attention(q, k, v, heads=2)  # float32: torch's SDPA
+    sdpa_calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: sdpa_calls.append(1) or real_sdpa(*a, **kw))
+    got = layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=2)
+    assert not sdpa_calls and got.dtype == torch.bfloat16  # the head-by-head path
+    sdpa = real_sdpa(*(t.bfloat16().reshape(2, 1024, 2, 40).transpose(1, 2) for t in (q, k, v))).transpose(1, 2).reshape(2, 1024, 80)
+    err, err_sdpa = ((got.float() - ref).norm() / ref.norm()).item(), ((sdpa.float() - ref).norm() / ref.norm()).item()
+    assert err < 0.01 and err < 2 * err_sdpa, (err, err_sdpa)  # as close to float32 as bf16 SDPA is
+    layers.attention(q[:, :512].bfloat16(), k[:, :512].bfloat16(), v[:, :512].bfloat16(), heads=2)
+    assert sdpa_calls  # short sequences keep SDPA

@@ -26,11 +26,33 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
-    """Multi-head scaled dot-product attention on [B, N, C] tensors, through torch's SDPA."""
+    """Multi-head scaled dot-product attention on [B, N, C] tensors, through torch's SDPA.
+
+    Long bf16 self-attention on the CPU goes head by head through 2-D matrix products instead (see
+    _attention_by_head): torch's CPU flash kernel is slow for heads of 40 (SD1.5's first level)."""
     b, n, c = q.shape
     q, k, v = (t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not causal and n >= 1024 and k.shape[2] >= 1024:
+        out = _attention_by_head(q, k, v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return out.transpose(1, 2).reshape(b, n, c)
+
+
+def _attention_by_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for each batch item and head, `rows` queries at a time, with 2-D bf16 matrix
+    products (oneDNN's bf16 GEMM): about twice as fast as SDPA's CPU kernel at 4096 tokens and head 40 on
+    this machine. The scores are rounded to bf16 before the softmax (as attention in half precision did in
+    SD for years), so the result is a little less exact than SDPA's float32 scores, within bf16 tolerance."""
+    b, h, n, d = q.shape
+    q = (q * d ** -0.5).reshape(b * h, n, d)
+    k, v = k.reshape(b * h, -1, d), v.reshape(b * h, -1, d)
+    out = torch.empty_like(q)
+    for i in range(b * h):
+        kt = k[i].t()
+        for s in range(0, n, rows):
+            torch.mm(torch.softmax(q[i, s:s + rows] @ kt, dim=-1), v[i], out=out[i, s:s + rows])
+    return out.reshape(b, h, n, d)
 
 
 class CrossAttention(nn.Module):
