@@ -29,10 +29,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, cau
     """Multi-head scaled dot-product attention on [B, N, C] tensors, through torch's SDPA.
 
     Long bf16 self-attention on the CPU goes head by head through 2-D matrix products instead (see
-    _attention_by_head): torch's CPU flash kernel is slow for heads of 40 (SD1.5's first level)."""
+    _attention_by_head): torch's CPU flash kernel is slow for heads of 40 (SD1.5's first level). Training
+    (gradients needed) keeps SDPA."""
     b, n, c = q.shape
     q, k, v = (t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2) for t in (q, k, v))
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not causal and n >= 1024 and k.shape[2] >= 1024:
+    by_head = q.dtype == torch.bfloat16 and q.device.type == "cpu" and not causal and n >= 1024 and k.shape[2] >= 1024
+    if by_head and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):  # inference
         out = _attention_by_head(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
