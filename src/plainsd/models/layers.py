@@ -33,8 +33,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, cau
     (gradients needed) keeps SDPA."""
     b, n, c = q.shape
     q, k, v = (t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2) for t in (q, k, v))
-    by_head = q.dtype == torch.bfloat16 and q.device.type == "cpu" and not causal and n >= 1024 and k.shape[2] >= 1024
-    if by_head and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):  # inference
+    long_bf16 = q.dtype == torch.bfloat16 and q.device.type == "cpu" and not causal and min(n, k.shape[2]) >= 1024
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # torch.mm(out=) has no autograd
+    if long_bf16 and not needs_grad:
         out = _attention_by_head(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
