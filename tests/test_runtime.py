@@ -120,3 +120,82 @@ def test_the_openvino_cache_drops_its_least_recently_used_models_beyond_its_limi
     monkeypatch.setenv("PLAINSD_OPENVINO_CACHE_GB", "lots")
     with pytest.raises(ValueError, match="must be a number of gigabytes, not 'lots'"):
         runtime.cache_limit()
+
+
+needs_packing = pytest.mark.skipif(not runtime.packing_available(), reason="torch's oneDNN ops for packed bf16 weights "
+                                   "are missing here (prepare() then keeps plain weights)")
+
+
+@needs_packing
+def test_packed_layers_are_bit_identical_to_the_plain_ones():
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(32, 48, 3, padding=1), torch.nn.Conv2d(48, 32, 1), torch.nn.Conv2d(32, 32, 3, stride=2, padding=1),
+              torch.nn.Conv2d(32, 16, 3, padding=1, bias=False), torch.nn.Linear(64, 96), torch.nn.Linear(64, 96, bias=False)]
+    for layer in layers:
+        layer = layer.bfloat16()
+        conv = isinstance(layer, torch.nn.Conv2d)
+        x = torch.randn(2, layer.in_channels, 12, 12) if conv else torch.randn(2, 7, layer.in_features)
+        x = x.bfloat16().contiguous(memory_format=torch.channels_last) if conv else x.bfloat16()
+        plain_weight = layer.weight.detach().clone()
+        with torch.no_grad():
+            expected = layer(x)
+        assert runtime.pack_weights(layer) == 1 and isinstance(layer, runtime._Packed)
+        with torch.no_grad():
+            assert torch.equal(layer(x), expected), layer
+        assert "weight" not in dict(layer.named_parameters())  # no second copy of the weight is kept
+        assert torch.equal(layer.state_dict()["weight"], plain_weight) and list(layer.state_dict()) == (
+            ["weight", "bias"] if layer.bias is not None else ["weight"])
+        assert runtime.unpack_weights(layer) == 1 and type(layer) in (torch.nn.Conv2d, torch.nn.Linear)
+        assert torch.equal(layer.weight, plain_weight) and isinstance(layer.weight, torch.nn.Parameter)
+
+
+@needs_packing
+def test_packed_unet_within_bf16_tolerance_and_back_to_plain_on_demand():
+    sd = _model()
+    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([700.0, 700.0]), torch.randn(2, 77, 128)
+    with torch.no_grad():
+        exact = sd.unet(x, t, c)
+        plain = sd.to(torch.bfloat16).unet(x, t, c).float()
+        state = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+        runtime.prepare(sd)  # eager bf16: packed
+        packed_layers = [m for m in sd.unet.modules() if isinstance(m, runtime._Packed)]
+        assert len(packed_layers) > 50 and any(isinstance(m, runtime.PackedGEGLU) for m in sd.unet.modules())
+        packed = sd.unet(x, t, c).float()
+    err = lambda y: ((y - exact).norm() / exact.norm()).item()
+    # the fused GEGLU rounds once less than the plain path; convolutions and linears are bit-identical
+    assert err(packed) < 0.02 and err(packed) < 1.2 * err(plain), (err(packed), err(plain))
+    assert all(torch.equal(v, state[k]) for k, v in sd.unet.state_dict().items())  # what save() writes
+    # a gradient through a packed layer takes the plain path (the packed ops have no autograd)
+    xg = x.bfloat16().requires_grad_()
+    sd.unet(xg, t, c).float().sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    # .float() unpacks: the float32 model is the bf16 one, exactly
+    sd.float()
+    assert not any(isinstance(m, runtime._Packed) for m in sd.unet.modules())
+    assert all(torch.equal(v.float(), state[k].float()) for k, v in sd.unet.state_dict().items())
+    runtime.prepare(sd)  # float32: never packed
+    assert not any(isinstance(m, runtime._Packed) for m in sd.unet.modules())
+
+
+@needs_packing
+def test_a_lora_on_a_packed_model_equals_it_on_a_plain_one_and_leaves_it_as_it_was():
+    from plainsd import lora
+    from tests.test_lora import random_lora
+    sd = _model(2).to(torch.bfloat16)
+    layers = lora.LoRA("style", {}, {})
+    state = random_lora(sd, seed=4)
+    for key in {k.split(".")[0] for k in state}:
+        layers.layers[key] = lora.LoRALayer(state[key + ".lora_down.weight"], state[key + ".lora_up.weight"], 1.0)
+    kw = dict(steps=3, seed=1, width=32, height=32)
+    with lora.applied(sd, [(layers, 0.8)]):
+        with_lora = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    runtime.prepare(sd)
+    before = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    plain_run = txt2img(sd, "a circle", **kw).images[0]
+    with lora.applied(sd, [(layers, 0.8)]):
+        assert isinstance(sd.unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q, runtime.PackedLinear)
+        assert all(torch.equal(v, with_lora[k]) for k, v in sd.unet.state_dict().items())  # the same weights
+        on_packed = txt2img(sd, "a circle", **kw).images[0]
+    assert on_packed.tobytes() != plain_run.tobytes()  # and the packed layers did run with them
+    assert all(torch.equal(v, before[k]) for k, v in sd.unet.state_dict().items())  # taken off exactly
+    assert txt2img(sd, "a circle", **kw).images[0].tobytes() == plain_run.tobytes()

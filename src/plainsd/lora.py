@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .runtime import dense_weight, set_weight
 from .weights import CheckpointError, _rename, read_tensors, unet_diffusers_names
 
 UNET_PREFIX, TEXT_PREFIX = "lora_unet_", "lora_te_"
@@ -135,14 +136,13 @@ def applied(sd, loras: list[tuple[LoRA, float]]):
             continue  # weight 0 is the base model, exactly
         for k, d in deltas(sd, lora, w).items():
             changes[k] = changes[k] + d if k in changes else d
-    saved = {k: getattr(sd, k[0]).get_parameter(k[1]).detach().clone() for k in changes}
+    saved = {k: dense_weight(_layer(sd, k)).detach().clone() for k in changes}
     try:
         _add(sd, changes)
         yield sd
     finally:
-        with torch.no_grad():
-            for (net, name), original in saved.items():
-                getattr(sd, net).get_parameter(name).copy_(original)
+        for key, original in saved.items():
+            set_weight(_layer(sd, key), original)
 
 
 def merge(sd, lora: LoRA, weight: float = 1.0):
@@ -151,11 +151,19 @@ def merge(sd, lora: LoRA, weight: float = 1.0):
     return sd
 
 
+def _layer(sd, key: tuple[str, str]) -> nn.Module:
+    """The layer whose weight a (network, "<module>.weight") key names."""
+    net, name = key
+    return getattr(sd, net).get_submodule(name.removesuffix(".weight"))
+
+
 def _add(sd, changes: dict[tuple[str, str], torch.Tensor]):
+    """Add each change to its layer's weight (through runtime's helpers: the weight may be packed for oneDNN)."""
     with torch.no_grad():
-        for (net, name), d in changes.items():
-            p = getattr(sd, net).get_parameter(name)
-            p.copy_((p.float() + d).to(p.dtype))
+        for key, d in changes.items():
+            layer = _layer(sd, key)
+            w = dense_weight(layer)
+            set_weight(layer, (w.float() + d).to(w.dtype))
 
 
 def find_loras(folder: str | os.PathLike | None) -> dict[str, Path]:

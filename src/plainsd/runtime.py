@@ -8,6 +8,12 @@ instructions: about 3x the float32 speed of SD's convolutions and matmuls here) 
 where bf16 would be emulated and slower. The weights and activations of the networks take that dtype;
 latents, sigmas and all sampler maths stay float32 (the denoiser casts at the network's door).
 
+Packed weights. On the eager bf16 path, torch hands oneDNN a plain weight at every convolution and linear
+layer, and oneDNN copies it into its blocked layout each call: for the 1280- and 2560-channel convolutions
+of SD's deepest levels that copy costs more than the arithmetic. prepare() reorders each weight once
+(pack_weights), as OpenVINO and torch.compile's freezing do, and fuses GEGLU's gelu and product into its
+projection; the results of the packed convolutions and linears are bit-identical to the plain ones.
+
 Compiled path. backend="openvino" converts the UNet once with openvino.convert_model, keeps the
 converted model on disk (keyed by a fingerprint of the weights, the config and the precision), and
 runs it with OpenVINO's CPU plugin; the compiled model of each input shape is exported beside it, so
@@ -28,6 +34,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models.layers import GEGLU
 
 PRECISIONS = ("auto", "bf16", "fp32")
 BACKENDS = ("eager", "openvino")
@@ -73,7 +83,166 @@ def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = No
     sd.unet.to(memory_format=torch.channels_last)
     sd.vae.to(memory_format=torch.channels_last)
     sd.backend = OpenVINOUNet(sd.unet, cache_dir) if backend == "openvino" else None
+    if backend == "eager" and packing_available():
+        pack_weights(sd.unet)  # (bf16 layers only: a float32 model stays as it is)
+        pack_weights(sd.vae)
     return sd
+
+
+# ---- packed weights (eager bf16 inference) ----------------------------------------------------------------------
+# torch.ops.mkldnn holds the oneDNN calls torch.compile's CPU freezing uses: _reorder_*_weight gives an opaque
+# (torch._mkldnn layout) copy of a weight in oneDNN's blocked format, and _convolution_pointwise /
+# _linear_pointwise run on it, optionally with an activation ("gelu") or a product ("mul") fused in. The packed
+# tensor replaces the plain weight (no second copy in memory); state_dict(), dense_weight() and .to() see the
+# plain weight again. The packed ops have no autograd, so a call that needs gradients, or an input that is not
+# bf16, goes the plain way.
+
+_MKLDNN_OPS = ("_reorder_convolution_weight", "_reorder_linear_weight", "_convolution_pointwise", "_linear_pointwise",
+               "_is_mkldnn_bf16_supported")
+
+
+def packing_available() -> bool:
+    """True where torch's oneDNN ops for packed bf16 weights exist and the CPU runs oneDNN's bf16 kernels."""
+    try:
+        ops = torch.ops.mkldnn
+        return (torch.backends.mkldnn.is_available() and all(hasattr(ops, name) for name in _MKLDNN_OPS)
+                and bool(ops._is_mkldnn_bf16_supported()))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _reorder(module: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The weight in oneDNN's layout for this layer (GEGLU's projection: its value and gate halves apart)."""
+    weight = weight.detach()
+    if isinstance(module, nn.Conv2d):
+        # the input size is only a hint (any size runs), but without one oneDNN picks a slow 1x1 layout
+        hint = [1, module.in_channels, 64, 64]
+        return (torch.ops.mkldnn._reorder_convolution_weight(weight, list(module.padding), list(module.stride),
+                                                              list(module.dilation), module.groups, hint),)
+    halves = weight.chunk(2) if getattr(module, "geglu", False) else (weight,)
+    return tuple(torch.ops.mkldnn._reorder_linear_weight(h.contiguous(), None) for h in halves)
+
+
+class _Packed:
+    """What PackedConv2d and PackedLinear share: the packed weight in self.packed, the plain one on demand."""
+
+    packed: tuple[torch.Tensor, ...]
+
+    @property
+    def weight(self) -> torch.Tensor:  # the plain weight, a fresh copy (for LoRA, state_dict, the plain path)
+        dense = self.packed[0].to_dense() if len(self.packed) == 1 else torch.cat([p.to_dense() for p in self.packed])
+        return dense.contiguous(memory_format=torch.channels_last) if dense.ndim == 4 else dense
+
+    def _fast(self, x: torch.Tensor) -> bool:
+        return x.dtype == self.packed[0].dtype and not (torch.is_grad_enabled() and x.requires_grad)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        _unpack(self)
+        self._load_from_state_dict(*args, **kwargs)
+        _pack(self)
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), ...: on the plain weight
+        _unpack(self)
+        return self._apply(fn, recurse)
+
+
+class PackedConv2d(_Packed, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fast(x):
+            return self._conv_forward(x, self.weight, self.bias)
+        return torch.ops.mkldnn._convolution_pointwise(x, self.packed[0], self.bias, list(self.padding), list(self.stride),
+                                                       list(self.dilation), self.groups, "none", [], "")
+
+
+class PackedLinear(_Packed, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.packed) > 1 or not self._fast(x):
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed[0], self.bias, "none", [], "")
+
+
+class PackedGEGLU(GEGLU):
+    """GEGLU with the gate's gelu and the value's product fused into the two halves of the projection:
+    gelu(x W_gate + b_gate) first, then (x W_value + b_value) * that in one oneDNN call (no [N, 8C] tensor)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        proj = self.proj
+        if not (isinstance(proj, PackedLinear) and proj._fast(x)):
+            return super().forward(x)
+        value_bias, gate_bias = proj.bias.chunk(2) if proj.bias is not None else (None, None)
+        gate = torch.ops.mkldnn._linear_pointwise(x, proj.packed[1], gate_bias, "gelu", [], "none")
+        return torch.ops.mkldnn._linear_pointwise(x, gate, proj.packed[0], value_bias, "mul")
+
+
+_PACKED = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear, GEGLU: PackedGEGLU}
+
+
+def _pack(module: nn.Module, weight: torch.Tensor | None = None):
+    if isinstance(module, GEGLU):
+        module.__class__ = PackedGEGLU
+        return
+    weight = module.weight if weight is None else weight
+    packed = _reorder(module, weight)
+    if not isinstance(module, _Packed):
+        module._requires_grad = module.weight.requires_grad
+        del module._parameters["weight"]
+        module.__class__ = _PACKED[type(module)]
+    module.packed = packed
+
+
+def _unpack(module: nn.Module):
+    if isinstance(module, PackedGEGLU):
+        module.__class__ = GEGLU
+    elif isinstance(module, _Packed):
+        dense = module.weight
+        module.__class__ = next(plain for plain, packed in _PACKED.items() if packed is type(module))
+        del module.packed
+        weight = nn.Parameter(dense, requires_grad=module.__dict__.pop("_requires_grad", True))
+        module._parameters = {"weight": weight, **module._parameters}  # first, as before (state_dict's order)
+
+
+def pack_weights(network: nn.Module) -> int:
+    """Reorder the bf16 weight of every Conv2d and Linear of a network once into oneDNN's layout (inference);
+    GEGLU's projection is packed in its two halves. Returns how many layers were packed."""
+    count = 0
+    for name, module in network.named_modules():
+        if isinstance(module, GEGLU) and type(module.proj) is nn.Linear and module.proj.weight.dtype == torch.bfloat16:
+            module.proj.geglu = True
+            _pack(module)
+        if type(module) in (nn.Conv2d, nn.Linear) and module.weight.dtype == torch.bfloat16:
+            if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
+                continue
+            _pack(module)
+            count += 1
+    return count
+
+
+def unpack_weights(network: nn.Module) -> int:
+    """Undo pack_weights: plain weights again, equal to the originals bit for bit."""
+    count = 0
+    for module in network.modules():
+        count += isinstance(module, _Packed)
+        _unpack(module)
+    return count
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A layer's weight as a plain tensor, packed or not (a copy when packed)."""
+    return module.weight
+
+
+def set_weight(module: nn.Module, value: torch.Tensor):
+    """Give a layer a new weight (packed again when the layer is packed)."""
+    if isinstance(module, _Packed):
+        module.packed = _reorder(module, value.to(module.packed[0].dtype))
+    else:
+        with torch.no_grad():
+            module.weight.copy_(value)
 
 
 def default_cache_dir() -> Path:
