@@ -61,24 +61,29 @@ def test_build_is_deterministic():
     assert not torch.equal(a.unet.out[2].weight, c.unet.out[2].weight)
 
 
-def test_long_bf16_attention_goes_head_by_head_and_stays_within_bf16_tolerance(monkeypatch):
+def test_bf16_cpu_attention_takes_plain_matrix_products_within_bf16_tolerance(monkeypatch):
     import torch.nn.functional as F
 
     from plainsd.models import layers
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 1024, 80) for _ in range(3))  # [B, N, C], 2 heads of 40 as SD1.5's first level
-    ref = layers.attention(q, k, v, heads=2)  # float32: torch's SDPA
-    sdpa_calls = []
     real_sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: sdpa_calls.append(1) or real_sdpa(*a, **kw))
-    got = layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=2)
-    assert not sdpa_calls and got.dtype == torch.bfloat16  # the head-by-head path
-    sdpa = real_sdpa(*(t.bfloat16().reshape(2, 1024, 2, 40).transpose(1, 2) for t in (q, k, v))).transpose(1, 2).reshape(2, 1024, 80)
-    err, err_sdpa = ((got.float() - ref).norm() / ref.norm()).item(), ((sdpa.float() - ref).norm() / ref.norm()).item()
-    assert err < 0.01 and err < 2 * err_sdpa, (err, err_sdpa)  # as close to float32 as bf16 SDPA is
-    layers.attention(q[:, :512].bfloat16(), k[:, :512].bfloat16(), v[:, :512].bfloat16(), heads=2)
-    assert len(sdpa_calls) == 1  # short sequences keep SDPA
+    calls = []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append("sdpa") or real_sdpa(*a, **kw))
+    for path, keys in (("_attention_by_head", 1024), ("_attention_batched", 77)):  # self-attention at 1024 tokens, text
+        real = getattr(layers, path)
+        monkeypatch.setattr(layers, path, lambda *a, real=real, path=path, **kw: calls.append(path) or real(*a, **kw))
+        q = torch.randn(2, 1024, 80)  # [B, N, C], 2 heads of 40 as SD1.5's first level
+        k, v = torch.randn(2, keys, 80), torch.randn(2, keys, 80)
+        ref = real_sdpa(*(t.reshape(2, -1, 2, 40).transpose(1, 2) for t in (q, k, v))).transpose(1, 2).reshape(2, 1024, 80)
+        calls.clear()
+        got = layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=2)
+        assert calls == [path] and got.dtype == torch.bfloat16
+        sdpa = real_sdpa(*(t.bfloat16().reshape(2, -1, 2, 40).transpose(1, 2) for t in (q, k, v))).transpose(1, 2).reshape(2, 1024, 80)
+        err, err_sdpa = ((got.float() - ref).norm() / ref.norm()).item(), ((sdpa.float() - ref).norm() / ref.norm()).item()
+        assert err < 0.01 and err < 2 * err_sdpa, (path, err, err_sdpa)  # as close to float32 as bf16 SDPA is
+    calls.clear()
+    layers.attention(q, k, v, heads=2)  # float32 keeps SDPA
     qg = q.bfloat16().requires_grad_()
     layers.attention(qg, k.bfloat16(), v.bfloat16(), heads=2).float().sum().backward()  # training keeps SDPA
-    assert len(sdpa_calls) == 2 and qg.grad is not None
+    assert calls == ["sdpa", "sdpa"] and qg.grad is not None

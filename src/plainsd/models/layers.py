@@ -26,36 +26,50 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
-    """Multi-head scaled dot-product attention on [B, N, C] tensors, through torch's SDPA.
+    """Multi-head scaled dot-product attention on [B, N, C] tensors, through torch's SDPA, except that
 
-    Long bf16 self-attention on the CPU goes head by head through 2-D matrix products instead (see
-    _attention_by_head): torch's CPU flash kernel is slow for heads of 40 (SD1.5's first level). Training
-    (gradients needed) keeps SDPA."""
+    bf16 inference on the CPU takes plain bf16 matrix products: torch's CPU flash kernel is slow
+    for SD's heads (of 40 at the first level: half the speed of oneDNN's GEMM). Long key sequences
+    (self-attention at 1024+ tokens) go head by head (_attention_by_head), shorter ones (cross-attention on
+    the 77 text tokens, the deep levels) in one batched product. Training (gradients needed) keeps SDPA."""
+    bf16_cpu = q.dtype == torch.bfloat16 and q.device.type == "cpu" and not causal
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # torch.mm(out=) has no autograd
+    if bf16_cpu and not needs_grad and k.shape[1] >= 1024:
+        return _attention_by_head(q, k, v, heads)
     b, n, c = q.shape
     q, k, v = (t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2) for t in (q, k, v))
-    long_bf16 = q.dtype == torch.bfloat16 and q.device.type == "cpu" and not causal and min(n, k.shape[2]) >= 1024
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # torch.mm(out=) has no autograd
-    if long_bf16 and not needs_grad:
-        out = _attention_by_head(q, k, v)
+    if bf16_cpu and not needs_grad:
+        out = _attention_batched(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return out.transpose(1, 2).reshape(b, n, c)
 
 
-def _attention_by_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int = 1024) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for each batch item and head, `rows` queries at a time, with 2-D bf16 matrix
-    products (oneDNN's bf16 GEMM): about twice as fast as SDPA's CPU kernel at 4096 tokens and head 40 on
-    this machine. The scores are rounded to bf16 before the softmax (as attention in half precision did in
-    SD for years), so the result is a little less exact than SDPA's float32 scores, within bf16 tolerance."""
+def _attention_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for all batch items and heads at once (short key sequences: the scores fit
+    in memory); bf16 scores, as in _attention_by_head."""
     b, h, n, d = q.shape
-    q = (q * d ** -0.5).reshape(b * h, n, d)
-    k, v = k.reshape(b * h, -1, d), v.reshape(b * h, -1, d)
+    q, k, v = (q * d ** -0.5).reshape(b * h, n, d), k.reshape(b * h, -1, d), v.reshape(b * h, -1, d)
+    return torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1), v).reshape(b, h, n, d)
+
+
+def _attention_by_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, rows: int = 1024) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v on [B, N, C] tensors, for each batch item and head (a column slice: no copy
+    into a head-major layout), `rows` queries at a time, with 2-D bf16 matrix products (oneDNN's bf16 GEMM):
+    about twice as fast as SDPA's CPU kernel at 4096 tokens and head 40 on this machine. The scores are
+    rounded to bf16 before the softmax (as attention in half precision did in SD for years), so the result
+    is a little less exact than SDPA's float32 scores, within bf16 tolerance."""
+    b, n, c = q.shape
+    d = c // heads
+    q = q * d ** -0.5
     out = torch.empty_like(q)
-    for i in range(b * h):
-        kt = k[i].t()
-        for s in range(0, n, rows):
-            torch.mm(torch.softmax(q[i, s:s + rows] @ kt, dim=-1), v[i], out=out[i, s:s + rows])
-    return out.reshape(b, h, n, d)
+    for i in range(b):
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            kt, vh = k[i, :, cols].t(), v[i, :, cols]
+            for s in range(0, n, rows):
+                torch.mm(torch.softmax(q[i, s:s + rows, cols] @ kt, dim=-1), vh, out=out[i, s:s + rows, cols])
+    return out
 
 
 class CrossAttention(nn.Module):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
+from .layers import attention
 
 
 def norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -47,8 +48,8 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (p(y).reshape(b, 1, c, h * w).transpose(2, 3) for p in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(b, c, h, w)
+        q, k, v = (p(y).flatten(2).transpose(1, 2) for p in (self.q, self.k, self.v))  # [B, HW, C]
+        y = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(y)
 
 
