@@ -127,9 +127,10 @@ needs_packing = pytest.mark.skipif(not runtime.packing_available(), reason="torc
 
 
 @needs_packing
-def test_packed_layers_are_bit_identical_to_the_plain_ones():
+def test_packed_layers_give_the_plain_layers_numbers():
     torch.manual_seed(0)
-    layers = [torch.nn.Conv2d(32, 48, 3, padding=1), torch.nn.Conv2d(48, 32, 1), torch.nn.Conv2d(32, 32, 3, stride=2, padding=1),
+    layers = [torch.nn.Conv2d(32, 48, 3, padding=1), torch.nn.Conv2d(48, 32, 1), torch.nn.Conv2d(48, 32, 1, stride=2),
+              torch.nn.Conv2d(32, 32, 3, stride=2, padding=1),
               torch.nn.Conv2d(32, 16, 3, padding=1, bias=False), torch.nn.Linear(64, 96), torch.nn.Linear(64, 96, bias=False)]
     for layer in layers:
         layer = layer.bfloat16()
@@ -141,7 +142,12 @@ def test_packed_layers_are_bit_identical_to_the_plain_ones():
             expected = layer(x)
         assert runtime.pack_weights(layer) == 1 and isinstance(layer, runtime._Packed)
         with torch.no_grad():
-            assert torch.equal(layer(x), expected), layer
+            got = layer(x)
+        if conv and layer.kernel_size == (1, 1):  # a matrix product over the channels: bf16's last bit may differ
+            assert got.shape == expected.shape and got.is_contiguous(memory_format=torch.channels_last)
+            assert ((got.float() - expected.float()).abs() <= expected.float().abs() * 2 ** -7 + 1e-6).all(), layer
+        else:
+            assert torch.equal(got, expected), layer
         assert "weight" not in dict(layer.named_parameters())  # no second copy of the weight is kept
         assert torch.equal(layer.state_dict()["weight"], plain_weight) and list(layer.state_dict()) == (
             ["weight", "bias"] if layer.bias is not None else ["weight"])
@@ -162,7 +168,7 @@ def test_packed_unet_within_bf16_tolerance_and_back_to_plain_on_demand():
         assert len(packed_layers) > 50 and any(isinstance(m, runtime.PackedGEGLU) for m in sd.unet.modules())
         packed = sd.unet(x, t, c).float()
     err = lambda y: ((y - exact).norm() / exact.norm()).item()
-    # the fused GEGLU rounds once less than the plain path; convolutions and linears are bit-identical
+    # the fused GEGLU rounds once less than the plain path, the 1x1 convolutions differently
     assert err(packed) < 0.02 and err(packed) < 1.2 * err(plain), (err(packed), err(plain))
     assert all(torch.equal(v, state[k]) for k, v in sd.unet.state_dict().items())  # what save() writes
     # a gradient through a packed layer takes the plain path (the packed ops have no autograd)

@@ -12,7 +12,9 @@ Packed weights. On the eager bf16 path, torch hands oneDNN a plain weight at eve
 layer, and oneDNN copies it into its blocked layout each call: for the 1280- and 2560-channel convolutions
 of SD's deepest levels that copy costs more than the arithmetic. prepare() reorders each weight once
 (pack_weights), as OpenVINO and torch.compile's freezing do, and fuses GEGLU's gelu and product into its
-projection; the results of the packed convolutions and linears are bit-identical to the plain ones.
+projection. Packed linears and convolutions give the plain layers' numbers bit for bit, except 1x1
+convolutions, which run as matrix products over the channels (oneDNN's packed 1x1 layout is 80x slower
+on 4x4 inputs when chosen for larger ones, and the other way round): those agree to bf16's last bit.
 
 Compiled path. backend="openvino" converts the UNet once with openvino.convert_model, keeps the
 converted model on disk (keyed by a fingerprint of the weights, the config and the precision), and
@@ -114,13 +116,21 @@ def packing_available() -> bool:
 def _reorder(module: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The weight in oneDNN's layout for this layer (GEGLU's projection: its value and gate halves apart)."""
     weight = weight.detach()
+    if _pointwise(module):  # a 1x1 convolution is a matrix product over the channels
+        return (torch.ops.mkldnn._reorder_linear_weight(weight.reshape(weight.shape[:2]).contiguous(), None),)
     if isinstance(module, nn.Conv2d):
-        # the input size is only a hint (any size runs), but without one oneDNN picks a slow 1x1 layout
+        # the input size is a hint (any size runs; it mattered only for 1x1 kernels, whose layout for 8x8+
+        # inputs runs 4x4 ones 80x slower and the other way round: hence the matrix product for those)
         hint = [1, module.in_channels, 64, 64]
         return (torch.ops.mkldnn._reorder_convolution_weight(weight, list(module.padding), list(module.stride),
                                                               list(module.dilation), module.groups, hint),)
     halves = weight.chunk(2) if getattr(module, "geglu", False) else (weight,)
     return tuple(torch.ops.mkldnn._reorder_linear_weight(h.contiguous(), None) for h in halves)
+
+
+def _pointwise(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
+            and module.padding == (0, 0) and module.dilation == (1, 1) and module.groups == 1)
 
 
 class _Packed:
@@ -131,7 +141,9 @@ class _Packed:
     @property
     def weight(self) -> torch.Tensor:  # the plain weight, a fresh copy (for LoRA, state_dict, the plain path)
         dense = self.packed[0].to_dense() if len(self.packed) == 1 else torch.cat([p.to_dense() for p in self.packed])
-        return dense.contiguous(memory_format=torch.channels_last) if dense.ndim == 4 else dense
+        if isinstance(self, nn.Conv2d):
+            return dense.reshape(self.out_channels, self.in_channels, *self.kernel_size).contiguous(memory_format=torch.channels_last)
+        return dense
 
     def _fast(self, x: torch.Tensor) -> bool:
         return x.dtype == self.packed[0].dtype and not (torch.is_grad_enabled() and x.requires_grad)
@@ -155,6 +167,9 @@ class PackedConv2d(_Packed, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x):
             return self._conv_forward(x, self.weight, self.bias)
+        if _pointwise(self):  # over the channels of the NHWC view (a view for channels-last input)
+            y = torch.ops.mkldnn._linear_pointwise(x.permute(0, 2, 3, 1), self.packed[0], self.bias, "none", [], "")
+            return y.permute(0, 3, 1, 2)
         return torch.ops.mkldnn._convolution_pointwise(x, self.packed[0], self.bias, list(self.padding), list(self.stride),
                                                        list(self.dilation), self.groups, "none", [], "")
 
