@@ -130,7 +130,7 @@ needs_packing = pytest.mark.skipif(not runtime.packing_available(), reason="torc
 def test_packed_layers_give_the_plain_layers_numbers():
     torch.manual_seed(0)
     layers = [torch.nn.Conv2d(32, 48, 3, padding=1), torch.nn.Conv2d(48, 32, 1), torch.nn.Conv2d(48, 32, 1, stride=2),
-              torch.nn.Conv2d(32, 32, 3, stride=2, padding=1),
+              torch.nn.Conv2d(32, 32, 3, stride=2, padding=1), torch.nn.Conv2d(32, 32, 3, padding=1, groups=4),
               torch.nn.Conv2d(32, 16, 3, padding=1, bias=False), torch.nn.Linear(64, 96), torch.nn.Linear(64, 96, bias=False)]
     for layer in layers:
         layer = layer.bfloat16()

@@ -142,7 +142,8 @@ class _Packed:
     def weight(self) -> torch.Tensor:  # the plain weight, a fresh copy (for LoRA, state_dict, the plain path)
         dense = self.packed[0].to_dense() if len(self.packed) == 1 else torch.cat([p.to_dense() for p in self.packed])
         if isinstance(self, nn.Conv2d):
-            return dense.reshape(self.out_channels, self.in_channels, *self.kernel_size).contiguous(memory_format=torch.channels_last)
+            shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+            return dense.reshape(shape).contiguous(memory_format=torch.channels_last)
         return dense
 
     def _fast(self, x: torch.Tensor) -> bool:
@@ -165,7 +166,7 @@ class _Packed:
 
 class PackedConv2d(_Packed, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fast(x):
+        if not self._fast(x) or x.ndim != 4:
             return self._conv_forward(x, self.weight, self.bias)
         if _pointwise(self):  # over the channels of the NHWC view (a view for channels-last input)
             y = torch.ops.mkldnn._linear_pointwise(x.permute(0, 2, 3, 1), self.packed[0], self.bias, "none", [], "")
@@ -197,12 +198,11 @@ class PackedGEGLU(GEGLU):
 _PACKED = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear, GEGLU: PackedGEGLU}
 
 
-def _pack(module: nn.Module, weight: torch.Tensor | None = None):
+def _pack(module: nn.Module):
     if isinstance(module, GEGLU):
         module.__class__ = PackedGEGLU
         return
-    weight = module.weight if weight is None else weight
-    packed = _reorder(module, weight)
+    packed = _reorder(module, module.weight)
     if not isinstance(module, _Packed):
         module._requires_grad = module.weight.requires_grad
         del module._parameters["weight"]
@@ -225,7 +225,7 @@ def pack_weights(network: nn.Module) -> int:
     """Reorder the bf16 weight of every Conv2d and Linear of a network once into oneDNN's layout (inference);
     GEGLU's projection is packed in its two halves. Returns how many layers were packed."""
     count = 0
-    for name, module in network.named_modules():
+    for module in network.modules():
         if isinstance(module, GEGLU) and type(module.proj) is nn.Linear and module.proj.weight.dtype == torch.bfloat16:
             module.proj.geglu = True
             _pack(module)
