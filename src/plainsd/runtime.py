@@ -73,7 +73,8 @@ def choose_dtype(precision: str = "auto") -> torch.dtype:
 
 
 def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = None, precision: str | None = None):
-    """Get a loaded model ready to generate: channels-last convolutions and the chosen backend.
+    """Get a loaded model ready to generate: channels-last convolutions, the chosen backend, and on the eager
+    path the bf16 weights of the UNet and the VAE packed for oneDNN (pack_weights).
 
     precision: cast the networks (None keeps the dtype the model was loaded in).
     """

@@ -26,12 +26,13 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
-    """Multi-head scaled dot-product attention on [B, N, C] tensors, through torch's SDPA, except that
+    """Multi-head scaled dot-product attention on [B, N, C] tensors.
 
-    bf16 inference on the CPU takes plain bf16 matrix products: torch's CPU flash kernel is slow
-    for SD's heads (of 40 at the first level: half the speed of oneDNN's GEMM). Long key sequences
-    (self-attention at 1024+ tokens) go head by head (_attention_by_head), shorter ones (cross-attention on
-    the 77 text tokens, the deep levels) in one batched product. Training (gradients needed) keeps SDPA."""
+    torch's SDPA, except for bf16 inference on the CPU, which takes plain bf16 matrix products: torch's
+    CPU flash kernel is slow for SD's heads (of 40 at the first level: half the speed of oneDNN's GEMM).
+    Long key sequences (self-attention at 1024+ tokens) go head by head (_attention_by_head), shorter ones
+    (cross-attention on the 77 text tokens, the deep levels) in one batched product. Training (gradients
+    needed) keeps SDPA."""
     bf16_cpu = q.dtype == torch.bfloat16 and q.device.type == "cpu" and not causal
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # torch.mm(out=) has no autograd
     if bf16_cpu and not needs_grad and k.shape[1] >= 1024:
