@@ -177,7 +177,7 @@ def test_packed_unet_within_bf16_tolerance_and_back_to_plain_on_demand():
     assert xg.grad is not None and xg.grad.abs().sum() > 0
     # .float() unpacks: the float32 model is the bf16 one, exactly
     sd.float()
-    assert not any(isinstance(m, runtime._Packed) for m in sd.unet.modules())
+    assert not any(isinstance(m, (runtime._Packed, runtime.PackedGEGLU)) for m in sd.unet.modules())
     assert all(torch.equal(v.float(), state[k].float()) for k, v in sd.unet.state_dict().items())
     runtime.prepare(sd)  # float32: never packed
     assert not any(isinstance(m, runtime._Packed) for m in sd.unet.modules())

@@ -195,6 +195,10 @@ class PackedGEGLU(GEGLU):
         gate = torch.ops.mkldnn._linear_pointwise(x, proj.packed[1], gate_bias, "gelu", [], "none")
         return torch.ops.mkldnn._linear_pointwise(x, gate, proj.packed[0], value_bias, "mul")
 
+    def _apply(self, fn, recurse=True):  # .to(), .float(), ...: a plain GEGLU again (its projection unpacks too)
+        _unpack(self)
+        return self._apply(fn, recurse)
+
 
 _PACKED = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear, GEGLU: PackedGEGLU}
 
