@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .runtime import dense_weight, set_weight
+from .runtime import set_weight
 from .weights import CheckpointError, _rename, read_tensors, unet_diffusers_names
 
 UNET_PREFIX, TEXT_PREFIX = "lora_unet_", "lora_te_"
@@ -136,7 +136,7 @@ def applied(sd, loras: list[tuple[LoRA, float]]):
             continue  # weight 0 is the base model, exactly
         for k, d in deltas(sd, lora, w).items():
             changes[k] = changes[k] + d if k in changes else d
-    saved = {k: dense_weight(_layer(sd, k)).detach().clone() for k in changes}
+    saved = {k: _layer(sd, k).weight.detach().clone() for k in changes}  # (a copy already when packed)
     try:
         _add(sd, changes)
         yield sd
@@ -158,11 +158,11 @@ def _layer(sd, key: tuple[str, str]) -> nn.Module:
 
 
 def _add(sd, changes: dict[tuple[str, str], torch.Tensor]):
-    """Add each change to its layer's weight (through runtime's helpers: the weight may be packed for oneDNN)."""
+    """Add each change to its layer's weight (set_weight: the weight may be packed for oneDNN)."""
     with torch.no_grad():
         for key, d in changes.items():
             layer = _layer(sd, key)
-            w = dense_weight(layer)
+            w = layer.weight
             set_weight(layer, (w.float() + d).to(w.dtype))
 
 

@@ -96,7 +96,7 @@ def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = No
 # torch.ops.mkldnn holds the oneDNN calls torch.compile's CPU freezing uses: _reorder_*_weight gives an opaque
 # (torch._mkldnn layout) copy of a weight in oneDNN's blocked format, and _convolution_pointwise /
 # _linear_pointwise run on it, optionally with an activation ("gelu") or a product ("mul") fused in. The packed
-# tensor replaces the plain weight (no second copy in memory); state_dict(), dense_weight() and .to() see the
+# tensor replaces the plain weight (no second copy in memory); state_dict(), .weight and .to() see the
 # plain weight again. The packed ops have no autograd, so a call that needs gradients, or an input that is not
 # bf16, goes the plain way.
 
@@ -249,11 +249,6 @@ def unpack_weights(network: nn.Module) -> int:
         count += isinstance(module, _Packed)
         _unpack(module)
     return count
-
-
-def dense_weight(module: nn.Module) -> torch.Tensor:
-    """A layer's weight as a plain tensor, packed or not (a copy when packed)."""
-    return module.weight
 
 
 def set_weight(module: nn.Module, value: torch.Tensor):

@@ -165,7 +165,7 @@ class UNetModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.out[2].weight.dtype
+        return self.out[2].bias.dtype  # (not the weight: runtime may hold it packed, read back by copy)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         cfg = self.config

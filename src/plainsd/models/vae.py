@@ -176,7 +176,7 @@ class AutoencoderKL(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.quant_conv.weight.dtype
+        return self.quant_conv.bias.dtype  # (not the weight: runtime may hold it packed, read back by copy)
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         """images [B, 3, H, W] in [-1, 1] -> latent distribution [B, z, H/8, W/8] (unscaled)."""
