@@ -74,7 +74,8 @@ def choose_dtype(precision: str = "auto") -> torch.dtype:
 
 def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = None, precision: str | None = None):
     """Get a loaded model ready to generate: channels-last convolutions, the chosen backend, and on the eager
-    path the bf16 weights of the UNet and the VAE packed for oneDNN (pack_weights).
+    path the bf16 weights of the UNet and the VAE packed for oneDNN (pack_weights). The eager bf16 path also
+    turns on torch.set_flush_denormal for the process (denormal floats become zero).
 
     precision: cast the networks (None keeps the dtype the model was loaded in).
     """
@@ -89,6 +90,10 @@ def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = No
     if backend == "eager" and packing_available():
         pack_weights(sd.unet)  # (bf16 layers only: a float32 model stays as it is)
         pack_weights(sd.vae)
+    if backend == "eager" and sd.unet.dtype == torch.bfloat16:
+        # bf16 inference: numbers below float32's 1.2e-38 carry nothing here, and the fused attention's
+        # exponentials that underflow into that range run slower as denormals (models/layers._attention_fused)
+        torch.set_flush_denormal(True)
     return sd
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,18 +29,19 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
     """Multi-head scaled dot-product attention on [B, N, C] tensors.
 
-    torch's SDPA, except for bf16 inference on the CPU, which takes plain bf16 matrix products: torch's
+    torch's SDPA, except for bf16 inference on the CPU, which takes oneDNN's bf16 matrix products: torch's
     CPU flash kernel is slow for SD's heads (of 40 at the first level: half the speed of oneDNN's GEMM).
-    Long key sequences (self-attention at 1024+ tokens) go head by head (_attention_by_head), shorter ones
-    (cross-attention on the 77 text tokens, the deep levels) in one batched product. Training (gradients
-    needed) keeps SDPA."""
+    Large score matrices (a quarter million scores per head and up: self-attention at 1024+ tokens, the text's
+    77 keys at 4096) go head by head with the softmax's exp fused into the first product (_attention_fused);
+    smaller ones in one batched product and torch's softmax (_attention_batched), which wins there on fewer
+    calls. Training (gradients needed) keeps SDPA."""
     bf16_cpu = q.dtype == torch.bfloat16 and q.device.type == "cpu" and not causal
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # torch.mm(out=) has no autograd
-    if bf16_cpu and not needs_grad and k.shape[1] >= 1024:
-        return _attention_by_head(q, k, v, heads)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # oneDNN's ops have no autograd
+    if bf16_cpu and not needs_grad and q.shape[1] * k.shape[1] >= 1 << 18 and _fused_exp_available():
+        return _attention_fused(q, k, v, heads)
     b, n, c = q.shape
     q, k, v = (t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2) for t in (q, k, v))
-    if bf16_cpu and not needs_grad:
+    if bf16_cpu and not needs_grad and k.shape[2] < 1024:
         out = _attention_batched(q, k, v)
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -48,29 +50,78 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, cau
 
 def _attention_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for all batch items and heads at once (short key sequences: the scores fit
-    in memory); bf16 scores, as in _attention_by_head."""
+    in memory). The scores are rounded to bf16 before the softmax (as attention in half precision did in SD
+    for years): a little less exact than SDPA's float32 scores, within bf16 tolerance."""
     b, h, n, d = q.shape
     q, k, v = (q * d ** -0.5).reshape(b * h, n, d), k.reshape(b * h, -1, d), v.reshape(b * h, -1, d)
     return torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1), v).reshape(b, h, n, d)
 
 
-def _attention_by_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, rows: int = 1024) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v on [B, N, C] tensors, for each batch item and head (a column slice: no copy
-    into a head-major layout), `rows` queries at a time, with 2-D bf16 matrix products (oneDNN's bf16 GEMM):
-    about twice as fast as SDPA's CPU kernel at 4096 tokens and head 40 on this machine. The scores are
-    rounded to bf16 before the softmax (as attention in half precision did in SD for years), so the result
-    is a little less exact than SDPA's float32 scores, within bf16 tolerance."""
+# The exponentials of the softmax run inside oneDNN's matrix product, as its fused sigmoid: for z <= -8,
+# sigmoid(z) = e^z / (1 + e^z) is e^z to 3e-4 (below bf16's rounding). Each query's scores are shifted by an upper
+# bound of their maximum plus this margin, so that every z is <= -8; the shift cancels in the normalisation.
+_EXP_MARGIN = 8.0
+# A row whose sum of exponentials is below e^-60 had its maximum 68+ below the bound: so far down that float32's
+# underflow (e^-87) could lose weights that matter. Such rows are computed again with a plain softmax.
+_MIN_SUM = math.exp(-60.0)
+
+
+def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, rows: int | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v on bf16 [B, N, C] tensors, for each batch item and head, `rows` queries at a
+    time, in two oneDNN matrix products and no softmax pass (torch's softmax, its exp above all, is half the
+    time of a plain bf16 attention at 4096 tokens):
+
+        P = sigmoid([q/sqrt(d), -t] [k, 1]^T) = exp(q k^T / sqrt(d) - t)   (t: the query's bound plus the margin)
+        [O, S] = P [v, 1]                                                   (S: the row sums of P)
+        out = O / S
+
+    The bound: q . c + |q| max_j |k_j - c| >= q . k_j for every key (Cauchy-Schwarz around the keys' mean c).
+    The head dimension is padded with zeros to a multiple of 16 (oneDNN's bf16 blocks), and so is the number of
+    keys (a padded key has a zero value and a zero in the sum column: it adds nothing). Within bf16 tolerance of
+    float32 SDPA (tested): P and S are rounded to bf16 before the division, so the error is about 1.5x that of
+    bf16 SDPA."""
     b, n, c = q.shape
-    d = c // heads
-    q = q * d ** -0.5
-    out = torch.empty_like(q)
+    m, d = k.shape[1], c // heads
+    dp, mp = -(-(d + 1) // 16) * 16, -(-m // 16) * 16
+    rows = rows or max(512, (1 << 21) // mp)  # 2 M scores (4 MB) at a time
+    qs = (q * d ** -0.5).view(b, n, heads, d)  # the scaled query, rounded once
+    qf, kf = qs.float(), k.view(b, m, heads, d).float()
+    centre = kf.mean(dim=1, keepdim=True)  # [B, 1, heads, d]
+    radius = torch.linalg.vector_norm(kf - centre, dim=-1).amax(dim=1, keepdim=True)  # [B, 1, heads]
+    shift = (qf * centre).sum(dim=-1) + torch.linalg.vector_norm(qf, dim=-1) * radius + _EXP_MARGIN  # [B, N, heads]
+    qp = q.new_zeros(b, heads, n, dp)
+    qp[..., :d] = qs.transpose(1, 2)
+    qp[..., d] = -shift.transpose(1, 2)
+    kp = k.new_zeros(b, heads, mp, dp)
+    kp[:, :, :m, :d] = k.view(b, m, heads, d).transpose(1, 2)
+    kp[:, :, :m, d] = 1
+    vt = v.new_zeros(b, heads, dp, mp)  # [v, 1]^T: oneDNN linear's weight layout (out features, in features)
+    vt[:, :, :d, :m] = v.view(b, m, heads, d).permute(0, 2, 3, 1)
+    vt[:, :, d, :m] = 1
+    linear = torch.ops.mkldnn._linear_pointwise
+    out, sums = torch.empty_like(q), q.new_empty(b, n, heads)
     for i in range(b):
         for h in range(heads):
             cols = slice(h * d, (h + 1) * d)
-            kt, vh = k[i, :, cols].t(), v[i, :, cols]
             for s in range(0, n, rows):
-                torch.mm(torch.softmax(q[i, s:s + rows, cols] @ kt, dim=-1), vh, out=out[i, s:s + rows, cols])
+                o = linear(linear(qp[i, h, s:s + rows], kp[i, h], None, "sigmoid", [], ""), vt[i, h], None, "none", [], "")
+                torch.div(o[:, :d], o[:, d:d + 1], out=out[i, s:s + rows, cols])
+                sums[i, s:s + rows, h] = o[:, d]
+    low = sums < _MIN_SUM
+    for i, h in low.any(dim=1).nonzero().tolist():  # the bound was too far above: these rows the plain way
+        r, cols = low[i, :, h].nonzero()[:, 0], slice(h * d, (h + 1) * d)
+        out[i, r, cols] = torch.softmax((qs[i, r, h] @ k[i, :, cols].t()).float(), dim=-1).to(v.dtype) @ v[i, :, cols]
     return out
+
+
+@functools.cache
+def _fused_exp_available() -> bool:
+    """torch's oneDNN linear with a fused sigmoid, and oneDNN's bf16 kernels on this CPU (_attention_fused)."""
+    try:
+        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class CrossAttention(nn.Module):
