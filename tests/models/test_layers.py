@@ -64,23 +64,58 @@ def test_fused_attention_with_large_scores():
     assert err < 2 * err_sdpa, (err, err_sdpa)
 
 
-@fused
-def test_fused_attention_recomputes_rows_whose_bound_was_too_loose(monkeypatch):
-    """One key far out along a direction half the queries ignore: for those, the bound |q| max|k - c| is ~200
-    above their real scores, every exponential underflows, and the row must come from a plain softmax."""
+def _far_key_case(see_it):
+    """One key far out along a direction the queries in see_it point at and the others ignore: for those the
+    bound |q| max|k - c| is ~200 above their real scores, and every exponential would underflow."""
     torch.manual_seed(2)
-    n = m = 512
-    q, k, v = torch.randn(1, n, 40), torch.randn(1, m, 40) * 0.1, torch.randn(1, m, 40)
+    q, k, v = torch.randn(1, 512, 40), torch.randn(1, 512, 40) * 0.1, torch.randn(1, 512, 40)
     k[0, 0, 0] = 200.0
     q[0, :, 0] = 0.0
-    q[0, ::2, 0] = 30.0  # even rows point at the far key (their bound is tight), odd rows ignore it
+    q[0, see_it, 0] = 30.0
+    return q, k, v
+
+
+@fused
+@pytest.mark.parametrize("see_it, exact_rows", [
+    (slice(0, None, 2), [256]),  # the sampled queries (every 16th) are tight: odd rows underflow, done again
+    (slice(1, None, 2), [512]),  # the sampled ones are loose: the whole head takes the exact maximum at once
+])
+def test_fused_attention_takes_the_exact_maximum_where_the_bound_is_loose(monkeypatch, see_it, exact_rows):
+    q, k, v = _far_key_case(see_it)
     rows = []
-    real_softmax = torch.softmax
-    monkeypatch.setattr(torch, "softmax", lambda x, *a, **kw: rows.append(x.shape[0]) or real_softmax(x, *a, **kw))
+    real = layers._exact_shift
+    monkeypatch.setattr(layers, "_exact_shift", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
     got = layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=1)
-    assert rows == [n // 2]  # the odd rows, in one plain softmax
+    assert rows == exact_rows
     err, err_sdpa = _errors(got, q, k, v, 1)
     assert err < 2 * err_sdpa, (err, err_sdpa)
+
+
+@fused
+def test_without_the_exact_maximum_the_far_key_case_fails(monkeypatch):
+    """The case above is a real one: with the bound alone, the odd rows are 0/0."""
+    q, k, v = _far_key_case(slice(0, None, 2))
+    monkeypatch.setattr(layers, "_MIN_SUM", 0.0)
+    assert torch.isnan(layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=1)[0, 1::2]).all()
+
+
+@fused
+def test_the_bound_is_tight_on_a_trained_unet(monkeypatch):
+    """The shipped model at 256x256 (1024 tokens in its UNet's first level, heads of 16, and in its VAE's
+    single head of 128): trained keys are no isotropic cloud, and the UNet's bound leaves no query to the
+    exact maximum. (Cauchy-Schwarz is looser for the VAE's one wide head; that may take the exact path.)"""
+    import plainsd
+    from plainsd import runtime
+    from plainsd.pipeline import txt2img
+
+    fused_calls, exact = [], []
+    real_fused, real_exact = layers._attention_fused, layers._exact_shift
+    monkeypatch.setattr(layers, "_attention_fused", lambda q, k, v, heads, *a: fused_calls.append(q.shape[2] // heads)
+                        or real_fused(q, k, v, heads, *a))
+    monkeypatch.setattr(layers, "_exact_shift", lambda x, kp, d, m: exact.append(d) or real_exact(x, kp, d, m))
+    sd = runtime.prepare(plainsd.load(dtype=torch.bfloat16))
+    txt2img(sd, "a red circle and a blue square", steps=3, seed=1, width=256, height=256)
+    assert fused_calls.count(16) >= 8 and 16 not in exact
 
 
 def test_float32_and_training_keep_sdpa(monkeypatch):
@@ -93,3 +128,4 @@ def test_float32_and_training_keep_sdpa(monkeypatch):
     qg = q.bfloat16().requires_grad_()
     layers.attention(qg, k.bfloat16(), v.bfloat16(), heads=2).float().sum().backward()  # gradients needed
     assert calls == ["sdpa", "sdpa"] and qg.grad is not None
+

@@ -61,9 +61,13 @@ def _attention_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 # sigmoid(z) = e^z / (1 + e^z) is e^z to 3e-4 (below bf16's rounding). Each query's scores are shifted by an upper
 # bound of their maximum plus this margin, so that every z is <= -8; the shift cancels in the normalisation.
 _EXP_MARGIN = 8.0
-# A row whose sum of exponentials is below e^-60 had its maximum 68+ below the bound: so far down that float32's
-# underflow (e^-87) could lose weights that matter. Such rows are computed again with a plain softmax.
+# A row whose sum of exponentials is below e^-60 had its maximum 52+ below the bound: so far down that float32's
+# underflow (e^-87) could lose weights that matter. Such rows are computed again, shifted by their exact maximum.
 _MIN_SUM = math.exp(-60.0)
+# A head whose sampled queries have a bound 40+ above their maximum takes the exact maximum for every query
+# (one more matrix product, but no rows computed twice): Cauchy-Schwarz is loose for wide heads such as the
+# VAE's single head of 512.
+_LOOSE = 40.0
 
 
 def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, rows: int | None = None) -> torch.Tensor:
@@ -71,13 +75,15 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     time, in two oneDNN matrix products and no softmax pass (torch's softmax, its exp above all, is half the
     time of a plain bf16 attention at 4096 tokens):
 
-        P = sigmoid([q/sqrt(d), -t] [k, 1]^T) = exp(q k^T / sqrt(d) - t)   (t: the query's bound plus the margin)
+        P = sigmoid([q/sqrt(d), -t] [k, 1]^T) = exp(q k^T / sqrt(d) - t)   (t: the query's shift)
         [O, S] = P [v, 1]                                                   (S: the row sums of P)
         out = O / S
 
-    The bound: q . c + |q| max_j |k_j - c| >= q . k_j for every key (Cauchy-Schwarz around the keys' mean c).
-    The head dimension is padded with zeros to a multiple of 16 (oneDNN's bf16 blocks), and so is the number of
-    keys (a padded key has a zero value and a zero in the sum column: it adds nothing). Within bf16 tolerance of
+    The shift is an upper bound of the query's scores plus _EXP_MARGIN: q . c + |q| max_j |k_j - c| >= q . k_j
+    for every key (Cauchy-Schwarz around the keys' mean c). Where that bound is too loose (a head's sampled
+    queries, or a row whose S underflowed) the shift is the exact maximum instead (_exact_shift). The head
+    dimension is padded with zeros to a multiple of 16 (oneDNN's bf16 blocks), and so is the number of keys (a
+    padded key has a zero value and a zero in the sum column: it adds nothing). Within bf16 tolerance of
     float32 SDPA (tested): P and S are rounded to bf16 before the division, so the error is about 1.5x that of
     bf16 SDPA."""
     b, n, c = q.shape
@@ -88,30 +94,52 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     qf, kf = qs.float(), k.view(b, m, heads, d).float()
     centre = kf.mean(dim=1, keepdim=True)  # [B, 1, heads, d]
     radius = torch.linalg.vector_norm(kf - centre, dim=-1).amax(dim=1, keepdim=True)  # [B, 1, heads]
-    shift = (qf * centre).sum(dim=-1) + torch.linalg.vector_norm(qf, dim=-1) * radius + _EXP_MARGIN  # [B, N, heads]
+    bound = (qf * centre).sum(dim=-1) + torch.linalg.vector_norm(qf, dim=-1) * radius  # [B, N, heads]
     qp = q.new_zeros(b, heads, n, dp)
     qp[..., :d] = qs.transpose(1, 2)
-    qp[..., d] = -shift.transpose(1, 2)
+    qp[..., d] = -(bound + _EXP_MARGIN).transpose(1, 2)
     kp = k.new_zeros(b, heads, mp, dp)
     kp[:, :, :m, :d] = k.view(b, m, heads, d).transpose(1, 2)
     kp[:, :, :m, d] = 1
     vt = v.new_zeros(b, heads, dp, mp)  # [v, 1]^T: oneDNN linear's weight layout (out features, in features)
     vt[:, :, :d, :m] = v.view(b, m, heads, d).permute(0, 2, 3, 1)
     vt[:, :, d, :m] = 1
+    sample = slice(None, None, max(1, n // 32))
+    top = (qs[:, sample].transpose(1, 2) @ k.view(b, m, heads, d).permute(0, 2, 3, 1)).amax(dim=-1)  # [B, heads, 32]
+    loose = ((bound[:, sample].transpose(1, 2) - top.float()).amax(dim=-1) > _LOOSE).tolist()  # [B][heads]
     linear = torch.ops.mkldnn._linear_pointwise
+
+    def attend(x: torch.Tensor, i: int, h: int, exact: bool) -> torch.Tensor:
+        if exact:
+            x = _exact_shift(x, kp[i, h], d, m)
+        return linear(linear(x, kp[i, h], None, "sigmoid", [], ""), vt[i, h], None, "none", [], "")
+
     out, sums = torch.empty_like(q), q.new_empty(b, n, heads)
     for i in range(b):
         for h in range(heads):
             cols = slice(h * d, (h + 1) * d)
             for s in range(0, n, rows):
-                o = linear(linear(qp[i, h, s:s + rows], kp[i, h], None, "sigmoid", [], ""), vt[i, h], None, "none", [], "")
+                o = attend(qp[i, h, s:s + rows], i, h, loose[i][h])
                 torch.div(o[:, :d], o[:, d:d + 1], out=out[i, s:s + rows, cols])
                 sums[i, s:s + rows, h] = o[:, d]
     low = sums < _MIN_SUM
-    for i, h in low.any(dim=1).nonzero().tolist():  # the bound was too far above: these rows the plain way
+    for i, h in low.any(dim=1).nonzero().tolist():  # the bound was too far above: these rows again, exactly
         r, cols = low[i, :, h].nonzero()[:, 0], slice(h * d, (h + 1) * d)
-        out[i, r, cols] = torch.softmax((qs[i, r, h] @ k[i, :, cols].t()).float(), dim=-1).to(v.dtype) @ v[i, :, cols]
+        for s in range(0, len(r), rows):
+            o = attend(qp[i, h, r[s:s + rows]], i, h, True)
+            out[i, r[s:s + rows], cols] = o[:, :d] / o[:, d:d + 1]
     return out
+
+
+def _exact_shift(x: torch.Tensor, kp: torch.Tensor, d: int, m: int) -> torch.Tensor:
+    """x ([q/sqrt(d), -t, 0...] rows of _attention_fused) with t each query's largest score over the m real keys
+    plus the margin: one more product. The scores are rounded to bf16 (an error below 2^-9 of their size; the
+    extra 1 covers it)."""
+    x = x.clone()
+    x[:, d] = 0
+    top = torch.ops.mkldnn._linear_pointwise(x, kp, None, "none", [], "")[:, :m].amax(dim=-1)
+    x[:, d] = -(top.float() + 1 + _EXP_MARGIN)
+    return x
 
 
 @functools.cache
