@@ -64,6 +64,16 @@ def test_fused_attention_with_large_scores():
     assert err < 2 * err_sdpa, (err, err_sdpa)
 
 
+@fused
+def test_fused_attention_takes_strided_inputs():
+    """[B, N, C] views of [B, C, N] tensors (as the VAE's attention makes them) give the contiguous answer."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 80, 1024).bfloat16().transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    got = layers._attention_fused(q, k, v, heads=2)
+    assert torch.equal(got, layers._attention_fused(q.contiguous(), k.contiguous(), v.contiguous(), heads=2))
+
+
 def _far_key_case(see_it):
     """One key far out along a direction the queries in see_it point at and the others ignore: for those the
     bound |q| max|k - c| is ~200 above their real scores, and every exponential would underflow."""
