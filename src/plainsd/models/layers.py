@@ -81,14 +81,16 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
 
     The shift is an upper bound of the query's scores plus _EXP_MARGIN: q . c + |q| max_j |k_j - c| >= q . k_j
     for every key (Cauchy-Schwarz around the keys' mean c). Where that bound is too loose (a head's sampled
-    queries, or a row whose S underflowed) the shift is the exact maximum instead (_exact_shift). The head
-    dimension is padded with zeros to a multiple of 16 (oneDNN's bf16 blocks), and so is the number of keys (a
+    queries, or a row whose S underflowed) the shift is the exact maximum instead (_exact_shift). t takes two
+    columns, its bf16 value and the rest (_put_shift): one bf16 number would be off by units for scores in
+    the thousands. The head dimension is padded with zeros to a multiple of 16 (oneDNN's bf16 blocks), and so
+    is the number of keys (a
     padded key has a zero value and a zero in the sum column: it adds nothing). Within bf16 tolerance of
     float32 SDPA (tested): P and S are rounded to bf16 before the division, so the error is about 1.5x that of
     bf16 SDPA."""
     b, n, c = q.shape
     m, d = k.shape[1], c // heads
-    dp, mp = -(-(d + 1) // 16) * 16, -(-m // 16) * 16
+    dp, mp = -(-(d + 2) // 16) * 16, -(-m // 16) * 16
     rows = rows or max(512, (1 << 21) // mp)  # 2 M scores (4 MB) at a time
     qs = (q * d ** -0.5).reshape(b, n, heads, d)  # the scaled query, rounded once
     qf, kf = qs.float(), k.reshape(b, m, heads, d).float()
@@ -97,10 +99,10 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     bound = (qf * centre).sum(dim=-1) + torch.linalg.vector_norm(qf, dim=-1) * radius  # [B, N, heads]
     qp = q.new_zeros(b, heads, n, dp)
     qp[..., :d] = qs.transpose(1, 2)
-    qp[..., d] = -(bound + _EXP_MARGIN).transpose(1, 2)
+    _put_shift(qp, d, (bound + _EXP_MARGIN).transpose(1, 2))
     kp = k.new_zeros(b, heads, mp, dp)
     kp[:, :, :m, :d] = k.reshape(b, m, heads, d).transpose(1, 2)
-    kp[:, :, :m, d] = 1
+    kp[:, :, :m, d:d + 2] = 1
     vt = v.new_zeros(b, heads, dp, mp)  # [v, 1]^T: oneDNN linear's weight layout (out features, in features)
     vt[:, :, :d, :m] = v.reshape(b, m, heads, d).permute(0, 2, 3, 1)
     vt[:, :, d, :m] = 1
@@ -133,13 +135,21 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
 
 def _exact_shift(x: torch.Tensor, kp: torch.Tensor, d: int, m: int) -> torch.Tensor:
     """x ([q/sqrt(d), -t, 0...] rows of _attention_fused) with t each query's largest score over the m real keys
-    plus the margin: one more product. The scores are rounded to bf16 (an error below 2^-9 of their size; the
-    extra 1 covers it)."""
+    plus the margin: one more product. The scores come out rounded to bf16, up to 2^-9 of their size, which
+    the shift adds twice over."""
     x = x.clone()
-    x[:, d] = 0
-    top = torch.ops.mkldnn._linear_pointwise(x, kp, None, "none", [], "")[:, :m].amax(dim=-1)
-    x[:, d] = -(top.float() + 1 + _EXP_MARGIN)
+    x[:, d:d + 2] = 0
+    top = torch.ops.mkldnn._linear_pointwise(x, kp, None, "none", [], "")[:, :m].amax(dim=-1).float()
+    _put_shift(x, d, top + top.abs() / 256 + _EXP_MARGIN)
     return x
+
+
+def _put_shift(x: torch.Tensor, d: int, t: torch.Tensor) -> None:
+    """-t into columns d and d + 1 of the bf16 rows x: its bf16 value and the remainder (the product adds
+    them in float32, so the shift is t to float32's precision)."""
+    hi = t.to(x.dtype)
+    x[..., d] = -hi
+    x[..., d + 1] = -(t - hi.float())
 
 
 @functools.cache
