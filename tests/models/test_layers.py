@@ -57,8 +57,8 @@ def test_bf16_attention_paths_within_bf16_tolerance(monkeypatch, n, m, c, heads,
 @fused
 @pytest.mark.parametrize("scale", [3, 20])
 def test_fused_attention_with_large_scores(scale):
-    """Scores in the tens (peaked attention) and in the thousands (one-hot; their shift is rounded to bf16 with
-    an error of several units): the bound is looser, the exponentials smaller, the answer as good."""
+    """Scores in the tens (peaked attention) and in the thousands (one-hot): the bound is looser, the
+    exponentials smaller, the answer as good."""
     torch.manual_seed(1)
     q, k, v = torch.randn(1, 1024, 80) * scale, torch.randn(1, 1024, 80) * scale, torch.randn(1, 1024, 80)
     got = layers._attention_fused(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=2)
