@@ -93,7 +93,8 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     dp, mp = -(-(d + 2) // 16) * 16, -(-m // 16) * 16
     rows = rows or max(512, (1 << 21) // mp)  # 2 M scores (4 MB) at a time
     qs = (q * d ** -0.5).reshape(b, n, heads, d)  # the scaled query, rounded once
-    qf, kf = qs.float(), k.reshape(b, m, heads, d).float()
+    kh = k.reshape(b, m, heads, d)
+    qf, kf = qs.float(), kh.float()
     centre = kf.mean(dim=1, keepdim=True)  # [B, 1, heads, d]
     radius = torch.linalg.vector_norm(kf - centre, dim=-1).amax(dim=1, keepdim=True)  # [B, 1, heads]
     bound = (qf * centre).sum(dim=-1) + torch.linalg.vector_norm(qf, dim=-1) * radius  # [B, N, heads]
@@ -101,13 +102,13 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     qp[..., :d] = qs.transpose(1, 2)
     _put_shift(qp, d, (bound + _EXP_MARGIN).transpose(1, 2))
     kp = k.new_zeros(b, heads, mp, dp)
-    kp[:, :, :m, :d] = k.reshape(b, m, heads, d).transpose(1, 2)
+    kp[:, :, :m, :d] = kh.transpose(1, 2)
     kp[:, :, :m, d:d + 2] = 1
     vt = v.new_zeros(b, heads, dp, mp)  # [v, 1]^T: oneDNN linear's weight layout (out features, in features)
     vt[:, :, :d, :m] = v.reshape(b, m, heads, d).permute(0, 2, 3, 1)
     vt[:, :, d, :m] = 1
     sample = slice(None, None, max(1, n // 32))
-    top = (qs[:, sample].transpose(1, 2) @ k.reshape(b, m, heads, d).permute(0, 2, 3, 1)).amax(dim=-1)  # [B, heads, 32]
+    top = (qs[:, sample].transpose(1, 2) @ kh.permute(0, 2, 3, 1)).amax(dim=-1)  # [B, heads, 32]
     loose = ((bound[:, sample].transpose(1, 2) - top.float()).amax(dim=-1) > _LOOSE).tolist()  # [B][heads]
     linear = torch.ops.mkldnn._linear_pointwise
 
@@ -154,7 +155,8 @@ def _put_shift(x: torch.Tensor, d: int, t: torch.Tensor) -> None:
 
 @functools.cache
 def _fused_exp_available() -> bool:
-    """torch's oneDNN linear with a fused sigmoid, and oneDNN's bf16 kernels on this CPU (_attention_fused)."""
+    """torch's oneDNN linear with a fused sigmoid, and oneDNN's bf16 kernels on this CPU (_attention_fused).
+    (runtime.packing_available checks the same ops and more; models import only torch and their configs.)"""
     try:
         return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
                 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
