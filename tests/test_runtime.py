@@ -1,6 +1,10 @@
 """Precision and backends: bf16 where native, float32 on request, the OpenVINO-compiled UNet, all within
 bf16 tolerance of the float32 reference; the compiled model is cached on disk and follows weight changes."""
 
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -47,6 +51,31 @@ def test_bf16_path_within_tolerance_of_fp32():
     fast = txt2img(sd, "a red circle", steps=6, seed=3, cfg_scale=5)
     diff = np.abs(_pixels(exact) - _pixels(fast))
     assert diff.mean() < 3.0 and diff.max() < 64, (diff.mean(), diff.max())  # of 255
+
+
+_ALLOCATIONS = """
+import resource, sys, torch
+from plainsd import runtime
+if sys.argv[1] == "keep":
+    assert runtime.keep_freed_memory()
+def round_():  # tensors of 1 to 20 MB, as a UNet step's
+    blocks = [torch.ones(n) for n in (1 << 18, 1 << 20, 3 << 20, 1 << 22, 5 << 20, 1 << 20, 1 << 22)]
+round_()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+round_()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory tunes glibc's malloc only")
+def test_freed_memory_is_reused_without_page_faults():
+    # (in fresh processes: the setting is for the whole process, and this one has it already)
+    def faults(mode):
+        run = subprocess.run([sys.executable, "-c", _ALLOCATIONS, mode], capture_output=True, text=True, check=True)
+        return int(run.stdout)
+    # 73 MB of tensors allocated a second time: glibc's defaults give them fresh pages (18k+ page faults)
+    assert faults("default") > 10_000
+    assert faults("keep") < 1_000
 
 
 def test_openvino_backend_matches_eager_and_caches(tmp_path, monkeypatch):
