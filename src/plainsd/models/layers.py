@@ -92,24 +92,30 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     m, d = k.shape[1], c // heads
     dp, mp = -(-(d + 2) // 16) * 16, -(-m // 16) * 16
     rows = rows or max(512, (1 << 21) // mp)  # 2 M scores (4 MB) at a time
-    qs = (q * d ** -0.5).reshape(b, n, heads, d)  # the scaled query, rounded once
-    kh = k.reshape(b, m, heads, d)
-    qf, kf = qs.float(), kh.float()
-    centre = kf.mean(dim=1, keepdim=True)  # [B, 1, heads, d]
-    radius = torch.linalg.vector_norm(kf - centre, dim=-1).amax(dim=1, keepdim=True)  # [B, 1, heads]
-    bound = (qf * centre).sum(dim=-1) + torch.linalg.vector_norm(qf, dim=-1) * radius  # [B, N, heads]
-    qp = q.new_zeros(b, heads, n, dp)
-    qp[..., :d] = qs.transpose(1, 2)
-    _put_shift(qp, d, (bound + _EXP_MARGIN).transpose(1, 2))
+    qp = q.new_empty(b, heads, n, dp)  # [q/sqrt(d), -t, 0...]
+    qs = qp[..., :d]
+    torch.mul(q.reshape(b, n, heads, d).transpose(1, 2), d ** -0.5, out=qs)  # the scaled query, rounded once
+    qp[..., d + 2:] = 0
+    kh = k.reshape(b, m, heads, d).transpose(1, 2)  # [B, heads, M, d]
+    centre = kh.mean(dim=2, keepdim=True, dtype=torch.float32)  # [B, heads, 1, d]
+    radius = torch.linalg.vector_norm(kh - centre, dim=-1).amax(dim=-1, keepdim=True)  # [B, heads, 1]
+    # q . c as a bf16 product: c rounded to bf16 (off by c - cb, at most |q| |c - cb| in the product) and the
+    # product rounded (off by up to 2^-9 of its size)
+    cb = centre.to(q.dtype)
+    q_centre = (qs @ cb.transpose(-1, -2))[..., 0].float()  # [B, heads, N]
+    q_norm = torch.linalg.vector_norm(qs, dim=-1, dtype=torch.float32)
+    slack = radius + torch.linalg.vector_norm(centre - cb.float(), dim=-1)  # [B, heads, 1]
+    bound = q_centre + q_centre.abs() / 256 + q_norm * slack
+    _put_shift(qp, d, bound + _EXP_MARGIN)
     kp = k.new_zeros(b, heads, mp, dp)
-    kp[:, :, :m, :d] = kh.transpose(1, 2)
+    kp[:, :, :m, :d] = kh
     kp[:, :, :m, d:d + 2] = 1
     vt = v.new_zeros(b, heads, dp, mp)  # [v, 1]^T: oneDNN linear's weight layout (out features, in features)
     vt[:, :, :d, :m] = v.reshape(b, m, heads, d).permute(0, 2, 3, 1)
     vt[:, :, d, :m] = 1
     sample = slice(None, None, max(1, n // 32))
-    top = (qs[:, sample].transpose(1, 2) @ kh.permute(0, 2, 3, 1)).amax(dim=-1)  # [B, heads, 32]
-    loose = ((bound[:, sample].transpose(1, 2) - top.float()).amax(dim=-1) > _LOOSE).tolist()  # [B][heads]
+    top = (qs[:, :, sample] @ kh.transpose(-1, -2)).amax(dim=-1)  # [B, heads, 32]
+    loose = ((bound[:, :, sample] - top.float()).amax(dim=-1) > _LOOSE).tolist()  # [B][heads]
     linear = torch.ops.mkldnn._linear_pointwise
 
     def attend(x: torch.Tensor, i: int, h: int, exact: bool) -> torch.Tensor:
@@ -117,17 +123,17 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
             x = _exact_shift(x, kp[i, h], d, m)
         return linear(linear(x, kp[i, h], None, "sigmoid", [], ""), vt[i, h], None, "none", [], "")
 
-    out, sums = torch.empty_like(q), q.new_empty(b, n, heads)
+    out, sums = torch.empty_like(q), []
     for i in range(b):
         for h in range(heads):
             cols = slice(h * d, (h + 1) * d)
             for s in range(0, n, rows):
                 o = attend(qp[i, h, s:s + rows], i, h, loose[i][h])
                 torch.div(o[:, :d], o[:, d:d + 1], out=out[i, s:s + rows, cols])
-                sums[i, s:s + rows, h] = o[:, d]
-    low = sums < _MIN_SUM
-    for i, h in low.any(dim=1).nonzero().tolist():  # the bound was too far above: these rows again, exactly
-        r, cols = low[i, :, h].nonzero()[:, 0], slice(h * d, (h + 1) * d)
+                sums.append(o[:, d])
+    low = torch.cat(sums).view(b, heads, n) < _MIN_SUM
+    for i, h in low.any(dim=-1).nonzero().tolist():  # the bound was too far above: these rows again, exactly
+        r, cols = low[i, h].nonzero()[:, 0], slice(h * d, (h + 1) * d)
         for s in range(0, len(r), rows):
             o = attend(qp[i, h, r[s:s + rows]], i, h, True)
             out[i, r[s:s + rows], cols] = o[:, :d] / o[:, d:d + 1]
