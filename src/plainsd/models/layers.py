@@ -92,36 +92,33 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     m, d = k.shape[1], c // heads
     dp, mp = -(-(d + 2) // 16) * 16, -(-m // 16) * 16
     rows = rows or max(512, (1 << 21) // mp)  # 2 M scores (4 MB) at a time
-    qp = q.new_empty(b, heads, n, dp)  # [q/sqrt(d), -t, 0...]
-    qs = qp[..., :d]
-    torch.mul(q.reshape(b, n, heads, d).transpose(1, 2), d ** -0.5, out=qs)  # the scaled query, rounded once
-    qp[..., d + 2:] = 0
-    kh = k.reshape(b, m, heads, d).transpose(1, 2)  # [B, heads, M, d]
-    centre = kh.mean(dim=2, keepdim=True, dtype=torch.float32)  # [B, heads, 1, d]
-    radius = torch.linalg.vector_norm(kh - centre, dim=-1).amax(dim=-1, keepdim=True)  # [B, heads, 1]
-    # q . c as a bf16 product: c rounded to bf16 (off by c - cb, at most |q| |c - cb| in the product) and the
-    # product rounded (off by up to 2^-9 of its size)
-    cb = centre.to(q.dtype)
-    q_centre = (qs @ cb.transpose(-1, -2))[..., 0].float()  # [B, heads, N]
-    q_norm = torch.linalg.vector_norm(qs, dim=-1, dtype=torch.float32)
-    slack = radius + torch.linalg.vector_norm(centre - cb.float(), dim=-1)  # [B, heads, 1]
-    bound = q_centre + q_centre.abs() / 256 + q_norm * slack
-    _put_shift(qp, d, bound + _EXP_MARGIN)
-    kp = k.new_zeros(b, heads, mp, dp)
-    kp[:, :, :m, :d] = kh
+    qs = (q * d ** -0.5).contiguous()  # the scaled query, rounded once
+    qf, kf = qs.float().view(b, n, heads, d), k.float().reshape(b, m, heads, d)
+    centre = kf.mean(dim=1)  # [B, heads, d]
+    radius = torch.linalg.vector_norm(kf - centre[:, None], dim=-1).amax(dim=1)  # [B, heads]
+    # q . c for every head in one product, with c in column h of a block-diagonal [C, heads] matrix
+    blocks = (torch.eye(heads)[None, :, :, None] * centre[:, None]).reshape(b, heads, c).transpose(1, 2)
+    bound = torch.bmm(qf.view(b, n, c), blocks) + torch.linalg.vector_norm(qf, dim=-1) * radius[:, None]  # [B, N, heads]
+    qp = q.new_zeros(b, heads, n, dp)  # [q/sqrt(d), -t, 0...]
+    qp[..., :d] = qs.view(b, n, heads, d).transpose(1, 2)
+    _put_shift(qp, d, (bound + _EXP_MARGIN).transpose(1, 2))
+    kp = k.new_zeros(b, heads, mp, dp)  # [k, 1, 1, 0...]
+    kp[:, :, :m, :d] = k.reshape(b, m, heads, d).transpose(1, 2)
     kp[:, :, :m, d:d + 2] = 1
-    vt = v.new_zeros(b, heads, dp, mp)  # [v, 1]^T: oneDNN linear's weight layout (out features, in features)
-    vt[:, :, :d, :m] = v.reshape(b, m, heads, d).permute(0, 2, 3, 1)
-    vt[:, :, d, :m] = 1
+    vp = v.new_zeros(b, heads, mp, dp)  # [v, 1, 0...], handed to oneDNN transposed: linear's (out, in) weight
+    vp[:, :, :m, :d] = v.reshape(b, m, heads, d).transpose(1, 2)
+    vp[:, :, :m, d] = 1
     sample = slice(None, None, max(1, n // 32))
-    top = (qs[:, :, sample] @ kh.transpose(-1, -2)).amax(dim=-1)  # [B, heads, 32]
-    loose = ((bound[:, :, sample] - top.float()).amax(dim=-1) > _LOOSE).tolist()  # [B][heads]
+    xs = qp[:, :, sample].clone()
+    xs[..., d:] = 0
+    top = (xs @ kp.transpose(-1, -2))[..., :m].amax(dim=-1)  # [B, heads, 32]: the sampled queries' exact maxima
+    loose = ((bound[:, sample].transpose(1, 2) - top.float()).amax(dim=-1) > _LOOSE).tolist()  # [B][heads]
     linear = torch.ops.mkldnn._linear_pointwise
 
     def attend(x: torch.Tensor, i: int, h: int, exact: bool) -> torch.Tensor:
         if exact:
             x = _exact_shift(x, kp[i, h], d, m)
-        return linear(linear(x, kp[i, h], None, "sigmoid", [], ""), vt[i, h], None, "none", [], "")
+        return linear(linear(x, kp[i, h], None, "sigmoid", [], ""), vp[i, h].t(), None, "none", [], "")
 
     out, sums = torch.empty_like(q), []
     for i in range(b):
