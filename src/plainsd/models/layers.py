@@ -83,14 +83,16 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     for every key (Cauchy-Schwarz around the keys' mean c). Where that bound is too loose (a head's sampled
     queries, or a row whose S underflowed) the shift is the exact maximum instead (_exact_shift). t takes two
     columns, its bf16 value and the rest (_put_shift): one bf16 number would be off by units for scores in
-    the thousands. The head dimension is padded with zeros to a multiple of 16 (oneDNN's bf16 blocks), and so
-    is the number of keys (a
-    padded key has a zero value and a zero in the sum column: it adds nothing). Within bf16 tolerance of
+    the thousands. The rows of Q' and K' are padded with zeros to a multiple of 4, those of [v, 1] and the
+    number of keys to a multiple of 16 (a padded key has a zero value and a zero in the sum column: it adds
+    nothing). Within bf16 tolerance of
     float32 SDPA (tested): P and S are rounded to bf16 before the division, so the error is about 1.5x that of
     bf16 SDPA."""
     b, n, c = q.shape
     m, d = k.shape[1], c // heads
-    dp, mp = -(-(d + 2) // 16) * 16, -(-m // 16) * 16
+    # padded sizes: q and k's rows (d + 2) to a multiple of 4, [v, 1] (d + 1) and the keys to multiples of 16
+    # (the sizes oneDNN ran fastest here: a narrower first product, a 16-wide second one)
+    dq, dv, mp = -(-(d + 2) // 4) * 4, -(-(d + 1) // 16) * 16, -(-m // 16) * 16
     rows = rows or max(512, (1 << 21) // mp)  # 2 M scores (4 MB) at a time
     qs = (q * d ** -0.5).contiguous()  # the scaled query, rounded once
     qf, kf = qs.float().view(b, n, heads, d), k.float().reshape(b, m, heads, d)
@@ -99,13 +101,13 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     # q . c for every head in one product, with c in column h of a block-diagonal [C, heads] matrix
     blocks = (torch.eye(heads)[None, :, :, None] * centre[:, None]).reshape(b, heads, c).transpose(1, 2)
     bound = torch.bmm(qf.view(b, n, c), blocks) + torch.linalg.vector_norm(qf, dim=-1) * radius[:, None]  # [B, N, heads]
-    qp = q.new_zeros(b, heads, n, dp)  # [q/sqrt(d), -t, 0...]
+    qp = q.new_zeros(b, heads, n, dq)  # [q/sqrt(d), -t, 0...]
     qp[..., :d] = qs.view(b, n, heads, d).transpose(1, 2)
     _put_shift(qp, d, (bound + _EXP_MARGIN).transpose(1, 2))
-    kp = k.new_zeros(b, heads, mp, dp)  # [k, 1, 1, 0...]
+    kp = k.new_zeros(b, heads, mp, dq)  # [k, 1, 1, 0...]
     kp[:, :, :m, :d] = k.reshape(b, m, heads, d).transpose(1, 2)
     kp[:, :, :m, d:d + 2] = 1
-    vp = v.new_zeros(b, heads, mp, dp)  # [v, 1, 0...], handed to oneDNN transposed: linear's (out, in) weight
+    vp = v.new_zeros(b, heads, mp, dv)  # [v, 1, 0...], handed to oneDNN transposed: linear's (out, in) weight
     vp[:, :, :m, :d] = v.reshape(b, m, heads, d).transpose(1, 2)
     vp[:, :, :m, d] = 1
     sample = slice(None, None, max(1, n // 32))
