@@ -27,6 +27,7 @@ from . import lora as lora_mod
 from .embeddings import load_embeddings
 from .fast import FAST, DeepCacheUNet, FastSettings
 from .prompts import encode_pair, extract_loras
+from .runtime import release_freed_memory
 
 MAX_SEED = 2**32 - 1
 
@@ -319,6 +320,7 @@ DECODE_TILE = 64  # latents; larger latents (images over 512 px on a side) are d
 
 def decode(sd: StableDiffusion, latents: torch.Tensor, tiny=None) -> list[Image.Image]:
     """Scaled latents -> PIL images, by the VAE (by tiles when large) or by a tiny (TAESD) decoder."""
+    release_freed_memory()  # (the sampling's freed memory, before the decoder's large blocks)
     with torch.no_grad():
         if tiny is not None:
             return imgs.to_pil(tiny.decode(latents))
