@@ -79,6 +79,27 @@ def test_freed_memory_is_reused_without_page_faults():
     assert default > 10_000 and keep < default / 4, (default, keep)
 
 
+_RELEASE = """
+import torch
+from plainsd import runtime
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
+runtime.keep_freed_memory()
+blocks = [torch.ones(4 << 20) for _ in range(16)]  # 256 MB in blocks of 16 MB
+del blocks
+kept = rss_mb()
+runtime.release_freed_memory()
+print(kept - rss_mb())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory tunes glibc's malloc only")
+def test_kept_memory_is_released_before_decoding():
+    released = int(subprocess.run([sys.executable, "-c", _RELEASE], capture_output=True, text=True, check=True).stdout)
+    assert released > 200, released  # MB of the 256 freed
+
+
 def test_openvino_backend_matches_eager_and_caches(tmp_path, monkeypatch):
     import openvino as ov  # a test extra: a missing one fails here rather than skipping
     sd = _model(1)
