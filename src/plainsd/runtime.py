@@ -115,9 +115,10 @@ def keep_freed_memory() -> bool:
     """Ask glibc's malloc (once per process) to keep freed blocks of up to 32 MB for the next allocation
     instead of handing them back to the kernel. By default it maps blocks of 128 KB and up afresh (mmap)
     and unmaps them when freed, and trims its heap: every UNet step's tensors then come back as new pages
-    that the kernel must fault in and zero, 100k+ page faults per 512x512 step with CFG (4% of the step on
-    the 2-core machine, benchmarks/results.md). The cost: the process holds on to up to 512 MB of freed
-    memory between generations. Returns False (and changes nothing) where the C library is not glibc."""
+    that the kernel must fault in and zero, 100k+ page faults per 512x512 step with CFG (about 4% of the step
+    on the 2-core machine, in processes alternating with and without). The cost: up to 512 MB of freed memory
+    stays with the process (the pipeline hands it back before decoding: release_freed_memory). Returns False
+    (and changes nothing) where the C library is not glibc."""
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # glibc only: other C libraries' mallopt takes other parameters
