@@ -110,7 +110,7 @@ def test_fused_attention_bound_holds_where_the_keys_share_a_large_offset():
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     got = layers._attention_fused(q, k, v, heads=1)
-    # the worst row: 0.3-0.4% (1.7% with the product's rounding left out of the bound)
+    # the worst row: 0.3-0.4% (1.7% with a bound whose q . c came from a bf16 product, rounding not allowed for)
     assert ((got.float() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item() < 0.01
 
 

@@ -83,11 +83,10 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     for every key (Cauchy-Schwarz around the keys' mean c). Where that bound is too loose (a head's sampled
     queries, or a row whose S underflowed) the shift is the exact maximum instead (_exact_shift). t takes two
     columns, its bf16 value and the rest (_put_shift): one bf16 number would be off by units for scores in
-    the thousands. The rows of Q' and K' are padded with zeros to a multiple of 4, those of [v, 1] and the
-    number of keys to a multiple of 16 (a padded key has a zero value and a zero in the sum column: it adds
-    nothing). Within bf16 tolerance of
-    float32 SDPA (tested): P and S are rounded to bf16 before the division, so the error is about 1.5x that of
-    bf16 SDPA."""
+    the thousands. The rows [q/sqrt(d), -t] and [k, 1] (d + 2 wide: t's two columns) are padded with zeros to
+    a multiple of 4, those of [v, 1] and the number of keys to a multiple of 16 (a padded key has a zero value
+    and a zero in the sum column: it adds nothing). Within bf16 tolerance of float32 SDPA (tested): P and S are rounded to bf16 before the division,
+    so the error is about 1.5x that of bf16 SDPA."""
     b, n, c = q.shape
     m, d = k.shape[1], c // heads
     # padded sizes: q and k's rows (d + 2) to a multiple of 4, [v, 1] (d + 1) and the keys to multiples of 16
