@@ -27,7 +27,6 @@ compiled model is looked up again for the new weights.
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import json
 import os
@@ -107,24 +106,23 @@ _MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts
 _TRIM_THRESHOLD = 512 << 20
 
 
-_kept = False
+_kept = False  # keep_freed_memory took effect
 
 
-@functools.cache
 def keep_freed_memory() -> bool:
-    """Ask glibc's malloc (once per process) to keep freed blocks of up to 32 MB for the next allocation
-    instead of handing them back to the kernel. By default it maps blocks of 128 KB and up afresh (mmap)
-    and unmaps them when freed, and trims its heap: every UNet step's tensors then come back as new pages
-    that the kernel must fault in and zero, 100k+ page faults per 512x512 step with CFG (about 4% of the step
-    on the 2-core machine, in processes alternating with and without). The cost: up to 512 MB of freed memory
-    stays with the process (the pipeline hands it back before decoding: release_freed_memory). Returns False
-    (and changes nothing) where the C library is not glibc."""
+    """Ask glibc's malloc to keep freed blocks of up to 32 MB for the next allocation instead of handing them
+    back to the kernel (for the whole process). By default it maps blocks of 128 KB and up afresh (mmap) and
+    unmaps them when freed, and trims its heap: every UNet step's tensors then come back as new pages that the
+    kernel must fault in and zero, 100k+ page faults per 512x512 step with CFG (about 4% of the step on the
+    2-core machine, in processes alternating with and without). The cost: up to 512 MB of freed memory stays
+    with the process (the pipeline hands it back before decoding: release_freed_memory). Returns False (and
+    changes nothing) where the C library is not glibc."""
+    global _kept
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # glibc only: other C libraries' mallopt takes other parameters
     except (OSError, AttributeError):
         return False
-    global _kept
     _kept = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
     return _kept
 
@@ -132,7 +130,7 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> None:
     """Hand the freed memory that keep_freed_memory keeps back to the kernel (glibc's malloc_trim). The
     pipeline calls it before the VAE decodes: the decoder's large blocks (32 MB and up) are mapped afresh
-    anyway, and the sampling's kept blocks would add to the peak (about 0.1 GB at 512x512)."""
+    anyway, and the sampling's kept blocks would add to the peak (0.1-0.2 GB at 512x512)."""
     if _kept:
         ctypes.CDLL(None).malloc_trim(0)
 

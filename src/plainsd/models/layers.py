@@ -85,8 +85,8 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     columns, its bf16 value and the rest (_put_shift): one bf16 number would be off by units for scores in
     the thousands. The rows [q/sqrt(d), -t] and [k, 1] (d + 2 wide: t's two columns) are padded with zeros to
     a multiple of 4, those of [v, 1] and the number of keys to a multiple of 16 (a padded key has a zero value
-    and a zero in the sum column: it adds nothing). Within bf16 tolerance of float32 SDPA (tested): P and S are rounded to bf16 before the division,
-    so the error is about 1.5x that of bf16 SDPA."""
+    and a zero in the sum column: it adds nothing). Within bf16 tolerance of float32 SDPA (tested): P and S
+    are rounded to bf16 before the division, so the error is about 1.5x that of bf16 SDPA."""
     b, n, c = q.shape
     m, d = k.shape[1], c // heads
     # padded sizes: q and k's rows (d + 2) to a multiple of 4, [v, 1] (d + 1) and the keys to multiples of 16
@@ -97,9 +97,9 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     qf, kf = qs.float().view(b, n, heads, d), k.float().reshape(b, m, heads, d)
     centre = kf.mean(dim=1)  # [B, heads, d]
     radius = torch.linalg.vector_norm(kf - centre[:, None], dim=-1).amax(dim=1)  # [B, heads]
-    # q . c for every head in one product, with c in column h of a block-diagonal [C, heads] matrix
+    # bound [B, N, heads]: q . c for every head in one product, with c in column h of a block-diagonal [C, heads]
     blocks = (torch.eye(heads)[None, :, :, None] * centre[:, None]).reshape(b, heads, c).transpose(1, 2)
-    bound = torch.bmm(qf.view(b, n, c), blocks) + torch.linalg.vector_norm(qf, dim=-1) * radius[:, None]  # [B, N, heads]
+    bound = torch.bmm(qf.view(b, n, c), blocks) + torch.linalg.vector_norm(qf, dim=-1) * radius[:, None]
     qp = q.new_zeros(b, heads, n, dq)  # [q/sqrt(d), -t, 0...]
     qp[..., :d] = qs.view(b, n, heads, d).transpose(1, 2)
     _put_shift(qp, d, (bound + _EXP_MARGIN).transpose(1, 2))
