@@ -147,7 +147,12 @@ def encode_prompt(tokenizer, text_encoder, prompt: str, clip_skip: int | None = 
     if (w != 1).any():
         mean_before = z.mean(dim=(1, 2), keepdim=True)
         z = z * w[..., None]
-        z = z * (mean_before / z.mean(dim=(1, 2), keepdim=True))
+        mean_after = z.mean(dim=(1, 2), keepdim=True)
+        # A chunk whose mean is round-off next to its size (a final LayerNorm without bias gives that) keeps the
+        # weighted states as they are: the ratio of two such means is noise, 0/0 a NaN.
+        tiny = 1e-4 * z.abs().mean(dim=(1, 2), keepdim=True)
+        defined = (mean_before.abs() > tiny) & (mean_after.abs() > tiny)
+        z = z * torch.where(defined, mean_before / mean_after, torch.ones_like(mean_after))
     return z.reshape(1, -1, z.shape[-1])
 
 
