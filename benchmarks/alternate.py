@@ -1,7 +1,11 @@
-"""plainsd's default path and OpenVINO bf16 in one process, UNet step against UNet step.
+"""plainsd's default path and OpenVINO in the same precision in one process, UNet step against UNet step.
 
-    .venv/bin/python benchmarks/alternate.py                 # 512x512, 20 pairs (about 3 minutes)
+    .venv/bin/python benchmarks/alternate.py                 # 512x512, 20 pairs (about 3 minutes with bf16)
     .venv/bin/python benchmarks/alternate.py --size 256 --pairs 40
+    .venv/bin/python benchmarks/alternate.py --precision fp32
+
+The precision is plainsd's default for this CPU (bf16 where it has native bf16, else fp32) unless --precision
+says otherwise; OpenVINO gets the same as its inference precision hint.
 
 speed.py measures each runtime in its own fresh process, a few minutes apart; this machine's speed drifts by
 10-15% within an hour, so two rounds of its table can disagree by more than the runtimes differ. Here both run
@@ -27,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--pairs", type=int, default=20)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     args = p.parse_args(argv)
 
     import torch
@@ -37,12 +42,14 @@ def main(argv=None) -> int:
     from plainsd import runtime as rt
 
     checkpoint = _checkpoint()
-    sd = rt.prepare(plainsd.load(checkpoint, dtype=torch.bfloat16), "eager")
-    ov = _OVUNet(checkpoint, "bf16", args.threads)
+    dtype = rt.choose_dtype(args.precision)
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    sd = rt.prepare(plainsd.load(checkpoint, dtype=dtype), "eager")
+    ov = _OVUNet(checkpoint, precision, args.threads)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, args.size // 8, args.size // 8, generator=g)
     t, c = torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768, generator=g)
-    runs = {"plainsd bf16 (default)": lambda: sd.unet(x, t, c), "OpenVINO bf16": lambda: ov(x, t, c)}
+    runs = {f"plainsd {precision}": lambda: sd.unet(x, t, c), f"OpenVINO {precision}": lambda: ov(x, t, c)}
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
         for f in runs.values():  # compile, first touch of memory
@@ -56,7 +63,8 @@ def main(argv=None) -> int:
     ours, theirs = times.values()
     ratios = sorted(a / b for a, b in zip(ours, theirs))
     print(f"UNet step with CFG at {args.size}x{args.size}, {args.threads} threads, {args.pairs} pairs in one process "
-          f"(command: .venv/bin/python benchmarks/alternate.py --size {args.size} --pairs {args.pairs})")
+          f"(command: .venv/bin/python benchmarks/alternate.py --size {args.size} --pairs {args.pairs} "
+          f"--precision {args.precision})")
     for name, ts in times.items():
         print(f"  {name}: median {statistics.median(ts):.3f} s, fastest {min(ts):.3f} s")
     print(f"  plainsd / OpenVINO per pair: median {statistics.median(ratios):.3f} "

@@ -1,7 +1,10 @@
-"""Where a UNet step's time goes: plainsd's default path against OpenVINO bf16, part by part.
+"""Where a UNet step's time goes: plainsd's default path against OpenVINO in the same precision, part by part.
 
     .venv/bin/python benchmarks/breakdown.py            # 512x512 and 256x256, about 3 minutes
-    .venv/bin/python benchmarks/breakdown.py --sizes 256
+    .venv/bin/python benchmarks/breakdown.py --sizes 256 --precision fp32
+
+The precision is plainsd's default for this CPU (bf16 where it has native bf16, else fp32) unless --precision
+says otherwise; OpenVINO gets the same as its inference precision hint.
 
 Runs on the files benchmarks/speed.py leaves in benchmarks/.cache (the SD1.5-size checkpoint with random
 weights and OpenVINO's conversion of diffusers' UNet): run that once first. plainsd's parts are timed with
@@ -25,14 +28,14 @@ PARTS = ["ResBlocks", "self-attention", "cross-attention", "feed-forward", "tran
          "other"]
 
 
-def _plainsd_parts(size: int, repeats: int) -> tuple[float, dict[str, float]]:
+def _plainsd_parts(size: int, repeats: int, dtype) -> tuple[float, dict[str, float]]:
     import torch
 
     import plainsd
     from plainsd import runtime
     from plainsd.models import unet as U
 
-    sd = runtime.prepare(plainsd.load(CACHE / "sd15-random.safetensors", dtype=torch.bfloat16), "eager")
+    sd = runtime.prepare(plainsd.load(CACHE / "sd15-random.safetensors", dtype=dtype), "eager")
     times: dict[str, float] = collections.defaultdict(float)
     starts = {}
 
@@ -70,14 +73,14 @@ def _plainsd_parts(size: int, repeats: int) -> tuple[float, dict[str, float]]:
     return best["step"], parts
 
 
-def _openvino_parts(size: int, repeats: int, threads: int) -> tuple[float, dict[str, float]]:
+def _openvino_parts(size: int, repeats: int, threads: int, precision: str) -> tuple[float, dict[str, float]]:
     import openvino as ov
 
     core = ov.Core()
     model = core.read_model(CACHE / "ov-diffusers-unet" / "unet.xml")
     model.reshape({0: [2, 4, size // 8, size // 8], 1: [2], 2: [2, 77, 768]})
-    config = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
-              "PERF_COUNT": True}
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True}
     request = core.compile_model(model, "CPU", config).create_infer_request()
     x, t, c = _inputs(size)
     inputs = [x.numpy(), t.numpy(), c.numpy()]
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="512,256")
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     args = parser.parse_args(argv)
     if not (CACHE / "ov-diffusers-unet" / "unet.xml").exists():
         sys.exit(f"breakdown.py: no {CACHE}/ov-diffusers-unet/unet.xml; run benchmarks/speed.py once first")
@@ -118,15 +122,20 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT / "src"))
-    print(f"Command: `.venv/bin/python benchmarks/breakdown.py --sizes {args.sizes}`; {args.threads} threads; ms "
+    from plainsd.runtime import choose_dtype
+
+    dtype = choose_dtype(args.precision)
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    print(f"Command: `.venv/bin/python benchmarks/breakdown.py --sizes {args.sizes} --precision {args.precision}`; "
+          f"{precision}; {args.threads} threads; ms "
           f"per UNet step with CFG (batch 2), share of the step's parts in brackets\n")
     for size in (int(s) for s in args.sizes.split(",")):
-        ours_step, ours = _plainsd_parts(size, args.repeats)
-        ov_step, theirs = _openvino_parts(size, args.repeats, args.threads)
+        ours_step, ours = _plainsd_parts(size, args.repeats, dtype)
+        ov_step, theirs = _openvino_parts(size, args.repeats, args.threads, precision)
         ours_sum, ov_sum = sum(ours.values()), sum(theirs.values())
-        print(f"{size}x{size}: plainsd default {ours_step * 1e3:.0f} ms, OpenVINO bf16 {ov_step * 1e3:.0f} ms "
+        print(f"{size}x{size}: plainsd {precision} {ours_step * 1e3:.0f} ms, OpenVINO {precision} {ov_step * 1e3:.0f} ms "
               f"(its parts add up to {ov_sum * 1e3:.0f})\n")
-        print("| part | plainsd ms | OpenVINO bf16 ms | plainsd - OpenVINO |")
+        print(f"| part | plainsd ms | OpenVINO {precision} ms | plainsd - OpenVINO |")
         print("|---|---|---|---|")
         for p in PARTS:
             print(f"| {p} | {ours[p] * 1e3:.0f} ({ours[p] / ours_sum:.0%}) | {theirs[p] * 1e3:.0f} "

@@ -179,36 +179,71 @@ def test_the_openvino_cache_drops_its_least_recently_used_models_beyond_its_limi
 
 
 needs_packing = pytest.mark.skipif(not runtime.packing_available(), reason="torch's oneDNN ops for packed bf16 weights "
-                                   "are missing here (prepare() then keeps plain weights)")
+                                   "are missing here or this CPU has no oneDNN bf16 kernels (prepare() then keeps "
+                                   "plain bf16 weights)")
+needs_fp32_packing = pytest.mark.skipif(not runtime.packing_available(torch.float32), reason="torch's oneDNN ops for "
+                                        "packed weights are missing here (prepare() then keeps plain weights)")
+PACKING_DTYPES = [pytest.param(torch.bfloat16, marks=needs_packing), pytest.param(torch.float32, marks=needs_fp32_packing)]
 
 
-@needs_packing
-def test_packed_layers_give_the_plain_layers_numbers():
+@pytest.mark.parametrize("dtype", PACKING_DTYPES)
+def test_packed_layers_give_the_plain_layers_numbers(dtype):
     torch.manual_seed(0)
     layers = [torch.nn.Conv2d(32, 48, 3, padding=1), torch.nn.Conv2d(48, 32, 1), torch.nn.Conv2d(48, 32, 1, stride=2),
               torch.nn.Conv2d(32, 32, 3, stride=2, padding=1), torch.nn.Conv2d(32, 32, 3, padding=1, groups=4),
               torch.nn.Conv2d(32, 16, 3, padding=1, bias=False), torch.nn.Linear(64, 96), torch.nn.Linear(64, 96, bias=False)]
+    eps = torch.finfo(dtype).eps
     for layer in layers:
-        layer = layer.bfloat16()
+        layer = layer.to(dtype)
         conv = isinstance(layer, torch.nn.Conv2d)
-        x = torch.randn(2, layer.in_channels, 12, 12) if conv else torch.randn(2, 7, layer.in_features)
-        x = x.bfloat16().contiguous(memory_format=torch.channels_last) if conv else x.bfloat16()
         plain_weight = layer.weight.detach().clone()
+        if not conv and dtype == torch.float32:  # float32 linear layers stay plain (MKL's sgemm)
+            assert runtime.pack_weights(layer) == 0 and type(layer) is torch.nn.Linear
+            continue
+        # a convolution's layout follows the input's shape: the second and third calls change it, the last one
+        # changes it back
+        shapes = [(2, 12, 12), (2, 5, 7), (1, 12, 12), (2, 12, 12)] if conv else [(2, 7)]
+        inputs = [torch.randn(n, layer.in_channels, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+                  if conv else torch.randn(n, h, layer.in_features).to(dtype) for n, h, w in
+                  (s if len(s) == 3 else (*s, 0) for s in shapes)]
         with torch.no_grad():
-            expected = layer(x)
+            expected = [layer(x) for x in inputs]
         assert runtime.pack_weights(layer) == 1 and isinstance(layer, runtime._Packed)
         with torch.no_grad():
-            got = layer(x)
-        if conv and layer.kernel_size == (1, 1):  # a matrix product over the channels: bf16's last bit may differ
-            assert got.shape == expected.shape and got.is_contiguous(memory_format=torch.channels_last)
-            assert ((got.float() - expected.float()).abs() <= expected.float().abs() * 2 ** -7 + 1e-6).all(), layer
-        else:
-            assert torch.equal(got, expected), layer
+            got = [layer(x) for x in inputs]
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape and (not conv or g.is_contiguous(memory_format=torch.channels_last))
+            if dtype == torch.bfloat16 and not (conv and layer.kernel_size == (1, 1)):
+                assert torch.equal(g, e), layer
+            else:  # 1x1: a matrix product over the channels; float32: plain small convolutions may not be oneDNN's
+                g, e = g.float(), e.float()
+                assert ((g - e).abs() <= e.abs() * 2 * eps + 8 * eps * e.abs().max()).all(), layer
+        if conv and layer.kernel_size != (1, 1):
+            assert layer.packed_for == inputs[-1].shape and layer.packed[0].is_mkldnn
         assert "weight" not in dict(layer.named_parameters())  # no second copy of the weight is kept
         assert torch.equal(layer.state_dict()["weight"], plain_weight) and list(layer.state_dict()) == (
             ["weight", "bias"] if layer.bias is not None else ["weight"])
         assert runtime.unpack_weights(layer) == 1 and type(layer) in (torch.nn.Conv2d, torch.nn.Linear)
         assert torch.equal(layer.weight, plain_weight) and isinstance(layer.weight, torch.nn.Parameter)
+
+
+@needs_fp32_packing
+def test_packed_float32_unet_and_vae_give_the_plain_numbers():
+    """float32 inference packs the convolutions and GEGLU; the UNet and the VAE agree with the plain networks to
+    float32's rounding (the 1x1 convolutions and GEGLU's fused product round differently), at two image sizes."""
+    sd, plain = _model(), _model()
+    runtime.prepare(sd)
+    assert any(isinstance(m, runtime.PackedConv2d) for m in sd.unet.modules())
+    assert any(isinstance(m, runtime.PackedGEGLU) for m in sd.unet.modules())
+    assert all(getattr(m, "geglu", False) for m in sd.unet.modules() if type(m) is runtime.PackedLinear)
+    t, c = torch.tensor([700.0, 700.0]), torch.randn(2, 77, 128)
+    err = lambda a, b: ((a - b).norm() / b.norm()).item()
+    with torch.no_grad():
+        for shape in ((2, 4, 16, 16), (2, 4, 8, 24), (2, 4, 16, 16)):
+            x = torch.randn(shape)
+            assert err(sd.unet(x, t, c), plain.unet(x, t, c)) < 1e-5
+            assert err(sd.vae.decode(x), plain.vae.decode(x)) < 1e-5
+    assert all(torch.equal(v, plain.unet.state_dict()[k]) for k, v in sd.unet.state_dict().items())
 
 
 @needs_packing
@@ -235,15 +270,15 @@ def test_packed_unet_within_bf16_tolerance_and_back_to_plain_on_demand():
     sd.float()
     assert not any(isinstance(m, (runtime._Packed, runtime.PackedGEGLU)) for m in sd.unet.modules())
     assert all(torch.equal(v.float(), state[k].float()) for k, v in sd.unet.state_dict().items())
-    runtime.prepare(sd)  # float32: never packed
-    assert not any(isinstance(m, runtime._Packed) for m in sd.unet.modules())
+    runtime.prepare(sd)  # float32: the convolutions and GEGLU packed, linear layers plain
+    assert not any(type(m) is runtime.PackedLinear and not getattr(m, "geglu", False) for m in sd.unet.modules())
 
 
-@needs_packing
-def test_a_lora_on_a_packed_model_equals_it_on_a_plain_one_and_leaves_it_as_it_was():
+@pytest.mark.parametrize("dtype", PACKING_DTYPES)
+def test_a_lora_on_a_packed_model_equals_it_on_a_plain_one_and_leaves_it_as_it_was(dtype):
     from plainsd import lora
     from tests.test_lora import random_lora
-    sd = _model(2).to(torch.bfloat16)
+    sd = _model(2).to(dtype)
     layers = lora.LoRA("style", {}, {})
     state = random_lora(sd, seed=4)
     for key in {k.split(".")[0] for k in state}:
@@ -255,7 +290,7 @@ def test_a_lora_on_a_packed_model_equals_it_on_a_plain_one_and_leaves_it_as_it_w
     before = {k: v.clone() for k, v in sd.unet.state_dict().items()}
     plain_run = txt2img(sd, "a circle", **kw).images[0]
     with lora.applied(sd, [(layers, 0.8)]):
-        assert isinstance(sd.unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q, runtime.PackedLinear)
+        assert isinstance(sd.unet.input_blocks[1][1].transformer_blocks[0].ff.net[0].proj, runtime.PackedLinear)
         assert all(torch.equal(v, with_lora[k]) for k, v in sd.unet.state_dict().items())  # the same weights
         on_packed = txt2img(sd, "a circle", **kw).images[0]
     assert on_packed.tobytes() != plain_run.tobytes()  # and the packed layers did run with them

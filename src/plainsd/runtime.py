@@ -8,13 +8,17 @@ instructions: about 3x the float32 speed of SD's convolutions and matmuls here) 
 where bf16 would be emulated and slower. The weights and activations of the networks take that dtype;
 latents, sigmas and all sampler maths stay float32 (the denoiser casts at the network's door).
 
-Packed weights. On the eager bf16 path, torch hands oneDNN a plain weight at every convolution and linear
-layer, and oneDNN copies it into its blocked layout each call: for the 1280- and 2560-channel convolutions
-of SD's deepest levels that copy costs more than the arithmetic. prepare() reorders each weight once
+Packed weights. On the eager path, torch hands oneDNN a plain weight at every convolution (and, in bf16,
+every linear layer), and oneDNN copies it into its blocked layout each call: for the 1280- and 2560-channel
+convolutions of SD's deepest levels that copy costs more than the arithmetic (in float32 on an AVX2 CPU, a
+1280-channel 3x3 convolution at 4x4 takes 40 ms plain and 9 packed). prepare() reorders each weight once
 (pack_weights), as OpenVINO and torch.compile's freezing do, and fuses GEGLU's gelu and product into its
-projection. Packed linears and convolutions give the plain layers' numbers bit for bit, except 1x1
-convolutions, which run as matrix products over the channels (oneDNN's packed 1x1 layout is 80x slower
-on 4x4 inputs when chosen for larger ones, and the other way round): those agree to bf16's last bit.
+projection. oneDNN picks a convolution's layout for the input's shape, and a layout picked for one shape can
+run another 10-100x slower than the plain layer (a 1920-channel one packed for 32x32 and run at 8x8: 960 ms
+against 90), so a convolution is packed at its first call and again whenever the input's shape changes (a
+new image size: one reorder per layer). Packed linears and convolutions give the plain layers' numbers bit
+for bit, except 1x1 convolutions, which run as matrix products over the channels: those agree to the
+dtype's last bit. Float32 linear layers stay plain (MKL's sgemm is as fast as oneDNN's packed product).
 
 Compiled path. backend="openvino" converts the UNet once with openvino.convert_model, keeps the
 converted model on disk (keyed by a fingerprint of the weights, the config and the precision), and
@@ -75,7 +79,7 @@ def choose_dtype(precision: str = "auto") -> torch.dtype:
 
 def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = None, precision: str | None = None):
     """Get a loaded model ready to generate: channels-last convolutions, the chosen backend, and on the eager
-    path the bf16 weights of the UNet and the VAE packed for oneDNN (pack_weights). The eager bf16 path also
+    path the weights of the UNet and the VAE packed for oneDNN (pack_weights). The eager bf16 path also
     turns on torch.set_flush_denormal for the process (denormal floats become zero), and every path asks the C
     library to keep freed memory for reuse (keep_freed_memory).
 
@@ -89,8 +93,8 @@ def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = No
     sd.unet.to(memory_format=torch.channels_last)
     sd.vae.to(memory_format=torch.channels_last)
     sd.backend = OpenVINOUNet(sd.unet, cache_dir) if backend == "openvino" else None
-    if backend == "eager" and packing_available():
-        pack_weights(sd.unet)  # (bf16 layers only: a float32 model stays as it is)
+    if backend == "eager":
+        pack_weights(sd.unet)  # (what the dtype and this torch allow: pack_weights)
         pack_weights(sd.vae)
     if backend == "eager" and sd.unet.dtype == torch.bfloat16:
         # bf16 inference: numbers below float32's 1.2e-38 carry nothing here, and the fused attention's
@@ -135,39 +139,44 @@ def release_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-# ---- packed weights (eager bf16 inference) ----------------------------------------------------------------------
+# ---- packed weights (eager inference) ---------------------------------------------------------------------------
 # torch.ops.mkldnn holds the oneDNN calls torch.compile's CPU freezing uses: _reorder_*_weight gives an opaque
 # (torch._mkldnn layout) copy of a weight in oneDNN's blocked format, and _convolution_pointwise /
 # _linear_pointwise run on it, optionally with an activation ("gelu") or a product ("mul") fused in. The packed
 # tensor replaces the plain weight (no second copy in memory); state_dict(), .weight and .to() see the
-# plain weight again. The packed ops have no autograd, so a call that needs gradients, or an input that is not
-# bf16, goes the plain way.
+# plain weight again. The packed ops have no autograd, so a call that needs gradients, or an input of another
+# dtype, goes the plain way.
 
 _MKLDNN_OPS = ("_reorder_convolution_weight", "_reorder_linear_weight", "_convolution_pointwise", "_linear_pointwise",
                "_is_mkldnn_bf16_supported")
+# what pack_weights packs in each dtype (float32 linear layers stay with MKL's sgemm; GEGLU's fused gelu and
+# product pay in both)
+_PACKED_TYPES = {torch.bfloat16: ("Conv2d", "Linear", "GEGLU"), torch.float32: ("Conv2d", "GEGLU")}
 
 
-def packing_available() -> bool:
-    """True where torch's oneDNN ops for packed bf16 weights exist and the CPU runs oneDNN's bf16 kernels."""
+def packing_available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """True where torch's oneDNN ops for packed weights exist (and, for bf16, the CPU runs oneDNN's bf16
+    kernels)."""
+    if dtype not in _PACKED_TYPES:
+        return False
     try:
         ops = torch.ops.mkldnn
         return (torch.backends.mkldnn.is_available() and all(hasattr(ops, name) for name in _MKLDNN_OPS)
-                and bool(ops._is_mkldnn_bf16_supported()))
+                and (dtype != torch.bfloat16 or bool(ops._is_mkldnn_bf16_supported())))
     except (AttributeError, RuntimeError):
         return False
 
 
 def _reorder(module: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The weight in oneDNN's layout for this layer (GEGLU's projection: its value and gate halves apart)."""
+    """The weight in oneDNN's layout for this layer (GEGLU's projection: its value and gate halves apart). A
+    convolution's weight stays plain here: it is reordered at its first call, for the input's shape
+    (PackedConv2d.forward)."""
     weight = weight.detach()
     if _pointwise(module):  # a 1x1 convolution is a matrix product over the channels
         return (torch.ops.mkldnn._reorder_linear_weight(weight.reshape(weight.shape[:2]).contiguous(), None),)
     if isinstance(module, nn.Conv2d):
-        # the input size is a hint (any size runs; it mattered only for 1x1 kernels, whose layout for 8x8+
-        # inputs runs 4x4 ones 80x slower and the other way round: hence the matrix product for those)
-        hint = [1, module.in_channels, 64, 64]
-        return (torch.ops.mkldnn._reorder_convolution_weight(weight, list(module.padding), list(module.stride),
-                                                              list(module.dilation), module.groups, hint),)
+        module.packed_for = None
+        return (weight.contiguous(memory_format=torch.channels_last),)
     halves = weight.chunk(2) if getattr(module, "geglu", False) else (weight,)
     return tuple(torch.ops.mkldnn._reorder_linear_weight(h.contiguous(), None) for h in halves)
 
@@ -184,7 +193,8 @@ class _Packed:
 
     @property
     def weight(self) -> torch.Tensor:  # the plain weight, a fresh copy (for LoRA, state_dict, the plain path)
-        dense = self.packed[0].to_dense() if len(self.packed) == 1 else torch.cat([p.to_dense() for p in self.packed])
+        parts = [p.to_dense() if p.is_mkldnn else p.clone() for p in self.packed]
+        dense = parts[0] if len(parts) == 1 else torch.cat(parts)
         if isinstance(self, nn.Conv2d):
             shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
             return dense.reshape(shape).contiguous(memory_format=torch.channels_last)
@@ -209,12 +219,18 @@ class _Packed:
 
 
 class PackedConv2d(_Packed, nn.Conv2d):
+    packed_for: tuple | None = None  # the input shape the weight's layout was chosen for
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x) or x.ndim != 4:
             return self._conv_forward(x, self.weight, self.bias)
         if _pointwise(self):  # over the channels of the NHWC view (a view for channels-last input)
             y = torch.ops.mkldnn._linear_pointwise(x.permute(0, 2, 3, 1), self.packed[0], self.bias, "none", [], "")
             return y.permute(0, 3, 1, 2)
+        if self.packed_for != x.shape:  # the layout oneDNN picks for this shape (see the module's docstring)
+            self.packed = (torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)),)
+            self.packed_for = x.shape
         return torch.ops.mkldnn._convolution_pointwise(x, self.packed[0], self.bias, list(self.padding), list(self.stride),
                                                        list(self.dilation), self.groups, "none", [], "")
 
@@ -265,19 +281,27 @@ def _unpack(module: nn.Module):
         dense = module.weight
         module.__class__ = next(plain for plain, packed in _PACKED.items() if packed is type(module))
         del module.packed
+        module.__dict__.pop("packed_for", None)
         weight = nn.Parameter(dense, requires_grad=module.__dict__.pop("_requires_grad", True))
         module._parameters = {"weight": weight, **module._parameters}  # first, as before (state_dict's order)
 
 
+def _packs(kind: str, weight: torch.Tensor) -> bool:
+    return kind in _PACKED_TYPES.get(weight.dtype, ()) and packing_available(weight.dtype)
+
+
 def pack_weights(network: nn.Module) -> int:
-    """Reorder the bf16 weight of every Conv2d and Linear of a network once into oneDNN's layout (inference);
-    GEGLU's projection is packed in its two halves. Returns how many layers were packed."""
+    """Reorder the weights of a network's Conv2d and Linear layers once into oneDNN's layout (inference): in
+    bf16 all of them, in float32 the convolutions (_PACKED_TYPES); GEGLU's projection is packed in its two
+    halves. Returns how many layers were packed (GEGLU's projection counts once)."""
     count = 0
     for module in network.modules():
-        if isinstance(module, GEGLU) and type(module.proj) is nn.Linear and module.proj.weight.dtype == torch.bfloat16:
+        if isinstance(module, GEGLU) and type(module.proj) is nn.Linear and _packs("GEGLU", module.proj.weight):
             module.proj.geglu = True
+            _pack(module.proj)
             _pack(module)
-        if type(module) in (nn.Conv2d, nn.Linear) and module.weight.dtype == torch.bfloat16:
+            count += 1
+        if type(module) in (nn.Conv2d, nn.Linear) and _packs(type(module).__name__, module.weight):
             if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
                 continue
             _pack(module)
