@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import platform
 import resource
 import shlex
 import statistics
@@ -31,8 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / ".cache"
 
-# name -> (runtime, precision); the order is the order of the table's columns
-VARIANTS = {
+# name -> (runtime, precision); the order is the order of the table's columns. On a CPU with native bf16
+# (avx512_bf16 or AMX), where plainsd's default is bf16:
+VARIANTS_BF16 = {
     "diffusers fp32": ("diffusers", "fp32"),
     "diffusers bf16": ("diffusers", "bf16"),
     "OpenVINO f32": ("openvino", "fp32"),
@@ -41,7 +43,7 @@ VARIANTS = {
     "plainsd bf16 (default)": ("plainsd", "bf16"),
     "plainsd openvino bf16 (compiled)": ("plainsd-openvino", "bf16"),
 }
-E2E = {
+E2E_BF16 = {
     "diffusers bf16": ("diffusers", "bf16", False),
     "plainsd bf16 (default)": ("plainsd", "bf16", False),
     "plainsd openvino bf16 (compiled)": ("plainsd-openvino", "bf16", False),
@@ -52,6 +54,22 @@ E2E = {
     "plainsd --fast, 2 blocks throughout": ("plainsd", "bf16", {"deepcache_depth": 2, "deepcache_early": 0.0}),
     "plainsd --fast, 2 blocks on the first 60% of the steps": ("plainsd", "bf16", {"deepcache_early": 0.6}),
 }
+# Elsewhere (AVX2 CPUs, say) plainsd's default is float32, and bf16 is emulated (diffusers in bf16 runs several
+# times slower than in float32; OpenVINO falls back to f32): the float32 runtimes only.
+VARIANTS_FP32 = {
+    "diffusers fp32": ("diffusers", "fp32"),
+    "OpenVINO f32": ("openvino", "fp32"),
+    "plainsd fp32 (default)": ("plainsd", "fp32"),
+    "plainsd openvino f32 (compiled)": ("plainsd-openvino", "fp32"),
+}
+E2E_FP32 = {
+    "diffusers fp32": ("diffusers", "fp32", False),
+    "plainsd fp32 (default)": ("plainsd", "fp32", False),
+    "plainsd openvino f32 (compiled)": ("plainsd-openvino", "fp32", False),
+    "plainsd --fast": ("plainsd", "fp32", True),
+    "plainsd --fast --tiny-decoder": ("plainsd", "fp32", {"tiny_decoder": True}),
+}
+VARIANTS, E2E = VARIANTS_BF16, E2E_BF16  # main() picks the pair for this CPU
 
 
 # --- the worker: one measurement in a fresh process -------------------------------------------------
@@ -265,13 +283,14 @@ def _run(task: dict) -> dict:
         return json.loads(Path(out.name).read_text())
 
 
-def matmul_peak(threads: int) -> dict:
-    """Measured GEMM throughput (GFLOP/s) of this machine in fp32 and bf16, with torch (oneDNN / MKL)."""
+def matmul_peak(threads: int, bf16: bool = True) -> dict:
+    """Measured GEMM throughput (GFLOP/s) of this machine in fp32 and (where the CPU has it natively) bf16,
+    with torch (oneDNN / MKL)."""
     import torch
 
     torch.set_num_threads(threads)
     peaks = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))[:2 if bf16 else 1]:
         a, b = torch.randn(4096, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
         a @ b
         best = min(_timed(lambda: a @ b) for _ in range(5))
@@ -320,7 +339,8 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="512,256")
     p.add_argument("--skip", default="", help="comma-separated: unet, vae, e2e, openvino, diffusers")
     p.add_argument("--e2e", default="", help="semicolon-separated: only these end-to-end rows (default: all)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.md"))
+    p.add_argument("--out", default=None, help="the table's file (default: benchmarks/results.md where the CPU has "
+                   "native bf16, benchmarks/results-fp32.md elsewhere)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -328,12 +348,20 @@ def main(argv=None) -> int:
         Path(args.result).write_text(json.dumps(worker(json.loads(args.worker))))
         return 0
 
+    global VARIANTS, E2E
+    sys.path.insert(0, str(ROOT / "src"))
+    from plainsd.runtime import native_bf16
+
+    bf16 = native_bf16()
+    VARIANTS, E2E = (VARIANTS_BF16, E2E_BF16) if bf16 else (VARIANTS_FP32, E2E_FP32)
+    args.out = args.out or str(ROOT / "benchmarks" / ("results.md" if bf16 else "results-fp32.md"))
+    args.peak = "bf16" if bf16 else "fp32"  # plainsd's default precision here: the table's peak
     skip = set(filter(None, args.skip.split(",")))
     sizes = [int(s) for s in args.sizes.split(",")]
     variants = {k: v for k, v in VARIANTS.items() if not _skipped(v[0], skip)}
     checkpoint = _checkpoint()
-    peaks = matmul_peak(args.threads)
-    print(f"matmul peak ({args.threads} threads): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True)
+    peaks = matmul_peak(args.threads, bf16)
+    print(f"matmul peak ({args.threads} threads): {_peaks(peaks)}", flush=True)
     common = {"checkpoint": str(checkpoint), "threads": args.threads, "repeats": args.repeats}
 
     # Warm the caches (OpenVINO IRs and compiled blobs) once, so that the rounds time second runs.
@@ -370,6 +398,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def _peaks(peaks: dict) -> str:
+    return ", ".join(f"{name} {value:.0f} GFLOP/s" for name, value in peaks.items()) + (
+        "" if "bf16" in peaks else " (no native bf16 on this CPU)")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def _median(rs: list[dict], key: str) -> float | None:
     values = [r[key] for r in rs if key in r]
     return statistics.median(values) if values else None
@@ -378,8 +421,8 @@ def _median(rs: list[dict], key: str) -> float | None:
 def _table(results, peaks, sizes, args) -> str:
     import torch
 
-    lines = [f"Machine: {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}; measured matmul peak "
-             f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s. Median of {args.rounds} rounds; "
+    lines = [f"Machine: {_cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}; "
+             f"measured matmul peak {_peaks(peaks)}. Median of {args.rounds} rounds; "
              f"command: `.venv/bin/python benchmarks/speed.py " + shlex.join(sys.argv[1:]) + "`", ""]
     for size in sizes:
         if not any(("unet", size, name) in results for name in VARIANTS):
@@ -387,7 +430,7 @@ def _table(results, peaks, sizes, args) -> str:
         step_gflop, _ = model_gflop(size)
         base = _median(results.get(("unet", size, "diffusers fp32"), []), "seconds")
         lines += [f"UNet step with CFG (batch 2) at {size}x{size}: {step_gflop:.0f} GFLOP", "",
-                  "| runtime | s/step | vs diffusers fp32 | % of bf16 matmul peak | start-up s | peak RSS GB |",
+                  f"| runtime | s/step | vs diffusers fp32 | % of {args.peak} matmul peak | start-up s | peak RSS GB |",
                   "|---|---|---|---|---|---|"]
         for name in VARIANTS:
             rs = results.get(("unet", size, name))
@@ -398,16 +441,17 @@ def _table(results, peaks, sizes, args) -> str:
                 lines.append(f"| {name} | failed: {rs[0].get('error', '')} | | | | |")
                 continue
             ratio = f"{base / s:.2f}x" if base else ""
-            lines.append(f"| {name} | {s:.2f} | {ratio} | {100 * step_gflop / s / peaks['bf16']:.0f}% | "
+            lines.append(f"| {name} | {s:.2f} | {ratio} | {100 * step_gflop / s / peaks[args.peak]:.0f}% | "
                          f"{_median(rs, 'startup'):.1f} | {_median(rs, 'peak_rss_gb'):.2f} |")
         lines.append("")
     _, vae_gflop = model_gflop(512)
     rows = [(name, results[("vae", 512, name)]) for name in VARIANTS if ("vae", 512, name) in results]
     if rows:
-        lines += [f"VAE decode at 512x512: {vae_gflop:.0f} GFLOP", "", "| runtime | s | % of bf16 matmul peak |", "|---|---|---|"]
+        lines += [f"VAE decode at 512x512: {vae_gflop:.0f} GFLOP", "", f"| runtime | s | % of {args.peak} matmul peak |",
+                  "|---|---|---|"]
         for name, rs in rows:
             s = _median(rs, "seconds")
-            lines.append(f"| {name} | {s:.2f} | {100 * vae_gflop / s / peaks['bf16']:.0f}% |" if s else f"| {name} | failed | |")
+            lines.append(f"| {name} | {s:.2f} | {100 * vae_gflop / s / peaks[args.peak]:.0f}% |" if s else f"| {name} | failed | |")
         lines.append("")
     rows = [(name, results[("e2e", 512, name)]) for name in E2E if ("e2e", 512, name) in results]
     if rows:

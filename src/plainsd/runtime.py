@@ -12,13 +12,14 @@ Packed weights. On the eager path, torch hands oneDNN a plain weight at every co
 every linear layer), and oneDNN copies it into its blocked layout each call: for the 1280- and 2560-channel
 convolutions of SD's deepest levels that copy costs more than the arithmetic (in float32 on an AVX2 CPU, a
 1280-channel 3x3 convolution at 4x4 takes 40 ms plain and 9 packed). prepare() reorders each weight once
-(pack_weights), as OpenVINO and torch.compile's freezing do, and fuses GEGLU's gelu and product into its
-projection. oneDNN picks a convolution's layout for the input's shape, and a layout picked for one shape can
-run another 10-100x slower than the plain layer (a 1920-channel one packed for 32x32 and run at 8x8: 960 ms
-against 90), so a convolution is packed at its first call and again whenever the input's shape changes (a
-new image size: one reorder per layer). Packed linears and convolutions give the plain layers' numbers bit
+(pack_weights), as OpenVINO and torch.compile's freezing do, and in bf16 fuses GEGLU's gelu and product into
+its projection. oneDNN picks a convolution's layout for the input's shape, and a layout picked for one shape
+can run another 10-100x slower than the plain layer (a 1920-channel one packed for 32x32 and run at 8x8: 960
+ms against 90), so a convolution is packed at its first call and again whenever the input's shape changes
+(a new image size: one reorder per layer). Packed linears and convolutions give the plain layers' numbers bit
 for bit, except 1x1 convolutions, which run as matrix products over the channels: those agree to the
-dtype's last bit. Float32 linear layers stay plain (MKL's sgemm is as fast as oneDNN's packed product).
+dtype's last bit. Float32 linear layers and GEGLU stay plain (MKL's sgemm is as fast as oneDNN's packed
+product, and oneDNN's fused gelu slower than torch's).
 
 Compiled path. backend="openvino" converts the UNet once with openvino.convert_model, keeps the
 converted model on disk (keyed by a fingerprint of the weights, the config and the precision), and
@@ -149,9 +150,10 @@ def release_freed_memory() -> None:
 
 _MKLDNN_OPS = ("_reorder_convolution_weight", "_reorder_linear_weight", "_convolution_pointwise", "_linear_pointwise",
                "_is_mkldnn_bf16_supported")
-# what pack_weights packs in each dtype (float32 linear layers stay with MKL's sgemm; GEGLU's fused gelu and
-# product pay in both)
-_PACKED_TYPES = {torch.bfloat16: ("Conv2d", "Linear", "GEGLU"), torch.float32: ("Conv2d", "GEGLU")}
+# what pack_weights packs in each dtype: float32 linear layers stay with MKL's sgemm, GEGLU too (its plain
+# projection and in-place gelu and product ran 10-20% faster than oneDNN's fused ones at SD's sizes on 2 AVX2
+# cores; in bf16 the fused ones win)
+_PACKED_TYPES = {torch.bfloat16: ("Conv2d", "Linear", "GEGLU"), torch.float32: ("Conv2d",)}
 
 
 def packing_available(dtype: torch.dtype = torch.bfloat16) -> bool:

@@ -179,3 +179,20 @@ def test_float32_and_training_keep_sdpa(monkeypatch):
     layers.attention(qg, k.bfloat16(), v.bfloat16(), heads=2).float().sum().backward()  # gradients needed
     assert calls == ["sdpa", "sdpa"] and qg.grad is not None
 
+
+
+def test_geglu_in_place_at_inference_gives_the_same_numbers_and_training_keeps_its_gradient():
+    torch.manual_seed(0)
+    geglu, x = layers.GEGLU(16, 24), torch.randn(3, 5, 16)
+    value, gate = F.linear(x, geglu.proj.weight, geglu.proj.bias).chunk(2, dim=-1)
+    expected = value * F.gelu(gate)
+    with torch.no_grad():
+        assert torch.equal(geglu(x), expected)
+    with torch.inference_mode():
+        assert torch.equal(geglu(x), expected)
+    out = geglu(x)  # autograd: out of place
+    out.sum().backward()
+    w = geglu.proj.weight.detach().requires_grad_()
+    v, g = F.linear(x, w, geglu.proj.bias.detach()).chunk(2, dim=-1)
+    (v * F.gelu(g)).sum().backward()
+    assert torch.equal(out.detach(), expected.detach()) and torch.allclose(geglu.proj.weight.grad, w.grad)

@@ -195,7 +195,11 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x * F.gelu(gate)
+        # inference: in place on the projection's output (the same numbers; two [N, 4C] tensors fewer to
+        # allocate and fill: a fifth of the feed-forward's time in float32 on 2 cores)
+        return x.mul_(torch.ops.aten.gelu_(gate))
 
 
 class FeedForward(nn.Module):
