@@ -8,7 +8,9 @@ fp16 single-file checkpoint in the original layout; every runtime loads that sam
 plainsd.load, diffusers through its own single-file converters, OpenVINO by converting diffusers' UNet
 with openvino.convert_model (as optimum-intel does). Each measurement runs in a fresh subprocess (so that
 start-up and peak RSS are its own), the runtimes alternate within each round, all with the same thread
-count, and the table gives the median over rounds.
+count, and the table gives the median over rounds. The rows follow the CPU: where it has native bf16, the
+bf16 and float32 runtimes (table in benchmarks/results.md); elsewhere the float32 ones, plainsd's default
+there (benchmarks/results-fp32.md).
 
 Needs the test extras (diffusers, transformers) and openvino: pip install -e '.[test,openvino]'.
 """
