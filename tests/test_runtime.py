@@ -12,6 +12,7 @@ import torch
 import plainsd
 from tests.reference import perturb
 from plainsd import runtime
+from plainsd.models import layers
 from plainsd.pipeline import txt2img
 
 
@@ -229,12 +230,17 @@ def test_packed_layers_give_the_plain_layers_numbers(dtype):
 
 @needs_fp32_packing
 def test_packed_float32_unet_and_vae_give_the_plain_numbers():
-    """float32 inference packs the convolutions only; the UNet and the VAE agree with the plain networks to
-    float32's rounding (the 1x1 convolutions round differently), at two image sizes."""
+    """float32 inference packs the convolutions and GEGLU's projection (the rest of GEGLU stays plain); the UNet
+    and the VAE agree with the plain networks to float32's rounding (the 1x1 convolutions and the projection
+    round differently), at two image sizes."""
     sd, plain = _model(), _model()
     runtime.prepare(sd)
     assert any(isinstance(m, runtime.PackedConv2d) for m in sd.unet.modules())
-    assert not any(isinstance(m, (runtime.PackedLinear, runtime.PackedGEGLU)) for m in sd.unet.modules())
+    packed_linears = [m for m in sd.unet.modules() if isinstance(m, runtime.PackedLinear)]
+    geglus = [m for m in sd.unet.modules() if isinstance(m, layers.GEGLU)]
+    assert packed_linears and {id(m) for m in packed_linears} == {id(m.proj) for m in geglus}
+    assert all(len(m.packed) == 1 for m in packed_linears)  # whole: GEGLU's forward takes its halves apart
+    assert not any(isinstance(m, runtime.PackedGEGLU) for m in geglus)
     t, c = torch.tensor([700.0, 700.0]), torch.randn(2, 77, 128)
     err = lambda a, b: ((a - b).norm() / b.norm()).item()
     with torch.no_grad():
@@ -269,8 +275,12 @@ def test_packed_unet_within_bf16_tolerance_and_back_to_plain_on_demand():
     sd.float()
     assert not any(isinstance(m, (runtime._Packed, runtime.PackedGEGLU)) for m in sd.unet.modules())
     assert all(torch.equal(v.float(), state[k].float()) for k, v in sd.unet.state_dict().items())
-    runtime.prepare(sd)  # float32: the convolutions packed, linear layers and GEGLU plain
-    assert not any(isinstance(m, (runtime.PackedLinear, runtime.PackedGEGLU)) for m in sd.unet.modules())
+    runtime.prepare(sd)  # float32: the convolutions and GEGLU's projection packed, the other linear layers plain
+    assert not any(isinstance(m, runtime.PackedGEGLU) for m in sd.unet.modules())
+    assert all(isinstance(m.proj, runtime.PackedLinear) and len(m.proj.packed) == 1  # whole, not in halves
+               for m in sd.unet.modules() if isinstance(m, layers.GEGLU))
+    assert sum(isinstance(m, runtime.PackedLinear) for m in sd.unet.modules()) == sum(
+        isinstance(m, layers.GEGLU) for m in sd.unet.modules())
 
 
 @pytest.mark.parametrize("dtype", PACKING_DTYPES)
