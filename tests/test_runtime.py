@@ -12,7 +12,7 @@ import torch
 import plainsd
 from tests.reference import perturb
 from plainsd import runtime
-from plainsd.models import layers
+from plainsd.models.layers import GEGLU
 from plainsd.pipeline import txt2img
 
 
@@ -237,7 +237,7 @@ def test_packed_float32_unet_and_vae_give_the_plain_numbers():
     runtime.prepare(sd)
     assert any(isinstance(m, runtime.PackedConv2d) for m in sd.unet.modules())
     packed_linears = [m for m in sd.unet.modules() if isinstance(m, runtime.PackedLinear)]
-    geglus = [m for m in sd.unet.modules() if isinstance(m, layers.GEGLU)]
+    geglus = [m for m in sd.unet.modules() if isinstance(m, GEGLU)]
     assert packed_linears and {id(m) for m in packed_linears} == {id(m.proj) for m in geglus}
     assert all(len(m.packed) == 1 for m in packed_linears)  # whole: GEGLU's forward takes its halves apart
     assert not any(isinstance(m, runtime.PackedGEGLU) for m in geglus)
@@ -278,9 +278,9 @@ def test_packed_unet_within_bf16_tolerance_and_back_to_plain_on_demand():
     runtime.prepare(sd)  # float32: the convolutions and GEGLU's projection packed, the other linear layers plain
     assert not any(isinstance(m, runtime.PackedGEGLU) for m in sd.unet.modules())
     assert all(isinstance(m.proj, runtime.PackedLinear) and len(m.proj.packed) == 1  # whole, not in halves
-               for m in sd.unet.modules() if isinstance(m, layers.GEGLU))
+               for m in sd.unet.modules() if isinstance(m, GEGLU))
     assert sum(isinstance(m, runtime.PackedLinear) for m in sd.unet.modules()) == sum(
-        isinstance(m, layers.GEGLU) for m in sd.unet.modules())
+        isinstance(m, GEGLU) for m in sd.unet.modules())
 
 
 @pytest.mark.parametrize("dtype", PACKING_DTYPES)

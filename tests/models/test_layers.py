@@ -180,7 +180,6 @@ def test_float32_and_training_keep_sdpa(monkeypatch):
     assert calls == ["sdpa", "sdpa"] and qg.grad is not None
 
 
-
 def test_geglu_in_place_at_inference_gives_the_same_numbers_and_training_keeps_its_gradient():
     torch.manual_seed(0)
     geglu, x = layers.GEGLU(16, 24), torch.randn(3, 5, 16)
