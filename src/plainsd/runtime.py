@@ -8,19 +8,19 @@ instructions: about 3x the float32 speed of SD's convolutions and matmuls here) 
 where bf16 would be emulated and slower. The weights and activations of the networks take that dtype;
 latents, sigmas and all sampler maths stay float32 (the denoiser casts at the network's door).
 
-Packed weights. On the eager path, torch hands oneDNN a plain weight at every convolution (and, in bf16,
-every linear layer), and oneDNN copies it into its blocked layout each call: for the 1280- and 2560-channel
+Packed weights. On the eager path, torch hands oneDNN a plain weight at every convolution (and, in bf16, every
+linear layer), and oneDNN copies it into its blocked layout each call: for the 1280- and 2560-channel
 convolutions of SD's deepest levels that copy costs more than the arithmetic (in float32 on an AVX2 CPU, a
-1280-channel 3x3 convolution at 4x4 takes 40 ms plain and 9 packed). prepare() reorders each weight once
-(pack_weights), as OpenVINO and torch.compile's freezing do, and in bf16 fuses GEGLU's gelu and product into
-its projection. oneDNN picks a convolution's layout for the input's shape, and a layout picked for one shape
-can run another 10-100x slower than the plain layer (a 1920-channel one packed for 32x32 and run at 8x8: 960
-ms against 90), so a convolution is packed at its first call and again whenever the input's shape changes
-(a new image size: one reorder per layer). In bf16, packed linears and convolutions give the plain layers'
-numbers bit for bit, except 1x1 convolutions, which run as matrix products over the channels and agree to
-the last bit; in float32 all agree to the last bit (torch's plain float32 convolution is not always
-oneDNN's). Float32 linear layers stay plain (MKL's sgemm is as fast as oneDNN's packed product), except
-GEGLU's projection (faster packed at the deep levels), whose gelu and product stay torch's.
+1280-channel 3x3 convolution at 4x4 takes 48 ms plain and 9 packed in benchmarks/conv_layouts.md). prepare()
+reorders each weight once (pack_weights), as OpenVINO and torch.compile's freezing do, and in bf16 fuses GEGLU's
+gelu and product into its projection. oneDNN picks a convolution's layout for the input's shape, and a layout
+picked for one shape can run another 10-100x slower than the plain layer (a 1920-channel one packed for 32x32
+and run at 8x8: 980 ms against 89), so a convolution is packed at its first call and again whenever the input's
+shape changes (a new image size: one reorder per layer). In bf16, packed linears and convolutions give the plain
+layers' numbers bit for bit, except 1x1 convolutions, which run as matrix products over the channels and agree
+to the last bit; in float32 all agree to the last bit (torch's plain float32 convolution is not always
+oneDNN's). Float32 linear layers stay plain (MKL's sgemm is as fast as oneDNN's packed product), except GEGLU's
+projection (faster packed at the deep levels), whose gelu and product stay torch's.
 
 Compiled path. backend="openvino" converts the UNet once with openvino.convert_model, keeps the
 converted model on disk (keyed by a fingerprint of the weights, the config and the precision), and
@@ -179,7 +179,6 @@ def _reorder(module: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, ...
     if _pointwise(module):  # a 1x1 convolution is a matrix product over the channels
         return (torch.ops.mkldnn._reorder_linear_weight(weight.reshape(weight.shape[:2]).contiguous(), None),)
     if isinstance(module, nn.Conv2d):
-        module.packed_for = None
         return (weight.contiguous(memory_format=torch.channels_last),)
     halves = weight.chunk(2) if getattr(module, "geglu", False) else (weight,)
     return tuple(torch.ops.mkldnn._reorder_linear_weight(h.contiguous(), None) for h in halves)
@@ -223,7 +222,7 @@ class _Packed:
 
 
 class PackedConv2d(_Packed, nn.Conv2d):
-    packed_for: tuple | None = None  # the input shape the weight's layout was chosen for
+    packed_for: tuple | None = None  # the input shape the weight's layout was chosen for (once it is packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x) or x.ndim != 4:
@@ -231,7 +230,7 @@ class PackedConv2d(_Packed, nn.Conv2d):
         if _pointwise(self):  # over the channels of the NHWC view (a view for channels-last input)
             y = torch.ops.mkldnn._linear_pointwise(x.permute(0, 2, 3, 1), self.packed[0], self.bias, "none", [], "")
             return y.permute(0, 3, 1, 2)
-        if self.packed_for != x.shape:  # the layout oneDNN picks for this shape (see the module's docstring)
+        if not self.packed[0].is_mkldnn or self.packed_for != x.shape:  # oneDNN's layout for this shape (module doc)
             self.packed = (torch.ops.mkldnn._reorder_convolution_weight(
                 self.weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)),)
             self.packed_for = x.shape
