@@ -41,6 +41,11 @@ def test_batches_default_folder_and_save_steps(tmp_path):
     assert gif.n_frames >= 4 and Image.open("s-steps.png").size == (4 * 64, 64)
 
 
+def test_token_merging_option():
+    assert main(["txt2img", "x", "--steps", "2", "--seed", "1", "--token-merging", "0.5", "-o", "t.png", "--quiet"]) == 0
+    assert parse_infotext(read_parameters("t.png"))["Token merging ratio"] == "0.5"
+
+
 def test_img2img_inpaint_and_png_info(capsys):
     Image.new("RGB", (64, 64), "red").save("init.png")
     mask = Image.new("L", (64, 64), 0)
@@ -68,6 +73,8 @@ def test_img2img_inpaint_and_png_info(capsys):
     (["img2img", "x", "--init-image", "bad.png"], "cannot read image bad.png"),
     (["png-info", "bad.png"], "cannot read image"),
     (["txt2img", "x", "--guidance-until", "0"], "guidance_until (the fraction of the steps with guidance) must be in (0, 1]"),
+    (["txt2img", "x", "--token-merging", "0.8", "--backend", "openvino"], "--token-merging needs the eager UNet"),
+    (["txt2img", "x", "--token-merging", "-0.5"], "--token-merging must be at least 0 and below 1"),
     # a shipped recipe by name: unet-objects goes on from the earlier runs' files, here absent
     (["train", "unet", "--config", "unet-objects"], "no such checkpoint file or folder: runs/vae-decoder-objects/vae.safetensors"),
     (["train", "vae", "--config", "unet-objects"], "is a unet config, not a vae one"),

@@ -59,6 +59,25 @@ def test_infotext_fields(sd):
     assert f["Size"] == "64x64" and f["Model"] == "tiny" and f["Clip skip"] == "2"
 
 
+def test_token_merging(sd):
+    plain = pipeline.txt2img(sd, "a red circle", steps=4, seed=2, sampler="Euler")
+    merged = pipeline.txt2img(sd, "a red circle", steps=4, seed=2, sampler="Euler", token_merging=0.5)
+    assert parse_infotext(merged.infotexts[0])["Token merging ratio"] == "0.5"
+    assert "Token merging ratio" not in parse_infotext(plain.infotexts[0])
+    assert not np.array_equal(_arr(plain.images[0]), _arr(merged.images[0]))
+    again = pipeline.txt2img(sd, "a red circle", steps=4, seed=2, sampler="Euler")  # for that run only
+    assert np.array_equal(_arr(plain.images[0]), _arr(again.images[0]))
+    assert {m.merge_ratio for m in sd.unet.modules() if hasattr(m, "merge_ratio")} == {0.0}
+    with pytest.raises(ValueError, match="token merging ratio must be at least 0 and below 1"):
+        pipeline.txt2img(sd, "x", steps=2, token_merging=1.0)
+    sd.backend = lambda *args: None  # as runtime.prepare(sd, "openvino") sets it
+    try:
+        with pytest.raises(ValueError, match="token merging needs the eager UNet"):
+            pipeline.txt2img(sd, "x", steps=2, token_merging=0.5)
+    finally:
+        del sd.backend
+
+
 def test_guidance_and_negative_prompt(sd):
     a = pipeline.txt2img(sd, "x", "one thing", steps=3, seed=1, cfg_scale=1.0)
     b = pipeline.txt2img(sd, "x", "another thing", steps=3, seed=1, cfg_scale=1.0)

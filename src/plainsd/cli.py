@@ -49,6 +49,9 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     p.add_argument("--tiny-decoder", nargs="?", const=True, default=False, metavar="FILE",
                    help="decode with a tiny (TAESD) decoder: the model's (NAME.taesd.safetensors beside it) or FILE "
                         "(TAESD's or diffusers' taesd decoder .safetensors); faster, less exact")
+    p.add_argument("--token-merging", type=float, default=0.0, metavar="RATIO",
+                   help="A1111's token merging ratio: merge that fraction of the full-resolution tokens before "
+                        "self-attention (0.5 is usual; faster at 512 px and up, less exact; default 0 = off)")
     p.add_argument("--save-steps", action="store_true", help="also write the denoising process as a GIF and a contact sheet")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -231,7 +234,7 @@ def _generate(args) -> int:
                   batch_size=args.batch_size,
                   batch_count=args.batch_count, clip_skip=args.clip_skip, eta=args.eta, progress=not args.quiet,
                   record_steps=args.save_steps, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-                  fast=choose_fast(args.fast, bool(args.tiny_decoder)))
+                  fast=choose_fast(args.fast, bool(args.tiny_decoder)), token_merging=args.token_merging)
     # Check the cheap things before loading a model.
     from plainsd.diffusion.samplers import resolve_sampler
     from plainsd.diffusion.schedules import get_sigmas
@@ -251,6 +254,11 @@ def _generate(args) -> int:
         from plainsd.fast import load_tiny_decoder
 
         tiny = load_tiny_decoder(args.tiny_decoder)  # a wrong file fails here, before the model loads
+    if not 0.0 <= args.token_merging < 1.0:
+        raise ValueError(f"--token-merging must be at least 0 and below 1 (0.5 is usual; 0 = off), got {args.token_merging}")
+    if args.token_merging and args.backend == "openvino":
+        raise ValueError("--token-merging needs the eager UNet: the OpenVINO-compiled one cannot merge tokens "
+                         "(leave out --backend openvino, or --token-merging)")
     if args.fast and args.backend == "openvino":
         print("plainsd: with --backend openvino, --fast stops guidance early but cannot reuse UNet features "
               "(DeepCache needs the eager UNet)", file=sys.stderr)

@@ -9,6 +9,7 @@ later) comes from its own generator, so an image is the same whether it was made
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 from typing import Callable
@@ -141,7 +142,7 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
              callback: Callable[[StepInfo], None] | None = None, interrupt: Callable[[], bool] | None = None,
              skip: Callable[[], bool] | None = None, progress: bool = False, record_steps: bool = False,
              lora_dir: str | None = None, embeddings_dir: str | None = None,
-             fast: bool | FastSettings = False) -> Result:
+             fast: bool | FastSettings = False, token_merging: float = 0.0) -> Result:
     """The common path of txt2img, img2img and inpaint; see those for the parameters.
 
     Settings left as None come from the model's own recommended defaults (sd.defaults), then DEFAULTS.
@@ -152,13 +153,15 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
     textual-inversion embeddings in embeddings_dir are replaced by their vectors.
     fast: True (or FastSettings) trades exactness for speed: DeepCache and a guidance cut-off;
     FastSettings(tiny_decoder=True) adds the model's tiny decoder (plainsd.fast.choose).
+    token_merging [0, 1): A1111's "Token merging ratio": that fraction of the full-resolution level's tokens
+    merged before self-attention (models/tome.py; faster, not exact); 0 = off.
     """
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise TypeError("prompt and negative_prompt must be strings")
     prompt_text, requested = extract_loras(prompt)
     loras = lora_mod.resolve(requested, lora_dir)
     embeddings = load_embeddings(embeddings_dir, sd) if embeddings_dir is not None else None
-    with lora_mod.applied(sd, loras):
+    with lora_mod.applied(sd, loras), _token_merging(sd, token_merging):
         return _generate(sd, prompt, prompt_text, negative_prompt, embeddings, steps=steps, sampler=sampler,
                          schedule=schedule, cfg_scale=cfg_scale, seed=seed, width=width, height=height,
                          batch_size=batch_size, batch_count=batch_count, clip_skip=clip_skip, eta=eta,
@@ -166,13 +169,30 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
                          mask_blur=mask_blur, inpainting_mask_invert=inpainting_mask_invert,
                          guidance_until=guidance_until, callback=callback, interrupt=interrupt, skip=skip,
                          progress=progress, record_steps=record_steps,
-                         fast=FAST if fast is True else (fast or None))
+                         fast=FAST if fast is True else (fast or None), token_merging=token_merging)
+
+
+@contextlib.contextmanager
+def _token_merging(sd: StableDiffusion, ratio: float):
+    """The UNet merges `ratio` of its full-resolution tokens for this run (0: none), as it did before afterwards."""
+    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"the token merging ratio must be at least 0 and below 1 (0.5 is usual; 0 = off), got {ratio}")
+    if ratio > 0 and getattr(sd, "backend", None) is not None:
+        raise ValueError("token merging needs the eager UNet: the OpenVINO-compiled one cannot merge tokens "
+                         "(leave out --backend openvino, or token merging)")
+    before = {m: m.merge_ratio for m in sd.unet.modules() if hasattr(m, "merge_ratio")}
+    sd.unet.set_token_merging(ratio)
+    try:
+        yield
+    finally:
+        for module, value in before.items():
+            module.merge_ratio = value
 
 
 def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sampler, schedule, cfg_scale, seed,
               width, height, batch_size, batch_count, clip_skip, eta, init_image, strength, resize_mode, mask,
               mask_blur, inpainting_mask_invert, guidance_until, callback, interrupt, skip, progress,
-              record_steps, fast) -> Result:
+              record_steps, fast, token_merging=0.0) -> Result:
     chosen = recommended(sd)
     steps = chosen["steps"] if steps is None else steps
     sampler = chosen["sampler"] if sampler is None else sampler
@@ -261,7 +281,8 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
                   batch_size=batch_size, batch_count=batch_count, clip_skip=used_clip_skip,
                   denoising_strength=strength if init_image is not None else None, model=sd.name,
                   model_hash=getattr(sd, "hash", None),
-                  deepcache=deepcache.interval if deepcache is not None else None, tiny_decoder=tiny is not None)
+                  deepcache=deepcache.interval if deepcache is not None else None, tiny_decoder=tiny is not None,
+                  token_merging=token_merging or None)
 
     result = Result([], [], [], params)
     for batch in range(batch_count):
@@ -345,7 +366,8 @@ def _infotext(p: dict, seed: int) -> str:
             "Model hash": p["model_hash"], "Model": p["model"], "Denoising strength": p["denoising_strength"],
             "Clip skip": p["clip_skip"] if p["clip_skip"] and p["clip_skip"] > 1 else None,
             "Guidance until": p["guidance_until"] if p["guidance_until"] < 1.0 else None,
-            "DeepCache interval": p.get("deepcache"), "Decoder": "TAESD" if p.get("tiny_decoder") else None})
+            "DeepCache interval": p.get("deepcache"), "Decoder": "TAESD" if p.get("tiny_decoder") else None,
+            "Token merging ratio": p.get("token_merging")})
 
 
 def txt2img(sd: StableDiffusion, prompt: str, negative_prompt: str = "", **kwargs) -> Result:

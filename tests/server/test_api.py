@@ -101,6 +101,7 @@ def test_unknown_fields_and_unsupported_features_are_ignored(client):
     ({"prompt": "a <lora:style:1> circle"}, "LoRA"),
     ({"tiny_decoder": True}, "this model has no tiny decoder"),
     ({"guidance_until": 0}, "guidance_until (the fraction of the steps with guidance) must be in (0, 1]"),
+    ({"override_settings": {"token_merging_ratio": 1.5}}, "token_merging_ratio must be a number at least 0 and below 1"),
 ])
 def test_bad_requests_get_422_with_one_clear_sentence(client, body, words):
     r = client.post("/sdapi/v1/txt2img", json={"steps": 2, "width": 32, "height": 32, **body})
@@ -350,3 +351,22 @@ def test_guidance_until_is_a_request_field(client):
     cut = client.post("/sdapi/v1/txt2img", json={**req, "guidance_until": 0.5}).json()
     assert "Guidance until: 0.5" in json.loads(cut["info"])["infotexts"][0]
     assert cut["images"] != full["images"] and "Guidance until" not in json.loads(full["info"])["infotexts"][0]
+
+
+def test_token_merging_is_a1111s_setting(client):
+    req = {"prompt": "a red circle", "steps": 4, "width": 32, "height": 32, "seed": 3, "sampler_name": "Euler"}
+    plain = client.post("/sdapi/v1/txt2img", json=req).json()
+    merged = client.post("/sdapi/v1/txt2img", json={**req, "override_settings": {"token_merging_ratio": 0.5}}).json()
+    assert "Token merging ratio: 0.5" in json.loads(merged["info"])["infotexts"][0]
+    assert merged["images"] != plain["images"] and "Token merging" not in json.loads(plain["info"])["infotexts"][0]
+    # the server-wide option (A1111's settings page), for every request that does not override it
+    assert client.post("/sdapi/v1/options", json={"token_merging_ratio": 0.5}).status_code == 200
+    try:
+        assert client.post("/sdapi/v1/txt2img", json=req).json()["images"] == merged["images"]
+        off = client.post("/sdapi/v1/txt2img", json={**req, "override_settings": {"token_merging_ratio": 0}}).json()
+        assert off["images"] == plain["images"]
+    finally:
+        client.post("/sdapi/v1/options", json={"token_merging_ratio": 0.0})
+    r = client.post("/sdapi/v1/options", json={"token_merging_ratio_img2img": "half"})
+    assert r.status_code == 422 and "token_merging_ratio_img2img must be a number" in r.json()["detail"]
+    assert client.post("/sdapi/v1/txt2img", json=req).json()["images"] == plain["images"]

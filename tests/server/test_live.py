@@ -178,6 +178,15 @@ def test_web_page_in_headless_chromium(server, tmp_path):
         driver.find_element(By.ID, "tiny").click()
         driver.find_element(By.ID, "generate").click()
         wait.until(lambda d: "no tiny decoder" in d.find_element(By.ID, "error").text)
+        # token merging from its field (A1111's setting, sent as override_settings)
+        driver.find_element(By.ID, "tiny").click()
+        box = driver.find_element(By.ID, "tome")
+        box.clear()
+        box.send_keys("0.5")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery figcaption")) == 3)
+        captions = [f.text for f in driver.find_elements(By.CSS_SELECTOR, "#gallery figcaption")]
+        assert any("Token merging ratio: 0.5" in c for c in captions), captions
     finally:
         driver.quit()
 

@@ -50,14 +50,15 @@ def _shares(tallies: list[dict[str, bool]]) -> dict[str, float]:
 def adherence(sd, n: int = 100, objects: int = 1, steps: int = 20, sampler: str = "DPM++ 2M",
               schedule: str = "karras", cfg_scale: float = 5.0, negative_prompt: str = "", seed: int = 0,
               shapes=SHAPES, progress: bool = False, keep_images: list | None = None, fast=False,
-              guidance_until: float | None = None) -> dict:
+              guidance_until: float | None = None, token_merging: float = 0.0) -> dict:
     from ..pipeline import txt2img
 
     scenes = held_out_scenes(n, objects, shapes=shapes)
     tallies = []
     for i, scene in enumerate(scenes):
         image = txt2img(sd, scene.caption, negative_prompt, steps=steps, sampler=sampler, schedule=schedule,
-                        cfg_scale=cfg_scale, seed=seed + i, fast=fast, guidance_until=guidance_until).images[0]
+                        cfg_scale=cfg_scale, seed=seed + i, fast=fast, guidance_until=guidance_until,
+                        token_merging=token_merging).images[0]
         if keep_images is not None:
             keep_images.append((image, scene))
         tallies.append(_scores(judge(image, scene)))

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import UNetConfig
 from .layers import CrossAttention, FeedForward, timestep_embedding
+from .tome import bipartite_matching
 
 
 class ResBlock(nn.Module):
@@ -45,8 +46,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: torch.Tensor, context: torch.Tensor, merging: tuple[float, int, int] | None = None) -> torch.Tensor:
+        """merging: (ratio, h, w) to run self-attention on merged tokens of the h x w map (models/tome.py)."""
+        if merging is None:
+            x = x + self.attn1(self.norm1(x))
+        else:
+            ratio, h, w = merging
+            merge, unmerge = bipartite_matching(x, h, w, int(x.shape[1] * ratio))
+            x = x + unmerge(self.attn1(merge(self.norm1(x))))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -54,9 +61,12 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Flattens the feature map to tokens, runs transformer blocks on them, and adds the result back."""
 
-    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, linear: bool, groups: int):
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, linear: bool, groups: int,
+                 downsample: int = 1):
         super().__init__()
         self.linear = linear
+        self.downsample = downsample  # how much smaller than the latent its feature map is (1 = full resolution)
+        self.merge_ratio = 0.0  # token merging before self-attention (UNetModel.set_token_merging)
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)])
@@ -71,8 +81,9 @@ class SpatialTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [B, H*W, C]
         if self.linear:
             x = self.proj_in(x)
+        merging = (self.merge_ratio, h, w) if self.merge_ratio > 0 else None
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, merging)
         if self.linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).reshape(b, c, h, w)
@@ -129,8 +140,9 @@ class UNetModel(nn.Module):
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb_dim = mc * 4
 
-        def transformer(ch: int) -> SpatialTransformer:
-            return SpatialTransformer(ch, cfg.heads_for(ch), cfg.transformer_depth, cfg.context_dim, cfg.use_linear_proj, groups)
+        def transformer(ch: int, level: int) -> SpatialTransformer:
+            return SpatialTransformer(ch, cfg.heads_for(ch), cfg.transformer_depth, cfg.context_dim, cfg.use_linear_proj,
+                                      groups, downsample=2 ** level)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
@@ -141,14 +153,14 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch, emb_dim, mult * mc, groups)]
                 ch = mult * mc
                 if level in cfg.attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 skip_channels.append(ch)
 
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, groups), transformer(ch), ResBlock(ch, emb_dim, ch, groups))
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, groups), transformer(ch, len(cfg.channel_mult) - 1), ResBlock(ch, emb_dim, ch, groups))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -156,12 +168,22 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc, groups)]
                 ch = mult * mc
                 if level in cfg.attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def set_token_merging(self, ratio: float, max_downsample: int = 1) -> None:
+        """Merge this fraction of the tokens before self-attention in the transformers whose feature map is at most
+        max_downsample times smaller than the latent (A1111's defaults: 1, the full-resolution level only); 0 = off.
+        Above 0.75 nothing more is merged (each 2x2 cell keeps one token)."""
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"the token merging ratio must be at least 0 and below 1, got {ratio}")
+        for module in self.modules():
+            if isinstance(module, SpatialTransformer):
+                module.merge_ratio = ratio if module.downsample <= max_downsample else 0.0
 
     @property
     def dtype(self) -> torch.dtype:

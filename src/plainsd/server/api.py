@@ -209,7 +209,22 @@ def generation_kwargs(req: Txt2ImgRequest, limits: Limits) -> dict:
     return dict(steps=req.steps, sampler=sampler, schedule=schedule, cfg_scale=req.cfg_scale, seed=req.seed,
                 width=req.width, height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
                 clip_skip=clip_skip, eta=req.eta, fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)),
-                guidance_until=req.guidance_until)
+                guidance_until=req.guidance_until, token_merging=token_merging_ratio(overrides, "token_merging_ratio"))
+
+
+# A1111's settings for token merging (override_settings of a request, or /sdapi/v1/options): the ratio, and
+# for img2img its own ratio where that is not 0
+TOKEN_MERGING = ("token_merging_ratio", "token_merging_ratio_img2img")
+
+
+def token_merging_ratio(settings: dict, name: str) -> float | None:
+    """settings[name] checked (a number from 0 to below 1), or None when it is not there."""
+    value = settings.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise BadRequest(f"{name} must be a number at least 0 and below 1 (0.5 is usual; 0 = off), got {value!r}")
+    return float(value)
 
 
 def img2img_kwargs(req: Img2ImgRequest, limits: Limits) -> dict:
@@ -221,6 +236,9 @@ def img2img_kwargs(req: Img2ImgRequest, limits: Limits) -> dict:
     if not 0.0 <= strength <= 1.0:
         raise BadRequest(f"denoising_strength must be between 0 and 1, got {strength}")
     kwargs["strength"] = strength
+    own = token_merging_ratio(req.override_settings or {}, "token_merging_ratio_img2img")
+    if own:
+        kwargs["token_merging"] = own
     if req.resize_mode not in (0, 1, 2, 3):
         raise BadRequest(f"resize_mode must be 0 (just resize), 1 (crop and resize), 2 (resize and fill) "
                          f"or 3 (just resize, latent upscale), got {req.resize_mode}")

@@ -47,7 +47,8 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
     limits = limits or api.Limits()
     credentials = _parse_auth(auth)
     options: dict = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
-                     "eta_noise_seed_delta": 0, "outdir_samples": str(outputs)}
+                     "eta_noise_seed_delta": 0, "outdir_samples": str(outputs), "token_merging_ratio": 0.0,
+                     "token_merging_ratio_img2img": 0.0}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -83,6 +84,9 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
                 store.select(entry.name)
         if kwargs["clip_skip"] is None and options.get("CLIP_stop_at_last_layers", 1) > 1:
             kwargs["clip_skip"] = options["CLIP_stop_at_last_layers"]
+        if kwargs["token_merging"] is None:  # not in the request's override_settings: the server's options
+            own = options.get("token_merging_ratio_img2img") if kind == "img2img" else 0.0
+            kwargs["token_merging"] = own or options.get("token_merging_ratio") or 0.0
 
         def work(job: Job):
             sd = store.get(entry)
@@ -205,6 +209,8 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
             v = values["CLIP_stop_at_last_layers"]
             if not isinstance(v, int) or not 1 <= v <= 12:
                 raise api.BadRequest(f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {v!r}")
+        for name in api.TOKEN_MERGING:
+            api.token_merging_ratio(values, name)
         options.update(values)
         return None
 
