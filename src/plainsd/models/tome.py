@@ -14,14 +14,10 @@ destinations (r = ratio x tokens, at most the number of sources: a ratio of 0.75
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-Merge = Callable[[torch.Tensor], torch.Tensor]
 
-
-def bipartite_matching(metric: torch.Tensor, h: int, w: int, r: int, sx: int = 2, sy: int = 2) -> tuple[Merge, Merge]:
+def bipartite_matching(metric: torch.Tensor, h: int, w: int, r: int, sx: int = 2, sy: int = 2) -> tuple:
     """(merge, unmerge) for [B, h*w, C] token sequences of an h x w map, matched on `metric` [B, h*w, C'].
 
     merge: [B, N, C] -> [B, N - r, C] (the unmerged sources, then the destinations averaged with their sources);
