@@ -1,4 +1,5 @@
-"""Prompt adherence of the shipped model with each part of fast mode on and off (the README's fast-mode table).
+"""Prompt adherence of the shipped model with each part of fast mode, and token merging, on and off (the README's
+fast-mode table).
 
     .venv/bin/python benchmarks/fast_adherence.py            # about 8 minutes on 2 cores
     .venv/bin/python benchmarks/fast_adherence.py --prompts 100
@@ -37,6 +38,8 @@ VARIANTS = {
     "fast mode, 1 block throughout, the last 10% of the steps whole": (FastSettings(deepcache_end=0.1), None),
     "fast mode and the tiny decoder (--fast --tiny-decoder)": (choose(True, tiny_decoder=True), None),
 }
+# token merging (A1111's ratio, --token-merging) on the default path: name -> ratio
+TOKEN_MERGING = {f"token merging {r:g} (--token-merging {r:g})": r for r in (0.3, 0.5, 0.75)}
 
 
 def main() -> int:
@@ -44,16 +47,18 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=200)
     p.add_argument("--model", help="a checkpoint (default: the shipped model); its tiny decoder is the "
                                     "NAME.taesd.safetensors beside it")
-    p.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run only these rows")
+    p.add_argument("--only", nargs="+", choices=list(VARIANTS) + list(TOKEN_MERGING), help="run only these rows")
     args = p.parse_args()
     sd = runtime.prepare(plainsd.load(args.model, dtype=runtime.choose_dtype("auto")))
     print(f"Recommended settings of the model: {getattr(sd, 'defaults', {})}\n")
     print("| setting | colour and shape | position | size | all four |\n|---|---|---|---|---|")
-    for name, (settings, guidance_until) in VARIANTS.items():
+    rows = {**VARIANTS, **{name: (None, None, ratio) for name, ratio in TOKEN_MERGING.items()}}
+    for name, (settings, guidance_until, *merging) in rows.items():
         if args.only and name not in args.only:
             continue
         with torch.no_grad():
-            r = metrics.adherence(sd, args.prompts, 1, fast=settings or False, guidance_until=guidance_until)
+            r = metrics.adherence(sd, args.prompts, 1, fast=settings or False, guidance_until=guidance_until,
+                                  token_merging=merging[0] if merging else 0.0)
         print(f"| {name} | {r['colour_and_shape']:.3f} | {r['position']:.3f} | {r['size']:.3f} | {r['all']:.3f} |", flush=True)
     return 0
 

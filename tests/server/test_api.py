@@ -367,6 +367,23 @@ def test_token_merging_is_a1111s_setting(client):
         assert off["images"] == plain["images"]
     finally:
         client.post("/sdapi/v1/options", json={"token_merging_ratio": 0.0})
+    # an override kept as the setting (override_settings_restore_afterwards false), as A1111 keeps it
+    client.post("/sdapi/v1/txt2img", json={**req, "override_settings": {"token_merging_ratio": 0.5},
+                                           "override_settings_restore_afterwards": False})
+    try:
+        assert client.get("/sdapi/v1/options").json()["token_merging_ratio"] == 0.5
+        assert client.post("/sdapi/v1/txt2img", json=req).json()["images"] == merged["images"]
+    finally:
+        client.post("/sdapi/v1/options", json={"token_merging_ratio": 0.0})
+    # img2img's own ratio (where it is not 0) for img2img only
+    init = {"init_images": [b64png(Image.new("RGB", (32, 32), (200, 30, 30)))], "denoising_strength": 0.8}
+    assert client.post("/sdapi/v1/options", json={"token_merging_ratio_img2img": 0.3}).status_code == 200
+    try:
+        i2i = client.post("/sdapi/v1/img2img", json={**req, **init}).json()
+        assert "Token merging ratio: 0.3" in json.loads(i2i["info"])["infotexts"][0]
+        assert client.post("/sdapi/v1/txt2img", json=req).json()["images"] == plain["images"]
+    finally:
+        client.post("/sdapi/v1/options", json={"token_merging_ratio_img2img": 0.0})
     r = client.post("/sdapi/v1/options", json={"token_merging_ratio_img2img": "half"})
     assert r.status_code == 422 and "token_merging_ratio_img2img must be a number" in r.json()["detail"]
     assert client.post("/sdapi/v1/txt2img", json=req).json()["images"] == plain["images"]

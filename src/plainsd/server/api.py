@@ -206,6 +206,8 @@ def generation_kwargs(req: Txt2ImgRequest, limits: Limits) -> dict:
     clip_skip = overrides.get("CLIP_stop_at_last_layers")
     if clip_skip is not None and (not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12):
         raise BadRequest(f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {clip_skip!r}")
+    for name in TOKEN_MERGING:
+        token_merging_ratio(overrides, name)
     return dict(steps=req.steps, sampler=sampler, schedule=schedule, cfg_scale=req.cfg_scale, seed=req.seed,
                 width=req.width, height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
                 clip_skip=clip_skip, eta=req.eta, fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)),

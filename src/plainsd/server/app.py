@@ -82,6 +82,8 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
             entry = _find(store, overrides["sd_model_checkpoint"])
             if not req.override_settings_restore_afterwards:
                 store.select(entry.name)
+        if not req.override_settings_restore_afterwards:  # A1111 keeps such overrides as its settings
+            options.update({name: overrides[name] for name in api.TOKEN_MERGING if name in overrides})
         if kwargs["clip_skip"] is None and options.get("CLIP_stop_at_last_layers", 1) > 1:
             kwargs["clip_skip"] = options["CLIP_stop_at_last_layers"]
         if kwargs["token_merging"] is None:  # not in the request's override_settings: the server's options
