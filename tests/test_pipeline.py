@@ -68,6 +68,11 @@ def test_token_merging(sd):
     again = pipeline.txt2img(sd, "a red circle", steps=4, seed=2, sampler="Euler")  # for that run only
     assert np.array_equal(_arr(plain.images[0]), _arr(again.images[0]))
     assert {m.merge_ratio for m in sd.unet.modules() if hasattr(m, "merge_ratio")} == {0.0}
+    both = pipeline.txt2img(sd, "a red circle", steps=4, seed=2, sampler="Euler", token_merging=0.5, fast=True)
+    fields = parse_infotext(both.infotexts[0])  # with fast mode's DeepCache, whose cheap calls merge too
+    assert fields["Token merging ratio"] == "0.5" and fields["DeepCache interval"] == "2"
+    fast_only = pipeline.txt2img(sd, "a red circle", steps=4, seed=2, sampler="Euler", fast=True)
+    assert not np.array_equal(_arr(both.images[0]), _arr(fast_only.images[0]))
     with pytest.raises(ValueError, match="token merging ratio must be at least 0 and below 1"):
         pipeline.txt2img(sd, "x", steps=2, token_merging=1.0)
     sd.backend = lambda *args: None  # as runtime.prepare(sd, "openvino") sets it
