@@ -82,3 +82,18 @@ def test_tiled_decode_has_no_seams_and_bounded_tiles():
     assert seam_ratio(0) > 2.0     # butted tiles: the measure sees the seams
     assert seam_ratio(6) < 1.3     # blended overlaps: tile borders look like any other column
     assert max(h * w for h, w in shapes) <= 16 * 16
+
+
+def test_inference_path_gives_the_training_paths_numbers(tiny):
+    """ResnetBlock's in-place inference path (less memory) computes exactly what the autograd path does."""
+    vae = tiny.vae
+    g = torch.Generator().manual_seed(3)
+    images, z = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1, torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        encoded, decoded = vae.encode(images).mean, vae.decode(z)
+    trained = [images.clone().requires_grad_(), z.clone().requires_grad_()]
+    encoded_grad, decoded_grad = vae.encode(trained[0]).mean, vae.decode(trained[1])
+    assert decoded_grad.requires_grad  # the autograd path ran
+    assert torch.equal(encoded, encoded_grad.detach()) and torch.equal(decoded, decoded_grad.detach())
+    (encoded_grad.sum() + decoded_grad.sum()).backward()
+    assert trained[0].grad is not None and trained[1].grad is not None
