@@ -182,6 +182,21 @@ def sampler_and_schedule(req: Txt2ImgRequest) -> tuple[str, str]:
     return info.name, sched
 
 
+# A1111's settings for token merging (override_settings of a request, or /sdapi/v1/options): the ratio, and
+# for img2img its own ratio where that is not 0
+TOKEN_MERGING = ("token_merging_ratio", "token_merging_ratio_img2img")
+
+
+def token_merging_ratio(settings: dict, name: str) -> float | None:
+    """settings[name] checked (a number from 0 to below 1), or None when it is not there."""
+    value = settings.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise BadRequest(f"{name} must be a number at least 0 and below 1 (0.5 is usual; 0 = off), got {value!r}")
+    return float(value)
+
+
 def generation_kwargs(req: Txt2ImgRequest, limits: Limits) -> dict:
     """Checked keyword arguments for plainsd.pipeline.generate (without images)."""
     for name in ("width", "height"):
@@ -206,27 +221,11 @@ def generation_kwargs(req: Txt2ImgRequest, limits: Limits) -> dict:
     clip_skip = overrides.get("CLIP_stop_at_last_layers")
     if clip_skip is not None and (not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12):
         raise BadRequest(f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {clip_skip!r}")
-    for name in TOKEN_MERGING:
-        token_merging_ratio(overrides, name)
+    merging = {name: token_merging_ratio(overrides, name) for name in TOKEN_MERGING}
     return dict(steps=req.steps, sampler=sampler, schedule=schedule, cfg_scale=req.cfg_scale, seed=req.seed,
                 width=req.width, height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
                 clip_skip=clip_skip, eta=req.eta, fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)),
-                guidance_until=req.guidance_until, token_merging=token_merging_ratio(overrides, "token_merging_ratio"))
-
-
-# A1111's settings for token merging (override_settings of a request, or /sdapi/v1/options): the ratio, and
-# for img2img its own ratio where that is not 0
-TOKEN_MERGING = ("token_merging_ratio", "token_merging_ratio_img2img")
-
-
-def token_merging_ratio(settings: dict, name: str) -> float | None:
-    """settings[name] checked (a number from 0 to below 1), or None when it is not there."""
-    value = settings.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise BadRequest(f"{name} must be a number at least 0 and below 1 (0.5 is usual; 0 = off), got {value!r}")
-    return float(value)
+                guidance_until=req.guidance_until, token_merging=merging["token_merging_ratio"])
 
 
 def img2img_kwargs(req: Img2ImgRequest, limits: Limits) -> dict:
