@@ -72,6 +72,8 @@ def test_merge_and_unmerge():
     assert merged.shape == (1, 6, c)
     torch.testing.assert_close(merged[0], grid[::2, ::2].reshape(6, c))
     torch.testing.assert_close(unmerge(merged), copies)
+    merge, unmerge = bipartite_matching(copies.bfloat16(), h, w, r=18)  # the bf16 path's dtype
+    torch.testing.assert_close(unmerge(merge(copies.bfloat16())), copies.bfloat16())
     # r sources fewer, each merged one averaged into its best match, and given that average back
     merge, unmerge = bipartite_matching(x, h, w, r=5)
     merged = merge(x)
