@@ -72,8 +72,11 @@ def test_merge_and_unmerge():
     assert merged.shape == (1, 6, c)
     torch.testing.assert_close(merged[0], grid[::2, ::2].reshape(6, c))
     torch.testing.assert_close(unmerge(merged), copies)
-    merge, unmerge = bipartite_matching(copies.bfloat16(), h, w, r=18)  # the bf16 path's dtype
-    torch.testing.assert_close(unmerge(merge(copies.bfloat16())), copies.bfloat16())
+    # in bf16 (the bf16 path's dtype), with tokens wide enough that only a copy has a cosine near 1
+    wide = torch.randn(h // 2, w // 2, 64).repeat_interleave(2, 0).repeat_interleave(2, 1).reshape(1, h * w, 64)
+    merge, unmerge = bipartite_matching(wide.bfloat16(), h, w, r=18)
+    assert merge(wide.bfloat16()).shape == (1, 6, 64)
+    torch.testing.assert_close(unmerge(merge(wide.bfloat16())), wide.bfloat16())
     # r sources fewer, each merged one averaged into its best match, and given that average back
     merge, unmerge = bipartite_matching(x, h, w, r=5)
     merged = merge(x)
