@@ -55,6 +55,8 @@ E2E_BF16 = {
     "plainsd --fast, 1 block throughout (--fast before 2026-12-03)": ("plainsd", "bf16", {"deepcache_early": 0.0}),
     "plainsd --fast, 2 blocks throughout": ("plainsd", "bf16", {"deepcache_depth": 2, "deepcache_early": 0.0}),
     "plainsd --fast, 2 blocks on the first 60% of the steps": ("plainsd", "bf16", {"deepcache_early": 0.6}),
+    # a fourth item: the token merging ratio (--token-merging)
+    "plainsd --token-merging 0.5": ("plainsd", "bf16", False, 0.5),
 }
 # Elsewhere (AVX2 CPUs, say) plainsd's default is float32, and bf16 is emulated (diffusers in bf16 runs several
 # times slower than in float32; OpenVINO falls back to f32): the float32 runtimes only.
@@ -70,6 +72,7 @@ E2E_FP32 = {
     "plainsd openvino f32 (compiled)": ("plainsd-openvino", "fp32", False),
     "plainsd --fast": ("plainsd", "fp32", True),
     "plainsd --fast --tiny-decoder": ("plainsd", "fp32", {"tiny_decoder": True}),
+    "plainsd --token-merging 0.5": ("plainsd", "fp32", False, 0.5),
 }
 VARIANTS, E2E = VARIANTS_BF16, E2E_BF16  # main() picks the pair for this CPU
 
@@ -220,7 +223,8 @@ def worker(task: dict) -> dict:
                 result["startup"] = time.perf_counter() - started
                 t0 = time.perf_counter()
                 pipeline.txt2img(sd, prompt, steps=20, sampler="DPM++ 2M", cfg_scale=7, seed=1, width=size, height=size,
-                                 fast=dataclasses.replace(FAST, **task["fast"]) if isinstance(task["fast"], dict) else task["fast"])
+                                 fast=dataclasses.replace(FAST, **task["fast"]) if isinstance(task["fast"], dict) else task["fast"],
+                                 token_merging=task.get("token_merging", 0.0))
                 result["seconds"] = time.perf_counter() - t0
             else:
                 from diffusers import DPMSolverMultistepScheduler
@@ -387,8 +391,9 @@ def main(argv=None) -> int:
     results: dict[tuple, list[dict]] = {}
     for r in range(args.rounds):
         for kind, size, name in jobs:
-            runtime, precision, fast = (E2E[name] if kind == "e2e" else (*VARIANTS[name], False))
-            res = _run({**common, "runtime": runtime, "precision": precision, "kind": kind, "size": size, "fast": fast})
+            runtime, precision, fast, *merging = (E2E[name] if kind == "e2e" else (*VARIANTS[name], False))
+            res = _run({**common, "runtime": runtime, "precision": precision, "kind": kind, "size": size, "fast": fast,
+                        "token_merging": merging[0] if merging else 0.0})
             results.setdefault((kind, size, name), []).append(res)
             shown = f"{res['seconds']:.2f} s (start-up {res['startup']:.1f} s, peak RSS {res['peak_rss_gb']:.2f} GB)" \
                 if "seconds" in res else res["error"]
