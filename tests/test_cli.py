@@ -46,6 +46,18 @@ def test_token_merging_option():
     assert parse_infotext(read_parameters("t.png"))["Token merging ratio"] == "0.5"
 
 
+def test_hires_fix_options():
+    assert main(["txt2img", "x", "--steps", "2", "--seed", "1", "--hires", "-o", "h.png", "--quiet"]) == 0
+    fields = parse_infotext(read_parameters("h.png"))
+    assert Image.open("h.png").size == (128, 128) and fields["Size"] == "64x64"
+    assert (fields["Hires upscale"], fields["Hires upscaler"], fields["Denoising strength"]) == ("2", "Latent", "0.7")
+    assert main(["txt2img", "x", "--steps", "2", "--seed", "1", "--hires-width", "96", "--hires-upscaler", "Lanczos",
+                 "--hires-strength", "0.4", "-o", "w.png", "--quiet"]) == 0  # any --hires-* option turns it on
+    fields = parse_infotext(read_parameters("w.png"))
+    assert Image.open("w.png").size == (96, 96) and fields["Hires resize"] == "96x0"
+    assert (fields["Hires upscaler"], fields["Denoising strength"]) == ("Lanczos", "0.4")
+
+
 def test_img2img_inpaint_and_png_info(capsys):
     Image.new("RGB", (64, 64), "red").save("init.png")
     mask = Image.new("L", (64, 64), 0)
@@ -75,6 +87,9 @@ def test_img2img_inpaint_and_png_info(capsys):
     (["txt2img", "x", "--guidance-until", "0"], "guidance_until (the fraction of the steps with guidance) must be in (0, 1]"),
     (["txt2img", "x", "--token-merging", "0.8", "--backend", "openvino"], "--token-merging needs the eager UNet"),
     (["txt2img", "x", "--token-merging", "-0.5"], "--token-merging must be at least 0 and below 1"),
+    (["txt2img", "x", "--hires-upscaler", "4x-UltraSharp"], "unknown hires upscaler '4x-UltraSharp'; plainsd has Latent,"),
+    (["txt2img", "x", "--hires", "--hires-sampler", "Eulr"], "unknown sampler 'Eulr'"),
+    (["txt2img", "x", "--hires-strength", "1.5"], "hires denoising strength must be between 0 and 1"),
     # a shipped recipe by name: unet-objects goes on from the earlier runs' files, here absent
     (["train", "unet", "--config", "unet-objects"], "no such checkpoint file or folder: runs/vae-decoder-objects/vae.safetensors"),
     (["train", "vae", "--config", "unet-objects"], "is a unet config, not a vae one"),

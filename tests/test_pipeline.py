@@ -83,6 +83,66 @@ def test_token_merging(sd):
         del sd.backend
 
 
+def test_hires_fix_is_txt2img_then_img2img_of_its_upscaled_image(sd):
+    # With an image upscaler the second pass is exactly img2img of the first pass's picture resized by Lanczos:
+    # the same seed's noise at the larger size, the second pass's steps cut by its strength.
+    hires = pipeline.HiresFix(scale=1.5, upscaler="Lanczos", steps=6, strength=0.5)
+    seen = []
+    r = pipeline.txt2img(sd, "a red circle", steps=4, seed=3, sampler="Euler", hires=hires,
+                         callback=lambda s: seen.append((s.step, s.total)))
+    first = pipeline.txt2img(sd, "a red circle", steps=4, seed=3, sampler="Euler")
+    again = pipeline.img2img(sd, first.images[0].resize((96, 96), Image.LANCZOS), "a red circle", steps=6, seed=3,
+                             sampler="Euler", strength=0.5)
+    assert r.images[0].size == (96, 96)
+    assert np.abs(_arr(r.images[0]) - _arr(again.images[0])).max() <= 1
+    assert seen == [(i, 7) for i in range(7)]  # 4 steps, then 3 of 6 (the callback counts on through both passes)
+    f = parse_infotext(r.infotexts[0])
+    assert (f["Size"], f["Hires upscale"], f["Hires upscaler"], f["Hires steps"], f["Denoising strength"]) == \
+        ("64x64", "1.5", "Lanczos", "6", "0.5")
+
+
+def test_hires_fix_latent_upscale_and_sizes(sd):
+    # Strength 0: the picture is the decoded first-pass latents, interpolated (A1111's "Latent" = bilinear).
+    last = []
+    r = pipeline.txt2img(sd, "x", steps=3, seed=4, sampler="Euler", hires=pipeline.HiresFix(strength=0.0),
+                         callback=lambda s: last.append(s.denoised))
+    up = torch.nn.functional.interpolate(last[-1], size=(16, 16), mode="bilinear")
+    assert r.images[0].size == (128, 128)
+    assert np.abs(_arr(r.images[0]) - _arr(pipeline.decode(sd, up)[0])).max() <= 1
+    nearest = pipeline.txt2img(sd, "x", steps=3, seed=4, sampler="Euler",
+                               hires=pipeline.HiresFix(strength=0.0, upscaler="Latent (nearest)"))
+    blocky = pipeline.decode(sd, torch.nn.functional.interpolate(last[-1], size=(16, 16), mode="nearest"))[0]
+    assert np.abs(_arr(nearest.images[0]) - _arr(blocky)).max() <= 1
+    # A1111's sizes: one side given keeps the aspect ratio; both crop the upscaled first pass to fill them
+    assert pipeline.HiresFix(width=1024).target(512, 768) == (1024, 1536, 0, 0)
+    assert pipeline.HiresFix(width=1024, height=1024).target(512, 768) == (1024, 1536, 0, 64)
+    assert pipeline.HiresFix(width=1024, height=512).final_size(512, 512) == (1024, 512)
+    assert pipeline.HiresFix(scale=1.3).final_size(520, 512) == (672, 664)  # int(676) -> whole latents
+    wide = pipeline.txt2img(sd, "x", steps=2, seed=1, width=64, height=48,
+                            hires=pipeline.HiresFix(width=96, height=96, strength=0.5))
+    assert wide.images[0].size == (96, 96) and "Hires resize: 96x96" in wide.infotexts[0]
+
+
+def test_hires_fix_second_pass_settings_and_bad_values(sd):
+    plain = pipeline.txt2img(sd, "x", steps=3, seed=5, hires=pipeline.HiresFix(strength=0.6))
+    other = pipeline.txt2img(sd, "x", steps=3, seed=5,
+                             hires=pipeline.HiresFix(strength=0.6, prompt="a blue square", sampler="Euler a"))
+    f = parse_infotext(other.infotexts[0])
+    assert (f["Hires prompt"], f["Hires sampler"]) == ("a blue square", "Euler a")
+    assert "Hires prompt" not in plain.infotexts[0]
+    assert not np.array_equal(_arr(plain.images[0]), _arr(other.images[0]))
+    stop = pipeline.txt2img(sd, "x", steps=3, seed=5, hires=pipeline.HiresFix(), interrupt=lambda: True)
+    assert stop.interrupted and stop.images[0].size == (64, 64)  # stopped in the first pass: no second
+    for hires, words in [(pipeline.HiresFix(upscaler="R-ESRGAN 4x+"), "unknown hires upscaler 'R-ESRGAN 4x+'"),
+                         (pipeline.HiresFix(scale=0.5), "hires scale must be between 1 and 8"),
+                         (pipeline.HiresFix(width=100), "multiples of 8"),
+                         (pipeline.HiresFix(strength=2), "hires denoising strength must be between 0 and 1")]:
+        with pytest.raises(ValueError, match=words.replace("(", r"\(").replace("+", r"\+")):
+            pipeline.txt2img(sd, "x", steps=2, hires=hires)
+    with pytest.raises(ValueError, match="hires fix is for txt2img"):
+        pipeline.generate(sd, "x", steps=2, init_image=Image.new("RGB", (64, 64)), hires=pipeline.HiresFix())
+
+
 def test_guidance_and_negative_prompt(sd):
     a = pipeline.txt2img(sd, "x", "one thing", steps=3, seed=1, cfg_scale=1.0)
     b = pipeline.txt2img(sd, "x", "another thing", steps=3, seed=1, cfg_scale=1.0)

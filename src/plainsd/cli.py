@@ -11,6 +11,7 @@ from pathlib import Path
 EXAMPLES = """examples:
   plainsd txt2img "a red circle on the left" --steps 20 --seed 1 -o circle.png
   plainsd txt2img "a cat" --model v1-5-pruned-emaonly.safetensors --sampler "Euler a" --cfg-scale 7
+  plainsd txt2img "a red circle" --hires --hires-scale 2 --hires-strength 0.5 -o circle-hires.png
   plainsd img2img "a blue square" --init-image circle.png --strength 0.6
   plainsd inpaint "a star" --init-image circle.png --mask mask.png
   plainsd png-info circle.png
@@ -69,7 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plainsd", description="Stable Diffusion in plain PyTorch, on the CPU.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    _common(sub.add_parser("txt2img", help="text to image"))
+    p = sub.add_parser("txt2img", help="text to image")
+    _common(p)
+    hr = p.add_argument_group("hires fix", "a second pass at a larger size (A1111's Hires. fix); any of these turns it on")
+    hr.add_argument("--hires", action="store_true", help="on, with the defaults below")
+    hr.add_argument("--hires-scale", type=float, default=None, help="upscale by (default 2)")
+    hr.add_argument("--hires-width", type=int, default=None, help="the final width instead of --hires-scale")
+    hr.add_argument("--hires-height", type=int, default=None, help="the final height (both: cropped to fill)")
+    hr.add_argument("--hires-upscaler", default=None,
+                    help='"Latent" (default), "Latent (antialiased)", "Latent (bicubic)", "Latent (nearest-exact)", ... '
+                         'or an image one: "Lanczos", "Nearest"')
+    hr.add_argument("--hires-steps", type=int, default=None, help="second-pass steps (default: --steps)")
+    hr.add_argument("--hires-strength", type=float, default=None, help="second-pass denoising strength (default 0.7)")
+    hr.add_argument("--hires-sampler", default=None, help="second-pass sampler (default: --sampler)")
+    hr.add_argument("--hires-prompt", default=None, help="second-pass prompt (default: the prompt)")
     p = sub.add_parser("img2img", help="image to image")
     _common(p, strength=0.8)
     p.add_argument("--init-image", required=True)
@@ -229,12 +243,15 @@ def _generate(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    hires = _hires(args)
     kwargs = dict(steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg_scale,
                   guidance_until=args.guidance_until, seed=args.seed, width=args.width, height=args.height,
                   batch_size=args.batch_size,
                   batch_count=args.batch_count, clip_skip=args.clip_skip, eta=args.eta, progress=not args.quiet,
                   record_steps=args.save_steps, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
                   fast=choose_fast(args.fast, bool(args.tiny_decoder)), token_merging=args.token_merging)
+    if hires is not None:
+        kwargs["hires"] = hires
     # Check the cheap things before loading a model.
     from plainsd.diffusion.samplers import resolve_sampler
     from plainsd.diffusion.schedules import get_sigmas
@@ -292,6 +309,23 @@ def _generate(args) -> int:
             print(f"{gif}\n{sheet}  (the denoising process, step by step)")
     print(f"{len(result.images)} image(s) in {elapsed:.1f} s", file=sys.stderr)
     return 0
+
+
+def _hires(args):
+    """--hires and its settings as a pipeline.HiresFix (checked), or None when none of them was given."""
+    from plainsd.pipeline import HiresFix
+
+    names = ("scale", "width", "height", "upscaler", "steps", "strength", "sampler", "prompt")
+    given = {name: getattr(args, f"hires_{name}", None) for name in names}
+    given = {name: value for name, value in given.items() if value is not None}
+    if not getattr(args, "hires", False) and not given:
+        return None
+    hires = HiresFix(**given)
+    hires.check()
+    if hires.sampler is not None:
+        from plainsd.diffusion.samplers import resolve_sampler
+        resolve_sampler(hires.sampler)
+    return hires
 
 
 def _png_info(args) -> int:

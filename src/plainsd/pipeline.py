@@ -66,6 +66,71 @@ class StepInfo:
         return imgs.latent_preview(self.denoised)
 
 
+# A1111's latent upscalers for Hires. fix: name -> (torch interpolation mode, antialias)
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True), "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True), "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+# ... and its image upscalers that need no model (the decoded image resized, then encoded again)
+IMAGE_UPSCALERS = {"None": Image.LANCZOS, "Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
+
+
+@dataclass
+class HiresFix:
+    """A1111's Hires. fix: txt2img at the given size, then the result upscaled and redrawn at the larger size
+    as img2img (the first pass fixes the composition at the size the model knows; the second adds detail).
+
+    scale multiplies width and height, unless width or height (A1111's hr_resize_x / hr_resize_y) name the
+    final size: one of them keeps the aspect ratio, both crop the upscaled first pass to fill that size.
+    upscaler: a name in LATENT_UPSCALERS (the latents interpolated) or IMAGE_UPSCALERS (decoded, resized,
+    encoded). steps: the second pass's steps before strength takes its share (0: as many as the first pass).
+    sampler, schedule, prompt, negative_prompt: the second pass's, if not the first pass's."""
+    scale: float = 2.0
+    width: int = 0
+    height: int = 0
+    upscaler: str = "Latent"
+    steps: int = 0
+    strength: float = 0.7
+    sampler: str | None = None
+    schedule: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+
+    def target(self, width: int, height: int, factor: int = 8) -> tuple[int, int, int, int]:
+        """(upscaled width, height, latent columns and rows to crop) for a first pass of width x height."""
+        if not self.width and not self.height:
+            return int(width * self.scale), int(height * self.scale), 0, 0
+        if not self.height:
+            return self.width, self.width * height // width, 0, 0
+        if not self.width:
+            return self.height * width // height, self.height, 0, 0
+        if width / height < self.width / self.height:  # wider target: fit the width, crop rows
+            up_w, up_h = self.width, self.width * height // width
+        else:
+            up_w, up_h = self.height * width // height, self.height
+        return up_w, up_h, (up_w - self.width) // factor, (up_h - self.height) // factor
+
+    def final_size(self, width: int, height: int, factor: int = 8) -> tuple[int, int]:
+        """The size of the image the second pass draws from a first pass of width x height."""
+        up_w, up_h, crop_x, crop_y = self.target(width, height, factor)
+        return (up_w // factor - crop_x) * factor, (up_h // factor - crop_y) * factor
+
+    def check(self):
+        if self.upscaler not in LATENT_UPSCALERS and self.upscaler not in IMAGE_UPSCALERS:
+            raise ValueError(f"unknown hires upscaler {self.upscaler!r}; plainsd has "
+                             f"{', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}")
+        if not 1.0 <= self.scale <= 8.0:
+            raise ValueError(f"the hires scale must be between 1 and 8, got {self.scale}")
+        if self.width < 0 or self.height < 0 or self.width % 8 or self.height % 8:
+            raise ValueError(f"the hires width and height must be multiples of 8 (0: from the scale), "
+                             f"got {self.width}x{self.height}")
+        if not 0 <= self.steps <= 1000:
+            raise ValueError(f"hires steps must be between 0 (as many as the first pass) and 1000, got {self.steps}")
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"the hires denoising strength must be between 0 and 1, got {self.strength}")
+
+
 def _check_size(sd: StableDiffusion, width: int, height: int):
     f = sd.config.vae.factor
     if width % f or height % f or width < f or height < f:
@@ -142,7 +207,8 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
              callback: Callable[[StepInfo], None] | None = None, interrupt: Callable[[], bool] | None = None,
              skip: Callable[[], bool] | None = None, progress: bool = False, record_steps: bool = False,
              lora_dir: str | None = None, embeddings_dir: str | None = None,
-             fast: bool | FastSettings = False, token_merging: float = 0.0) -> Result:
+             fast: bool | FastSettings = False, token_merging: float = 0.0,
+             hires: HiresFix | None = None) -> Result:
     """The common path of txt2img, img2img and inpaint; see those for the parameters.
 
     Settings left as None come from the model's own recommended defaults (sd.defaults), then DEFAULTS.
@@ -155,6 +221,7 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
     FastSettings(tiny_decoder=True) adds the model's tiny decoder (plainsd.fast.choose).
     token_merging [0, 1): A1111's "Token merging ratio": that fraction of the full-resolution level's tokens
     merged before self-attention (models/tome.py; faster, not exact); 0 = off.
+    hires (txt2img only): a second, larger pass (A1111's Hires. fix; see HiresFix).
     """
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise TypeError("prompt and negative_prompt must be strings")
@@ -169,7 +236,8 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
                          mask_blur=mask_blur, inpainting_mask_invert=inpainting_mask_invert,
                          guidance_until=guidance_until, callback=callback, interrupt=interrupt, skip=skip,
                          progress=progress, record_steps=record_steps,
-                         fast=FAST if fast is True else (fast or None), token_merging=token_merging)
+                         fast=FAST if fast is True else (fast or None), token_merging=token_merging,
+                         hires=hires)
 
 
 @contextlib.contextmanager
@@ -190,7 +258,7 @@ def _token_merging(sd: StableDiffusion, ratio: float):
 def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sampler, schedule, cfg_scale, seed,
               width, height, batch_size, batch_count, clip_skip, eta, init_image, strength, resize_mode, mask,
               mask_blur, inpainting_mask_invert, guidance_until, callback, interrupt, skip, progress,
-              record_steps, fast, token_merging=0.0) -> Result:
+              record_steps, fast, token_merging=0.0, hires=None) -> Result:
     chosen = recommended(sd)
     steps = chosen["steps"] if steps is None else steps
     sampler = chosen["sampler"] if sampler is None else sampler
@@ -242,10 +310,22 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
     elif mask is not None:
         raise ValueError("a mask needs an init image (inpainting)")
     if native_inpaint and concat is None:
-        # An inpainting model without a mask: everything is to be painted, over a grey image (as A1111 does).
-        with torch.no_grad():
-            grey = sd.vae.encode(torch.zeros(1, 3, height, width, device=device)).mode() * sd.config.scale_factor
-        concat = torch.cat([torch.ones_like(grey[:, :1]), grey], dim=1)
+        concat = _paint_everything(sd, width, height, device)
+    hr = None
+    if hires is not None:
+        if init_image is not None:
+            raise ValueError("hires fix is for txt2img; img2img draws at the width and height it is given")
+        hires.check()
+        up_w, up_h, crop_x, crop_y = hires.target(width, height, factor)
+        final_w, final_h = hires.final_size(width, height, factor)
+        _check_size(sd, final_w, final_h)
+        hr_info, hr_schedule = S.resolve_sampler(hires.sampler or sampler, hires.schedule or schedule)
+        hr_steps = hires.steps or steps
+        hr_full = denoiser.get_sigmas(hr_steps, hr_schedule)
+        hr_run = int(hr_steps * hires.strength)
+        hr = dict(size=(up_w, up_h), crop=(crop_x, crop_y), info=hr_info,
+                  sigmas=hr_full[hr_steps - hr_run:] if hr_run > 0 else hr_full[-1:],
+                  concat=_paint_everything(sd, final_w, final_h, device) if native_inpaint else None)
     deepcache = None
     if fast is not None:
         guidance_until = min(guidance_until, fast.guidance_until)
@@ -269,6 +349,13 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
     # One prompt for the whole batch: encode it once and repeat the states.
     cond, uncond = encode_pair(sd.tokenizer, sd.text_encoder, [prompt_text], [negative_prompt], clip_skip, embeddings)
     cond, uncond = cond.repeat(batch_size, 1, 1).to(device), uncond.repeat(batch_size, 1, 1).to(device)
+    if hr is not None:
+        hr_prompt = extract_loras(hires.prompt)[0] if hires.prompt else prompt_text  # (the prompt's LoRAs apply)
+        hr_negative = hires.negative_prompt or negative_prompt
+        hr["cond"], hr["uncond"] = cond, uncond
+        if (hr_prompt, hr_negative) != (prompt_text, negative_prompt):
+            c, u = encode_pair(sd.tokenizer, sd.text_encoder, [hr_prompt], [hr_negative], clip_skip, embeddings)
+            hr["cond"], hr["uncond"] = c.repeat(batch_size, 1, 1).to(device), u.repeat(batch_size, 1, 1).to(device)
     guided = CFGDenoiser(denoiser, cfg_scale, sigmas, guidance_until)
     model = _KeepUnmasked(guided, init_latent, keep) if keep is not None and not native_inpaint else guided
 
@@ -277,10 +364,21 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
                   schedule=schedule_name, cfg_scale=cfg_scale, guidance_until=guidance_until, seed=first_seed,
                   width=width, height=height,
                   batch_size=batch_size, batch_count=batch_count, clip_skip=used_clip_skip,
-                  denoising_strength=strength if init_image is not None else None, model=sd.name,
+                  denoising_strength=strength if init_image is not None else (hires.strength if hr else None),
+                  model=sd.name,
                   model_hash=getattr(sd, "hash", None),
                   deepcache=deepcache.interval if deepcache is not None else None, tiny_decoder=tiny is not None,
                   token_merging=token_merging or None)
+    if hr is not None:
+        params["hires"] = {
+            "Hires upscale": hires.scale if not (hires.width or hires.height) else None,
+            "Hires resize": f"{hires.width}x{hires.height}" if hires.width or hires.height else None,
+            "Hires steps": hires.steps or None, "Hires upscaler": hires.upscaler,
+            "Hires sampler": hr["info"].name if hr["info"].name != info.name else None,
+            "Hires schedule type": _schedule_label(hr_schedule) if hr_schedule != schedule_name else None,
+            "Hires prompt": hires.prompt if hires.prompt and hires.prompt != prompt else None,
+            "Hires negative prompt": (hires.negative_prompt if hires.negative_prompt
+                                      and hires.negative_prompt != negative_prompt else None)}
 
     result = Result([], [], [], params)
     for batch in range(batch_count):
@@ -294,30 +392,49 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
         if deepcache is not None:
             deepcache.cached, deepcache.calls = None, 0  # each batch starts with a whole UNet pass
         frames: list[tuple[torch.Tensor, float]] = []
-        state = {"denoised": x if init_latent is None else init_latent.repeat(batch_size, 1, 1, 1)}
+        total = len(sigmas) - 1 + (len(hr["sigmas"]) - 1 if hr is not None else 0)
 
-        def on_step(d, total=len(sigmas) - 1, batch=batch):
-            state["denoised"] = d["denoised"]
-            if record_steps:
-                frames.append((d["x"].detach().clone(), float(d["sigma"])))
-            if callback is not None:
-                callback(StepInfo(d["i"], total, batch, d["x"], d["denoised"], float(d["sigma"])))
-            if interrupt is not None and interrupt():
-                raise Interrupted()
-            if skip is not None and skip():
-                raise _Skipped()
+        def sample(info, model, x, sigmas, cond, uncond, generators, start_denoised, offset=0, batch=batch):
+            """The sampler's latents; where the run was interrupted or skipped, the estimate it had reached."""
+            state = {"denoised": start_denoised}
 
-        extra = {"cond": cond, "uncond": uncond if cfg_scale != 1.0 else None}
-        try:
-            if len(sigmas) > 1:
-                latents = _run_sampler(info, model, x, sigmas, extra, on_step, progress, generators, seeds, eta)
-            else:
-                latents = x
-        except Interrupted:
-            latents = state["denoised"]
-            result.interrupted = True
-        except _Skipped:
-            latents = state["denoised"]
+            def on_step(d):
+                state["denoised"] = d["denoised"]
+                if record_steps:
+                    frames.append((d["x"].detach().clone(), float(d["sigma"])))
+                if callback is not None:
+                    callback(StepInfo(offset + d["i"], total, batch, d["x"], d["denoised"], float(d["sigma"])))
+                if interrupt is not None and interrupt():
+                    raise Interrupted()
+                if skip is not None and skip():
+                    raise _Skipped()
+
+            extra = {"cond": cond, "uncond": uncond if cfg_scale != 1.0 else None}
+            try:
+                if len(sigmas) > 1:
+                    return _run_sampler(info, model, x, sigmas, extra, on_step, progress, generators, seeds, eta), True
+                return x, True
+            except Interrupted:
+                result.interrupted = True
+            except _Skipped:
+                pass
+            return state["denoised"], False
+
+        start = x if init_latent is None else init_latent.repeat(batch_size, 1, 1, 1)
+        latents, finished = sample(info, model, x, sigmas, cond, uncond, generators, start)
+        if hr is not None and finished:
+            # Hires. fix: the result upscaled, noised to the second pass's strength and denoised at the larger size.
+            up = _upscale(sd, latents, hires.upscaler, *hr["size"], *hr["crop"])
+            generators = [torch.Generator().manual_seed(s) for s in seeds]  # the same seeds, the larger noise
+            x = up + torch.stack([torch.randn(up.shape[1:], generator=g) for g in generators]).to(device) * hr["sigmas"][0]
+            if deepcache is not None:
+                deepcache.cached, deepcache.calls = None, 0
+            denoiser.net = _net(sd, hr["concat"], deepcache)
+            try:
+                latents, _ = sample(hr["info"], CFGDenoiser(denoiser, cfg_scale, hr["sigmas"], guidance_until), x,
+                                    hr["sigmas"], hr["cond"], hr["uncond"], generators, up, offset=len(sigmas) - 1)
+            finally:
+                denoiser.net = _net(sd, concat, deepcache)
         pictures = decode(sd, latents, tiny)
         if paste is not None:
             original, m = paste
@@ -332,6 +449,30 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
         if result.interrupted:
             break
     return result
+
+
+def _paint_everything(sd: StableDiffusion, width: int, height: int, device) -> torch.Tensor:
+    """An inpainting model's extra channels when there is no mask: all to be painted, over a grey image (as A1111)."""
+    with torch.no_grad():
+        grey = sd.vae.encode(torch.zeros(1, 3, height, width, device=device)).mode() * sd.config.scale_factor
+    return torch.cat([torch.ones_like(grey[:, :1]), grey], dim=1)
+
+
+def _upscale(sd: StableDiffusion, latents: torch.Tensor, upscaler: str, width: int, height: int, crop_x: int,
+             crop_y: int) -> torch.Tensor:
+    """Hires. fix's upscaling to width x height (rounded down to whole latents), then crop_x / crop_y latent
+    columns / rows cut off, half on each side (the larger half at the end), as A1111 does."""
+    f = sd.config.vae.factor
+    rows, cols = height // f, width // f
+    if upscaler in LATENT_UPSCALERS:
+        mode, antialias = LATENT_UPSCALERS[upscaler]
+        up = torch.nn.functional.interpolate(latents.float(), size=(rows, cols), mode=mode, antialias=antialias)
+    else:
+        with torch.no_grad():
+            up = torch.cat([sd.vae.encode(imgs.to_tensor(p.resize((cols * f, rows * f), IMAGE_UPSCALERS[upscaler]))
+                                          .to(latents.device)).mode().float() for p in decode(sd, latents)])
+        up = up * sd.config.scale_factor
+    return up[:, :, crop_y // 2:rows - (crop_y + 1) // 2, crop_x // 2:cols - (crop_x + 1) // 2]
 
 
 DECODE_TILE = 64  # latents; larger latents (images over 512 px on a side) are decoded by overlapping tiles
@@ -355,8 +496,12 @@ def tiny_decoder(sd: StableDiffusion):
     return getattr(sd, "tiny_decoder", None)
 
 
+def _schedule_label(name: str) -> str:
+    return {v: k for k, v in SCHEDULE_LABELS.items()}.get(name, name)
+
+
 def _infotext(p: dict, seed: int) -> str:
-    schedule_label = {v: k for k, v in SCHEDULE_LABELS.items()}.get(p["schedule"], p["schedule"])
+    schedule_label = _schedule_label(p["schedule"])
     return infotext(
         p["prompt"], p["negative_prompt"], **{
             "Steps": p["steps"], "Sampler": p["sampler"], "Schedule type": schedule_label,
@@ -365,7 +510,7 @@ def _infotext(p: dict, seed: int) -> str:
             "Clip skip": p["clip_skip"] if p["clip_skip"] and p["clip_skip"] > 1 else None,
             "Guidance until": p["guidance_until"] if p["guidance_until"] < 1.0 else None,
             "DeepCache interval": p.get("deepcache"), "Decoder": "TAESD" if p.get("tiny_decoder") else None,
-            "Token merging ratio": p.get("token_merging")})
+            "Token merging ratio": p.get("token_merging"), **p.get("hires", {})})
 
 
 def txt2img(sd: StableDiffusion, prompt: str, negative_prompt: str = "", **kwargs) -> Result:

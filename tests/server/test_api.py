@@ -6,10 +6,12 @@ import json
 import threading
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
 import plainsd
+from plainsd import pipeline
 from plainsd.pnginfo import parse_infotext
 
 from fastapi.testclient import TestClient  # the serve extra is part of the test extras
@@ -102,6 +104,14 @@ def test_unknown_fields_and_unsupported_features_are_ignored(client):
     ({"tiny_decoder": True}, "this model has no tiny decoder"),
     ({"guidance_until": 0}, "guidance_until (the fraction of the steps with guidance) must be in (0, 1]"),
     ({"override_settings": {"token_merging_ratio": 1.5}}, "token_merging_ratio must be a number at least 0 and below 1"),
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler 'R-ESRGAN 4x+' is not one plainsd has: Latent,"),
+    ({"enable_hr": True, "hr_scale": 8.5}, "hr_scale must be between 1 and 8"),
+    ({"width": 64, "enable_hr": True, "hr_scale": 8}, "the hires fix would draw 512x256; width and height may be at most 256"),
+    ({"enable_hr": True, "hr_scale": 0.5}, "hr_scale must be between 1 and 8"),
+    ({"enable_hr": True, "hr_resize_x": 100}, "hr_resize_x must be 0 or a multiple of 8"),
+    ({"enable_hr": True, "hr_sampler_name": "Nope"}, "hr_sampler_name / hr_scheduler: unknown sampler"),
+    ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "both passes with the same model"),
+    ({"enable_hr": True, "denoising_strength": 1.5}, "denoising_strength must be between 0 and 1"),
 ])
 def test_bad_requests_get_422_with_one_clear_sentence(client, body, words):
     r = client.post("/sdapi/v1/txt2img", json={"steps": 2, "width": 32, "height": 32, **body})
@@ -351,6 +361,36 @@ def test_guidance_until_is_a_request_field(client):
     cut = client.post("/sdapi/v1/txt2img", json={**req, "guidance_until": 0.5}).json()
     assert "Guidance until: 0.5" in json.loads(cut["info"])["infotexts"][0]
     assert cut["images"] != full["images"] and "Guidance until" not in json.loads(full["info"])["infotexts"][0]
+
+
+def test_hires_fix_as_a1111_clients_ask_for_it(client):
+    req = {"prompt": "a red circle", "steps": 4, "width": 32, "height": 48, "seed": 3, "sampler_name": "Euler"}
+    r = client.post("/sdapi/v1/txt2img", json={**req, "enable_hr": True, "hr_scale": 2,
+                                               "hr_second_pass_steps": 6}).json()
+    info = json.loads(r["info"])
+    assert decode(r["images"][0]).size == (64, 96) and (info["width"], info["height"]) == (32, 48)
+    fields = parse_infotext(info["infotexts"][0])
+    assert (fields["Hires upscale"], fields["Hires steps"], fields["Hires upscaler"], fields["Denoising strength"]) == \
+        ("2", "6", "Latent", "0.7")  # A1111's defaults: the "Latent" upscaler, denoising strength 0.7
+    assert info["denoising_strength"] == 0.7
+    # the same as the pipeline's hires fix with those settings
+    sd = client.app.state.store.get()  # the model the server drew with
+    direct = pipeline.txt2img(sd, "a red circle", steps=4, width=32, height=48, seed=3, sampler="Euler",
+                             hires=pipeline.HiresFix(scale=2, steps=6, strength=0.7))
+    assert np.abs(np.asarray(decode(r["images"][0]), np.int16) - np.asarray(direct.images[0], np.int16)).max() <= 1
+    # a final size (the older firstphase_* form too: width/height are then the final size), an image upscaler
+    sized = client.post("/sdapi/v1/txt2img", json={**req, "enable_hr": True, "hr_resize_x": 64, "hr_resize_y": 64,
+                                                   "hr_upscaler": "Lanczos", "denoising_strength": 0.5}).json()
+    assert decode(sized["images"][0]).size == (64, 64)
+    assert "Hires resize: 64x64" in json.loads(sized["info"])["infotexts"][0]
+    old = client.post("/sdapi/v1/txt2img", json={**req, "enable_hr": True, "width": 64, "height": 64,
+                                                 "firstphase_width": 32, "firstphase_height": 48,
+                                                 "hr_upscaler": "Lanczos", "denoising_strength": 0.5}).json()
+    assert old["images"] == sized["images"]
+    # what a client lists to choose from
+    assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
+    modes = [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()]
+    assert modes[0] == "Latent" and "Latent (nearest-exact)" in modes
 
 
 def test_token_merging_is_a1111s_setting(client):

@@ -1,7 +1,7 @@
 """AUTOMATIC1111's API, as its clients speak it: request fields and defaults, checks, and answers.
 
 Every field A1111 accepts is accepted; the ones plainsd has no use for (restore_faces, alwayson_scripts,
-hires fix, subseeds ...) are echoed back and otherwise ignored. Checks raise BadRequest with one sentence,
+subseeds, styles ...) are echoed back and otherwise ignored. Checks raise BadRequest with one sentence,
 which the app answers with 422.
 """
 
@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from plainsd.diffusion.samplers import SAMPLERS, resolve_sampler
 from plainsd.diffusion.schedules import SCHEDULE_LABELS
 from plainsd.fast import choose as choose_fast
+from plainsd.pipeline import IMAGE_UPSCALERS, LATENT_UPSCALERS, HiresFix
 from plainsd.pnginfo import parse_infotext, read_parameters
 
 
@@ -226,6 +227,59 @@ def generation_kwargs(req: Txt2ImgRequest, limits: Limits) -> dict:
                 width=req.width, height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
                 clip_skip=clip_skip, eta=req.eta, fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)),
                 guidance_until=req.guidance_until, token_merging=merging["token_merging_ratio"])
+
+
+HIRES_STRENGTH = 0.7  # A1111's Hires. fix denoising strength where a request gives none
+
+
+def txt2img_kwargs(req: Txt2ImgRequest, limits: Limits) -> dict:
+    """generation_kwargs, and for enable_hr the second pass (pipeline.HiresFix) with its final size checked."""
+    kwargs = generation_kwargs(req, limits)
+    if not req.enable_hr:
+        return kwargs
+    width, height = kwargs["width"], kwargs["height"]
+    hr_x, hr_y = req.hr_resize_x, req.hr_resize_y
+    if req.firstphase_width or req.firstphase_height:  # A1111's older form: width/height are the final size
+        width, height = req.firstphase_width or width, req.firstphase_height or height
+        hr_x, hr_y = req.width, req.height
+        for name, value in (("firstphase_width", width), ("firstphase_height", height)):
+            if value % 8 or not 8 <= value <= limits.max_size:
+                raise BadRequest(f"{name} must be a multiple of 8 between 8 and {limits.max_size}, got {value}")
+        kwargs["width"], kwargs["height"] = width, height
+    if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+        raise BadRequest(f"hr_checkpoint_name: plainsd draws both passes with the same model; leave it out "
+                         f"(got {req.hr_checkpoint_name!r})")
+    upscaler = req.hr_upscaler or "Latent"
+    if upscaler not in LATENT_UPSCALERS and upscaler not in IMAGE_UPSCALERS:
+        raise BadRequest(f"hr_upscaler {upscaler!r} is not one plainsd has: "
+                         f"{', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}")
+    if not 1 <= req.hr_scale <= 8:
+        raise BadRequest(f"hr_scale must be between 1 and 8, got {req.hr_scale}")
+    for name, value in (("hr_resize_x", hr_x), ("hr_resize_y", hr_y)):
+        if value and (value % 8 or not 8 <= value <= limits.max_size):
+            raise BadRequest(f"{name} must be 0 or a multiple of 8 between 8 and {limits.max_size}, got {value}")
+    if not 0 <= req.hr_second_pass_steps <= limits.max_steps:
+        raise BadRequest(f"hr_second_pass_steps must be between 0 (as many as steps) and {limits.max_steps}, "
+                         f"got {req.hr_second_pass_steps}")
+    strength = HIRES_STRENGTH if req.denoising_strength is None else req.denoising_strength
+    if not 0.0 <= strength <= 1.0:
+        raise BadRequest(f"denoising_strength must be between 0 and 1, got {strength}")
+    hr_sampler = None if req.hr_sampler_name in (None, "", "Use same sampler") else req.hr_sampler_name
+    hr_schedule = None if req.hr_scheduler in (None, "", "Use same scheduler") else req.hr_scheduler
+    if hr_sampler or hr_schedule:
+        try:
+            resolve_sampler(hr_sampler or kwargs["sampler"], hr_schedule or kwargs["schedule"])
+        except ValueError as e:
+            raise BadRequest(f"hr_sampler_name / hr_scheduler: {e}") from None
+    hires = HiresFix(scale=req.hr_scale, width=hr_x, height=hr_y, upscaler=upscaler, steps=req.hr_second_pass_steps,
+                     strength=strength, sampler=hr_sampler, schedule=hr_schedule, prompt=req.hr_prompt or None,
+                     negative_prompt=req.hr_negative_prompt or None)
+    final_w, final_h = hires.final_size(width, height)
+    if not 8 <= min(final_w, final_h) or max(final_w, final_h) > limits.max_size:
+        raise BadRequest(f"the hires fix would draw {final_w}x{final_h}; width and height may be at most "
+                         f"{limits.max_size} (hr_scale {req.hr_scale} of {width}x{height})")
+    kwargs["hires"] = hires
+    return kwargs
 
 
 def img2img_kwargs(req: Img2ImgRequest, limits: Limits) -> dict:

@@ -103,7 +103,7 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
                                        embeddings_dir=embeddings_dir, **kwargs)
             return sd, result
 
-        job = Job(work, kind=kind, steps_total=req.steps * req.n_iter)
+        job = Job(work, kind=kind, steps_total=req.steps * req.n_iter)  # (a hires fix's second pass: from its first step)
         try:
             queue.submit(job)
         except QueueFull as e:
@@ -134,7 +134,7 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(req: api.Txt2ImgRequest, request: Request):
-        return await run_job(request, req, api.generation_kwargs(req, limits), "txt2img")
+        return await run_job(request, req, api.txt2img_kwargs(req, limits), "txt2img")
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(req: api.Img2ImgRequest, request: Request):
@@ -222,7 +222,12 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
 
     @app.get("/sdapi/v1/upscalers")
     async def upscalers():
-        return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}]
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for name in api.IMAGE_UPSCALERS]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    async def latent_upscale_modes():
+        return [{"name": name} for name in api.LATENT_UPSCALERS]
 
     @app.get("/sdapi/v1/sd-vae")
     async def sd_vae():
