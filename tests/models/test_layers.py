@@ -10,6 +10,12 @@ fused = pytest.mark.skipif(not layers._fused_exp_available(), reason="torch has 
                            "(torch.ops.mkldnn._linear_pointwise) or this CPU has no oneDNN bf16 kernels")
 
 
+@pytest.fixture(autouse=True)
+def _without_amx(monkeypatch):
+    """The oneDNN paths are the ones taken on CPUs without AMX; they are tested on every CPU (AMX ones too)."""
+    monkeypatch.setattr(layers, "_amx", lambda: False)
+
+
 def _split(t, heads):
     return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
@@ -64,6 +70,23 @@ def test_fused_attention_with_large_scores(scale):
     got = layers._attention_fused(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=2)
     err, err_sdpa = _errors(got, q, k, v, 2)
     assert err < 2 * err_sdpa, (err, err_sdpa)
+
+
+@pytest.mark.parametrize("n, m", [(4096, 4096), (4096, 77), (256, 77)])
+def test_with_amx_bf16_attention_is_sdpa(monkeypatch, n, m):
+    """Where the CPU has AMX tiles, torch's SDPA kernel is the fastest bf16 attention (benchmarks/attention.py):
+    no oneDNN path is taken."""
+    monkeypatch.setattr(layers, "_amx", lambda: True)
+    calls = _spy(monkeypatch, ["_attention_fused", "_attention_batched"])
+    sdpa_calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a, **kw: sdpa_calls.append(1) or real(*a, **kw))
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, n, 80), torch.randn(1, m, 80), torch.randn(1, m, 80)
+    got = layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=2)
+    assert calls == [] and sdpa_calls == [1]
+    err, err_sdpa = _errors(got, q, k, v, 2)
+    assert err == err_sdpa
 
 
 @fused

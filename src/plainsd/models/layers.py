@@ -29,13 +29,15 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
     """Multi-head scaled dot-product attention on [B, N, C] tensors.
 
-    torch's SDPA, except for bf16 inference on the CPU, which takes oneDNN's bf16 matrix products: torch's
-    CPU flash kernel is slow for SD's heads (of 40 at the first level: half the speed of oneDNN's GEMM).
-    Large score matrices (a quarter million scores per head and up: self-attention at 1024+ tokens, the text's
-    77 keys at 4096) go head by head with the softmax's exp fused into the first product (_attention_fused);
-    smaller ones in one batched product and torch's softmax (_attention_batched), which wins there on fewer
-    calls. Training (gradients needed) keeps SDPA."""
-    bf16_cpu = q.dtype == torch.bfloat16 and q.device.type == "cpu" and not causal
+    torch's SDPA, except for bf16 inference on a CPU without AMX (avx512_bf16 alone), which takes oneDNN's
+    bf16 matrix products: there torch's CPU flash kernel is slow for SD's heads (of 40 at the first level:
+    half the speed of oneDNN's GEMM). Large score matrices (a quarter million scores per head and up:
+    self-attention at 1024+ tokens, the text's 77 keys at 4096) go head by head with the softmax's exp fused
+    into the first product (_attention_fused); smaller ones in one batched product and torch's softmax
+    (_attention_batched), which wins there on fewer calls. With AMX, SDPA's kernel runs its products on the
+    tiles and is the fastest at every size SD has (2-3x at 4096 tokens: benchmarks/attention.py). Training
+    (gradients needed) keeps SDPA."""
+    bf16_cpu = q.dtype == torch.bfloat16 and q.device.type == "cpu" and not causal and not _amx()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # oneDNN's ops have no autograd
     if bf16_cpu and not needs_grad and q.shape[1] * k.shape[1] >= 1 << 18 and _fused_exp_available():
         return _attention_fused(q, k, v, heads)
@@ -155,6 +157,15 @@ def _put_shift(x: torch.Tensor, d: int, t: torch.Tensor) -> None:
     hi = t.to(x.dtype)
     x[..., d] = -hi
     x[..., d + 1] = -(t - hi.float())
+
+
+@functools.cache
+def _amx() -> bool:
+    """True where torch runs bf16 products on AMX tiles (Intel Sapphire Rapids and later)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @functools.cache
