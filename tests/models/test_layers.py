@@ -90,6 +90,15 @@ def test_with_amx_bf16_attention_is_sdpa(monkeypatch, n, m):
 
 
 @fused
+def test_a_traced_graph_keeps_sdpa():
+    """OpenVINO converts plainsd's UNet from a trace: the oneDNN ops (which it cannot read) stay out of it."""
+    q, k, v = (torch.randn(1, 1024, 80).bfloat16() for _ in range(3))
+    with torch.no_grad():
+        graph = str(torch.jit.trace(lambda q, k, v: layers.attention(q, k, v, heads=2), (q, k, v)).graph)
+    assert "scaled_dot_product_attention" in graph and "mkldnn" not in graph
+
+
+@fused
 def test_fused_attention_takes_strided_inputs():
     """[B, N, C] views of [B, C, N] tensors (as the VAE's attention makes them) give the contiguous answer."""
     torch.manual_seed(3)

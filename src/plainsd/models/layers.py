@@ -36,8 +36,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, cau
     into the first product (_attention_fused); smaller ones in one batched product and torch's softmax
     (_attention_batched), which wins there on fewer calls. With AMX, SDPA's kernel runs its products on the
     tiles and is the fastest at every size SD has (2-3x at 4096 tokens: benchmarks/attention.py). Training
-    (gradients needed) keeps SDPA."""
-    bf16_cpu = q.dtype == torch.bfloat16 and q.device.type == "cpu" and not causal and not _amx()
+    (gradients needed) keeps SDPA, and so does a graph being traced or compiled (OpenVINO's conversion, say),
+    which has no use for oneDNN's own ops."""
+    bf16_cpu = (q.dtype == torch.bfloat16 and q.device.type == "cpu" and not causal and not _amx()
+                and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # oneDNN's ops have no autograd
     if bf16_cpu and not needs_grad and q.shape[1] * k.shape[1] >= 1 << 18 and _fused_exp_available():
         return _attention_fused(q, k, v, heads)
