@@ -9,8 +9,8 @@ plainsd.load, diffusers through its own single-file converters, OpenVINO by conv
 with openvino.convert_model (as optimum-intel does). Each measurement runs in a fresh subprocess (so that
 start-up and peak RSS are its own), the runtimes alternate within each round, all with the same thread
 count, and the table gives the median over rounds. The rows follow the CPU: where it has native bf16, the
-bf16 and float32 runtimes (table in benchmarks/results.md); elsewhere the float32 ones, plainsd's default
-there (benchmarks/results-fp32.md).
+bf16 and float32 runtimes (table in benchmarks/results.md, or benchmarks/results-amx.md where the CPU also
+has AMX tiles); elsewhere the float32 ones, plainsd's default there (benchmarks/results-fp32.md).
 
 Needs the test extras (diffusers, transformers) and openvino: pip install -e '.[test,openvino]'.
 """
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip", default="", help="comma-separated: unet, vae, e2e, openvino, diffusers")
     p.add_argument("--e2e", default="", help="semicolon-separated: only these end-to-end rows (default: all)")
     p.add_argument("--out", default=None, help="the table's file (default: benchmarks/results.md where the CPU has "
-                   "native bf16, benchmarks/results-fp32.md elsewhere)")
+                   "native bf16, results-amx.md where it has AMX too, results-fp32.md elsewhere)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -356,11 +356,12 @@ def main(argv=None) -> int:
 
     global VARIANTS, E2E
     sys.path.insert(0, str(ROOT / "src"))
-    from plainsd.runtime import native_bf16
+    from plainsd.runtime import cpu_flags, native_bf16
 
     bf16 = native_bf16()
     VARIANTS, E2E = (VARIANTS_BF16, E2E_BF16) if bf16 else (VARIANTS_FP32, E2E_FP32)
-    args.out = args.out or str(ROOT / "benchmarks" / ("results.md" if bf16 else "results-fp32.md"))
+    table = ("results-amx.md" if "amx_bf16" in cpu_flags() else "results.md") if bf16 else "results-fp32.md"
+    args.out = args.out or str(ROOT / "benchmarks" / table)
     args.peak = "bf16" if bf16 else "fp32"  # plainsd's default precision here: the table's peak
     skip = set(filter(None, args.skip.split(",")))
     sizes = [int(s) for s in args.sizes.split(",")]

@@ -228,6 +228,26 @@ def test_packed_layers_give_the_plain_layers_numbers(dtype):
         assert torch.equal(layer.weight, plain_weight) and isinstance(layer.weight, torch.nn.Parameter)
 
 
+@needs_packing
+def test_a_repacked_convolution_hands_the_freed_memory_back_once_per_shape(monkeypatch):
+    """Repacking (a convolution's first call at a size) frees the weight it replaces: malloc is asked to hand
+    that memory back then (it kept a 512x512 step's peak 0.35 GB lower), and only then: not on every call."""
+    trims = []
+    monkeypatch.setattr(runtime, "release_freed_memory", lambda: trims.append(1))
+    layer = torch.nn.Conv2d(32, 32, 3, padding=1).to(torch.bfloat16)
+    runtime.pack_weights(layer)
+    plain = layer.packed[0]
+    x, y = (torch.randn(1, 32, n, n).bfloat16().contiguous(memory_format=torch.channels_last) for n in (12, 6))
+    with torch.no_grad():
+        layer(x)
+        assert len(trims) == 1 and layer.packed[0].is_mkldnn and plain.is_contiguous(memory_format=torch.channels_last)
+        layer(x)
+        layer(x)
+        assert len(trims) == 1
+        layer(y)  # another size: another layout
+        assert len(trims) == 2
+
+
 @needs_fp32_packing
 def test_packed_float32_unet_and_vae_give_the_plain_numbers():
     """float32 inference packs the convolutions and GEGLU's projection (the rest of GEGLU stays plain); the UNet
