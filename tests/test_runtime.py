@@ -2,6 +2,7 @@
 bf16 tolerance of the float32 reference; the compiled model is cached on disk and follows weight changes."""
 
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -120,6 +121,15 @@ def test_openvino_backend_matches_eager_and_caches(tmp_path, monkeypatch):
     again = runtime.OpenVINOUNet(sd.unet, tmp_path)
     assert torch.equal(again(x, t, c), out)
     monkeypatch.undo()
+
+    # a conversion made by other code (the networks' source changed since) is not reused
+    other = tmp_path / "other"
+    runtime.OpenVINOUNet(sd.unet, other)(x, t, c)
+    monkeypatch.setattr(runtime, "code_version", lambda: "other code")
+    assert torch.equal(runtime.OpenVINOUNet(sd.unet, other)(x, t, c), out)
+    assert len(list(other.glob("*/unet.xml"))) == 2
+    monkeypatch.undo()
+    shutil.rmtree(other)
 
     # a blob this OpenVINO cannot read (another version's, a damaged one) is compiled afresh and replaced
     blob = next(tmp_path.glob("*/*.blob"))

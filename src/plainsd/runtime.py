@@ -23,7 +23,8 @@ oneDNN's). Float32 linear layers stay plain (MKL's sgemm is as fast as oneDNN's 
 projection (faster packed at the deep levels), whose gelu and product stay torch's.
 
 Compiled path. backend="openvino" converts the UNet once with openvino.convert_model, keeps the
-converted model on disk (keyed by a fingerprint of the weights, the config and the precision), and
+converted model on disk (keyed by a fingerprint of the weights, the config, the precision and the code
+that builds the graph: code_version), and
 runs it with OpenVINO's CPU plugin; the compiled model of each input shape is exported beside it, so
 that a second run maps it from the file and starts in seconds (nothing converted, compiled or hashed).
 The UNet's own parameters stay the truth: when they change (a LoRA applied for one run, say) the
@@ -358,6 +359,16 @@ def fingerprint(module: torch.nn.Module, extra: str = "") -> str:
     return h.hexdigest()
 
 
+def code_version() -> str:
+    """A short hash of the source of plainsd's networks (the models package) and torch's version: what a
+    conversion of a module depends on besides its weights. An OpenVINO conversion made by other code (a graph
+    that has changed since) is not reused."""
+    h = hashlib.blake2b(torch.__version__.encode(), digest_size=8)
+    for source in sorted(Path(__file__).with_name("models").glob("*.py")):
+        h.update(source.name.encode() + source.read_bytes())
+    return h.hexdigest()
+
+
 def cache_limit() -> int:
     """Bytes the OpenVINO cache may hold (PLAINSD_OPENVINO_CACHE_GB, default 20: four or five SD1.5-size models)."""
     value = os.environ.get("PLAINSD_OPENVINO_CACHE_GB", "20")
@@ -478,7 +489,8 @@ class OpenVINOUNet:
         x32, c32 = x.float().contiguous(), context.float().contiguous()
         if self._key is None or self._versions != self._current_versions():
             cfg = getattr(self.unet, "config", None)
-            self._key = fingerprint(self.unet, json.dumps(cfg.__dict__ if cfg is not None else {}, default=str) + self.precision)
+            self._key = fingerprint(self.unet, json.dumps(cfg.__dict__ if cfg is not None else {}, default=str)
+                                    + self.precision + code_version())
             self._versions = self._current_versions()
             self._model, self._compiled = None, {}
             try:
