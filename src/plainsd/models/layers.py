@@ -39,7 +39,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, cau
     (gradients needed) keeps SDPA, and so does a graph being traced or compiled (OpenVINO's conversion, say),
     which has no use for oneDNN's own ops."""
     bf16_cpu = (q.dtype == torch.bfloat16 and q.device.type == "cpu" and not causal and not _amx()
-                and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+                and not torch.jit.is_tracing() and not _compiling())
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # oneDNN's ops have no autograd
     if bf16_cpu and not needs_grad and q.shape[1] * k.shape[1] >= 1 << 18 and _fused_exp_available():
         return _attention_fused(q, k, v, heads)
@@ -159,6 +159,12 @@ def _put_shift(x: torch.Tensor, d: int, t: torch.Tensor) -> None:
     hi = t.to(x.dtype)
     x[..., d] = -hi
     x[..., d + 1] = -(t - hi.float())
+
+
+def _compiling() -> bool:
+    """True while torch.compile traces the model (torch.compiler.is_compiling: torch 2.3 and later)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
 
 
 @functools.cache

@@ -103,7 +103,7 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
                                        embeddings_dir=embeddings_dir, **kwargs)
             return sd, result
 
-        job = Job(work, kind=kind, steps_total=req.steps * req.n_iter)  # (a hires fix's second pass: from its first step)
+        job = Job(work, kind=kind, steps_total=req.steps * req.n_iter)  # (on_step corrects it: a hires fix adds steps)
         try:
             queue.submit(job)
         except QueueFull as e:
