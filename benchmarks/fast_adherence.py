@@ -40,6 +40,8 @@ VARIANTS = {
 }
 # token merging (A1111's ratio, --token-merging) on the default path: name -> ratio
 TOKEN_MERGING = {f"token merging {r:g} (--token-merging {r:g})": r for r in (0.3, 0.5, 0.75)}
+# fast mode with token merging too (the share of a step fast mode leaves is mostly the full-resolution level's)
+FAST_TOKEN_MERGING = {"fast mode and token merging 0.5 (--fast --token-merging 0.5)": (FAST, 0.5)}
 
 
 def main() -> int:
@@ -47,12 +49,14 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=200)
     p.add_argument("--model", help="a checkpoint (default: the shipped model); its tiny decoder is the "
                                     "NAME.taesd.safetensors beside it")
-    p.add_argument("--only", nargs="+", choices=list(VARIANTS) + list(TOKEN_MERGING), help="run only these rows")
+    p.add_argument("--only", nargs="+", choices=list(VARIANTS) + list(TOKEN_MERGING) + list(FAST_TOKEN_MERGING),
+                   help="run only these rows")
     args = p.parse_args()
     sd = runtime.prepare(plainsd.load(args.model, dtype=runtime.choose_dtype("auto")))
     print(f"Recommended settings of the model: {getattr(sd, 'defaults', {})}\n")
     print("| setting | colour and shape | position | size | all four |\n|---|---|---|---|---|")
-    rows = {**VARIANTS, **{name: (None, None, ratio) for name, ratio in TOKEN_MERGING.items()}}
+    rows = {**VARIANTS, **{name: (None, None, ratio) for name, ratio in TOKEN_MERGING.items()},
+            **{name: (settings, None, ratio) for name, (settings, ratio) in FAST_TOKEN_MERGING.items()}}
     for name, (settings, guidance_until, *merging) in rows.items():
         if args.only and name not in args.only:
             continue

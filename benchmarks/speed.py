@@ -57,6 +57,7 @@ E2E_BF16 = {
     "plainsd --fast, 2 blocks on the first 60% of the steps": ("plainsd", "bf16", {"deepcache_early": 0.6}),
     # a fourth item: the token merging ratio (--token-merging)
     "plainsd --token-merging 0.5": ("plainsd", "bf16", False, 0.5),
+    "plainsd --fast --token-merging 0.5": ("plainsd", "bf16", True, 0.5),
 }
 # Elsewhere (AVX2 CPUs, say) plainsd's default is float32, and bf16 is emulated (diffusers in bf16 runs several
 # times slower than in float32; OpenVINO falls back to f32): the float32 runtimes only.
