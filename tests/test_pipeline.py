@@ -84,7 +84,7 @@ def test_token_merging(sd):
 
 
 def test_hires_fix_is_txt2img_then_img2img_of_its_upscaled_image(sd):
-    # With an image upscaler the second pass is exactly img2img of the first pass's picture resized by Lanczos:
+    # With an image upscaler the second pass is img2img of the first pass's picture resized by Lanczos (to a level):
     # the same seed's noise at the larger size, the second pass's steps cut by its strength.
     hires = pipeline.HiresFix(scale=1.5, upscaler="Lanczos", steps=6, strength=0.5)
     seen = []

@@ -104,14 +104,15 @@ def test_unknown_fields_and_unsupported_features_are_ignored(client):
     ({"tiny_decoder": True}, "this model has no tiny decoder"),
     ({"guidance_until": 0}, "guidance_until (the fraction of the steps with guidance) must be in (0, 1]"),
     ({"override_settings": {"token_merging_ratio": 1.5}}, "token_merging_ratio must be a number at least 0 and below 1"),
-    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler 'R-ESRGAN 4x+' is not one plainsd has: Latent,"),
-    ({"enable_hr": True, "hr_scale": 8.5}, "hr_scale must be between 1 and 8"),
-    ({"width": 64, "enable_hr": True, "hr_scale": 8}, "the hires fix would draw 512x256; width and height may be at most 256"),
-    ({"enable_hr": True, "hr_scale": 0.5}, "hr_scale must be between 1 and 8"),
-    ({"enable_hr": True, "hr_resize_x": 100}, "hr_resize_x must be 0 or a multiple of 8"),
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "unknown hires upscaler 'R-ESRGAN 4x+'; plainsd has Latent,"),
+    ({"enable_hr": True, "hr_scale": 8.5}, "the hires scale must be between 1 and 8, got 8.5"),
+    ({"width": 64, "enable_hr": True, "hr_scale": 8}, "the hires fix would draw 512x256 from 64x32; width and height may be at most 256"),
+    ({"enable_hr": True, "hr_scale": 0.5}, "the hires scale must be between 1 and 8, got 0.5"),
+    ({"enable_hr": True, "hr_resize_x": 100}, "the hires width and height must be multiples of 8 (0: from the scale), got 100x0"),
+    ({"enable_hr": True, "hr_resize_x": 264}, "the hires fix would draw 264x264 from 32x32; width and height may be at most 256"),
     ({"enable_hr": True, "hr_sampler_name": "Nope"}, "hr_sampler_name / hr_scheduler: unknown sampler"),
     ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "both passes with the same model"),
-    ({"enable_hr": True, "denoising_strength": 1.5}, "denoising_strength must be between 0 and 1"),
+    ({"enable_hr": True, "denoising_strength": 1.5}, "the hires denoising strength must be between 0 and 1, got 1.5"),
 ])
 def test_bad_requests_get_422_with_one_clear_sentence(client, body, words):
     r = client.post("/sdapi/v1/txt2img", json={"steps": 2, "width": 32, "height": 32, **body})

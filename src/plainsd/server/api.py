@@ -249,21 +249,9 @@ def txt2img_kwargs(req: Txt2ImgRequest, limits: Limits) -> dict:
     if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
         raise BadRequest(f"hr_checkpoint_name: plainsd draws both passes with the same model; leave it out "
                          f"(got {req.hr_checkpoint_name!r})")
-    upscaler = req.hr_upscaler or "Latent"
-    if upscaler not in LATENT_UPSCALERS and upscaler not in IMAGE_UPSCALERS:
-        raise BadRequest(f"hr_upscaler {upscaler!r} is not one plainsd has: "
-                         f"{', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}")
-    if not 1 <= req.hr_scale <= 8:
-        raise BadRequest(f"hr_scale must be between 1 and 8, got {req.hr_scale}")
-    for name, value in (("hr_resize_x", hr_x), ("hr_resize_y", hr_y)):
-        if value and (value % 8 or not 8 <= value <= limits.max_size):
-            raise BadRequest(f"{name} must be 0 or a multiple of 8 between 8 and {limits.max_size}, got {value}")
     if not 0 <= req.hr_second_pass_steps <= limits.max_steps:
         raise BadRequest(f"hr_second_pass_steps must be between 0 (as many as steps) and {limits.max_steps}, "
                          f"got {req.hr_second_pass_steps}")
-    strength = HIRES_STRENGTH if req.denoising_strength is None else req.denoising_strength
-    if not 0.0 <= strength <= 1.0:
-        raise BadRequest(f"denoising_strength must be between 0 and 1, got {strength}")
     hr_sampler = None if req.hr_sampler_name in (None, "", "Use same sampler") else req.hr_sampler_name
     hr_schedule = None if req.hr_scheduler in (None, "", "Use same scheduler") else req.hr_scheduler
     if hr_sampler or hr_schedule:
@@ -271,13 +259,19 @@ def txt2img_kwargs(req: Txt2ImgRequest, limits: Limits) -> dict:
             resolve_sampler(hr_sampler or kwargs["sampler"], hr_schedule or kwargs["schedule"])
         except ValueError as e:
             raise BadRequest(f"hr_sampler_name / hr_scheduler: {e}") from None
-    hires = HiresFix(scale=req.hr_scale, width=hr_x, height=hr_y, upscaler=upscaler, steps=req.hr_second_pass_steps,
-                     strength=strength, sampler=hr_sampler, schedule=hr_schedule, prompt=req.hr_prompt or None,
+    hires = HiresFix(scale=req.hr_scale, width=hr_x, height=hr_y, upscaler=req.hr_upscaler or "Latent",
+                     steps=req.hr_second_pass_steps,
+                     strength=HIRES_STRENGTH if req.denoising_strength is None else req.denoising_strength,
+                     sampler=hr_sampler, schedule=hr_schedule, prompt=req.hr_prompt or None,
                      negative_prompt=req.hr_negative_prompt or None)
+    try:
+        hires.check()  # upscaler, scale, sizes, strength: the pipeline's own sentences
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     final_w, final_h = hires.final_size(width, height)
     if not 8 <= min(final_w, final_h) or max(final_w, final_h) > limits.max_size:
-        raise BadRequest(f"the hires fix would draw {final_w}x{final_h}; width and height may be at most "
-                         f"{limits.max_size} (hr_scale {req.hr_scale} of {width}x{height})")
+        raise BadRequest(f"the hires fix would draw {final_w}x{final_h} from {width}x{height}; width and height "
+                         f"may be at most {limits.max_size}")
     kwargs["hires"] = hires
     return kwargs
 
