@@ -230,7 +230,7 @@ def test_packed_layers_give_the_plain_layers_numbers(dtype):
                 g, e = g.float(), e.float()
                 assert ((g - e).abs() <= e.abs() * 2 * eps + 8 * eps * e.abs().max()).all(), layer
         if conv and layer.kernel_size != (1, 1):
-            assert layer.packed_for == inputs[-1].shape and layer.packed[0].is_mkldnn
+            assert layer.packed_for == runtime._layout_key(inputs[-1]) and layer.packed[0].is_mkldnn
         assert "weight" not in dict(layer.named_parameters())  # no second copy of the weight is kept
         assert torch.equal(layer.state_dict()["weight"], plain_weight) and list(layer.state_dict()) == (
             ["weight", "bias"] if layer.bias is not None else ["weight"])
@@ -256,6 +256,24 @@ def test_a_repacked_convolution_hands_the_freed_memory_back_once_per_shape(monke
         assert len(trims) == 1
         layer(y)  # another size: another layout
         assert len(trims) == 2
+
+
+@pytest.mark.parametrize("dtype", PACKING_DTYPES)
+def test_a_bf16_convolution_keeps_its_layout_when_only_the_batch_size_changes(monkeypatch, dtype):
+    """A guided sampler whose guidance stops part of the way runs batch 2, then batch 1: in bf16 that must not
+    repack the whole UNet (a second a time at 512x512); float32 layouts depend on the batch, so they repack."""
+    trims = []
+    monkeypatch.setattr(runtime, "release_freed_memory", lambda: trims.append(1))
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(32, 32, 3, padding=1).to(dtype)
+    x = torch.randn(2, 32, 12, 12).to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = layer(x)
+        runtime.pack_weights(layer)
+        for n in (2, 1, 2, 1):
+            got = layer(x[:n])
+            assert torch.equal(got, expected[:n]) if dtype == torch.bfloat16 else torch.allclose(got, expected[:n], atol=1e-5)
+    assert len(trims) == (1 if dtype == torch.bfloat16 else 4)
 
 
 @needs_fp32_packing

@@ -16,7 +16,7 @@ reorders each weight once (pack_weights), as OpenVINO and torch.compile's freezi
 gelu and product into its projection. oneDNN picks a convolution's layout for the input's shape, and a layout
 picked for one shape can run another 10-100x slower than the plain layer (a 1920-channel one packed for 32x32
 and run at 8x8: 980 ms against 89), so a convolution is packed at its first call and again whenever the input's
-shape changes (a new image size: one reorder per layer). In bf16, packed linears and convolutions give the plain
+shape changes (a new image size: one reorder per layer; in bf16 a new batch size keeps the layout: _layout_key). In bf16, packed linears and convolutions give the plain
 layers' numbers bit for bit, except 1x1 convolutions, which run as matrix products over the channels and agree
 to the last bit; in float32 all agree to the last bit (torch's plain float32 convolution is not always
 oneDNN's). Float32 linear layers stay plain (MKL's sgemm is as fast as oneDNN's packed product), except GEGLU's
@@ -222,8 +222,18 @@ class _Packed:
         return self._apply(fn, recurse)
 
 
+def _layout_key(x: torch.Tensor) -> tuple:
+    """What of a convolution's input its packed layout is chosen for: the whole shape in float32, the shape without
+    the batch size in bf16. oneDNN's bf16 layouts do not depend on the batch (SD's convolutions packed for batch 2
+    run batch 1 as fast as packed for it, and the other way round: within 6% on AVX-512 bf16, one small layer 1.45x
+    with AMX), while float32 ones on AVX2 do (up to 3.5x slower); and a repack of a whole UNet costs about a second
+    (SD1.5 at 512, AMX), which a sampler whose guidance stops part of the way (batch 2, then 1) would pay twice an
+    image."""
+    return tuple(x.shape[1:]) if x.dtype == torch.bfloat16 else tuple(x.shape)
+
+
 class PackedConv2d(_Packed, nn.Conv2d):
-    packed_for: tuple | None = None  # the input shape the weight's layout was chosen for (once it is packed)
+    packed_for: tuple | None = None  # the input shape the weight's layout was chosen for (_layout_key; once packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x) or x.ndim != 4:
@@ -231,11 +241,11 @@ class PackedConv2d(_Packed, nn.Conv2d):
         if _pointwise(self):  # over the channels of the NHWC view (a view for channels-last input)
             y = torch.ops.mkldnn._linear_pointwise(x.permute(0, 2, 3, 1), self.packed[0], self.bias, "none", [], "")
             return y.permute(0, 3, 1, 2)
-        if not self.packed[0].is_mkldnn or self.packed_for != x.shape:  # oneDNN's layout for this shape (module doc)
+        if not self.packed[0].is_mkldnn or self.packed_for != _layout_key(x):  # oneDNN's layout for this shape (module doc)
             plain = self.weight if self.packed[0].is_mkldnn else self.packed[0]  # (a plain one as it is: no copy)
             self.packed = (torch.ops.mkldnn._reorder_convolution_weight(
                 plain, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)),)
-            self.packed_for = x.shape
+            self.packed_for = _layout_key(x)
             del plain
             # The weights replaced here (most of them in a model's first step) leave holes in malloc's heap that
             # keep_freed_memory would keep: handed back at once, a 512x512 SD1.5 step peaks at 3.2 GB instead of
