@@ -52,9 +52,15 @@ E2E_BF16 = {
     "plainsd --fast": ("plainsd", "bf16", True),
     # a dict: what differs from --fast's settings (plainsd.fast.FAST)
     "plainsd --fast --tiny-decoder": ("plainsd", "bf16", {"tiny_decoder": True}),
-    "plainsd --fast, 1 block throughout (--fast before 2026-12-03)": ("plainsd", "bf16", {"deepcache_early": 0.0}),
-    "plainsd --fast, 2 blocks throughout": ("plainsd", "bf16", {"deepcache_depth": 2, "deepcache_early": 0.0}),
-    "plainsd --fast, 2 blocks on the first 60% of the steps": ("plainsd", "bf16", {"deepcache_early": 0.6}),
+    "plainsd --fast, the whole UNet every 2nd step to the end (--fast before 2026-12-04)": (
+        "plainsd", "bf16", {"deepcache_late": 0.0}),
+    # earlier candidates, all with the whole UNet every 2nd step to the end
+    "plainsd --fast, 1 block throughout (--fast before 2026-12-03)": (
+        "plainsd", "bf16", {"deepcache_early": 0.0, "deepcache_late": 0.0}),
+    "plainsd --fast, 2 blocks throughout": ("plainsd", "bf16", {"deepcache_depth": 2, "deepcache_early": 0.0,
+                                                               "deepcache_late": 0.0}),
+    "plainsd --fast, 2 blocks on the first 60% of the steps": ("plainsd", "bf16", {"deepcache_early": 0.6,
+                                                                                  "deepcache_late": 0.0}),
     # a fourth item: the token merging ratio (--token-merging)
     "plainsd --token-merging 0.5": ("plainsd", "bf16", False, 0.5),
     "plainsd --fast --token-merging 0.5": ("plainsd", "bf16", True, 0.5),

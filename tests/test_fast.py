@@ -77,14 +77,27 @@ def test_fast_generation_skips_what_it_says():
     txt2img(sd, "a red circle", steps=10, sampler="DPM++ 2M", seed=0, cfg_scale=5, fast=settings)
     assert full == [0, 3, 4, 6, 9]                 # every third call, and call 4 where the depth changes
     assert second == [0, 1, 2, 3, 4, 6, 9]         # the second block: whole passes and the early cheap calls
+    # the last 40% of the steps with their own interval, counted from the first of them
+    batches.clear(), full.clear()
+    settings = fast.FastSettings(deepcache_interval=2, deepcache_late=0.4, deepcache_late_interval=3,
+                                 guidance_until=1.0, tiny_decoder=False)
+    txt2img(sd, "a red circle", steps=10, sampler="DPM++ 2M", seed=0, cfg_scale=5, fast=settings)
+    assert full == [0, 2, 4, 6, 9]
+    batches.clear(), full.clear()
+    txt2img(sd, "a red circle", steps=10, sampler="DPM++ 2M", seed=0, cfg_scale=5, batch_size=2,
+            fast=fast.FastSettings(deepcache_interval=3, deepcache_late=0.5, deepcache_late_interval=2, tiny_decoder=False))
+    # the late part from call 5, and the batch change at 6 (guidance for 60%): counted from the last whole pass
+    assert batches == [4] * 6 + [2] * 4 and full == [0, 3, 5, 6, 8]
 
 
 def test_fast_and_tiny_decoder_switches_choose_the_parts():
     assert fast.choose(False) is False
     assert fast.choose(True) == fast.FAST == fast.FastSettings(deepcache_interval=2, deepcache_depth=1,
                                                             deepcache_early=0.4, deepcache_early_depth=2,
+                                                            deepcache_late=0.4, deepcache_late_interval=4,
                                                             guidance_until=0.6, tiny_decoder=False)
-    assert fast.choose(True, tiny_decoder=True) == fast.FastSettings(deepcache_early=0.4, tiny_decoder=True)
+    assert fast.choose(True, tiny_decoder=True) == fast.FastSettings(deepcache_early=0.4, deepcache_late=0.4,
+                                                                     tiny_decoder=True)
     assert fast.choose(False, tiny_decoder=True) == fast.FastSettings(deepcache_interval=1, guidance_until=1.0,
                                                                       tiny_decoder=True)  # the decoder alone
 

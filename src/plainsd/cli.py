@@ -46,7 +46,7 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings, used by name in prompts")
     _runtime_args(p)
     p.add_argument("--fast", action="store_true",
-                   help="fast mode: DeepCache (the whole UNet every 2nd step), guidance for the first 60%% of the steps (less exact)")
+                   help="fast mode: DeepCache (the whole UNet every 2nd step, every 4th on the last 40%%), guidance for the first 60%% of the steps (less exact)")
     p.add_argument("--tiny-decoder", nargs="?", const=True, default=False, metavar="FILE",
                    help="decode with a tiny (TAESD) decoder: the model's (NAME.taesd.safetensors beside it) or FILE "
                         "(TAESD's or diffusers' taesd decoder .safetensors); faster, less exact")

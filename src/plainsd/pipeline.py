@@ -335,10 +335,14 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
             whole_from_t = float(denoiser.sigma_to_t(sigmas[steps_run - last])) if last else None
             early = round(fast.deepcache_early * steps_run)  # the first steps, also by their noise level
             early_until_t = float(denoiser.sigma_to_t(sigmas[early])) if early else None
+            late = round(fast.deepcache_late * steps_run)  # the last steps again, with their own interval
+            late_from_t = float(denoiser.sigma_to_t(sigmas[steps_run - late])) if late else None
             deepcache = DeepCacheUNet(sd.unet, fast.deepcache_interval, fast.deepcache_depth,
                                       warmup=round(fast.deepcache_start * steps_run), whole_from_t=whole_from_t,
                                       early_depth=fast.deepcache_early_depth if early else None,
-                                      early_until_t=early_until_t)
+                                      early_until_t=early_until_t,
+                                      late_interval=fast.deepcache_late_interval if late else None,
+                                      late_from_t=late_from_t)
     denoiser.net = _net(sd, concat, deepcache)
     tiny = tiny_decoder(sd) if fast is not None and fast.tiny_decoder else None
     if fast is not None and fast.tiny_decoder and tiny is None:
@@ -390,7 +394,7 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
         else:
             x = noise * sigmas[0]
         if deepcache is not None:
-            deepcache.cached, deepcache.calls = None, 0  # each batch starts with a whole UNet pass
+            deepcache.reset()  # each batch starts with a whole UNet pass
         frames: list[tuple[torch.Tensor, float]] = []
         total = len(sigmas) - 1 + (len(hr["sigmas"]) - 1 if hr is not None else 0)
 
@@ -428,7 +432,7 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
             generators = [torch.Generator().manual_seed(s) for s in seeds]  # the same seeds, the larger noise
             x = up + torch.stack([torch.randn(up.shape[1:], generator=g) for g in generators]).to(device) * hr["sigmas"][0]
             if deepcache is not None:
-                deepcache.cached, deepcache.calls = None, 0
+                deepcache.reset()
             denoiser.net = _net(sd, hr["concat"], deepcache)
             try:
                 latents, _ = sample(hr["info"], CFGDenoiser(denoiser, cfg_scale, hr["sigmas"], guidance_until), x,
