@@ -16,11 +16,12 @@ reorders each weight once (pack_weights), as OpenVINO and torch.compile's freezi
 gelu and product into its projection. oneDNN picks a convolution's layout for the input's shape, and a layout
 picked for one shape can run another 10-100x slower than the plain layer (a 1920-channel one packed for 32x32
 and run at 8x8: 980 ms against 89), so a convolution is packed at its first call and again whenever the input's
-shape changes (a new image size: one reorder per layer; in bf16 a new batch size keeps the layout: _layout_key). In bf16, packed linears and convolutions give the plain
-layers' numbers bit for bit, except 1x1 convolutions, which run as matrix products over the channels and agree
-to the last bit; in float32 all agree to the last bit (torch's plain float32 convolution is not always
-oneDNN's). Float32 linear layers stay plain (MKL's sgemm is as fast as oneDNN's packed product), except GEGLU's
-projection (faster packed at the deep levels), whose gelu and product stay torch's.
+shape changes (a new image size: one reorder per layer; in bf16 a new batch size keeps the layout: _layout_key).
+In bf16, packed linears and convolutions give the plain layers' numbers bit for bit, except 1x1 convolutions,
+which run as matrix products over the channels and agree to the last bit; in float32 all agree to the last bit
+(torch's plain float32 convolution is not always oneDNN's). Float32 linear layers stay plain (MKL's sgemm is as
+fast as oneDNN's packed product), except GEGLU's projection (faster packed at the deep levels), whose gelu and
+product stay torch's.
 
 Compiled path. backend="openvino" converts the UNet once with openvino.convert_model, keeps the
 converted model on disk (keyed by a fingerprint of the weights, the config, the precision and the code
