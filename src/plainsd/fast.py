@@ -51,7 +51,7 @@ class FastSettings:
 # --fast: DeepCache with 2 blocks on the cheap calls of the first 40% of the steps and 1 after; the whole UNet every
 # 2nd step, except on the last 40% (where guidance has stopped), every 4th; guidance for the first 60%. On the
 # shipped model 1.5 points of adherence behind the default path (1.8 on 600 prompts, the same as with every 2nd step
-# to the end); at 512x512 on 2 AMX cores 1.9x the default path's speed end to end (benchmarks/).
+# to the end); at 512x512 on 2 AMX cores 1.96x the default path's speed end to end (benchmarks/results-amx.md).
 FAST = FastSettings(deepcache_early=0.4, deepcache_late=0.4)
 
 
