@@ -90,6 +90,7 @@ def test_img2img_inpaint_and_png_info(capsys):
     (["txt2img", "x", "--hires-upscaler", "4x-UltraSharp"], "unknown hires upscaler '4x-UltraSharp'; plainsd has Latent,"),
     (["txt2img", "x", "--hires", "--hires-sampler", "Eulr"], "unknown sampler 'Eulr'"),
     (["txt2img", "x", "--hires-strength", "1.5"], "hires denoising strength must be between 0 and 1"),
+    (["txt2img", "x", "--hires-token-merging", "1"], "hires token merging ratio must be at least 0 and below 1"),
     # a shipped recipe by name: unet-objects goes on from the earlier runs' files, here absent
     (["train", "unet", "--config", "unet-objects"], "no such checkpoint file or folder: runs/vae-decoder-objects/vae.safetensors"),
     (["train", "vae", "--config", "unet-objects"], "is a unet config, not a vae one"),

@@ -101,6 +101,35 @@ def test_hires_fix_is_txt2img_then_img2img_of_its_upscaled_image(sd):
         ("64x64", "1.5", "Lanczos", "6", "0.5")
 
 
+def test_hires_fix_token_merging_of_its_own(sd):
+    # A1111's token_merging_ratio_hr: the second pass merges tokens as img2img with that ratio would
+    lanczos = dict(scale=1.5, upscaler="Lanczos", steps=6, strength=0.5)
+    r = pipeline.txt2img(sd, "a red circle", steps=4, seed=3, sampler="Euler",
+                         hires=pipeline.HiresFix(**lanczos, token_merging=0.5))
+    first = pipeline.txt2img(sd, "a red circle", steps=4, seed=3, sampler="Euler")
+    again = pipeline.img2img(sd, first.images[0].resize((96, 96), Image.LANCZOS), "a red circle", steps=6, seed=3,
+                             sampler="Euler", strength=0.5, token_merging=0.5)
+    assert np.abs(_arr(r.images[0]) - _arr(again.images[0])).max() <= 1
+    unmerged = pipeline.txt2img(sd, "a red circle", steps=4, seed=3, sampler="Euler", hires=pipeline.HiresFix(**lanczos))
+    assert not np.array_equal(_arr(r.images[0]), _arr(unmerged.images[0]))
+    f = parse_infotext(r.infotexts[0])
+    assert f["Token merging ratio hr"] == "0.5" and "Token merging ratio" not in f
+    assert {m.merge_ratio for m in sd.unet.modules() if hasattr(m, "merge_ratio")} == {0.0}
+    # without its own ratio the second pass keeps the first pass's, and A1111 writes that one for it too
+    both = pipeline.txt2img(sd, "a red circle", steps=2, seed=3, sampler="Euler", token_merging=0.3,
+                            hires=pipeline.HiresFix(**lanczos))
+    f = parse_infotext(both.infotexts[0])
+    assert (f["Token merging ratio"], f["Token merging ratio hr"]) == ("0.3", "0.3")
+    with pytest.raises(ValueError, match="hires token merging ratio must be at least 0 and below 1"):
+        pipeline.txt2img(sd, "x", steps=2, hires=pipeline.HiresFix(token_merging=1.0))
+    sd.backend = lambda *args: None  # as runtime.prepare(sd, "openvino") sets it: refused before the first pass
+    try:
+        with pytest.raises(ValueError, match="token merging needs the eager UNet"):
+            pipeline.txt2img(sd, "x", steps=2, hires=pipeline.HiresFix(token_merging=0.5))
+    finally:
+        del sd.backend
+
+
 def test_hires_fix_latent_upscale_and_sizes(sd):
     # Strength 0: the picture is the decoded first-pass latents, interpolated (A1111's "Latent" = bilinear).
     last = []

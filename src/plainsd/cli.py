@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     hr.add_argument("--hires-strength", type=float, default=None, help="second-pass denoising strength (default 0.7)")
     hr.add_argument("--hires-sampler", default=None, help="second-pass sampler (default: --sampler)")
     hr.add_argument("--hires-prompt", default=None, help="second-pass prompt (default: the prompt)")
+    hr.add_argument("--hires-token-merging", type=float, default=None, metavar="RATIO",
+                    help="second-pass token merging ratio (default: --token-merging)")
     p = sub.add_parser("img2img", help="image to image")
     _common(p, strength=0.8)
     p.add_argument("--init-image", required=True)
@@ -315,7 +317,7 @@ def _hires(args):
     """--hires and its settings as a pipeline.HiresFix (checked), or None when none of them was given."""
     from plainsd.pipeline import HiresFix
 
-    names = ("scale", "width", "height", "upscaler", "steps", "strength", "sampler", "prompt")
+    names = ("scale", "width", "height", "upscaler", "steps", "strength", "sampler", "prompt", "token_merging")
     given = {name: getattr(args, f"hires_{name}", None) for name in names}
     given = {name: value for name, value in given.items() if value is not None}
     if not getattr(args, "hires", False) and not given:

@@ -85,7 +85,8 @@ class HiresFix:
     final size: one of them keeps the aspect ratio, both crop the upscaled first pass to fill that size.
     upscaler: a name in LATENT_UPSCALERS (the latents interpolated) or IMAGE_UPSCALERS (decoded, resized,
     encoded). steps: the second pass's steps before strength takes its share (0: as many as the first pass).
-    sampler, schedule, prompt, negative_prompt: the second pass's, if not the first pass's."""
+    sampler, schedule, prompt, negative_prompt: the second pass's, if not the first pass's. token_merging: the
+    second pass's token merging ratio (A1111's token_merging_ratio_hr; None: the first pass's)."""
     scale: float = 2.0
     width: int = 0
     height: int = 0
@@ -96,6 +97,7 @@ class HiresFix:
     schedule: str | None = None
     prompt: str | None = None
     negative_prompt: str | None = None
+    token_merging: float | None = None
 
     def target(self, width: int, height: int, factor: int = 8) -> tuple[int, int, int, int]:
         """(upscaled width, height, latent columns and rows to crop) for a first pass of width x height."""
@@ -129,6 +131,9 @@ class HiresFix:
             raise ValueError(f"hires steps must be between 0 (as many as the first pass) and 1000, got {self.steps}")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"the hires denoising strength must be between 0 and 1, got {self.strength}")
+        if self.token_merging is not None and not 0.0 <= self.token_merging < 1.0:
+            raise ValueError(f"the hires token merging ratio must be at least 0 and below 1 (None: the first "
+                             f"pass's), got {self.token_merging}")
 
 
 def _check_size(sd: StableDiffusion, width: int, height: int):
@@ -240,12 +245,16 @@ def generate(sd: StableDiffusion, prompt: str, negative_prompt: str = "", *, ste
                          hires=hires)
 
 
-@contextlib.contextmanager
-def _token_merging(sd: StableDiffusion, ratio: float):
-    """The UNet merges `ratio` of its full-resolution tokens for this run (0: none), as it did before afterwards."""
+def _check_merging(sd: StableDiffusion, ratio: float | None):
     if ratio and getattr(sd, "backend", None) is not None:
         raise ValueError("token merging needs the eager UNet: the OpenVINO-compiled one cannot merge tokens "
                          "(leave out --backend openvino, or token merging)")
+
+
+@contextlib.contextmanager
+def _token_merging(sd: StableDiffusion, ratio: float):
+    """The UNet merges `ratio` of its full-resolution tokens for this run (0: none), as it did before afterwards."""
+    _check_merging(sd, ratio)
     before = {m: m.merge_ratio for m in sd.unet.modules() if hasattr(m, "merge_ratio")}
     sd.unet.set_token_merging(ratio)  # (checks the ratio)
     try:
@@ -316,6 +325,7 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
         if init_image is not None:
             raise ValueError("hires fix is for txt2img; img2img draws at the width and height it is given")
         hires.check()
+        _check_merging(sd, hires.token_merging)  # before the first pass, not after it
         up_w, up_h, crop_x, crop_y = hires.target(width, height, factor)
         final_w, final_h = hires.final_size(width, height, factor)
         _check_size(sd, final_w, final_h)
@@ -382,7 +392,9 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
             "Hires schedule type": _schedule_label(hr_schedule) if hr_schedule != schedule_name else None,
             "Hires prompt": hires.prompt if hires.prompt and hires.prompt != prompt else None,
             "Hires negative prompt": (hires.negative_prompt if hires.negative_prompt
-                                      and hires.negative_prompt != negative_prompt else None)}
+                                      and hires.negative_prompt != negative_prompt else None),
+            # A1111 writes the second pass's ratio in effect (its own, else the first pass's) where not 0
+            "Token merging ratio hr": (token_merging if hires.token_merging is None else hires.token_merging) or None}
 
     result = Result([], [], [], params)
     for batch in range(batch_count):
@@ -434,9 +446,11 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
             if deepcache is not None:
                 deepcache.reset()
             denoiser.net = _net(sd, hr["concat"], deepcache)
+            merging = contextlib.nullcontext() if hires.token_merging is None else _token_merging(sd, hires.token_merging)
             try:
-                latents, _ = sample(hr["info"], CFGDenoiser(denoiser, cfg_scale, hr["sigmas"], guidance_until), x,
-                                    hr["sigmas"], hr["cond"], hr["uncond"], generators, up, offset=len(sigmas) - 1)
+                with merging:
+                    latents, _ = sample(hr["info"], CFGDenoiser(denoiser, cfg_scale, hr["sigmas"], guidance_until), x,
+                                        hr["sigmas"], hr["cond"], hr["uncond"], generators, up, offset=len(sigmas) - 1)
             finally:
                 denoiser.net = _net(sd, concat, deepcache)
         pictures = decode(sd, latents, tiny)

@@ -428,3 +428,17 @@ def test_token_merging_is_a1111s_setting(client):
     r = client.post("/sdapi/v1/options", json={"token_merging_ratio_img2img": "half"})
     assert r.status_code == 422 and "token_merging_ratio_img2img must be a number" in r.json()["detail"]
     assert client.post("/sdapi/v1/txt2img", json=req).json()["images"] == plain["images"]
+    # the hires fix's second pass: its own ratio (token_merging_ratio_hr), else the first pass's
+    hr = {**req, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Lanczos", "denoising_strength": 0.5}
+    hr_plain = client.post("/sdapi/v1/txt2img", json=hr).json()
+    hr_own = client.post("/sdapi/v1/txt2img", json={**hr, "override_settings": {"token_merging_ratio_hr": 0.5}}).json()
+    info = json.loads(hr_own["info"])["infotexts"][0]
+    assert "Token merging ratio hr: 0.5" in info and "Token merging ratio:" not in info
+    assert hr_own["images"] != hr_plain["images"]
+    assert client.post("/sdapi/v1/options", json={"token_merging_ratio_hr": 0.5}).status_code == 200
+    try:
+        assert client.post("/sdapi/v1/txt2img", json=hr).json()["images"] == hr_own["images"]
+    finally:
+        client.post("/sdapi/v1/options", json={"token_merging_ratio_hr": 0.0})
+    r = client.post("/sdapi/v1/txt2img", json={**hr, "override_settings": {"token_merging_ratio_hr": 1}})
+    assert r.status_code == 422 and "token_merging_ratio_hr must be a number" in r.json()["detail"]

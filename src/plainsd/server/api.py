@@ -183,9 +183,9 @@ def sampler_and_schedule(req: Txt2ImgRequest) -> tuple[str, str]:
     return info.name, sched
 
 
-# A1111's settings for token merging (override_settings of a request, or /sdapi/v1/options): the ratio, and
-# for img2img its own ratio where that is not 0
-TOKEN_MERGING = ("token_merging_ratio", "token_merging_ratio_img2img")
+# A1111's settings for token merging (override_settings of a request, or /sdapi/v1/options): the ratio, for
+# img2img its own ratio where that is not 0, and for the hires fix's second pass its own where that is not 0
+TOKEN_MERGING = ("token_merging_ratio", "token_merging_ratio_img2img", "token_merging_ratio_hr")
 
 
 def token_merging_ratio(settings: dict, name: str) -> float | None:
@@ -263,7 +263,8 @@ def txt2img_kwargs(req: Txt2ImgRequest, limits: Limits) -> dict:
                      steps=req.hr_second_pass_steps,
                      strength=HIRES_STRENGTH if req.denoising_strength is None else req.denoising_strength,
                      sampler=hr_sampler, schedule=hr_schedule, prompt=req.hr_prompt or None,
-                     negative_prompt=req.hr_negative_prompt or None)
+                     negative_prompt=req.hr_negative_prompt or None,
+                     token_merging=token_merging_ratio(req.override_settings or {}, "token_merging_ratio_hr") or None)
     try:
         hires.check()  # upscaler, scale, sizes, strength: the pipeline's own sentences
     except ValueError as e:

@@ -48,7 +48,7 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
     credentials = _parse_auth(auth)
     options: dict = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
                      "eta_noise_seed_delta": 0, "outdir_samples": str(outputs), "token_merging_ratio": 0.0,
-                     "token_merging_ratio_img2img": 0.0}
+                     "token_merging_ratio_img2img": 0.0, "token_merging_ratio_hr": 0.0}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -89,6 +89,9 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
         if kwargs["token_merging"] is None:  # not in the request's override_settings: the server's options
             own = options.get("token_merging_ratio_img2img") if kind == "img2img" else 0.0
             kwargs["token_merging"] = own or options.get("token_merging_ratio") or 0.0
+        hires = kwargs.get("hires")
+        if hires is not None and hires.token_merging is None and options.get("token_merging_ratio_hr"):
+            hires.token_merging = options["token_merging_ratio_hr"]  # else the first pass's ratio, as A1111
 
         def work(job: Job):
             sd = store.get(entry)
