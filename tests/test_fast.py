@@ -10,7 +10,7 @@ from plainsd import fast
 from plainsd.images import to_pil
 from plainsd.fast import load_tiny_decoder
 from plainsd.models.taesd import TinyDecoder
-from plainsd.pipeline import txt2img
+from plainsd.pipeline import HiresFix, txt2img
 from plainsd.weights import CheckpointError
 
 
@@ -88,6 +88,13 @@ def test_fast_generation_skips_what_it_says():
             fast=fast.FastSettings(deepcache_interval=3, deepcache_late=0.5, deepcache_late_interval=2, tiny_decoder=False))
     # the late part from call 5, and the batch change at 6 (guidance for 60%): counted from the last whole pass
     assert batches == [4] * 6 + [2] * 4 and full == [0, 3, 5, 6, 8]
+    # the hires fix's second pass (5 steps) has its parts by its own steps, as its guidance cut-off does: the late
+    # part is its last 2 calls (by the first pass's 10 steps it would have been its last 4)
+    batches.clear(), full.clear()
+    txt2img(sd, "a red circle", steps=10, sampler="DPM++ 2M", seed=0, cfg_scale=5,
+            hires=HiresFix(scale=1.5, upscaler="Lanczos", strength=0.5),
+            fast=fast.FastSettings(deepcache_interval=2, deepcache_late=0.4, deepcache_late_interval=3, tiny_decoder=False))
+    assert batches[10:] == [2, 2, 2, 1, 1] and [i - 10 for i in full if i >= 10] == [0, 2, 3]
 
 
 def test_fast_and_tiny_decoder_switches_choose_the_parts():

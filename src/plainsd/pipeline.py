@@ -136,6 +136,22 @@ class HiresFix:
                              f"pass's), got {self.token_merging}")
 
 
+def _deepcache(sd: StableDiffusion, denoiser, fast: FastSettings, sigmas: torch.Tensor) -> DeepCacheUNet:
+    """Fast mode's DeepCache for a run over these sigmas: its parts (start, end, early, late) are fractions of
+    those steps, found at sampling time by their noise level (so any sampler's calls fall in the right part)."""
+    steps_run = len(sigmas) - 1
+    last = round(fast.deepcache_end * steps_run)
+    whole_from_t = float(denoiser.sigma_to_t(sigmas[steps_run - last])) if last else None
+    early = round(fast.deepcache_early * steps_run)
+    early_until_t = float(denoiser.sigma_to_t(sigmas[early])) if early else None
+    late = round(fast.deepcache_late * steps_run)
+    late_from_t = float(denoiser.sigma_to_t(sigmas[steps_run - late])) if late else None
+    return DeepCacheUNet(sd.unet, fast.deepcache_interval, fast.deepcache_depth,
+                         warmup=round(fast.deepcache_start * steps_run), whole_from_t=whole_from_t,
+                         early_depth=fast.deepcache_early_depth if early else None, early_until_t=early_until_t,
+                         late_interval=fast.deepcache_late_interval if late else None, late_from_t=late_from_t)
+
+
 def _check_size(sd: StableDiffusion, width: int, height: int):
     f = sd.config.vae.factor
     if width % f or height % f or width < f or height < f:
@@ -336,23 +352,13 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
         hr = dict(size=(up_w, up_h), crop=(crop_x, crop_y), info=hr_info,
                   sigmas=hr_full[hr_steps - hr_run:] if hr_run > 0 else hr_full[-1:],
                   concat=_paint_everything(sd, final_w, final_h, device) if native_inpaint else None)
-    deepcache = None
+    deepcache = hr_deepcache = None
     if fast is not None:
         guidance_until = min(guidance_until, fast.guidance_until)
         if fast.deepcache_interval > 1 and getattr(sd, "backend", None) is None:
-            steps_run = len(sigmas) - 1
-            last = round(fast.deepcache_end * steps_run)  # the last steps, by their noise level (any sampler)
-            whole_from_t = float(denoiser.sigma_to_t(sigmas[steps_run - last])) if last else None
-            early = round(fast.deepcache_early * steps_run)  # the first steps, also by their noise level
-            early_until_t = float(denoiser.sigma_to_t(sigmas[early])) if early else None
-            late = round(fast.deepcache_late * steps_run)  # the last steps again, with their own interval
-            late_from_t = float(denoiser.sigma_to_t(sigmas[steps_run - late])) if late else None
-            deepcache = DeepCacheUNet(sd.unet, fast.deepcache_interval, fast.deepcache_depth,
-                                      warmup=round(fast.deepcache_start * steps_run), whole_from_t=whole_from_t,
-                                      early_depth=fast.deepcache_early_depth if early else None,
-                                      early_until_t=early_until_t,
-                                      late_interval=fast.deepcache_late_interval if late else None,
-                                      late_from_t=late_from_t)
+            deepcache = _deepcache(sd, denoiser, fast, sigmas)
+            if hr is not None:  # the second pass's parts by its own steps, as its guidance cut-off is
+                hr_deepcache = _deepcache(sd, denoiser, fast, hr["sigmas"])
     denoiser.net = _net(sd, concat, deepcache)
     tiny = tiny_decoder(sd) if fast is not None and fast.tiny_decoder else None
     if fast is not None and fast.tiny_decoder and tiny is None:
@@ -443,9 +449,9 @@ def _generate(sd, prompt, prompt_text, negative_prompt, embeddings, *, steps, sa
             up = _upscale(sd, latents, hires.upscaler, *hr["size"], *hr["crop"])
             generators = [torch.Generator().manual_seed(s) for s in seeds]  # the same seeds, the larger noise
             x = up + torch.stack([torch.randn(up.shape[1:], generator=g) for g in generators]).to(device) * hr["sigmas"][0]
-            if deepcache is not None:
-                deepcache.reset()
-            denoiser.net = _net(sd, hr["concat"], deepcache)
+            if hr_deepcache is not None:
+                hr_deepcache.reset()
+            denoiser.net = _net(sd, hr["concat"], hr_deepcache)
             merging = contextlib.nullcontext() if hires.token_merging is None else _token_merging(sd, hires.token_merging)
             try:
                 with merging:
