@@ -225,11 +225,11 @@ class _Packed:
 
 def _layout_key(x: torch.Tensor) -> tuple:
     """What of a convolution's input its packed layout is chosen for: the whole shape in float32, the shape without
-    the batch size in bf16. oneDNN's bf16 layouts do not depend on the batch (SD's convolutions packed for batch 2
-    run batch 1 as fast as packed for it, and the other way round: within 6% with oneDNN held to AVX-512 bf16 by
-    ONEDNN_MAX_CPU_ISA, one small layer 1.45x with AMX; measured on the AMX machine), while float32 ones held to
-    AVX2 do (up to 3.5x slower); and a repack of a whole UNet costs about a second (SD1.5 at 512, AMX), which a
-    sampler whose guidance stops part of the way (batch 2, then 1) would pay twice an image."""
+    the batch size in bf16. oneDNN's bf16 layouts hardly depend on the batch (SD's convolutions packed for batch 2
+    run batch 1 about as fast as packed for it, and the other way round: at most 1.41x slower, one small layer, with
+    AMX; 1.15x with oneDNN held to AVX-512 bf16), while float32 ones held to AVX2 do (up to 3.7x); and a repack of
+    a whole UNet costs 1-1.7 s (SD1.5 at 512, AMX), which a sampler whose guidance stops part of the way (batch 2,
+    then 1) would pay twice an image. Figures: benchmarks/conv_batch_layouts.md (conv_layouts.py --batch)."""
     return tuple(x.shape[1:]) if x.dtype == torch.bfloat16 else tuple(x.shape)
 
 
