@@ -9,6 +9,7 @@ import plainsd
 from plainsd import pipeline
 from plainsd.diffusion.samplers import SAMPLERS
 from plainsd.pnginfo import parse_infotext
+from plainsd.runtime import Engine
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +76,9 @@ def test_token_merging(sd):
     assert not np.array_equal(_arr(both.images[0]), _arr(fast_only.images[0]))
     with pytest.raises(ValueError, match="token merging ratio must be at least 0 and below 1"):
         pipeline.txt2img(sd, "x", steps=2, token_merging=1.0)
-    sd.backend = lambda *args: None  # as runtime.prepare(sd, "openvino") sets it
-    try:
-        with pytest.raises(ValueError, match="token merging needs the eager UNet"):
-            pipeline.txt2img(sd, "x", steps=2, token_merging=0.5)
-    finally:
-        del sd.backend
+    compiled = Engine(sd, "openvino", unet=lambda *args: None)  # as runtime.prepare(sd, "openvino") makes it
+    with pytest.raises(ValueError, match="token merging needs the eager UNet"):
+        pipeline.txt2img(compiled, "x", steps=2, token_merging=0.5)
 
 
 def test_hires_fix_is_txt2img_then_img2img_of_its_upscaled_image(sd):
@@ -122,12 +120,9 @@ def test_hires_fix_token_merging_of_its_own(sd):
     assert (f["Token merging ratio"], f["Token merging ratio hr"]) == ("0.3", "0.3")
     with pytest.raises(ValueError, match="hires token merging ratio must be at least 0 and below 1"):
         pipeline.txt2img(sd, "x", steps=2, hires=pipeline.HiresFix(token_merging=1.0))
-    sd.backend = lambda *args: None  # as runtime.prepare(sd, "openvino") sets it: refused before the first pass
-    try:
-        with pytest.raises(ValueError, match="token merging needs the eager UNet"):
-            pipeline.txt2img(sd, "x", steps=2, hires=pipeline.HiresFix(token_merging=0.5))
-    finally:
-        del sd.backend
+    compiled = Engine(sd, "openvino", unet=lambda *args: None)  # refused before the first pass
+    with pytest.raises(ValueError, match="token merging needs the eager UNet"):
+        pipeline.txt2img(compiled, "x", steps=2, hires=pipeline.HiresFix(token_merging=0.5))
 
 
 def test_hires_fix_latent_upscale_and_sizes(sd):
@@ -169,7 +164,8 @@ def test_hires_fix_second_pass_settings_and_bad_values(sd):
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace("+", r"\+")):
             pipeline.txt2img(sd, "x", steps=2, hires=hires)
     with pytest.raises(ValueError, match="hires fix is for txt2img"):
-        pipeline.generate(sd, "x", steps=2, init_image=Image.new("RGB", (64, 64)), hires=pipeline.HiresFix())
+        pipeline.generate(sd, pipeline.GenerationRequest("x", steps=2, init_image=Image.new("RGB", (64, 64)),
+                                                         hires=pipeline.HiresFix()))
 
 
 def test_guidance_and_negative_prompt(sd):
@@ -255,7 +251,7 @@ def test_guidance_until_is_a_setting_with_a_model_default(tmp_path):
     assert loaded.defaults == {"guidance_until": 0.5}
     kw = dict(steps=6, sampler="DPM++ 2M", cfg_scale=5, seed=3)
     r = pipeline.txt2img(loaded, "a red circle", **kw)
-    assert parse_infotext(r.infotexts[0])["Guidance until"] == "0.5" and r.parameters["guidance_until"] == 0.5
+    assert parse_infotext(r.infotexts[0])["Guidance until"] == "0.5" and r.parameters.guidance_until == 0.5
     # the same as fast mode's cut-off with nothing else of fast mode on (tested step by step in test_fast)
     cut = FastSettings(deepcache_interval=1, guidance_until=0.5, tiny_decoder=False)
     same = pipeline.txt2img(loaded, "a red circle", guidance_until=1.0, fast=cut, **kw)

@@ -58,7 +58,7 @@ def _files(dtype: torch.dtype) -> Path:
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     (root / "loras").mkdir()
     (root / "embeddings").mkdir()
-    sd = _tiny("tiny", dtype)
+    sd = _tiny("tiny", dtype).sd
     save_file(random_lora(sd, seed=7), str(root / "loras" / "style.safetensors"))
     g = torch.Generator().manual_seed(8)
     save_embedding(Embedding("mything", torch.randn(2, sd.config.text.width, generator=g) * 0.02),

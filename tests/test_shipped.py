@@ -29,8 +29,8 @@ def test_the_plain_call_uses_the_cards_settings():
     sd = plainsd.load()
     result = txt2img(sd, "a red circle on the left", seed=1)
     p = result.parameters
-    assert (p["steps"], p["sampler"], p["schedule"], p["cfg_scale"], p["width"]) == (20, "DPM++ 2M", "karras", 5.0, 64)
-    assert p["guidance_until"] == 0.6 and "Guidance until: 0.6" in result.infotexts[0]
+    assert (p.steps, p.sampler, p.schedule, p.cfg_scale, p.width) == (20, "DPM++ 2M", "karras", 5.0, 64)
+    assert p.guidance_until == 0.6 and "Guidance until: 0.6" in result.infotexts[0]
 
 
 def test_it_draws_what_it_is_told():

@@ -200,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_model(path: str | None, prediction: str | None, precision: str = "auto", backend: str = "eager"):
+    """The model at path (default: the shipped one), prepared to run here: a runtime.Engine."""
     import plainsd
     from plainsd import runtime
     from plainsd.weights import DEFAULT_MODEL
@@ -239,33 +240,12 @@ def _generate(args) -> int:
     import torch
 
     from plainsd import pipeline
-    from plainsd.fast import choose as choose_fast
-    from plainsd.images import contact_sheet
     from plainsd.pnginfo import save_png
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    hires = _hires(args)
-    kwargs = dict(steps=args.steps, sampler=args.sampler, schedule=args.schedule, cfg_scale=args.cfg_scale,
-                  guidance_until=args.guidance_until, seed=args.seed, width=args.width, height=args.height,
-                  batch_size=args.batch_size,
-                  batch_count=args.batch_count, clip_skip=args.clip_skip, eta=args.eta, progress=not args.quiet,
-                  record_steps=args.save_steps, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-                  fast=choose_fast(args.fast, bool(args.tiny_decoder)), token_merging=args.token_merging)
-    if hires is not None:
-        kwargs["hires"] = hires
-    # Check the cheap things before loading a model.
-    from plainsd.diffusion.samplers import resolve_sampler
-    from plainsd.diffusion.schedules import get_sigmas
-    if args.sampler is not None:
-        resolve_sampler(args.sampler, args.schedule)
-    if args.schedule is not None:
-        get_sigmas(args.schedule, 1, torch.linspace(0.03, 14.6, 1000))
-    init = _open_image(args.init_image) if args.command in ("img2img", "inpaint") else None
-    mask = _open_image(args.mask) if args.command == "inpaint" else None
-    for side in (args.width, args.height):
-        if side is not None and (side <= 0 or side % 8):
-            raise ValueError(f"width and height must be positive multiples of 8, got {args.width}x{args.height}")
+    request = _request(args)
+    request.check(backend=args.backend)  # the cheap things before a model is loaded
     if args.output and Path(args.output).suffix.lower() != ".png":
         raise ValueError(f"the output must be a .png file, got {Path(args.output).name}")
     tiny = None
@@ -273,61 +253,70 @@ def _generate(args) -> int:
         from plainsd.fast import load_tiny_decoder
 
         tiny = load_tiny_decoder(args.tiny_decoder)  # a wrong file fails here, before the model loads
-    if not 0.0 <= args.token_merging < 1.0:
-        raise ValueError(f"--token-merging must be at least 0 and below 1 (0.5 is usual; 0 = off), got {args.token_merging}")
-    if args.token_merging and args.backend == "openvino":
-        raise ValueError("--token-merging needs the eager UNet: the OpenVINO-compiled one cannot merge tokens "
-                         "(leave out --backend openvino, or --token-merging)")
     if args.fast and args.backend == "openvino":
         print("plainsd: with --backend openvino, --fast stops guidance early but cannot reuse UNet features "
               "(DeepCache needs the eager UNet)", file=sys.stderr)
-    sd = _load_model(args.model, args.prediction, args.precision, args.backend)
+    engine = _load_model(args.model, args.prediction, args.precision, args.backend)
     if tiny is not None:
-        if tiny.latent_channels != sd.config.vae.z_channels:
-            raise ValueError(f"{Path(args.tiny_decoder).name} decodes {tiny.latent_channels}-channel latents; this model's "
-                             f"have {sd.config.vae.z_channels}")
-        object.__setattr__(sd, "tiny_decoder", tiny.to(sd.vae.dtype))
+        engine.use_tiny_decoder(tiny, Path(args.tiny_decoder).name)
     started = time.perf_counter()
-    if args.command == "txt2img":
-        result = pipeline.txt2img(sd, args.prompt, args.negative_prompt, **kwargs)
-    elif args.command == "img2img":
-        result = pipeline.img2img(sd, init, args.prompt, args.negative_prompt, strength=args.strength,
-                                  resize_mode=args.resize_mode, **kwargs)
-    else:
-        result = pipeline.inpaint(sd, init, mask, args.prompt, args.negative_prompt, strength=args.strength,
-                                  mask_blur=args.mask_blur, inpainting_mask_invert=args.invert_mask, **kwargs)
+    result = pipeline.generate(engine, request, progress=not args.quiet, record_steps=args.save_steps)
     elapsed = time.perf_counter() - started
     paths = _outputs(args, len(result.images), result.seeds, args.command)
     for i, (image, text, path) in enumerate(zip(result.images, result.infotexts, paths)):
         save_png(image, path, text)
         print(f"{path}  (seed {result.seeds[i]})")
         if args.save_steps and result.frames:
-            frames = result.frames[i]
-            gif = path.with_name(path.stem + "-steps.gif")
-            tmp = gif.with_name("." + gif.name + ".tmp")
-            frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:] + [frames[-1]] * 3, duration=150, loop=0)
-            tmp.replace(gif)
-            sheet = save_png(contact_sheet(frames), path.with_name(path.stem + "-steps.png"), text)
-            print(f"{gif}\n{sheet}  (the denoising process, step by step)")
+            _save_steps(result.frames[i], path, text)
     print(f"{len(result.images)} image(s) in {elapsed:.1f} s", file=sys.stderr)
     return 0
 
 
+def _request(args):
+    """The generation request the command line asks for."""
+    from plainsd.fast import choose as choose_fast
+    from plainsd.request import GenerationRequest
+
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
+        schedule=args.schedule, cfg_scale=args.cfg_scale, guidance_until=args.guidance_until, seed=args.seed,
+        width=args.width, height=args.height, batch_size=args.batch_size, batch_count=args.batch_count,
+        clip_skip=args.clip_skip, eta=args.eta, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+        fast=choose_fast(args.fast, bool(args.tiny_decoder)) or None, token_merging=args.token_merging,
+        hires=_hires(args))
+    if args.command == "img2img":
+        return request.replace(init_image=_open_image(args.init_image), strength=args.strength,
+                               resize_mode=args.resize_mode)
+    if args.command == "inpaint":
+        return request.replace(init_image=_open_image(args.init_image), mask=_open_image(args.mask),
+                               strength=args.strength, mask_blur=args.mask_blur,
+                               inpainting_mask_invert=args.invert_mask)
+    return request
+
+
+def _save_steps(frames, path: Path, text: str) -> None:
+    """The denoising process of one image: a GIF and a contact sheet beside it."""
+    from plainsd.images import contact_sheet
+    from plainsd.pnginfo import save_png
+
+    gif = path.with_name(path.stem + "-steps.gif")
+    tmp = gif.with_name("." + gif.name + ".tmp")
+    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:] + [frames[-1]] * 3, duration=150, loop=0)
+    tmp.replace(gif)
+    sheet = save_png(contact_sheet(frames), path.with_name(path.stem + "-steps.png"), text)
+    print(f"{gif}\n{sheet}  (the denoising process, step by step)")
+
+
 def _hires(args):
-    """--hires and its settings as a pipeline.HiresFix (checked), or None when none of them was given."""
-    from plainsd.pipeline import HiresFix
+    """--hires and its settings as a HiresFix, or None when none of them was given."""
+    from plainsd.request import HiresFix
 
     names = ("scale", "width", "height", "upscaler", "steps", "strength", "sampler", "prompt", "token_merging")
     given = {name: getattr(args, f"hires_{name}", None) for name in names}
     given = {name: value for name, value in given.items() if value is not None}
     if not getattr(args, "hires", False) and not given:
         return None
-    hires = HiresFix(**given)
-    hires.check()
-    if hires.sampler is not None:
-        from plainsd.diffusion.samplers import resolve_sampler
-        resolve_sampler(hires.sampler)
-    return hires
+    return HiresFix(**given)
 
 
 def _png_info(args) -> int:
@@ -500,39 +489,39 @@ def _eval(args) -> int:
         out["clip_top1_retrieval"] = metrics.clip_retrieval(*clip)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sd = None
+    engine = None
     if args.prompts or args.two_object_prompts:
-        sd = _load_model(args.model, None, args.precision, args.backend)
+        engine = _load_model(args.model, None, args.precision, args.backend)
         common = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, schedule=args.schedule,
                       guidance_until=args.guidance_until)
         with torch.no_grad():
             if args.prompts:
                 pairs: list = []
-                out["single_object"] = metrics.adherence(sd, args.prompts, 1, keep_images=pairs, fast=args.fast, **common)
+                out["single_object"] = metrics.adherence(engine, args.prompts, 1, keep_images=pairs, fast=args.fast, **common)
                 if clip:
                     out["single_object"].update(metrics.distribution_metrics(pairs, *clip))
             if args.two_object_prompts:
-                out["two_objects"] = metrics.adherence(sd, args.two_object_prompts, 2, fast=args.fast, **common)
+                out["two_objects"] = metrics.adherence(engine, args.two_object_prompts, 2, fast=args.fast, **common)
     if args.checks or args.concept_prompt:
-        sd = sd or _load_model(args.model, None, args.precision, args.backend)
+        engine = engine or _load_model(args.model, None, args.precision, args.backend)
         common = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, schedule=args.schedule,
                       guidance_until=args.guidance_until)
         with torch.no_grad():
             if args.checks:
                 n = max(args.prompts // 2, 10)
                 sweep_args = {k: v for k, v in common.items() if k != "cfg_scale"}
-                out["cfg_sweep_colour_and_shape"] = metrics.guidance_sweep(sd, n=n, **sweep_args)
-                out["negative_prompt"] = metrics.negative_prompt_effect(sd, n=n, **common)
-                out["img2img_0.3_keeps"] = metrics.img2img_keeps(sd, n=n, **common)
+                out["cfg_sweep_colour_and_shape"] = metrics.guidance_sweep(engine, n=n, **sweep_args)
+                out["negative_prompt"] = metrics.negative_prompt_effect(engine, n=n, **common)
+                out["img2img_0.3_keeps"] = metrics.img2img_keeps(engine, n=n, **common)
             if args.concept_prompt:
                 out["concept"] = {"prompt": args.concept_prompt, "shape": args.concept_shape,
-                                  "rate": metrics.concept_rate(sd, args.concept_prompt, args.concept_shape,
+                                  "rate": metrics.concept_rate(engine, args.concept_prompt, args.concept_shape,
                                                                n=args.concept_images, lora_dir=args.lora_dir,
                                                                embeddings_dir=args.embeddings_dir, **common)}
     if args.prompts or args.two_object_prompts or args.checks or args.concept_prompt:
-        used = pipeline.recommended(sd)["guidance_until"] if args.guidance_until is None else args.guidance_until
-        out["settings"] = {**common, "guidance_until": used, "model": sd.name,
-                           "precision": str(sd.dtype).replace("torch.", ""), "backend": args.backend, "fast": args.fast}
+        used = pipeline.recommended(engine)["guidance_until"] if args.guidance_until is None else args.guidance_until
+        out["settings"] = {**common, "guidance_until": used, "model": engine.sd.name,
+                           "precision": str(engine.sd.dtype).replace("torch.", ""), "backend": args.backend, "fast": args.fast}
     text = json.dumps(out, indent=2)
     print(text)
     if args.output:

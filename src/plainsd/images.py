@@ -21,11 +21,17 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-def resize(image: Image.Image, width: int, height: int, mode: str = "just resize") -> Image.Image:
-    """A1111's resize modes: stretch, crop to fill, or fit and fill the border by stretching the edges."""
-    mode = {0: "just resize", 1: "crop and resize", 2: "resize and fill"}.get(mode, mode)
-    if mode not in RESIZE_MODES:
+def resize_mode(mode: str | int) -> str:
+    """A resize mode by name or by A1111's number (0, 1, 2) -> its name in RESIZE_MODES."""
+    name = RESIZE_MODES[mode] if isinstance(mode, int) and not isinstance(mode, bool) and 0 <= mode < 3 else mode
+    if name not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {mode!r}; known: {', '.join(RESIZE_MODES)}")
+    return name
+
+
+def resize(image: Image.Image, width: int, height: int, mode: str | int = "just resize") -> Image.Image:
+    """A1111's resize modes: stretch, crop to fill, or fit and fill the border by stretching the edges."""
+    mode = resize_mode(mode)
     image = image.convert("RGB")
     if mode == "just resize":
         return image.resize((width, height), Image.LANCZOS)

@@ -81,11 +81,44 @@ def choose_dtype(precision: str = "auto") -> torch.dtype:
     return _DTYPES[precision]
 
 
-def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = None, precision: str | None = None):
+class Engine:
+    """A model ready to generate on this machine, and what runs its networks: what the pipeline is given.
+
+    engine.sd is the model; engine.unet is what a sampler calls as unet(x, t, context): the model's own UNet
+    (backend "eager", its weights packed by prepare) or the UNet compiled by OpenVINO. tiny_decoder() is fast
+    mode's TAESD decoder: the one given, else the file beside the checkpoint (loaded on first use), else None.
+    """
+
+    def __init__(self, sd, backend: str = "eager", unet=None, tiny_decoder=None):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+        self.sd, self.backend = sd, backend
+        self.unet = unet if unet is not None else sd.unet
+        self._tiny = tiny_decoder
+
+    def tiny_decoder(self):
+        if self._tiny is None and self.sd.tiny_decoder_path:
+            from .fast import load_tiny_decoder
+            self._tiny = load_tiny_decoder(self.sd.tiny_decoder_path, self.sd.vae.dtype)
+        return self._tiny
+
+    def use_tiny_decoder(self, decoder, name: str = "the tiny decoder") -> None:
+        """Decode fast mode's pictures with this TAESD decoder (checked against the model's latents)."""
+        if decoder.latent_channels != self.sd.config.vae.z_channels:
+            raise ValueError(f"{name} decodes {decoder.latent_channels}-channel latents; this model's "
+                             f"have {self.sd.config.vae.z_channels}")
+        self._tiny = decoder.to(self.sd.vae.dtype)
+
+    def __repr__(self) -> str:
+        return f"Engine({self.sd!r}, backend={self.backend!r})"
+
+
+def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = None,
+            precision: str | None = None) -> Engine:
     """Get a loaded model ready to generate: channels-last convolutions, the chosen backend, and on the eager
     path the weights of the UNet and the VAE packed for oneDNN (pack_weights). The eager bf16 path also
     turns on torch.set_flush_denormal for the process (denormal floats become zero), and every path asks the C
-    library to keep freed memory for reuse (keep_freed_memory).
+    library to keep freed memory for reuse (keep_freed_memory). Returns the Engine the pipeline runs.
 
     precision: cast the networks (None keeps the dtype the model was loaded in).
     """
@@ -96,7 +129,7 @@ def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = No
     # oneDNN's convolutions run fastest on NHWC; plain float32 too, so this holds for every precision.
     sd.unet.to(memory_format=torch.channels_last)
     sd.vae.to(memory_format=torch.channels_last)
-    sd.backend = OpenVINOUNet(sd.unet, cache_dir) if backend == "openvino" else None
+    unet = OpenVINOUNet(sd.unet, cache_dir) if backend == "openvino" else None
     if backend == "eager":
         pack_weights(sd.unet)  # (what the dtype and this torch allow: pack_weights)
         pack_weights(sd.vae)
@@ -105,7 +138,7 @@ def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = No
         # exponentials that underflow into that range run slower as denormals (models/layers._attention_fused)
         torch.set_flush_denormal(True)
     keep_freed_memory()
-    return sd
+    return Engine(sd, backend, unet)
 
 
 # glibc's mallopt parameters (malloc.h)

@@ -90,10 +90,10 @@ def test_unknown_fields_and_unsupported_features_are_ignored(client):
 
 
 @pytest.mark.parametrize("body, words", [
-    ({"width": 65}, "multiple of 8"),
-    ({"width": 512}, "between 8 and 256"),
-    ({"steps": 0}, "steps must be between 1 and 30"),
-    ({"steps": 31}, "steps must be between 1 and 30"),
+    ({"width": 65}, "multiples of 8, got 65x32"),
+    ({"width": 512}, "width and height may be at most 256, got 512x32"),
+    ({"steps": 0}, "steps must be between 1 and 1000, got 0"),
+    ({"steps": 31}, "steps may be at most 30, got 31"),
     ({"batch_size": 3, "n_iter": 2}, "at most 4 images"),
     ({"sampler_name": "Nope"}, "known samplers"),
     ({"scheduler": "wobbly"}, "unknown schedule"),
@@ -110,7 +110,7 @@ def test_unknown_fields_and_unsupported_features_are_ignored(client):
     ({"enable_hr": True, "hr_scale": 0.5}, "the hires scale must be between 1 and 8, got 0.5"),
     ({"enable_hr": True, "hr_resize_x": 100}, "the hires width and height must be multiples of 8 (0: from the scale), got 100x0"),
     ({"enable_hr": True, "hr_resize_x": 264}, "the hires fix would draw 264x264 from 32x32; width and height may be at most 256"),
-    ({"enable_hr": True, "hr_sampler_name": "Nope"}, "hr_sampler_name / hr_scheduler: unknown sampler"),
+    ({"enable_hr": True, "hr_sampler_name": "Nope"}, "hires sampler: unknown sampler 'Nope'"),
     ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "both passes with the same model"),
     ({"enable_hr": True, "denoising_strength": 1.5}, "the hires denoising strength must be between 0 and 1, got 1.5"),
 ])
@@ -348,11 +348,12 @@ def test_fast_mode_is_a_request_field(client):
 
 def test_tiny_decoder_is_a_request_field():
     from plainsd.fast import FastSettings
-    from plainsd.server.api import Txt2ImgRequest, generation_kwargs
+    from plainsd.server.api import Txt2ImgRequest, generation_request
 
-    kwargs = generation_kwargs(Txt2ImgRequest(prompt="a red circle", tiny_decoder=True), Limits())
-    assert kwargs["fast"] == FastSettings(deepcache_interval=1, guidance_until=1.0, tiny_decoder=True)
-    assert generation_kwargs(Txt2ImgRequest(prompt="a red circle", fast=True), Limits())["fast"].tiny_decoder is False
+    request = generation_request(Txt2ImgRequest(prompt="a red circle", tiny_decoder=True), "txt2img", Limits(), {})
+    assert request.fast == FastSettings(deepcache_interval=1, guidance_until=1.0, tiny_decoder=True)
+    fast = generation_request(Txt2ImgRequest(prompt="a red circle", fast=True), "txt2img", Limits(), {})
+    assert fast.fast.tiny_decoder is False
 
 
 def test_guidance_until_is_a_request_field(client):

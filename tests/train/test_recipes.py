@@ -116,7 +116,7 @@ def test_three_trainings_and_a_resume(tmp_path):
     assert torch.equal(shipped.vae.encoder.conv_in.weight, model.encoder.conv_in.weight.half().float())
     assert "| single object: colour and shape | 0.5 |" in text
     result = txt2img(shipped, "a red circle", seed=0)  # the plain call uses the model's own settings
-    assert result.parameters["steps"] == 20 and result.parameters["cfg_scale"] == 5.0 and result.images[0].size == (64, 64)
+    assert result.parameters.steps == 20 and result.parameters.cfg_scale == 5.0 and result.images[0].size == (64, 64)
 
     # shipping again with the VAE of that shipped model (only CLIP and the UNet retrained): its weights and its
     # card's rows carried over, the UNet the runs'

@@ -147,11 +147,22 @@ SCHEDULE_LABELS = {"Automatic": "automatic", "Uniform": "uniform", "Karras": "ka
                    "Trailing": "trailing", "Linspace": "linspace"}
 
 
-def get_sigmas(schedule: str, n: int, sigmas: torch.Tensor) -> torch.Tensor:
-    """n steps of a named schedule for a model whose training sigmas are `sigmas` (low to high)."""
+def schedule_key(schedule: str) -> str:
+    """A schedule as users write it (a key of SCHEDULES or a label of SCHEDULE_LABELS) -> its key."""
     key = SCHEDULE_LABELS.get(schedule, schedule.lower().replace(" ", "_") if isinstance(schedule, str) else schedule)
     if key not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; known schedules: {', '.join(SCHEDULES)}")
+    return key
+
+
+def schedule_label(schedule: str) -> str:
+    """The label A1111 shows for a schedule key ("karras" -> "Karras"); any other name as it is."""
+    return {key: label for label, key in SCHEDULE_LABELS.items()}.get(schedule, schedule)
+
+
+def get_sigmas(schedule: str, n: int, sigmas: torch.Tensor) -> torch.Tensor:
+    """n steps of a named schedule for a model whose training sigmas are `sigmas` (low to high)."""
+    key = schedule_key(schedule)
     if n < 1:
         raise ValueError(f"steps must be at least 1, got {n}")
     lo, hi = float(sigmas[0]), float(sigmas[-1])

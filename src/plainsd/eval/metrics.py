@@ -155,12 +155,12 @@ def negative_prompt_effect(sd, prompt: str = "a circle", negative: str = "red", 
 def img2img_keeps(sd, n: int = 50, strength: float = 0.3, steps: int = 20, sampler: str = "DPM++ 2M",
                   schedule: str = "karras", cfg_scale: float = 5.0, guidance_until: float | None = None) -> float:
     """Share of held-out renders whose shape, colour and position survive img2img at `strength`."""
-    from ..pipeline import img2img
+    from ..pipeline import as_engine, img2img
     from ..train.data import render
 
     kept = []
+    size = as_engine(sd).sd.config.resolution
     for i, scene in enumerate(held_out_scenes(n, 1, seed=HELD_OUT_SEED + 1)):
-        size = sd.config.resolution if sd is not None else 64
         out = img2img(sd, render(scene, size), scene.caption, strength=strength, steps=steps,
                       sampler=sampler, schedule=schedule, cfg_scale=cfg_scale, guidance_until=guidance_until,
                       seed=i).images[0]

@@ -26,9 +26,8 @@ class StableDiffusion(nn.Module):
         # Generation defaults the model's maker recommends (steps, sampler, schedule, cfg_scale, width,
         # height); read from the checkpoint's metadata, used where a caller leaves a setting out.
         self.defaults: dict = {}
-        self.backend = None  # a compiled UNet that generation calls instead of self.unet (runtime.prepare)
-        self.tiny_decoder = None  # a TAESD decoder for fast mode (models/taesd.py), or its file:
-        self.tiny_decoder_path = None
+        self.hash: str | None = None  # A1111's short hash of the file, where the server knows it
+        self.tiny_decoder_path = None  # a TAESD decoder file beside the checkpoint, for fast mode (models/taesd.py)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -18,10 +18,10 @@ from typing import Any, Optional
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from plainsd.diffusion.samplers import SAMPLERS, resolve_sampler
-from plainsd.diffusion.schedules import SCHEDULE_LABELS
+from plainsd.diffusion.samplers import SAMPLERS
+from plainsd.diffusion.schedules import SCHEDULE_LABELS, schedule_label
 from plainsd.fast import choose as choose_fast
-from plainsd.pipeline import IMAGE_UPSCALERS, LATENT_UPSCALERS, HiresFix
+from plainsd.request import IMAGE_UPSCALERS, LATENT_UPSCALERS, GenerationRequest, HiresFix
 from plainsd.pnginfo import parse_infotext, read_parameters
 
 
@@ -171,16 +171,11 @@ def encode_png(image: Image.Image, parameters: str | None = None) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-# --- requests -> pipeline arguments ------------------------------------------------------------------
+# --- requests -> GenerationRequest ----------------------------------------------------------------------
 
-def sampler_and_schedule(req: Txt2ImgRequest) -> tuple[str, str]:
-    name = req.sampler_name or req.sampler_index or "Euler"
-    schedule = req.scheduler or "automatic"
-    try:
-        info, sched = resolve_sampler(name, schedule)
-    except ValueError as e:
-        raise BadRequest(str(e)) from None
-    return info.name, sched
+def sampler_and_schedule(req: Txt2ImgRequest) -> tuple[str | None, str | None]:
+    """A1111's sampler fields: sampler_name, else the older sampler_index; the scheduler."""
+    return req.sampler_name or req.sampler_index or "Euler", req.scheduler or "automatic"
 
 
 # A1111's settings for token merging (override_settings of a request, or /sdapi/v1/options): the ratio, for
@@ -198,109 +193,110 @@ def token_merging_ratio(settings: dict, name: str) -> float | None:
     return float(value)
 
 
-def generation_kwargs(req: Txt2ImgRequest, limits: Limits) -> dict:
-    """Checked keyword arguments for plainsd.pipeline.generate (without images)."""
-    for name in ("width", "height"):
-        value = getattr(req, name)
-        if value % 8 or not 8 <= value <= limits.max_size:
-            raise BadRequest(f"{name} must be a multiple of 8 between 8 and {limits.max_size}, got {value}")
-    if not 1 <= req.steps <= limits.max_steps:
-        raise BadRequest(f"steps must be between 1 and {limits.max_steps}, got {req.steps}")
-    if req.batch_size < 1 or req.n_iter < 1:
-        raise BadRequest(f"batch_size and n_iter must be at least 1, got {req.batch_size} and {req.n_iter}")
-    if req.batch_size * req.n_iter > limits.max_images:
-        raise BadRequest(f"batch_size x n_iter may be at most {limits.max_images} images, "
-                         f"got {req.batch_size} x {req.n_iter}")
-    if not 0.0 <= req.cfg_scale <= 100.0:
-        raise BadRequest(f"cfg_scale must be between 0 and 100, got {req.cfg_scale}")
-    if req.guidance_until is not None and not 0.0 < req.guidance_until <= 1.0:
-        raise BadRequest(f"guidance_until (the fraction of the steps with guidance) must be in (0, 1], got {req.guidance_until}")
-    if req.seed < -1 or req.seed > 2**32 - 1:
-        raise BadRequest(f"seed must be -1 (random) or between 0 and {2**32 - 1}, got {req.seed}")
-    sampler, schedule = sampler_and_schedule(req)
+def check_clip_skip(settings: dict) -> int | None:
+    """A1111's CLIP_stop_at_last_layers setting checked (a whole number), or None when it is not there."""
+    value = settings.get("CLIP_stop_at_last_layers")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise BadRequest(f"CLIP_stop_at_last_layers must be a whole number from 1 to 12, got {value!r}")
+    return value
+
+
+def generation_request(req: Txt2ImgRequest, kind: str, limits: Limits, options: dict,
+                       backend: str = "eager") -> GenerationRequest:
+    """An A1111 txt2img or img2img request as plainsd's GenerationRequest, checked: GenerationRequest.check's
+    rules, then the server's own limits. options: the server's settings (/sdapi/v1/options), which a request's
+    override_settings take precedence over; backend: what runs the server's UNet."""
     overrides = req.override_settings or {}
-    clip_skip = overrides.get("CLIP_stop_at_last_layers")
-    if clip_skip is not None and (not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12):
-        raise BadRequest(f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {clip_skip!r}")
     merging = {name: token_merging_ratio(overrides, name) for name in TOKEN_MERGING}
-    return dict(steps=req.steps, sampler=sampler, schedule=schedule, cfg_scale=req.cfg_scale, seed=req.seed,
-                width=req.width, height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
-                clip_skip=clip_skip, eta=req.eta, fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)),
-                guidance_until=req.guidance_until, token_merging=merging["token_merging_ratio"])
+    clip_skip = check_clip_skip(overrides)
+    if clip_skip is None and (check_clip_skip(options) or 1) > 1:
+        clip_skip = options["CLIP_stop_at_last_layers"]
+    sampler, schedule = sampler_and_schedule(req)
+    request = GenerationRequest(
+        prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, sampler=sampler, schedule=schedule,
+        cfg_scale=req.cfg_scale, guidance_until=req.guidance_until, seed=req.seed, width=req.width,
+        height=req.height, batch_size=req.batch_size, batch_count=req.n_iter, clip_skip=clip_skip, eta=req.eta,
+        fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)) or None,
+        token_merging=_first_pass_merging(merging, options, kind))
+    if kind == "img2img":
+        request = _img2img(request, req, limits)
+    elif req.enable_hr:
+        request = _hires(request, req, merging["token_merging_ratio_hr"] or options.get("token_merging_ratio_hr"))
+    try:
+        request.check(backend=backend)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    _check_limits(request, limits)
+    return request
+
+
+def _first_pass_merging(merging: dict, options: dict, kind: str) -> float:
+    """The ratio as A1111 chooses it: img2img's own where it is not 0, the request's, else the server's options."""
+    if kind == "img2img" and merging["token_merging_ratio_img2img"]:
+        return merging["token_merging_ratio_img2img"]
+    if merging["token_merging_ratio"] is not None:
+        return merging["token_merging_ratio"]
+    own = options.get("token_merging_ratio_img2img") if kind == "img2img" else 0.0
+    return own or options.get("token_merging_ratio") or 0.0
+
+
+def _check_limits(request: GenerationRequest, limits: Limits) -> None:
+    """The server's own limits, on top of what any request must be."""
+    if max(request.width, request.height) > limits.max_size:
+        raise BadRequest(f"width and height may be at most {limits.max_size}, got {request.width}x{request.height}")
+    if request.steps > limits.max_steps:
+        raise BadRequest(f"steps may be at most {limits.max_steps}, got {request.steps}")
+    if request.batch_size * request.batch_count > limits.max_images:
+        raise BadRequest(f"batch_size x n_iter may be at most {limits.max_images} images, "
+                         f"got {request.batch_size} x {request.batch_count}")
+    hires = request.hires
+    if hires is not None:
+        if hires.steps > limits.max_steps:
+            raise BadRequest(f"hr_second_pass_steps may be at most {limits.max_steps}, got {hires.steps}")
+        final_w, final_h = hires.final_size(request.width, request.height)
+        if not 8 <= min(final_w, final_h) or max(final_w, final_h) > limits.max_size:
+            raise BadRequest(f"the hires fix would draw {final_w}x{final_h} from {request.width}x{request.height}; "
+                             f"width and height may be at most {limits.max_size}")
 
 
 HIRES_STRENGTH = 0.7  # A1111's Hires. fix denoising strength where a request gives none
 
 
-def txt2img_kwargs(req: Txt2ImgRequest, limits: Limits) -> dict:
-    """generation_kwargs, and for enable_hr the second pass (pipeline.HiresFix) with its final size checked."""
-    kwargs = generation_kwargs(req, limits)
-    if not req.enable_hr:
-        return kwargs
-    width, height = kwargs["width"], kwargs["height"]
+def _hires(request: GenerationRequest, req: Txt2ImgRequest, token_merging: float | None) -> GenerationRequest:
+    """enable_hr and its hr_* fields as the request's HiresFix (firstphase_*: A1111's older form, in which width
+    and height are the final size)."""
     hr_x, hr_y = req.hr_resize_x, req.hr_resize_y
-    if req.firstphase_width or req.firstphase_height:  # A1111's older form: width/height are the final size
-        width, height = req.firstphase_width or width, req.firstphase_height or height
+    if req.firstphase_width or req.firstphase_height:
+        request = request.replace(width=req.firstphase_width or req.width, height=req.firstphase_height or req.height)
         hr_x, hr_y = req.width, req.height
-        for name, value in (("firstphase_width", width), ("firstphase_height", height)):
-            if value % 8 or not 8 <= value <= limits.max_size:
-                raise BadRequest(f"{name} must be a multiple of 8 between 8 and {limits.max_size}, got {value}")
-        kwargs["width"], kwargs["height"] = width, height
     if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
         raise BadRequest(f"hr_checkpoint_name: plainsd draws both passes with the same model; leave it out "
                          f"(got {req.hr_checkpoint_name!r})")
-    if not 0 <= req.hr_second_pass_steps <= limits.max_steps:
-        raise BadRequest(f"hr_second_pass_steps must be between 0 (as many as steps) and {limits.max_steps}, "
-                         f"got {req.hr_second_pass_steps}")
-    hr_sampler = None if req.hr_sampler_name in (None, "", "Use same sampler") else req.hr_sampler_name
-    hr_schedule = None if req.hr_scheduler in (None, "", "Use same scheduler") else req.hr_scheduler
-    if hr_sampler or hr_schedule:
-        try:
-            resolve_sampler(hr_sampler or kwargs["sampler"], hr_schedule or kwargs["schedule"])
-        except ValueError as e:
-            raise BadRequest(f"hr_sampler_name / hr_scheduler: {e}") from None
     hires = HiresFix(scale=req.hr_scale, width=hr_x, height=hr_y, upscaler=req.hr_upscaler or "Latent",
                      steps=req.hr_second_pass_steps,
                      strength=HIRES_STRENGTH if req.denoising_strength is None else req.denoising_strength,
-                     sampler=hr_sampler, schedule=hr_schedule, prompt=req.hr_prompt or None,
-                     negative_prompt=req.hr_negative_prompt or None,
-                     token_merging=token_merging_ratio(req.override_settings or {}, "token_merging_ratio_hr") or None)
-    try:
-        hires.check()  # upscaler, scale, sizes, strength: the pipeline's own sentences
-    except ValueError as e:
-        raise BadRequest(str(e)) from None
-    final_w, final_h = hires.final_size(width, height)
-    if not 8 <= min(final_w, final_h) or max(final_w, final_h) > limits.max_size:
-        raise BadRequest(f"the hires fix would draw {final_w}x{final_h} from {width}x{height}; width and height "
-                         f"may be at most {limits.max_size}")
-    kwargs["hires"] = hires
-    return kwargs
+                     sampler=None if req.hr_sampler_name in (None, "", "Use same sampler") else req.hr_sampler_name,
+                     schedule=None if req.hr_scheduler in (None, "", "Use same scheduler") else req.hr_scheduler,
+                     prompt=req.hr_prompt or None, negative_prompt=req.hr_negative_prompt or None,
+                     token_merging=token_merging or None)
+    return request.replace(hires=hires)
 
 
-def img2img_kwargs(req: Img2ImgRequest, limits: Limits) -> dict:
-    kwargs = generation_kwargs(req, limits)
+def _img2img(request: GenerationRequest, req: Img2ImgRequest, limits: Limits) -> GenerationRequest:
+    """The init image, its denoising strength and resize mode, and the mask's fields."""
     if not req.init_images:
         raise BadRequest("init_images must hold one base64-encoded image")
-    kwargs["init_image"] = decode_image(req.init_images[0], "init_images[0]", limits).convert("RGB")
-    strength = 0.75 if req.denoising_strength is None else req.denoising_strength
-    if not 0.0 <= strength <= 1.0:
-        raise BadRequest(f"denoising_strength must be between 0 and 1, got {strength}")
-    kwargs["strength"] = strength
-    own = token_merging_ratio(req.override_settings or {}, "token_merging_ratio_img2img")
-    if own:
-        kwargs["token_merging"] = own
     if req.resize_mode not in (0, 1, 2, 3):
         raise BadRequest(f"resize_mode must be 0 (just resize), 1 (crop and resize), 2 (resize and fill) "
                          f"or 3 (just resize, latent upscale), got {req.resize_mode}")
-    kwargs["resize_mode"] = {3: 0}.get(req.resize_mode, req.resize_mode)
-    if req.mask:
-        kwargs["mask"] = decode_image(req.mask, "mask", limits)
-        blur = req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x, req.mask_blur_y)
-        if not 0 <= blur <= 64:
-            raise BadRequest(f"mask_blur must be between 0 and 64, got {blur}")
-        kwargs["mask_blur"] = blur
-        kwargs["inpainting_mask_invert"] = bool(req.inpainting_mask_invert)
-    return kwargs
+    request = request.replace(init_image=decode_image(req.init_images[0], "init_images[0]", limits).convert("RGB"),
+                              strength=0.75 if req.denoising_strength is None else req.denoising_strength,
+                              resize_mode={3: 0}.get(req.resize_mode, req.resize_mode))
+    if not req.mask:
+        return request
+    return request.replace(mask=decode_image(req.mask, "mask", limits),
+                           mask_blur=req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x, req.mask_blur_y),
+                           inpainting_mask_invert=bool(req.inpainting_mask_invert))
 
 
 def echo(req: BaseModel, drop_images: bool = False) -> dict:
@@ -312,29 +308,26 @@ def echo(req: BaseModel, drop_images: bool = False) -> dict:
     return out
 
 
-def info_json(req: Txt2ImgRequest, result, sd, kwargs: dict) -> str:
+def info_json(req: Txt2ImgRequest, result, request: GenerationRequest, sd) -> str:
+    """The API's `info`: A1111's processing fields, from the parameters the run used."""
     p = result.parameters
     n = len(result.images)
     info = {
         "prompt": req.prompt, "all_prompts": [req.prompt] * n,
         "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
-        "seed": p["seed"], "all_seeds": result.seeds, "subseed": req.subseed, "all_subseeds": [req.subseed] * n,
-        "subseed_strength": req.subseed_strength, "width": p["width"], "height": p["height"],
-        "sampler_name": p["sampler"], "scheduler": _schedule_label(p["schedule"]), "cfg_scale": p["cfg_scale"],
-        "steps": p["steps"], "batch_size": p["batch_size"], "restore_faces": False,
-        "face_restoration_model": None, "sd_model_name": sd.name, "sd_model_hash": getattr(sd, "hash", None),
+        "seed": p.seed, "all_seeds": result.seeds, "subseed": req.subseed, "all_subseeds": [req.subseed] * n,
+        "subseed_strength": req.subseed_strength, "width": p.width, "height": p.height,
+        "sampler_name": p.sampler, "scheduler": schedule_label(p.schedule), "cfg_scale": p.cfg_scale,
+        "steps": p.steps, "batch_size": p.batch_size, "restore_faces": False,
+        "face_restoration_model": None, "sd_model_name": p.model, "sd_model_hash": p.model_hash,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": p.get("denoising_strength"), "extra_generation_params": {},
+        "denoising_strength": p.denoising_strength, "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": result.infotexts, "styles": req.styles or [],
-        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p["clip_skip"],
-        "is_using_inpainting_conditioning": sd.config.unet.in_channels == 9 and kwargs.get("init_image") is not None,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p.clip_skip,
+        "is_using_inpainting_conditioning": sd.config.unet.in_channels == 9 and request.init_image is not None,
         "version": "plainsd", "interrupted": result.interrupted,
     }
     return json.dumps(info)
-
-
-def _schedule_label(name: str) -> str:
-    return {v: k for k, v in SCHEDULE_LABELS.items()}.get(name, name)
 
 
 # --- lists -------------------------------------------------------------------------------------------

@@ -75,73 +75,67 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
 
     # --- generation ---------------------------------------------------------------------------------
 
-    async def run_job(request: Request, req: api.Txt2ImgRequest, kwargs: dict, kind: str) -> dict:
+    async def run_job(http: Request, req: api.Txt2ImgRequest, kind: str) -> dict:
         entry = store.current
         overrides = req.override_settings or {}
         if overrides.get("sd_model_checkpoint"):
             entry = _find(store, overrides["sd_model_checkpoint"])
-            if not req.override_settings_restore_afterwards:
-                store.select(entry.name)
+        request = api.generation_request(req, kind, limits, options, store.backend).replace(
+            lora_dir=lora_dir, embeddings_dir=embeddings_dir)
         if not req.override_settings_restore_afterwards:  # A1111 keeps such overrides as its settings
+            if overrides.get("sd_model_checkpoint"):
+                store.select(entry.name)
             options.update({name: overrides[name] for name in api.TOKEN_MERGING if name in overrides})
-        if kwargs["clip_skip"] is None and options.get("CLIP_stop_at_last_layers", 1) > 1:
-            kwargs["clip_skip"] = options["CLIP_stop_at_last_layers"]
-        if kwargs["token_merging"] is None:  # not in the request's override_settings: the server's options
-            own = options.get("token_merging_ratio_img2img") if kind == "img2img" else 0.0
-            kwargs["token_merging"] = own or options.get("token_merging_ratio") or 0.0
-        hires = kwargs.get("hires")
-        if hires is not None and hires.token_merging is None and options.get("token_merging_ratio_hr"):
-            hires.token_merging = options["token_merging_ratio_hr"]  # else the first pass's ratio, as A1111
 
         def work(job: Job):
-            sd = store.get(entry)
+            engine = store.get(entry)
 
             def on_step(info: pipeline.StepInfo):
                 job.batch_step, job.batch_steps = info.step + 1, info.total
                 job.step = info.batch * info.total + info.step + 1
-                job.steps_total = info.total * req.n_iter
+                job.steps_total = info.total * request.batch_count
                 job.preview = info
-            result = pipeline.generate(sd, req.prompt, req.negative_prompt, callback=on_step,
-                                       interrupt=job.should_stop, skip=job.take_skip, lora_dir=lora_dir,
-                                       embeddings_dir=embeddings_dir, **kwargs)
-            return sd, result
+            return engine, pipeline.generate(engine, request, callback=on_step, interrupt=job.should_stop,
+                                             skip=job.take_skip)
 
-        job = Job(work, kind=kind, steps_total=req.steps * req.n_iter)  # (on_step corrects it: a hires fix adds steps)
+        engine, result = await _run(http, Job(work, kind=kind, steps_total=request.steps * request.batch_count))
+        if req.save_images:
+            folder = Path(options.get("outdir_samples") or outputs)
+            for i, (image, text) in enumerate(zip(result.images, result.infotexts)):
+                save_png(image, folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{result.seeds[i]}-{i}.png", text)
+        with_init = kind == "img2img" and getattr(req, "include_init_images", False)
+        encoded = [api.encode_png(im, text) for im, text in zip(result.images, result.infotexts)] if req.send_images else []
+        if with_init and req.send_images:
+            encoded += [api.encode_png(request.init_image)]
+        return {"images": encoded, "parameters": api.echo(req, drop_images=kind == "img2img" and not with_init),
+                "info": api.info_json(req, result, request, engine.sd)}
+
+    async def _run(http: Request, job: Job):
+        """Queue the job, wait for it (cancelled when the client goes away) and return what it returns."""
         try:
-            queue.submit(job)
+            queue.submit(job)  # (steps_total: on_step corrects it, a hires fix adds steps)
         except QueueFull as e:
             raise HTTPException(503, str(e), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         wrapped = asyncio.wrap_future(job.future)
         while not wrapped.done():
             await asyncio.wait({wrapped}, timeout=0.25)
-            if not wrapped.done() and await request.is_disconnected():
+            if not wrapped.done() and await http.is_disconnected():
                 queue.cancel(job)
                 break
         if job.cancelled:
             raise HTTPException(499, "the client went away; the job was cancelled")
         try:
-            sd, result = wrapped.result()
+            return wrapped.result()
         except ValueError as e:  # what the pipeline refuses (e.g. a LoRA tag, a size the model cannot take)
             raise api.BadRequest(str(e)) from None
-        images = list(result.images)
-        if req.save_images:
-            folder = Path(options.get("outdir_samples") or outputs)
-            for i, (image, text) in enumerate(zip(result.images, result.infotexts)):
-                save_png(image, folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{result.seeds[i]}-{i}.png", text)
-        encoded = [api.encode_png(im, text) for im, text in zip(images, result.infotexts)] if req.send_images else []
-        if kind == "img2img" and getattr(req, "include_init_images", False) and req.send_images:
-            encoded += [api.encode_png(kwargs["init_image"])]
-        return {"images": encoded, "parameters": api.echo(req, drop_images=kind == "img2img" and
-                                                          not getattr(req, "include_init_images", False)),
-                "info": api.info_json(req, result, sd, kwargs)}
 
     @app.post("/sdapi/v1/txt2img")
-    async def txt2img(req: api.Txt2ImgRequest, request: Request):
-        return await run_job(request, req, api.txt2img_kwargs(req, limits), "txt2img")
+    async def txt2img(req: api.Txt2ImgRequest, http: Request):
+        return await run_job(http, req, "txt2img")
 
     @app.post("/sdapi/v1/img2img")
-    async def img2img(req: api.Img2ImgRequest, request: Request):
-        return await run_job(request, req, api.img2img_kwargs(req, limits), "img2img")
+    async def img2img(req: api.Img2ImgRequest, http: Request):
+        return await run_job(http, req, "img2img")
 
     # --- progress and control ---------------------------------------------------------------------------
 
@@ -251,7 +245,8 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
         if embeddings_dir is None:
             return {"loaded": {}, "skipped": {}}
         from plainsd.embeddings import load_embeddings
-        found = await asyncio.to_thread(load_embeddings, embeddings_dir, await asyncio.to_thread(store.get))
+        engine = await asyncio.to_thread(store.get)
+        found = await asyncio.to_thread(load_embeddings, embeddings_dir, engine.sd)
         loaded = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                          "shape": found.vectors.shape[1], "vectors": found.embeddings[name].vectors.shape[0]}
                   for name in found.names}
@@ -283,9 +278,9 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
     async def defaults():
         """What the page pre-fills: the current model's own recommended settings."""
         entry = store.current
-        sd = await asyncio.to_thread(store.get, entry)
-        merged = pipeline.recommended(sd)
-        size = sd.config.resolution
+        engine = await asyncio.to_thread(store.get, entry)
+        merged = pipeline.recommended(engine)
+        size = engine.sd.config.resolution
         return {"steps": merged["steps"], "sampler": merged["sampler"], "schedule": merged["schedule"],
                 "cfg_scale": merged["cfg_scale"], "width": merged.get("width", size),
                 "height": merged.get("height", size), "model": entry.title}

@@ -72,7 +72,7 @@ class ModelStore:
         if not self._entries:
             raise ValueError(f"no checkpoints ({', '.join(SUFFIXES)} files or diffusers folders) in {self.models_dir}")
         self.current = self._entries[0]
-        self._loaded: tuple[str, plainsd.StableDiffusion] | None = None
+        self._loaded: tuple[str, runtime.Engine] | None = None
 
     def scan(self) -> list[ModelEntry]:
         if self.single is not None:
@@ -128,8 +128,8 @@ class ModelStore:
             self.current = entry
         return entry
 
-    def get(self, entry: ModelEntry | None = None) -> plainsd.StableDiffusion:
-        """The current model (or `entry`), loaded on first use; only one is kept in memory."""
+    def get(self, entry: ModelEntry | None = None) -> runtime.Engine:
+        """The current model (or `entry`), loaded on first use and prepared to run; only one is kept in memory."""
         with self._lock:
             entry = entry or self.current
             if self._loaded is None or self._loaded[0] != entry.name:
@@ -140,7 +140,6 @@ class ModelStore:
                     sd.name = entry.name
                 else:
                     sd = plainsd.load(entry.path, dtype=dtype)
-                runtime.prepare(sd, self.backend)
                 sd.hash = entry.hash
-                self._loaded = (entry.name, sd)
+                self._loaded = (entry.name, runtime.prepare(sd, self.backend))
             return self._loaded[1]

@@ -1,0 +1,263 @@
+"""What a generation is asked to do, and what it did: GenerationRequest and Parameters.
+
+The command line, the HTTP API and the web page all build a GenerationRequest and hand it to the pipeline;
+its check() holds every rule about the values themselves, so each rule lives here once. The API adds only its
+own limits (largest size, most steps, most images). What a run used, with the model's recommendations filled
+in, comes back as Parameters: the PNG's A1111 "parameters" text and the API's info are written from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+
+from PIL import Image
+
+from .diffusion.samplers import resolve_sampler
+from .diffusion.schedules import schedule_key, schedule_label
+from .fast import FastSettings
+from .images import resize_mode
+from .pnginfo import infotext
+
+MAX_SEED = 2**32 - 1
+
+# A1111's latent upscalers for Hires. fix: name -> (torch interpolation mode, antialias)
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True), "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True), "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+# ... and its image upscalers that need no model (the decoded image resized, then encoded again)
+IMAGE_UPSCALERS = {"None": Image.LANCZOS, "Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
+
+
+@dataclass
+class HiresFix:
+    """A1111's Hires. fix: txt2img at the given size, then the result upscaled and redrawn at the larger size
+    as img2img (the first pass fixes the composition at the size the model knows; the second adds detail).
+
+    scale multiplies width and height, unless width or height (A1111's hr_resize_x / hr_resize_y) name the
+    final size: one of them keeps the aspect ratio, both crop the upscaled first pass to fill that size.
+    upscaler: a name in LATENT_UPSCALERS (the latents interpolated) or IMAGE_UPSCALERS (decoded, resized,
+    encoded). steps: the second pass's steps before strength takes its share (0: as many as the first pass).
+    sampler, schedule, prompt, negative_prompt: the second pass's, if not the first pass's. token_merging: the
+    second pass's token merging ratio (A1111's token_merging_ratio_hr; None: the first pass's)."""
+    scale: float = 2.0
+    width: int = 0
+    height: int = 0
+    upscaler: str = "Latent"
+    steps: int = 0
+    strength: float = 0.7
+    sampler: str | None = None
+    schedule: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    token_merging: float | None = None
+
+    def target(self, width: int, height: int, factor: int = 8) -> tuple[int, int, int, int]:
+        """(upscaled width, height, latent columns and rows to crop) for a first pass of width x height."""
+        if not self.width and not self.height:
+            return int(width * self.scale), int(height * self.scale), 0, 0
+        if not self.height:
+            return self.width, self.width * height // width, 0, 0
+        if not self.width:
+            return self.height * width // height, self.height, 0, 0
+        if width / height < self.width / self.height:  # wider target: fit the width, crop rows
+            up_w, up_h = self.width, self.width * height // width
+        else:
+            up_w, up_h = self.height * width // height, self.height
+        return up_w, up_h, (up_w - self.width) // factor, (up_h - self.height) // factor
+
+    def final_size(self, width: int, height: int, factor: int = 8) -> tuple[int, int]:
+        """The size of the image the second pass draws from a first pass of width x height."""
+        up_w, up_h, crop_x, crop_y = self.target(width, height, factor)
+        return (up_w // factor - crop_x) * factor, (up_h // factor - crop_y) * factor
+
+    def check(self, sampler: str, schedule: str | None) -> None:
+        """The second pass's own settings (sampler and schedule: the first pass's where it has none)."""
+        if self.upscaler not in LATENT_UPSCALERS and self.upscaler not in IMAGE_UPSCALERS:
+            raise ValueError(f"unknown hires upscaler {self.upscaler!r}; plainsd has "
+                             f"{', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}")
+        if not 1.0 <= self.scale <= 8.0:
+            raise ValueError(f"the hires scale must be between 1 and 8, got {self.scale}")
+        if self.width < 0 or self.height < 0 or self.width % 8 or self.height % 8:
+            raise ValueError(f"the hires width and height must be multiples of 8 (0: from the scale), "
+                             f"got {self.width}x{self.height}")
+        if not 0 <= self.steps <= 1000:
+            raise ValueError(f"hires steps must be between 0 (as many as the first pass) and 1000, got {self.steps}")
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"the hires denoising strength must be between 0 and 1, got {self.strength}")
+        if self.token_merging is not None:
+            _check_merging(self.token_merging, "the hires token merging ratio", " (None: the first pass's)")
+        if self.sampler is not None or self.schedule is not None:
+            try:
+                _sampler(self.sampler or sampler, self.schedule or schedule)
+            except ValueError as e:
+                raise ValueError(f"hires sampler: {e}") from None
+
+
+# Settings a request leaves as None come from the model's own recommendations (StableDiffusion.defaults), then these.
+DEFAULTS = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "automatic", "cfg_scale": 7.0, "guidance_until": 1.0}
+
+
+@dataclass
+class GenerationRequest:
+    """Every parameter of one txt2img, img2img or inpainting run, the hires fix included.
+
+    None means the model's recommendation (its checkpoint's metadata), else DEFAULTS; width and height left out
+    are the init image's (rounded down to whole latents) or the model's resolution. guidance_until (0..1]:
+    classifier-free guidance for that fraction of the steps only, the conditional prediction alone after it
+    (guidance in a limited interval, Kynkäänniemi et al. 2024); 1 = every step. <lora:name:weight> tags in the
+    prompt apply LoRA files from lora_dir; embedding names from embeddings_dir are replaced by their vectors.
+    fast: DeepCache, a guidance cut-off and optionally the tiny decoder (plainsd.fast). token_merging [0, 1):
+    A1111's "Token merging ratio" (models/tome.py); 0 = off. hires: a second, larger pass (txt2img only).
+    """
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int | None = None
+    sampler: str | None = None           # A1111 names: "DPM++ 2M", "Euler a", ... or "DPM++ 2M Karras"
+    schedule: str | None = None          # "automatic", "karras", ... (SCHEDULE_LABELS)
+    cfg_scale: float | None = None
+    guidance_until: float | None = None
+    seed: int = -1                       # -1: random; image i of the run gets seed + i
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    batch_count: int = 1
+    clip_skip: int | None = None         # 1 = the last CLIP layer, 2 = the penultimate; None: the model's
+    eta: float | None = None             # ancestral and DDIM samplers' noise
+    init_image: Image.Image | None = None   # img2img and inpainting
+    strength: float = 0.8                # img2img's denoising strength: 0 keeps the image, 1 replaces it
+    resize_mode: str = "just resize"     # images.RESIZE_MODES
+    mask: Image.Image | None = None      # inpainting: white = repaint
+    mask_blur: int = 4
+    inpainting_mask_invert: bool = False
+    lora_dir: str | None = None
+    embeddings_dir: str | None = None
+    fast: FastSettings | None = None
+    token_merging: float = 0.0
+    hires: HiresFix | None = None
+
+    def check(self, factor: int = 8, backend: str = "eager") -> None:
+        """Raise ValueError (TypeError for a wrong kind of value) with one sentence for the first thing that is
+        wrong. factor: the model's latent factor (pixels per latent); backend: what runs the UNet (runtime)."""
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
+            raise TypeError("prompt and negative_prompt must be strings")
+        for name, value in (("init_image", self.init_image), ("mask", self.mask)):
+            if value is not None and not isinstance(value, Image.Image):
+                raise TypeError(f"{name} must be a PIL image")
+        self._check_numbers(factor)
+        _sampler(self.sampler or DEFAULTS["sampler"], self.schedule)
+        resize_mode(self.resize_mode)
+        if self.mask is not None and self.init_image is None:
+            raise ValueError("a mask needs an init image (inpainting)")
+        ratios = [self.token_merging] + ([self.hires.token_merging] if self.hires is not None else [])
+        _check_merging(self.token_merging, "the token merging ratio")
+        if any(ratios) and backend != "eager":
+            raise ValueError("token merging needs the eager UNet: the OpenVINO-compiled one cannot merge tokens "
+                             "(leave out --backend openvino, or token merging)")
+        if self.hires is not None:
+            if self.init_image is not None:
+                raise ValueError("hires fix is for txt2img; img2img draws at the width and height it is given")
+            self.hires.check(self.sampler or DEFAULTS["sampler"], self.schedule)
+
+    def _check_numbers(self, factor: int) -> None:
+        for side in (self.width, self.height):
+            if side is not None and (side < factor or side % factor):
+                raise ValueError(f"width and height must be positive multiples of {factor}, "
+                                 f"got {self.width}x{self.height}")
+        if self.steps is not None and not 1 <= self.steps <= 1000:
+            raise ValueError(f"steps must be between 1 and 1000, got {self.steps}")
+        if self.batch_size < 1 or self.batch_count < 1:
+            raise ValueError(f"batch size and batch count must be at least 1, got {self.batch_size} and "
+                             f"{self.batch_count}")
+        if self.guidance_until is not None and not 0.0 < self.guidance_until <= 1.0:
+            raise ValueError(f"guidance_until (the fraction of the steps with guidance) must be in (0, 1], "
+                             f"got {self.guidance_until}")
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"strength (denoising strength) must be between 0 and 1, got {self.strength}")
+        if not -1 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {self.seed}")
+        if self.cfg_scale is not None and not 0.0 <= self.cfg_scale <= 100.0:
+            raise ValueError(f"the CFG scale must be between 0 and 100, got {self.cfg_scale}")
+        if self.clip_skip is not None and (isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int)
+                                           or not 1 <= self.clip_skip <= 12):
+            raise ValueError(f"clip skip must be a whole number from 1 (the last CLIP layer) to 12, got {self.clip_skip!r}")
+        if not 0 <= self.mask_blur <= 64:
+            raise ValueError(f"mask blur must be between 0 and 64, got {self.mask_blur}")
+
+    def first_seed(self) -> int:
+        """The first image's seed: the request's, or a random one for -1; a run never goes past MAX_SEED."""
+        seed = random.randint(0, MAX_SEED) if self.seed < 0 else int(self.seed)
+        images = self.batch_size * self.batch_count
+        return seed % (MAX_SEED - images) if seed + images - 1 > MAX_SEED else seed
+
+    def replace(self, **changes) -> "GenerationRequest":
+        return dataclasses.replace(self, **changes)
+
+
+def _sampler(name: str, schedule: str | None):
+    info, chosen = resolve_sampler(name, schedule)
+    schedule_key(chosen)  # an unknown schedule, also one that came with the sampler's name
+    return info, chosen
+
+
+def _check_merging(ratio, what: str, none_means: str = "") -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"{what} must be at least 0 and below 1 (0.5 is usual; 0 = off{none_means}), got {ratio!r}")
+
+
+@dataclass
+class Parameters:
+    """What a run used: the request with the model's recommendations filled in, as A1111 reports it."""
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: str                 # A1111's name of the sampler
+    schedule: str                # its schedule (SCHEDULES key, or the label the user gave)
+    cfg_scale: float
+    guidance_until: float
+    seed: int                    # the first image's
+    width: int
+    height: int
+    batch_size: int
+    batch_count: int
+    clip_skip: int
+    denoising_strength: float | None   # img2img's, or the hires fix's second pass's
+    model: str
+    model_hash: str | None
+    deepcache: int | None = None       # fast mode's interval between whole UNet passes
+    tiny_decoder: bool = False
+    token_merging: float | None = None
+    hires: HiresFix | None = None
+    hires_sampler: str | None = None   # the second pass's sampler and schedule, as resolved
+    hires_schedule: str | None = None
+
+    def infotext(self, seed: int) -> str:
+        """A1111's "parameters" text for the image with this seed."""
+        return infotext(self.prompt, self.negative_prompt, **{
+            "Steps": self.steps, "Sampler": self.sampler, "Schedule type": schedule_label(self.schedule),
+            "CFG scale": float(self.cfg_scale), "Seed": seed, "Size": f"{self.width}x{self.height}",
+            "Model hash": self.model_hash, "Model": self.model, "Denoising strength": self.denoising_strength,
+            "Clip skip": self.clip_skip if self.clip_skip > 1 else None,
+            "Guidance until": self.guidance_until if self.guidance_until < 1.0 else None,
+            "DeepCache interval": self.deepcache, "Decoder": "TAESD" if self.tiny_decoder else None,
+            "Token merging ratio": self.token_merging, **self._hires_fields()})
+
+    def _hires_fields(self) -> dict:
+        hr = self.hires
+        if hr is None:
+            return {}
+        resized = bool(hr.width or hr.height)
+        return {
+            "Hires upscale": None if resized else hr.scale,
+            "Hires resize": f"{hr.width}x{hr.height}" if resized else None,
+            "Hires steps": hr.steps or None, "Hires upscaler": hr.upscaler,
+            "Hires sampler": self.hires_sampler if self.hires_sampler != self.sampler else None,
+            "Hires schedule type": schedule_label(self.hires_schedule) if self.hires_schedule != self.schedule else None,
+            "Hires prompt": hr.prompt if hr.prompt and hr.prompt != self.prompt else None,
+            "Hires negative prompt": (hr.negative_prompt if hr.negative_prompt
+                                      and hr.negative_prompt != self.negative_prompt else None),
+            # A1111 writes the second pass's ratio in effect (its own, else the first pass's) where not 0
+            "Token merging ratio hr": (self.token_merging if hr.token_merging is None else hr.token_merging) or None}
