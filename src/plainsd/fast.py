@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from .models.layers import timestep_embedding
 from .models.taesd import TinyDecoder
 from .weights import CheckpointError, read_tensors
 
@@ -92,42 +91,39 @@ class DeepCacheUNet:
         self.cached, self.calls, self.late_calls, self.since_full = None, 0, 0, 0
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        unet, cfg = self.unet, self.unet.config
+        unet, dtype = self.unet, self.unet.dtype
+        whole = self._runs_whole(timesteps, x.shape[0])
+        emb = unet.embed_timesteps(timesteps, x.shape[0])
+        h, context = x.to(dtype), context.to(dtype)
+        cut = len(unet.output_blocks) - self.depth  # the output block whose input features are kept
+        if whole:
+            self.full_calls += 1
+            skips = unet.run_input_blocks(h, emb, context)
+            h = unet.middle_block(skips[-1], emb, context)
+            self.cached = h = unet.run_output_blocks(h, skips, emb, context, stop=cut)
+        else:
+            skips = unet.run_input_blocks(h, emb, context, stop=self.depth)
+            h = self.cached
+        h = unet.run_output_blocks(h, skips, emb, context, start=cut)
+        return unet.out(h).to(x.dtype)
+
+    def _runs_whole(self, timesteps: torch.Tensor, batch: int) -> bool:
+        """Whether this call runs the whole UNet (else the outer `self.depth` blocks on the kept features); sets
+        the depth for this part of sampling and counts the call."""
+        t = float(torch.as_tensor(timesteps).max())
         since = self.calls - max(self.warmup - 1, 0)  # the last warm-up call counts as the first full one
-        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         if self.early_depth is not None:
-            depth = self.early_depth if float(timesteps.max()) > self.early_until_t + 1e-4 else self.late_depth
+            depth = self.early_depth if t > self.early_until_t + 1e-4 else self.late_depth
             if depth != self.depth:  # the kept features sit before a different block: refill them
                 self.depth, self.cached = depth, None
-        late = (self.late_interval is not None and self.late_from_t is not None
-                and float(timesteps.max()) <= self.late_from_t + 1e-4)
+        late = self.late_interval is not None and self.late_from_t is not None and t <= self.late_from_t + 1e-4
         every = (self.late_calls == 0 or self.since_full >= self.late_interval) if late else since % self.interval == 0
-        full = (self.calls < self.warmup or every or self.cached is None or self.cached.shape[0] != x.shape[0]
-                or (self.whole_from_t is not None and float(timesteps.max()) <= self.whole_from_t + 1e-4))
+        whole = (self.calls < self.warmup or every or self.cached is None or self.cached.shape[0] != batch
+                 or (self.whole_from_t is not None and t <= self.whole_from_t + 1e-4))
         self.calls += 1
         self.late_calls += late
-        self.since_full = 1 if full else self.since_full + 1
-        dtype = unet.dtype
-        emb = unet.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(dtype))
-        h, context = x.to(dtype), context.to(dtype)
-        n_out = len(unet.output_blocks)
-        inputs = unet.input_blocks if full else unet.input_blocks[: self.depth]
-        skips = []
-        for block in inputs:
-            h = block(h, emb, context)
-            skips.append(h)
-        if full:
-            self.full_calls += 1
-            h = unet.middle_block(h, emb, context)
-            first = 0
-        else:
-            h, first = self.cached, n_out - self.depth
-        for j in range(first, n_out):
-            if full and j == n_out - self.depth:
-                self.cached = h
-            h = torch.cat([h, skips.pop()], dim=1)
-            h = unet.output_blocks[j](h, emb, context, size=skips[-1].shape[-2:] if skips else None)
-        return unet.out(h).to(x.dtype)
+        self.since_full = 1 if whole else self.since_full + 1
+        return whole
 
 
 def load_tiny_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> TinyDecoder:
