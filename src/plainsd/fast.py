@@ -6,18 +6,18 @@
    and those last output blocks on the kept features. The first `deepcache_start` of the steps, where
    the picture's layout, shapes and colours are decided and the features change fastest, always run the
    whole UNet (the paper's non-uniform schedule makes the same point by spacing its full steps closer early).
-   The last `deepcache_end` of the steps can run it whole too (on the shipped model this changes nothing:
-   benchmarks/fast_adherence.py). The cheap calls of the first `deepcache_early` of the steps can run more
-   blocks (`deepcache_early_depth`) than the later ones: the middle steps, where the shapes form, lose
-   most from the cached features, and the extra blocks cost most on the guided (batch 2) steps anyway.
+   The last `deepcache_end` of the steps can run it whole too (off in fast mode: whether it helps is one of
+   the variants benchmarks/fast_adherence.py measures). The cheap calls of the first `deepcache_early` of the
+   steps can run more blocks (`deepcache_early_depth`) than the later ones: the middle steps, where the shapes
+   form, lose most from the cached features, and the extra blocks cost most on the guided (batch 2) steps anyway.
    The last `deepcache_late` of the steps, where only details change, can run the whole UNet less often:
    on the first of them, then every `deepcache_late_interval`-th call after the last whole pass.
 2. Guidance cut-off: classifier-free guidance only for the first `guidance_until` of the steps; after
    that the unconditional half of the batch is not computed (CFGDenoiser's guidance_until).
 3. A tiny VAE decoder (TAESD's architecture, models/taesd.py) instead of SD's decoder at the end. Not part
    of the default fast mode (--fast): on the shipped model it costs more adherence than the other two parts
-   together (benchmarks/fast_adherence.py) and saves a tenth of fast mode's time at 512x512
-   (benchmarks/fast_speed.md); --tiny-decoder adds it.
+   together (benchmarks/fast_adherence.py) and saves a small share of fast mode's time (benchmarks/fast_speed.md);
+   --tiny-decoder adds it.
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ class FastSettings:
 
 
 # --fast: DeepCache with 2 blocks on the cheap calls of the first 40% of the steps and 1 after; the whole UNet every
-# 2nd step, except on the last 40% (where guidance has stopped), every 4th; guidance for the first 60%. On the
-# shipped model 1.5 points of adherence behind the default path (1.8 on 600 prompts, the same as with every 2nd step
-# to the end); at 512x512 on 2 AMX cores 1.96x the default path's speed end to end (benchmarks/results-amx.md).
+# 2nd step, except on the last 40% (where guidance has stopped and only details change), every 4th; guidance for the
+# first 60%. The late part's longer interval is faster and keeps the adherence of every 2nd step to the end. Its
+# adherence beside the default path: benchmarks/fast_adherence.py; its speed: benchmarks/results-amx.md and
+# benchmarks/fast_speed.md.
 FAST = FastSettings(deepcache_early=0.4, deepcache_late=0.4)
 
 
