@@ -40,6 +40,29 @@ def test_deepcache_reuses_exactly_the_deep_features():
         fast.DeepCacheUNet(sd.unet, warmup=-1)
 
 
+def test_deepcache_runs_the_unets_own_steps():
+    """Whole passes are UNetModel.forward to the bit; a cheap call is the UNet's first `depth` input blocks and
+    last `depth` output blocks, run on the features a whole pass kept at the entry of the first of those."""
+    unet = _model().unet
+    c = torch.randn(2, 77, 128)
+    x, x2 = torch.randn(2, 4, 9, 13), torch.randn(2, 4, 9, 13)  # 9x13: the upsampling follows the skips' sizes
+    t, t2 = torch.tensor([700.0, 700.0]), torch.tensor([600.0, 600.0])
+    n = len(unet.output_blocks)
+    for depth in range(1, n):
+        cached = fast.DeepCacheUNet(unet, interval=2, depth=depth)
+        with torch.no_grad():
+            assert torch.equal(cached(x, t, c), unet(x, t, c)) and cached.full_calls == 1
+            cheap = cached(x2, t2, c)
+            assert cached.full_calls == 1
+            emb = unet.embed_timesteps(t, 2)
+            skips = unet.run_input_blocks(x, emb, c)
+            kept = unet.run_output_blocks(unet.middle_block(skips[-1], emb, c), skips, emb, c, stop=n - depth)
+            emb2 = unet.embed_timesteps(t2, 2)
+            outer = unet.run_input_blocks(x2, emb2, c, stop=depth)
+            assert torch.equal(cheap, unet.out(unet.run_output_blocks(kept, outer, emb2, c, start=n - depth)))
+            assert torch.equal(cached(x2, t2, c), unet(x2, t2, c)) and cached.full_calls == 2  # whole again
+
+
 def _count_calls(sd):
     batches, full = [], []
     sd.unet.input_blocks[0].register_forward_hook(lambda m, i, o: batches.append(o.shape[0]))

@@ -138,7 +138,7 @@ CASES = list(_cases(torch.float32))
 @pytest.mark.parametrize("name", CASES)
 def test_pictures_match_the_stored_ones(name):
     pictures = render(name)
-    stored = sorted(STORED.glob(f"{name}-*.png"))
+    stored = [p for p in STORED.glob(f"{name}-*.png") if p.stem[len(name) + 1:].isdigit()]  # not tiny-inpaint-native's
     assert len(pictures) == len(stored), f"{name}: {len(pictures)} pictures, {len(stored)} stored"
     for i, picture in enumerate(pictures):
         expected = np.asarray(Image.open(_stored(name, i)).convert("RGB"), dtype=np.int16)

@@ -6,18 +6,18 @@
    and those last output blocks on the kept features. The first `deepcache_start` of the steps, where
    the picture's layout, shapes and colours are decided and the features change fastest, always run the
    whole UNet (the paper's non-uniform schedule makes the same point by spacing its full steps closer early).
-   The last `deepcache_end` of the steps can run it whole too (on the shipped model this changes nothing:
-   benchmarks/fast_adherence.py). The cheap calls of the first `deepcache_early` of the steps can run more
-   blocks (`deepcache_early_depth`) than the later ones: the middle steps, where the shapes form, lose
-   most from the cached features, and the extra blocks cost most on the guided (batch 2) steps anyway.
+   The last `deepcache_end` of the steps can run it whole too (off in fast mode: whether it helps is one of
+   the variants benchmarks/fast_adherence.py measures). The cheap calls of the first `deepcache_early` of the
+   steps can run more blocks (`deepcache_early_depth`) than the later ones: the middle steps, where the shapes
+   form, lose most from the cached features, and the extra blocks cost most on the guided (batch 2) steps anyway.
    The last `deepcache_late` of the steps, where only details change, can run the whole UNet less often:
    on the first of them, then every `deepcache_late_interval`-th call after the last whole pass.
 2. Guidance cut-off: classifier-free guidance only for the first `guidance_until` of the steps; after
    that the unconditional half of the batch is not computed (CFGDenoiser's guidance_until).
 3. A tiny VAE decoder (TAESD's architecture, models/taesd.py) instead of SD's decoder at the end. Not part
    of the default fast mode (--fast): on the shipped model it costs more adherence than the other two parts
-   together (benchmarks/fast_adherence.py) and saves a tenth of fast mode's time at 512x512
-   (benchmarks/fast_speed.md); --tiny-decoder adds it.
+   together (benchmarks/fast_adherence.py) and saves a small share of fast mode's time (benchmarks/fast_speed.md);
+   --tiny-decoder adds it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from .models.layers import timestep_embedding
 from .models.taesd import TinyDecoder
 from .weights import CheckpointError, read_tensors
 
@@ -49,9 +48,10 @@ class FastSettings:
 
 
 # --fast: DeepCache with 2 blocks on the cheap calls of the first 40% of the steps and 1 after; the whole UNet every
-# 2nd step, except on the last 40% (where guidance has stopped), every 4th; guidance for the first 60%. On the
-# shipped model 1.5 points of adherence behind the default path (1.8 on 600 prompts, the same as with every 2nd step
-# to the end); at 512x512 on 2 AMX cores 1.96x the default path's speed end to end (benchmarks/results-amx.md).
+# 2nd step, except on the last 40% (where guidance has stopped and only details change), every 4th; guidance for the
+# first 60%. The late part's longer interval is faster and keeps the adherence of every 2nd step to the end. Its
+# adherence beside the default path: benchmarks/fast_adherence.py; its speed: benchmarks/results-amx.md and
+# benchmarks/fast_speed.md.
 FAST = FastSettings(deepcache_early=0.4, deepcache_late=0.4)
 
 
@@ -92,42 +92,39 @@ class DeepCacheUNet:
         self.cached, self.calls, self.late_calls, self.since_full = None, 0, 0, 0
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        unet, cfg = self.unet, self.unet.config
+        unet, dtype = self.unet, self.unet.dtype
+        whole = self._runs_whole(timesteps, x.shape[0])
+        emb = unet.embed_timesteps(timesteps, x.shape[0])
+        h, context = x.to(dtype), context.to(dtype)
+        cut = len(unet.output_blocks) - self.depth  # the output block whose input features are kept
+        if whole:
+            self.full_calls += 1
+            skips = unet.run_input_blocks(h, emb, context)
+            h = unet.middle_block(skips[-1], emb, context)
+            self.cached = h = unet.run_output_blocks(h, skips, emb, context, stop=cut)
+        else:
+            skips = unet.run_input_blocks(h, emb, context, stop=self.depth)
+            h = self.cached
+        h = unet.run_output_blocks(h, skips, emb, context, start=cut)
+        return unet.out(h).to(x.dtype)
+
+    def _runs_whole(self, timesteps: torch.Tensor, batch: int) -> bool:
+        """Whether this call runs the whole UNet (else the outer `self.depth` blocks on the kept features); sets
+        the depth for this part of sampling and counts the call."""
+        t = float(torch.as_tensor(timesteps).max())
         since = self.calls - max(self.warmup - 1, 0)  # the last warm-up call counts as the first full one
-        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         if self.early_depth is not None:
-            depth = self.early_depth if float(timesteps.max()) > self.early_until_t + 1e-4 else self.late_depth
+            depth = self.early_depth if t > self.early_until_t + 1e-4 else self.late_depth
             if depth != self.depth:  # the kept features sit before a different block: refill them
                 self.depth, self.cached = depth, None
-        late = (self.late_interval is not None and self.late_from_t is not None
-                and float(timesteps.max()) <= self.late_from_t + 1e-4)
+        late = self.late_interval is not None and self.late_from_t is not None and t <= self.late_from_t + 1e-4
         every = (self.late_calls == 0 or self.since_full >= self.late_interval) if late else since % self.interval == 0
-        full = (self.calls < self.warmup or every or self.cached is None or self.cached.shape[0] != x.shape[0]
-                or (self.whole_from_t is not None and float(timesteps.max()) <= self.whole_from_t + 1e-4))
+        whole = (self.calls < self.warmup or every or self.cached is None or self.cached.shape[0] != batch
+                 or (self.whole_from_t is not None and t <= self.whole_from_t + 1e-4))
         self.calls += 1
         self.late_calls += late
-        self.since_full = 1 if full else self.since_full + 1
-        dtype = unet.dtype
-        emb = unet.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(dtype))
-        h, context = x.to(dtype), context.to(dtype)
-        n_out = len(unet.output_blocks)
-        inputs = unet.input_blocks if full else unet.input_blocks[: self.depth]
-        skips = []
-        for block in inputs:
-            h = block(h, emb, context)
-            skips.append(h)
-        if full:
-            self.full_calls += 1
-            h = unet.middle_block(h, emb, context)
-            first = 0
-        else:
-            h, first = self.cached, n_out - self.depth
-        for j in range(first, n_out):
-            if full and j == n_out - self.depth:
-                self.cached = h
-            h = torch.cat([h, skips.pop()], dim=1)
-            h = unet.output_blocks[j](h, emb, context, size=skips[-1].shape[-2:] if skips else None)
-        return unet.out(h).to(x.dtype)
+        self.since_full = 1 if whole else self.since_full + 1
+        return whole
 
 
 def load_tiny_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> TinyDecoder:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import plainsd
-from tests.reference import max_diff
+from tests.reference import max_diff, perturb
 
 TOL = 1e-4
 
@@ -45,6 +45,26 @@ def test_fractional_and_scalar_timesteps(tiny):
     a = tiny.unet(x, torch.tensor([500.0, 500.0]), ctx)
     assert torch.allclose(tiny.unet(x, 500, ctx), a)
     assert not torch.allclose(tiny.unet(x, 500.5, ctx), a)
+
+
+def test_the_steps_compose_to_forward_split_at_any_block():
+    """forward is embed_timesteps, the input blocks, the middle block, the output blocks and out; the output
+    blocks run in two parts from any block give the same bits (the cache point fast.DeepCacheUNet uses)."""
+    unet = perturb(plainsd.build("tiny", seed=0), 0).unet
+    x, t, ctx = torch.randn(2, 4, 9, 13), torch.tensor([10.0, 900.0]), torch.randn(2, 77, 128)  # 9x13: upsample to size
+    with torch.no_grad():
+        reference = unet(x, t, ctx)
+        emb = unet.embed_timesteps(t, 2)
+        skips = unet.run_input_blocks(x, emb, ctx)
+        assert len(skips) == len(unet.input_blocks) == len(unet.output_blocks)
+        assert all(torch.equal(a, b) for a, b in zip(unet.run_input_blocks(x, emb, ctx, stop=2), skips[:2]))
+        middle = unet.middle_block(skips[-1], emb, ctx)
+        assert torch.equal(unet.out(unet.run_output_blocks(middle, skips, emb, ctx)), reference)
+        for cut in range(len(unet.output_blocks) + 1):
+            h = unet.run_output_blocks(middle, skips, emb, ctx, stop=cut)
+            # from the cut on, only the skips of the first n - cut input blocks are read
+            h = unet.run_output_blocks(h, skips[: len(skips) - cut], emb, ctx, start=cut)
+            assert torch.equal(unet.out(h), reference), cut
 
 
 def test_bad_shapes_are_clear(tiny):

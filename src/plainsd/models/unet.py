@@ -195,18 +195,41 @@ class UNetModel(nn.Module):
             raise ValueError(f"the UNet takes [B, {cfg.in_channels}, h, w] latents, got {list(x.shape)}")
         if context.shape[-1] != cfg.context_dim:
             raise ValueError(f"the UNet reads text states of width {cfg.context_dim}, got {context.shape[-1]}")
-        if not torch.is_tensor(timesteps):
-            timesteps = torch.tensor(timesteps, device=x.device)
-        timesteps = timesteps.reshape(-1).expand(x.shape[0])
         dtype = self.dtype
-        emb = self.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(dtype))
-        h, context = x.to(dtype), context.to(dtype)
+        emb = self.embed_timesteps(timesteps, x.shape[0])
+        context = context.to(dtype)
+        skips = self.run_input_blocks(x.to(dtype), emb, context)
+        h = self.middle_block(skips[-1], emb, context)
+        h = self.run_output_blocks(h, skips, emb, context)
+        return self.out(h).to(x.dtype)
+
+    # The steps forward composes, public so that a caller can run part of the UNet (fast.DeepCacheUNet keeps the
+    # features entering a late output block and, on the calls in between, runs only the outer blocks around them).
+
+    def embed_timesteps(self, timesteps: torch.Tensor | float, batch: int) -> torch.Tensor:
+        """The timestep embedding [batch, 4 * model_channels] in the UNet's dtype; timesteps: one, or one per item."""
+        timesteps = torch.as_tensor(timesteps, device=self.out[2].bias.device).reshape(-1).expand(batch)
+        return self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(self.dtype))
+
+    def run_input_blocks(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                         stop: int | None = None) -> list[torch.Tensor]:
+        """The outputs of input blocks 0 .. stop - 1 (all when None), each fed the one before: the skip
+        connections, the last of them the features that go on down."""
         skips = []
-        for block in self.input_blocks:
+        for block in self.input_blocks[:stop]:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None)
-        return self.out(h).to(x.dtype)
+        return skips
+
+    def run_output_blocks(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, context: torch.Tensor,
+                          start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Output blocks start .. stop - 1 (to the last when None) on the features h entering block `start`.
+
+        Output block j mirrors input block i = n - 1 - j (n blocks each): it reads skips[i], input block i's
+        output, and where it upsamples, to the size of skips[i - 1]; so from `start` on it needs skips[: n - start]."""
+        n = len(self.output_blocks)
+        for j in range(start, n if stop is None else stop):
+            i = n - 1 - j
+            h = torch.cat([h, skips[i]], dim=1)
+            h = self.output_blocks[j](h, emb, context, size=skips[i - 1].shape[-2:] if i else None)
+        return h
