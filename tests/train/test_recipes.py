@@ -181,7 +181,7 @@ def test_hard_negative_batches_group_scenes_that_differ_in_one_attribute_and_mar
     import random
 
     from plainsd.train.data import Obj, Scene
-    from plainsd.train.recipes import clip_targets, fits, hard_negative_batch, hard_negative_scenes
+    from plainsd.train.data import clip_targets, fits, hard_negative_batch, hard_negative_scenes
 
     def scene(caption, stated, background="blue", **attrs):
         o = {"shape": "circle", "colour": "red", "size": "small", "position": "left", **attrs}
