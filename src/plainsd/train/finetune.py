@@ -31,7 +31,7 @@ from ..pnginfo import save_png
 from ..prompts import tokenize_chunks
 from ..weights import load, save
 from .data import FolderDataset, ShapesDataset
-from .loop import TrainConfig, _atomic_save, train
+from .loop import TrainConfig, atomic_save, train
 
 METHODS = ("dreambooth", "textual-inversion", "lora")
 CLASS_PROMPTS_SEED = 5  # class_prompts = "shapes": captions of this seed of the shapes world (not the held-out prompts')
@@ -210,7 +210,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> d
             meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(s["rank"]),
                     "ss_network_alpha": str(s["alpha"]), "ss_steps": str(step), "ss_base_model": sd.name,
                     "plainsd.finetune": json.dumps(dataclasses.asdict(cfg))}
-            _atomic_save(lora_mod.adapters_state(adapters), made, meta)
+            atomic_save(lora_mod.adapters_state(adapters), made, meta)
         else:
             sd.eval()
             save(sd, made, dtype=torch.float16)

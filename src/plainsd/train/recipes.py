@@ -39,7 +39,7 @@ from ..models.tokenizer import Tokenizer
 from ..models.vae import AutoencoderKL
 from ..weights import save
 from .data import ALL_SHAPES, SHAPES, VARY, FolderDataset, ShapesDataset, hard_negative_batch
-from .loop import TrainConfig, _atomic_save, train
+from .loop import TrainConfig, atomic_save, train
 
 # The small Stable Diffusion that plainsd trains and ships: same classes and layout as SD 1.x.
 # GroupNorm with one channel per group normalises away each channel's mean, and with it an image's
@@ -130,7 +130,7 @@ def train_vae(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
         state = {("first_stage_model." + k): v for k, v in weights.items()}
         scale = latent_scale(vae, weights, ds, cfg)
         meta = {"plainsd.vae_config": json.dumps(dataclasses.asdict(mc.vae)), "plainsd.scale_factor": str(scale)}
-        _atomic_save(state, out / "vae.safetensors", meta)
+        atomic_save(state, out / "vae.safetensors", meta)
 
     def sample(step, weights):
         x, _ = batch(ds, dataclasses.replace(cfg, batch_size=8, seed=cfg.seed + 999), 0, 0)
@@ -205,7 +205,7 @@ def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = T
         with _swapped(vae, weights):
             state = {("first_stage_model." + k): v for k, v in vae.state_dict().items()}
         meta = {"plainsd.vae_config": json.dumps(dataclasses.asdict(vae.config)), "plainsd.scale_factor": str(scale)}
-        _atomic_save(state, out / "vae.safetensors", meta)
+        atomic_save(state, out / "vae.safetensors", meta)
 
     def sample(step, weights):
         with _swapped(vae, weights), torch.no_grad():
@@ -290,7 +290,7 @@ def train_clip(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
         state["clip_logit_scale"] = weights["logit_scale"].reshape(1)
         meta = {"plainsd.text_config": json.dumps(dataclasses.asdict(mc.text)),
                 "plainsd.vision_config": json.dumps(dataclasses.asdict(vision_config(cfg)))}
-        _atomic_save(state, out / "clip.safetensors", meta)
+        atomic_save(state, out / "clip.safetensors", meta)
 
     return train(cfg, params, loss_fn, resume, None, export, progress)
 
@@ -524,7 +524,7 @@ def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -
 
     def export(step, weights):
         meta = {"plainsd.taesd_width": str(decoder.width), "plainsd.scale_factor": str(scale)}
-        _atomic_save({k: v.half() for k, v in weights.items()}, out / "taesd.safetensors", meta)
+        atomic_save({k: v.half() for k, v in weights.items()}, out / "taesd.safetensors", meta)
 
     def sample(step, weights):
         with _swapped(decoder, weights), torch.no_grad():

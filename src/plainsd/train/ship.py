@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from ..weights import DEFAULT_MODEL, load, save
+from .loop import atomic_write
 
 # What the plain command uses: the settings the evaluation measured.
 # Guidance for the first 60% of the steps only: on this model, guidance in the last, low-noise steps rounds
@@ -186,14 +186,11 @@ def main(argv=None):
     out = save(sd, args.out, dtype=torch.float16)
     params = sum(p.numel() for p in sd.parameters())
     text = card(facts, metrics, out.stat().st_size, params)
-    out.with_suffix(".md").write_text(text)
+    atomic_write(out.with_suffix(".md"), text)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB) and {out.with_suffix('.md')}")
     tiny = runs / "taesd" / "taesd.safetensors"
     if tiny.is_file():  # fast mode's decoder, found by plainsd.load next to the model
-        target = out.with_suffix(".taesd.safetensors")
-        tmp = target.with_name("." + target.name + ".tmp")
-        shutil.copyfile(tiny, tmp)
-        tmp.replace(target)
+        target = atomic_write(out.with_suffix(".taesd.safetensors"), tiny.read_bytes())
         print(f"wrote {target} ({target.stat().st_size / 2**20:.2f} MB)")
 
 
