@@ -32,6 +32,7 @@ from ..prompts import tokenize_chunks
 from ..weights import load, save
 from .data import FolderDataset, ShapesDataset
 from .loop import TrainConfig, atomic_save, train
+from .recipes import object_weights, sample_posterior
 
 METHODS = ("dreambooth", "textual-inversion", "lora")
 CLASS_PROMPTS_SEED = 5  # class_prompts = "shapes": captions of this seed of the shapes world (not the held-out prompts')
@@ -128,8 +129,6 @@ def _latents(sd, items, object_weight: float = 1.0) -> tuple:
     post = sd.vae.encode(images)
     weights = None
     if object_weight != 1:
-        from .recipes import object_weights
-
         weights = F.max_pool2d(object_weights(images, object_weight), images.shape[-1] // post.mean.shape[-1])
     return post.mean, post.std, [c for _, c in items], weights
 
@@ -191,7 +190,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> d
 
         def draw(mean, std, captions, weights):
             idx = [rng.randrange(len(captions)) for _ in range(cfg.batch_size)]
-            z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
+            z = sample_posterior(mean[idx], std[idx], g) * scale
             return z, [captions[i] for i in idx], None if weights is None else weights[idx]
         z, captions, w = draw(*inst)
         loss = training_loss(sd.unet, z, encode(captions), sd.config.prediction, generator=g, weights=w)

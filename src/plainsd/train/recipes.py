@@ -196,8 +196,7 @@ def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = T
         rng = random.Random(f"{cfg.seed}:{step}:{micro}")
         idx = [rng.randrange(len(images)) for _ in range(cfg.batch_size)]
         g = torch.Generator().manual_seed(step * 131 + micro)
-        mean, std = cache[0][idx], cache[1][idx]
-        z = noisy_latents(mean, std, g, latent_noise / scale)
+        z = sample_posterior(cache[0][idx], cache[1][idx], g, latent_noise / scale)
         weights = object_weights(images[idx], object_weight) if object_weight != 1 else None
         return weighted_l1(vae.decode(z).float(), images[idx], weights)
 
@@ -216,14 +215,23 @@ def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = T
     return train(cfg, trained, loss_fn, resume, sample, export, progress)
 
 
-def noisy_latents(mean: torch.Tensor, std: torch.Tensor, g: torch.Generator, max_noise: float = 0.0) -> torch.Tensor:
-    """A posterior sample (mean + std * e), plus Gaussian noise whose standard deviation is drawn per sample
-    uniformly from [0, max_noise] (in the latents' own units)."""
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor, g: torch.Generator, max_noise: float = 0.0) -> torch.Tensor:
+    """A sample of the VAE's posterior (mean + std * e) from cached means and stds, plus, for max_noise > 0,
+    Gaussian noise whose standard deviation is drawn per sample uniformly from [0, max_noise] (in the latents'
+    own units)."""
     z = mean + std * torch.randn(mean.shape, generator=g)
     if max_noise:
         sigma = torch.rand(len(mean), *[1] * (mean.dim() - 1), generator=g) * max_noise
         z = z + sigma * torch.randn(mean.shape, generator=g)
     return z
+
+
+def check_latent_scale(name: str, model_scale: float, vae_scale: float) -> None:
+    """Refuse a checkpoint (extra.`name`) whose latent scale is not extra.vae's: what it learned is for another
+    encoder's latents."""
+    if abs(model_scale - vae_scale) > 1e-4 * vae_scale:
+        raise ValueError(f"extra.{name}'s latent scale ({model_scale}) is not extra.vae's ({vae_scale}): "
+                         "they must share the VAE encoder")
 
 
 class _swapped:
@@ -347,9 +355,7 @@ def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
         from ..weights import load
 
         sd = load(init, dtype=torch.float32)
-        if abs(sd.config.scale_factor - scale) > 1e-4 * scale:
-            raise ValueError(f"extra.init's latent scale ({sd.config.scale_factor}) is not extra.vae's ({scale}): "
-                             "they must share the VAE encoder")
+        check_latent_scale("init", sd.config.scale_factor, scale)
         mc = sd.config
     else:
         text, _, _ = load_clip(clip_path)
@@ -380,8 +386,7 @@ def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
         if cache is not None:  # the frozen VAE's posteriors, computed once
             rng = random.Random(f"{cfg.seed}:{step}:{micro}")
             idx = [rng.randrange(len(cache[2])) for _ in range(cfg.batch_size)]
-            mean, std = cache[0][idx], cache[1][idx]
-            latents = (mean + std * torch.randn(mean.shape, generator=g)) * scale
+            latents = sample_posterior(cache[0][idx], cache[1][idx], g) * scale
             captions = [cache[2][i] for i in idx]
             weights = latent_weights[idx] if latent_weights is not None else None
         else:
@@ -493,9 +498,7 @@ def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -
         from ..weights import load
 
         sd = load(cfg.extra["model"]).eval()
-        if abs(sd.config.scale_factor - scale) > 1e-4 * scale:
-            raise ValueError(f"extra.model's latent scale ({sd.config.scale_factor}) is not extra.vae's ({scale}): "
-                             "they must share the VAE")
+        check_latent_scale("model", sd.config.scale_factor, scale)
         captions = [ds[len(ds) - 1 - i][1] for i in range(cfg.extra["generated"])]  # not the encoded images' captions
         generated = generated_latents(sd, captions, cfg.seed + 7, progress=progress)
         with torch.no_grad():
@@ -513,8 +516,7 @@ def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -
         n_gen = cfg.batch_size // 2 if generated is not None else 0
         idx = [rng.randrange(len(images)) for _ in range(cfg.batch_size - n_gen)]
         g = torch.Generator().manual_seed(step * 31 + micro)
-        mean, std = cache[0][idx], cache[1][idx]
-        latents = (mean + std * torch.randn(mean.shape, generator=g)) * scale
+        latents = sample_posterior(cache[0][idx], cache[1][idx], g) * scale
         target = (images[idx] + 1) / 2
         loss = weighted_l1(decoder(latents).float(), target, weights_of(target))
         if n_gen:
