@@ -16,7 +16,8 @@
          weights each sample's loss by Min-SNR-gamma (see diffusion.denoisers.training_loss).
 
 Each writes its networks into its run folder; the unet recipe writes the whole model as one original-
-layout checkpoint (model.safetensors) that plainsd.load reads.
+layout checkpoint (model.safetensors) that plainsd.load reads. A recipe's own settings (its config's "extra")
+are the dataclass above its function; settings(cfg) reads them for any recipe.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +43,7 @@ from ..models.vae import AutoencoderKL
 from ..weights import save
 from .data import ALL_SHAPES, SHAPES, VARY, FolderDataset, ShapesDataset, hard_negative_batch
 from .loop import TrainConfig, atomic_save, train
+from .settings import RecipeSettings
 
 # The small Stable Diffusion that plainsd trains and ships: same classes and layout as SD 1.x.
 # GroupNorm with one channel per group normalises away each channel's mean, and with it an image's
@@ -107,13 +111,19 @@ def _load_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 # --- 1. the autoencoder --------------------------------------------------------------------------------
 
+@dataclass
+class VAESettings(RecipeSettings):
+    recipe: ClassVar[str] = "vae"
+    kl_weight: float = 1e-6       # the KL term's weight (summed per sample, divided by the pixels, as latent diffusion)
+    object_weight: float = 1.0    # the objects' pixels weigh this many times the background's in the L1 (object_weights)
+
+
 def train_vae(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    s = VAESettings.from_extra(cfg.extra)
     mc = model_config(cfg)
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(mc.vae)
     ds = dataset(cfg, mc.resolution)
-    kl_weight = cfg.extra.get("kl_weight", 1e-6)
-    object_weight = float(cfg.extra.get("object_weight", 1.0))
     out = Path(cfg.out)
 
     def loss_fn(step, micro):
@@ -123,8 +133,8 @@ def train_vae(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
         recon = vae.decode(posterior.sample(g))
         # L1 per pixel (the objects' pixels weighted extra.object_weight times, see object_weights), plus the KL
         # summed per sample and scaled as latent diffusion does (per pixel).
-        weights = object_weights(x, object_weight) if object_weight != 1 else None
-        return weighted_l1(recon.float(), x, weights) + kl_weight * posterior.kl().float().mean() / x[0].numel()
+        weights = object_weights(x, s.object_weight) if s.object_weight != 1 else None
+        return weighted_l1(recon.float(), x, weights) + s.kl_weight * posterior.kl().float().mean() / x[0].numel()
 
     def export(step, weights):
         state = {("first_stage_model." + k): v for k, v in weights.items()}
@@ -162,6 +172,24 @@ def weighted_l1(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor 
     return ((pred - target).abs() * weights).sum() / (weights.sum() * pred.shape[1])
 
 
+@dataclass
+class VAEDecoderSettings(RecipeSettings):
+    recipe: ClassVar[str] = "vae-decoder"
+    vae: str | None = None        # the file the vae training wrote (required): its encoder stays, its decoder trains
+    latent_cache: int = 4096      # images whose posteriors are encoded once and trained on
+    object_weight: float = 1.0    # the objects' pixels weigh this many times the background's in the L1 (object_weights)
+    latent_noise: float = 0.0     # the most noise added to a sample's latents, in the UNet's units (see train_vae_decoder)
+
+    def check(self):
+        if not self.vae:
+            raise ValueError("the vae-decoder recipe needs extra.vae: the file the vae training wrote")
+        if self.latent_cache < 1:
+            raise ValueError(f"extra.latent_cache of the vae-decoder recipe must be at least 1 (it trains on cached "
+                             f"latents), not {self.latent_cache}")
+        if self.latent_noise < 0:
+            raise ValueError(f"extra.latent_noise must be >= 0 (a standard deviation in the UNet's units), not {self.latent_noise}")
+
+
 def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Fine-tune a trained VAE's decoder with its encoder frozen, as Stability's ft-EMA / ft-MSE VAEs did for SD:
     the latent space stays the same (a UNet trained on it needs no retraining), only the pictures drawn from
@@ -170,13 +198,10 @@ def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = T
 
     extra.latent_noise (default 0) adds Gaussian noise to each sample's latents, its standard deviation drawn
     uniformly from [0, latent_noise] in the UNet's units (latents times the scale factor, unit variance): the
-    decoder learns to draw the right picture from latents that are a little off, as a UNet's are. (Tried at 0.3
-    on the shapes world: clean round trips got worse and so did the UNet's pictures; the shipped recipes leave
-    it at 0.)"""
-    vae_path = cfg.extra.get("vae")
-    if not vae_path:
-        raise ValueError("the vae-decoder recipe needs extra.vae: the file the vae training wrote")
-    vae, scale = load_vae(vae_path)
+    decoder learns to draw the right picture from latents that are a little off, as a UNet's are. On the shapes
+    world it made clean round trips worse, and the UNet's pictures with them, so the shipped recipes leave it at 0."""
+    s = VAEDecoderSettings.from_extra(cfg.extra)
+    vae, scale = load_vae(s.vae)
     vae.requires_grad_(False)
     vae.decoder.requires_grad_(True)
     vae.post_quant_conv.requires_grad_(True)
@@ -184,20 +209,16 @@ def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = T
     ds = dataset(cfg, mc.resolution)
     out = Path(cfg.out)
     kept: list[torch.Tensor] = []
-    cache = _latent_cache(vae, ds, cfg.extra.get("latent_cache", 4096), progress, keep_images=kept)
+    cache = _latent_cache(vae, ds, s.latent_cache, progress, keep_images=kept)
     images = torch.cat(kept)
     trained = {k: p for k, p in _named(vae).items() if p.requires_grad}
-    object_weight = float(cfg.extra.get("object_weight", 1.0))
-    latent_noise = float(cfg.extra.get("latent_noise", 0.0))
-    if latent_noise < 0:
-        raise ValueError(f"extra.latent_noise must be >= 0 (a standard deviation in the UNet's units), not {latent_noise}")
 
     def loss_fn(step, micro):
         rng = random.Random(f"{cfg.seed}:{step}:{micro}")
         idx = [rng.randrange(len(images)) for _ in range(cfg.batch_size)]
         g = torch.Generator().manual_seed(step * 131 + micro)
-        z = sample_posterior(cache[0][idx], cache[1][idx], g, latent_noise / scale)
-        weights = object_weights(images[idx], object_weight) if object_weight != 1 else None
+        z = sample_posterior(cache[0][idx], cache[1][idx], g, s.latent_noise / scale)
+        weights = object_weights(images[idx], s.object_weight) if s.object_weight != 1 else None
         return weighted_l1(vae.decode(z).float(), images[idx], weights)
 
     def export(step, weights):
@@ -259,7 +280,22 @@ def latent_scale(vae: AutoencoderKL, weights: dict, ds, cfg: TrainConfig, n: int
 
 # --- 2. CLIP ------------------------------------------------------------------------------------------
 
+@dataclass
+class CLIPSettings(RecipeSettings):
+    recipe: ClassVar[str] = "clip"
+    hard_negatives: float = 0.0   # share of each batch filled with groups of scenes that differ in one attribute
+    group: int = 4                # scenes per hard-negative group: one, then variants of it
+    vary: tuple[str, ...] = VARY  # what a variant changes, drawn from this list (repeat one to weight it)
+
+    def check(self):
+        hard, group, vary = self.hard_negatives, self.group, self.vary
+        if hard and not (0 < hard <= 1 and group >= 2 and vary and set(vary) <= set(VARY)):
+            raise ValueError(f"extra.hard_negatives must be a fraction of the batch in (0, 1], extra.group at least 2 "
+                             f"and extra.vary a list of {', '.join(VARY)}; got {hard}, {group}, {list(vary)}")
+
+
 def train_clip(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    s = CLIPSettings.from_extra(cfg.extra)
     mc = model_config(cfg)
     torch.manual_seed(cfg.seed)
     text, vision = CLIPTextModel(mc.text), CLIPVisionModel(vision_config(cfg))
@@ -268,19 +304,13 @@ def train_clip(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
     ds = dataset(cfg, mc.resolution)
     out = Path(cfg.out)
     params = {**_named(text, "text."), **_named(vision, "vision."), "logit_scale": logit_scale}
-
-    hard, group = float(cfg.extra.get("hard_negatives", 0.0)), int(cfg.extra.get("group", 4))
-    vary = tuple(cfg.extra.get("vary", VARY))
-    if hard and not isinstance(ds, ShapesDataset):
+    if s.hard_negatives and not isinstance(ds, ShapesDataset):
         raise ValueError("extra.hard_negatives needs the shapes data (it draws variants of a scene); "
                          "leave it out for a folder of images")
-    if hard and not (0 < hard <= 1 and group >= 2 and vary and set(vary) <= set(VARY)):
-        raise ValueError(f"extra.hard_negatives must be a fraction of the batch in (0, 1], extra.group at least 2 "
-                         f"and extra.vary a list of {', '.join(VARY)}; got {hard}, {group}, {list(vary)}")
 
     def loss_fn(step, micro):
-        if hard:
-            images, captions, target = hard_negative_batch(ds, cfg, step, micro, hard, group, vary)
+        if s.hard_negatives:
+            images, captions, target = hard_negative_batch(ds, cfg, step, micro, s.hard_negatives, s.group, s.vary)
         else:
             images, captions = batch(ds, cfg, step, micro)
             target = torch.eye(len(captions))
@@ -340,45 +370,41 @@ SAMPLE_PROMPTS = ["a red circle on the left", "a large blue square", "a small ye
                   "an orange triangle"]
 
 
+@dataclass
+class UNetSettings(RecipeSettings):
+    recipe: ClassVar[str] = "unet"
+    vae: str | None = None        # the vae training's file (required): the frozen encoder whose latents the UNet learns
+    clip: str | None = None       # the clip training's file: the frozen text encoder (required unless init)
+    init: str | None = None       # a whole checkpoint to go on training (its UNet and text encoder), in place of clip
+    empty_caption: float = 0.1    # share of captions left empty, so that classifier-free guidance works
+    latent_cache: int = 0         # images whose posteriors are encoded once and trained on; 0: encode every batch
+    object_weight: float = 1.0    # the latent pixels an object touches weigh this much in the loss (needs latent_cache)
+    snr_gamma: float | None = None  # Min-SNR-gamma loss weights (diffusion.denoisers.training_loss); None: plain MSE
+    fp16: bool = True             # export model.safetensors in float16
+
+    def check(self):
+        gamma = self.snr_gamma
+        if gamma is not None and gamma <= 0:
+            raise ValueError(f"extra.snr_gamma must be a positive number (5 is the usual value), got {gamma!r}")
+        if not self.vae or not (self.clip or self.init):
+            raise ValueError("the unet recipe needs extra.vae and extra.clip: the files the vae and clip trainings "
+                             "wrote (or extra.init, a whole checkpoint to go on training, in place of extra.clip)")
+        if self.object_weight != 1 and not self.latent_cache:
+            raise ValueError("extra.object_weight in the unet recipe needs extra.latent_cache")
+
+
 def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    mc = model_config(cfg)
-    snr_gamma = cfg.extra.get("snr_gamma")
-    if snr_gamma is not None and (isinstance(snr_gamma, bool) or not isinstance(snr_gamma, (int, float)) or snr_gamma <= 0):
-        raise ValueError(f"extra.snr_gamma must be a positive number (5 is the usual value), got {snr_gamma!r}")
-    vae_path, clip_path, init = cfg.extra.get("vae"), cfg.extra.get("clip"), cfg.extra.get("init")
-    if not vae_path or not (clip_path or init):
-        raise ValueError("the unet recipe needs extra.vae and extra.clip: the files the vae and clip trainings wrote "
-                         "(or extra.init, a whole checkpoint to go on training, in place of extra.clip)")
-    vae, scale = load_vae(vae_path)
-    torch.manual_seed(cfg.seed)
-    if init:  # go on training a whole checkpoint's UNet, with its text encoder
-        from ..weights import load
-
-        sd = load(init, dtype=torch.float32)
-        check_latent_scale("init", sd.config.scale_factor, scale)
-        mc = sd.config
-    else:
-        text, _, _ = load_clip(clip_path)
-        mc = dataclasses.replace(mc, vae=vae.config, text=text.config, scale_factor=scale)
-        sd = StableDiffusion(mc)
-        sd.text_encoder.load_state_dict(text.state_dict())
-    sd.vae.load_state_dict(vae.state_dict())
-    sd.unet.requires_grad_(True)  # (a loaded checkpoint comes frozen, for inference)
-    sd.vae.requires_grad_(False)
-    sd.text_encoder.requires_grad_(False)
+    s = UNetSettings.from_extra(cfg.extra)
+    sd, scale = _unet_model(cfg, s)
+    mc = sd.config
     ds = dataset(cfg, mc.resolution)
-    empty = cfg.extra.get("empty_caption", 0.1)
     out = Path(cfg.out)
-
-    object_weight = float(cfg.extra.get("object_weight", 1.0))
-    kept: list[torch.Tensor] | None = [] if object_weight != 1 else None
-    cache = _latent_cache(sd.vae, ds, cfg.extra.get("latent_cache", 0), progress, keep_images=kept)
+    kept: list[torch.Tensor] | None = [] if s.object_weight != 1 else None
+    cache = _latent_cache(sd.vae, ds, s.latent_cache, progress, keep_images=kept)
     latent_weights = None
     if kept is not None:  # the objects' latent pixels (any the object touches) weigh object_weight in the loss
-        if cache is None:
-            raise ValueError("extra.object_weight in the unet recipe needs extra.latent_cache")
         f = mc.resolution // cache[0].shape[-1]
-        latent_weights = torch.cat([F.max_pool2d(object_weights(im, object_weight), f) for im in kept])
+        latent_weights = torch.cat([F.max_pool2d(object_weights(im, s.object_weight), f) for im in kept])
         del kept
 
     def loss_fn(step, micro):
@@ -395,15 +421,15 @@ def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
             with torch.no_grad():
                 latents = sd.vae.encode(images).sample(g) * scale
         rng = random.Random(f"empty:{cfg.seed}:{step}:{micro}")
-        captions = ["" if rng.random() < empty else c for c in captions]
+        captions = ["" if rng.random() < s.empty_caption else c for c in captions]
         with torch.no_grad():
             context = sd.text_encoder(sd.tokenizer(captions))
         return training_loss(sd.unet, latents, context, mc.prediction, generator=g, weights=weights,
-                             snr_gamma=snr_gamma)
+                             snr_gamma=s.snr_gamma)
 
     def export(step, weights):
         with _swapped(sd.unet, {k[5:]: v for k, v in weights.items()}):
-            save(sd, out / "model.safetensors", dtype=torch.float16 if cfg.extra.get("fp16", True) else None)
+            save(sd, out / "model.safetensors", dtype=torch.float16 if s.fp16 else None)
 
     def sample(step, weights):
         from ..pipeline import txt2img  # the public API, as a user would call it
@@ -417,6 +443,28 @@ def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
 
     sd.unet.train()
     return train(cfg, _named(sd.unet, "unet."), loss_fn, resume, sample, export, progress)
+
+
+def _unet_model(cfg: TrainConfig, s: UNetSettings) -> tuple[StableDiffusion, float]:
+    """The model whose UNet the unet recipe trains, and the latent scale: a new UNet beside the trained VAE and
+    CLIP text tower, or a whole checkpoint's (extra.init) to go on training; only the UNet is trainable."""
+    vae, scale = load_vae(s.vae)
+    torch.manual_seed(cfg.seed)
+    if s.init:  # go on training a whole checkpoint's UNet, with its text encoder
+        from ..weights import load
+
+        sd = load(s.init, dtype=torch.float32)
+        check_latent_scale("init", sd.config.scale_factor, scale)
+    else:
+        text, _, _ = load_clip(s.clip)
+        mc = dataclasses.replace(model_config(cfg), vae=vae.config, text=text.config, scale_factor=scale)
+        sd = StableDiffusion(mc)
+        sd.text_encoder.load_state_dict(text.state_dict())
+    sd.vae.load_state_dict(vae.state_dict())
+    sd.unet.requires_grad_(True)  # (a loaded checkpoint comes frozen, for inference)
+    sd.vae.requires_grad_(False)
+    sd.text_encoder.requires_grad_(False)
+    return sd, scale
 
 
 @torch.no_grad()
@@ -468,6 +516,26 @@ def generated_latents(sd: StableDiffusion, captions: list[str], seed: int, steps
     return torch.cat(out)
 
 
+@dataclass
+class TAESDSettings(RecipeSettings):
+    recipe: ClassVar[str] = "taesd"
+    vae: str | None = None        # the VAE (or whole checkpoint) whose encoder's latents the decoder learns (required)
+    width: int = 64               # the tiny decoder's channels
+    latent_cache: int = 4096      # images whose posteriors are encoded once and trained on
+    model: str | None = None      # a whole checkpoint with this VAE, whose sampler draws the generated latents
+    generated: int = 0            # captions the model draws latents for: half of each batch (0: none)
+    object_weight: float = 1.0    # the objects' pixels weigh this many times the background's in the L1 (object_weights)
+
+    def check(self):
+        if not self.vae:
+            raise ValueError("the taesd recipe needs extra.vae: the file the vae training wrote")
+        if self.latent_cache < 1:
+            raise ValueError(f"extra.latent_cache of the taesd recipe must be at least 1 (it trains on cached "
+                             f"latents), not {self.latent_cache}")
+        if self.generated and not self.model:
+            raise ValueError("extra.generated needs extra.model: the checkpoint whose sampler makes the latents")
+
+
 def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Fast mode's tiny decoder (TAESD's architecture) for a trained VAE: from the VAE encoder's latents,
     as the UNet sees them (times the scale factor), back to the images, in [0, 1]; L1 loss.
@@ -479,37 +547,20 @@ def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -
     extra.object_weight weights the objects' pixels as in the vae-decoder recipe."""
     from ..models.taesd import TinyDecoder
 
-    vae_path = cfg.extra.get("vae")
-    if not vae_path:
-        raise ValueError("the taesd recipe needs extra.vae: the file the vae training wrote")
-    vae, scale = load_vae(vae_path)
+    s = TAESDSettings.from_extra(cfg.extra)
+    vae, scale = load_vae(s.vae)
     vae.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    decoder = TinyDecoder(vae.config.z_channels, cfg.extra.get("width", 64))
+    decoder = TinyDecoder(vae.config.z_channels, s.width)
     ds = dataset(cfg, model_config(cfg).resolution)
     out = Path(cfg.out)
     kept: list[torch.Tensor] = []
-    cache = _latent_cache(vae, ds, cfg.extra.get("latent_cache", 4096), progress, keep_images=kept)
+    cache = _latent_cache(vae, ds, s.latent_cache, progress, keep_images=kept)
     images = torch.cat(kept)
-    generated = targets = None
-    if cfg.extra.get("generated"):
-        if not cfg.extra.get("model"):
-            raise ValueError("extra.generated needs extra.model: the checkpoint whose sampler makes the latents")
-        from ..weights import load
-
-        sd = load(cfg.extra["model"]).eval()
-        check_latent_scale("model", sd.config.scale_factor, scale)
-        captions = [ds[len(ds) - 1 - i][1] for i in range(cfg.extra["generated"])]  # not the encoded images' captions
-        generated = generated_latents(sd, captions, cfg.seed + 7, progress=progress)
-        with torch.no_grad():
-            targets = torch.cat([(vae.decode(z / scale).clamp(-1, 1) + 1) / 2
-                                 for z in generated.split(64)])
-        del sd
-
-    object_weight = float(cfg.extra.get("object_weight", 1.0))
+    generated, targets = _generated_pairs(s, vae, scale, ds, cfg.seed + 7, progress) if s.generated else (None, None)
 
     def weights_of(pictures):  # pictures in [0, 1]
-        return object_weights(pictures * 2 - 1, object_weight) if object_weight != 1 else None
+        return object_weights(pictures * 2 - 1, s.object_weight) if s.object_weight != 1 else None
 
     def loss_fn(step, micro):
         rng = random.Random(f"{cfg.seed}:{step}:{micro}")
@@ -537,5 +588,29 @@ def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -
     return train(cfg, _named(decoder), loss_fn, resume, sample, export, progress)
 
 
+def _generated_pairs(s: TAESDSettings, vae: AutoencoderKL, scale: float, ds, seed: int,
+                     progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The taesd recipe's generated half: latents extra.model's sampler draws for extra.generated captions (not
+    the encoded images' captions), and the VAE decoder's pictures of them in [0, 1] as the targets."""
+    from ..weights import load
+
+    sd = load(s.model).eval()
+    check_latent_scale("model", sd.config.scale_factor, scale)
+    captions = [ds[len(ds) - 1 - i][1] for i in range(s.generated)]
+    generated = generated_latents(sd, captions, seed, progress=progress)
+    with torch.no_grad():
+        targets = torch.cat([(vae.decode(z / scale).clamp(-1, 1) + 1) / 2 for z in generated.split(64)])
+    return generated, targets
+
+
+def settings(cfg: TrainConfig) -> RecipeSettings:
+    """The settings of cfg's recipe, read from cfg.extra (fine-tunings: finetune.settings)."""
+    if cfg.network not in SETTINGS:
+        raise ValueError(f"unknown recipe {cfg.network!r}; known: {', '.join(SETTINGS)}")
+    return SETTINGS[cfg.network].from_extra(cfg.extra)
+
+
 RECIPES = {"vae": train_vae, "vae-decoder": train_vae_decoder, "clip": train_clip, "unet": train_unet,
            "taesd": train_taesd}
+SETTINGS = {"vae": VAESettings, "vae-decoder": VAEDecoderSettings, "clip": CLIPSettings, "unet": UNetSettings,
+            "taesd": TAESDSettings}
