@@ -29,9 +29,8 @@ test: $(VENV)/.test
 # frozen encoder with the objects weighted more (vae-decoder-objects; same encoder, so the UNet trains on the VAE
 # run's latents), the UNet, the UNet again with the objects' latent pixels weighted (unet-objects) and the tiny
 # decoder one after the other, then the evaluation (with the card's recommended guidance cut-off, 0.6) and the
-# shipped file with its card. One timed run on the 2-core machine (2026-12-03): 77 min for the three networks,
-# 100 min in all; its model meets the README's targets but draws worse than the shipped one (91% against 97%
-# colour and shape), so read the README before committing what this writes.
+# shipped file with its card. A retrained model can meet the README's targets and still draw worse than the
+# shipped one, so compare its card's evaluation with the shipped card's before committing what this writes.
 model: $(VENV)/.run
 	mkdir -p runs
 	$(VENV)/bin/plainsd train clip --quiet > runs/clip.log 2>&1

@@ -437,7 +437,7 @@ def _train(args) -> int:
     import torch
 
     from plainsd.train.loop import TrainConfig
-    from plainsd.train.recipes import RECIPES
+    from plainsd.train.recipes import RECIPES, settings
 
     recipes = Path(__file__).parent / "data" / "recipes"
     config = args.config or str(recipes / f"{args.network}.json")
@@ -446,6 +446,7 @@ def _train(args) -> int:
     cfg = TrainConfig.from_file(config, out=args.out, steps=args.steps)
     if cfg.network != args.network:
         raise ValueError(f"{config} is a {cfg.network} config, not a {args.network} one")
+    settings(cfg)  # unknown or misspelt settings are reported before anything is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
     result = RECIPES[args.network](cfg, resume=args.resume, progress=not args.quiet)

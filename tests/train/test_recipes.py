@@ -12,7 +12,7 @@ from plainsd.train.data import BACKGROUNDS, ShapesDataset
 from plainsd.pipeline import txt2img
 from plainsd.train.loop import TrainConfig
 from plainsd.fast import load_tiny_decoder
-from plainsd.train.recipes import generated_latents, noisy_latents, object_weights, weighted_l1, load_clip, load_vae, train_clip, train_taesd, train_unet, train_vae, train_vae_decoder
+from plainsd.train.recipes import generated_latents, sample_posterior, object_weights, weighted_l1, load_clip, load_vae, train_clip, train_taesd, train_unet, train_vae, train_vae_decoder
 
 TINY = {"text": {"width": 64, "layers": 2, "heads": 1, "projection_dim": 32},
         "vae": {"ch": 16, "ch_mult": [1, 1, 1, 2], "num_res_blocks": 1, "norm_groups": 8},
@@ -181,7 +181,7 @@ def test_hard_negative_batches_group_scenes_that_differ_in_one_attribute_and_mar
     import random
 
     from plainsd.train.data import Obj, Scene
-    from plainsd.train.recipes import clip_targets, fits, hard_negative_batch, hard_negative_scenes
+    from plainsd.train.data import clip_targets, fits, hard_negative_batch, hard_negative_scenes
 
     def scene(caption, stated, background="blue", **attrs):
         o = {"shape": "circle", "colour": "red", "size": "small", "position": "left", **attrs}
@@ -248,11 +248,11 @@ def test_the_vae_recipe_weights_the_objects_pixels_when_asked(tmp_path):
     assert abs(loss - float(weighted_l1(recon, x))) > 1e-3  # and that is not the plain L1
 
 
-def test_noisy_latents_draw_a_noise_level_per_sample():
+def test_posterior_samples_with_noise_draw_a_noise_level_per_sample():
     g = torch.Generator().manual_seed(0)
     mean, std = torch.full((4000, 4, 8, 8), 0.5), torch.zeros(4000, 4, 8, 8)
-    assert torch.equal(noisy_latents(mean, std, g), mean)  # no noise asked, no posterior spread: the mean
-    added = noisy_latents(mean, std, g, 0.3) - mean
+    assert torch.equal(sample_posterior(mean, std, g), mean)  # no noise asked, no posterior spread: the mean
+    added = sample_posterior(mean, std, g, 0.3) - mean
     per_sample = added.std(dim=(1, 2, 3))
     assert float(per_sample.max()) < 0.3 * 1.2 and float(per_sample.min()) < 0.02  # levels spread over [0, 0.3]
     # the uniform level's mean square is 0.3**2 / 3, so the added noise's overall std is 0.3 / sqrt(3)

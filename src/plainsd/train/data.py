@@ -5,17 +5,28 @@ Captions vary in phrasing and sometimes leave an attribute out, so that an unspe
 sampled rather than fixed. The heart and the star are known to the generator and the judge but left out of
 the base model's data (HELD_OUT), for the fine-tuning recipes to teach: the heart, because large ones survive
 the shipped VAE's round trip, where the star's thin points come back as a blob.
+
+For CLIP, hard negatives: groups of scenes that differ in one attribute, and which caption fits which image.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import torch
 from PIL import Image, ImageDraw
+
+from ..images import to_tensor
+
+if TYPE_CHECKING:
+    from .loop import TrainConfig
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 220, 40),
@@ -252,3 +263,55 @@ class FolderDataset:
         except OSError as e:
             raise ValueError(f"cannot read image {path}: {e}") from None
         return ImageOps.fit(image, (self.size, self.size), Image.LANCZOS), text, None
+
+
+# --- hard negatives for CLIP ------------------------------------------------------------------------
+
+def fits(caption_scene: Scene, image_scene: Scene) -> bool:
+    """Whether an image shows everything a single-object caption states (the background only if named)."""
+    if len(caption_scene.objects) != 1 or len(image_scene.objects) != 1:
+        return caption_scene == image_scene
+    a, b = caption_scene.objects[0], image_scene.objects[0]
+    if any(getattr(a, k) != getattr(b, k) for k in caption_scene.stated[0] | {"shape"}):
+        return False
+    said_bg = re.search(rf"\b{caption_scene.background}\b", caption_scene.caption) is not None
+    return not said_bg or caption_scene.background == image_scene.background
+
+
+VARY = ("shape", "size", "position")  # what hard negatives may change (a list may repeat one to weight it)
+
+
+def hard_negative_scenes(ds: ShapesDataset, rng: random.Random, groups: int, group: int, vary=VARY) -> list[Scene]:
+    """`groups` groups of `group` single-object scenes: a random one, then variants of it that each differ in one
+    attribute (drawn from `vary`), captioned anew with the same stated attributes."""
+    scenes = []
+    for _ in range(groups):
+        base = random_scene(rng, ds.shapes, two_objects=0.0, sizes=ds.sizes)
+        o = base.objects[0]
+        scenes.append(base)
+        for _ in range(group - 1):
+            what = rng.choice(vary)
+            choices = {"shape": ds.shapes, "size": ds.sizes, "position": tuple(POSITIONS)}[what]
+            value = rng.choice([c for c in choices if c != getattr(o, what)])
+            v = Scene([dataclasses.replace(o, **{what: value})], base.background, stated=[set(base.stated[0])])
+            v.caption = caption(v, rng)
+            scenes.append(v)
+    return scenes
+
+
+def hard_negative_batch(ds: ShapesDataset, cfg: TrainConfig, step: int, micro: int, fraction: float, group: int,
+                        vary=VARY):
+    """A CLIP batch in which `fraction` of the pairs are hard_negative_scenes, so that the towers must tell apart
+    shapes and sizes, not only the colours that random batches already separate; the rest are random scenes.
+    Returns images, captions and the 0/1 matrix of which caption fits which image (a caption that leaves the
+    size out fits both sizes). A pure function of (seed, step, micro)."""
+    rng = random.Random(f"{cfg.seed}:{step}:{micro}:hard")
+    scenes = hard_negative_scenes(ds, rng, int(cfg.batch_size * fraction) // group, group, vary)
+    scenes += [ds.scene(rng.randrange(len(ds))) for _ in range(cfg.batch_size - len(scenes))]
+    images = torch.cat([to_tensor(render(s, ds.size)) for s in scenes])
+    return images, [s.caption for s in scenes], clip_targets(scenes)
+
+
+def clip_targets(scenes: list[Scene]) -> torch.Tensor:
+    """[i, j] = 1 where scene i's caption fits scene j's image (always on the diagonal), else 0."""
+    return torch.tensor([[float(i == j or fits(a, b)) for j, b in enumerate(scenes)] for i, a in enumerate(scenes)])

@@ -7,10 +7,10 @@ All three minimise the same denoising loss as the base training, on the instance
 - textual-inversion (Gal et al. 2022): only new token vectors, initialised from a word; the model is untouched;
 - lora (Hu et al. 2021): low-rank adapters beside the attention projections; saved in kohya's format.
 
-The settings live in TrainConfig.extra (see FINETUNE_DEFAULTS); the data is a folder of images with captions
-(data.kind = "folder"), or, for the proof on the shipped model, renders of the shapes world
-(data.kind = "shapes" with data.shapes = ["heart"], a shape the base model never saw; data.sizes = ["large"]
-because the 8x8x4 latent of a 64-px image cannot hold a small one).
+The settings live in TrainConfig.extra, read into the method's settings class below (settings(cfg)); the data is
+a folder of images with captions (data.kind = "folder"), or, for the proof on the shipped model, renders of the
+shapes world (data.kind = "shapes" with data.shapes = ["heart"], a shape the base model never saw;
+data.sizes = ["large"] because the 8x8x4 latent of a 64-px image cannot hold a small one).
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,50 +33,75 @@ from ..pnginfo import save_png
 from ..prompts import tokenize_chunks
 from ..weights import load, save
 from .data import FolderDataset, ShapesDataset
-from .loop import TrainConfig, _atomic_save, train
+from .loop import TrainConfig, atomic_save, train
+from .recipes import object_weights, sample_posterior
+from .settings import RecipeSettings
 
-METHODS = ("dreambooth", "textual-inversion", "lora")
 CLASS_PROMPTS_SEED = 5  # class_prompts = "shapes": captions of this seed of the shapes world (not the held-out prompts')
 
-FINETUNE_DEFAULTS = {
-    "model": None,                 # the base checkpoint; None: the shipped model
-    "instance_prompt": None,       # one caption for every instance image (e.g. "a sks heart"); None: the captions
-    "class_prompts": [],           # prior preservation (dreambooth): what the base model draws as class images;
-                                   # "shapes": one caption of the shapes world per class image
-    "num_class_images": 64,
-    "prior_weight": 1.0,
-    "train_text_encoder": False,   # dreambooth and lora
-    "token": "sks-heart",          # textual inversion: the embedding's name, written in prompts
-    "init_word": "shape",          # textual inversion: the vectors start as this word's
-    "vectors": 1,                  # textual inversion: vectors per token
-    "rank": 4,                     # lora
-    "alpha": 4.0,                  # lora
-    "validation_prompts": [],      # drawn into samples/ every sample_every steps
-    "num_instance_images": 12,     # data.kind = shapes: how many renders
-    "object_weight": 1.0,          # weight of the latent pixels objects touch in the loss (as the unet-objects
-                                   # recipe trained the shipped UNet); 1: the plain loss
-}
+
+@dataclass
+class FinetuneSettings(RecipeSettings):
+    """What every fine-tuning method reads from extra."""
+    model: str | None = None            # the base checkpoint; None: the shipped model
+    instance_prompt: str | None = None  # one caption for every instance image (e.g. "a sks heart"); None: the captions
+    validation_prompts: list[str] = field(default_factory=list)  # drawn into samples/ every sample_every steps
+    num_instance_images: int = 12       # data.kind = shapes: how many renders
+    object_weight: float = 1.0          # weight of the latent pixels objects touch in the loss (as the unet-objects
+                                        # recipe trained the shipped UNet); 1: the plain loss
 
 
-def output_name(method: str, token: str = FINETUNE_DEFAULTS["token"]) -> str:
+@dataclass
+class DreamBoothSettings(FinetuneSettings):
+    recipe: ClassVar[str] = "dreambooth"
+    class_prompts: list[str] | str = field(default_factory=list)  # prior preservation: what the base model draws as
+                                        # class images; "shapes": one caption of the shapes world per class image
+    num_class_images: int = 64          # class images drawn (0: no prior preservation)
+    prior_weight: float = 1.0           # weight of the class images' loss
+    train_text_encoder: bool = False    # train the text encoder too
+
+
+@dataclass
+class TextualInversionSettings(FinetuneSettings):
+    recipe: ClassVar[str] = "textual-inversion"
+    token: str = "sks-heart"            # the embedding's name, written in prompts
+    init_word: str = "shape"            # the vectors start as this word's
+    vectors: int = 1                    # vectors per token
+
+
+@dataclass
+class LoRASettings(FinetuneSettings):
+    recipe: ClassVar[str] = "lora"
+    rank: int = 4                       # the adapters' rank
+    alpha: float = 4.0                  # the update is scaled by alpha / rank
+    train_text_encoder: bool = False    # adapters on the text encoder too
+
+
+SETTINGS = {"dreambooth": DreamBoothSettings, "textual-inversion": TextualInversionSettings, "lora": LoRASettings}
+METHODS = tuple(SETTINGS)
+
+
+def settings(cfg: TrainConfig) -> FinetuneSettings:
+    """The settings of cfg's fine-tuning method, read from cfg.extra."""
+    if cfg.network not in SETTINGS:
+        raise ValueError(f"unknown fine-tuning method {cfg.network!r}; known: {', '.join(METHODS)}")
+    return SETTINGS[cfg.network].from_extra(cfg.extra)
+
+
+def output_name(method: str, token: str = TextualInversionSettings.token) -> str:
     """The file a fine-tuning writes into its run folder (textual inversion: named after its token)."""
     return {"dreambooth": "model.safetensors", "lora": "lora.safetensors",
             "textual-inversion": f"{token}.safetensors"}[method]
 
 
-def settings(cfg: TrainConfig) -> dict:
-    unknown = set(cfg.extra) - set(FINETUNE_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown fine-tuning settings {sorted(unknown)}; known: {', '.join(FINETUNE_DEFAULTS)}")
-    s = {**FINETUNE_DEFAULTS, **cfg.extra}
-    if s["class_prompts"] == "shapes":  # the base model's own world: varied captions of its training data's kind
-        s["class_prompts"] = [ShapesDataset(seed=CLASS_PROMPTS_SEED).scene(i).caption for i in range(s["num_class_images"])]
-    if isinstance(s["class_prompts"], str):
-        s["class_prompts"] = [s["class_prompts"]]
-    return s
+def class_prompts(s: DreamBoothSettings) -> list[str]:
+    """The class prompts as a list ("shapes": varied captions of the base model's own world)."""
+    if s.class_prompts == "shapes":
+        return [ShapesDataset(seed=CLASS_PROMPTS_SEED).scene(i).caption for i in range(s.num_class_images)]
+    return [s.class_prompts] if isinstance(s.class_prompts, str) else list(s.class_prompts)
 
 
-def instance_data(cfg: TrainConfig, s: dict, size: int) -> list[tuple]:
+def instance_data(cfg: TrainConfig, s: FinetuneSettings, size: int) -> list[tuple]:
     """[(PIL image, caption)] of the instance images."""
     data = dict(cfg.data)
     kind = data.get("kind", "folder")
@@ -86,19 +113,20 @@ def instance_data(cfg: TrainConfig, s: dict, size: int) -> list[tuple]:
     elif kind == "shapes":
         ds = ShapesDataset(seed=data.get("seed", 77), size=size, shapes=tuple(data.get("shapes", ["heart"])),
                            two_objects=0.0, sizes=tuple(data.get("sizes", ["small", "large"])))
-        items = [ds[i][:2] for i in range(s["num_instance_images"])]
+        items = [ds[i][:2] for i in range(s.num_instance_images)]
     else:
         raise ValueError(f"unknown data kind {kind!r}; known: folder, shapes")
-    if s["instance_prompt"]:
-        items = [(image, s["instance_prompt"]) for image, _ in items]
+    if s.instance_prompt:
+        items = [(image, s.instance_prompt) for image, _ in items]
     elif not all(c for _, c in items):
         raise ValueError("some instance images have no caption: give them .txt captions or set instance_prompt")
     return items
 
 
-def class_data(sd, s: dict, out: Path, progress: bool) -> list[tuple]:
+def class_data(sd, s: DreamBoothSettings, out: Path, progress: bool) -> list[tuple]:
     """The base model's own pictures for the class prompts, drawn once and cached in out/class_images."""
-    if not s["class_prompts"] or not s["num_class_images"]:
+    prompts = class_prompts(s)
+    if not prompts or not s.num_class_images:
         return []
     from PIL import Image
 
@@ -107,14 +135,14 @@ def class_data(sd, s: dict, out: Path, progress: bool) -> list[tuple]:
     folder = out / "class_images"
     folder.mkdir(parents=True, exist_ok=True)
     items = []
-    for i in range(s["num_class_images"]):
-        prompt = s["class_prompts"][i % len(s["class_prompts"])]
+    for i in range(s.num_class_images):
+        prompt = prompts[i % len(prompts)]
         path = folder / f"{i:04d}.png"
         if not path.is_file():  # a resumed run reuses what was drawn
             result = txt2img(sd, prompt, seed=10_000 + i)
             save_png(result.images[0], path, result.infotexts[0])
             if progress:
-                print(f"\rclass images {i + 1}/{s['num_class_images']}", end="", flush=True)
+                print(f"\rclass images {i + 1}/{s.num_class_images}", end="", flush=True)
         items.append((Image.open(path).convert("RGB"), prompt))
     if progress:
         print()
@@ -128,62 +156,71 @@ def _latents(sd, items, object_weight: float = 1.0) -> tuple:
     post = sd.vae.encode(images)
     weights = None
     if object_weight != 1:
-        from .recipes import object_weights
-
         weights = F.max_pool2d(object_weights(images, object_weight), images.shape[-1] // post.mean.shape[-1])
     return post.mean, post.std, [c for _, c in items], weights
 
 
-def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    method = cfg.network
-    if method not in METHODS:
-        raise ValueError(f"unknown fine-tuning method {method!r}; known: {', '.join(METHODS)}")
-    s = settings(cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    sd = load(s["model"]).float()
-    sd.requires_grad_(False)
-    scale = sd.config.scale_factor
-    instances = instance_data(cfg, s, sd.config.resolution)
-    inst = _latents(sd, instances, s["object_weight"])
-    prior = class_data(sd, s, out, progress) if method == "dreambooth" else []
-    cls = _latents(sd, prior, s["object_weight"]) if prior else None
+@dataclass
+class Trainable:
+    """What a fine-tuning method trains, and what the text encoder needs to encode captions with it."""
+    params: dict[str, torch.nn.Parameter]      # what the optimizer moves, by name
+    grad_text: bool = False                    # whether gradients flow through the text encoder
+    vectors: torch.nn.Parameter | None = None  # textual inversion: the new token's vectors
+    embeddings: EmbeddingSet | None = None     # textual inversion: the set that puts them in prompts
+    adapters: dict | None = None               # lora: the adapters hooked onto the model
 
-    # What is trained, and how captions become text states.
-    extra_vectors = None
-    embset = None
-    if method == "textual-inversion":
-        width = sd.config.text.width
-        init_ids = sd.tokenizer.encode(s["init_word"]) or sd.tokenizer.encode("shape")
-        table = sd.text_encoder.text_model.embeddings.token_embedding.weight
-        init = torch.stack([table[init_ids[i % len(init_ids)]] for i in range(s["vectors"])]).float()
-        extra_vectors = torch.nn.Parameter(init.clone())
-        embset = EmbeddingSet([Embedding(s["token"], init)], sd.tokenizer, width, sd.config.text.vocab_size)
-        if not embset.names:
-            raise ValueError(f"token {s['token']!r} has no text to write in prompts")
-        vocab = sd.config.text.vocab_size
-        if not any(i >= vocab for c in inst[2] for chunk in tokenize_chunks(sd.tokenizer, c, embset) for i in chunk[0]):
-            raise ValueError(f"the captions never mention the token {s['token']!r}; set instance_prompt, "
-                             f"e.g. 'a {s['token']}'")
-        params = {"emb": extra_vectors}
-    elif method == "lora":
-        adapters = lora_mod.attach(sd, rank=s["rank"], alpha=s["alpha"], text_encoder=s["train_text_encoder"])
+
+def trainable(sd, s: FinetuneSettings, captions: list[str]) -> Trainable:
+    """Make the model's trainable part for the method: new token vectors, LoRA adapters, or the UNet itself."""
+    if isinstance(s, TextualInversionSettings):
+        return _token_vectors(sd, s, captions)
+    if isinstance(s, LoRASettings):
+        adapters = lora_mod.attach(sd, rank=s.rank, alpha=s.alpha, text_encoder=s.train_text_encoder)
         params = {f"{k}.{n}": p for k, a in adapters.items() for n, p in a.named_parameters()}
         for p in params.values():
             p.requires_grad_(True)
-    else:
-        sd.unet.requires_grad_(True)
-        params = {"unet." + k: p for k, p in sd.unet.named_parameters()}
-        if s["train_text_encoder"]:
-            sd.text_encoder.requires_grad_(True)
-            params.update({"text." + k: p for k, p in sd.text_encoder.named_parameters()})
-    train_text = method == "textual-inversion" or s["train_text_encoder"]
+        return Trainable(params, grad_text=s.train_text_encoder, adapters=adapters)
+    sd.unet.requires_grad_(True)
+    params = {"unet." + k: p for k, p in sd.unet.named_parameters()}
+    if s.train_text_encoder:
+        sd.text_encoder.requires_grad_(True)
+        params.update({"text." + k: p for k, p in sd.text_encoder.named_parameters()})
+    return Trainable(params, grad_text=s.train_text_encoder)
+
+
+def _token_vectors(sd, s: TextualInversionSettings, captions: list[str]) -> Trainable:
+    """Textual inversion's new token: s.vectors vectors started from s.init_word's, which the captions must use."""
+    width, vocab = sd.config.text.width, sd.config.text.vocab_size
+    init_ids = sd.tokenizer.encode(s.init_word) or sd.tokenizer.encode("shape")
+    table = sd.text_encoder.text_model.embeddings.token_embedding.weight
+    init = torch.stack([table[init_ids[i % len(init_ids)]] for i in range(s.vectors)]).float()
+    vectors = torch.nn.Parameter(init.clone())
+    embset = EmbeddingSet([Embedding(s.token, init)], sd.tokenizer, width, vocab)
+    if not embset.names:
+        raise ValueError(f"token {s.token!r} has no text to write in prompts")
+    if not any(i >= vocab for c in captions for chunk in tokenize_chunks(sd.tokenizer, c, embset) for i in chunk[0]):
+        raise ValueError(f"the captions never mention the token {s.token!r}; set instance_prompt, e.g. 'a {s.token}'")
+    return Trainable({"emb": vectors}, grad_text=True, vectors=vectors, embeddings=embset)
+
+
+def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    method, s = cfg.network, settings(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    sd = load(s.model).float()
+    sd.requires_grad_(False)
+    scale = sd.config.scale_factor
+    instances = instance_data(cfg, s, sd.config.resolution)
+    inst = _latents(sd, instances, s.object_weight)
+    prior = class_data(sd, s, out, progress) if isinstance(s, DreamBoothSettings) else []
+    cls = _latents(sd, prior, s.object_weight) if prior else None
+    trained = trainable(sd, s, inst[2])
 
     def encode(captions: list[str]) -> torch.Tensor:
-        ids = torch.tensor([tokenize_chunks(sd.tokenizer, c, embset)[0][0] for c in captions])
-        with torch.set_grad_enabled(train_text):
-            return sd.text_encoder(ids, extra=extra_vectors)
+        ids = torch.tensor([tokenize_chunks(sd.tokenizer, c, trained.embeddings)[0][0] for c in captions])
+        with torch.set_grad_enabled(trained.grad_text):
+            return sd.text_encoder(ids, extra=trained.vectors)
 
     def loss_fn(step, micro):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 31 + micro)
@@ -191,26 +228,26 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> d
 
         def draw(mean, std, captions, weights):
             idx = [rng.randrange(len(captions)) for _ in range(cfg.batch_size)]
-            z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale
+            z = sample_posterior(mean[idx], std[idx], g) * scale
             return z, [captions[i] for i in idx], None if weights is None else weights[idx]
         z, captions, w = draw(*inst)
         loss = training_loss(sd.unet, z, encode(captions), sd.config.prediction, generator=g, weights=w)
         if cls is not None:
             zc, cc, wc = draw(*cls)
-            loss = loss + s["prior_weight"] * training_loss(sd.unet, zc, encode(cc), sd.config.prediction,
-                                                            generator=g, weights=wc)
+            loss = loss + s.prior_weight * training_loss(sd.unet, zc, encode(cc), sd.config.prediction,
+                                                         generator=g, weights=wc)
         return loss
 
-    made = out / output_name(method, s["token"])
+    made = out / (output_name(method, s.token) if isinstance(s, TextualInversionSettings) else output_name(method))
 
     def export(step, weights):
-        if method == "textual-inversion":
-            save_embedding(Embedding(s["token"], weights["emb"], step), made, checkpoint_name=sd.name)
-        elif method == "lora":
-            meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(s["rank"]),
-                    "ss_network_alpha": str(s["alpha"]), "ss_steps": str(step), "ss_base_model": sd.name,
+        if isinstance(s, TextualInversionSettings):
+            save_embedding(Embedding(s.token, weights["emb"], step), made, checkpoint_name=sd.name)
+        elif isinstance(s, LoRASettings):
+            meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(s.rank),
+                    "ss_network_alpha": str(s.alpha), "ss_steps": str(step), "ss_base_model": sd.name,
                     "plainsd.finetune": json.dumps(dataclasses.asdict(cfg))}
-            _atomic_save(lora_mod.adapters_state(adapters), made, meta)
+            atomic_save(lora_mod.adapters_state(trained.adapters), made, meta)
         else:
             sd.eval()
             save(sd, made, dtype=torch.float16)
@@ -218,9 +255,9 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> d
     def sample(step, weights):
         from ..pipeline import txt2img
 
-        prompts = s["validation_prompts"] or [instances[0][1]]
+        prompts = s.validation_prompts or [instances[0][1]]
         kwargs = {}
-        if method == "textual-inversion":
+        if isinstance(s, TextualInversionSettings):
             export(step, weights)
             kwargs["embeddings_dir"] = out
         pics = [txt2img(sd, p, seed=i, **kwargs).images[0] for i, p in enumerate(prompts * (8 // len(prompts) or 1))]
@@ -228,6 +265,6 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> d
         contact_sheet(pics).save(out / "samples" / f"{method}-{step:06d}.png")
 
     cfg = dataclasses.replace(cfg, ema_decay=0.0)
-    result = train(cfg, params, loss_fn, resume, sample, export, progress)
+    result = train(cfg, trained.params, loss_fn, resume, sample, export, progress)
     result["model"], result["output"] = sd, made
     return result

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,8 +106,26 @@ class EMA:
             self.shadow[k].lerp_(v.detach().float(), 1 - d)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]):
-    write_safetensors(tensors, path, metadata)
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write a .safetensors file whole or not at all (weights.write_safetensors: a temporary name, then a
+    rename), so that a run stopped mid-write leaves the last good checkpoint or export behind."""
+    return write_safetensors(tensors, path, metadata)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write a text or binary file whole or not at all, as atomic_save does for tensors."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def param_groups(params: dict[str, torch.nn.Parameter], weight_decay: float) -> list[dict]:
@@ -132,7 +151,7 @@ def save_checkpoint(path: Path, step: int, params: dict, optimizer: torch.optim.
                 else:
                     scalars[f"{names[id(p)]}.{key}"] = float(value)
     meta = {"step": step, "ema_updates": ema.updates if ema else 0, "opt_scalars": scalars, **info}
-    _atomic_save(tensors, path, {"plainsd.train": json.dumps(meta)})
+    atomic_save(tensors, path, {"plainsd.train": json.dumps(meta)})
 
 
 def load_checkpoint(path: Path, params: dict, optimizer: torch.optim.Optimizer, ema: EMA | None) -> tuple[int, dict]:
@@ -187,7 +206,7 @@ def train(cfg: TrainConfig, params: dict[str, torch.nn.Parameter], loss_fn: Call
         losses, before = meta.get("losses", []), meta.get("seconds", 0.0)
     elif resume:
         print(f"plainsd: note: no checkpoint in {out}; starting from step 0")
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2))
 
     def export() -> dict[str, torch.Tensor]:
         return ema.shadow if ema is not None else {k: v.detach() for k, v in params.items()}

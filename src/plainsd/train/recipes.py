@@ -16,7 +16,8 @@
          weights each sample's loss by Min-SNR-gamma (see diffusion.denoisers.training_loss).
 
 Each writes its networks into its run folder; the unet recipe writes the whole model as one original-
-layout checkpoint (model.safetensors) that plainsd.load reads.
+layout checkpoint (model.safetensors) that plainsd.load reads. A recipe's own settings (its config's "extra")
+are the dataclass above its function; settings(cfg) reads them for any recipe.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +41,9 @@ from ..models.clip import CLIPTextModel, CLIPVisionModel
 from ..models.tokenizer import Tokenizer
 from ..models.vae import AutoencoderKL
 from ..weights import save
-from .data import ALL_SHAPES, POSITIONS, SHAPES, FolderDataset, Scene, ShapesDataset, caption, random_scene, render
-from .loop import TrainConfig, _atomic_save, train
+from .data import ALL_SHAPES, SHAPES, VARY, FolderDataset, ShapesDataset, hard_negative_batch
+from .loop import TrainConfig, atomic_save, train
+from .settings import RecipeSettings
 
 # The small Stable Diffusion that plainsd trains and ships: same classes and layout as SD 1.x.
 # GroupNorm with one channel per group normalises away each channel's mean, and with it an image's
@@ -108,13 +111,19 @@ def _load_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 # --- 1. the autoencoder --------------------------------------------------------------------------------
 
+@dataclass
+class VAESettings(RecipeSettings):
+    recipe: ClassVar[str] = "vae"
+    kl_weight: float = 1e-6       # the KL term's weight (summed per sample, divided by the pixels, as latent diffusion)
+    object_weight: float = 1.0    # the objects' pixels weigh this many times the background's in the L1 (object_weights)
+
+
 def train_vae(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    s = VAESettings.from_extra(cfg.extra)
     mc = model_config(cfg)
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(mc.vae)
     ds = dataset(cfg, mc.resolution)
-    kl_weight = cfg.extra.get("kl_weight", 1e-6)
-    object_weight = float(cfg.extra.get("object_weight", 1.0))
     out = Path(cfg.out)
 
     def loss_fn(step, micro):
@@ -124,14 +133,14 @@ def train_vae(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
         recon = vae.decode(posterior.sample(g))
         # L1 per pixel (the objects' pixels weighted extra.object_weight times, see object_weights), plus the KL
         # summed per sample and scaled as latent diffusion does (per pixel).
-        weights = object_weights(x, object_weight) if object_weight != 1 else None
-        return weighted_l1(recon.float(), x, weights) + kl_weight * posterior.kl().float().mean() / x[0].numel()
+        weights = object_weights(x, s.object_weight) if s.object_weight != 1 else None
+        return weighted_l1(recon.float(), x, weights) + s.kl_weight * posterior.kl().float().mean() / x[0].numel()
 
     def export(step, weights):
         state = {("first_stage_model." + k): v for k, v in weights.items()}
         scale = latent_scale(vae, weights, ds, cfg)
         meta = {"plainsd.vae_config": json.dumps(dataclasses.asdict(mc.vae)), "plainsd.scale_factor": str(scale)}
-        _atomic_save(state, out / "vae.safetensors", meta)
+        atomic_save(state, out / "vae.safetensors", meta)
 
     def sample(step, weights):
         x, _ = batch(ds, dataclasses.replace(cfg, batch_size=8, seed=cfg.seed + 999), 0, 0)
@@ -163,6 +172,24 @@ def weighted_l1(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor 
     return ((pred - target).abs() * weights).sum() / (weights.sum() * pred.shape[1])
 
 
+@dataclass
+class VAEDecoderSettings(RecipeSettings):
+    recipe: ClassVar[str] = "vae-decoder"
+    vae: str | None = None        # the file the vae training wrote (required): its encoder stays, its decoder trains
+    latent_cache: int = 4096      # images whose posteriors are encoded once and trained on
+    object_weight: float = 1.0    # the objects' pixels weigh this many times the background's in the L1 (object_weights)
+    latent_noise: float = 0.0     # the most noise added to a sample's latents, in the UNet's units (see train_vae_decoder)
+
+    def check(self):
+        if not self.vae:
+            raise ValueError("the vae-decoder recipe needs extra.vae: the file the vae training wrote")
+        if self.latent_cache < 1:
+            raise ValueError(f"extra.latent_cache of the vae-decoder recipe must be at least 1 (it trains on cached "
+                             f"latents), not {self.latent_cache}")
+        if self.latent_noise < 0:
+            raise ValueError(f"extra.latent_noise must be >= 0 (a standard deviation in the UNet's units), not {self.latent_noise}")
+
+
 def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Fine-tune a trained VAE's decoder with its encoder frozen, as Stability's ft-EMA / ft-MSE VAEs did for SD:
     the latent space stays the same (a UNet trained on it needs no retraining), only the pictures drawn from
@@ -171,13 +198,10 @@ def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = T
 
     extra.latent_noise (default 0) adds Gaussian noise to each sample's latents, its standard deviation drawn
     uniformly from [0, latent_noise] in the UNet's units (latents times the scale factor, unit variance): the
-    decoder learns to draw the right picture from latents that are a little off, as a UNet's are. (Tried at 0.3
-    on the shapes world: clean round trips got worse and so did the UNet's pictures; the shipped recipes leave
-    it at 0.)"""
-    vae_path = cfg.extra.get("vae")
-    if not vae_path:
-        raise ValueError("the vae-decoder recipe needs extra.vae: the file the vae training wrote")
-    vae, scale = load_vae(vae_path)
+    decoder learns to draw the right picture from latents that are a little off, as a UNet's are. On the shapes
+    world it made clean round trips worse, and the UNet's pictures with them, so the shipped recipes leave it at 0."""
+    s = VAEDecoderSettings.from_extra(cfg.extra)
+    vae, scale = load_vae(s.vae)
     vae.requires_grad_(False)
     vae.decoder.requires_grad_(True)
     vae.post_quant_conv.requires_grad_(True)
@@ -185,28 +209,23 @@ def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = T
     ds = dataset(cfg, mc.resolution)
     out = Path(cfg.out)
     kept: list[torch.Tensor] = []
-    cache = _latent_cache(vae, ds, cfg.extra.get("latent_cache", 4096), progress, keep_images=kept)
+    cache = _latent_cache(vae, ds, s.latent_cache, progress, keep_images=kept)
     images = torch.cat(kept)
     trained = {k: p for k, p in _named(vae).items() if p.requires_grad}
-    object_weight = float(cfg.extra.get("object_weight", 1.0))
-    latent_noise = float(cfg.extra.get("latent_noise", 0.0))
-    if latent_noise < 0:
-        raise ValueError(f"extra.latent_noise must be >= 0 (a standard deviation in the UNet's units), not {latent_noise}")
 
     def loss_fn(step, micro):
         rng = random.Random(f"{cfg.seed}:{step}:{micro}")
         idx = [rng.randrange(len(images)) for _ in range(cfg.batch_size)]
         g = torch.Generator().manual_seed(step * 131 + micro)
-        mean, std = cache[0][idx], cache[1][idx]
-        z = noisy_latents(mean, std, g, latent_noise / scale)
-        weights = object_weights(images[idx], object_weight) if object_weight != 1 else None
+        z = sample_posterior(cache[0][idx], cache[1][idx], g, s.latent_noise / scale)
+        weights = object_weights(images[idx], s.object_weight) if s.object_weight != 1 else None
         return weighted_l1(vae.decode(z).float(), images[idx], weights)
 
     def export(step, weights):
         with _swapped(vae, weights):
             state = {("first_stage_model." + k): v for k, v in vae.state_dict().items()}
         meta = {"plainsd.vae_config": json.dumps(dataclasses.asdict(vae.config)), "plainsd.scale_factor": str(scale)}
-        _atomic_save(state, out / "vae.safetensors", meta)
+        atomic_save(state, out / "vae.safetensors", meta)
 
     def sample(step, weights):
         with _swapped(vae, weights), torch.no_grad():
@@ -217,14 +236,23 @@ def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = T
     return train(cfg, trained, loss_fn, resume, sample, export, progress)
 
 
-def noisy_latents(mean: torch.Tensor, std: torch.Tensor, g: torch.Generator, max_noise: float = 0.0) -> torch.Tensor:
-    """A posterior sample (mean + std * e), plus Gaussian noise whose standard deviation is drawn per sample
-    uniformly from [0, max_noise] (in the latents' own units)."""
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor, g: torch.Generator, max_noise: float = 0.0) -> torch.Tensor:
+    """A sample of the VAE's posterior (mean + std * e) from cached means and stds, plus, for max_noise > 0,
+    Gaussian noise whose standard deviation is drawn per sample uniformly from [0, max_noise] (in the latents'
+    own units)."""
     z = mean + std * torch.randn(mean.shape, generator=g)
     if max_noise:
         sigma = torch.rand(len(mean), *[1] * (mean.dim() - 1), generator=g) * max_noise
         z = z + sigma * torch.randn(mean.shape, generator=g)
     return z
+
+
+def check_latent_scale(name: str, model_scale: float, vae_scale: float) -> None:
+    """Refuse a checkpoint (extra.`name`) whose latent scale is not extra.vae's: what it learned is for another
+    encoder's latents."""
+    if abs(model_scale - vae_scale) > 1e-4 * vae_scale:
+        raise ValueError(f"extra.{name}'s latent scale ({model_scale}) is not extra.vae's ({vae_scale}): "
+                         "they must share the VAE encoder")
 
 
 class _swapped:
@@ -252,7 +280,22 @@ def latent_scale(vae: AutoencoderKL, weights: dict, ds, cfg: TrainConfig, n: int
 
 # --- 2. CLIP ------------------------------------------------------------------------------------------
 
+@dataclass
+class CLIPSettings(RecipeSettings):
+    recipe: ClassVar[str] = "clip"
+    hard_negatives: float = 0.0   # share of each batch filled with groups of scenes that differ in one attribute
+    group: int = 4                # scenes per hard-negative group: one, then variants of it
+    vary: tuple[str, ...] = VARY  # what a variant changes, drawn from this list (repeat one to weight it)
+
+    def check(self):
+        hard, group, vary = self.hard_negatives, self.group, self.vary
+        if hard and not (0 < hard <= 1 and group >= 2 and vary and set(vary) <= set(VARY)):
+            raise ValueError(f"extra.hard_negatives must be a fraction of the batch in (0, 1], extra.group at least 2 "
+                             f"and extra.vary a list of {', '.join(VARY)}; got {hard}, {group}, {list(vary)}")
+
+
 def train_clip(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    s = CLIPSettings.from_extra(cfg.extra)
     mc = model_config(cfg)
     torch.manual_seed(cfg.seed)
     text, vision = CLIPTextModel(mc.text), CLIPVisionModel(vision_config(cfg))
@@ -261,19 +304,13 @@ def train_clip(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
     ds = dataset(cfg, mc.resolution)
     out = Path(cfg.out)
     params = {**_named(text, "text."), **_named(vision, "vision."), "logit_scale": logit_scale}
-
-    hard, group = float(cfg.extra.get("hard_negatives", 0.0)), int(cfg.extra.get("group", 4))
-    vary = tuple(cfg.extra.get("vary", VARY))
-    if hard and not isinstance(ds, ShapesDataset):
+    if s.hard_negatives and not isinstance(ds, ShapesDataset):
         raise ValueError("extra.hard_negatives needs the shapes data (it draws variants of a scene); "
                          "leave it out for a folder of images")
-    if hard and not (0 < hard <= 1 and group >= 2 and vary and set(vary) <= set(VARY)):
-        raise ValueError(f"extra.hard_negatives must be a fraction of the batch in (0, 1], extra.group at least 2 "
-                         f"and extra.vary a list of {', '.join(VARY)}; got {hard}, {group}, {list(vary)}")
 
     def loss_fn(step, micro):
-        if hard:
-            images, captions, target = hard_negative_batch(ds, cfg, step, micro, hard, group, vary)
+        if s.hard_negatives:
+            images, captions, target = hard_negative_batch(ds, cfg, step, micro, s.hard_negatives, s.group, s.vary)
         else:
             images, captions = batch(ds, cfg, step, micro)
             target = torch.eye(len(captions))
@@ -291,59 +328,9 @@ def train_clip(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
         state["clip_logit_scale"] = weights["logit_scale"].reshape(1)
         meta = {"plainsd.text_config": json.dumps(dataclasses.asdict(mc.text)),
                 "plainsd.vision_config": json.dumps(dataclasses.asdict(vision_config(cfg)))}
-        _atomic_save(state, out / "clip.safetensors", meta)
+        atomic_save(state, out / "clip.safetensors", meta)
 
     return train(cfg, params, loss_fn, resume, None, export, progress)
-
-
-def fits(caption_scene: Scene, image_scene: Scene) -> bool:
-    """Whether an image shows everything a single-object caption states (the background only if named)."""
-    if len(caption_scene.objects) != 1 or len(image_scene.objects) != 1:
-        return caption_scene == image_scene
-    a, b = caption_scene.objects[0], image_scene.objects[0]
-    if any(getattr(a, k) != getattr(b, k) for k in caption_scene.stated[0] | {"shape"}):
-        return False
-    said_bg = re.search(rf"\b{caption_scene.background}\b", caption_scene.caption) is not None
-    return not said_bg or caption_scene.background == image_scene.background
-
-
-VARY = ("shape", "size", "position")  # what hard negatives may change (a list may repeat one to weight it)
-
-
-def hard_negative_scenes(ds: ShapesDataset, rng: random.Random, groups: int, group: int, vary=VARY) -> list[Scene]:
-    """`groups` groups of `group` single-object scenes: a random one, then variants of it that each differ in one
-    attribute (drawn from `vary`), captioned anew with the same stated attributes."""
-    scenes = []
-    for _ in range(groups):
-        base = random_scene(rng, ds.shapes, two_objects=0.0, sizes=ds.sizes)
-        o = base.objects[0]
-        scenes.append(base)
-        for _ in range(group - 1):
-            what = rng.choice(vary)
-            choices = {"shape": ds.shapes, "size": ds.sizes, "position": tuple(POSITIONS)}[what]
-            value = rng.choice([c for c in choices if c != getattr(o, what)])
-            v = Scene([dataclasses.replace(o, **{what: value})], base.background, stated=[set(base.stated[0])])
-            v.caption = caption(v, rng)
-            scenes.append(v)
-    return scenes
-
-
-def hard_negative_batch(ds: ShapesDataset, cfg: TrainConfig, step: int, micro: int, fraction: float, group: int,
-                        vary=VARY):
-    """A CLIP batch in which `fraction` of the pairs are hard_negative_scenes, so that the towers must tell apart
-    shapes and sizes, not only the colours that random batches already separate; the rest are random scenes.
-    Returns images, captions and the 0/1 matrix of which caption fits which image (a caption that leaves the
-    size out fits both sizes). A pure function of (seed, step, micro)."""
-    rng = random.Random(f"{cfg.seed}:{step}:{micro}:hard")
-    scenes = hard_negative_scenes(ds, rng, int(cfg.batch_size * fraction) // group, group, vary)
-    scenes += [ds.scene(rng.randrange(len(ds))) for _ in range(cfg.batch_size - len(scenes))]
-    images = torch.cat([to_tensor(render(s, ds.size)) for s in scenes])
-    return images, [s.caption for s in scenes], clip_targets(scenes)
-
-
-def clip_targets(scenes: list[Scene]) -> torch.Tensor:
-    """[i, j] = 1 where scene i's caption fits scene j's image (always on the diagonal), else 0."""
-    return torch.tensor([[float(i == j or fits(a, b)) for j, b in enumerate(scenes)] for i, a in enumerate(scenes)])
 
 
 def load_clip(path: str | Path) -> tuple[CLIPTextModel, CLIPVisionModel, float]:
@@ -383,47 +370,41 @@ SAMPLE_PROMPTS = ["a red circle on the left", "a large blue square", "a small ye
                   "an orange triangle"]
 
 
+@dataclass
+class UNetSettings(RecipeSettings):
+    recipe: ClassVar[str] = "unet"
+    vae: str | None = None        # the vae training's file (required): the frozen encoder whose latents the UNet learns
+    clip: str | None = None       # the clip training's file: the frozen text encoder (required unless init)
+    init: str | None = None       # a whole checkpoint to go on training (its UNet and text encoder), in place of clip
+    empty_caption: float = 0.1    # share of captions left empty, so that classifier-free guidance works
+    latent_cache: int = 0         # images whose posteriors are encoded once and trained on; 0: encode every batch
+    object_weight: float = 1.0    # the latent pixels an object touches weigh this much in the loss (needs latent_cache)
+    snr_gamma: float | None = None  # Min-SNR-gamma loss weights (diffusion.denoisers.training_loss); None: plain MSE
+    fp16: bool = True             # export model.safetensors in float16
+
+    def check(self):
+        gamma = self.snr_gamma
+        if gamma is not None and gamma <= 0:
+            raise ValueError(f"extra.snr_gamma must be a positive number (5 is the usual value), got {gamma!r}")
+        if not self.vae or not (self.clip or self.init):
+            raise ValueError("the unet recipe needs extra.vae and extra.clip: the files the vae and clip trainings "
+                             "wrote (or extra.init, a whole checkpoint to go on training, in place of extra.clip)")
+        if self.object_weight != 1 and not self.latent_cache:
+            raise ValueError("extra.object_weight in the unet recipe needs extra.latent_cache")
+
+
 def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    mc = model_config(cfg)
-    snr_gamma = cfg.extra.get("snr_gamma")
-    if snr_gamma is not None and (isinstance(snr_gamma, bool) or not isinstance(snr_gamma, (int, float)) or snr_gamma <= 0):
-        raise ValueError(f"extra.snr_gamma must be a positive number (5 is the usual value), got {snr_gamma!r}")
-    vae_path, clip_path, init = cfg.extra.get("vae"), cfg.extra.get("clip"), cfg.extra.get("init")
-    if not vae_path or not (clip_path or init):
-        raise ValueError("the unet recipe needs extra.vae and extra.clip: the files the vae and clip trainings wrote "
-                         "(or extra.init, a whole checkpoint to go on training, in place of extra.clip)")
-    vae, scale = load_vae(vae_path)
-    torch.manual_seed(cfg.seed)
-    if init:  # go on training a whole checkpoint's UNet, with its text encoder
-        from ..weights import load
-
-        sd = load(init, dtype=torch.float32)
-        if abs(sd.config.scale_factor - scale) > 1e-4 * scale:
-            raise ValueError(f"extra.init's latent scale ({sd.config.scale_factor}) is not extra.vae's ({scale}): "
-                             "they must share the VAE encoder")
-        mc = sd.config
-    else:
-        text, _, _ = load_clip(clip_path)
-        mc = dataclasses.replace(mc, vae=vae.config, text=text.config, scale_factor=scale)
-        sd = StableDiffusion(mc)
-        sd.text_encoder.load_state_dict(text.state_dict())
-    sd.vae.load_state_dict(vae.state_dict())
-    sd.unet.requires_grad_(True)  # (a loaded checkpoint comes frozen, for inference)
-    sd.vae.requires_grad_(False)
-    sd.text_encoder.requires_grad_(False)
+    s = UNetSettings.from_extra(cfg.extra)
+    sd, scale = _unet_model(cfg, s)
+    mc = sd.config
     ds = dataset(cfg, mc.resolution)
-    empty = cfg.extra.get("empty_caption", 0.1)
     out = Path(cfg.out)
-
-    object_weight = float(cfg.extra.get("object_weight", 1.0))
-    kept: list[torch.Tensor] | None = [] if object_weight != 1 else None
-    cache = _latent_cache(sd.vae, ds, cfg.extra.get("latent_cache", 0), progress, keep_images=kept)
+    kept: list[torch.Tensor] | None = [] if s.object_weight != 1 else None
+    cache = _latent_cache(sd.vae, ds, s.latent_cache, progress, keep_images=kept)
     latent_weights = None
     if kept is not None:  # the objects' latent pixels (any the object touches) weigh object_weight in the loss
-        if cache is None:
-            raise ValueError("extra.object_weight in the unet recipe needs extra.latent_cache")
         f = mc.resolution // cache[0].shape[-1]
-        latent_weights = torch.cat([F.max_pool2d(object_weights(im, object_weight), f) for im in kept])
+        latent_weights = torch.cat([F.max_pool2d(object_weights(im, s.object_weight), f) for im in kept])
         del kept
 
     def loss_fn(step, micro):
@@ -431,8 +412,7 @@ def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
         if cache is not None:  # the frozen VAE's posteriors, computed once
             rng = random.Random(f"{cfg.seed}:{step}:{micro}")
             idx = [rng.randrange(len(cache[2])) for _ in range(cfg.batch_size)]
-            mean, std = cache[0][idx], cache[1][idx]
-            latents = (mean + std * torch.randn(mean.shape, generator=g)) * scale
+            latents = sample_posterior(cache[0][idx], cache[1][idx], g) * scale
             captions = [cache[2][i] for i in idx]
             weights = latent_weights[idx] if latent_weights is not None else None
         else:
@@ -441,15 +421,15 @@ def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
             with torch.no_grad():
                 latents = sd.vae.encode(images).sample(g) * scale
         rng = random.Random(f"empty:{cfg.seed}:{step}:{micro}")
-        captions = ["" if rng.random() < empty else c for c in captions]
+        captions = ["" if rng.random() < s.empty_caption else c for c in captions]
         with torch.no_grad():
             context = sd.text_encoder(sd.tokenizer(captions))
         return training_loss(sd.unet, latents, context, mc.prediction, generator=g, weights=weights,
-                             snr_gamma=snr_gamma)
+                             snr_gamma=s.snr_gamma)
 
     def export(step, weights):
         with _swapped(sd.unet, {k[5:]: v for k, v in weights.items()}):
-            save(sd, out / "model.safetensors", dtype=torch.float16 if cfg.extra.get("fp16", True) else None)
+            save(sd, out / "model.safetensors", dtype=torch.float16 if s.fp16 else None)
 
     def sample(step, weights):
         from ..pipeline import txt2img  # the public API, as a user would call it
@@ -463,6 +443,28 @@ def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
 
     sd.unet.train()
     return train(cfg, _named(sd.unet, "unet."), loss_fn, resume, sample, export, progress)
+
+
+def _unet_model(cfg: TrainConfig, s: UNetSettings) -> tuple[StableDiffusion, float]:
+    """The model whose UNet the unet recipe trains, and the latent scale: a new UNet beside the trained VAE and
+    CLIP text tower, or a whole checkpoint's (extra.init) to go on training; only the UNet is trainable."""
+    vae, scale = load_vae(s.vae)
+    torch.manual_seed(cfg.seed)
+    if s.init:  # go on training a whole checkpoint's UNet, with its text encoder
+        from ..weights import load
+
+        sd = load(s.init, dtype=torch.float32)
+        check_latent_scale("init", sd.config.scale_factor, scale)
+    else:
+        text, _, _ = load_clip(s.clip)
+        mc = dataclasses.replace(model_config(cfg), vae=vae.config, text=text.config, scale_factor=scale)
+        sd = StableDiffusion(mc)
+        sd.text_encoder.load_state_dict(text.state_dict())
+    sd.vae.load_state_dict(vae.state_dict())
+    sd.unet.requires_grad_(True)  # (a loaded checkpoint comes frozen, for inference)
+    sd.vae.requires_grad_(False)
+    sd.text_encoder.requires_grad_(False)
+    return sd, scale
 
 
 @torch.no_grad()
@@ -514,6 +516,26 @@ def generated_latents(sd: StableDiffusion, captions: list[str], seed: int, steps
     return torch.cat(out)
 
 
+@dataclass
+class TAESDSettings(RecipeSettings):
+    recipe: ClassVar[str] = "taesd"
+    vae: str | None = None        # the VAE (or whole checkpoint) whose encoder's latents the decoder learns (required)
+    width: int = 64               # the tiny decoder's channels
+    latent_cache: int = 4096      # images whose posteriors are encoded once and trained on
+    model: str | None = None      # a whole checkpoint with this VAE, whose sampler draws the generated latents
+    generated: int = 0            # captions the model draws latents for: half of each batch (0: none)
+    object_weight: float = 1.0    # the objects' pixels weigh this many times the background's in the L1 (object_weights)
+
+    def check(self):
+        if not self.vae:
+            raise ValueError("the taesd recipe needs extra.vae: the file the vae training wrote")
+        if self.latent_cache < 1:
+            raise ValueError(f"extra.latent_cache of the taesd recipe must be at least 1 (it trains on cached "
+                             f"latents), not {self.latent_cache}")
+        if self.generated and not self.model:
+            raise ValueError("extra.generated needs extra.model: the checkpoint whose sampler makes the latents")
+
+
 def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Fast mode's tiny decoder (TAESD's architecture) for a trained VAE: from the VAE encoder's latents,
     as the UNet sees them (times the scale factor), back to the images, in [0, 1]; L1 loss.
@@ -525,47 +547,27 @@ def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -
     extra.object_weight weights the objects' pixels as in the vae-decoder recipe."""
     from ..models.taesd import TinyDecoder
 
-    vae_path = cfg.extra.get("vae")
-    if not vae_path:
-        raise ValueError("the taesd recipe needs extra.vae: the file the vae training wrote")
-    vae, scale = load_vae(vae_path)
+    s = TAESDSettings.from_extra(cfg.extra)
+    vae, scale = load_vae(s.vae)
     vae.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    decoder = TinyDecoder(vae.config.z_channels, cfg.extra.get("width", 64))
+    decoder = TinyDecoder(vae.config.z_channels, s.width)
     ds = dataset(cfg, model_config(cfg).resolution)
     out = Path(cfg.out)
     kept: list[torch.Tensor] = []
-    cache = _latent_cache(vae, ds, cfg.extra.get("latent_cache", 4096), progress, keep_images=kept)
+    cache = _latent_cache(vae, ds, s.latent_cache, progress, keep_images=kept)
     images = torch.cat(kept)
-    generated = targets = None
-    if cfg.extra.get("generated"):
-        if not cfg.extra.get("model"):
-            raise ValueError("extra.generated needs extra.model: the checkpoint whose sampler makes the latents")
-        from ..weights import load
-
-        sd = load(cfg.extra["model"]).eval()
-        if abs(sd.config.scale_factor - scale) > 1e-4 * scale:
-            raise ValueError(f"extra.model's latent scale ({sd.config.scale_factor}) is not extra.vae's ({scale}): "
-                             "they must share the VAE")
-        captions = [ds[len(ds) - 1 - i][1] for i in range(cfg.extra["generated"])]  # not the encoded images' captions
-        generated = generated_latents(sd, captions, cfg.seed + 7, progress=progress)
-        with torch.no_grad():
-            targets = torch.cat([(vae.decode(z / scale).clamp(-1, 1) + 1) / 2
-                                 for z in generated.split(64)])
-        del sd
-
-    object_weight = float(cfg.extra.get("object_weight", 1.0))
+    generated, targets = _generated_pairs(s, vae, scale, ds, cfg.seed + 7, progress) if s.generated else (None, None)
 
     def weights_of(pictures):  # pictures in [0, 1]
-        return object_weights(pictures * 2 - 1, object_weight) if object_weight != 1 else None
+        return object_weights(pictures * 2 - 1, s.object_weight) if s.object_weight != 1 else None
 
     def loss_fn(step, micro):
         rng = random.Random(f"{cfg.seed}:{step}:{micro}")
         n_gen = cfg.batch_size // 2 if generated is not None else 0
         idx = [rng.randrange(len(images)) for _ in range(cfg.batch_size - n_gen)]
         g = torch.Generator().manual_seed(step * 31 + micro)
-        mean, std = cache[0][idx], cache[1][idx]
-        latents = (mean + std * torch.randn(mean.shape, generator=g)) * scale
+        latents = sample_posterior(cache[0][idx], cache[1][idx], g) * scale
         target = (images[idx] + 1) / 2
         loss = weighted_l1(decoder(latents).float(), target, weights_of(target))
         if n_gen:
@@ -575,7 +577,7 @@ def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -
 
     def export(step, weights):
         meta = {"plainsd.taesd_width": str(decoder.width), "plainsd.scale_factor": str(scale)}
-        _atomic_save({k: v.half() for k, v in weights.items()}, out / "taesd.safetensors", meta)
+        atomic_save({k: v.half() for k, v in weights.items()}, out / "taesd.safetensors", meta)
 
     def sample(step, weights):
         with _swapped(decoder, weights), torch.no_grad():
@@ -586,5 +588,29 @@ def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -
     return train(cfg, _named(decoder), loss_fn, resume, sample, export, progress)
 
 
+def _generated_pairs(s: TAESDSettings, vae: AutoencoderKL, scale: float, ds, seed: int,
+                     progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The taesd recipe's generated half: latents extra.model's sampler draws for extra.generated captions (not
+    the encoded images' captions), and the VAE decoder's pictures of them in [0, 1] as the targets."""
+    from ..weights import load
+
+    sd = load(s.model).eval()
+    check_latent_scale("model", sd.config.scale_factor, scale)
+    captions = [ds[len(ds) - 1 - i][1] for i in range(s.generated)]
+    generated = generated_latents(sd, captions, seed, progress=progress)
+    with torch.no_grad():
+        targets = torch.cat([(vae.decode(z / scale).clamp(-1, 1) + 1) / 2 for z in generated.split(64)])
+    return generated, targets
+
+
+def settings(cfg: TrainConfig) -> RecipeSettings:
+    """The settings of cfg's recipe, read from cfg.extra (fine-tunings: finetune.settings)."""
+    if cfg.network not in SETTINGS:
+        raise ValueError(f"unknown recipe {cfg.network!r}; known: {', '.join(SETTINGS)}")
+    return SETTINGS[cfg.network].from_extra(cfg.extra)
+
+
 RECIPES = {"vae": train_vae, "vae-decoder": train_vae_decoder, "clip": train_clip, "unet": train_unet,
            "taesd": train_taesd}
+SETTINGS = {"vae": VAESettings, "vae-decoder": VAEDecoderSettings, "clip": CLIPSettings, "unet": UNetSettings,
+            "taesd": TAESDSettings}

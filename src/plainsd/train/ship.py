@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from ..weights import DEFAULT_MODEL, load, save
+from .loop import atomic_write
 
 # What the plain command uses: the settings the evaluation measured.
 # Guidance for the first 60% of the steps only: on this model, guidance in the last, low-noise steps rounds
@@ -76,14 +76,16 @@ def carried_vae_facts(card_text: str) -> dict:
 
 
 def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
-    def minutes(net):
-        s = facts[net]["seconds"]
-        return f"{s / 60:.1f} min" if s else "not recorded"
-
+    """The model card: what the model is, how each run trained it, and what the evaluation measured."""
     nets = [n for n in NETS if n in facts]
-    total = sum(facts[n]["seconds"] or 0 for n in nets)
-    so, two = metrics.get("single_object", {}), metrics.get("two_objects", {})
-    lines = [
+    lines = _card_summary(facts, size_bytes, params) + _card_training(facts, nets) + _card_evaluation(metrics)
+    return "\n".join(lines)
+
+
+def _card_summary(facts: dict, size_bytes: int, params: int) -> list[str]:
+    """The card's title, what the model is and was trained on, its file and its recommended settings."""
+    vae_saw_all = facts["vae"]["recipe"].get("data", {}).get("shapes") == "all"
+    return [
         "# plainsd-base: the model plainsd ships",
         "",
         "A small Stable Diffusion (SD 1.x classes and checkpoint layout: CLIP text encoder, latent UNet, "
@@ -92,7 +94,7 @@ def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
         "cross), 8 colours, 2 sizes, 5 positions, 8 backgrounds, one or two objects, captions in varied phrasing "
         "that sometimes leave attributes out. The heart and the star are kept out of the data of CLIP and the UNet (the "
         "fine-tuning recipes teach the heart). " + ("The VAE, a codec for any picture as SD's is, saw them too "
-        "(its recipe's data: shapes 'all')." if facts["vae"]["recipe"].get("data", {}).get("shapes") == "all" else "They are kept out of the VAE's data too."),
+        "(its recipe's data: shapes 'all')." if vae_saw_all else "They are kept out of the VAE's data too."),
         "",
         f"- Weights: `plainsd-base.safetensors`, {params / 1e6:.1f} M parameters, float16, {size_bytes / 2**20:.1f} MB, "
         "original SD key layout (A1111, ComfyUI and diffusers' single-file loader read it).",
@@ -102,11 +104,16 @@ def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
         f"for the first {RECOMMENDED['guidance_until']:.0%} of the steps (`--guidance-until`; the conditional "
         "prediction alone after that: late guidance rounds off the corners of small shapes).",
         "",
-        "## Training (2-core CPU)",
-        "",
-        "| network | steps | batch | time | precision | recipe |",
-        "|---|---|---|---|---|---|",
     ]
+
+
+def _card_training(facts: dict, nets: list[str]) -> list[str]:
+    """The card's table of training runs (steps, batch, time, precision, recipe) and what the runs add up to."""
+    def minutes(net):
+        s = facts[net]["seconds"]
+        return f"{s / 60:.1f} min" if s else "not recorded"
+
+    lines = ["## Training (2-core CPU)", "", "| network | steps | batch | time | precision | recipe |", "|---|---|---|---|---|---|"]
     for net in nets:
         if "row" in facts[net]:  # carried over from an earlier card
             lines.append(facts[net]["row"])
@@ -115,7 +122,8 @@ def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
         lines.append(f"| {net} | {facts[net]['steps']} | {r['batch_size']} | {minutes(net)} | "
                      f"{'bf16 autocast' if r.get('bf16') else 'float32'} | lr {r['lr']:g} "
                      f"{r['lr_schedule']}, {json.dumps(r.get('extra', {}))} |")
-    lines += [
+    total = sum(facts[n]["seconds"] or 0 for n in nets)
+    return lines + [
         "",
         f"Total training time: {total / 60:.0f} min, the sum of the {len(nets)} runs (`make model` runs them one "
         "after the other on all cores). " + ("The vae-decoder run fine-tunes the VAE's decoder on its frozen encoder's "
@@ -125,11 +133,13 @@ def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
         "covers 2% of the picture, and a plain per-pixel loss let the decoder and the UNet round off a small "
         "diamond's corners. " if any(n.endswith("-objects") for n in nets) else "") + facts.get("note", ""),
         "",
-        "## Evaluation (`plainsd eval --checks`, held-out prompts and seeds)",
-        "",
-        "| measure | value |",
-        "|---|---|",
     ]
+
+
+def _card_evaluation(metrics: dict) -> list[str]:
+    """The card's table of what `plainsd eval --checks` measured, and the settings it measured them with."""
+    so, two = metrics.get("single_object", {}), metrics.get("two_objects", {})
+    lines = ["## Evaluation (`plainsd eval --checks`, held-out prompts and seeds)", "", "| measure | value |", "|---|---|"]
     rows = [("VAE reconstruction PSNR (dB)", metrics.get("vae_psnr_db")),
             ("CLIP text -> image top-1 retrieval among 100", metrics.get("clip_top1_retrieval")),
             ("single object: colour and shape", so.get("colour_and_shape")),
@@ -146,8 +156,7 @@ def card(facts: dict, metrics: dict, size_bytes: int, params: int) -> str:
     for name, value in rows:
         if value is not None:
             lines.append(f"| {name} | {value if isinstance(value, str) else round(value, 3)} |")
-    lines += ["", f"Settings: {json.dumps(metrics.get('settings', {}))}.", ""]
-    return "\n".join(lines)
+    return lines + ["", f"Settings: {json.dumps(metrics.get('settings', {}))}.", ""]
 
 
 def main(argv=None):
@@ -186,14 +195,11 @@ def main(argv=None):
     out = save(sd, args.out, dtype=torch.float16)
     params = sum(p.numel() for p in sd.parameters())
     text = card(facts, metrics, out.stat().st_size, params)
-    out.with_suffix(".md").write_text(text)
+    atomic_write(out.with_suffix(".md"), text)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB) and {out.with_suffix('.md')}")
     tiny = runs / "taesd" / "taesd.safetensors"
     if tiny.is_file():  # fast mode's decoder, found by plainsd.load next to the model
-        target = out.with_suffix(".taesd.safetensors")
-        tmp = target.with_name("." + target.name + ".tmp")
-        shutil.copyfile(tiny, tmp)
-        tmp.replace(target)
+        target = atomic_write(out.with_suffix(".taesd.safetensors"), tiny.read_bytes())
         print(f"wrote {target} ({target.stat().st_size / 2**20:.2f} MB)")
 
 
