@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test clean model
+.PHONY: demo test browser clean model
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,18 @@ $(VENV)/.test: $(VENV)/.base pyproject.toml
 demo: $(VENV)/.run
 	$(VENV)/bin/plainsd demo
 
-test: $(VENV)/.test
+test: $(VENV)/.test browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The web page test drives Debian's Chromium through its chromedriver (no browser download at test time):
+# installed here when missing, with sudo unless make runs as root.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		echo "installing Debian's chromium and chromium-driver for the web page test"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get update -q >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; \
+	fi
 
 # Retrain the shipped model from scratch: CLIP, the VAE (objects' pixels weighted), its decoder fine-tuned on the
 # frozen encoder with the objects weighted more (vae-decoder-objects; same encoder, so the UNet trains on the VAE

@@ -6,12 +6,11 @@ from safetensors.torch import save_file
 
 import plainsd
 from tests.reference import perturb
-from plainsd import fast
+from plainsd import fast, runtime
 from plainsd.images import to_pil
-from plainsd.fast import load_tiny_decoder
 from plainsd.models.taesd import TinyDecoder
 from plainsd.pipeline import HiresFix, txt2img
-from plainsd.weights import CheckpointError
+from plainsd.weights import CheckpointError, load_tiny_decoder
 
 
 def _model(seed=0):
@@ -170,9 +169,10 @@ def test_fast_mode_decodes_with_the_models_tiny_decoder(tmp_path):
     assert loaded.tiny_decoder_path == tmp_path / "m.taesd.safetensors"
     seen = []
     settings = fast.choose(False, tiny_decoder=True)  # --tiny-decoder without --fast
-    result = txt2img(loaded, "a red circle", steps=3, sampler="DPM++ 2M", seed=0, fast=settings,
+    engine = runtime.Engine(loaded)
+    result = txt2img(engine, "a red circle", steps=3, sampler="DPM++ 2M", seed=0, fast=settings,
                      callback=lambda info: seen.append(info.denoised))
-    assert loaded.tiny_decoder.width == 16
+    assert engine.tiny_decoder().width == 16  # loaded from the file beside the checkpoint, kept by the engine
     assert "tiny_decoder" not in dict(loaded.named_children())  # not part of the model (not saved with it)
     with torch.no_grad():  # DPM++ 2M ends on its last estimate: the picture is the tiny decoder's view of it
         expected = to_pil(tiny.decode(seen[-1]))[0]

@@ -250,7 +250,7 @@ def _generate(args) -> int:
         raise ValueError(f"the output must be a .png file, got {Path(args.output).name}")
     tiny = None
     if isinstance(args.tiny_decoder, str):
-        from plainsd.fast import load_tiny_decoder
+        from plainsd.weights import load_tiny_decoder
 
         tiny = load_tiny_decoder(args.tiny_decoder)  # a wrong file fails here, before the model loads
     if args.fast and args.backend == "openvino":
@@ -478,7 +478,7 @@ def _eval(args) -> int:
         out["vae_psnr_db"] = round(metrics.vae_psnr(vae), 2)
         out["vae_roundtrip_adherence"] = metrics.vae_roundtrip_adherence(vae, n=args.prompts or 100)
         if args.taesd:
-            from plainsd.fast import load_tiny_decoder
+            from plainsd.weights import load_tiny_decoder
             out["taesd_roundtrip_adherence"] = metrics.vae_roundtrip_adherence(
                 vae, n=args.prompts or 100, tiny_decoder=load_tiny_decoder(args.taesd), scale_factor=scale)
     clip = None

@@ -23,14 +23,9 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-
-from .models.taesd import TinyDecoder
-from .weights import CheckpointError, read_tensors
 
 
 @dataclass
@@ -125,32 +120,3 @@ class DeepCacheUNet:
         self.late_calls += late
         self.since_full = 1 if whole else self.since_full + 1
         return whole
-
-
-def load_tiny_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> TinyDecoder:
-    """A TAESD decoder file: .safetensors (TAESD's or diffusers' AutoencoderTiny names) or .pth (weights only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no such tiny decoder file: {path}")
-    source = read_tensors(path)
-    state = {}
-    for key in source.shapes:
-        name = key
-        if name.startswith("decoder.layers."):  # diffusers: the clamp is not a layer, so every index is one less
-            index, _, rest = name[len("decoder.layers."):].partition(".")
-            name = f"{int(index) + 1}.{rest}" if index.isdigit() else name
-        elif name.startswith("decoder."):
-            name = name[len("decoder."):]
-        if name.split(".")[0].isdigit():
-            state[name] = source.get(key)
-    if "1.weight" not in state or state["1.weight"].ndim != 4:
-        raise CheckpointError(f"{path.name} is not a TAESD decoder (no first convolution '1.weight' among its tensors)")
-    width, latent_channels = state["1.weight"].shape[:2]
-    decoder = TinyDecoder(latent_channels, width)
-    expected = decoder.state_dict()
-    wrong = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
-    if wrong:
-        raise CheckpointError(f"{path.name} does not fit a TAESD decoder of width {width}: "
-                              f"{len(wrong)} tensors missing or misshaped (e.g. {wrong[0]})")
-    decoder.load_state_dict({k: state[k].to(dtype) for k in expected})
-    return decoder.to(dtype).eval().requires_grad_(False)

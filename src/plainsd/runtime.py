@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models.layers import GEGLU
+from .weights import load_tiny_decoder
 
 PRECISIONS = ("auto", "bf16", "fp32")
 BACKENDS = ("eager", "openvino")
@@ -98,7 +99,6 @@ class Engine:
 
     def tiny_decoder(self):
         if self._tiny is None and self.sd.tiny_decoder_path:
-            from .fast import load_tiny_decoder
             self._tiny = load_tiny_decoder(self.sd.tiny_decoder_path, self.sd.vae.dtype)
         return self._tiny
 

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig
 from .models import StableDiffusion
+from .models.taesd import TinyDecoder
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 TEXT_OPENAI, TEXT_OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
@@ -365,6 +366,20 @@ def infer_config(shapes: dict[str, tuple], metadata: dict[str, str]) -> tuple[Mo
         raise CheckpointError(f"not a Stable Diffusion checkpoint{kind}: it has no {UNET}* tensors; "
                               f"its first keys are {_few(keys)}")
 
+    unet = _unet_config(shapes)
+    sd2_unet = unet.head_dim > 0
+    text, vae = _text_config(shapes), _vae_config(shapes)
+    prediction = "v" if "v_pred" in keys else "eps"
+    # SD 2.x 768 models are v-prediction but nothing in the file says so; like ComfyUI, look at the
+    # spread of one LayerNorm bias that v-training moves (override with load(..., prediction=...)).
+    key = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    v_test = sd2_unet and unet.in_channels == 4 and key in keys
+    return ModelConfig(text=text, unet=unet, vae=vae, prediction=prediction, resolution=768 if sd2_unet else 512), (key if v_test else None)
+
+
+def _unet_config(shapes: dict[str, tuple]) -> UNetConfig:
+    """The UNet's config from its tensors' names and shapes: levels, ResBlocks per level, attention, text width."""
+    keys = set(shapes)
     u = lambda k: shapes.get(UNET + k)  # noqa: E731
     mc = u("input_blocks.0.0.weight")[0]
     blocks: dict[int, set[str]] = {}
@@ -391,49 +406,46 @@ def infer_config(shapes: dict[str, tuple], metadata: dict[str, str]) -> tuple[Mo
     context_dim = u("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
     depth = len({k for k in keys if k.startswith(UNET + "middle_block.1.transformer_blocks.") and k.endswith("attn1.to_q.weight")})
     sd2_unet = context_dim == 1024 or (proj_in is not None and len(proj_in) == 2)
-    unet = UNetConfig(in_channels=u("input_blocks.0.0.weight")[1], out_channels=u("out.2.weight")[0], model_channels=mc,
+    return UNetConfig(in_channels=u("input_blocks.0.0.weight")[1], out_channels=u("out.2.weight")[0], model_channels=mc,
                       channel_mult=tuple(mults), num_res_blocks=counts[0], attention_levels=tuple(levels_attn),
                       num_heads=-1 if sd2_unet else 8, head_dim=64 if sd2_unet else -1, context_dim=context_dim,
                       transformer_depth=max(depth, 1), use_linear_proj=proj_in is not None and len(proj_in) == 2)
 
+
+def _text_config(shapes: dict[str, tuple]) -> TextConfig:
+    """The text encoder's config: OpenCLIP's names (SD 2.x) or OpenAI CLIP's in transformers' layout (SD 1.x)."""
+    keys = set(shapes)
     if any(k.startswith(TEXT_OPENCLIP) for k in keys):
         p = TEXT_OPENCLIP
         vocab, width = shapes[p + "token_embedding.weight"]
         layers = len({k.split(".")[4] for k in keys if k.startswith(p + "transformer.resblocks.")})
         mlp = shapes[p + "transformer.resblocks.0.mlp.c_fc.weight"][0]
-        text = TextConfig(vocab_size=vocab, context_length=shapes[p + "positional_embedding"][0], width=width, layers=layers,
+        return TextConfig(vocab_size=vocab, context_length=shapes[p + "positional_embedding"][0], width=width, layers=layers,
                           heads=max(width // 64, 1), mlp_ratio=mlp / width, act="gelu", clip_skip=2, layout="openclip", pad="zero",
                           projection_dim=shapes[p + "text_projection"][1] if p + "text_projection" in keys else 0)
-    elif any(k.startswith(TEXT_OPENAI) for k in keys):
+    if any(k.startswith(TEXT_OPENAI) for k in keys):
         p = TEXT_OPENAI + "text_model."
         vocab, width = shapes[p + "embeddings.token_embedding.weight"]
         layers = len({k.split(".")[5] for k in keys if k.startswith(p + "encoder.layers.")})
         mlp = shapes[p + "encoder.layers.0.mlp.fc1.weight"][0]
         proj = shapes.get(TEXT_OPENAI + "text_projection.weight")
-        text = TextConfig(vocab_size=vocab, context_length=shapes[p + "embeddings.position_embedding.weight"][0], width=width,
+        return TextConfig(vocab_size=vocab, context_length=shapes[p + "embeddings.position_embedding.weight"][0], width=width,
                           layers=layers, heads=max(width // 64, 1), mlp_ratio=mlp / width,
                           projection_dim=proj[0] if proj else 0)
-    else:
-        raise CheckpointError(f"not a full Stable Diffusion checkpoint: it has no text encoder tensors "
-                              f"({TEXT_OPENAI}* or {TEXT_OPENCLIP}*)")
+    raise CheckpointError(f"not a full Stable Diffusion checkpoint: it has no text encoder tensors "
+                          f"({TEXT_OPENAI}* or {TEXT_OPENCLIP}*)")
 
+
+def _vae_config(shapes: dict[str, tuple]) -> VAEConfig:
+    keys = set(shapes)
     if VAE + "encoder.conv_in.weight" not in keys:
         raise CheckpointError(f"not a full Stable Diffusion checkpoint: it has no VAE tensors ({VAE}*)")
     ch = shapes[VAE + "encoder.conv_in.weight"][0]
     n_levels = len({k.split(".")[3] for k in keys if k.startswith(VAE + "encoder.down.")})
-    vae = VAEConfig(in_channels=shapes[VAE + "encoder.conv_in.weight"][1], ch=ch,
-                    ch_mult=tuple(shapes[VAE + f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(n_levels)),
-                    num_res_blocks=len({k.split(".")[5] for k in keys if k.startswith(VAE + "encoder.down.0.block.")}),
-                    z_channels=shapes[VAE + "post_quant_conv.weight"][0])
-
-    prediction = "eps"
-    if "v_pred" in keys:
-        prediction = "v"
-    # SD 2.x 768 models are v-prediction but nothing in the file says so; like ComfyUI, look at the
-    # spread of one LayerNorm bias that v-training moves (override with load(..., prediction=...)).
-    key = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
-    v_test = sd2_unet and unet.in_channels == 4 and key in keys
-    return ModelConfig(text=text, unet=unet, vae=vae, prediction=prediction, resolution=768 if sd2_unet else 512), (key if v_test else None)
+    return VAEConfig(in_channels=shapes[VAE + "encoder.conv_in.weight"][1], ch=ch,
+                     ch_mult=tuple(shapes[VAE + f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(n_levels)),
+                     num_res_blocks=len({k.split(".")[5] for k in keys if k.startswith(VAE + "encoder.down.0.block.")}),
+                     z_channels=shapes[VAE + "post_quant_conv.weight"][0])
 
 
 def _v_by_weights(source: TensorSource, key: str | None) -> bool:
@@ -610,3 +622,32 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def load_tiny_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> TinyDecoder:
+    """A TAESD decoder file: .safetensors (TAESD's or diffusers' AutoencoderTiny names) or .pth (weights only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such tiny decoder file: {path}")
+    source = read_tensors(path)
+    state = {}
+    for key in source.shapes:
+        name = key
+        if name.startswith("decoder.layers."):  # diffusers: the clamp is not a layer, so every index is one less
+            index, _, rest = name[len("decoder.layers."):].partition(".")
+            name = f"{int(index) + 1}.{rest}" if index.isdigit() else name
+        elif name.startswith("decoder."):
+            name = name[len("decoder."):]
+        if name.split(".")[0].isdigit():
+            state[name] = source.get(key)
+    if "1.weight" not in state or state["1.weight"].ndim != 4:
+        raise CheckpointError(f"{path.name} is not a TAESD decoder (no first convolution '1.weight' among its tensors)")
+    width, latent_channels = state["1.weight"].shape[:2]
+    decoder = TinyDecoder(latent_channels, width)
+    expected = decoder.state_dict()
+    wrong = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise CheckpointError(f"{path.name} does not fit a TAESD decoder of width {width}: "
+                              f"{len(wrong)} tensors missing or misshaped (e.g. {wrong[0]})")
+    decoder.load_state_dict({k: state[k].to(dtype) for k in expected})
+    return decoder.to(dtype).eval().requires_grad_(False)

@@ -135,7 +135,7 @@ def _chromium():
 
 def test_web_page_in_headless_chromium(server, tmp_path):
     if _chromium() is None or shutil.which("chromedriver") is None:
-        # Not a silent skip: .ci/run installs Debian's chromium and chromium-driver, so CI always has them.
+        # Not a silent skip: make test installs Debian's chromium and chromium-driver where they are missing.
         pytest.fail("this test needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

@@ -11,7 +11,7 @@ from plainsd.images import to_pil, to_tensor
 from plainsd.train.data import BACKGROUNDS, ShapesDataset
 from plainsd.pipeline import txt2img
 from plainsd.train.loop import TrainConfig
-from plainsd.fast import load_tiny_decoder
+from plainsd.weights import load_tiny_decoder
 from plainsd.train.recipes import generated_latents, sample_posterior, object_weights, weighted_l1, load_clip, load_vae, train_clip, train_taesd, train_unet, train_vae, train_vae_decoder
 
 TINY = {"text": {"width": 64, "layers": 2, "heads": 1, "projection_dim": 32},

@@ -6,7 +6,7 @@ as they are (already multiplied by the scale factor) and returns images in [0, 1
 
 The layer order is TAESD's own nn.Sequential, so its files load by index ("1.weight", "3.conv.0.weight",
 ...), as do diffusers' AutoencoderTiny files ("decoder.layers.0.weight", ...: the same, numbered from the first conv). The width (64 in TAESD's
-files) is read off the weights (plainsd.fast.load_tiny_decoder), so narrower ones, such as the shipped model's, load too.
+files) is read off the weights (plainsd.weights.load_tiny_decoder), so narrower ones, such as the shipped model's, load too.
 """
 
 from __future__ import annotations
