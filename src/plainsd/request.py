@@ -89,7 +89,7 @@ class HiresFix:
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"the hires denoising strength must be between 0 and 1, got {self.strength}")
         if self.token_merging is not None:
-            _check_merging(self.token_merging, "the hires token merging ratio", " (None: the first pass's)")
+            check_token_merging(self.token_merging, "the hires token merging ratio", " (None: the first pass's)")
         if self.sampler is not None or self.schedule is not None:
             try:
                 _sampler(self.sampler or sampler, self.schedule or schedule)
@@ -153,7 +153,7 @@ class GenerationRequest:
         if self.mask is not None and self.init_image is None:
             raise ValueError("a mask needs an init image (inpainting)")
         ratios = [self.token_merging] + ([self.hires.token_merging] if self.hires is not None else [])
-        _check_merging(self.token_merging, "the token merging ratio")
+        check_token_merging(self.token_merging)
         if any(ratios) and backend != "eager":
             raise ValueError("token merging needs the eager UNet: the OpenVINO-compiled one cannot merge tokens "
                              "(leave out --backend openvino, or token merging)")
@@ -181,9 +181,8 @@ class GenerationRequest:
             raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {self.seed}")
         if self.cfg_scale is not None and not 0.0 <= self.cfg_scale <= 100.0:
             raise ValueError(f"the CFG scale must be between 0 and 100, got {self.cfg_scale}")
-        if self.clip_skip is not None and (isinstance(self.clip_skip, bool) or not isinstance(self.clip_skip, int)
-                                           or not 1 <= self.clip_skip <= 12):
-            raise ValueError(f"clip skip must be a whole number from 1 (the last CLIP layer) to 12, got {self.clip_skip!r}")
+        if self.clip_skip is not None:
+            check_clip_skip(self.clip_skip)
         if not 0 <= self.mask_blur <= 64:
             raise ValueError(f"mask blur must be between 0 and 64, got {self.mask_blur}")
 
@@ -203,7 +202,14 @@ def _sampler(name: str, schedule: str | None):
     return info, chosen
 
 
-def _check_merging(ratio, what: str, none_means: str = "") -> None:
+def check_clip_skip(value, what: str = "clip skip") -> None:
+    """1 = the text encoder's last layer, 2 = the penultimate, ... (A1111 allows up to 12)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 12:
+        raise ValueError(f"{what} must be a whole number from 1 (the last CLIP layer) to 12, got {value!r}")
+
+
+def check_token_merging(ratio, what: str = "the token merging ratio", none_means: str = "") -> None:
+    """A1111's token merging ratio: the share of tokens merged, from 0 (off) to below 1."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
         raise ValueError(f"{what} must be at least 0 and below 1 (0.5 is usual; 0 = off{none_means}), got {ratio!r}")
 

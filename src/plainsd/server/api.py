@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from plainsd.diffusion.samplers import SAMPLERS
 from plainsd.diffusion.schedules import SCHEDULE_LABELS, schedule_label
 from plainsd.fast import choose as choose_fast
-from plainsd.request import IMAGE_UPSCALERS, LATENT_UPSCALERS, GenerationRequest, HiresFix
+from plainsd.request import IMAGE_UPSCALERS, LATENT_UPSCALERS, GenerationRequest, HiresFix, check_token_merging
+from plainsd.request import check_clip_skip as request_check_clip_skip
 from plainsd.pnginfo import parse_infotext, read_parameters
 
 
@@ -186,18 +187,22 @@ TOKEN_MERGING = ("token_merging_ratio", "token_merging_ratio_img2img", "token_me
 def token_merging_ratio(settings: dict, name: str) -> float | None:
     """settings[name] checked (a number from 0 to below 1), or None when it is not there."""
     value = settings.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise BadRequest(f"{name} must be a number at least 0 and below 1 (0.5 is usual; 0 = off), got {value!r}")
-    return float(value)
+    if value is not None:
+        try:
+            check_token_merging(value, name)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+    return None if value is None else float(value)
 
 
 def check_clip_skip(settings: dict) -> int | None:
-    """A1111's CLIP_stop_at_last_layers setting checked (a whole number), or None when it is not there."""
+    """A1111's CLIP_stop_at_last_layers setting checked, or None when it is not there."""
     value = settings.get("CLIP_stop_at_last_layers")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise BadRequest(f"CLIP_stop_at_last_layers must be a whole number from 1 to 12, got {value!r}")
+    if value is not None:
+        try:
+            request_check_clip_skip(value, "CLIP_stop_at_last_layers")
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
     return value
 
 

@@ -15,10 +15,11 @@ import binascii
 import contextlib
 import secrets
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
@@ -32,6 +33,19 @@ from .models import ModelStore
 RETRY_AFTER_SECONDS = 5
 
 
+@dataclass
+class Server:
+    """What the routes share: the models, the job queue, the limits, A1111's settings and the folders."""
+    store: ModelStore
+    queue: JobQueue
+    limits: api.Limits
+    options: dict          # A1111's settings (/sdapi/v1/options)
+    outputs: Path          # where save_images writes when the options name no folder
+    lora_dir: str | Path | None
+    embeddings_dir: str | Path | None
+    authenticated: bool
+
+
 def create_app(model: str | Path | None = None, models_dir: str | Path | None = None, *,
                auth: str | None = None, max_queue: int = 16, limits: api.Limits | None = None,
                outputs: str | Path = "outputs/api", lora_dir: str | Path | None = None,
@@ -42,254 +56,294 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
     for folder in (lora_dir, embeddings_dir):
         if folder is not None and not Path(folder).is_dir():
             raise ValueError(f"folder {folder} does not exist")
-    store = ModelStore(model, models_dir, precision, backend)
-    queue = JobQueue(max_queue)
-    limits = limits or api.Limits()
     credentials = _parse_auth(auth)
-    options: dict = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
-                     "eta_noise_seed_delta": 0, "outdir_samples": str(outputs), "token_merging_ratio": 0.0,
-                     "token_merging_ratio_img2img": 0.0, "token_merging_ratio_hr": 0.0}
+    options = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
+               "eta_noise_seed_delta": 0, "outdir_samples": str(outputs), "token_merging_ratio": 0.0,
+               "token_merging_ratio_img2img": 0.0, "token_merging_ratio_hr": 0.0}
+    server = Server(ModelStore(model, models_dir, precision, backend), JobQueue(max_queue), limits or api.Limits(),
+                    options, Path(outputs), lora_dir, embeddings_dir, bool(credentials))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        queue.close()
+        server.queue.close()
 
     app = FastAPI(title="plainsd", description="AUTOMATIC1111-compatible API of plainsd", version="1",
                   lifespan=lifespan)
-    app.state.store, app.state.queue, app.state.limits = store, queue, limits
-
+    app.state.store, app.state.queue, app.state.limits = server.store, server.queue, server.limits
     if credentials:
         app.add_middleware(_BasicAuth, credentials=credentials)
+    app.add_exception_handler(api.BadRequest, _bad_request)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    for routes in (_generation_routes, _control_routes, _list_routes, _settings_routes, _page_routes):
+        app.include_router(routes(server))
+    return app
 
-    @app.exception_handler(api.BadRequest)
-    async def _bad_request(request: Request, exc: api.BadRequest):
-        return JSONResponse({"error": "BadRequest", "detail": str(exc)}, status_code=422)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
-        return JSONResponse({"error": "BadRequest", "detail": f"{where}: {first.get('msg', 'invalid request')}",
-                             "errors": _jsonable(exc.errors())}, status_code=422)
+async def _bad_request(request: Request, exc: api.BadRequest):
+    return JSONResponse({"error": "BadRequest", "detail": str(exc)}, status_code=422)
 
-    # --- generation ---------------------------------------------------------------------------------
 
-    async def run_job(http: Request, req: api.Txt2ImgRequest, kind: str) -> dict:
-        entry = store.current
-        overrides = req.override_settings or {}
-        if overrides.get("sd_model_checkpoint"):
-            entry = _find(store, overrides["sd_model_checkpoint"])
-        request = api.generation_request(req, kind, limits, options, store.backend).replace(
-            lora_dir=lora_dir, embeddings_dir=embeddings_dir)
-        if not req.override_settings_restore_afterwards:  # A1111 keeps such overrides as its settings
-            if overrides.get("sd_model_checkpoint"):
-                store.select(entry.name)
-            options.update({name: overrides[name] for name in api.TOKEN_MERGING if name in overrides})
+async def _invalid(request: Request, exc: RequestValidationError):
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
+    return JSONResponse({"error": "BadRequest", "detail": f"{where}: {first.get('msg', 'invalid request')}",
+                         "errors": _jsonable(exc.errors())}, status_code=422)
 
-        def work(job: Job):
-            engine = store.get(entry)
 
-            def on_step(info: pipeline.StepInfo):
-                job.batch_step, job.batch_steps = info.step + 1, info.total
-                job.step = info.batch * info.total + info.step + 1
-                job.steps_total = info.total * request.batch_count
-                job.preview = info
-            return engine, pipeline.generate(engine, request, callback=on_step, interrupt=job.should_stop,
-                                             skip=job.take_skip)
+# --- generation ---------------------------------------------------------------------------------------
 
-        engine, result = await _run(http, Job(work, kind=kind, steps_total=request.steps * request.batch_count))
-        if req.save_images:
-            folder = Path(options.get("outdir_samples") or outputs)
-            for i, (image, text) in enumerate(zip(result.images, result.infotexts)):
-                save_png(image, folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{result.seeds[i]}-{i}.png", text)
-        with_init = kind == "img2img" and getattr(req, "include_init_images", False)
-        encoded = [api.encode_png(im, text) for im, text in zip(result.images, result.infotexts)] if req.send_images else []
-        if with_init and req.send_images:
-            encoded += [api.encode_png(request.init_image)]
-        return {"images": encoded, "parameters": api.echo(req, drop_images=kind == "img2img" and not with_init),
-                "info": api.info_json(req, result, request, engine.sd)}
+def _generation_routes(server: Server) -> APIRouter:
+    router = APIRouter()
 
-    async def _run(http: Request, job: Job):
-        """Queue the job, wait for it (cancelled when the client goes away) and return what it returns."""
-        try:
-            queue.submit(job)  # (steps_total: on_step corrects it, a hires fix adds steps)
-        except QueueFull as e:
-            raise HTTPException(503, str(e), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
-        wrapped = asyncio.wrap_future(job.future)
-        while not wrapped.done():
-            await asyncio.wait({wrapped}, timeout=0.25)
-            if not wrapped.done() and await http.is_disconnected():
-                queue.cancel(job)
-                break
-        if job.cancelled:
-            raise HTTPException(499, "the client went away; the job was cancelled")
-        try:
-            return wrapped.result()
-        except ValueError as e:  # what the pipeline refuses (e.g. a LoRA tag, a size the model cannot take)
-            raise api.BadRequest(str(e)) from None
-
-    @app.post("/sdapi/v1/txt2img")
+    @router.post("/sdapi/v1/txt2img")
     async def txt2img(req: api.Txt2ImgRequest, http: Request):
-        return await run_job(http, req, "txt2img")
+        return await _generate(server, http, req, "txt2img")
 
-    @app.post("/sdapi/v1/img2img")
+    @router.post("/sdapi/v1/img2img")
     async def img2img(req: api.Img2ImgRequest, http: Request):
-        return await run_job(http, req, "img2img")
+        return await _generate(server, http, req, "img2img")
 
-    # --- progress and control ---------------------------------------------------------------------------
+    return router
 
-    @app.get("/sdapi/v1/progress")
+
+async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind: str) -> dict:
+    """An A1111 request through the queue: checked, drawn, answered as A1111 answers."""
+    store, options = server.store, server.options
+    overrides = req.override_settings or {}
+    entry = _find(store, overrides["sd_model_checkpoint"]) if overrides.get("sd_model_checkpoint") else store.current
+    request = api.generation_request(req, kind, server.limits, options, store.backend).replace(
+        lora_dir=server.lora_dir, embeddings_dir=server.embeddings_dir)
+    if not req.override_settings_restore_afterwards:  # A1111 keeps such overrides as its settings
+        if overrides.get("sd_model_checkpoint"):
+            store.select(entry.name)
+        options.update({name: overrides[name] for name in api.TOKEN_MERGING if name in overrides})
+
+    def work(job: Job):
+        engine = store.get(entry)
+
+        def on_step(info: pipeline.StepInfo):
+            job.batch_step, job.batch_steps = info.step + 1, info.total
+            job.step = info.batch * info.total + info.step + 1
+            job.steps_total = info.total * request.batch_count
+            job.preview = info
+        return engine, pipeline.generate(engine, request, callback=on_step, interrupt=job.should_stop,
+                                         skip=job.take_skip)
+
+    # (steps_total: on_step corrects it, a hires fix adds steps)
+    engine, result = await _run(server.queue, http, Job(work, kind=kind, steps_total=request.steps * request.batch_count))
+    if req.save_images:
+        folder = Path(options.get("outdir_samples") or server.outputs)
+        for i, (image, text) in enumerate(zip(result.images, result.infotexts)):
+            save_png(image, folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{result.seeds[i]}-{i}.png", text)
+    with_init = kind == "img2img" and getattr(req, "include_init_images", False)
+    encoded = [api.encode_png(im, text) for im, text in zip(result.images, result.infotexts)] if req.send_images else []
+    if with_init and req.send_images:
+        encoded += [api.encode_png(request.init_image)]
+    return {"images": encoded, "parameters": api.echo(req, drop_images=kind == "img2img" and not with_init),
+            "info": api.info_json(req, result, request, engine.sd)}
+
+
+async def _run(queue: JobQueue, http: Request, job: Job):
+    """Queue the job, wait for it (cancelled when the client goes away) and return what it returns."""
+    try:
+        queue.submit(job)
+    except QueueFull as e:
+        raise HTTPException(503, str(e), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+    wrapped = asyncio.wrap_future(job.future)
+    while not wrapped.done():
+        await asyncio.wait({wrapped}, timeout=0.25)
+        if not wrapped.done() and await http.is_disconnected():
+            queue.cancel(job)
+            break
+    if job.cancelled:
+        raise HTTPException(499, "the client went away; the job was cancelled")
+    try:
+        return wrapped.result()
+    except ValueError as e:  # what the pipeline refuses (e.g. a LoRA tag, a size the model cannot take)
+        raise api.BadRequest(str(e)) from None
+
+
+# --- progress and control -----------------------------------------------------------------------------
+
+def _control_routes(server: Server) -> APIRouter:
+    router, queue = APIRouter(), server.queue
+
+    @router.get("/sdapi/v1/progress")
     async def progress(skip_current_image: bool = False):
-        job = queue.current
-        waiting = queue.waiting()
-        state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
-                 "job_count": waiting + (job is not None), "job_timestamp": "0", "job_no": 0,
-                 "sampling_step": 0, "sampling_steps": 0}
-        if job is None:
-            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None,
-                    "textinfo": None, "current_task": None}
-        total = max(job.steps_total, 1)
-        fraction = min(job.step / total, 1.0)
-        elapsed = time.time() - (job.started or time.time())
-        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
-        state.update(job=job.kind, interrupted=job.interrupted, skipped=job.skipped,
-                     job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or time.time())),
-                     sampling_step=job.batch_step, sampling_steps=job.batch_steps)
-        image = None
-        if not skip_current_image and job.preview is not None:
-            previews = job.preview.preview()
-            image = api.encode_png(_grid(previews)) if previews else None
-        return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": image,
-                "textinfo": f"step {job.batch_step} of {job.batch_steps}", "current_task": job.kind}
+        return _progress(queue, skip_current_image)
 
-    @app.post("/sdapi/v1/interrupt")
+    @router.post("/sdapi/v1/interrupt")
     async def interrupt():
         if queue.current is not None:
             queue.current.interrupt()
         return {}
 
-    @app.post("/sdapi/v1/skip")
+    @router.post("/sdapi/v1/skip")
     async def skip():
         if queue.current is not None:
             queue.current.skipped = True
         return {}
 
-    # --- lists and settings -------------------------------------------------------------------------------
+    return router
 
-    @app.get("/sdapi/v1/samplers")
+
+def _progress(queue: JobQueue, skip_current_image: bool) -> dict:
+    """A1111's progress answer for the job that runs (and a preview of its current estimate)."""
+    job = queue.current
+    state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+             "job_count": queue.waiting() + (job is not None), "job_timestamp": "0", "job_no": 0,
+             "sampling_step": 0, "sampling_steps": 0}
+    if job is None:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None,
+                "textinfo": None, "current_task": None}
+    fraction = min(job.step / max(job.steps_total, 1), 1.0)
+    elapsed = time.time() - (job.started or time.time())
+    eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+    state.update(job=job.kind, interrupted=job.interrupted, skipped=job.skipped,
+                 job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or time.time())),
+                 sampling_step=job.batch_step, sampling_steps=job.batch_steps)
+    image = None
+    if not skip_current_image and job.preview is not None:
+        previews = job.preview.preview()
+        image = api.encode_png(_grid(previews)) if previews else None
+    return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": image,
+            "textinfo": f"step {job.batch_step} of {job.batch_steps}", "current_task": job.kind}
+
+
+# --- lists -----------------------------------------------------------------------------------------------
+
+def _list_routes(server: Server) -> APIRouter:
+    router, store = APIRouter(), server.store
+
+    @router.get("/sdapi/v1/samplers")
     async def samplers():
         return api.samplers()
 
-    @app.get("/sdapi/v1/schedulers")
+    @router.get("/sdapi/v1/schedulers")
     async def schedulers():
         return api.schedulers()
 
-    @app.get("/sdapi/v1/sd-models")
+    @router.get("/sdapi/v1/sd-models")
     async def sd_models():
         return [e.describe() for e in store.entries()]
 
-    @app.post("/sdapi/v1/refresh-checkpoints")
+    @router.post("/sdapi/v1/refresh-checkpoints")
     async def refresh_checkpoints():
         await asyncio.to_thread(store.refresh)
         return {}
 
-    @app.get("/sdapi/v1/options")
-    async def get_options():
-        return {**options, "sd_model_checkpoint": store.current.title,
-                "sd_checkpoint_hash": store.current.sha256}
-
-    @app.post("/sdapi/v1/options")
-    async def set_options(req: api.OptionsRequest):
-        values = req.model_dump()
-        if "sd_model_checkpoint" in values:
-            store.select(_find(store, values.pop("sd_model_checkpoint")).name)
-        if "CLIP_stop_at_last_layers" in values:
-            v = values["CLIP_stop_at_last_layers"]
-            if not isinstance(v, int) or not 1 <= v <= 12:
-                raise api.BadRequest(f"CLIP_stop_at_last_layers must be an integer from 1 to 12, got {v!r}")
-        for name in api.TOKEN_MERGING:
-            api.token_merging_ratio(values, name)
-        options.update(values)
-        return None
-
-    @app.get("/sdapi/v1/cmd-flags")
-    async def cmd_flags():
-        return {"api": True, "nowebui": False, "listen": False, "api_auth": bool(credentials)}
-
-    @app.get("/sdapi/v1/upscalers")
+    @router.get("/sdapi/v1/upscalers")
     async def upscalers():
         return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
                 for name in api.IMAGE_UPSCALERS]
 
-    @app.get("/sdapi/v1/latent-upscale-modes")
+    @router.get("/sdapi/v1/latent-upscale-modes")
     async def latent_upscale_modes():
         return [{"name": name} for name in api.LATENT_UPSCALERS]
 
-    @app.get("/sdapi/v1/sd-vae")
+    @router.get("/sdapi/v1/sd-vae")
     async def sd_vae():
         return []
 
-    @app.get("/sdapi/v1/loras")
+    @router.get("/sdapi/v1/loras")
     async def loras():
         from plainsd.lora import find_loras
         return [{"name": name, "alias": name, "path": str(path), "metadata": {}}
-                for name, path in find_loras(lora_dir).items()]
+                for name, path in find_loras(server.lora_dir).items()]
 
-    @app.post("/sdapi/v1/refresh-loras")
+    @router.post("/sdapi/v1/refresh-loras")
     async def refresh_loras():
         return {}  # the folder is read on every request
 
-    @app.get("/sdapi/v1/embeddings")
+    @router.get("/sdapi/v1/embeddings")
     async def embeddings():
-        if embeddings_dir is None:
-            return {"loaded": {}, "skipped": {}}
-        from plainsd.embeddings import load_embeddings
-        engine = await asyncio.to_thread(store.get)
-        found = await asyncio.to_thread(load_embeddings, embeddings_dir, engine.sd)
-        loaded = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                         "shape": found.vectors.shape[1], "vectors": found.embeddings[name].vectors.shape[0]}
-                  for name in found.names}
-        return {"loaded": loaded, "skipped": {k: {} for k in found.skipped}}
+        return await _embeddings(server)
 
-    @app.get("/sdapi/v1/prompt-styles")
+    @router.get("/sdapi/v1/prompt-styles")
     async def prompt_styles():
         return []
 
-    @app.get("/sdapi/v1/memory")
+    return router
+
+
+async def _embeddings(server: Server) -> dict:
+    """A1111's embeddings answer: the folder's embeddings that fit the current model, and the ones that do not."""
+    if server.embeddings_dir is None:
+        return {"loaded": {}, "skipped": {}}
+    from plainsd.embeddings import load_embeddings
+    engine = await asyncio.to_thread(server.store.get)
+    found = await asyncio.to_thread(load_embeddings, server.embeddings_dir, engine.sd)
+    loaded = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                     "shape": found.vectors.shape[1], "vectors": found.embeddings[name].vectors.shape[0]}
+              for name in found.names}
+    return {"loaded": loaded, "skipped": {k: {} for k in found.skipped}}
+
+
+# --- settings and information ------------------------------------------------------------------------------
+
+def _settings_routes(server: Server) -> APIRouter:
+    router, store, options = APIRouter(), server.store, server.options
+
+    @router.get("/sdapi/v1/options")
+    async def get_options():
+        return {**options, "sd_model_checkpoint": store.current.title,
+                "sd_checkpoint_hash": store.current.sha256}
+
+    @router.post("/sdapi/v1/options")
+    async def set_options(req: api.OptionsRequest):
+        values = req.model_dump()
+        api.check_clip_skip(values)
+        for name in api.TOKEN_MERGING:
+            api.token_merging_ratio(values, name)
+        if "sd_model_checkpoint" in values:
+            store.select(_find(store, values.pop("sd_model_checkpoint")).name)
+        options.update(values)
+        return None
+
+    @router.get("/sdapi/v1/cmd-flags")
+    async def cmd_flags():
+        return {"api": True, "nowebui": False, "listen": False, "api_auth": server.authenticated}
+
+    @router.get("/sdapi/v1/memory")
     async def memory():
         import resource
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"ram": {"peak_rss": rss}, "cuda": {"error": "no GPU: plainsd runs on the CPU"}}
 
-    @app.post("/sdapi/v1/png-info")
+    @router.post("/sdapi/v1/png-info")
     async def png_info(req: api.PngInfoRequest):
-        return api.png_info(req, limits)
+        return api.png_info(req, server.limits)
 
-    # --- the web page -----------------------------------------------------------------------------------
+    return router
 
+
+# --- the web page ---------------------------------------------------------------------------------------
+
+def _page_routes(server: Server) -> APIRouter:
+    router = APIRouter()
     page = resources.files("plainsd.server").joinpath("page.html").read_text(encoding="utf-8")
 
-    @app.get("/", response_class=HTMLResponse)
+    @router.get("/", response_class=HTMLResponse)
     async def index():
         return HTMLResponse(page)
 
-    @app.get("/plainsd/defaults")
+    @router.get("/plainsd/defaults")
     async def defaults():
         """What the page pre-fills: the current model's own recommended settings."""
-        entry = store.current
-        engine = await asyncio.to_thread(store.get, entry)
+        entry = server.store.current
+        engine = await asyncio.to_thread(server.store.get, entry)
         merged = pipeline.recommended(engine)
         size = engine.sd.config.resolution
         return {"steps": merged["steps"], "sampler": merged["sampler"], "schedule": merged["schedule"],
                 "cfg_scale": merged["cfg_scale"], "width": merged.get("width", size),
                 "height": merged.get("height", size), "model": entry.title}
 
-    @app.get("/favicon.ico")
+    @router.get("/favicon.ico")
     async def favicon():
         return Response(status_code=204)
 
-    return app
+    return router
 
 
 def _find(store: ModelStore, name):
