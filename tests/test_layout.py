@@ -52,3 +52,19 @@ def test_no_reference_library_is_imported_anywhere():
 def test_weights_does_not_reach_up():
     for name in _imports(SRC / "weights.py"):
         assert not name.startswith(("plainsd.pipeline", "plainsd.cli", "plainsd.server")), name
+
+
+# Declarative tables may run longer: the command line's argument parser.
+LONG_TABLES = {("cli.py", "build_parser")}
+
+
+def test_functions_are_a_screen_long():
+    long = []
+    for f in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80 and (f.relative_to(SRC).as_posix(), node.name) not in LONG_TABLES:
+                    long.append(f"{f.relative_to(SRC)}:{node.name} ({lines} lines)")
+    assert not long, f"functions over 80 lines: {', '.join(long)}"
+
