@@ -1,4 +1,4 @@
-"""Where and how the networks run on a CPU: precision, memory, packed weights, the compiled path.
+"""Where and how the networks run on a CPU: precision, memory, packed weights, attention, the compiled path.
 
     sd = plainsd.load("model.safetensors", dtype=choose_dtype("auto"))   # bf16 where the CPU has it
     prepare(sd, backend="openvino")                                       # optional compiled UNet
@@ -7,8 +7,9 @@ One concern a file:
     precision.py   the networks' dtype: bf16 where the CPU multiplies it natively, float32 elsewhere
     memory.py      glibc's malloc asked to keep freed memory between UNet steps, and to hand it back
     packing.py     weights reordered once into oneDNN's layout; how a layer's class is swapped for a faster one
+    attention.py   bf16 attention through oneDNN on CPUs without AMX (the same class swap)
     openvino.py    the UNet converted and compiled by OpenVINO, kept on disk
-prepare() is what turns these on for a loaded model.
+The networks in models/ stay plain PyTorch; prepare() is what turns these on for a loaded model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 
 import torch
 
+from .attention import use_plain_attention, use_runtime_attention
 from .memory import keep_freed_memory, release_freed_memory
 from .openvino import OpenVINOUNet, cache_limit, code_version, default_cache_dir, fingerprint, prune_cache
 from .packing import (PackedConv2d, PackedGEGLU, PackedLinear, pack_weights, packing_available, set_weight,
@@ -27,10 +29,10 @@ BACKENDS = ("eager", "openvino")
 
 
 def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = None, precision: str | None = None):
-    """Get a loaded model ready to generate: channels-last convolutions, the chosen backend, and on the eager
-    path the weights of the UNet and the VAE packed for oneDNN (pack_weights). The eager bf16 path also
-    turns on torch.set_flush_denormal for the process (denormal floats become zero), and every path asks the C
-    library to keep freed memory for reuse (keep_freed_memory).
+    """Get a loaded model ready to generate: channels-last convolutions, the chosen backend, the attention this
+    CPU runs best (use_runtime_attention), and on the eager path the weights of the UNet and the VAE packed for
+    oneDNN (pack_weights). The eager bf16 path also turns on torch.set_flush_denormal for the process (denormal
+    floats become zero), and every path asks the C library to keep freed memory for reuse (keep_freed_memory).
 
     precision: cast the networks (None keeps the dtype the model was loaded in).
     """
@@ -42,12 +44,15 @@ def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = No
     sd.unet.to(memory_format=torch.channels_last)
     sd.vae.to(memory_format=torch.channels_last)
     sd.backend = OpenVINOUNet(sd.unet, cache_dir) if backend == "openvino" else None
+    # every backend: the VAE runs eagerly under OpenVINO too, and a traced UNet keeps SDPA (runtime/attention.py)
+    use_runtime_attention(sd.unet)
+    use_runtime_attention(sd.vae)
     if backend == "eager":
         pack_weights(sd.unet)  # (what the dtype and this torch allow: pack_weights)
         pack_weights(sd.vae)
     if backend == "eager" and sd.unet.dtype == torch.bfloat16:
         # bf16 inference: numbers below float32's 1.2e-38 carry nothing here, and the fused attention's
-        # exponentials that underflow into that range run slower as denormals (models/layers._attention_fused)
+        # exponentials that underflow into that range run slower as denormals (runtime/attention._attention_fused)
         torch.set_flush_denormal(True)
     keep_freed_memory()
     return sd
@@ -58,5 +63,6 @@ __all__ = [
     "PRECISIONS", "choose_dtype", "cpu_flags", "native_bf16",
     "keep_freed_memory", "release_freed_memory",
     "PackedConv2d", "PackedGEGLU", "PackedLinear", "pack_weights", "packing_available", "set_weight", "unpack_weights",
+    "use_plain_attention", "use_runtime_attention",
     "OpenVINOUNet", "cache_limit", "code_version", "default_cache_dir", "fingerprint", "prune_cache",
 ]

@@ -40,11 +40,13 @@ def fingerprint(module: torch.nn.Module, extra: str = "") -> str:
 
 
 def code_version() -> str:
-    """A short hash of the source of plainsd's networks (the models package) and torch's version: what a
+    """A short hash of the source of plainsd's networks (the models package, and runtime/attention.py, whose
+    dispatch a prepared model's attention goes through while it is traced) and torch's version: what a
     conversion of a module depends on besides its weights. An OpenVINO conversion made by other code (a graph
     that has changed since) is not reused."""
     h = hashlib.blake2b(torch.__version__.encode(), digest_size=8)
-    for source in sorted(Path(__file__).parent.parent.joinpath("models").glob("*.py")):
+    here = Path(__file__).parent
+    for source in sorted(here.parent.joinpath("models").glob("*.py")) + [here / "attention.py"]:
         h.update(source.name.encode() + source.read_bytes())
     return h.hexdigest()
 

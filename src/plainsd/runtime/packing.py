@@ -27,7 +27,7 @@ and LoRA see it as before. The packed ops have no autograd, so a call that needs
 another dtype, runs the plain computation. The swap is undone (_unpack: the plain class and a plain `weight`
 parameter again, equal bit for bit) before anything that works on the parameters themselves: `.to()`,
 `.float()` and the like (nn.Module._apply), and a state-dict load (unpacked, loaded, packed again).
-unpack_weights undoes it for a whole network.
+unpack_weights undoes it for a whole network. runtime/attention.py installs its attention by the same swap.
 """
 
 from __future__ import annotations
