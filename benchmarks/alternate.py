@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     checkpoint = _checkpoint()
     dtype = rt.choose_dtype(args.precision)
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
-    sd = rt.prepare(plainsd.load(checkpoint, dtype=dtype), "eager")
+    sd = rt.prepare(plainsd.load(checkpoint, dtype=dtype), "eager").sd
     ov = _OVUNet(checkpoint, precision, args.threads)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, args.size // 8, args.size // 8, generator=g)

@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/attention.py          # about a minute; writes benchmarks/attention-<cpu>.md
 
-plainsd.models.layers.attention takes SDPA where the CPU has AMX tiles and the oneDNN paths (the fused-exp
-product for large score matrices, one batched product below) where it has avx512_bf16 alone; this measures
-both on the CPU at hand, the best of --repeats calls each, alternating, with batch 2 (CFG) as in a UNet step.
+A prepared model's attention (plainsd.runtime.attention) takes SDPA where the CPU has AMX tiles and the oneDNN
+paths (the fused-exp product for large score matrices, one batched product below) where it has avx512_bf16
+alone; this measures both on the CPU at hand, the best of --repeats calls each, alternating, with batch 2 (CFG)
+as in a UNet step.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from plainsd.models import layers
+from plainsd.runtime import attention as rt
 
 # (queries, keys, channels, heads, what): SD1.5's attention at 512x512, and the VAE's single head
 SHAPES = [
@@ -39,12 +40,12 @@ def _sdpa(q, k, v, heads):
 
 
 def _onednn(q, k, v, heads):
-    amx = layers._amx
-    layers._amx = lambda: False  # the routing a CPU without AMX takes
+    amx = rt._amx
+    rt._amx = lambda: False  # the routing a CPU without AMX takes
     try:
-        return layers.attention(q, k, v, heads)
+        return rt.attention(q, k, v, heads)
     finally:
-        layers._amx = amx
+        rt._amx = amx
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,9 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not layers._fused_exp_available():
+    if not rt._fused_exp_available():
         raise SystemExit("this CPU or torch build has no oneDNN bf16 kernels: nothing to compare")
-    amx = layers._amx()
+    amx = rt._amx()
     rows = []
     with torch.inference_mode():
         for n, m, c, heads, what in SHAPES:

@@ -35,7 +35,7 @@ def _plainsd_parts(size: int, repeats: int, dtype) -> tuple[float, dict[str, flo
     from plainsd import runtime
     from plainsd.models import unet as U
 
-    sd = runtime.prepare(plainsd.load(CACHE / "sd15-random.safetensors", dtype=dtype), "eager")
+    sd = runtime.prepare(plainsd.load(CACHE / "sd15-random.safetensors", dtype=dtype), "eager").sd
     times: dict[str, float] = collections.defaultdict(float)
     starts = {}
 

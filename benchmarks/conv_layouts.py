@@ -9,10 +9,10 @@ For each convolution (input channels -> output channels, batch 2 as with CFG, ch
 size s: the plain layer (torch hands oneDNN the plain weight, which it copies into its own layout at every
 call), then the weight packed once with torch.ops.mkldnn._reorder_convolution_weight for an input of h x h,
 for each h. oneDNN picks the layout for the size it is told; the column where h = s is what
-runtime.PackedConv2d runs. Milliseconds, the best of 3 calls. Not part of the tests.
+runtime.packing.PackedConv2d runs. Milliseconds, the best of 3 calls. Not part of the tests.
 
---batch: each convolution at each size packed for batch 1 and for batch 2, run at both (runtime._layout_key keeps
-a bf16 layout across batch sizes). ONEDNN_MAX_CPU_ISA (AVX2, AVX512_CORE_BF16, ...) holds oneDNN to an older
+--batch: each convolution at each size packed for batch 1 and for batch 2, run at both
+(runtime.packing._layout_key keeps a bf16 layout across batch sizes). ONEDNN_MAX_CPU_ISA (AVX2, AVX512_CORE_BF16, ...) holds oneDNN to an older
 instruction set, to see what such a CPU would pick. --unet adds SD1.5's UNet (speed.py's checkpoint with random
 weights, 512x512) run at batch 2, 1, 2, 1 as a sampler whose guidance stops part of the way does: seconds per
 call with plainsd's layout key and with the whole shape as key (a repack at every change of batch size).
@@ -72,16 +72,17 @@ def _unet_switch(dtype) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import plainsd
     from plainsd import runtime
+    from plainsd.runtime import packing
     from speed import _checkpoint
 
-    sd = runtime.prepare(plainsd.load(_checkpoint(), dtype=dtype), "eager")
+    sd = runtime.prepare(plainsd.load(_checkpoint(), dtype=dtype), "eager").sd
     g = torch.Generator().manual_seed(0)
     x, t, c = torch.randn(2, 4, 64, 64, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768, generator=g)
-    keyed = runtime._layout_key
+    keyed = packing._layout_key
     print("\nSD1.5 UNet at 512x512, s per call at batch 2, 2, 1, 1, 2, 2, 1, 1 (the first call packs)\n")
     print("| layout key | " + " | ".join(["2", "2", "1", "1", "2", "2", "1", "1"]) + " |\n|---|" + "---|" * 8)
     for name, key in (("plainsd's (runtime._layout_key)", keyed), ("the whole shape", lambda x: tuple(x.shape))):
-        runtime._layout_key = key
+        packing._layout_key = key
         runtime.unpack_weights(sd.unet), runtime.pack_weights(sd.unet)  # packed afresh: the first call packs
         times = []
         with torch.inference_mode():
@@ -90,7 +91,7 @@ def _unet_switch(dtype) -> None:
                 sd.unet(x[:n], t[:n], c[:n])
                 times.append(time.perf_counter() - t0)
         print(f"| {name} | " + " | ".join(f"{s:.2f}" for s in times) + " |", flush=True)
-    runtime._layout_key = keyed
+    packing._layout_key = keyed
 
 
 def main(argv=None) -> None:

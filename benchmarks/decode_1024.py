@@ -21,7 +21,7 @@ def peak_gb() -> float:
 
 def main():
     sd = runtime.prepare(plainsd.load(ROOT / "benchmarks" / ".cache" / "sd15-random.safetensors",
-                                      dtype=runtime.choose_dtype("auto")))
+                                      dtype=runtime.choose_dtype("auto"))).sd
     print(f"after loading SD1.5 ({sd.dtype}): peak RSS {peak_gb():.2f} GB")
     latents = torch.randn(1, 4, 128, 128) * sd.config.scale_factor
     started = time.perf_counter()

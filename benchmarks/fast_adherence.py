@@ -54,7 +54,7 @@ def main() -> int:
                    help="run only these rows")
     args = p.parse_args()
     sd = runtime.prepare(plainsd.load(args.model, dtype=runtime.choose_dtype("auto")))
-    print(f"Recommended settings of the model: {getattr(sd, 'defaults', {})}\n")
+    print(f"Recommended settings of the model: {sd.sd.defaults}\n")
     print("| setting | colour and shape | position | size | all four |\n|---|---|---|---|---|")
     rows = {**VARIANTS, **{name: (None, None, ratio) for name, ratio in TOKEN_MERGING.items()},
             **{name: (settings, None, ratio) for name, (settings, ratio) in FAST_TOKEN_MERGING.items()}}

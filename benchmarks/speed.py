@@ -188,10 +188,10 @@ def worker(task: dict) -> dict:
         from plainsd import pipeline, runtime as rt
         from plainsd.fast import FAST
 
-        sd = rt.prepare(plainsd.load(checkpoint, dtype=dtype), "openvino" if runtime == "plainsd-openvino" else "eager",
-                        cache_dir=CACHE / "plainsd-openvino")
-        unet = sd.backend or sd.unet
-        decode = lambda z: sd.vae.decode(z)  # noqa: E731
+        engine = rt.prepare(plainsd.load(checkpoint, dtype=dtype),
+                            "openvino" if runtime == "plainsd-openvino" else "eager", cache_dir=CACHE / "plainsd-openvino")
+        unet = engine.unet
+        decode = lambda z: engine.sd.vae.decode(z)  # noqa: E731
     elif runtime == "diffusers":
         parts = _diffusers_parts(checkpoint, dtype, ("unet", "vae", "text") if kind == "e2e" else ("unet",) if kind == "unet" else ("vae",))
         unet = (lambda x, t, c: parts["unet"](x.to(dtype), t, c.to(dtype), return_dict=False)[0]) if "unet" in parts else None
@@ -224,12 +224,12 @@ def worker(task: dict) -> dict:
         else:  # e2e: txt2img, 20 steps of DPM++ 2M, CFG 7
             prompt = "a photograph of an astronaut riding a horse"
             if runtime.startswith("plainsd"):
-                if sd.backend is not None:  # compile for txt2img's shapes first: that is start-up, not sampling
-                    sd.backend(torch.randn(2, 4, size // 8, size // 8), torch.tensor([500.0, 500.0]),
-                               torch.randn(2, 77, 768))
+                if engine.backend == "openvino":  # compile for txt2img's shapes first: that is start-up, not sampling
+                    engine.unet(torch.randn(2, 4, size // 8, size // 8), torch.tensor([500.0, 500.0]),
+                                torch.randn(2, 77, 768))
                 result["startup"] = time.perf_counter() - started
                 t0 = time.perf_counter()
-                pipeline.txt2img(sd, prompt, steps=20, sampler="DPM++ 2M", cfg_scale=7, seed=1, width=size, height=size,
+                pipeline.txt2img(engine, prompt, steps=20, sampler="DPM++ 2M", cfg_scale=7, seed=1, width=size, height=size,
                                  fast=dataclasses.replace(FAST, **task["fast"]) if isinstance(task["fast"], dict) else task["fast"],
                                  token_merging=task.get("token_merging", 0.0))
                 result["seconds"] = time.perf_counter() - t0

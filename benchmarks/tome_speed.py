@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     dtype = rt.choose_dtype(args.precision)
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
-    sd = rt.prepare(plainsd.load(_checkpoint(), dtype=dtype), "eager")
+    sd = rt.prepare(plainsd.load(_checkpoint(), dtype=dtype), "eager").sd
     ratios = [float(r) for r in args.ratios.split(",")]
     if 0.0 not in ratios:
         ratios.insert(0, 0.0)

@@ -1,4 +1,4 @@
-"""Attention's bf16 CPU paths give float32 SDPA's answer within bf16 tolerance, and take the path they say."""
+"""The shared layers: attention is torch's SDPA in every dtype, GEGLU's in-place inference gives its numbers."""
 
 import pytest
 import torch
@@ -6,210 +6,19 @@ import torch.nn.functional as F
 
 from plainsd.models import layers
 
-fused = pytest.mark.skipif(not layers._fused_exp_available(), reason="torch has no oneDNN linear with a fused sigmoid "
-                           "(torch.ops.mkldnn._linear_pointwise) or this CPU has no oneDNN bf16 kernels")
 
-
-@pytest.fixture(autouse=True)
-def _without_amx(monkeypatch):
-    """The oneDNN paths are the ones taken on CPUs without AMX; they are tested on every CPU (AMX ones too)."""
-    monkeypatch.setattr(layers, "_amx", lambda: False)
-
-
-def _split(t, heads):
-    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
-
-
-def _sdpa(q, k, v, heads):
-    """torch's SDPA on [B, N, C] tensors in their own dtype."""
-    out = F.scaled_dot_product_attention(_split(q, heads), _split(k, heads), _split(v, heads))
-    return out.transpose(1, 2).reshape(q.shape)
-
-
-def _errors(got, q, k, v, heads):
-    """Relative errors of `got` and of bf16 SDPA against float32 SDPA."""
-    ref = _sdpa(q.float(), k.float(), v.float(), heads)
-    bf16 = _sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads)
-    rel = lambda o: ((o.float() - ref).norm() / ref.norm()).item()
-    return rel(got), rel(bf16)
-
-
-def _spy(monkeypatch, names):
-    calls = []
-    for name in names:
-        real = getattr(layers, name)
-        monkeypatch.setattr(layers, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
-    return calls
-
-
-@fused
-@pytest.mark.parametrize("n, m, c, heads, path", [
-    (1024, 1024, 80, 2, "_attention_fused"),  # self-attention at 1024 tokens, heads of 40 as SD1.5's first level
-    (4096, 77, 80, 2, "_attention_fused"),  # the text's 77 keys (padded to 80) at 4096 tokens
-    (1024, 77, 80, 2, "_attention_batched"),  # the text at 1024 tokens: few scores, one batched product
-    (1024, 1024, 128, 2, "_attention_fused"),  # SD2's heads of 64
-    (1024, 1024, 512, 1, "_attention_fused"),  # the VAE's single head of 512
-])
-def test_bf16_attention_paths_within_bf16_tolerance(monkeypatch, n, m, c, heads, path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_is_sdpa_over_the_heads(dtype, causal):
+    """The models' attention is torch's SDPA in every dtype, whatever the CPU (its oneDNN variants for bf16 are
+    the runtime's: tests/runtime/test_attention.py)."""
     torch.manual_seed(0)
-    calls = _spy(monkeypatch, ["_attention_fused", "_attention_batched"])
-    q, k, v = torch.randn(2, n, c), torch.randn(2, m, c), torch.randn(2, m, c)
-    got = layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=heads)
-    assert calls == [path] and got.dtype == torch.bfloat16 and got.shape == q.shape
-    err, err_sdpa = _errors(got, q, k, v, heads)
-    assert err < 0.01 and err < 2 * err_sdpa, (err, err_sdpa)  # as close to float32 as bf16 SDPA is
-
-
-@fused
-@pytest.mark.parametrize("scale", [3, 20])
-def test_fused_attention_with_large_scores(scale):
-    """Scores in the tens (peaked attention) and in the thousands (one-hot): the bound is looser, the
-    exponentials smaller, the answer as good."""
-    torch.manual_seed(1)
-    q, k, v = torch.randn(1, 1024, 80) * scale, torch.randn(1, 1024, 80) * scale, torch.randn(1, 1024, 80)
-    got = layers._attention_fused(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=2)
-    err, err_sdpa = _errors(got, q, k, v, 2)
-    assert err < 2 * err_sdpa, (err, err_sdpa)
-
-
-@pytest.mark.parametrize("n, m", [(4096, 4096), (4096, 77), (256, 77)])
-def test_with_amx_bf16_attention_is_sdpa(monkeypatch, n, m):
-    """Where the CPU has AMX tiles, torch's SDPA kernel is the fastest bf16 attention (benchmarks/attention.py):
-    no oneDNN path is taken."""
-    monkeypatch.setattr(layers, "_amx", lambda: True)
-    calls = _spy(monkeypatch, ["_attention_fused", "_attention_batched"])
-    sdpa_calls = []
-    real = F.scaled_dot_product_attention
-    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a, **kw: sdpa_calls.append(1) or real(*a, **kw))
-    torch.manual_seed(0)
-    q, k, v = torch.randn(1, n, 80), torch.randn(1, m, 80), torch.randn(1, m, 80)
-    got = layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=2)
-    assert calls == [] and sdpa_calls == [1]
-    err, err_sdpa = _errors(got, q, k, v, 2)
-    assert err == err_sdpa
-
-
-@fused
-def test_a_traced_graph_keeps_sdpa():
-    """OpenVINO converts plainsd's UNet from a trace: the oneDNN ops (which it cannot read) stay out of it."""
-    q, k, v = (torch.randn(1, 1024, 80).bfloat16() for _ in range(3))
-    with torch.no_grad():
-        graph = str(torch.jit.trace(lambda q, k, v: layers.attention(q, k, v, heads=2), (q, k, v)).graph)
-    assert "scaled_dot_product_attention" in graph and "mkldnn" not in graph
-
-
-@fused
-def test_fused_attention_takes_strided_inputs():
-    """[B, N, C] views of [B, C, N] tensors (as the VAE's attention makes them) give the contiguous answer."""
-    torch.manual_seed(3)
-    q, k, v = (torch.randn(2, 80, 1024).bfloat16().transpose(1, 2) for _ in range(3))
-    assert not q.is_contiguous()
-    got = layers._attention_fused(q, k, v, heads=2)
-    ref = layers._attention_fused(q.contiguous(), k.contiguous(), v.contiguous(), heads=2).float()
-    assert ((got.float() - ref).norm() / ref.norm()).item() < 1e-3  # (the bound's float sums in another order)
-
-
-@fused
-def test_fused_attention_keeps_the_shift_exact_for_scores_in_the_thousands():
-    """Two keys whose scores, near 3000, differ by about one: their weights must keep the ratio e. A shift
-    rounded to one bf16 number (spacing 16 there) would leave some rows' largest exponent near 0, where the
-    sigmoid is no exponential; the shift's second column keeps it exact."""
-    n = m = 512
-    torch.manual_seed(4)
-    q = torch.zeros(1, n, 40)
-    q[0, :, 0], q[0, :, 1] = torch.linspace(100, 140, n), 1.0
-    k, v = torch.randn(1, m, 40) * 0.5, torch.randn(1, m, 40)
-    k[0, :2] = 0.0
-    k[0, :2, 0], k[0, 1, 1] = 148.0, -6.3125  # scores q0 * 148 / sqrt(40) and about 1 less
-    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    worst = lambda o: ((o.float() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()  # noqa: E731
-    # the worst row: three bf16 roundings (P, S, O) against SDPA's one, 0.4-0.6%; with the shift in one bf16
-    # column, 1.7% and more
-    assert worst(layers.attention(q, k, v, heads=1)) < 0.01
-
-
-@fused
-def test_fused_attention_bound_holds_where_the_keys_share_a_large_offset():
-    """Keys far from the origin (all at 200 along one axis, spread along another): q . c is in the thousands,
-    where a bf16 product is off by up to 8. The bound must stay above every query's largest score; below it,
-    the top exponents come near 0, where the sigmoid is no exponential."""
-    n = m = 512
-    torch.manual_seed(5)
-    q, k, v = torch.zeros(1, n, 40), torch.zeros(1, m, 40), torch.randn(1, m, 40)
-    q[0, :, 0], q[0, :, 1] = torch.linspace(12, 16, n) * 40 ** 0.5, 1000 * 40 ** 0.5  # (q is scaled by 1/sqrt(d))
-    k[0, :, 0], k[0, :, 1] = 200.0, torch.linspace(-1, 1, m)  # neighbouring keys' scores about 4 apart
-    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    got = layers._attention_fused(q, k, v, heads=1)
-    # the worst row: 0.3-0.4% (1.7% with a bound whose q . c came from a bf16 product, rounding not allowed for)
-    assert ((got.float() - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item() < 0.01
-
-
-def _far_key_case(see_it):
-    """One key far out along a direction the queries in see_it point at and the others ignore: for those the
-    bound |q| max|k - c| is ~200 above their real scores, and every exponential would underflow."""
-    torch.manual_seed(2)
-    q, k, v = torch.randn(1, 512, 40), torch.randn(1, 512, 40) * 0.1, torch.randn(1, 512, 40)
-    k[0, 0, 0] = 200.0
-    q[0, :, 0] = 0.0
-    q[0, see_it, 0] = 30.0
-    return q, k, v
-
-
-@fused
-@pytest.mark.parametrize("see_it, exact_rows", [
-    (slice(0, None, 2), [256]),  # the sampled queries (every 16th) are tight: odd rows underflow, done again
-    (slice(1, None, 2), [512]),  # the sampled ones are loose: the whole head takes the exact maximum at once
-])
-def test_fused_attention_takes_the_exact_maximum_where_the_bound_is_loose(monkeypatch, see_it, exact_rows):
-    q, k, v = _far_key_case(see_it)
-    rows = []
-    real = layers._exact_shift
-    monkeypatch.setattr(layers, "_exact_shift", lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
-    got = layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=1)
-    assert rows == exact_rows
-    err, err_sdpa = _errors(got, q, k, v, 1)
-    assert err < 2 * err_sdpa, (err, err_sdpa)
-
-
-@fused
-def test_without_the_exact_maximum_the_far_key_case_fails(monkeypatch):
-    """The case above is a real one: with the bound alone, the odd rows are 0/0."""
-    q, k, v = _far_key_case(slice(0, None, 2))
-    monkeypatch.setattr(layers, "_MIN_SUM", 0.0)
-    assert torch.isnan(layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=1)[0, 1::2]).all()
-
-
-@fused
-def test_the_bound_is_tight_on_a_trained_unet(monkeypatch):
-    """The shipped model at 256x256 (1024 tokens in its UNet's first level, heads of 16, and in its VAE's
-    single head of 128): trained keys are no isotropic cloud, and the UNet's bound leaves no query to the
-    exact maximum. (Cauchy-Schwarz is looser for the VAE's one wide head; that may take the exact path.)"""
-    import plainsd
-    from plainsd import runtime
-    from plainsd.pipeline import txt2img
-
-    fused_calls, exact = [], []
-    real_fused, real_exact = layers._attention_fused, layers._exact_shift
-    monkeypatch.setattr(layers, "_attention_fused", lambda q, k, v, heads, *a: fused_calls.append(q.shape[2] // heads)
-                        or real_fused(q, k, v, heads, *a))
-    monkeypatch.setattr(layers, "_exact_shift", lambda x, kp, d, m: exact.append(d) or real_exact(x, kp, d, m))
-    sd = runtime.prepare(plainsd.load(dtype=torch.bfloat16))
-    txt2img(sd, "a red circle and a blue square", steps=3, seed=1, width=256, height=256)
-    assert fused_calls.count(16) >= 8 and 16 not in exact
-
-
-def test_float32_and_training_keep_sdpa(monkeypatch):
-    torch.manual_seed(0)
-    calls = []
-    real_sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append("sdpa") or real_sdpa(*a, **kw))
-    q, k, v = torch.randn(2, 1024, 80), torch.randn(2, 1024, 80), torch.randn(2, 1024, 80)
-    layers.attention(q, k, v, heads=2)  # float32
-    qg = q.bfloat16().requires_grad_()
-    layers.attention(qg, k.bfloat16(), v.bfloat16(), heads=2).float().sum().backward()  # gradients needed
-    assert calls == ["sdpa", "sdpa"] and qg.grad is not None
+    q, k, v = (torch.randn(2, 64, 32).to(dtype) for _ in range(3))
+    split = [t.reshape(2, 64, 4, 8).transpose(1, 2) for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*split, is_causal=causal).transpose(1, 2).reshape(2, 64, 32)
+    assert torch.equal(layers.attention(q, k, v, heads=4, causal=causal), expected)
+    if not causal:  # (CrossAttention's is not)
+        assert torch.equal(layers.CrossAttention(32, None, heads=4).attend(q, k, v), expected)
 
 
 def test_geglu_in_place_at_inference_gives_the_same_numbers_and_training_keeps_its_gradient():

@@ -56,8 +56,13 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         y = self.norm(x)
         q, k, v = (p(y).flatten(2).transpose(1, 2) for p in (self.q, self.k, self.v))  # [B, HW, C]
-        y = attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
+        y = self.attend(q, k, v).transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(y)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Single-head attention of [B, HW, C] queries, keys and values (on its own method so that a prepared
+        model can run it another way: runtime/attention.py)."""
+        return attention(q, k, v, heads=1)
 
 
 class Downsample(nn.Module):

@@ -1,12 +1,6 @@
-"""Precision and backends: bf16 where native, float32 on request, the OpenVINO-compiled UNet, all within
-bf16 tolerance of the float32 reference; the compiled model is cached on disk and follows weight changes."""
+"""Packed weights: the plain layers' numbers (bit for bit where oneDNN allows), back to plain on demand, a
+convolution's layout following its input's shape, LoRA on packed layers."""
 
-import platform
-import shutil
-import subprocess
-import sys
-
-import numpy as np
 import pytest
 import torch
 
@@ -15,178 +9,11 @@ from tests.reference import perturb
 from plainsd import runtime
 from plainsd.models.layers import GEGLU
 from plainsd.pipeline import txt2img
+from plainsd.runtime import packing
 
 
 def _model(seed=0):
     return perturb(plainsd.build("tiny", seed=seed), seed)  # no zero-initialised layer hides a difference
-
-
-def _pixels(result):
-    return np.asarray(result.images[0], dtype=np.float64)
-
-
-def test_choose_dtype(monkeypatch):
-    assert runtime.choose_dtype("fp32") == torch.float32
-    assert runtime.choose_dtype("bf16") == torch.bfloat16
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
-    assert runtime.choose_dtype("auto") == torch.bfloat16
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "fma"})  # bf16 would be emulated: slower
-    assert runtime.choose_dtype("auto") == torch.float32
-    with pytest.raises(ValueError, match="unknown precision 'fp16'; known: auto, bf16, fp32"):
-        runtime.choose_dtype("fp16")
-    with pytest.raises(ValueError, match="unknown backend"):
-        runtime.prepare(_model(), backend="tensorrt")
-
-
-def test_bf16_path_within_tolerance_of_fp32():
-    sd = _model()
-    exact = txt2img(sd, "a red circle", steps=6, seed=3, cfg_scale=5)
-    torch.set_flush_denormal(False)
-    runtime.prepare(sd, precision="bf16")
-    assert sd.unet.dtype == torch.bfloat16 and sd.vae.dtype == torch.bfloat16
-    if torch.set_flush_denormal(True):  # (where the CPU can flush denormals) prepare turned it on
-        torch.set_flush_denormal(False)
-        runtime.prepare(sd)
-        assert (torch.tensor(1e-39) * 1).item() == 0.0
-    assert sd.unet.input_blocks[1][0].in_layers[2].weight.is_contiguous(memory_format=torch.channels_last)
-    fast = txt2img(sd, "a red circle", steps=6, seed=3, cfg_scale=5)
-    diff = np.abs(_pixels(exact) - _pixels(fast))
-    assert diff.mean() < 3.0 and diff.max() < 64, (diff.mean(), diff.max())  # of 255
-
-
-_ALLOCATIONS = """
-import resource, sys, torch
-from plainsd import runtime
-if sys.argv[1] == "keep":
-    assert runtime.keep_freed_memory()
-def round_():  # tensors of 1 to 20 MB, as a UNet step's
-    blocks = [torch.ones(n) for n in (1 << 18, 1 << 20, 3 << 20, 1 << 22, 5 << 20, 1 << 20, 1 << 22)]
-round_()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-round_()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory tunes glibc's malloc only")
-def test_freed_memory_is_reused_without_page_faults():
-    # (in fresh processes: the setting is for the whole process, and this one has it already)
-    def faults(mode):
-        run = subprocess.run([sys.executable, "-c", _ALLOCATIONS, mode], capture_output=True, text=True, check=True)
-        return int(run.stdout)
-    # 73 MB of tensors allocated a second time: glibc's defaults give them fresh pages (18k+ page faults);
-    # kept, 0-256 (now and then one block's 4096)
-    default, keep = faults("default"), faults("keep")
-    assert default > 10_000 and keep < default / 4, (default, keep)
-
-
-_RELEASE = """
-import torch
-from plainsd import runtime
-def rss_mb():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
-runtime.keep_freed_memory()
-blocks = [torch.ones(4 << 20) for _ in range(16)]  # 256 MB in blocks of 16 MB
-del blocks
-kept = rss_mb()
-runtime.release_freed_memory()
-print(kept - rss_mb())
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory tunes glibc's malloc only")
-def test_kept_memory_is_released_before_decoding():
-    released = int(subprocess.run([sys.executable, "-c", _RELEASE], capture_output=True, text=True, check=True).stdout)
-    assert released > 200, released  # MB of the 256 freed
-
-
-def test_openvino_backend_matches_eager_and_caches(tmp_path, monkeypatch):
-    import openvino as ov  # a test extra: a missing one fails here rather than skipping
-    sd = _model(1)
-    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([900.0, 900.0]), torch.randn(2, 77, 128)
-    with torch.no_grad():
-        reference = sd.unet(x, t, c)
-    runtime.prepare(sd, backend="openvino", cache_dir=tmp_path)
-    out = sd.backend(x, t, c)
-    assert (out - reference).abs().max() < 1e-4 * reference.abs().max()
-    assert len(list(tmp_path.glob("*/unet.xml"))) == 1
-
-    assert len(list(tmp_path.glob("*/*.blob"))) == 1  # the compiled model of this input shape, exported
-
-    # a second process (here: a second backend) imports that compiled model: nothing converted or compiled
-    monkeypatch.setattr(ov, "convert_model", lambda *a, **k: pytest.fail("converted again despite the cache"))
-    monkeypatch.setattr(ov.Core, "compile_model", lambda *a, **k: pytest.fail("compiled again despite the cache"))
-    again = runtime.OpenVINOUNet(sd.unet, tmp_path)
-    assert torch.equal(again(x, t, c), out)
-    monkeypatch.undo()
-
-    # a conversion made by other code (the networks' source changed since) is not reused
-    other = tmp_path / "other"
-    runtime.OpenVINOUNet(sd.unet, other)(x, t, c)
-    monkeypatch.setattr(runtime, "code_version", lambda: "other code")
-    assert torch.equal(runtime.OpenVINOUNet(sd.unet, other)(x, t, c), out)
-    assert len(list(other.glob("*/unet.xml"))) == 2
-    monkeypatch.undo()
-    shutil.rmtree(other)
-
-    # a blob this OpenVINO cannot read (another version's, a damaged one) is compiled afresh and replaced
-    blob = next(tmp_path.glob("*/*.blob"))
-    blob.write_bytes(b"not a compiled model")
-    assert torch.equal(runtime.OpenVINOUNet(sd.unet, tmp_path)(x, t, c), out)
-    assert blob.stat().st_size > 1000 and not list(tmp_path.glob("*/*.tmp"))
-
-    # a disk that cannot take the compiled model costs a warning, not the result (and leaves no partial file)
-    blob.unlink()
-    def refuse(*a):
-        raise OSError("No space left on device")
-    monkeypatch.setattr(runtime.os, "replace", refuse)
-    with pytest.warns(UserWarning, match="could not keep the compiled model"):
-        assert torch.equal(runtime.OpenVINOUNet(sd.unet, tmp_path)(x, t, c), out)
-    assert not list(tmp_path.glob("*/*.blob")) and not list(tmp_path.glob("*/*.tmp"))
-    monkeypatch.undo()
-
-    # weights changed in place (as a LoRA does for one run): the compiled model follows
-    with torch.no_grad():
-        sd.unet.out[2].weight.mul_(2)
-        changed = sd.unet(x, t, c)
-    assert (sd.backend(x, t, c) - changed).abs().max() < 1e-4 * changed.abs().max()
-
-    # bf16: within bf16 tolerance of the float32 reference
-    runtime.prepare(sd, backend="openvino", cache_dir=tmp_path, precision="bf16")
-    with torch.no_grad():
-        sd.unet.out[2].weight.div_(2)
-    bf = sd.backend(x, t, c)
-    assert (bf - reference).abs().max() < 0.08 * reference.abs().max()
-
-
-def test_openvino_backend_in_generation(tmp_path):
-    sd = _model(2)
-    eager = txt2img(sd, "a blue square", steps=5, seed=1, cfg_scale=4)
-    runtime.prepare(sd, backend="openvino", cache_dir=tmp_path)
-    compiled = txt2img(sd, "a blue square", steps=5, seed=1, cfg_scale=4)
-    assert np.abs(_pixels(eager) - _pixels(compiled)).max() <= 2
-
-
-def test_the_openvino_cache_drops_its_least_recently_used_models_beyond_its_limit(tmp_path, monkeypatch):
-    import os
-
-    for age, name in enumerate(["newest", "middle", "oldest", "inuse"]):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "unet.xml").write_bytes(b"x" * 1000)
-        os.utime(tmp_path / name, (1e9 - age * 100, 1e9 - age * 100))
-    (tmp_path / "half.123.tmp").mkdir()  # another process's conversion in progress: not the cache's to judge
-    (tmp_path / "half.123.tmp" / "unet.xml").write_bytes(b"x" * 5000)
-    # 4000 bytes of models; a 2500-byte limit drops the two least recently used, except the one in use
-    assert runtime.prune_cache(tmp_path, 2500, keep="inuse") == ["oldest", "middle"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["half.123.tmp", "inuse", "newest"]
-    assert runtime.prune_cache(tmp_path, 2500, keep="inuse") == []  # within the limit now
-    monkeypatch.setenv("PLAINSD_OPENVINO_CACHE_GB", "0.5")
-    assert runtime.cache_limit() == 2**29
-    monkeypatch.setenv("PLAINSD_OPENVINO_CACHE_GB", "lots")
-    with pytest.raises(ValueError, match="must be a number of gigabytes, not 'lots'"):
-        runtime.cache_limit()
 
 
 needs_packing = pytest.mark.skipif(not runtime.packing_available(), reason="torch's oneDNN ops for packed bf16 weights "
@@ -219,7 +46,7 @@ def test_packed_layers_give_the_plain_layers_numbers(dtype):
                   (s if len(s) == 3 else (*s, 0) for s in shapes)]
         with torch.no_grad():
             expected = [layer(x) for x in inputs]
-        assert runtime.pack_weights(layer) == 1 and isinstance(layer, runtime._Packed)
+        assert runtime.pack_weights(layer) == 1 and isinstance(layer, packing._Packed)
         with torch.no_grad():
             got = [layer(x) for x in inputs]
         for g, e in zip(got, expected):
@@ -230,7 +57,7 @@ def test_packed_layers_give_the_plain_layers_numbers(dtype):
                 g, e = g.float(), e.float()
                 assert ((g - e).abs() <= e.abs() * 2 * eps + 8 * eps * e.abs().max()).all(), layer
         if conv and layer.kernel_size != (1, 1):
-            assert layer.packed_for == runtime._layout_key(inputs[-1]) and layer.packed[0].is_mkldnn
+            assert layer.packed_for == packing._layout_key(inputs[-1]) and layer.packed[0].is_mkldnn
         assert "weight" not in dict(layer.named_parameters())  # no second copy of the weight is kept
         assert torch.equal(layer.state_dict()["weight"], plain_weight) and list(layer.state_dict()) == (
             ["weight", "bias"] if layer.bias is not None else ["weight"])
@@ -243,7 +70,7 @@ def test_a_repacked_convolution_hands_the_freed_memory_back_once_per_shape(monke
     """Repacking (a convolution's first call at a size) frees the weight it replaces: malloc is asked to hand
     that memory back then (it kept a 512x512 step's peak 0.35 GB lower), and only then: not on every call."""
     trims = []
-    monkeypatch.setattr(runtime, "release_freed_memory", lambda: trims.append(1))
+    monkeypatch.setattr(packing, "release_freed_memory", lambda: trims.append(1))
     layer = torch.nn.Conv2d(32, 32, 3, padding=1).to(torch.bfloat16)
     runtime.pack_weights(layer)
     plain = layer.packed[0]
@@ -263,7 +90,7 @@ def test_a_bf16_convolution_keeps_its_layout_when_only_the_batch_size_changes(mo
     """A guided sampler whose guidance stops part of the way runs batch 2, then batch 1: in bf16 that must not
     repack the whole UNet (a second a time at 512x512); float32 layouts depend on the batch, so they repack."""
     trims = []
-    monkeypatch.setattr(runtime, "release_freed_memory", lambda: trims.append(1))
+    monkeypatch.setattr(packing, "release_freed_memory", lambda: trims.append(1))
     torch.manual_seed(0)
     layer = torch.nn.Conv2d(32, 32, 3, padding=1).to(dtype)
     x = torch.randn(2, 32, 12, 12).to(dtype).contiguous(memory_format=torch.channels_last)
@@ -308,7 +135,7 @@ def test_packed_unet_within_bf16_tolerance_and_back_to_plain_on_demand():
         plain = sd.to(torch.bfloat16).unet(x, t, c).float()
         state = {k: v.clone() for k, v in sd.unet.state_dict().items()}
         runtime.prepare(sd)  # eager bf16: packed
-        packed_layers = [m for m in sd.unet.modules() if isinstance(m, runtime._Packed)]
+        packed_layers = [m for m in sd.unet.modules() if isinstance(m, packing._Packed)]
         assert len(packed_layers) > 50 and any(isinstance(m, runtime.PackedGEGLU) for m in sd.unet.modules())
         packed = sd.unet(x, t, c).float()
     err = lambda y: ((y - exact).norm() / exact.norm()).item()
@@ -321,7 +148,7 @@ def test_packed_unet_within_bf16_tolerance_and_back_to_plain_on_demand():
     assert xg.grad is not None and xg.grad.abs().sum() > 0
     # .float() unpacks: the float32 model is the bf16 one, exactly
     sd.float()
-    assert not any(isinstance(m, (runtime._Packed, runtime.PackedGEGLU)) for m in sd.unet.modules())
+    assert not any(isinstance(m, (packing._Packed, runtime.PackedGEGLU)) for m in sd.unet.modules())
     assert all(torch.equal(v.float(), state[k].float()) for k, v in sd.unet.state_dict().items())
     runtime.prepare(sd)  # float32: the convolutions and GEGLU's projection packed, the other linear layers plain
     assert not any(isinstance(m, runtime.PackedGEGLU) for m in sd.unet.modules())
@@ -353,3 +180,4 @@ def test_a_lora_on_a_packed_model_equals_it_on_a_plain_one_and_leaves_it_as_it_w
     assert on_packed.tobytes() != plain_run.tobytes()  # and the packed layers did run with them
     assert all(torch.equal(v, before[k]) for k, v in sd.unet.state_dict().items())  # taken off exactly
     assert txt2img(sd, "a circle", **kw).images[0].tobytes() == plain_run.tobytes()
+

@@ -1,0 +1,103 @@
+"""Where and how the networks run on a CPU: precision, memory, packed weights, attention, the compiled path.
+
+    sd = plainsd.load("model.safetensors", dtype=choose_dtype("auto"))   # bf16 where the CPU has it
+    engine = prepare(sd, backend="openvino")                              # optional compiled UNet
+    pipeline.txt2img(engine, "a red circle")                              # what the pipeline is given
+
+One concern a file:
+    precision.py   the networks' dtype: bf16 where the CPU multiplies it natively, float32 elsewhere
+    memory.py      glibc's malloc asked to keep freed memory between UNet steps, and to hand it back
+    packing.py     weights reordered once into oneDNN's layout; how a layer's class is swapped for a faster one
+    attention.py   bf16 attention through oneDNN on CPUs without AMX (the same class swap)
+    openvino.py    the UNet converted and compiled by OpenVINO, kept on disk
+The networks in models/ stay plain PyTorch; prepare() is what turns these on for a loaded model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .attention import use_plain_attention, use_runtime_attention
+from .memory import keep_freed_memory, release_freed_memory
+from .openvino import OpenVINOUNet, cache_limit, code_version, default_cache_dir, fingerprint, prune_cache
+from .packing import (PackedConv2d, PackedGEGLU, PackedLinear, pack_weights, packing_available, set_weight,
+                      unpack_weights)
+from .precision import PRECISIONS, choose_dtype, cpu_flags, native_bf16
+from ..weights import load_tiny_decoder
+
+BACKENDS = ("eager", "openvino")
+
+
+class Engine:
+    """A model ready to generate on this machine, and what runs its networks: what the pipeline is given.
+
+    engine.sd is the model; engine.unet is what a sampler calls as unet(x, t, context): the model's own UNet
+    (backend "eager", its weights packed by prepare) or the UNet compiled by OpenVINO. tiny_decoder() is fast
+    mode's TAESD decoder: the one given, else the file beside the checkpoint (loaded on first use), else None.
+    """
+
+    def __init__(self, sd, backend: str = "eager", unet=None, tiny_decoder=None):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+        self.sd, self.backend = sd, backend
+        self.unet = unet if unet is not None else sd.unet
+        self._tiny = tiny_decoder
+
+    def tiny_decoder(self):
+        if self._tiny is None and self.sd.tiny_decoder_path:
+            self._tiny = load_tiny_decoder(self.sd.tiny_decoder_path, self.sd.vae.dtype)
+        return self._tiny
+
+    def use_tiny_decoder(self, decoder, name: str = "the tiny decoder") -> None:
+        """Decode fast mode's pictures with this TAESD decoder (checked against the model's latents)."""
+        if decoder.latent_channels != self.sd.config.vae.z_channels:
+            raise ValueError(f"{name} decodes {decoder.latent_channels}-channel latents; this model's "
+                             f"have {self.sd.config.vae.z_channels}")
+        self._tiny = decoder.to(self.sd.vae.dtype)
+
+    def __repr__(self) -> str:
+        return f"Engine({self.sd!r}, backend={self.backend!r})"
+
+
+def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = None,
+            precision: str | None = None) -> Engine:
+    """Get a loaded model ready to generate: channels-last convolutions, the chosen backend, the attention this
+    CPU runs best (use_runtime_attention), and on the eager path the weights of the UNet and the VAE packed for
+    oneDNN (pack_weights). The eager bf16 path also turns on torch.set_flush_denormal for the process (denormal
+    floats become zero), and every path asks the C library to keep freed memory for reuse (keep_freed_memory).
+    Returns the Engine the pipeline runs.
+
+    precision: cast the networks (None keeps the dtype the model was loaded in).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if precision is not None:
+        sd.to(choose_dtype(precision))
+    # oneDNN's convolutions run fastest on NHWC; plain float32 too, so this holds for every precision.
+    sd.unet.to(memory_format=torch.channels_last)
+    sd.vae.to(memory_format=torch.channels_last)
+    unet = OpenVINOUNet(sd.unet, cache_dir) if backend == "openvino" else None
+    # every backend: the VAE runs eagerly under OpenVINO too, and a traced UNet keeps SDPA (runtime/attention.py)
+    use_runtime_attention(sd.unet)
+    use_runtime_attention(sd.vae)
+    if backend == "eager":
+        pack_weights(sd.unet)  # (what the dtype and this torch allow: pack_weights)
+        pack_weights(sd.vae)
+    if backend == "eager" and sd.unet.dtype == torch.bfloat16:
+        # bf16 inference: numbers below float32's 1.2e-38 carry nothing here, and the fused attention's
+        # exponentials that underflow into that range run slower as denormals (runtime/attention._attention_fused)
+        torch.set_flush_denormal(True)
+    keep_freed_memory()
+    return Engine(sd, backend, unet)
+
+
+__all__ = [
+    "BACKENDS", "Engine", "prepare",
+    "PRECISIONS", "choose_dtype", "cpu_flags", "native_bf16",
+    "keep_freed_memory", "release_freed_memory",
+    "PackedConv2d", "PackedGEGLU", "PackedLinear", "pack_weights", "packing_available", "set_weight", "unpack_weights",
+    "use_plain_attention", "use_runtime_attention",
+    "OpenVINOUNet", "cache_limit", "code_version", "default_cache_dir", "fingerprint", "prune_cache",
+]

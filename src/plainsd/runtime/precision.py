@@ -1,0 +1,42 @@
+"""The networks' number format: bfloat16 where the CPU multiplies it natively, float32 elsewhere.
+
+bf16 runs SD's convolutions and matrix products several times faster than float32 where the CPU has the
+avx512_bf16 or AMX instructions (benchmarks/results.md, benchmarks/results-amx.md); without them it is
+emulated and slower than float32. The weights and activations of the networks take the chosen dtype; latents,
+sigmas and all sampler maths stay float32 (the denoiser casts at the network's door).
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+PRECISIONS = ("auto", "bf16", "fp32")
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16() -> bool:
+    """True where the CPU computes in bfloat16 natively (x86 avx512_bf16 or AMX; Apple/ARM bf16 not assumed)."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}) and platform.machine() in ("x86_64", "AMD64")
+
+
+def choose_dtype(precision: str = "auto") -> torch.dtype:
+    """The networks' dtype for a precision setting: "auto" (bf16 where native, else fp32), "bf16" or "fp32"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    return _DTYPES[precision]
