@@ -146,7 +146,7 @@ def test_checks_with_stand_in_painters(monkeypatch):
     assert metrics.concept_rate(None, "a sks star", "star", n=3) == 1.0
     assert metrics.concept_rate(None, "a circle", "star", n=3) == 0.0
     monkeypatch.setattr(pipeline, "img2img", lambda sd, image, prompt, **k: R(image))  # keeps its input exactly
-    assert metrics.img2img_keeps(None, n=6) == 1.0
+    assert metrics.img2img_keeps(plainsd.build("tiny"), n=6) == 1.0  # (the model gives the picture size only)
 
 
 def test_eval_checks_on_a_tiny_model(tmp_path, capsys):
