@@ -118,7 +118,7 @@ def _call(sd, prompt: str, negative_prompt: str, kwargs: dict) -> Result:
 def recommended(sd: StableDiffusion | Engine) -> dict:
     """The settings a request that leaves them out gets: the model's own recommendations (sd.defaults), then
     DEFAULTS."""
-    return {**DEFAULTS, **as_engine(sd).sd.defaults}
+    return {**DEFAULTS, **(sd.sd if isinstance(sd, Engine) else sd).defaults}
 
 
 def as_engine(sd: StableDiffusion | Engine) -> Engine:
@@ -131,8 +131,8 @@ def as_engine(sd: StableDiffusion | Engine) -> Engine:
 def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
              callback: Callable[[StepInfo], None] | None = None, interrupt: Callable[[], bool] | None = None,
              skip: Callable[[], bool] | None = None, progress: bool = False, record_steps: bool = False) -> Result:
-    """Run a request: 1. settings, 2. conditioning, 3. start latents and mask, 4. the passes of each batch,
-    5. decode, 6. infotext. callback(StepInfo) after each step; interrupt() -> True stops and returns what there
+    """Run a request: 1. settings, 2. the start (an init image's latents, a mask), 3. the passes with their
+    conditioning, 4. each batch's noise and passes, 5. decode, 6. infotext. callback(StepInfo) after each step; interrupt() -> True stops and returns what there
     is; skip() -> True ends the batch early and goes on with the next; progress: a bar per step; record_steps:
     one decoded frame per step (Result.frames)."""
     engine = as_engine(sd)
@@ -141,7 +141,8 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
     loras = lora_mod.resolve(extract_loras(request.prompt)[1], request.lora_dir)
     embeddings = load_embeddings(request.embeddings_dir, sd) if request.embeddings_dir is not None else None
     with lora_mod.applied(sd, loras):
-        params, run = _settings(engine, request)
+        request, params, run = _settings(engine, request)
+        _start(sd, request, run)
         first = _first_pass(engine, request, params, run, embeddings)
         second = _second_pass(engine, request, params, run, first, embeddings) if request.hires else None
         hooks = _Hooks(callback, interrupt, skip, progress, record_steps,
@@ -181,8 +182,9 @@ class _Run:
     paste: tuple[Image.Image, Image.Image] | None = None  # (the resized original, the blurred mask)
 
 
-def _settings(engine: Engine, req: GenerationRequest) -> tuple[Parameters, _Run]:
-    """1. The request with the model's recommendations filled in, the sampler and its sigmas, and the start."""
+def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest, Parameters, _Run]:
+    """1. The request with the model's recommendations filled in, what the run will use, the sampler and its
+    sigmas."""
     sd = engine.sd
     chosen = recommended(sd)
     steps = chosen["steps"] if req.steps is None else req.steps
@@ -212,23 +214,14 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[Parameters, _Run]
         deepcache=fast.deepcache_interval if deepcache else None, tiny_decoder=tiny is not None,
         token_merging=req.token_merging or None, hires=hires,
         hires_sampler=hr_info.name if hires else None, hires_schedule=hr_schedule)
-    if hires is not None:
-        _check_size(sd, *hires.final_size(width, height, sd.config.vae.factor))
     factor = sd.config.vae.factor
     run = _Run(info, _denoiser(sd).get_sigmas(steps, schedule), hr_info,
                (sd.config.vae.z_channels, height // factor, width // factor), fast, tiny)
-    _start(sd, req, run)
-    return params, run
-
-
-def _check_size(sd: StableDiffusion, width: int, height: int):
-    f = sd.config.vae.factor
-    if width % f or height % f or width < f or height < f:
-        raise ValueError(f"width and height must be positive multiples of {f}, got {width}x{height}")
+    return req, params, run
 
 
 def _start(sd: StableDiffusion, req: GenerationRequest, run: _Run) -> None:
-    """3. img2img and inpainting: the init image's latents, the sigmas its strength leaves, and the mask."""
+    """2. img2img and inpainting: the init image's latents, the sigmas its strength leaves, and the mask."""
     device = _device(sd)
     native_inpaint = sd.config.unet.in_channels == 9
     if req.init_image is None:
@@ -237,8 +230,7 @@ def _start(sd: StableDiffusion, req: GenerationRequest, run: _Run) -> None:
     init = imgs.resize(req.init_image, req.width, req.height, req.resize_mode)
     with torch.no_grad():
         run.init_latent = sd.vae.encode(imgs.to_tensor(init).to(device)).mode() * sd.config.scale_factor
-    run_steps = int(req.steps * req.strength)
-    run.sigmas = run.sigmas[req.steps - run_steps:] if run_steps > 0 else run.sigmas[-1:]
+    run.sigmas = _last_part(run.sigmas, req.steps, req.strength)
     if req.mask is None:
         run.concat = _paint_everything(sd, req.width, req.height, device) if native_inpaint else None
         return
@@ -271,8 +263,15 @@ class Pass:
     upscale: tuple | None = None      # the hires fix: (upscaler, width, height, crop_x, crop_y) for _upscale
 
 
+def _last_part(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
+    """The sigmas an img2img strength leaves of a schedule of `steps`: from int(steps * strength) steps before
+    the end (none: just the final 0). (Counted from the steps asked for: a schedule may have a few more.)"""
+    run = int(steps * strength)
+    return sigmas[steps - run:] if run > 0 else sigmas[-1:]
+
+
 def _first_pass(engine: Engine, req: GenerationRequest, params: Parameters, run: _Run, embeddings) -> Pass:
-    """2. The first pass: the prompt's conditioning and what runs the UNet over the run's sigmas."""
+    """3. The first pass: the prompt's conditioning and what runs the UNet over the run's sigmas."""
     cond, uncond = _conditioning(engine.sd, extract_loras(req.prompt)[0], req.negative_prompt, req, embeddings)
     keep = (run.init_latent, run.keep) if run.keep is not None else None
     return Pass(run.sampler, run.sigmas, cond, uncond if params.cfg_scale != 1.0 else None, params.cfg_scale,
@@ -285,13 +284,12 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
     """The hires fix's pass at the larger size: the last `strength` of its own steps, its own prompt if any."""
     sd, hires = engine.sd, req.hires
     steps = hires.steps or params.steps
-    sigmas = _denoiser(sd).get_sigmas(steps, params.hires_schedule)
-    run_steps = int(steps * hires.strength)
-    sigmas = sigmas[steps - run_steps:] if run_steps > 0 else sigmas[-1:]
-    prompt = extract_loras(hires.prompt)[0] if hires.prompt else extract_loras(req.prompt)[0]  # (the prompt's LoRAs apply)
+    sigmas = _last_part(_denoiser(sd).get_sigmas(steps, params.hires_schedule), steps, hires.strength)
+    text = extract_loras(req.prompt)[0]
+    prompt = extract_loras(hires.prompt)[0] if hires.prompt else text  # (the first prompt's LoRAs apply)
     negative = hires.negative_prompt or req.negative_prompt
     cond, uncond = first.cond, first.uncond
-    if (prompt, negative) != (extract_loras(req.prompt)[0], req.negative_prompt):
+    if (prompt, negative) != (text, req.negative_prompt):
         cond, uncond = _conditioning(sd, prompt, negative, req, embeddings)
         uncond = uncond if params.cfg_scale != 1.0 else None
     factor = sd.config.vae.factor
@@ -304,7 +302,7 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
 
 
 def _conditioning(sd: StableDiffusion, prompt: str, negative: str, req: GenerationRequest, embeddings):
-    """2. One prompt for the whole batch: encoded once, its states repeated for each image."""
+    """One prompt for the whole batch: encoded once, its states repeated for each image."""
     cond, uncond = encode_pair(sd.tokenizer, sd.text_encoder, [prompt], [negative], req.clip_skip, embeddings)
     device = _device(sd)
     return cond.repeat(req.batch_size, 1, 1).to(device), uncond.repeat(req.batch_size, 1, 1).to(device)

@@ -161,12 +161,11 @@ class GenerationRequest:
             if self.init_image is not None:
                 raise ValueError("hires fix is for txt2img; img2img draws at the width and height it is given")
             self.hires.check(self.sampler or DEFAULTS["sampler"], self.schedule)
+            if self.width and self.height:
+                _check_size(*self.hires.final_size(self.width, self.height, factor), factor)
 
     def _check_numbers(self, factor: int) -> None:
-        for side in (self.width, self.height):
-            if side is not None and (side < factor or side % factor):
-                raise ValueError(f"width and height must be positive multiples of {factor}, "
-                                 f"got {self.width}x{self.height}")
+        _check_size(self.width, self.height, factor)
         if self.steps is not None and not 1 <= self.steps <= 1000:
             raise ValueError(f"steps must be between 1 and 1000, got {self.steps}")
         if self.batch_size < 1 or self.batch_count < 1:
@@ -194,6 +193,13 @@ class GenerationRequest:
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
+
+
+def _check_size(width: int | None, height: int | None, factor: int) -> None:
+    """Width and height (None: chosen later) in whole latents."""
+    for side in (width, height):
+        if side is not None and (side < factor or side % factor):
+            raise ValueError(f"width and height must be positive multiples of {factor}, got {width}x{height}")
 
 
 def _sampler(name: str, schedule: str | None):

@@ -602,7 +602,7 @@ def save(sd: StableDiffusion, path: str | os.PathLike, dtype: torch.dtype | None
     state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in original_state_dict(sd).items()}
     metadata = {"format": "pt", "plainsd.config": sd.config.to_json(), "plainsd.prediction": sd.config.prediction}
-    if getattr(sd, "defaults", None):
+    if sd.defaults:
         metadata["plainsd.defaults"] = json.dumps(sd.defaults)
     return write_safetensors(state, path, metadata)
 

@@ -59,12 +59,13 @@ def test_the_steps_compose_to_forward_split_at_any_block():
         assert len(skips) == len(unet.input_blocks) == len(unet.output_blocks)
         assert all(torch.equal(a, b) for a, b in zip(unet.run_input_blocks(x, emb, ctx, stop=2), skips[:2]))
         middle = unet.middle_block(skips[-1], emb, ctx)
-        assert torch.equal(unet.out(unet.run_output_blocks(middle, skips, emb, ctx)), reference)
+        assert torch.equal(unet.out(unet.run_output_blocks(middle, list(skips), emb, ctx)), reference)
         for cut in range(len(unet.output_blocks) + 1):
-            h = unet.run_output_blocks(middle, skips, emb, ctx, stop=cut)
-            # from the cut on, only the skips of the first n - cut input blocks are read
-            h = unet.run_output_blocks(h, skips[: len(skips) - cut], emb, ctx, start=cut)
-            assert torch.equal(unet.out(h), reference), cut
+            rest = list(skips)  # (the output blocks take their skips off the list)
+            h = unet.run_output_blocks(middle, rest, emb, ctx, stop=cut)
+            assert len(rest) == len(skips) - cut  # what is left: the outputs of the first n - cut input blocks
+            h = unet.run_output_blocks(h, rest, emb, ctx, start=cut)
+            assert torch.equal(unet.out(h), reference) and not rest, cut
 
 
 def test_bad_shapes_are_clear(tiny):

@@ -8,6 +8,8 @@ Dropout so that the indices line up.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -216,7 +218,7 @@ class UNetModel(nn.Module):
         """The outputs of input blocks 0 .. stop - 1 (all when None), each fed the one before: the skip
         connections, the last of them the features that go on down."""
         skips = []
-        for block in self.input_blocks[:stop]:
+        for block in itertools.islice(self.input_blocks, stop):
             h = block(h, emb, context)
             skips.append(h)
         return skips
@@ -225,11 +227,10 @@ class UNetModel(nn.Module):
                           start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Output blocks start .. stop - 1 (to the last when None) on the features h entering block `start`.
 
-        Output block j mirrors input block i = n - 1 - j (n blocks each): it reads skips[i], input block i's
-        output, and where it upsamples, to the size of skips[i - 1]; so from `start` on it needs skips[: n - start]."""
-        n = len(self.output_blocks)
-        for j in range(start, n if stop is None else stop):
-            i = n - 1 - j
-            h = torch.cat([h, skips[i]], dim=1)
-            h = self.output_blocks[j](h, emb, context, size=skips[i - 1].shape[-2:] if i else None)
+        Output block j mirrors input block n - 1 - j: each takes the last skip off the list (so that it is freed
+        once used) and, where it upsamples, matches the size of the skip before it. From `start` on the list must
+        hold the outputs of the first n - start input blocks; what the blocks run leaves the rest."""
+        for block in itertools.islice(self.output_blocks, start, stop):
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None)
         return h

@@ -204,20 +204,18 @@ def use_runtime_attention(network: nn.Module) -> int:
     """Give a network's attention layers (the UNet's, the VAE's) this module's attention, by swapping their class
     (module doc). CLIP's attention is causal, which always runs SDPA, and stays as it is. Returns how many layers
     were swapped."""
-    count = 0
-    for module in network.modules():
-        if type(module) in _RUNTIME:
-            module.__class__ = _RUNTIME[type(module)]
-            count += 1
-    return count
+    return _swap(network, _RUNTIME)
 
 
 def use_plain_attention(network: nn.Module) -> int:
     """Undo use_runtime_attention: the models' own SDPA again. Returns how many layers were swapped back."""
-    plain = {swapped: original for original, swapped in _RUNTIME.items()}
+    return _swap(network, {swapped: original for original, swapped in _RUNTIME.items()})
+
+
+def _swap(network: nn.Module, classes: dict[type, type]) -> int:
     count = 0
     for module in network.modules():
-        if type(module) in plain:
-            module.__class__ = plain[type(module)]
+        if type(module) in classes:
+            module.__class__ = classes[type(module)]
             count += 1
     return count

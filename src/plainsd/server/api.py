@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from plainsd.diffusion.samplers import SAMPLERS
 from plainsd.diffusion.schedules import SCHEDULE_LABELS, schedule_label
 from plainsd.fast import choose as choose_fast
-from plainsd.request import IMAGE_UPSCALERS, LATENT_UPSCALERS, GenerationRequest, HiresFix, check_token_merging
-from plainsd.request import check_clip_skip as request_check_clip_skip
+from plainsd.request import (IMAGE_UPSCALERS, LATENT_UPSCALERS, GenerationRequest, HiresFix, check_clip_skip,
+                              check_token_merging)
 from plainsd.pnginfo import parse_infotext, read_parameters
 
 
@@ -195,12 +195,12 @@ def token_merging_ratio(settings: dict, name: str) -> float | None:
     return None if value is None else float(value)
 
 
-def check_clip_skip(settings: dict) -> int | None:
+def clip_skip_setting(settings: dict) -> int | None:
     """A1111's CLIP_stop_at_last_layers setting checked, or None when it is not there."""
     value = settings.get("CLIP_stop_at_last_layers")
     if value is not None:
         try:
-            request_check_clip_skip(value, "CLIP_stop_at_last_layers")
+            check_clip_skip(value, "CLIP_stop_at_last_layers")
         except ValueError as e:
             raise BadRequest(str(e)) from None
     return value
@@ -213,8 +213,8 @@ def generation_request(req: Txt2ImgRequest, kind: str, limits: Limits, options: 
     override_settings take precedence over; backend: what runs the server's UNet."""
     overrides = req.override_settings or {}
     merging = {name: token_merging_ratio(overrides, name) for name in TOKEN_MERGING}
-    clip_skip = check_clip_skip(overrides)
-    if clip_skip is None and (check_clip_skip(options) or 1) > 1:
+    clip_skip = clip_skip_setting(overrides)
+    if clip_skip is None and (clip_skip_setting(options) or 1) > 1:
         clip_skip = options["CLIP_stop_at_last_layers"]
     sampler, schedule = sampler_and_schedule(req)
     request = GenerationRequest(

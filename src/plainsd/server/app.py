@@ -293,7 +293,7 @@ def _settings_routes(server: Server) -> APIRouter:
     @router.post("/sdapi/v1/options")
     async def set_options(req: api.OptionsRequest):
         values = req.model_dump()
-        api.check_clip_skip(values)
+        api.clip_skip_setting(values)
         for name in api.TOKEN_MERGING:
             api.token_merging_ratio(values, name)
         if "sd_model_checkpoint" in values:
