@@ -32,7 +32,7 @@ def _files(sub: str):
 def test_models_import_only_torch_and_config():
     for f in _files("models"):
         for name in _imports(f):
-            assert name.split(".")[0] in ("torch", "plainsd", "__future__", "functools", "gzip", "html", "os", "re",
+            assert name.split(".")[0] in ("torch", "plainsd", "__future__", "functools", "gzip", "html", "itertools", "os", "re",
                                           "unicodedata", "math"), (f, name)
             assert not name.startswith("plainsd.") or name.startswith(("plainsd.models", "plainsd.config")), (f, name)
 
