@@ -81,7 +81,7 @@ def _unet_switch(dtype) -> None:
     keyed = packing._layout_key
     print("\nSD1.5 UNet at 512x512, s per call at batch 2, 2, 1, 1, 2, 2, 1, 1 (the first call packs)\n")
     print("| layout key | " + " | ".join(["2", "2", "1", "1", "2", "2", "1", "1"]) + " |\n|---|" + "---|" * 8)
-    for name, key in (("plainsd's (runtime._layout_key)", keyed), ("the whole shape", lambda x: tuple(x.shape))):
+    for name, key in (("plainsd's (runtime.packing._layout_key)", keyed), ("the whole shape", lambda x: tuple(x.shape))):
         packing._layout_key = key
         runtime.unpack_weights(sd.unet), runtime.pack_weights(sd.unet)  # packed afresh: the first call packs
         times = []

@@ -53,8 +53,8 @@ def main() -> int:
     p.add_argument("--only", nargs="+", choices=list(VARIANTS) + list(TOKEN_MERGING) + list(FAST_TOKEN_MERGING),
                    help="run only these rows")
     args = p.parse_args()
-    sd = runtime.prepare(plainsd.load(args.model, dtype=runtime.choose_dtype("auto")))
-    print(f"Recommended settings of the model: {sd.sd.defaults}\n")
+    engine = runtime.prepare(plainsd.load(args.model, dtype=runtime.choose_dtype("auto")))
+    print(f"Recommended settings of the model: {engine.sd.defaults}\n")
     print("| setting | colour and shape | position | size | all four |\n|---|---|---|---|---|")
     rows = {**VARIANTS, **{name: (None, None, ratio) for name, ratio in TOKEN_MERGING.items()},
             **{name: (settings, None, ratio) for name, (settings, ratio) in FAST_TOKEN_MERGING.items()}}
@@ -62,7 +62,7 @@ def main() -> int:
         if args.only and name not in args.only:
             continue
         with torch.no_grad():
-            r = metrics.adherence(sd, args.prompts, 1, fast=settings or False, guidance_until=guidance_until,
+            r = metrics.adherence(engine, args.prompts, 1, fast=settings or False, guidance_until=guidance_until,
                                   token_merging=merging[0] if merging else 0.0)
         print(f"| {name} | {r['colour_and_shape']:.3f} | {r['position']:.3f} | {r['size']:.3f} | {r['all']:.3f} |", flush=True)
     return 0

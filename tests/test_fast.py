@@ -120,7 +120,7 @@ def test_fast_generation_skips_what_it_says():
 
 
 def test_fast_and_tiny_decoder_switches_choose_the_parts():
-    assert fast.choose(False) is False
+    assert fast.choose(False) is None
     assert fast.choose(True) == fast.FAST == fast.FastSettings(deepcache_interval=2, deepcache_depth=1,
                                                             deepcache_early=0.4, deepcache_early_depth=2,
                                                             deepcache_late=0.4, deepcache_late_interval=4,
@@ -172,7 +172,7 @@ def test_fast_mode_decodes_with_the_models_tiny_decoder(tmp_path):
     engine = runtime.Engine(loaded)
     result = txt2img(engine, "a red circle", steps=3, sampler="DPM++ 2M", seed=0, fast=settings,
                      callback=lambda info: seen.append(info.denoised))
-    assert engine.tiny_decoder().width == 16  # loaded from the file beside the checkpoint, kept by the engine
+    assert engine.tiny_decoder.width == 16  # loaded from the file beside the checkpoint, kept by the engine
     assert "tiny_decoder" not in dict(loaded.named_children())  # not part of the model (not saved with it)
     with torch.no_grad():  # DPM++ 2M ends on its last estimate: the picture is the tiny decoder's view of it
         expected = to_pil(tiny.decode(seen[-1]))[0]

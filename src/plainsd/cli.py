@@ -282,7 +282,7 @@ def _request(args):
         schedule=args.schedule, cfg_scale=args.cfg_scale, guidance_until=args.guidance_until, seed=args.seed,
         width=args.width, height=args.height, batch_size=args.batch_size, batch_count=args.batch_count,
         clip_skip=args.clip_skip, eta=args.eta, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-        fast=choose_fast(args.fast, bool(args.tiny_decoder)) or None, token_merging=args.token_merging,
+        fast=choose_fast(args.fast, bool(args.tiny_decoder)), token_merging=args.token_merging,
         hires=_hires(args))
     if args.command == "img2img":
         return request.replace(init_image=_open_image(args.init_image), strength=args.strength,
@@ -346,9 +346,9 @@ def _demo(args) -> int:
     from plainsd.pnginfo import save_png
     from plainsd.weights import DEFAULT_MODEL
 
-    sd = _load_model(None, None)
+    engine = _load_model(None, None)
     prompt = "a red circle on the left, on a blue background"
-    result = pipeline.txt2img(sd, prompt, seed=1, progress=True)
+    result = pipeline.txt2img(engine, prompt, seed=1, progress=True)
     path = save_png(result.images[0], args.output, result.infotexts[0])
     which = "the default model" if DEFAULT_MODEL.is_file() else "a random tiny model (no default model is shipped yet)"
     print(f"drew {prompt!r} with {which}\nthe image is at {path.resolve()}")

@@ -50,10 +50,10 @@ class FastSettings:
 FAST = FastSettings(deepcache_early=0.4, deepcache_late=0.4)
 
 
-def choose(fast: bool, tiny_decoder: bool = False) -> FastSettings | bool:
-    """What --fast and --tiny-decoder ask for: fast mode's settings, the tiny decoder alone, both, or False."""
+def choose(fast: bool, tiny_decoder: bool = False) -> FastSettings | None:
+    """What --fast and --tiny-decoder ask for: fast mode's settings, the tiny decoder alone, both, or None."""
     if not tiny_decoder:
-        return FAST if fast else False
+        return FAST if fast else None
     if fast:
         return dataclasses.replace(FAST, tiny_decoder=True)
     return FastSettings(deepcache_interval=1, guidance_until=1.0, tiny_decoder=True)

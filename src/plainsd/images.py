@@ -22,10 +22,12 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def resize_mode(mode: str | int) -> str:
-    """A resize mode by name or by A1111's number (0, 1, 2) -> its name in RESIZE_MODES."""
-    name = RESIZE_MODES[mode] if isinstance(mode, int) and not isinstance(mode, bool) and 0 <= mode < 3 else mode
+    """A resize mode by name or by A1111's number -> its name in RESIZE_MODES. A1111's 3, "just resize (latent
+    upscale)", resizes the image here as 0 does."""
+    numbers = {**dict(enumerate(RESIZE_MODES)), 3: RESIZE_MODES[0]}
+    name = numbers.get(mode, mode) if isinstance(mode, int) and not isinstance(mode, bool) else mode
     if name not in RESIZE_MODES:
-        raise ValueError(f"unknown resize mode {mode!r}; known: {', '.join(RESIZE_MODES)}")
+        raise ValueError(f"unknown resize mode {mode!r}; known: {', '.join(RESIZE_MODES)} (A1111's 0, 1, 2; 3 as 0)")
     return name
 
 

@@ -3,9 +3,10 @@
     result = txt2img(sd, "a red circle", steps=20, sampler="DPM++ 2M", seed=1)
     result.images[0].save("out.png")
 
-A run goes through named stages (generate): settings (the request checked, the model's recommendations filled
-in) -> conditioning (the prompts encoded) -> start (the init image's latents and the mask) -> passes (a Pass is
-one run of a sampler; the hires fix is a second Pass at the larger size) -> decode -> infotext.
+A run goes through named stages (generate): settings (the model's recommendations filled in, the request
+checked) -> start (an init image's latents and a mask) -> passes with their conditioning (a Pass is one run of a
+sampler; the hires fix is a second Pass at the larger size) -> each batch's noise through the passes -> decode
+-> infotext.
 
 Seeds: image i of a run gets seed + i, and its noise (the initial latents and any noise a sampler adds
 later) comes from its own generator, so an image is the same whether it was made alone or in a batch.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -32,6 +34,7 @@ from .prompts import encode_pair, extract_loras
 from .request import (DEFAULTS, IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix,
                       Parameters)
 from .runtime import Engine, release_freed_memory
+from .weights import load_tiny_decoder
 
 __all__ = ["txt2img", "img2img", "inpaint", "generate", "GenerationRequest", "HiresFix", "Parameters", "Result",
            "StepInfo", "Interrupted", "recommended", "decode", "DEFAULTS", "LATENT_UPSCALERS", "IMAGE_UPSCALERS",
@@ -86,8 +89,6 @@ def txt2img(sd: StableDiffusion | Engine, prompt: str, negative_prompt: str = ""
 def img2img(sd: StableDiffusion | Engine, init_image: Image.Image, prompt: str, negative_prompt: str = "", *,
             strength: float = 0.8, resize_mode: str = "just resize", **kwargs) -> Result:
     """Image to image: the init image is noised to `strength` (0 keeps it, 1 replaces it) and denoised."""
-    if not isinstance(init_image, Image.Image):
-        raise TypeError("init_image must be a PIL image")
     return _call(sd, prompt, negative_prompt, dict(kwargs, init_image=init_image, strength=strength,
                                                    resize_mode=resize_mode))
 
@@ -98,8 +99,6 @@ def inpaint(sd: StableDiffusion | Engine, init_image: Image.Image, mask: Image.I
     """Repaint the white part of the mask. 9-channel inpainting models do it natively; other models by
     keeping the original latents outside the mask at every step. The result is pasted over the original
     through the blurred mask, so the unmasked part stays exactly as it was."""
-    if not isinstance(init_image, Image.Image) or not isinstance(mask, Image.Image):
-        raise TypeError("init_image and mask must be PIL images")
     return _call(sd, prompt, negative_prompt, dict(kwargs, init_image=init_image, mask=mask, strength=strength,
                                                    mask_blur=mask_blur, inpainting_mask_invert=inpainting_mask_invert))
 
@@ -137,23 +136,22 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
     one decoded frame per step (Result.frames)."""
     engine = as_engine(sd)
     sd = engine.sd
-    request.check(sd.config.vae.factor, engine.backend)
+    request, params, run = _settings(engine, request)
+    start = _start(sd, request, run)
     loras = lora_mod.resolve(extract_loras(request.prompt)[1], request.lora_dir)
     embeddings = load_embeddings(request.embeddings_dir, sd) if request.embeddings_dir is not None else None
     with lora_mod.applied(sd, loras):
-        request, params, run = _settings(engine, request)
-        _start(sd, request, run)
-        first = _first_pass(engine, request, params, run, embeddings)
+        first = _first_pass(engine, request, params, run, start, embeddings)
         second = _second_pass(engine, request, params, run, first, embeddings) if request.hires else None
         hooks = _Hooks(callback, interrupt, skip, progress, record_steps,
                        total=len(first.sigmas) - 1 + (len(second.sigmas) - 1 if second else 0))
         result = Result([], [], [], params)
         for batch in range(request.batch_count):
             seeds = [params.seed + batch * request.batch_size + i for i in range(request.batch_size)]
-            latents = _run_batch(engine, run, first, second, seeds, hooks.for_batch(batch))
+            latents = _run_batch(engine, run, start, first, second, seeds, hooks.for_batch(batch))
             pictures = decode(sd, latents, run.tiny)
-            if run.paste is not None:
-                original, mask = run.paste
+            if start.paste is not None:
+                original, mask = start.paste
                 pictures = [Image.composite(p, original, mask) for p in pictures]
             if record_steps:
                 decoded = [decode(sd, f / (1 + s**2) ** 0.5, run.tiny) for f, s in hooks.frames] + [pictures]
@@ -169,13 +167,19 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
 
 @dataclass
 class _Run:
-    """What the settings stage decides beyond Parameters: the sampler, the schedule's sigmas and the start."""
+    """What the settings stage decides beyond Parameters: the samplers, the schedule, fast mode's parts."""
     sampler: S.SamplerInfo
-    sigmas: torch.Tensor              # the first pass's (img2img: the last `strength` of them)
+    sigmas: torch.Tensor              # the whole schedule of the first pass's steps
     hires_sampler: S.SamplerInfo | None
     latent_shape: tuple[int, int, int]
     fast: FastSettings | None
     tiny: torch.nn.Module | None      # the tiny decoder, when fast mode asks for it
+
+
+@dataclass
+class _Start:
+    """What the first pass starts from: all noise (txt2img), or an init image's latents noised to its strength."""
+    sigmas: torch.Tensor              # the first pass's (img2img: the last `strength` of the schedule)
     init_latent: torch.Tensor | None = None
     keep: torch.Tensor | None = None  # inpainting with an ordinary model: 1 where the original latent stays
     concat: torch.Tensor | None = None    # an inpainting model's extra input channels
@@ -196,15 +200,14 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
                       schedule=chosen["schedule"] if req.schedule is None else req.schedule,
                       cfg_scale=chosen["cfg_scale"] if req.cfg_scale is None else req.cfg_scale,
                       guidance_until=chosen["guidance_until"] if req.guidance_until is None else req.guidance_until)
-    req.check(sd.config.vae.factor, engine.backend)  # (the recommendations and the image's size too)
+    req.check(sd.config.vae.factor, engine.backend)
     info, schedule = S.resolve_sampler(req.sampler, req.schedule)
     fast = req.fast
     guidance_until = min(req.guidance_until, fast.guidance_until) if fast is not None else req.guidance_until
     deepcache = fast is not None and fast.deepcache_interval > 1 and engine.backend == "eager"
     tiny = _tiny_decoder(engine) if fast is not None and fast.tiny_decoder else None
     hires = req.hires
-    hr_info, hr_schedule = (S.resolve_sampler(hires.sampler or req.sampler, hires.schedule or req.schedule)
-                            if hires else (None, None))
+    hr_info, hr_schedule = hires.resolve(req.sampler, req.schedule) if hires else (None, None)
     params = Parameters(
         prompt=req.prompt, negative_prompt=req.negative_prompt, steps=steps, sampler=info.name, schedule=schedule,
         cfg_scale=req.cfg_scale, guidance_until=guidance_until, seed=req.first_seed(), width=width, height=height,
@@ -220,30 +223,30 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
     return req, params, run
 
 
-def _start(sd: StableDiffusion, req: GenerationRequest, run: _Run) -> None:
+def _start(sd: StableDiffusion, req: GenerationRequest, run: _Run) -> _Start:
     """2. img2img and inpainting: the init image's latents, the sigmas its strength leaves, and the mask."""
     device = _device(sd)
     native_inpaint = sd.config.unet.in_channels == 9
     if req.init_image is None:
-        run.concat = _paint_everything(sd, req.width, req.height, device) if native_inpaint else None
-        return
+        return _Start(run.sigmas, concat=_paint_everything(sd, req.width, req.height, device) if native_inpaint else None)
     init = imgs.resize(req.init_image, req.width, req.height, req.resize_mode)
     with torch.no_grad():
-        run.init_latent = sd.vae.encode(imgs.to_tensor(init).to(device)).mode() * sd.config.scale_factor
-    run.sigmas = _last_part(run.sigmas, req.steps, req.strength)
+        init_latent = sd.vae.encode(imgs.to_tensor(init).to(device)).mode() * sd.config.scale_factor
+    start = _Start(_last_part(run.sigmas, req.steps, req.strength), init_latent)
     if req.mask is None:
-        run.concat = _paint_everything(sd, req.width, req.height, device) if native_inpaint else None
-        return
+        start.concat = _paint_everything(sd, req.width, req.height, device) if native_inpaint else None
+        return start
     m = imgs.prepare_mask(req.mask, req.width, req.height, req.mask_blur, req.inpainting_mask_invert)
-    run.paste = (init, m)
+    start.paste = (init, m)
     latent_mask = imgs.mask_tensor(m, run.latent_shape[2], run.latent_shape[1]).to(device).round()
     if not native_inpaint:
-        run.keep = 1 - latent_mask
-        return
+        start.keep = 1 - latent_mask
+        return start
     with torch.no_grad():
         masked = imgs.to_tensor(init).to(device) * (imgs.mask_tensor(m, req.width, req.height).to(device) < 0.5)
         masked_latent = sd.vae.encode(masked).mode() * sd.config.scale_factor
-    run.concat = torch.cat([latent_mask, masked_latent], dim=1)
+    start.concat = torch.cat([latent_mask, masked_latent], dim=1)
+    return start
 
 
 @dataclass
@@ -270,13 +273,14 @@ def _last_part(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tenso
     return sigmas[steps - run:] if run > 0 else sigmas[-1:]
 
 
-def _first_pass(engine: Engine, req: GenerationRequest, params: Parameters, run: _Run, embeddings) -> Pass:
-    """3. The first pass: the prompt's conditioning and what runs the UNet over the run's sigmas."""
+def _first_pass(engine: Engine, req: GenerationRequest, params: Parameters, run: _Run, start: _Start,
+                embeddings) -> Pass:
+    """3. The first pass: the prompt's conditioning and what runs the UNet over the start's sigmas."""
     cond, uncond = _conditioning(engine.sd, extract_loras(req.prompt)[0], req.negative_prompt, req, embeddings)
-    keep = (run.init_latent, run.keep) if run.keep is not None else None
-    return Pass(run.sampler, run.sigmas, cond, uncond if params.cfg_scale != 1.0 else None, params.cfg_scale,
-                params.guidance_until, _unet(engine, run, params, run.sigmas), req.token_merging, req.eta,
-                run.concat, keep)
+    keep = (start.init_latent, start.keep) if start.keep is not None else None
+    return Pass(run.sampler, start.sigmas, cond, uncond if params.cfg_scale != 1.0 else None, params.cfg_scale,
+                params.guidance_until, _unet(engine, run, params, start.sigmas), req.token_merging, req.eta,
+                start.concat, keep)
 
 
 def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run: _Run, first: Pass,
@@ -325,17 +329,18 @@ def _unet(engine: Engine, run: _Run, params: Parameters, sigmas: torch.Tensor) -
                          late_from_t=float(to_t(sigmas[steps_run - late])) if late else None)
 
 
-def _run_batch(engine: Engine, run: _Run, first: Pass, second: Pass | None, seeds: list[int], hooks: _Hooks):
+def _run_batch(engine: Engine, run: _Run, start: _Start, first: Pass, second: Pass | None, seeds: list[int],
+               hooks: _Hooks):
     """4. One batch: its noise from its seeds, the first pass, and the hires fix's pass on the upscaled result."""
     device = _device(engine.sd)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     noise = torch.stack([torch.randn(run.latent_shape, generator=g) for g in generators]).to(device)
-    if run.init_latent is not None:
-        start = run.init_latent.repeat(len(seeds), 1, 1, 1)
-        x = start + noise * first.sigmas[0]
+    if start.init_latent is not None:
+        x0 = start.init_latent.repeat(len(seeds), 1, 1, 1)
+        x = x0 + noise * first.sigmas[0]
     else:
-        x = start = noise * first.sigmas[0]
-    latents, finished = _sample(engine.sd, first, x, start, generators, seeds, hooks)
+        x = x0 = noise * first.sigmas[0]
+    latents, finished = _sample(engine.sd, first, x, x0, generators, seeds, hooks)
     if second is None or not finished:
         return latents
     up = _upscale(engine.sd, latents, *second.upscale)
@@ -378,8 +383,8 @@ def _sample(sd: StableDiffusion, p: Pass, x: torch.Tensor, start: torch.Tensor, 
             hooks: _Hooks) -> tuple[torch.Tensor, bool]:
     """A pass's latents and True; where the run was interrupted or skipped, the estimate it had reached and
     False."""
-    if hasattr(p.unet, "reset"):
-        p.unet.reset()  # DeepCache: each pass of each batch starts with a whole UNet pass
+    if isinstance(p.unet, DeepCacheUNet):
+        p.unet.reset()  # each pass of each batch starts with a whole UNet pass
     denoiser = _denoiser(sd, _net(p.unet, p.concat))
     model = CFGDenoiser(denoiser, p.cfg_scale, p.sigmas, p.guidance_until)
     if p.keep is not None:
@@ -491,12 +496,15 @@ def decode(sd: StableDiffusion, latents: torch.Tensor, tiny=None) -> list[Image.
 
 
 def _tiny_decoder(engine: Engine):
-    tiny = engine.tiny_decoder()
-    if tiny is None:
+    """Fast mode's tiny decoder: the engine's, else the file beside the checkpoint (kept by the engine)."""
+    path = engine.sd.tiny_decoder_path
+    if engine.tiny_decoder is None and path:
+        engine.use_tiny_decoder(load_tiny_decoder(path, engine.sd.vae.dtype), Path(path).name)
+    if engine.tiny_decoder is None:
         raise ValueError("this model has no tiny decoder: put a TAESD decoder file beside the checkpoint as "
                          "NAME.taesd.safetensors (taesd_decoder.safetensors in a diffusers folder), or on the command "
                          "line name the file with --tiny-decoder FILE")
-    return tiny
+    return engine.tiny_decoder
 
 
 def _denoiser(sd: StableDiffusion, net: Callable | None = None) -> DiscreteDenoiser:

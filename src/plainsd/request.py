@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .diffusion.samplers import resolve_sampler
+from .diffusion.samplers import SamplerInfo, chosen_schedule, resolve_sampler
 from .diffusion.schedules import schedule_key, schedule_label
 from .fast import FastSettings
 from .images import resize_mode
+from .models.tome import check_ratio
 from .pnginfo import infotext
 
 MAX_SEED = 2**32 - 1
@@ -75,7 +76,7 @@ class HiresFix:
         return (up_w // factor - crop_x) * factor, (up_h // factor - crop_y) * factor
 
     def check(self, sampler: str, schedule: str | None) -> None:
-        """The second pass's own settings (sampler and schedule: the first pass's where it has none)."""
+        """The second pass's own settings; sampler and schedule: the first pass's."""
         if self.upscaler not in LATENT_UPSCALERS and self.upscaler not in IMAGE_UPSCALERS:
             raise ValueError(f"unknown hires upscaler {self.upscaler!r}; plainsd has "
                              f"{', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}")
@@ -89,12 +90,19 @@ class HiresFix:
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"the hires denoising strength must be between 0 and 1, got {self.strength}")
         if self.token_merging is not None:
-            check_token_merging(self.token_merging, "the hires token merging ratio", " (None: the first pass's)")
+            check_ratio(self.token_merging, "the hires token merging ratio", " (None: the first pass's)")
         if self.sampler is not None or self.schedule is not None:
             try:
-                _sampler(self.sampler or sampler, self.schedule or schedule)
+                self.resolve(sampler, schedule)
             except ValueError as e:
                 raise ValueError(f"hires sampler: {e}") from None
+
+    def resolve(self, sampler: str, schedule: str | None) -> tuple[SamplerInfo, str]:
+        """The second pass's sampler and schedule: its own, else the first pass's; a schedule the user chose for
+        the first pass (on its own or in the sampler's name) goes on to the second, as A1111's "Use same
+        scheduler" does, while "automatic" means the second sampler's own."""
+        first = chosen_schedule(sampler, schedule)
+        return _sampler(self.sampler or sampler, self.schedule or first)
 
 
 # Settings a request leaves as None come from the model's own recommendations (StableDiffusion.defaults), then these.
@@ -120,12 +128,12 @@ class GenerationRequest:
     schedule: str | None = None          # "automatic", "karras", ... (SCHEDULE_LABELS)
     cfg_scale: float | None = None
     guidance_until: float | None = None
-    seed: int = -1                       # -1: random; image i of the run gets seed + i
-    width: int | None = None
+    seed: int | None = -1                # -1 (any negative, None): random; image i of the run gets seed + i
+    width: int | None = None             # None or 0: the init image's or the model's
     height: int | None = None
     batch_size: int = 1
     batch_count: int = 1
-    clip_skip: int | None = None         # 1 = the last CLIP layer, 2 = the penultimate; None: the model's
+    clip_skip: int | None = None         # 1 = the last CLIP layer, 2 = the penultimate; None or 0: the model's
     eta: float | None = None             # ancestral and DDIM samplers' noise
     init_image: Image.Image | None = None   # img2img and inpainting
     strength: float = 0.8                # img2img's denoising strength: 0 keeps the image, 1 replaces it
@@ -153,10 +161,10 @@ class GenerationRequest:
         if self.mask is not None and self.init_image is None:
             raise ValueError("a mask needs an init image (inpainting)")
         ratios = [self.token_merging] + ([self.hires.token_merging] if self.hires is not None else [])
-        check_token_merging(self.token_merging)
+        check_ratio(self.token_merging)
         if any(ratios) and backend != "eager":
             raise ValueError("token merging needs the eager UNet: the OpenVINO-compiled one cannot merge tokens "
-                             "(leave out --backend openvino, or token merging)")
+                             "(leave out the openvino backend, or token merging)")
         if self.hires is not None:
             if self.init_image is not None:
                 raise ValueError("hires fix is for txt2img; img2img draws at the width and height it is given")
@@ -176,18 +184,16 @@ class GenerationRequest:
                              f"got {self.guidance_until}")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength (denoising strength) must be between 0 and 1, got {self.strength}")
-        if not -1 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {self.seed}")
-        if self.cfg_scale is not None and not 0.0 <= self.cfg_scale <= 100.0:
-            raise ValueError(f"the CFG scale must be between 0 and 100, got {self.cfg_scale}")
-        if self.clip_skip is not None:
+        if self.seed is not None and self.seed > MAX_SEED:
+            raise ValueError(f"seed must be at most {MAX_SEED} (-1: random), got {self.seed}")
+        if self.clip_skip:
             check_clip_skip(self.clip_skip)
-        if not 0 <= self.mask_blur <= 64:
-            raise ValueError(f"mask blur must be between 0 and 64, got {self.mask_blur}")
+        if self.mask_blur < 0:
+            raise ValueError(f"mask blur must be at least 0, got {self.mask_blur}")
 
     def first_seed(self) -> int:
         """The first image's seed: the request's, or a random one for -1; a run never goes past MAX_SEED."""
-        seed = random.randint(0, MAX_SEED) if self.seed < 0 else int(self.seed)
+        seed = random.randint(0, MAX_SEED) if self.seed is None or self.seed < 0 else int(self.seed)
         images = self.batch_size * self.batch_count
         return seed % (MAX_SEED - images) if seed + images - 1 > MAX_SEED else seed
 
@@ -196,9 +202,9 @@ class GenerationRequest:
 
 
 def _check_size(width: int | None, height: int | None, factor: int) -> None:
-    """Width and height (None: chosen later) in whole latents."""
+    """Width and height (None or 0: chosen later) in whole latents."""
     for side in (width, height):
-        if side is not None and (side < factor or side % factor):
+        if side and (side < 0 or side % factor):
             raise ValueError(f"width and height must be positive multiples of {factor}, got {width}x{height}")
 
 
@@ -209,15 +215,9 @@ def _sampler(name: str, schedule: str | None):
 
 
 def check_clip_skip(value, what: str = "clip skip") -> None:
-    """1 = the text encoder's last layer, 2 = the penultimate, ... (A1111 allows up to 12)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 12:
-        raise ValueError(f"{what} must be a whole number from 1 (the last CLIP layer) to 12, got {value!r}")
-
-
-def check_token_merging(ratio, what: str = "the token merging ratio", none_means: str = "") -> None:
-    """A1111's token merging ratio: the share of tokens merged, from 0 (off) to below 1."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"{what} must be at least 0 and below 1 (0.5 is usual; 0 = off{none_means}), got {ratio!r}")
+    """1 = the text encoder's last layer, 2 = the penultimate, ... (how many there are: the model's check)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a whole number, 1 (the last CLIP layer) or more, got {value!r}")
 
 
 @dataclass

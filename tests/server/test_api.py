@@ -91,7 +91,7 @@ def test_unknown_fields_and_unsupported_features_are_ignored(client):
 
 @pytest.mark.parametrize("body, words", [
     ({"width": 65}, "multiples of 8, got 65x32"),
-    ({"width": 512}, "width and height may be at most 256, got 512x32"),
+    ({"width": 512}, "width and height must be between 8 and 256, got 512x32"),
     ({"steps": 0}, "steps must be between 1 and 1000, got 0"),
     ({"steps": 31}, "steps may be at most 30, got 31"),
     ({"batch_size": 3, "n_iter": 2}, "at most 4 images"),

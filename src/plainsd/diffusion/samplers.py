@@ -760,6 +760,20 @@ _SCHEDULE_SUFFIXES = {" Karras": "karras", " Exponential": "exponential", " Poly
 
 def resolve_sampler(name: str, schedule: str | None = None) -> tuple[SamplerInfo, str]:
     """A sampler name as users type it (+ optional schedule) -> (sampler, schedule name)."""
+    info = _split(name)[0]
+    return info, chosen_schedule(name, schedule) or info.schedule
+
+
+def chosen_schedule(name: str, schedule: str | None = None) -> str | None:
+    """The schedule a user chose: given on its own, else in an older sampler name ("DPM++ 2M Karras"); None for
+    "automatic" (each sampler's own). A1111's hires fix hands this one on to a second pass's sampler."""
+    if schedule not in (None, "", "automatic", "Automatic"):
+        return schedule
+    return _split(name)[1]
+
+
+def _split(name: str) -> tuple[SamplerInfo, str | None]:
+    """(the sampler, the schedule its name carries or None)."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"sampler must be a name; known samplers: {', '.join(SAMPLERS)}")
     text = name.strip()
@@ -776,5 +790,4 @@ def resolve_sampler(name: str, schedule: str | None = None) -> tuple[SamplerInfo
     info = lookup.get(text.lower())
     if info is None:
         raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}")
-    chosen = schedule if schedule not in (None, "", "automatic", "Automatic") else (from_name or info.schedule)
-    return info, chosen
+    return info, from_name

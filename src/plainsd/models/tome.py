@@ -17,6 +17,12 @@ from __future__ import annotations
 import torch
 
 
+def check_ratio(ratio, what: str = "the token merging ratio", none_means: str = "") -> None:
+    """A1111's token merging ratio: the share of tokens merged, from 0 (off) to below 1."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"{what} must be at least 0 and below 1 (0.5 is usual; 0 = off{none_means}), got {ratio!r}")
+
+
 def bipartite_matching(metric: torch.Tensor, h: int, w: int, r: int, sx: int = 2, sy: int = 2) -> tuple:
     """(merge, unmerge) for [B, h*w, C] token sequences of an h x w map, matched on `metric` [B, h*w, C'].
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import UNetConfig
 from .layers import CrossAttention, FeedForward, timestep_embedding
-from .tome import bipartite_matching
+from .tome import bipartite_matching, check_ratio
 
 
 class ResBlock(nn.Module):
@@ -181,8 +181,7 @@ class UNetModel(nn.Module):
         """Merge this fraction of the tokens before self-attention in the transformers whose feature map is at most
         max_downsample times smaller than the latent (A1111's defaults: 1, the full-resolution level only); 0 = off.
         Above 0.75 nothing more is merged (each 2x2 cell keeps one token)."""
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-            raise ValueError(f"the token merging ratio must be at least 0 and below 1 (0.5 is usual; 0 = off), got {ratio!r}")
+        check_ratio(ratio)
         for module in self.modules():
             if isinstance(module, SpatialTransformer):
                 module.merge_ratio = ratio if module.downsample <= max_downsample else 0.0

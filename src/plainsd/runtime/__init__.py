@@ -25,7 +25,6 @@ from .openvino import OpenVINOUNet, cache_limit, code_version, default_cache_dir
 from .packing import (PackedConv2d, PackedGEGLU, PackedLinear, pack_weights, packing_available, set_weight,
                       unpack_weights)
 from .precision import PRECISIONS, choose_dtype, cpu_flags, native_bf16
-from ..weights import load_tiny_decoder
 
 BACKENDS = ("eager", "openvino")
 
@@ -34,28 +33,24 @@ class Engine:
     """A model ready to generate on this machine, and what runs its networks: what the pipeline is given.
 
     engine.sd is the model; engine.unet is what a sampler calls as unet(x, t, context): the model's own UNet
-    (backend "eager", its weights packed by prepare) or the UNet compiled by OpenVINO. tiny_decoder() is fast
-    mode's TAESD decoder: the one given, else the file beside the checkpoint (loaded on first use), else None.
+    (backend "eager", its weights packed by prepare) or the UNet compiled by OpenVINO. engine.tiny_decoder is
+    fast mode's TAESD decoder once one is given (use_tiny_decoder) or loaded from beside the checkpoint (the
+    pipeline does that on first use and keeps it here).
     """
 
-    def __init__(self, sd, backend: str = "eager", unet=None, tiny_decoder=None):
+    def __init__(self, sd, backend: str = "eager", unet=None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
         self.sd, self.backend = sd, backend
         self.unet = unet if unet is not None else sd.unet
-        self._tiny = tiny_decoder
-
-    def tiny_decoder(self):
-        if self._tiny is None and self.sd.tiny_decoder_path:
-            self._tiny = load_tiny_decoder(self.sd.tiny_decoder_path, self.sd.vae.dtype)
-        return self._tiny
+        self.tiny_decoder = None
 
     def use_tiny_decoder(self, decoder, name: str = "the tiny decoder") -> None:
         """Decode fast mode's pictures with this TAESD decoder (checked against the model's latents)."""
         if decoder.latent_channels != self.sd.config.vae.z_channels:
             raise ValueError(f"{name} decodes {decoder.latent_channels}-channel latents; this model's "
                              f"have {self.sd.config.vae.z_channels}")
-        self._tiny = decoder.to(self.sd.vae.dtype)
+        self.tiny_decoder = decoder.to(self.sd.vae.dtype)
 
     def __repr__(self) -> str:
         return f"Engine({self.sd!r}, backend={self.backend!r})"

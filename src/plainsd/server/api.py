@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from plainsd.diffusion.samplers import SAMPLERS
 from plainsd.diffusion.schedules import SCHEDULE_LABELS, schedule_label
 from plainsd.fast import choose as choose_fast
-from plainsd.request import (IMAGE_UPSCALERS, LATENT_UPSCALERS, GenerationRequest, HiresFix, check_clip_skip,
-                              check_token_merging)
+from plainsd.models.tome import check_ratio
+from plainsd.request import IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix, check_clip_skip
 from plainsd.pnginfo import parse_infotext, read_parameters
 
 
@@ -174,7 +174,7 @@ def encode_png(image: Image.Image, parameters: str | None = None) -> str:
 
 # --- requests -> GenerationRequest ----------------------------------------------------------------------
 
-def sampler_and_schedule(req: Txt2ImgRequest) -> tuple[str | None, str | None]:
+def sampler_and_schedule(req: Txt2ImgRequest) -> tuple[str, str]:
     """A1111's sampler fields: sampler_name, else the older sampler_index; the scheduler."""
     return req.sampler_name or req.sampler_index or "Euler", req.scheduler or "automatic"
 
@@ -189,77 +189,90 @@ def token_merging_ratio(settings: dict, name: str) -> float | None:
     value = settings.get(name)
     if value is not None:
         try:
-            check_token_merging(value, name)
+            check_ratio(value, name)
         except ValueError as e:
             raise BadRequest(str(e)) from None
     return None if value is None else float(value)
 
 
 def clip_skip_setting(settings: dict) -> int | None:
-    """A1111's CLIP_stop_at_last_layers setting checked, or None when it is not there."""
+    """A1111's CLIP_stop_at_last_layers setting checked (A1111 offers 1 to 12), or None when it is not there."""
     value = settings.get("CLIP_stop_at_last_layers")
     if value is not None:
         try:
             check_clip_skip(value, "CLIP_stop_at_last_layers")
         except ValueError as e:
             raise BadRequest(str(e)) from None
+        if value > 12:
+            raise BadRequest(f"CLIP_stop_at_last_layers may be at most 12, got {value}")
     return value
 
 
 def generation_request(req: Txt2ImgRequest, kind: str, limits: Limits, options: dict,
                        backend: str = "eager") -> GenerationRequest:
-    """An A1111 txt2img or img2img request as plainsd's GenerationRequest, checked: GenerationRequest.check's
-    rules, then the server's own limits. options: the server's settings (/sdapi/v1/options), which a request's
-    override_settings take precedence over; backend: what runs the server's UNet."""
+    """An A1111 txt2img or img2img request as plainsd's GenerationRequest, checked: the server's own limits, then
+    GenerationRequest.check's rules. options: the server's settings (/sdapi/v1/options), which a request's
+    override_settings take precedence over, as A1111 applies them for the request; backend: what runs the
+    server's UNet."""
     overrides = req.override_settings or {}
-    merging = {name: token_merging_ratio(overrides, name) for name in TOKEN_MERGING}
-    clip_skip = clip_skip_setting(overrides)
+    for name in TOKEN_MERGING:
+        token_merging_ratio(overrides, name)
+    settings = {**options, **overrides}
+    clip_skip = clip_skip_setting(overrides)  # the request's, else the server's where it is not the last layer
     if clip_skip is None and (clip_skip_setting(options) or 1) > 1:
         clip_skip = options["CLIP_stop_at_last_layers"]
     sampler, schedule = sampler_and_schedule(req)
     request = GenerationRequest(
         prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, sampler=sampler, schedule=schedule,
         cfg_scale=req.cfg_scale, guidance_until=req.guidance_until, seed=req.seed, width=req.width,
-        height=req.height, batch_size=req.batch_size, batch_count=req.n_iter, clip_skip=clip_skip, eta=req.eta,
-        fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)) or None,
-        token_merging=_first_pass_merging(merging, options, kind))
+        height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
+        clip_skip=clip_skip, eta=req.eta,
+        fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)), token_merging=_token_merging(settings, overrides, kind))
     if kind == "img2img":
         request = _img2img(request, req, limits)
     elif req.enable_hr:
-        request = _hires(request, req, merging["token_merging_ratio_hr"] or options.get("token_merging_ratio_hr"))
+        request = _hires(request, req, settings.get("token_merging_ratio_hr") or None)
+    _check_limits(req, request, limits)
     try:
         request.check(backend=backend)
     except ValueError as e:
         raise BadRequest(str(e)) from None
-    _check_limits(request, limits)
+    _check_hires_size(request, limits)
     return request
 
 
-def _first_pass_merging(merging: dict, options: dict, kind: str) -> float:
-    """The ratio as A1111 chooses it: img2img's own where it is not 0, the request's, else the server's options."""
-    if kind == "img2img" and merging["token_merging_ratio_img2img"]:
-        return merging["token_merging_ratio_img2img"]
-    if merging["token_merging_ratio"] is not None:
-        return merging["token_merging_ratio"]
-    own = options.get("token_merging_ratio_img2img") if kind == "img2img" else 0.0
-    return own or options.get("token_merging_ratio") or 0.0
+def _token_merging(settings: dict, overrides: dict, kind: str) -> float:
+    """The first pass's ratio as A1111 chooses it (its settings with the request's overrides applied): for img2img
+    the request's own ratio where it sets one, else img2img's ratio where that is not 0, else the ratio."""
+    if kind == "img2img" and overrides.get("token_merging_ratio"):
+        return float(overrides["token_merging_ratio"])
+    own = settings.get("token_merging_ratio_img2img") if kind == "img2img" else 0.0
+    return float(own or settings.get("token_merging_ratio") or 0.0)
 
 
-def _check_limits(request: GenerationRequest, limits: Limits) -> None:
-    """The server's own limits, on top of what any request must be."""
-    if max(request.width, request.height) > limits.max_size:
-        raise BadRequest(f"width and height may be at most {limits.max_size}, got {request.width}x{request.height}")
+def _check_limits(req: Txt2ImgRequest, request: GenerationRequest, limits: Limits) -> None:
+    """The server's own limits, on top of what any request must be (GenerationRequest.check)."""
+    if not 8 <= min(request.width, request.height) or max(request.width, request.height) > limits.max_size:
+        raise BadRequest(f"width and height must be between 8 and {limits.max_size}, got {request.width}x{request.height}")
     if request.steps > limits.max_steps:
         raise BadRequest(f"steps may be at most {limits.max_steps}, got {request.steps}")
     if request.batch_size * request.batch_count > limits.max_images:
         raise BadRequest(f"batch_size x n_iter may be at most {limits.max_images} images, "
                          f"got {request.batch_size} x {request.batch_count}")
-    hires = request.hires
-    if hires is not None:
-        if hires.steps > limits.max_steps:
-            raise BadRequest(f"hr_second_pass_steps may be at most {limits.max_steps}, got {hires.steps}")
-        final_w, final_h = hires.final_size(request.width, request.height)
-        if not 8 <= min(final_w, final_h) or max(final_w, final_h) > limits.max_size:
+    if req.seed < -1:
+        raise BadRequest(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {req.seed}")
+    if not 0.0 <= req.cfg_scale <= 100.0:
+        raise BadRequest(f"cfg_scale must be between 0 and 100, got {req.cfg_scale}")
+    if request.mask_blur > 64:
+        raise BadRequest(f"mask_blur may be at most 64, got {request.mask_blur}")
+    if request.hires is not None and request.hires.steps > limits.max_steps:
+        raise BadRequest(f"hr_second_pass_steps may be at most {limits.max_steps}, got {request.hires.steps}")
+
+
+def _check_hires_size(request: GenerationRequest, limits: Limits) -> None:
+    if request.hires is not None:
+        final_w, final_h = request.hires.final_size(request.width, request.height)
+        if max(final_w, final_h) > limits.max_size:
             raise BadRequest(f"the hires fix would draw {final_w}x{final_h} from {request.width}x{request.height}; "
                              f"width and height may be at most {limits.max_size}")
 
@@ -291,12 +304,9 @@ def _img2img(request: GenerationRequest, req: Img2ImgRequest, limits: Limits) ->
     """The init image, its denoising strength and resize mode, and the mask's fields."""
     if not req.init_images:
         raise BadRequest("init_images must hold one base64-encoded image")
-    if req.resize_mode not in (0, 1, 2, 3):
-        raise BadRequest(f"resize_mode must be 0 (just resize), 1 (crop and resize), 2 (resize and fill) "
-                         f"or 3 (just resize, latent upscale), got {req.resize_mode}")
     request = request.replace(init_image=decode_image(req.init_images[0], "init_images[0]", limits).convert("RGB"),
                               strength=0.75 if req.denoising_strength is None else req.denoising_strength,
-                              resize_mode={3: 0}.get(req.resize_mode, req.resize_mode))
+                              resize_mode=req.resize_mode)
     if not req.mask:
         return request
     return request.replace(mask=decode_image(req.mask, "mask", limits),

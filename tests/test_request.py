@@ -1,0 +1,81 @@
+"""GenerationRequest: each rule gives one sentence; what None, 0 and -1 mean; the hires fix's sampler; Parameters."""
+
+import pytest
+from PIL import Image
+
+from plainsd.fast import FAST
+from plainsd.pnginfo import parse_infotext
+from plainsd.request import MAX_SEED, GenerationRequest, HiresFix, Parameters
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(width=60), "width and height must be positive multiples of 8, got 60xNone"),
+    (dict(steps=0), "steps must be between 1 and 1000, got 0"),
+    (dict(batch_size=0), "batch size and batch count must be at least 1"),
+    (dict(guidance_until=0.0), "guidance_until (the fraction of the steps with guidance) must be in (0, 1]"),
+    (dict(strength=1.5), "strength (denoising strength) must be between 0 and 1, got 1.5"),
+    (dict(seed=MAX_SEED + 1), f"seed must be at most {MAX_SEED}"),
+    (dict(clip_skip=-1), "clip skip must be a whole number, 1 (the last CLIP layer) or more, got -1"),
+    (dict(mask_blur=-2), "mask blur must be at least 0, got -2"),
+    (dict(sampler="Nope"), "unknown sampler 'Nope'"),
+    (dict(sampler="Euler Beta"), "unknown schedule 'beta'"),  # a schedule named in the sampler is checked too
+    (dict(schedule="wobbly"), "unknown schedule 'wobbly'"),
+    (dict(resize_mode="stretch"), "unknown resize mode 'stretch'"),
+    (dict(mask=Image.new("L", (8, 8))), "a mask needs an init image"),
+    (dict(token_merging=1.0), "the token merging ratio must be at least 0 and below 1"),
+    (dict(hires=HiresFix(scale=9)), "the hires scale must be between 1 and 8, got 9"),
+    (dict(hires=HiresFix(sampler="Euler", schedule="wobbly")), "hires sampler: unknown schedule 'wobbly'"),
+    (dict(hires=HiresFix(), init_image=Image.new("RGB", (8, 8))), "hires fix is for txt2img"),
+])
+def test_each_rule_is_one_sentence(fields, words):
+    with pytest.raises(ValueError) as e:
+        GenerationRequest("x", **fields).check()
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_wrong_kinds_of_values_are_type_errors():
+    with pytest.raises(TypeError, match="prompt and negative_prompt must be strings"):
+        GenerationRequest(3).check()
+    with pytest.raises(TypeError, match="init_image must be a PIL image"):
+        GenerationRequest("x", init_image="cat.png").check()
+
+
+def test_token_merging_needs_the_eager_unet():
+    GenerationRequest("x", token_merging=0.5).check(backend="eager")
+    with pytest.raises(ValueError, match="token merging needs the eager UNet"):
+        GenerationRequest("x", token_merging=0.5).check(backend="openvino")
+    with pytest.raises(ValueError, match="token merging needs the eager UNet"):  # the second pass's own ratio too
+        GenerationRequest("x", hires=HiresFix(token_merging=0.5)).check(backend="openvino")
+
+
+def test_defaults_and_what_none_zero_and_negative_mean():
+    GenerationRequest("x", width=0, height=None, clip_skip=0, seed=-7).check()  # the model's size and clip skip
+    assert all(0 <= GenerationRequest("x", seed=s).first_seed() <= MAX_SEED for s in (-1, -7, None))
+    assert GenerationRequest("x", seed=5).first_seed() == 5
+    # a run never goes past the largest seed: it starts lower
+    assert GenerationRequest("x", seed=MAX_SEED, batch_size=2, batch_count=2).first_seed() + 3 <= MAX_SEED
+
+
+@pytest.mark.parametrize("first, schedule, hires, expected", [
+    ("DPM++ 2M Karras", None, HiresFix(sampler="Euler"), ("Euler", "karras")),  # the schedule in the name goes on
+    ("DPM++ 2M", "exponential", HiresFix(sampler="Euler"), ("Euler", "exponential")),  # so does one given on its own
+    ("Euler a", "automatic", HiresFix(sampler="DPM++ 2M"), ("DPM++ 2M", "karras")),  # automatic: the sampler's own
+    ("Euler a", None, HiresFix(), ("Euler a", "normal")),
+    ("DPM++ 2M", "karras", HiresFix(schedule="simple"), ("DPM++ 2M", "simple")),
+])
+def test_the_hires_fix_takes_the_first_pass_sampler_and_schedule_as_a1111_does(first, schedule, hires, expected):
+    info, chosen = hires.resolve(first, schedule)
+    assert (info.name, chosen) == expected
+
+
+def test_parameters_write_a1111s_infotext():
+    p = Parameters(prompt="a cat", negative_prompt="blurry", steps=20, sampler="DPM++ 2M", schedule="karras",
+                   cfg_scale=7, guidance_until=0.6, seed=5, width=512, height=512, batch_size=1, batch_count=1,
+                   clip_skip=2, denoising_strength=0.7, model="m", model_hash="abc", deepcache=FAST.deepcache_interval,
+                   hires=HiresFix(scale=1.5, sampler="Euler"), hires_sampler="Euler", hires_schedule="karras")
+    f = parse_infotext(p.infotext(seed=6))
+    assert (f["Prompt"], f["Negative prompt"], f["Seed"], f["Schedule type"], f["CFG scale"]) == \
+        ("a cat", "blurry", "6", "Karras", "7")
+    assert (f["Clip skip"], f["Guidance until"], f["DeepCache interval"], f["Hires upscale"], f["Hires sampler"]) == \
+        ("2", "0.6", "2", "1.5", "Euler")
+    assert "Hires schedule type" not in f and "Token merging ratio" not in f  # the same as the first pass's / off
