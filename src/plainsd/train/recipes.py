@@ -173,19 +173,28 @@ def weighted_l1(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor 
 
 
 @dataclass
-class VAEDecoderSettings(RecipeSettings):
-    recipe: ClassVar[str] = "vae-decoder"
-    vae: str | None = None        # the file the vae training wrote (required): its encoder stays, its decoder trains
+class DecoderSettings(RecipeSettings):
+    """What the recipes that train a decoder on a trained VAE's cached latents share."""
+    vae: str | None = None        # the file the vae training wrote (required): its encoder gives the latents
     latent_cache: int = 4096      # images whose posteriors are encoded once and trained on
     object_weight: float = 1.0    # the objects' pixels weigh this many times the background's in the L1 (object_weights)
-    latent_noise: float = 0.0     # the most noise added to a sample's latents, in the UNet's units (see train_vae_decoder)
 
     def check(self):
         if not self.vae:
-            raise ValueError("the vae-decoder recipe needs extra.vae: the file the vae training wrote")
+            raise ValueError(f"the {self.recipe} recipe needs extra.vae: the file the vae training wrote")
         if self.latent_cache < 1:
-            raise ValueError(f"extra.latent_cache of the vae-decoder recipe must be at least 1 (it trains on cached "
+            raise ValueError(f"extra.latent_cache of the {self.recipe} recipe must be at least 1 (it trains on cached "
                              f"latents), not {self.latent_cache}")
+
+
+@dataclass
+class VAEDecoderSettings(DecoderSettings):
+    """The VAE's own decoder, trained on; its encoder stays."""
+    recipe: ClassVar[str] = "vae-decoder"
+    latent_noise: float = 0.0     # the most noise added to a sample's latents, in the UNet's units (see train_vae_decoder)
+
+    def check(self):
+        super().check()
         if self.latent_noise < 0:
             raise ValueError(f"extra.latent_noise must be >= 0 (a standard deviation in the UNet's units), not {self.latent_noise}")
 
@@ -517,21 +526,15 @@ def generated_latents(sd: StableDiffusion, captions: list[str], seed: int, steps
 
 
 @dataclass
-class TAESDSettings(RecipeSettings):
+class TAESDSettings(DecoderSettings):
+    """A tiny decoder (fast mode's) for the VAE (or whole checkpoint) in vae."""
     recipe: ClassVar[str] = "taesd"
-    vae: str | None = None        # the VAE (or whole checkpoint) whose encoder's latents the decoder learns (required)
     width: int = 64               # the tiny decoder's channels
-    latent_cache: int = 4096      # images whose posteriors are encoded once and trained on
     model: str | None = None      # a whole checkpoint with this VAE, whose sampler draws the generated latents
     generated: int = 0            # captions the model draws latents for: half of each batch (0: none)
-    object_weight: float = 1.0    # the objects' pixels weigh this many times the background's in the L1 (object_weights)
 
     def check(self):
-        if not self.vae:
-            raise ValueError("the taesd recipe needs extra.vae: the file the vae training wrote")
-        if self.latent_cache < 1:
-            raise ValueError(f"extra.latent_cache of the taesd recipe must be at least 1 (it trains on cached "
-                             f"latents), not {self.latent_cache}")
+        super().check()
         if self.generated and not self.model:
             raise ValueError("extra.generated needs extra.model: the checkpoint whose sampler makes the latents")
 
