@@ -1,8 +1,9 @@
-"""AUTOMATIC1111's API, as its clients speak it: request fields and defaults, checks, and answers.
+"""AUTOMATIC1111's API, as its clients speak it: request fields and defaults, their mapping onto plainsd's
+GenerationRequest (generation_request), the server's own limits, and answers.
 
 Every field A1111 accepts is accepted; the ones plainsd has no use for (restore_faces, alwayson_scripts,
-subseeds, styles ...) are echoed back and otherwise ignored. Checks raise BadRequest with one sentence,
-which the app answers with 422.
+subseeds, styles ...) are echoed back and otherwise ignored. Checks raise BadRequest with one sentence
+(GenerationRequest.check's, or a limit's), which the app answers with 422.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from plainsd.diffusion.samplers import SAMPLERS
 from plainsd.diffusion.schedules import SCHEDULE_LABELS, schedule_label
 from plainsd.fast import choose as choose_fast
 from plainsd.models.tome import check_ratio
-from plainsd.request import IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix, check_clip_skip
+from plainsd.request import MAX_SEED, GenerationRequest, HiresFix, check_clip_skip
 from plainsd.pnginfo import parse_infotext, read_parameters
 
 

@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from plainsd import pipeline
 from plainsd.pnginfo import save_png
+from plainsd.request import IMAGE_UPSCALERS, LATENT_UPSCALERS
 
 from . import api
 from .jobs import Job, JobQueue, QueueFull
@@ -236,11 +237,11 @@ def _list_routes(server: Server) -> APIRouter:
     @router.get("/sdapi/v1/upscalers")
     async def upscalers():
         return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-                for name in api.IMAGE_UPSCALERS]
+                for name in IMAGE_UPSCALERS]
 
     @router.get("/sdapi/v1/latent-upscale-modes")
     async def latent_upscale_modes():
-        return [{"name": name} for name in api.LATENT_UPSCALERS]
+        return [{"name": name} for name in LATENT_UPSCALERS]
 
     @router.get("/sdapi/v1/sd-vae")
     async def sd_vae():
