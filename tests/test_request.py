@@ -26,10 +26,13 @@ from plainsd.request import MAX_SEED, GenerationRequest, HiresFix, Parameters
     (dict(hires=HiresFix(scale=9)), "the hires scale must be between 1 and 8, got 9"),
     (dict(hires=HiresFix(sampler="Euler", schedule="wobbly")), "hires sampler: unknown schedule 'wobbly'"),
     (dict(hires=HiresFix(), init_image=Image.new("RGB", (8, 8))), "hires fix is for txt2img"),
+    (dict(prompt="a cat <hypernet:anime:0.5>"), "the prompt asks for a hypernetwork (<hypernet:anime:0.5>)"),
+    (dict(negative_prompt="<hypernet:x>"), "the negative prompt asks for a hypernetwork"),
+    (dict(hires=HiresFix(prompt="<hypernet:x:1>")), "the hires prompt asks for a hypernetwork"),
 ])
 def test_each_rule_is_one_sentence(fields, words):
     with pytest.raises(ValueError) as e:
-        GenerationRequest("x", **fields).check()
+        GenerationRequest(**{"prompt": "x", **fields}).check()
     assert words in str(e.value) and "\n" not in str(e.value)
 
 

@@ -72,6 +72,14 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     return [(t, w) for t, w in merged]
 
 
+def check_prompt(prompt: str, what: str = "the prompt") -> None:
+    """Refuse syntax plainsd would otherwise drop without a word: A1111's hypernetwork tags."""
+    tags = [m.group(0) for m in _LORA.finditer(prompt) if m.group(1) == "hypernet"]
+    if tags:
+        raise ValueError(f"{what} asks for a hypernetwork ({tags[0]}), which plainsd does not load; remove the tag "
+                         f"(LoRA files work: <lora:name:weight>)")
+
+
 def extract_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     """Remove <lora:name:weight> tags from a prompt; return the prompt and the (name, weight) pairs."""
     found = [(m.group(2), float(m.group(3)) if m.group(3) else 1.0) for m in _LORA.finditer(prompt) if m.group(1) != "hypernet"]

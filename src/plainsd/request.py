@@ -19,6 +19,7 @@ from .diffusion.schedules import schedule_key, schedule_label
 from .fast import FastSettings
 from .images import resize_mode
 from .models.tome import check_ratio
+from .prompts import check_prompt
 from .pnginfo import infotext
 
 MAX_SEED = 2**32 - 1
@@ -91,6 +92,8 @@ class HiresFix:
             raise ValueError(f"the hires denoising strength must be between 0 and 1, got {self.strength}")
         if self.token_merging is not None:
             check_ratio(self.token_merging, "the hires token merging ratio", " (None: the first pass's)")
+        for text, what in ((self.prompt, "the hires prompt"), (self.negative_prompt, "the hires negative prompt")):
+            check_prompt(text or "", what)
         if self.sampler is not None or self.schedule is not None:
             try:
                 self.resolve(sampler, schedule)
@@ -156,6 +159,8 @@ class GenerationRequest:
             if value is not None and not isinstance(value, Image.Image):
                 raise TypeError(f"{name} must be a PIL image")
         self._check_numbers(factor)
+        check_prompt(self.prompt)
+        check_prompt(self.negative_prompt, "the negative prompt")
         _sampler(self.sampler or DEFAULTS["sampler"], self.schedule)
         resize_mode(self.resize_mode)
         if self.mask is not None and self.init_image is None:
