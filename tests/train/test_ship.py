@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from plainsd.train.loop import atomic_save
+from plainsd.weights import write_safetensors
 from plainsd.train.ship import run_facts
 
 
@@ -13,7 +13,7 @@ def _run(tmp_path, net, meta, logs):
     folder = tmp_path / net
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"network": net, "batch_size": 4}))
-    atomic_save({"model.w": torch.zeros(1)}, folder / "checkpoint.safetensors",
+    write_safetensors({"model.w": torch.zeros(1)}, folder / "checkpoint.safetensors",
                  {"plainsd.train": json.dumps({"step": 300, "losses": [1.0, 0.5], **meta})})
     for name, text in logs.items():
         (tmp_path / name).write_text(text)

@@ -115,7 +115,7 @@ class OpenVINOUNet:
         xml = self.cache / self._key / "unet.xml"
         if not xml.is_file():
             # Copy the weights (share_weights=False): with shared memory, the module's own later changes (its
-            # channels-last copies, made right after) reached the converted model as NaNs in OpenVINO 2026.4.
+            # channels-last copies, made right after) reached the converted model as NaNs.
             self.unet.to(memory_format=torch.contiguous_format)
             try:
                 with torch.no_grad(), warnings.catch_warnings():
@@ -152,7 +152,7 @@ class OpenVINOUNet:
         compiled = self.core.compile_model(model, "CPU", config)
         tmp = blob.with_name(f"{blob.name}.{os.getpid()}.tmp")
         try:
-            exported = compiled.export_model()  # bytes, or an io.BytesIO in OpenVINO 2026.4
+            exported = compiled.export_model()  # bytes, or an io.BytesIO in newer OpenVINO releases
             with open(tmp, "wb") as f:
                 f.write(exported.getbuffer() if hasattr(exported, "getbuffer") else exported)
             os.replace(tmp, blob)

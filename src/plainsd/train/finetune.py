@@ -31,9 +31,9 @@ from ..embeddings import Embedding, EmbeddingSet, save_embedding
 from ..images import contact_sheet, to_tensor
 from ..pnginfo import save_png
 from ..prompts import tokenize_chunks
-from ..weights import load, save
+from ..weights import load, save, write_safetensors
 from .data import FolderDataset, ShapesDataset
-from .loop import TrainConfig, atomic_save, train
+from .loop import TrainConfig, train
 from .recipes import object_weights, sample_posterior
 from .settings import RecipeSettings
 
@@ -247,7 +247,7 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> d
             meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(s.rank),
                     "ss_network_alpha": str(s.alpha), "ss_steps": str(step), "ss_base_model": sd.name,
                     "plainsd.finetune": json.dumps(dataclasses.asdict(cfg))}
-            atomic_save(lora_mod.adapters_state(trained.adapters), made, meta)
+            write_safetensors(lora_mod.adapters_state(trained.adapters), made, meta)
         else:
             sd.eval()
             save(sd, made, dtype=torch.float16)

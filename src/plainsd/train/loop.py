@@ -106,14 +106,9 @@ class EMA:
             self.shadow[k].lerp_(v.detach().float(), 1 - d)
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
-    """Write a .safetensors file whole or not at all (weights.write_safetensors: a temporary name, then a
-    rename), so that a run stopped mid-write leaves the last good checkpoint or export behind."""
-    return write_safetensors(tensors, path, metadata)
-
-
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Write a text or binary file whole or not at all, as atomic_save does for tensors."""
+    """Write a text or binary file whole or not at all, as weights.write_safetensors does for tensors (a temporary
+    name, then a rename), so that a run stopped mid-write leaves the last good file behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -151,7 +146,7 @@ def save_checkpoint(path: Path, step: int, params: dict, optimizer: torch.optim.
                 else:
                     scalars[f"{names[id(p)]}.{key}"] = float(value)
     meta = {"step": step, "ema_updates": ema.updates if ema else 0, "opt_scalars": scalars, **info}
-    atomic_save(tensors, path, {"plainsd.train": json.dumps(meta)})
+    write_safetensors(tensors, path, {"plainsd.train": json.dumps(meta)})
 
 
 def load_checkpoint(path: Path, params: dict, optimizer: torch.optim.Optimizer, ema: EMA | None) -> tuple[int, dict]:

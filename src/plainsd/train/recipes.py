@@ -40,9 +40,9 @@ from ..models import StableDiffusion
 from ..models.clip import CLIPTextModel, CLIPVisionModel
 from ..models.tokenizer import Tokenizer
 from ..models.vae import AutoencoderKL
-from ..weights import save
+from ..weights import save, write_safetensors
 from .data import ALL_SHAPES, SHAPES, VARY, FolderDataset, ShapesDataset, hard_negative_batch
-from .loop import TrainConfig, atomic_save, train
+from .loop import TrainConfig, train
 from .settings import RecipeSettings
 
 # The small Stable Diffusion that plainsd trains and ships: same classes and layout as SD 1.x.
@@ -140,7 +140,7 @@ def train_vae(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
         state = {("first_stage_model." + k): v for k, v in weights.items()}
         scale = latent_scale(vae, weights, ds, cfg)
         meta = {"plainsd.vae_config": json.dumps(dataclasses.asdict(mc.vae)), "plainsd.scale_factor": str(scale)}
-        atomic_save(state, out / "vae.safetensors", meta)
+        write_safetensors(state, out / "vae.safetensors", meta)
 
     def sample(step, weights):
         x, _ = batch(ds, dataclasses.replace(cfg, batch_size=8, seed=cfg.seed + 999), 0, 0)
@@ -234,7 +234,7 @@ def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = T
         with _swapped(vae, weights):
             state = {("first_stage_model." + k): v for k, v in vae.state_dict().items()}
         meta = {"plainsd.vae_config": json.dumps(dataclasses.asdict(vae.config)), "plainsd.scale_factor": str(scale)}
-        atomic_save(state, out / "vae.safetensors", meta)
+        write_safetensors(state, out / "vae.safetensors", meta)
 
     def sample(step, weights):
         with _swapped(vae, weights), torch.no_grad():
@@ -337,7 +337,7 @@ def train_clip(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
         state["clip_logit_scale"] = weights["logit_scale"].reshape(1)
         meta = {"plainsd.text_config": json.dumps(dataclasses.asdict(mc.text)),
                 "plainsd.vision_config": json.dumps(dataclasses.asdict(vision_config(cfg)))}
-        atomic_save(state, out / "clip.safetensors", meta)
+        write_safetensors(state, out / "clip.safetensors", meta)
 
     return train(cfg, params, loss_fn, resume, None, export, progress)
 
@@ -580,7 +580,7 @@ def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -
 
     def export(step, weights):
         meta = {"plainsd.taesd_width": str(decoder.width), "plainsd.scale_factor": str(scale)}
-        atomic_save({k: v.half() for k, v in weights.items()}, out / "taesd.safetensors", meta)
+        write_safetensors({k: v.half() for k, v in weights.items()}, out / "taesd.safetensors", meta)
 
     def sample(step, weights):
         with _swapped(decoder, weights), torch.no_grad():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 
@@ -113,7 +114,8 @@ def _card_training(facts: dict, nets: list[str]) -> list[str]:
         s = facts[net]["seconds"]
         return f"{s / 60:.1f} min" if s else "not recorded"
 
-    lines = ["## Training (2-core CPU)", "", "| network | steps | batch | time | precision | recipe |", "|---|---|---|---|---|---|"]
+    lines = [f"## Training ({os.cpu_count()}-core CPU)", "",  # the machine shipping is the one that trained (make model)
+             "| network | steps | batch | time | precision | recipe |", "|---|---|---|---|---|---|"]
     for net in nets:
         if "row" in facts[net]:  # carried over from an earlier card
             lines.append(facts[net]["row"])
