@@ -83,17 +83,18 @@ def test_token_merging(sd):
 
 def test_hires_fix_is_txt2img_then_img2img_of_its_upscaled_image(sd):
     # With an image upscaler the second pass is img2img of the first pass's picture resized by Lanczos (to a level):
-    # the same seed's noise at the larger size, the second pass's steps cut by its strength.
+    # the same seed's noise at the larger size. As in A1111 the second pass runs all of its 6 steps, at the end of a
+    # schedule stretched to 6 / 0.5 = 12 steps: img2img's last t_enc + 1 = int(12 * 0.45) + 1 = 6 of 12 steps.
     hires = pipeline.HiresFix(scale=1.5, upscaler="Lanczos", steps=6, strength=0.5)
     seen = []
     r = pipeline.txt2img(sd, "a red circle", steps=4, seed=3, sampler="Euler", hires=hires,
                          callback=lambda s: seen.append((s.step, s.total)))
     first = pipeline.txt2img(sd, "a red circle", steps=4, seed=3, sampler="Euler")
-    again = pipeline.img2img(sd, first.images[0].resize((96, 96), Image.LANCZOS), "a red circle", steps=6, seed=3,
-                             sampler="Euler", strength=0.5)
+    again = pipeline.img2img(sd, first.images[0].resize((96, 96), Image.LANCZOS), "a red circle", steps=12, seed=3,
+                             sampler="Euler", strength=0.45)
     assert r.images[0].size == (96, 96)
     assert np.abs(_arr(r.images[0]) - _arr(again.images[0])).max() <= 1
-    assert seen == [(i, 7) for i in range(7)]  # 4 steps, then 3 of 6 (the callback counts on through both passes)
+    assert seen == [(i, 10) for i in range(10)]  # 4 steps, then 6 (the callback counts on through both passes)
     f = parse_infotext(r.infotexts[0])
     assert (f["Size"], f["Hires upscale"], f["Hires upscaler"], f["Hires steps"], f["Denoising strength"]) == \
         ("64x64", "1.5", "Lanczos", "6", "0.5")
@@ -105,8 +106,8 @@ def test_hires_fix_token_merging_of_its_own(sd):
     r = pipeline.txt2img(sd, "a red circle", steps=4, seed=3, sampler="Euler",
                          hires=pipeline.HiresFix(**lanczos, token_merging=0.5))
     first = pipeline.txt2img(sd, "a red circle", steps=4, seed=3, sampler="Euler")
-    again = pipeline.img2img(sd, first.images[0].resize((96, 96), Image.LANCZOS), "a red circle", steps=6, seed=3,
-                             sampler="Euler", strength=0.5, token_merging=0.5)
+    again = pipeline.img2img(sd, first.images[0].resize((96, 96), Image.LANCZOS), "a red circle", steps=12, seed=3,
+                             sampler="Euler", strength=0.45, token_merging=0.5)
     assert np.abs(_arr(r.images[0]) - _arr(again.images[0])).max() <= 1
     unmerged = pipeline.txt2img(sd, "a red circle", steps=4, seed=3, sampler="Euler", hires=pipeline.HiresFix(**lanczos))
     assert not np.array_equal(_arr(r.images[0]), _arr(unmerged.images[0]))
@@ -194,13 +195,13 @@ def test_callback_interrupt_and_steps(sd):
 
 def test_img2img_strength(sd):
     init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    zero = pipeline.img2img(sd, init, "x", strength=0.0, steps=10, seed=1)
-    with torch.no_grad():
-        roundtrip = pipeline.decode(sd, sd.vae.encode(plainsd.images.to_tensor(init)).mode() * sd.config.scale_factor)
-    assert np.array_equal(_arr(zero.images[0]), _arr(roundtrip[0]))  # strength 0: only the VAE round trip
+    calls = []
+    pipeline.img2img(sd, init, "x", strength=0.0, steps=10, seed=1, callback=lambda s: calls.append(s.sigma))
+    sigmas = pipeline._denoiser(sd).get_sigmas(10, "karras")  # (DPM++ 2M's automatic schedule)
+    assert calls == [pytest.approx(float(sigmas[-2]))]  # strength 0: A1111's one last step, at the smallest noise
     calls = []
     pipeline.img2img(sd, init, "x", strength=0.5, steps=10, seed=1, sampler="Euler", callback=lambda s: calls.append(s))
-    assert len(calls) == 5  # half the steps
+    assert len(calls) == 6  # A1111's int(10 * 0.5) + 1 steps
     big = pipeline.img2img(sd, init.resize((128, 96)), "x", steps=2, seed=1, width=64, height=64, resize_mode="crop and resize")
     assert big.images[0].size == (64, 64) and "Denoising strength: 0.8" in big.infotexts[0]
 

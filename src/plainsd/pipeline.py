@@ -267,10 +267,21 @@ class Pass:
 
 
 def _last_part(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
-    """The sigmas an img2img strength leaves of a schedule of `steps`: from int(steps * strength) steps before
-    the end (none: just the final 0). (Counted from the steps asked for: a schedule may have a few more.)"""
-    run = int(steps * strength)
-    return sigmas[steps - run:] if run > 0 else sigmas[-1:]
+    """The sigmas img2img runs of a schedule of `steps`, as A1111 counts them: t_enc = int(steps * strength)
+    (strength capped at 0.999) and t_enc + 1 steps from sigmas[steps - t_enc - 1], so strength 0 still runs the
+    last step. (Counted from the steps asked for: a schedule may have a few more.)"""
+    t_enc = int(min(strength, 0.999) * steps)
+    return sigmas[steps - t_enc - 1:]
+
+
+def _hires_sigmas(denoiser: DiscreteDenoiser, steps: int, strength: float, schedule: str) -> torch.Tensor:
+    """The hires fix's second pass as A1111 runs it: all of its `steps`, at the end of a schedule stretched to
+    int(steps / strength) steps (strength capped at 0.999), so that they cover the last `strength` of the noise;
+    strength 0 runs none."""
+    if strength <= 0:
+        return denoiser.get_sigmas(steps, schedule)[-1:]
+    total = int(steps / min(strength, 0.999))
+    return denoiser.get_sigmas(total, schedule)[total - steps:]
 
 
 def _first_pass(engine: Engine, req: GenerationRequest, params: Parameters, run: _Run, start: _Start,
@@ -285,10 +296,11 @@ def _first_pass(engine: Engine, req: GenerationRequest, params: Parameters, run:
 
 def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run: _Run, first: Pass,
                  embeddings) -> Pass:
-    """The hires fix's pass at the larger size: the last `strength` of its own steps, its own prompt if any."""
+    """The hires fix's pass at the larger size: its steps over the last `strength` of the noise, its own prompt
+    if any."""
     sd, hires = engine.sd, req.hires
     steps = hires.steps or params.steps
-    sigmas = _last_part(_denoiser(sd).get_sigmas(steps, params.hires_schedule), steps, hires.strength)
+    sigmas = _hires_sigmas(_denoiser(sd), steps, hires.strength, params.hires_schedule)
     text = extract_loras(req.prompt)[0]
     prompt = extract_loras(hires.prompt)[0] if hires.prompt else text  # (the first prompt's LoRAs apply)
     negative = hires.negative_prompt or req.negative_prompt

@@ -139,7 +139,7 @@ class GenerationRequest:
     clip_skip: int | None = None         # 1 = the last CLIP layer, 2 = the penultimate; None or 0: the model's
     eta: float | None = None             # ancestral and DDIM samplers' noise
     init_image: Image.Image | None = None   # img2img and inpainting
-    strength: float = 0.8                # img2img's denoising strength: 0 keeps the image, 1 replaces it
+    strength: float = 0.8                # img2img: A1111 runs int(steps * strength) + 1 steps; 1 replaces the image
     resize_mode: str = "just resize"     # images.RESIZE_MODES
     mask: Image.Image | None = None      # inpainting: white = repaint
     mask_blur: int = 4
