@@ -32,6 +32,9 @@ from .jobs import Job, JobQueue, QueueFull
 from .models import ModelStore
 
 RETRY_AFTER_SECONDS = 5
+# what every route may answer besides its own answer (the OpenAPI schema says so)
+ERRORS = {422: {"model": api.ErrorResponse, "description": "a bad request, in one sentence"},
+          503: {"model": api.ErrorResponse, "description": "the queue is full; retry after Retry-After seconds"}}
 
 
 @dataclass
@@ -70,7 +73,9 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
         server.queue.close()
 
     app = FastAPI(title="plainsd", description="AUTOMATIC1111-compatible API of plainsd", version="1",
-                  lifespan=lifespan)
+                  lifespan=lifespan, responses=ERRORS)
+    plain_openapi = app.openapi
+    app.openapi = lambda: api.state_limits(plain_openapi(), server.limits)
     app.state.store, app.state.queue, app.state.limits = server.store, server.queue, server.limits
     if credentials:
         app.add_middleware(_BasicAuth, credentials=credentials)
@@ -86,9 +91,7 @@ async def _bad_request(request: Request, exc: api.BadRequest):
 
 
 async def _invalid(request: Request, exc: RequestValidationError):
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
-    return JSONResponse({"error": "BadRequest", "detail": f"{where}: {first.get('msg', 'invalid request')}",
+    return JSONResponse({"error": "BadRequest", "detail": api.validation_sentence(exc.errors()),
                          "errors": _jsonable(exc.errors())}, status_code=422)
 
 
@@ -97,11 +100,11 @@ async def _invalid(request: Request, exc: RequestValidationError):
 def _generation_routes(server: Server) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/sdapi/v1/txt2img")
+    @router.post("/sdapi/v1/txt2img", response_model=api.ImagesResponse)
     async def txt2img(req: api.Txt2ImgRequest, http: Request):
         return await _generate(server, http, req, "txt2img")
 
-    @router.post("/sdapi/v1/img2img")
+    @router.post("/sdapi/v1/img2img", response_model=api.ImagesResponse)
     async def img2img(req: api.Img2ImgRequest, http: Request):
         return await _generate(server, http, req, "img2img")
 
@@ -297,6 +300,8 @@ def _settings_routes(server: Server) -> APIRouter:
         api.clip_skip_setting(values)
         for name in api.TOKEN_MERGING:
             api.token_merging_ratio(values, name)
+        api.check_settings(values, {**options, "sd_checkpoint_hash": store.current.sha256}, "options",
+                           also=("outdir_samples",))
         if "sd_model_checkpoint" in values:
             store.select(_find(store, values.pop("sd_model_checkpoint")).name)
         options.update(values)
@@ -312,7 +317,7 @@ def _settings_routes(server: Server) -> APIRouter:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"ram": {"peak_rss": rss}, "cuda": {"error": "no GPU: plainsd runs on the CPU"}}
 
-    @router.post("/sdapi/v1/png-info")
+    @router.post("/sdapi/v1/png-info", response_model=api.PngInfoResponse)
     async def png_info(req: api.PngInfoRequest):
         return api.png_info(req, server.limits)
 
@@ -403,5 +408,5 @@ def _authorised(header: str | None, credentials: list[tuple[str, str]]) -> bool:
 
 
 def _jsonable(errors):
-    return [{k: (v if isinstance(v, (str, int, float, list, type(None))) else str(v)) for k, v in e.items()}
-            for e in errors]
+    return [{k: (list(v) if isinstance(v, tuple) else v if isinstance(v, (str, int, float, list, type(None)))
+                 else str(v)) for k, v in e.items()} for e in errors]
