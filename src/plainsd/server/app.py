@@ -20,8 +20,10 @@ from importlib import resources
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plainsd import pipeline
 from plainsd.pnginfo import save_png
@@ -81,6 +83,7 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
         app.add_middleware(_BasicAuth, credentials=credentials)
     app.add_exception_handler(api.BadRequest, _bad_request)
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     for routes in (_generation_routes, _control_routes, _list_routes, _settings_routes, _page_routes):
         app.include_router(routes(server))
     return app
@@ -93,6 +96,13 @@ async def _bad_request(request: Request, exc: api.BadRequest):
 async def _invalid(request: Request, exc: RequestValidationError):
     return JSONResponse({"error": "BadRequest", "detail": api.validation_sentence(exc.errors()),
                          "errors": _jsonable(exc.errors())}, status_code=422)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    if exc.status_code == 400:  # FastAPI could not read the body at all (bytes that are not UTF-8 ...): a bad request
+        return JSONResponse({"error": "BadRequest", "detail": "the request body could not be read; send JSON in UTF-8"},
+                            status_code=422)
+    return await http_exception_handler(request, exc)
 
 
 # --- generation ---------------------------------------------------------------------------------------
@@ -300,8 +310,8 @@ def _settings_routes(server: Server) -> APIRouter:
         api.clip_skip_setting(values)
         for name in api.TOKEN_MERGING:
             api.token_merging_ratio(values, name)
-        api.check_settings(values, {**options, "sd_checkpoint_hash": store.current.sha256}, "options",
-                           also=("outdir_samples",))
+        # (outdir_samples stays where the server was started with: a client does not choose where files go)
+        api.check_settings(values, {**options, "sd_checkpoint_hash": store.current.sha256}, "options")
         if "sd_model_checkpoint" in values:
             store.select(_find(store, values.pop("sd_model_checkpoint")).name)
         options.update(values)
