@@ -80,42 +80,60 @@ def test_same_seed_same_image_and_defaults(client):
     assert json.loads(a["info"])["sampler_name"] == "Euler"
 
 
-def test_unknown_fields_and_unsupported_features_are_ignored(client):
-    r = client.post("/sdapi/v1/txt2img", json={
-        "prompt": "x", "steps": 2, "width": 32, "height": 32, "restore_faces": True, "tiling": False,
-        "enable_hr": False, "alwayson_scripts": {"controlnet": {"args": []}}, "styles": ["s"],
-        "some_future_field": 3, "sampler_name": "Euler a", "scheduler": "automatic", "send_images": False})
+def test_unknown_fields_and_unsupported_features_are_refused(client):
+    plain = {"prompt": "x", "steps": 2, "width": 32, "height": 32, "restore_faces": False, "tiling": False,
+             "enable_hr": False, "alwayson_scripts": {}, "sampler_name": "Euler a", "scheduler": "automatic",
+             "send_images": False}
+    r = client.post("/sdapi/v1/txt2img", json=plain)
     assert r.status_code == 200, r.text
-    assert r.json()["images"] == [] and r.json()["parameters"]["some_future_field"] == 3
+    assert r.json()["images"] == [] and r.json()["parameters"]["restore_faces"] is False
+    r = client.post("/sdapi/v1/txt2img", json={**plain, "some_future_field": 3, "other": None})
+    assert r.status_code == 422 and r.json()["detail"].startswith("unknown fields some_future_field, other: ")
+    assert r.json()["errors"][0]["loc"] == ["body", "some_future_field"]
+    r = client.post("/sdapi/v1/img2img", json={**plain, "init_images": [b64png(Image.new("RGB", (32, 32)))]})
+    assert r.status_code == 422 and "unknown field enable_hr" in r.json()["detail"]  # A1111's img2img has no hires fix
+    r = client.post("/sdapi/v1/txt2img", json={**plain, "restore_faces": True})
+    assert r.status_code == 422
+    assert r.json()["detail"] == ("restore_faces: plainsd has no face restoration, so only null or false is accepted "
+                                  "here, got true")
+    r = client.post("/sdapi/v1/txt2img", json={**plain, "alwayson_scripts": {"controlnet": {"args": []}, "ADetailer": {}}})
+    assert r.status_code == 422 and "alwayson_scripts asks for controlnet, ADetailer;" in r.json()["detail"]
 
 
 @pytest.mark.parametrize("body, words", [
-    ({"width": 65}, "multiples of 8, got 65x32"),
+    ({"width": 65}, "width should be a multiple of 8, got 65"),
     ({"width": 512}, "width and height must be between 8 and 256, got 512x32"),
-    ({"steps": 0}, "steps must be between 1 and 1000, got 0"),
+    ({"steps": 0}, "steps should be greater than or equal to 1, got 0"),
     ({"steps": 31}, "steps may be at most 30, got 31"),
     ({"batch_size": 3, "n_iter": 2}, "at most 4 images"),
-    ({"sampler_name": "Nope"}, "known samplers"),
-    ({"scheduler": "wobbly"}, "unknown schedule"),
-    ({"seed": -5}, "seed must be"),
-    ({"width": "wide"}, "width"),
+    ({"sampler_name": "Nope"}, 'sampler_name: unknown sampler "Nope"; /sdapi/v1/samplers lists the names'),
+    ({"sampler_name": "euler a"}, "unknown sampler"),  # A1111's API takes its names as it lists them
+    ({"scheduler": "wobbly"}, "scheduler should be '', 'Automatic', 'Uniform', 'Karras'"),
+    ({"seed": -5}, "seed should be greater than or equal to -1, got -5"),
+    ({"seed": 2**32}, "seed should be less than or equal to 4294967295, got 4294967296"),
+    ({"cfg_scale": 101}, "cfg_scale should be less than or equal to 100, got 101"),
+    ({"width": "wide"}, 'width should be a valid integer, unable to parse string as an integer, got "wide"'),
+    ({"steps": None}, "steps should be a valid integer, got null"),
     ({"override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, "unknown model"),
     ({"prompt": "a <lora:style:1> circle"}, "LoRA"),
     ({"tiny_decoder": True}, "this model has no tiny decoder"),
-    ({"guidance_until": 0}, "guidance_until (the fraction of the steps with guidance) must be in (0, 1]"),
+    ({"guidance_until": 0}, "guidance_until should be greater than 0, got 0"),
     ({"override_settings": {"token_merging_ratio": 1.5}}, "token_merging_ratio must be at least 0 and below 1"),
-    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "unknown hires upscaler 'R-ESRGAN 4x+'; plainsd has Latent,"),
-    ({"enable_hr": True, "hr_scale": 8.5}, "the hires scale must be between 1 and 8, got 8.5"),
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler should be 'Latent', 'Latent (antialiased)',"),
+    ({"enable_hr": True, "hr_scale": 8.5}, "hr_scale should be less than or equal to 8, got 8.5"),
     ({"width": 64, "enable_hr": True, "hr_scale": 8}, "the hires fix would draw 512x256 from 64x32; width and height may be at most 256"),
-    ({"enable_hr": True, "hr_scale": 0.5}, "the hires scale must be between 1 and 8, got 0.5"),
-    ({"enable_hr": True, "hr_resize_x": 100}, "the hires width and height must be multiples of 8 (0: from the scale), got 100x0"),
+    ({"enable_hr": True, "hr_scale": 0.5}, "hr_scale should be greater than or equal to 1, got 0.5"),
+    ({"enable_hr": True, "hr_resize_x": 100}, "hr_resize_x should be a multiple of 8, got 100"),
     ({"enable_hr": True, "hr_resize_x": 264}, "the hires fix would draw 264x264 from 32x32; width and height may be at most 256"),
-    ({"enable_hr": True, "hr_sampler_name": "Nope"}, "hires sampler: unknown sampler 'Nope'"),
+    ({"enable_hr": True, "hr_sampler_name": "Nope"}, 'hr_sampler_name: unknown sampler "Nope"'),
     ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "both passes with the same model"),
-    ({"enable_hr": True, "denoising_strength": 1.5}, "the hires denoising strength must be between 0 and 1, got 1.5"),
+    ({"enable_hr": True, "denoising_strength": 1.5}, "denoising_strength should be less than or equal to 1, got 1.5"),
+    ({"override_settings": {"sd_vae": "other.pt"}}, "override_settings: plainsd does not act on sd_vae; it takes"),
+    ({"sampler_name": "Euler", "sampler_index": "Euler a"}, "name different samplers; send sampler_name alone"),
+    ("not a dict", "the request body should be a valid dictionary"),
 ])
 def test_bad_requests_get_422_with_one_clear_sentence(client, body, words):
-    r = client.post("/sdapi/v1/txt2img", json={"steps": 2, "width": 32, "height": 32, **body})
+    r = client.post("/sdapi/v1/txt2img", json={"steps": 2, "width": 32, "height": 32, **body} if isinstance(body, dict) else body)
     assert r.status_code == 422, r.text
     assert words in r.json()["detail"]
 

@@ -753,9 +753,9 @@ SAMPLERS: dict[str, SamplerInfo] = {s.name: s for s in [
 ]}
 
 # Older A1111 names carry the schedule: "DPM++ 2M Karras", "Euler a Exponential", ...
-_SCHEDULE_SUFFIXES = {" Karras": "karras", " Exponential": "exponential", " Polyexponential": "polyexponential",
-                      " SGM Uniform": "sgm_uniform", " Uniform": "uniform", " Simple": "simple", " Normal": "normal",
-                      " Beta": "beta"}
+SCHEDULE_SUFFIXES = {" Karras": "karras", " Exponential": "exponential", " Polyexponential": "polyexponential",
+                     " SGM Uniform": "sgm_uniform", " Uniform": "uniform", " Simple": "simple", " Normal": "normal",
+                     " Beta": "beta"}
 
 
 def resolve_sampler(name: str, schedule: str | None = None) -> tuple[SamplerInfo, str]:
@@ -783,7 +783,7 @@ def _split(name: str) -> tuple[SamplerInfo, str | None]:
             lookup.setdefault(alias.lower(), info)
     from_name = None
     if text.lower() not in lookup:
-        for suffix, sched in _SCHEDULE_SUFFIXES.items():
+        for suffix, sched in SCHEDULE_SUFFIXES.items():
             if text.lower().endswith(suffix.lower()) and text[: -len(suffix)].lower() in lookup:
                 text, from_name = text[: -len(suffix)], sched
                 break

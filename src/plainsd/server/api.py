@@ -1,9 +1,11 @@
 """AUTOMATIC1111's API, as its clients speak it: request fields and defaults, their mapping onto plainsd's
 GenerationRequest (generation_request), the server's own limits, and answers.
 
-Every field A1111 accepts is accepted; the ones plainsd has no use for (restore_faces, alwayson_scripts,
-subseeds, styles ...) are echoed back and otherwise ignored. Checks raise BadRequest with one sentence
-(GenerationRequest.check's, or a limit's), which the app answers with 422.
+Every field of A1111's txt2img and img2img requests is honoured, or accepted only at the value that asks for
+nothing (NOT_SUPPORTED: restore_faces, the SDXL refiner, ...) and refused otherwise; a field A1111 does not have
+is refused, and so is an override_settings key plainsd does not act on (check_fields). The models state the fixed
+rules in the OpenAPI schema (pydantic enforces them) and state_limits adds the server's own. Checks raise
+BadRequest with one sentence (GenerationRequest.check's, or a limit's), which the app answers with 422.
 """
 
 from __future__ import annotations
@@ -12,18 +14,21 @@ import base64
 import binascii
 import io
 import json
+import re
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from plainsd.diffusion.samplers import SAMPLERS
-from plainsd.diffusion.schedules import SCHEDULE_LABELS, schedule_label
+from plainsd.diffusion.samplers import SAMPLERS, SCHEDULE_SUFFIXES, resolve_sampler
+from plainsd.diffusion.schedules import SCHEDULE_LABELS, SCHEDULES, schedule_label
 from plainsd.fast import choose as choose_fast
 from plainsd.models.tome import check_ratio
-from plainsd.request import MAX_SEED, GenerationRequest, HiresFix, check_clip_skip
+from plainsd.prompts import extract_loras
+from plainsd.request import (IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix,
+                             check_clip_skip)
 from plainsd.pnginfo import parse_infotext, read_parameters
 
 
@@ -40,33 +45,59 @@ class Limits:
     max_image_bytes: int = 50 * 2**20
 
 
-class Txt2ImgRequest(BaseModel):
-    """A1111's StableDiffusionTxt2ImgProcessingAPI fields with its defaults (others are accepted as well)."""
-    model_config = ConfigDict(extra="allow")
+# --- what the schema says a name may be -------------------------------------------------------------------
+
+def _any_of(words) -> str:
+    """Alternatives for a regular expression that JSON Schema (ECMA 262), Rust's and Python's engines read alike."""
+    escaped = (re.sub(r"([\\.^$|?*+()\[\]{}])", r"\\\1", w) for w in sorted(words, key=len, reverse=True))
+    return "|".join(escaped)
+
+
+def sampler_pattern(*others: str) -> str:
+    """The sampler names the API takes, as a regular expression: A1111's names and aliases as /sdapi/v1/samplers
+    lists them, optionally followed by a schedule as A1111's older names carry it ("DPM++ 2M Karras"), or one of
+    `others`. (The command line also takes other capitalisations; A1111's API does not, nor does this.)"""
+    names = [name for s in SAMPLERS.values() for name in (s.name, *s.aliases)]
+    suffixes = [suffix for suffix, key in SCHEDULE_SUFFIXES.items() if key in SCHEDULES]
+    return f"^(?:(?:{_any_of(names)})(?:{_any_of(suffixes)})?|{_any_of(others)})$"
+
+
+# A1111's schedule labels ("Karras") and names ("karras"); "" is automatic, as in A1111
+Schedule = Literal[tuple(dict.fromkeys(["", *SCHEDULE_LABELS, *SCHEDULE_LABELS.values(), *SCHEDULES]))]
+HiresSchedule = Literal[tuple(dict.fromkeys(["Use same scheduler", *Schedule.__args__]))]
+Upscaler = Literal[tuple([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])]
+SAMPLER = sampler_pattern("")
+HIRES_SAMPLER = sampler_pattern("", "Use same sampler")
+
+
+class ProcessingRequest(BaseModel):
+    """The fields A1111's txt2img and img2img requests share (its StableDiffusionProcessing), with its defaults.
+    Sizes and step counts also have the server's own maxima (Limits), which the OpenAPI schema states."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str = ""
     negative_prompt: str = ""
     styles: Optional[list[str]] = None
-    seed: int = -1
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random")
     subseed: int = -1
     subseed_strength: float = 0.0
     seed_resize_from_h: int = -1
     seed_resize_from_w: int = -1
-    sampler_name: Optional[str] = None
-    sampler_index: str = "Euler"
-    scheduler: Optional[str] = None
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    sampler_name: Optional[str] = Field(None, pattern=SAMPLER, description="a name from /sdapi/v1/samplers")
+    sampler_index: str = Field("Euler", pattern=SAMPLER, description="A1111's older sampler_name")
+    scheduler: Optional[Schedule] = None
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    steps: int = Field(50, ge=1)
+    cfg_scale: float = Field(7.0, ge=0.0, le=100.0)
+    width: int = Field(512, ge=8, multiple_of=8)
+    height: int = Field(512, ge=8, multiple_of=8)
     restore_faces: Optional[bool] = None
     tiling: Optional[bool] = None
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     eta: Optional[float] = None
-    denoising_strength: Optional[float] = None
+    denoising_strength: Optional[float] = Field(None, ge=0.0, le=1.0)
     s_min_uncond: Optional[float] = None
     s_churn: Optional[float] = None
     s_tmax: Optional[float] = None
@@ -77,20 +108,8 @@ class Txt2ImgRequest(BaseModel):
     refiner_checkpoint: Optional[str] = None
     refiner_switch_at: Optional[float] = None
     disable_extra_networks: bool = False
+    firstpass_image: Optional[str] = None
     comments: Optional[dict[str, Any]] = None
-    enable_hr: bool = False
-    firstphase_width: int = 0
-    firstphase_height: int = 0
-    hr_scale: float = 2.0
-    hr_upscaler: Optional[str] = None
-    hr_second_pass_steps: int = 0
-    hr_resize_x: int = 0
-    hr_resize_y: int = 0
-    hr_checkpoint_name: Optional[str] = None
-    hr_sampler_name: Optional[str] = None
-    hr_scheduler: Optional[str] = None
-    hr_prompt: str = ""
-    hr_negative_prompt: str = ""
     force_task_id: Optional[str] = None
     script_name: Optional[str] = None
     script_args: list = Field(default_factory=list)
@@ -102,27 +121,58 @@ class Txt2ImgRequest(BaseModel):
     # steps with guidance (None: the model's recommendation); A1111 clients never send them
     fast: bool = False
     tiny_decoder: bool = False
-    guidance_until: Optional[float] = None
+    guidance_until: Optional[float] = Field(None, gt=0.0, le=1.0)
 
 
-class Img2ImgRequest(Txt2ImgRequest):
-    """A1111's StableDiffusionImg2ImgProcessingAPI: txt2img's fields plus the init image and mask."""
-    init_images: Optional[list] = None
-    resize_mode: int = 0
+class Txt2ImgRequest(ProcessingRequest):
+    """A1111's StableDiffusionTxt2ImgProcessingAPI: the shared fields plus the hires fix."""
+    enable_hr: bool = False
+    firstphase_width: int = Field(0, ge=0, multiple_of=8)
+    firstphase_height: int = Field(0, ge=0, multiple_of=8)
+    hr_scale: float = Field(2.0, ge=1.0, le=8.0)
+    hr_upscaler: Optional[Upscaler] = None
+    hr_second_pass_steps: int = Field(0, ge=0)
+    hr_resize_x: int = Field(0, ge=0, multiple_of=8)
+    hr_resize_y: int = Field(0, ge=0, multiple_of=8)
+    hr_checkpoint_name: Optional[str] = None
+    hr_sampler_name: Optional[str] = Field(None, pattern=HIRES_SAMPLER)
+    hr_scheduler: Optional[HiresSchedule] = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+
+
+class Img2ImgRequest(ProcessingRequest):
+    """A1111's StableDiffusionImg2ImgProcessingAPI: the shared fields plus the init image and mask."""
+    init_images: Optional[list[str]] = None
+    resize_mode: int = Field(0, ge=0, le=3)
     image_cfg_scale: Optional[float] = None
     mask: Optional[str] = None
-    mask_blur_x: int = 4
-    mask_blur_y: int = 4
-    mask_blur: Optional[int] = None
+    mask_blur_x: int = Field(4, ge=0, le=64)
+    mask_blur_y: int = Field(4, ge=0, le=64)
+    mask_blur: Optional[int] = Field(None, ge=0, le=64)
     mask_round: bool = True
     inpainting_fill: int = 0
     inpaint_full_res: bool = True
     inpaint_full_res_padding: int = 0
-    inpainting_mask_invert: int = 0
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
     initial_noise_multiplier: Optional[float] = None
     latent_mask: Optional[str] = None
     include_init_images: bool = False
-    denoising_strength: Optional[float] = 0.75
+    denoising_strength: Optional[float] = Field(0.75, ge=0.0, le=1.0)
+
+
+def state_limits(schema: dict, limits: Limits) -> dict:
+    """The app's OpenAPI schema with the server's own limits stated as maxima (the models know only the fixed
+    rules; _check_limits enforces these). batch_size x n_iter has its own limit, which a schema cannot state."""
+    most = {"width": limits.max_size, "height": limits.max_size, "firstphase_width": limits.max_size,
+            "firstphase_height": limits.max_size, "hr_resize_x": limits.max_size, "hr_resize_y": limits.max_size,
+            "steps": limits.max_steps, "hr_second_pass_steps": limits.max_steps,
+            "batch_size": limits.max_images, "n_iter": limits.max_images}
+    for model in (Txt2ImgRequest, Img2ImgRequest):
+        fields = schema.get("components", {}).get("schemas", {}).get(model.__name__, {}).get("properties", {})
+        for name in most.keys() & fields.keys():
+            fields[name]["maximum"] = most[name]
+    return schema
 
 
 class OptionsRequest(BaseModel):
@@ -130,8 +180,45 @@ class OptionsRequest(BaseModel):
 
 
 class PngInfoRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     image: str = ""
+
+
+class ImagesResponse(BaseModel):
+    """The answer of txt2img and img2img, as A1111's."""
+    images: list[str]
+    parameters: dict
+    info: str
+
+
+class PngInfoResponse(BaseModel):
+    info: str
+    items: dict
+    parameters: dict
+
+
+class ErrorResponse(BaseModel):
+    """What a refused request gets (422 for a bad request, 503 when the queue is full)."""
+    detail: str
+    error: Optional[str] = None
+    errors: Optional[list] = None
+
+
+def validation_sentence(errors: list[dict]) -> str:
+    """pydantic's complaint about a request as one sentence naming the field (every unknown field at once)."""
+    unknown = [str(e["loc"][-1]) for e in errors if e.get("type") == "extra_forbidden"]
+    if unknown:
+        return (f"unknown field{'s' * (len(unknown) > 1)} {', '.join(unknown)}: A1111's request has no such field, and "
+                f"plainsd refuses what it would not use (/docs lists the fields)")
+    first = errors[0] if errors else {}
+    where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "the request body"
+    kind, msg = first.get("type"), first.get("msg", "Input is not valid")
+    if kind == "json_invalid":
+        return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'malformed')})"
+    if kind == "string_pattern_mismatch":
+        return f"{where}: unknown sampler {_json(first.get('input'))}; /sdapi/v1/samplers lists the names"
+    sentence = f"{where} {msg[6:]}" if msg.startswith("Input ") else f"{where}: {msg[:1].lower()}{msg[1:]}"
+    return sentence if kind == "missing" or "input" not in first else f"{sentence}, got {_json(first['input'])}"
 
 
 # --- images in and out -------------------------------------------------------------------------------
@@ -175,7 +262,7 @@ def encode_png(image: Image.Image, parameters: str | None = None) -> str:
 
 # --- requests -> GenerationRequest ----------------------------------------------------------------------
 
-def sampler_and_schedule(req: Txt2ImgRequest) -> tuple[str, str]:
+def sampler_and_schedule(req: ProcessingRequest) -> tuple[str, str]:
     """A1111's sampler fields: sampler_name, else the older sampler_index; the scheduler."""
     return req.sampler_name or req.sampler_index or "Euler", req.scheduler or "automatic"
 
@@ -209,12 +296,86 @@ def clip_skip_setting(settings: dict) -> int | None:
     return value
 
 
-def generation_request(req: Txt2ImgRequest, kind: str, limits: Limits, options: dict,
+# --- what plainsd refuses ----------------------------------------------------------------------------------
+
+# A1111 fields that ask for something plainsd does not do: accepted only at the values that ask for nothing
+# (A1111's default and its spellings of "none"), refused with the reason otherwise
+NOT_SUPPORTED = {
+    "restore_faces": ((None, False), "plainsd has no face restoration"),
+    "s_min_uncond": ((None, 0.0), "plainsd computes the unconditional prediction at every step"),
+    "refiner_checkpoint": ((None, "", "None"), "the SDXL refiner is not supported yet"),
+    "refiner_switch_at": ((None,), "the SDXL refiner is not supported yet"),
+    "firstpass_image": ((None, ""), "plainsd draws the hires fix's first pass itself"),
+    "hr_checkpoint_name": ((None, "", "Use same checkpoint"), "plainsd draws both passes with the same model"),
+    "force_task_id": ((None, ""), "plainsd has no task ids (/sdapi/v1/progress reports the job that runs)"),
+    "infotext": ((None, ""), "plainsd does not read settings from an infotext, so send them as fields"),
+    "comments": ((None, {}), "A1111 discards a request's comments and plainsd takes none"),
+    "image_cfg_scale": ((None,), "it is for instruct-pix2pix models, which plainsd does not load"),
+}
+
+# override_settings plainsd acts on: the model (app.py), the CLIP layer and the token merging ratios ...
+HONOURED_SETTINGS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", *TOKEN_MERGING)
+# ... and A1111's sampler settings, which the request is being taught (accepted meanwhile)
+SAMPLER_SETTINGS = ("eta_ancestral", "eta_ddim", "eta_noise_seed_delta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+
+
+def _json(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_fields(req: ProcessingRequest, options: dict) -> None:
+    """Refuse what a request asks for that plainsd would otherwise not do (one sentence naming the field)."""
+    for name, (nothing, reason) in NOT_SUPPORTED.items():
+        value = getattr(req, name, None)
+        if value is not None and value not in nothing:
+            allowed = " or ".join(_json(v) for v in nothing)
+            raise BadRequest(f"{name}: {reason}, so only {allowed} is accepted here, got {_json(value)}")
+    if req.alwayson_scripts:
+        raise BadRequest(f"alwayson_scripts asks for {', '.join(map(str, req.alwayson_scripts))}; plainsd has no "
+                         f"always-on scripts (send an empty alwayson_scripts)")
+    if req.do_not_save_samples and req.save_images:
+        raise BadRequest("do_not_save_samples and save_images contradict each other; send one of them")
+    check_settings(req.override_settings or {}, options, "override_settings")
+    _check_sampler_fields(req)
+    if isinstance(req, Img2ImgRequest):
+        if req.init_images and len(req.init_images) > 1:
+            raise BadRequest(f"init_images holds {len(req.init_images)} images; plainsd draws from one init image "
+                             f"(a batch of one image's variations: batch_size)")
+        if req.mask_blur is None and req.mask_blur_x != req.mask_blur_y:
+            raise BadRequest(f"mask_blur_x and mask_blur_y differ ({req.mask_blur_x}, {req.mask_blur_y}); plainsd "
+                             f"blurs a mask alike in both directions (send mask_blur)")
+
+
+def check_settings(values: dict, current: dict, what: str, also: tuple[str, ...] = ()) -> None:
+    """A1111 settings (override_settings, or /sdapi/v1/options) plainsd acts on, or left at the value the server
+    has (a client that sends back the options it read); `also`: further names acted on."""
+    acted_on = {*HONOURED_SETTINGS, *SAMPLER_SETTINGS, *also}
+    ignored = sorted(k for k, v in values.items() if k not in acted_on and (k not in current or current[k] != v))
+    if ignored:
+        raise BadRequest(f"{what}: plainsd does not act on {', '.join(ignored)}; it takes "
+                         f"{', '.join([*HONOURED_SETTINGS, *also])} (others only at the value /sdapi/v1/options shows)")
+
+
+def _check_sampler_fields(req: ProcessingRequest) -> None:
+    """sampler_name and the older sampler_index both sent: A1111 takes sampler_name; refuse if they disagree."""
+    if {"sampler_name", "sampler_index"} <= req.model_fields_set and req.sampler_name:
+        try:
+            same = resolve_sampler(req.sampler_name) == resolve_sampler(req.sampler_index)
+        except ValueError:
+            return  # the unknown name gets GenerationRequest.check's sentence
+        if not same:
+            raise BadRequest(f"sampler_name {req.sampler_name!r} and sampler_index {req.sampler_index!r} name "
+                             f"different samplers; send sampler_name alone")
+
+
+def generation_request(req: ProcessingRequest, kind: str, limits: Limits, options: dict,
                        backend: str = "eager") -> GenerationRequest:
-    """An A1111 txt2img or img2img request as plainsd's GenerationRequest, checked: the server's own limits, then
-    GenerationRequest.check's rules. options: the server's settings (/sdapi/v1/options), which a request's
-    override_settings take precedence over, as A1111 applies them for the request; backend: what runs the
-    server's UNet."""
+    """An A1111 txt2img or img2img request as plainsd's GenerationRequest, checked: the fields plainsd refuses, the
+    server's own limits, then GenerationRequest.check's rules. options: the server's settings (/sdapi/v1/options),
+    which a request's override_settings take precedence over, as A1111 applies them for the request; backend: what
+    runs the server's UNet."""
+    check_fields(req, options)
     overrides = req.override_settings or {}
     for name in TOKEN_MERGING:
         token_merging_ratio(overrides, name)
@@ -224,7 +385,7 @@ def generation_request(req: Txt2ImgRequest, kind: str, limits: Limits, options: 
         clip_skip = options["CLIP_stop_at_last_layers"]
     sampler, schedule = sampler_and_schedule(req)
     request = GenerationRequest(
-        prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, sampler=sampler, schedule=schedule,
+        prompt=_without_networks(req, req.prompt), negative_prompt=req.negative_prompt, steps=req.steps, sampler=sampler, schedule=schedule,
         cfg_scale=req.cfg_scale, guidance_until=req.guidance_until, seed=req.seed, width=req.width,
         height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
         clip_skip=clip_skip, eta=req.eta,
@@ -233,13 +394,18 @@ def generation_request(req: Txt2ImgRequest, kind: str, limits: Limits, options: 
         request = _img2img(request, req, limits)
     elif req.enable_hr:
         request = _hires(request, req, settings.get("token_merging_ratio_hr") or None)
-    _check_limits(req, request, limits)
+    _check_limits(request, limits)
     try:
         request.check(backend=backend)
     except ValueError as e:
         raise BadRequest(str(e)) from None
     _check_hires_size(request, limits)
     return request
+
+
+def _without_networks(req: ProcessingRequest, prompt: str) -> str:
+    """A1111's disable_extra_networks: the prompt's <lora:...> tags removed and not applied."""
+    return extract_loras(prompt)[0] if req.disable_extra_networks else prompt
 
 
 def _token_merging(settings: dict, overrides: dict, kind: str) -> float:
@@ -251,7 +417,7 @@ def _token_merging(settings: dict, overrides: dict, kind: str) -> float:
     return float(own or settings.get("token_merging_ratio") or 0.0)
 
 
-def _check_limits(req: Txt2ImgRequest, request: GenerationRequest, limits: Limits) -> None:
+def _check_limits(request: GenerationRequest, limits: Limits) -> None:
     """The server's own limits, on top of what any request must be (GenerationRequest.check)."""
     if not 8 <= min(request.width, request.height) or max(request.width, request.height) > limits.max_size:
         raise BadRequest(f"width and height must be between 8 and {limits.max_size}, got {request.width}x{request.height}")
@@ -260,12 +426,6 @@ def _check_limits(req: Txt2ImgRequest, request: GenerationRequest, limits: Limit
     if request.batch_size * request.batch_count > limits.max_images:
         raise BadRequest(f"batch_size x n_iter may be at most {limits.max_images} images, "
                          f"got {request.batch_size} x {request.batch_count}")
-    if req.seed < -1:
-        raise BadRequest(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {req.seed}")
-    if not 0.0 <= req.cfg_scale <= 100.0:
-        raise BadRequest(f"cfg_scale must be between 0 and 100, got {req.cfg_scale}")
-    if request.mask_blur > 64:
-        raise BadRequest(f"mask_blur may be at most 64, got {request.mask_blur}")
     if request.hires is not None and request.hires.steps > limits.max_steps:
         raise BadRequest(f"hr_second_pass_steps may be at most {limits.max_steps}, got {request.hires.steps}")
 
@@ -288,15 +448,12 @@ def _hires(request: GenerationRequest, req: Txt2ImgRequest, token_merging: float
     if req.firstphase_width or req.firstphase_height:
         request = request.replace(width=req.firstphase_width or req.width, height=req.firstphase_height or req.height)
         hr_x, hr_y = req.width, req.height
-    if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
-        raise BadRequest(f"hr_checkpoint_name: plainsd draws both passes with the same model; leave it out "
-                         f"(got {req.hr_checkpoint_name!r})")
     hires = HiresFix(scale=req.hr_scale, width=hr_x, height=hr_y, upscaler=req.hr_upscaler or "Latent",
                      steps=req.hr_second_pass_steps,
                      strength=HIRES_STRENGTH if req.denoising_strength is None else req.denoising_strength,
                      sampler=None if req.hr_sampler_name in (None, "", "Use same sampler") else req.hr_sampler_name,
                      schedule=None if req.hr_scheduler in (None, "", "Use same scheduler") else req.hr_scheduler,
-                     prompt=req.hr_prompt or None, negative_prompt=req.hr_negative_prompt or None,
+                     prompt=_without_networks(req, req.hr_prompt) or None, negative_prompt=req.hr_negative_prompt or None,
                      token_merging=token_merging or None)
     return request.replace(hires=hires)
 
@@ -324,7 +481,7 @@ def echo(req: BaseModel, drop_images: bool = False) -> dict:
     return out
 
 
-def info_json(req: Txt2ImgRequest, result, request: GenerationRequest, sd) -> str:
+def info_json(req: ProcessingRequest, result, request: GenerationRequest, sd) -> str:
     """The API's `info`: A1111's processing fields, from the parameters the run used."""
     p = result.parameters
     n = len(result.images)

@@ -20,8 +20,10 @@ from importlib import resources
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plainsd import pipeline
 from plainsd.pnginfo import save_png
@@ -32,6 +34,9 @@ from .jobs import Job, JobQueue, QueueFull
 from .models import ModelStore
 
 RETRY_AFTER_SECONDS = 5
+# what every route may answer besides its own answer (the OpenAPI schema says so)
+ERRORS = {422: {"model": api.ErrorResponse, "description": "a bad request, in one sentence"},
+          503: {"model": api.ErrorResponse, "description": "the queue is full; retry after Retry-After seconds"}}
 
 
 @dataclass
@@ -70,12 +75,15 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
         server.queue.close()
 
     app = FastAPI(title="plainsd", description="AUTOMATIC1111-compatible API of plainsd", version="1",
-                  lifespan=lifespan)
+                  lifespan=lifespan, responses=ERRORS)
+    plain_openapi = app.openapi
+    app.openapi = lambda: api.state_limits(plain_openapi(), server.limits)
     app.state.store, app.state.queue, app.state.limits = server.store, server.queue, server.limits
     if credentials:
         app.add_middleware(_BasicAuth, credentials=credentials)
     app.add_exception_handler(api.BadRequest, _bad_request)
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     for routes in (_generation_routes, _control_routes, _list_routes, _settings_routes, _page_routes):
         app.include_router(routes(server))
     return app
@@ -86,10 +94,15 @@ async def _bad_request(request: Request, exc: api.BadRequest):
 
 
 async def _invalid(request: Request, exc: RequestValidationError):
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
-    return JSONResponse({"error": "BadRequest", "detail": f"{where}: {first.get('msg', 'invalid request')}",
+    return JSONResponse({"error": "BadRequest", "detail": api.validation_sentence(exc.errors()),
                          "errors": _jsonable(exc.errors())}, status_code=422)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    if exc.status_code == 400:  # FastAPI could not read the body at all (bytes that are not UTF-8 ...): a bad request
+        return JSONResponse({"error": "BadRequest", "detail": "the request body could not be read; send JSON in UTF-8"},
+                            status_code=422)
+    return await http_exception_handler(request, exc)
 
 
 # --- generation ---------------------------------------------------------------------------------------
@@ -97,11 +110,11 @@ async def _invalid(request: Request, exc: RequestValidationError):
 def _generation_routes(server: Server) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/sdapi/v1/txt2img")
+    @router.post("/sdapi/v1/txt2img", response_model=api.ImagesResponse)
     async def txt2img(req: api.Txt2ImgRequest, http: Request):
         return await _generate(server, http, req, "txt2img")
 
-    @router.post("/sdapi/v1/img2img")
+    @router.post("/sdapi/v1/img2img", response_model=api.ImagesResponse)
     async def img2img(req: api.Img2ImgRequest, http: Request):
         return await _generate(server, http, req, "img2img")
 
@@ -297,6 +310,8 @@ def _settings_routes(server: Server) -> APIRouter:
         api.clip_skip_setting(values)
         for name in api.TOKEN_MERGING:
             api.token_merging_ratio(values, name)
+        # (outdir_samples stays where the server was started with: a client does not choose where files go)
+        api.check_settings(values, {**options, "sd_checkpoint_hash": store.current.sha256}, "options")
         if "sd_model_checkpoint" in values:
             store.select(_find(store, values.pop("sd_model_checkpoint")).name)
         options.update(values)
@@ -312,7 +327,7 @@ def _settings_routes(server: Server) -> APIRouter:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"ram": {"peak_rss": rss}, "cuda": {"error": "no GPU: plainsd runs on the CPU"}}
 
-    @router.post("/sdapi/v1/png-info")
+    @router.post("/sdapi/v1/png-info", response_model=api.PngInfoResponse)
     async def png_info(req: api.PngInfoRequest):
         return api.png_info(req, server.limits)
 
@@ -403,5 +418,5 @@ def _authorised(header: str | None, credentials: list[tuple[str, str]]) -> bool:
 
 
 def _jsonable(errors):
-    return [{k: (v if isinstance(v, (str, int, float, list, type(None))) else str(v)) for k, v in e.items()}
-            for e in errors]
+    return [{k: (list(v) if isinstance(v, tuple) else v if isinstance(v, (str, int, float, list, type(None)))
+                 else str(v)) for k, v in e.items()} for e in errors]
