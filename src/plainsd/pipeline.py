@@ -36,7 +36,7 @@ from .request import (DEFAULTS, IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, Gen
 from .runtime import Engine, release_freed_memory
 from .weights import load_tiny_decoder
 
-__all__ = ["txt2img", "img2img", "inpaint", "generate", "GenerationRequest", "HiresFix", "Parameters", "Result",
+__all__ = ["txt2img", "img2img", "inpaint", "outpaint", "outpaint_request", "generate", "GenerationRequest", "HiresFix", "Parameters", "Result",
            "StepInfo", "Interrupted", "recommended", "decode", "DEFAULTS", "LATENT_UPSCALERS", "IMAGE_UPSCALERS",
            "MAX_SEED"]
 
@@ -98,9 +98,48 @@ def inpaint(sd: StableDiffusion | Engine, init_image: Image.Image, mask: Image.I
             inpainting_mask_invert: bool = False, **kwargs) -> Result:
     """Repaint the white part of the mask. 9-channel inpainting models do it natively; other models by
     keeping the original latents outside the mask at every step. The result is pasted over the original
-    through the blurred mask, so the unmasked part stays exactly as it was."""
+    through the blurred mask, so the unmasked part stays exactly as it was. A1111's options are keyword
+    arguments: inpainting_fill (what the masked area starts from), inpaint_full_res ("only masked": the masked
+    area drawn on its own at width x height) with inpaint_full_res_padding, mask_round, initial_noise_multiplier,
+    latent_mask."""
     return _call(sd, prompt, negative_prompt, dict(kwargs, init_image=init_image, mask=mask, strength=strength,
                                                    mask_blur=mask_blur, inpainting_mask_invert=inpainting_mask_invert))
+
+
+def outpaint(sd: StableDiffusion | Engine, image: Image.Image, prompt: str, negative_prompt: str = "", *,
+             left: int = 0, right: int = 0, top: int = 0, bottom: int = 0, mask_blur: int = 4,
+             inpainting_fill: str | int = "fill", strength: float = 0.75, **kwargs) -> Result:
+    """Extend the picture by left / right / top / bottom pixels and draw the new area (A1111's "Poor man's
+    outpainting", outpaint_request); the picture itself stays as it was. The other keyword arguments are
+    inpaint's; the drawing size is the widened canvas."""
+    for key in ("init_image", "mask", "latent_mask", "width", "height"):
+        if kwargs.get(key) is not None:
+            raise TypeError(f"outpaint takes no {key}: it draws the widened canvas with its own masks")
+    controls = {k: kwargs.pop(k) for k in _CONTROLS if k in kwargs}
+    request = outpaint_request(_request(prompt, negative_prompt, dict(kwargs, strength=strength)), image, left=left,
+                               right=right, top=top, bottom=bottom, mask_blur=mask_blur, inpainting_fill=inpainting_fill)
+    return generate(sd, request, **controls)
+
+
+def outpaint_request(request: GenerationRequest, image: Image.Image, *, left: int = 0, right: int = 0, top: int = 0,
+                     bottom: int = 0, mask_blur: int = 4, inpainting_fill: str | int = "fill") -> GenerationRequest:
+    """A request made into A1111's "Poor man's outpainting" of image: the canvas widened by the pixels given for
+    each side (rounded up to multiples of 64, images.outpaint_canvas), white over the new area in the mask, blurred
+    by mask_blur * 2 (as A1111 doubles it), a sharper latent mask for the latents and the fill, and the masked
+    content (A1111's default here: fill). The whole canvas is drawn in one pass, at its own size (A1111 draws it in
+    tiles of the request's width x height that overlap by the pixels added)."""
+    sides = {"left": left, "right": right, "top": top, "bottom": bottom}
+    for name, value in sides.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"outpainting's {name} must be a whole number of pixels, 0 or more, got {value!r}")
+    if not any(sides.values()):
+        raise ValueError("outpainting needs at least one side to extend: give left, right, top or bottom pixels")
+    if isinstance(mask_blur, bool) or not isinstance(mask_blur, int) or mask_blur < 0:
+        raise ValueError(f"outpainting's mask blur must be a whole number, 0 or more, got {mask_blur!r}")
+    canvas, mask, latent_mask = imgs.outpaint_canvas(image, left, right, top, bottom, mask_blur)
+    return request.replace(init_image=canvas, mask=mask, latent_mask=latent_mask, mask_blur=mask_blur * 2,
+                           inpainting_fill=inpainting_fill, inpaint_full_res=False, inpainting_mask_invert=False,
+                           width=canvas.width, height=canvas.height, resize_mode="just resize")
 
 
 _CONTROLS = ("callback", "interrupt", "skip", "progress", "record_steps")
@@ -108,10 +147,13 @@ _CONTROLS = ("callback", "interrupt", "skip", "progress", "record_steps")
 
 def _call(sd, prompt: str, negative_prompt: str, kwargs: dict) -> Result:
     controls = {k: kwargs.pop(k) for k in _CONTROLS if k in kwargs}
+    return generate(sd, _request(prompt, negative_prompt, kwargs), **controls)
+
+
+def _request(prompt: str, negative_prompt: str, kwargs: dict) -> GenerationRequest:
     fast = kwargs.pop("fast", None)
-    request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt,
-                                fast=FAST if fast is True else (fast or None), **kwargs)
-    return generate(sd, request, **controls)
+    return GenerationRequest(prompt=prompt, negative_prompt=negative_prompt,
+                             fast=FAST if fast is True else (fast or None), **kwargs)
 
 
 def recommended(sd: StableDiffusion | Engine) -> dict:

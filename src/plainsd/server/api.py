@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from plainsd.diffusion.samplers import SAMPLERS
 from plainsd.diffusion.schedules import SCHEDULE_LABELS, schedule_label
 from plainsd.fast import choose as choose_fast
+from plainsd.images import INPAINTING_FILLS
 from plainsd.models.tome import check_ratio
 from plainsd.request import MAX_SEED, GenerationRequest, HiresFix, check_clip_skip
 from plainsd.pnginfo import parse_infotext, read_parameters
@@ -308,11 +309,22 @@ def _img2img(request: GenerationRequest, req: Img2ImgRequest, limits: Limits) ->
     request = request.replace(init_image=decode_image(req.init_images[0], "init_images[0]", limits).convert("RGB"),
                               strength=0.75 if req.denoising_strength is None else req.denoising_strength,
                               resize_mode=req.resize_mode)
+    multiplier = 1.0 if req.initial_noise_multiplier is None else req.initial_noise_multiplier  # A1111's setting
+    request = request.replace(initial_noise_multiplier=multiplier)
     if not req.mask:
+        if req.latent_mask:
+            raise BadRequest("latent_mask needs a mask (inpainting); send mask as well, or leave latent_mask out")
         return request
+    if req.inpainting_fill not in (0, 1, 2, 3) or isinstance(req.inpainting_fill, bool):
+        raise BadRequest(f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), "
+                         f"got {req.inpainting_fill!r}")
     return request.replace(mask=decode_image(req.mask, "mask", limits),
                            mask_blur=req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x, req.mask_blur_y),
-                           inpainting_mask_invert=bool(req.inpainting_mask_invert))
+                           inpainting_mask_invert=bool(req.inpainting_mask_invert),
+                           inpainting_fill=INPAINTING_FILLS[req.inpainting_fill],
+                           inpaint_full_res=req.inpaint_full_res,
+                           inpaint_full_res_padding=req.inpaint_full_res_padding, mask_round=req.mask_round,
+                           latent_mask=decode_image(req.latent_mask, "latent_mask", limits) if req.latent_mask else None)
 
 
 def echo(req: BaseModel, drop_images: bool = False) -> dict:
