@@ -36,8 +36,8 @@ from .request import (DEFAULTS, IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, Gen
 from .runtime import Engine, release_freed_memory
 from .weights import load_tiny_decoder
 
-__all__ = ["txt2img", "img2img", "inpaint", "outpaint", "outpaint_request", "generate", "GenerationRequest", "HiresFix", "Parameters", "Result",
-           "StepInfo", "Interrupted", "recommended", "decode", "DEFAULTS", "LATENT_UPSCALERS", "IMAGE_UPSCALERS",
+__all__ = ["txt2img", "img2img", "inpaint", "outpaint", "outpaint_request", "generate", "GenerationRequest",
+           "HiresFix", "Parameters", "Result", "StepInfo", "Interrupted", "recommended", "decode", "DEFAULTS", "LATENT_UPSCALERS", "IMAGE_UPSCALERS",
            "MAX_SEED"]
 
 
@@ -116,8 +116,9 @@ def outpaint(sd: StableDiffusion | Engine, image: Image.Image, prompt: str, nega
         if kwargs.get(key) is not None:
             raise TypeError(f"outpaint takes no {key}: it draws the widened canvas with its own masks")
     controls = {k: kwargs.pop(k) for k in _CONTROLS if k in kwargs}
-    request = outpaint_request(_request(prompt, negative_prompt, dict(kwargs, strength=strength)), image, left=left,
-                               right=right, top=top, bottom=bottom, mask_blur=mask_blur, inpainting_fill=inpainting_fill)
+    request = _request(prompt, negative_prompt, dict(kwargs, strength=strength))
+    request = outpaint_request(request, image, left=left, right=right, top=top, bottom=bottom, mask_blur=mask_blur,
+                               inpainting_fill=inpainting_fill)
     return generate(sd, request, **controls)
 
 

@@ -280,7 +280,7 @@ class Parameters:
     hires: HiresFix | None = None
     hires_sampler: str | None = None   # the second pass's sampler and schedule, as resolved
     hires_schedule: str | None = None
-    inpainting: dict = dataclasses.field(default_factory=dict)  # A1111's inpainting keys of the infotext (Mask blur ...)
+    inpainting: dict = dataclasses.field(default_factory=dict)  # A1111's infotext keys for inpainting (Mask blur ...)
 
     def infotext(self, seed: int) -> str:
         """A1111's "parameters" text for the image with this seed."""

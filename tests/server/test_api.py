@@ -163,10 +163,13 @@ def test_inpainting_fields_with_a1111s_defaults(client):
     fields = parse_infotext(out.info["parameters"])
     assert out.size == (32, 32) and "Inpaint area" not in fields
     assert (fields["Masked content"], fields["Noise multiplier"]) == ("latent nothing", "0.8")
+    r = client.post("/sdapi/v1/img2img", json={**body, "override_settings": {"initial_noise_multiplier": 0.7}})
+    assert "Noise multiplier: 0.7" in decode(r.json()["images"][0]).info["parameters"]  # A1111's setting
     for change, words in [({"inpainting_fill": 5}, "inpainting_fill must be 0 (fill), 1 (original)"),
                           ({"inpaint_full_res_padding": 999}, "from 0 to 256"),
                           ({"initial_noise_multiplier": -1}, "between 0 and 1.5"),
-                          ({"mask": None, "latent_mask": b64png(mask)}, "latent_mask needs a mask")]:
+                          ({"mask": None, "latent_mask": b64png(mask)}, "latent_mask needs a mask"),
+                          ({"override_settings": {"initial_noise_multiplier": "high"}}, "must be a number")]:
         r = client.post("/sdapi/v1/img2img", json={**body, **change})
         assert r.status_code == 422 and words in r.json()["detail"], r.text
 

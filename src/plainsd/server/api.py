@@ -231,7 +231,7 @@ def generation_request(req: Txt2ImgRequest, kind: str, limits: Limits, options: 
         clip_skip=clip_skip, eta=req.eta,
         fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)), token_merging=_token_merging(settings, overrides, kind))
     if kind == "img2img":
-        request = _img2img(request, req, limits)
+        request = _img2img(request, req, limits, settings)
     elif req.enable_hr:
         request = _hires(request, req, settings.get("token_merging_ratio_hr") or None)
     _check_limits(req, request, limits)
@@ -302,15 +302,20 @@ def _hires(request: GenerationRequest, req: Txt2ImgRequest, token_merging: float
     return request.replace(hires=hires)
 
 
-def _img2img(request: GenerationRequest, req: Img2ImgRequest, limits: Limits) -> GenerationRequest:
-    """The init image, its denoising strength and resize mode, and the mask's fields."""
+def _img2img(request: GenerationRequest, req: Img2ImgRequest, limits: Limits, settings: dict) -> GenerationRequest:
+    """The init image, its denoising strength and resize mode, the noise multiplier (the request's, else A1111's
+    setting of that name), and the mask's fields (used only with a mask, as in A1111)."""
     if not req.init_images:
         raise BadRequest("init_images must hold one base64-encoded image")
     request = request.replace(init_image=decode_image(req.init_images[0], "init_images[0]", limits).convert("RGB"),
                               strength=0.75 if req.denoising_strength is None else req.denoising_strength,
                               resize_mode=req.resize_mode)
-    multiplier = 1.0 if req.initial_noise_multiplier is None else req.initial_noise_multiplier  # A1111's setting
-    request = request.replace(initial_noise_multiplier=multiplier)
+    multiplier = req.initial_noise_multiplier
+    if multiplier is None:
+        multiplier = settings.get("initial_noise_multiplier", 1.0)
+    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)):
+        raise BadRequest(f"initial_noise_multiplier must be a number from 0 to 1.5, got {multiplier!r}")
+    request = request.replace(initial_noise_multiplier=float(multiplier))
     if not req.mask:
         if req.latent_mask:
             raise BadRequest("latent_mask needs a mask (inpainting); send mask as well, or leave latent_mask out")
@@ -324,7 +329,8 @@ def _img2img(request: GenerationRequest, req: Img2ImgRequest, limits: Limits) ->
                            inpainting_fill=INPAINTING_FILLS[req.inpainting_fill],
                            inpaint_full_res=req.inpaint_full_res,
                            inpaint_full_res_padding=req.inpaint_full_res_padding, mask_round=req.mask_round,
-                           latent_mask=decode_image(req.latent_mask, "latent_mask", limits) if req.latent_mask else None)
+                           latent_mask=(decode_image(req.latent_mask, "latent_mask", limits) if req.latent_mask
+                                        else None))
 
 
 def echo(req: BaseModel, drop_images: bool = False) -> dict:
