@@ -75,6 +75,41 @@ def test_img2img_inpaint_and_png_info(capsys):
     assert main(["png-info", "init.png"]) == 1
 
 
+def test_inpainting_options_and_outpaint():
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    init.save("init.png")
+    mask = Image.new("L", (64, 48), 0)
+    mask.paste(255, (40, 8, 56, 24))
+    mask.save("mask.png")
+    assert main(["inpaint", "x", "--init-image", "init.png", "--mask", "mask.png", "--steps", "2", "-o", "p.png",
+                 "--inpainting-fill", "latent noise", "--only-masked", "--only-masked-padding", "4", "--width", "32",
+                 "--height", "32", "--mask-blur", "1", "--noise-multiplier", "0.9", "--quiet"]) == 0
+    fields = parse_infotext(read_parameters("p.png"))
+    assert (fields["Masked content"], fields["Inpaint area"], fields["Masked area padding"]) == (
+        "latent noise", "Only masked", "4")
+    assert fields["Noise multiplier"] == "0.9" and Image.open("p.png").size == (64, 48)
+    assert np.array_equal(np.asarray(Image.open("p.png"))[40:, :16], np.asarray(init)[40:, :16])
+    assert main(["outpaint", "init.png", "x", "--right", "32", "--steps", "2", "-o", "o.png", "--quiet"]) == 0
+    out = np.asarray(Image.open("o.png").convert("RGB"))
+    assert out.shape == (64, 128, 3)  # 96 wide -> 128; 48 high -> 64 (A1111's multiples of 64)
+    assert np.array_equal(out[:12, :24], np.asarray(init)[:12, :24])  # far from the seam (blurred by 8)
+    assert parse_infotext(read_parameters("o.png"))["Masked content"] == "fill"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["outpaint", "init.png", "x"], "at least one side"),
+    (["outpaint", "init.png", "x", "--left", "8", "--width", "64"], "leave out --width and --height"),
+    (["inpaint", "x", "--init-image", "init.png", "--mask", "init.png", "--only-masked-padding", "300"],
+     "from 0 to 256"),
+    (["img2img", "x", "--init-image", "init.png", "--noise-multiplier", "2"], "between 0 and 1.5"),
+])
+def test_bad_inpainting_input_is_one_line(args, message, capsys):
+    Image.new("RGB", (64, 64), "red").save("init.png")
+    assert main(args) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("plainsd: error: ") and message in last
+
+
 @pytest.mark.parametrize("args,message", [
     (["txt2img", "x", "--width", "100"], "multiples of 8"),
     (["txt2img", "x", "--sampler", "Eulr"], "unknown sampler 'Eulr'; known samplers: DPM++ 2M"),

@@ -13,7 +13,8 @@ EXAMPLES = """examples:
   plainsd txt2img "a cat" --model v1-5-pruned-emaonly.safetensors --sampler "Euler a" --cfg-scale 7
   plainsd txt2img "a red circle" --hires --hires-scale 2 --hires-strength 0.5 -o circle-hires.png
   plainsd img2img "a blue square" --init-image circle.png --strength 0.6
-  plainsd inpaint "a star" --init-image circle.png --mask mask.png
+  plainsd inpaint "a star" --init-image circle.png --mask mask.png --only-masked --inpainting-fill fill
+  plainsd outpaint circle.png "a red circle, a wide field" --left 64 --right 64 -o wide.png
   plainsd png-info circle.png
   plainsd serve --models-dir models --port 7860
 """
@@ -66,6 +67,17 @@ def _runtime_args(p: argparse.ArgumentParser):
                    help="openvino: run the UNet compiled by OpenVINO (pip install 'plainsd[openvino]'); cached on disk")
 
 
+def _inpainting_fill(p: argparse.ArgumentParser, default: str):
+    p.add_argument("--inpainting-fill", "--masked-content", default=default,
+                   choices=["fill", "original", "latent noise", "latent nothing"],
+                   help=f"what the masked area starts from (A1111's Masked content; default {default})")
+
+
+def _noise_multiplier(p: argparse.ArgumentParser):
+    p.add_argument("--noise-multiplier", "--initial-noise-multiplier", type=float, default=1.0, metavar="X",
+                   help="the starting noise times X, 0 to 1.5 (A1111's Noise multiplier for img2img; default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plainsd", description="Stable Diffusion in plain PyTorch, on the CPU.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,12 +102,34 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, strength=0.8)
     p.add_argument("--init-image", required=True)
     p.add_argument("--resize-mode", default="just resize", choices=["just resize", "crop and resize", "resize and fill"])
+    _noise_multiplier(p)
     p = sub.add_parser("inpaint", help="repaint the white part of a mask")
     _common(p, strength=0.75)
     p.add_argument("--init-image", required=True)
-    p.add_argument("--mask", required=True, help="white = repaint, black = keep (or transparent = keep)")
+    p.add_argument("--mask", required=True, help="white = repaint, black = keep (an RGBA mask with transparency: "
+                                                 "its opaque part = repaint)")
     p.add_argument("--mask-blur", type=int, default=4)
     p.add_argument("--invert-mask", action="store_true")
+    p.add_argument("--resize-mode", default="just resize", choices=["just resize", "crop and resize", "resize and fill"])
+    _inpainting_fill(p, "original")
+    p.add_argument("--only-masked", "--inpaint-full-res", action="store_true",
+                   help="draw only the masked area (its box plus --only-masked-padding) at --width x --height, then "
+                        "paste it back: more detail for a small area (A1111's Inpaint area: Only masked)")
+    p.add_argument("--only-masked-padding", "--inpaint-full-res-padding", type=int, default=32, metavar="PIXELS",
+                   help="pixels around the masked area's box with --only-masked (default 32)")
+    p.add_argument("--no-mask-round", action="store_true",
+                   help="keep the blurred mask's soft edge in the latents instead of cutting it to 0 or 1")
+    p.add_argument("--latent-mask", default=None, metavar="FILE",
+                   help="a second mask for the latents and the fill only (A1111's latent_mask)")
+    _noise_multiplier(p)
+    p = sub.add_parser("outpaint", help="extend a picture on any side and draw the new area")
+    p.add_argument("image", help="the picture to extend")
+    _common(p, strength=0.75)
+    for side in ("left", "right", "top", "bottom"):
+        p.add_argument(f"--{side}", type=int, default=0, metavar="PIXELS",
+                       help=f"pixels to add on the {side} (the canvas is rounded up to multiples of 64)")
+    p.add_argument("--mask-blur", type=int, default=4, help="blur of the seam (A1111 doubles it; default 4)")
+    _inpainting_fill(p, "fill")
     p = sub.add_parser("png-info", help="print the generation parameters stored in an image")
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="as JSON fields")
@@ -286,11 +320,22 @@ def _request(args):
         hires=_hires(args))
     if args.command == "img2img":
         return request.replace(init_image=_open_image(args.init_image), strength=args.strength,
-                               resize_mode=args.resize_mode)
+                               resize_mode=args.resize_mode, initial_noise_multiplier=args.noise_multiplier)
     if args.command == "inpaint":
         return request.replace(init_image=_open_image(args.init_image), mask=_open_image(args.mask),
-                               strength=args.strength, mask_blur=args.mask_blur,
-                               inpainting_mask_invert=args.invert_mask)
+                               strength=args.strength, mask_blur=args.mask_blur, resize_mode=args.resize_mode,
+                               inpainting_mask_invert=args.invert_mask, inpainting_fill=args.inpainting_fill,
+                               inpaint_full_res=args.only_masked, inpaint_full_res_padding=args.only_masked_padding,
+                               mask_round=not args.no_mask_round, initial_noise_multiplier=args.noise_multiplier,
+                               latent_mask=_open_image(args.latent_mask) if args.latent_mask else None)
+    if args.command == "outpaint":
+        from plainsd.pipeline import outpaint_request
+
+        if args.width or args.height:
+            raise ValueError("outpaint draws the widened canvas at its own size; leave out --width and --height")
+        return outpaint_request(request.replace(strength=args.strength), _open_image(args.image), left=args.left,
+                                right=args.right, top=args.top, bottom=args.bottom, mask_blur=args.mask_blur,
+                                inpainting_fill=args.inpainting_fill)
     return request
 
 
@@ -534,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from plainsd.weights import CheckpointError
 
-    handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "png-info": _png_info,
+    handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate,
+                "png-info": _png_info,
                 "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "lora": _lora, "finetune": _finetune}
     try:
         return handlers[args.command](args)

@@ -36,8 +36,8 @@ from .request import (DEFAULTS, IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, Gen
 from .runtime import Engine, release_freed_memory
 from .weights import load_tiny_decoder
 
-__all__ = ["txt2img", "img2img", "inpaint", "generate", "GenerationRequest", "HiresFix", "Parameters", "Result",
-           "StepInfo", "Interrupted", "recommended", "decode", "DEFAULTS", "LATENT_UPSCALERS", "IMAGE_UPSCALERS",
+__all__ = ["txt2img", "img2img", "inpaint", "outpaint", "outpaint_request", "generate", "GenerationRequest",
+           "HiresFix", "Parameters", "Result", "StepInfo", "Interrupted", "recommended", "decode", "DEFAULTS", "LATENT_UPSCALERS", "IMAGE_UPSCALERS",
            "MAX_SEED"]
 
 
@@ -98,9 +98,49 @@ def inpaint(sd: StableDiffusion | Engine, init_image: Image.Image, mask: Image.I
             inpainting_mask_invert: bool = False, **kwargs) -> Result:
     """Repaint the white part of the mask. 9-channel inpainting models do it natively; other models by
     keeping the original latents outside the mask at every step. The result is pasted over the original
-    through the blurred mask, so the unmasked part stays exactly as it was."""
+    through the blurred mask, so the unmasked part stays exactly as it was. A1111's options are keyword
+    arguments: inpainting_fill (what the masked area starts from), inpaint_full_res ("only masked": the masked
+    area drawn on its own at width x height) with inpaint_full_res_padding, mask_round, initial_noise_multiplier,
+    latent_mask."""
     return _call(sd, prompt, negative_prompt, dict(kwargs, init_image=init_image, mask=mask, strength=strength,
                                                    mask_blur=mask_blur, inpainting_mask_invert=inpainting_mask_invert))
+
+
+def outpaint(sd: StableDiffusion | Engine, image: Image.Image, prompt: str, negative_prompt: str = "", *,
+             left: int = 0, right: int = 0, top: int = 0, bottom: int = 0, mask_blur: int = 4,
+             inpainting_fill: str | int = "fill", strength: float = 0.75, **kwargs) -> Result:
+    """Extend the picture by left / right / top / bottom pixels and draw the new area (A1111's "Poor man's
+    outpainting", outpaint_request); the picture itself stays as it was. The other keyword arguments are
+    inpaint's; the drawing size is the widened canvas."""
+    for key in ("init_image", "mask", "latent_mask", "width", "height"):
+        if kwargs.get(key) is not None:
+            raise TypeError(f"outpaint takes no {key}: it draws the widened canvas with its own masks")
+    controls = {k: kwargs.pop(k) for k in _CONTROLS if k in kwargs}
+    request = _request(prompt, negative_prompt, dict(kwargs, strength=strength))
+    request = outpaint_request(request, image, left=left, right=right, top=top, bottom=bottom, mask_blur=mask_blur,
+                               inpainting_fill=inpainting_fill)
+    return generate(sd, request, **controls)
+
+
+def outpaint_request(request: GenerationRequest, image: Image.Image, *, left: int = 0, right: int = 0, top: int = 0,
+                     bottom: int = 0, mask_blur: int = 4, inpainting_fill: str | int = "fill") -> GenerationRequest:
+    """A request made into A1111's "Poor man's outpainting" of image: the canvas widened by the pixels given for
+    each side (rounded up to multiples of 64, images.outpaint_canvas), white over the new area in the mask, blurred
+    by mask_blur * 2 (as A1111 doubles it), a sharper latent mask for the latents and the fill, and the masked
+    content (A1111's default here: fill). The whole canvas is drawn in one pass, at its own size (A1111 draws it in
+    tiles of the request's width x height that overlap by the pixels added)."""
+    sides = {"left": left, "right": right, "top": top, "bottom": bottom}
+    for name, value in sides.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"outpainting's {name} must be a whole number of pixels, 0 or more, got {value!r}")
+    if not any(sides.values()):
+        raise ValueError("outpainting needs at least one side to extend: give left, right, top or bottom pixels")
+    if isinstance(mask_blur, bool) or not isinstance(mask_blur, int) or mask_blur < 0:
+        raise ValueError(f"outpainting's mask blur must be a whole number, 0 or more, got {mask_blur!r}")
+    canvas, mask, latent_mask = imgs.outpaint_canvas(image, left, right, top, bottom, mask_blur)
+    return request.replace(init_image=canvas, mask=mask, latent_mask=latent_mask, mask_blur=mask_blur * 2,
+                           inpainting_fill=inpainting_fill, inpaint_full_res=False, inpainting_mask_invert=False,
+                           width=canvas.width, height=canvas.height, resize_mode="just resize")
 
 
 _CONTROLS = ("callback", "interrupt", "skip", "progress", "record_steps")
@@ -108,10 +148,13 @@ _CONTROLS = ("callback", "interrupt", "skip", "progress", "record_steps")
 
 def _call(sd, prompt: str, negative_prompt: str, kwargs: dict) -> Result:
     controls = {k: kwargs.pop(k) for k in _CONTROLS if k in kwargs}
+    return generate(sd, _request(prompt, negative_prompt, kwargs), **controls)
+
+
+def _request(prompt: str, negative_prompt: str, kwargs: dict) -> GenerationRequest:
     fast = kwargs.pop("fast", None)
-    request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt,
-                                fast=FAST if fast is True else (fast or None), **kwargs)
-    return generate(sd, request, **controls)
+    return GenerationRequest(prompt=prompt, negative_prompt=negative_prompt,
+                             fast=FAST if fast is True else (fast or None), **kwargs)
 
 
 def recommended(sd: StableDiffusion | Engine) -> dict:
@@ -138,6 +181,8 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
     sd = engine.sd
     request, params, run = _settings(engine, request)
     start = _start(sd, request, run)
+    params.inpainting = Parameters.inpainting_fields(request, start.paste is not None,
+                                                     start.paste is not None and start.paste[2] is not None)
     loras = lora_mod.resolve(extract_loras(request.prompt)[1], request.lora_dir)
     embeddings = load_embeddings(request.embeddings_dir, sd) if request.embeddings_dir is not None else None
     with lora_mod.applied(sd, loras):
@@ -151,8 +196,7 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
             latents = _run_batch(engine, run, start, first, second, seeds, hooks.for_batch(batch))
             pictures = decode(sd, latents, run.tiny)
             if start.paste is not None:
-                original, mask = start.paste
-                pictures = [Image.composite(p, original, mask) for p in pictures]
+                pictures = [_paste(p, *start.paste) for p in pictures]
             if record_steps:
                 decoded = [decode(sd, f / (1 + s**2) ** 0.5, run.tiny) for f, s in hooks.frames] + [pictures]
                 result.frames.extend([[step[i] for step in decoded] for i in range(request.batch_size)])
@@ -183,7 +227,9 @@ class _Start:
     init_latent: torch.Tensor | None = None
     keep: torch.Tensor | None = None  # inpainting with an ordinary model: 1 where the original latent stays
     concat: torch.Tensor | None = None    # an inpainting model's extra input channels
-    paste: tuple[Image.Image, Image.Image] | None = None  # (the resized original, the blurred mask)
+    paste: tuple[Image.Image, Image.Image, tuple | None] | None = None  # (original, mask, "only masked" box)
+    noise_in: torch.Tensor | None = None  # masked content "latent noise": 1 where the start latent is the noise
+    noise_multiplier: float = 1.0     # img2img's starting noise times this (A1111's initial_noise_multiplier)
 
 
 def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest, Parameters, _Run]:
@@ -229,24 +275,80 @@ def _start(sd: StableDiffusion, req: GenerationRequest, run: _Run) -> _Start:
     native_inpaint = sd.config.unet.in_channels == 9
     if req.init_image is None:
         return _Start(run.sigmas, concat=_paint_everything(sd, req.width, req.height, device) if native_inpaint else None)
-    init = imgs.resize(req.init_image, req.width, req.height, req.resize_mode)
+    area = _masked_area(req) if req.mask is not None else None
+    init = imgs.resize(req.init_image, req.width, req.height, req.resize_mode) if area is None else area.image
+    fill = imgs.inpainting_fill(req.inpainting_fill) if area is not None else "original"
+    if fill != "original":  # A1111 fills before encoding for every mode but "original"
+        init = imgs.fill(init, area.latent_mask)
+    init_tensor = imgs.to_tensor(init).to(device)
     with torch.no_grad():
-        init_latent = sd.vae.encode(imgs.to_tensor(init).to(device)).mode() * sd.config.scale_factor
-    start = _Start(_last_part(run.sigmas, req.steps, req.strength), init_latent)
-    if req.mask is None:
+        init_latent = sd.vae.encode(init_tensor).mode() * sd.config.scale_factor
+    start = _Start(_last_part(run.sigmas, req.steps, req.strength), init_latent,
+                   noise_multiplier=req.initial_noise_multiplier)
+    if area is None:
         start.concat = _paint_everything(sd, req.width, req.height, device) if native_inpaint else None
         return start
-    m = imgs.prepare_mask(req.mask, req.width, req.height, req.mask_blur, req.inpainting_mask_invert)
-    start.paste = (init, m)
-    latent_mask = imgs.mask_tensor(m, run.latent_shape[2], run.latent_shape[1]).to(device).round()
-    if not native_inpaint:
+    start.paste = (area.original, area.overlay, area.box)
+    h, w = run.latent_shape[1:]
+    # the latent mask: A1111 resizes it by PIL's default (bicubic) and rounds it unless mask_round is off
+    latent_mask = imgs.mask_tensor(area.latent_mask, w, h, Image.BICUBIC).to(device)
+    latent_mask = latent_mask.round() if req.mask_round else latent_mask
+    if fill == "latent nothing":
+        start.init_latent = init_latent * (1 - latent_mask)
+    elif fill == "latent noise":
+        start.noise_in = latent_mask
+    if native_inpaint:  # (A1111 keeps the unmasked latents with these models too; plainsd leaves it to the model)
+        start.concat = _inpainting_channels(sd, init_tensor, area.mask, req.mask_round, (h, w))
+    else:
         start.keep = 1 - latent_mask
-        return start
-    with torch.no_grad():
-        masked = imgs.to_tensor(init).to(device) * (imgs.mask_tensor(m, req.width, req.height).to(device) < 0.5)
-        masked_latent = sd.vae.encode(masked).mode() * sd.config.scale_factor
-    start.concat = torch.cat([latent_mask, masked_latent], dim=1)
     return start
+
+
+@dataclass
+class _Area:
+    """What inpainting draws and how the result goes back: the init image and masks at the drawing size, the
+    original, the mask it is pasted through, and ("only masked") the box of the original it came from."""
+    image: Image.Image
+    mask: Image.Image                 # blurred, width x height
+    latent_mask: Image.Image          # the mask for the latents and the fill: the request's latent_mask, else mask
+    original: Image.Image
+    overlay: Image.Image              # the mask the result is pasted over the original through
+    box: tuple[int, int, int, int] | None = None
+
+
+def _masked_area(req: GenerationRequest) -> _Area | None:
+    """The mask made binary, inverted, blurred; then either the whole picture at width x height, or ("only
+    masked") the mask's box with its padding, grown to the drawing's aspect ratio, cut out of the original and
+    drawn at width x height (A1111's order of steps). An all-black mask with "only masked" is plain img2img."""
+    w, h = req.width, req.height
+    if req.inpaint_full_res:
+        original = req.init_image.convert("RGB")
+        mask = imgs.blur_mask(req.mask.resize(original.size) if req.mask.size != original.size else req.mask,
+                              req.mask_blur, req.inpainting_mask_invert, req.mask_round)
+        box = imgs.crop_region(mask, req.inpaint_full_res_padding)
+        if box is None:
+            return None
+        box = imgs.expand_crop_region(box, w, h, *original.size)
+        drawn = imgs.resize(mask.crop(box), w, h, "resize and fill").convert("L")
+        return _Area(imgs.resize(original.crop(box), w, h, "resize and fill"), drawn, drawn, original, mask, box)
+    image = imgs.resize(req.init_image, w, h, req.resize_mode)
+    mask = imgs.prepare_mask(req.mask, w, h, req.mask_blur, req.inpainting_mask_invert, req.mask_round,
+                             req.resize_mode)
+    latent_mask = mask if req.latent_mask is None else req.latent_mask.convert("L").resize((w, h))
+    return _Area(image, mask, latent_mask, image, mask)
+
+
+def _inpainting_channels(sd: StableDiffusion, image: torch.Tensor, mask: Image.Image, round_mask: bool,
+                         latent_size: tuple[int, int]) -> torch.Tensor:
+    """An inpainting model's extra channels: the mask at the latent size (rounded unless mask_round is off), and
+    the latents of the image (in [-1, 1]) times 1 - mask, the masked part mid grey, as A1111 encodes it. (A1111
+    brings the mask to the latent size by nearest neighbours; plainsd by bilinear resizing.)"""
+    h, w = latent_size
+    small, full = imgs.mask_tensor(mask, w, h), imgs.mask_tensor(mask, image.shape[3], image.shape[2])
+    small, full = (small.round(), full.round()) if round_mask else (small, full)
+    with torch.no_grad():
+        masked_latent = sd.vae.encode(image * (1 - full.to(image.device))).mode() * sd.config.scale_factor
+    return torch.cat([small.to(image.device), masked_latent], dim=1)
 
 
 @dataclass
@@ -349,7 +451,9 @@ def _run_batch(engine: Engine, run: _Run, start: _Start, first: Pass, second: Pa
     noise = torch.stack([torch.randn(run.latent_shape, generator=g) for g in generators]).to(device)
     if start.init_latent is not None:
         x0 = start.init_latent.repeat(len(seeds), 1, 1, 1)
-        x = x0 + noise * first.sigmas[0]
+        if start.noise_in is not None:  # "latent noise": each image's own noise in the mask (A1111: the seed's)
+            x0 = x0 * (1 - start.noise_in) + noise * start.noise_in
+        x = x0 + noise * start.noise_multiplier * first.sigmas[0]
     else:
         x = x0 = noise * first.sigmas[0]
     latents, finished = _sample(engine.sd, first, x, x0, generators, seeds, hooks)
@@ -446,6 +550,17 @@ def _net(unet: Callable, concat: torch.Tensor | None):
         return unet(x, t, cond)
 
     return net
+
+
+def _paste(picture: Image.Image, original: Image.Image, mask: Image.Image, box: tuple | None) -> Image.Image:
+    """The drawn picture over the original through the blurred mask; "only masked" first puts it back into its box
+    (resized to the box, cropped to fill it), so the result has the original's size."""
+    if box is not None:
+        x1, y1, x2, y2 = box
+        canvas = original.copy()
+        canvas.paste(imgs.resize(picture, x2 - x1, y2 - y1, "crop and resize"), (x1, y1))
+        picture = canvas
+    return Image.composite(picture, original, mask)
 
 
 class _KeepUnmasked:

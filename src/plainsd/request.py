@@ -17,7 +17,7 @@ from PIL import Image
 from .diffusion.samplers import SamplerInfo, chosen_schedule, resolve_sampler
 from .diffusion.schedules import schedule_key, schedule_label
 from .fast import FastSettings
-from .images import resize_mode
+from .images import inpainting_fill, resize_mode
 from .models.tome import check_ratio
 from .prompts import check_prompt
 from .pnginfo import infotext
@@ -144,6 +144,13 @@ class GenerationRequest:
     mask: Image.Image | None = None      # inpainting: white = repaint
     mask_blur: int = 4
     inpainting_mask_invert: bool = False
+    # inpainting's options, as A1111's img2img has them (images.py does the image work)
+    inpainting_fill: str = "original"    # masked content: fill, original, latent noise, latent nothing (or 0-3)
+    inpaint_full_res: bool = False       # "only masked": the mask's box, padded, drawn at width x height
+    inpaint_full_res_padding: int = 32   # pixels added around the mask's box on each side
+    mask_round: bool = True              # the mask cut to 0 or 1 for the latents (False: its blurred edge kept)
+    initial_noise_multiplier: float = 1.0   # img2img: the starting noise times this (A1111's 0 to 1.5)
+    latent_mask: Image.Image | None = None  # a second mask, for the latents and the fill only (outpainting's)
     lora_dir: str | None = None
     embeddings_dir: str | None = None
     fast: FastSettings | None = None
@@ -155,7 +162,7 @@ class GenerationRequest:
         wrong. factor: the model's latent factor (pixels per latent); backend: what runs the UNet (runtime)."""
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise TypeError("prompt and negative_prompt must be strings")
-        for name, value in (("init_image", self.init_image), ("mask", self.mask)):
+        for name, value in (("init_image", self.init_image), ("mask", self.mask), ("latent_mask", self.latent_mask)):
             if value is not None and not isinstance(value, Image.Image):
                 raise TypeError(f"{name} must be a PIL image")
         self._check_numbers(factor)
@@ -165,6 +172,7 @@ class GenerationRequest:
         resize_mode(self.resize_mode)
         if self.mask is not None and self.init_image is None:
             raise ValueError("a mask needs an init image (inpainting)")
+        self._check_inpainting()
         ratios = [self.token_merging] + ([self.hires.token_merging] if self.hires is not None else [])
         check_ratio(self.token_merging)
         if any(ratios) and backend != "eager":
@@ -195,6 +203,28 @@ class GenerationRequest:
             check_clip_skip(self.clip_skip)
         if self.mask_blur < 0:
             raise ValueError(f"mask blur must be at least 0, got {self.mask_blur}")
+
+    def _check_inpainting(self) -> None:
+        """The inpainting options: each has a use only with a mask (the noise multiplier with an init image)."""
+        inpainting_fill(self.inpainting_fill)
+        padding = self.inpaint_full_res_padding
+        if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= self.inpaint_full_res_padding <= 256:
+            raise ValueError(f"inpaint_full_res_padding (pixels around the masked area) must be a whole number from "
+                             f"0 to 256, got {padding!r}")
+        if not 0.0 <= self.initial_noise_multiplier <= 1.5:
+            raise ValueError(f"initial_noise_multiplier must be between 0 and 1.5, got {self.initial_noise_multiplier}")
+        if self.initial_noise_multiplier != 1.0 and self.init_image is None:
+            raise ValueError("initial_noise_multiplier scales img2img's starting noise: it needs an init image "
+                             "(leave it at 1 for txt2img)")
+        if self.mask is None:
+            used = [name for name, on in (("inpainting_fill", inpainting_fill(self.inpainting_fill) != "original"),
+                                          ("inpaint_full_res", self.inpaint_full_res),
+                                          ("latent_mask", self.latent_mask is not None)) if on]
+            if used:
+                raise ValueError(f"{', '.join(used)} need a mask (inpainting); give a mask or leave them out")
+        elif self.latent_mask is not None and self.inpaint_full_res:
+            raise ValueError("latent_mask cannot be used with inpaint_full_res (only masked): the second mask is "
+                             "for the whole picture")
 
     def first_seed(self) -> int:
         """The first image's seed: the request's, or a random one for -1; a run never goes past MAX_SEED."""
@@ -250,6 +280,7 @@ class Parameters:
     hires: HiresFix | None = None
     hires_sampler: str | None = None   # the second pass's sampler and schedule, as resolved
     hires_schedule: str | None = None
+    inpainting: dict = dataclasses.field(default_factory=dict)  # A1111's infotext keys for inpainting (Mask blur ...)
 
     def infotext(self, seed: int) -> str:
         """A1111's "parameters" text for the image with this seed."""
@@ -260,7 +291,22 @@ class Parameters:
             "Clip skip": self.clip_skip if self.clip_skip > 1 else None,
             "Guidance until": self.guidance_until if self.guidance_until < 1.0 else None,
             "DeepCache interval": self.deepcache, "Decoder": "TAESD" if self.tiny_decoder else None,
-            "Token merging ratio": self.token_merging, **self._hires_fields()})
+            "Token merging ratio": self.token_merging, **self._hires_fields(), **self.inpainting})
+
+    @staticmethod
+    def inpainting_fields(req: GenerationRequest, painted: bool, only_masked: bool) -> dict:
+        """The infotext keys A1111 writes for img2img's options. painted: the mask was used (not so for an
+        all-black mask with "only masked", which A1111 draws as plain img2img); only_masked: the masked area was
+        drawn on its own."""
+        fill = inpainting_fill(req.inpainting_fill)
+        masked = req.mask is not None
+        fields = {"Mask mode": "Inpaint not masked" if masked and req.inpainting_mask_invert else None,
+                  "Mask blur": req.mask_blur if masked and req.mask_blur > 0 else None,
+                  "Inpaint area": "Only masked" if only_masked else None,
+                  "Masked area padding": req.inpaint_full_res_padding if only_masked else None,
+                  "Masked content": fill if painted and fill != "original" else None,
+                  "Noise multiplier": req.initial_noise_multiplier if req.initial_noise_multiplier != 1.0 else None}
+        return {key: value for key, value in fields.items() if value is not None}
 
     def _hires_fields(self) -> dict:
         hr = self.hires

@@ -161,6 +161,37 @@ def test_img2img_keeps_the_init_image_at_strength_zero_and_inpaints(client):
     assert all(p == (200, 30, 30) for p in left)
 
 
+def test_inpainting_fields_with_a1111s_defaults(client):
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (70, 10, 80, 20))
+    body = {"init_images": [b64png(init)], "mask": b64png(mask), "mask_blur": 1, "prompt": "x", "steps": 2,
+            "width": 32, "height": 32, "seed": 1}
+    r = client.post("/sdapi/v1/img2img", json=body)  # A1111's API: only masked, padding 0, masked content fill
+    assert r.status_code == 200, r.text
+    out = decode(r.json()["images"][0])
+    fields = parse_infotext(out.info["parameters"])
+    assert (fields["Inpaint area"], fields["Masked area padding"], fields["Masked content"]) == ("Only masked", "0",
+                                                                                                 "fill")
+    assert out.size == (96, 64) and np.array_equal(np.asarray(out.convert("RGB"))[:, :48], np.asarray(init)[:, :48])
+    r = client.post("/sdapi/v1/img2img", json={**body, "inpaint_full_res": False, "inpainting_fill": 3,
+                                               "mask_round": False, "initial_noise_multiplier": 0.8})
+    assert r.status_code == 200, r.text
+    out = decode(r.json()["images"][0])
+    fields = parse_infotext(out.info["parameters"])
+    assert out.size == (32, 32) and "Inpaint area" not in fields
+    assert (fields["Masked content"], fields["Noise multiplier"]) == ("latent nothing", "0.8")
+    r = client.post("/sdapi/v1/img2img", json={**body, "override_settings": {"initial_noise_multiplier": 0.7}})
+    assert "Noise multiplier: 0.7" in decode(r.json()["images"][0]).info["parameters"]  # A1111's setting
+    for change, words in [({"inpainting_fill": 5}, "inpainting_fill must be 0 (fill), 1 (original)"),
+                          ({"inpaint_full_res_padding": 999}, "from 0 to 256"),
+                          ({"initial_noise_multiplier": -1}, "between 0 and 1.5"),
+                          ({"mask": None, "latent_mask": b64png(mask)}, "latent_mask needs a mask"),
+                          ({"override_settings": {"initial_noise_multiplier": "high"}}, "must be a number")]:
+        r = client.post("/sdapi/v1/img2img", json={**body, **change})
+        assert r.status_code == 422 and words in r.json()["detail"], r.text
+
+
 @pytest.mark.parametrize("image, words", [
     ("not base64!!", "not valid base64"),
     (base64.b64encode(b"hello, not an image").decode(), "not an image"),

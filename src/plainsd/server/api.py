@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from plainsd.diffusion.samplers import SAMPLERS, SCHEDULE_SUFFIXES, resolve_sampler
 from plainsd.diffusion.schedules import SCHEDULE_LABELS, SCHEDULES, schedule_label
 from plainsd.fast import choose as choose_fast
+from plainsd.images import INPAINTING_FILLS
 from plainsd.models.tome import check_ratio
 from plainsd.prompts import extract_loras
 from plainsd.request import (IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix,
@@ -391,7 +392,7 @@ def generation_request(req: ProcessingRequest, kind: str, limits: Limits, option
         clip_skip=clip_skip, eta=req.eta,
         fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)), token_merging=_token_merging(settings, overrides, kind))
     if kind == "img2img":
-        request = _img2img(request, req, limits)
+        request = _img2img(request, req, limits, settings)
     elif req.enable_hr:
         request = _hires(request, req, settings.get("token_merging_ratio_hr") or None)
     _check_limits(request, limits)
@@ -458,18 +459,35 @@ def _hires(request: GenerationRequest, req: Txt2ImgRequest, token_merging: float
     return request.replace(hires=hires)
 
 
-def _img2img(request: GenerationRequest, req: Img2ImgRequest, limits: Limits) -> GenerationRequest:
-    """The init image, its denoising strength and resize mode, and the mask's fields."""
+def _img2img(request: GenerationRequest, req: Img2ImgRequest, limits: Limits, settings: dict) -> GenerationRequest:
+    """The init image, its denoising strength and resize mode, the noise multiplier (the request's, else A1111's
+    setting of that name), and the mask's fields (used only with a mask, as in A1111)."""
     if not req.init_images:
         raise BadRequest("init_images must hold one base64-encoded image")
     request = request.replace(init_image=decode_image(req.init_images[0], "init_images[0]", limits).convert("RGB"),
                               strength=0.75 if req.denoising_strength is None else req.denoising_strength,
                               resize_mode=req.resize_mode)
+    multiplier = req.initial_noise_multiplier
+    if multiplier is None:
+        multiplier = settings.get("initial_noise_multiplier", 1.0)
+    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)):
+        raise BadRequest(f"initial_noise_multiplier must be a number from 0 to 1.5, got {multiplier!r}")
+    request = request.replace(initial_noise_multiplier=float(multiplier))
     if not req.mask:
+        if req.latent_mask:
+            raise BadRequest("latent_mask needs a mask (inpainting); send mask as well, or leave latent_mask out")
         return request
+    if req.inpainting_fill not in (0, 1, 2, 3) or isinstance(req.inpainting_fill, bool):
+        raise BadRequest(f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), "
+                         f"got {req.inpainting_fill!r}")
     return request.replace(mask=decode_image(req.mask, "mask", limits),
                            mask_blur=req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x, req.mask_blur_y),
-                           inpainting_mask_invert=bool(req.inpainting_mask_invert))
+                           inpainting_mask_invert=bool(req.inpainting_mask_invert),
+                           inpainting_fill=INPAINTING_FILLS[req.inpainting_fill],
+                           inpaint_full_res=req.inpaint_full_res,
+                           inpaint_full_res_padding=req.inpaint_full_res_padding, mask_round=req.mask_round,
+                           latent_mask=(decode_image(req.latent_mask, "latent_mask", limits) if req.latent_mask
+                                        else None))
 
 
 def echo(req: BaseModel, drop_images: bool = False) -> dict:
