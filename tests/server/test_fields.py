@@ -51,8 +51,7 @@ PLAINSD_OWN = {"fast": False, "tiny_decoder": False, "guidance_until": None}
 BEING_BUILT = {
     "eta",  # (the seeds branch: today eta reaches no sampler, as _run_sampler reads the no_grad wrapper's arguments)
     "styles", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "tiling", "s_churn",
-    "s_tmin", "s_tmax", "s_noise", "script_name", "script_args", "inpainting_fill", "inpaint_full_res",
-    "inpaint_full_res_padding", "mask_round", "initial_noise_multiplier", "latent_mask",
+    "s_tmin", "s_tmax", "s_noise", "script_name", "script_args",
 }
 
 # Default-only fields: a value asking for something plainsd does not do, which must be refused with 422 naming it
@@ -79,6 +78,8 @@ RIGHT_HALF = Image.new("L", (32, 32), 0)
 RIGHT_HALF.paste(255, (16, 0, 32, 32))
 MASK = b64png(RIGHT_HALF)
 GREY_MASK = b64png(Image.new("L", (32, 32), 110))
+CORNER = Image.new("L", (32, 32), 0)
+CORNER.paste(255, (20, 20, 28, 28))  # "only masked" draws this box alone (the right half's box is the whole picture)
 IMG2IMG = {"init_images": [INIT], "denoising_strength": 0.75}
 INPAINT = {**IMG2IMG, "mask": MASK}
 
@@ -209,11 +210,13 @@ HONOURED = {
     "include_init_images": Change({"include_init_images": True}, route="img2img",
                                   expect=lambda a, b: len(a["images"]) == 2 and a["parameters"]["init_images"]),
     "inpainting_fill": Change({"inpainting_fill": 2}, base=INPAINT, route="img2img"),
-    "inpaint_full_res": Change({"inpaint_full_res": False}, base=INPAINT, route="img2img"),
-    "inpaint_full_res_padding": Change({"inpaint_full_res_padding": 8}, base=INPAINT, route="img2img"),
+    "inpaint_full_res": Change({"inpaint_full_res": False}, base={**INPAINT, "mask": b64png(CORNER)}, route="img2img"),
+    "inpaint_full_res_padding": Change({"inpaint_full_res_padding": 8}, base={**INPAINT, "mask": b64png(CORNER)},
+                                       route="img2img"),
     "mask_round": Change({"mask_round": False}, base={**INPAINT, "mask": GREY_MASK}, route="img2img"),
     "initial_noise_multiplier": Change({"initial_noise_multiplier": 0.5}, route="img2img"),
-    "latent_mask": Change({"latent_mask": b64png(RIGHT_HALF.rotate(90))}, base=INPAINT, route="img2img"),
+    "latent_mask": Change({"latent_mask": b64png(RIGHT_HALF.rotate(90))}, base={**INPAINT, "inpaint_full_res": False},
+                          route="img2img"),
 }
 # fields whose check is a test of its own below (it needs more than one request, or the server's files)
 HONOURED_ELSEWHERE = {"override_settings_restore_afterwards", "save_images", "tiny_decoder", "hr_resize_y",
