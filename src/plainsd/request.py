@@ -171,7 +171,6 @@ class GenerationRequest:
             if value is not None and not isinstance(value, Image.Image):
                 raise TypeError(f"{name} must be a PIL image")
         self._check_numbers(factor)
-        self._check_noise(factor, backend)
         check_prompt(self.prompt)
         check_prompt(self.negative_prompt, "the negative prompt")
         _sampler(self.sampler or DEFAULTS["sampler"], self.schedule)
@@ -189,6 +188,7 @@ class GenerationRequest:
             self.hires.check(self.sampler or DEFAULTS["sampler"], self.schedule)
             if self.width and self.height:
                 _check_size(*self.hires.final_size(self.width, self.height, factor), factor)
+        self._check_noise(factor, backend)
 
     def _check_numbers(self, factor: int) -> None:
         _check_size(self.width, self.height, factor)
@@ -243,8 +243,8 @@ class GenerationRequest:
             if value is None or value in no_effect or any(takes(info, name) for info in infos):
                 continue
             takers = ", ".join(s.name for s in SAMPLERS.values() if takes(s, name))
-            raise ValueError(f"{name} is for the samplers {takers}; {' and '.join(i.name for i in infos)} does not "
-                             f"take it (leave it out, or choose one of those)")
+            raise ValueError(f"{name} is for the samplers {takers}; {' and '.join(i.name for i in infos)} "
+                             f"{'does' if len(infos) == 1 else 'do'} not take it (leave it out, or choose one of those)")
 
     def first_seed(self) -> int:
         """The first image's seed: the request's, or a random one for -1; a run never goes past MAX_SEED."""

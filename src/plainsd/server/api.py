@@ -2,7 +2,7 @@
 GenerationRequest (generation_request), the server's own limits, and answers.
 
 Every field A1111 accepts is accepted; the ones plainsd has no use for (restore_faces, alwayson_scripts,
-subseeds, styles ...) are echoed back and otherwise ignored. Checks raise BadRequest with one sentence
+styles ...) are echoed back and otherwise ignored. Checks raise BadRequest with one sentence
 (GenerationRequest.check's, or a limit's), which the app answers with 422.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Optional
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from plainsd.diffusion.samplers import SAMPLERS
+from plainsd.diffusion.samplers import SAMPLERS, default_eta, resolve_sampler, takes
 from plainsd.diffusion.schedules import SCHEDULE_LABELS, schedule_label
 from plainsd.fast import choose as choose_fast
 from plainsd.models.tome import check_ratio
@@ -227,8 +227,8 @@ def generation_request(req: Txt2ImgRequest, kind: str, limits: Limits, options: 
         prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, sampler=sampler, schedule=schedule,
         cfg_scale=req.cfg_scale, guidance_until=req.guidance_until, seed=req.seed, width=req.width,
         height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
-        clip_skip=clip_skip, eta=req.eta,
-        fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)), token_merging=_token_merging(settings, overrides, kind))
+        clip_skip=clip_skip, fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)),
+        token_merging=_token_merging(settings, overrides, kind), **_noise_fields(req, settings, sampler))
     if kind == "img2img":
         request = _img2img(request, req, limits)
     elif req.enable_hr:
@@ -240,6 +240,35 @@ def generation_request(req: Txt2ImgRequest, kind: str, limits: Limits, options: 
         raise BadRequest(str(e)) from None
     _check_hires_size(request, limits)
     return request
+
+
+# A1111's settings of the same purpose as the noise fields of a request (override_settings, /sdapi/v1/options):
+# used where the request leaves the field out, and for the samplers that take them; eta_ancestral is the eta of
+# k-diffusion's samplers, eta_ddim DDIM's
+NOISE_SETTINGS = ("eta_ancestral", "eta_ddim", "s_churn", "s_tmin", "s_tmax", "s_noise", "eta_noise_seed_delta", "tiling")
+
+
+def _noise_fields(req: Txt2ImgRequest, settings: dict, sampler: str) -> dict:
+    """Variation seed, seed resize, tiling, ENSD and the sampler's eta and s_*: the request's fields, else the
+    settings' (checked by GenerationRequest.check with the rest)."""
+    try:
+        info = resolve_sampler(sampler)[0]
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    fields = {}
+    for name in ("s_churn", "s_tmin", "s_tmax", "s_noise", "eta"):
+        value = getattr(req, name)
+        setting = ("eta_ddim" if default_eta(info) == 0.0 else "eta_ancestral") if name == "eta" else name
+        if value is None and settings.get(setting) is not None and takes(info, name):
+            value = settings[setting]
+        fields[name] = value
+    ensd = settings.get("eta_noise_seed_delta") or 0
+    if isinstance(ensd, bool) or not isinstance(ensd, int):
+        raise BadRequest(f"eta_noise_seed_delta must be a whole number, got {ensd!r}")
+    tiling = req.tiling if req.tiling is not None else settings.get("tiling", False)
+    return dict(fields, subseed=req.subseed, subseed_strength=req.subseed_strength,
+                seed_resize_from_w=req.seed_resize_from_w, seed_resize_from_h=req.seed_resize_from_h,
+                tiling=bool(tiling), eta_noise_seed_delta=ensd)
 
 
 def _token_merging(settings: dict, overrides: dict, kind: str) -> float:
@@ -260,8 +289,12 @@ def _check_limits(req: Txt2ImgRequest, request: GenerationRequest, limits: Limit
     if request.batch_size * request.batch_count > limits.max_images:
         raise BadRequest(f"batch_size x n_iter may be at most {limits.max_images} images, "
                          f"got {request.batch_size} x {request.batch_count}")
-    if req.seed < -1:
-        raise BadRequest(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {req.seed}")
+    for name in ("seed", "subseed"):
+        if getattr(req, name) < -1:
+            raise BadRequest(f"{name} must be -1 (random) or between 0 and {MAX_SEED}, got {getattr(req, name)}")
+    if max(req.seed_resize_from_w, req.seed_resize_from_h) > limits.max_size:
+        raise BadRequest(f"seed_resize_from_w and seed_resize_from_h may be at most {limits.max_size}, got "
+                         f"{req.seed_resize_from_w}x{req.seed_resize_from_h}")
     if not 0.0 <= req.cfg_scale <= 100.0:
         raise BadRequest(f"cfg_scale must be between 0 and 100, got {req.cfg_scale}")
     if request.mask_blur > 64:
@@ -331,13 +364,14 @@ def info_json(req: Txt2ImgRequest, result, request: GenerationRequest, sd) -> st
     info = {
         "prompt": req.prompt, "all_prompts": [req.prompt] * n,
         "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
-        "seed": p.seed, "all_seeds": result.seeds, "subseed": req.subseed, "all_subseeds": [req.subseed] * n,
+        "seed": p.seed, "all_seeds": result.seeds, "subseed": p.subseed, "all_subseeds": result.subseeds,
         "subseed_strength": req.subseed_strength, "width": p.width, "height": p.height,
         "sampler_name": p.sampler, "scheduler": schedule_label(p.schedule), "cfg_scale": p.cfg_scale,
         "steps": p.steps, "batch_size": p.batch_size, "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": p.model, "sd_model_hash": p.model_hash,
-        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": p.denoising_strength, "extra_generation_params": {},
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": req.seed_resize_from_w,
+        "seed_resize_from_h": req.seed_resize_from_h, "denoising_strength": p.denoising_strength,
+        "extra_generation_params": p.sampler_fields,
         "index_of_first_image": 0, "infotexts": result.infotexts, "styles": req.styles or [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p.clip_skip,
         "is_using_inpainting_conditioning": sd.config.unet.in_channels == 9 and request.init_image is not None,
