@@ -401,6 +401,8 @@ def test_variation_seeds_seed_resize_tiling_and_sampler_noise(client):
         "images"] == plain["images"]  # a setting for the samplers that take eta: Euler does not
     ensd = client.post("/sdapi/v1/txt2img", json={**ancestral, "override_settings": {"eta_noise_seed_delta": 31337}}).json()
     assert "ENSD: 31337" in json.loads(ensd["info"])["infotexts"][0]
+    page = client.get("/").text  # the page's controls for them, which send these fields
+    assert 'id="tiling"' in page and "body.tiling = true" in page and "subseed_strength:" in page
 
 
 def test_hires_fix_as_a1111_clients_ask_for_it(client):
