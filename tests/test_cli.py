@@ -46,6 +46,19 @@ def test_token_merging_option():
     assert parse_infotext(read_parameters("t.png"))["Token merging ratio"] == "0.5"
 
 
+def test_variation_seed_seed_resize_tiling_and_sampler_noise_options(capsys):
+    assert main(["txt2img", "x", "--steps", "2", "--seed", "4", "--subseed", "9", "--subseed-strength", "0.3",
+                 "--seed-resize-from-w", "32", "--seed-resize-from-h", "48", "--tiling", "--sampler", "Euler",
+                 "--s-churn", "1", "--s-noise", "1.01", "-o", "v.png", "--quiet"]) == 0
+    fields = parse_infotext(read_parameters("v.png"))
+    assert (fields["Seed"], fields["Variation seed"], fields["Variation seed strength"]) == ("4", "9", "0.3")
+    assert (fields["Seed resize from"], fields["Tiling"]) == ("32x48", "True")
+    assert (fields["Sigma churn"], fields["Sigma noise"]) == ("1", "1.01")
+    assert main(["txt2img", "x", "--steps", "2", "--seed", "4", "--sampler", "Euler a", "--ensd", "31337",
+                 "-o", "e.png", "--quiet"]) == 0
+    assert parse_infotext(read_parameters("e.png"))["ENSD"] == "31337"
+
+
 def test_hires_fix_options():
     assert main(["txt2img", "x", "--steps", "2", "--seed", "1", "--hires", "-o", "h.png", "--quiet"]) == 0
     fields = parse_infotext(read_parameters("h.png"))
@@ -126,6 +139,11 @@ def test_bad_inpainting_input_is_one_line(args, message, capsys):
     (["txt2img", "x", "--hires", "--hires-sampler", "Eulr"], "unknown sampler 'Eulr'"),
     (["txt2img", "x", "--hires-strength", "1.5"], "hires denoising strength must be between 0 and 1"),
     (["txt2img", "x", "--hires-token-merging", "1"], "hires token merging ratio must be at least 0 and below 1"),
+    (["txt2img", "x", "--subseed-strength", "2"], "subseed_strength (the variation strength) must be between 0 and 1"),
+    (["txt2img", "x", "--seed-resize-from-w", "64"], "seed_resize_from_w and seed_resize_from_h must both be"),
+    (["txt2img", "x", "--tiling", "--backend", "openvino"], "tiling needs the eager UNet"),
+    (["txt2img", "x", "--sampler", "DPM++ 2M", "--s-churn", "1"], "s_churn is for the samplers Euler, Heun, DPM2;"),
+    (["txt2img", "x", "--sampler", "LMS", "--eta", "0.5"], "eta is for the samplers"),
     # a shipped recipe by name: unet-objects goes on from the earlier runs' files, here absent
     (["train", "unet", "--config", "unet-objects"], "no such checkpoint file or folder: runs/vae-decoder-objects/vae.safetensors"),
     (["train", "vae", "--config", "unet-objects"], "is a unet config, not a vae one"),

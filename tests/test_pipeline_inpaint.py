@@ -33,25 +33,25 @@ def _mask(size, box):
 
 
 def _start_latents(monkeypatch, sd, **fields):
-    """The latents a run starts from at strength 0 (no step is taken: they go straight to the decoder), and what
-    the VAE encoder was given."""
-    decoded, encoded = [], []
-    decode, encode = pipeline.decode, sd.vae.encode
+    """The latents a run starts from (the sampler's x0, handed straight to the decoder instead of sampled), and
+    what the VAE encoder was given."""
+    started, encoded = [], []
+    encode = sd.vae.encode
 
-    def seen_decode(model, latents, tiny=None):
-        decoded.append(latents)
-        return decode(model, latents, tiny)
+    def no_sampling(model, p, x, start, *args):
+        started.append(start)
+        return start, True
 
     def seen_encode(images):
         encoded.append(images.clone())
         return encode(images)
 
-    monkeypatch.setattr(pipeline, "decode", seen_decode)
+    monkeypatch.setattr(pipeline, "_sample", no_sampling)
     monkeypatch.setattr(sd.vae, "encode", seen_encode)
     result = pipeline.inpaint(sd, _picture(), _mask((64, 64), (16, 16, 48, 48)), "x", steps=4, seed=5,
                               strength=0.0, mask_blur=0, **fields)
     monkeypatch.undo()
-    return decoded[0], encoded[0], result
+    return started[0], encoded[0], result
 
 
 def test_masked_content_modes(monkeypatch, sd):

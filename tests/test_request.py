@@ -82,3 +82,57 @@ def test_parameters_write_a1111s_infotext():
     assert (f["Clip skip"], f["Guidance until"], f["DeepCache interval"], f["Hires upscale"], f["Hires sampler"]) == \
         ("2", "0.6", "2", "1.5", "Euler")
     assert "Hires schedule type" not in f and "Token merging ratio" not in f  # the same as the first pass's / off
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(subseed=MAX_SEED + 1), f"subseed (the variation seed) must be at most {MAX_SEED} (-1: random)"),
+    (dict(subseed_strength=-0.1), "subseed_strength (the variation strength) must be between 0 and 1, got -0.1"),
+    (dict(seed_resize_from_w=64, seed_resize_from_h=-1), "seed_resize_from_w and seed_resize_from_h must both be"),
+    (dict(seed_resize_from_w=60, seed_resize_from_h=64), "multiples of 8 (or both 0 or -1: off), got 60x64"),
+    (dict(eta_noise_seed_delta=-1), "eta_noise_seed_delta (ENSD) must be between 0 and"),
+    (dict(sampler="Euler", s_churn=-1), "s_churn must be a number of at least 0, got -1"),
+    (dict(sampler="DPM++ 2M", s_noise=0.9), "s_noise is for the samplers DPM++ SDE, DPM++ 2M SDE, DPM++ 2M SDE Heun"),
+    (dict(sampler="PLMS", eta=0.0), "eta is for the samplers"),  # eta given to a sampler without one: refused
+    (dict(sampler="Euler", s_churn=1, hires=HiresFix(sampler="DPM++ 2M")), None),  # one of the passes takes it
+    (dict(sampler="DPM++ 2M", s_tmax=2, hires=HiresFix(sampler="LMS")), "DPM++ 2M and LMS do not take it"),
+])
+def test_variation_seeds_tiling_and_sampler_settings_rules(fields, words):
+    request = GenerationRequest(**{"prompt": "x", **fields})
+    if words is None:
+        request.check()
+        return
+    with pytest.raises(ValueError) as e:
+        request.check()
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sampler_options_and_their_infotext_fields():
+    from plainsd.diffusion.samplers import SAMPLERS
+    from plainsd.request import sampler_fields
+
+    euler, ancestral, ddim, fast = (SAMPLERS[n] for n in ("Euler", "Euler a", "DDIM", "DPM fast"))
+    request = GenerationRequest("x", s_churn=2, s_tmax=0, s_noise=1.0)
+    assert request.sampler_options(euler) == {"s_churn": 2.0, "s_tmax": float("inf"), "s_noise": 1.0}
+    assert sampler_fields(request.sampler_options(euler), euler) == {"Sigma churn": 2.0}  # defaults left out
+    assert request.sampler_options(ancestral) == {"eta": 1.0, "s_noise": 1.0}  # A1111's eta_ancestral default
+    assert GenerationRequest("x").sampler_options(ddim) == {"eta": 0.0}  # ... and eta_ddim's
+    assert GenerationRequest("x").sampler_options(fast)["eta"] == 1.0  # A1111 gives DPM fast eta_ancestral too
+    assert sampler_fields({"eta": 0.3}, ddim) == {"Eta DDIM": 0.3}
+    assert sampler_fields({"eta": 0.3, "s_tmin": 0.5}, ancestral) == {"Eta": 0.3, "Sigma tmin": 0.5}
+    assert 0 <= GenerationRequest("x", subseed=-1).first_subseed() <= MAX_SEED
+
+
+def test_parameters_write_variation_seed_resize_and_tiling():
+    p = Parameters(prompt="a cat", negative_prompt="", steps=20, sampler="Euler", schedule="normal", cfg_scale=7,
+                   guidance_until=1.0, seed=5, width=512, height=512, batch_size=1, batch_count=1, clip_skip=1,
+                   denoising_strength=None, model="m", model_hash="abc", subseed=9, subseed_strength=0.25,
+                   seed_resize_from=(448, 512), tiling=True, eta_noise_seed_delta=31337,
+                   sampler_fields={"Sigma churn": 1.5})
+    text = p.infotext(seed=5, subseed=10)
+    assert ("Seed: 5, Size: 512x512, Model hash: abc, Model: m, Variation seed: 10, Variation seed strength: 0.25, "
+            "Seed resize from: 448x512, ENSD: 31337") in text  # in A1111's order
+    f = parse_infotext(text)
+    assert (f["Tiling"], f["Sigma churn"]) == ("True", "1.5")
+    plain = parse_infotext(Parameters(**{**p.__dict__, "subseed_strength": 0.0, "seed_resize_from": None,
+                                         "tiling": False}).infotext(5))
+    assert not {"Variation seed", "Variation seed strength", "Seed resize from", "Tiling"} & set(plain)

@@ -36,7 +36,22 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     p.add_argument("--batch-size", type=int, default=1, help="images per batch")
     p.add_argument("--batch-count", type=int, default=1, help="batches, one after the other")
     p.add_argument("--clip-skip", type=int, default=None, help="1 = last CLIP layer, 2 = penultimate (SD2's default)")
-    p.add_argument("--eta", type=float, default=None, help="noise multiplier of ancestral / DDIM samplers")
+    p.add_argument("--eta", type=float, default=None,
+                   help="noise multiplier of ancestral, SDE, DPM fast/adaptive (default 1) and DDIM (default 0) samplers")
+    v = p.add_argument_group("variation seeds, seed resize, tiling, sampler noise (A1111's)")
+    v.add_argument("--subseed", type=int, default=-1, help="variation seed (-1 random); image i gets subseed + i")
+    v.add_argument("--subseed-strength", type=float, default=0.0,
+                   help="0 = the seed's noise, 1 = the variation seed's; between: blended (slerp); default 0")
+    v.add_argument("--seed-resize-from-w", type=int, default=0, help="draw the noise at this width (and -h) instead, "
+                                                                      "placed centred: a seed's picture at another size")
+    v.add_argument("--seed-resize-from-h", type=int, default=0)
+    v.add_argument("--tiling", action="store_true", help="a seamless picture: its edges continue each other")
+    v.add_argument("--s-churn", type=float, default=None, help="Euler, Heun, DPM2: noise added back each step (0 = off)")
+    v.add_argument("--s-tmin", type=float, default=None, help="churn only at sigmas from this (default 0) ...")
+    v.add_argument("--s-tmax", type=float, default=None, help="... to this (default 0 = no limit)")
+    v.add_argument("--s-noise", type=float, default=None, help="scale of the noise samplers add (default 1)")
+    v.add_argument("--ensd", type=int, default=0, metavar="DELTA",
+                   help="A1111's eta noise seed delta: the sampler's added noise from seed + DELTA (default 0 = off)")
     if strength is not None:
         p.add_argument("--strength", "--denoising-strength", type=float, default=strength,
                        help=f"0 keeps the image, 1 replaces it (default {strength})")
@@ -317,7 +332,10 @@ def _request(args):
         width=args.width, height=args.height, batch_size=args.batch_size, batch_count=args.batch_count,
         clip_skip=args.clip_skip, eta=args.eta, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
         fast=choose_fast(args.fast, bool(args.tiny_decoder)), token_merging=args.token_merging,
-        hires=_hires(args))
+        hires=_hires(args), subseed=args.subseed, subseed_strength=args.subseed_strength,
+        seed_resize_from_w=args.seed_resize_from_w, seed_resize_from_h=args.seed_resize_from_h, tiling=args.tiling,
+        s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax, s_noise=args.s_noise,
+        eta_noise_seed_delta=args.ensd)
     if args.command == "img2img":
         return request.replace(init_image=_open_image(args.init_image), strength=args.strength,
                                resize_mode=args.resize_mode, initial_noise_multiplier=args.noise_multiplier)

@@ -9,7 +9,9 @@ sampler; the hires fix is a second Pass at the larger size) -> each batch's nois
 -> infotext.
 
 Seeds: image i of a run gets seed + i, and its noise (the initial latents and any noise a sampler adds
-later) comes from its own generator, so an image is the same whether it was made alone or in a batch.
+later) comes from its own generator, so an image is the same whether it was made alone or in a batch. With a
+variation seed (subseed_strength > 0) every image keeps the seed and image i gets subseed + i, as in A1111;
+diffusion/noise.py draws and blends the noise.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from . import lora as lora_mod
 from .diffusion import samplers as S
 from .diffusion.denoisers import DiscreteDenoiser
 from .diffusion.guidance import CFGDenoiser
+from .diffusion.noise import ImageNoise
 from .embeddings import load_embeddings
 from .fast import FAST, DeepCacheUNet, FastSettings
 from .models import StableDiffusion
 from .prompts import encode_pair, extract_loras
 from .request import (DEFAULTS, IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix,
-                      Parameters)
+                      Parameters, sampler_fields)
 from .runtime import Engine, release_freed_memory
 from .weights import load_tiny_decoder
 
@@ -57,6 +60,7 @@ class Result:
     parameters: Parameters
     frames: list[list[Image.Image]] = field(default_factory=list)  # per image, one frame per step (record_steps)
     interrupted: bool = False
+    subseeds: list[int] = field(default_factory=list)  # each image's variation seed
 
 
 @dataclass
@@ -180,29 +184,32 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
     engine = as_engine(sd)
     sd = engine.sd
     request, params, run = _settings(engine, request)
-    start = _start(sd, request, run)
-    params.inpainting = Parameters.inpainting_fields(request, start.paste is not None,
-                                                     start.paste is not None and start.paste[2] is not None)
     loras = lora_mod.resolve(extract_loras(request.prompt)[1], request.lora_dir)
     embeddings = load_embeddings(request.embeddings_dir, sd) if request.embeddings_dir is not None else None
-    with lora_mod.applied(sd, loras):
+    with _tiling(engine, request.tiling), lora_mod.applied(sd, loras):
+        start = _start(sd, request, run)
+        params.inpainting = Parameters.inpainting_fields(request, start.paste is not None,
+                                                         start.paste is not None and start.paste[2] is not None)
         first = _first_pass(engine, request, params, run, start, embeddings)
         second = _second_pass(engine, request, params, run, first, embeddings) if request.hires else None
         hooks = _Hooks(callback, interrupt, skip, progress, record_steps,
                        total=len(first.sigmas) - 1 + (len(second.sigmas) - 1 if second else 0))
         result = Result([], [], [], params)
         for batch in range(request.batch_count):
-            seeds = [params.seed + batch * request.batch_size + i for i in range(request.batch_size)]
-            latents = _run_batch(engine, run, start, first, second, seeds, hooks.for_batch(batch))
-            pictures = decode(sd, latents, run.tiny)
+            images = [batch * request.batch_size + i for i in range(request.batch_size)]
+            seeds = [params.seed + (0 if params.subseed_strength else i) for i in images]
+            subseeds = [params.subseed + i for i in images]
+            latents = _run_batch(engine, run, start, first, second, seeds, subseeds, hooks.for_batch(batch))
+            pictures = decode(sd, latents, run.tiny, wrap=request.tiling)
             if start.paste is not None:
                 pictures = [_paste(p, *start.paste) for p in pictures]
             if record_steps:
-                decoded = [decode(sd, f / (1 + s**2) ** 0.5, run.tiny) for f, s in hooks.frames] + [pictures]
+                decoded = [decode(sd, f / (1 + s**2) ** 0.5, run.tiny, request.tiling) for f, s in hooks.frames] + [pictures]
                 result.frames.extend([[step[i] for step in decoded] for i in range(request.batch_size)])
             result.images += pictures
             result.seeds += seeds
-            result.infotexts += [params.infotext(s) for s in seeds]
+            result.subseeds += subseeds
+            result.infotexts += [params.infotext(s, sub) for s, sub in zip(seeds, subseeds)]
             if hooks.interrupted:
                 result.interrupted = True
                 break
@@ -218,6 +225,7 @@ class _Run:
     latent_shape: tuple[int, int, int]
     fast: FastSettings | None
     tiny: torch.nn.Module | None      # the tiny decoder, when fast mode asks for it
+    noise: ImageNoise = field(default_factory=ImageNoise)   # variation seed, seed resize, ENSD
 
 
 @dataclass
@@ -262,11 +270,24 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
         model=sd.name, model_hash=sd.hash,
         deepcache=fast.deepcache_interval if deepcache else None, tiny_decoder=tiny is not None,
         token_merging=req.token_merging or None, hires=hires,
-        hires_sampler=hr_info.name if hires else None, hires_schedule=hr_schedule)
+        hires_sampler=hr_info.name if hires else None, hires_schedule=hr_schedule, **_seed_fields(req, info))
     factor = sd.config.vae.factor
+    resize = (req.seed_resize_from_h // factor, req.seed_resize_from_w // factor) if params.seed_resize_from else None
     run = _Run(info, _denoiser(sd).get_sigmas(steps, schedule), hr_info,
-               (sd.config.vae.z_channels, height // factor, width // factor), fast, tiny)
+               (sd.config.vae.z_channels, height // factor, width // factor), fast, tiny,
+               ImageNoise(req.subseed_strength, resize, req.eta_noise_seed_delta))
     return req, params, run
+
+
+def _seed_fields(req: GenerationRequest, info: S.SamplerInfo) -> dict:
+    """Parameters' variation seed, seed resize, tiling, ENSD (where the sampler's noise comes from the image's
+    generator, so that it changes something) and the sampler's settings as A1111 writes them."""
+    options = req.sampler_options(info)
+    resize = (req.seed_resize_from_w, req.seed_resize_from_h)
+    return dict(subseed=req.first_subseed(), subseed_strength=req.subseed_strength,
+                seed_resize_from=resize if min(resize) > 0 else None, tiling=req.tiling,
+                eta_noise_seed_delta=(req.eta_noise_seed_delta or None) if _uses_generators(info, options) else None,
+                sampler_fields=sampler_fields(options, info))
 
 
 def _start(sd: StableDiffusion, req: GenerationRequest, run: _Run) -> _Start:
@@ -362,7 +383,7 @@ class Pass:
     guidance_until: float
     unet: Callable                    # unet(x, t, context): the engine's, or fast mode's DeepCache around it
     token_merging: float              # this pass's token merging ratio
-    eta: float | None = None
+    options: dict = field(default_factory=dict)   # the sampler's eta and s_* (GenerationRequest.sampler_options)
     concat: torch.Tensor | None = None    # an inpainting model's extra input channels
     keep: tuple[torch.Tensor, torch.Tensor] | None = None  # (init latent, keep mask): inpainting, ordinary model
     upscale: tuple | None = None      # the hires fix: (upscaler, width, height, crop_x, crop_y) for _upscale
@@ -392,8 +413,8 @@ def _first_pass(engine: Engine, req: GenerationRequest, params: Parameters, run:
     cond, uncond = _conditioning(engine.sd, extract_loras(req.prompt)[0], req.negative_prompt, req, embeddings)
     keep = (start.init_latent, start.keep) if start.keep is not None else None
     return Pass(run.sampler, start.sigmas, cond, uncond if params.cfg_scale != 1.0 else None, params.cfg_scale,
-                params.guidance_until, _unet(engine, run, params, start.sigmas), req.token_merging, req.eta,
-                start.concat, keep)
+                params.guidance_until, _unet(engine, run, params, start.sigmas), req.token_merging,
+                req.sampler_options(run.sampler), start.concat, keep)
 
 
 def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run: _Run, first: Pass,
@@ -415,7 +436,7 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
     concat = _paint_everything(sd, final_w, final_h, _device(sd)) if sd.config.unet.in_channels == 9 else None
     merging = req.token_merging if hires.token_merging is None else hires.token_merging
     return Pass(run.hires_sampler, sigmas, cond, uncond, params.cfg_scale, params.guidance_until,
-                _unet(engine, run, params, sigmas), merging, req.eta, concat,
+                _unet(engine, run, params, sigmas), merging, req.sampler_options(run.hires_sampler), concat,
                 upscale=(hires.upscaler, *hires.target(params.width, params.height, factor)))
 
 
@@ -444,11 +465,12 @@ def _unet(engine: Engine, run: _Run, params: Parameters, sigmas: torch.Tensor) -
 
 
 def _run_batch(engine: Engine, run: _Run, start: _Start, first: Pass, second: Pass | None, seeds: list[int],
-               hooks: _Hooks):
-    """4. One batch: its noise from its seeds, the first pass, and the hires fix's pass on the upscaled result."""
+               subseeds: list[int], hooks: _Hooks):
+    """4. One batch: its noise from its seeds (and variation seeds), the first pass, and the hires fix's pass on
+    the upscaled result."""
     device = _device(engine.sd)
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    noise = torch.stack([torch.randn(run.latent_shape, generator=g) for g in generators]).to(device)
+    noise, generators = run.noise.draw(run.latent_shape, seeds, subseeds)
+    noise = noise.to(device)
     if start.init_latent is not None:
         x0 = start.init_latent.repeat(len(seeds), 1, 1, 1)
         if start.noise_in is not None:  # "latent noise": each image's own noise in the mask (A1111: the seed's)
@@ -460,8 +482,8 @@ def _run_batch(engine: Engine, run: _Run, start: _Start, first: Pass, second: Pa
     if second is None or not finished:
         return latents
     up = _upscale(engine.sd, latents, *second.upscale)
-    generators = [torch.Generator().manual_seed(s) for s in seeds]  # the same seeds, the larger noise
-    x = up + torch.stack([torch.randn(up.shape[1:], generator=g) for g in generators]).to(device) * second.sigmas[0]
+    noise, generators = run.noise.draw(tuple(up.shape[1:]), seeds, subseeds)  # the same seeds, the larger noise
+    x = up + noise.to(device) * second.sigmas[0]
     hooks.offset = len(first.sigmas) - 1
     return _sample(engine.sd, second, x, up, generators, seeds, hooks)[0]
 
@@ -518,16 +540,23 @@ def _sample(sd: StableDiffusion, p: Pass, x: torch.Tensor, start: torch.Tensor, 
     return hooks.denoised, False
 
 
+_BROWNIAN = (S.sample_dpmpp_sde, S.sample_dpmpp_2m_sde, S.sample_dpmpp_3m_sde)  # their noise: a Brownian tree
+
+
+def _uses_generators(info: S.SamplerInfo, options: dict) -> bool:
+    """Whether a sampler with these options adds noise from the images' generators (what ENSD changes)."""
+    return (S.takes(info, "noise_sampler") and info.function not in _BROWNIAN
+            and (info.stochastic or options.get("s_churn", 0) > 0))
+
+
 def _run_sampler(p: Pass, model, x, hooks: _Hooks, generators, seeds):
-    """The sampler function with the arguments its kind takes: eta, a noise sampler that continues each image's
-    own generator (or a Brownian tree from the seeds), DPM fast / adaptive's sigma range."""
+    """The sampler function with the arguments its kind takes: eta and s_* (p.options), a noise sampler that
+    continues each image's own generator (or a Brownian tree from the seeds), DPM fast / adaptive's sigma range."""
     info, sigmas = p.sampler, p.sigmas
-    opts, fn = dict(info.options), info.function
+    opts, fn = {**dict(info.options), **p.options}, info.function
     extra = {"cond": p.cond, "uncond": p.uncond}
-    if p.eta is not None and "eta" in fn.__code__.co_varnames:
-        opts["eta"] = p.eta
-    if info.stochastic:
-        if fn in (S.sample_dpmpp_sde, S.sample_dpmpp_2m_sde, S.sample_dpmpp_3m_sde):
+    if S.takes(info, "noise_sampler"):  # (Euler, Heun, DPM2 too: their churn's noise)
+        if fn in _BROWNIAN:
             opts["noise_sampler"] = S.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seeds)
         else:
             ns = S.NoiseSampler(x)
@@ -586,6 +615,24 @@ def _token_merging(sd: StableDiffusion, ratio: float):
             module.merge_ratio = value
 
 
+@contextlib.contextmanager
+def _tiling(engine: Engine, on: bool):
+    """A1111's tiling: for the run, every padded convolution of the UNet and the VAE (and the tiny decoder) pads
+    circularly, so that the picture's left edge continues its right and its top its bottom; as before afterwards,
+    also after an error. (Packed convolutions honour it: runtime/packing.py.)"""
+    networks = [engine.sd.unet, engine.sd.vae] + ([engine.tiny_decoder] if engine.tiny_decoder is not None else [])
+    convs = [m for net in networks for m in net.modules()
+             if on and isinstance(m, torch.nn.Conv2d) and any(m._reversed_padding_repeated_twice)]
+    before = [m.padding_mode for m in convs]
+    try:
+        for m in convs:
+            m.padding_mode = "circular"
+        yield
+    finally:
+        for m, mode in zip(convs, before):
+            m.padding_mode = mode
+
+
 def _paint_everything(sd: StableDiffusion, width: int, height: int, device) -> torch.Tensor:
     """An inpainting model's extra channels when there is no mask: all to be painted, over a grey image (as A1111)."""
     with torch.no_grad():
@@ -613,13 +660,14 @@ def _upscale(sd: StableDiffusion, latents: torch.Tensor, upscaler: str, width: i
 DECODE_TILE = 64  # latents; larger latents (images over 512 px on a side) are decoded by overlapping tiles
 
 
-def decode(sd: StableDiffusion, latents: torch.Tensor, tiny=None) -> list[Image.Image]:
-    """5. Scaled latents -> PIL images, by the VAE (by tiles when large) or by a tiny (TAESD) decoder."""
+def decode(sd: StableDiffusion, latents: torch.Tensor, tiny=None, wrap: bool = False) -> list[Image.Image]:
+    """5. Scaled latents -> PIL images, by the VAE (by tiles when large) or by a tiny (TAESD) decoder. wrap: the
+    picture is seamless (tiling), so large latents are decoded by tiles that see across the edges."""
     release_freed_memory()  # (the sampling's freed memory, before the decoder's large blocks)
     with torch.no_grad():
         if tiny is not None:
             return imgs.to_pil(tiny.decode(latents))
-        return imgs.to_pil(sd.vae.decode_tiled(latents / sd.config.scale_factor, DECODE_TILE, DECODE_TILE // 4))
+        return imgs.to_pil(sd.vae.decode_tiled(latents / sd.config.scale_factor, DECODE_TILE, DECODE_TILE // 4, wrap))
 
 
 def _tiny_decoder(engine: Engine):

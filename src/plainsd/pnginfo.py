@@ -11,6 +11,7 @@ from PIL import Image, PngImagePlugin
 
 # The order A1111 writes the fields in.
 FIELDS = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
+          "Variation seed", "Variation seed strength", "Seed resize from",
           "Denoising strength", "Clip skip", "Mask blur", "ENSD", "Version")
 
 

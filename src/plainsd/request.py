@@ -9,12 +9,13 @@ in, comes back as Parameters: the PNG's A1111 "parameters" text and the API's in
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .diffusion.samplers import SamplerInfo, chosen_schedule, resolve_sampler
+from .diffusion.samplers import SAMPLERS, SamplerInfo, chosen_schedule, default_eta, resolve_sampler, takes
 from .diffusion.schedules import schedule_key, schedule_label
 from .fast import FastSettings
 from .images import inpainting_fill, resize_mode
@@ -156,6 +157,17 @@ class GenerationRequest:
     fast: FastSettings | None = None
     token_merging: float = 0.0
     hires: HiresFix | None = None
+    # variation seeds, seed resize, tiling and the samplers' noise settings: A1111's fields of the same names
+    subseed: int | None = -1             # the variation seed: -1 (any negative, None): random; image i gets subseed + i
+    subseed_strength: float = 0.0        # 0: the seed's noise alone, 1: the variation seed's (slerp in between)
+    seed_resize_from_w: int = 0          # both > 0: the noise drawn at this size and placed centred; 0 or -1: off
+    seed_resize_from_h: int = 0
+    tiling: bool = False                 # seamless pictures: every convolution pads circularly for the run
+    s_churn: float | None = None         # Euler, Heun, DPM2: Karras et al.'s churn (None: 0, off) ...
+    s_tmin: float | None = None          # ... at sigmas from s_tmin (None: 0) ...
+    s_tmax: float | None = None          # ... to s_tmax (None or 0: no limit)
+    s_noise: float | None = None         # the scale of the noise a sampler adds (None: 1)
+    eta_noise_seed_delta: int = 0        # A1111's ENSD: a sampler's later noise comes from seed + this (0: off)
 
     def check(self, factor: int = 8, backend: str = "eager") -> None:
         """Raise ValueError (TypeError for a wrong kind of value) with one sentence for the first thing that is
@@ -184,6 +196,7 @@ class GenerationRequest:
             self.hires.check(self.sampler or DEFAULTS["sampler"], self.schedule)
             if self.width and self.height:
                 _check_size(*self.hires.final_size(self.width, self.height, factor), factor)
+        self._check_noise(factor, backend)
 
     def _check_numbers(self, factor: int) -> None:
         _check_size(self.width, self.height, factor)
@@ -226,14 +239,87 @@ class GenerationRequest:
             raise ValueError("latent_mask cannot be used with inpaint_full_res (only masked): the second mask is "
                              "for the whole picture")
 
+    def _check_noise(self, factor: int, backend: str) -> None:
+        """Variation seed, seed resize, tiling, ENSD, and the sampler settings against the samplers that take them."""
+        if self.subseed is not None and self.subseed > MAX_SEED:
+            raise ValueError(f"subseed (the variation seed) must be at most {MAX_SEED} (-1: random), got {self.subseed}")
+        if not 0.0 <= self.subseed_strength <= 1.0:
+            raise ValueError(f"subseed_strength (the variation strength) must be between 0 and 1, "
+                             f"got {self.subseed_strength}")
+        w, h = self.seed_resize_from_w, self.seed_resize_from_h
+        if (w > 0) != (h > 0) or (w > 0 and (w % factor or h % factor)):
+            raise ValueError(f"seed_resize_from_w and seed_resize_from_h must both be multiples of {factor} (or both "
+                             f"0 or -1: off), got {w}x{h}")
+        if not 0 <= self.eta_noise_seed_delta <= MAX_SEED:
+            raise ValueError(f"eta_noise_seed_delta (ENSD) must be between 0 and {MAX_SEED}, got {self.eta_noise_seed_delta}")
+        if self.tiling and backend != "eager":
+            raise ValueError("tiling needs the eager UNet: the OpenVINO-compiled one cannot pad circularly "
+                             "(leave out the openvino backend, or tiling)")
+        for name in SAMPLER_SETTINGS:
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"{name} must be a number of at least 0, got {value!r}")
+        if self.sampler is not None:  # (else checked once the model's recommended sampler is filled in)
+            self._check_sampler_settings()
+
+    def _check_sampler_settings(self) -> None:
+        """eta and s_* are honoured by the samplers whose functions take them (k-diffusion's); a value that would
+        change something, given for a run none of whose samplers takes it, is refused rather than dropped."""
+        infos = [_sampler(self.sampler, self.schedule)[0]]
+        if self.hires is not None and self.hires.sampler is not None:
+            infos.append(self.hires.resolve(self.sampler, self.schedule)[0])
+        for name, (_, no_effect) in SAMPLER_SETTINGS.items():
+            value = getattr(self, name)
+            if value is None or value in no_effect or any(takes(info, name) for info in infos):
+                continue
+            takers = ", ".join(s.name for s in SAMPLERS.values() if takes(s, name))
+            raise ValueError(f"{name} is for the samplers {takers}; {' and '.join(i.name for i in infos)} "
+                             f"{'does' if len(infos) == 1 else 'do'} not take it (leave it out, or choose one of those)")
+
     def first_seed(self) -> int:
         """The first image's seed: the request's, or a random one for -1; a run never goes past MAX_SEED."""
-        seed = random.randint(0, MAX_SEED) if self.seed is None or self.seed < 0 else int(self.seed)
-        images = self.batch_size * self.batch_count
-        return seed % (MAX_SEED - images) if seed + images - 1 > MAX_SEED else seed
+        return _fixed_seed(self.seed, self.batch_size * self.batch_count)
+
+    def first_subseed(self) -> int:
+        """The first image's variation seed, likewise (random for -1 even where the strength is 0, as A1111)."""
+        return _fixed_seed(self.subseed, self.batch_size * self.batch_count)
+
+    def sampler_options(self, info: SamplerInfo) -> dict:
+        """The keyword arguments a sampler gets from the request: eta (A1111's default where none is given) and
+        the s_* settings, where its function takes them; s_tmax 0 means no limit, as in A1111."""
+        options = {"eta": self.eta if self.eta is not None else default_eta(info)} if takes(info, "eta") else {}
+        for name in ("s_churn", "s_tmin", "s_tmax", "s_noise"):
+            value = getattr(self, name)
+            if value is not None and takes(info, name):
+                options[name] = math.inf if name == "s_tmax" and value == 0 else float(value)
+        return options
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
+
+
+# The samplers' noise settings: name -> (A1111's infotext key, the values that change nothing where a sampler
+# does not take it). eta has no such value: its default is the sampler's own (samplers.default_eta).
+SAMPLER_SETTINGS = {"eta": ("Eta", ()), "s_churn": ("Sigma churn", (0,)), "s_tmin": ("Sigma tmin", (0,)),
+                    "s_tmax": ("Sigma tmax", (0, math.inf)), "s_noise": ("Sigma noise", (1,))}
+
+
+def sampler_fields(options: dict, info: SamplerInfo) -> dict:
+    """The infotext fields of a sampler's options (sampler_options) that differ from its defaults, under A1111's
+    keys: "Eta" ("Eta DDIM" for DDIM), "Sigma churn", "Sigma tmin", "Sigma tmax", "Sigma noise"."""
+    fields = {}
+    if "eta" in options and options["eta"] != default_eta(info):
+        fields["Eta DDIM" if default_eta(info) == 0.0 else "Eta"] = options["eta"]
+    for name, value in options.items():
+        if name != "eta" and value not in SAMPLER_SETTINGS[name][1]:
+            fields[SAMPLER_SETTINGS[name][0]] = value
+    return fields
+
+
+def _fixed_seed(seed: int | None, images: int) -> int:
+    """A seed as a run uses it: the given one, or a random one for -1; seed + images - 1 stays within MAX_SEED."""
+    seed = random.randint(0, MAX_SEED) if seed is None or seed < 0 else int(seed)
+    return seed % (MAX_SEED - images) if seed + images - 1 > MAX_SEED else seed
 
 
 def _check_size(width: int | None, height: int | None, factor: int) -> None:
@@ -280,18 +366,31 @@ class Parameters:
     hires: HiresFix | None = None
     hires_sampler: str | None = None   # the second pass's sampler and schedule, as resolved
     hires_schedule: str | None = None
-    inpainting: dict = dataclasses.field(default_factory=dict)  # A1111's infotext keys for inpainting (Mask blur ...)
+    inpainting: dict = field(default_factory=dict)  # A1111's infotext keys for inpainting (Mask blur ...)
+    # variation seeds, seed resize, tiling and the samplers' noise settings, as the run used them
+    subseed: int | None = None         # the first image's variation seed
+    subseed_strength: float = 0.0
+    seed_resize_from: tuple[int, int] | None = None   # (width, height)
+    tiling: bool = False
+    eta_noise_seed_delta: int | None = None   # where it changed the sampler's noise
+    sampler_fields: dict = field(default_factory=dict)   # "Eta", "Sigma churn", ... (request.sampler_fields)
 
-    def infotext(self, seed: int) -> str:
-        """A1111's "parameters" text for the image with this seed."""
+    def infotext(self, seed: int, subseed: int | None = None) -> str:
+        """A1111's "parameters" text for the image with this seed (and variation seed)."""
+        varied = bool(self.subseed_strength)
         return infotext(self.prompt, self.negative_prompt, **{
             "Steps": self.steps, "Sampler": self.sampler, "Schedule type": schedule_label(self.schedule),
             "CFG scale": float(self.cfg_scale), "Seed": seed, "Size": f"{self.width}x{self.height}",
-            "Model hash": self.model_hash, "Model": self.model, "Denoising strength": self.denoising_strength,
-            "Clip skip": self.clip_skip if self.clip_skip > 1 else None,
+            "Model hash": self.model_hash, "Model": self.model,
+            "Variation seed": (self.subseed if subseed is None else subseed) if varied else None,
+            "Variation seed strength": self.subseed_strength if varied else None,
+            "Seed resize from": "{}x{}".format(*self.seed_resize_from) if self.seed_resize_from else None,
+            "Denoising strength": self.denoising_strength,
+            "Clip skip": self.clip_skip if self.clip_skip > 1 else None, "ENSD": self.eta_noise_seed_delta,
             "Guidance until": self.guidance_until if self.guidance_until < 1.0 else None,
             "DeepCache interval": self.deepcache, "Decoder": "TAESD" if self.tiny_decoder else None,
-            "Token merging ratio": self.token_merging, **self._hires_fields(), **self.inpainting})
+            "Token merging ratio": self.token_merging, "Tiling": "True" if self.tiling else None,
+            **self.sampler_fields, **self._hires_fields(), **self.inpainting})
 
     @staticmethod
     def inpainting_fields(req: GenerationRequest, painted: bool, only_masked: bool) -> dict:

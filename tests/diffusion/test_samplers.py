@@ -47,6 +47,8 @@ K_SAMPLERS = [
     ("dpmpp_sde", {"noise": True}), ("dpmpp_2m", {}), ("dpmpp_2m_sde", {"noise": True}),
     ("dpmpp_2m_sde", {"noise": True, "solver_type": "heun"}), ("dpmpp_3m_sde", {"noise": True}),
     ("euler_ancestral", {"noise": True, "eta": 0.5}), ("dpmpp_2m_sde", {"noise": True, "eta": 0.0}),
+    ("euler_ancestral", {"noise": True, "s_noise": 0.7}), ("dpm_2_ancestral", {"noise": True, "s_noise": 1.2}),
+    ("dpmpp_2s_ancestral", {"noise": True, "eta": 0.6, "s_noise": 0.8}), ("dpmpp_sde", {"noise": True, "s_noise": 0.9}),
 ]
 
 
@@ -63,8 +65,45 @@ def test_same_as_k_diffusion(name, opts, schedule, record_parity):
     ref = getattr(kd, f"sample_{name}")(toy_denoiser, x.clone(), sigmas, disable=True, **kwargs)
     ours = getattr(S, f"sample_{name}")(toy_denoiser, x.clone(), sigmas, disable=True, **kwargs)
     d = float((ours - ref).abs().max())
-    record_parity(f"sampler {name} {kwargs.get('solver_type', '')}{kwargs.get('eta', '')} ({schedule}) vs k-diffusion", d)
+    record_parity(f"sampler {name} {kwargs.get('solver_type', '')}{kwargs.get('eta', '')}{kwargs.get('s_noise', '')} "
+                  f"({schedule}) vs k-diffusion", d)
     assert d <= TOL
+
+
+class _TorchWithNoises:
+    """k-diffusion's `torch` with randn_like giving noises from a sequence (as A1111 hands it each image's
+    generator): the churn samplers draw their noise that way, not through a noise sampler."""
+
+    def __init__(self, noise):
+        self.noise = noise
+
+    def __getattr__(self, name):
+        return self.randn_like if name == "randn_like" else getattr(torch, name)
+
+    def randn_like(self, x):
+        return self.noise()
+
+
+CHURN = [("euler", {"s_churn": 1.0}), ("euler", {"s_churn": 4.0, "s_tmin": 0.5, "s_tmax": 5.0, "s_noise": 1.003}),
+         ("heun", {"s_churn": 2.0, "s_noise": 0.9}), ("dpm_2", {"s_churn": 3.0, "s_tmin": 0.2, "s_tmax": 8.0})]
+
+
+@pytest.mark.parametrize("name,opts", CHURN, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CHURN)])
+def test_churn_same_as_k_diffusion(name, opts, monkeypatch, record_parity):
+    """Karras et al.'s churn (s_churn, s_tmin, s_tmax, s_noise): k-diffusion's numbers on the same noise, which
+    both draw at every step (used only where sigma is in [s_tmin, s_tmax])."""
+    kd = pytest.importorskip("k_diffusion.sampling")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 14.6
+    sigmas = kd.get_sigmas_karras(10, 0.0292, 14.6146)
+    monkeypatch.setattr(kd, "torch", _TorchWithNoises(SeqNoise(x.shape, 5)))
+    ref = getattr(kd, f"sample_{name}")(toy_denoiser, x.clone(), sigmas, disable=True, **opts)
+    ours = getattr(S, f"sample_{name}")(toy_denoiser, x.clone(), sigmas, disable=True, noise_sampler=SeqNoise(x.shape, 5),
+                                        **opts)
+    plain = getattr(S, f"sample_{name}")(toy_denoiser, x.clone(), sigmas, disable=True)
+    d = float((ours - ref).abs().max())
+    record_parity(f"sampler {name} with churn {opts} vs k-diffusion", d)
+    assert d <= TOL
+    assert float((ours - plain).abs().max()) > 0.1  # the churn changed the result
 
 
 @pytest.mark.parametrize("name", ["dpm_fast", "dpm_adaptive"])

@@ -114,6 +114,14 @@ def test_unknown_fields_and_unsupported_features_are_refused(client):
     ({"cfg_scale": 101}, "cfg_scale should be less than or equal to 100, got 101"),
     ({"width": "wide"}, 'width should be a valid integer, unable to parse string as an integer, got "wide"'),
     ({"steps": None}, "steps should be a valid integer, got null"),
+    ({"subseed": -5}, "subseed should be greater than or equal to -1, got -5"),
+    ({"subseed_strength": 2}, "subseed_strength (the variation strength) must be between 0 and 1, got 2"),
+    ({"seed_resize_from_w": 64}, "seed_resize_from_w and seed_resize_from_h must both be multiples of 8"),
+    ({"seed_resize_from_w": 512, "seed_resize_from_h": 512}, "seed_resize_from_w and seed_resize_from_h may be at most 256"),
+    ({"sampler_name": "DPM++ 2M", "s_churn": 1}, "s_churn is for the samplers Euler, Heun, DPM2; DPM++ 2M does not"),
+    ({"sampler_name": "LMS", "eta": 0.5}, "eta is for the samplers"),
+    ({"sampler_name": "Euler", "s_noise": -1}, "s_noise must be a number of at least 0, got -1"),
+    ({"override_settings": {"eta_noise_seed_delta": "x"}}, "eta_noise_seed_delta must be a whole number, got 'x'"),
     ({"override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, "unknown model"),
     ({"prompt": "a <lora:style:1> circle"}, "LoRA"),
     ({"tiny_decoder": True}, "this model has no tiny decoder"),
@@ -412,6 +420,38 @@ def test_guidance_until_is_a_request_field(client):
     cut = client.post("/sdapi/v1/txt2img", json={**req, "guidance_until": 0.5}).json()
     assert "Guidance until: 0.5" in json.loads(cut["info"])["infotexts"][0]
     assert cut["images"] != full["images"] and "Guidance until" not in json.loads(full["info"])["infotexts"][0]
+
+
+def test_variation_seeds_seed_resize_tiling_and_sampler_noise(client):
+    req = {"prompt": "a red circle", "steps": 3, "width": 32, "height": 32, "seed": 3, "sampler_name": "Euler"}
+    plain = client.post("/sdapi/v1/txt2img", json=req).json()
+    varied = client.post("/sdapi/v1/txt2img", json={**req, "subseed": 50, "subseed_strength": 0.4, "batch_size": 2,
+                                                     "seed_resize_from_w": 16, "seed_resize_from_h": 24}).json()
+    info = json.loads(varied["info"])
+    assert (info["all_seeds"], info["subseed"], info["all_subseeds"]) == ([3, 3], 50, [50, 51])
+    assert (info["subseed_strength"], info["seed_resize_from_w"], info["seed_resize_from_h"]) == (0.4, 16, 24)
+    fields = parse_infotext(info["infotexts"][1])
+    assert (fields["Variation seed"], fields["Variation seed strength"], fields["Seed resize from"]) == ("51", "0.4", "16x24")
+    zero = client.post("/sdapi/v1/txt2img", json={**req, "subseed": 50, "subseed_strength": 0}).json()
+    assert zero["images"] == plain["images"]
+    tiled = client.post("/sdapi/v1/txt2img", json={**req, "tiling": True}).json()
+    assert "Tiling: True" in json.loads(tiled["info"])["infotexts"][0] and tiled["images"] != plain["images"]
+    churn = client.post("/sdapi/v1/txt2img", json={**req, "s_churn": 1.5}).json()
+    assert "Sigma churn: 1.5" in json.loads(churn["info"])["infotexts"][0] and churn["images"] != plain["images"]
+    assert json.loads(churn["info"])["extra_generation_params"] == {"Sigma churn": 1.5}
+    # A1111's settings of the same purpose, where the request leaves the field out
+    by_setting = client.post("/sdapi/v1/txt2img", json={**req, "override_settings": {"s_churn": 1.5}}).json()
+    assert by_setting["images"] == churn["images"]
+    ancestral = {**req, "sampler_name": "Euler a"}
+    eta = client.post("/sdapi/v1/txt2img", json={**ancestral, "eta": 0.5}).json()
+    by_setting = client.post("/sdapi/v1/txt2img", json={**ancestral, "override_settings": {"eta_ancestral": 0.5}}).json()
+    assert by_setting["images"] == eta["images"] and "Eta: 0.5" in json.loads(eta["info"])["infotexts"][0]
+    assert client.post("/sdapi/v1/txt2img", json={**req, "override_settings": {"eta_ancestral": 0.5}}).json()[
+        "images"] == plain["images"]  # a setting for the samplers that take eta: Euler does not
+    ensd = client.post("/sdapi/v1/txt2img", json={**ancestral, "override_settings": {"eta_noise_seed_delta": 31337}}).json()
+    assert "ENSD: 31337" in json.loads(ensd["info"])["infotexts"][0]
+    page = client.get("/").text  # the page's controls for them, which send these fields
+    assert 'id="tiling"' in page and "body.tiling = true" in page and "subseed_strength:" in page
 
 
 def test_hires_fix_as_a1111_clients_ask_for_it(client):

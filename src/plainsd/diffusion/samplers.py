@@ -13,6 +13,7 @@ SAMPLERS maps the names users know (A1111's) to a function and its default sched
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -119,12 +120,15 @@ def _setup(x, extra_args):
 
 
 def _churn(x, sigmas, i, s_churn, s_tmin, s_tmax, s_noise, noise_sampler):
-    """Karras et al.'s optional "churn": raise the noise level by a factor (1 + gamma) before the step."""
+    """Karras et al.'s optional "churn": raise the noise level by a factor (1 + gamma) before the step, for
+    sigmas in [s_tmin, s_tmax]. With churn on, a noise is drawn at every step, used or not, as k-diffusion does:
+    step i gets the same noise from the same generator as there."""
     gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
     sigma_hat = sigmas[i] * (gamma + 1)
-    if gamma > 0:
+    if s_churn > 0:
         noise = (noise_sampler or default_noise_sampler(x))(sigmas[i], sigma_hat)
-        x = x + noise * s_noise * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
+        if gamma > 0:
+            x = x + noise * s_noise * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
     return x, sigma_hat
 
 
@@ -756,6 +760,17 @@ SAMPLERS: dict[str, SamplerInfo] = {s.name: s for s in [
 SCHEDULE_SUFFIXES = {" Karras": "karras", " Exponential": "exponential", " Polyexponential": "polyexponential",
                      " SGM Uniform": "sgm_uniform", " Uniform": "uniform", " Simple": "simple", " Normal": "normal",
                      " Beta": "beta"}
+
+
+def takes(info: SamplerInfo, setting: str) -> bool:
+    """Whether the sampler's function has this keyword (eta, s_churn, s_tmin, s_tmax, s_noise, noise_sampler)."""
+    return setting in inspect.signature(info.function).parameters
+
+
+def default_eta(info: SamplerInfo) -> float:
+    """The eta a sampler with one runs at when none is given: A1111's settings eta_ddim (0) for DDIM and
+    eta_ancestral (1) for k-diffusion's samplers, DPM fast and adaptive included (their functions' own is 0)."""
+    return 0.0 if info.function is sample_ddim else 1.0
 
 
 def resolve_sampler(name: str, schedule: str | None = None) -> tuple[SamplerInfo, str]:

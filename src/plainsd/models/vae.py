@@ -206,17 +206,24 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"the VAE decodes [B, {self.config.z_channels}, h, w] latents, got {list(latents.shape)}")
         return self.decoder(self.post_quant_conv(latents.to(self.dtype))).float()
 
-    def decode_tiled(self, latents: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+    def decode_tiled(self, latents: torch.Tensor, tile: int = 64, overlap: int = 16, wrap: bool = False) -> torch.Tensor:
         """decode() by overlapping latent tiles (tile x tile, `overlap` shared with each neighbour), blended
         with linear ramps across the overlaps: memory bounded by one tile, for images of any size.
 
         Each tile's decoder sees only its own latents (the mid-block attention is global), so the result
-        differs a little from decode(); the ramps hide the tile borders."""
+        differs a little from decode(); the ramps hide the tile borders. wrap: a seamless picture (tiling, its
+        convolutions padding circularly): along a side longer than a tile the latents are first extended by
+        `overlap` from the opposite edge, decoded, and the extension cut off again, so that the tiles at the
+        edges see what continues them."""
         b, _, h, w = latents.shape
         if h <= tile and w <= tile:
             return self.decode(latents)
         if not 0 <= overlap < tile:
             raise ValueError(f"overlap must be between 0 and tile - 1, got overlap {overlap} for tile {tile}")
+        if wrap:
+            f, ph, pw = self.config.factor, min(overlap, h) if h > tile else 0, min(overlap, w) if w > tile else 0
+            wide = F.pad(latents, (pw, pw, ph, ph), mode="circular")
+            return self.decode_tiled(wide, tile, overlap)[:, :, ph * f:(ph + h) * f, pw * f:(pw + w) * f]
         f, stride = self.config.factor, tile - overlap
         out = torch.zeros(b, self.config.in_channels, h * f, w * f)
         weight = torch.zeros(1, 1, h * f, w * f)

@@ -128,17 +128,20 @@ class PackedConv2d(_Packed, nn.Conv2d):
         if _pointwise(self):  # over the channels of the NHWC view (a view for channels-last input)
             y = torch.ops.mkldnn._linear_pointwise(x.permute(0, 2, 3, 1), self.packed[0], self.bias, "none", [], "")
             return y.permute(0, 3, 1, 2)
+        padding = list(self.padding)
+        if self.padding_mode != "zeros":  # circular (tiling): padded here as nn.Conv2d does, none in the convolution
+            x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), [0, 0]
         if not self.packed[0].is_mkldnn or self.packed_for != _layout_key(x):  # oneDNN's layout for this shape (module doc)
             plain = self.weight if self.packed[0].is_mkldnn else self.packed[0]  # (a plain one as it is: no copy)
             self.packed = (torch.ops.mkldnn._reorder_convolution_weight(
-                plain, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)),)
+                plain, padding, list(self.stride), list(self.dilation), self.groups, list(x.shape)),)
             self.packed_for = _layout_key(x)
             del plain
             # The weights replaced here (most of them in a model's first step) leave holes in malloc's heap that
             # keep_freed_memory would keep: handed back at once, they do not add to the step's peak memory (once
             # per repack: in the first step at a size only).
             release_freed_memory()
-        return torch.ops.mkldnn._convolution_pointwise(x, self.packed[0], self.bias, list(self.padding), list(self.stride),
+        return torch.ops.mkldnn._convolution_pointwise(x, self.packed[0], self.bias, padding, list(self.stride),
                                                        list(self.dilation), self.groups, "none", [], "")
 
 

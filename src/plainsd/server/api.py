@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from plainsd.diffusion.samplers import SAMPLERS, SCHEDULE_SUFFIXES, resolve_sampler
+from plainsd.diffusion.samplers import SAMPLERS, SCHEDULE_SUFFIXES, default_eta, resolve_sampler, takes
 from plainsd.diffusion.schedules import SCHEDULE_LABELS, SCHEDULES, schedule_label
 from plainsd.fast import choose as choose_fast
 from plainsd.images import INPAINTING_FILLS
@@ -80,7 +80,7 @@ class ProcessingRequest(BaseModel):
     negative_prompt: str = ""
     styles: Optional[list[str]] = None
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random")
-    subseed: int = -1
+    subseed: int = Field(-1, ge=-1, le=MAX_SEED, description="the variation seed; -1: random")
     subseed_strength: float = 0.0
     seed_resize_from_h: int = -1
     seed_resize_from_w: int = -1
@@ -314,10 +314,15 @@ NOT_SUPPORTED = {
     "image_cfg_scale": ((None,), "it is for instruct-pix2pix models, which plainsd does not load"),
 }
 
-# override_settings plainsd acts on: the model (app.py), the CLIP layer and the token merging ratios ...
-HONOURED_SETTINGS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", *TOKEN_MERGING)
-# ... and A1111's sampler settings, which the request is being taught (accepted meanwhile)
-SAMPLER_SETTINGS = ("eta_ancestral", "eta_ddim", "eta_noise_seed_delta", "s_churn", "s_tmin", "s_tmax", "s_noise")
+# A1111's settings of the same purpose as the noise fields of a request (override_settings, /sdapi/v1/options):
+# used where the request leaves the field out, and for the samplers that take them; eta_ancestral is the eta of
+# k-diffusion's samplers, eta_ddim DDIM's
+NOISE_SETTINGS = ("eta_ancestral", "eta_ddim", "s_churn", "s_tmin", "s_tmax", "s_noise", "eta_noise_seed_delta", "tiling")
+# the settings a request's fields take their defaults from (A1111 keeps them for later requests where a request
+# asks not to restore its override_settings) ...
+REQUEST_SETTINGS = ("CLIP_stop_at_last_layers", *TOKEN_MERGING, *NOISE_SETTINGS, "initial_noise_multiplier")
+# ... and with the model (app.py), every setting plainsd acts on
+HONOURED_SETTINGS = ("sd_model_checkpoint", *REQUEST_SETTINGS)
 
 
 def _json(value) -> str:
@@ -351,7 +356,7 @@ def check_fields(req: ProcessingRequest, options: dict) -> None:
 def check_settings(values: dict, current: dict, what: str, also: tuple[str, ...] = ()) -> None:
     """A1111 settings (override_settings, or /sdapi/v1/options) plainsd acts on, or left at the value the server
     has (a client that sends back the options it read); `also`: further names acted on."""
-    acted_on = {*HONOURED_SETTINGS, *SAMPLER_SETTINGS, *also}
+    acted_on = {*HONOURED_SETTINGS, *also}
     ignored = sorted(k for k, v in values.items() if k not in acted_on and (k not in current or current[k] != v))
     if ignored:
         raise BadRequest(f"{what}: plainsd does not act on {', '.join(ignored)}; it takes "
@@ -389,8 +394,8 @@ def generation_request(req: ProcessingRequest, kind: str, limits: Limits, option
         prompt=_without_networks(req, req.prompt), negative_prompt=req.negative_prompt, steps=req.steps, sampler=sampler, schedule=schedule,
         cfg_scale=req.cfg_scale, guidance_until=req.guidance_until, seed=req.seed, width=req.width,
         height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
-        clip_skip=clip_skip, eta=req.eta,
-        fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)), token_merging=_token_merging(settings, overrides, kind))
+        clip_skip=clip_skip, fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)),
+        token_merging=_token_merging(settings, overrides, kind), **_noise_fields(req, settings, sampler))
     if kind == "img2img":
         request = _img2img(request, req, limits, settings)
     elif req.enable_hr:
@@ -407,6 +412,29 @@ def generation_request(req: ProcessingRequest, kind: str, limits: Limits, option
 def _without_networks(req: ProcessingRequest, prompt: str) -> str:
     """A1111's disable_extra_networks: the prompt's <lora:...> tags removed and not applied."""
     return extract_loras(prompt)[0] if req.disable_extra_networks else prompt
+
+
+def _noise_fields(req: ProcessingRequest, settings: dict, sampler: str) -> dict:
+    """Variation seed, seed resize, tiling, ENSD and the sampler's eta and s_*: the request's fields, else the
+    settings' (checked by GenerationRequest.check with the rest)."""
+    try:
+        info = resolve_sampler(sampler)[0]
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    fields = {}
+    for name in ("s_churn", "s_tmin", "s_tmax", "s_noise", "eta"):
+        value = getattr(req, name)
+        setting = ("eta_ddim" if default_eta(info) == 0.0 else "eta_ancestral") if name == "eta" else name
+        if value is None and settings.get(setting) is not None and takes(info, name):
+            value = settings[setting]
+        fields[name] = value
+    ensd = settings.get("eta_noise_seed_delta") or 0
+    if isinstance(ensd, bool) or not isinstance(ensd, int):
+        raise BadRequest(f"eta_noise_seed_delta must be a whole number, got {ensd!r}")
+    tiling = req.tiling if req.tiling is not None else settings.get("tiling", False)
+    return dict(fields, subseed=req.subseed, subseed_strength=req.subseed_strength,
+                seed_resize_from_w=req.seed_resize_from_w, seed_resize_from_h=req.seed_resize_from_h,
+                tiling=bool(tiling), eta_noise_seed_delta=ensd)
 
 
 def _token_merging(settings: dict, overrides: dict, kind: str) -> float:
@@ -427,6 +455,9 @@ def _check_limits(request: GenerationRequest, limits: Limits) -> None:
     if request.batch_size * request.batch_count > limits.max_images:
         raise BadRequest(f"batch_size x n_iter may be at most {limits.max_images} images, "
                          f"got {request.batch_size} x {request.batch_count}")
+    if max(request.seed_resize_from_w, request.seed_resize_from_h) > limits.max_size:
+        raise BadRequest(f"seed_resize_from_w and seed_resize_from_h may be at most {limits.max_size}, got "
+                         f"{request.seed_resize_from_w}x{request.seed_resize_from_h}")
     if request.hires is not None and request.hires.steps > limits.max_steps:
         raise BadRequest(f"hr_second_pass_steps may be at most {limits.max_steps}, got {request.hires.steps}")
 
@@ -506,13 +537,14 @@ def info_json(req: ProcessingRequest, result, request: GenerationRequest, sd) ->
     info = {
         "prompt": req.prompt, "all_prompts": [req.prompt] * n,
         "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
-        "seed": p.seed, "all_seeds": result.seeds, "subseed": req.subseed, "all_subseeds": [req.subseed] * n,
+        "seed": p.seed, "all_seeds": result.seeds, "subseed": p.subseed, "all_subseeds": result.subseeds,
         "subseed_strength": req.subseed_strength, "width": p.width, "height": p.height,
         "sampler_name": p.sampler, "scheduler": schedule_label(p.schedule), "cfg_scale": p.cfg_scale,
         "steps": p.steps, "batch_size": p.batch_size, "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": p.model, "sd_model_hash": p.model_hash,
-        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": p.denoising_strength, "extra_generation_params": {},
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": req.seed_resize_from_w,
+        "seed_resize_from_h": req.seed_resize_from_h, "denoising_strength": p.denoising_strength,
+        "extra_generation_params": p.sampler_fields,
         "index_of_first_image": 0, "infotexts": result.infotexts, "styles": req.styles or [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p.clip_skip,
         "is_using_inpainting_conditioning": sd.config.unet.in_channels == 9 and request.init_image is not None,

@@ -131,7 +131,7 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
     if not req.override_settings_restore_afterwards:  # A1111 keeps such overrides as its settings
         if overrides.get("sd_model_checkpoint"):
             store.select(entry.name)
-        options.update({name: overrides[name] for name in api.TOKEN_MERGING if name in overrides})
+        options.update({name: overrides[name] for name in api.REQUEST_SETTINGS if name in overrides})
 
     def work(job: Job):
         engine = store.get(entry)
