@@ -44,6 +44,7 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="override what the model predicts")
     p.add_argument("--lora-dir", default=None, help="folder of LoRA files, used by <lora:name:weight> in the prompt")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings, used by name in prompts")
+    _style_args(p)
     _runtime_args(p)
     p.add_argument("--fast", action="store_true",
                    help="fast mode: DeepCache (the whole UNet every 2nd step, every 4th on the last 40%%), guidance for the first 60%% of the steps (less exact)")
@@ -56,6 +57,16 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     p.add_argument("--save-steps", action="store_true", help="also write the denoising process as a GIF and a contact sheet")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def _style_args(p: argparse.ArgumentParser):
+    p.add_argument("--style", dest="styles", action="append", default=[], metavar="NAME",
+                   help="apply this style of the styles file to the prompts (repeatable; in the order given)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--styles-file", default=None, metavar="PATH",
+                       help="A1111's styles.csv (columns name, prompt, negative_prompt) or a wildcard such as "
+                            "'styles/*.csv'; default: styles.csv in the current folder")
+    group.add_argument("--styles-dir", default=None, metavar="DIR", help="a folder of styles .csv files")
 
 
 def _runtime_args(p: argparse.ArgumentParser):
@@ -191,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", default="outputs/api", help="where save_images=true requests write")
     p.add_argument("--lora-dir", default=None, help="folder of LoRA files for <lora:name:weight> in prompts")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings")
+    p.add_argument("--styles", default=None, metavar="PATH",
+                   help="A1111's styles.csv (or a folder of .csv files, or a wildcard) for the requests' styles")
     _runtime_args(p)
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("demo", help="draw one picture with the default model and say where it is")
@@ -283,7 +296,7 @@ def _request(args):
         width=args.width, height=args.height, batch_size=args.batch_size, batch_count=args.batch_count,
         clip_skip=args.clip_skip, eta=args.eta, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
         fast=choose_fast(args.fast, bool(args.tiny_decoder)), token_merging=args.token_merging,
-        hires=_hires(args))
+        hires=_hires(args), styles=args.styles, styles_file=args.styles_file or args.styles_dir or "styles.csv")
     if args.command == "img2img":
         return request.replace(init_image=_open_image(args.init_image), strength=args.strength,
                                resize_mode=args.resize_mode)
@@ -423,7 +436,7 @@ def _serve(args) -> int:
     limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_images=args.max_images)
     app = create_app(args.model, args.models_dir, auth=args.api_auth, max_queue=args.max_queue, limits=limits,
                      outputs=args.outputs, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-                     precision=args.precision, backend=args.backend)
+                     precision=args.precision, backend=args.backend, styles=args.styles)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"plainsd: note: listening on {args.host}, reachable from other machines"
               + ("" if args.api_auth else " without authentication (see --api-auth)"), file=sys.stderr)

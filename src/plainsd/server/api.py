@@ -2,7 +2,7 @@
 GenerationRequest (generation_request), the server's own limits, and answers.
 
 Every field A1111 accepts is accepted; the ones plainsd has no use for (restore_faces, alwayson_scripts,
-subseeds, styles ...) are echoed back and otherwise ignored. Checks raise BadRequest with one sentence
+subseeds ...) are echoed back and otherwise ignored. Checks raise BadRequest with one sentence
 (GenerationRequest.check's, or a limit's), which the app answers with 422.
 """
 
@@ -210,11 +210,11 @@ def clip_skip_setting(settings: dict) -> int | None:
 
 
 def generation_request(req: Txt2ImgRequest, kind: str, limits: Limits, options: dict,
-                       backend: str = "eager") -> GenerationRequest:
+                       backend: str = "eager", styles_file: str | None = None) -> GenerationRequest:
     """An A1111 txt2img or img2img request as plainsd's GenerationRequest, checked: the server's own limits, then
     GenerationRequest.check's rules. options: the server's settings (/sdapi/v1/options), which a request's
     override_settings take precedence over, as A1111 applies them for the request; backend: what runs the
-    server's UNet."""
+    server's UNet; styles_file: the server's styles, which the request's styles name."""
     overrides = req.override_settings or {}
     for name in TOKEN_MERGING:
         token_merging_ratio(overrides, name)
@@ -228,7 +228,8 @@ def generation_request(req: Txt2ImgRequest, kind: str, limits: Limits, options: 
         cfg_scale=req.cfg_scale, guidance_until=req.guidance_until, seed=req.seed, width=req.width,
         height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
         clip_skip=clip_skip, eta=req.eta,
-        fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)), token_merging=_token_merging(settings, overrides, kind))
+        fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)), token_merging=_token_merging(settings, overrides, kind),
+        styles=list(req.styles or []), styles_file=styles_file)
     if kind == "img2img":
         request = _img2img(request, req, limits)
     elif req.enable_hr:
