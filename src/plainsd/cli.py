@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   plainsd txt2img "a red circle" --hires --hires-scale 2 --hires-strength 0.5 -o circle-hires.png
   plainsd img2img "a blue square" --init-image circle.png --strength 0.6
   plainsd inpaint "a star" --init-image circle.png --mask mask.png
+  plainsd xyz "a red circle" --x-type Seed --x-values 1-3 --y-type "CFG Scale" --y-values "3, 7" -o grid.png
   plainsd png-info circle.png
   plainsd serve --models-dir models --port 7860
 """
@@ -69,20 +70,7 @@ def _style_args(p: argparse.ArgumentParser):
     group.add_argument("--styles-dir", default=None, metavar="DIR", help="a folder of styles .csv files")
 
 
-def _runtime_args(p: argparse.ArgumentParser):
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="the networks' number format; auto = bf16 where the CPU has native bf16 (avx512_bf16/AMX), else fp32")
-    p.add_argument("--backend", choices=["eager", "openvino"], default="eager",
-                   help="openvino: run the UNet compiled by OpenVINO (pip install 'plainsd[openvino]'); cached on disk")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plainsd", description="Stable Diffusion in plain PyTorch, on the CPU.",
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("txt2img", help="text to image")
-    _common(p)
+def _hires_args(p: argparse.ArgumentParser):
     hr = p.add_argument_group("hires fix", "a second pass at a larger size (A1111's Hires. fix); any of these turns it on")
     hr.add_argument("--hires", action="store_true", help="on, with the defaults below")
     hr.add_argument("--hires-scale", type=float, default=None, help="upscale by (default 2)")
@@ -97,6 +85,40 @@ def build_parser() -> argparse.ArgumentParser:
     hr.add_argument("--hires-prompt", default=None, help="second-pass prompt (default: the prompt)")
     hr.add_argument("--hires-token-merging", type=float, default=None, metavar="RATIO",
                     help="second-pass token merging ratio (default: --token-merging)")
+
+
+def _xyz_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("X/Y/Z plot")
+    for axis, required in (("x", True), ("y", False), ("z", False)):
+        g.add_argument(f"--{axis}-type", required=required, default="Nothing", metavar="TYPE",
+                       help=f"the {axis.upper()} axis: an A1111 axis type such as Seed, Steps, \"CFG Scale\"")
+        g.add_argument(f"--{axis}-values", required=required, default="", metavar="VALUES",
+                       help=f"the {axis.upper()} values: \"1, 2, 3\", \"1-5 (+2)\", \"1-10 [5]\"; model files for "
+                            "Checkpoint name; the first Prompt S/R value is the one replaced")
+    g.add_argument("--no-legend", action="store_true", help="no labels around the grid")
+    g.add_argument("--include-lone-images", action="store_true", help="also write each cell's picture")
+    g.add_argument("--include-sub-grids", action="store_true", help="also write each Z value's grid")
+    g.add_argument("--no-fixed-seeds", action="store_true", help="with --seed -1, a random seed in each cell")
+    for axis in "xyz":
+        g.add_argument(f"--vary-seeds-{axis}", action="store_true", help=f"seed + the cell's place along {axis.upper()}")
+    g.add_argument("--margin-size", type=int, default=0, help="pixels between the cells (0 to 500)")
+
+
+def _runtime_args(p: argparse.ArgumentParser):
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="the networks' number format; auto = bf16 where the CPU has native bf16 (avx512_bf16/AMX), else fp32")
+    p.add_argument("--backend", choices=["eager", "openvino"], default="eager",
+                   help="openvino: run the UNet compiled by OpenVINO (pip install 'plainsd[openvino]'); cached on disk")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plainsd", description="Stable Diffusion in plain PyTorch, on the CPU.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("txt2img", help="text to image")
+    _common(p)
+    _hires_args(p)
     p = sub.add_parser("img2img", help="image to image")
     _common(p, strength=0.8)
     p.add_argument("--init-image", required=True)
@@ -107,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", required=True, help="white = repaint, black = keep (or transparent = keep)")
     p.add_argument("--mask-blur", type=int, default=4)
     p.add_argument("--invert-mask", action="store_true")
+    p = sub.add_parser("xyz", help="A1111's X/Y/Z plot: a labelled grid of pictures over up to three axes' values",
+                       description="Axis types are A1111's labels (Seed, Steps, CFG Scale, Sampler, Schedule type, "
+                                   "Prompt S/R, Checkpoint name, Denoising, Hires steps, Token merging ratio, ...); "
+                                   "values are comma separated, numbers also as ranges: 1-5, 1-5 (+2), 1-10 [5].")
+    _common(p)
+    _hires_args(p)
+    _xyz_args(p)
     p = sub.add_parser("png-info", help="print the generation parameters stored in an image")
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="as JSON fields")
@@ -261,17 +290,7 @@ def _generate(args) -> int:
     request.check(backend=args.backend)  # the cheap things before a model is loaded
     if args.output and Path(args.output).suffix.lower() != ".png":
         raise ValueError(f"the output must be a .png file, got {Path(args.output).name}")
-    tiny = None
-    if isinstance(args.tiny_decoder, str):
-        from plainsd.weights import load_tiny_decoder
-
-        tiny = load_tiny_decoder(args.tiny_decoder)  # a wrong file fails here, before the model loads
-    if args.fast and args.backend == "openvino":
-        print("plainsd: with --backend openvino, --fast stops guidance early but cannot reuse UNet features "
-              "(DeepCache needs the eager UNet)", file=sys.stderr)
-    engine = _load_model(args.model, args.prediction, args.precision, args.backend)
-    if tiny is not None:
-        engine.use_tiny_decoder(tiny, Path(args.tiny_decoder).name)
+    engine = _engine(args)
     started = time.perf_counter()
     result = pipeline.generate(engine, request, progress=not args.quiet, record_steps=args.save_steps)
     elapsed = time.perf_counter() - started
@@ -283,6 +302,67 @@ def _generate(args) -> int:
             _save_steps(result.frames[i], path, text)
     print(f"{len(result.images)} image(s) in {elapsed:.1f} s", file=sys.stderr)
     return 0
+
+
+def _engine(args):
+    """The model the generation arguments name, with the tiny decoder --tiny-decoder FILE names."""
+    tiny = None
+    if isinstance(args.tiny_decoder, str):
+        from plainsd.weights import load_tiny_decoder
+
+        tiny = load_tiny_decoder(args.tiny_decoder)  # a wrong file fails here, before the model loads
+    if args.fast and args.backend == "openvino":
+        print("plainsd: with --backend openvino, --fast stops guidance early but cannot reuse UNet features "
+              "(DeepCache needs the eager UNet)", file=sys.stderr)
+    engine = _load_model(args.model, args.prediction, args.precision, args.backend)
+    if tiny is not None:
+        engine.use_tiny_decoder(tiny, Path(args.tiny_decoder).name)
+    return engine
+
+
+def _xyz(args) -> int:
+    """The X/Y/Z plot: every cell checked, then drawn; the grid (and the cells or sub-grids asked for) written."""
+    import torch
+
+    from plainsd import xyz
+    from plainsd.pnginfo import save_png
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.save_steps:
+        raise ValueError("--save-steps is for txt2img, img2img and inpaint; the X/Y/Z plot writes no step pictures")
+    if args.output and Path(args.output).suffix.lower() != ".png":
+        raise ValueError(f"the output must be a .png file, got {Path(args.output).name}")
+    request = _request(args)
+    request.check(backend=args.backend)
+    settings = xyz.XYZSettings(
+        args.x_type, args.x_values, None, args.y_type, args.y_values, None, args.z_type, args.z_values, None,
+        draw_legend=not args.no_legend, include_lone_images=args.include_lone_images,
+        include_sub_grids=args.include_sub_grids, no_fixed_seeds=args.no_fixed_seeds, vary_seeds_x=args.vary_seeds_x,
+        vary_seeds_y=args.vary_seeds_y, vary_seeds_z=args.vary_seeds_z, margin_size=args.margin_size, csv_mode=True)
+    checkpoints = xyz.Checkpoints(find=_model_file,
+                                  load=lambda path: _load_model(path, args.prediction, args.precision, args.backend))
+    plot = xyz.plan(request, settings, "txt2img", checkpoints)  # all of it checked before a model loads
+    started = time.perf_counter()
+    result = xyz.run(_engine(args), plot, checkpoints, progress=not args.quiet)
+    elapsed = time.perf_counter() - started
+    if args.output:
+        out = Path(args.output)
+        paths = [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, len(result.images))]
+    else:
+        paths = _outputs(args, len(result.images), result.seeds, "xyz")
+    for image, text, path in zip(result.images, result.infotexts, paths):
+        save_png(image, path, text)
+        print(path)
+    print(f"{len(plot.cells)} cell(s) in {elapsed:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _model_file(name: str) -> str:
+    """A Checkpoint name value on the command line: a checkpoint file or diffusers folder."""
+    if not Path(name).exists():
+        raise ValueError(f"no such model file or folder: {name}")
+    return name
 
 
 def _request(args):
@@ -547,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from plainsd.weights import CheckpointError
 
-    handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "png-info": _png_info,
+    handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "xyz": _xyz, "png-info": _png_info,
                 "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "lora": _lora, "finetune": _finetune}
     try:
         return handlers[args.command](args)

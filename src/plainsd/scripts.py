@@ -1,8 +1,7 @@
 """A1111's scripts, as its API reaches them (script_name, script_args): the ones plainsd runs, for txt2img and img2img.
 
-    script = find("x/y/z plot", "txt2img")            # ValueError naming the scripts there are
-    plan = script.prepare(request, script_args, "txt2img", Context())   # the arguments checked, nothing drawn yet
-    result = script.run(engine, plan, Context())        # a pipeline.Result: the script's images and infotexts
+    run = prepare("x/y/z plot", "txt2img", request, script_args)   # the name and arguments checked (ValueError)
+    result = run(engine)          # a pipeline.Result: the script's images and infotexts
 
 A script is one entry of SCRIPTS: its name as A1111 matches script_name (its title in lower case), the tabs it
 serves, its arguments in A1111's script_args order (what /sdapi/v1/script-info lists), prepare and run.
@@ -71,6 +70,26 @@ def _xyz_run(engine, plan: xyz.Plot, context: Context, **controls):
 SCRIPTS: dict[str, Script] = {s.name: s for s in [
     Script("x/y/z plot", ("txt2img", "img2img"), _xyz_args, _xyz_prepare, _xyz_run),
 ]}
+
+
+@dataclass
+class Prepared:
+    """A script with its checked plan, ready to draw: prepared(engine, **pipeline controls) -> pipeline.Result."""
+    script: Script
+    plan: Any
+    context: Context
+
+    def __call__(self, engine, **controls):
+        return self.script.run(engine, self.plan, self.context, **controls)
+
+
+def prepare(name: str, kind: str, request: GenerationRequest, args: list,
+            context: Context | None = None) -> Prepared:
+    """The script `name` for txt2img or img2img with its arguments (A1111's script_args) checked against the
+    request; nothing is drawn yet."""
+    script = find(name, kind)
+    context = context or Context()
+    return Prepared(script, script.prepare(request, args, kind, context), context)
 
 
 def names(kind: str) -> list[str]:

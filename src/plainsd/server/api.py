@@ -23,6 +23,7 @@ from plainsd.diffusion.samplers import SAMPLERS
 from plainsd.diffusion.schedules import SCHEDULE_LABELS, schedule_label
 from plainsd.fast import choose as choose_fast
 from plainsd.models.tome import check_ratio
+from plainsd import scripts
 from plainsd.request import MAX_SEED, GenerationRequest, HiresFix, check_clip_skip
 from plainsd.pnginfo import parse_infotext, read_parameters
 
@@ -241,6 +242,42 @@ def generation_request(req: Txt2ImgRequest, kind: str, limits: Limits, options: 
         raise BadRequest(str(e)) from None
     _check_hires_size(request, limits)
     return request
+
+
+def script_plan(req: Txt2ImgRequest, kind: str, request: GenerationRequest, limits: Limits,
+                checkpoints=None) -> scripts.Prepared | None:
+    """The script script_name names with its script_args checked (scripts.prepare), or None for none.
+    Each request the script will run must keep the server's limits, and all of them together draw at most
+    max_images pictures. checkpoints: the server's models, for an X/Y/Z plot's Checkpoint name axis."""
+    if not req.script_name:
+        if req.script_args:
+            raise BadRequest("script_args were given without a script_name; name the script they are for "
+                             "(/sdapi/v1/scripts lists them)")
+        return None
+    images = 0
+
+    def check(cell: GenerationRequest) -> None:
+        nonlocal images
+        images += cell.batch_size * cell.batch_count
+        if images > limits.max_images:
+            raise BadRequest(f"the script would draw more than {limits.max_images} images (the most a request may "
+                             f"draw); ask for fewer values")
+        check_limits(cell, limits)
+
+    try:
+        return scripts.prepare(req.script_name, kind, request, req.script_args, scripts.Context(checkpoints, check))
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+
+
+def check_limits(request: GenerationRequest, limits: Limits) -> None:
+    """The server's limits on the size and steps of a request a script makes."""
+    if max(request.width or 0, request.height or 0) > limits.max_size:
+        raise BadRequest(f"width and height may be at most {limits.max_size}, got {request.width}x{request.height}")
+    if (request.steps or 0) > limits.max_steps or (request.hires is not None and request.hires.steps > limits.max_steps):
+        raise BadRequest(f"steps may be at most {limits.max_steps}")
+    if request.width and request.height:
+        _check_hires_size(request, limits)
 
 
 def _token_merging(settings: dict, overrides: dict, kind: str) -> float:

@@ -23,10 +23,11 @@ from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from plainsd import pipeline
+from plainsd import pipeline, scripts
 from plainsd.pnginfo import save_png
 from plainsd.request import IMAGE_UPSCALERS, LATENT_UPSCALERS
 from plainsd.styles import read_styles
+from plainsd.xyz import Checkpoints
 
 from . import api
 from .jobs import Job, JobQueue, QueueFull
@@ -122,6 +123,7 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
     entry = _find(store, overrides["sd_model_checkpoint"]) if overrides.get("sd_model_checkpoint") else store.current
     request = api.generation_request(req, kind, server.limits, options, store.backend, server.styles_file).replace(
         lora_dir=server.lora_dir, embeddings_dir=server.embeddings_dir)
+    script = api.script_plan(req, kind, request, server.limits, _checkpoints(store))
     if not req.override_settings_restore_afterwards:  # A1111 keeps such overrides as its settings
         if overrides.get("sd_model_checkpoint"):
             store.select(entry.name)
@@ -135,8 +137,10 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
             job.step = info.batch * info.total + info.step + 1
             job.steps_total = info.total * request.batch_count
             job.preview = info
-        return engine, pipeline.generate(engine, request, callback=on_step, interrupt=job.should_stop,
-                                         skip=job.take_skip)
+        controls = dict(callback=on_step, interrupt=job.should_stop, skip=job.take_skip)
+        if script is not None:
+            return engine, script(engine, **controls)
+        return engine, pipeline.generate(engine, request, **controls)
 
     # (steps_total: on_step corrects it, a hires fix adds steps)
     engine, result = await _run(server.queue, http, Job(work, kind=kind, steps_total=request.steps * request.batch_count))
@@ -268,6 +272,14 @@ def _list_routes(server: Server) -> APIRouter:
     async def embeddings():
         return await _embeddings(server)
 
+    @router.get("/sdapi/v1/scripts")
+    async def scripts_list():
+        return {"txt2img": scripts.names("txt2img"), "img2img": scripts.names("img2img")}
+
+    @router.get("/sdapi/v1/script-info")
+    async def script_info():
+        return scripts.script_info()
+
     @router.get("/sdapi/v1/prompt-styles")
     async def prompt_styles():
         if server.styles_file is None:
@@ -358,6 +370,11 @@ def _page_routes(server: Server) -> APIRouter:
         return Response(status_code=204)
 
     return router
+
+
+def _checkpoints(store: ModelStore) -> Checkpoints:
+    """The server's models, for an X/Y/Z plot's Checkpoint name axis: found by name, loaded one at a time."""
+    return Checkpoints(find=store.find, load=store.get)
 
 
 def _find(store: ModelStore, name):
