@@ -78,3 +78,21 @@ def test_a_styled_request_draws_what_the_styled_prompt_draws(tmp_path, tiny):
     assert styled.images[0].tobytes() == plain.images[0].tobytes() != other.images[0].tobytes()
     fields = parse_infotext(styled.infotexts[0])
     assert fields["Prompt"] == "a picture of a cat, centred" and fields["Negative prompt"] == "ugly, blurry"
+
+
+def test_cli_styles_from_a_file_a_folder_or_styles_csv_here(tmp_path, monkeypatch, capsys):
+    from plainsd.cli import main
+    from plainsd.pnginfo import read_parameters
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "styles.csv").write_text(CSV)
+    common = ["--steps", "1", "--width", "32", "--height", "32", "--seed", "1", "--quiet"]
+    assert main(["txt2img", "a cat", "--style", "wrap", "--style", "shiny", "-o", "a.png", *common]) == 0
+    fields = parse_infotext(read_parameters("a.png"))
+    assert fields["Prompt"] == "a picture of a cat, centred, glossy" and fields["Negative prompt"] == "dull, blurry"
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "x.csv").write_text("name,prompt\nsquare,a square\n")
+    assert main(["txt2img", "", "--style", "square", "--styles-dir", "more", "-o", "b.png", *common]) == 0
+    assert parse_infotext(read_parameters("b.png"))["Prompt"] == "a square"
+    assert main(["txt2img", "a", "--style", "nope", "--styles-file", "styles.csv", *common]) == 2
+    assert "unknown style 'nope'; the styles file has 'wrap', 'shiny'" in capsys.readouterr().err

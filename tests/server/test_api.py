@@ -83,7 +83,7 @@ def test_same_seed_same_image_and_defaults(client):
 def test_unknown_fields_and_unsupported_features_are_ignored(client):
     r = client.post("/sdapi/v1/txt2img", json={
         "prompt": "x", "steps": 2, "width": 32, "height": 32, "restore_faces": True, "tiling": False,
-        "enable_hr": False, "alwayson_scripts": {"controlnet": {"args": []}}, "styles": ["s"],
+        "enable_hr": False, "alwayson_scripts": {"controlnet": {"args": []}},
         "some_future_field": 3, "sampler_name": "Euler a", "scheduler": "automatic", "send_images": False})
     assert r.status_code == 200, r.text
     assert r.json()["images"] == [] and r.json()["parameters"]["some_future_field"] == 3
