@@ -124,3 +124,9 @@ def test_bad_scripts_get_422_with_one_sentence(client, extra, words):
     r = client.post("/sdapi/v1/txt2img", json={**BASE, **extra})
     assert r.status_code == 422, r.text
     assert words in r.json()["detail"]
+
+
+def test_the_page_offers_the_servers_styles(client):
+    html = client.get("/").text
+    assert '<select id="styles" multiple' in html and 'getJSON("/sdapi/v1/prompt-styles")' in html
+    assert "body.styles = styles" in html
