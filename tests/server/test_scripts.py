@@ -48,7 +48,9 @@ def test_prompt_styles_are_listed_and_applied(client):
     assert styled["images"] == plain["images"]  # the same picture, the same infotext
     fields = parse_infotext(decode(styled["images"][0]).info["parameters"])
     assert fields["Prompt"] == "a picture of a red circle" and fields["Negative prompt"] == "blurry"
-    assert json.loads(styled["info"])["styles"] == ["wrap"]
+    info = json.loads(styled["info"])
+    assert info["styles"] == ["wrap"] and info["prompt"] == "a picture of a red circle"  # A1111's: styled
+    assert info["all_negative_prompts"] == ["blurry"]
     r = client.post("/sdapi/v1/txt2img", json={**BASE, "styles": ["nope"]})
     assert r.status_code == 422 and "unknown style 'nope'; the styles file has 'wrap', 'plain'" in r.json()["detail"]
 

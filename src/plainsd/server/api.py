@@ -367,8 +367,8 @@ def info_json(req: Txt2ImgRequest, result, request: GenerationRequest, sd) -> st
     p = result.parameters
     n = len(result.images)
     info = {
-        "prompt": req.prompt, "all_prompts": [req.prompt] * n,
-        "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
+        "prompt": p.prompt, "all_prompts": [p.prompt] * n,  # (styled, as A1111's)
+        "negative_prompt": p.negative_prompt, "all_negative_prompts": [p.negative_prompt] * n,
         "seed": p.seed, "all_seeds": result.seeds, "subseed": req.subseed, "all_subseeds": [req.subseed] * n,
         "subseed_strength": req.subseed_strength, "width": p.width, "height": p.height,
         "sampler_name": p.sampler, "scheduler": schedule_label(p.schedule), "cfg_scale": p.cfg_scale,
