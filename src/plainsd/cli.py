@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   plainsd img2img "a blue square" --init-image circle.png --strength 0.6
   plainsd inpaint "a star" --init-image circle.png --mask mask.png --only-masked --inpainting-fill fill
   plainsd outpaint circle.png "a red circle, a wide field" --left 64 --right 64 -o wide.png
+  plainsd xyz "a red circle" --x-type Seed --x-values 1-3 --y-type "CFG Scale" --y-values "3, 7" -o grid.png
   plainsd png-info circle.png
   plainsd serve --models-dir models --port 7860
 """
@@ -60,6 +61,7 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="override what the model predicts")
     p.add_argument("--lora-dir", default=None, help="folder of LoRA files, used by <lora:name:weight> in the prompt")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings, used by name in prompts")
+    _style_args(p)
     _runtime_args(p)
     p.add_argument("--fast", action="store_true",
                    help="fast mode: DeepCache (the whole UNet every 2nd step, every 4th on the last 40%%), guidance for the first 60%% of the steps (less exact)")
@@ -72,6 +74,50 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     p.add_argument("--save-steps", action="store_true", help="also write the denoising process as a GIF and a contact sheet")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def _style_args(p: argparse.ArgumentParser):
+    p.add_argument("--style", dest="styles", action="append", default=[], metavar="NAME",
+                   help="apply this style of the styles file to the prompts (repeatable; in the order given)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--styles-file", default=None, metavar="PATH",
+                       help="A1111's styles.csv (columns name, prompt, negative_prompt) or a wildcard such as "
+                            "'styles/*.csv'; default: styles.csv in the current folder")
+    group.add_argument("--styles-dir", default=None, metavar="DIR", help="a folder of styles .csv files")
+
+
+def _hires_args(p: argparse.ArgumentParser):
+    hr = p.add_argument_group("hires fix", "a second pass at a larger size (A1111's Hires. fix); any of these turns it on")
+    hr.add_argument("--hires", action="store_true", help="on, with the defaults below")
+    hr.add_argument("--hires-scale", type=float, default=None, help="upscale by (default 2)")
+    hr.add_argument("--hires-width", type=int, default=None, help="the final width instead of --hires-scale")
+    hr.add_argument("--hires-height", type=int, default=None, help="the final height (both: cropped to fill)")
+    hr.add_argument("--hires-upscaler", default=None,
+                    help='"Latent" (default), "Latent (antialiased)", "Latent (bicubic)", "Latent (nearest-exact)", ... '
+                         'or an image one: "Lanczos", "Nearest"')
+    hr.add_argument("--hires-steps", type=int, default=None, help="second-pass steps (default: --steps)")
+    hr.add_argument("--hires-strength", type=float, default=None, help="second-pass denoising strength (default 0.7)")
+    hr.add_argument("--hires-sampler", default=None, help="second-pass sampler (default: --sampler)")
+    hr.add_argument("--hires-prompt", default=None, help="second-pass prompt (default: the prompt)")
+    hr.add_argument("--hires-token-merging", type=float, default=None, metavar="RATIO",
+                    help="second-pass token merging ratio (default: --token-merging)")
+
+
+def _xyz_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("X/Y/Z plot")
+    for axis, required in (("x", True), ("y", False), ("z", False)):
+        g.add_argument(f"--{axis}-type", required=required, default="Nothing", metavar="TYPE",
+                       help=f"the {axis.upper()} axis: an A1111 axis type such as Seed, Steps, \"CFG Scale\"")
+        g.add_argument(f"--{axis}-values", required=required, default="", metavar="VALUES",
+                       help=f"the {axis.upper()} values: \"1, 2, 3\", \"1-5 (+2)\", \"1-10 [5]\"; model files for "
+                            "Checkpoint name; the first Prompt S/R value is the one replaced")
+    g.add_argument("--no-legend", action="store_true", help="no labels around the grid")
+    g.add_argument("--include-lone-images", action="store_true", help="also write each cell's picture")
+    g.add_argument("--include-sub-grids", action="store_true", help="also write each Z value's grid")
+    g.add_argument("--no-fixed-seeds", action="store_true", help="with --seed -1, a random seed in each cell")
+    for axis in "xyz":
+        g.add_argument(f"--vary-seeds-{axis}", action="store_true", help=f"seed + the cell's place along {axis.upper()}")
+    g.add_argument("--margin-size", type=int, default=0, help="pixels between the cells (0 to 500)")
 
 
 def _runtime_args(p: argparse.ArgumentParser):
@@ -99,20 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("txt2img", help="text to image")
     _common(p)
-    hr = p.add_argument_group("hires fix", "a second pass at a larger size (A1111's Hires. fix); any of these turns it on")
-    hr.add_argument("--hires", action="store_true", help="on, with the defaults below")
-    hr.add_argument("--hires-scale", type=float, default=None, help="upscale by (default 2)")
-    hr.add_argument("--hires-width", type=int, default=None, help="the final width instead of --hires-scale")
-    hr.add_argument("--hires-height", type=int, default=None, help="the final height (both: cropped to fill)")
-    hr.add_argument("--hires-upscaler", default=None,
-                    help='"Latent" (default), "Latent (antialiased)", "Latent (bicubic)", "Latent (nearest-exact)", ... '
-                         'or an image one: "Lanczos", "Nearest"')
-    hr.add_argument("--hires-steps", type=int, default=None, help="second-pass steps (default: --steps)")
-    hr.add_argument("--hires-strength", type=float, default=None, help="second-pass denoising strength (default 0.7)")
-    hr.add_argument("--hires-sampler", default=None, help="second-pass sampler (default: --sampler)")
-    hr.add_argument("--hires-prompt", default=None, help="second-pass prompt (default: the prompt)")
-    hr.add_argument("--hires-token-merging", type=float, default=None, metavar="RATIO",
-                    help="second-pass token merging ratio (default: --token-merging)")
+    _hires_args(p)
     p = sub.add_parser("img2img", help="image to image")
     _common(p, strength=0.8)
     p.add_argument("--init-image", required=True)
@@ -145,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"pixels to add on the {side} (the canvas is rounded up to multiples of 64)")
     p.add_argument("--mask-blur", type=int, default=4, help="blur of the seam (A1111 doubles it; default 4)")
     _inpainting_fill(p, "fill")
+    p = sub.add_parser("xyz", help="A1111's X/Y/Z plot: a labelled grid of pictures over up to three axes' values",
+                       description="Axis types are A1111's labels (Seed, Steps, CFG Scale, Sampler, Schedule type, "
+                                   "Prompt S/R, Checkpoint name, Denoising, Hires steps, Token merging ratio, ...); "
+                                   "values are comma separated, numbers also as ranges: 1-5, 1-5 (+2), 1-10 [5].")
+    _common(p)
+    _hires_args(p)
+    _xyz_args(p)
     p = sub.add_parser("png-info", help="print the generation parameters stored in an image")
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="as JSON fields")
@@ -240,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", default="outputs/api", help="where save_images=true requests write")
     p.add_argument("--lora-dir", default=None, help="folder of LoRA files for <lora:name:weight> in prompts")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings")
+    p.add_argument("--styles", default=None, metavar="PATH",
+                   help="A1111's styles.csv (or a folder of .csv files, or a wildcard) for the requests' styles")
     _runtime_args(p)
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("demo", help="draw one picture with the default model and say where it is")
@@ -297,17 +339,7 @@ def _generate(args) -> int:
     request.check(backend=args.backend)  # the cheap things before a model is loaded
     if args.output and Path(args.output).suffix.lower() != ".png":
         raise ValueError(f"the output must be a .png file, got {Path(args.output).name}")
-    tiny = None
-    if isinstance(args.tiny_decoder, str):
-        from plainsd.weights import load_tiny_decoder
-
-        tiny = load_tiny_decoder(args.tiny_decoder)  # a wrong file fails here, before the model loads
-    if args.fast and args.backend == "openvino":
-        print("plainsd: with --backend openvino, --fast stops guidance early but cannot reuse UNet features "
-              "(DeepCache needs the eager UNet)", file=sys.stderr)
-    engine = _load_model(args.model, args.prediction, args.precision, args.backend)
-    if tiny is not None:
-        engine.use_tiny_decoder(tiny, Path(args.tiny_decoder).name)
+    engine = _engine(args)
     started = time.perf_counter()
     result = pipeline.generate(engine, request, progress=not args.quiet, record_steps=args.save_steps)
     elapsed = time.perf_counter() - started
@@ -319,6 +351,67 @@ def _generate(args) -> int:
             _save_steps(result.frames[i], path, text)
     print(f"{len(result.images)} image(s) in {elapsed:.1f} s", file=sys.stderr)
     return 0
+
+
+def _engine(args):
+    """The model the generation arguments name, with the tiny decoder --tiny-decoder FILE names."""
+    tiny = None
+    if isinstance(args.tiny_decoder, str):
+        from plainsd.weights import load_tiny_decoder
+
+        tiny = load_tiny_decoder(args.tiny_decoder)  # a wrong file fails here, before the model loads
+    if args.fast and args.backend == "openvino":
+        print("plainsd: with --backend openvino, --fast stops guidance early but cannot reuse UNet features "
+              "(DeepCache needs the eager UNet)", file=sys.stderr)
+    engine = _load_model(args.model, args.prediction, args.precision, args.backend)
+    if tiny is not None:
+        engine.use_tiny_decoder(tiny, Path(args.tiny_decoder).name)
+    return engine
+
+
+def _xyz(args) -> int:
+    """The X/Y/Z plot: every cell checked, then drawn; the grid (and the cells or sub-grids asked for) written."""
+    import torch
+
+    from plainsd import xyz
+    from plainsd.pnginfo import save_png
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.save_steps:
+        raise ValueError("--save-steps is for txt2img, img2img and inpaint; the X/Y/Z plot writes no step pictures")
+    if args.output and Path(args.output).suffix.lower() != ".png":
+        raise ValueError(f"the output must be a .png file, got {Path(args.output).name}")
+    request = _request(args)
+    request.check(backend=args.backend)
+    settings = xyz.XYZSettings(
+        args.x_type, args.x_values, None, args.y_type, args.y_values, None, args.z_type, args.z_values, None,
+        draw_legend=not args.no_legend, include_lone_images=args.include_lone_images,
+        include_sub_grids=args.include_sub_grids, no_fixed_seeds=args.no_fixed_seeds, vary_seeds_x=args.vary_seeds_x,
+        vary_seeds_y=args.vary_seeds_y, vary_seeds_z=args.vary_seeds_z, margin_size=args.margin_size, csv_mode=True)
+    checkpoints = xyz.Checkpoints(find=_model_file,
+                                  load=lambda path: _load_model(path, args.prediction, args.precision, args.backend))
+    plot = xyz.plan(request, settings, "txt2img", checkpoints)  # all of it checked before a model loads
+    started = time.perf_counter()
+    result = xyz.run(_engine(args), plot, checkpoints, progress=not args.quiet)
+    elapsed = time.perf_counter() - started
+    if args.output:
+        out = Path(args.output)
+        paths = [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, len(result.images))]
+    else:
+        paths = _outputs(args, len(result.images), result.seeds, "xyz")
+    for image, text, path in zip(result.images, result.infotexts, paths):
+        save_png(image, path, text)
+        print(path)
+    print(f"{len(plot.cells)} cell(s) in {elapsed:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _model_file(name: str) -> str:
+    """A Checkpoint name value on the command line: a checkpoint file or diffusers folder."""
+    if not Path(name).exists():
+        raise ValueError(f"no such model file or folder: {name}")
+    return name
 
 
 def _request(args):
@@ -335,7 +428,8 @@ def _request(args):
         hires=_hires(args), subseed=args.subseed, subseed_strength=args.subseed_strength,
         seed_resize_from_w=args.seed_resize_from_w, seed_resize_from_h=args.seed_resize_from_h, tiling=args.tiling,
         s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax, s_noise=args.s_noise,
-        eta_noise_seed_delta=args.ensd)
+        eta_noise_seed_delta=args.ensd, styles=args.styles,
+        styles_file=args.styles_file or args.styles_dir or "styles.csv")
     if args.command == "img2img":
         return request.replace(init_image=_open_image(args.init_image), strength=args.strength,
                                resize_mode=args.resize_mode, initial_noise_multiplier=args.noise_multiplier)
@@ -486,7 +580,7 @@ def _serve(args) -> int:
     limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_images=args.max_images)
     app = create_app(args.model, args.models_dir, auth=args.api_auth, max_queue=args.max_queue, limits=limits,
                      outputs=args.outputs, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-                     precision=args.precision, backend=args.backend)
+                     precision=args.precision, backend=args.backend, styles=args.styles)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"plainsd: note: listening on {args.host}, reachable from other machines"
               + ("" if args.api_auth else " without authentication (see --api-auth)"), file=sys.stderr)
@@ -597,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from plainsd.weights import CheckpointError
 
-    handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate,
+    handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate, "xyz": _xyz,
                 "png-info": _png_info,
                 "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "lora": _lora, "finetune": _finetune}
     try:

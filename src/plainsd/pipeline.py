@@ -241,9 +241,10 @@ class _Start:
 
 
 def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest, Parameters, _Run]:
-    """1. The request with the model's recommendations filled in, what the run will use, the sampler and its
-    sigmas."""
+    """1. The request with its styles applied and the model's recommendations filled in, what the run will use,
+    the sampler and its sigmas."""
     sd = engine.sd
+    req = req.styled()  # A1111 applies styles before anything else reads the prompts
     chosen = recommended(sd)
     steps = chosen["steps"] if req.steps is None else req.steps
     init = req.init_image

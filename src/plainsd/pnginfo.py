@@ -95,3 +95,10 @@ def read_parameters(path_or_image) -> str | None:
         except Exception:  # EXIF parsing is best effort: a missing comment is not an error
             text = None
     return text
+
+
+def add_fields(text: str, **fields) -> str:
+    """An infotext with more fields at the end of its parameters line (fields with no value left out), as A1111's
+    scripts add theirs (the X/Y/Z plot's "Script", "X Type", ...)."""
+    extra = ", ".join(f"{k}: {_quote(_number(v))}" for k, v in fields.items() if v not in (None, ""))
+    return f"{text}, {extra}" if extra else text

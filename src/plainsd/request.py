@@ -22,6 +22,7 @@ from .images import inpainting_fill, resize_mode
 from .models.tome import check_ratio
 from .prompts import check_prompt
 from .pnginfo import infotext
+from .styles import apply_styles, read_styles
 
 MAX_SEED = 2**32 - 1
 
@@ -168,12 +169,19 @@ class GenerationRequest:
     s_tmax: float | None = None          # ... to s_tmax (None or 0: no limit)
     s_noise: float | None = None         # the scale of the noise a sampler adds (None: 1)
     eta_noise_seed_delta: int = 0        # A1111's ENSD: a sampler's later noise comes from seed + this (0: off)
+    # A1111's styles: these names from styles_file (a csv, a folder of them or a wildcard) are applied in order to
+    # the prompts (styled) before anything else, so the infotext holds the styled prompts, as in A1111
+    styles: list[str] = field(default_factory=list)
+    styles_file: str | None = None
 
     def check(self, factor: int = 8, backend: str = "eager") -> None:
         """Raise ValueError (TypeError for a wrong kind of value) with one sentence for the first thing that is
         wrong. factor: the model's latent factor (pixels per latent); backend: what runs the UNet (runtime)."""
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise TypeError("prompt and negative_prompt must be strings")
+        if self.styles:  # the prompts as they will be drawn are the styled ones
+            self.styled().check(factor, backend)
+            return
         for name, value in (("init_image", self.init_image), ("mask", self.mask), ("latent_mask", self.latent_mask)):
             if value is not None and not isinstance(value, Image.Image):
                 raise TypeError(f"{name} must be a PIL image")
@@ -296,6 +304,25 @@ class GenerationRequest:
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
+
+    def styled(self) -> "GenerationRequest":
+        """The request with its styles applied to the prompt and negative prompt, and to the hires fix's own
+        prompts where it has them (A1111 styles those too), and no styles left to apply."""
+        if not self.styles:
+            return self
+        if isinstance(self.styles, str) or not all(isinstance(s, str) for s in self.styles):
+            raise TypeError("styles must be a list of style names")
+        if not self.styles_file:
+            raise ValueError(f"styles {', '.join(map(repr, self.styles))} need a styles file (A1111's styles.csv), "
+                             f"and none was given")
+        table = read_styles(self.styles_file)
+        prompt, negative = apply_styles(table, self.styles, self.prompt, self.negative_prompt)
+        hires = self.hires
+        if hires is not None and (hires.prompt or hires.negative_prompt):
+            hr_prompt, hr_negative = apply_styles(table, self.styles, hires.prompt or self.prompt,
+                                                  hires.negative_prompt or self.negative_prompt)
+            hires = dataclasses.replace(hires, prompt=hr_prompt, negative_prompt=hr_negative)
+        return self.replace(prompt=prompt, negative_prompt=negative, hires=hires, styles=[])
 
 
 # The samplers' noise settings: name -> (A1111's infotext key, the values that change nothing where a sampler

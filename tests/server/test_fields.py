@@ -46,10 +46,6 @@ A1111_IMG2IMG = {
 # plainsd's own fields (A1111 clients never send them)
 PLAINSD_OWN = {"fast": False, "tiny_decoder": False, "guidance_until": None}
 
-# Fields other branches are building now: accepted (not refused) is all this test asks of them until they land;
-# then the lead removes them from this set and their checks below apply in full.
-BEING_BUILT = {"styles", "script_name", "script_args"}
-
 # Default-only fields: a value asking for something plainsd does not do, which must be refused with 422 naming it
 DEFAULT_ONLY = {
     "restore_faces": True, "s_min_uncond": 1.5, "refiner_checkpoint": "refiner.safetensors", "refiner_switch_at": 0.8,
@@ -87,14 +83,12 @@ class Change:
     def __init__(self, values: dict, base: dict | None = None, expect=None, route: str = "txt2img"):
         self.values, self.base, self.expect, self.route = values, base or {}, expect, route
 
-    def run(self, client, name: str, being_built: bool):
+    def run(self, client, name: str):
         if self.route == "img2img" and not self.base.get("init_images"):
             self.base = {**IMG2IMG, **self.base}
         plain = _answer(client, self.route, {**BASE, **self.base})
         changed = client.post(f"/sdapi/v1/{self.route}", json={**BASE, **self.base, **self.values})
         assert changed.status_code == 200, f"{name}: {changed.text}"
-        if being_built:
-            return
         if self.expect is None:
             assert pixels(changed.json()) != pixels(plain), f"{name} did not change the picture"
         else:
@@ -121,12 +115,9 @@ class Unknown(Change):
         super().__init__(values)
         self.words = words
 
-    def run(self, client, name: str, being_built: bool):
+    def run(self, client, name: str):
         r = client.post("/sdapi/v1/txt2img", json={**BASE, **self.values})
-        if being_built:
-            assert r.status_code == 200, f"{name}: {r.text}"
-        else:
-            assert r.status_code == 422 and self.words in r.json()["detail"], f"{name}: {r.text}"
+        assert r.status_code == 422 and self.words in r.json()["detail"], f"{name}: {r.text}"
 
 
 def infotext(answer) -> str:
@@ -248,7 +239,6 @@ def test_every_field_is_classified_once():
     honoured = set(HONOURED) | HONOURED_ELSEWHERE
     assert honoured | set(DEFAULT_ONLY) == fields
     assert not honoured & set(DEFAULT_ONLY)
-    assert BEING_BUILT <= honoured
 
 
 @pytest.mark.parametrize("route, a1111, extra", [("txt2img", A1111_TXT2IMG, {}), ("img2img", A1111_IMG2IMG, IMG2IMG)])
@@ -271,15 +261,15 @@ def test_default_only_fields_are_refused_naming_the_field(client, name):
 
 @pytest.mark.parametrize("name", sorted(HONOURED))
 def test_honoured_fields_change_the_answer(client, name):
-    HONOURED[name].run(client, name, name in BEING_BUILT)
+    HONOURED[name].run(client, name)
 
 
 def test_img2img_denoising_strength_changes_the_picture(client):
-    IMG2IMG_STRENGTH.run(client, "denoising_strength", False)
+    IMG2IMG_STRENGTH.run(client, "denoising_strength")
 
 
 def test_hires_resize_y_and_mask_blur_y(client):
-    Change({"hr_resize_y": 48}, base=HIRES, expect=lambda a, b: sizes(a) == [(48, 48)]).run(client, "hr_resize_y", False)
+    Change({"hr_resize_y": 48}, base=HIRES, expect=lambda a, b: sizes(a) == [(48, 48)]).run(client, "hr_resize_y")
     r = client.post("/sdapi/v1/img2img", json={**BASE, **INPAINT, "mask_blur_y": 0})
     assert r.status_code == 422 and r.json()["detail"].startswith("mask_blur_x and mask_blur_y differ (4, 0);")
 

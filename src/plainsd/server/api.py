@@ -27,6 +27,7 @@ from plainsd.diffusion.schedules import SCHEDULE_LABELS, SCHEDULES, schedule_lab
 from plainsd.fast import choose as choose_fast
 from plainsd.images import INPAINTING_FILLS
 from plainsd.models.tome import check_ratio
+from plainsd import scripts
 from plainsd.prompts import extract_loras
 from plainsd.request import (IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix,
                              check_clip_skip)
@@ -376,11 +377,11 @@ def _check_sampler_fields(req: ProcessingRequest) -> None:
 
 
 def generation_request(req: ProcessingRequest, kind: str, limits: Limits, options: dict,
-                       backend: str = "eager") -> GenerationRequest:
+                       backend: str = "eager", styles_file: str | None = None) -> GenerationRequest:
     """An A1111 txt2img or img2img request as plainsd's GenerationRequest, checked: the fields plainsd refuses, the
     server's own limits, then GenerationRequest.check's rules. options: the server's settings (/sdapi/v1/options),
     which a request's override_settings take precedence over, as A1111 applies them for the request; backend: what
-    runs the server's UNet."""
+    runs the server's UNet; styles_file: the server's styles, which the request's styles name."""
     check_fields(req, options)
     overrides = req.override_settings or {}
     for name in TOKEN_MERGING:
@@ -395,7 +396,8 @@ def generation_request(req: ProcessingRequest, kind: str, limits: Limits, option
         cfg_scale=req.cfg_scale, guidance_until=req.guidance_until, seed=req.seed, width=req.width,
         height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
         clip_skip=clip_skip, fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)),
-        token_merging=_token_merging(settings, overrides, kind), **_noise_fields(req, settings, sampler))
+        token_merging=_token_merging(settings, overrides, kind), **_noise_fields(req, settings, sampler),
+        styles=list(req.styles or []), styles_file=styles_file)
     if kind == "img2img":
         request = _img2img(request, req, limits, settings)
     elif req.enable_hr:
@@ -435,6 +437,33 @@ def _noise_fields(req: ProcessingRequest, settings: dict, sampler: str) -> dict:
     return dict(fields, subseed=req.subseed, subseed_strength=req.subseed_strength,
                 seed_resize_from_w=req.seed_resize_from_w, seed_resize_from_h=req.seed_resize_from_h,
                 tiling=bool(tiling), eta_noise_seed_delta=ensd)
+
+
+def script_plan(req: ProcessingRequest, kind: str, request: GenerationRequest, limits: Limits,
+                checkpoints=None) -> scripts.Prepared | None:
+    """The script script_name names with its script_args checked (scripts.prepare), or None for none.
+    Each request the script will run must keep the server's limits, and all of them together draw at most
+    max_images pictures. checkpoints: the server's models, for an X/Y/Z plot's Checkpoint name axis."""
+    if not req.script_name:
+        if req.script_args:
+            raise BadRequest("script_args were given without a script_name; name the script they are for "
+                             "(/sdapi/v1/scripts lists them)")
+        return None
+    images = 0
+
+    def check(cell: GenerationRequest) -> None:
+        nonlocal images
+        images += cell.batch_size * cell.batch_count
+        if images > limits.max_images:
+            raise BadRequest(f"the script would draw more than {limits.max_images} images (the most a request may "
+                             f"draw); ask for fewer values")
+        _check_limits(cell, limits)
+        _check_hires_size(cell, limits)
+
+    try:
+        return scripts.prepare(req.script_name, kind, request, req.script_args, scripts.Context(checkpoints, check))
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
 
 
 def _token_merging(settings: dict, overrides: dict, kind: str) -> float:
@@ -535,8 +564,8 @@ def info_json(req: ProcessingRequest, result, request: GenerationRequest, sd) ->
     p = result.parameters
     n = len(result.images)
     info = {
-        "prompt": req.prompt, "all_prompts": [req.prompt] * n,
-        "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
+        "prompt": p.prompt, "all_prompts": [p.prompt] * n,  # (styled, as A1111's)
+        "negative_prompt": p.negative_prompt, "all_negative_prompts": [p.negative_prompt] * n,
         "seed": p.seed, "all_seeds": result.seeds, "subseed": p.subseed, "all_subseeds": result.subseeds,
         "subseed_strength": req.subseed_strength, "width": p.width, "height": p.height,
         "sampler_name": p.sampler, "scheduler": schedule_label(p.schedule), "cfg_scale": p.cfg_scale,

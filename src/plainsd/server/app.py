@@ -25,9 +25,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from plainsd import pipeline
+from plainsd import pipeline, scripts
 from plainsd.pnginfo import save_png
 from plainsd.request import IMAGE_UPSCALERS, LATENT_UPSCALERS
+from plainsd.styles import read_styles
+from plainsd.xyz import Checkpoints
 
 from . import api
 from .jobs import Job, JobQueue, QueueFull
@@ -50,24 +52,30 @@ class Server:
     lora_dir: str | Path | None
     embeddings_dir: str | Path | None
     authenticated: bool
+    styles_file: str | None = None   # A1111's styles.csv (or a folder of them) for the requests' styles
 
 
 def create_app(model: str | Path | None = None, models_dir: str | Path | None = None, *,
                auth: str | None = None, max_queue: int = 16, limits: api.Limits | None = None,
                outputs: str | Path = "outputs/api", lora_dir: str | Path | None = None,
-               embeddings_dir: str | Path | None = None, precision: str = "auto", backend: str = "eager") -> FastAPI:
+               embeddings_dir: str | Path | None = None, precision: str = "auto", backend: str = "eager",
+               styles: str | Path | None = None) -> FastAPI:
     """auth: "user:pass" (several separated by commas) for HTTP basic auth on every route.
     lora_dir / embeddings_dir: folders whose LoRAs (<lora:name:weight>) and embeddings prompts may use.
-    precision / backend: how the models run (plainsd.runtime)."""
+    precision / backend: how the models run (plainsd.runtime). styles: A1111's styles.csv, a folder of such files
+    or a wildcard, read again for each request (/sdapi/v1/prompt-styles lists them)."""
     for folder in (lora_dir, embeddings_dir):
         if folder is not None and not Path(folder).is_dir():
             raise ValueError(f"folder {folder} does not exist")
+    if styles is not None:
+        read_styles(styles)  # a missing or malformed file is reported now, not at the first request
     credentials = _parse_auth(auth)
     options = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
                "eta_noise_seed_delta": 0, "outdir_samples": str(outputs), "token_merging_ratio": 0.0,
                "token_merging_ratio_img2img": 0.0, "token_merging_ratio_hr": 0.0}
     server = Server(ModelStore(model, models_dir, precision, backend), JobQueue(max_queue), limits or api.Limits(),
-                    options, Path(outputs), lora_dir, embeddings_dir, bool(credentials))
+                    options, Path(outputs), lora_dir, embeddings_dir, bool(credentials),
+                    None if styles is None else str(styles))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -126,8 +134,9 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
     store, options = server.store, server.options
     overrides = req.override_settings or {}
     entry = _find(store, overrides["sd_model_checkpoint"]) if overrides.get("sd_model_checkpoint") else store.current
-    request = api.generation_request(req, kind, server.limits, options, store.backend).replace(
+    request = api.generation_request(req, kind, server.limits, options, store.backend, server.styles_file).replace(
         lora_dir=server.lora_dir, embeddings_dir=server.embeddings_dir)
+    script = api.script_plan(req, kind, request, server.limits, _checkpoints(store))
     if not req.override_settings_restore_afterwards:  # A1111 keeps such overrides as its settings
         if overrides.get("sd_model_checkpoint"):
             store.select(entry.name)
@@ -141,8 +150,10 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
             job.step = info.batch * info.total + info.step + 1
             job.steps_total = info.total * request.batch_count
             job.preview = info
-        return engine, pipeline.generate(engine, request, callback=on_step, interrupt=job.should_stop,
-                                         skip=job.take_skip)
+        controls = dict(callback=on_step, interrupt=job.should_stop, skip=job.take_skip)
+        if script is not None:
+            return engine, script(engine, **controls)
+        return engine, pipeline.generate(engine, request, **controls)
 
     # (steps_total: on_step corrects it, a hires fix adds steps)
     engine, result = await _run(server.queue, http, Job(work, kind=kind, steps_total=request.steps * request.batch_count))
@@ -274,9 +285,23 @@ def _list_routes(server: Server) -> APIRouter:
     async def embeddings():
         return await _embeddings(server)
 
+    @router.get("/sdapi/v1/scripts")
+    async def scripts_list():
+        return {"txt2img": scripts.names("txt2img"), "img2img": scripts.names("img2img")}
+
+    @router.get("/sdapi/v1/script-info")
+    async def script_info():
+        return scripts.script_info()
+
     @router.get("/sdapi/v1/prompt-styles")
     async def prompt_styles():
-        return []
+        if server.styles_file is None:
+            return []
+        try:
+            found = read_styles(server.styles_file)
+        except ValueError as e:  # the file was changed into something unreadable since the start
+            raise api.BadRequest(str(e)) from None
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in found.values()]
 
     return router
 
@@ -360,6 +385,11 @@ def _page_routes(server: Server) -> APIRouter:
         return Response(status_code=204)
 
     return router
+
+
+def _checkpoints(store: ModelStore) -> Checkpoints:
+    """The server's models, for an X/Y/Z plot's Checkpoint name axis: found by name, loaded one at a time."""
+    return Checkpoints(find=store.find, load=store.get)
 
 
 def _find(store: ModelStore, name):
