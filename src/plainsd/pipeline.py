@@ -100,8 +100,8 @@ def img2img(sd: StableDiffusion | Engine, init_image: Image.Image, prompt: str, 
 def inpaint(sd: StableDiffusion | Engine, init_image: Image.Image, mask: Image.Image, prompt: str,
             negative_prompt: str = "", *, strength: float = 0.75, mask_blur: int = 4,
             inpainting_mask_invert: bool = False, **kwargs) -> Result:
-    """Repaint the white part of the mask. 9-channel inpainting models do it natively; other models by
-    keeping the original latents outside the mask at every step. The result is pasted over the original
+    """Repaint the white part of the mask: at every step the original latents are kept outside the mask (as A1111
+    blends them; 9-channel inpainting models also see the mask and the masked image). The result is pasted over the original
     through the blurred mask, so the unmasked part stays exactly as it was. A1111's options are keyword
     arguments: inpainting_fill (what the masked area starts from), inpaint_full_res ("only masked": the masked
     area drawn on its own at width x height) with inpaint_full_res_padding, mask_round, initial_noise_multiplier,
@@ -233,7 +233,7 @@ class _Start:
     """What the first pass starts from: all noise (txt2img), or an init image's latents noised to its strength."""
     sigmas: torch.Tensor              # the first pass's (img2img: the last `strength` of the schedule)
     init_latent: torch.Tensor | None = None
-    keep: torch.Tensor | None = None  # inpainting with an ordinary model: 1 where the original latent stays
+    keep: torch.Tensor | None = None  # inpainting: 1 where the original latent stays
     concat: torch.Tensor | None = None    # an inpainting model's extra input channels
     paste: tuple[Image.Image, Image.Image, tuple | None] | None = None  # (original, mask, "only masked" box)
     noise_in: torch.Tensor | None = None  # masked content "latent noise": 1 where the start latent is the noise
@@ -319,10 +319,9 @@ def _start(sd: StableDiffusion, req: GenerationRequest, run: _Run) -> _Start:
         start.init_latent = init_latent * (1 - latent_mask)
     elif fill == "latent noise":
         start.noise_in = latent_mask
-    if native_inpaint:  # (A1111 keeps the unmasked latents with these models too; plainsd leaves it to the model)
+    if native_inpaint:
         start.concat = _inpainting_channels(sd, init_tensor, area.mask, req.mask_round, (h, w))
-    else:
-        start.keep = 1 - latent_mask
+    start.keep = 1 - latent_mask  # (for inpainting models too, as A1111 blends them)
     return start
 
 
@@ -357,17 +356,18 @@ def _masked_area(req: GenerationRequest) -> _Area | None:
     mask = imgs.prepare_mask(req.mask, w, h, req.mask_blur, req.inpainting_mask_invert, req.mask_round,
                              req.resize_mode)
     latent_mask = mask if req.latent_mask is None else req.latent_mask.convert("L").resize((w, h))
-    return _Area(image, mask, latent_mask, image, mask)
+    overlay = mask.point(lambda v: min(2 * v, 255))  # A1111 pastes the whole picture through the mask doubled
+    return _Area(image, mask, latent_mask, image, overlay)
 
 
 def _inpainting_channels(sd: StableDiffusion, image: torch.Tensor, mask: Image.Image, round_mask: bool,
                          latent_size: tuple[int, int]) -> torch.Tensor:
-    """An inpainting model's extra channels: the mask at the latent size (rounded unless mask_round is off), and
-    the latents of the image (in [-1, 1]) times 1 - mask, the masked part mid grey, as A1111 encodes it. (A1111
-    brings the mask to the latent size by nearest neighbours; plainsd by bilinear resizing.)"""
-    h, w = latent_size
-    small, full = imgs.mask_tensor(mask, w, h), imgs.mask_tensor(mask, image.shape[3], image.shape[2])
-    small, full = (small.round(), full.round()) if round_mask else (small, full)
+    """An inpainting model's extra channels, as A1111 makes them: the mask (rounded unless mask_round is off)
+    brought to the latent size by nearest neighbours, and the latents of the image (in [-1, 1]) times 1 - mask,
+    the masked part mid grey."""
+    full = imgs.mask_tensor(mask, image.shape[3], image.shape[2])
+    full = full.round() if round_mask else full
+    small = torch.nn.functional.interpolate(full, size=latent_size, mode="nearest")
     with torch.no_grad():
         masked_latent = sd.vae.encode(image * (1 - full.to(image.device))).mode() * sd.config.scale_factor
     return torch.cat([small.to(image.device), masked_latent], dim=1)
@@ -386,7 +386,7 @@ class Pass:
     token_merging: float              # this pass's token merging ratio
     options: dict = field(default_factory=dict)   # the sampler's eta and s_* (GenerationRequest.sampler_options)
     concat: torch.Tensor | None = None    # an inpainting model's extra input channels
-    keep: tuple[torch.Tensor, torch.Tensor] | None = None  # (init latent, keep mask): inpainting, ordinary model
+    keep: tuple[torch.Tensor, torch.Tensor] | None = None  # (init latent, keep mask): inpainting
     upscale: tuple | None = None      # the hires fix: (upscaler, width, height, crop_x, crop_y) for _upscale
 
 
@@ -594,7 +594,7 @@ def _paste(picture: Image.Image, original: Image.Image, mask: Image.Image, box: 
 
 
 class _KeepUnmasked:
-    """Inpainting with an ordinary model: outside the mask, the estimate is the original latent."""
+    """Inpainting: outside the mask, the estimate is the original latent (A1111's blend after each step)."""
 
     def __init__(self, inner, init_latent: torch.Tensor, keep: torch.Tensor):
         self.inner, self.init, self.keep = inner, init_latent, keep
