@@ -189,3 +189,24 @@ def test_tiled_decode_of_a_large_picture_wraps(sd):
     err_inner = float((wrapped - whole)[..., inner].abs().mean())  # what decoding by tiles costs anywhere
     # measured: edges 0.10 wrapped, 0.27 not; 0.11 inside
     assert err_wrapped < 0.6 * err_plain and err_wrapped < 1.5 * err_inner, (err_wrapped, err_plain, err_inner)
+
+
+def test_latent_noise_fill_is_the_seeds_alone(sd, monkeypatch):
+    """Inpainting's "latent noise" fills the mask with noise A1111 draws from the seed alone: a variation seed or
+    seed resize changes the run's noise, not the fill (the sampler's start x0, caught here)."""
+    from PIL import Image
+
+    def start(**fields):
+        seen = []
+        monkeypatch.setattr(pipeline, "_sample", lambda model, p, x, x0, *args: (seen.append(x0), (x0, True))[1])
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (16, 16, 48, 48))
+        pipeline.inpaint(sd, Image.new("RGB", (64, 64), (90, 120, 40)), mask, "x", steps=4, seed=5, mask_blur=0,
+                         inpainting_fill="latent noise", **fields)
+        monkeypatch.undo()
+        return seen[0]
+
+    plain = start()
+    assert torch.equal(start(subseed=9, subseed_strength=1.0), plain)
+    assert torch.equal(start(seed_resize_from_w=32, seed_resize_from_h=32), plain)
+    assert torch.equal(plain[0, :, 2:6, 2:6], _randn(5)[:, 2:6, 2:6])  # the seed's noise in the mask

@@ -474,8 +474,10 @@ def _run_batch(engine: Engine, run: _Run, start: _Start, first: Pass, second: Pa
     noise = noise.to(device)
     if start.init_latent is not None:
         x0 = start.init_latent.repeat(len(seeds), 1, 1, 1)
-        if start.noise_in is not None:  # "latent noise": each image's own noise in the mask (A1111: the seed's)
-            x0 = x0 * (1 - start.noise_in) + noise * start.noise_in
+        if start.noise_in is not None:  # "latent noise": each image's own noise in the mask, which A1111 draws
+            # from the seed alone (no variation seed, no seed resize)
+            fill = noise if run.noise == ImageNoise() else ImageNoise().draw(run.latent_shape, seeds)[0].to(device)
+            x0 = x0 * (1 - start.noise_in) + fill * start.noise_in
         x = x0 + noise * start.noise_multiplier * first.sigmas[0]
     else:
         x = x0 = noise * first.sigmas[0]

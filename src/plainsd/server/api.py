@@ -82,9 +82,9 @@ class ProcessingRequest(BaseModel):
     styles: Optional[list[str]] = None
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1: random")
     subseed: int = Field(-1, ge=-1, le=MAX_SEED, description="the variation seed; -1: random")
-    subseed_strength: float = 0.0
-    seed_resize_from_h: int = -1
-    seed_resize_from_w: int = -1
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="0: the seed's noise, 1: the subseed's")
+    seed_resize_from_h: int = Field(-1, ge=-1, description="with seed_resize_from_w: the noise drawn at that size")
+    seed_resize_from_w: int = Field(-1, ge=-1)
     sampler_name: Optional[str] = Field(None, pattern=SAMPLER, description="a name from /sdapi/v1/samplers")
     sampler_index: str = Field("Euler", pattern=SAMPLER, description="A1111's older sampler_name")
     scheduler: Optional[Schedule] = None
@@ -98,13 +98,13 @@ class ProcessingRequest(BaseModel):
     tiling: Optional[bool] = None
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
-    eta: Optional[float] = None
+    eta: Optional[float] = Field(None, ge=0.0)
     denoising_strength: Optional[float] = Field(None, ge=0.0, le=1.0)
     s_min_uncond: Optional[float] = None
-    s_churn: Optional[float] = None
-    s_tmax: Optional[float] = None
-    s_tmin: Optional[float] = None
-    s_noise: Optional[float] = None
+    s_churn: Optional[float] = Field(None, ge=0.0)
+    s_tmax: Optional[float] = Field(None, ge=0.0, description="0: no limit")
+    s_tmin: Optional[float] = Field(None, ge=0.0)
+    s_noise: Optional[float] = Field(None, ge=0.0)
     override_settings: Optional[dict[str, Any]] = None
     override_settings_restore_afterwards: bool = True
     refiner_checkpoint: Optional[str] = None
@@ -169,6 +169,7 @@ def state_limits(schema: dict, limits: Limits) -> dict:
     most = {"width": limits.max_size, "height": limits.max_size, "firstphase_width": limits.max_size,
             "firstphase_height": limits.max_size, "hr_resize_x": limits.max_size, "hr_resize_y": limits.max_size,
             "steps": limits.max_steps, "hr_second_pass_steps": limits.max_steps,
+            "seed_resize_from_w": limits.max_size, "seed_resize_from_h": limits.max_size,
             "batch_size": limits.max_images, "n_iter": limits.max_images}
     for model in (Txt2ImgRequest, Img2ImgRequest):
         fields = schema.get("components", {}).get("schemas", {}).get(model.__name__, {}).get("properties", {})
@@ -434,6 +435,8 @@ def _noise_fields(req: ProcessingRequest, settings: dict, sampler: str) -> dict:
     if isinstance(ensd, bool) or not isinstance(ensd, int):
         raise BadRequest(f"eta_noise_seed_delta must be a whole number, got {ensd!r}")
     tiling = req.tiling if req.tiling is not None else settings.get("tiling", False)
+    if not isinstance(tiling, bool):
+        raise BadRequest(f"the tiling setting must be true or false, got {tiling!r}")
     return dict(fields, subseed=req.subseed, subseed_strength=req.subseed_strength,
                 seed_resize_from_w=req.seed_resize_from_w, seed_resize_from_h=req.seed_resize_from_h,
                 tiling=bool(tiling), eta_noise_seed_delta=ensd)
