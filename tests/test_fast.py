@@ -114,7 +114,7 @@ def test_fast_generation_skips_what_it_says():
     # part is its last 2 calls (by the first pass's 10 steps it would have been its last 4)
     batches.clear(), full.clear()
     txt2img(sd, "a red circle", steps=10, sampler="DPM++ 2M", seed=0, cfg_scale=5,
-            hires=HiresFix(scale=1.5, upscaler="Lanczos", strength=0.5),
+            hires=HiresFix(scale=1.5, upscaler="Lanczos", steps=5, strength=0.5),
             fast=fast.FastSettings(deepcache_interval=2, deepcache_late=0.4, deepcache_late_interval=3, tiny_decoder=False))
     assert batches[10:] == [2, 2, 2, 1, 1] and [i - 10 for i in full if i >= 10] == [0, 2, 3]
 

@@ -1,10 +1,12 @@
-"""A1111 prompt syntax: attention weights, 75-token chunks, BREAK, negative prompts of other lengths."""
+"""A1111 prompt syntax: attention weights, 75-token chunks, BREAK, negative prompts of other lengths, prompt editing,
+alternation and AND."""
 
 import pytest
 import torch
 
 import plainsd
-from plainsd.prompts import encode_pair, encode_prompt, extract_loras, parse_prompt_attention, tokenize_chunks
+from plainsd.prompts import (encode_pair, encode_prompt, extract_loras, parse_prompt_attention, prompt_schedule, split_and,
+                             tokenize_chunks)
 
 
 def _close(got, want):
@@ -104,3 +106,70 @@ def test_negative_prompt_padded_with_empty_chunks(sd):
 def test_lora_tags_are_extracted():
     text, loras = extract_loras("a star <lora:shapes:0.8> on the left <lora:style>")
     assert text == "a star  on the left " and loras == [("shapes", 0.8), ("style", 1.0)]
+
+
+_ALTERNATE = [(i, "a" if i % 2 else "(b:1.1)") for i in range(1, 11)]
+
+
+@pytest.mark.parametrize("prompt,want", [  # the doctests of A1111's get_learned_conditioning_prompt_schedules, 10 steps
+    ("test", [(10, "test")]),
+    ("a [b:3]", [(3, "a "), (10, "a b")]),
+    ("a [b: 3]", [(3, "a "), (10, "a b")]),
+    ("a [[[b]]:2]", [(2, "a "), (10, "a [[b]]")]),
+    ("[(a:2):3]", [(3, ""), (10, "(a:2)")]),
+    ("a [b : c : 1] d", [(1, "a b  d"), (10, "a  c  d")]),
+    ("a[b:[c:d:2]:1]e", [(1, "abe"), (2, "ace"), (10, "ade")]),
+    ("a [unbalanced", [(10, "a [unbalanced")]),
+    ("a [b:.5] c", [(5, "a  c"), (10, "a b c")]),
+    # A1111's docstring says [(5, 'a  c'), (10, 'a {b|d{ c')] "not handling this right now"; its parser in fact
+    # fails on the | outside an alternation and leaves the prompt as written, as here
+    ("a [{b|d{:.5] c", [(10, "a [{b|d{:.5] c")]),
+    ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+    ("[a|(b:1.1)]", _ALTERNATE),
+    ("[fe|]male", [(i, "female" if i % 2 else "male") for i in range(1, 11)]),
+    ("[fe|||]male", [(i, "female" if i % 4 == 1 else "male") for i in range(1, 11)]),
+])
+def test_a1111_schedules(prompt, want):
+    assert prompt_schedule(prompt, 10) == want
+
+
+@pytest.mark.parametrize("prompt,steps,hires,want", [
+    ("a [b:.5] c", 10, 10, [(10, "a b c")]),            # A1111's doctests of the hires fix's schedule
+    ("a [b:1.5] c", 10, 10, [(5, "a  c"), (10, "a b c")]),
+    ("[x:y:14]", 10, 8, [(4, "x"), (8, "y")]),          # step numbers count on from the first pass's 10
+    ("[x:y:1.0]", 10, None, [(10, "x")]),               # 1.0 is the whole run, 1 the first step
+    ("[x:y:1]", 10, None, [(1, "x"), (10, "y")]),
+    ("[x:y:0]", 10, None, [(10, "y")]),                 # at 0 the second text from the start
+    ("[x:y:25]", 10, None, [(10, "x")]),                # past the end: the first text throughout
+    ("[x:y:-3]", 10, None, [(10, "y")]),
+    ("[x:y: 3 ]", 10, None, [(3, "x"), (10, "y")]),
+    ("[x:y:1e1]", 20, None, [(10, "x"), (20, "y")]),   # no decimal point: a step number
+    ("[x::3] z", 4, None, [(3, "x z"), (4, " z")]),
+    ("\\[x:y:3\\]", 10, None, [(10, "\\[x:y:3\\]")]),   # escaped brackets are text
+    ("x \\| y", 10, None, [(10, "x \\| y")]),
+    ("a | b", 10, None, [(10, "a | b")]),               # | outside an alternation: left as written
+    ("[x:y]", 10, None, [(10, "[x:y]")]),               # no number: a weight around text, as written
+    ("[x:(red:1.2):2] BREAK <e>", 3, None, [(2, "x BREAK <e>"), (3, "(red:1.2) BREAK <e>")]),
+    ("[a|[b:c:2]]", 4, None, [(1, "a"), (2, "b"), (3, "a"), (4, "c")]),
+])
+def test_schedule_rules(prompt, steps, hires, want):
+    assert prompt_schedule(prompt, steps, hires) == want
+
+
+def test_deep_nesting_stays_text():
+    prompt = "[" * 5000 + "x"
+    assert prompt_schedule(prompt, 5) == [(5, prompt)]
+    nested = "[" * 40 + "x:1" + "]" * 40
+    assert prompt_schedule(nested, 5) == [(1, "[" * 39 + "]" * 39), (5, "[" * 39 + "x" + "]" * 39)]
+
+
+@pytest.mark.parametrize("prompt,want", [
+    ("a red circle", [("a red circle", 1.0)]),
+    ("a cat AND a dog:0.5", [("a cat", 1.0), (" a dog", 0.5)]),
+    ("a AND b : -1.5 AND c:2.", [("a", 1.0), (" b", -1.5), (" c", 2.0)]),
+    ("a cat:1.2", [("a cat", 1.2)]),               # a weight without AND too, as A1111
+    ("ANDROID AND", [("ANDROID", 1.0), ("", 1.0)]),
+    ("(red:1.2) [x:y:0.5]", [("(red:1.2) [x:y:0.5]", 1.0)]),
+])
+def test_and_parts_and_weights(prompt, want):
+    assert split_and(prompt) == want

@@ -22,7 +22,8 @@ EXAMPLES = """examples:
 
 
 def _common(p: argparse.ArgumentParser, strength: float | None = None):
-    p.add_argument("prompt", help="what to draw (A1111 syntax: (word:1.3), [word], BREAK)")
+    p.add_argument("prompt", help="what to draw (A1111 syntax: (word:1.3), [word], BREAK, [from:to:when] editing, "
+                                  "[a|b] alternation, a AND b:0.5; see docs/generation.md)")
     p.add_argument("--negative-prompt", default="", help="what not to draw")
     p.add_argument("--steps", type=int, default=None, help="default: the model's recommendation, else 20")
     p.add_argument("--sampler", default=None,

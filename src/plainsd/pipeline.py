@@ -28,12 +28,12 @@ from . import images as imgs
 from . import lora as lora_mod
 from .diffusion import samplers as S
 from .diffusion.denoisers import DiscreteDenoiser
-from .diffusion.guidance import CFGDenoiser
+from .diffusion.guidance import CFGDenoiser, Conditioning, ScheduledCond
 from .diffusion.noise import ImageNoise
 from .embeddings import load_embeddings
 from .fast import FAST, DeepCacheUNet, FastSettings
 from .models import StableDiffusion
-from .prompts import encode_pair, extract_loras
+from .prompts import encode_prompt, extract_loras, prompt_schedule, split_and
 from .request import (DEFAULTS, IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix,
                       Parameters, sampler_fields)
 from .runtime import Engine, release_freed_memory
@@ -186,12 +186,13 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
     request, params, run = _settings(engine, request)
     loras = lora_mod.resolve(extract_loras(request.prompt)[1], request.lora_dir)
     embeddings = load_embeddings(request.embeddings_dir, sd) if request.embeddings_dir is not None else None
+    encode = _TextStates(sd, request.clip_skip, embeddings)
     with _tiling(engine, request.tiling), lora_mod.applied(sd, loras):
         start = _start(sd, request, run)
         params.inpainting = Parameters.inpainting_fields(request, start.paste is not None,
                                                          start.paste is not None and start.paste[2] is not None)
-        first = _first_pass(engine, request, params, run, start, embeddings)
-        second = _second_pass(engine, request, params, run, first, embeddings) if request.hires else None
+        first = _first_pass(engine, request, params, run, start, encode)
+        second = _second_pass(engine, request, params, run, first, encode) if request.hires else None
         hooks = _Hooks(callback, interrupt, skip, progress, record_steps,
                        total=len(first.sigmas) - 1 + (len(second.sigmas) - 1 if second else 0))
         result = Result([], [], [], params)
@@ -378,8 +379,8 @@ class Pass:
     """One run of a sampler over a stretch of sigmas: txt2img's or img2img's, or the hires fix's second."""
     sampler: S.SamplerInfo
     sigmas: torch.Tensor
-    cond: torch.Tensor                # the prompt's text states, one row per image of the batch
-    uncond: torch.Tensor | None       # the negative prompt's; None: no guidance (CFG scale 1)
+    cond: Conditioning                # the prompt's text states by step, per AND part (one row for all images)
+    uncond: ScheduledCond | None      # the negative prompt's; None: no guidance
     cfg_scale: float
     guidance_until: float
     unet: Callable                    # unet(x, t, context): the engine's, or fast mode's DeepCache around it
@@ -409,29 +410,28 @@ def _hires_sigmas(denoiser: DiscreteDenoiser, steps: int, strength: float, sched
 
 
 def _first_pass(engine: Engine, req: GenerationRequest, params: Parameters, run: _Run, start: _Start,
-                embeddings) -> Pass:
-    """3. The first pass: the prompt's conditioning and what runs the UNet over the start's sigmas."""
-    cond, uncond = _conditioning(engine.sd, extract_loras(req.prompt)[0], req.negative_prompt, req, embeddings)
+                encode: _TextStates) -> Pass:
+    """3. The first pass: the prompt's conditioning and what runs the UNet over the start's sigmas. The prompt's
+    schedule is made for all the steps asked for, also when img2img runs only the last `strength` of them (its
+    step 0 is then the first step it runs), as A1111 does."""
+    cond, uncond = _conditioning(extract_loras(req.prompt)[0], req.negative_prompt, encode, params.steps)
     keep = (start.init_latent, start.keep) if start.keep is not None else None
-    return Pass(run.sampler, start.sigmas, cond, uncond if params.cfg_scale != 1.0 else None, params.cfg_scale,
+    return Pass(run.sampler, start.sigmas, cond, uncond, params.cfg_scale,
                 params.guidance_until, _unet(engine, run, params, start.sigmas), req.token_merging,
                 req.sampler_options(run.sampler), start.concat, keep)
 
 
 def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run: _Run, first: Pass,
-                 embeddings) -> Pass:
+                 encode: _TextStates) -> Pass:
     """The hires fix's pass at the larger size: its steps over the last `strength` of the noise, its own prompt
-    if any."""
+    if any. Its prompt schedule is made for its own steps, numbers counting on from the first pass's (A1111's
+    hires_steps)."""
     sd, hires = engine.sd, req.hires
     steps = hires.steps or params.steps
     sigmas = _hires_sigmas(_denoiser(sd), steps, hires.strength, params.hires_schedule)
-    text = extract_loras(req.prompt)[0]
-    prompt = extract_loras(hires.prompt)[0] if hires.prompt else text  # (the first prompt's LoRAs apply)
+    prompt = extract_loras(hires.prompt or req.prompt)[0]  # (the first prompt's LoRAs apply)
     negative = hires.negative_prompt or req.negative_prompt
-    cond, uncond = first.cond, first.uncond
-    if (prompt, negative) != (text, req.negative_prompt):
-        cond, uncond = _conditioning(sd, prompt, negative, req, embeddings)
-        uncond = uncond if params.cfg_scale != 1.0 else None
+    cond, uncond = _conditioning(prompt, negative, encode, params.steps, steps)
     factor = sd.config.vae.factor
     final_w, final_h = hires.final_size(params.width, params.height, factor)
     concat = _paint_everything(sd, final_w, final_h, _device(sd)) if sd.config.unet.in_channels == 9 else None
@@ -441,11 +441,39 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
                 upscale=(hires.upscaler, *hires.target(params.width, params.height, factor)))
 
 
-def _conditioning(sd: StableDiffusion, prompt: str, negative: str, req: GenerationRequest, embeddings):
-    """One prompt for the whole batch: encoded once, its states repeated for each image."""
-    cond, uncond = encode_pair(sd.tokenizer, sd.text_encoder, [prompt], [negative], req.clip_skip, embeddings)
-    device = _device(sd)
-    return cond.repeat(req.batch_size, 1, 1).to(device), uncond.repeat(req.batch_size, 1, 1).to(device)
+class _TextStates:
+    """A run's text encoder: each distinct text encoded once (a schedule repeats texts, the hires pass reuses the
+    first pass's), its states [1, tokens, width] shared by every image of the run."""
+
+    def __init__(self, sd: StableDiffusion, clip_skip: int | None, embeddings):
+        self.sd, self.clip_skip, self.embeddings = sd, clip_skip, embeddings
+        self.done: dict[str, torch.Tensor] = {}
+
+    def __call__(self, text: str) -> torch.Tensor:
+        if text not in self.done:
+            sd = self.sd
+            states = encode_prompt(sd.tokenizer, sd.text_encoder, text, self.clip_skip, self.embeddings)
+            self.done[text] = states.to(_device(sd))
+        return self.done[text]
+
+
+def _conditioning(prompt: str, negative: str, encode: _TextStates, steps: int, hires_steps: int | None = None):
+    """The prompt's AND parts with their weights and the negative prompt (no AND, as in A1111), each a schedule of
+    text states; all padded with empty-prompt chunks to one length, as the UNet takes them in one batch."""
+    parts = [(weight, prompt_schedule(text, steps, hires_steps)) for text, weight in split_and(prompt)]
+    negative_schedule = prompt_schedule(negative, steps, hires_steps)
+    texts = {text for _, schedule in parts for _, text in schedule} | {text for _, text in negative_schedule}
+    states = {text: encode(text) for text in texts}
+    longest = max(s.shape[1] for s in states.values())
+    for text, s in states.items():
+        if s.shape[1] < longest:
+            empty = encode("")
+            states[text] = torch.cat([s] + [empty] * ((longest - s.shape[1]) // empty.shape[1]), dim=1)
+
+    def scheduled(schedule):
+        return ScheduledCond([(end, states[text]) for end, text in schedule])
+
+    return Conditioning([(weight, scheduled(schedule)) for weight, schedule in parts]), scheduled(negative_schedule)
 
 
 def _unet(engine: Engine, run: _Run, params: Parameters, sigmas: torch.Tensor) -> Callable:

@@ -1,8 +1,16 @@
-"""Prompts as A1111 users write them: attention weights, long prompts in 75-token chunks, BREAK.
+"""Prompts as A1111 users write them: attention weights, long prompts in 75-token chunks, BREAK, prompt editing,
+alternation and AND.
 
     (word)        weight x 1.1        ((word))   x 1.21
     (word:1.5)    explicit weight     [word]     / 1.1
     \\( \\) \\[ \\]   literal brackets    BREAK      start a new 75-token chunk
+    [from:to:when]  `from` until step `when`, then `to` ([to:when] adds, [from::when] removes); a number
+                    with a decimal point is a fraction of the steps (0.5 = half), without one a step number
+    [a|b|c]       a different one each step, in turn
+    a AND b:0.5   composable diffusion: each part guides on its own, with its weight (default 1)
+
+A prompt becomes a schedule of (end_at_step, text) (prompt_schedule); each text is then weighted and chunked
+as below.
 
 Each chunk is encoded on its own as <start> 75 tokens <end>; the chunks' states are concatenated
 along the token axis. Weights scale the token states, then the chunk is rescaled to its original mean
@@ -12,6 +20,7 @@ along the token axis. Weights scale the token states, then the chunk is rescaled
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -70,6 +79,176 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         else:
             merged.append([text_, w])
     return [(t, w) for t, w in merged]
+
+
+# --- prompt editing and alternation (A1111's prompt_parser: get_learned_conditioning_prompt_schedules) ---------
+# A1111 parses with a lark grammar; this is a small recursive-descent parser for the same language:
+#   prompt     := (plain | (prompt) | (prompt:prompt) | [prompt] | edit | alternate)*
+#   edit       := [prompt:prompt:NUMBER] | [prompt:NUMBER]       (whitespace allowed around NUMBER)
+#   alternate  := [prompt|prompt|...]                            (options may be empty)
+#   plain      := characters other than \ [ ] ( ) : |, or \ and any character (kept as written)
+# At the top level a bracket or colon that opens nothing is plain text; a | outside an alternation or a lone \
+# makes the whole prompt unparseable, and then it stays as written (as A1111's parser error does).
+
+_PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")
+_WHEN = re.compile(r"\s*([+-]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)\s*]")
+
+
+@dataclass(frozen=True)
+class _Edit:
+    before: tuple | None     # None: [to:when]
+    after: tuple
+    when: str                # the number as written: a decimal point makes it a fraction
+
+
+@dataclass(frozen=True)
+class _Alternate:
+    options: tuple
+
+
+class _Parser:
+    """Text -> a tuple of pieces: str (as written, brackets of weights included), _Edit, _Alternate."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.groups: dict[int, tuple | None] = {}  # position of a bracket -> (pieces, end) or None
+
+    def parse(self) -> tuple | None:
+        pieces, i, text = [], 0, self.text
+        while True:
+            got, i = self.prompt(i)
+            pieces += got
+            if i == len(text):
+                return tuple(pieces)
+            if text[i] not in "[]():":
+                return None  # | outside an alternation, or a lone backslash
+            pieces.append(text[i])  # a bracket or colon that opens nothing
+            i += 1
+
+    def prompt(self, i: int) -> tuple[list, int]:
+        """As many plain runs and bracketed groups as follow position i."""
+        pieces, text = [], self.text
+        while i < len(text):
+            plain = _PLAIN.match(text, i)
+            if plain:
+                pieces.append(plain.group(0))
+                i = plain.end()
+                continue
+            group = self.group(i) if text[i] in "([" else None
+            if group is None:
+                break
+            pieces += group[0]
+            i = group[1]
+        return pieces, i
+
+    def group(self, i: int):
+        if i not in self.groups:
+            self.groups[i] = self._round(i) if self.text[i] == "(" else self._square(i)
+        return self.groups[i]
+
+    def _round(self, i: int):
+        """(prompt) or (prompt:prompt): weights, kept as text for parse_prompt_attention."""
+        text = self.text
+        inner, j = self.prompt(i + 1)
+        if text[j:j + 1] == ")":
+            return ["(", *inner, ")"], j + 1
+        if text[j:j + 1] == ":":
+            weight, k = self.prompt(j + 1)
+            if text[k:k + 1] == ")":
+                return ["(", *inner, ":", *weight, ")"], k + 1
+        return None
+
+    def _square(self, i: int):
+        """[prompt] (a weight, kept as text), [a|b|...], [to:when] or [from:to:when]."""
+        text = self.text
+        first, j = self.prompt(i + 1)
+        mark = text[j:j + 1]
+        if mark == "]":
+            return ["[", *first, "]"], j + 1
+        if mark == "|":
+            options = [tuple(first)]
+            while text[j:j + 1] == "|":
+                option, j = self.prompt(j + 1)
+                options.append(tuple(option))
+            return ([_Alternate(tuple(options))], j + 1) if text[j:j + 1] == "]" else None
+        if mark == ":":
+            when = _WHEN.match(text, j + 1)
+            if when:
+                return [_Edit(None, tuple(first), when.group(1))], when.end()
+            second, k = self.prompt(j + 1)
+            when = _WHEN.match(text, k + 1) if text[k:k + 1] == ":" else None
+            if when:
+                return [_Edit(tuple(first), tuple(second), when.group(1))], when.end()
+        return None
+
+
+def _end_step(when: str, steps: int, int_offset: int, fraction_offset: float) -> int:
+    """The last step of an edit's first text. A1111's current rule ("old prompt editing timelines" off): a number
+    with a decimal point is a fraction of the steps, one without a step number; in the hires fix's pass both count
+    on from the first pass (1.5 = half of the hires steps, first pass steps + 5 = its fifth step)."""
+    value = float(when)
+    value = (value - fraction_offset) * steps if "." in when else value - int_offset
+    return min(steps, int(value))
+
+
+def _collect_ends(pieces, steps: int, offsets: tuple, ends: set) -> None:
+    for piece in pieces:
+        if isinstance(piece, _Edit):
+            end = _end_step(piece.when, steps, *offsets)
+            if end >= 1:
+                ends.add(end)
+            _collect_ends(piece.before or (), steps, offsets, ends)
+            _collect_ends(piece.after, steps, offsets, ends)
+        elif isinstance(piece, _Alternate):
+            ends.update(range(1, steps + 1))
+            for option in piece.options:
+                _collect_ends(option, steps, offsets, ends)
+
+
+def _text_at(pieces, step: int, steps: int, offsets: tuple) -> str:
+    out = []
+    for piece in pieces:
+        if isinstance(piece, _Edit):
+            chosen = (piece.before or ()) if step <= _end_step(piece.when, steps, *offsets) else piece.after
+            out.append(_text_at(chosen, step, steps, offsets))
+        elif isinstance(piece, _Alternate):
+            out.append(_text_at(piece.options[(step - 1) % len(piece.options)], step, steps, offsets))
+        else:
+            out.append(piece)
+    return "".join(out)
+
+
+def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> list[tuple[int, str]]:
+    """A prompt with editing and alternation -> [(end_at_step, text), ...]: a step uses the first entry whose
+    end_at_step is at or after it. hires_steps: the schedule of the hires fix's pass, whose numbers continue
+    the first pass's `steps`. 'a [b:3]' at 10 steps -> [(3, 'a '), (10, 'a b')]."""
+    if hires_steps is None:
+        total, offsets = steps, (0, 0.0)
+    else:
+        total, offsets = hires_steps, (steps, 1.0)
+    try:
+        pieces = _Parser(prompt).parse()
+    except RecursionError:  # brackets nested hundreds deep: left as written, as any prompt that does not parse
+        pieces = None
+    if pieces is None:
+        return [(total, prompt)]
+    ends = {total}
+    _collect_ends(pieces, total, offsets, ends)
+    return [(end, _text_at(pieces, end, total, offsets)) for end in sorted(ends)]
+
+
+_AND = re.compile(r"\bAND\b")
+_PART_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+
+def split_and(prompt: str) -> list[tuple[str, float]]:
+    """Composable diffusion (Liu et al. 2022) as A1111 writes it: 'a cat AND a dog:0.5' -> [('a cat', 1.0),
+    (' a dog', 0.5)]. A trailing ':number' on any part is its weight, even without AND."""
+    parts = []
+    for part in _AND.split(prompt):
+        text, weight = _PART_WEIGHT.search(part).groups()
+        parts.append((text, float(weight) if weight is not None else 1.0))
+    return parts
 
 
 def check_prompt(prompt: str, what: str = "the prompt") -> None:

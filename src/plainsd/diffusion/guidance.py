@@ -1,45 +1,115 @@
-"""Classifier-free guidance (Ho & Salimans 2022) as a denoiser that wraps a denoiser."""
+"""Classifier-free guidance (Ho & Salimans 2022) as a denoiser that wraps a denoiser, with A1111's prompt schedules
+(a text chosen by step) and composable diffusion (Liu et al. 2022: several weighted prompts, A1111's AND)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 
-class CFGDenoiser:
-    """D(x, sigma) = D_uncond + scale * (D_cond - D_uncond), both halves in one batch.
+@dataclass
+class ScheduledCond:
+    """One prompt's conditioning over the steps: [(end_at_step, states), ...], as A1111's ScheduledPromptConditioning
+    list. Step i (0 = the pass's first) uses the first entry whose end_at_step is at or after i, as A1111's
+    reconstruct_cond_batch with its step counter starting at 0; past the last entry, the last one."""
+    entries: list[tuple[int, torch.Tensor]]
 
-    cond / uncond are whatever the inner denoiser passes on to the network (the text states).
-    With scale 1 (or no uncond) only the conditional half is computed. `guidance_until` (0..1] lets
-    guidance stop after that fraction of the sigmas, after which only the conditional half is computed.
+    def at(self, step: int) -> torch.Tensor:
+        for end, states in self.entries:
+            if step <= end:
+                return states
+        return self.entries[-1][1]
+
+
+@dataclass
+class Conditioning:
+    """The prompt's conditioning: one (weight, schedule) per part of an AND prompt (a single part of weight 1 for a
+    prompt without AND)."""
+    parts: list[tuple[float, ScheduledCond]]
+
+    @classmethod
+    def fixed(cls, states: torch.Tensor) -> Conditioning:
+        return cls([(1.0, ScheduledCond([(0, states)]))])
+
+
+class CFGDenoiser:
+    """D(x, sigma) = D_uncond + sum_i weight_i * scale * (D_cond_i - D_uncond), all in one batch (A1111's
+    combine_denoised); one part of weight 1 is the familiar D_uncond + scale * (D_cond - D_uncond).
+
+    cond: a Conditioning, or whatever the inner denoiser passes on to the network (text states, one row per image
+    or one for all); uncond: a ScheduledCond or states, or None (no guidance). With scale 1 and a single part of
+    weight 1 only the conditional half is computed. `guidance_until` (0..1] lets guidance stop after that fraction
+    of the sigmas, after which only the conditional parts are computed (the first part stands in for D_uncond, as
+    A1111 does when it skips the unconditional half).
+
+    Which step a call belongs to (for the schedules) comes from its sigma: the last of the pass's sigmas at or
+    above it. A1111 counts model calls instead (and builds a second-order sampler's schedule for twice the
+    steps); by the noise level, a sampler's extra calls inside a step (DPM2's and DPM++ 2S's midpoints) keep that
+    step's text, and a step number means the same step for every sampler. For the samplers that call the model
+    once per step at the step's own sigma, both give the same steps. Heun's correction, made at the next step's
+    sigma, gets the next step's text; a call whose noise was raised by s_churn above the previous step's sigma,
+    the previous step's.
     """
 
     def __init__(self, denoiser: Callable, scale: float = 7.0, sigmas: torch.Tensor | None = None,
                  guidance_until: float = 1.0):
         self.denoiser = denoiser
         self.scale = float(scale)
+        self.sigmas = sigmas
         self.cutoff = None
         if sigmas is not None and guidance_until < 1.0:
             steps = len(sigmas) - 1
             last = max(int(round(steps * guidance_until)), 1)
             self.cutoff = float(sigmas[min(last, steps)])
 
+    def step(self, sigma: float) -> int:
+        """The pass's step a call at this sigma belongs to (0 without the pass's sigmas)."""
+        if self.sigmas is None or len(self.sigmas) < 2:
+            return 0
+        above = int((self.sigmas[:-1] >= sigma * (1 - 1e-5)).sum())
+        return max(above - 1, 0)
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond, uncond=None, **extra) -> torch.Tensor:
-        guided = uncond is not None and self.scale != 1.0
-        if guided and self.cutoff is not None and float(torch.as_tensor(sigma).reshape(-1)[0]) <= self.cutoff:
+        first_sigma = float(torch.as_tensor(sigma).reshape(-1)[0])
+        step = self.step(first_sigma)
+        parts = cond.parts if isinstance(cond, Conditioning) else [(1.0, ScheduledCond([(0, cond)]))]
+        conds = [(w, _rows(s.at(step), x.shape[0])) for w, s in parts]
+        single = len(conds) == 1 and conds[0][0] == 1.0
+        guided = uncond is not None and (self.scale != 1.0 or not single)
+        if guided and self.cutoff is not None and first_sigma <= self.cutoff:
             guided = False
-        if not guided:
-            return self.denoiser(x, sigma, cond=cond, **extra)
+        if single and not guided:
+            return self.denoiser(x, sigma, cond=conds[0][1], **extra)
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=_cat(uncond, cond), **extra)
-        d_uncond, d_cond = both.chunk(2)
-        return d_uncond + (d_cond - d_uncond) * self.scale
+        states = [c for _, c in conds]
+        if guided:
+            states.insert(0, _rows(uncond.at(step) if isinstance(uncond, ScheduledCond) else uncond, x.shape[0]))
+        n = len(states)
+        out = self.denoiser(torch.cat([x] * n), torch.cat([sigma] * n), cond=_cat(states), **extra).chunk(n)
+        if not guided:  # the first part's prediction stands in for the unconditional one, at scale 1
+            return _combine(out[0], out, conds, 1.0)
+        return _combine(out[0], out[1:], conds, self.scale)
 
 
-def _cat(a, b):
-    if isinstance(a, torch.Tensor):
-        if a.shape[1:] != b.shape[1:]:
-            raise ValueError(f"prompt and negative prompt encode to different shapes {list(b.shape)} and {list(a.shape)}")
-        return torch.cat([a, b])
-    raise TypeError("cond and uncond must be tensors")
+def _combine(d_uncond: torch.Tensor, d_conds, conds, scale: float) -> torch.Tensor:
+    denoised = d_uncond
+    for d_cond, (weight, _) in zip(d_conds, conds):
+        denoised = denoised + (d_cond - d_uncond) * (weight * scale)
+    return denoised
+
+
+def _rows(states: torch.Tensor, batch: int) -> torch.Tensor:
+    """States with one row for all images -> one row per image (a copy, as the network has always been given)."""
+    if not isinstance(states, torch.Tensor):
+        raise TypeError("cond and uncond must be tensors")
+    return states.repeat(batch, 1, 1) if states.shape[0] == 1 and batch > 1 else states
+
+
+def _cat(states: list[torch.Tensor]) -> torch.Tensor:
+    for s in states[1:]:
+        if s.shape[1:] != states[0].shape[1:]:
+            raise ValueError(f"prompt and negative prompt encode to different shapes {list(s.shape)} and "
+                             f"{list(states[0].shape)}")
+    return torch.cat(states)
