@@ -40,9 +40,12 @@ def test_axis_types_by_a1111_index_per_tab():
     assert xyz.axis_labels("txt2img")[11] == "Checkpoint name" and xyz.axis_labels("img2img")[10] == "Checkpoint name"
     plot = xyz.plan(GenerationRequest("a", seed=1), XYZSettings(x_type=6, x_values="3, 5", y_type=4, y_values="2"))
     assert [c.request.cfg_scale for c in plot.cells] == [3.0, 5.0] and plot.cells[0].request.steps == 2
-    with pytest.raises(ValueError, match=r"the X/Y/Z plot axis 'Var. seed' is not drawn by plainsd for txt2img; "
-                                         r"it draws Nothing, Seed, Steps"):
-        xyz.plan(GenerationRequest("a"), XYZSettings(x_type=2, x_values="1"))
+    assert xyz.axis_labels("txt2img")[12:17] == ["Negative Guidance minimum sigma", "Sigma Churn", "Sigma min",
+                                                 "Sigma max", "Sigma noise"]
+    with pytest.raises(ValueError, match=r"the X/Y/Z plot axis 'Negative Guidance minimum sigma' is not drawn by "
+                                         r"plainsd for txt2img; it draws Nothing, Seed, Var. seed, Var. strength, "
+                                         r"Steps"):
+        xyz.plan(GenerationRequest("a"), XYZSettings(x_type=12, x_values="1"))
     with pytest.raises(ValueError, match="x_type 99 is not an axis"):
         xyz.plan(GenerationRequest("a"), XYZSettings(x_type=99, x_values="1"))
     with pytest.raises(ValueError, match="'Hires steps' is not drawn by plainsd for img2img"):
@@ -138,6 +141,39 @@ def test_z_axis_sub_grids_and_batches(tiny):
     assert result.images[0].tobytes() == image_grid(result.images[1:], rows=1).tobytes()
 
 
+def test_variation_and_sigma_axes_set_their_fields():
+    req = GenerationRequest("a", seed=1, subseed=-1)
+    settings = XYZSettings(x_type="Var. seed", x_values="-1, 5", y_type="Var. strength", y_values="0.25")
+    plot = xyz.plan(req, settings)
+    subseeds = [c.request.subseed for c in plot.cells]
+    assert subseeds[0] >= 0 and subseeds[1] == 5 and plot.cells[0].request.subseed_strength == 0.25  # -1 fixed
+    plot = xyz.plan(req, XYZSettings(x_type="Var. strength", x_values="0, 1"))
+    first = plot.cells[0].request.subseed
+    assert first >= 0 and [c.request.subseed for c in plot.cells] == [first, first]  # one variation seed for all
+    sigmas = [("Sigma Churn", "s_churn"), ("Sigma min", "s_tmin"), ("Sigma max", "s_tmax"), ("Sigma noise", "s_noise")]
+    for label, name in sigmas:
+        plot = xyz.plan(req.replace(sampler="Euler"), XYZSettings(x_type=label, x_values="0.5, 1.5"))
+        assert [getattr(c.request, name) for c in plot.cells] == [0.5, 1.5]
+    with pytest.raises(ValueError, match=r"cell Sigma Churn 1.0: s_churn is for the samplers"):
+        xyz.plan(req.replace(sampler="DDIM"), XYZSettings(x_type="Sigma Churn", x_values="1"))
+
+
+@pytest.mark.parametrize("request_fields, x_type, x_values, field", [
+    ({"subseed": 9}, "Var. strength", "0.3, 0.8", "subseed_strength"),
+    ({"sampler": "Euler"}, "Sigma Churn", "0.5, 2", "s_churn"),
+])
+def test_variation_and_sigma_cells_are_their_own_pictures(tiny, request_fields, x_type, x_values, field):
+    req = GenerationRequest("a red circle", steps=3, width=32, height=32, seed=5, **request_fields)
+    settings = XYZSettings(x_type=x_type, x_values=x_values, include_lone_images=True, draw_legend=False)
+    result = xyz.run(tiny, xyz.plan(req, settings))
+    alone = [pipeline.generate(tiny, req.replace(**{field: float(v)})) for v in x_values.split(",")]
+    assert len(result.images) == 3
+    for cell, own in zip(result.images[1:], alone):
+        assert cell.tobytes() == own.images[0].tobytes()
+    assert result.images[1].tobytes() != result.images[2].tobytes()  # the axis changes the picture
+    assert result.infotexts[1:] == [a.infotexts[0] for a in alone]
+
+
 def test_cli_xyz_writes_the_grid_and_its_cells(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["xyz", "a red circle", "--x-type", "Seed", "--x-values", "1, 2", "--y-type", "Steps", "--y-values", "1-2",
@@ -147,8 +183,8 @@ def test_cli_xyz_writes_the_grid_and_its_cells(tmp_path, monkeypatch, capsys):
     assert grid.size == (64, 64) and grid.tobytes() == image_grid(cells, rows=2).tobytes()
     assert parse_infotext(read_parameters("grid.png"))["X Type"] == "Seed"
     assert [parse_infotext(read_parameters(f"grid-{i}.png"))["Steps"] for i in range(1, 5)] == ["1", "1", "2", "2"]
-    assert main(["xyz", "a", "--x-type", "Sigma Churn", "--x-values", "1"]) == 2
-    assert "'Sigma Churn' is not drawn by plainsd" in capsys.readouterr().err
+    assert main(["xyz", "a", "--x-type", "Schedule rho", "--x-values", "1"]) == 2
+    assert "'Schedule rho' is not drawn by plainsd" in capsys.readouterr().err
     plainsd.save(plainsd.build("tiny", seed=1), tmp_path / "other.safetensors")
     assert main(["xyz", "a", "--x-type", "Checkpoint name", "--x-values", "other.safetensors, missing.safetensors"]) == 2
     assert "no such model file or folder: missing.safetensors" in capsys.readouterr().err

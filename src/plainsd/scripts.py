@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from . import xyz
+from .images import INPAINTING_FILLS, inpainting_fill
+from .pipeline import generate, outpaint_request
 from .request import GenerationRequest
 from .xyz import Checkpoints, XYZSettings
 
@@ -67,8 +69,66 @@ def _xyz_run(engine, plan: xyz.Plot, context: Context, **controls):
     return xyz.run(engine, plan, context.checkpoints, **controls)
 
 
+OUTPAINT_DIRECTIONS = {"left": "left", "right": "right", "up": "top", "down": "bottom"}  # A1111's -> the side
+
+
+def _outpaint_args(kind: str) -> list[ScriptArg]:
+    return [ScriptArg("Pixels to expand", 128, 8, 256, 8), ScriptArg("Mask blur", 4, 0, 64, 1),
+            ScriptArg("Masked content", "fill", choices=list(INPAINTING_FILLS)),
+            ScriptArg("Outpainting direction", list(OUTPAINT_DIRECTIONS), choices=list(OUTPAINT_DIRECTIONS))]
+
+
+def _whole(value, what: str, least: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a slider's 128.0
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"poor man's outpainting's {what} must be a whole number, {least} or more, got {value!r}")
+    return value
+
+
+def _outpaint_prepare(request: GenerationRequest, args: list, kind: str, context: Context) -> GenerationRequest:
+    """A1111's script_args [pixels, mask blur, masked content (0-3 or its name), directions] checked, and the
+    request made into the outpainting of its init image (pipeline.outpaint_request), drawn in one pass."""
+    labels = [a.label for a in _outpaint_args(kind)]
+    if not isinstance(args, list) or len(args) > len(labels):
+        raise ValueError(f"poor man's outpainting takes up to {len(labels)} script_args ({', '.join(labels)}), "
+                         f"got {args!r}")
+    pixels, mask_blur, fill, directions = [*args, *(a.value for a in _outpaint_args(kind)[len(args):])]
+    pixels = _whole(pixels, "Pixels to expand (script_args[0])", 1)
+    mask_blur = _whole(mask_blur, "Mask blur (script_args[1])", 0)
+    try:
+        fill = inpainting_fill(fill)
+    except ValueError:
+        raise ValueError(f"poor man's outpainting's Masked content (script_args[2]) must be 0 (fill), 1 (original), "
+                         f"2 (latent noise) or 3 (latent nothing), got {fill!r}") from None
+    known = ", ".join(OUTPAINT_DIRECTIONS)
+    if not isinstance(directions, list) or not directions or any(d not in OUTPAINT_DIRECTIONS for d in directions):
+        raise ValueError(f"poor man's outpainting's Outpainting direction (script_args[3]) must be a list of one or "
+                         f"more of {known}, got {directions!r}")
+    if request.init_image is None:
+        raise ValueError("poor man's outpainting needs an init image (init_images) to extend")
+    if request.mask is not None:
+        raise ValueError("poor man's outpainting makes its own mask of the new area; leave out mask")
+    if request.batch_size * request.batch_count != 1:
+        raise ValueError("poor man's outpainting draws one picture, as A1111's; leave batch_size and n_iter at 1")
+    sides = {side: pixels if direction in directions else 0 for direction, side in OUTPAINT_DIRECTIONS.items()}
+    outpainted = outpaint_request(request, request.init_image, **sides, mask_blur=mask_blur, inpainting_fill=fill)
+    try:
+        outpainted.check()
+        if context.check is not None:
+            context.check(outpainted)
+    except ValueError as e:
+        raise type(e)(f"poor man's outpainting's canvas of {outpainted.width}x{outpainted.height}: {e}") from None
+    return outpainted
+
+
+def _outpaint_run(engine, plan: GenerationRequest, context: Context, **controls):
+    return generate(engine, plan, **controls)
+
+
 SCRIPTS: dict[str, Script] = {s.name: s for s in [
     Script("x/y/z plot", ("txt2img", "img2img"), _xyz_args, _xyz_prepare, _xyz_run),
+    Script("poor man's outpainting", ("img2img",), _outpaint_args, _outpaint_prepare, _outpaint_run),
 ]}
 
 

@@ -156,6 +156,8 @@ def _nothing(cell, x, xs, checkpoints) -> None:
 AXES: dict[str, Axis] = {
     "Nothing": Axis(str, _nothing, legend="none"),
     "Seed": Axis(int, _field("seed")),
+    "Var. seed": Axis(int, _field("subseed")),
+    "Var. strength": Axis(float, _field("subseed_strength")),
     "Steps": Axis(int, _field("steps")),
     "Hires steps": Axis(int, _hires_field("steps", "Hires steps")),
     "CFG Scale": Axis(float, _field("cfg_scale")),
@@ -164,6 +166,10 @@ AXES: dict[str, Axis] = {
     "Sampler": Axis(str, _field("sampler"), legend="value", choices=True),
     "Hires sampler": Axis(str, _hires_field("sampler", "Hires sampler"), choices=True),
     "Checkpoint name": Axis(str, _checkpoint, legend="path", choices=True, cost=1.0),
+    "Sigma Churn": Axis(float, _field("s_churn")),
+    "Sigma min": Axis(float, _field("s_tmin")),
+    "Sigma max": Axis(float, _field("s_tmax")),
+    "Sigma noise": Axis(float, _field("s_noise")),
     "Schedule type": Axis(str, _field("schedule"), choices=True),
     "Eta": Axis(float, _field("eta")),
     "Clip skip": Axis(int, _field("clip_skip")),
@@ -174,6 +180,9 @@ AXES: dict[str, Axis] = {
     "Token merging ratio high-res": Axis(float, _hires_field("token_merging", "Token merging ratio high-res")),
     "Size": Axis(str, _size),
 }
+
+
+SEED_AXES = ("Seed", "Var. seed")  # -1 among their values: a random seed, fixed before drawing (as A1111)
 
 
 @dataclass
@@ -341,10 +350,10 @@ def plan(request: GenerationRequest, settings: XYZSettings, kind: str = "txt2img
     picture is drawn. kind: "txt2img" or "img2img", whose axis types the settings index."""
     settings.check()
     axes = [_axis(settings, letter, kind) for letter in "XYZ"]
-    if not settings.no_fixed_seeds:  # one seed for the whole plot, as A1111 fixes it, and -1 on a Seed axis too
-        request = request.replace(seed=request.first_seed())
+    if not settings.no_fixed_seeds:  # one seed and variation seed for the whole plot, as A1111 fixes them, and -1
+        request = request.replace(seed=request.first_seed(), subseed=request.first_subseed())  # on their axes too
         for a in axes:
-            if a.label == "Seed":
+            if a.label in SEED_AXES:
                 a.values = [random.randint(0, MAX_SEED) if v < 0 else v for v in a.values]
     xs, ys, zs = (a.values for a in axes)
     cells = []
@@ -447,13 +456,13 @@ def _assemble(plot: Plot, pictures: list[Image.Image], results: list, parameters
 
 def _grid_infotext(plot: Plot, first: pipeline.Result, with_z: bool) -> str:
     """A grid's infotext, as A1111 writes it: its first cell's, with Script, the axes' types and values, and the
-    seeds a Seed axis was fixed to."""
+    seeds a Seed or Var. seed axis was fixed to."""
     extra = {"Script": "X/Y/Z plot"}
     for a in plot.axes[:3 if with_z else 2]:
         if a.label != "Nothing":
             extra[f"{a.letter} Type"] = a.label
             extra[f"{a.letter} Values"] = a.text
-            if a.label == "Seed" and not plot.settings.no_fixed_seeds:
+            if a.label in SEED_AXES and not plot.settings.no_fixed_seeds:
                 extra[f"Fixed {a.letter} Values"] = ", ".join(str(v) for v in a.values)
     return add_fields(first.infotexts[0], **extra)
 

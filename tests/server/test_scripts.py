@@ -5,10 +5,12 @@ import base64
 import io
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
 import plainsd
+from plainsd import images as imgs
 from plainsd import xyz
 from plainsd.pnginfo import parse_infotext
 
@@ -74,10 +76,18 @@ def _model(folder):
 
 
 def test_scripts_and_script_info_in_a1111s_shape(client):
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot"], "img2img": ["x/y/z plot"]}
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot"],
+                                                      "img2img": ["x/y/z plot", "poor man's outpainting"]}
     info = client.get("/sdapi/v1/script-info").json()
     assert [(s["name"], s["is_img2img"], s["is_alwayson"]) for s in info] == [
-        ("x/y/z plot", False, False), ("x/y/z plot", True, False)]
+        ("x/y/z plot", False, False), ("x/y/z plot", True, False), ("poor man's outpainting", True, False)]
+    assert info[2]["args"] == [  # A1111's ui(): the sliders' ranges, the radio's and checkboxes' choices
+        {"label": "Pixels to expand", "value": 128, "minimum": 8, "maximum": 256, "step": 8, "choices": None},
+        {"label": "Mask blur", "value": 4, "minimum": 0, "maximum": 64, "step": 1, "choices": None},
+        {"label": "Masked content", "value": "fill", "minimum": None, "maximum": None, "step": None,
+         "choices": ["fill", "original", "latent noise", "latent nothing"]},
+        {"label": "Outpainting direction", "value": ["left", "right", "up", "down"], "minimum": None,
+         "maximum": None, "step": None, "choices": ["left", "right", "up", "down"]}]
     args = info[0]["args"]
     assert len(args) == 18 and args[0]["label"] == "X type" and args[0]["choices"] == xyz.axis_labels("txt2img")
     assert args[16] == {"label": "Grid margins (px)", "value": 0, "minimum": 0, "maximum": 500, "step": 2,
@@ -115,7 +125,7 @@ def test_xyz_checkpoint_axis_chooses_among_the_servers_models(client):
 @pytest.mark.parametrize("extra, words", [
     ({"script_name": "prompt matrix"}, "unknown script 'prompt matrix' for txt2img; plainsd runs 'x/y/z plot'"),
     ({"script_args": [1, "2"]}, "script_args were given without a script_name"),
-    ({"script_name": "x/y/z plot", "script_args": [2, "1"]}, "'Var. seed' is not drawn by plainsd"),
+    ({"script_name": "x/y/z plot", "script_args": [12, "1"]}, "'Negative Guidance minimum sigma' is not drawn"),
     ({"script_name": "x/y/z plot", "script_args": [4, "25, 40"]}, "steps may be at most 30"),
     ({"script_name": "x/y/z plot", "script_args": [1, "1-7"]}, "more than 6 images"),
     ({"script_name": "x/y/z plot", "script_args": [1, "1", None, 0, "", None, 0, "", None, True, False, False,
@@ -126,6 +136,60 @@ def test_bad_scripts_get_422_with_one_sentence(client, extra, words):
     r = client.post("/sdapi/v1/txt2img", json={**BASE, **extra})
     assert r.status_code == 422, r.text
     assert words in r.json()["detail"]
+
+
+def b64png(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+INIT = Image.fromarray(np.random.default_rng(4).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+OUTPAINT = {**BASE, "init_images": [b64png(INIT)], "script_name": "Poor man's outpainting"}
+
+
+def test_poor_mans_outpainting_through_the_api(client):
+    # 16 pixels left and right, mask blur 2, masked content 0 (fill): A1111 widens 64 + 32 to 128, 32 a side
+    r = client.post("/sdapi/v1/img2img", json={**OUTPAINT, "script_args": [16, 2, 0, ["left", "right"]]})
+    assert r.status_code == 200, r.text
+    out = decode(r.json()["images"][0])
+    assert out.size == (128, 64)
+    canvas, mask, latent_mask = imgs.outpaint_canvas(INIT, 16, 16, 0, 0, 2)  # the pipeline's own canvas
+    assert canvas.crop((32, 0, 96, 64)).tobytes() == INIT.tobytes()
+    kept = np.asarray(imgs.blur_mask(mask, 4)) == 0  # the mask blurred by twice mask_blur, as A1111 does
+    pixels, before = np.asarray(out.convert("RGB")), np.asarray(canvas)
+    assert kept.sum() > 64 * 30 and np.array_equal(pixels[kept], before[kept])
+    filled = np.asarray(imgs.fill(canvas, latent_mask)).astype(int)
+    assert np.abs(pixels[:, :24].astype(int) - filled[:, :24]).mean() > 5  # the new area is drawn, not the fill
+    fields = parse_infotext(out.info["parameters"])
+    assert (fields["Size"], fields["Mask blur"], fields["Masked content"]) == ("128x64", "4", "fill")
+    up = decode(client.post("/sdapi/v1/img2img", json={**OUTPAINT, "script_args": [8, 0, 1, ["up"]]}).json()["images"][0])
+    assert up.size == (64, 128) and np.array_equal(np.asarray(up.convert("RGB"))[64:], np.asarray(INIT))
+
+
+@pytest.mark.parametrize("script_args, words", [
+    ([-8], "Pixels to expand (script_args[0]) must be a whole number, 1 or more, got -8"),
+    ([16, -1], "Mask blur (script_args[1]) must be a whole number, 0 or more"),
+    ([16, 4, 7], "Masked content (script_args[2]) must be 0 (fill), 1 (original)"),
+    ([16, 4, 0, ["left", "sideways"]], "Outpainting direction (script_args[3]) must be a list of one or more of "
+                                       "left, right, up, down, got ['left', 'sideways']"),
+    ([16, 4, 0, []], "Outpainting direction (script_args[3])"),
+    ([16, 4, 0, ["up"], 1], "takes up to 4 script_args"),
+    ([128, 4, 0, ["left", "right"]], "outpainting's canvas of 320x64: width and height must be between 8 and 256"),
+])
+def test_bad_outpainting_args_get_422_naming_them(client, script_args, words):
+    r = client.post("/sdapi/v1/img2img", json={**OUTPAINT, "script_args": script_args})
+    assert r.status_code == 422, r.text
+    assert words in r.json()["detail"]
+
+
+def test_outpainting_refuses_what_it_would_override(client):
+    r = client.post("/sdapi/v1/img2img", json={**OUTPAINT, "mask": b64png(Image.new("L", (64, 64), 255))})
+    assert r.status_code == 422 and "makes its own mask of the new area; leave out mask" in r.json()["detail"]
+    r = client.post("/sdapi/v1/img2img", json={**OUTPAINT, "batch_size": 2})
+    assert r.status_code == 422 and "leave batch_size and n_iter at 1" in r.json()["detail"]
+    r = client.post("/sdapi/v1/txt2img", json={**BASE, "script_name": "poor man's outpainting"})
+    assert r.status_code == 422 and "unknown script \"poor man's outpainting\" for txt2img" in r.json()["detail"]
 
 
 def test_the_page_offers_the_servers_styles(client):
