@@ -261,3 +261,16 @@ def test_guidance_until_is_a_setting_with_a_model_default(tmp_path):
     assert not np.array_equal(_arr(r.images[0]), _arr(full.images[0]))
     with pytest.raises(ValueError, match=r"guidance_until .* must be in \(0, 1\], got 1.5"):
         pipeline.txt2img(loaded, "x", guidance_until=1.5, steps=2)
+
+
+def test_img2img_latent_upscale_resizes_the_latents(monkeypatch, sd):
+    # A1111's resize mode 3: the init image encoded at its own size (whole latents), its latents resized bilinearly
+    init = Image.fromarray(np.random.default_rng(2).integers(0, 255, (44, 36, 3), dtype=np.uint8))
+    started = []
+    monkeypatch.setattr(pipeline, "_sample", lambda model, p, x, start, *args: (started.append(start), (start, True))[1])
+    pipeline.img2img(sd, init, "x", steps=2, seed=1, width=64, height=48, resize_mode=3)
+    with torch.no_grad():
+        own = sd.vae.encode(plainsd.images.to_tensor(init.resize((32, 40)))).mode() * sd.config.scale_factor
+    assert torch.equal(started[0], torch.nn.functional.interpolate(own, size=(6, 8), mode="bilinear"))
+    with pytest.raises(ValueError, match="latent upscale. is for img2img without a mask"):
+        pipeline.inpaint(sd, init, Image.new("L", (36, 44), 255), "x", steps=2, resize_mode=3)

@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("img2img", help="image to image")
     _common(p, strength=0.8)
     p.add_argument("--init-image", required=True)
-    p.add_argument("--resize-mode", default="just resize", choices=["just resize", "crop and resize", "resize and fill"])
+    p.add_argument("--resize-mode", default="just resize",
+                   choices=["just resize", "crop and resize", "resize and fill", "just resize (latent upscale)"])
     _noise_multiplier(p)
     p = sub.add_parser("inpaint", help="repaint the white part of a mask")
     _common(p, strength=0.75)

@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
+# A1111's resize modes, by its numbers 0-3; the last keeps the init image at its own size for the encoder and
+# interpolates its latents to the drawing size (the pipeline does that part)
+RESIZE_MODES = ("just resize", "crop and resize", "resize and fill", "just resize (latent upscale)")
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -24,18 +26,17 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def resize_mode(mode: str | int) -> str:
-    """A resize mode by name or by A1111's number -> its name in RESIZE_MODES. A1111's 3, "just resize (latent
-    upscale)", resizes the image here as 0 does."""
-    numbers = {**dict(enumerate(RESIZE_MODES)), 3: RESIZE_MODES[0]}
+    """A resize mode by name or by A1111's number -> its name in RESIZE_MODES."""
+    numbers = dict(enumerate(RESIZE_MODES))
     name = numbers.get(mode, mode) if isinstance(mode, int) and not isinstance(mode, bool) else mode
     if name not in RESIZE_MODES:
-        raise ValueError(f"unknown resize mode {mode!r}; known: {', '.join(RESIZE_MODES)} (A1111's 0, 1, 2; 3 as 0)")
+        raise ValueError(f"unknown resize mode {mode!r}; known: {', '.join(RESIZE_MODES)} (A1111's 0 to 3)")
     return name
 
 
 def resize(image: Image.Image, width: int, height: int, mode: str | int = "just resize") -> Image.Image:
     """A1111's resize modes: stretch; crop to fill; or fit inside and fill the border by stretching the edge rows
-    (or columns) of the fitted image outwards."""
+    (or columns) of the fitted image outwards (also the latent upscale mode's, as A1111 resizes a mask for it)."""
     mode = resize_mode(mode)
     image = image.convert("RGB")
     if mode == "just resize":

@@ -303,9 +303,15 @@ def _start(sd: StableDiffusion, req: GenerationRequest, run: _Run) -> _Start:
     fill = imgs.inpainting_fill(req.inpainting_fill) if area is not None else "original"
     if fill != "original":  # A1111 fills before encoding for every mode but "original"
         init = imgs.fill(init, area.latent_mask)
+    latent_upscale = area is None and imgs.resize_mode(req.resize_mode) == imgs.RESIZE_MODES[3]
+    if latent_upscale:  # encoded at its own size (in whole latents), its latents then resized bilinearly
+        f = sd.config.vae.factor
+        init = req.init_image.convert("RGB").resize((req.init_image.width // f * f, req.init_image.height // f * f))
     init_tensor = imgs.to_tensor(init).to(device)
     with torch.no_grad():
         init_latent = sd.vae.encode(init_tensor).mode() * sd.config.scale_factor
+    if latent_upscale:
+        init_latent = torch.nn.functional.interpolate(init_latent, size=run.latent_shape[1:], mode="bilinear")
     start = _Start(_last_part(run.sigmas, req.steps, req.strength), init_latent,
                    noise_multiplier=req.initial_noise_multiplier)
     if area is None:

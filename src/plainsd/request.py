@@ -18,7 +18,7 @@ from PIL import Image
 from .diffusion.samplers import SAMPLERS, SamplerInfo, chosen_schedule, default_eta, resolve_sampler, takes
 from .diffusion.schedules import schedule_key, schedule_label
 from .fast import FastSettings
-from .images import inpainting_fill, resize_mode
+from .images import RESIZE_MODES, inpainting_fill, resize_mode
 from .models.tome import check_ratio
 from .prompts import check_prompt
 from .pnginfo import infotext
@@ -189,7 +189,9 @@ class GenerationRequest:
         check_prompt(self.prompt)
         check_prompt(self.negative_prompt, "the negative prompt")
         _sampler(self.sampler or DEFAULTS["sampler"], self.schedule)
-        resize_mode(self.resize_mode)
+        if resize_mode(self.resize_mode) == RESIZE_MODES[3] and self.mask is not None:
+            raise ValueError("the resize mode just resize (latent upscale) is for img2img without a mask; inpaint "
+                             "with just resize, crop and resize or resize and fill")
         if self.mask is not None and self.init_image is None:
             raise ValueError("a mask needs an init image (inpainting)")
         self._check_inpainting()
