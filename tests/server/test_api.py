@@ -239,7 +239,13 @@ def test_lists(client):
 
 def test_options_switch_models_only_among_those_found(client):
     models = client.get("/sdapi/v1/sd-models").json()
-    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == models[0]["title"]
+    options = client.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"] == models[0]["title"]
+    # the settings a request's fields default to, at A1111's defaults, so a client can read them
+    assert {k: options[k] for k in ("eta_ancestral", "eta_ddim", "s_churn", "s_tmin", "s_tmax", "s_noise", "tiling",
+                                    "initial_noise_multiplier", "eta_noise_seed_delta")} == \
+        {"eta_ancestral": 1.0, "eta_ddim": 0.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0,
+         "tiling": False, "initial_noise_multiplier": 1.0, "eta_noise_seed_delta": 0}
     req = {"prompt": "x", "steps": 2, "width": 32, "height": 32, "seed": 3}
     first = client.post("/sdapi/v1/txt2img", json=req).json()
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": models[1]["title"]}).status_code == 200
