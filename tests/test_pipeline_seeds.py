@@ -210,3 +210,20 @@ def test_latent_noise_fill_is_the_seeds_alone(sd, monkeypatch):
     assert torch.equal(start(subseed=9, subseed_strength=1.0), plain)
     assert torch.equal(start(seed_resize_from_w=32, seed_resize_from_h=32), plain)
     assert torch.equal(plain[0, :, 2:6, 2:6], _randn(5)[:, 2:6, 2:6])  # the seed's noise in the mask
+
+
+def test_the_hires_samplers_settings_are_in_the_infotext_and_tiling_reaches_its_upscaler(sd, monkeypatch):
+    # A1111 writes the infotext once both passes have run: an eta or ENSD only the hires sampler uses is recorded
+    hires = pipeline.HiresFix(scale=1.5, upscaler="Lanczos", steps=2, strength=0.5, sampler="Euler a")
+    fields = parse_infotext(pipeline.txt2img(sd, "x", steps=2, seed=1, sampler="DPM++ 2M", eta=0.3,
+                                             eta_noise_seed_delta=31337, hires=hires).infotexts[0])
+    assert (fields["Eta"], fields["ENSD"], fields["Hires sampler"]) == ("0.3", "31337", "Euler a")
+    # each pass's sampler takes the eta setting of its own kind: DDIM eta_ddim, Euler a eta_ancestral
+    request = pipeline.GenerationRequest(sampler="DDIM", eta_ancestral=0.5, eta_ddim=0.2)
+    ddim, euler_a = (pipeline.S.resolve_sampler(name)[0] for name in ("DDIM", "Euler a"))
+    assert (request.sampler_options(ddim)["eta"], request.sampler_options(euler_a)["eta"]) == (0.2, 0.5)
+    decoded = []
+    decode = pipeline.decode
+    monkeypatch.setattr(pipeline, "decode", lambda *a, **k: (decoded.append(k.get("wrap")), decode(*a, **k))[1])
+    pipeline.txt2img(sd, "x", steps=2, seed=1, tiling=True, hires=pipeline.HiresFix(upscaler="Lanczos", steps=1))
+    assert decoded == [True, True]  # the image upscaler's decode and the final one

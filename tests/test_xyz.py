@@ -76,7 +76,11 @@ def test_seeds_are_fixed_once_and_varied_along_an_axis():
     plot = xyz.plan(GenerationRequest("a", seed=-1), XYZSettings(x_type="Steps", x_values="1, 2", y_type="CFG Scale",
                                                                   y_values="3, 4", vary_seeds_y=True))
     seeds = [c.request.seed for c in plot.cells]
-    assert seeds[0] >= 0 and seeds == [seeds[0], seeds[0], seeds[0] + 2, seeds[0] + 2]  # + row x columns
+    # A1111's offsets: an X axis that does not vary the seeds counts as one column, so the second row gets + 1
+    assert seeds[0] >= 0 and seeds == [seeds[0], seeds[0], seeds[0] + 1, seeds[0] + 1]
+    plot = xyz.plan(GenerationRequest("a", seed=100), XYZSettings(x_type="Steps", x_values="1, 2", y_type="CFG Scale",
+                                                                   y_values="3, 4", vary_seeds_x=True, vary_seeds_y=True))
+    assert [c.request.seed for c in plot.cells] == [100, 101, 102, 103]  # both: + column + row x columns
     plot = xyz.plan(GenerationRequest("a", seed=-1), XYZSettings(x_type="Steps", x_values="1", no_fixed_seeds=True))
     assert plot.cells[0].request.seed == -1
 

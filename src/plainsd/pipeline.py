@@ -40,8 +40,8 @@ from .runtime import Engine, release_freed_memory
 from .weights import load_tiny_decoder
 
 __all__ = ["txt2img", "img2img", "inpaint", "outpaint", "outpaint_request", "generate", "GenerationRequest",
-           "HiresFix", "Parameters", "Result", "StepInfo", "Interrupted", "recommended", "decode", "DEFAULTS", "LATENT_UPSCALERS", "IMAGE_UPSCALERS",
-           "MAX_SEED"]
+           "HiresFix", "Parameters", "Result", "StepInfo", "Interrupted", "recommended", "decode", "DEFAULTS",
+           "LATENT_UPSCALERS", "IMAGE_UPSCALERS", "MAX_SEED"]
 
 
 class Interrupted(Exception):
@@ -101,8 +101,8 @@ def inpaint(sd: StableDiffusion | Engine, init_image: Image.Image, mask: Image.I
             negative_prompt: str = "", *, strength: float = 0.75, mask_blur: int = 4,
             inpainting_mask_invert: bool = False, **kwargs) -> Result:
     """Repaint the white part of the mask: at every step the original latents are kept outside the mask (as A1111
-    blends them; 9-channel inpainting models also see the mask and the masked image). The result is pasted over the original
-    through the blurred mask, so the unmasked part stays exactly as it was. A1111's options are keyword
+    blends them; 9-channel inpainting models also see the mask and the masked image). The result is pasted over
+    the original through the blurred mask, so the unmasked part stays exactly as it was. A1111's options are keyword
     arguments: inpainting_fill (what the masked area starts from), inpaint_full_res ("only masked": the masked
     area drawn on its own at width x height) with inpaint_full_res_padding, mask_round, initial_noise_multiplier,
     latent_mask."""
@@ -205,7 +205,8 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
             if start.paste is not None:
                 pictures = [_paste(p, *start.paste) for p in pictures]
             if record_steps:
-                decoded = [decode(sd, f / (1 + s**2) ** 0.5, run.tiny, request.tiling) for f, s in hooks.frames] + [pictures]
+                decoded = [decode(sd, f / (1 + s**2) ** 0.5, run.tiny, request.tiling)
+                           for f, s in hooks.frames] + [pictures]
                 result.frames.extend([[step[i] for step in decoded] for i in range(request.batch_size)])
             result.images += pictures
             result.seeds += seeds
@@ -272,7 +273,7 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
         model=sd.name, model_hash=sd.hash,
         deepcache=fast.deepcache_interval if deepcache else None, tiny_decoder=tiny is not None,
         token_merging=req.token_merging or None, hires=hires,
-        hires_sampler=hr_info.name if hires else None, hires_schedule=hr_schedule, **_seed_fields(req, info))
+        hires_sampler=hr_info.name if hires else None, hires_schedule=hr_schedule, **_seed_fields(req, [info, *([hr_info] if hires else [])]))
     factor = sd.config.vae.factor
     resize = (req.seed_resize_from_h // factor, req.seed_resize_from_w // factor) if params.seed_resize_from else None
     run = _Run(info, _denoiser(sd).get_sigmas(steps, schedule), hr_info,
@@ -281,15 +282,20 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
     return req, params, run
 
 
-def _seed_fields(req: GenerationRequest, info: S.SamplerInfo) -> dict:
-    """Parameters' variation seed, seed resize, tiling, ENSD (where the sampler's noise comes from the image's
-    generator, so that it changes something) and the sampler's settings as A1111 writes them."""
-    options = req.sampler_options(info)
+def _seed_fields(req: GenerationRequest, infos: list[S.SamplerInfo]) -> dict:
+    """Parameters' variation seed, seed resize, tiling, ENSD (where a sampler's noise comes from the image's
+    generator, so that it changes something) and the samplers' settings as A1111 writes them (the first pass's,
+    then what only the hires fix's sampler adds)."""
+    options = [req.sampler_options(info) for info in infos]
+    uses_generators = any(_uses_generators(info, opts) for info, opts in zip(infos, options))
+    fields = {}
+    for info, opts in reversed(list(zip(infos, options))):
+        fields.update(sampler_fields(opts, info))
     resize = (req.seed_resize_from_w, req.seed_resize_from_h)
     return dict(subseed=req.first_subseed(), subseed_strength=req.subseed_strength,
                 seed_resize_from=resize if min(resize) > 0 else None, tiling=req.tiling,
-                eta_noise_seed_delta=(req.eta_noise_seed_delta or None) if _uses_generators(info, options) else None,
-                sampler_fields=sampler_fields(options, info))
+                eta_noise_seed_delta=(req.eta_noise_seed_delta or None) if uses_generators else None,
+                sampler_fields=fields)
 
 
 def _start(sd: StableDiffusion, req: GenerationRequest, run: _Run) -> _Start:
@@ -394,7 +400,7 @@ class Pass:
     options: dict = field(default_factory=dict)   # the sampler's eta and s_* (GenerationRequest.sampler_options)
     concat: torch.Tensor | None = None    # an inpainting model's extra input channels
     keep: tuple[torch.Tensor, torch.Tensor] | None = None  # (init latent, keep mask): inpainting
-    upscale: tuple | None = None      # the hires fix: (upscaler, width, height, crop_x, crop_y) for _upscale
+    upscale: tuple | None = None      # the hires fix: (upscaler, width, height, crop_x, crop_y, wrap) for _upscale
 
 
 def _last_part(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
@@ -444,7 +450,7 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
     merging = req.token_merging if hires.token_merging is None else hires.token_merging
     return Pass(run.hires_sampler, sigmas, cond, uncond, params.cfg_scale, params.guidance_until,
                 _unet(engine, run, params, sigmas), merging, req.sampler_options(run.hires_sampler), concat,
-                upscale=(hires.upscaler, *hires.target(params.width, params.height, factor)))
+                upscale=(hires.upscaler, *hires.target(params.width, params.height, factor), req.tiling))
 
 
 class _TextStates:
@@ -508,8 +514,9 @@ def _run_batch(engine: Engine, run: _Run, start: _Start, first: Pass, second: Pa
     noise = noise.to(device)
     if start.init_latent is not None:
         x0 = start.init_latent.repeat(len(seeds), 1, 1, 1)
-        if start.noise_in is not None:  # "latent noise": each image's own noise in the mask, which A1111 draws
-            # from the seed alone (no variation seed, no seed resize)
+        if start.noise_in is not None:  # "latent noise": the image's seed's noise alone in the mask (no variation
+            # seed, no seed resize), as A1111 draws it; A1111 reuses the first batch's seeds for later batches, a
+            # slip plainsd does not copy
             fill = noise if run.noise == ImageNoise() else ImageNoise().draw(run.latent_shape, seeds)[0].to(device)
             x0 = x0 * (1 - start.noise_in) + fill * start.noise_in
         x = x0 + noise * start.noise_multiplier * first.sigmas[0]
@@ -678,9 +685,10 @@ def _paint_everything(sd: StableDiffusion, width: int, height: int, device) -> t
 
 
 def _upscale(sd: StableDiffusion, latents: torch.Tensor, upscaler: str, width: int, height: int, crop_x: int,
-             crop_y: int) -> torch.Tensor:
+             crop_y: int, wrap: bool = False) -> torch.Tensor:
     """Hires. fix's upscaling to width x height (rounded down to whole latents), then crop_x / crop_y latent
-    columns / rows cut off, half on each side (the larger half at the end), as A1111 does."""
+    columns / rows cut off, half on each side (the larger half at the end), as A1111 does. wrap: tiling's
+    decode, for an image upscaler."""
     f = sd.config.vae.factor
     rows, cols = height // f, width // f
     if upscaler in LATENT_UPSCALERS:
@@ -689,7 +697,7 @@ def _upscale(sd: StableDiffusion, latents: torch.Tensor, upscaler: str, width: i
     else:
         with torch.no_grad():
             up = torch.cat([sd.vae.encode(imgs.to_tensor(p.resize((cols * f, rows * f), IMAGE_UPSCALERS[upscaler]))
-                                          .to(latents.device)).mode().float() for p in decode(sd, latents)])
+                                          .to(latents.device)).mode().float() for p in decode(sd, latents, wrap=wrap)])
         up = up * sd.config.scale_factor
     return up[:, :, crop_y // 2:rows - (crop_y + 1) // 2, crop_x // 2:cols - (crop_x + 1) // 2]
 

@@ -169,6 +169,8 @@ class GenerationRequest:
     s_tmax: float | None = None          # ... to s_tmax (None or 0: no limit)
     s_noise: float | None = None         # the scale of the noise a sampler adds (None: 1)
     eta_noise_seed_delta: int = 0        # A1111's ENSD: a sampler's later noise comes from seed + this (0: off)
+    eta_ancestral: float = 1.0           # A1111's settings: the eta of k-diffusion's samplers where eta is None ...
+    eta_ddim: float = 0.0                # ... and DDIM's (each pass's sampler takes its own kind's)
     # A1111's styles: these names from styles_file (a csv, a folder of them or a wildcard) are applied in order to
     # the prompts (styled) before anything else, so the infotext holds the styled prompts, as in A1111
     styles: list[str] = field(default_factory=list)
@@ -261,11 +263,12 @@ class GenerationRequest:
             raise ValueError(f"seed_resize_from_w and seed_resize_from_h must both be multiples of {factor} (or both "
                              f"0 or -1: off), got {w}x{h}")
         if not 0 <= self.eta_noise_seed_delta <= MAX_SEED:
-            raise ValueError(f"eta_noise_seed_delta (ENSD) must be between 0 and {MAX_SEED}, got {self.eta_noise_seed_delta}")
+            raise ValueError(f"eta_noise_seed_delta (ENSD) must be between 0 and {MAX_SEED}, "
+                             f"got {self.eta_noise_seed_delta}")
         if self.tiling and backend != "eager":
             raise ValueError("tiling needs the eager UNet: the OpenVINO-compiled one cannot pad circularly "
                              "(leave out the openvino backend, or tiling)")
-        for name in SAMPLER_SETTINGS:
+        for name in (*SAMPLER_SETTINGS, "eta_ancestral", "eta_ddim"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value >= 0):
                 raise ValueError(f"{name} must be a number of at least 0, got {value!r}")
@@ -297,7 +300,8 @@ class GenerationRequest:
     def sampler_options(self, info: SamplerInfo) -> dict:
         """The keyword arguments a sampler gets from the request: eta (A1111's default where none is given) and
         the s_* settings, where its function takes them; s_tmax 0 means no limit, as in A1111."""
-        options = {"eta": self.eta if self.eta is not None else default_eta(info)} if takes(info, "eta") else {}
+        own = self.eta_ddim if default_eta(info) == 0.0 else self.eta_ancestral
+        options = {"eta": own if self.eta is None else self.eta} if takes(info, "eta") else {}
         for name in ("s_churn", "s_tmin", "s_tmax", "s_noise"):
             value = getattr(self, name)
             if value is not None and takes(info, name):

@@ -364,8 +364,10 @@ def plan(request: GenerationRequest, settings: XYZSettings, kind: str = "txt2img
                 a.axis.apply(cell, value, a.values, checkpoints)
             except ValueError as e:
                 raise ValueError(f"the {a.letter} axis ({a.label}) value {value!r}: {e}") from None
-        offset = ((ix if settings.vary_seeds_x else 0) + len(xs) * (iy if settings.vary_seeds_y else 0)
-                  + len(xs) * len(ys) * (iz if settings.vary_seeds_z else 0))
+        # A1111's offsets: an axis that does not vary the seeds counts as one column (or row) for the next
+        xdim, ydim = (len(xs) if settings.vary_seeds_x else 1), (len(ys) if settings.vary_seeds_y else 1)
+        offset = ((ix if settings.vary_seeds_x else 0) + xdim * (iy if settings.vary_seeds_y else 0)
+                  + xdim * ydim * (iz if settings.vary_seeds_z else 0))
         if offset and cell.request.seed is not None:
             cell.request = cell.request.replace(seed=cell.request.seed + offset)
         try:

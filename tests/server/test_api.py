@@ -539,3 +539,25 @@ def test_token_merging_is_a1111s_setting(client):
         client.post("/sdapi/v1/options", json={"token_merging_ratio_hr": 0.0})
     r = client.post("/sdapi/v1/txt2img", json={**hr, "override_settings": {"token_merging_ratio_hr": 1}})
     assert r.status_code == 422 and "token_merging_ratio_hr must be at least 0 and below 1" in r.json()["detail"]
+
+
+def test_sampler_settings_reach_each_pass_and_bad_options_are_refused_when_set(client):
+    from plainsd.diffusion.samplers import resolve_sampler
+    from plainsd.server import api
+
+    limits = Limits()
+    options = {"eta_ancestral": 0.5, "eta_ddim": 0.0, "s_churn": 0.4}
+    body = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "sampler_name": "DDIM", "enable_hr": True,
+            "hr_sampler_name": "Euler"}
+    request = api.generation_request(api.Txt2ImgRequest(**body), "txt2img", limits, options)
+    ddim, euler, euler_a = (resolve_sampler(name)[0] for name in ("DDIM", "Euler", "Euler a"))
+    # A1111 gives each pass's sampler the eta of its kind, and s_churn to the hires Euler although DDIM has none
+    assert request.sampler_options(ddim) == {"eta": 0.0} and request.sampler_options(euler)["s_churn"] == 0.4
+    assert request.sampler_options(euler_a)["eta"] == 0.5
+    for bad, words in [({"tiling": "yes"}, "tiling setting must be true or false"),
+                       ({"s_noise": -1}, "s_noise must be a number of at least 0"),
+                       ({"initial_noise_multiplier": 9}, "initial_noise_multiplier must be between 0 and 1.5")]:
+        r = client.post("/sdapi/v1/options", json=bad)
+        assert r.status_code == 422 and words in r.json()["detail"], r.text
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 32, "height": 32})
+    assert r.status_code == 200, r.text  # nothing of the refused settings was kept

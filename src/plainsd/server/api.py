@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from plainsd.diffusion.samplers import SAMPLERS, SCHEDULE_SUFFIXES, default_eta, resolve_sampler, takes
+from plainsd.diffusion.samplers import SAMPLERS, SCHEDULE_SUFFIXES, resolve_sampler, takes
 from plainsd.diffusion.schedules import SCHEDULE_LABELS, SCHEDULES, schedule_label
 from plainsd.fast import choose as choose_fast
 from plainsd.images import INPAINTING_FILLS
@@ -319,7 +319,8 @@ NOT_SUPPORTED = {
 # A1111's settings of the same purpose as the noise fields of a request (override_settings, /sdapi/v1/options):
 # used where the request leaves the field out, and for the samplers that take them; eta_ancestral is the eta of
 # k-diffusion's samplers, eta_ddim DDIM's
-NOISE_SETTINGS = ("eta_ancestral", "eta_ddim", "s_churn", "s_tmin", "s_tmax", "s_noise", "eta_noise_seed_delta", "tiling")
+NOISE_SETTINGS = ("eta_ancestral", "eta_ddim", "s_churn", "s_tmin", "s_tmax", "s_noise", "eta_noise_seed_delta",
+                  "tiling")
 # the settings a request's fields take their defaults from (A1111 keeps them for later requests where a request
 # asks not to restore its override_settings) ...
 REQUEST_SETTINGS = ("CLIP_stop_at_last_layers", *TOKEN_MERGING, *NOISE_SETTINGS, "initial_noise_multiplier")
@@ -365,6 +366,15 @@ def check_settings(values: dict, current: dict, what: str, also: tuple[str, ...]
                          f"{', '.join([*HONOURED_SETTINGS, *also])} (others only at the value /sdapi/v1/options shows)")
 
 
+def check_setting_values(settings: dict, limits: Limits, backend: str) -> None:
+    """Settings later requests read (/sdapi/v1/options): refused now, with the sentence a request would get, rather
+    than at every request after them. A small txt2img and img2img request are made under them and checked."""
+    probe = {"prompt": "", "steps": 1, "width": 64, "height": 64, "sampler_name": "Euler"}
+    generation_request(Txt2ImgRequest(**probe), "txt2img", limits, settings, backend)
+    init = encode_png(Image.new("RGB", (64, 64)))
+    generation_request(Img2ImgRequest(**probe, init_images=[init]), "img2img", limits, settings, backend)
+
+
 def _check_sampler_fields(req: ProcessingRequest) -> None:
     """sampler_name and the older sampler_index both sent: A1111 takes sampler_name; refuse if they disagree."""
     if {"sampler_name", "sampler_index"} <= req.model_fields_set and req.sampler_name:
@@ -393,7 +403,8 @@ def generation_request(req: ProcessingRequest, kind: str, limits: Limits, option
         clip_skip = options["CLIP_stop_at_last_layers"]
     sampler, schedule = sampler_and_schedule(req)
     request = GenerationRequest(
-        prompt=_without_networks(req, req.prompt), negative_prompt=req.negative_prompt, steps=req.steps, sampler=sampler, schedule=schedule,
+        prompt=_without_networks(req, req.prompt), negative_prompt=req.negative_prompt, steps=req.steps,
+        sampler=sampler, schedule=schedule,
         cfg_scale=req.cfg_scale, guidance_until=req.guidance_until, seed=req.seed, width=req.width,
         height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
         clip_skip=clip_skip, fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)),
@@ -418,19 +429,24 @@ def _without_networks(req: ProcessingRequest, prompt: str) -> str:
 
 
 def _noise_fields(req: ProcessingRequest, settings: dict, sampler: str) -> dict:
-    """Variation seed, seed resize, tiling, ENSD and the sampler's eta and s_*: the request's fields, else the
-    settings' (checked by GenerationRequest.check with the rest)."""
+    """Variation seed, seed resize, tiling, ENSD and the samplers' eta and s_*: the request's fields, else the
+    settings' (checked by GenerationRequest.check with the rest). An s_* setting applies where one of the run's
+    samplers (the hires fix's too) takes it; eta_ancestral and eta_ddim go to the request whole, so that each
+    pass's sampler takes the eta of its own kind, as in A1111."""
+    hires = getattr(req, "hr_sampler_name", None) if getattr(req, "enable_hr", False) else None
     try:
-        info = resolve_sampler(sampler)[0]
+        infos = [resolve_sampler(name)[0] for name in (sampler, hires) if name not in (None, "", "Use same sampler")]
     except ValueError as e:
         raise BadRequest(str(e)) from None
-    fields = {}
-    for name in ("s_churn", "s_tmin", "s_tmax", "s_noise", "eta"):
+    fields = {"eta": req.eta}
+    for name in ("s_churn", "s_tmin", "s_tmax", "s_noise"):
         value = getattr(req, name)
-        setting = ("eta_ddim" if default_eta(info) == 0.0 else "eta_ancestral") if name == "eta" else name
-        if value is None and settings.get(setting) is not None and takes(info, name):
-            value = settings[setting]
+        if value is None and settings.get(name) is not None and any(takes(info, name) for info in infos):
+            value = settings[name]
         fields[name] = value
+    for name in ("eta_ancestral", "eta_ddim"):
+        if settings.get(name) is not None:
+            fields[name] = settings[name]
     ensd = settings.get("eta_noise_seed_delta") or 0
     if isinstance(ensd, bool) or not isinstance(ensd, int):
         raise BadRequest(f"eta_noise_seed_delta must be a whole number, got {ensd!r}")

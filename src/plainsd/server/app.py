@@ -339,6 +339,7 @@ def _settings_routes(server: Server) -> APIRouter:
             api.token_merging_ratio(values, name)
         # (outdir_samples stays where the server was started with: a client does not choose where files go)
         api.check_settings(values, {**options, "sd_checkpoint_hash": store.current.sha256}, "options")
+        api.check_setting_values({**options, **values}, server.limits, store.backend)
         if "sd_model_checkpoint" in values:
             store.select(_find(store, values.pop("sd_model_checkpoint")).name)
         options.update(values)
