@@ -78,6 +78,14 @@ def test_parts_of_other_lengths_share_one_batch(sd):
     assert len(_txt(sd, f"{long} AND {BLUE}", steps=2).images) == 1
 
 
+def test_a_long_text_later_in_the_schedule_does_not_pad_the_steps_before_it(sd):
+    # each step's texts are padded to their own longest, not to the schedule's: the steps before a switch to a
+    # text of two chunks are those of the short text alone (A1111 never pads them). Steps 0-5 of 6 are "until 5".
+    long = ", ".join([BLUE] * 30)
+    assert _same(_txt(sd, f"[{RED}:{long}:5]"), _txt(sd, RED))
+    assert not _same(_txt(sd, f"[{RED}:{long}:3]"), _txt(sd, RED))
+
+
 def test_each_distinct_text_is_encoded_once_per_run(sd, monkeypatch):
     texts = []
     forward = type(sd.text_encoder).forward

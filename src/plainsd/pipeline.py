@@ -471,21 +471,19 @@ class _TextStates:
 
 def _conditioning(prompt: str, negative: str, encode: _TextStates, steps: int, hires_steps: int | None = None):
     """The prompt's AND parts with their weights and the negative prompt (no AND, as in A1111), each a schedule of
-    text states; all padded with empty-prompt chunks to one length, as the UNet takes them in one batch."""
+    text states; where their lengths differ, the empty prompt's states pad the texts of each step to one length
+    (CFGDenoiser), as the UNet takes them in one batch."""
     parts = [(weight, prompt_schedule(text, steps, hires_steps)) for text, weight in split_and(prompt)]
     negative_schedule = prompt_schedule(negative, steps, hires_steps)
     texts = {text for _, schedule in parts for _, text in schedule} | {text for _, text in negative_schedule}
     states = {text: encode(text) for text in texts}
-    longest = max(s.shape[1] for s in states.values())
-    for text, s in states.items():
-        if s.shape[1] < longest:
-            empty = encode("")
-            states[text] = torch.cat([s] + [empty] * ((longest - s.shape[1]) // empty.shape[1]), dim=1)
+    padding = encode("") if len({s.shape[1] for s in states.values()}) > 1 else None
 
     def scheduled(schedule):
         return ScheduledCond([(end, states[text]) for end, text in schedule])
 
-    return Conditioning([(weight, scheduled(schedule)) for weight, schedule in parts]), scheduled(negative_schedule)
+    cond = Conditioning([(weight, scheduled(schedule)) for weight, schedule in parts], padding)
+    return cond, scheduled(negative_schedule)
 
 
 def _unet(engine: Engine, run: _Run, params: Parameters, sigmas: torch.Tensor) -> Callable:

@@ -26,8 +26,10 @@ class ScheduledCond:
 @dataclass
 class Conditioning:
     """The prompt's conditioning: one (weight, schedule) per part of an AND prompt (a single part of weight 1 for a
-    prompt without AND)."""
+    prompt without AND). padding: the empty prompt's states [1, 77, width], where texts of different lengths meet:
+    the texts a step uses are padded with it to the longest of them (that step's, not the whole schedule's)."""
     parts: list[tuple[float, ScheduledCond]]
+    padding: torch.Tensor | None = None
 
     @classmethod
     def fixed(cls, states: torch.Tensor) -> Conditioning:
@@ -87,7 +89,8 @@ class CFGDenoiser:
         if guided:
             states.insert(0, _rows(uncond.at(step) if isinstance(uncond, ScheduledCond) else uncond, x.shape[0]))
         n = len(states)
-        out = self.denoiser(torch.cat([x] * n), torch.cat([sigma] * n), cond=_cat(states), **extra).chunk(n)
+        padding = cond.padding if isinstance(cond, Conditioning) else None
+        out = self.denoiser(torch.cat([x] * n), torch.cat([sigma] * n), cond=_cat(states, padding), **extra).chunk(n)
         if not guided:  # the first part's prediction stands in for the unconditional one, at scale 1
             return _combine(out[0], out, conds, 1.0)
         return _combine(out[0], out[1:], conds, self.scale)
@@ -107,9 +110,19 @@ def _rows(states: torch.Tensor, batch: int) -> torch.Tensor:
     return states.repeat(batch, 1, 1) if states.shape[0] == 1 and batch > 1 else states
 
 
-def _cat(states: list[torch.Tensor]) -> torch.Tensor:
+def _cat(states: list[torch.Tensor], padding: torch.Tensor | None = None) -> torch.Tensor:
+    """The states of one call in one batch: shorter ones padded with `padding` (whole chunks) to the longest."""
+    longest = max(s.shape[1] for s in states)
+    if padding is not None:
+        states = [_padded(s, padding, longest) for s in states]
     for s in states[1:]:
         if s.shape[1:] != states[0].shape[1:]:
             raise ValueError(f"prompt and negative prompt encode to different shapes {list(s.shape)} and "
                              f"{list(states[0].shape)}")
     return torch.cat(states)
+
+
+def _padded(states: torch.Tensor, padding: torch.Tensor, length: int) -> torch.Tensor:
+    """states [B, tokens, width] followed by whole chunks of padding [1, chunk, width] up to `length` tokens."""
+    missing = (length - states.shape[1]) // padding.shape[1]
+    return torch.cat([states, padding.repeat(states.shape[0], missing, 1)], dim=1) if missing else states
