@@ -27,10 +27,15 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def resize_mode(mode: str | int) -> str:
     """A resize mode by name or by A1111's number -> its name in RESIZE_MODES."""
-    numbers = dict(enumerate(RESIZE_MODES))
-    name = numbers.get(mode, mode) if isinstance(mode, int) and not isinstance(mode, bool) else mode
-    if name not in RESIZE_MODES:
-        raise ValueError(f"unknown resize mode {mode!r}; known: {', '.join(RESIZE_MODES)} (A1111's 0 to 3)")
+    return _named(mode, RESIZE_MODES, "resize mode")
+
+
+def _named(value: str | int, names: tuple[str, ...], what: str) -> str:
+    """One of A1111's choices by name or by its number (its index in names) -> its name."""
+    number = isinstance(value, int) and not isinstance(value, bool)
+    name = names[value] if number and 0 <= value < len(names) else value
+    if name not in names:
+        raise ValueError(f"unknown {what} {value!r}; known: {', '.join(names)} (A1111's 0 to {len(names) - 1})")
     return name
 
 
@@ -71,12 +76,7 @@ INPAINTING_FILLS = ("fill", "original", "latent noise", "latent nothing")
 
 def inpainting_fill(fill: str | int) -> str:
     """Masked content by name or by A1111's number -> its name in INPAINTING_FILLS."""
-    numbers = dict(enumerate(INPAINTING_FILLS))
-    name = numbers.get(fill, fill) if isinstance(fill, int) and not isinstance(fill, bool) else fill
-    if name not in INPAINTING_FILLS:
-        raise ValueError(f"unknown masked content (inpainting_fill) {fill!r}; known: {', '.join(INPAINTING_FILLS)} "
-                         f"(A1111's 0, 1, 2, 3)")
-    return name
+    return _named(fill, INPAINTING_FILLS, "masked content (inpainting_fill)")
 
 
 def binary_mask(mask: Image.Image, round: bool = True) -> Image.Image:

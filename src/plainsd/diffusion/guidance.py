@@ -31,10 +31,6 @@ class Conditioning:
     parts: list[tuple[float, ScheduledCond]]
     padding: torch.Tensor | None = None
 
-    @classmethod
-    def fixed(cls, states: torch.Tensor) -> Conditioning:
-        return cls([(1.0, ScheduledCond([(0, states)]))])
-
 
 class CFGDenoiser:
     """D(x, sigma) = D_uncond + sum_i weight_i * scale * (D_cond_i - D_uncond), all in one batch (A1111's
