@@ -131,8 +131,49 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+# The parts a ControlNet (models/controlnet.py) copies: built by one function each so that both networks agree.
+
+def _transformer(cfg: UNetConfig, ch: int, level: int) -> SpatialTransformer:
+    return SpatialTransformer(ch, cfg.heads_for(ch), cfg.transformer_depth, cfg.context_dim, cfg.use_linear_proj,
+                              cfg.norm_groups, downsample=2 ** level)
+
+
+def time_embedding(cfg: UNetConfig) -> nn.Sequential:
+    emb_dim = cfg.model_channels * 4
+    return nn.Sequential(nn.Linear(cfg.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+
+def input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The way down: the first convolution, then ResBlocks (+ transformers) and a Downsample per level.
+    Returns the blocks and the channels of each block's output (the skip connections)."""
+    mc, groups, emb_dim = cfg.model_channels, cfg.norm_groups, cfg.model_channels * 4
+    blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+    skip_channels, ch = [mc], mc
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers = [ResBlock(ch, emb_dim, mult * mc, groups)]
+            ch = mult * mc
+            if level in cfg.attention_levels:
+                layers.append(_transformer(cfg, ch, level))
+            blocks.append(TimestepEmbedSequential(*layers))
+            skip_channels.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            skip_channels.append(ch)
+    return blocks, skip_channels
+
+
+def middle_block(cfg: UNetConfig) -> TimestepEmbedSequential:
+    ch, emb_dim, groups = cfg.model_channels * cfg.channel_mult[-1], cfg.model_channels * 4, cfg.norm_groups
+    return TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, groups), _transformer(cfg, ch, len(cfg.channel_mult) - 1),
+                                   ResBlock(ch, emb_dim, ch, groups))
+
+
 class UNetModel(nn.Module):
-    """unet(x [B, C, h, w], timesteps [B], context [B, T, D]) -> eps (or v) prediction like x."""
+    """unet(x [B, C, h, w], timesteps [B], context [B, T, D]) -> eps (or v) prediction like x.
+
+    control: residuals from ControlNets (models/controlnet.py), one per skip connection and one for the middle
+    block's output, in that order, already scaled; they are added where the original ControlledUnetModel adds them."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -141,28 +182,10 @@ class UNetModel(nn.Module):
         self.config = cfg
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb_dim = mc * 4
-
-        def transformer(ch: int, level: int) -> SpatialTransformer:
-            return SpatialTransformer(ch, cfg.heads_for(ch), cfg.transformer_depth, cfg.context_dim, cfg.use_linear_proj,
-                                      groups, downsample=2 ** level)
-
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skip_channels, ch = [mc], mc
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb_dim, mult * mc, groups)]
-                ch = mult * mc
-                if level in cfg.attention_levels:
-                    layers.append(transformer(ch, level))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
-
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, groups), transformer(ch, len(cfg.channel_mult) - 1), ResBlock(ch, emb_dim, ch, groups))
+        self.time_embed = time_embedding(cfg)
+        self.input_blocks, skip_channels = input_blocks(cfg)
+        ch = skip_channels[-1]
+        self.middle_block = middle_block(cfg)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -170,7 +193,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc, groups)]
                 ch = mult * mc
                 if level in cfg.attention_levels:
-                    layers.append(transformer(ch, level))
+                    layers.append(_transformer(cfg, ch, level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
@@ -190,7 +213,8 @@ class UNetModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.out[2].bias.dtype  # (not the weight: runtime may hold it packed, read back by copy)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                control: list[torch.Tensor] | None = None) -> torch.Tensor:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"the UNet takes [B, {cfg.in_channels}, h, w] latents, got {list(x.shape)}")
@@ -201,6 +225,8 @@ class UNetModel(nn.Module):
         context = context.to(dtype)
         skips = self.run_input_blocks(x.to(dtype), emb, context)
         h = self.middle_block(skips[-1], emb, context)
+        if control is not None:
+            skips, h = add_control(skips, h, control)
         h = self.run_output_blocks(h, skips, emb, context)
         return self.out(h).to(x.dtype)
 
@@ -233,3 +259,11 @@ class UNetModel(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None)
         return h
+
+
+def add_control(skips: list[torch.Tensor], middle: torch.Tensor, control: list[torch.Tensor]):
+    """The skip connections and the middle block's output with a ControlNet's residuals added."""
+    if len(control) != len(skips) + 1:
+        raise ValueError(f"a ControlNet for this UNet gives {len(skips) + 1} residuals, got {len(control)}")
+    skips = [s + c.to(s.dtype) for s, c in zip(skips, control)]
+    return skips, middle + control[-1].to(middle.dtype)
