@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -179,3 +181,65 @@ def test_pixel_perfect_resolution_by_hand():
     assert detectors.pixel_perfect_resolution(small, 640, 512, "Crop and Resize") == 512   # 2.56 * 200
     assert detectors.pixel_perfect_resolution(small, 640, 512, 2) == 427                   # 2.133 * 200 = 426.7
     assert detectors.pixel_perfect_resolution(small, 640, 512, "Just Resize") == 512
+
+
+# --- openpose_json -----------------------------------------------------------------------------------------
+
+def _person(**points):
+    """A pose_keypoints_2d of 18 COCO keypoints, unseen except the given {index: (x, y)}."""
+    numbers = [0.0] * 54
+    for i, (x, y) in points.items():
+        numbers[3 * int(i[1:]):3 * int(i[1:]) + 3] = [x, y, 1.0]
+    return numbers
+
+
+def test_openpose_limb_between_two_keypoints_in_its_colour():
+    # keypoints 1 (neck) and 2 (right shoulder): the first limb, red at 60%, and the joints' own colours
+    pose = {"canvas_width": 64, "canvas_height": 64, "people": [{"pose_keypoints_2d": _person(k1=(10, 32), k2=(50, 32))}]}
+    hint = _array(detectors.openpose_json(pose))
+    assert hint.shape == (64, 64, 3)
+    assert (hint[28:37, 27:34] == (153, 0, 0)).all()                  # the ellipse: 4 pixels either side
+    assert (hint[32, 15:46] == (153, 0, 0)).all() and (hint[27, 30] == 0).all() and (hint[37, 30] == 0).all()
+    assert (hint[32, 10] == (255, 85, 0)).all() and (hint[32, 50] == (255, 170, 0)).all()
+    assert (hint[:22] == 0).all() and (hint[43:] == 0).all()           # nothing else
+    assert (hint[32, 6:15] == (255, 85, 0)).all() and (hint[32, 4] == 0).all()  # joint radius 4
+    # normalised coordinates draw the same; pixel ones follow a canvas rescaled to 128
+    same = {"canvas_width": 64, "canvas_height": 64,
+            "people": [{"pose_keypoints_2d": _person(k1=(10 / 64, 0.5), k2=(50 / 64, 0.5))}]}
+    assert (_array(detectors.openpose_json(json.dumps(same))) == hint).all()
+    big = _array(detectors.openpose_json(pose, 128, 128))
+    assert (big[64, 20] == (255, 85, 0)).all() and (big[64, 100] == (255, 170, 0)).all() and (big[64, 60] == (153, 0, 0)).all()
+
+
+def test_openpose_unseen_keypoints_are_not_drawn():
+    numbers = _person(k1=(10, 32), k2=(50, 32))
+    numbers[5] = 0.0  # keypoint 1 unseen: no joint and no limb
+    hint = _array(detectors.openpose_json({"canvas_width": 64, "canvas_height": 64,
+                                           "people": [{"pose_keypoints_2d": numbers}]}))
+    assert (hint[32, 10] == 0).all() and (hint[32, 30] == 0).all() and (hint[32, 50] == (255, 170, 0)).all()
+    numbers[3:6] = [-1, -1, 1.0]  # the (-1, -1) of DWPose's files is unseen too
+    assert (_array(detectors.openpose_json({"canvas_width": 64, "canvas_height": 64,
+                                            "people": [{"pose_keypoints_2d": numbers}]}))[32, :40] == 0).all()
+
+
+def test_openpose_hands_and_face():
+    hand = [0.0] * 63
+    hand[0:3], hand[3:6] = [20, 20, 1], [40, 20, 1]  # wrist and thumb base: the first hand edge, hue 0 = red
+    face = [0.0] * 210
+    face[0:3] = [30, 50, 1]
+    pose = {"canvas_width": 64, "canvas_height": 64, "people": [
+        {"pose_keypoints_2d": [0.0] * 54, "hand_left_keypoints_2d": hand, "face_keypoints_2d": face}]}
+    hint = _array(detectors.openpose_json(pose))
+    assert (hint[20, 20] == (0, 0, 255)).all() and (hint[20, 40] == (0, 0, 255)).all()  # blue dots, radius 4
+    assert (hint[20, 30] == (255, 0, 0)).all() and (hint[24, 30] == 0).all()            # the line, 2 wide
+    assert (hint[50, 30] == 255).all() and (hint[50, 27] == 255).all() and (hint[50, 26] == 0).all()  # radius 3
+
+
+def test_openpose_bad_json_gets_a_sentence():
+    with pytest.raises(ValueError, match="no canvas_width / canvas_height; give the picture's width and height"):
+        detectors.openpose_json({"people": []})
+    with pytest.raises(ValueError, match=r"people\[0\].pose_keypoints_2d must hold 54 or 75 numbers"):
+        detectors.openpose_json({"canvas_width": 8, "canvas_height": 8, "people": [{"pose_keypoints_2d": [1, 2, 1]}]})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        detectors.openpose_json("{people")
+    assert _array(detectors.openpose_json({"people": []}, 16, 8)).shape == (8, 16, 3)  # nobody: black

@@ -8,6 +8,9 @@ and `pixel_perfect_resolution` picks the processor resolution that needs no resi
 
 from __future__ import annotations
 
+import colorsys
+import json
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -374,3 +377,122 @@ def _thin(x: np.ndarray, prune: bool) -> np.ndarray:
     if prune:
         _strip(x, _PRUNE)
     return x
+
+
+# --- OpenPose skeletons from keypoints ---------------------------------------------------------------------
+# The drawing the openpose ControlNets were trained on (controlnet_aux's and the extension's open_pose/util.py):
+# 17 limbs as ellipses in 60% of their colour, 18 joints as dots of radius 4, hands as 20 lines in rainbow
+# colours with blue dots, faces as white dots of radius 3, on black.
+
+_LIMBS = ((2, 3), (2, 6), (3, 4), (4, 5), (6, 7), (7, 8), (2, 9), (9, 10), (10, 11), (2, 12), (12, 13), (13, 14),
+          (2, 1), (1, 15), (15, 17), (1, 16), (16, 18))  # 1-based COCO-18 keypoints: neck-shoulders, arms, ...
+_COLOURS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
+            (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
+            (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85))
+_HAND_EDGES = ((0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0, 9), (9, 10), (10, 11), (11, 12),
+               (0, 13), (13, 14), (14, 15), (15, 16), (0, 17), (17, 18), (18, 19), (19, 20))
+_BODY25_TO_COCO18 = (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)  # OpenPose's default BODY_25
+_EPS = 0.01
+Point = tuple[float, float] | None
+
+
+def _keypoints(numbers, what: str, counts: tuple[int, ...] = ()) -> list[Point] | None:
+    """[x, y, confidence] * n as points; None where the confidence is 0 or the point is (-1, -1)."""
+    if not numbers:
+        return None
+    if len(numbers) % 3 or (counts and len(numbers) // 3 not in counts):
+        allowed = " or ".join(str(3 * n) for n in counts) if counts else "a multiple of 3"
+        raise ValueError(f"{what} must hold {allowed} numbers ([x, y, confidence] per keypoint), got {len(numbers)}")
+    points = [(float(x), float(y)) if c > 0 and (x, y) != (-1, -1) else None
+              for x, y, c in zip(numbers[::3], numbers[1::3], numbers[2::3])]
+    return [points[i] for i in _BODY25_TO_COCO18] if len(points) == 25 else points
+
+
+def _to_pixels(points: list[Point] | None, scale_x: float, scale_y: float, width: int, height: int) -> list[Point] | None:
+    """Pixel positions: normalised points (all within 0..1, as the extension tells them apart) times the
+    canvas, pixel points times the canvas's rescaling."""
+    if not points:
+        return points
+    given = [p for p in points if p is not None]
+    normalised = bool(given) and all(abs(x) <= 1 and abs(y) <= 1 for x, y in given)
+    sx, sy = (width, height) if normalised else (scale_x, scale_y)
+    return [None if p is None else (p[0] * sx, p[1] * sy) for p in points]
+
+
+def _draw_body(canvas: np.ndarray, points: list[Point]) -> None:
+    cv2 = _cv2()
+    for (a, b), colour in zip(_LIMBS, _COLOURS):
+        p, q = points[a - 1], points[b - 1]
+        if p is None or q is None:
+            continue
+        length = math.hypot(p[0] - q[0], p[1] - q[1])
+        angle = math.degrees(math.atan2(p[1] - q[1], p[0] - q[0]))
+        centre = (int((p[0] + q[0]) / 2), int((p[1] + q[1]) / 2))
+        polygon = cv2.ellipse2Poly(centre, (int(length / 2), 4), int(angle), 0, 360, 1)
+        cv2.fillConvexPoly(canvas, polygon, [int(c * 0.6) for c in colour])
+    for p, colour in zip(points, _COLOURS):
+        if p is not None:
+            cv2.circle(canvas, (int(p[0]), int(p[1])), 4, colour, thickness=-1)
+
+
+def _draw_hand(canvas: np.ndarray, points: list[Point]) -> None:
+    cv2 = _cv2()
+    for i, (a, b) in enumerate(_HAND_EDGES):
+        p, q = points[a], points[b]
+        if p is None or q is None:
+            continue
+        (x1, y1), (x2, y2) = (int(p[0]), int(p[1])), (int(q[0]), int(q[1]))
+        if min(x1, y1, x2, y2) > _EPS:
+            colour = [c * 255 for c in colorsys.hsv_to_rgb(i / len(_HAND_EDGES), 1.0, 1.0)]
+            cv2.line(canvas, (x1, y1), (x2, y2), colour, thickness=2)
+    _draw_dots(canvas, points, 4, (0, 0, 255))
+
+
+def _draw_dots(canvas: np.ndarray, points: list[Point], radius: int, colour) -> None:
+    for p in points:
+        if p is not None and int(p[0]) > _EPS and int(p[1]) > _EPS:
+            _cv2().circle(canvas, (int(p[0]), int(p[1])), radius, colour, thickness=-1)
+
+
+def openpose_json(data: dict | str, width: int | None = None, height: int | None = None) -> Image.Image:
+    """The OpenPose skeleton hint of a pose JSON (OpenPose's output format, as the extension's pose editor writes).
+
+    `people[]` with `pose_keypoints_2d` (18 COCO keypoints, or OpenPose's BODY_25), optional
+    `hand_left_keypoints_2d` / `hand_right_keypoints_2d` (21) and `face_keypoints_2d` (70); coordinates in
+    pixels of `canvas_width` x `canvas_height` or normalised to 0..1. The picture is width x height (default:
+    the canvas); pixel coordinates are rescaled to it. Unlike the extension, which keeps only confidence 1,
+    any confidence above 0 counts as seen, so that OpenPose's own files draw whole.
+    """
+    if isinstance(data, str):
+        try:
+            data = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the pose is not valid JSON: {e}") from None
+    if isinstance(data, list) and len(data) == 1:
+        data = data[0]  # the extension's editor and detect route give a list of one pose per image
+    if not isinstance(data, dict) or not isinstance(data.get("people", []), list):
+        raise ValueError("the pose must be a JSON object with a list of people (OpenPose's output format)")
+    if data.get("animals"):
+        raise ValueError("plainsd draws people's poses only; the pose JSON has animals")
+    canvas_w, canvas_h = data.get("canvas_width"), data.get("canvas_height")
+    width, height = width or canvas_w, height or canvas_h
+    if not width or not height:
+        raise ValueError("the pose JSON has no canvas_width / canvas_height; give the picture's width and height")
+    sx, sy = width / (canvas_w or width), height / (canvas_h or height)
+    canvas = np.zeros((int(height), int(width), 3), np.uint8)
+    for n, person in enumerate(data.get("people", [])):
+        def part(key: str, counts: tuple[int, ...] = ()) -> list[Point] | None:
+            points = _keypoints(person.get(key), f"people[{n}].{key}", counts)
+            return _to_pixels(points, sx, sy, int(width), int(height))
+
+        body = part("pose_keypoints_2d", (18, 25))
+        if body:
+            _draw_body(canvas, body)
+        for key in ("hand_left_keypoints_2d", "hand_right_keypoints_2d"):
+            hand = part(key, (21,))
+            if hand:
+                _draw_hand(canvas, hand)
+        face = part("face_keypoints_2d")
+        if face:
+            _draw_dots(canvas, face, 3, (255, 255, 255))
+    return Image.fromarray(canvas)
