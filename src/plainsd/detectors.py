@@ -247,7 +247,8 @@ def detect(module: str, image: Image.Image, resolution: int = 512, threshold_a: 
     """
     m = check(module, threshold_a, threshold_b)
     if not 1 <= resolution <= 8192:
-        raise ValueError(f"the preprocessor resolution must be from 1 to 8192 pixels (usually 64 to 2048), got {resolution}")
+        raise ValueError(f"the preprocessor resolution must be from 1 to 8192 pixels (usually 64 to 2048), "
+                         f"got {resolution}")
     a = _setting(module, m.threshold_a, threshold_a, "threshold_a")
     b = _setting(module, m.threshold_b, threshold_b, "threshold_b")
     out = m.run(np.asarray(image.convert("RGB")), int(resolution), a, b)
@@ -314,7 +315,8 @@ def _hint_resize(x: np.ndarray, width: int, height: int) -> np.ndarray:
     if x.shape[:2] == (height, width):
         return x
     cv2 = _cv2()
-    colours = len(np.unique(x.reshape(-1, 3), axis=0))
+    packed = (x[..., 0].astype(np.uint32) << 16) | (x[..., 1].astype(np.uint32) << 8) | x[..., 2]
+    colours = len(np.unique(packed))
     smaller, bigger = width * height < x.shape[0] * x.shape[1], width * height > x.shape[0] * x.shape[1]
     binary = colours == 2 and x.min() < 16 and x.max() > 240
     if 2 < colours < 200:
@@ -408,7 +410,8 @@ def _keypoints(numbers, what: str, counts: tuple[int, ...] = ()) -> list[Point] 
     return [points[i] for i in _BODY25_TO_COCO18] if len(points) == 25 else points
 
 
-def _to_pixels(points: list[Point] | None, scale_x: float, scale_y: float, width: int, height: int) -> list[Point] | None:
+def _to_pixels(points: list[Point] | None, scale_x: float, scale_y: float, width: int,
+               height: int) -> list[Point] | None:
     """Pixel positions: normalised points (all within 0..1, as the extension tells them apart) times the
     canvas, pixel points times the canvas's rescaling."""
     if not points:
