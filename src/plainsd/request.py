@@ -484,6 +484,7 @@ class Parameters:
     tiling: bool = False
     eta_noise_seed_delta: int | None = None   # where it changed the sampler's noise
     sampler_fields: dict = field(default_factory=dict)   # "Eta", "Sigma churn", ... (request.sampler_fields)
+    controlnet: dict = field(default_factory=dict)   # "ControlNet 0": "Module: ..., Model: ...", ... (control.py)
 
     def infotext(self, seed: int, subseed: int | None = None) -> str:
         """A1111's "parameters" text for the image with this seed (and variation seed)."""
@@ -500,7 +501,7 @@ class Parameters:
             "Guidance until": self.guidance_until if self.guidance_until < 1.0 else None,
             "DeepCache interval": self.deepcache, "Decoder": "TAESD" if self.tiny_decoder else None,
             "Token merging ratio": self.token_merging, "Tiling": "True" if self.tiling else None,
-            **self.sampler_fields, **self._hires_fields(), **self.inpainting})
+            **self.sampler_fields, **self._hires_fields(), **self.inpainting, **self.controlnet})
 
     @staticmethod
     def inpainting_fields(req: GenerationRequest, painted: bool, only_masked: bool) -> dict:
