@@ -106,9 +106,9 @@ def find_controlnet(model: str, folder: str | os.PathLike | None = None) -> Path
         return lower[name.lower()]
     if Path(model).exists():
         return Path(model)
-    where = f"in {folder} or " if folder is not None else "(no ControlNet folder given) or "
-    raise ValueError(f"no ControlNet named {model!r} {where}among the shipped ones; available: "
-                     f"{', '.join(available) or 'none'} (or give a path)")
+    where = f"in {folder} or " if folder is not None else ""
+    raise ValueError(f"no ControlNet named {model!r} {where}among the shipped ones (a ControlNet folder: "
+                     f"--controlnet-dir); available: {', '.join(available) or 'none'}; or give a file's path")
 
 
 def check_combination(req: GenerationRequest, backend: str) -> None:
