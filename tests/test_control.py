@@ -285,3 +285,27 @@ def test_infotext_entries(folder):
     b = fields["ControlNet 1"]
     assert "Resize Mode: Just Resize, Processor Res: 256, Threshold A: 3.0, Threshold B: -1.0" in b
     assert "Pixel Perfect: True, Control Mode: Balanced" in b
+
+
+def test_deepcache_adds_all_residuals_on_whole_calls_and_the_outer_ones_on_cheap_calls(sd):
+    from plainsd.fast import DeepCacheUNet
+    net = random_controlnet(sd.unet.config)
+    x, context, hint = _inputs(sd, 1)
+    t = torch.tensor([400.0])
+    asked = []
+
+    def residuals(stop=None):
+        asked.append(stop)
+        return control.run_controlnet(net, x, hint, t, context, stop)
+
+    cache = DeepCacheUNet(sd.unet, interval=2, depth=1)
+    with torch.no_grad():
+        whole = cache(x, t, context, control=residuals)
+        cheap = cache(x, t, context, control=residuals)
+        expected = sd.unet(x, t, context, control=net(x, hint, t, context))
+        uncontrolled_cheap = DeepCacheUNet(sd.unet, interval=2, depth=1)
+        uncontrolled_cheap(x, t, context, control=residuals)
+        without = uncontrolled_cheap(x, t, context)
+    assert asked == [None, 1, None]
+    torch.testing.assert_close(whole, expected)
+    assert not torch.allclose(cheap, without)  # the cheap call's outer skip got its residual
