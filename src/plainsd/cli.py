@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   plainsd txt2img "a red circle" --hires --hires-scale 2 --hires-strength 0.5 -o circle-hires.png
   plainsd img2img "a blue square" --init-image circle.png --strength 0.6
   plainsd inpaint "a star" --init-image circle.png --mask mask.png --only-masked --inpainting-fill fill
+  plainsd txt2img "a red circle" --controlnet plainsd-base.controlnet-canny --control-image edges.png --control-module canny
   plainsd outpaint circle.png "a red circle, a wide field" --left 64 --right 64 -o wide.png
   plainsd xyz "a red circle" --x-type Seed --x-values 1-3 --y-type "CFG Scale" --y-values "3, 7" -o grid.png
   plainsd png-info circle.png
@@ -65,6 +66,7 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     p.add_argument("--lora-dir", default=None, help="folder of LoRA files, used by <lora:name:weight> in the prompt")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings, used by name in prompts")
     _style_args(p)
+    _controlnet_args(p)
     _runtime_args(p)
     p.add_argument("--fast", action="store_true",
                    help="fast mode: DeepCache (the whole UNet every 2nd step, every 4th on the last 40%%), guidance for the first 60%% of the steps (less exact)")
@@ -87,6 +89,87 @@ def _style_args(p: argparse.ArgumentParser):
                        help="A1111's styles.csv (columns name, prompt, negative_prompt) or a wildcard such as "
                             "'styles/*.csv'; default: styles.csv in the current folder")
     group.add_argument("--styles-dir", default=None, metavar="DIR", help="a folder of styles .csv files")
+
+
+# The command line's spellings of the ControlNet extension's control modes and resize modes, in one table.
+CONTROL_NAMES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                 "controlnet": "ControlNet is more important", "just-resize": "Just Resize",
+                 "crop-and-resize": "Crop and Resize", "resize-and-fill": "Resize and Fill"}
+# Each unit's flags: flag -> (ControlUnit field, type); the n-th of each belongs to the n-th --controlnet.
+CONTROL_FLAGS = {"control_image": ("image", str), "control_module": ("module", str),
+                 "control_weight": ("weight", float), "control_start": ("guidance_start", float),
+                 "control_end": ("guidance_end", float), "control_mode": ("control_mode", str),
+                 "control_resize_mode": ("resize_mode", str), "control_res": ("processor_res", int),
+                 "control_threshold_a": ("threshold_a", float), "control_threshold_b": ("threshold_b", float),
+                 "control_pixel_perfect": ("pixel_perfect", str)}
+
+
+def _controlnet_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("ControlNet", "units as A1111's ControlNet extension has them; repeat --controlnet for "
+                                           "several, the n-th of each flag below belonging to the n-th unit")
+    g.add_argument("--controlnet", action="append", default=[], metavar="MODEL",
+                   help="a ControlNet: a name in --controlnet-dir (with or without its [hash]), the shipped "
+                        "plainsd-base.controlnet-canny, or a file or diffusers folder")
+    g.add_argument("--controlnet-dir", default=None, metavar="DIR", help="folder of ControlNet files (A1111's models/ControlNet)")
+    g.add_argument("--control-image", action="append", default=[], metavar="IMG",
+                   help="the unit's picture; img2img and inpaint: leave out (or 'init') to use the init image")
+    g.add_argument("--control-module", action="append", default=[], metavar="NAME",
+                   help="preprocessor: none (the picture is the hint; default), canny, ...")
+    g.add_argument("--control-weight", action="append", default=[], metavar="W", help="0 to 2 (default 1)")
+    g.add_argument("--control-start", action="append", default=[], metavar="F",
+                   help="fraction of the steps before which the unit is off (default 0)")
+    g.add_argument("--control-end", action="append", default=[], metavar="F",
+                   help="fraction of the steps after which the unit is off (default 1)")
+    g.add_argument("--control-mode", action="append", default=[], choices=["balanced", "prompt", "controlnet"],
+                   help="balanced (default), prompt (my prompt is more important), controlnet (ControlNet is more important)")
+    g.add_argument("--control-resize-mode", action="append", default=[],
+                   choices=["just-resize", "crop-and-resize", "resize-and-fill"],
+                   help="how the hint is fitted to the picture (default crop-and-resize)")
+    g.add_argument("--control-res", action="append", default=[], metavar="PX",
+                   help="the preprocessor's resolution, 64 to 2048 (default 512)")
+    g.add_argument("--control-threshold-a", action="append", default=[], metavar="X",
+                   help="the preprocessor's first setting (canny: low threshold, default 100)")
+    g.add_argument("--control-threshold-b", action="append", default=[], metavar="X",
+                   help="its second (canny: high threshold, default 200)")
+    g.add_argument("--control-pixel-perfect", action="append", default=[], nargs="?", const="on",
+                   choices=["on", "off"], help="the preprocessor's resolution from the picture's size (on; or off)")
+
+
+def _control_units(args) -> tuple:
+    """The units the ControlNet flags ask for: the n-th of each flag goes to the n-th --controlnet."""
+    from plainsd.request import ControlUnit
+
+    models = args.controlnet
+    for flag in CONTROL_FLAGS:
+        given = getattr(args, flag)
+        if len(given) > len(models):
+            raise ValueError(f"--{flag.replace('_', '-')} was given {len(given)} times but --controlnet "
+                             f"{len(models)} times; each unit's flags belong to the --controlnet of the same place")
+    units = []
+    for i, model in enumerate(models):
+        fields = {}
+        for flag, (name, kind) in CONTROL_FLAGS.items():
+            values = getattr(args, flag)
+            if i < len(values):
+                fields[name] = _control_value(flag, values[i], kind)
+        if fields.get("image", "init") == "init":
+            fields.pop("image", None)
+        else:
+            fields["image"] = _open_image(fields["image"])
+        units.append(ControlUnit(model, **fields))
+    return tuple(units)
+
+
+def _control_value(flag: str, text: str, kind):
+    if flag == "control_pixel_perfect":
+        return text == "on"
+    if flag in ("control_mode", "control_resize_mode"):
+        return CONTROL_NAMES[text]
+    try:
+        return kind(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"--{flag.replace('_', '-')} takes {what}, got {text!r}") from None
 
 
 def _hires_args(p: argparse.ArgumentParser):
@@ -458,7 +541,8 @@ def _request(args):
         seed_resize_from_w=args.seed_resize_from_w, seed_resize_from_h=args.seed_resize_from_h, tiling=args.tiling,
         s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax, s_noise=args.s_noise,
         eta_noise_seed_delta=args.ensd, styles=args.styles,
-        styles_file=args.styles_file or args.styles_dir or "styles.csv")
+        styles_file=args.styles_file or args.styles_dir or "styles.csv", controlnet=_control_units(args),
+        controlnet_dir=args.controlnet_dir)
     if args.command == "img2img":
         return request.replace(init_image=_open_image(args.init_image), strength=args.strength,
                                resize_mode=args.resize_mode, initial_noise_multiplier=args.noise_multiplier)
