@@ -37,6 +37,14 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
     )
 
 
+def diffusers_controlnet_kwargs(cfg: UNetConfig, **extra) -> dict:
+    """diffusers ControlNetModel settings for a ControlNet of this UNet config (extra: other settings)."""
+    kwargs = diffusers_unet_kwargs(cfg)
+    for name in ("sample_size", "out_channels", "up_block_types"):
+        del kwargs[name]
+    return {**kwargs, **extra}
+
+
 def diffusers_vae_kwargs(cfg: VAEConfig, scale_factor: float = 0.18215) -> dict:
     n = len(cfg.ch_mult)
     return dict(
