@@ -62,9 +62,10 @@ def _compare(theirs, ours, record_parity, name, scale=0.7, hint_channels=3, tol=
         got = unet(x, t, ctx, control=[r * scale for r in residuals])
         plain = unet(x, t, ctx)
     assert len(residuals) == len(down) + 1 == len(unet.input_blocks) + 1
-    d_res = max(max_diff(a * scale, b) for a, b in zip(residuals, [*down, mid]))
+    # relative to the largest value: the residuals of big random networks run to the thousands
+    d_res = max(max_diff(a * scale, b) / max(1.0, float(b.abs().max())) for a, b in zip(residuals, [*down, mid]))
     d_out = max_diff(got, expected)
-    record_parity(f"ControlNet {name} residuals vs diffusers", d_res)
+    record_parity(f"ControlNet {name} residuals vs diffusers (relative)", d_res)
     record_parity(f"UNet + ControlNet {name} vs diffusers", d_out)
     assert d_res <= tol and d_out <= tol, (d_res, d_out)
     assert max_diff(got, plain) > 100 * tol  # the residuals change the output: a dropped one would show
