@@ -21,9 +21,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+from .config import AdapterConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig
 from .models import StableDiffusion
 from .models.controlnet import HINT_CHANNELS, ControlNet
+from .models.t2i_adapter import UNSHUFFLE, T2IAdapter
 from .models.taesd import TinyDecoder
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
@@ -719,16 +720,21 @@ def _check_controlnet_kind(names: set[str], keys: set[str], label: str) -> None:
                 raise CheckpointError(f"{label} is {kind}, which plainsd does not load; it runs SD 1.x / 2.x ControlNets "
                                       "with their full weights")
         return
-    if any(k.startswith(UNET) for k in keys):
-        kind = "a Stable Diffusion checkpoint (load it with plainsd.load)"
-    elif any("lora_" in k or ".lora." in k for k in keys):
-        kind = "a LoRA file"
-    elif any(k.startswith(("adapter.", "body.")) for k in keys):
-        kind = "a T2I-Adapter, which plainsd does not run"
-    else:
-        kind = f"something else (its first keys are {_few(keys)})"
     raise CheckpointError(f"{label} is not a ControlNet: it has no {CONTROL}*, input_hint_block.* or "
-                          f"controlnet_cond_embedding.* tensors; it looks like {kind}")
+                          f"controlnet_cond_embedding.* tensors; it looks like {_looks_like(keys)}")
+
+
+def _looks_like(keys: set[str]) -> str:
+    """What a file that is not what the caller wanted looks like, for its error message."""
+    if any(k.startswith(UNET) for k in keys):
+        return "a Stable Diffusion checkpoint (load it with plainsd.load)"
+    if any("lora_" in k or ".lora." in k for k in keys):
+        return "a LoRA file"
+    if any(k.startswith((CONTROL, "input_hint_block.", "controlnet_cond_embedding.")) for k in keys):
+        return "a ControlNet (load it with load_controlnet)"
+    if any(k.startswith(("adapter.", "body.")) for k in keys):
+        return "a T2I-Adapter (load it with load_adapter)"
+    return f"something else (its first keys are {_few(keys)})"
 
 
 def _controlnet_file(path: Path) -> tuple[UNetConfig, int, bool, TensorSource]:
@@ -848,3 +854,106 @@ def save_controlnet(controlnet: ControlNet, path: str | os.PathLike, dtype: torc
     meta = {"unet": dataclasses.asdict(controlnet.config), "hint_channels": controlnet.hint_channels,
             "global_pool": bool(controlnet.global_pool)}
     return write_safetensors(state, path, {"format": "pt", _CONTROL_META: json.dumps(meta)})
+
+
+# --- T2I-Adapter files ------------------------------------------------------------------------------
+
+_ADAPTER_META = "plainsd.adapter"  # what save_adapter records of an adapter beside its tensors
+SD_LEVELS = 4  # the levels of every SD 1.x / 2.x UNet: what a bare adapter file's blocks are split into
+
+
+def adapter_diffusers_names(cfg: AdapterConfig) -> list[tuple[str, str]]:
+    """(diffusers prefix, TencentARC prefix) pairs for a T2I-Adapter of this config (the A1111 extension's
+    correspondence): diffusers keeps each level's blocks apart, TencentARC numbers them straight through."""
+    n, pairs = cfg.num_res_blocks, [("adapter.conv_in.", "conv_in.")]
+    for level in range(len(cfg.channels)):
+        pairs.append((f"adapter.body.{level}.in_conv.", f"body.{level * n}.in_conv."))
+        pairs += [(f"adapter.body.{level}.resnets.{j}.", f"body.{level * n + j}.") for j in range(n)]
+    return pairs
+
+
+def _adapter_names(keys: set[str]) -> dict[str, str]:
+    """{TencentARC name: key in the file}: diffusers' names renamed, an "adapter." prefix dropped."""
+    if any(k.startswith("adapter.body.") and ".resnets." in k for k in keys):
+        levels = {k.split(".")[2] for k in keys if k.startswith("adapter.body.")}
+        per_level = {k.split(".")[4] for k in keys if k.startswith("adapter.body.0.resnets.")}
+        pairs = adapter_diffusers_names(AdapterConfig(channels=(1,) * len(levels), num_res_blocks=len(per_level)))
+        return {(_rename(k, pairs) or "?" + k): k for k in keys}
+    return {(k[len("adapter."):] if k.startswith("adapter.") else k): k for k in keys}
+
+
+def _adapter_config(shapes: dict[str, tuple], label: str) -> AdapterConfig:
+    """The config of a TencentARC-named adapter from its shapes, split into SD's four UNet levels."""
+    if "style_embedding" in shapes or "body.0.body.0.block1.weight" in shapes:
+        raise CheckpointError(f"{label} is a style or light T2I-Adapter, which plainsd does not run; it runs the "
+                              "full adapters (canny, sketch, depth, keypose, openpose, ...)")
+    if "conv_in.weight" not in shapes or "body.0.block1.weight" not in shapes:
+        raise CheckpointError(f"{label} is not a T2I-Adapter: it has no conv_in / body.0.block1 tensors; "
+                              f"it looks like {_looks_like(set(shapes))}")
+    hint_channels, rest = divmod(shapes["conv_in.weight"][1], UNSHUFFLE ** 2)
+    if rest or hint_channels not in (1, 3):
+        raise CheckpointError(f"{label}: its conv_in reads {shapes['conv_in.weight'][1]} channels, which is not an SD "
+                              f"1.x / 2.x T2I-Adapter's {UNSHUFFLE ** 2} per hint channel (1 or 3; SDXL adapters read 768)")
+    blocks = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("body."))
+    if blocks % SD_LEVELS:
+        raise CheckpointError(f"{label}: {blocks} ResnetBlocks do not split into the {SD_LEVELS} levels of an SD UNet")
+    n = blocks // SD_LEVELS
+    return AdapterConfig(channels=tuple(shapes[f"body.{i * n}.block1.weight"][0] for i in range(SD_LEVELS)),
+                         num_res_blocks=n, hint_channels=hint_channels, ksize=shapes["body.0.block2.weight"][-1],
+                         use_conv=any(k.endswith("down_opt.op.weight") for k in shapes))
+
+
+def _adapter_folder(root: Path) -> tuple[AdapterConfig, TensorSource]:
+    """A diffusers T2IAdapter folder (config.json and its weights), under TencentARC's names."""
+    c = _read_json(root / "config.json") if (root / "config.json").is_file() else {}
+    if c.get("_class_name") != "T2IAdapter":
+        raise CheckpointError(f"{root} is not a diffusers T2IAdapter folder (its config.json is missing or names another class)")
+    if c.get("adapter_type", "full_adapter") != "full_adapter" or c.get("downscale_factor", UNSHUFFLE) != UNSHUFFLE:
+        raise CheckpointError(f"{root} is a {c.get('adapter_type')} T2I-Adapter (downscale factor "
+                              f"{c.get('downscale_factor')}); plainsd runs the SD 1.x / 2.x full_adapter (factor 8)")
+    cfg = AdapterConfig(channels=tuple(c.get("channels", (320, 640, 1280, 1280))), num_res_blocks=c.get("num_res_blocks", 2),
+                        hint_channels=c.get("in_channels", 3))
+    source = read_tensors(_component_file(root))
+    pairs = adapter_diffusers_names(cfg)
+    return cfg, _renamed(source, {(_rename(k, pairs) or "?" + k): k for k in source.shapes})
+
+
+def load_adapter(path: str | os.PathLike, dtype: torch.dtype | None = None) -> T2IAdapter:
+    """Load a T2I-Adapter: TencentARC's files (.pth read with weights_only, .safetensors), a single file in diffusers'
+    names, or a diffusers T2IAdapter folder; config from the file, strict load with shape checks.
+
+    dtype: the weights' dtype (default float32). The adapter's .name is the file's stem (the folder's name).
+    """
+    path = Path(path)
+    if path.is_dir():
+        cfg, source = _adapter_folder(path)
+    elif path.exists():
+        source = read_tensors(path)
+        source = _renamed(source, _adapter_names(set(source.shapes)))
+        if _ADAPTER_META in source.metadata:  # plainsd's own files (any number of levels)
+            try:
+                meta = json.loads(source.metadata[_ADAPTER_META])
+                cfg = AdapterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
+            except (ValueError, TypeError) as e:
+                raise CheckpointError(f"{path.name}: its {_ADAPTER_META} metadata is unreadable: {e}") from None
+        else:
+            cfg = _adapter_config(source.shapes, path.name)
+    else:
+        raise CheckpointError(f"no such T2I-Adapter file or folder: {path}")
+    with torch.device("meta"):
+        adapter = T2IAdapter(cfg)
+    state = _strict_state(adapter, source, f"{path.name} does not fit the T2I-Adapter it looks like", dtype or torch.float32)
+    adapter.load_state_dict(state, strict=True, assign=True)
+    adapter.name = path.stem if path.is_file() else path.name
+    return adapter.eval().requires_grad_(False)
+
+
+def save_adapter(adapter: T2IAdapter, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write a T2I-Adapter as one .safetensors file in TencentARC's names (as the A1111 extension reads them),
+    whole or not at all. dtype: e.g. torch.float16; default: the adapter's own."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"plainsd saves .safetensors files only; got {path.name!r}")
+    state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in adapter.state_dict().items()}
+    return write_safetensors(state, path, {"format": "pt", _ADAPTER_META: json.dumps(dataclasses.asdict(adapter.config))})

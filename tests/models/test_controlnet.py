@@ -9,24 +9,11 @@ import pytest
 import torch
 
 from plainsd.models.controlnet import ControlNet
-from plainsd.models.unet import UNetModel
-from plainsd.weights import _rename, load_controlnet, unet_diffusers_names
-from tests.reference import diffusers_unet_kwargs, max_diff, perturb
+from plainsd.weights import load_controlnet
+from tests.reference import max_diff, perturb, unet_pair
 from tests.test_configs import test_config
 
 TOL = 1e-4
-
-
-def _unets(cfg, seed=0):
-    """diffusers' UNet with random, perturbed weights, and plainsd's UNet with the same weights."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    theirs = perturb(UNet2DConditionModel(**diffusers_unet_kwargs(cfg)), seed + 1)
-    pairs = unet_diffusers_names(cfg)
-    ours = UNetModel(cfg)
-    ours.load_state_dict({_rename(k, pairs): v for k, v in theirs.state_dict().items()}, strict=True)
-    return theirs, ours.eval()
 
 
 def _controlnets(folder, unet, seed=0, safe=True, config=None, **from_unet):
@@ -74,14 +61,14 @@ def _compare(theirs, ours, record_parity, name, scale=0.7, hint_channels=3, tol=
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-sd2", "tiny-deep"])
 def test_controlnet_and_controlled_unet_match_diffusers(tmp_path, record_parity, name):
-    dunet, unet = _unets(test_config(name).unet)
+    dunet, unet = unet_pair(test_config(name).unet)
     dcn, cn = _controlnets(tmp_path / "cn", dunet)
     assert cn.config == unet.config and cn.name == "cn" and not cn.global_pool
     _compare((dunet, dcn), (unet, cn), record_parity, name)
 
 
 def test_bin_folders_load_too(tmp_path, record_parity):
-    dunet, unet = _unets(test_config("tiny").unet)
+    dunet, unet = unet_pair(test_config("tiny").unet)
     dcn, cn = _controlnets(tmp_path / "cn", dunet, safe=False)
     assert (tmp_path / "cn" / "diffusion_pytorch_model.bin").is_file()
     _compare((dunet, dcn), (unet, cn), record_parity, "tiny (.bin folder)")
@@ -91,7 +78,7 @@ def test_bin_folders_load_too(tmp_path, record_parity):
 def test_diffusers_settings_plainsd_honours(tmp_path, record_parity, setting):
     """Shuffle models (global_pool_conditions: each residual averaged over the picture), a hint in BGR order
     (the first convolution's input channels turned around at load) and a one-channel hint."""
-    dunet, unet = _unets(test_config("tiny").unet)
+    dunet, unet = unet_pair(test_config("tiny").unet)
     config = {"global_pool_conditions": {"global_pool_conditions": True},
               "bgr": {"controlnet_conditioning_channel_order": "bgr"}}.get(setting)
     channels = 1 if setting == "one hint channel" else 3
@@ -105,7 +92,7 @@ def test_guess_mode_as_diffusers_pipeline_applies_it(tmp_path, record_parity):
     """diffusers' ControlNet pipeline in guess mode with CFG: the ControlNet runs on the conditional half only,
     its residuals scaled by logspace(-1, 0) (0.1 for the first skip to 1 for the middle) times the conditioning
     scale, and the unconditional half gets zeros."""
-    dunet, unet = _unets(test_config("tiny").unet)
+    dunet, unet = unet_pair(test_config("tiny").unet)
     dcn, cn = _controlnets(tmp_path / "cn", dunet)
     x, hint, _, ctx = _inputs(unet.config)
     latents, t, scale = x[:1], torch.tensor(500), 0.8
@@ -134,7 +121,7 @@ def test_hint_of_the_wrong_size_is_refused():
 @pytest.mark.parametrize("name", ["sd15", "sd21"])
 def test_full_size_controlnet_matches_diffusers(tmp_path, record_parity, name):
     """SD1.5-size (and SD2.x-size: head size 64, linear projections, 1024-wide text) networks, float32."""
-    dunet, unet = _unets(test_config(name).unet)
+    dunet, unet = unet_pair(test_config(name).unet)
     dcn, cn = _controlnets(tmp_path / "cn", dunet)
     for f in (tmp_path / "cn").iterdir():
         f.unlink()  # (1.4 GB; the weights are in memory now)
