@@ -64,3 +64,17 @@ def test_prepare_controlnet_runs_it_as_the_engine_runs_the_unet(precision):
     assert runtime.use_plain_attention(cn) > 0  # (its attention was the runtime's)
     tol = 0.05 if precision == "bf16" else 1e-4
     assert (got - exact).abs().max() <= tol * exact.abs().max() and torch.allclose(again, got, rtol=0, atol=1e-6)
+
+
+def test_prepare_controlnet_readies_a_t2i_adapter_too():
+    from plainsd.config import AdapterConfig
+    from plainsd.models.t2i_adapter import T2IAdapter
+
+    sd, adapter = _model(), perturb(T2IAdapter(AdapterConfig(channels=(32, 64))), 2)
+    hint = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = adapter(hint)
+        runtime.prepare_controlnet(adapter, like=runtime.prepare(sd, precision="bf16"))
+        got = adapter(hint)
+    assert adapter.dtype == torch.bfloat16
+    assert all((g.float() - e).abs().max() <= 0.03 * e.abs().max() for g, e in zip(got, exact))
