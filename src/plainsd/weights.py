@@ -752,7 +752,8 @@ def _controlnet_file(path: Path) -> tuple[UNetConfig, int, bool, TensorSource]:
             raise CheckpointError(f"{path.name}: its {_CONTROL_META} metadata is unreadable: {e}") from None
     needed = ("input_blocks.0.0.weight", "middle_block.1.transformer_blocks.0.attn2.to_k.weight")
     if any(k not in source.shapes for k in needed):
-        raise CheckpointError(f"{path.name} is not a whole SD 1.x / 2.x ControlNet: it lacks {_few(set(needed) - set(source.shapes))}")
+        lacks = _few(set(needed) - set(source.shapes))
+        raise CheckpointError(f"{path.name} is not a whole SD 1.x / 2.x ControlNet: it lacks {lacks}")
     # The heads are not in the file: 8 for SD1 (768-wide text), 64 channels each for SD2, as the UNets have.
     # "shuffle" in the name means global pooling: the A1111 extension's rule (the files cannot say).
     return (_unet_config(source.shapes, prefix=""), source.shapes["input_hint_block.0.weight"][1],
@@ -766,13 +767,11 @@ def _controlnet_folder(root: Path) -> tuple[UNetConfig, int, bool, TensorSource]
     c = _read_json(root / "config.json")
     if c.get("_class_name", "ControlNetModel") != "ControlNetModel":
         raise CheckpointError(f"{root} holds a diffusers {c['_class_name']}, not a ControlNetModel")
-    only_cross = c.get("only_cross_attention", False)
-    for field, value in (*_CONTROLNET_SAME, ("only_cross_attention", False)):
-        have = c.get(field, value)
-        have = list(have) if isinstance(have, (list, tuple)) else have
-        if field == "only_cross_attention" and isinstance(only_cross, (list, tuple)):
-            have = any(only_cross)
-        if have != value:
+    cross_only = c.get("only_cross_attention", False)  # (one for all levels, or one per level)
+    settings = [(field, c.get(field, value), value) for field, value in _CONTROLNET_SAME]
+    settings.append(("only_cross_attention", any(cross_only) if isinstance(cross_only, list) else cross_only, False))
+    for field, have, value in settings:
+        if (list(have) if isinstance(have, (list, tuple)) else have) != value:
             raise CheckpointError(f"{root}: its ControlNet has {field}={have!r}, which plainsd's SD 1.x / 2.x ControlNet "
                                   f"does not run (it needs {field}={value!r})")
     order = c.get("controlnet_conditioning_channel_order", "rgb")
