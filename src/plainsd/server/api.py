@@ -438,8 +438,7 @@ def control_units(req: ProcessingRequest, kind: str, limits: Limits, settings: d
     try:
         controlnet.check_settings(settings)
         return controlnet.units(req.alwayson_scripts, kind, lambda data, what: decode_image(data, what, limits),
-                                lambda: controlnet.model_names(controlnet_dir), getattr(req, "resize_mode", 0),
-                                settings.get("control_net_unit_count", controlnet.SETTINGS["control_net_unit_count"]))
+                                lambda: controlnet.model_names(controlnet_dir), settings.get("control_net_unit_count", controlnet.SETTINGS["control_net_unit_count"]))
     except ValidationError as e:  # a unit's field of the wrong kind: named by its place in the request
         key = next(iter(req.alwayson_scripts))
         raise BadRequest(validation_sentence([{**error, "loc": _place("body", "alwayson_scripts", key, *error["loc"])}

@@ -21,20 +21,16 @@ from PIL import Image
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema
 
 from plainsd import control, detectors
-from plainsd.request import ControlUnit
+from plainsd.request import CONTROL_MODES, ControlUnit
 
 API_VERSION = 3   # what the extension's /controlnet/version answers (its external_code.get_api_version)
 # the extension's settings (A1111's options) that requests and routes read, with the extension's defaults
 SETTINGS = {"control_net_unit_count": 3, "control_net_no_detectmap": False}
 MAX_UNIT_COUNT = 10   # the extension's slider for control_net_unit_count goes from 1 to 10
 
-RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
-# the extension's older names of its resize modes (it still takes them)
-RESIZE_ALIASES = {"Inner Fit (Scale to Fit)": "Crop and Resize", "Outer Fit (Shrink to Fit)": "Resize and Fill",
-                  "Scale to Fit (Inner Fit)": "Crop and Resize", "Envelope (Outer Fit)": "Resize and Fill"}
-CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
-# A1111's img2img resize modes 0-3 as the extension's: its control image is the init image, resized the same way
-IMG2IMG_RESIZE = ("Just Resize", "Crop and Resize", "Resize and Fill", "Just Resize")
+# the extension's older names of its resize modes, which it still takes (as detectors.resize_mode_name does)
+RESIZE_ALIASES = ("Inner Fit (Scale to Fit)", "Outer Fit (Shrink to Fit)", "Scale to Fit (Inner Fit)",
+                  "Envelope (Outer Fit)")
 
 
 
@@ -49,7 +45,7 @@ def _choice(names: tuple[str, ...], numbers: int, what: str, shown: tuple[str, .
     return Annotated[Union[str, int], AfterValidator(check), WithJsonSchema(schema)]
 
 
-ResizeMode = _choice((*RESIZE_MODES, *RESIZE_ALIASES), 4, "resize mode", RESIZE_MODES)
+ResizeMode = _choice((*detectors.RESIZE_MODES, *RESIZE_ALIASES), 4, "resize mode", detectors.RESIZE_MODES)
 ControlMode = _choice(CONTROL_MODES, 3, "control mode", CONTROL_MODES)
 
 
@@ -181,7 +177,7 @@ class Unit:
 
 
 def units(scripts: dict, kind: str, decode: Callable[[Any, str], Image.Image], models: Callable[[], list[str]],
-          img2img_resize_mode: int = 0, unit_count: int = SETTINGS["control_net_unit_count"]) -> list[Unit]:
+          unit_count: int = SETTINGS["control_net_unit_count"]) -> list[Unit]:
     """alwayson_scripts of a txt2img or img2img request -> its enabled ControlNet units, checked (ValueError with
     one sentence; a pydantic ValidationError for a field of the wrong kind, whose locations start at the unit).
     decode(data, what): a base64 image -> PIL image; models(): the ControlNet models' names (model_names)."""
@@ -204,12 +200,12 @@ def units(scripts: dict, kind: str, decode: Callable[[Any, str], Image.Image], m
         where = f"alwayson_scripts.{key}.args[{i}]"
         module = _module_name(arg.module, f"{where}.module")  # (disabled units' too, as the extension checks)
         if arg.enabled:
-            found.append(_unit(arg, module, where, kind, decode, models, img2img_resize_mode))
+            found.append(_unit(arg, module, where, kind, decode, models))
     return found
 
 
-def _unit(arg: ControlNetUnitArgs, module: str, where: str, kind: str, decode, models: Callable[[], list[str]],
-          img2img_resize_mode: int) -> Unit:
+def _unit(arg: ControlNetUnitArgs, module: str, where: str, kind: str, decode,
+          models: Callable[[], list[str]]) -> Unit:
     """One enabled unit as a ControlUnit: older spellings, images, names and the "default" values resolved."""
     values = _without_aliases(arg, where)
     for name, (nothing, reason) in UNIT_NOT_SUPPORTED.items():
@@ -220,19 +216,16 @@ def _unit(arg: ControlNetUnitArgs, module: str, where: str, kind: str, decode, m
         raise ValueError(f"{where}: guidance_start ({values['guidance_start']}) is after guidance_end "
                          f"({values['guidance_end']}); the unit acts from guidance_start to guidance_end")
     image = _image(values["image"], f"{where}.image", decode)
-    resize_mode = _resize_mode(values["resize_mode"])
-    if image is None:
-        if kind != "img2img":
-            raise ValueError(f"{where}.image: the unit has no control image; send one (base64), or use img2img, where "
-                             f"a unit without one uses the init image")
-        resize_mode = IMG2IMG_RESIZE[img2img_resize_mode]  # the init image, resized as img2img resizes it
+    if image is None and kind != "img2img":
+        raise ValueError(f"{where}.image: the unit has no control image; send one (base64), or use img2img, where a "
+                         f"unit without one uses the init image (resized as img2img's resize_mode says)")
     info = detectors.MODULES[module]
     control = ControlUnit(
         model=find_model(values["model"], models(), f"{where}.model"), image=image, module=module,
         weight=values["weight"], guidance_start=values["guidance_start"], guidance_end=values["guidance_end"],
         control_mode=values["control_mode"] if isinstance(values["control_mode"], str)
         else CONTROL_MODES[values["control_mode"]],
-        resize_mode=resize_mode,
+        resize_mode=detectors.resize_mode_name(values["resize_mode"]),
         processor_res=values["processor_res"] if values["processor_res"] >= 0 else _default_resolution(info),
         threshold_a=_threshold(values["threshold_a"], _slider(info, "a")),
         threshold_b=_threshold(values["threshold_b"], _slider(info, "b")),
@@ -278,13 +271,6 @@ def _image(data, what: str, decode) -> Image.Image | None:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, image)
     return image.convert("RGB")
-
-
-def _resize_mode(value) -> str:
-    """The extension's resize mode by name, older name or number (its 3, img2img's latent upscale, is Just Resize)."""
-    if isinstance(value, str):
-        return RESIZE_ALIASES.get(value, value)
-    return IMG2IMG_RESIZE[value]
 
 
 def _show(value) -> str:
