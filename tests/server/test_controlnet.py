@@ -64,8 +64,10 @@ def folders(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def names(folders):
-    return cn.model_names(folders[1])
+def name(folders):
+    """The test's ControlNet as the extension lists it: "control_tiny_canny [hash]"."""
+    (found,) = [n for n in cn.model_names(folders[1]) if n.startswith("control_tiny_canny [")]
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +99,10 @@ def refusal(folders, *units, kind="txt2img", **body) -> str:
 
 # --- the units -> ControlUnit -----------------------------------------------------------------------------------
 
-def test_a_unit_becomes_the_control_unit_with_the_extensions_defaults(folders, names):
+def test_a_unit_becomes_the_control_unit_with_the_extensions_defaults(folders, name):
     request = mapped(folders, unit(weight=0.7, guidance_start=0.2, guidance_end=0.9, pixel_perfect=True))
     (control,) = request.controlnet
-    assert control.model == names[0] and control.model.startswith("control_tiny_canny [")
+    assert control.model == name
     assert control.image.tobytes() == SQUARE.tobytes() and control.image.size == SQUARE.size
     assert (control.module, control.weight, control.guidance_start, control.guidance_end) == ("canny", 0.7, 0.2, 0.9)
     assert (control.control_mode, control.resize_mode, control.pixel_perfect) == ("Balanced", "Crop and Resize", True)
@@ -177,9 +179,9 @@ def test_a_transparent_control_image_is_put_on_white_as_the_extension_does(folde
     assert control.image.getpixel((2, 2)) == (255, 0, 0) and control.image.getpixel((12, 2)) == (255, 255, 255)
 
 
-def test_model_names_as_the_extension_looks_them_up(folders, names):
-    for sent in (names[0], "control_tiny_canny", "CONTROL_TINY_CANNY", "control_tiny_canny [0000000000]", "canny"):
-        assert mapped(folders, unit(model=sent)).controlnet[0].model == names[0], sent
+def test_model_names_as_the_extension_looks_them_up(folders, name):
+    for sent in (name, "control_tiny_canny", "CONTROL_TINY_CANNY", "control_tiny_canny [0000000000]", "tiny_canny"):
+        assert mapped(folders, unit(model=sent)).controlnet[0].model == name, sent
     assert "unknown ControlNet model 'depth'; the server has control_tiny_canny [" in refusal(folders, unit(model="depth"))
     # a path is never a model: only listed names are used
     path = str(folders[1] / "control_tiny_canny.safetensors")

@@ -282,7 +282,7 @@ def _show(value) -> str:
 def model_names(folder=None) -> list[str]:
     """The ControlNet models a server offers, as the extension lists them ("name [hash]"): the shipped one and
     those of its ControlNet folder."""
-    return list(control.list_controlnets(folder))
+    return list(control.controlnet_titles(folder))
 
 
 def find_model(name: str, models: list[str], what: str = "model") -> str:
