@@ -5,6 +5,7 @@ the extension gives them (Mikubill/sd-webui-controlnet scripts/api.py, internal_
 import base64
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 import plainsd
-from plainsd import detectors
+from plainsd import detectors, pipeline
 from plainsd.models.controlnet import ControlNet
+from plainsd.request import ControlUnit, GenerationRequest
 from plainsd.server import Limits, create_app
 from plainsd.server import controlnet as cn
 from plainsd.server.api import BadRequest, Img2ImgRequest, Txt2ImgRequest, generation_request
@@ -308,3 +310,65 @@ def test_detect_canny_gives_the_pixels_of_detectors_detect(client):
 def test_detect_refusals(client, body, words):
     r = client.post("/controlnet/detect", json=body)
     assert r.status_code == 422 and words in r.json()["detail"], r.text
+
+
+# --- generation: the units reach the pipeline, the detected maps come back -------------------------------------------
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(decode(b64), np.int16)
+
+
+def test_a_txt2img_unit_reaches_the_pipeline_and_draws_what_the_python_call_draws(client, folders, name, monkeypatch):
+    seen = []
+    generate = pipeline.generate
+    monkeypatch.setattr(pipeline, "generate", lambda engine, request, **kw: seen.append(request) or
+                        generate(engine, request, **kw))
+    body = {**BASE, "alwayson_scripts": {"controlnet": {"args": [unit(weight=0.8, control_mode=2)]}}}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    (request,) = seen
+    want = ControlUnit(name, SQUARE, "canny", weight=0.8, control_mode="ControlNet is more important")
+    (got,) = request.controlnet
+    assert got.image.tobytes() == SQUARE.tobytes() and replace(got, image=None) == replace(want, image=None)
+    assert request.controlnet_dir == str(folders[1])
+    # the picture: the Python call's with that unit, and not the one without it
+    direct = pipeline.generate(client.app.state.store.get(), GenerationRequest(
+        prompt=BASE["prompt"], steps=2, width=32, height=32, seed=1, sampler="Euler", controlnet=(want,),
+        controlnet_dir=str(folders[1])))
+    answer = r.json()
+    assert np.abs(pixels(answer["images"][0]) - np.asarray(direct.images[0], np.int16)).max() <= 1
+    plain = client.post("/sdapi/v1/txt2img", json=BASE).json()
+    assert np.abs(pixels(answer["images"][0]) - pixels(plain["images"][0])).max() > 8
+    # the infotext the pipeline writes reaches the answer
+    info = json.loads(answer["info"])
+    assert info["infotexts"][0] == direct.infotexts[0] and "ControlNet 0: " in info["infotexts"][0]
+    assert info["extra_generation_params"]["ControlNet 0"].startswith("Module: canny, Model: " + name)
+
+
+def test_detected_maps_follow_the_pictures_as_the_extension_appends_them(client):
+    two = {"controlnet": {"args": [unit(), unit(module="invert", resize_mode="Just Resize")]}}
+    answer = client.post("/sdapi/v1/txt2img", json={**BASE, "batch_size": 2, "alwayson_scripts": two}).json()
+    assert len(answer["images"]) == 2 + 2 and len(json.loads(answer["info"])["infotexts"]) == 2
+    canny = detectors.fit(detectors.detect("canny", SQUARE, 512), 32, 32, "Crop and Resize")
+    inverted = detectors.fit(detectors.detect("invert", SQUARE), 32, 32, "Just Resize")
+    assert [decode(b).tobytes() for b in answer["images"][2:]] == [canny.tobytes(), inverted.tobytes()]
+    # save_detected_map false, or the setting control_net_no_detectmap: the pictures alone
+    quiet = {"controlnet": {"args": [unit(save_detected_map=False), unit(module="invert")]}}
+    answer = client.post("/sdapi/v1/txt2img", json={**BASE, "alwayson_scripts": quiet}).json()
+    assert len(answer["images"]) == 2
+    answer = client.post("/sdapi/v1/txt2img", json={**BASE, "alwayson_scripts": two,
+                                                    "override_settings": {"control_net_no_detectmap": True}}).json()
+    assert len(answer["images"]) == 1
+    # the hires fix: the second pass's map, then the first's
+    hires = {**BASE, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Lanczos", "denoising_strength": 0.5}
+    answer = client.post("/sdapi/v1/txt2img", json={**hires, "alwayson_scripts": {"controlnet": {"args": [unit()]}}})
+    assert [decode(b).size for b in answer.json()["images"]] == [(48, 48), (48, 48), (32, 32)]
+
+
+def test_an_img2img_unit_without_an_image_reads_the_init_image(client):
+    init = square((40, 40), (5, 5, 20, 35))
+    answer = client.post("/sdapi/v1/img2img", json={**BASE, "init_images": [b64png(init)], "resize_mode": 0,
+                                                    "alwayson_scripts": {"controlnet": {"args": [unit(image=None)]}}})
+    assert answer.status_code == 200, answer.text
+    want = detectors.fit(detectors.detect("canny", init, 512), 32, 32, "Just Resize")  # img2img's resize mode 0
+    assert decode(answer.json()["images"][-1]).tobytes() == want.tobytes()

@@ -627,7 +627,7 @@ def info_json(req: ProcessingRequest, result, request: GenerationRequest, sd) ->
         "face_restoration_model": None, "sd_model_name": p.model, "sd_model_hash": p.model_hash,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": req.seed_resize_from_w,
         "seed_resize_from_h": req.seed_resize_from_h, "denoising_strength": p.denoising_strength,
-        "extra_generation_params": p.sampler_fields,
+        "extra_generation_params": {**p.sampler_fields, **p.controlnet},  # (the ControlNet extension's units too)
         "index_of_first_image": 0, "infotexts": result.infotexts, "styles": req.styles or [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p.clip_skip,
         "is_using_inpainting_conditioning": sd.config.unet.in_channels == 9 and request.init_image is not None,

@@ -408,13 +408,12 @@ def detected_maps(request, saved: list[bool], settings: dict) -> list[Image.Imag
     return maps
 
 
-def _hints(request, c: ControlUnit) -> list[Image.Image]:
-    image = c.image if c.image is not None else request.init_image
+def _hints(request, unit: ControlUnit) -> list[Image.Image]:
+    """A unit's detected map at each pass's size, as the pipeline fits it (control.detected_map, detectors.fit)."""
+    detected, resize = control.detected_map(unit, request)
     w, h = request.width, request.height
-    resolution = detectors.pixel_perfect_resolution(image, w, h, c.resize_mode) if c.pixel_perfect else c.processor_res
-    hint = detectors.detect(c.module, image, resolution, c.threshold_a, c.threshold_b)
     sizes = ([request.hires.final_size(w, h)] if request.hires is not None else []) + [(w, h)]
-    return [detectors.fit(hint, width, height, c.resize_mode) for width, height in sizes]
+    return [detectors.fit(detected, width, height, resize) for width, height in sizes]
 
 
 def check_settings(settings: dict) -> None:
