@@ -228,7 +228,7 @@ def test_web_page_controlnet_section(server, tmp_path):
         driver.get(server + "/")
         wait = WebDriverWait(driver, 60)
         wait.until(lambda d: len(Select(d.find_element(By.ID, "cn-module")).options) > 2)
-        assert [o.text for o in Select(driver.find_element(By.ID, "cn-model")).options] == models
+        assert [o.get_attribute("value") for o in Select(driver.find_element(By.ID, "cn-model")).options] == models
         driver.find_element(By.ID, "cn-enabled").click()
         driver.find_element(By.ID, "cn-image").send_keys(str(tmp_path / "control.png"))
         Select(driver.find_element(By.ID, "cn-module")).select_by_visible_text("canny")
