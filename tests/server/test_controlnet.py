@@ -164,6 +164,10 @@ def test_older_spellings_of_the_fields(folders):
                                "input_image": b64png(SQUARE), "guidance": 0.6, "lowvram": True}).controlnet[0]
     assert control.image.tobytes() == SQUARE.tobytes() and control.guidance_end == 0.6
     assert "input_image and image are the same field" in refusal(folders, unit(input_image=b64png(SQUARE)))
+    # null older spellings are not sent
+    control = mapped(folders, unit(guidance=None, lowvram=None, input_image=None, mask_image=None)).controlnet[0]
+    assert control.guidance_end == 1.0 and control.image.tobytes() == SQUARE.tobytes()
+    assert "args[0].mask: " in refusal(folders, unit(mask_image=b64png(SQUARE)))
 
 
 @pytest.mark.parametrize("image", [

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 from PIL import Image
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from plainsd import control, detectors
 from plainsd.request import CONTROL_MODES, ControlUnit
@@ -190,7 +190,7 @@ def units(scripts: dict, kind: str, decode: Callable[[Any, str], Image.Image], m
     if not scripts:
         return []
     key = next(iter(scripts))
-    args = TypeAdapter(ControlNetArgs).validate_python(scripts[key]).args
+    args = ControlNetArgs.model_validate(scripts[key]).args
     if len(args) > unit_count:
         raise ValueError(f"alwayson_scripts.{key}.args holds {len(args)} units; the extension takes at most "
                          f"control_net_unit_count ({unit_count}), a setting (/sdapi/v1/options) of 1 to "
@@ -238,13 +238,11 @@ def _without_aliases(arg: ControlNetUnitArgs, where: str) -> dict:
     extension refuses them)."""
     values = arg.model_dump()
     for old, new in ALIASES:
-        if old in arg.model_fields_set:
+        if values[old] is not None:  # (null: not sent)
             if new in arg.model_fields_set:
                 raise ValueError(f"{where}: {old} and {new} are the same field (the extension's older and current "
                                  f"names); send {new} alone")
             values[new] = values[old]
-    if values["low_vram"] is None:  # (lowvram: null)
-        values["low_vram"] = False
     return values
 
 
