@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 import plainsd
-from plainsd import detectors, pipeline
+from plainsd import control, detectors, pipeline
 from plainsd.models.controlnet import ControlNet
 from plainsd.request import ControlUnit, GenerationRequest
 from plainsd.server import Limits, create_app
@@ -376,3 +376,21 @@ def test_an_img2img_unit_without_an_image_reads_the_init_image(client):
     assert answer.status_code == 200, answer.text
     want = detectors.fit(detectors.detect("canny", init, 512), 32, 32, "Just Resize")  # img2img's resize mode 0
     assert decode(answer.json()["images"][-1]).tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("body", [
+    {"alwayson_scripts": {"controlnet": {"args": [unit(resize_mode="Resize and Fill", pixel_perfect=True)]}}},
+    # inpainting's "only masked": the unit's picture is cut to the mask's box first, as the pipeline cuts it
+    {"init_images": [b64png(square((40, 40), (2, 2, 30, 36)))], "mask": b64png(square((40, 40), (20, 20, 36, 36))),
+     "inpaint_full_res": True, "inpaint_full_res_padding": 2, "alwayson_scripts": {"controlnet": {"args": [unit()]}}},
+])
+def test_the_detected_map_is_the_hint_the_unet_got(client, monkeypatch, body):
+    fitted = []
+    hint_tensor = control.hint_tensor
+    monkeypatch.setattr(control, "hint_tensor", lambda detected, w, h, resize: fitted.append(
+        detectors.fit(detected, w, h, resize)) or hint_tensor(detected, w, h, resize))
+    route = "img2img" if "init_images" in body else "txt2img"
+    answer = client.post(f"/sdapi/v1/{route}", json={**BASE, **body})
+    assert answer.status_code == 200, answer.text
+    (got,) = fitted
+    assert decode(answer.json()["images"][-1]).tobytes() == got.tobytes()

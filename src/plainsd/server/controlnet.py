@@ -20,7 +20,7 @@ from typing import Annotated, Any, Callable, Literal, Optional, Union
 from PIL import Image
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
-from plainsd import control, detectors
+from plainsd import control, detectors, pipeline
 from plainsd.request import CONTROL_MODES, ControlUnit
 
 API_VERSION = 3   # what the extension's /controlnet/version answers (its external_code.get_api_version)
@@ -407,8 +407,10 @@ def detected_maps(request, saved: list[bool], settings: dict) -> list[Image.Imag
 
 
 def _hints(request, unit: ControlUnit) -> list[Image.Image]:
-    """A unit's detected map at each pass's size, as the pipeline fits it (control.detected_map, detectors.fit)."""
-    detected, resize = control.detected_map(unit, request)
+    """A unit's detected map at each pass's size, as the pipeline fits it (control.detected_map, detectors.fit;
+    with inpainting's "only masked", of the picture cut to the mask's box, as the pipeline cuts it)."""
+    area = pipeline._masked_area(request) if request.mask is not None and request.inpaint_full_res else None
+    detected, resize = control.detected_map(unit, request, area.box if area is not None else None)
     w, h = request.width, request.height
     sizes = ([request.hires.final_size(w, h)] if request.hires is not None else []) + [(w, h)]
     return [detectors.fit(detected, width, height, resize) for width, height in sizes]
