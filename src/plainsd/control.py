@@ -134,9 +134,7 @@ def load_controlnets(engine, units: tuple[ControlUnit, ...], folder=None) -> lis
         path = find_controlnet(unit.model, folder).resolve()
         key = (str(path), path.stat().st_mtime_ns)
         if key not in cache:
-            net = load_controlnet(path)
-            prepare = getattr(runtime, "prepare_controlnet", None)
-            cache[key] = prepare(net, engine) if prepare is not None else net.eval()
+            cache[key] = runtime.prepare_controlnet(load_controlnet(path).eval(), engine)
         cache.move_to_end(key)
         _check_fits(cache[key], engine.sd.unet.config, unit.model)
         nets.append(cache[key])
