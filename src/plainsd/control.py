@@ -238,7 +238,7 @@ def active_units(units: tuple[ControlUnit, ...], nets: list, hints: list[torch.T
         mode = CONTROL_MODES.index(unit.mode)
         forced_soft = hires and ("canny" in unit.module or "mlsd" in unit.module)
         out.append(ActiveUnit(net, hint, float(unit.weight), unit.guidance_start, unit.guidance_end,
-                              soft=mode != 0 or forced_soft, cond_only=mode == 2))
+                              soft=mode != 0 or forced_soft, cond_only=mode == 2 or net.global_pool))
     return out
 
 
@@ -287,32 +287,13 @@ def _residuals(units: list[ActiveUnit], x, t, context, cond_mark, stop: int | No
     for unit in units:
         x_in = x[:, :4] if x.shape[1] == 9 and unit.net.config.in_channels == 4 else x
         with torch.no_grad():
-            out = run_controlnet(unit.net, x_in, unit.hint.to(x.device), t, context, stop)
+            out = unit.net(x_in, unit.hint.to(x.device), t, context, stop=stop)
         full = len(unit.net.zero_convs) + 1
         out = [r * s for r, s in zip(out, unit.scales(full))]
         if unit.cond_only:
             out = [r * cond_mark.to(r.dtype) for r in out]
         total = out if total is None else [a + b for a, b in zip(total, out)]
     return total
-
-
-def run_controlnet(net, x, hint, timesteps, context, stop: int | None = None) -> list[torch.Tensor]:
-    """net(x, hint, timesteps, context), or with stop only the residuals of its first `stop` input blocks (what
-    a DeepCache call that runs only the UNet's outer blocks can use)."""
-    if stop is None:
-        return net(x, hint, timesteps, context)
-    from .models.layers import timestep_embedding
-    dtype = net.dtype
-    timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
-    emb = net.time_embed(timestep_embedding(timesteps, net.config.model_channels).to(dtype))
-    context = context.to(dtype)
-    h, outs = x.to(dtype), []
-    for i, (block, zero) in enumerate(zip(net.input_blocks[:stop], net.zero_convs)):
-        h = block(h, emb, context)
-        if i == 0:
-            h = h + net.input_hint_block(hint.to(dtype), emb, context)
-        outs.append(zero(h, emb, context))
-    return outs
 
 
 # --- the infotext ---------------------------------------------------------------------------------------------
