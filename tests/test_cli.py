@@ -249,6 +249,35 @@ def test_fast_with_openvino_says_what_it_leaves_out(capsys, monkeypatch):
     assert "cannot reuse" not in capsys.readouterr().err
 
 
+def test_detect_writes_the_hint(capsys):
+    picture = Image.new("RGB", (96, 64), (255, 255, 255))
+    picture.paste((0, 0, 0), (32, 16, 64, 48))
+    picture.save("in.png")
+    assert main(["detect", "canny", "in.png", "-o", "edges.png", "--resolution", "64"]) == 0
+    from plainsd import detectors
+    assert np.array_equal(np.asarray(Image.open("edges.png")), np.asarray(detectors.detect("canny", picture, 64)))
+    assert main(["detect", "canny", "in.png", "-o", "fit.png", "--width", "64", "--height", "64", "--pixel-perfect"]) == 0
+    assert Image.open("fit.png").size == (64, 64) and "fit.png  (64x64)" in capsys.readouterr().out
+    with open("pose.json", "w") as f:
+        f.write('{"canvas_width": 32, "canvas_height": 24, "people": [{"pose_keypoints_2d": ['
+                + ", ".join(["0"] * 3 + ["5", "12", "1", "25", "12", "1"] + ["0"] * 45) + "]}]}")
+    assert main(["detect", "openpose_json", "pose.json", "-o", "pose.png"]) == 0
+    assert Image.open("pose.png").size == (32, 24) and Image.open("pose.png").getpixel((15, 12)) == (153, 0, 0)
+
+
+def test_detect_refuses_with_one_line(capsys):
+    Image.new("RGB", (64, 64)).save("in.png")
+    for args, message in [(["depth_midas"], "the depth_midas preprocessor needs its network's weights"),
+                          (["canny", "--threshold-a", "0"], "threshold_a (Low Threshold) must be from 1 to 255"),
+                          (["cany"], "unknown ControlNet preprocessor 'cany'"),
+                          (["canny", "--pixel-perfect"], "--pixel-perfect needs --width and --height")]:
+        assert main(["detect", args[0], "in.png", "-o", "out.png", *args[1:]]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["detect", "canny", "in.png", "-o", "out.jpg"]) == 2
+    assert main(["detect", "openpose_json", "missing.json", "-o", "out.png"]) == 2
+    assert "no such pose file: missing.json" in capsys.readouterr().err
+
+
 def _controlnet_folder(tmp_path):
     import plainsd
     from tests.test_control import random_controlnet, save_controlnet

@@ -246,7 +246,7 @@ def test_deepcache_calls_get_the_outer_residuals(sd):
     t = torch.tensor([400.0])
     with torch.no_grad():
         whole = net(x, hint, t, context)
-        part = control.run_controlnet(net, x, hint, t, context, stop=2)
+        part = net(x, hint, t, context, stop=2)
     assert len(part) == 2
     for p, w in zip(part, whole):
         torch.testing.assert_close(p, w)
@@ -296,7 +296,7 @@ def test_deepcache_adds_all_residuals_on_whole_calls_and_the_outer_ones_on_cheap
 
     def residuals(stop=None):
         asked.append(stop)
-        return control.run_controlnet(net, x, hint, t, context, stop)
+        return net(x, hint, t, context, stop=stop)
 
     cache = DeepCacheUNet(sd.unet, interval=2, depth=1)
     with torch.no_grad():

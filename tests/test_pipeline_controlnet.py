@@ -7,6 +7,7 @@ from PIL import Image
 
 import plainsd
 from plainsd import control, pipeline
+from plainsd.models.controlnet import ControlNet
 from plainsd.pnginfo import parse_controlnet_units, parse_infotext
 from plainsd.request import ControlUnit, GenerationRequest, HiresFix
 from plainsd.runtime import Engine
@@ -86,8 +87,8 @@ def test_the_unconditional_half_by_mode(sd, folder):
 
 def test_the_controlnet_sees_the_unets_text(sd, folder, monkeypatch):
     seen = []
-    real = control.run_controlnet
-    monkeypatch.setattr(control, "run_controlnet", lambda net, x, hint, t, context, stop=None:
+    real = ControlNet.forward
+    monkeypatch.setattr(ControlNet, "forward", lambda net, x, hint, t, context, stop=None:
                         seen.append(context.clone()) or real(net, x, hint, t, context, stop))
     engine = _spied(sd)
     texts = []

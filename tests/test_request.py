@@ -151,7 +151,7 @@ _HINT = Image.new("RGB", (8, 8))
     (dict(guidance_start=0.5, guidance_end=0.5), "guidance start and end must satisfy 0 <= start < end <= 1"),
     (dict(guidance_end=1.2), "guidance start and end must satisfy 0 <= start < end <= 1"),
     (dict(processor_res=32), "processor_res (the preprocessor's resolution) must be a whole number from 64 to 2048"),
-    (dict(module="sharpen"), "unknown ControlNet preprocessor (module) 'sharpen'"),
+    (dict(module="sharpen"), "unknown ControlNet preprocessor 'sharpen'"),
     (dict(model="nope"), "no ControlNet named 'nope'"),
     (dict(image=None), "needs an image (only img2img and inpainting may leave it out"),
 ])

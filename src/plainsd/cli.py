@@ -18,6 +18,8 @@ EXAMPLES = """examples:
   plainsd outpaint circle.png "a red circle, a wide field" --left 64 --right 64 -o wide.png
   plainsd xyz "a red circle" --x-type Seed --x-values 1-3 --y-type "CFG Scale" --y-values "3, 7" -o grid.png
   plainsd png-info circle.png
+  plainsd detect canny photo.jpg -o edges.png --width 512 --height 768 --pixel-perfect
+  plainsd detect openpose_json pose.json -o pose.png
   plainsd serve --models-dir models --port 7860
 """
 
@@ -223,6 +225,30 @@ def _noise_multiplier(p: argparse.ArgumentParser):
                    help="the starting noise times X, 0 to 1.5 (A1111's Noise multiplier for img2img; default 1)")
 
 
+def _detect_args(sub) -> None:
+    from plainsd.detectors import MODULES, RESIZE_MODES
+
+    runnable = ", ".join(name for name, m in MODULES.items() if not m.needs_weights)
+    p = sub.add_parser("detect", help="make a ControlNet hint from a picture (a preprocessor) or a pose JSON",
+                       description=f"Preprocessors (A1111 ControlNet extension names): {runnable}; and openpose_json, "
+                                   "which draws the OpenPose skeleton of a pose JSON file (OpenPose's format).")
+    p.add_argument("module", help="the preprocessor, e.g. canny")
+    p.add_argument("image", help="the picture (for openpose_json: the pose .json file)")
+    p.add_argument("-o", "--output", required=True, help="the hint, a .png file")
+    p.add_argument("--resolution", type=int, default=None, help="the preprocessor resolution: the hint's short side "
+                                                              "before fitting (default 512)")
+    p.add_argument("--threshold-a", type=float, default=None, help="the module's first setting (default: its own)")
+    p.add_argument("--threshold-b", type=float, default=None, help="the module's second setting (default: its own)")
+    p.add_argument("--width", type=int, default=None, help="fit the hint to this size (with --height), as a "
+                                                           "generation of that size would; openpose_json: the canvas")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--resize-mode", default="Crop and Resize", choices=RESIZE_MODES,
+                   help="how the hint is fitted to --width x --height (default Crop and Resize)")
+    p.add_argument("--pixel-perfect", action="store_true",
+                   help="choose the resolution that needs no resizing to --width x --height")
+    p.add_argument("--debug", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plainsd", description="Stable Diffusion in plain PyTorch, on the CPU.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -274,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="as JSON fields")
     p.add_argument("--debug", action="store_true")
+    _detect_args(sub)
     p = sub.add_parser("samplers", help="list samplers and schedules")
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("train", help="train the VAE, CLIP or the UNet from a config file")
@@ -365,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", default="outputs/api", help="where save_images=true requests write")
     p.add_argument("--lora-dir", default=None, help="folder of LoRA files for <lora:name:weight> in prompts")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings")
+    p.add_argument("--controlnet-dir", default=None,
+                   help="folder of ControlNet models (A1111's models/ControlNet), offered besides the shipped one")
     p.add_argument("--styles", default=None, metavar="PATH",
                    help="A1111's styles.csv (or a folder of .csv files, or a wildcard) for the requests' styles")
     _runtime_args(p)
@@ -573,6 +602,39 @@ def _png_info(args) -> int:
     return 0
 
 
+def _detect(args) -> int:
+    from plainsd import detectors
+    from plainsd.pnginfo import save_png
+
+    if Path(args.output).suffix.lower() != ".png":
+        raise ValueError(f"the output must be a .png file, got {Path(args.output).name}")
+    if (args.width is None) != (args.height is None):
+        raise ValueError("give both --width and --height, or neither")
+    if args.module == "openpose_json":
+        if args.resolution or args.threshold_a is not None or args.threshold_b is not None or args.pixel_perfect:
+            raise ValueError("openpose_json draws the pose at --width x --height (default: the JSON's canvas); "
+                             "it takes no resolution, thresholds or pixel perfect")
+        try:
+            text = Path(args.image).read_text()
+        except FileNotFoundError:
+            raise ValueError(f"no such pose file: {args.image}") from None
+        hint = detectors.openpose_json(text, args.width, args.height)
+    else:
+        if args.pixel_perfect and args.width is None:
+            raise ValueError("--pixel-perfect needs --width and --height: the size the hint is for")
+        detectors.check(args.module, args.threshold_a, args.threshold_b)  # before the picture is read
+        image = _open_image(args.image)
+        resolution = args.resolution or 512
+        if args.pixel_perfect:
+            resolution = detectors.pixel_perfect_resolution(image, args.width, args.height, args.resize_mode)
+        hint = detectors.detect(args.module, image, resolution, args.threshold_a, args.threshold_b)
+        if args.width is not None:
+            hint = detectors.fit(hint, args.width, args.height, args.resize_mode)
+    path = save_png(hint, args.output, None)
+    print(f"{path}  ({hint.width}x{hint.height})")
+    return 0
+
+
 def _samplers(args) -> int:
     from plainsd.diffusion.samplers import SAMPLERS
     from plainsd.diffusion.schedules import SCHEDULE_LABELS
@@ -666,7 +728,8 @@ def _serve(args) -> int:
     limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_images=args.max_images)
     app = create_app(args.model, args.models_dir, auth=args.api_auth, max_queue=args.max_queue, limits=limits,
                      outputs=args.outputs, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-                     precision=args.precision, backend=args.backend, styles=args.styles)
+                     precision=args.precision, backend=args.backend, styles=args.styles,
+                     controlnet_dir=args.controlnet_dir)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"plainsd: note: listening on {args.host}, reachable from other machines"
               + ("" if args.api_auth else " without authentication (see --api-auth)"), file=sys.stderr)
@@ -778,7 +841,7 @@ def main(argv: list[str] | None = None) -> int:
     from plainsd.weights import CheckpointError
 
     handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate, "xyz": _xyz,
-                "png-info": _png_info,
+                "png-info": _png_info, "detect": _detect,
                 "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "lora": _lora, "finetune": _finetune}
     try:
         return handlers[args.command](args)

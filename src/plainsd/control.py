@@ -131,9 +131,7 @@ def load_controlnets(engine, units: tuple[ControlUnit, ...], folder=None) -> lis
         path = find_controlnet(unit.model, folder).resolve()
         key = (str(path), path.stat().st_mtime_ns)
         if key not in cache:
-            net = weights.load_controlnet(path)
-            prepare = getattr(runtime, "prepare_controlnet", None)
-            cache[key] = prepare(net, engine) if prepare is not None else net.eval()
+            cache[key] = runtime.prepare_controlnet(weights.load_controlnet(path).eval(), engine)
         cache.move_to_end(key)
         _check_fits(cache[key], engine.sd.unet.config, unit.model)
         nets.append(cache[key])
@@ -237,7 +235,7 @@ def active_units(units: tuple[ControlUnit, ...], nets: list, hints: list[torch.T
         mode = CONTROL_MODES.index(unit.mode)
         forced_soft = hires and ("canny" in unit.module or "mlsd" in unit.module)
         out.append(ActiveUnit(net, hint, float(unit.weight), unit.guidance_start, unit.guidance_end,
-                              soft=mode != 0 or forced_soft, cond_only=mode == 2))
+                              soft=mode != 0 or forced_soft, cond_only=mode == 2 or net.global_pool))
     return out
 
 
@@ -286,32 +284,13 @@ def _residuals(units: list[ActiveUnit], x, t, context, cond_mark, stop: int | No
     for unit in units:
         x_in = x[:, :4] if x.shape[1] == 9 and unit.net.config.in_channels == 4 else x
         with torch.no_grad():
-            out = run_controlnet(unit.net, x_in, unit.hint.to(x.device), t, context, stop)
+            out = unit.net(x_in, unit.hint.to(x.device), t, context, stop=stop)
         full = len(unit.net.zero_convs) + 1
         out = [r * s for r, s in zip(out, unit.scales(full))]
         if unit.cond_only:
             out = [r * cond_mark.to(r.dtype) for r in out]
         total = out if total is None else [a + b for a, b in zip(total, out)]
     return total
-
-
-def run_controlnet(net, x, hint, timesteps, context, stop: int | None = None) -> list[torch.Tensor]:
-    """net(x, hint, timesteps, context), or with stop only the residuals of its first `stop` input blocks (what
-    a DeepCache call that runs only the UNet's outer blocks can use)."""
-    if stop is None:
-        return net(x, hint, timesteps, context)
-    from .models.layers import timestep_embedding
-    dtype = net.dtype
-    timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
-    emb = net.time_embed(timestep_embedding(timesteps, net.config.model_channels).to(dtype))
-    context = context.to(dtype)
-    h, outs = x.to(dtype), []
-    for i, (block, zero) in enumerate(zip(net.input_blocks[:stop], net.zero_convs)):
-        h = block(h, emb, context)
-        if i == 0:
-            h = h + net.input_hint_block(hint.to(dtype), emb, context)
-        outs.append(zero(h, emb, context))
-    return outs
 
 
 # --- the infotext ---------------------------------------------------------------------------------------------
@@ -335,6 +314,6 @@ def infotext_fields(units: tuple[ControlUnit, ...], folder=None) -> dict[str, st
 def _threshold(unit: ControlUnit, which: str) -> float:
     value = getattr(unit, f"threshold_{which}")
     if value is None:
-        slider = getattr(detectors.MODULES.get(unit.module), f"threshold_{which}", None)
+        slider = getattr(detectors.find_module(unit.module), f"threshold_{which}", None)
         value = getattr(slider, "value", -1)
     return float(value)

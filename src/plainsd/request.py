@@ -157,9 +157,7 @@ class ControlUnit:
         if self.image is None and not has_init_image:
             raise ValueError(f"the ControlNet unit with {self.model!r} needs an image (only img2img and inpainting "
                              f"may leave it out, to use the init image)")
-        if self.module not in detectors.MODULES:
-            raise ValueError(f"unknown ControlNet preprocessor (module) {self.module!r}; plainsd has "
-                             f"{', '.join(detectors.MODULES)}")
+        detectors.check(self.module, self.threshold_a, self.threshold_b)
         _named(self.control_mode, CONTROL_MODES, "control mode")
         _named(self.resize_mode, CONTROL_RESIZE_MODES, "ControlNet resize mode")
         if not 0.0 <= self.weight <= 2.0:

@@ -59,13 +59,18 @@ class ControlNet(nn.Module):
         self.zero_convs = nn.ModuleList([zero_conv(ch) for ch in skip_channels])
         self.middle_block = middle_block(cfg)
         self.middle_block_out = zero_conv(skip_channels[-1])
+        # "shuffle" models (global average pooling in lllyasviel's configs, diffusers' global_pool_conditions): each
+        # residual is averaged over the picture; such a model is meant for the conditional half of CFG only
+        self.global_pool = False
 
     @property
     def dtype(self) -> torch.dtype:
         return self.middle_block_out[0].bias.dtype
 
-    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
-                context: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                stop: int | None = None) -> list[torch.Tensor]:
+        """stop: only the residuals of the first `stop` input blocks (for a UNet call that runs only its outer
+        blocks, fast.DeepCacheUNet's cheap calls); None: all of them and the middle block's."""
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"the ControlNet takes [B, {cfg.in_channels}, h, w] latents, got {list(x.shape)}")
@@ -79,11 +84,14 @@ class ControlNet(nn.Module):
         context = context.to(dtype)
         guided_hint = self.input_hint_block(hint.to(dtype), emb, context)
         h, outs = x.to(dtype), []
-        for i, (block, zero) in enumerate(zip(self.input_blocks, self.zero_convs)):
+        for i, (block, zero) in enumerate(zip(self.input_blocks[:stop], self.zero_convs)):
             h = block(h, emb, context)
             if i == 0:
                 h = h + guided_hint
             outs.append(zero(h, emb, context))
-        h = self.middle_block(h, emb, context)
-        outs.append(self.middle_block_out(h, emb, context))
+        if stop is None:
+            h = self.middle_block(h, emb, context)
+            outs.append(self.middle_block_out(h, emb, context))
+        if self.global_pool:
+            outs = [o.mean(dim=(2, 3), keepdim=True) for o in outs]
         return outs
