@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +44,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import detectors
+from . import detectors, runtime, weights
 from . import images as imgs
 from .request import CONTROL_MODES, CONTROL_RESIZE_MODES, ControlUnit, GenerationRequest
+
+# --- 1. models ------------------------------------------------------------------------------------------------
 
 # The shipped ControlNet, beside the shipped model
 SHIPPED = Path(__file__).parent / "data" / "plainsd-base.controlnet-canny.safetensors"
@@ -118,23 +119,19 @@ def check_combination(req: GenerationRequest, backend: str) -> None:
                          "ControlNet's residuals (leave out the openvino backend, or the units)")
 
 
-# --- 1. models ------------------------------------------------------------------------------------------------
-
 CACHE_SIZE = 2   # ControlNets kept loaded beyond those of the current request (the extension's default)
 
 
 def load_controlnets(engine, units: tuple[ControlUnit, ...], folder=None) -> list:
     """Each unit's ControlNet, loaded once and kept on the engine (engine.controlnets: path -> network, the most
     recently used last), checked against the engine's UNet."""
-    from . import runtime
-    from .weights import load_controlnet
-    cache = engine.__dict__.setdefault("controlnets", OrderedDict())
+    cache = engine.controlnets
     nets = []
     for unit in units:
         path = find_controlnet(unit.model, folder).resolve()
         key = (str(path), path.stat().st_mtime_ns)
         if key not in cache:
-            cache[key] = runtime.prepare_controlnet(load_controlnet(path).eval(), engine)
+            cache[key] = runtime.prepare_controlnet(weights.load_controlnet(path).eval(), engine)
         cache.move_to_end(key)
         _check_fits(cache[key], engine.sd.unet.config, unit.model)
         nets.append(cache[key])

@@ -17,6 +17,7 @@ The networks in models/ stay plain PyTorch; prepare() is what turns these on for
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
 import torch
 
@@ -45,6 +46,7 @@ class Engine:
         self.sd, self.backend = sd, backend
         self.unet = unet if unet is not None else sd.unet
         self.tiny_decoder = None
+        self.controlnets = OrderedDict()  # loaded ControlNets, the most recently used last (control.load_controlnets)
 
     def use_tiny_decoder(self, decoder, name: str = "the tiny decoder") -> None:
         """Decode fast mode's pictures with this TAESD decoder (checked against the model's latents)."""
