@@ -12,7 +12,7 @@ $(VENV)/.base:
 	touch $@
 
 $(VENV)/.run: $(VENV)/.base pyproject.toml
-	$(PIP) install -q -e '.[serve]'
+	$(PIP) install -q -e '.[serve,controlnet]'
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base pyproject.toml
