@@ -329,6 +329,24 @@ def test_controlnet_on_the_command_line_draws_and_writes_its_infotext(tmp_path, 
     assert np.abs(np.asarray(Image.open("cn.png"), np.int16) - np.asarray(Image.open("plain.png"), np.int16)).max() > 10
 
 
+def test_a_t2i_adapter_as_a_controlnet_unit_on_the_command_line(tmp_path, stand_ins):
+    import plainsd
+    from plainsd.weights import save_adapter
+    from tests.test_control import random_adapter
+
+    _controlnet_folder(tmp_path)
+    adapter = random_adapter(plainsd.build("tiny", seed=0).unet.config)
+    save_adapter(adapter, tmp_path / "cn" / "t2iadapter_canny_sd15v2.safetensors")
+    common = ["--steps", "2", "--seed", "1", "--quiet", "--precision", "fp32", "--controlnet-dir", "cn",
+              "--model", "base.safetensors"]
+    assert main(["txt2img", "x", "-o", "plain.png"] + common) == 0
+    assert main(["txt2img", "x", "-o", "ad.png", "--controlnet", "t2iadapter_canny_sd15v2", "--control-image",
+                 "hint.png", "--control-module", "canny"] + common) == 0
+    fields = parse_infotext(read_parameters("ad.png"))
+    assert fields["ControlNet 0"].startswith("Module: canny, Model: t2iadapter_canny_sd15v2 [")
+    assert np.abs(np.asarray(Image.open("ad.png"), np.int16) - np.asarray(Image.open("plain.png"), np.int16)).max() > 10
+
+
 @pytest.mark.parametrize("args, message", [
     (["--controlnet", "nope", "--control-image", "hint.png"], "no ControlNet named 'nope'"),
     (["--controlnet", "edges", "--control-image", "hint.png", "--control-weight", "1", "--control-weight", "2"],
