@@ -9,7 +9,6 @@ from PIL import Image
 
 from plainsd.cli import main
 from plainsd.pnginfo import parse_infotext, read_parameters
-from tests.test_control import stand_ins  # noqa: F401 (a fixture: stand-ins for what other branches add)
 
 
 @pytest.fixture(autouse=True)
@@ -290,7 +289,7 @@ def _controlnet_folder(tmp_path):
     Image.new("RGB", (64, 64), (200, 30, 30)).save("init.png")
 
 
-def test_controlnet_flags_make_the_same_request_as_python(tmp_path, stand_ins):
+def test_controlnet_flags_make_the_same_request_as_python(tmp_path):
     import dataclasses
 
     from plainsd import cli
@@ -318,7 +317,7 @@ def test_controlnet_flags_make_the_same_request_as_python(tmp_path, stand_ins):
     request.check()
 
 
-def test_controlnet_on_the_command_line_draws_and_writes_its_infotext(tmp_path, stand_ins):
+def test_controlnet_on_the_command_line_draws_and_writes_its_infotext(tmp_path):
     _controlnet_folder(tmp_path)
     common = ["--steps", "2", "--seed", "1", "--quiet", "--precision", "fp32", "--controlnet-dir", "cn",
               "--model", "base.safetensors"]
@@ -327,6 +326,24 @@ def test_controlnet_on_the_command_line_draws_and_writes_its_infotext(tmp_path, 
     fields = parse_infotext(read_parameters("cn.png"))
     assert fields["ControlNet 0"].startswith("Module: none, Model: edges [")
     assert np.abs(np.asarray(Image.open("cn.png"), np.int16) - np.asarray(Image.open("plain.png"), np.int16)).max() > 10
+
+
+def test_a_t2i_adapter_as_a_controlnet_unit_on_the_command_line(tmp_path):
+    import plainsd
+    from plainsd.weights import save_adapter
+    from tests.test_control import random_adapter
+
+    _controlnet_folder(tmp_path)
+    adapter = random_adapter(plainsd.build("tiny", seed=0).unet.config)
+    save_adapter(adapter, tmp_path / "cn" / "t2iadapter_canny_sd15v2.safetensors")
+    common = ["--steps", "2", "--seed", "1", "--quiet", "--precision", "fp32", "--controlnet-dir", "cn",
+              "--model", "base.safetensors"]
+    assert main(["txt2img", "x", "-o", "plain.png"] + common) == 0
+    assert main(["txt2img", "x", "-o", "ad.png", "--controlnet", "t2iadapter_canny_sd15v2", "--control-image",
+                 "hint.png", "--control-module", "canny"] + common) == 0
+    fields = parse_infotext(read_parameters("ad.png"))
+    assert fields["ControlNet 0"].startswith("Module: canny, Model: t2iadapter_canny_sd15v2 [")
+    assert np.abs(np.asarray(Image.open("ad.png"), np.int16) - np.asarray(Image.open("plain.png"), np.int16)).max() > 10
 
 
 @pytest.mark.parametrize("args, message", [
@@ -338,7 +355,7 @@ def test_controlnet_on_the_command_line_draws_and_writes_its_infotext(tmp_path, 
     (["--controlnet", "edges", "--control-image", "hint.png", "--control-weight", "3"], "weight must be between 0 and 2"),
     (["--controlnet", "edges", "--control-image", "hint.png", "--control-res", "big"], "--control-res takes a whole number"),
 ])
-def test_bad_controlnet_flags_exit_2(args, message, tmp_path, capsys, stand_ins):
+def test_bad_controlnet_flags_exit_2(args, message, tmp_path, capsys):
     _controlnet_folder(tmp_path)
     assert main(["txt2img", "x", "--controlnet-dir", "cn", "--quiet"] + args) == 2
     assert message in capsys.readouterr().err

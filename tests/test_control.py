@@ -9,40 +9,10 @@ import torch
 from PIL import Image
 
 import plainsd
-from plainsd import control, detectors, weights
+from plainsd import control, weights
 from plainsd.models.controlnet import ControlNet
 from plainsd.request import ControlUnit, GenerationRequest
-
-
-# --- stand-ins until the detect and net branches are in main (used only where those functions are missing) --------
-
-def _fit(image, width, height, resize_mode="Crop and Resize"):
-    return image.convert("RGB").resize((width, height), Image.NEAREST)
-
-
-def _detect(module, image, resolution=512, threshold_a=None, threshold_b=None):
-    return detectors.canny(image) if module == "canny" else image.convert("RGB")
-
-
-def _load_controlnet(path, dtype=None):
-    from safetensors.torch import load_file
-    state = load_file(str(path))
-    cfg = dataclasses.replace(plainsd.build("tiny", seed=0).unet.config,
-                              in_channels=state["input_blocks.0.0.weight"].shape[1])
-    net = ControlNet(cfg)
-    net.load_state_dict(state)
-    return net
-
-
-@pytest.fixture(autouse=True)
-def stand_ins(monkeypatch):
-    if not hasattr(detectors, "MODULES"):
-        monkeypatch.setattr(detectors, "MODULES", {"none": None, "canny": None}, raising=False)
-        monkeypatch.setattr(detectors, "detect", _detect, raising=False)
-        monkeypatch.setattr(detectors, "fit", _fit, raising=False)
-        monkeypatch.setattr(detectors, "pixel_perfect_resolution", lambda image, w, h, mode: min(w, h), raising=False)
-    if not hasattr(weights, "load_controlnet"):
-        monkeypatch.setattr(weights, "load_controlnet", _load_controlnet, raising=False)
+from plainsd.weights import save_controlnet
 
 
 def random_controlnet(unet_cfg, seed: int = 0, in_channels: int | None = None) -> ControlNet:
@@ -55,14 +25,6 @@ def random_controlnet(unet_cfg, seed: int = 0, in_channels: int | None = None) -
             for p in module.parameters():
                 p.normal_(0, 0.3)
     return net.eval()
-
-
-def save_controlnet(net: ControlNet, path) -> None:
-    if hasattr(weights, "save_controlnet"):
-        weights.save_controlnet(net, path)
-    else:
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +73,8 @@ def test_a_controlnet_is_loaded_once_per_engine(sd, folder, monkeypatch):
     from plainsd.runtime import Engine
     engine = Engine(sd)
     loads = []
-    real = weights.load_controlnet
-    monkeypatch.setattr(weights, "load_controlnet", lambda path, dtype=None: loads.append(path) or real(path))
+    real = weights.load_control_model
+    monkeypatch.setattr(weights, "load_control_model", lambda path, dtype=None: loads.append(path) or real(path))
     units = (ControlUnit("cn_a"), ControlUnit("cn_b"), ControlUnit("cn_a"))
     first = control.load_controlnets(engine, units, folder)
     again = control.load_controlnets(engine, units, folder)
@@ -309,3 +271,155 @@ def test_deepcache_adds_all_residuals_on_whole_calls_and_the_outer_ones_on_cheap
     assert asked == [None, 1, None]
     torch.testing.assert_close(whole, expected)
     assert not torch.allclose(cheap, without)  # the cheap call's outer skip got its residual
+
+
+# --- T2I-Adapters in units -----------------------------------------------------------------------------------------
+
+def random_adapter(unet_cfg, seed: int = 0, hint_channels: int = 3):
+    """A T2I-Adapter for this UNet (one feature map per level, the level's channels), random weights."""
+    from plainsd.config import AdapterConfig
+    from plainsd.models.t2i_adapter import T2IAdapter
+    torch.manual_seed(seed)
+    channels = tuple(unet_cfg.model_channels * m for m in unet_cfg.channel_mult)
+    return T2IAdapter(AdapterConfig(channels=channels, num_res_blocks=1, hint_channels=hint_channels)).eval()
+
+
+class AdapterSpy:
+    """Records each call's control and adapter; returns zeros."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, context, control=None, adapter=None):
+        self.calls.append((control, adapter))
+        return torch.zeros_like(x[:, :4])
+
+
+def test_load_control_model_tells_the_kinds_apart(sd, folder, tmp_path):
+    from plainsd.models.t2i_adapter import T2IAdapter
+    adapter = random_adapter(sd.unet.config)
+    weights.save_adapter(adapter, tmp_path / "t2iadapter_x.safetensors")
+    loaded = weights.load_control_model(tmp_path / "t2iadapter_x.safetensors")
+    assert isinstance(loaded, T2IAdapter) and loaded.config == adapter.config
+    hint = torch.rand(1, 3, 32, 32)
+    for a, b in zip(loaded(hint), adapter(hint)):
+        torch.testing.assert_close(a, b)
+    assert isinstance(weights.load_control_model(folder / "cn_a.safetensors"), ControlNet)
+    from safetensors.torch import save_file
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="other.safetensors is neither a ControlNet nor a T2I-Adapter: it looks like "
+                                         "a Stable Diffusion checkpoint"):
+        weights.load_control_model(tmp_path / "other.safetensors")
+
+
+def test_adapter_files_are_listed_loaded_and_checked(sd, tmp_path):
+    from plainsd.runtime import Engine
+    weights.save_adapter(random_adapter(sd.unet.config), tmp_path / "t2iadapter_canny_sd15v2.safetensors")
+    assert control.list_controlnets(tmp_path)["t2iadapter_canny_sd15v2"] == tmp_path / "t2iadapter_canny_sd15v2.safetensors"
+    (net,) = control.load_controlnets(Engine(sd), (ControlUnit("t2iadapter_canny_sd15v2"),), tmp_path)
+    from plainsd.models.t2i_adapter import T2IAdapter
+    assert isinstance(net, T2IAdapter) and net.dtype == sd.unet.dtype  # readied as a ControlNet is
+    other = random_adapter(dataclasses.replace(sd.unet.config, model_channels=64))
+    with pytest.raises(ValueError, match=r"the T2I-Adapter 'a' is for another kind of model \(channels per level "
+                                         r"\(64, 128\)\); this model's UNet has \(32, 64\)"):
+        control._check_fits(other, sd.unet.config, "a")
+
+
+def test_adapter_scales_halves_and_features_once(sd):
+    """Balanced: weight x features; soft: weight x the extension's (0.25, 0.62, 0.825, 1.0), the last ones for the
+    tiny UNet's two levels; cfg injection: none on the unconditional rows. The adapter runs once for the pass."""
+    adapter = random_adapter(sd.unet.config)
+    x, context, hint = _inputs(sd, 4)  # batch 2, guided
+    with torch.no_grad():
+        plain = adapter(hint)
+    runs = []
+    adapter.register_forward_hook(lambda *a: runs.append(1))
+    for soft, cond_only, scales in ((False, False, (0.7, 0.7)), (True, False, (0.7 * 0.825, 0.7)),
+                                    (True, True, (0.7 * 0.825, 0.7))):
+        runs.clear()
+        spy = AdapterSpy()
+        wrapped = control.ControlledUNet(spy, [_unit(adapter, hint, 0.7, soft=soft, cond_only=cond_only)],
+                                         torch.tensor([900.0, 500.0, 100.0]), batch=2, parts=1)
+        for t in (900.0, 500.0, 100.0):
+            wrapped(x, torch.tensor(t), context)
+        assert len(runs) == 1 and all(c is None for c, _ in spy.calls)
+        for got, p, scale in zip(spy.calls[-1][1], plain, scales):
+            expected = (p * scale).expand(4, -1, -1, -1).clone()
+            if cond_only:
+                expected[:2] = 0
+            torch.testing.assert_close(got.expand(4, -1, -1, -1), expected, rtol=1e-5, atol=1e-6)
+    full = control.ActiveUnit(adapter, hint, 2.0, 0, 1, soft=True, cond_only=False)
+    assert full.scales(4) == [0.5, 1.24, 1.65, 2.0]  # SD's four levels
+
+
+def test_grey_adapters_read_the_first_channel(sd):
+    adapter = random_adapter(sd.unet.config, hint_channels=1)
+    x, context, hint = _inputs(sd, 1)
+    spy = AdapterSpy()
+    control.ControlledUNet(spy, [_unit(adapter, hint)], torch.tensor([500.0]), 1, 1)(x, torch.tensor(500.0), context)
+    with torch.no_grad():
+        expected = adapter(hint[:, :1])
+    for got, e in zip(spy.calls[0][1], expected):
+        torch.testing.assert_close(got, e)
+
+
+def test_a_controlnet_and_an_adapter_together_give_each_its_part(sd):
+    net, adapter = random_controlnet(sd.unet.config), random_adapter(sd.unet.config)
+    x, context, hint = _inputs(sd, 2)
+    t, ts = torch.tensor(300.0), torch.tensor([900.0, 300.0])
+    got = []
+    for units in ([_unit(net, hint, 0.5)], [_unit(adapter, hint, 1.5, soft=True)],
+                  [_unit(net, hint, 0.5), _unit(adapter, hint, 1.5, soft=True)]):
+        spy = AdapterSpy()
+        control.ControlledUNet(spy, units, ts, batch=1, parts=1)(x, t, context)
+        got.append(spy.calls[0])
+    (cn_only, none), (none2, ad_only), (cn_both, ad_both) = got
+    assert none is None and none2 is None
+    for a, b in zip(cn_only, cn_both):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(ad_only, ad_both):
+        torch.testing.assert_close(a, b)
+    # and through the real UNet: both at once = the UNet given both
+    wrapped = control.ControlledUNet(sd.unet, [_unit(net, hint, 0.5), _unit(adapter, hint, 1.5, soft=True)], ts, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x, t, context), sd.unet(x, t, context, control=cn_both, adapter=ad_both))
+        assert not torch.allclose(sd.unet(x, t, context, control=cn_both), sd.unet(x, t, context, control=cn_both,
+                                                                                   adapter=ad_both))
+
+
+def test_adapter_levels_fit_latents_of_any_multiple_of_8_px(sd):
+    """72 x 40 px: latents 9 x 5, then 5 x 3 (the UNet halves rounding up; so does the adapter)."""
+    adapter = random_adapter(sd.unet.config)
+    torch.manual_seed(1)
+    x, context = torch.randn(1, 4, 5, 9), torch.randn(1, 77, sd.unet.config.context_dim)
+    hint = torch.rand(1, 3, 40, 72)
+    wrapped = control.ControlledUNet(sd.unet, [_unit(adapter, hint)], torch.tensor([500.0]), 1, 1)
+    with torch.no_grad():
+        features = adapter(hint)
+        assert [f.shape[-2:] for f in features] == [(5, 9), (3, 5)]
+        torch.testing.assert_close(wrapped(x, torch.tensor(500.0), context),
+                                   sd.unet(x, torch.tensor(500.0), context, adapter=features))
+    wrong = control.ControlledUNet(sd.unet, [_unit(adapter, torch.rand(1, 3, 32, 72))], torch.tensor([500.0]), 1, 1)
+    with pytest.raises(ValueError, match=r"the T2I-Adapter's features are \(4, 9\), not the latent's \(5, 9\)"):
+        wrong(x, torch.tensor(500.0), context)
+
+
+def test_deepcache_gives_the_adapter_features_to_the_blocks_a_call_runs(sd):
+    """Tiny UNet: the first level's features go in after input block 1. After the same whole call, a cheap call of
+    depth 2 (blocks 0-1) with the features differs from one without; of depth 1 (block 0 only) it does not."""
+    from plainsd.fast import DeepCacheUNet
+    adapter = random_adapter(sd.unet.config)
+    x, context, hint = _inputs(sd, 1)
+    t = torch.tensor([400.0])
+    cheap = {}
+    with torch.no_grad():
+        features = [f * 2 for f in adapter(hint)]
+        for depth in (1, 2):
+            cache = DeepCacheUNet(sd.unet, interval=2, depth=depth)
+            for given in (features, None):
+                cache.reset()
+                whole = cache(x, t, context, adapter=features)
+                cheap[depth, given is None] = cache(x, t, context, adapter=given)
+        torch.testing.assert_close(whole, sd.unet(x, t, context, adapter=features))
+    torch.testing.assert_close(cheap[1, False], cheap[1, True])
+    assert not torch.allclose(cheap[2, False], cheap[2, True])

@@ -11,7 +11,9 @@ from plainsd.models.controlnet import ControlNet
 from plainsd.pnginfo import parse_controlnet_units, parse_infotext
 from plainsd.request import ControlUnit, GenerationRequest, HiresFix
 from plainsd.runtime import Engine
-from tests.test_control import random_controlnet, save_controlnet, stand_ins  # noqa: F401 (a fixture)
+from plainsd.models.t2i_adapter import T2IAdapter
+from plainsd.weights import save_adapter
+from tests.test_control import random_adapter, random_controlnet, save_controlnet
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +27,7 @@ def folder(tmp_path_factory, sd):
     save_controlnet(random_controlnet(sd.unet.config, 0), root / "cn_a.safetensors")
     save_controlnet(random_controlnet(sd.unet.config, 1), root / "cn_b.safetensors")
     save_controlnet(random_controlnet(sd.unet.config, 2, in_channels=4), root / "cn_4.safetensors")
+    save_adapter(random_adapter(sd.unet.config, 3), root / "t2iadapter_a.safetensors")
     return root
 
 
@@ -159,3 +162,75 @@ def test_unknown_model_and_backend_are_refused(sd, folder):
         pipeline.generate(sd, _request(folder, [ControlUnit("nope", _picture())]))
     with pytest.raises(ValueError, match="ControlNet units need the eager UNet"):
         _request(folder, [ControlUnit("cn_a", _picture())]).check(backend="openvino")
+
+
+# --- T2I-Adapter units -------------------------------------------------------------------------------------------------
+
+class AdapterSpy(Spy):
+    """Also records each call's adapter features (None or one map per level)."""
+
+    def __init__(self, unet):
+        super().__init__(unet)
+        self.adapters = []
+
+    def __call__(self, x, t, context, control=None, adapter=None):
+        self.controls.append(control)
+        self.adapters.append(adapter)
+        return self.unet(x, t, context, control=control, adapter=adapter)
+
+
+def _adapter_spied(sd):
+    engine = Engine(sd)
+    engine.unet = AdapterSpy(sd.unet)
+    return engine
+
+
+def test_an_adapter_unit_changes_the_picture_and_weight_zero_is_no_unit(sd, folder):
+    plain = pipeline.generate(sd, _request(folder, []))
+    zero = pipeline.generate(sd, _request(folder, [ControlUnit("t2iadapter_a", _picture(), weight=0.0)]))
+    on = pipeline.generate(sd, _request(folder, [ControlUnit("t2iadapter_a", _picture())]))
+    assert np.array_equal(_arr(plain.images[0]), _arr(zero.images[0]))
+    assert np.abs(_arr(plain.images[0]) - _arr(on.images[0])).max() > 10
+
+
+def test_adapter_features_once_a_pass_and_only_on_the_conditional_half_in_controlnet_mode(sd, folder, monkeypatch):
+    runs = []
+    real = T2IAdapter.forward
+    monkeypatch.setattr(T2IAdapter, "forward", lambda net, hint: runs.append(hint.shape) or real(net, hint))
+    for mode, uncond_gets in ((0, True), (2, False)):
+        runs.clear()
+        engine = _adapter_spied(sd)
+        pipeline.generate(engine, _request(folder, [ControlUnit("t2iadapter_a", _picture(), control_mode=mode)],
+                                           steps=3, batch_size=2, batch_count=2, cfg_scale=5.0,
+                                           hires=HiresFix(scale=1.5, steps=2, strength=0.5)))
+        assert runs == [(1, 3, 64, 64), (1, 3, 96, 96)]  # two batches, two passes: once per pass
+        assert all(a is not None and c is None for a, c in zip(engine.unet.adapters, engine.unet.controls))
+        first, last = engine.unet.adapters[0], engine.unet.adapters[-1]
+        assert first[0].shape[-1] == 8 and last[0].shape[-1] == 12  # the hires pass's own features
+        rows = first[-1].expand(4, -1, -1, -1)  # two images, guided: unconditional rows 0-1 first
+        assert bool((rows[:2] != 0).any()) == uncond_gets and bool((rows[2:] != 0).any())
+
+
+def test_a_controlnet_and_an_adapter_unit_together(sd, folder):
+    pictures = {}
+    for names in (("cn_a",), ("t2iadapter_a",), ("cn_a", "t2iadapter_a")):
+        engine = _adapter_spied(sd)
+        pictures[names] = _arr(pipeline.generate(engine, _request(folder, [ControlUnit(n, _picture()) for n in names]))
+                               .images[0])
+        assert all((c is not None) == ("cn_a" in names) and (a is not None) == ("t2iadapter_a" in names)
+                   for c, a in zip(engine.unet.controls, engine.unet.adapters))
+    both = pictures["cn_a", "t2iadapter_a"]
+    # (the ControlNet's residuals dwarf the random adapter's features; the exact split is in test_control)
+    assert np.abs(both - pictures["cn_a",]).max() > 4 and np.abs(both - pictures["t2iadapter_a",]).max() > 10
+
+
+def test_adapter_units_with_fast_mode_sizes_of_8_px_and_infotext(sd, folder):
+    unit = ControlUnit("t2iadapter_a", _picture(), module="canny", weight=0.5)
+    fast = pipeline.generate(sd, _request(folder, [unit], steps=6, fast=plainsd.fast.FAST))
+    plain = pipeline.generate(sd, _request(folder, [], steps=6, fast=plainsd.fast.FAST))
+    assert np.abs(_arr(plain.images[0]) - _arr(fast.images[0])).max() > 10
+    odd = pipeline.generate(sd, _request(folder, [unit], width=72, height=40))
+    assert odd.images[0].size == (72, 40)
+    short = control.model_hash(folder / "t2iadapter_a.safetensors")
+    assert parse_infotext(odd.infotexts[0])["ControlNet 0"].startswith(
+        f"Module: canny, Model: t2iadapter_a [{short}], Weight: 0.5, ")

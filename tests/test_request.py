@@ -6,7 +6,6 @@ from PIL import Image
 from plainsd.fast import FAST
 from plainsd.pnginfo import parse_infotext
 from plainsd.request import MAX_SEED, GenerationRequest, HiresFix, Parameters
-from tests.test_control import stand_ins  # noqa: F401 (a fixture: stand-ins for what other branches add)
 
 
 @pytest.mark.parametrize("fields, words", [
@@ -155,7 +154,7 @@ _HINT = Image.new("RGB", (8, 8))
     (dict(model="nope"), "no ControlNet named 'nope'"),
     (dict(image=None), "needs an image (only img2img and inpainting may leave it out"),
 ])
-def test_each_controlnet_rule_is_one_sentence(unit, words, stand_ins):
+def test_each_controlnet_rule_is_one_sentence(unit, words):
     from plainsd.request import ControlUnit
     fields = {"model": __file__, "image": _HINT, **unit}
     with pytest.raises(ValueError) as e:
@@ -163,7 +162,7 @@ def test_each_controlnet_rule_is_one_sentence(unit, words, stand_ins):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
-def test_controlnet_numbers_and_the_init_image(stand_ins):
+def test_controlnet_numbers_and_the_init_image():
     from plainsd.request import ControlUnit
     unit = ControlUnit(__file__, _HINT, control_mode=2, resize_mode=0)  # the extension's numbers
     GenerationRequest("x", controlnet=(unit,)).check()

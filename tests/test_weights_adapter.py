@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 import plainsd
 from plainsd.config import AdapterConfig
 from plainsd.models.t2i_adapter import T2IAdapter
-from plainsd.weights import CheckpointError, load_adapter, save_adapter
+from plainsd.weights import CheckpointError, load_adapter, load_control_model, save_adapter
 from tests.reference import max_diff, perturb
 
 SD_SHAPED = AdapterConfig(channels=(32, 64, 128, 128), num_res_blocks=2)  # four levels, as SD's UNets have
@@ -72,6 +72,7 @@ def test_files_people_have_load_with_the_config_from_the_shapes(tmp_path, layout
         save_file(state, str(tmp_path / "a.safetensors"))
     adapter = load_adapter(next(tmp_path.iterdir()))
     assert adapter.config == AdapterConfig(channels=(32, 64, 128, 128), num_res_blocks=2, hint_channels=1)
+    assert _same(load_control_model(next(tmp_path.iterdir())), adapter)  # what a ControlNet unit loads
     hint = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         assert all(max_diff(a, b) <= 1e-6 for a, b in zip(adapter(hint), theirs(hint)))
@@ -119,3 +120,17 @@ def test_diffusers_folders_of_other_kinds_are_refused(tmp_path):
     (folder / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
     with pytest.raises(CheckpointError, match="not a diffusers T2IAdapter folder"):
         load_adapter(folder)
+
+
+def test_a_diffusers_adapter_folder_is_what_a_controlnet_unit_loads(tmp_path):
+    from diffusers import T2IAdapter as DiffusersAdapter
+
+    torch.manual_seed(0)
+    DiffusersAdapter(in_channels=3, channels=[32, 64, 128, 128], num_res_blocks=2, downscale_factor=8,
+                     adapter_type="full_adapter").save_pretrained(tmp_path / "t2iadapter_canny")
+    got = load_control_model(tmp_path / "t2iadapter_canny")
+    assert isinstance(got, T2IAdapter) and _same(got, load_adapter(tmp_path / "t2iadapter_canny"))
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(CheckpointError, match="holds a diffusers UNet2DConditionModel, not a ControlNetModel"):
+        load_control_model(tmp_path / "unet")

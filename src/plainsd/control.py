@@ -4,7 +4,8 @@
                                                                           edges, module="canny"),)))
 
 1. Models (list_controlnets, find_controlnet): the shipped ControlNet and the files of a ControlNet folder (the
-   extension's models/ControlNet), by name; loaded once and kept on the Engine (controlnets).
+   extension's models/ControlNet), by name; loaded once and kept on the Engine (controlnets). A file there may
+   also be a T2I-Adapter (weights.load_control_model tells them apart by their keys, as the extension does).
 2. Hints (detected_map, hint_tensor): each unit's picture (in img2img and inpainting without one, the init image,
    with img2img's resize mode, as the extension does) through its preprocessor once, at processor_res (or the pixel
    perfect resolution for the first pass's size), then fitted to each pass's size: the hires pass gets the same
@@ -27,17 +28,26 @@
    - Several units: the sum of their residuals. A unit of weight 0 is not run (it would add zeros).
    The ControlNet sees the UNet's text for each row of the batch, its timesteps, and (inpainting UNets: 9 input
    channels) the first 4 channels of its input.
+   T2I-Adapter units follow the same rules of steps, weight and halves, with the extension's adapter branches: the
+   features depend on the hint alone, so each pass computes them once (at its first active call; the extension
+   computes them once per job and resizes them for the hires pass, here that pass computes its own from its hint);
+   soft injection scales the levels by weight * (0.25, 0.62, 0.825, 1.0) (fewer levels: the last ones); the sum
+   over the adapter units goes to the UNet as `adapter=`, added after each level's last ResBlock on the way down
+   (input blocks 2, 5, 8, 11 in SD), beside the ControlNet units' `control=`. Their levels match the UNet's at
+   every size the pipeline makes (multiples of 8 px): both halve rounding up. Grey (sketch) adapters read the
+   hint's first channel, as the extension gives them.
 4. Combinations: token merging merges the UNet's tokens only; the ControlNet runs unmerged, as in A1111 (tomesd
    patches the diffusion model alone). Fast mode's DeepCache works: a cheap call runs the ControlNet's first blocks
-   only and adds their residuals to the skips it runs; a whole call, all of them. The OpenVINO-compiled UNet takes
-   no residuals: ControlNet units need the eager backend (check_combination).
+   only and adds their residuals to the skips it runs; a whole call, all of them; adapter features reach the input
+   blocks a call runs. The OpenVINO-compiled UNet takes no residuals: ControlNet units (adapters too) need the eager
+   backend (check_combination).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +56,7 @@ from PIL import Image
 
 from . import detectors, runtime, weights
 from . import images as imgs
+from .models.t2i_adapter import T2IAdapter
 from .request import CONTROL_MODES, CONTROL_RESIZE_MODES, ControlUnit, GenerationRequest
 
 # --- 1. models ------------------------------------------------------------------------------------------------
@@ -123,15 +134,15 @@ CACHE_SIZE = 2   # ControlNets kept loaded beyond those of the current request (
 
 
 def load_controlnets(engine, units: tuple[ControlUnit, ...], folder=None) -> list:
-    """Each unit's ControlNet, loaded once and kept on the engine (engine.controlnets: path -> network, the most
-    recently used last), checked against the engine's UNet."""
+    """Each unit's ControlNet (or T2I-Adapter), loaded once and kept on the engine (engine.controlnets: path ->
+    network, the most recently used last), checked against the engine's UNet."""
     cache = engine.controlnets
     nets = []
     for unit in units:
         path = find_controlnet(unit.model, folder).resolve()
         key = (str(path), path.stat().st_mtime_ns)
         if key not in cache:
-            cache[key] = runtime.prepare_controlnet(weights.load_controlnet(path).eval(), engine)
+            cache[key] = runtime.prepare_controlnet(weights.load_control_model(path).eval(), engine)
         cache.move_to_end(key)
         _check_fits(cache[key], engine.sd.unet.config, unit.model)
         nets.append(cache[key])
@@ -141,8 +152,17 @@ def load_controlnets(engine, units: tuple[ControlUnit, ...], folder=None) -> lis
 
 
 def _check_fits(net, unet_cfg, name: str) -> None:
-    """A ControlNet's copy of the UNet must match the UNet it steers (its residuals go onto the UNet's skips)."""
+    """A ControlNet's copy of the UNet must match the UNet it steers (its residuals go onto the UNet's skips); a
+    T2I-Adapter's levels, the UNet's levels and channels. (An adapter has no text width: SD 1.x and 2.x UNets, alike
+    in channels, both take one, as the extension lets them.)"""
     cfg = net.config
+    if isinstance(net, T2IAdapter):
+        want = tuple(unet_cfg.model_channels * m for m in unet_cfg.channel_mult)
+        if tuple(cfg.channels) != want:
+            raise ValueError(f"the T2I-Adapter {name!r} is for another kind of model (channels per level "
+                             f"{tuple(cfg.channels)}); this model's UNet has {want} (SD 1.x / 2.x adapters need an "
+                             f"SD 1.x / 2.x model)")
+        return
     same = ("model_channels", "channel_mult", "num_res_blocks", "context_dim")
     if any(getattr(cfg, f) != getattr(unet_cfg, f) for f in same):
         mine = ", ".join(f"{f} {getattr(cfg, f)}" for f in same)
@@ -199,11 +219,13 @@ def hint_tensor(detected: Image.Image, width: int, height: int, resize: str) -> 
 # --- 3. the model call ----------------------------------------------------------------------------------------
 
 SOFT_BASE = 0.825   # the extension's soft injection: residual i of n times weight * 0.825 ** (n - 1 - i)
+ADAPTER_SOFT = (0.25, 0.62, 0.825, 1.0)   # its soft injection for a T2I-Adapter's four levels, times the weight
 
 
 @dataclass
 class ActiveUnit:
-    """A unit ready for one pass: its network, its hint at the pass's size, and how its residuals are weighted."""
+    """A unit ready for one pass: its network (a ControlNet or a T2I-Adapter), its hint at the pass's size, and how
+    its residuals (an adapter's features) are weighted."""
     net: torch.nn.Module
     hint: torch.Tensor               # [1, 3, H, W] in [0, 1]
     weight: float
@@ -211,12 +233,27 @@ class ActiveUnit:
     end: float
     soft: bool                       # soft injection: the deep residuals count most
     cond_only: bool                  # cfg injection: the unconditional half gets none
+    features: list | None = field(default=None, repr=False)   # an adapter's, computed once for the pass
+
+    @property
+    def is_adapter(self) -> bool:
+        return isinstance(self.net, T2IAdapter)
 
     def scales(self, n: int) -> list[float]:
-        """The factor of each of the n residuals."""
+        """The factor of each of the n residuals (an adapter's n levels)."""
+        if self.soft and self.is_adapter:  # (more than four levels: the first factor for the extra shallow ones)
+            return [self.weight * ADAPTER_SOFT[max(i + len(ADAPTER_SOFT) - n, 0)] for i in range(n)]
         if self.soft:
             return [self.weight * SOFT_BASE ** float(n - 1 - i) for i in range(n)]
         return [self.weight] * n
+
+    def adapter_features(self) -> list[torch.Tensor]:
+        """An adapter's unscaled features for this pass's hint, computed on the first call only."""
+        if self.features is None:
+            hint = self.hint[:, :self.net.config.hint_channels]  # grey adapters: the first channel, as the extension
+            with torch.no_grad():
+                self.features = self.net(hint)
+        return self.features
 
     def active(self, step: int, steps: int) -> bool:
         """Whether the unit runs on a model call during `step` (0-based) of a pass of `steps` steps: A1111's
@@ -235,7 +272,7 @@ def active_units(units: tuple[ControlUnit, ...], nets: list, hints: list[torch.T
         mode = CONTROL_MODES.index(unit.mode)
         forced_soft = hires and ("canny" in unit.module or "mlsd" in unit.module)
         out.append(ActiveUnit(net, hint, float(unit.weight), unit.guidance_start, unit.guidance_end,
-                              soft=mode != 0 or forced_soft, cond_only=mode == 2 or net.global_pool))
+                              soft=mode != 0 or forced_soft, cond_only=mode == 2 or getattr(net, "global_pool", False)))
     return out
 
 
@@ -247,7 +284,8 @@ class ControlledUNet:
     step. batch, parts: the images of a batch and the prompt's AND parts; the guidance batch (diffusion.guidance.
     CFGDenoiser) holds the unconditional rows first, then each part's, so a call of (parts + 1) x batch rows is
     guided and its first `batch` rows are the unconditional half. Calls the UNet with control= a list of residuals,
-    or, for fast mode's DeepCacheUNet, a function of how many input blocks the call runs (None: all)."""
+    or, for fast mode's DeepCacheUNet, a function of how many input blocks the call runs (None: all); with
+    adapter= the adapter units' summed features (each only where units of that kind are active)."""
 
     def __init__(self, unet, units: list[ActiveUnit], ts: torch.Tensor, batch: int, parts: int, lazy: bool = False):
         self.unet, self.units, self.ts = unet, units, ts.float()
@@ -272,10 +310,17 @@ class ControlledUNet:
         if x.shape[0] == (self.parts + 1) * self.batch:
             cond_mark[:self.batch] = 0
 
-        def control(stop: int | None = None) -> list[torch.Tensor]:
-            return _residuals(units, x, t, context, cond_mark, stop)
+        nets = [u for u in units if not u.is_adapter]
+        adapters = [u for u in units if u.is_adapter]
+        extra = {}
+        if nets:
+            def control(stop: int | None = None) -> list[torch.Tensor]:
+                return _residuals(nets, x, t, context, cond_mark, stop)
 
-        return self.unet(x, t, context, control=control if self.lazy else control())
+            extra["control"] = control if self.lazy else control()
+        if adapters:
+            extra["adapter"] = _adapter_sum(adapters, x, cond_mark)
+        return self.unet(x, t, context, **extra)
 
 
 def _residuals(units: list[ActiveUnit], x, t, context, cond_mark, stop: int | None) -> list[torch.Tensor]:
@@ -289,6 +334,22 @@ def _residuals(units: list[ActiveUnit], x, t, context, cond_mark, stop: int | No
         out = [r * s for r, s in zip(out, unit.scales(full))]
         if unit.cond_only:
             out = [r * cond_mark.to(r.dtype) for r in out]
+        total = out if total is None else [a + b for a, b in zip(total, out)]
+    return total
+
+
+def _adapter_sum(units: list[ActiveUnit], x: torch.Tensor, cond_mark: torch.Tensor) -> list[torch.Tensor]:
+    """The sum over the adapter units of their scaled features (the unconditional rows left out for cfg injection);
+    one map per UNet level, the first at the latent's size."""
+    total = None
+    for unit in units:
+        features = [f.to(x.device) for f in unit.adapter_features()]
+        if features[0].shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"the T2I-Adapter's features are {tuple(features[0].shape[-2:])}, not the latent's "
+                             f"{tuple(x.shape[-2:])}: its hint must be 8 times the latent's size")
+        out = [f * s for f, s in zip(features, unit.scales(len(features)))]
+        if unit.cond_only:
+            out = [f * cond_mark.to(f.dtype) for f in out]
         total = out if total is None else [a + b for a, b in zip(total, out)]
     return total
 

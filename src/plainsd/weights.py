@@ -737,9 +737,10 @@ def _looks_like(keys: set[str]) -> str:
     return f"something else (its first keys are {_few(keys)})"
 
 
-def _controlnet_file(path: Path) -> tuple[UNetConfig, int, bool, TensorSource]:
-    """A single ControlNet file: (config, hint channels, global pooling, tensors under the original names)."""
-    source = read_tensors(path)
+def _controlnet_file(path: Path, source: TensorSource | None = None) -> tuple[UNetConfig, int, bool, TensorSource]:
+    """A single ControlNet file: (config, hint channels, global pooling, tensors under the original names).
+    source: the file's tensors when the caller has opened it already."""
+    source = source or read_tensors(path)
     names = _controlnet_names(set(source.shapes))
     _check_controlnet_kind(set(names), set(source.shapes), path.name)
     source = _renamed(source, names)
@@ -796,11 +797,15 @@ def load_controlnet(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     """
     path = Path(path)
     if path.is_dir():
-        cfg, hint_channels, pool, source = _controlnet_folder(path)
-    elif path.exists():
-        cfg, hint_channels, pool, source = _controlnet_file(path)
-    else:
-        raise CheckpointError(f"no such ControlNet file or folder: {path}")
+        return _build_controlnet(path, *_controlnet_folder(path), dtype)
+    if path.exists():
+        return _build_controlnet(path, *_controlnet_file(path), dtype)
+    raise CheckpointError(f"no such ControlNet file or folder: {path}")
+
+
+def _build_controlnet(path: Path, cfg: UNetConfig, hint_channels: int, pool: bool, source: TensorSource,
+                      dtype: torch.dtype | None) -> ControlNet:
+    """The ControlNet of this config with the source's weights (a strict load)."""
     with torch.device("meta"):
         controlnet = ControlNet(cfg, hint_channels)
     kind = "SD2" if cfg.head_dim > 0 else "SD1"
@@ -925,20 +930,26 @@ def load_adapter(path: str | os.PathLike, dtype: torch.dtype | None = None) -> T
     """
     path = Path(path)
     if path.is_dir():
-        cfg, source = _adapter_folder(path)
-    elif path.exists():
-        source = read_tensors(path)
-        source = _renamed(source, _adapter_names(set(source.shapes)))
-        if _ADAPTER_META in source.metadata:  # plainsd's own files (any number of levels)
-            try:
-                meta = json.loads(source.metadata[_ADAPTER_META])
-                cfg = AdapterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
-            except (ValueError, TypeError) as e:
-                raise CheckpointError(f"{path.name}: its {_ADAPTER_META} metadata is unreadable: {e}") from None
-        else:
-            cfg = _adapter_config(source.shapes, path.name)
-    else:
-        raise CheckpointError(f"no such T2I-Adapter file or folder: {path}")
+        return _build_adapter(path, *_adapter_folder(path), dtype)
+    if path.exists():
+        return _build_adapter(path, *_adapter_file(path, read_tensors(path)), dtype)
+    raise CheckpointError(f"no such T2I-Adapter file or folder: {path}")
+
+
+def _adapter_file(path: Path, source: TensorSource) -> tuple[AdapterConfig, TensorSource]:
+    """A single T2I-Adapter file (its tensors opened): its config and tensors under TencentARC's names."""
+    source = _renamed(source, _adapter_names(set(source.shapes)))
+    if _ADAPTER_META not in source.metadata:
+        return _adapter_config(source.shapes, path.name), source
+    try:  # plainsd's own files (any number of levels)
+        meta = json.loads(source.metadata[_ADAPTER_META])
+        return AdapterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()}), source
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path.name}: its {_ADAPTER_META} metadata is unreadable: {e}") from None
+
+
+def _build_adapter(path: Path, cfg: AdapterConfig, source: TensorSource, dtype: torch.dtype | None) -> T2IAdapter:
+    """The T2I-Adapter of this config with the source's weights (a strict load)."""
     with torch.device("meta"):
         adapter = T2IAdapter(cfg)
     state = _strict_state(adapter, source, f"{path.name} does not fit the T2I-Adapter it looks like", dtype or torch.float32)
@@ -956,3 +967,32 @@ def save_adapter(adapter: T2IAdapter, path: str | os.PathLike, dtype: torch.dtyp
     state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in adapter.state_dict().items()}
     return write_safetensors(state, path, {"format": "pt", _ADAPTER_META: json.dumps(dataclasses.asdict(adapter.config))})
+
+
+# --- either kind, as a ControlNet unit names it ---------------------------------------------------------
+
+def _is_adapter_file(keys: set[str]) -> bool:
+    """Whether a file's tensors are a T2I-Adapter's (TencentARC's or diffusers' names; style and light ones
+    included, so that they get the adapter loader's sentence): no ControlNet has body.* or adapter.* tensors."""
+    return any(k.startswith(("body.", "adapter.")) or k == "style_embedding" for k in keys)
+
+
+def load_control_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> ControlNet | T2IAdapter:
+    """What a ControlNet unit's model file holds, as the A1111 extension tells them apart by their keys: a
+    ControlNet (load_controlnet's layouts) or a T2I-Adapter (load_adapter's); a diffusers folder by its config's
+    class. The file is opened once."""
+    path = Path(path)
+    if path.is_dir():
+        config = path / "config.json"
+        if config.is_file() and _read_json(config).get("_class_name") == "T2IAdapter":
+            return _build_adapter(path, *_adapter_folder(path), dtype)
+        return _build_controlnet(path, *_controlnet_folder(path), dtype)
+    if not path.exists():
+        raise CheckpointError(f"no such ControlNet or T2I-Adapter file or folder: {path}")
+    source = read_tensors(path)
+    keys = set(source.shapes)
+    if _is_adapter_file(keys):
+        return _build_adapter(path, *_adapter_file(path, source), dtype)
+    if not any(k.startswith((CONTROL, "input_hint_block.", "controlnet_cond_embedding.")) for k in keys):
+        raise CheckpointError(f"{path.name} is neither a ControlNet nor a T2I-Adapter: it looks like {_looks_like(keys)}")
+    return _build_controlnet(path, *_controlnet_file(path, source), dtype)

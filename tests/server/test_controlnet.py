@@ -62,6 +62,9 @@ def folders(tmp_path_factory):
     plainsd.save(sd, models / "tiny.safetensors")
     controlnets = tmp_path_factory.mktemp("controlnet")
     save_random_controlnet(sd, controlnets / "control_tiny_canny.safetensors")
+    from tests.test_control import random_adapter
+    from plainsd.weights import save_adapter
+    save_adapter(random_adapter(sd.unet.config), controlnets / "t2iadapter_tiny_canny.safetensors")
     return models, controlnets
 
 
@@ -394,3 +397,15 @@ def test_the_detected_map_is_the_hint_the_unet_got(client, monkeypatch, body):
     assert answer.status_code == 200, answer.text
     (got,) = fitted
     assert decode(answer.json()["images"][-1]).tobytes() == got.tobytes()
+
+
+def test_a_t2i_adapter_is_listed_and_drives_a_unit_as_a_controlnet_does(client, folders):
+    (title,) = [n for n in client.get("/controlnet/model_list").json()["model_list"] if n.startswith("t2iadapter_")]
+    assert title == f"t2iadapter_tiny_canny [{control.model_hash(folders[1] / 't2iadapter_tiny_canny.safetensors')}]"
+    body = {**BASE, "alwayson_scripts": {"controlnet": {"args": [unit(model="t2iadapter_tiny_canny")]}}}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["info"])["extra_generation_params"]["ControlNet 0"].startswith(
+        f"Module: canny, Model: {title}, ")
+    plain = client.post("/sdapi/v1/txt2img", json=BASE).json()
+    assert np.abs(pixels(r.json()["images"][0]) - pixels(plain["images"][0])).max() > 8
