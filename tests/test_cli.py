@@ -269,7 +269,9 @@ def test_detect_refuses_with_one_line(capsys):
     for args, message in [(["depth_midas"], "the depth_midas preprocessor needs its network's weights"),
                           (["canny", "--threshold-a", "0"], "threshold_a (Low Threshold) must be from 1 to 255"),
                           (["cany"], "unknown ControlNet preprocessor 'cany'"),
-                          (["canny", "--pixel-perfect"], "--pixel-perfect needs --width and --height")]:
+                          (["canny", "--pixel-perfect"], "--pixel-perfect and --resize-mode need --width and --height"),
+                          (["canny", "--resize-mode", "Just Resize"], "--resize-mode need --width and --height"),
+                          (["canny", "--resolution", "0"], "resolution")]:
         assert main(["detect", args[0], "in.png", "-o", "out.png", *args[1:]]) == 2
         assert message in capsys.readouterr().err
     assert main(["detect", "canny", "in.png", "-o", "out.jpg"]) == 2

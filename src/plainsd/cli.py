@@ -242,7 +242,7 @@ def _detect_args(sub) -> None:
     p.add_argument("--width", type=int, default=None, help="fit the hint to this size (with --height), as a "
                                                            "generation of that size would; openpose_json: the canvas")
     p.add_argument("--height", type=int, default=None)
-    p.add_argument("--resize-mode", default="Crop and Resize", choices=RESIZE_MODES,
+    p.add_argument("--resize-mode", default=None, choices=RESIZE_MODES,
                    help="how the hint is fitted to --width x --height (default Crop and Resize)")
     p.add_argument("--pixel-perfect", action="store_true",
                    help="choose the resolution that needs no resizing to --width x --height")
@@ -620,16 +620,17 @@ def _detect(args) -> int:
             raise ValueError(f"no such pose file: {args.image}") from None
         hint = detectors.openpose_json(text, args.width, args.height)
     else:
-        if args.pixel_perfect and args.width is None:
-            raise ValueError("--pixel-perfect needs --width and --height: the size the hint is for")
+        if (args.pixel_perfect or args.resize_mode is not None) and args.width is None:
+            raise ValueError("--pixel-perfect and --resize-mode need --width and --height: the size the hint is for")
+        resize = args.resize_mode or "Crop and Resize"
         detectors.check(args.module, args.threshold_a, args.threshold_b)  # before the picture is read
         image = _open_image(args.image)
-        resolution = args.resolution or 512
+        resolution = 512 if args.resolution is None else args.resolution
         if args.pixel_perfect:
-            resolution = detectors.pixel_perfect_resolution(image, args.width, args.height, args.resize_mode)
+            resolution = detectors.pixel_perfect_resolution(image, args.width, args.height, resize)
         hint = detectors.detect(args.module, image, resolution, args.threshold_a, args.threshold_b)
         if args.width is not None:
-            hint = detectors.fit(hint, args.width, args.height, args.resize_mode)
+            hint = detectors.fit(hint, args.width, args.height, resize)
     path = save_png(hint, args.output, None)
     print(f"{path}  ({hint.width}x{hint.height})")
     return 0

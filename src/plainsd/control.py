@@ -130,7 +130,7 @@ def check_combination(req: GenerationRequest, backend: str) -> None:
                          "ControlNet's residuals (leave out the openvino backend, or the units)")
 
 
-CACHE_SIZE = 2   # ControlNets kept loaded beyond those of the current request (the extension's default)
+CACHE_SIZE = 2   # ControlNets kept loaded (more while one request uses more; the extension's default)
 
 
 def load_controlnets(engine, units: tuple[ControlUnit, ...], folder=None) -> list:
@@ -163,6 +163,9 @@ def _check_fits(net, unet_cfg, name: str) -> None:
                              f"{tuple(cfg.channels)}); this model's UNet has {want} (SD 1.x / 2.x adapters need an "
                              f"SD 1.x / 2.x model)")
         return
+    if cfg.in_channels != unet_cfg.in_channels and not (cfg.in_channels == 4 and unet_cfg.in_channels == 9):
+        raise ValueError(f"the ControlNet {name!r} reads {cfg.in_channels} latent channels and this model's UNet "
+                         f"{unet_cfg.in_channels}; it needs the same, or 4 beside an inpainting model's 9")
     same = ("model_channels", "channel_mult", "num_res_blocks", "context_dim")
     if any(getattr(cfg, f) != getattr(unet_cfg, f) for f in same):
         mine = ", ".join(f"{f} {getattr(cfg, f)}" for f in same)
@@ -214,6 +217,11 @@ def hint_tensor(detected: Image.Image, width: int, height: int, resize: str) -> 
     if fitted.size != (width, height):
         raise ValueError(f"the preprocessor's picture was fitted to {fitted.size}, not {width}x{height}")
     return torch.from_numpy(np.asarray(fitted, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
+
+
+def hint_image(hint: torch.Tensor) -> Image.Image:
+    """The picture a hint tensor was made from (hint_tensor's inverse, exact): the extension's detected map."""
+    return Image.fromarray((hint[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
 
 
 # --- 3. the model call ----------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ class Result:
     frames: list[list[Image.Image]] = field(default_factory=list)  # per image, one frame per step (record_steps)
     interrupted: bool = False
     subseeds: list[int] = field(default_factory=list)  # each image's variation seed
+    control_maps: list[list[Image.Image]] = field(default_factory=list)  # per ControlNet unit, its hint per pass
 
 
 @dataclass
@@ -194,11 +195,10 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
                                                          start.paste is not None and start.paste[2] is not None)
         first = _first_pass(engine, request, params, run, start, encode)
         second = _second_pass(engine, request, params, run, first, encode) if request.hires else None
-        if request.controlnet:
-            params.controlnet = _controlnet(engine, request, start, first, second)
+        control_maps = _controlnet(engine, request, params, start, first, second) if request.controlnet else []
         hooks = _Hooks(callback, interrupt, skip, progress, record_steps,
                        total=len(first.sigmas) - 1 + (len(second.sigmas) - 1 if second else 0))
-        result = Result([], [], [], params)
+        result = Result([], [], [], params, control_maps=control_maps)
         for batch in range(request.batch_count):
             images = [batch * request.batch_size + i for i in range(request.batch_size)]
             seeds = [params.seed + (0 if params.subseed_strength else i) for i in images]
@@ -506,12 +506,14 @@ def _unet(engine: Engine, run: _Run, params: Parameters, sigmas: torch.Tensor) -
                          late_from_t=float(to_t(sigmas[steps_run - late])) if late else None)
 
 
-def _controlnet(engine: Engine, req: GenerationRequest, start: _Start, first: Pass, second: Pass | None) -> dict:
+def _controlnet(engine: Engine, req: GenerationRequest, params: Parameters, start: _Start, first: Pass,
+                second: Pass | None) -> list[list[Image.Image]]:
     """3b. ControlNet units (plainsd.control): their networks, each unit's picture through its preprocessor once,
-    fitted to each pass's size, and each pass's UNet wrapped to add the active units' residuals; returns their
-    infotext entries."""
+    fitted to each pass's size, and each pass's UNet wrapped to add the active units' residuals. Sets their
+    infotext entries; returns each unit's hint as each pass's UNet gets it (the extension's detected maps)."""
     nets = control_mod.load_controlnets(engine, req.controlnet, req.controlnet_dir)
     maps = [control_mod.detected_map(unit, req, start.paste[2] if start.paste else None) for unit in req.controlnet]
+    shown = [[] for _ in req.controlnet]
     to_t = _denoiser(engine.sd).sigma_to_t
     sizes = [(first, (req.width, req.height), False)]
     if second is not None:
@@ -521,7 +523,10 @@ def _controlnet(engine: Engine, req: GenerationRequest, start: _Start, first: Pa
         units = control_mod.active_units(req.controlnet, nets, hints, hires)
         p.unet = control_mod.ControlledUNet(p.unet, units, to_t(p.sigmas[:-1]), req.batch_size, len(p.cond.parts),
                                             lazy=isinstance(p.unet, DeepCacheUNet))
-    return control_mod.infotext_fields(req.controlnet, req.controlnet_dir)
+        for unit_maps, hint in zip(shown, hints):
+            unit_maps.append(control_mod.hint_image(hint))
+    params.controlnet = control_mod.infotext_fields(req.controlnet, req.controlnet_dir)
+    return shown
 
 
 def _run_batch(engine: Engine, run: _Run, start: _Start, first: Pass, second: Pass | None, seeds: list[int],

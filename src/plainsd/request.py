@@ -162,8 +162,8 @@ class ControlUnit:
         _named(self.resize_mode, CONTROL_RESIZE_MODES, "ControlNet resize mode")
         if not 0.0 <= self.weight <= 2.0:
             raise ValueError(f"a ControlNet unit's weight must be between 0 and 2, got {self.weight}")
-        if not 0.0 <= self.guidance_start < self.guidance_end <= 1.0:
-            raise ValueError(f"a ControlNet unit's guidance start and end must satisfy 0 <= start < end <= 1 "
+        if not 0.0 <= self.guidance_start <= self.guidance_end <= 1.0:
+            raise ValueError(f"a ControlNet unit's guidance start and end must satisfy 0 <= start <= end <= 1 "
                              f"(fractions of the steps), got {self.guidance_start} and {self.guidance_end}")
         low, high = PROCESSOR_RES
         if isinstance(self.processor_res, bool) or not isinstance(self.processor_res, int) \

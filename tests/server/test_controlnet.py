@@ -222,7 +222,7 @@ def test_unsupported_unit_fields_are_refused_naming_the_field(folders, name):
     ("foo", 1, "unknown field alwayson_scripts.controlnet.args[0].foo:"),
     ("weight", 2.5, "alwayson_scripts.controlnet.args[0].weight should be less than or equal to 2, got 2.5"),
     ("guidance_end", 1.5, "alwayson_scripts.controlnet.args[0].guidance_end should be less than or equal to 1"),
-    ("guidance_start", 0.9, "guidance_start (0.9) is after guidance_end (0.5)"),
+    ("guidance_start", 0.9, "guidance start and end must satisfy 0 <= start <= end <= 1"),
     ("resize_mode", 4, "resize_mode: unknown resize mode 4; the extension's are Just Resize, Crop and Resize, Resize"),
     ("control_mode", "balanced", "control_mode: unknown control mode 'balanced'; the extension's are Balanced,"),
     ("module", "no_such", "alwayson_scripts.controlnet.args[0].module: unknown preprocessor 'no_such';"),

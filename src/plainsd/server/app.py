@@ -162,7 +162,7 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
             result = script(engine, **controls)
         else:
             result = pipeline.generate(engine, request, **controls)
-        return engine, result, controlnet.detected_maps(request, controlnet.saves(req.alwayson_scripts), settings)
+        return engine, result, controlnet.detected_maps(result, controlnet.saves(req.alwayson_scripts), settings)
 
     # (steps_total: on_step corrects it, a hires fix adds steps)
     engine, result, maps = await _run(server.queue, http, Job(work, kind=kind,

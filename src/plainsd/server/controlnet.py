@@ -20,7 +20,7 @@ from typing import Annotated, Any, Callable, Literal, Optional, Union
 from PIL import Image
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
-from plainsd import control, detectors, pipeline
+from plainsd import control, detectors
 from plainsd.request import CONTROL_MODES, ControlUnit
 
 API_VERSION = 3   # what the extension's /controlnet/version answers (its external_code.get_api_version)
@@ -212,9 +212,6 @@ def _unit(arg: ControlNetUnitArgs, module: str, where: str, kind: str, decode,
         if values[name] not in nothing:
             raise ValueError(f"{where}.{name}: {reason}, so only {' or '.join(map(_show, nothing))} is accepted "
                              f"here, got {_show(values[name])}")
-    if values["guidance_start"] > values["guidance_end"]:
-        raise ValueError(f"{where}: guidance_start ({values['guidance_start']}) is after guidance_end "
-                         f"({values['guidance_end']}); the unit acts from guidance_start to guidance_end")
     image = _image(values["image"], f"{where}.image", decode)
     if image is None and kind != "img2img":
         raise ValueError(f"{where}.image: the unit has no control image; send one (base64), or use img2img, where a "
@@ -393,27 +390,18 @@ def detect(req: DetectRequest, decode: Callable[[Any, str], Image.Image]) -> lis
 
 # --- the detected maps of a generation ---------------------------------------------------------------------------
 
-def detected_maps(request, saved: list[bool], settings: dict) -> list[Image.Image]:
-    """The pictures the extension appends to the answer's images after the drawn ones: for each of the request's
-    units whose save_detected_map is on (saved, from saves), its hint as the UNet gets it (with the hires fix, the
-    second pass's, then the first pass's); none where the setting control_net_no_detectmap is on."""
-    if settings.get("control_net_no_detectmap"):
+def detected_maps(result, saved: list[bool], settings: dict) -> list[Image.Image]:
+    """The pictures the extension appends to the answer's images after the drawn ones: for each unit whose
+    save_detected_map is on (saved, from saves), its hint as the UNet got it (the pipeline's Result.control_maps;
+    with the hires fix, the second pass's, then the first pass's); none where the setting control_net_no_detectmap
+    is on, or where a script's result carries none."""
+    if settings.get("control_net_no_detectmap") or not result.control_maps:
         return []
     maps = []
-    for unit, save in zip(request.controlnet, saved, strict=True):
+    for unit_maps, save in zip(result.control_maps, saved, strict=True):
         if save:
-            maps += _hints(request, unit)
+            maps += reversed(unit_maps)
     return maps
-
-
-def _hints(request, unit: ControlUnit) -> list[Image.Image]:
-    """A unit's detected map at each pass's size, as the pipeline fits it (control.detected_map, detectors.fit;
-    with inpainting's "only masked", of the picture cut to the mask's box, as the pipeline cuts it)."""
-    area = pipeline._masked_area(request) if request.mask is not None and request.inpaint_full_res else None
-    detected, resize = control.detected_map(unit, request, area.box if area is not None else None)
-    w, h = request.width, request.height
-    sizes = ([request.hires.final_size(w, h)] if request.hires is not None else []) + [(w, h)]
-    return [detectors.fit(detected, width, height, resize) for width, height in sizes]
 
 
 def check_settings(settings: dict) -> None:
