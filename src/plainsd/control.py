@@ -56,6 +56,7 @@ from PIL import Image
 
 from . import detectors, runtime, weights
 from . import images as imgs
+from .diffusion.guidance import step_at
 from .models.t2i_adapter import T2IAdapter
 from .request import CONTROL_MODES, CONTROL_RESIZE_MODES, ControlUnit, GenerationRequest
 
@@ -306,8 +307,7 @@ class ControlledUNet:
 
     def step(self, t: torch.Tensor) -> int:
         """The pass's step a call at timestep t belongs to: the last step whose timestep is at or above it."""
-        above = int((self.ts >= float(torch.as_tensor(t).reshape(-1).max()) - 1e-4).sum())
-        return max(above - 1, 0)
+        return step_at(self.ts, float(torch.as_tensor(t).reshape(-1).max()))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         step, steps = self.step(t), len(self.ts)

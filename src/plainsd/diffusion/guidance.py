@@ -66,8 +66,7 @@ class CFGDenoiser:
         """The pass's step a call at this sigma belongs to (0 without the pass's sigmas)."""
         if self.sigmas is None or len(self.sigmas) < 2:
             return 0
-        above = int((self.sigmas[:-1] >= sigma * (1 - 1e-5)).sum())
-        return max(above - 1, 0)
+        return step_at(self.sigmas[:-1], sigma)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond, uncond=None, **extra) -> torch.Tensor:
         first_sigma = float(torch.as_tensor(sigma).reshape(-1)[0])
@@ -122,3 +121,10 @@ def _padded(states: torch.Tensor, padding: torch.Tensor, length: int) -> torch.T
     """states [B, tokens, width] followed by whole chunks of padding [1, chunk, width] up to `length` tokens."""
     missing = (length - states.shape[1]) // padding.shape[1]
     return torch.cat([states, padding.repeat(states.shape[0], missing, 1)], dim=1) if missing else states
+
+
+def step_at(levels: torch.Tensor, level: float) -> int:
+    """The step a model call at this noise level belongs to, given the steps' levels (sigmas or timesteps, falling):
+    the last step whose level is at or above it (within float rounding); 0 above the first."""
+    above = int((levels >= level * (1 - 1e-5)).sum())
+    return max(above - 1, 0)
