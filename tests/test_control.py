@@ -241,11 +241,11 @@ def test_infotext_entries(folder):
     short = control.model_hash(folder / "cn_a.safetensors")
     a = fields["ControlNet 0"]
     assert a.startswith(f"Module: canny, Model: cn_a [{short}], Weight: 0.5, Resize Mode: Crop and Resize, "
-                        f"Processor Res: 512, Threshold A: ")
+                        f"Processor Res: 512, Threshold A: 100, Threshold B: 200, ")
     assert a.endswith("Guidance Start: 0.0, Guidance End: 0.8, Pixel Perfect: False, "
                       "Control Mode: ControlNet is more important")
     b = fields["ControlNet 1"]
-    assert "Resize Mode: Just Resize, Processor Res: 256, Threshold A: 3.0, Threshold B: -1.0" in b
+    assert "Resize Mode: Just Resize, Processor Res: 256, Threshold A: 0.5, Threshold B: 0.5" in b
     assert "Pixel Perfect: True, Control Mode: Balanced" in b
 
 

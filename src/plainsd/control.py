@@ -366,8 +366,8 @@ def _adapter_sum(units: list[ActiveUnit], x: torch.Tensor, cond_mark: torch.Tens
 
 def infotext_fields(units: tuple[ControlUnit, ...], folder=None) -> dict[str, str]:
     """The extension's infotext entries: "ControlNet i" -> "Module: canny, Model: name [hash], Weight: 1.0, ...",
-    its fields in its order (ControlNetUnit.infotext_fields), values as Python prints them; thresholds left to
-    their defaults written as the preprocessor's defaults (-1 where it has none), the processor resolution as
+    its fields in its order (ControlNetUnit.infotext_fields), values as Python prints them; thresholds as
+    _threshold writes them, the processor resolution as
     the unit gave it (also with pixel perfect, as the extension writes it before computing that)."""
     out = {}
     for i, unit in enumerate(units):
@@ -380,9 +380,12 @@ def infotext_fields(units: tuple[ControlUnit, ...], folder=None) -> dict[str, st
     return out
 
 
-def _threshold(unit: ControlUnit, which: str) -> float:
+def _threshold(unit: ControlUnit, which: str) -> float | int:
+    """A threshold as the extension writes it: the given value; left out, the slider's default as the extension
+    declares it (Canny's 100, not 100.0). A module without that slider has the extension's hidden one (0 to 1,
+    default 0.5), which keeps a given value inside its range and writes 0.5 otherwise."""
     value = getattr(unit, f"threshold_{which}")
-    if value is None:
-        slider = getattr(detectors.find_module(unit.module), f"threshold_{which}", None)
-        value = getattr(slider, "value", -1)
-    return float(value)
+    slider = getattr(detectors.find_module(unit.module), f"threshold_{which}", None)
+    if slider is None:
+        return float(value) if value is not None and 0 <= value <= 1 else 0.5
+    return slider.value if value is None else float(value)
