@@ -1,5 +1,7 @@
 """ControlNet units through the pipeline on tiny random weights: txt2img, img2img, inpainting, hires, fast mode."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +78,22 @@ def test_guidance_start_end_change_exactly_those_steps(sd, folder):
     pipeline.generate(engine, _request(folder, [ControlUnit("cn_a", _picture(), guidance_start=0.3,
                                                             guidance_end=0.6)], steps=10))
     assert [i for i, c in enumerate(engine.unet.controls) if c is not None] == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("prompt, kw, rows", [
+    # AND parts x 2 images: rows 0-1 unconditional, 2-5 the two parts' conditional rows
+    ("a red circle AND a blue square", dict(batch_size=2, cfg_scale=5.0), [[False] * 2 + [True] * 4] * 4),
+    # guidance cut off after half the steps: the later calls have no unconditional rows, so all get residuals
+    ("a red circle AND a blue square", dict(batch_size=2, cfg_scale=5.0, guidance_until=0.5),
+     [[False] * 2 + [True] * 4] * 2 + [[True] * 4] * 2),
+    ("a red circle", dict(batch_size=3, cfg_scale=1.0), [[True] * 3] * 4),   # no guidance: conditional rows only
+])
+def test_controlnet_is_more_important_finds_the_unconditional_rows(sd, folder, prompt, kw, rows):
+    engine = _spied(sd)
+    request = _request(folder, [ControlUnit("cn_a", _picture(), control_mode=2)], **kw)
+    pipeline.generate(engine, dataclasses.replace(request, prompt=prompt))
+    got = [[bool((c[-1][i] != 0).any()) for i in range(c[-1].shape[0])] for c in engine.unet.controls]
+    assert got == rows
 
 
 def test_the_unconditional_half_by_mode(sd, folder):

@@ -1,7 +1,8 @@
 """ControlNet units in a generation, as A1111's ControlNet extension (Mikubill/sd-webui-controlnet) drives them.
 
-    result = generate(sd, GenerationRequest("a red circle", controlnet=(ControlUnit("plainsd-base.controlnet-canny",
-                                                                          edges, module="canny"),)))
+    engine = runtime.prepare(sd)   # an Engine keeps loaded ControlNets from one request to the next
+    result = generate(engine, GenerationRequest("a red circle", controlnet=(
+        ControlUnit("plainsd-base.controlnet-canny", edges, module="canny"),)))
 
 1. Models (list_controlnets, find_controlnet): the shipped ControlNet and the files of a ControlNet folder (the
    extension's models/ControlNet), by name; loaded once and kept on the Engine (controlnets). A file there may
