@@ -93,12 +93,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
     args = parser.parse_args()
     started = time.perf_counter()
-    engine = runtime.prepare(plainsd.load())
+    engine = runtime.prepare(plainsd.load(dtype=runtime.choose_dtype("auto")))  # as `plainsd txt2img` runs
     scenes = held_out_scenes(args.scenes, 1)
     few = scenes[:args.contradictions]
     lines = [f"# ControlNet adherence: {MODEL} on the shipped model", "",
              f"`.venv/bin/python benchmarks/controlnet_adherence.py --scenes {args.scenes} --contradictions "
-             f"{args.contradictions}` on {cpu_name()}, {engine.sd.dtype} "
+             f"{args.contradictions}` on {cpu_name()}, {str(engine.sd.dtype).replace('torch.', '')} "
              f"(the default runtime); the method in the script's docstring.", "",
              "## Shape and position of the edges' scene (prompt: the colour only)", "",
              "| unit | guidance end 1 | guidance end 0.5 |", "|---|---|---|",
