@@ -37,6 +37,30 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
     )
 
 
+def diffusers_controlnet_kwargs(cfg: UNetConfig, **extra) -> dict:
+    """diffusers ControlNetModel settings for a ControlNet of this UNet config (extra: other settings)."""
+    kwargs = diffusers_unet_kwargs(cfg)
+    for name in ("sample_size", "out_channels", "up_block_types"):
+        del kwargs[name]
+    return {**kwargs, **extra}
+
+
+def unet_pair(cfg: UNetConfig, seed: int = 0):
+    """diffusers' UNet with random, perturbed weights, and plainsd's UNet with the same weights (renamed with
+    weights.unet_diffusers_names): just the UNets, where a test needs no text encoder or VAE."""
+    from diffusers import UNet2DConditionModel
+
+    from plainsd.models.unet import UNetModel
+    from plainsd.weights import _rename, unet_diffusers_names
+
+    torch.manual_seed(seed)
+    theirs = perturb(UNet2DConditionModel(**diffusers_unet_kwargs(cfg)), seed + 1)
+    pairs = unet_diffusers_names(cfg)
+    ours = UNetModel(cfg)
+    ours.load_state_dict({_rename(k, pairs): v for k, v in theirs.state_dict().items()}, strict=True)
+    return theirs, ours.eval()
+
+
 def diffusers_vae_kwargs(cfg: VAEConfig, scale_factor: float = 0.18215) -> dict:
     n = len(cfg.ch_mult)
     return dict(

@@ -9,6 +9,7 @@ from PIL import Image
 
 from plainsd.cli import main
 from plainsd.pnginfo import parse_infotext, read_parameters
+from tests.test_control import stand_ins  # noqa: F401 (a fixture: stand-ins for what other branches add)
 
 
 @pytest.fixture(autouse=True)
@@ -249,3 +250,104 @@ def test_fast_with_openvino_says_what_it_leaves_out(capsys, monkeypatch):
     assert "--fast stops guidance early but cannot reuse UNet features" in err and "stopped before loading" in err
     assert main(["txt2img", "x", "--fast", "--quiet"]) == 2  # eager: nothing to say
     assert "cannot reuse" not in capsys.readouterr().err
+
+
+def test_detect_writes_the_hint(capsys):
+    picture = Image.new("RGB", (96, 64), (255, 255, 255))
+    picture.paste((0, 0, 0), (32, 16, 64, 48))
+    picture.save("in.png")
+    assert main(["detect", "canny", "in.png", "-o", "edges.png", "--resolution", "64"]) == 0
+    from plainsd import detectors
+    assert np.array_equal(np.asarray(Image.open("edges.png")), np.asarray(detectors.detect("canny", picture, 64)))
+    assert main(["detect", "canny", "in.png", "-o", "fit.png", "--width", "64", "--height", "64", "--pixel-perfect"]) == 0
+    assert Image.open("fit.png").size == (64, 64) and "fit.png  (64x64)" in capsys.readouterr().out
+    with open("pose.json", "w") as f:
+        f.write('{"canvas_width": 32, "canvas_height": 24, "people": [{"pose_keypoints_2d": ['
+                + ", ".join(["0"] * 3 + ["5", "12", "1", "25", "12", "1"] + ["0"] * 45) + "]}]}")
+    assert main(["detect", "openpose_json", "pose.json", "-o", "pose.png"]) == 0
+    assert Image.open("pose.png").size == (32, 24) and Image.open("pose.png").getpixel((15, 12)) == (153, 0, 0)
+
+
+def test_detect_refuses_with_one_line(capsys):
+    Image.new("RGB", (64, 64)).save("in.png")
+    for args, message in [(["depth_midas"], "the depth_midas preprocessor needs its network's weights"),
+                          (["canny", "--threshold-a", "0"], "threshold_a (Low Threshold) must be from 1 to 255"),
+                          (["cany"], "unknown ControlNet preprocessor 'cany'"),
+                          (["canny", "--pixel-perfect"], "--pixel-perfect needs --width and --height")]:
+        assert main(["detect", args[0], "in.png", "-o", "out.png", *args[1:]]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["detect", "canny", "in.png", "-o", "out.jpg"]) == 2
+    assert main(["detect", "openpose_json", "missing.json", "-o", "out.png"]) == 2
+    assert "no such pose file: missing.json" in capsys.readouterr().err
+
+
+def _controlnet_folder(tmp_path):
+    import plainsd
+    from tests.test_control import random_controlnet, save_controlnet
+
+    (tmp_path / "cn").mkdir()
+    tiny = plainsd.build("tiny", seed=0)
+    plainsd.save(tiny, tmp_path / "base.safetensors")
+    save_controlnet(random_controlnet(tiny.unet.config), tmp_path / "cn" / "edges.safetensors")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save("hint.png")
+    Image.new("RGB", (64, 64), (200, 30, 30)).save("init.png")
+
+
+def test_controlnet_flags_make_the_same_request_as_python(tmp_path, stand_ins):
+    import dataclasses
+
+    from plainsd import cli
+    from plainsd.request import ControlUnit
+
+    _controlnet_folder(tmp_path)
+    args = cli.build_parser().parse_args([
+        "img2img", "x", "--init-image", "init.png", "--controlnet-dir", "cn",
+        "--controlnet", "edges", "--control-image", "hint.png", "--control-module", "canny", "--control-weight", "0.5",
+        "--control-start", "0.1", "--control-end", "0.9", "--control-mode", "controlnet",
+        "--control-resize-mode", "resize-and-fill", "--control-res", "256", "--control-threshold-a", "50",
+        "--control-threshold-b", "150", "--control-pixel-perfect",
+        "--controlnet", "edges", "--control-image", "init", "--control-module", "none", "--control-weight", "1.5",
+        "--control-mode", "prompt", "--control-resize-mode", "just-resize", "--control-pixel-perfect", "off"])
+    request = cli._request(args)
+    hint = Image.open("hint.png")
+    expected = (ControlUnit("edges", hint, "canny", 0.5, 0.1, 0.9, "ControlNet is more important", "Resize and Fill",
+                            256, 50.0, 150.0, True),
+                ControlUnit("edges", None, "none", 1.5, control_mode="My prompt is more important",
+                            resize_mode="Just Resize", pixel_perfect=False))
+    got = request.controlnet
+    assert request.controlnet_dir == "cn" and len(got) == 2
+    assert np.array_equal(np.asarray(got[0].image), np.asarray(hint))
+    assert [dataclasses.replace(u, image=None) for u in got] == [dataclasses.replace(u, image=None) for u in expected]
+    request.check()
+
+
+def test_controlnet_on_the_command_line_draws_and_writes_its_infotext(tmp_path, stand_ins):
+    _controlnet_folder(tmp_path)
+    common = ["--steps", "2", "--seed", "1", "--quiet", "--precision", "fp32", "--controlnet-dir", "cn",
+              "--model", "base.safetensors"]
+    assert main(["txt2img", "x", "-o", "plain.png"] + common) == 0
+    assert main(["txt2img", "x", "-o", "cn.png", "--controlnet", "edges", "--control-image", "hint.png"] + common) == 0
+    fields = parse_infotext(read_parameters("cn.png"))
+    assert fields["ControlNet 0"].startswith("Module: none, Model: edges [")
+    assert np.abs(np.asarray(Image.open("cn.png"), np.int16) - np.asarray(Image.open("plain.png"), np.int16)).max() > 10
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--controlnet", "nope", "--control-image", "hint.png"], "no ControlNet named 'nope'"),
+    (["--controlnet", "edges", "--control-image", "hint.png", "--control-weight", "1", "--control-weight", "2"],
+     "--control-weight was given 2 times but --controlnet 1 times"),
+    (["--control-module", "canny"], "--control-module was given 1 times but --controlnet 0 times"),
+    (["--controlnet", "edges"], "needs an image"),
+    (["--controlnet", "edges", "--control-image", "hint.png", "--control-weight", "3"], "weight must be between 0 and 2"),
+    (["--controlnet", "edges", "--control-image", "hint.png", "--control-res", "big"], "--control-res takes a whole number"),
+])
+def test_bad_controlnet_flags_exit_2(args, message, tmp_path, capsys, stand_ins):
+    _controlnet_folder(tmp_path)
+    assert main(["txt2img", "x", "--controlnet-dir", "cn", "--quiet"] + args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_bad_control_mode_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["txt2img", "x", "--controlnet", "a", "--control-mode", "strong"])
+    assert e.value.code == 2 and "invalid choice: 'strong'" in capsys.readouterr().err

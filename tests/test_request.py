@@ -6,6 +6,7 @@ from PIL import Image
 from plainsd.fast import FAST
 from plainsd.pnginfo import parse_infotext
 from plainsd.request import MAX_SEED, GenerationRequest, HiresFix, Parameters
+from tests.test_control import stand_ins  # noqa: F401 (a fixture: stand-ins for what other branches add)
 
 
 @pytest.mark.parametrize("fields, words", [
@@ -136,3 +137,37 @@ def test_parameters_write_variation_seed_resize_and_tiling():
     plain = parse_infotext(Parameters(**{**p.__dict__, "subseed_strength": 0.0, "seed_resize_from": None,
                                          "tiling": False}).infotext(5))
     assert not {"Variation seed", "Variation seed strength", "Seed resize from", "Tiling"} & set(plain)
+
+
+_HINT = Image.new("RGB", (8, 8))
+
+
+@pytest.mark.parametrize("unit, words", [
+    (dict(control_mode="strong"), "unknown control mode 'strong'; known: Balanced, My prompt is more important, "
+                                  "ControlNet is more important (A1111's 0 to 2)"),
+    (dict(control_mode=3), "unknown control mode 3"),
+    (dict(resize_mode="Stretch"), "unknown ControlNet resize mode 'Stretch'"),
+    (dict(weight=2.5), "a ControlNet unit's weight must be between 0 and 2, got 2.5"),
+    (dict(guidance_start=0.5, guidance_end=0.5), "guidance start and end must satisfy 0 <= start < end <= 1"),
+    (dict(guidance_end=1.2), "guidance start and end must satisfy 0 <= start < end <= 1"),
+    (dict(processor_res=32), "processor_res (the preprocessor's resolution) must be a whole number from 64 to 2048"),
+    (dict(module="sharpen"), "unknown ControlNet preprocessor 'sharpen'"),
+    (dict(model="nope"), "no ControlNet named 'nope'"),
+    (dict(image=None), "needs an image (only img2img and inpainting may leave it out"),
+])
+def test_each_controlnet_rule_is_one_sentence(unit, words, stand_ins):
+    from plainsd.request import ControlUnit
+    fields = {"model": __file__, "image": _HINT, **unit}
+    with pytest.raises(ValueError) as e:
+        GenerationRequest("x", controlnet=(ControlUnit(**fields),)).check()
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_controlnet_numbers_and_the_init_image(stand_ins):
+    from plainsd.request import ControlUnit
+    unit = ControlUnit(__file__, _HINT, control_mode=2, resize_mode=0)  # the extension's numbers
+    GenerationRequest("x", controlnet=(unit,)).check()
+    assert unit.mode == "ControlNet is more important" and unit.resize == "Just Resize"
+    GenerationRequest("x", init_image=_HINT, controlnet=(ControlUnit(__file__),)).check()  # img2img: the init image
+    with pytest.raises(TypeError, match="controlnet must be a tuple of ControlUnit"):
+        GenerationRequest("x", controlnet=unit).check()

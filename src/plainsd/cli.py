@@ -14,9 +14,12 @@ EXAMPLES = """examples:
   plainsd txt2img "a red circle" --hires --hires-scale 2 --hires-strength 0.5 -o circle-hires.png
   plainsd img2img "a blue square" --init-image circle.png --strength 0.6
   plainsd inpaint "a star" --init-image circle.png --mask mask.png --only-masked --inpainting-fill fill
+  plainsd txt2img "a red circle" --controlnet plainsd-base.controlnet-canny --control-image edges.png --control-module canny
   plainsd outpaint circle.png "a red circle, a wide field" --left 64 --right 64 -o wide.png
   plainsd xyz "a red circle" --x-type Seed --x-values 1-3 --y-type "CFG Scale" --y-values "3, 7" -o grid.png
   plainsd png-info circle.png
+  plainsd detect canny photo.jpg -o edges.png --width 512 --height 768 --pixel-perfect
+  plainsd detect openpose_json pose.json -o pose.png
   plainsd serve --models-dir models --port 7860
 """
 
@@ -63,6 +66,7 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     p.add_argument("--lora-dir", default=None, help="folder of LoRA files, used by <lora:name:weight> in the prompt")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings, used by name in prompts")
     _style_args(p)
+    _controlnet_args(p)
     _runtime_args(p)
     p.add_argument("--fast", action="store_true",
                    help="fast mode: DeepCache (the whole UNet every 2nd step, every 4th on the last 40%%), guidance for the first 60%% of the steps (less exact)")
@@ -85,6 +89,87 @@ def _style_args(p: argparse.ArgumentParser):
                        help="A1111's styles.csv (columns name, prompt, negative_prompt) or a wildcard such as "
                             "'styles/*.csv'; default: styles.csv in the current folder")
     group.add_argument("--styles-dir", default=None, metavar="DIR", help="a folder of styles .csv files")
+
+
+# The command line's spellings of the ControlNet extension's control modes and resize modes, in one table.
+CONTROL_NAMES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                 "controlnet": "ControlNet is more important", "just-resize": "Just Resize",
+                 "crop-and-resize": "Crop and Resize", "resize-and-fill": "Resize and Fill"}
+# Each unit's flags: flag -> (ControlUnit field, type); the n-th of each belongs to the n-th --controlnet.
+CONTROL_FLAGS = {"control_image": ("image", str), "control_module": ("module", str),
+                 "control_weight": ("weight", float), "control_start": ("guidance_start", float),
+                 "control_end": ("guidance_end", float), "control_mode": ("control_mode", str),
+                 "control_resize_mode": ("resize_mode", str), "control_res": ("processor_res", int),
+                 "control_threshold_a": ("threshold_a", float), "control_threshold_b": ("threshold_b", float),
+                 "control_pixel_perfect": ("pixel_perfect", str)}
+
+
+def _controlnet_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("ControlNet", "units as A1111's ControlNet extension has them; repeat --controlnet for "
+                                           "several, the n-th of each flag below belonging to the n-th unit")
+    g.add_argument("--controlnet", action="append", default=[], metavar="MODEL",
+                   help="a ControlNet: a name in --controlnet-dir (with or without its [hash]), the shipped "
+                        "plainsd-base.controlnet-canny, or a file or diffusers folder")
+    g.add_argument("--controlnet-dir", default=None, metavar="DIR", help="folder of ControlNet files (A1111's models/ControlNet)")
+    g.add_argument("--control-image", action="append", default=[], metavar="IMG",
+                   help="the unit's picture; img2img and inpaint: leave out (or 'init') to use the init image")
+    g.add_argument("--control-module", action="append", default=[], metavar="NAME",
+                   help="preprocessor: none (the picture is the hint; default), canny, ...")
+    g.add_argument("--control-weight", action="append", default=[], metavar="W", help="0 to 2 (default 1)")
+    g.add_argument("--control-start", action="append", default=[], metavar="F",
+                   help="fraction of the steps before which the unit is off (default 0)")
+    g.add_argument("--control-end", action="append", default=[], metavar="F",
+                   help="fraction of the steps after which the unit is off (default 1)")
+    g.add_argument("--control-mode", action="append", default=[], choices=["balanced", "prompt", "controlnet"],
+                   help="balanced (default), prompt (my prompt is more important), controlnet (ControlNet is more important)")
+    g.add_argument("--control-resize-mode", action="append", default=[],
+                   choices=["just-resize", "crop-and-resize", "resize-and-fill"],
+                   help="how the hint is fitted to the picture (default crop-and-resize)")
+    g.add_argument("--control-res", action="append", default=[], metavar="PX",
+                   help="the preprocessor's resolution, 64 to 2048 (default 512)")
+    g.add_argument("--control-threshold-a", action="append", default=[], metavar="X",
+                   help="the preprocessor's first setting (canny: low threshold, default 100)")
+    g.add_argument("--control-threshold-b", action="append", default=[], metavar="X",
+                   help="its second (canny: high threshold, default 200)")
+    g.add_argument("--control-pixel-perfect", action="append", default=[], nargs="?", const="on",
+                   choices=["on", "off"], help="the preprocessor's resolution from the picture's size (on; or off)")
+
+
+def _control_units(args) -> tuple:
+    """The units the ControlNet flags ask for: the n-th of each flag goes to the n-th --controlnet."""
+    from plainsd.request import ControlUnit
+
+    models = args.controlnet
+    for flag in CONTROL_FLAGS:
+        given = getattr(args, flag)
+        if len(given) > len(models):
+            raise ValueError(f"--{flag.replace('_', '-')} was given {len(given)} times but --controlnet "
+                             f"{len(models)} times; each unit's flags belong to the --controlnet of the same place")
+    units = []
+    for i, model in enumerate(models):
+        fields = {}
+        for flag, (name, kind) in CONTROL_FLAGS.items():
+            values = getattr(args, flag)
+            if i < len(values):
+                fields[name] = _control_value(flag, values[i], kind)
+        if fields.get("image", "init") == "init":
+            fields.pop("image", None)
+        else:
+            fields["image"] = _open_image(fields["image"])
+        units.append(ControlUnit(model, **fields))
+    return tuple(units)
+
+
+def _control_value(flag: str, text: str, kind):
+    if flag == "control_pixel_perfect":
+        return text == "on"
+    if flag in ("control_mode", "control_resize_mode"):
+        return CONTROL_NAMES[text]
+    try:
+        return kind(text)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"--{flag.replace('_', '-')} takes {what}, got {text!r}") from None
 
 
 def _hires_args(p: argparse.ArgumentParser):
@@ -140,6 +225,30 @@ def _noise_multiplier(p: argparse.ArgumentParser):
                    help="the starting noise times X, 0 to 1.5 (A1111's Noise multiplier for img2img; default 1)")
 
 
+def _detect_args(sub) -> None:
+    from plainsd.detectors import MODULES, RESIZE_MODES
+
+    runnable = ", ".join(name for name, m in MODULES.items() if not m.needs_weights)
+    p = sub.add_parser("detect", help="make a ControlNet hint from a picture (a preprocessor) or a pose JSON",
+                       description=f"Preprocessors (A1111 ControlNet extension names): {runnable}; and openpose_json, "
+                                   "which draws the OpenPose skeleton of a pose JSON file (OpenPose's format).")
+    p.add_argument("module", help="the preprocessor, e.g. canny")
+    p.add_argument("image", help="the picture (for openpose_json: the pose .json file)")
+    p.add_argument("-o", "--output", required=True, help="the hint, a .png file")
+    p.add_argument("--resolution", type=int, default=None, help="the preprocessor resolution: the hint's short side "
+                                                              "before fitting (default 512)")
+    p.add_argument("--threshold-a", type=float, default=None, help="the module's first setting (default: its own)")
+    p.add_argument("--threshold-b", type=float, default=None, help="the module's second setting (default: its own)")
+    p.add_argument("--width", type=int, default=None, help="fit the hint to this size (with --height), as a "
+                                                           "generation of that size would; openpose_json: the canvas")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--resize-mode", default="Crop and Resize", choices=RESIZE_MODES,
+                   help="how the hint is fitted to --width x --height (default Crop and Resize)")
+    p.add_argument("--pixel-perfect", action="store_true",
+                   help="choose the resolution that needs no resizing to --width x --height")
+    p.add_argument("--debug", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plainsd", description="Stable Diffusion in plain PyTorch, on the CPU.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="as JSON fields")
     p.add_argument("--debug", action="store_true")
+    _detect_args(sub)
     p = sub.add_parser("samplers", help="list samplers and schedules")
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("train", help="train the VAE, CLIP, the UNet or a ControlNet from a config file")
@@ -284,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", default="outputs/api", help="where save_images=true requests write")
     p.add_argument("--lora-dir", default=None, help="folder of LoRA files for <lora:name:weight> in prompts")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings")
+    p.add_argument("--controlnet-dir", default=None,
+                   help="folder of ControlNet models (A1111's models/ControlNet), offered besides the shipped one")
     p.add_argument("--styles", default=None, metavar="PATH",
                    help="A1111's styles.csv (or a folder of .csv files, or a wildcard) for the requests' styles")
     _runtime_args(p)
@@ -433,7 +545,8 @@ def _request(args):
         seed_resize_from_w=args.seed_resize_from_w, seed_resize_from_h=args.seed_resize_from_h, tiling=args.tiling,
         s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax, s_noise=args.s_noise,
         eta_noise_seed_delta=args.ensd, styles=args.styles,
-        styles_file=args.styles_file or args.styles_dir or "styles.csv")
+        styles_file=args.styles_file or args.styles_dir or "styles.csv", controlnet=_control_units(args),
+        controlnet_dir=args.controlnet_dir)
     if args.command == "img2img":
         return request.replace(init_image=_open_image(args.init_image), strength=args.strength,
                                resize_mode=args.resize_mode, initial_noise_multiplier=args.noise_multiplier)
@@ -488,6 +601,39 @@ def _png_info(args) -> int:
         print(f"{args.image} holds no generation parameters", file=sys.stderr)
         return 1
     print(json.dumps(parse_infotext(text), indent=2, ensure_ascii=False) if args.json else text)
+    return 0
+
+
+def _detect(args) -> int:
+    from plainsd import detectors
+    from plainsd.pnginfo import save_png
+
+    if Path(args.output).suffix.lower() != ".png":
+        raise ValueError(f"the output must be a .png file, got {Path(args.output).name}")
+    if (args.width is None) != (args.height is None):
+        raise ValueError("give both --width and --height, or neither")
+    if args.module == "openpose_json":
+        if args.resolution or args.threshold_a is not None or args.threshold_b is not None or args.pixel_perfect:
+            raise ValueError("openpose_json draws the pose at --width x --height (default: the JSON's canvas); "
+                             "it takes no resolution, thresholds or pixel perfect")
+        try:
+            text = Path(args.image).read_text()
+        except FileNotFoundError:
+            raise ValueError(f"no such pose file: {args.image}") from None
+        hint = detectors.openpose_json(text, args.width, args.height)
+    else:
+        if args.pixel_perfect and args.width is None:
+            raise ValueError("--pixel-perfect needs --width and --height: the size the hint is for")
+        detectors.check(args.module, args.threshold_a, args.threshold_b)  # before the picture is read
+        image = _open_image(args.image)
+        resolution = args.resolution or 512
+        if args.pixel_perfect:
+            resolution = detectors.pixel_perfect_resolution(image, args.width, args.height, args.resize_mode)
+        hint = detectors.detect(args.module, image, resolution, args.threshold_a, args.threshold_b)
+        if args.width is not None:
+            hint = detectors.fit(hint, args.width, args.height, args.resize_mode)
+    path = save_png(hint, args.output, None)
+    print(f"{path}  ({hint.width}x{hint.height})")
     return 0
 
 
@@ -584,7 +730,8 @@ def _serve(args) -> int:
     limits = Limits(max_size=args.max_size, max_steps=args.max_steps, max_images=args.max_images)
     app = create_app(args.model, args.models_dir, auth=args.api_auth, max_queue=args.max_queue, limits=limits,
                      outputs=args.outputs, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-                     precision=args.precision, backend=args.backend, styles=args.styles)
+                     precision=args.precision, backend=args.backend, styles=args.styles,
+                     controlnet_dir=args.controlnet_dir)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"plainsd: note: listening on {args.host}, reachable from other machines"
               + ("" if args.api_auth else " without authentication (see --api-auth)"), file=sys.stderr)
@@ -701,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     from plainsd.weights import CheckpointError
 
     handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate, "xyz": _xyz,
-                "png-info": _png_info,
+                "png-info": _png_info, "detect": _detect,
                 "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "lora": _lora, "finetune": _finetune}
     try:
         return handlers[args.command](args)

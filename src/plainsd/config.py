@@ -72,6 +72,16 @@ class VAEConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """A T2I-Adapter (models/t2i_adapter.py): the hint picture to one feature map per UNet level."""
+    channels: tuple = (320, 640, 1280, 1280)  # the features of each level: the UNet's channels there
+    num_res_blocks: int = 2          # ResnetBlocks per level (TencentARC's nums_rb)
+    hint_channels: int = 3           # the hint picture's channels: 3, or 1 for the grey sketch models
+    ksize: int = 1                   # kernel size of each block's second convolution and of in_conv
+    use_conv: bool = False           # halve the size with a strided convolution instead of average pooling
+
+
+@dataclass
 class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .models.unet import add_control
+
 
 @dataclass
 class FastSettings:
@@ -86,7 +88,9 @@ class DeepCacheUNet:
         """Start again (a new batch, the hires fix's second pass): the next call runs the whole UNet."""
         self.cached, self.calls, self.late_calls, self.since_full = None, 0, 0, 0
 
-    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, control=None) -> torch.Tensor:
+        """control: ControlNet residuals as a function of how many input blocks the call runs (None: all), as
+        control.ControlledUNet gives them: a whole call adds them all, a cheap call those of its outer blocks."""
         unet, dtype = self.unet, self.unet.dtype
         whole = self._runs_whole(timesteps, x.shape[0])
         emb = unet.embed_timesteps(timesteps, x.shape[0])
@@ -96,9 +100,13 @@ class DeepCacheUNet:
             self.full_calls += 1
             skips = unet.run_input_blocks(h, emb, context)
             h = unet.middle_block(skips[-1], emb, context)
+            if control is not None:
+                skips, h = add_control(skips, h, control(None))
             self.cached = h = unet.run_output_blocks(h, skips, emb, context, stop=cut)
         else:
             skips = unet.run_input_blocks(h, emb, context, stop=self.depth)
+            if control is not None:
+                skips = [s + c.to(s.dtype) for s, c in zip(skips, control(self.depth))]
             h = self.cached
         h = unet.run_output_blocks(h, skips, emb, context, start=cut)
         return unet.out(h).to(x.dtype)

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from . import control as control_mod
 from . import images as imgs
 from . import lora as lora_mod
 from .diffusion import samplers as S
@@ -193,6 +194,8 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
                                                          start.paste is not None and start.paste[2] is not None)
         first = _first_pass(engine, request, params, run, start, encode)
         second = _second_pass(engine, request, params, run, first, encode) if request.hires else None
+        if request.controlnet:
+            params.controlnet = _controlnet(engine, request, start, first, second)
         hooks = _Hooks(callback, interrupt, skip, progress, record_steps,
                        total=len(first.sigmas) - 1 + (len(second.sigmas) - 1 if second else 0))
         result = Result([], [], [], params)
@@ -503,6 +506,24 @@ def _unet(engine: Engine, run: _Run, params: Parameters, sigmas: torch.Tensor) -
                          late_from_t=float(to_t(sigmas[steps_run - late])) if late else None)
 
 
+def _controlnet(engine: Engine, req: GenerationRequest, start: _Start, first: Pass, second: Pass | None) -> dict:
+    """3b. ControlNet units (plainsd.control): their networks, each unit's picture through its preprocessor once,
+    fitted to each pass's size, and each pass's UNet wrapped to add the active units' residuals; returns their
+    infotext entries."""
+    nets = control_mod.load_controlnets(engine, req.controlnet, req.controlnet_dir)
+    maps = [control_mod.detected_map(unit, req, start.paste[2] if start.paste else None) for unit in req.controlnet]
+    to_t = _denoiser(engine.sd).sigma_to_t
+    sizes = [(first, (req.width, req.height), False)]
+    if second is not None:
+        sizes.append((second, req.hires.final_size(req.width, req.height, engine.sd.config.vae.factor), True))
+    for p, (width, height), hires in sizes:
+        hints = [control_mod.hint_tensor(detected, width, height, resize) for detected, resize in maps]
+        units = control_mod.active_units(req.controlnet, nets, hints, hires)
+        p.unet = control_mod.ControlledUNet(p.unet, units, to_t(p.sigmas[:-1]), req.batch_size, len(p.cond.parts),
+                                            lazy=isinstance(p.unet, DeepCacheUNet))
+    return control_mod.infotext_fields(req.controlnet, req.controlnet_dir)
+
+
 def _run_batch(engine: Engine, run: _Run, start: _Start, first: Pass, second: Pass | None, seeds: list[int],
                subseeds: list[int], hooks: _Hooks):
     """4. One batch: its noise from its seeds (and variation seeds), the first pass, and the hires fix's pass on
@@ -563,8 +584,8 @@ def _sample(sd: StableDiffusion, p: Pass, x: torch.Tensor, start: torch.Tensor, 
             hooks: _Hooks) -> tuple[torch.Tensor, bool]:
     """A pass's latents and True; where the run was interrupted or skipped, the estimate it had reached and
     False."""
-    if isinstance(p.unet, DeepCacheUNet):
-        p.unet.reset()  # each pass of each batch starts with a whole UNet pass
+    if isinstance(p.unet, (DeepCacheUNet, control_mod.ControlledUNet)):
+        p.unet.reset()  # each pass of each batch starts with a whole UNet pass (DeepCache's)
     denoiser = _denoiser(sd, _net(p.unet, p.concat))
     model = CFGDenoiser(denoiser, p.cfg_scale, p.sigmas, p.guidance_until)
     if p.keep is not None:

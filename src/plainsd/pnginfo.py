@@ -102,3 +102,28 @@ def add_fields(text: str, **fields) -> str:
     scripts add theirs (the X/Y/Z plot's "Script", "X Type", ...)."""
     extra = ", ".join(f"{k}: {_quote(_number(v))}" for k, v in fields.items() if v not in (None, ""))
     return f"{text}, {extra}" if extra else text
+
+
+def parse_controlnet_units(fields: dict) -> list[dict]:
+    """The A1111 ControlNet extension's "ControlNet 0", "ControlNet 1", ... entries of parsed infotext fields ->
+    one dict per unit, keys as the extension's unit fields (module, model, weight, resize_mode, ...), values read
+    as it reads them: True / False, whole numbers, other numbers, else text."""
+    units = []
+    for key in sorted((k for k in fields if re.fullmatch(r"ControlNet \d+", k)), key=lambda k: int(k.split()[1])):
+        unit = {}
+        for item in fields[key].split(","):
+            name, _, value = item.strip().partition(": ")
+            unit[name.lower().replace(" ", "_")] = _value(value)
+        units.append(unit)
+    return units
+
+
+def _value(text: str):
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from . import detectors
 from .diffusion.samplers import SAMPLERS, SamplerInfo, chosen_schedule, default_eta, resolve_sampler, takes
 from .diffusion.schedules import schedule_key, schedule_label
 from .fast import FastSettings
-from .images import RESIZE_MODES, inpainting_fill, resize_mode
+from .images import RESIZE_MODES, _named, inpainting_fill, resize_mode
 from .models.tome import check_ratio
 from .prompts import check_prompt
 from .pnginfo import infotext
@@ -114,6 +115,63 @@ class HiresFix:
 DEFAULTS = {"steps": 20, "sampler": "DPM++ 2M", "schedule": "automatic", "cfg_scale": 7.0, "guidance_until": 1.0}
 
 
+# A1111's ControlNet extension's choices, in the order of its numbers (scripts/enums.py ControlMode, ResizeMode)
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+CONTROL_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+PROCESSOR_RES = (64, 2048)   # the extension's preprocessor resolution slider
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet unit, as A1111's ControlNet extension names its settings."""
+    model: str                               # a name from control.list_controlnets() (file stem, or "plainsd-base.controlnet-canny"), or a path
+    image: Image.Image | None = None         # the control picture; None in img2img/inpaint = the init image (as the extension does)
+    module: str = "none"                     # the preprocessor (detectors.MODULES names, the extension's spelling)
+    weight: float = 1.0
+    guidance_start: float = 0.0              # fraction of the steps before which the unit is off
+    guidance_end: float = 1.0                # fraction of the steps after which it is off
+    control_mode: str = "Balanced"           # "Balanced" | "My prompt is more important" | "ControlNet is more important"
+    resize_mode: str = "Crop and Resize"     # "Just Resize" | "Crop and Resize" | "Resize and Fill"
+    processor_res: int = 512                 # the preprocessor's resolution (pixel_perfect computes it instead)
+    threshold_a: float | None = None         # the preprocessor's first / second threshold; None = its default
+    threshold_b: float | None = None
+    pixel_perfect: bool = False
+
+    @property
+    def mode(self) -> str:
+        """The control mode's name (the extension's numbers 0-2 accepted)."""
+        return _named(self.control_mode, CONTROL_MODES, "control mode")
+
+    @property
+    def resize(self) -> str:
+        """The resize mode's name (the extension's numbers 0-2 accepted)."""
+        return _named(self.resize_mode, CONTROL_RESIZE_MODES, "ControlNet resize mode")
+
+    def check(self, has_init_image: bool = False) -> None:
+        """One sentence for the first thing wrong with the unit's own values (its model: control.find_controlnet)."""
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"a ControlNet unit needs a model (a name from the ControlNet folder, or a path), "
+                             f"got {self.model!r}")
+        if self.image is not None and not isinstance(self.image, Image.Image):
+            raise TypeError("a ControlNet unit's image must be a PIL image")
+        if self.image is None and not has_init_image:
+            raise ValueError(f"the ControlNet unit with {self.model!r} needs an image (only img2img and inpainting "
+                             f"may leave it out, to use the init image)")
+        detectors.check(self.module, self.threshold_a, self.threshold_b)
+        _named(self.control_mode, CONTROL_MODES, "control mode")
+        _named(self.resize_mode, CONTROL_RESIZE_MODES, "ControlNet resize mode")
+        if not 0.0 <= self.weight <= 2.0:
+            raise ValueError(f"a ControlNet unit's weight must be between 0 and 2, got {self.weight}")
+        if not 0.0 <= self.guidance_start < self.guidance_end <= 1.0:
+            raise ValueError(f"a ControlNet unit's guidance start and end must satisfy 0 <= start < end <= 1 "
+                             f"(fractions of the steps), got {self.guidance_start} and {self.guidance_end}")
+        low, high = PROCESSOR_RES
+        if isinstance(self.processor_res, bool) or not isinstance(self.processor_res, int) \
+                or not low <= self.processor_res <= high:
+            raise ValueError(f"a ControlNet unit's processor_res (the preprocessor's resolution) must be a whole "
+                             f"number from {low} to {high}, got {self.processor_res!r}")
+
+
 @dataclass
 class GenerationRequest:
     """Every parameter of one txt2img, img2img or inpainting run, the hires fix included.
@@ -175,6 +233,10 @@ class GenerationRequest:
     # the prompts (styled) before anything else, so the infotext holds the styled prompts, as in A1111
     styles: list[str] = field(default_factory=list)
     styles_file: str | None = None
+    # A1111's ControlNet extension: its units, drawn together (plainsd.control); models by name from
+    # controlnet_dir (the extension's models/ControlNet) or the shipped one, or by path
+    controlnet: tuple[ControlUnit, ...] = ()
+    controlnet_dir: str | None = None
 
     def check(self, factor: int = 8, backend: str = "eager") -> None:
         """Raise ValueError (TypeError for a wrong kind of value) with one sentence for the first thing that is
@@ -209,6 +271,19 @@ class GenerationRequest:
             if self.width and self.height:
                 _check_size(*self.hires.final_size(self.width, self.height, factor), factor)
         self._check_noise(factor, backend)
+        self._check_controlnet(backend)
+
+    def _check_controlnet(self, backend: str) -> None:
+        """Each unit's values and model; and what a ControlNet cannot be combined with (plainsd.control)."""
+        if not self.controlnet:
+            return
+        from .control import check_combination, find_controlnet
+        if isinstance(self.controlnet, ControlUnit) or not all(isinstance(u, ControlUnit) for u in self.controlnet):
+            raise TypeError("controlnet must be a tuple of ControlUnit")
+        for unit in self.controlnet:
+            unit.check(self.init_image is not None)
+            find_controlnet(unit.model, self.controlnet_dir)
+        check_combination(self, backend)
 
     def _check_numbers(self, factor: int) -> None:
         _check_size(self.width, self.height, factor)
@@ -407,6 +482,7 @@ class Parameters:
     tiling: bool = False
     eta_noise_seed_delta: int | None = None   # where it changed the sampler's noise
     sampler_fields: dict = field(default_factory=dict)   # "Eta", "Sigma churn", ... (request.sampler_fields)
+    controlnet: dict = field(default_factory=dict)   # "ControlNet 0": "Module: ..., Model: ...", ... (control.py)
 
     def infotext(self, seed: int, subseed: int | None = None) -> str:
         """A1111's "parameters" text for the image with this seed (and variation seed)."""
@@ -423,7 +499,7 @@ class Parameters:
             "Guidance until": self.guidance_until if self.guidance_until < 1.0 else None,
             "DeepCache interval": self.deepcache, "Decoder": "TAESD" if self.tiny_decoder else None,
             "Token merging ratio": self.token_merging, "Tiling": "True" if self.tiling else None,
-            **self.sampler_fields, **self._hires_fields(), **self.inpainting})
+            **self.sampler_fields, **self._hires_fields(), **self.inpainting, **self.controlnet})
 
     @staticmethod
     def inpainting_fields(req: GenerationRequest, painted: bool, only_masked: bool) -> dict:

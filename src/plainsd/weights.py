@@ -21,8 +21,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+from .config import AdapterConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig
 from .models import StableDiffusion
+from .models.controlnet import HINT_CHANNELS, ControlNet
+from .models.t2i_adapter import UNSHUFFLE, T2IAdapter
 from .models.taesd import TinyDecoder
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
@@ -277,6 +279,24 @@ def _component_file(folder: Path) -> Path:
     raise CheckpointError(f"no weights file in {folder} (expected diffusion_pytorch_model.safetensors or model.safetensors)")
 
 
+def _diffusers_unet_config(u: dict) -> UNetConfig:
+    """A diffusers UNet2DConditionModel's (or ControlNetModel's: no out_channels) config.json as a UNetConfig."""
+    boc = list(u["block_out_channels"])
+    heads = u.get("num_attention_heads") or u.get("attention_head_dim", 8)
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(boc)
+    head_dims = {c // h for c, h in zip(boc, heads)}
+    per_level = isinstance(u.get("num_attention_heads") or u.get("attention_head_dim"), (list, tuple))
+    num_heads, head_dim = (-1, head_dims.pop()) if per_level and len(head_dims) == 1 else (heads[0], -1)
+    depth = u.get("transformer_layers_per_block", 1)
+    return UNetConfig(
+        in_channels=u["in_channels"], out_channels=u.get("out_channels", u["in_channels"]), model_channels=boc[0],
+        channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=u["layers_per_block"],
+        attention_levels=tuple(i for i, b in enumerate(u["down_block_types"]) if "CrossAttn" in b),
+        num_heads=num_heads, head_dim=head_dim, context_dim=u["cross_attention_dim"],
+        transformer_depth=depth[0] if isinstance(depth, (list, tuple)) else depth,
+        use_linear_proj=bool(u.get("use_linear_projection", False)), norm_groups=u.get("norm_num_groups", 32))
+
+
 def _diffusers_config(root: Path) -> ModelConfig:
     u = _read_json(root / "unet" / "config.json")
     v = _read_json(root / "vae" / "config.json")
@@ -285,20 +305,7 @@ def _diffusers_config(root: Path) -> ModelConfig:
         if u.get(field):
             raise CheckpointError(f"{root} is not an SD 1.x/2.x model (its UNet has {field}={u[field]!r}; SDXL and "
                                   "other UNet variants are not supported)")
-    boc = list(u["block_out_channels"])
-    heads = u.get("num_attention_heads") or u.get("attention_head_dim", 8)
-    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(boc)
-    head_dims = {c // h for c, h in zip(boc, heads)}
-    per_level = isinstance(u.get("num_attention_heads") or u.get("attention_head_dim"), (list, tuple))
-    num_heads, head_dim = (-1, head_dims.pop()) if per_level and len(head_dims) == 1 else (heads[0], -1)
-    depth = u.get("transformer_layers_per_block", 1)
-    unet = UNetConfig(
-        in_channels=u["in_channels"], out_channels=u["out_channels"], model_channels=boc[0],
-        channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=u["layers_per_block"],
-        attention_levels=tuple(i for i, b in enumerate(u["down_block_types"]) if "CrossAttn" in b),
-        num_heads=num_heads, head_dim=head_dim, context_dim=u["cross_attention_dim"],
-        transformer_depth=depth[0] if isinstance(depth, (list, tuple)) else depth,
-        use_linear_proj=bool(u.get("use_linear_projection", False)), norm_groups=u.get("norm_num_groups", 32))
+    unet = _diffusers_unet_config(u)
     vboc = list(v["block_out_channels"])
     vae = VAEConfig(in_channels=v.get("in_channels", 3), ch=vboc[0], ch_mult=tuple(c // vboc[0] for c in vboc),
                     num_res_blocks=v["layers_per_block"], z_channels=v["latent_channels"],
@@ -377,14 +384,15 @@ def infer_config(shapes: dict[str, tuple], metadata: dict[str, str]) -> tuple[Mo
     return ModelConfig(text=text, unet=unet, vae=vae, prediction=prediction, resolution=768 if sd2_unet else 512), (key if v_test else None)
 
 
-def _unet_config(shapes: dict[str, tuple]) -> UNetConfig:
-    """The UNet's config from its tensors' names and shapes: levels, ResBlocks per level, attention, text width."""
+def _unet_config(shapes: dict[str, tuple], prefix: str = UNET) -> UNetConfig:
+    """The UNet's config from its tensors' names and shapes: levels, ResBlocks per level, attention, text width.
+    Only the way down and the middle are read, so a ControlNet's tensors (prefix "") give its config too."""
     keys = set(shapes)
-    u = lambda k: shapes.get(UNET + k)  # noqa: E731
+    u = lambda k: shapes.get(prefix + k)  # noqa: E731
     mc = u("input_blocks.0.0.weight")[0]
     blocks: dict[int, set[str]] = {}
     for k in keys:
-        m = re.match(re.escape(UNET) + r"input_blocks\.(\d+)\.(\d+)\.(\w+)", k)
+        m = re.match(re.escape(prefix) + r"input_blocks\.(\d+)\.(\d+)\.(\w+)", k)
         if m:
             blocks.setdefault(int(m.group(1)), set()).add(f"{m.group(2)}.{m.group(3)}")
     mults, levels_attn, counts, count = [], [], [], 0
@@ -404,9 +412,10 @@ def _unet_config(shapes: dict[str, tuple]) -> UNetConfig:
         raise CheckpointError(f"unsupported UNet layout: {counts} ResBlocks per level (plainsd expects the same number on every level)")
     proj_in = u("middle_block.1.proj_in.weight")
     context_dim = u("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
-    depth = len({k for k in keys if k.startswith(UNET + "middle_block.1.transformer_blocks.") and k.endswith("attn1.to_q.weight")})
+    depth = len({k for k in keys if k.startswith(prefix + "middle_block.1.transformer_blocks.") and k.endswith("attn1.to_q.weight")})
     sd2_unet = context_dim == 1024 or (proj_in is not None and len(proj_in) == 2)
-    return UNetConfig(in_channels=u("input_blocks.0.0.weight")[1], out_channels=u("out.2.weight")[0], model_channels=mc,
+    in_channels, out = u("input_blocks.0.0.weight")[1], u("out.2.weight")  # (a ControlNet has no way up: no out)
+    return UNetConfig(in_channels=in_channels, out_channels=out[0] if out else in_channels, model_channels=mc,
                       channel_mult=tuple(mults), num_res_blocks=counts[0], attention_levels=tuple(levels_attn),
                       num_heads=-1 if sd2_unet else 8, head_dim=64 if sd2_unet else -1, context_dim=context_dim,
                       transformer_depth=max(depth, 1), use_linear_proj=proj_in is not None and len(proj_in) == 2)
@@ -651,3 +660,299 @@ def load_tiny_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float3
                               f"{len(wrong)} tensors missing or misshaped (e.g. {wrong[0]})")
     decoder.load_state_dict({k: state[k].to(dtype) for k in expected})
     return decoder.to(dtype).eval().requires_grad_(False)
+
+
+# --- ControlNet files -------------------------------------------------------------------------------
+
+CONTROL = "control_model."  # the prefix of a ControlNet's tensors inside lllyasviel's 1.0 / 1.1 files
+_CONTROL_META = "plainsd.controlnet"  # what save_controlnet records of a ControlNet beside its tensors
+
+# diffusers ControlNetModel settings that name something plainsd's ControlNet does not have: (setting, the value
+# SD 1.x / 2.x ControlNets have; a config.json without the setting has that value too)
+_CONTROLNET_SAME = (("class_embed_type", None), ("num_class_embeds", None), ("addition_embed_type", None),
+                    ("encoder_hid_dim", None), ("encoder_hid_dim_type", None), ("mid_block_type", "UNetMidBlock2DCrossAttn"),
+                    ("resnet_time_scale_shift", "default"), ("flip_sin_to_cos", True), ("freq_shift", 0),
+                    ("mid_block_scale_factor", 1), ("act_fn", "silu"), ("downsample_padding", 1),
+                    ("conditioning_embedding_out_channels", [16, 32, 96, 256]))
+
+
+def controlnet_diffusers_names(cfg: UNetConfig) -> list[tuple[str, str]]:
+    """(diffusers prefix, original prefix) pairs for a ControlNet of this config: the UNet's way down and middle,
+    then the hint encoder, the zero convolutions and the middle block's (as diffusers' ControlNetModel names them)."""
+    pairs = [p for p in unet_diffusers_names(cfg) if p[1].startswith(("time_embed.", "input_blocks.", "middle_block."))]
+    hint = ["conv_in", *(f"blocks.{i}" for i in range(len(HINT_CHANNELS) - 1)), "conv_out"]
+    pairs += [(f"controlnet_cond_embedding.{name}.", f"input_hint_block.{2 * i}.") for i, name in enumerate(hint)]
+    skips = len(cfg.channel_mult) * (cfg.num_res_blocks + 1)  # the first convolution's, then each block's
+    pairs += [(f"controlnet_down_blocks.{i}.", f"zero_convs.{i}.0.") for i in range(skips)]
+    pairs.append(("controlnet_mid_block.", "middle_block_out.0."))
+    return pairs
+
+
+def _renamed(source: TensorSource, names: dict[str, str], fix: dict[str, Callable] | None = None) -> TensorSource:
+    """The source's tensors under new names ({new name: source key}), some passed through a function."""
+    fix = fix or {}
+    return TensorSource({n: source.shapes[k] for n, k in names.items()},
+                        lambda n: fix.get(n, lambda t: t)(source.get(names[n])), source.metadata)
+
+
+def _controlnet_names(keys: set[str]) -> dict[str, str]:
+    """{original ControlNet name: key in the file} for a single file in any layout: the tensors under
+    control_model. (1.0 files, which also carry a whole SD model, left unread), unprefixed, or diffusers' names."""
+    if any(k.startswith(CONTROL) for k in keys):
+        return {k[len(CONTROL):]: k for k in keys if k.startswith(CONTROL)}
+    if "controlnet_cond_embedding.conv_in.weight" in keys:
+        # the table needs only the levels and ResBlocks per level, which the names show
+        levels = {k.split(".")[1] for k in keys if k.startswith("down_blocks.")}
+        per_level = {k.split(".")[3] for k in keys if k.startswith("down_blocks.0.resnets.")}
+        pairs = controlnet_diffusers_names(UNetConfig(channel_mult=(1,) * len(levels), num_res_blocks=len(per_level)))
+        return {(_rename(k, pairs) or "?" + k): k for k in keys}
+    return {k: k for k in keys}
+
+
+def _check_controlnet_kind(names: set[str], keys: set[str], label: str) -> None:
+    """One sentence for a file that is not an SD 1.x / 2.x ControlNet plainsd runs, saying what it looks like."""
+    if "input_hint_block.0.weight" in names and "time_embed.0.weight" in names:
+        kinds = (("lora_controlnet", "a Control-LoRA (low-rank differences from a base UNet)"),
+                 ("difference", "a ControlNet stored as its difference from a base UNet (a transfer-control file)"),
+                 ("label_emb.0.0.weight", "an SDXL ControlNet"))
+        for key, kind in kinds:
+            if key in names:
+                raise CheckpointError(f"{label} is {kind}, which plainsd does not load; it runs SD 1.x / 2.x ControlNets "
+                                      "with their full weights")
+        return
+    raise CheckpointError(f"{label} is not a ControlNet: it has no {CONTROL}*, input_hint_block.* or "
+                          f"controlnet_cond_embedding.* tensors; it looks like {_looks_like(keys)}")
+
+
+def _looks_like(keys: set[str]) -> str:
+    """What a file that is not what the caller wanted looks like, for its error message."""
+    if any(k.startswith(UNET) for k in keys):
+        return "a Stable Diffusion checkpoint (load it with plainsd.load)"
+    if any("lora_" in k or ".lora." in k for k in keys):
+        return "a LoRA file"
+    if any(k.startswith((CONTROL, "input_hint_block.", "controlnet_cond_embedding.")) for k in keys):
+        return "a ControlNet (load it with load_controlnet)"
+    if any(k.startswith(("adapter.", "body.")) for k in keys):
+        return "a T2I-Adapter (load it with load_adapter)"
+    return f"something else (its first keys are {_few(keys)})"
+
+
+def _controlnet_file(path: Path) -> tuple[UNetConfig, int, bool, TensorSource]:
+    """A single ControlNet file: (config, hint channels, global pooling, tensors under the original names)."""
+    source = read_tensors(path)
+    names = _controlnet_names(set(source.shapes))
+    _check_controlnet_kind(set(names), set(source.shapes), path.name)
+    source = _renamed(source, names)
+    if _CONTROL_META in source.metadata:  # plainsd's own files say what the shapes cannot (the tiny configs' heads)
+        try:
+            meta = json.loads(source.metadata[_CONTROL_META])
+            cfg = ModelConfig.from_dict({"unet": meta["unet"]}).unet
+            return cfg, int(meta["hint_channels"]), bool(meta.get("global_pool")), source
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{path.name}: its {_CONTROL_META} metadata is unreadable: {e}") from None
+    needed = ("input_blocks.0.0.weight", "middle_block.1.transformer_blocks.0.attn2.to_k.weight")
+    if any(k not in source.shapes for k in needed):
+        lacks = _few(set(needed) - set(source.shapes))
+        raise CheckpointError(f"{path.name} is not a whole SD 1.x / 2.x ControlNet: it lacks {lacks}")
+    # The heads are not in the file: 8 for SD1 (768-wide text), 64 channels each for SD2, as the UNets have.
+    # "shuffle" in the name means global pooling: the A1111 extension's rule (the files cannot say).
+    return (_unet_config(source.shapes, prefix=""), source.shapes["input_hint_block.0.weight"][1],
+            "shuffle" in path.stem.lower(), source)
+
+
+def _controlnet_folder(root: Path) -> tuple[UNetConfig, int, bool, TensorSource]:
+    """A diffusers ControlNetModel folder (config.json and its weights): as _controlnet_file."""
+    if not (root / "config.json").is_file():
+        raise CheckpointError(f"{root} is not a diffusers ControlNet folder: config.json is missing")
+    c = _read_json(root / "config.json")
+    if c.get("_class_name", "ControlNetModel") != "ControlNetModel":
+        raise CheckpointError(f"{root} holds a diffusers {c['_class_name']}, not a ControlNetModel")
+    cross_only = c.get("only_cross_attention", False)  # (one for all levels, or one per level)
+    settings = [(field, c.get(field, value), value) for field, value in _CONTROLNET_SAME]
+    settings.append(("only_cross_attention", any(cross_only) if isinstance(cross_only, list) else cross_only, False))
+    for field, have, value in settings:
+        if (list(have) if isinstance(have, (list, tuple)) else have) != value:
+            raise CheckpointError(f"{root}: its ControlNet has {field}={have!r}, which plainsd's SD 1.x / 2.x ControlNet "
+                                  f"does not run (it needs {field}={value!r})")
+    order = c.get("controlnet_conditioning_channel_order", "rgb")
+    if order not in ("rgb", "bgr"):
+        raise CheckpointError(f"{root}: unknown controlnet_conditioning_channel_order {order!r} (rgb or bgr)")
+    cfg = _diffusers_unet_config(c)
+    source = read_tensors(_component_file(root))
+    pairs = controlnet_diffusers_names(cfg)
+    names = {(_rename(k, pairs) or "?" + k): k for k in source.shapes}
+    # diffusers turns a bgr model's hint around before its first convolution; the same, once, in the weight
+    fix = {"input_hint_block.0.weight": lambda t: t.flip(1)} if order == "bgr" else {}
+    return cfg, c.get("conditioning_channels", 3), bool(c.get("global_pool_conditions")), _renamed(source, names, fix)
+
+
+def load_controlnet(path: str | os.PathLike, dtype: torch.dtype | None = None) -> ControlNet:
+    """Load a ControlNet: lllyasviel's 1.0 / 1.1 files (.pth read with weights_only, .safetensors; with or without
+    the control_model. prefix), a single file in diffusers' names, or a diffusers ControlNetModel folder. The
+    config is read from the file (SD 1.x or 2.x, hint channels); the load is strict, with shape checks.
+
+    dtype: the weights' dtype (default float32; runtime.prepare_controlnet casts to the engine's).
+    The ControlNet's .name is the file's stem (the folder's name); .global_pool is set for "shuffle" models.
+    """
+    path = Path(path)
+    if path.is_dir():
+        cfg, hint_channels, pool, source = _controlnet_folder(path)
+    elif path.exists():
+        cfg, hint_channels, pool, source = _controlnet_file(path)
+    else:
+        raise CheckpointError(f"no such ControlNet file or folder: {path}")
+    with torch.device("meta"):
+        controlnet = ControlNet(cfg, hint_channels)
+    kind = "SD2" if cfg.head_dim > 0 else "SD1"
+    state = _strict_state(controlnet, source, f"{path.name} does not fit the {kind} ControlNet it looks like",
+                          dtype or torch.float32)
+    controlnet.load_state_dict(state, strict=True, assign=True)
+    controlnet.global_pool = pool
+    controlnet.name = path.stem if path.is_file() else path.name
+    return controlnet.eval().requires_grad_(False)
+
+
+def _strict_state(module: torch.nn.Module, source: TensorSource, problem: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The module's whole state dict read from the source (names must match exactly, shapes too), in dtype;
+    a missing, unexpected or misshaped tensor raises one CheckpointError that starts with `problem`."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = sorted(set(expected) - set(source.shapes))
+    unexpected = sorted(k.lstrip("?") for k in set(source.shapes) - set(expected))
+    problems = [f"{len(missing)} tensors missing ({_few(missing)})"] if missing else []
+    problems += [f"{len(unexpected)} unexpected tensors ({_few(unexpected)})"] if unexpected else []
+    if problems:
+        raise CheckpointError(f"{problem}: " + "; ".join(problems))
+    state, misshaped = {}, []
+    for name, want in expected.items():
+        tensor = source.get(name)
+        if tuple(tensor.shape) != want:
+            if tensor.numel() == torch.Size(want).numel() and len(want) in (2, 4) and tensor.ndim in (2, 4):
+                tensor = tensor.reshape(want)  # attention projections stored as Linear instead of 1x1 Conv, or back
+            else:
+                misshaped.append(f"{name}: file {list(tensor.shape)}, model {list(want)}")
+                continue
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{problem}: tensor {name} is {tensor.dtype}, expected floating point weights")
+        state[name] = tensor.to(dtype).contiguous()
+    if misshaped:
+        raise CheckpointError(f"{problem}: {len(misshaped)} tensors have the wrong shape ({'; '.join(misshaped[:4])})")
+    return state
+
+
+def save_controlnet(controlnet: ControlNet, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write a ControlNet as one .safetensors file in the original layout without a prefix (as the ControlNet 1.1
+    .safetensors files people share; A1111's extension, ComfyUI and diffusers read it), whole or not at all.
+
+    dtype: e.g. torch.float16 to halve the file; default: the ControlNet's own dtype.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"plainsd saves .safetensors files only; got {path.name!r}")
+    state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in controlnet.state_dict().items()}
+    meta = {"unet": dataclasses.asdict(controlnet.config), "hint_channels": controlnet.hint_channels,
+            "global_pool": bool(controlnet.global_pool)}
+    return write_safetensors(state, path, {"format": "pt", _CONTROL_META: json.dumps(meta)})
+
+
+# --- T2I-Adapter files ------------------------------------------------------------------------------
+
+_ADAPTER_META = "plainsd.adapter"  # what save_adapter records of an adapter beside its tensors
+SD_LEVELS = 4  # the levels of every SD 1.x / 2.x UNet: what a bare adapter file's blocks are split into
+
+
+def adapter_diffusers_names(cfg: AdapterConfig) -> list[tuple[str, str]]:
+    """(diffusers prefix, TencentARC prefix) pairs for a T2I-Adapter of this config (the A1111 extension's
+    correspondence): diffusers keeps each level's blocks apart, TencentARC numbers them straight through."""
+    n, pairs = cfg.num_res_blocks, [("adapter.conv_in.", "conv_in.")]
+    for level in range(len(cfg.channels)):
+        pairs.append((f"adapter.body.{level}.in_conv.", f"body.{level * n}.in_conv."))
+        pairs += [(f"adapter.body.{level}.resnets.{j}.", f"body.{level * n + j}.") for j in range(n)]
+    return pairs
+
+
+def _adapter_names(keys: set[str]) -> dict[str, str]:
+    """{TencentARC name: key in the file}: diffusers' names renamed, an "adapter." prefix dropped."""
+    if any(k.startswith("adapter.body.") and ".resnets." in k for k in keys):
+        levels = {k.split(".")[2] for k in keys if k.startswith("adapter.body.")}
+        per_level = {k.split(".")[4] for k in keys if k.startswith("adapter.body.0.resnets.")}
+        pairs = adapter_diffusers_names(AdapterConfig(channels=(1,) * len(levels), num_res_blocks=len(per_level)))
+        return {(_rename(k, pairs) or "?" + k): k for k in keys}
+    return {(k[len("adapter."):] if k.startswith("adapter.") else k): k for k in keys}
+
+
+def _adapter_config(shapes: dict[str, tuple], label: str) -> AdapterConfig:
+    """The config of a TencentARC-named adapter from its shapes, split into SD's four UNet levels."""
+    if "style_embedding" in shapes or "body.0.body.0.block1.weight" in shapes:
+        raise CheckpointError(f"{label} is a style or light T2I-Adapter, which plainsd does not run; it runs the "
+                              "full adapters (canny, sketch, depth, keypose, openpose, ...)")
+    if "conv_in.weight" not in shapes or "body.0.block1.weight" not in shapes:
+        raise CheckpointError(f"{label} is not a T2I-Adapter: it has no conv_in / body.0.block1 tensors; "
+                              f"it looks like {_looks_like(set(shapes))}")
+    hint_channels, rest = divmod(shapes["conv_in.weight"][1], UNSHUFFLE ** 2)
+    if rest or hint_channels not in (1, 3):
+        raise CheckpointError(f"{label}: its conv_in reads {shapes['conv_in.weight'][1]} channels, which is not an SD "
+                              f"1.x / 2.x T2I-Adapter's {UNSHUFFLE ** 2} per hint channel (1 or 3; SDXL adapters read 768)")
+    blocks = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("body."))
+    if blocks % SD_LEVELS:
+        raise CheckpointError(f"{label}: {blocks} ResnetBlocks do not split into the {SD_LEVELS} levels of an SD UNet")
+    n = blocks // SD_LEVELS
+    return AdapterConfig(channels=tuple(shapes[f"body.{i * n}.block1.weight"][0] for i in range(SD_LEVELS)),
+                         num_res_blocks=n, hint_channels=hint_channels, ksize=shapes["body.0.block2.weight"][-1],
+                         use_conv=any(k.endswith("down_opt.op.weight") for k in shapes))
+
+
+def _adapter_folder(root: Path) -> tuple[AdapterConfig, TensorSource]:
+    """A diffusers T2IAdapter folder (config.json and its weights), under TencentARC's names."""
+    c = _read_json(root / "config.json") if (root / "config.json").is_file() else {}
+    if c.get("_class_name") != "T2IAdapter":
+        raise CheckpointError(f"{root} is not a diffusers T2IAdapter folder (its config.json is missing or names another class)")
+    if c.get("adapter_type", "full_adapter") != "full_adapter" or c.get("downscale_factor", UNSHUFFLE) != UNSHUFFLE:
+        raise CheckpointError(f"{root} is a {c.get('adapter_type')} T2I-Adapter (downscale factor "
+                              f"{c.get('downscale_factor')}); plainsd runs the SD 1.x / 2.x full_adapter (factor 8)")
+    cfg = AdapterConfig(channels=tuple(c.get("channels", (320, 640, 1280, 1280))), num_res_blocks=c.get("num_res_blocks", 2),
+                        hint_channels=c.get("in_channels", 3))
+    source = read_tensors(_component_file(root))
+    pairs = adapter_diffusers_names(cfg)
+    return cfg, _renamed(source, {(_rename(k, pairs) or "?" + k): k for k in source.shapes})
+
+
+def load_adapter(path: str | os.PathLike, dtype: torch.dtype | None = None) -> T2IAdapter:
+    """Load a T2I-Adapter: TencentARC's files (.pth read with weights_only, .safetensors), a single file in diffusers'
+    names, or a diffusers T2IAdapter folder; config from the file, strict load with shape checks.
+
+    dtype: the weights' dtype (default float32). The adapter's .name is the file's stem (the folder's name).
+    """
+    path = Path(path)
+    if path.is_dir():
+        cfg, source = _adapter_folder(path)
+    elif path.exists():
+        source = read_tensors(path)
+        source = _renamed(source, _adapter_names(set(source.shapes)))
+        if _ADAPTER_META in source.metadata:  # plainsd's own files (any number of levels)
+            try:
+                meta = json.loads(source.metadata[_ADAPTER_META])
+                cfg = AdapterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()})
+            except (ValueError, TypeError) as e:
+                raise CheckpointError(f"{path.name}: its {_ADAPTER_META} metadata is unreadable: {e}") from None
+        else:
+            cfg = _adapter_config(source.shapes, path.name)
+    else:
+        raise CheckpointError(f"no such T2I-Adapter file or folder: {path}")
+    with torch.device("meta"):
+        adapter = T2IAdapter(cfg)
+    state = _strict_state(adapter, source, f"{path.name} does not fit the T2I-Adapter it looks like", dtype or torch.float32)
+    adapter.load_state_dict(state, strict=True, assign=True)
+    adapter.name = path.stem if path.is_file() else path.name
+    return adapter.eval().requires_grad_(False)
+
+
+def save_adapter(adapter: T2IAdapter, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write a T2I-Adapter as one .safetensors file in TencentARC's names (as the A1111 extension reads them),
+    whole or not at all. dtype: e.g. torch.float16; default: the adapter's own."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"plainsd saves .safetensors files only; got {path.name!r}")
+    state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in adapter.state_dict().items()}
+    return write_safetensors(state, path, {"format": "pt", _ADAPTER_META: json.dumps(dataclasses.asdict(adapter.config))})

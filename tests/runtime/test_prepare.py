@@ -37,3 +37,44 @@ def test_bf16_path_within_tolerance_of_fp32():
     fast = txt2img(sd, "a red circle", steps=6, seed=3, cfg_scale=5)
     diff = np.abs(_pixels(exact) - _pixels(fast))
     assert diff.mean() < 3.0 and diff.max() < 64, (diff.mean(), diff.max())  # of 255
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_prepare_controlnet_runs_it_as_the_engine_runs_the_unet(precision):
+    """The ControlNet takes the engine's dtype, channels-last convolutions, the runtime's attention and packed
+    weights (where torch has the ops), and gives the float32 residuals within that precision's tolerance."""
+    from plainsd.models.controlnet import ControlNet
+    from plainsd.runtime import packing
+
+    sd = _model()
+    cn = perturb(ControlNet(sd.config.unet), 1)
+    g = torch.Generator().manual_seed(0)
+    x, hint, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, 3, 64, 64, generator=g), torch.randn(2, 77, 128, generator=g)
+    t = torch.tensor([10.0, 900.0])
+    with torch.no_grad():
+        exact = sd.unet(x, t, ctx, control=cn(x, hint, t, ctx))
+        engine = runtime.prepare(sd, precision=precision)
+        assert runtime.prepare_controlnet(cn, like=engine) is cn and cn.dtype == sd.unet.dtype
+        assert cn.input_hint_block[2].weight.is_contiguous(memory_format=torch.channels_last)
+        if runtime.packing_available(cn.dtype):
+            assert isinstance(cn.input_blocks[1][0].in_layers[2], packing._Packed)
+        got = engine.unet(x, t, ctx, control=cn(x, hint, t, ctx))
+        runtime.prepare_controlnet(cn, like=engine)  # again: no harm
+        again = engine.unet(x, t, ctx, control=cn(x, hint, t, ctx))
+    assert runtime.use_plain_attention(cn) > 0  # (its attention was the runtime's)
+    tol = 0.05 if precision == "bf16" else 1e-4
+    assert (got - exact).abs().max() <= tol * exact.abs().max() and torch.allclose(again, got, rtol=0, atol=1e-6)
+
+
+def test_prepare_controlnet_readies_a_t2i_adapter_too():
+    from plainsd.config import AdapterConfig
+    from plainsd.models.t2i_adapter import T2IAdapter
+
+    sd, adapter = _model(), perturb(T2IAdapter(AdapterConfig(channels=(32, 64))), 2)
+    hint = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = adapter(hint)
+        runtime.prepare_controlnet(adapter, like=runtime.prepare(sd, precision="bf16"))
+        got = adapter(hint)
+    assert adapter.dtype == torch.bfloat16
+    assert all((g.float() - e).abs().max() <= 0.03 * e.abs().max() for g, e in zip(got, exact))

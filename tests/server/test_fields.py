@@ -51,7 +51,6 @@ DEFAULT_ONLY = {
     "restore_faces": True, "s_min_uncond": 1.5, "refiner_checkpoint": "refiner.safetensors", "refiner_switch_at": 0.8,
     "firstpass_image": "iVBORw0KGgo=", "hr_checkpoint_name": "other.safetensors", "force_task_id": "task(1)",
     "infotext": "a cat\nSteps: 20", "comments": {"note": "x"}, "image_cfg_scale": 1.5,
-    "alwayson_scripts": {"controlnet": {"args": []}},
 }
 
 BASE = {"prompt": "a red circle", "steps": 2, "width": 32, "height": 32, "seed": 1, "sampler_name": "Euler",
@@ -207,7 +206,8 @@ HONOURED = {
 }
 # fields whose check is a test of its own below (it needs more than one request, or the server's files)
 HONOURED_ELSEWHERE = {"override_settings_restore_afterwards", "save_images", "tiny_decoder", "hr_resize_y",
-                      "mask_blur_y", "firstphase_height"}  # (firstphase_height: with firstphase_width above)
+                      "mask_blur_y", "firstphase_height",  # (firstphase_height: with firstphase_width above)
+                      "alwayson_scripts"}  # (the ControlNet extension's units: test_controlnet.py, field by field)
 # denoising_strength is honoured in both: the hires fix's (above), and img2img's
 IMG2IMG_STRENGTH = Change({"denoising_strength": 0.3}, route="img2img")
 

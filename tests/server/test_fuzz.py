@@ -1,7 +1,7 @@
 """The API fuzzed with schemathesis from its own OpenAPI schema, in-process on the tiny model: generated requests
-(valid ones and ones the schema says are invalid) to the generation, png-info, options and list routes get no
-5xx, their answers (status, content type, body) are as the schema documents them, invalid data is refused, and the
-server answers a normal request afterwards.
+(valid ones and ones the schema says are invalid) to the generation, png-info, options, list and ControlNet routes
+(alwayson_scripts' ControlNet units among the generation's fields) get no 5xx, their answers (status, content type,
+body) are as the schema documents them, invalid data is refused, and the server answers a normal request afterwards.
 
 Sizes, steps and image counts are bounded by the server's limits, which the schema states (api.state_limits), so
 the generated requests stay small. Requests the schema allows may still be refused for reasons a schema cannot
@@ -32,8 +32,11 @@ LIMITS = Limits(max_size=64, max_steps=2, max_images=2, max_image_pixels=128 * 1
 FUZZED = [("POST", "/sdapi/v1/txt2img"), ("POST", "/sdapi/v1/img2img"), ("POST", "/sdapi/v1/png-info"),
           ("GET", "/sdapi/v1/options"), ("POST", "/sdapi/v1/options"), *[("GET", f"/sdapi/v1/{name}") for name in (
               "samplers", "schedulers", "sd-models", "upscalers", "latent-upscale-modes", "sd-vae", "loras",
-              "embeddings", "prompt-styles")]]
-EXAMPLES = {"POST": 16, "GET": 2}  # a GET route here takes no parameters
+              "embeddings", "prompt-styles")],
+          # the ControlNet extension's routes
+          ("POST", "/controlnet/detect"), *[("GET", f"/controlnet/{name}") for name in (
+              "version", "model_list", "module_list", "settings")]]
+EXAMPLES = {"POST": 16, "GET": 2}  # a GET route here takes no parameters, or a true/false one
 
 def _png(image: Image.Image) -> str:
     buf = io.BytesIO()

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 import plainsd
+from tests.server.test_controlnet import save_random_controlnet, square
 
 MAX_QUEUE = 3
 
@@ -26,10 +27,14 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("served")
-    plainsd.save(plainsd.build("tiny", seed=0), folder / "tiny.safetensors")
+    sd = plainsd.build("tiny", seed=0)
+    plainsd.save(sd, folder / "tiny.safetensors")
+    controlnets = tmp_path_factory.mktemp("controlnet")
+    save_random_controlnet(sd, controlnets / "control_tiny_canny.safetensors")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "plainsd.cli", "serve", "--models-dir", str(folder), "--port",
-                             str(port), "--max-queue", str(MAX_QUEUE), "--threads", "1"],
+                             str(port), "--max-queue", str(MAX_QUEUE), "--threads", "1",
+                             "--controlnet-dir", str(controlnets)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -133,15 +138,13 @@ def _chromium():
     return None
 
 
-def test_web_page_in_headless_chromium(server, tmp_path):
+def _driver(tmp_path):
+    """Headless Debian Chromium through selenium."""
     if _chromium() is None or shutil.which("chromedriver") is None:
         # Not a silent skip: make test installs Debian's chromium and chromium-driver where they are missing.
         pytest.fail("this test needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = _chromium()
@@ -149,7 +152,15 @@ def test_web_page_in_headless_chromium(server, tmp_path):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tmp_path / 'profile'}"]:
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+def test_web_page_in_headless_chromium(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    driver = _driver(tmp_path)
     try:
         driver.get(server + "/")
         wait = WebDriverWait(driver, 60)
@@ -199,3 +210,60 @@ def test_web_page_in_headless_chromium(server, tmp_path):
     finally:
         driver.quit()
 
+
+
+def test_web_page_controlnet_section(server, tmp_path):
+    """A control image, preprocessor, model and weight on the page: the detected map's preview, the unit the page
+    sends as the extension's alwayson_scripts, and the answer's picture and detected map in the gallery."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from plainsd import detectors
+
+    control = square((48, 40), (10, 8, 30, 28))
+    control.save(tmp_path / "control.png")
+    models = httpx.get(server + "/controlnet/model_list").json()["model_list"]
+    driver = _driver(tmp_path)
+    try:
+        driver.get(server + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "cn-module")).options) > 2)
+        assert [o.get_attribute("value") for o in Select(driver.find_element(By.ID, "cn-model")).options] == models
+        driver.find_element(By.ID, "cn-enabled").click()
+        driver.find_element(By.ID, "cn-image").send_keys(str(tmp_path / "control.png"))
+        Select(driver.find_element(By.ID, "cn-module")).select_by_visible_text("canny")
+        Select(driver.find_element(By.ID, "cn-model")).select_by_visible_text(
+            next(m for m in models if m.startswith("control_tiny_canny [")))
+        box = driver.find_element(By.ID, "cn-weight")
+        box.clear()
+        box.send_keys("0.8")
+        wait.until(lambda d: d.execute_script("return !!document.getElementById('cn-view').naturalWidth"))
+        # the preview: /controlnet/detect's map, as detectors.detect makes it at the default resolution
+        driver.find_element(By.ID, "cn-preview").click()
+        size = wait.until(lambda d: d.execute_script(
+            "const m = document.getElementById('cn-map'); return m.complete && m.naturalWidth && "
+            "[m.naturalWidth, m.naturalHeight]"))
+        assert tuple(size) == detectors.detect("canny", control, 512).size
+        # the request the page sends (recorded from fetch) and what comes back
+        driver.execute_script("""window.sent = []; const fetch0 = window.fetch;
+            window.fetch = (url, options) => { if (String(url).endsWith('/txt2img')) window.sent.push(options.body);
+                                               return fetch0(url, options); };""")
+        for field, value in [("steps", "4"), ("seed", "7")]:
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery figcaption")) == 2)
+        assert driver.find_element(By.ID, "error").text == ""
+        (sent,) = [json.loads(body) for body in driver.execute_script("return window.sent")]
+        (unit,) = sent["alwayson_scripts"]["controlnet"]["args"]
+        assert unit["image"].startswith("data:image/png;base64,")
+        assert {k: unit[k] for k in ("enabled", "module", "weight", "guidance_start", "guidance_end")} == \
+            {"enabled": True, "module": "canny", "weight": 0.8, "guidance_start": 0, "guidance_end": 1}
+        assert unit["model"].startswith("control_tiny_canny [") and unit["control_mode"] == "Balanced"
+        captions = [f.text for f in driver.find_elements(By.CSS_SELECTOR, "#gallery figcaption")]
+        # (the gallery shows the newest first: the detected map follows the picture in the answer)
+        assert captions[0] == "ControlNet: detected map" and "ControlNet 0:" in captions[1], captions
+        assert "Module: canny" in captions[1] and "Weight: 0.8" in captions[1]
+    finally:
+        driver.quit()

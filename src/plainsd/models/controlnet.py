@@ -59,6 +59,9 @@ class ControlNet(nn.Module):
         self.zero_convs = nn.ModuleList([zero_conv(ch) for ch in skip_channels])
         self.middle_block = middle_block(cfg)
         self.middle_block_out = zero_conv(skip_channels[-1])
+        # "shuffle" models (global average pooling in lllyasviel's configs, diffusers' global_pool_conditions): each
+        # residual is averaged over the picture; such a model is meant for the conditional half of CFG only
+        self.global_pool = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -86,4 +89,6 @@ class ControlNet(nn.Module):
             outs.append(zero(h, emb, context))
         h = self.middle_block(h, emb, context)
         outs.append(self.middle_block_out(h, emb, context))
+        if self.global_pool:
+            outs = [o.mean(dim=(2, 3), keepdim=True) for o in outs]
         return outs

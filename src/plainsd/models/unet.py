@@ -173,7 +173,8 @@ class UNetModel(nn.Module):
     """unet(x [B, C, h, w], timesteps [B], context [B, T, D]) -> eps (or v) prediction like x.
 
     control: residuals from ControlNets (models/controlnet.py), one per skip connection and one for the middle
-    block's output, in that order, already scaled; they are added where the original ControlledUnetModel adds them."""
+    block's output, in that order, already scaled; they are added where the original ControlledUnetModel adds them.
+    adapter: a T2I-Adapter's features (models/t2i_adapter.py), one per level, already scaled (run_input_blocks)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -214,7 +215,7 @@ class UNetModel(nn.Module):
         return self.out[2].bias.dtype  # (not the weight: runtime may hold it packed, read back by copy)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                control: list[torch.Tensor] | None = None) -> torch.Tensor:
+                control: list[torch.Tensor] | None = None, adapter: list[torch.Tensor] | None = None) -> torch.Tensor:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"the UNet takes [B, {cfg.in_channels}, h, w] latents, got {list(x.shape)}")
@@ -223,7 +224,7 @@ class UNetModel(nn.Module):
         dtype = self.dtype
         emb = self.embed_timesteps(timesteps, x.shape[0])
         context = context.to(dtype)
-        skips = self.run_input_blocks(x.to(dtype), emb, context)
+        skips = self.run_input_blocks(x.to(dtype), emb, context, adapter=adapter)
         h = self.middle_block(skips[-1], emb, context)
         if control is not None:
             skips, h = add_control(skips, h, control)
@@ -239,12 +240,20 @@ class UNetModel(nn.Module):
         return self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(self.dtype))
 
     def run_input_blocks(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
-                         stop: int | None = None) -> list[torch.Tensor]:
+                         stop: int | None = None, adapter: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The outputs of input blocks 0 .. stop - 1 (all when None), each fed the one before: the skip
-        connections, the last of them the features that go on down."""
+        connections, the last of them the features that go on down.
+
+        adapter: one feature map per level, added to the output of the level's last ResBlock before it becomes a
+        skip and goes on (input blocks 2, 5, 8, 11 in SD), as TencentARC's UNet and diffusers' add a T2I-Adapter's."""
+        per = self.config.num_res_blocks + 1  # input blocks per level: its ResBlocks and a Downsample
+        if adapter is not None and len(adapter) != len(self.config.channel_mult):
+            raise ValueError(f"a T2I-Adapter for this UNet gives {len(self.config.channel_mult)} feature maps, got {len(adapter)}")
         skips = []
-        for block in itertools.islice(self.input_blocks, stop):
+        for i, block in enumerate(itertools.islice(self.input_blocks, stop)):
             h = block(h, emb, context)
+            if adapter is not None and i % per == per - 1:
+                h = h + adapter[i // per].to(h.dtype)
             skips.append(h)
         return skips
 

@@ -2,6 +2,7 @@
 
     sd = plainsd.load("model.safetensors", dtype=choose_dtype("auto"))   # bf16 where the CPU has it
     engine = prepare(sd, backend="openvino")                              # optional compiled UNet
+    prepare_controlnet(controlnet, like=engine)                           # a ControlNet the same way
     pipeline.txt2img(engine, "a red circle")                              # what the pipeline is given
 
 One concern a file:
@@ -88,8 +89,23 @@ def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = No
     return Engine(sd, backend, unet)
 
 
+def prepare_controlnet(controlnet, like: Engine):
+    """Get a loaded ControlNet (models/controlnet.py) ready to run beside an engine's UNet, as prepare() readies
+    the UNet's way down, which the ControlNet copies: the UNet's dtype, channels-last convolutions, the attention
+    this CPU runs best and packed weights. Packed on every backend: under OpenVINO too, the ControlNet runs
+    eagerly. Changes the ControlNet in place (preparing it again is harmless) and returns it. A T2I-Adapter
+    (models/t2i_adapter.py) is readied the same way."""
+    dtype = like.sd.unet.dtype
+    controlnet.to(dtype=dtype, memory_format=torch.channels_last)
+    use_runtime_attention(controlnet)
+    pack_weights(controlnet)
+    if dtype == torch.bfloat16:
+        torch.set_flush_denormal(True)  # as prepare() does for a bf16 UNet
+    return controlnet
+
+
 __all__ = [
-    "BACKENDS", "Engine", "prepare",
+    "BACKENDS", "Engine", "prepare", "prepare_controlnet",
     "PRECISIONS", "choose_dtype", "cpu_flags", "native_bf16",
     "keep_freed_memory", "release_freed_memory",
     "PackedConv2d", "PackedGEGLU", "PackedLinear", "pack_weights", "packing_available", "set_weight", "unpack_weights",

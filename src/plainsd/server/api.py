@@ -3,7 +3,8 @@ GenerationRequest (generation_request), the server's own limits, and answers.
 
 Every field of A1111's txt2img and img2img requests is honoured, or accepted only at the value that asks for
 nothing (NOT_SUPPORTED: restore_faces, the SDXL refiner, ...) and refused otherwise; a field A1111 does not have
-is refused, and so is an override_settings key plainsd does not act on (check_fields). The models state the fixed
+is refused, and so is an override_settings key plainsd does not act on (check_fields). alwayson_scripts takes the
+ControlNet extension's units (controlnet.py) and refuses other scripts. The models state the fixed
 rules in the OpenAPI schema (pydantic enforces them) and state_limits adds the server's own. Checks raise
 BadRequest with one sentence (GenerationRequest.check's, or a limit's), which the app answers with 422.
 """
@@ -17,10 +18,10 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from plainsd.diffusion.samplers import SAMPLERS, SCHEDULE_SUFFIXES, resolve_sampler, takes
 from plainsd.diffusion.schedules import SCHEDULE_LABELS, SCHEDULES, schedule_label
@@ -32,6 +33,8 @@ from plainsd.prompts import extract_loras
 from plainsd.request import (IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix,
                              check_clip_skip)
 from plainsd.pnginfo import parse_infotext, read_parameters
+
+from . import controlnet
 
 
 class BadRequest(ValueError):
@@ -117,7 +120,8 @@ class ProcessingRequest(BaseModel):
     script_args: list = Field(default_factory=list)
     send_images: bool = True
     save_images: bool = False
-    alwayson_scripts: dict = Field(default_factory=dict)
+    alwayson_scripts: Annotated[dict, WithJsonSchema(controlnet.alwayson_schema())] = Field(
+        default_factory=dict, description="the ControlNet extension's units: {\"controlnet\": {\"args\": [unit, ...]}}")
     infotext: Optional[str] = None
     # plainsd's own: fast mode (DeepCache, guidance cut-off), the model's tiny decoder, and the fraction of the
     # steps with guidance (None: the model's recommendation); A1111 clients never send them
@@ -209,7 +213,7 @@ class ErrorResponse(BaseModel):
 
 def validation_sentence(errors: list[dict]) -> str:
     """pydantic's complaint about a request as one sentence naming the field (every unknown field at once)."""
-    unknown = [str(e["loc"][-1]) for e in errors if e.get("type") == "extra_forbidden"]
+    unknown = [".".join(map(str, e["loc"][1:])) or str(e["loc"][-1]) for e in errors if e.get("type") == "extra_forbidden"]
     if unknown:
         return (f"unknown field{'s' * (len(unknown) > 1)} {', '.join(unknown)}: A1111's request has no such field, and "
                 f"plainsd refuses what it would not use (/docs lists the fields)")
@@ -218,6 +222,8 @@ def validation_sentence(errors: list[dict]) -> str:
     kind, msg = first.get("type"), first.get("msg", "Input is not valid")
     if kind == "json_invalid":
         return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'malformed')})"
+    if kind == "value_error":  # a field's own check (e.g. a ControlNet unit's resize_mode): its sentence
+        return f"{where}: {msg.removeprefix('Value error, ')}"
     if kind == "string_pattern_mismatch":
         return f"{where}: unknown sampler {_json(first.get('input'))}; /sdapi/v1/samplers lists the names"
     sentence = f"{where} {msg[6:]}" if msg.startswith("Input ") else f"{where}: {msg[:1].lower()}{msg[1:]}"
@@ -323,7 +329,8 @@ NOISE_SETTINGS = ("eta_ancestral", "eta_ddim", "s_churn", "s_tmin", "s_tmax", "s
                   "tiling")
 # the settings a request's fields take their defaults from (A1111 keeps them for later requests where a request
 # asks not to restore its override_settings) ...
-REQUEST_SETTINGS = ("CLIP_stop_at_last_layers", *TOKEN_MERGING, *NOISE_SETTINGS, "initial_noise_multiplier")
+REQUEST_SETTINGS = ("CLIP_stop_at_last_layers", *TOKEN_MERGING, *NOISE_SETTINGS, "initial_noise_multiplier",
+                    *controlnet.SETTINGS)
 # ... and with the model (app.py), every setting plainsd acts on
 HONOURED_SETTINGS = ("sd_model_checkpoint", *REQUEST_SETTINGS)
 
@@ -340,9 +347,6 @@ def check_fields(req: ProcessingRequest, options: dict) -> None:
         if value is not None and value not in nothing:
             allowed = " or ".join(_json(v) for v in nothing)
             raise BadRequest(f"{name}: {reason}, so only {allowed} is accepted here, got {_json(value)}")
-    if req.alwayson_scripts:
-        raise BadRequest(f"alwayson_scripts asks for {', '.join(map(str, req.alwayson_scripts))}; plainsd has no "
-                         f"always-on scripts (send an empty alwayson_scripts)")
     if req.do_not_save_samples and req.save_images:
         raise BadRequest("do_not_save_samples and save_images contradict each other; send one of them")
     check_settings(req.override_settings or {}, options, "override_settings")
@@ -388,11 +392,13 @@ def _check_sampler_fields(req: ProcessingRequest) -> None:
 
 
 def generation_request(req: ProcessingRequest, kind: str, limits: Limits, options: dict,
-                       backend: str = "eager", styles_file: str | None = None) -> GenerationRequest:
+                       backend: str = "eager", styles_file: str | None = None,
+                       controlnet_dir: str | None = None) -> GenerationRequest:
     """An A1111 txt2img or img2img request as plainsd's GenerationRequest, checked: the fields plainsd refuses, the
     server's own limits, then GenerationRequest.check's rules. options: the server's settings (/sdapi/v1/options),
     which a request's override_settings take precedence over, as A1111 applies them for the request; backend: what
-    runs the server's UNet; styles_file: the server's styles, which the request's styles name."""
+    runs the server's UNet; styles_file: the server's styles, which the request's styles name; controlnet_dir: the
+    server's ControlNet models, which the request's ControlNet units name."""
     check_fields(req, options)
     overrides = req.override_settings or {}
     for name in TOKEN_MERGING:
@@ -414,6 +420,8 @@ def generation_request(req: ProcessingRequest, kind: str, limits: Limits, option
         request = _img2img(request, req, limits, settings)
     elif req.enable_hr:
         request = _hires(request, req, settings.get("token_merging_ratio_hr") or None)
+    units = control_units(req, kind, limits, settings, controlnet_dir)
+    request = request.replace(controlnet=tuple(unit.control for unit in units), controlnet_dir=controlnet_dir)
     _check_limits(request, limits)
     try:
         request.check(backend=backend)
@@ -421,6 +429,33 @@ def generation_request(req: ProcessingRequest, kind: str, limits: Limits, option
         raise BadRequest(str(e)) from None
     _check_hires_size(request, limits)
     return request
+
+
+def control_units(req: ProcessingRequest, kind: str, limits: Limits, settings: dict,
+                  controlnet_dir: str | None = None) -> list[controlnet.Unit]:
+    """The ControlNet extension's enabled units in the request's alwayson_scripts, checked (one sentence naming the
+    field); settings: the server's with the request's override_settings."""
+    try:
+        controlnet.check_settings(settings)
+        return controlnet.units(req.alwayson_scripts, kind, lambda data, what: decode_image(data, what, limits),
+                                lambda: controlnet.model_names(controlnet_dir), settings.get("control_net_unit_count", controlnet.SETTINGS["control_net_unit_count"]))
+    except ValidationError as e:  # a unit's field of the wrong kind: named by its place in the request
+        key = next(iter(req.alwayson_scripts))
+        raise BadRequest(validation_sentence([{**error, "loc": _place("body", "alwayson_scripts", key, *error["loc"])}
+                                              for error in e.errors()])) from None
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+
+
+def _place(*loc) -> tuple:
+    """A pydantic location with list indices written as the sentences write them: ("args", 0) -> ("args[0]",)."""
+    out = []
+    for part in loc:
+        if isinstance(part, int) and out:
+            out[-1] = f"{out[-1]}[{part}]"
+        else:
+            out.append(part)
+    return tuple(out)
 
 
 def _without_networks(req: ProcessingRequest, prompt: str) -> str:
@@ -592,7 +627,7 @@ def info_json(req: ProcessingRequest, result, request: GenerationRequest, sd) ->
         "face_restoration_model": None, "sd_model_name": p.model, "sd_model_hash": p.model_hash,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": req.seed_resize_from_w,
         "seed_resize_from_h": req.seed_resize_from_h, "denoising_strength": p.denoising_strength,
-        "extra_generation_params": p.sampler_fields,
+        "extra_generation_params": {**p.sampler_fields, **p.controlnet},  # (the ControlNet extension's units too)
         "index_of_first_image": 0, "infotexts": result.infotexts, "styles": req.styles or [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p.clip_skip,
         "is_using_inpainting_conditioning": sd.config.unet.in_channels == 9 and request.init_image is not None,

@@ -31,7 +31,7 @@ from plainsd.request import IMAGE_UPSCALERS, LATENT_UPSCALERS
 from plainsd.styles import read_styles
 from plainsd.xyz import Checkpoints
 
-from . import api
+from . import api, controlnet
 from .jobs import Job, JobQueue, QueueFull
 from .models import ModelStore
 
@@ -53,18 +53,20 @@ class Server:
     embeddings_dir: str | Path | None
     authenticated: bool
     styles_file: str | None = None   # A1111's styles.csv (or a folder of them) for the requests' styles
+    controlnet_dir: str | None = None   # ControlNet models besides the shipped one, for the requests' units
 
 
 def create_app(model: str | Path | None = None, models_dir: str | Path | None = None, *,
                auth: str | None = None, max_queue: int = 16, limits: api.Limits | None = None,
                outputs: str | Path = "outputs/api", lora_dir: str | Path | None = None,
                embeddings_dir: str | Path | None = None, precision: str = "auto", backend: str = "eager",
-               styles: str | Path | None = None) -> FastAPI:
+               styles: str | Path | None = None, controlnet_dir: str | Path | None = None) -> FastAPI:
     """auth: "user:pass" (several separated by commas) for HTTP basic auth on every route.
     lora_dir / embeddings_dir: folders whose LoRAs (<lora:name:weight>) and embeddings prompts may use.
+    controlnet_dir: a folder of ControlNet models (A1111's models/ControlNet), offered besides the shipped one.
     precision / backend: how the models run (plainsd.runtime). styles: A1111's styles.csv, a folder of such files
     or a wildcard, read again for each request (/sdapi/v1/prompt-styles lists them)."""
-    for folder in (lora_dir, embeddings_dir):
+    for folder in (lora_dir, embeddings_dir, controlnet_dir):
         if folder is not None and not Path(folder).is_dir():
             raise ValueError(f"folder {folder} does not exist")
     if styles is not None:
@@ -74,10 +76,10 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
                "outdir_samples": str(outputs), "token_merging_ratio": 0.0, "token_merging_ratio_img2img": 0.0,
                "token_merging_ratio_hr": 0.0, "eta_noise_seed_delta": 0, "eta_ancestral": 1.0, "eta_ddim": 0.0,
                "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0, "tiling": False,
-               "initial_noise_multiplier": 1.0}  # A1111's defaults
+               "initial_noise_multiplier": 1.0, **controlnet.SETTINGS}  # A1111's (and its ControlNet extension's) defaults
     server = Server(ModelStore(model, models_dir, precision, backend), JobQueue(max_queue), limits or api.Limits(),
                     options, Path(outputs), lora_dir, embeddings_dir, bool(credentials),
-                    None if styles is None else str(styles))
+                    None if styles is None else str(styles), None if controlnet_dir is None else str(controlnet_dir))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -94,7 +96,8 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
     app.add_exception_handler(api.BadRequest, _bad_request)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    for routes in (_generation_routes, _control_routes, _list_routes, _settings_routes, _page_routes):
+    for routes in (_generation_routes, _control_routes, _list_routes, _settings_routes, _controlnet_routes,
+                   _page_routes):
         app.include_router(routes(server))
     return app
 
@@ -136,9 +139,11 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
     store, options = server.store, server.options
     overrides = req.override_settings or {}
     entry = _find(store, overrides["sd_model_checkpoint"]) if overrides.get("sd_model_checkpoint") else store.current
-    request = api.generation_request(req, kind, server.limits, options, store.backend, server.styles_file).replace(
-        lora_dir=server.lora_dir, embeddings_dir=server.embeddings_dir)
+    request = api.generation_request(req, kind, server.limits, options, store.backend, server.styles_file,
+                                     server.controlnet_dir).replace(lora_dir=server.lora_dir,
+                                                                    embeddings_dir=server.embeddings_dir)
     script = api.script_plan(req, kind, request, server.limits, _checkpoints(store))
+    settings = {**options, **overrides}  # (before the request's overrides may become the server's below)
     if not req.override_settings_restore_afterwards:  # A1111 keeps such overrides as its settings
         if overrides.get("sd_model_checkpoint"):
             store.select(entry.name)
@@ -154,17 +159,22 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
             job.preview = info
         controls = dict(callback=on_step, interrupt=job.should_stop, skip=job.take_skip)
         if script is not None:
-            return engine, script(engine, **controls)
-        return engine, pipeline.generate(engine, request, **controls)
+            result = script(engine, **controls)
+        else:
+            result = pipeline.generate(engine, request, **controls)
+        return engine, result, controlnet.detected_maps(request, controlnet.saves(req.alwayson_scripts), settings)
 
     # (steps_total: on_step corrects it, a hires fix adds steps)
-    engine, result = await _run(server.queue, http, Job(work, kind=kind, steps_total=request.steps * request.batch_count))
+    engine, result, maps = await _run(server.queue, http, Job(work, kind=kind,
+                                                              steps_total=request.steps * request.batch_count))
     if req.save_images:
         folder = Path(options.get("outdir_samples") or server.outputs)
         for i, (image, text) in enumerate(zip(result.images, result.infotexts)):
             save_png(image, folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{result.seeds[i]}-{i}.png", text)
     with_init = kind == "img2img" and getattr(req, "include_init_images", False)
     encoded = [api.encode_png(im, text) for im, text in zip(result.images, result.infotexts)] if req.send_images else []
+    if req.send_images:  # the ControlNet extension's detected maps follow the pictures
+        encoded += [api.encode_png(image) for image in maps]
     if with_init and req.send_images:
         encoded += [api.encode_png(request.init_image)]
     return {"images": encoded, "parameters": api.echo(req, drop_images=kind == "img2img" and not with_init),
@@ -358,6 +368,42 @@ def _settings_routes(server: Server) -> APIRouter:
     @router.post("/sdapi/v1/png-info", response_model=api.PngInfoResponse)
     async def png_info(req: api.PngInfoRequest):
         return api.png_info(req, server.limits)
+
+    return router
+
+
+# --- the ControlNet extension's routes ----------------------------------------------------------------------
+
+def _controlnet_routes(server: Server) -> APIRouter:
+    """The routes of A1111's ControlNet extension (Mikubill/sd-webui-controlnet), answered as it answers."""
+    router = APIRouter()
+
+    @router.get("/controlnet/version")
+    async def version():
+        return {"version": controlnet.API_VERSION}
+
+    @router.get("/controlnet/model_list")
+    async def model_list(update: bool = True):
+        # (the folder is read on every call: the list is always up to date, as update asks)
+        return {"model_list": await asyncio.to_thread(controlnet.model_names, server.controlnet_dir)}
+
+    @router.get("/controlnet/module_list")
+    async def module_list(alias_names: bool = False):
+        return controlnet.module_list(alias_names)
+
+    @router.get("/controlnet/settings")
+    async def settings():
+        return {"control_net_unit_count": server.options["control_net_unit_count"]}
+
+    @router.post("/controlnet/detect")
+    async def detect(req: controlnet.DetectRequest):
+        def decode(data, what):
+            return api.decode_image(data, what, server.limits)
+        try:
+            images = await asyncio.to_thread(controlnet.detect, req, decode)
+        except ValueError as e:  # (a bad image's BadRequest included)
+            raise api.BadRequest(str(e)) from None
+        return {"info": "Success", "images": [api.encode_png(image) for image in images]}
 
     return router
 
