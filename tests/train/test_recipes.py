@@ -274,7 +274,7 @@ def test_controlnet_recipe_starts_from_the_base_model_and_exports_the_original_l
     from safetensors import safe_open
 
     from plainsd.models.controlnet import ControlNet
-    from plainsd.weights import write_safetensors
+    from plainsd.weights import load_controlnet
 
     base = plainsd.build("tiny", seed=0)
     # the copy: the UNet's own tensors, and residuals of zero, so the first step trains from the base model exactly
@@ -303,8 +303,8 @@ def test_controlnet_recipe_starts_from_the_base_model_and_exports_the_original_l
     assert set(f.keys()) == set(controlnet.state_dict())
     assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
     assert json.loads(f.metadata()["plainsd.recipe"])["extra"]["latent_cache"] == 8
-    trained = ControlNet(base.unet.config)
-    trained.load_state_dict({k: f.get_tensor(k).float() for k in f.keys()})  # strict
+    trained = load_controlnet(tmp_path / "cn" / "controlnet.safetensors")  # strict, its config the base UNet's
+    assert trained.config == base.unet.config
     assert trained.zero_convs[0][0].weight.abs().sum() > 0  # it learnt something
     # the base model stayed as it was (frozen): the file it came from is untouched and nothing else was written
     assert sorted(p.name for p in (tmp_path / "cn").iterdir()) == ["checkpoint.safetensors", "config.json",

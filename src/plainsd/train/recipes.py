@@ -684,10 +684,11 @@ def train_controlnet(cfg: TrainConfig, resume: bool = False, progress: bool = Tr
         return training_loss(controlled(hints[idx].float() / 255), latents, context, mc.prediction, generator=g)
 
     def export(step, weights):
-        meta = {"plainsd.recipe": json.dumps(dataclasses.asdict(cfg)), "plainsd.hint": s.hint,
-                "plainsd.unet_config": json.dumps(dataclasses.asdict(mc.unet))}
-        dtype = torch.float16 if s.fp16 else torch.float32
-        write_safetensors({k: v.to(dtype) for k, v in weights.items()}, out / "controlnet.safetensors", meta)
+        from ..weights import save_controlnet
+
+        with _swapped(controlnet, weights):
+            save_controlnet(controlnet, out / "controlnet.safetensors", torch.float16 if s.fp16 else None,
+                            {"plainsd.recipe": json.dumps(dataclasses.asdict(cfg)), "plainsd.hint": s.hint})
 
     def sample(step, weights):
         with _swapped(controlnet, weights):
