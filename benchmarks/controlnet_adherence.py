@@ -53,12 +53,12 @@ def follows(engine, scene: Scene, prompt: str, seed: int, units: tuple) -> bool:
     return all(judge(picture, asked)[0].values())
 
 
-def adherence(engine, scenes: list[Scene], settings: dict | None) -> float:
+def adherence(engine, scenes: list[Scene], settings: dict | None, prompt: str) -> float:
     """Share of pictures with scene A's shape and position; settings None: no unit."""
     hits = 0
     for i, s in enumerate(scenes):
         units = () if settings is None else (unit(s, **settings),)
-        hits += follows(engine, s, f"a {s.objects[0].colour}", i, units)
+        hits += follows(engine, s, prompt.format(colour=s.objects[0].colour), i, units)
     return hits / len(scenes)
 
 
@@ -86,34 +86,48 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def adherence_table(engine, scenes: list[Scene], prompt: str) -> list[str]:
+    lines = [f"## Shape and position of the edges' scene (prompt: \"{prompt}\")", "",
+             "| unit | guidance end 1 | guidance end 0.5 |", "|---|---|---|",
+             f"| none (the base model alone) | {adherence(engine, scenes, None, prompt):.2f} | |"]
+    for name, settings in UNITS.items():
+        full = adherence(engine, scenes, settings, prompt)
+        half = adherence(engine, scenes, {**settings, "guidance_end": 0.5}, prompt)
+        lines.append(f"| {name} | {full:.2f} | {half:.2f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def contradiction_table(engine, scenes: list[Scene]) -> list[str]:
+    lines = [f"## Contradiction: prompt \"a <colour> <shape B>\", edges of shape A ({len(scenes)} scenes per weight)",
+             "", "| unit | " + " | ".join(f"weight {w}" for w in WEIGHTS) + " |", "|---|" + "---|" * len(WEIGHTS)]
+    for name, settings in UNITS.items():
+        cells = [contradiction(engine, scenes, settings, w) for w in WEIGHTS]
+        lines.append(f"| {name}: A (edges) / B (prompt) | " + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in cells) + " |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=100, help="held-out scenes for adherence and guidance end")
-    parser.add_argument("--contradictions", type=int, default=50, help="scenes per weight of the contradiction sweep")
+    parser.add_argument("--contradictions", type=int, default=50, help="scenes per weight of the contradiction "
+                                                                       "sweep (0: no sweep)")
+    parser.add_argument("--prompt", default="a {colour}", help="the prompt of parts 1 and 3 ({colour}: scene A's)")
     parser.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
     args = parser.parse_args()
     started = time.perf_counter()
     engine = runtime.prepare(plainsd.load(dtype=runtime.choose_dtype("auto")))  # as `plainsd txt2img` runs
     scenes = held_out_scenes(args.scenes, 1)
-    few = scenes[:args.contradictions]
+    command = f"--scenes {args.scenes} --contradictions {args.contradictions}"
+    command += f" --prompt '{args.prompt}'" if args.prompt != "a {colour}" else ""
     lines = [f"# ControlNet adherence: {MODEL} on the shipped model", "",
-             f"`.venv/bin/python benchmarks/controlnet_adherence.py --scenes {args.scenes} --contradictions "
-             f"{args.contradictions}` on {cpu_name()}, {str(engine.sd.dtype).replace('torch.', '')} "
-             f"(the default runtime); the method in the script's docstring.", "",
-             "## Shape and position of the edges' scene (prompt: the colour only)", "",
-             "| unit | guidance end 1 | guidance end 0.5 |", "|---|---|---|",
-             f"| none (the base model alone) | {adherence(engine, scenes, None):.2f} | |"]
-    for name, settings in UNITS.items():
-        full = adherence(engine, scenes, settings)
-        half = adherence(engine, scenes, {**settings, "guidance_end": 0.5})
-        lines.append(f"| {name} | {full:.2f} | {half:.2f} |")
-        print(lines[-1], flush=True)
-    lines += ["", f"## Contradiction: prompt \"a <colour> <shape B>\", edges of shape A ({len(few)} scenes per weight)",
-              "", "| unit | " + " | ".join(f"weight {w}" for w in WEIGHTS) + " |", "|---|" + "---|" * len(WEIGHTS)]
-    for name, settings in UNITS.items():
-        cells = [contradiction(engine, few, settings, w) for w in WEIGHTS]
-        lines.append(f"| {name}: A (edges) / B (prompt) | " + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in cells) + " |")
-        print(lines[-1], flush=True)
+             f"`.venv/bin/python benchmarks/controlnet_adherence.py {command}` on {cpu_name()}, "
+             f"{str(engine.sd.dtype).replace('torch.', '')} (the default runtime); the method in the script's "
+             "docstring.", ""]
+    lines += adherence_table(engine, scenes, args.prompt)
+    if args.contradictions:
+        lines += [""] + contradiction_table(engine, scenes[:args.contradictions])
     lines += ["", f"{time.perf_counter() - started:.0f} s in all."]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -75,23 +75,22 @@ def test_shipped_controlnet_is_fp16_in_the_original_layout_with_its_recipe():
 
 @pytest.mark.slow
 def test_the_shipped_controlnet_draws_the_edges_shape_where_they_are():
-    # benchmarks/controlnet_adherence.md's first figure, as a test: with the canny edges of a held-out scene and a
-    # prompt that names only the colour, the picture has the scene's shape at its position; without the unit the
-    # model chooses its own (by chance). A unit that did not reach the UNet, or a hint made wrong, falls to chance.
+    # benchmarks/controlnet_adherence-empty-prompt.md's figure, as a test: with the canny edges of a held-out scene
+    # and an empty prompt, the picture has the scene's shape at its position (0.78 of 50 scenes, pixel perfect);
+    # without the unit, by chance (0.02). A unit that did not reach the UNet, or a hint made wrong, falls to chance.
     from plainsd.eval.judge import judge
     from plainsd.request import ControlUnit
     from plainsd.train.data import Scene, render
 
     engine = runtime.prepare(plainsd.load())
 
-    def share(settings: dict | None) -> float:
+    def share(with_unit: bool) -> float:
         hits = 0
         for i, s in enumerate(metrics.held_out_scenes(20, 1)):
-            units = () if settings is None else (ControlUnit("plainsd-base.controlnet-canny", render(s, 64),
-                                                             module="canny", **settings),)
-            picture = txt2img(engine, f"a {s.objects[0].colour}", seed=i, controlnet=units).images[0]
+            units = (ControlUnit("plainsd-base.controlnet-canny", render(s, 64), module="canny", pixel_perfect=True),)
+            picture = txt2img(engine, "", seed=i, controlnet=units if with_unit else ()).images[0]
             hits += all(judge(picture, Scene(s.objects, s.background, "", [{"shape", "position"}]))[0].values())
         return hits / 20
 
-    with_edges, alone = share({"pixel_perfect": True}), share(None)
-    assert with_edges >= 0.85 and alone <= 0.3, (with_edges, alone)
+    with_edges, alone = share(True), share(False)
+    assert with_edges >= 0.6 and alone <= 0.2, (with_edges, alone)
