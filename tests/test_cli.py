@@ -147,6 +147,9 @@ def test_bad_inpainting_input_is_one_line(args, message, capsys):
     # a shipped recipe by name: unet-objects goes on from the earlier runs' files, here absent
     (["train", "unet", "--config", "unet-objects"], "no such checkpoint file or folder: runs/vae-decoder-objects/vae.safetensors"),
     (["train", "vae", "--config", "unet-objects"], "is a unet config, not a vae one"),
+    (["train", "vae", "--hint", "canny"], "--hint is for `plainsd train controlnet` only"),
+    (["train", "controlnet", "--hint", "depth"], "extra.hint 'depth' of the controlnet recipe is not one it can make; "
+                                                 "known: canny"),
 ])
 def test_bad_input_is_one_line(args, message, capsys):
     open("bad.png", "wb").write(b"not a png")

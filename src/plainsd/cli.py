@@ -303,12 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     _detect_args(sub)
     p = sub.add_parser("samplers", help="list samplers and schedules")
     p.add_argument("--debug", action="store_true")
-    p = sub.add_parser("train", help="train the VAE, CLIP or the UNet from a config file")
-    p.add_argument("network", choices=["vae", "vae-decoder", "clip", "unet", "taesd"])
+    p = sub.add_parser("train", help="train the VAE, CLIP, the UNet or a ControlNet from a config file")
+    p.add_argument("network", choices=["vae", "vae-decoder", "clip", "unet", "taesd", "controlnet"])
     p.add_argument("--config", default=None, help="a JSON training config, or a shipped recipe's name such as "
                                                    "unet-objects (default: the shipped recipe named after the network)")
     p.add_argument("--out", default=None, help="run folder (checkpoints, samples, exported weights)")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--hint", default=None, help="controlnet only: the preprocessor that makes the hints (the config's "
+                                                "extra.hint; default: the shipped recipe controlnet-canny)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--quiet", action="store_true")
@@ -747,12 +749,17 @@ def _train(args) -> int:
     from plainsd.train.recipes import RECIPES, settings
 
     recipes = Path(__file__).parent / "data" / "recipes"
-    config = args.config or str(recipes / f"{args.network}.json")
+    if args.hint and args.network != "controlnet":
+        raise ValueError("--hint is for `plainsd train controlnet` only (the preprocessor its hints are made with)")
+    default = "controlnet-canny" if args.network == "controlnet" else args.network
+    config = args.config or str(recipes / f"{default}.json")
     if not Path(config).exists() and (recipes / f"{config}.json").is_file():  # a shipped recipe's name
         config = str(recipes / f"{config}.json")
     cfg = TrainConfig.from_file(config, out=args.out, steps=args.steps)
     if cfg.network != args.network:
         raise ValueError(f"{config} is a {cfg.network} config, not a {args.network} one")
+    if args.hint:
+        cfg.extra = {**cfg.extra, "hint": args.hint}
     settings(cfg)  # unknown or misspelt settings are reported before anything is loaded
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -844,11 +844,13 @@ def _strict_state(module: torch.nn.Module, source: TensorSource, problem: str, d
     return state
 
 
-def save_controlnet(controlnet: ControlNet, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+def save_controlnet(controlnet: ControlNet, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    metadata: dict[str, str] | None = None) -> Path:
     """Write a ControlNet as one .safetensors file in the original layout without a prefix (as the ControlNet 1.1
     .safetensors files people share; A1111's extension, ComfyUI and diffusers read it), whole or not at all.
 
     dtype: e.g. torch.float16 to halve the file; default: the ControlNet's own dtype.
+    metadata: more header entries to keep beside plainsd's own (a training's recipe).
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -857,7 +859,7 @@ def save_controlnet(controlnet: ControlNet, path: str | os.PathLike, dtype: torc
              for k, v in controlnet.state_dict().items()}
     meta = {"unet": dataclasses.asdict(controlnet.config), "hint_channels": controlnet.hint_channels,
             "global_pool": bool(controlnet.global_pool)}
-    return write_safetensors(state, path, {"format": "pt", _CONTROL_META: json.dumps(meta)})
+    return write_safetensors(state, path, {**(metadata or {}), "format": "pt", _CONTROL_META: json.dumps(meta)})
 
 
 # --- T2I-Adapter files ------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Smoke training of all three networks on tiny configs: the loss goes down, resume continues, the result loads."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ from plainsd.train.data import BACKGROUNDS, ShapesDataset
 from plainsd.pipeline import txt2img
 from plainsd.train.loop import TrainConfig
 from plainsd.weights import load_tiny_decoder
+from plainsd.train.recipes import control_hint, controlnet_from_unet, train_controlnet
 from plainsd.train.recipes import generated_latents, sample_posterior, object_weights, weighted_l1, load_clip, load_vae, train_clip, train_taesd, train_unet, train_vae, train_vae_decoder
 
 TINY = {"text": {"width": 64, "layers": 2, "heads": 1, "projection_dim": 32},
@@ -150,9 +152,11 @@ def test_every_shipped_recipe_is_a_valid_config_of_a_known_training():
     folder = Path(plainsd.__file__).parent / "data" / "recipes"
     for path in sorted(folder.glob("*.json")):
         cfg = TrainConfig.from_file(path)
-        if not path.name.startswith("finetune-"):  # NETWORK.json, or NETWORK-STAGE.json for a later stage
-            assert cfg.network in RECIPES and path.stem in (cfg.network, f"{cfg.network}-objects"), path.name
-    assert {p.stem for p in folder.glob("*.json")} >= set(RECIPES)  # `plainsd train NET` finds its recipe
+        if not path.name.startswith("finetune-"):  # NETWORK.json, NETWORK-STAGE.json for a later stage, controlnet-HINT
+            stems = (cfg.network, f"{cfg.network}-objects", f"{cfg.network}-{cfg.extra.get('hint')}")
+            assert cfg.network in RECIPES and path.stem in stems, path.name
+    # `plainsd train NET` finds its recipe (`plainsd train controlnet`: the canny one)
+    assert {p.stem for p in folder.glob("*.json")} >= set(RECIPES) - {"controlnet"} | {"controlnet-canny"}
 
 
 def test_object_weights_mark_the_objects_pixels():
@@ -264,3 +268,60 @@ def test_decoder_recipe_refuses_negative_latent_noise(tmp_path):
     extra = {"vae": str(tmp_path / "vae" / "vae.safetensors"), "latent_cache": 8, "latent_noise": -0.1}
     with pytest.raises(ValueError, match="latent_noise must be >= 0"):
         train_vae_decoder(_cfg(tmp_path, "vae-decoder", 2, extra=extra), progress=False)
+
+
+def test_controlnet_recipe_starts_from_the_base_model_and_exports_the_original_layout(tmp_path):
+    from safetensors import safe_open
+
+    from plainsd.models.controlnet import ControlNet
+    from plainsd.weights import load_controlnet
+
+    base = plainsd.build("tiny", seed=0)
+    # the copy: the UNet's own tensors, and residuals of zero, so the first step trains from the base model exactly
+    controlnet = controlnet_from_unet(base.unet, ControlNet)
+    unet_state = base.unet.state_dict()
+    for k, v in controlnet.state_dict().items():
+        if k.startswith(("time_embed.", "input_blocks.", "middle_block.")):
+            assert torch.equal(v, unet_state[k]), k
+        elif k.startswith(("zero_convs.", "middle_block_out.", "input_hint_block.14.")):
+            assert not v.any(), k
+    assert controlnet.input_hint_block[0].weight.abs().sum() > 0
+    x, t = torch.randn(2, 4, 4, 4), torch.tensor([10, 700])
+    context = base.text_encoder(base.tokenizer(["a red circle", ""]))
+    hint = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(base.unet(x, t, context, control=controlnet(x, hint, t, context)), base.unet(x, t, context))
+
+    path = plainsd.save(base, tmp_path / "base.safetensors")
+    cfg = TrainConfig(network="controlnet", steps=6, batch_size=4, lr=1e-3, checkpoint_every=3, out=str(tmp_path / "cn"),
+                      data={"kind": "shapes", "seed": 0, "length": 8}, extra={"base": str(path), "latent_cache": 8})
+    first = train_controlnet(cfg, progress=False)
+    resumed = train_controlnet(dataclasses.replace(cfg, steps=8), resume=True, progress=False)
+    assert resumed["losses"][:6] == first["losses"] and len(resumed["losses"]) == 8
+    # the file: keys are the module names (lllyasviel's layout without a prefix), float16, with the recipe
+    f = safe_open(str(tmp_path / "cn" / "controlnet.safetensors"), framework="pt")
+    assert set(f.keys()) == set(controlnet.state_dict())
+    assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+    assert json.loads(f.metadata()["plainsd.recipe"])["extra"]["latent_cache"] == 8
+    trained = load_controlnet(tmp_path / "cn" / "controlnet.safetensors")  # strict, its config the base UNet's
+    assert trained.config == base.unet.config
+    assert trained.zero_convs[0][0].weight.abs().sum() > 0  # it learnt something
+    # the base model stayed as it was (frozen): the file it came from is untouched and nothing else was written
+    assert sorted(p.name for p in (tmp_path / "cn").iterdir()) == ["checkpoint.safetensors", "config.json",
+                                                                  "controlnet.safetensors"]
+
+
+def test_control_hints_are_canny_at_the_processor_resolution_brought_back_to_the_picture():
+    from plainsd import detectors
+    from plainsd.train.data import ShapesDataset
+
+    picture = ShapesDataset(length=1, seed=3)[0][0]
+    own = control_hint(picture, "canny", 64)
+    assert own.shape == (1, 3, 64, 64)
+    assert torch.equal(own, to_tensor(detectors.canny(picture)) * 0.5 + 0.5)  # at the picture's size: canny itself
+    near = torch.nn.functional.max_pool2d(own[:, :1], 5, 1, 2) > 0  # within 2 pixels of canny's edges at 64
+    for resolution in (128, 512):  # edges found on the picture grown to the processor resolution, shrunk back
+        hint = control_hint(picture, "canny", resolution)
+        assert hint.shape == (1, 3, 64, 64) and set(hint.unique().tolist()) == {0.0, 1.0}  # crisp, as fit keeps them
+        assert not hint[0, 0][~near[0, 0]].any() and hint[0, 0].sum() > 0.3 * own[0, 0].sum()
+        assert torch.equal(hint, to_tensor(detectors.fit(detectors.detect("canny", picture, resolution), 64, 64)) * 0.5 + 0.5)

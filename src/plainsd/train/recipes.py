@@ -15,6 +15,9 @@
          classifier-free guidance works (Rombach et al. 2022; Ho & Salimans 2022). extra.snr_gamma
          weights each sample's loss by Min-SNR-gamma (see diffusion.denoisers.training_loss).
 
+And for a trained model, a ControlNet (Zhang, Rao & Agrawala 2023): a copy of its UNet's way down that reads a
+hint image (an edge map) and steers the frozen UNet through zero-initialised convolutions.
+
 Each writes its networks into its run folder; the unet recipe writes the whole model as one original-
 layout checkpoint (model.safetensors) that plainsd.load reads. A recipe's own settings (its config's "extra")
 are the dataclass above its function; settings(cfg) reads them for any recipe.
@@ -606,6 +609,169 @@ def _generated_pairs(s: TAESDSettings, vae: AutoencoderKL, scale: float, ds, see
     return generated, targets
 
 
+# --- 4. ControlNet --------------------------------------------------------------------------------------
+
+HINT_RESOLUTIONS = (64, 128, 256, 512)  # the processor resolutions the hints are made at (see control_hint)
+
+
+@dataclass
+class ControlNetSettings(RecipeSettings):
+    """A ControlNet for a trained model, as the paper trains one: its UNet, VAE and text encoder frozen."""
+    recipe: ClassVar[str] = "controlnet"
+    base: str | None = None       # the whole checkpoint whose UNet the ControlNet steers; None: the shipped model
+    hint: str = "canny"           # the preprocessor (detectors) that turns each training picture into its hint
+    empty_caption: float = 0.5    # share of captions left empty (the paper's half: it must work without a prompt)
+    latent_cache: int = 16384     # pictures whose posteriors and hints are computed once and trained on
+    fp16: bool = True             # export controlnet.safetensors in float16
+
+    def check(self):
+        if self.hint not in CONTROL_HINTS:
+            raise ValueError(f"extra.hint {self.hint!r} of the controlnet recipe is not one it can make; "
+                             f"known: {', '.join(CONTROL_HINTS)}")
+        if self.latent_cache < 1:
+            raise ValueError(f"extra.latent_cache of the controlnet recipe must be at least 1 (it trains on cached "
+                             f"latents and hints), not {self.latent_cache}")
+        if not 0 <= self.empty_caption <= 1:
+            raise ValueError(f"extra.empty_caption must be a fraction in [0, 1], not {self.empty_caption}")
+
+
+CONTROL_HINTS = ("canny",)
+
+
+def control_hint(image, hint: str, resolution: int) -> torch.Tensor:
+    """The hint [1, 3, H, W] in [0, 1] for a training picture of H x W, made as A1111's ControlNet extension
+    makes it from a control picture: the preprocessor at the processor resolution (detectors.detect), the map
+    then brought to the picture's size (detectors.fit, Crop and Resize). Hints made at several resolutions teach
+    the ControlNet both pixel perfect's edges and the ones the default 512 gives once shrunk."""
+    from .. import detectors
+
+    hinted = detectors.fit(detectors.detect(hint, image, resolution), image.width, image.height, "Crop and Resize")
+    return to_tensor(hinted) * 0.5 + 0.5
+
+
+def train_controlnet(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """The ControlNet recipe (Zhang, Rao & Agrawala 2023): a trainable copy of the base UNet's time embedding,
+    input blocks and middle block, whose zero convolutions (and the hint encoder's last convolution) start at
+    zero, so that training starts from the base model exactly; the base UNet, VAE and text encoder stay frozen.
+    The loss is the base UNet's noise-prediction loss with the ControlNet's residuals added to its skips, half
+    the captions empty. Latents and hints of extra.latent_cache pictures are computed once; each picture's hint
+    is made at one of HINT_RESOLUTIONS (control_hint)."""
+    from ..models.controlnet import ControlNet
+
+    s = ControlNetSettings.from_extra(cfg.extra)
+    sd = _frozen_base(s.base)
+    mc, scale = sd.config, sd.config.scale_factor
+    torch.manual_seed(cfg.seed)
+    controlnet = controlnet_from_unet(sd.unet, ControlNet)
+    ds = dataset(cfg, mc.resolution)
+    out = Path(cfg.out)
+    cache, hints = _control_cache(sd.vae, ds, s, progress)
+
+    def controlled(hint):
+        def net(x, t, context):
+            return sd.unet(x, t, context, control=controlnet(x, hint, t, context))
+        return net
+
+    def loss_fn(step, micro):
+        g = torch.Generator().manual_seed(step * 7919 + micro)
+        rng = random.Random(f"{cfg.seed}:{step}:{micro}")
+        idx = [rng.randrange(len(cache[2])) for _ in range(cfg.batch_size)]
+        latents = sample_posterior(cache[0][idx], cache[1][idx], g) * scale
+        rng = random.Random(f"empty:{cfg.seed}:{step}:{micro}")
+        captions = ["" if rng.random() < s.empty_caption else cache[2][i] for i in idx]
+        with torch.no_grad():
+            context = sd.text_encoder(sd.tokenizer(captions))
+        return training_loss(controlled(hints[idx].float() / 255), latents, context, mc.prediction, generator=g)
+
+    def export(step, weights):
+        from ..weights import save_controlnet
+
+        with _swapped(controlnet, weights):
+            save_controlnet(controlnet, out / "controlnet.safetensors", torch.float16 if s.fp16 else None,
+                            {"plainsd.recipe": json.dumps(dataclasses.asdict(cfg)), "plainsd.hint": s.hint})
+
+    def sample(step, weights):
+        with _swapped(controlnet, weights):
+            controlnet.eval()
+            pics = _control_samples(sd, controlled, hints[:8].float() / 255, cache[2][:8])
+            controlnet.train()
+        (out / "samples").mkdir(exist_ok=True)
+        contact_sheet(to_pil(torch.cat([hints[:8].float() / 127.5 - 1, pics]))).save(
+            out / "samples" / f"controlnet-{step:06d}.png")
+
+    controlnet.train()
+    return train(cfg, _named(controlnet), loss_fn, resume, sample, export, progress)
+
+
+def _frozen_base(path: str | None) -> StableDiffusion:
+    from ..weights import load
+
+    sd = load(path, dtype=torch.float32)
+    sd.requires_grad_(False)
+    return sd.eval()
+
+
+def controlnet_from_unet(unet, controlnet_class):
+    """A new ControlNet for this UNet: its time embedding, input blocks and middle block copied from the UNet
+    (every one of their tensors, strictly), the hint encoder random but for its zeroed last convolution, and the
+    zero convolutions at zero.
+
+    The hint encoder's other convolutions start with He initialisation (variance kept through each ReLU-like
+    layer): with PyTorch's default, which shrinks a signal about threefold per layer, a sparse edge map reached its
+    last convolution a thousandfold weaker, and the ControlNet learnt to ignore the hint."""
+    controlnet = controlnet_class(unet.config)
+    convs = [m for m in controlnet.input_hint_block if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs[:-1]:
+        torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        torch.nn.init.zeros_(conv.bias)
+    copied = ("time_embed.", "input_blocks.", "middle_block.")
+    own = controlnet.state_dict()
+    state = {k: v for k, v in unet.state_dict().items() if k.startswith(copied)}
+    missing = [k for k in own if k.startswith(copied) and k not in state]
+    wrong = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if missing or wrong:
+        raise ValueError(f"the UNet does not match its ControlNet copy: missing {missing[:3]}, differing {wrong[:3]}")
+    controlnet.load_state_dict({**own, **state})
+    controlnet.requires_grad_(True)
+    return controlnet
+
+
+@torch.no_grad()
+def _control_cache(vae: AutoencoderKL, ds, s: ControlNetSettings, progress: bool):
+    """((means, stds, captions), hints as uint8 [N, 3, H, W]) of the first extra.latent_cache pictures; picture i's
+    hint is made at HINT_RESOLUTIONS[i % 4]."""
+    kept: list[torch.Tensor] = []
+    cache = _latent_cache(vae, ds, s.latent_cache, progress, keep_images=kept)
+    del kept
+    from tqdm.auto import tqdm
+
+    hints = torch.cat([control_hint(ds[i][0], s.hint, HINT_RESOLUTIONS[i % len(HINT_RESOLUTIONS)])
+                       for i in tqdm(range(len(cache[2])), desc="making hints", disable=not progress)])
+    return cache, (hints * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def _control_samples(sd: StableDiffusion, controlled, hints: torch.Tensor, captions: list[str], steps: int = 20,
+                     cfg_scale: float = 5.0, seed: int = 0) -> torch.Tensor:
+    """Pictures in [-1, 1] drawn with the ControlNet steering (DPM++ 2M Karras, CFG), for the training's samples."""
+    from ..diffusion import samplers
+    from ..diffusion.denoisers import DiscreteDenoiser
+    from ..diffusion.guidance import CFGDenoiser
+
+    def net(x, t, cond):  # CFG runs the conditional and unconditional halves in one batch: one hint per row
+        return controlled(hints.repeat(x.shape[0] // len(hints), 1, 1, 1))(x, t, cond)
+
+    denoiser = DiscreteDenoiser(net, sd.config.prediction)
+    sigmas = denoiser.get_sigmas(steps, "karras")
+    f, res = sd.config.vae.factor, sd.config.resolution
+    x = torch.randn(len(captions), sd.config.unet.in_channels, res // f, res // f,
+                    generator=torch.Generator().manual_seed(seed)) * sigmas[0]
+    cond, uncond = sd.text_encoder(sd.tokenizer(captions)), sd.text_encoder(sd.tokenizer([""] * len(captions)))
+    z = samplers.sample_dpmpp_2m(CFGDenoiser(denoiser, cfg_scale, sigmas), x, sigmas,
+                                 extra_args={"cond": cond, "uncond": uncond}, disable=True)
+    return sd.vae.decode(z / sd.config.scale_factor).clamp(-1, 1)
+
+
 def settings(cfg: TrainConfig) -> RecipeSettings:
     """The settings of cfg's recipe, read from cfg.extra (fine-tunings: finetune.settings)."""
     if cfg.network not in SETTINGS:
@@ -614,6 +780,6 @@ def settings(cfg: TrainConfig) -> RecipeSettings:
 
 
 RECIPES = {"vae": train_vae, "vae-decoder": train_vae_decoder, "clip": train_clip, "unet": train_unet,
-           "taesd": train_taesd}
+           "taesd": train_taesd, "controlnet": train_controlnet}
 SETTINGS = {"vae": VAESettings, "vae-decoder": VAEDecoderSettings, "clip": CLIPSettings, "unet": UNetSettings,
-            "taesd": TAESDSettings}
+            "taesd": TAESDSettings, "controlnet": ControlNetSettings}

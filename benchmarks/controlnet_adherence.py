@@ -1,0 +1,137 @@
+"""The shipped canny ControlNet on the shipped model: does the picture follow the edges?
+
+Held-out scenes (metrics.held_out_scenes: seeds no training recipe uses), one object each. For scene A the control
+picture is its 64x64 render, the unit's module canny; the prompt names only the colour ("a red", the opening of
+the captions' commonest phrasing: the captions always name a shape, so nothing shorter was seen in training).
+The judge reads the drawn object.
+
+1. Adherence: the share of pictures with scene A's shape and position, with the unit and without it (the base
+   model then draws a shape and position of its own choosing, matching by chance).
+2. Contradiction: the prompt "a <colour> <shape B>" (B != A's shape) with A's edges, at control weights 0 to 1:
+   the share drawing A's shape and B's (it should slide from B to A).
+3. Guidance end 0.5: the unit on for the first half of the steps only; shape and position as in 1.
+
+Each for two units: pixel perfect (the processor resolution that fits 64x64, here 64) and the extension's
+default processor resolution 512 (canny on the picture grown to 512, the edge map shrunk back by fit). The rest
+is the shipped model's recommended settings (20 steps of DPM++ 2M karras, CFG 5 until 60%) and the default
+runtime; the seed of scene i's picture is i.
+
+    .venv/bin/python benchmarks/controlnet_adherence.py                # 100 scenes, 50 per weight; writes the .md
+    .venv/bin/python benchmarks/controlnet_adherence.py --scenes 20 --contradictions 10 --out /tmp/x.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import plainsd
+from plainsd import runtime
+from plainsd.eval.judge import detect, judge
+from plainsd.eval.metrics import held_out_scenes
+from plainsd.pipeline import txt2img
+from plainsd.request import ControlUnit
+from plainsd.train.data import SHAPES, Scene, render
+
+MODEL = "plainsd-base.controlnet-canny"
+WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+UNITS = {"pixel perfect": dict(pixel_perfect=True), "processor res 512 (default)": dict(processor_res=512)}
+
+
+def unit(scene: Scene, weight: float = 1.0, **settings) -> ControlUnit:
+    return ControlUnit(MODEL, render(scene, 64), module="canny", weight=weight, **settings)
+
+
+def follows(engine, scene: Scene, prompt: str, seed: int, units: tuple) -> bool:
+    """Whether the picture has the scene's shape at the scene's position."""
+    picture = txt2img(engine, prompt, seed=seed, controlnet=units).images[0]
+    asked = Scene(scene.objects, scene.background, prompt, [{"shape", "position"}])
+    return all(judge(picture, asked)[0].values())
+
+
+def adherence(engine, scenes: list[Scene], settings: dict | None, prompt: str) -> float:
+    """Share of pictures with scene A's shape and position; settings None: no unit."""
+    hits = 0
+    for i, s in enumerate(scenes):
+        units = () if settings is None else (unit(s, **settings),)
+        hits += follows(engine, s, prompt.format(colour=s.objects[0].colour), i, units)
+    return hits / len(scenes)
+
+
+def contradiction(engine, scenes: list[Scene], settings: dict, weight: float) -> tuple[float, float]:
+    """Shares of pictures drawing A's shape (the edges') and B's (the prompt's), prompt "a <colour> <B>"."""
+    edges = prompt = 0
+    for i, s in enumerate(scenes):
+        a = s.objects[0]
+        b = random.Random(f"contradiction:{i}").choice([x for x in SHAPES if x != a.shape])
+        units = (unit(s, weight, **settings),)
+        found = detect(txt2img(engine, f"a {a.colour} {b}", seed=i, controlnet=units).images[0])[1]
+        drawn = found[0].shape if found else None
+        edges += drawn == a.shape
+        prompt += drawn == b
+    return edges / len(scenes), prompt / len(scenes)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def adherence_table(engine, scenes: list[Scene], prompt: str) -> list[str]:
+    lines = [f"## Shape and position of the edges' scene (prompt: \"{prompt}\")", "",
+             "| unit | guidance end 1 | guidance end 0.5 |", "|---|---|---|",
+             f"| none (the base model alone) | {adherence(engine, scenes, None, prompt):.2f} | |"]
+    for name, settings in UNITS.items():
+        full = adherence(engine, scenes, settings, prompt)
+        half = adherence(engine, scenes, {**settings, "guidance_end": 0.5}, prompt)
+        lines.append(f"| {name} | {full:.2f} | {half:.2f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def contradiction_table(engine, scenes: list[Scene]) -> list[str]:
+    lines = [f"## Contradiction: prompt \"a <colour> <shape B>\", edges of shape A ({len(scenes)} scenes per weight)",
+             "", "| unit | " + " | ".join(f"weight {w}" for w in WEIGHTS) + " |", "|---|" + "---|" * len(WEIGHTS)]
+    for name, settings in UNITS.items():
+        cells = [contradiction(engine, scenes, settings, w) for w in WEIGHTS]
+        lines.append(f"| {name}: A (edges) / B (prompt) | " + " | ".join(f"{a:.2f} / {b:.2f}" for a, b in cells) + " |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenes", type=int, default=100, help="held-out scenes for adherence and guidance end")
+    parser.add_argument("--contradictions", type=int, default=50, help="scenes per weight of the contradiction "
+                                                                       "sweep (0: no sweep)")
+    parser.add_argument("--prompt", default="a {colour}", help="the prompt of parts 1 and 3 ({colour}: scene A's)")
+    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    engine = runtime.prepare(plainsd.load(dtype=runtime.choose_dtype("auto")))  # as `plainsd txt2img` runs
+    scenes = held_out_scenes(args.scenes, 1)
+    command = f"--scenes {args.scenes} --contradictions {args.contradictions}"
+    command += f" --prompt '{args.prompt}'" if args.prompt != "a {colour}" else ""
+    lines = [f"# ControlNet adherence: {MODEL} on the shipped model", "",
+             f"`.venv/bin/python benchmarks/controlnet_adherence.py {command}` on {cpu_name()}, "
+             f"{str(engine.sd.dtype).replace('torch.', '')} (the default runtime); the method in the script's "
+             "docstring.", ""]
+    lines += adherence_table(engine, scenes, args.prompt)
+    if args.contradictions:
+        lines += [""] + contradiction_table(engine, scenes[:args.contradictions])
+    lines += ["", f"{time.perf_counter() - started:.0f} s in all."]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
