@@ -153,7 +153,8 @@ def test_every_shipped_recipe_is_a_valid_config_of_a_known_training():
     for path in sorted(folder.glob("*.json")):
         cfg = TrainConfig.from_file(path)
         if not path.name.startswith("finetune-"):  # NETWORK.json, NETWORK-STAGE.json for a later stage, controlnet-HINT
-            stems = (cfg.network, f"{cfg.network}-objects", f"{cfg.network}-{cfg.extra.get('hint')}")
+            hint = f"{cfg.network}-{cfg.extra.get('hint')}"
+            stems = (cfg.network, f"{cfg.network}-objects", hint, f"{hint}-shapeless")
             assert cfg.network in RECIPES and path.stem in stems, path.name
     # `plainsd train NET` finds its recipe (`plainsd train controlnet`: the canny one)
     assert {p.stem for p in folder.glob("*.json")} >= set(RECIPES) - {"controlnet"} | {"controlnet-canny"}
@@ -325,3 +326,24 @@ def test_control_hints_are_canny_at_the_processor_resolution_brought_back_to_the
         assert hint.shape == (1, 3, 64, 64) and set(hint.unique().tolist()) == {0.0, 1.0}  # crisp, as fit keeps them
         assert not hint[0, 0][~near[0, 0]].any() and hint[0, 0].sum() > 0.3 * own[0, 0].sum()
         assert torch.equal(hint, to_tensor(detectors.fit(detectors.detect("canny", picture, resolution), 64, 64)) * 0.5 + 0.5)
+
+
+def test_controlnet_captions_empty_shapeless_or_whole():
+    import random
+
+    from plainsd.train.recipes import ControlNetSettings, _control_caption
+
+    shapeless = ControlNetSettings(empty_caption=0.0, shapeless_caption=1.0)
+    assert _control_caption("a red circle on the left", random.Random(0), shapeless) == "a red on the left"
+    assert _control_caption("red circle, left side, on blue", random.Random(0), shapeless) == "red, left side, on blue"
+    assert _control_caption("a big red diamond and a blue cross", random.Random(0), shapeless) == "a big red and a blue"
+    whole = ControlNetSettings(empty_caption=0.0, shapeless_caption=0.0)
+    assert _control_caption("a red circle", random.Random(0), whole) == "a red circle"
+    empty = ControlNetSettings(empty_caption=1.0, shapeless_caption=1.0)
+    assert _control_caption("a red circle", random.Random(0), empty) == ""
+    half = ControlNetSettings(empty_caption=0.5, shapeless_caption=0.5)
+    rng = random.Random(1)
+    kinds = [_control_caption("a red circle", rng, half) for _ in range(4000)]
+    assert abs(kinds.count("") / 4000 - 0.5) < 0.03 and abs(kinds.count("a red") / 4000 - 0.25) < 0.03
+    with pytest.raises(ValueError, match="extra.shapeless_caption must be a fraction"):
+        ControlNetSettings(shapeless_caption=1.5).check()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -621,6 +622,9 @@ class ControlNetSettings(RecipeSettings):
     base: str | None = None       # the whole checkpoint whose UNet the ControlNet steers; None: the shipped model
     hint: str = "canny"           # the preprocessor (detectors) that turns each training picture into its hint
     empty_caption: float = 0.5    # share of captions left empty (the paper's half: it must work without a prompt)
+    shapeless_caption: float = 0.0  # share of the other captions with their shape words left out ("a red on the
+                                    # left"), so that the ControlNet learns to supply what the text does not say
+    init: str | None = None       # a ControlNet file to go on training from; None: the copy of the base UNet
     latent_cache: int = 16384     # pictures whose posteriors and hints are computed once and trained on
     fp16: bool = True             # export controlnet.safetensors in float16
 
@@ -631,8 +635,9 @@ class ControlNetSettings(RecipeSettings):
         if self.latent_cache < 1:
             raise ValueError(f"extra.latent_cache of the controlnet recipe must be at least 1 (it trains on cached "
                              f"latents and hints), not {self.latent_cache}")
-        if not 0 <= self.empty_caption <= 1:
-            raise ValueError(f"extra.empty_caption must be a fraction in [0, 1], not {self.empty_caption}")
+        for name in ("empty_caption", "shapeless_caption"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"extra.{name} must be a fraction in [0, 1], not {getattr(self, name)}")
 
 
 CONTROL_HINTS = ("canny",)
@@ -663,6 +668,9 @@ def train_controlnet(cfg: TrainConfig, resume: bool = False, progress: bool = Tr
     mc, scale = sd.config, sd.config.scale_factor
     torch.manual_seed(cfg.seed)
     controlnet = controlnet_from_unet(sd.unet, ControlNet)
+    if s.init:
+        from ..weights import load_controlnet
+        controlnet.load_state_dict(load_controlnet(s.init).state_dict())
     ds = dataset(cfg, mc.resolution)
     out = Path(cfg.out)
     cache, hints = _control_cache(sd.vae, ds, s, progress)
@@ -678,7 +686,7 @@ def train_controlnet(cfg: TrainConfig, resume: bool = False, progress: bool = Tr
         idx = [rng.randrange(len(cache[2])) for _ in range(cfg.batch_size)]
         latents = sample_posterior(cache[0][idx], cache[1][idx], g) * scale
         rng = random.Random(f"empty:{cfg.seed}:{step}:{micro}")
-        captions = ["" if rng.random() < s.empty_caption else cache[2][i] for i in idx]
+        captions = [_control_caption(cache[2][i], rng, s) for i in idx]
         with torch.no_grad():
             context = sd.text_encoder(sd.tokenizer(captions))
         return training_loss(controlled(hints[idx].float() / 255), latents, context, mc.prediction, generator=g)
@@ -701,6 +709,16 @@ def train_controlnet(cfg: TrainConfig, resume: bool = False, progress: bool = Tr
 
     controlnet.train()
     return train(cfg, _named(controlnet), loss_fn, resume, sample, export, progress)
+
+
+def _control_caption(caption: str, rng: random.Random, s: ControlNetSettings) -> str:
+    """A training caption: empty for extra.empty_caption of them, without its shape words for extra.shapeless_caption
+    of the rest, else as written."""
+    if rng.random() < s.empty_caption:
+        return ""
+    if rng.random() < s.shapeless_caption:
+        return re.sub(rf"\s*\b({'|'.join(SHAPES)})\b", "", caption)
+    return caption
 
 
 def _frozen_base(path: str | None) -> StableDiffusion:
