@@ -75,9 +75,9 @@ def test_shipped_controlnet_is_fp16_in_the_original_layout_with_its_recipe():
 
 @pytest.mark.slow
 def test_the_shipped_controlnet_draws_the_edges_shape_where_they_are():
-    # benchmarks/controlnet_adherence-empty-prompt.md's figure, as a test: with the canny edges of a held-out scene
-    # and an empty prompt, the picture has the scene's shape at its position (0.78 of 50 scenes, pixel perfect);
-    # without the unit, by chance (0.02). A unit that did not reach the UNet, or a hint made wrong, falls to chance.
+    # benchmarks/controlnet_adherence.md's figure, as a test: with the canny edges of a held-out scene and a prompt
+    # that names only its colour, the picture has the scene's shape at its position (pixel perfect); without the
+    # unit, by chance. A unit that did not reach the UNet, or a hint made wrong, falls to chance.
     from plainsd.eval.judge import judge
     from plainsd.request import ControlUnit
     from plainsd.train.data import Scene, render
@@ -88,9 +88,10 @@ def test_the_shipped_controlnet_draws_the_edges_shape_where_they_are():
         hits = 0
         for i, s in enumerate(metrics.held_out_scenes(20, 1)):
             units = (ControlUnit("plainsd-base.controlnet-canny", render(s, 64), module="canny", pixel_perfect=True),)
-            picture = txt2img(engine, "", seed=i, controlnet=units if with_unit else ()).images[0]
+            prompt = f"a {s.objects[0].colour}"
+            picture = txt2img(engine, prompt, seed=i, controlnet=units if with_unit else ()).images[0]
             hits += all(judge(picture, Scene(s.objects, s.background, "", [{"shape", "position"}]))[0].values())
         return hits / 20
 
     with_edges, alone = share(True), share(False)
-    assert with_edges >= 0.6 and alone <= 0.2, (with_edges, alone)
+    assert with_edges >= 0.4 and alone <= 0.2, (with_edges, alone)
