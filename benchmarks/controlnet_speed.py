@@ -23,14 +23,13 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import CACHE, ROOT, _checkpoint, _cpu_name, _diffusers_parts, _peaks, _rss_gb, matmul_peak  # noqa: E402
+from speed import _run as speed_run  # noqa: E402
 
 CONTROLNET = CACHE / "sd15-controlnet-random.safetensors"
 RUNTIMES = ("diffusers", "plainsd")  # the columns' order within a precision; diffusers fp32 is the reference
@@ -128,12 +127,7 @@ def worker(task: dict) -> dict:
 
 
 def _run(task: dict) -> dict:
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(task), "--result", out.name],
-                              capture_output=True, text=True)
-        if proc.returncode:
-            return {"error": (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]}
-        return json.loads(Path(out.name).read_text())
+    return speed_run(task, __file__)
 
 
 def _median(rs: list[dict], key: str) -> float | None:

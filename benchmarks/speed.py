@@ -287,9 +287,10 @@ def _checkpoint() -> Path:
     return path
 
 
-def _run(task: dict) -> dict:
+def _run(task: dict, script: str = __file__) -> dict:
+    """The task run by `script --worker` in a fresh process: its result, or {"error": its last line}."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as out:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(task), "--result", out.name],
+        proc = subprocess.run([sys.executable, script, "--worker", json.dumps(task), "--result", out.name],
                               capture_output=True, text=True)
         if proc.returncode:
             return {"error": (proc.stderr.strip().splitlines() or ["exit code %d" % proc.returncode])[-1]}
