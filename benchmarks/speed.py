@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / ".cache"
+PROMPT = "a photograph of an astronaut riding a horse"  # every end-to-end row's (fewstep_speed.py's too)
 
 # name -> (runtime, precision); the order is the order of the table's columns. On a CPU with native bf16
 # (avx512_bf16 or AMX), where plainsd's default is bf16:
@@ -132,14 +133,16 @@ def _diffusers_parts(checkpoint: Path, dtype, parts=("unet",)):
 class _OVUNet:
     """diffusers' UNet converted by openvino.convert_model (the IR cached on disk, as a user of optimum would)."""
 
-    def __init__(self, checkpoint: Path, precision: str, threads: int):
+    def __init__(self, checkpoint: Path, precision: str, threads: int, folder: str = "ov-diffusers-unet",
+                 blobs: str = "ov-blobs"):
+        """folder, blobs: where in the cache the IR and the compiled blobs go (one pair per checkpoint)."""
         import openvino as ov
         import torch
 
         self.core = ov.Core()
         # one blob cache per precision: OpenVINO 2026.4 handed the bf16 run the f32 blob of the same model
-        self.core.set_property({"CACHE_DIR": str(CACHE / f"ov-blobs-{precision}")})
-        xml = CACHE / "ov-diffusers-unet" / "unet.xml"
+        self.core.set_property({"CACHE_DIR": str(CACHE / f"{blobs}-{precision}")})
+        xml = CACHE / folder / "unet.xml"
         if not xml.is_file():
             unet = _diffusers_parts(checkpoint, torch.float32)["unet"]
 
@@ -222,7 +225,7 @@ def worker(task: dict) -> dict:
             decode(z)
             result["seconds"] = time.perf_counter() - t0
         else:  # e2e: txt2img, 20 steps of DPM++ 2M, CFG 7
-            prompt = "a photograph of an astronaut riding a horse"
+            prompt = PROMPT
             if runtime.startswith("plainsd"):
                 if engine.backend == "openvino":  # compile for txt2img's shapes first: that is start-up, not sampling
                     engine.unet(torch.randn(2, 4, size // 8, size // 8), torch.tensor([500.0, 500.0]),
