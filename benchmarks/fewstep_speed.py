@@ -13,12 +13,15 @@ random, so the pictures are noise; speed does not depend on the values, and a fu
 weights, not its shape.
 
 End to end (text encoder, sampling, decode; one --size picture of speed.py's prompt, seed 1):
-  - plainsd's default path: 20 steps of DPM++ 2M Karras with CFG 7 (speed.py's own end-to-end worker);
+  - plainsd's default path: 20 steps of DPM++ 2M Karras with CFG 7 (speed.py's end-to-end settings);
   - plainsd, 4 steps of the LCM sampler at CFG 1 (one UNet call per step, no unconditional half): with the VAE's
     decoder, with a TAESD-size tiny decoder (as --tiny-decoder FILE gives it), and with --backend openvino (the
     UNet compiled by OpenVINO, the rest eager);
   - diffusers' StableDiffusionPipeline with LCMScheduler, 4 steps, guidance_scale 1, float32 and (where the CPU has
     native bf16) bf16, as speed.py's diffusers rows.
+Each end-to-end process draws an untimed 1-step picture of the same size first, counted as start-up with the
+loading: the weights are packed for the shape, oneDNN's kernels picked and OpenVINO's UNet compiled, which at 4
+steps would otherwise be a large share of the time; the figure is what every picture after the first costs.
 UNet alone (batch 1, the median of --repeats calls after one untimed call): plainsd's default path against
 OpenVINO running diffusers' UNet of the same file, f32 and (native bf16) bf16. Every row runs in a fresh process;
 the rounds alternate the rows and the table gives the median over rounds. plainsd runs in its default precision
@@ -39,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed  # noqa: E402
+from speed import _run as speed_run  # noqa: E402
 from speed import (CACHE, PROMPT, ROOT, _checkpoint, _cpu_name, _diffusers_parts, _median,  # noqa: E402
                    _OVUNet, _peaks, _rss_gb, matmul_peak)
 
@@ -56,10 +59,12 @@ OPENVINO_ROW = f"plainsd --backend openvino: {STEPS} steps LCM, CFG 1"
 
 def _rows(precision: str, bf16: bool) -> tuple[dict, dict]:
     """The end-to-end and UNet-only rows: name -> the worker's task fields. precision: plainsd's default here."""
-    e2e = {DEFAULT_ROW: {"runtime": "plainsd", "precision": precision, "script": speed.__file__, "fast": False},
-           LCM_ROW: {"runtime": "plainsd", "precision": precision},
-           TINY_ROW: {"runtime": "plainsd", "precision": precision, "tiny": True},
-           OPENVINO_ROW: {"runtime": "plainsd-openvino", "precision": precision},
+    lcm = {"steps": STEPS, "sampler": "LCM", "cfg_scale": 1}
+    e2e = {DEFAULT_ROW: {"runtime": "plainsd", "precision": precision, "steps": 20, "sampler": "DPM++ 2M",
+                         "cfg_scale": 7},
+           LCM_ROW: {"runtime": "plainsd", "precision": precision, **lcm},
+           TINY_ROW: {"runtime": "plainsd", "precision": precision, "tiny": True, **lcm},
+           OPENVINO_ROW: {"runtime": "plainsd-openvino", "precision": precision, **lcm},
            f"diffusers LCM pipeline fp32: {STEPS} steps, guidance 1": {"runtime": "diffusers", "precision": "fp32"}}
     if bf16:
         e2e[f"diffusers LCM pipeline bf16: {STEPS} steps, guidance 1"] = {"runtime": "diffusers", "precision": "bf16"}
@@ -135,7 +140,7 @@ def _plainsd_engine(task: dict, dtype):
 
 
 def _plainsd_e2e(task: dict, dtype, started: float) -> dict:
-    """txt2img in STEPS steps of LCM at CFG 1; the tiny decoder given as --tiny-decoder FILE gives it."""
+    """txt2img with the row's steps, sampler and CFG scale; the tiny decoder as --tiny-decoder FILE gives it."""
     import torch
 
     from plainsd import pipeline
@@ -145,14 +150,16 @@ def _plainsd_e2e(task: dict, dtype, started: float) -> dict:
     engine = _plainsd_engine(task, dtype)
     if task.get("tiny"):
         engine.use_tiny_decoder(load_tiny_decoder(task["tiny_decoder"]), Path(task["tiny_decoder"]).name)
-    size = task["size"]
+    def picture(steps: int):
+        return pipeline.txt2img(engine, PROMPT, steps=steps, sampler=task["sampler"], cfg_scale=task["cfg_scale"],
+                                seed=1, width=task["size"], height=task["size"],
+                                fast=choose(False, bool(task.get("tiny"))))
+
     with torch.inference_mode():
-        if engine.backend == "openvino":  # compile for txt2img's shapes first: that is start-up, not sampling
-            engine.unet(torch.randn(1, 4, size // 8, size // 8), torch.tensor([500.0]), torch.randn(1, 77, 768))
+        picture(1)  # packs, picks kernels, compiles OpenVINO's UNet for these shapes: start-up, not the picture
         result = {"startup": time.perf_counter() - started}
         t0 = time.perf_counter()
-        out = pipeline.txt2img(engine, PROMPT, steps=STEPS, sampler="LCM", cfg_scale=1, seed=1, width=size,
-                               height=size, fast=choose(False, bool(task.get("tiny"))))
+        out = picture(task["steps"])
         result["seconds"] = time.perf_counter() - t0
     result["decoder"] = "TAESD" if out.parameters.tiny_decoder else "VAE"
     return result
@@ -173,14 +180,17 @@ def _diffusers_e2e(task: dict, dtype, started: float) -> dict:
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    size = task["size"]
-    result = {"startup": time.perf_counter() - started}
-    with torch.inference_mode():
-        t0 = time.perf_counter()
+    def picture(steps: int):
         # CLIPTokenizer needs vocabulary files from the Hub; plainsd's tokenizer gives the same ids (as in speed.py)
         states = parts["text"](Tokenizer("sd1")([PROMPT]))[0]
-        pipe(prompt_embeds=states, num_inference_steps=STEPS, guidance_scale=1.0, height=size, width=size,
-             generator=torch.Generator().manual_seed(1))
+        pipe(prompt_embeds=states, num_inference_steps=steps, guidance_scale=1.0, height=task["size"],
+             width=task["size"], generator=torch.Generator().manual_seed(1))
+
+    with torch.inference_mode():
+        picture(1)  # as plainsd's rows: the first call's set-up is start-up
+        result = {"startup": time.perf_counter() - started}
+        t0 = time.perf_counter()
+        picture(STEPS)
         result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -235,9 +245,7 @@ def worker(task: dict) -> dict:
 # --- the driver ------------------------------------------------------------------------------------------
 
 def _run(task: dict) -> dict:
-    """The task in a fresh process: speed.py's worker for its own rows (the 20-step default), else this file's."""
-    task = dict(task)
-    return speed._run(task, task.pop("script", __file__))
+    return speed_run(task, __file__)
 
 
 def _measure(jobs: list[tuple[str, str, dict]], rounds: int) -> dict:
