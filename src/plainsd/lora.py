@@ -217,23 +217,36 @@ class Adapter(nn.Module):
         return self.up(self.down(x.to(self.down.weight.dtype))) * (self.alpha / self.rank * self.scale)
 
 
-def attach(sd, rank: int = 4, alpha: float | None = None, text_encoder: bool = False) -> dict[str, Adapter]:
-    """Adapters (kohya name -> Adapter) hooked onto the kohya default targets; the base stays frozen."""
+def attach(sd, rank: int = 4, alpha: float | None = None, text_encoder: bool = False,
+           targets: str = "attention") -> dict[str, Adapter]:
+    """Adapters (kohya name -> Adapter) hooked onto the model; the base stays frozen. targets: "attention", kohya's
+    default (the UNet's transformer blocks), or "all" (every Linear and convolution of the UNet, as LCM-LoRA).
+    An adapter whose scale is 0 is skipped."""
+    if targets not in ("attention", "all"):
+        raise ValueError(f"LoRA targets are 'attention' or 'all', not {targets!r}")
     alpha = float(rank if alpha is None else alpha)
     to_diffusers = [(o, d) for d, o in unet_diffusers_names(sd.config.unet)]
     adapters: dict[str, Adapter] = {}
     nets = [("unet", UNET_PREFIX, UNET_TRAIN_TARGETS)] + ([("text_encoder", TEXT_PREFIX, TEXT_TRAIN_TARGETS)] if text_encoder else [])
-    for net, prefix, targets in nets:
+    for net, prefix, names in nets:
         for name, module in getattr(sd, net).named_modules():
-            if not isinstance(module, (nn.Linear, nn.Conv2d)) or not any(name.endswith(t) for t in targets):
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue
-            if net == "unet" and ".transformer_blocks." not in name and not name.endswith(("proj_in", "proj_out")):
+            if not (net == "unet" and targets == "all") and not _kohya_target(net, name, names):
                 continue
             kohya = name if net == "text_encoder" else (_rename(name + ".", to_diffusers) or name + ".")[:-1]
             adapter = Adapter(module, rank, alpha).to(next(module.parameters()).dtype)
-            adapter.handle = module.register_forward_hook(lambda m, args, out, a=adapter: out + a(args[0]).to(out.dtype))
+            adapter.handle = module.register_forward_hook(
+                lambda m, args, out, a=adapter: out + a(args[0]).to(out.dtype) if a.scale else out)
             adapters[prefix + kohya.replace(".", "_")] = adapter
     return adapters
+
+
+def _kohya_target(net: str, name: str, targets: tuple) -> bool:
+    """Whether kohya's default LoRA adapts this layer: the listed projections, in the UNet only inside transformers."""
+    if not name.endswith(targets):
+        return False
+    return net != "unet" or ".transformer_blocks." in name or name.endswith(("proj_in", "proj_out"))
 
 
 def detach(adapters: dict[str, Adapter]):
