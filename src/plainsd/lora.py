@@ -1,18 +1,31 @@
-"""LoRA (Hu et al. 2021) in the kohya / A1111 file format: read, apply at generation time, merge, train.
+"""LoRA (Hu et al. 2021): read the file layouts people publish, apply at generation time, merge, train.
 
-A LoRA file holds, per adapted layer, `lora_unet_<name>.lora_down.weight` [rank, in(, k, k)],
-`.lora_up.weight` [out, rank(, 1, 1)] and `.alpha`; the layer's weight becomes
-W + weight * (alpha / rank) * up @ down. kohya names a UNet layer by its diffusers module path with dots
-turned into underscores (lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q); text
-encoder layers are lora_te_text_model_encoder_layers_0_self_attn_q_proj. plainsd's modules carry the
+Every layout is turned into one form at read time: kohya / A1111's. There, per adapted layer,
+`lora_unet_<name>.lora_down.weight` [rank, in(, k, k)], `.lora_up.weight` [out, rank(, 1, 1)] and `.alpha`;
+the layer's weight becomes W + weight * (alpha / rank) * up @ down. kohya names a UNet layer by its
+diffusers module path with dots turned into underscores (lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q);
+text encoder layers are lora_te_text_model_encoder_layers_0_self_attn_q_proj. plainsd's modules carry the
 original (LDM) names, so a table built from the same prefix pairs as the diffusers loader translates;
 LDM-style names (lora_unet_input_blocks_1_1_proj_in) are accepted too.
+
+The other layouts name the same layers by their diffusers / transformers module paths:
+- diffusers' current (PEFT) one: `unet.<path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<path>...`,
+  with LoraConfig fields (r, lora_alpha, rank_pattern, alpha_pattern) in the `lora_adapter_metadata` header;
+- diffusers' older ones: `unet.<path>.lora.down.weight` / `.lora.up.weight`, the attention-processor
+  `...attn1.processor.to_q_lora.down.weight`, and `text_encoder.<path>.lora_linear_layer.down.weight`;
+- PEFT's own `adapter_model.safetensors`: `base_model.model.<path>.lora_A.weight` beside an
+  `adapter_config.json` holding the same LoraConfig fields.
+Their scale is lora_alpha / r as PEFT computes it (lora_alpha / sqrt(r) with use_rslora); with no
+config and no `.alpha` tensors it is 1 (alpha = rank), as diffusers does for a file of one rank.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +33,7 @@ import torch
 from torch import nn
 
 from .runtime import set_weight
-from .weights import CheckpointError, _rename, read_tensors, unet_diffusers_names
+from .weights import CheckpointError, _read_json, _rename, read_tensors, unet_diffusers_names
 
 UNET_PREFIX, TEXT_PREFIX = "lora_unet_", "lora_te_"
 # What kohya adapts by default: every Linear / 1x1 conv inside the UNet's transformer blocks, and the text
@@ -78,34 +91,168 @@ def name_table(sd) -> dict[str, tuple[str, str]]:
     return table
 
 
+# How diffusers and PEFT end the keys of a layer's two matrices and its alpha: (suffix, part).
+_PEFT_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora.down.weight", "down"),
+                  (".lora.up.weight", "up"), (".lora_linear_layer.down.weight", "down"),
+                  (".lora_linear_layer.up.weight", "up"), ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
+                  (".alpha", "alpha"))
+_PEFT_PREFIXES = (("unet.", "unet"), ("text_encoder.", "text_encoder"), ("base_model.model.", None))
+# diffusers' attention-processor layout names a projection after the processor's attribute (to_q_lora, to_out_lora).
+_PROCESSOR_NAMES = {"unet": {"to_out": "to_out.0"},
+                    "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
+_KOHYA_PREFIX = {"unet": UNET_PREFIX, "text_encoder": TEXT_PREFIX}
+# The file names diffusers (save_lora_weights) and PEFT (save_pretrained) always use: such a file is named
+# after its folder, so a downloaded lcm-lora-sdv1-5/pytorch_lora_weights.safetensors is <lora:lcm-lora-sdv1-5:1>.
+GENERIC_STEMS = ("pytorch_lora_weights", "adapter_model")
+LAYOUTS = ("kohya / A1111 (lora_unet_..., lora_te_...), diffusers (unet.<path>.lora_A.weight, .lora.down.weight, "
+           ".processor.to_q_lora.down.weight) and PEFT (base_model.model.<path>.lora_A.weight)")
+
+
+def lora_name(path: str | os.PathLike) -> str:
+    """The name a prompt calls a LoRA file by: its stem, or its folder's for diffusers' / PEFT's generic names."""
+    path = Path(path)
+    return path.parent.name if path.stem in GENERIC_STEMS and path.parent.name else path.stem
+
+
 def read_lora(path: str | os.PathLike) -> LoRA:
-    """A kohya / A1111 LoRA file (.safetensors, or .pt/.ckpt through weights_only loading)."""
+    """A LoRA file in any of the layouts above (.safetensors, or .pt/.ckpt through weights_only loading)."""
     path = Path(path)
     source = read_tensors(path)
-    layers: dict[str, dict] = {}
+    _refuse_unread(path, list(source.shapes))
+    if all(k.startswith((UNET_PREFIX, TEXT_PREFIX)) for k in source.shapes):
+        found = _kohya_layers(path, source)
+    else:
+        found = _peft_layers(path, source)
+    if not found:
+        raise CheckpointError(f"{path.name} holds no LoRA layers (expected lora_unet_... / lora_te_... or "
+                              "unet.<path>.lora_A.weight keys)")
+    layers = {base: LoRALayer(source.get(down), source.get(up), alpha) for base, (down, up, alpha) in found.items()}
+    return LoRA(lora_name(path), layers, source.metadata)
+
+
+def _refuse_unread(path: Path, keys: list[str]):
+    """One sentence for the LoRA-like files plainsd knowingly does not read."""
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
+        raise CheckpointError(f"{path.name} is an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 keys); "
+                              "plainsd runs SD 1.x and 2.x")
+    if any("dora_scale" in k or "lora_magnitude_vector" in k for k in keys):
+        raise CheckpointError(f"{path.name} is a DoRA (dora_scale / lora_magnitude_vector keys), which plainsd does "
+                              "not read; it reads plain LoRAs")
+    if any(".hada_" in k or ".lokr_" in k for k in keys):
+        raise CheckpointError(f"{path.name} is a LyCORIS LoHa/LoKr (hada_/lokr_ keys), which plainsd does not read; "
+                              "it reads plain LoRAs (LoCon included)")
+
+
+def _kohya_layers(path: Path, source) -> dict[str, tuple[str, str, float | None]]:
+    """kohya name -> (down key, up key, alpha) for a kohya / A1111 file."""
+    parts: dict[str, dict[str, str]] = {}
     others = []
     for key in source.shapes:
         base, _, kind = key.partition(".")
         if kind in ("lora_down.weight", "lora_up.weight", "alpha"):
-            layers.setdefault(base, {})[kind] = source.get(key)
+            parts.setdefault(base, {})[kind.split(".")[0].removeprefix("lora_")] = key
         else:
             others.append(key)
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in layers):
-        raise CheckpointError(f"{path.name} is an SDXL LoRA (lora_te1_/lora_te2_ keys); plainsd runs SD 1.x and 2.x")
     if others:
         kinds = sorted({k.partition(".")[2] for k in others})[:4]
-        raise CheckpointError(f"{path.name} is not a LoRA in the kohya / A1111 format: it has keys like {others[0]!r} "
-                              f"({', '.join(kinds)}); LyCORIS LoHa/LoKr, DoRA and diffusers/PEFT files are not read")
-    if not layers:
-        raise CheckpointError(f"{path.name} holds no LoRA layers (expected lora_unet_... / lora_te_... keys)")
+        raise CheckpointError(f"{path.name} is not a LoRA plainsd reads: it has keys like {others[0]!r} "
+                              f"({', '.join(kinds)}); it reads {LAYOUTS}")
+    return {base: _pair(path, base, found, float(source.get(found["alpha"])) if "alpha" in found else None)
+            for base, found in parts.items()}
+
+
+def _pair(path: Path, base: str, found: dict[str, str], alpha: float | None) -> tuple[str, str, float | None]:
+    if "down" not in found or "up" not in found:
+        raise CheckpointError(f"{path.name}: layer {base} lacks its lora_down or lora_up weight")
+    return found["down"], found["up"], alpha
+
+
+def _parse_peft_key(key: str) -> tuple[str, str, str] | None:
+    """A diffusers / PEFT key -> (network, module path in diffusers / transformers names, part), or None."""
+    for suffix, part in _PEFT_SUFFIXES:
+        if key.endswith(suffix):
+            stem = key[: -len(suffix)]
+            break
+    else:
+        return None
+    net = None
+    for prefix, name in _PEFT_PREFIXES:
+        if stem.startswith(prefix):
+            stem, net = stem[len(prefix):], name
+            break
+    stem = stem.replace(".processor.", ".")
+    net = net or ("text_encoder" if stem.startswith("text_model.") else "unet")
+    if suffix.startswith("_lora."):
+        head, _, last = stem.rpartition(".")
+        stem = f"{head}.{_PROCESSOR_NAMES[net].get(last, last)}"
+    return net, stem, part
+
+
+def _peft_layers(path: Path, source) -> dict[str, tuple[str, str, float | None]]:
+    """kohya name -> (down key, up key, alpha) for a diffusers or PEFT file; alpha / rank is PEFT's scale."""
+    parts: dict[str, dict[str, str]] = {}
+    modules: dict[str, tuple[str, str]] = {}
+    for key in source.shapes:
+        parsed = _parse_peft_key(key)
+        if parsed is None:
+            raise CheckpointError(f"{path.name} is not a LoRA plainsd reads: it has keys like {key!r}; it reads {LAYOUTS}")
+        net, module, part = parsed
+        base = _KOHYA_PREFIX[net] + module.replace(".", "_")
+        parts.setdefault(base, {})[part] = key
+        modules[base] = (net, module)
+    configs = _peft_configs(path, source)
     out = {}
-    for base, parts in layers.items():
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise CheckpointError(f"{path.name}: layer {base} lacks its lora_down or lora_up weight")
-        alpha = parts.get("alpha")
-        out[base] = LoRALayer(parts["lora_down.weight"], parts["lora_up.weight"],
-                              float(alpha) if alpha is not None else None)
-    return LoRA(path.stem, out, source.metadata)
+    for base, found in parts.items():
+        down, up, alpha = _pair(path, base, found, float(source.get(found["alpha"])) if "alpha" in found else None)
+        net, module = modules[base]
+        if net in configs:
+            alpha = _peft_alpha(configs[net], module, source.shapes[down][0])
+        out[base] = (down, up, alpha)
+    return out
+
+
+def _peft_configs(path: Path, source) -> dict[str, dict]:
+    """network -> LoraConfig fields, from diffusers' lora_adapter_metadata header or PEFT's adapter_config.json."""
+    if "lora_adapter_metadata" in source.metadata:
+        try:
+            meta = json.loads(source.metadata["lora_adapter_metadata"])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path.name}: its lora_adapter_metadata header is not JSON: {e}") from None
+        configs: dict[str, dict] = {}
+        for key, value in meta.items():
+            net, dot, field = key.partition(".")
+            if dot and net in _KOHYA_PREFIX:
+                configs.setdefault(net, {})[field] = value
+            else:  # a model's own save_lora_adapter: one config, no network prefix
+                configs.setdefault("", {})[key] = value
+        shared = configs.pop("", None)
+        configs = configs or ({"unet": shared, "text_encoder": shared} if shared else {})
+    elif any(k.startswith("base_model.model.") for k in source.shapes) and (path.parent / "adapter_config.json").is_file():
+        config = _read_json(path.parent / "adapter_config.json")
+        configs = {"unet": config, "text_encoder": config}
+    else:
+        return {}
+    for config in configs.values():
+        if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+            kind = "a DoRA" if config.get("use_dora") else f"a PEFT {config.get('peft_type')} adapter"
+            raise CheckpointError(f"{path.name} is {kind}, which plainsd does not read; it reads plain LoRAs")
+    return configs
+
+
+def _peft_alpha(config: dict, module: str, rank: int) -> float:
+    """The alpha that makes alpha / rank equal PEFT's scaling for this module (rank_pattern, alpha_pattern, rsLoRA)."""
+    r = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+    lora_alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+    scale = lora_alpha / math.sqrt(r) if config.get("use_rslora") else lora_alpha / r
+    return scale * rank
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule: the first pattern that matches the module path, or a suffix of it at a dot, wins."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
 
 
 def deltas(sd, lora: LoRA, weight: float = 1.0) -> dict[tuple[str, str], torch.Tensor]:
@@ -167,7 +314,8 @@ def _add(sd, changes: dict[tuple[str, str], torch.Tensor]):
 
 
 def find_loras(folder: str | os.PathLike | None) -> dict[str, Path]:
-    """name -> file for the LoRA files in a folder (names are file stems; subfolders included)."""
+    """name -> file for the LoRA files in a folder (names are file stems, subfolders included; a diffusers /
+    PEFT file with a generic name in a subfolder is named after the subfolder)."""
     if folder is None:
         return {}
     folder = Path(folder)
@@ -176,8 +324,27 @@ def find_loras(folder: str | os.PathLike | None) -> dict[str, Path]:
     found = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.suffix in (".safetensors", ".pt", ".ckpt") and not p.name.startswith("."):
-            found.setdefault(p.stem, p)
+            found.setdefault(p.stem if p.parent == folder else lora_name(p), p)
     return found
+
+
+def file_metadata(path: str | os.PathLike) -> dict:
+    """A LoRA file's header metadata as A1111's /sdapi/v1/loras lists it (values that are JSON objects decoded);
+    {} for .pt/.ckpt files and unreadable headers: one odd file must not break a listing."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        metadata = read_tensors(path).metadata
+    except CheckpointError:
+        return {}
+    out: dict = {}
+    for key, value in metadata.items():
+        out[key] = value
+        if value.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                out[key] = json.loads(value)
+    return out
 
 
 def resolve(requested: list[tuple[str, float]], folder) -> list[tuple[LoRA, float]]:
@@ -217,23 +384,36 @@ class Adapter(nn.Module):
         return self.up(self.down(x.to(self.down.weight.dtype))) * (self.alpha / self.rank * self.scale)
 
 
-def attach(sd, rank: int = 4, alpha: float | None = None, text_encoder: bool = False) -> dict[str, Adapter]:
-    """Adapters (kohya name -> Adapter) hooked onto the kohya default targets; the base stays frozen."""
+def attach(sd, rank: int = 4, alpha: float | None = None, text_encoder: bool = False,
+           targets: str = "attention") -> dict[str, Adapter]:
+    """Adapters (kohya name -> Adapter) hooked onto the model; the base stays frozen. targets: "attention", kohya's
+    default (the UNet's transformer blocks), or "all" (every Linear and convolution of the UNet, as LCM-LoRA).
+    An adapter whose scale is 0 is skipped."""
+    if targets not in ("attention", "all"):
+        raise ValueError(f"LoRA targets are 'attention' or 'all', not {targets!r}")
     alpha = float(rank if alpha is None else alpha)
     to_diffusers = [(o, d) for d, o in unet_diffusers_names(sd.config.unet)]
     adapters: dict[str, Adapter] = {}
     nets = [("unet", UNET_PREFIX, UNET_TRAIN_TARGETS)] + ([("text_encoder", TEXT_PREFIX, TEXT_TRAIN_TARGETS)] if text_encoder else [])
-    for net, prefix, targets in nets:
+    for net, prefix, names in nets:
         for name, module in getattr(sd, net).named_modules():
-            if not isinstance(module, (nn.Linear, nn.Conv2d)) or not any(name.endswith(t) for t in targets):
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue
-            if net == "unet" and ".transformer_blocks." not in name and not name.endswith(("proj_in", "proj_out")):
+            if not (net == "unet" and targets == "all") and not _kohya_target(net, name, names):
                 continue
             kohya = name if net == "text_encoder" else (_rename(name + ".", to_diffusers) or name + ".")[:-1]
             adapter = Adapter(module, rank, alpha).to(next(module.parameters()).dtype)
-            adapter.handle = module.register_forward_hook(lambda m, args, out, a=adapter: out + a(args[0]).to(out.dtype))
+            adapter.handle = module.register_forward_hook(
+                lambda m, args, out, a=adapter: out + a(args[0]).to(out.dtype) if a.scale else out)
             adapters[prefix + kohya.replace(".", "_")] = adapter
     return adapters
+
+
+def _kohya_target(net: str, name: str, targets: tuple) -> bool:
+    """Whether kohya's default LoRA adapts this layer: the listed projections, in the UNet only inside transformers."""
+    if not name.endswith(targets):
+        return False
+    return net != "unet" or ".transformer_blocks." in name or name.endswith(("proj_in", "proj_out"))
 
 
 def detach(adapters: dict[str, Adapter]):

@@ -400,6 +400,35 @@ def test_loras_and_embeddings_from_their_folders(models_dir, tmp_path):
         assert r.status_code == 422 and "no LoRA named" in r.json()["detail"]
 
 
+def test_loras_lists_diffusers_and_peft_files_with_their_metadata(models_dir, tmp_path):
+    """diffusers / PEFT files carry no ss_* metadata and generic names: listed by folder, header as A1111 gives it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.test_lora import random_lora
+
+    sd = plainsd.build("tiny", seed=0)
+    loras = tmp_path / "loras"
+    (loras / "lcm-like").mkdir(parents=True)
+    (loras / "peft-like").mkdir()
+    save_file(random_lora(sd), str(loras / "style.safetensors"), metadata={"ss_network_dim": "2", "ss_tag_frequency": '{"a": 1}'})
+    key = "unet.down_blocks.0.attentions.0.proj_in"
+    config = {"unet.r": 2, "unet.lora_alpha": 2}
+    save_file({f"{key}.lora_A.weight": torch.zeros(2, 32, 1, 1), f"{key}.lora_B.weight": torch.zeros(32, 2, 1, 1)},
+              str(loras / "lcm-like" / "pytorch_lora_weights.safetensors"),
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+    save_file({"base_model.model.conv_in.lora_A.weight": torch.zeros(2, 4, 3, 3)},
+              str(loras / "peft-like" / "adapter_model.safetensors"))
+    (loras / "broken.safetensors").write_bytes(b"not a safetensors file")
+    app = create_app(models_dir=models_dir, lora_dir=loras)
+    with TestClient(app) as c:
+        listed = {entry["name"]: entry for entry in c.get("/sdapi/v1/loras").json()}
+    assert sorted(listed) == ["broken", "lcm-like", "peft-like", "style"]
+    assert listed["style"]["metadata"] == {"ss_network_dim": "2", "ss_tag_frequency": {"a": 1}}
+    assert listed["lcm-like"]["metadata"] == {"format": "pt", "lora_adapter_metadata": config}
+    assert listed["peft-like"]["metadata"] == {} and listed["broken"]["metadata"] == {}
+
+
 def test_fast_mode_is_a_request_field(client):
     req = {"prompt": "a red circle", "steps": 6, "width": 32, "height": 32, "seed": 3, "cfg_scale": 5,
            "sampler_name": "DPM++ 2M"}

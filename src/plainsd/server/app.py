@@ -285,8 +285,8 @@ def _list_routes(server: Server) -> APIRouter:
 
     @router.get("/sdapi/v1/loras")
     async def loras():
-        from plainsd.lora import find_loras
-        return [{"name": name, "alias": name, "path": str(path), "metadata": {}}
+        from plainsd.lora import file_metadata, find_loras
+        return [{"name": name, "alias": name, "path": str(path), "metadata": file_metadata(path)}
                 for name, path in find_loras(server.lora_dir).items()]
 
     @router.post("/sdapi/v1/refresh-loras")

@@ -16,7 +16,8 @@
          weights each sample's loss by Min-SNR-gamma (see diffusion.denoisers.training_loss).
 
 And for a trained model, a ControlNet (Zhang, Rao & Agrawala 2023): a copy of its UNet's way down that reads a
-hint image (an edge map) and steers the frozen UNet through zero-initialised convolutions.
+hint image (an edge map) and steers the frozen UNet through zero-initialised convolutions; and an LCM-LoRA that
+draws in a few steps (lcm.py).
 
 Each writes its networks into its run folder; the unet recipe writes the whole model as one original-
 layout checkpoint (model.safetensors) that plainsd.load reads. A recipe's own settings (its config's "extra")
@@ -46,6 +47,7 @@ from ..models.tokenizer import Tokenizer
 from ..models.vae import AutoencoderKL
 from ..weights import save, write_safetensors
 from .data import ALL_SHAPES, SHAPES, VARY, FolderDataset, ShapesDataset, hard_negative_batch
+from .lcm import LCMSettings, train_lcm
 from .loop import TrainConfig, train
 from .settings import RecipeSettings
 
@@ -798,6 +800,6 @@ def settings(cfg: TrainConfig) -> RecipeSettings:
 
 
 RECIPES = {"vae": train_vae, "vae-decoder": train_vae_decoder, "clip": train_clip, "unet": train_unet,
-           "taesd": train_taesd, "controlnet": train_controlnet}
+           "taesd": train_taesd, "controlnet": train_controlnet, "lcm": train_lcm}
 SETTINGS = {"vae": VAESettings, "vae-decoder": VAEDecoderSettings, "clip": CLIPSettings, "unet": UNetSettings,
-            "taesd": TAESDSettings, "controlnet": ControlNetSettings}
+            "taesd": TAESDSettings, "controlnet": ControlNetSettings, "lcm": LCMSettings}

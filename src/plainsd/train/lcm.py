@@ -1,0 +1,202 @@
+"""Latent consistency distillation into a LoRA (Luo et al. 2023, "LCM-LoRA"): a model that draws in a few steps.
+
+A consistency model maps any point of a sampling trajectory straight to its start, the clean latent, so that one
+to four evaluations replace twenty. The distillation teaches that map to a LoRA on the frozen UNet:
+
+1. a training latent is noised to a timestep t_n of a coarse grid (ddim_steps points: skips of k = 1000 / 50);
+2. the teacher, the base model without the LoRA, guided (CFG weight w drawn per sample), takes one DDIM step from
+   t_n to t_n - k: a point on (nearly) the same trajectory, one grid step cleaner;
+3. the student, the model with the LoRA, estimates the clean latent from t_n; the target is its own estimate
+   from the teacher's point, without gradients (the LCM-LoRA recipe's target network: the online weights);
+4. both estimates pass through the consistency boundary condition (c_skip, c_out: the identity at t = 0), and a
+   pseudo-Huber loss pulls the first toward the second.
+
+The student sees no guidance at inference (CFG 1, one UNet call per step): the teacher's guidance is distilled in.
+The LoRA is saved in kohya's format with every Linear and convolution of the UNet adapted, as LCM-LoRA does, so
+that A1111 and ComfyUI read it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from .. import lora as lora_mod
+from ..diffusion import schedules
+from ..weights import write_safetensors
+from .loop import TrainConfig, train
+from .settings import RecipeSettings
+
+LORA_FILE = "lcm-lora.safetensors"
+SAMPLE_STEPS = (1, 2, 4, 8)
+
+
+@dataclass
+class LCMSettings(RecipeSettings):
+    recipe: ClassVar[str] = "lcm"
+    base: str | None = None        # the teacher: a whole checkpoint; None: the shipped model
+    rank: int = 32                 # the LoRA's rank, on every Linear and convolution of the UNet
+    alpha: float | None = None     # kohya's alpha (None: the rank, a scale of 1)
+    w_min: float = 1.0             # the teacher's guidance weight w, drawn uniformly per sample from [w_min, w_max];
+    w_max: float = 4.0             # CFG scale = w + 1 (LCM's convention)
+    guidance_min_t: int = 0        # the teacher guides only at timesteps from this one up (0: at all of them)
+    ddim_steps: int = 50           # the DDIM solver's grid: each teacher step skips 1000 / ddim_steps timesteps
+    loss: str = "huber"            # "huber" (pseudo-Huber with huber_c) or "l2"
+    huber_c: float = 0.001
+    latent_cache: int = 16384      # pictures whose posteriors are encoded once and trained on
+
+    def check(self):
+        if self.rank < 1:
+            raise ValueError(f"extra.rank of the lcm recipe must be at least 1, not {self.rank}")
+        if not 0 <= self.w_min <= self.w_max:
+            raise ValueError(f"extra.w_min and extra.w_max of the lcm recipe must satisfy 0 <= w_min <= w_max, "
+                             f"not {self.w_min} and {self.w_max}")
+        if self.ddim_steps < 2 or 1000 % self.ddim_steps:
+            raise ValueError(f"extra.ddim_steps of the lcm recipe must divide 1000 (50 is LCM's), not {self.ddim_steps}")
+        if self.loss not in ("huber", "l2"):
+            raise ValueError(f"extra.loss of the lcm recipe is 'huber' or 'l2', not {self.loss!r}")
+        if self.latent_cache < 1:
+            raise ValueError(f"extra.latent_cache of the lcm recipe must be at least 1, not {self.latent_cache}")
+
+
+def boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """(c_skip, c_out) of the consistency parametrisation at timesteps t: f(x, t) = c_skip x + c_out x0_estimate,
+    c_skip(0) = 1, c_out(0) = 0 (LCM's values: sigma_data 0.5, timesteps scaled by 10)."""
+    t = t.float() * timestep_scaling
+    return sigma_data**2 / (t**2 + sigma_data**2), t / (t**2 + sigma_data**2) ** 0.5
+
+
+def x0_and_eps(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction: str):
+    """The clean latent and the noise a UNet output (eps or v) implies at x, a = alpha_bar of x's timestep."""
+    if prediction == "eps":
+        return (x - (1 - a).sqrt() * out) / a.sqrt(), out
+    return a.sqrt() * x - (1 - a).sqrt() * out, (1 - a).sqrt() * x + a.sqrt() * out
+
+
+def consistency_loss(unet, latents, cond, uncond, s: LCMSettings, prediction: str, g: torch.Generator,
+                     adapters: dict) -> torch.Tensor:
+    """One batch of latent consistency distillation (steps 1-4 of the module's docstring)."""
+    ac = schedules.alphas_cumprod()
+    k = len(ac) // s.ddim_steps
+    n = latents.shape[0]
+    start = (torch.randint(1, s.ddim_steps + 1, (n,), generator=g) * k - 1)  # the grid: k-1, 2k-1, ..., 999
+    prev = (start - k).clamp(min=0)
+    noise = torch.randn(latents.shape, generator=g)
+    x = schedules.add_noise(latents, noise, start, ac)
+    a_n, a_p = (ac[t].view(-1, 1, 1, 1) for t in (start, prev))
+    w = s.w_min + (s.w_max - s.w_min) * torch.rand(n, generator=g)
+    w = torch.where(start >= s.guidance_min_t, w, torch.zeros_like(w)).view(-1, 1, 1, 1)
+
+    with torch.no_grad(), _adapters_off(adapters):  # the teacher: the base model, guided; one DDIM step
+        out_c, out_u = unet(torch.cat([x, x]), torch.cat([start, start]), torch.cat([cond, uncond])).float().chunk(2)
+        x0_c, eps_c = x0_and_eps(out_c, x, a_n, prediction)
+        x0_u, eps_u = x0_and_eps(out_u, x, a_n, prediction)
+        x0, eps = x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
+        x_prev = a_p.sqrt() * x0 + (1 - a_p).sqrt() * eps
+
+    with torch.no_grad():  # the target: the student's own estimate from the teacher's point
+        skip, out = (c.view(-1, 1, 1, 1) for c in boundary_scalings(prev))
+        target = skip * x_prev + out * x0_and_eps(unet(x_prev, prev, cond).float(), x_prev, a_p, prediction)[0]
+
+    skip, out = (c.view(-1, 1, 1, 1) for c in boundary_scalings(start))
+    pred = skip * x + out * x0_and_eps(unet(x, start, cond).float(), x, a_n, prediction)[0]
+    if s.loss == "l2":
+        return torch.nn.functional.mse_loss(pred, target)
+    return (((pred - target) ** 2 + s.huber_c**2).sqrt() - s.huber_c).mean()
+
+
+class _adapters_off:
+    """The model without its LoRA adapters for the duration of the block (the teacher)."""
+
+    def __init__(self, adapters: dict):
+        self.adapters = adapters
+
+    def __enter__(self):
+        self.scales = {k: a.scale for k, a in self.adapters.items()}
+        for a in self.adapters.values():
+            a.scale = 0.0
+
+    def __exit__(self, *exc):
+        for k, a in self.adapters.items():
+            a.scale = self.scales[k]
+
+
+def train_lcm(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """`plainsd train lcm`: the base model's UNet frozen, a LoRA on all of its Linear and convolution layers
+    trained by consistency_loss on cached latents of the shapes world; exports lcm-lora.safetensors (kohya)."""
+    from .recipes import _frozen_base, _latent_cache, dataset, sample_posterior
+
+    s = LCMSettings.from_extra(cfg.extra)
+    sd = _frozen_base(s.base)
+    torch.manual_seed(cfg.seed)
+    adapters = lora_mod.attach(sd, rank=s.rank, alpha=s.alpha, targets="all")
+    params = {f"{k}.{n}": p for k, a in adapters.items() for n, p in a.named_parameters()}
+    for p in params.values():
+        p.requires_grad_(True)
+    cache = _latent_cache(sd.vae, dataset(cfg, sd.config.resolution), s.latent_cache, progress)
+    with torch.no_grad():
+        uncond_row = sd.text_encoder(sd.tokenizer([""]))
+    out = Path(cfg.out)
+
+    def loss_fn(step, micro):
+        g = torch.Generator().manual_seed(step * 7919 + micro)
+        rng = random.Random(f"{cfg.seed}:{step}:{micro}")
+        idx = [rng.randrange(len(cache[2])) for _ in range(cfg.batch_size)]
+        latents = sample_posterior(cache[0][idx], cache[1][idx], g) * sd.config.scale_factor
+        with torch.no_grad():
+            cond = sd.text_encoder(sd.tokenizer([cache[2][i] for i in idx]))
+        uncond = uncond_row.expand_as(cond)
+        return consistency_loss(sd.unet, latents, cond, uncond, s, sd.config.prediction, g, adapters)
+
+    def export(step, weights):
+        meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(s.rank),
+                "ss_network_alpha": str(s.alpha if s.alpha is not None else s.rank), "ss_steps": str(step),
+                "ss_base_model": sd.name, "plainsd.recipe": json.dumps(dataclasses.asdict(cfg))}
+        with _weights_of(adapters, weights):
+            write_safetensors(lora_mod.adapters_state(adapters), out / LORA_FILE, meta)
+
+    def sample(step, weights):
+        with _weights_of(adapters, weights):
+            sheet = lcm_samples(sd)
+        (out / "samples").mkdir(exist_ok=True)
+        sheet.save(out / "samples" / f"lcm-{step:06d}.png")
+
+    return train(cfg, params, loss_fn, resume, sample, export, progress)
+
+
+class _weights_of:
+    """The adapters with these weights (the EMA's, named as train() names them) for the duration of the block."""
+
+    def __init__(self, adapters: dict, weights: dict):
+        self.params = {f"{k}.{n}": p for k, a in adapters.items() for n, p in a.named_parameters()}
+        self.weights = weights
+
+    def __enter__(self):
+        self.saved = {k: p.detach().clone() for k, p in self.params.items()}
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.weights[k])
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.saved[k])
+
+
+@torch.no_grad()
+def lcm_samples(sd, prompts: list[str] | None = None):
+    """A contact sheet: a row of pictures per step count of SAMPLE_STEPS, LCM sampler, CFG 1."""
+    from ..images import contact_sheet
+    from ..pipeline import txt2img
+    from .recipes import SAMPLE_PROMPTS
+
+    prompts = prompts or SAMPLE_PROMPTS
+    pics = [txt2img(sd, p, steps=n, cfg_scale=1.0, sampler="LCM", seed=i).images[0]
+            for n in SAMPLE_STEPS for i, p in enumerate(prompts)]
+    return contact_sheet(pics, columns=len(prompts))
