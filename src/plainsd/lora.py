@@ -36,6 +36,7 @@ from .runtime import set_weight
 from .weights import CheckpointError, _read_json, _rename, read_tensors, unet_diffusers_names
 
 UNET_PREFIX, TEXT_PREFIX = "lora_unet_", "lora_te_"
+SHIPPED = (Path(__file__).parent / "data" / "plainsd-base.lcm-lora.safetensors",)  # available without a folder
 # What kohya adapts by default: every Linear / 1x1 conv inside the UNet's transformer blocks, and the text
 # encoder's attention and MLP projections.
 UNET_TRAIN_TARGETS = ("proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -314,14 +315,15 @@ def _add(sd, changes: dict[tuple[str, str], torch.Tensor]):
 
 
 def find_loras(folder: str | os.PathLike | None) -> dict[str, Path]:
-    """name -> file for the LoRA files in a folder (names are file stems, subfolders included; a diffusers /
-    PEFT file with a generic name in a subfolder is named after the subfolder)."""
+    """name -> file: the LoRAs shipped beside the shipped model (plainsd-base.lcm-lora), then the LoRA files in a
+    folder (names are file stems, subfolders included; a diffusers / PEFT file with a generic name in a subfolder
+    is named after the subfolder)."""
+    found = {p.name.removesuffix(".safetensors"): p for p in SHIPPED if p.is_file()}
     if folder is None:
-        return {}
+        return found
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"LoRA folder {folder} does not exist")
-    found = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.suffix in (".safetensors", ".pt", ".ckpt") and not p.name.startswith("."):
             found.setdefault(p.stem if p.parent == folder else lora_name(p), p)
@@ -348,16 +350,15 @@ def file_metadata(path: str | os.PathLike) -> dict:
 
 
 def resolve(requested: list[tuple[str, float]], folder) -> list[tuple[LoRA, float]]:
-    """<lora:name:weight> tags -> loaded LoRAs, by name from the folder only."""
+    """<lora:name:weight> tags -> loaded LoRAs, by name from the shipped ones and the folder only."""
     if not requested:
         return []
-    if folder is None:
-        raise ValueError("the prompt asks for LoRAs (<lora:...>) but no LoRA folder was given (--lora-dir)")
     available = find_loras(folder)
     out = []
     for name, w in requested:
         if name not in available:
-            raise ValueError(f"no LoRA named {name!r} in {folder}; available: {', '.join(available) or 'none'}")
+            where = folder if folder is not None else "the shipped LoRAs (no LoRA folder was given: --lora-dir)"
+            raise ValueError(f"no LoRA named {name!r} in {where}; available: {', '.join(available) or 'none'}")
         out.append((read_lora(available[name]), w))
     return out
 
