@@ -33,14 +33,14 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
         up_block_types=["CrossAttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D" for i in reversed(range(n))],
         cross_attention_dim=cfg.context_dim, attention_head_dim=heads if cfg.head_dim > 0 else cfg.num_heads,
         use_linear_projection=cfg.use_linear_proj, norm_num_groups=cfg.norm_groups,
-        transformer_layers_per_block=cfg.transformer_depth,
+        transformer_layers_per_block=cfg.transformer_depth, time_cond_proj_dim=cfg.time_cond_proj_dim or None,
     )
 
 
 def diffusers_controlnet_kwargs(cfg: UNetConfig, **extra) -> dict:
     """diffusers ControlNetModel settings for a ControlNet of this UNet config (extra: other settings)."""
     kwargs = diffusers_unet_kwargs(cfg)
-    for name in ("sample_size", "out_channels", "up_block_types"):
+    for name in ("sample_size", "out_channels", "up_block_types", "time_cond_proj_dim"):
         del kwargs[name]
     return {**kwargs, **extra}
 

@@ -14,6 +14,10 @@ def test_config(name: str) -> ModelConfig:
         cfg.unet = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(0, 1),
                               num_heads=2, context_dim=128, transformer_depth=2)
         return cfg
+    if name.endswith("-lcm"):  # an LCM-distilled UNet: LCM-Dreamshaper-v7's guidance embedding (256 wide)
+        cfg = preset(name[:-len("-lcm")])
+        cfg.unet.time_cond_proj_dim = 256
+        return cfg
     return preset(name)
 
 

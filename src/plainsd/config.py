@@ -52,6 +52,7 @@ class UNetConfig:
     transformer_depth: int = 1       # BasicTransformerBlocks per SpatialTransformer
     use_linear_proj: bool = False    # SD2: proj_in / proj_out are Linear instead of 1x1 Conv
     norm_groups: int = 32            # GroupNorm groups
+    time_cond_proj_dim: int = 0      # LCM-distilled UNets: width of the guidance-scale embedding (256); 0 = none
 
     def heads_for(self, channels: int) -> int:
         return self.num_heads if self.num_heads > 0 else max(1, channels // self.head_dim)

@@ -310,18 +310,20 @@ class ControlledUNet:
         """The pass's step a call at timestep t belongs to: the last step whose timestep is at or above it."""
         return step_at(self.ts, float(torch.as_tensor(t).reshape(-1).max()))
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance=None) -> torch.Tensor:
+        """guidance: an LCM-distilled UNet's guidance scale (UNetModel.forward), passed on to it (the ControlNets,
+        which have no guidance embedding, do not get it)."""
         step, steps = self.step(t), len(self.ts)
         units = [u for u in self.units if u.active(step, steps)]
+        extra = {} if guidance is None else {"guidance": guidance}
         if not units:
-            return self.unet(x, t, context)
+            return self.unet(x, t, context, **extra)
         cond_mark = torch.ones(x.shape[0], 1, 1, 1, device=x.device)
         if x.shape[0] == (self.parts + 1) * self.batch:
             cond_mark[:self.batch] = 0
 
         nets = [u for u in units if not u.is_adapter]
         adapters = [u for u in units if u.is_adapter]
-        extra = {}
         if nets:
             def control(stop: int | None = None) -> list[torch.Tensor]:
                 return _residuals(nets, x, t, context, cond_mark, stop)

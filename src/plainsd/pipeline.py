@@ -163,10 +163,16 @@ def _request(prompt: str, negative_prompt: str, kwargs: dict) -> GenerationReque
                              fast=FAST if fast is True else (fast or None), **kwargs)
 
 
+# What an LCM-distilled UNet (one with a guidance-scale embedding) is run with unless its file or the request says
+# otherwise: LCM-Dreamshaper-v7's card and diffusers' LCM pipeline example (4 steps, guidance 8) with the LCM sampler.
+LCM_DEFAULTS = {"steps": 4, "sampler": "LCM", "cfg_scale": 8.0}
+
+
 def recommended(sd: StableDiffusion | Engine) -> dict:
     """The settings a request that leaves them out gets: the model's own recommendations (sd.defaults), then
-    DEFAULTS."""
-    return {**DEFAULTS, **(sd.sd if isinstance(sd, Engine) else sd).defaults}
+    LCM_DEFAULTS for an LCM-distilled model, then DEFAULTS."""
+    sd = sd.sd if isinstance(sd, Engine) else sd
+    return {**DEFAULTS, **(LCM_DEFAULTS if _embeds_guidance(sd) else {}), **sd.defaults}
 
 
 def as_engine(sd: StableDiffusion | Engine) -> Engine:
@@ -261,9 +267,12 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
                       cfg_scale=chosen["cfg_scale"] if req.cfg_scale is None else req.cfg_scale,
                       guidance_until=chosen["guidance_until"] if req.guidance_until is None else req.guidance_until)
     req.check(sd.config.vae.factor, engine.backend)
+    _check_guidance_embedding(sd, req)
     info, schedule = S.resolve_sampler(req.sampler, req.schedule)
     fast = req.fast
     guidance_until = min(req.guidance_until, fast.guidance_until) if fast is not None else req.guidance_until
+    if _embeds_guidance(sd):
+        guidance_until = 1.0  # (fast mode's guidance cut-off: an LCM runs no classifier-free guidance to cut)
     deepcache = fast is not None and fast.deepcache_interval > 1 and engine.backend == "eager"
     tiny = _tiny_decoder(engine) if fast is not None and fast.tiny_decoder else None
     hires = req.hires
@@ -283,6 +292,32 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
                (sd.config.vae.z_channels, height // factor, width // factor), fast, tiny,
                ImageNoise(req.subseed_strength, resize, req.eta_noise_seed_delta))
     return req, params, run
+
+
+def _embeds_guidance(sd: StableDiffusion) -> bool:
+    """Whether the model's UNet takes the guidance scale as an input (LCM-distilled: models/unet.py)."""
+    return sd.config.unet.time_cond_proj_dim > 0
+
+
+def _check_guidance_embedding(sd: StableDiffusion, req: GenerationRequest) -> None:
+    """An LCM-distilled UNet gets the CFG scale as its guidance embedding and runs no classifier-free guidance, so
+    what only guidance uses is refused rather than dropped: a negative prompt (its distillation guided against the
+    empty prompt, and diffusers' LCM pipeline takes none) and a guidance cut-off."""
+    if not _embeds_guidance(sd):
+        return
+    if req.negative_prompt or (req.hires is not None and req.hires.negative_prompt):
+        raise ValueError("the model is LCM-distilled: its CFG scale is an input of the UNet and "
+                         "it runs no classifier-free guidance, so it takes no negative prompt; leave it empty")
+    if req.guidance_until < 1.0:
+        raise ValueError("the model is LCM-distilled and runs no classifier-free guidance to cut "
+                         f"off: guidance_until must be 1, got {req.guidance_until}")
+
+
+def _lcm_guidance(sd: StableDiffusion, cfg_scale: float) -> float | None:
+    """The guidance scale an LCM-distilled UNet embeds for a CFG scale: cfg_scale - 1, as diffusers' LCM pipeline
+    passes it (the distillation's w is in the original CFG formulation, eps_cond + w (eps_cond - eps_uncond));
+    None for other models."""
+    return cfg_scale - 1.0 if _embeds_guidance(sd) else None
 
 
 def _seed_fields(req: GenerationRequest, infos: list[S.SamplerInfo]) -> dict:
@@ -404,6 +439,7 @@ class Pass:
     concat: torch.Tensor | None = None    # an inpainting model's extra input channels
     keep: tuple[torch.Tensor, torch.Tensor] | None = None  # (init latent, keep mask): inpainting
     upscale: tuple | None = None      # the hires fix: (upscaler, width, height, crop_x, crop_y, wrap) for _upscale
+    guidance: float | None = None     # an LCM-distilled UNet's guidance scale (it then gets no uncond: _lcm_guidance)
 
 
 def _last_part(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
@@ -431,9 +467,10 @@ def _first_pass(engine: Engine, req: GenerationRequest, params: Parameters, run:
     step 0 is then the first step it runs), as A1111 does."""
     cond, uncond = _conditioning(extract_loras(req.prompt)[0], req.negative_prompt, encode, params.steps)
     keep = (start.init_latent, start.keep) if start.keep is not None else None
-    return Pass(run.sampler, start.sigmas, cond, uncond, params.cfg_scale,
+    guidance = _lcm_guidance(engine.sd, params.cfg_scale)
+    return Pass(run.sampler, start.sigmas, cond, None if guidance is not None else uncond, params.cfg_scale,
                 params.guidance_until, _unet(engine, run, params, start.sigmas), req.token_merging,
-                req.sampler_options(run.sampler), start.concat, keep)
+                req.sampler_options(run.sampler), start.concat, keep, guidance=guidance)
 
 
 def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run: _Run, first: Pass,
@@ -451,9 +488,12 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
     final_w, final_h = hires.final_size(params.width, params.height, factor)
     concat = _paint_everything(sd, final_w, final_h, _device(sd)) if sd.config.unet.in_channels == 9 else None
     merging = req.token_merging if hires.token_merging is None else hires.token_merging
-    return Pass(run.hires_sampler, sigmas, cond, uncond, params.cfg_scale, params.guidance_until,
-                _unet(engine, run, params, sigmas), merging, req.sampler_options(run.hires_sampler), concat,
-                upscale=(hires.upscaler, *hires.target(params.width, params.height, factor), req.tiling))
+    guidance = _lcm_guidance(sd, params.cfg_scale)
+    return Pass(run.hires_sampler, sigmas, cond, None if guidance is not None else uncond, params.cfg_scale,
+                params.guidance_until, _unet(engine, run, params, sigmas), merging,
+                req.sampler_options(run.hires_sampler), concat,
+                upscale=(hires.upscaler, *hires.target(params.width, params.height, factor), req.tiling),
+                guidance=guidance)
 
 
 class _TextStates:
@@ -591,7 +631,7 @@ def _sample(sd: StableDiffusion, p: Pass, x: torch.Tensor, start: torch.Tensor, 
     False."""
     if isinstance(p.unet, (DeepCacheUNet, control_mod.ControlledUNet)):
         p.unet.reset()  # each pass of each batch starts with a whole UNet pass (DeepCache's)
-    denoiser = _denoiser(sd, _net(p.unet, p.concat))
+    denoiser = _denoiser(sd, _net(p.unet, p.concat, p.guidance))
     model = CFGDenoiser(denoiser, p.cfg_scale, p.sigmas, p.guidance_until)
     if p.keep is not None:
         model = _KeepUnmasked(model, *p.keep)
@@ -638,12 +678,15 @@ def _run_sampler(p: Pass, model, x, hooks: _Hooks, generators, seeds):
     return fn(model, x, sigmas, **common, **opts)
 
 
-def _net(unet: Callable, concat: torch.Tensor | None):
-    """The UNet as the denoiser's network: (x, t, cond) -> prediction; inpainting models get their extra channels."""
+def _net(unet: Callable, concat: torch.Tensor | None, guidance: float | None = None):
+    """The UNet as the denoiser's network: (x, t, cond) -> prediction; inpainting models get their extra channels,
+    LCM-distilled ones their guidance scale."""
 
     def net(x, t, cond):
         if concat is not None:
             x = torch.cat([x, concat.repeat(x.shape[0] // concat.shape[0], 1, 1, 1).to(x.dtype)], dim=1)
+        if guidance is not None:
+            return unet(x, t, cond, guidance=guidance)
         return unet(x, t, cond)
 
     return net

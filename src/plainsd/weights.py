@@ -218,6 +218,8 @@ def unet_diffusers_names(cfg: UNetConfig) -> list[tuple[str, str]]:
     """(diffusers prefix, original prefix) pairs for a UNet of this config."""
     pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
              ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2.")]
+    if cfg.time_cond_proj_dim > 0:  # an LCM's guidance-scale projection keeps diffusers' name (models/unet.py)
+        pairs.append(("time_embedding.cond_proj.", "time_embedding.cond_proj."))
 
     def res(d: str, o: str):
         pairs.extend((f"{d}{a}.", f"{o}{b}.") for a, b in _UNET_RES)
@@ -294,7 +296,8 @@ def _diffusers_unet_config(u: dict) -> UNetConfig:
         attention_levels=tuple(i for i, b in enumerate(u["down_block_types"]) if "CrossAttn" in b),
         num_heads=num_heads, head_dim=head_dim, context_dim=u["cross_attention_dim"],
         transformer_depth=depth[0] if isinstance(depth, (list, tuple)) else depth,
-        use_linear_proj=bool(u.get("use_linear_projection", False)), norm_groups=u.get("norm_num_groups", 32))
+        use_linear_proj=bool(u.get("use_linear_projection", False)), norm_groups=u.get("norm_num_groups", 32),
+        time_cond_proj_dim=u.get("time_cond_proj_dim") or 0)
 
 
 def _diffusers_config(root: Path) -> ModelConfig:
@@ -415,10 +418,12 @@ def _unet_config(shapes: dict[str, tuple], prefix: str = UNET) -> UNetConfig:
     depth = len({k for k in keys if k.startswith(prefix + "middle_block.1.transformer_blocks.") and k.endswith("attn1.to_q.weight")})
     sd2_unet = context_dim == 1024 or (proj_in is not None and len(proj_in) == 2)
     in_channels, out = u("input_blocks.0.0.weight")[1], u("out.2.weight")  # (a ControlNet has no way up: no out)
+    guidance = u("time_embedding.cond_proj.weight")  # LCM-distilled: [model_channels, time_cond_proj_dim]
     return UNetConfig(in_channels=in_channels, out_channels=out[0] if out else in_channels, model_channels=mc,
                       channel_mult=tuple(mults), num_res_blocks=counts[0], attention_levels=tuple(levels_attn),
                       num_heads=-1 if sd2_unet else 8, head_dim=64 if sd2_unet else -1, context_dim=context_dim,
-                      transformer_depth=max(depth, 1), use_linear_proj=proj_in is not None and len(proj_in) == 2)
+                      transformer_depth=max(depth, 1), use_linear_proj=proj_in is not None and len(proj_in) == 2,
+                      time_cond_proj_dim=guidance[1] if guidance else 0)
 
 
 def _text_config(shapes: dict[str, tuple]) -> TextConfig:
@@ -596,6 +601,7 @@ def _original_name(name: str, config: ModelConfig, source: TensorSource) -> str:
 def _describe(config: ModelConfig) -> str:
     kind = "SD2" if config.text.layout == "openclip" or config.unet.context_dim == 1024 else "SD1"
     extra = ", inpainting" if config.unet.in_channels == 9 else ""
+    extra += ", LCM" if config.unet.time_cond_proj_dim > 0 else ""
     return f"{kind}{extra}"
 
 

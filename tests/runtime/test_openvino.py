@@ -90,6 +90,23 @@ def test_openvino_backend_in_generation(tmp_path):
     assert np.abs(_pixels(eager) - _pixels(compiled)).max() <= 2
 
 
+def test_openvino_runs_an_lcm_unet_with_its_guidance(tmp_path):
+    """An LCM-distilled UNet is converted with its guidance scale as a fourth input; a call must give one."""
+    from tests.test_configs import test_config
+
+    sd = perturb(plainsd.build(test_config("tiny-lcm"), seed=3), 3)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([900.0, 900.0]), torch.randn(2, 77, 128)
+    with torch.no_grad():
+        exact, other = sd.unet(x, t, c, guidance=7.0), sd.unet(x, t, c, guidance=1.0)
+    engine = runtime.prepare(sd, backend="openvino", cache_dir=tmp_path)
+    assert (engine.unet(x, t, c, guidance=7.0) - exact).abs().max() < 1e-4 * exact.abs().max()
+    assert (engine.unet(x, t, c, guidance=torch.tensor([1.0, 1.0])) - other).abs().max() < 1e-4 * other.abs().max()
+    with pytest.raises(ValueError, match="LCM-distilled"):
+        engine.unet(x, t, c)
+    with pytest.raises(ValueError, match="no guidance-scale embedding"):
+        runtime.prepare(_model(), backend="openvino", cache_dir=tmp_path).unet(x, t, c, guidance=7.0)
+
+
 def test_the_openvino_cache_drops_its_least_recently_used_models_beyond_its_limit(tmp_path, monkeypatch):
     import os
 

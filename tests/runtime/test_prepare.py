@@ -39,6 +39,25 @@ def test_bf16_path_within_tolerance_of_fp32():
     assert diff.mean() < 3.0 and diff.max() < 64, (diff.mean(), diff.max())  # of 255
 
 
+def test_lcm_unet_on_the_bf16_path():
+    """An LCM-distilled UNet's guidance embedding in bf16 with packed weights: within bf16 tolerance of float32,
+    and the guidance scale still tells outputs apart."""
+    from plainsd.runtime import packing
+    from tests.test_configs import test_config
+
+    sd = perturb(plainsd.build(test_config("tiny-lcm"), seed=0), 0)
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 900.0]), torch.randn(2, 77, 128, generator=g)
+    with torch.no_grad():
+        exact, other = sd.unet(x, t, ctx, guidance=7.0), sd.unet(x, t, ctx, guidance=1.0)
+        runtime.prepare(sd, precision="bf16")
+        if runtime.packing_available(torch.bfloat16):
+            assert isinstance(sd.unet.time_embedding.cond_proj, packing._Packed)
+        bf = sd.unet(x, t, ctx, guidance=7.0)
+    error, effect = (bf - exact).abs().max(), (other - exact).abs().max()
+    assert bf.dtype == torch.float32 and error < 0.05 * exact.abs().max() and error < 0.25 * effect, (error, effect)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_prepare_controlnet_runs_it_as_the_engine_runs_the_unet(precision):
     """The ControlNet takes the engine's dtype, channels-last convolutions, the runtime's attention and packed

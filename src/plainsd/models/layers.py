@@ -20,6 +20,20 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The guidance-scale embedding of LCM-distilled UNets (Luo et al. 2023, after VDM's): sinusoids of w * 1000,
+    sines first, the frequencies spaced over half - 1 steps, unlike timestep_embedding (diffusers'
+    get_guidance_scale_embedding, which the published LCMs were trained with)."""
+    half = dim // 2
+    step = torch.tensor(10000.0).log() / (half - 1)  # in float32 like the reference: w * 1000 magnifies rounding
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    args = (w.float() * 1000.0)[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """OpenAI CLIP's sigmoid approximation of GELU."""
     return x * torch.sigmoid(1.702 * x)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import UNetConfig
-from .layers import CrossAttention, FeedForward, timestep_embedding
+from .layers import CrossAttention, FeedForward, guidance_scale_embedding, timestep_embedding
 from .tome import bipartite_matching, check_ratio
 
 
@@ -143,6 +143,22 @@ def time_embedding(cfg: UNetConfig) -> nn.Sequential:
     return nn.Sequential(nn.Linear(cfg.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
 
+class GuidanceEmbedding(nn.Module):
+    """The guidance-scale input of LCM-distilled UNets: the embedding of the scale w (layers.guidance_scale_embedding)
+    projected to the timestep embedding's width and added to it before time_embed (diffusers' TimestepEmbedding
+    cond_proj). Held by the UNet as `time_embedding`, so that its key is the one LCM single files carry:
+    time_embedding.cond_proj.weight (diffusers' key, which its conversion to the original layout leaves as it is;
+    stable-diffusion.cpp lists it under model.diffusion_model.)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.dim = cfg.time_cond_proj_dim
+        self.cond_proj = nn.Linear(cfg.time_cond_proj_dim, cfg.model_channels, bias=False)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.cond_proj(guidance_scale_embedding(w, self.dim).to(self.cond_proj.weight.dtype))
+
+
 def input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
     """The way down: the first convolution, then ResBlocks (+ transformers) and a Downsample per level.
     Returns the blocks and the channels of each block's output (the skip connections)."""
@@ -174,7 +190,10 @@ class UNetModel(nn.Module):
 
     control: residuals from ControlNets (models/controlnet.py), one per skip connection and one for the middle
     block's output, in that order, already scaled; they are added where the original ControlledUnetModel adds them.
-    adapter: a T2I-Adapter's features (models/t2i_adapter.py), one per level, already scaled (run_input_blocks)."""
+    adapter: a T2I-Adapter's features (models/t2i_adapter.py), one per level, already scaled (run_input_blocks).
+    guidance: for a UNet with a guidance-scale embedding (cfg.time_cond_proj_dim > 0, LCM-distilled), the scale w
+    it embeds, one or one per item, as diffusers' UNet gets it embedded in timestep_cond (its LCM pipeline passes
+    guidance_scale - 1); None adds nothing to the timestep embedding, as diffusers does without timestep_cond."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -184,6 +203,8 @@ class UNetModel(nn.Module):
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb_dim = mc * 4
         self.time_embed = time_embedding(cfg)
+        if cfg.time_cond_proj_dim > 0:
+            self.time_embedding = GuidanceEmbedding(cfg)
         self.input_blocks, skip_channels = input_blocks(cfg)
         ch = skip_channels[-1]
         self.middle_block = middle_block(cfg)
@@ -215,14 +236,15 @@ class UNetModel(nn.Module):
         return self.out[2].bias.dtype  # (not the weight: runtime may hold it packed, read back by copy)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                control: list[torch.Tensor] | None = None, adapter: list[torch.Tensor] | None = None) -> torch.Tensor:
+                control: list[torch.Tensor] | None = None, adapter: list[torch.Tensor] | None = None,
+                guidance: torch.Tensor | float | None = None) -> torch.Tensor:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"the UNet takes [B, {cfg.in_channels}, h, w] latents, got {list(x.shape)}")
         if context.shape[-1] != cfg.context_dim:
             raise ValueError(f"the UNet reads text states of width {cfg.context_dim}, got {context.shape[-1]}")
         dtype = self.dtype
-        emb = self.embed_timesteps(timesteps, x.shape[0])
+        emb = self.embed_timesteps(timesteps, x.shape[0], guidance)
         context = context.to(dtype)
         skips = self.run_input_blocks(x.to(dtype), emb, context, adapter=adapter)
         h = self.middle_block(skips[-1], emb, context)
@@ -234,10 +256,19 @@ class UNetModel(nn.Module):
     # The steps forward composes, public so that a caller can run part of the UNet (fast.DeepCacheUNet keeps the
     # features entering a late output block and, on the calls in between, runs only the outer blocks around them).
 
-    def embed_timesteps(self, timesteps: torch.Tensor | float, batch: int) -> torch.Tensor:
-        """The timestep embedding [batch, 4 * model_channels] in the UNet's dtype; timesteps: one, or one per item."""
-        timesteps = torch.as_tensor(timesteps, device=self.out[2].bias.device).reshape(-1).expand(batch)
-        return self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(self.dtype))
+    def embed_timesteps(self, timesteps: torch.Tensor | float, batch: int,
+                        guidance: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The timestep embedding [batch, 4 * model_channels] in the UNet's dtype; timesteps: one, or one per item.
+        guidance: the guidance scale an LCM-distilled UNet embeds (forward), one or one per item."""
+        device = self.out[2].bias.device
+        timesteps = torch.as_tensor(timesteps, device=device).reshape(-1).expand(batch)
+        emb = timestep_embedding(timesteps, self.config.model_channels).to(self.dtype)
+        if guidance is not None:
+            if self.config.time_cond_proj_dim <= 0:
+                raise ValueError("this UNet has no guidance-scale embedding (it is not LCM-distilled): call it "
+                                 "without guidance")
+            emb = emb + self.time_embedding(torch.as_tensor(guidance, device=device).reshape(-1).expand(batch))
+        return self.time_embed(emb)
 
     def run_input_blocks(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
                          stop: int | None = None, adapter: list[torch.Tensor] | None = None) -> list[torch.Tensor]:

@@ -81,13 +81,26 @@ def prune_cache(root: Path, limit: int, keep: str) -> list[str]:
     return removed
 
 
+class _WithGuidance(torch.nn.Module):
+    """An LCM-distilled UNet with its guidance scale as a fourth positional input, the form the converter traces."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, context, guidance=guidance)
+
+
 class OpenVINOUNet:
     """The UNet through OpenVINO: converted once per weights, compiled once per input shape, both kept on disk.
 
     cache/<fingerprint>/unet.xml is the converted model (to compile for a new shape); beside it, one exported
     compiled model per input shape, thread count and OpenVINO version, which a later run imports directly (mapped
     from the file) without reading or hashing the converted model again. The cache keeps the most recently used
-    models up to PLAINSD_OPENVINO_CACHE_GB (20 by default; each LoRA combination is a model of its own)."""
+    models up to PLAINSD_OPENVINO_CACHE_GB (20 by default; each LoRA combination is a model of its own).
+    An LCM-distilled UNet (config.time_cond_proj_dim > 0) is converted with its guidance scale as a fourth input,
+    which every call must then give."""
 
     def __init__(self, unet: torch.nn.Module, cache_dir: str | os.PathLike | None = None):
         try:
@@ -120,7 +133,8 @@ class OpenVINOUNet:
             try:
                 with torch.no_grad(), warnings.catch_warnings():
                     warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: fine per shape
-                    model = self.ov.convert_model(self.unet, example_input=example, share_weights=False)
+                    traced = self.unet if len(example) == 3 else _WithGuidance(self.unet)
+                    model = self.ov.convert_model(traced, example_input=example, share_weights=False)
             finally:
                 self.unet.to(memory_format=torch.channels_last)
             tmp = xml.parent.with_name(f"{self._key}.{os.getpid()}.tmp")
@@ -166,9 +180,19 @@ class OpenVINOUNet:
                 pass
         return compiled, None
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 guidance: torch.Tensor | float | None = None) -> torch.Tensor:
         t = t.to(torch.float32).reshape(-1).expand(x.shape[0]).contiguous()
         x32, c32 = x.float().contiguous(), context.float().contiguous()
+        inputs = (x32, t, c32)
+        lcm = getattr(self.unet.config, "time_cond_proj_dim", 0) > 0
+        if guidance is None and lcm:
+            raise ValueError("this UNet is LCM-distilled: under OpenVINO each call must give its guidance scale")
+        if guidance is not None and not lcm:
+            raise ValueError("this UNet has no guidance-scale embedding (it is not LCM-distilled): call it without "
+                             "guidance")
+        if guidance is not None:
+            inputs += (torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).expand(x.shape[0]).contiguous(),)
         if self._key is None or self._versions != self._current_versions():
             cfg = getattr(self.unet, "config", None)
             self._key = fingerprint(self.unet, json.dumps(cfg.__dict__ if cfg is not None else {}, default=str)
@@ -179,9 +203,9 @@ class OpenVINOUNet:
                 os.utime(self.cache / self._key)  # its last use, for pruning
             except OSError:  # not in the cache (yet)
                 pass
-        shape = (tuple(x32.shape), tuple(t.shape), tuple(c32.shape))
+        shape = tuple(tuple(i.shape) for i in inputs)
         if shape not in self._compiled:
-            compiled, mapped = self._compile(shape, (x32, t, c32))
+            compiled, mapped = self._compile(shape, inputs)
             self._compiled[shape] = (compiled.create_infer_request(), mapped)
-        out = self._compiled[shape][0].infer([x32.numpy(), t.numpy(), c32.numpy()])
+        out = self._compiled[shape][0].infer([i.numpy() for i in inputs])
         return torch.from_numpy(out[0].copy()).to(x.dtype)
