@@ -28,7 +28,7 @@ from . import control as control_mod
 from . import images as imgs
 from . import lora as lora_mod
 from .diffusion import samplers as S
-from .diffusion.denoisers import DiscreteDenoiser
+from .diffusion.denoisers import DiscreteDenoiser, LCMDenoiser
 from .diffusion.guidance import CFGDenoiser, Conditioning, ScheduledCond
 from .diffusion.noise import ImageNoise
 from .embeddings import load_embeddings
@@ -279,7 +279,7 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
         hires_sampler=hr_info.name if hires else None, hires_schedule=hr_schedule, **_seed_fields(req, [info, *([hr_info] if hires else [])]))
     factor = sd.config.vae.factor
     resize = (req.seed_resize_from_h // factor, req.seed_resize_from_w // factor) if params.seed_resize_from else None
-    run = _Run(info, _denoiser(sd).get_sigmas(steps, schedule), hr_info,
+    run = _Run(info, _denoiser(sd, sampler=info).get_sigmas(steps, schedule), hr_info,
                (sd.config.vae.z_channels, height // factor, width // factor), fast, tiny,
                ImageNoise(req.subseed_strength, resize, req.eta_noise_seed_delta))
     return req, params, run
@@ -432,7 +432,7 @@ def _first_pass(engine: Engine, req: GenerationRequest, params: Parameters, run:
     cond, uncond = _conditioning(extract_loras(req.prompt)[0], req.negative_prompt, encode, params.steps)
     keep = (start.init_latent, start.keep) if start.keep is not None else None
     return Pass(run.sampler, start.sigmas, cond, uncond, params.cfg_scale,
-                params.guidance_until, _unet(engine, run, params, start.sigmas), req.token_merging,
+                params.guidance_until, _unet(engine, run, params, start.sigmas, run.sampler), req.token_merging,
                 req.sampler_options(run.sampler), start.concat, keep)
 
 
@@ -443,7 +443,7 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
     hires_steps)."""
     sd, hires = engine.sd, req.hires
     steps = hires.steps or params.steps
-    sigmas = _hires_sigmas(_denoiser(sd), steps, hires.strength, params.hires_schedule)
+    sigmas = _hires_sigmas(_denoiser(sd, sampler=run.hires_sampler), steps, hires.strength, params.hires_schedule)
     prompt = extract_loras(hires.prompt or req.prompt)[0]  # (the first prompt's LoRAs apply)
     negative = hires.negative_prompt or req.negative_prompt
     cond, uncond = _conditioning(prompt, negative, encode, params.steps, steps)
@@ -452,7 +452,8 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
     concat = _paint_everything(sd, final_w, final_h, _device(sd)) if sd.config.unet.in_channels == 9 else None
     merging = req.token_merging if hires.token_merging is None else hires.token_merging
     return Pass(run.hires_sampler, sigmas, cond, uncond, params.cfg_scale, params.guidance_until,
-                _unet(engine, run, params, sigmas), merging, req.sampler_options(run.hires_sampler), concat,
+                _unet(engine, run, params, sigmas, run.hires_sampler), merging, req.sampler_options(run.hires_sampler),
+                concat,
                 upscale=(hires.upscaler, *hires.target(params.width, params.height, factor), req.tiling))
 
 
@@ -489,11 +490,11 @@ def _conditioning(prompt: str, negative: str, encode: _TextStates, steps: int, h
     return cond, scheduled(negative_schedule)
 
 
-def _unet(engine: Engine, run: _Run, params: Parameters, sigmas: torch.Tensor) -> Callable:
+def _unet(engine: Engine, run: _Run, params: Parameters, sigmas: torch.Tensor, sampler: S.SamplerInfo) -> Callable:
     """What a pass calls as its UNet: fast mode's DeepCache around the eager UNet, else the engine's."""
     if params.deepcache is None:
         return engine.unet
-    fast, steps_run, to_t = run.fast, len(sigmas) - 1, _denoiser(engine.sd).sigma_to_t
+    fast, steps_run, to_t = run.fast, len(sigmas) - 1, _denoiser(engine.sd, sampler=sampler).sigma_to_t
     # its parts (start, end, early, late) are fractions of this pass's steps, found at sampling time by their
     # noise level, so that any sampler's calls fall in the right part
     last, early, late = (round(f * steps_run) for f in (fast.deepcache_end, fast.deepcache_early, fast.deepcache_late))
@@ -514,13 +515,13 @@ def _controlnet(engine: Engine, req: GenerationRequest, params: Parameters, star
     nets = control_mod.load_controlnets(engine, req.controlnet, req.controlnet_dir)
     maps = [control_mod.detected_map(unit, req, start.paste[2] if start.paste else None) for unit in req.controlnet]
     shown = [[] for _ in req.controlnet]
-    to_t = _denoiser(engine.sd).sigma_to_t
     sizes = [(first, (req.width, req.height), False)]
     if second is not None:
         sizes.append((second, req.hires.final_size(req.width, req.height, engine.sd.config.vae.factor), True))
     for p, (width, height), hires in sizes:
         hints = [control_mod.hint_tensor(detected, width, height, resize) for detected, resize in maps]
         units = control_mod.active_units(req.controlnet, nets, hints, hires)
+        to_t = _denoiser(engine.sd, sampler=p.sampler).sigma_to_t
         p.unet = control_mod.ControlledUNet(p.unet, units, to_t(p.sigmas[:-1]), req.batch_size, len(p.cond.parts),
                                             lazy=isinstance(p.unet, DeepCacheUNet))
         for unit_maps, hint in zip(shown, hints):
@@ -591,7 +592,7 @@ def _sample(sd: StableDiffusion, p: Pass, x: torch.Tensor, start: torch.Tensor, 
     False."""
     if isinstance(p.unet, (DeepCacheUNet, control_mod.ControlledUNet)):
         p.unet.reset()  # each pass of each batch starts with a whole UNet pass (DeepCache's)
-    denoiser = _denoiser(sd, _net(p.unet, p.concat))
+    denoiser = _denoiser(sd, _net(p.unet, p.concat), p.sampler)
     model = CFGDenoiser(denoiser, p.cfg_scale, p.sigmas, p.guidance_until)
     if p.keep is not None:
         model = _KeepUnmasked(model, *p.keep)
@@ -751,7 +752,11 @@ def _tiny_decoder(engine: Engine):
     return engine.tiny_decoder
 
 
-def _denoiser(sd: StableDiffusion, net: Callable | None = None) -> DiscreteDenoiser:
+def _denoiser(sd: StableDiffusion, net: Callable | None = None, sampler: S.SamplerInfo | None = None) -> DiscreteDenoiser:
+    """The model as a denoiser for this sampler: on the LCM distillation timesteps for LCM (as A1111's), else on
+    all the training timesteps. Its sigma_to_t is the timestep the UNet is called with."""
+    if sampler is not None and sampler.function is S.sample_lcm:
+        return LCMDenoiser(net, sd.config.prediction)
     return DiscreteDenoiser(net, sd.config.prediction)
 
 
