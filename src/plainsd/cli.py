@@ -459,6 +459,8 @@ def _generate(args) -> int:
     started = time.perf_counter()
     result = pipeline.generate(engine, request, progress=not args.quiet, record_steps=args.save_steps)
     elapsed = time.perf_counter() - started
+    for note in result.parameters.notes:
+        print(f"plainsd: note: {note}", file=sys.stderr)
     paths = _outputs(args, len(result.images), result.seeds, args.command)
     for i, (image, text, path) in enumerate(zip(result.images, result.infotexts, paths)):
         save_png(image, path, text)

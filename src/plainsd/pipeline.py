@@ -251,6 +251,7 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
     sd = engine.sd
     req = req.styled()  # A1111 applies styles before anything else reads the prompts
     chosen = recommended(sd)
+    notes = _notes(sd, req)
     steps = chosen["steps"] if req.steps is None else req.steps
     init = req.init_image
     width = req.width or (init.width // 8 * 8 if init is not None else chosen.get("width", sd.config.resolution))
@@ -277,12 +278,31 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
         deepcache=fast.deepcache_interval if deepcache else None, tiny_decoder=tiny is not None,
         token_merging=req.token_merging or None, hires=hires,
         hires_sampler=hr_info.name if hires else None, hires_schedule=hr_schedule, **_seed_fields(req, [info, *([hr_info] if hires else [])]))
+    params.notes = notes
     factor = sd.config.vae.factor
     resize = (req.seed_resize_from_h // factor, req.seed_resize_from_w // factor) if params.seed_resize_from else None
     run = _Run(info, _denoiser(sd, sampler=info).get_sigmas(steps, schedule), hr_info,
                (sd.config.vae.z_channels, height // factor, width // factor), fast, tiny,
                ImageNoise(req.subseed_strength, resize, req.eta_noise_seed_delta))
     return req, params, run
+
+
+def _notes(sd: StableDiffusion, req: GenerationRequest) -> list[str]:
+    """What a run should tell its user beyond the infotext: the model's recommended settings it used where the
+    request left them out (an SD-Turbo file's few-step settings, say), and that at CFG scale 1 the negative prompt
+    has no effect (the unconditional half is skipped, as Forge does; A1111 computes it to the same result)."""
+    notes = []
+    names = {"steps": "steps", "sampler": "sampler", "schedule": "schedule", "cfg_scale": "CFG scale",
+             "width": "width", "height": "height"}
+    left_out = {key: getattr(req, key) is None for key in names}
+    left_out.update(width=not req.width and req.init_image is None, height=not req.height and req.init_image is None)
+    used = [f"{label} {sd.defaults[key]}" for key, label in names.items() if key in sd.defaults and left_out[key]]
+    if used:
+        notes.append(f"{sd.name}'s recommended settings used (set them to override): {', '.join(used)}")
+    cfg = sd.defaults.get("cfg_scale", DEFAULTS["cfg_scale"]) if req.cfg_scale is None else req.cfg_scale
+    if cfg == 1 and req.negative_prompt.strip() and len(split_and(extract_loras(req.prompt)[0])) == 1:
+        notes.append("CFG scale 1: the unconditional half is skipped, so the negative prompt has no effect")
+    return notes
 
 
 def _seed_fields(req: GenerationRequest, infos: list[S.SamplerInfo]) -> dict:

@@ -486,6 +486,7 @@ class Parameters:
     eta_noise_seed_delta: int | None = None   # where it changed the sampler's noise
     sampler_fields: dict = field(default_factory=dict)   # "Eta", "Sigma churn", ... (request.sampler_fields)
     controlnet: dict = field(default_factory=dict)   # "ControlNet 0": "Module: ..., Model: ...", ... (control.py)
+    notes: list[str] = field(default_factory=list)   # for the user, not the infotext: model defaults used, ...
 
     def infotext(self, seed: int, subseed: int | None = None) -> str:
         """A1111's "parameters" text for the image with this seed (and variation seed)."""
