@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import plainsd
 from plainsd import runtime
 from plainsd.eval.judge import judge
@@ -58,8 +60,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lora", default=str(SHIPPED), help="the LCM-LoRA file (default: the shipped one)")
     parser.add_argument("--prompts", type=int, default=100, help="held-out single-object prompts")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lora = Path(args.lora)
     engine = runtime.prepare(plainsd.load(dtype=runtime.choose_dtype("auto")))  # as `plainsd txt2img` runs
     scenes = held_out_scenes(args.prompts, 1)

@@ -292,3 +292,28 @@ def test_import_plainsd_does_not_import_references():
             "print([m for m in ('diffusers', 'transformers', 'open_clip', 'k_diffusion') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_turbo_files_get_few_step_defaults(tmp_path):
+    """SD-Turbo is recognised by its file name, by ModelSpec metadata, or by Stability's sgm layout with
+    denoiser.sigmas (as sd_turbo.safetensors is stored), which loads to the same weights as the original layout;
+    a file's own plainsd.defaults win, and an ordinary file gets none."""
+    from plainsd.weights import TURBO_DEFAULTS, TEXT_OPENCLIP, SGM_TEXT_OPENCLIP
+
+    sd = plainsd.build("tiny-sd2", seed=0)
+    plain = plainsd.load(_bare_file(sd, tmp_path / "plain.safetensors"))
+    assert plain.defaults == {}
+    assert plainsd.load(_bare_file(sd, tmp_path / "sd_turbo.safetensors")).defaults == TURBO_DEFAULTS
+    state = {k: v.contiguous() for k, v in original_state_dict(sd).items()}
+    save_file(state, str(tmp_path / "spec.safetensors"), {"modelspec.architecture": "stable-diffusion-v2-turbo"})
+    assert plainsd.load(tmp_path / "spec.safetensors").defaults == TURBO_DEFAULTS
+    sgm = {(SGM_TEXT_OPENCLIP + k[len(TEXT_OPENCLIP):] if k.startswith(TEXT_OPENCLIP) else k): v for k, v in state.items()}
+    sgm["denoiser.sigmas"] = torch.ones(1000)
+    save_file(sgm, str(tmp_path / "model.safetensors"))
+    loaded = plainsd.load(tmp_path / "model.safetensors")
+    assert loaded.defaults == TURBO_DEFAULTS
+    assert loaded.config == plain.config
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(plain), _outputs(loaded)))
+    sd.defaults = {"steps": 3}
+    plainsd.save(sd, tmp_path / "my_turbo.safetensors")
+    assert plainsd.load(tmp_path / "my_turbo.safetensors").defaults == {"steps": 3}

@@ -42,7 +42,8 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     p.add_argument("--batch-count", type=int, default=1, help="batches, one after the other")
     p.add_argument("--clip-skip", type=int, default=None, help="1 = last CLIP layer, 2 = penultimate (SD2's default)")
     p.add_argument("--eta", type=float, default=None,
-                   help="noise multiplier of ancestral, SDE, DPM fast/adaptive (default 1) and DDIM (default 0) samplers")
+                   help="noise multiplier of ancestral, SDE, DPM fast/adaptive (default 1) and DDIM (default 0) samplers; "
+                        "TCD's gamma (default 0.3)")
     v = p.add_argument_group("variation seeds, seed resize, tiling, sampler noise (A1111's)")
     v.add_argument("--subseed", type=int, default=-1, help="variation seed (-1 random); image i gets subseed + i")
     v.add_argument("--subseed-strength", type=float, default=0.0,
@@ -459,6 +460,8 @@ def _generate(args) -> int:
     started = time.perf_counter()
     result = pipeline.generate(engine, request, progress=not args.quiet, record_steps=args.save_steps)
     elapsed = time.perf_counter() - started
+    for note in result.parameters.notes:
+        print(f"plainsd: note: {note}", file=sys.stderr)
     paths = _outputs(args, len(result.images), result.seeds, args.command)
     for i, (image, text, path) in enumerate(zip(result.images, result.infotexts, paths)):
         save_png(image, path, text)

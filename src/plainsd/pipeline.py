@@ -28,7 +28,7 @@ from . import control as control_mod
 from . import images as imgs
 from . import lora as lora_mod
 from .diffusion import samplers as S
-from .diffusion.denoisers import DiscreteDenoiser
+from .diffusion.denoisers import DiscreteDenoiser, LCMDenoiser
 from .diffusion.guidance import CFGDenoiser, Conditioning, ScheduledCond
 from .diffusion.noise import ImageNoise
 from .embeddings import load_embeddings
@@ -257,6 +257,7 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
     sd = engine.sd
     req = req.styled()  # A1111 applies styles before anything else reads the prompts
     chosen = recommended(sd)
+    notes = _notes(sd, req)
     steps = chosen["steps"] if req.steps is None else req.steps
     init = req.init_image
     width = req.width or (init.width // 8 * 8 if init is not None else chosen.get("width", sd.config.resolution))
@@ -286,9 +287,10 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
         deepcache=fast.deepcache_interval if deepcache else None, tiny_decoder=tiny is not None,
         token_merging=req.token_merging or None, hires=hires,
         hires_sampler=hr_info.name if hires else None, hires_schedule=hr_schedule, **_seed_fields(req, [info, *([hr_info] if hires else [])]))
+    params.notes = notes
     factor = sd.config.vae.factor
     resize = (req.seed_resize_from_h // factor, req.seed_resize_from_w // factor) if params.seed_resize_from else None
-    run = _Run(info, _denoiser(sd).get_sigmas(steps, schedule), hr_info,
+    run = _Run(info, _denoiser(sd, sampler=info).get_sigmas(steps, schedule), hr_info,
                (sd.config.vae.z_channels, height // factor, width // factor), fast, tiny,
                ImageNoise(req.subseed_strength, resize, req.eta_noise_seed_delta))
     return req, params, run
@@ -318,6 +320,24 @@ def _lcm_guidance(sd: StableDiffusion, cfg_scale: float) -> float | None:
     passes it (the distillation's w is in the original CFG formulation, eps_cond + w (eps_cond - eps_uncond));
     None for other models."""
     return cfg_scale - 1.0 if _embeds_guidance(sd) else None
+
+
+def _notes(sd: StableDiffusion, req: GenerationRequest) -> list[str]:
+    """What a run should tell its user beyond the infotext: the model's recommended settings it used where the
+    request left them out (an SD-Turbo file's few-step settings, say), and that at CFG scale 1 the negative prompt
+    has no effect (the unconditional half is skipped, as Forge does; A1111 computes it to the same result)."""
+    notes = []
+    names = {"steps": "steps", "sampler": "sampler", "schedule": "schedule", "cfg_scale": "CFG scale",
+             "width": "width", "height": "height"}
+    left_out = {key: getattr(req, key) is None for key in names}
+    left_out.update(width=not req.width and req.init_image is None, height=not req.height and req.init_image is None)
+    used = [f"{label} {sd.defaults[key]}" for key, label in names.items() if key in sd.defaults and left_out[key]]
+    if used:
+        notes.append(f"{sd.name}'s recommended settings used (set them to override): {', '.join(used)}")
+    cfg = sd.defaults.get("cfg_scale", DEFAULTS["cfg_scale"]) if req.cfg_scale is None else req.cfg_scale
+    if cfg == 1 and req.negative_prompt.strip() and len(split_and(extract_loras(req.prompt)[0])) == 1:
+        notes.append("CFG scale 1: the unconditional half is skipped, so the negative prompt has no effect")
+    return notes
 
 
 def _seed_fields(req: GenerationRequest, infos: list[S.SamplerInfo]) -> dict:
@@ -469,7 +489,7 @@ def _first_pass(engine: Engine, req: GenerationRequest, params: Parameters, run:
     keep = (start.init_latent, start.keep) if start.keep is not None else None
     guidance = _lcm_guidance(engine.sd, params.cfg_scale)
     return Pass(run.sampler, start.sigmas, cond, None if guidance is not None else uncond, params.cfg_scale,
-                params.guidance_until, _unet(engine, run, params, start.sigmas), req.token_merging,
+                params.guidance_until, _unet(engine, run, params, start.sigmas, run.sampler), req.token_merging,
                 req.sampler_options(run.sampler), start.concat, keep, guidance=guidance)
 
 
@@ -480,7 +500,7 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
     hires_steps)."""
     sd, hires = engine.sd, req.hires
     steps = hires.steps or params.steps
-    sigmas = _hires_sigmas(_denoiser(sd), steps, hires.strength, params.hires_schedule)
+    sigmas = _hires_sigmas(_denoiser(sd, sampler=run.hires_sampler), steps, hires.strength, params.hires_schedule)
     prompt = extract_loras(hires.prompt or req.prompt)[0]  # (the first prompt's LoRAs apply)
     negative = hires.negative_prompt or req.negative_prompt
     cond, uncond = _conditioning(prompt, negative, encode, params.steps, steps)
@@ -490,7 +510,7 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
     merging = req.token_merging if hires.token_merging is None else hires.token_merging
     guidance = _lcm_guidance(sd, params.cfg_scale)
     return Pass(run.hires_sampler, sigmas, cond, None if guidance is not None else uncond, params.cfg_scale,
-                params.guidance_until, _unet(engine, run, params, sigmas), merging,
+                params.guidance_until, _unet(engine, run, params, sigmas, run.hires_sampler), merging,
                 req.sampler_options(run.hires_sampler), concat,
                 upscale=(hires.upscaler, *hires.target(params.width, params.height, factor), req.tiling),
                 guidance=guidance)
@@ -529,11 +549,11 @@ def _conditioning(prompt: str, negative: str, encode: _TextStates, steps: int, h
     return cond, scheduled(negative_schedule)
 
 
-def _unet(engine: Engine, run: _Run, params: Parameters, sigmas: torch.Tensor) -> Callable:
+def _unet(engine: Engine, run: _Run, params: Parameters, sigmas: torch.Tensor, sampler: S.SamplerInfo) -> Callable:
     """What a pass calls as its UNet: fast mode's DeepCache around the eager UNet, else the engine's."""
     if params.deepcache is None:
         return engine.unet
-    fast, steps_run, to_t = run.fast, len(sigmas) - 1, _denoiser(engine.sd).sigma_to_t
+    fast, steps_run, to_t = run.fast, len(sigmas) - 1, _denoiser(engine.sd, sampler=sampler).sigma_to_t
     # its parts (start, end, early, late) are fractions of this pass's steps, found at sampling time by their
     # noise level, so that any sampler's calls fall in the right part
     last, early, late = (round(f * steps_run) for f in (fast.deepcache_end, fast.deepcache_early, fast.deepcache_late))
@@ -554,13 +574,13 @@ def _controlnet(engine: Engine, req: GenerationRequest, params: Parameters, star
     nets = control_mod.load_controlnets(engine, req.controlnet, req.controlnet_dir)
     maps = [control_mod.detected_map(unit, req, start.paste[2] if start.paste else None) for unit in req.controlnet]
     shown = [[] for _ in req.controlnet]
-    to_t = _denoiser(engine.sd).sigma_to_t
     sizes = [(first, (req.width, req.height), False)]
     if second is not None:
         sizes.append((second, req.hires.final_size(req.width, req.height, engine.sd.config.vae.factor), True))
     for p, (width, height), hires in sizes:
         hints = [control_mod.hint_tensor(detected, width, height, resize) for detected, resize in maps]
         units = control_mod.active_units(req.controlnet, nets, hints, hires)
+        to_t = _denoiser(engine.sd, sampler=p.sampler).sigma_to_t
         p.unet = control_mod.ControlledUNet(p.unet, units, to_t(p.sigmas[:-1]), req.batch_size, len(p.cond.parts),
                                             lazy=isinstance(p.unet, DeepCacheUNet))
         for unit_maps, hint in zip(shown, hints):
@@ -631,7 +651,7 @@ def _sample(sd: StableDiffusion, p: Pass, x: torch.Tensor, start: torch.Tensor, 
     False."""
     if isinstance(p.unet, (DeepCacheUNet, control_mod.ControlledUNet)):
         p.unet.reset()  # each pass of each batch starts with a whole UNet pass (DeepCache's)
-    denoiser = _denoiser(sd, _net(p.unet, p.concat, p.guidance))
+    denoiser = _denoiser(sd, _net(p.unet, p.concat, p.guidance), p.sampler)
     model = CFGDenoiser(denoiser, p.cfg_scale, p.sigmas, p.guidance_until)
     if p.keep is not None:
         model = _KeepUnmasked(model, *p.keep)
@@ -794,7 +814,11 @@ def _tiny_decoder(engine: Engine):
     return engine.tiny_decoder
 
 
-def _denoiser(sd: StableDiffusion, net: Callable | None = None) -> DiscreteDenoiser:
+def _denoiser(sd: StableDiffusion, net: Callable | None = None, sampler: S.SamplerInfo | None = None) -> DiscreteDenoiser:
+    """The model as a denoiser for this sampler: on the LCM distillation timesteps for LCM (as A1111's), else on
+    all the training timesteps. Its sigma_to_t is the timestep the UNet is called with."""
+    if sampler is not None and sampler.function is S.sample_lcm:
+        return LCMDenoiser(net, sd.config.prediction)
     return DiscreteDenoiser(net, sd.config.prediction)
 
 

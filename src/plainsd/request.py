@@ -356,6 +356,8 @@ class GenerationRequest:
         infos = [_sampler(self.sampler, self.schedule)[0]]
         if self.hires is not None and self.hires.sampler is not None:
             infos.append(self.hires.resolve(self.sampler, self.schedule)[0])
+        if self.eta is not None and self.eta > 1 and any(info.name == "TCD" for info in infos):
+            raise ValueError(f"TCD's eta (its gamma) must be between 0 and 1, got {self.eta}")
         for name, (_, no_effect) in SAMPLER_SETTINGS.items():
             value = getattr(self, name)
             if value is None or value in no_effect or any(takes(info, name) for info in infos):
@@ -375,7 +377,8 @@ class GenerationRequest:
     def sampler_options(self, info: SamplerInfo) -> dict:
         """The keyword arguments a sampler gets from the request: eta (A1111's default where none is given) and
         the s_* settings, where its function takes them; s_tmax 0 means no limit, as in A1111."""
-        own = self.eta_ddim if default_eta(info) == 0.0 else self.eta_ancestral
+        default = default_eta(info)  # DDIM's and k-diffusion's come from A1111's settings, TCD's is its own
+        own = self.eta_ddim if default == 0.0 else self.eta_ancestral if default == 1.0 else default
         options = {"eta": own if self.eta is None else self.eta} if takes(info, "eta") else {}
         for name in ("s_churn", "s_tmin", "s_tmax", "s_noise"):
             value = getattr(self, name)
@@ -483,6 +486,7 @@ class Parameters:
     eta_noise_seed_delta: int | None = None   # where it changed the sampler's noise
     sampler_fields: dict = field(default_factory=dict)   # "Eta", "Sigma churn", ... (request.sampler_fields)
     controlnet: dict = field(default_factory=dict)   # "ControlNet 0": "Module: ..., Model: ...", ... (control.py)
+    notes: list[str] = field(default_factory=list)   # for the user, not the infotext: model defaults used, ...
 
     def infotext(self, seed: int, subseed: int | None = None) -> str:
         """A1111's "parameters" text for the image with this seed (and variation seed)."""

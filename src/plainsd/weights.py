@@ -32,6 +32,13 @@ TEXT_OPENAI, TEXT_OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.
 DEFAULT_MODEL = Path(__file__).parent / "data" / "plainsd-base.safetensors"
 GENERATION_DEFAULTS = ("steps", "sampler", "schedule", "cfg_scale", "guidance_until", "width", "height", "negative_prompt")
 
+# What SD-Turbo (adversarial diffusion distillation, SD 2.1 at 512) is run with where a request leaves it out: its
+# model card's single step without guidance, and the sampler A1111 users run it with (Euler a, SGM Uniform).
+TURBO_DEFAULTS = {"steps": 1, "sampler": "Euler a", "schedule": "sgm_uniform", "cfg_scale": 1.0, "width": 512,
+                  "height": 512}
+# Stability's own layout (sgm, as sd_turbo.safetensors is stored): the SD 2.x text encoder under this prefix
+SGM_TEXT_OPENCLIP = "conditioner.embedders.0.model."
+
 # Tensors that original checkpoints carry besides the three networks: the training noise schedule,
 # EMA copies (used only with ema=True), tokenizer position ids, OpenCLIP's temperature.
 _IGNORED = re.compile(
@@ -39,7 +46,7 @@ _IGNORED = re.compile(
     r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance"
     r"|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|logvar|v_pred|model_ema\..*"
     r"|cond_stage_model\.transformer\.text_model\.embeddings\.position_ids|cond_stage_model\.model\.logit_scale"
-    r"|cond_stage_model\.model\.attn_mask|first_stage_model\.loss\..*)$"
+    r"|cond_stage_model\.model\.attn_mask|first_stage_model\.loss\..*|denoiser\.sigmas)$"
 )
 
 
@@ -525,7 +532,7 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
     elif not path.exists():
         raise CheckpointError(f"no such checkpoint file or folder: {path}")
     else:
-        source = read_tensors(path)
+        source = _sgm_sd2(read_tensors(path))
         config, v_key = infer_config(source.shapes, source.metadata)
         if _v_by_weights(source, v_key):
             config.prediction = "v"
@@ -580,7 +587,28 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
             sd.defaults = {k: v for k, v in defaults.items() if k in GENERATION_DEFAULTS}
         except (json.JSONDecodeError, AttributeError):
             pass  # defaults are a convenience; a file with unreadable ones still loads
+    elif is_turbo(path, source):
+        sd.defaults = dict(TURBO_DEFAULTS)
     return sd.eval().requires_grad_(False)
+
+
+def is_turbo(path: Path, source: TensorSource) -> bool:
+    """Whether a checkpoint is an adversarially distilled Turbo model: its ModelSpec metadata (modelspec.architecture
+    or modelspec.title, which Stability writes) says turbo; or it is SD 2.x in Stability's sgm layout with a
+    denoiser.sigmas tensor, as sd_turbo.safetensors is (SwarmUI's test); or its file or folder name says turbo."""
+    spec = " ".join(source.metadata.get(f"modelspec.{key}", "") for key in ("architecture", "title"))
+    return "turbo" in spec.lower() or "denoiser.sigmas" in source.shapes or "turbo" in path.name.lower()
+
+
+def _sgm_sd2(source: TensorSource) -> TensorSource:
+    """An SD 2.x checkpoint in Stability's sgm layout (its text encoder under conditioner.embedders.0.model.) with
+    the original layout's names; any other file as it is. SDXL (two embedders) stays as it is, to be refused."""
+    keys = list(source.shapes)
+    if not any(k.startswith(SGM_TEXT_OPENCLIP) for k in keys) or any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return source
+    rename = {(TEXT_OPENCLIP + k[len(SGM_TEXT_OPENCLIP):] if k.startswith(SGM_TEXT_OPENCLIP) else k): k for k in keys}
+    return TensorSource({new: source.shapes[old] for new, old in rename.items()}, lambda k: source.get(rename[k]),
+                        source.metadata)
 
 
 def _original_name(name: str, config: ModelConfig, source: TensorSource) -> str:

@@ -356,3 +356,154 @@ def test_names_users_know():
 def test_every_sampler_has_a_reachable_schedule():
     for info in S.SAMPLERS.values():
         assert schedules.get_sigmas(info.schedule, 5, schedules.sigmas_from_alphas_cumprod(schedules.alphas_cumprod())).shape == (6,)
+
+
+# --- few-step samplers on a tiny random UNet, against diffusers' LCMScheduler and TCDScheduler -----------------
+
+
+@pytest.fixture(scope="module")
+def unets():
+    """diffusers' tiny UNet and plainsd's with the same random weights, and a text context for both."""
+    pytest.importorskip("diffusers")
+    from tests.reference import unet_pair
+    from tests.test_configs import test_config
+
+    cfg = test_config("tiny").unet
+    theirs, ours = unet_pair(cfg, seed=3)
+    context = torch.randn(1, 8, cfg.context_dim, generator=torch.Generator().manual_seed(4))
+    return theirs, ours, context
+
+
+def _diffusers_loop(unet, scheduler, x, context, seed, timesteps=None, steps=None, **step_kw):
+    scheduler.set_timesteps(steps, timesteps=timesteps)
+    g, lat = torch.Generator().manual_seed(seed), x.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = unet(lat, t, encoder_hidden_states=context).sample
+            lat = scheduler.step(eps, t, lat, generator=g, **step_kw).prev_sample
+    return scheduler.timesteps.tolist(), lat
+
+
+def _plainsd_run(fn, denoiser, sigmas, x, context, seed, **kw):
+    """The sampler from diffusers' starting latents (DDPM scaling at sigmas[0]), noise drawn as diffusers does."""
+    out = fn(denoiser, x * (1 + sigmas[0] ** 2) ** 0.5, sigmas, extra_args={"cond": context}, disable=True,
+             noise_sampler=SeqNoise(x.shape, seed), **kw)
+    return out
+
+
+def _unet_net(unet):
+    return lambda x, t, cond: unet(x, t, cond)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_lcm_with_the_lcm_schedule_same_as_diffusers(unets, steps, record_parity):
+    """LCM on diffusers' timestep selection (schedule "lcm"): same timesteps, boundary condition, re-noising."""
+    from diffusers import LCMScheduler
+
+    from plainsd.diffusion.denoisers import LCMDenoiser
+
+    theirs, ours, context = unets
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
+    timesteps, ref = _diffusers_loop(theirs, LCMScheduler(**SD_BETAS), x, context, seed=7, steps=steps)
+    den = LCMDenoiser(_unet_net(ours))
+    sigmas = den.get_sigmas(steps, "lcm")
+    assert den.sigma_to_t(sigmas[:-1]).tolist() == timesteps
+    out = _plainsd_run(S.sample_lcm, den, sigmas, x, context, seed=7)
+    d = float((out - ref).abs().max())
+    record_parity(f"LCM {steps} steps, tiny UNet, vs diffusers LCMScheduler", d)
+    assert d <= TOL * float(ref.abs().max())
+
+
+def test_lcm_automatic_is_a1111s_schedule():
+    """A1111's LCM ("Automatic"): n points from the top to the bottom of the 50 distillation timesteps, both ends
+    included, log sigma interpolated between them, the UNet called at the nearest one; diffusers' LCMScheduler
+    spreads n of them from the top without reaching the bottom. Hand-computed for 4 steps."""
+    from plainsd.diffusion.denoisers import LCMDenoiser
+
+    den = LCMDenoiser(None)
+    full = schedules.sigmas_from_alphas_cumprod(schedules.alphas_cumprod())
+    lcm_table = full[19::20]  # timesteps 19, 39, ..., 999
+    assert torch.equal(den.sigmas, lcm_table)
+    info, schedule = S.resolve_sampler("LCM")
+    sigmas = den.get_sigmas(4, schedule)
+    index = [49, 49 - 49 / 3, 49 / 3, 0]
+    by_hand = [math.exp((1 - (i % 1)) * math.log(lcm_table[int(i)]) + (i % 1) * math.log(lcm_table[math.ceil(i)]))
+               for i in index]
+    assert torch.allclose(sigmas[:-1], torch.tensor(by_hand), rtol=1e-5) and sigmas[-1] == 0
+    assert den.sigma_to_t(sigmas[:-1]).tolist() == [999, 679, 339, 19]
+    assert den.sigma_to_t(den.get_sigmas(2, schedule)[:-1]).tolist() == [999, 19]
+    assert den.sigma_to_t(den.get_sigmas(4, "lcm")[:-1]).tolist() == [999, 759, 499, 259]
+
+
+def test_lcm_automatic_on_timesteps_diffusers_can_take(unets, record_parity):
+    """At 2 steps A1111's timesteps (999, 19) lie on the table, so diffusers run with them as custom timesteps
+    must give the same latents."""
+    from diffusers import LCMScheduler
+
+    from plainsd.diffusion.denoisers import LCMDenoiser
+
+    theirs, ours, context = unets
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+    den = LCMDenoiser(_unet_net(ours))
+    sigmas = den.get_sigmas(2, S.resolve_sampler("LCM")[1])
+    _, ref = _diffusers_loop(theirs, LCMScheduler(**SD_BETAS), x, context, seed=8, timesteps=[999, 19])
+    out = _plainsd_run(S.sample_lcm, den, sigmas, x, context, seed=8)
+    d = float((out - ref).abs().max())
+    record_parity("LCM A1111 2 steps, tiny UNet, vs diffusers LCMScheduler(timesteps=[999, 19])", d)
+    assert d <= TOL * float(ref.abs().max())
+
+
+def test_lcm_step_off_the_table_by_hand(unets):
+    """Between distillation timesteps (A1111's 4-step schedule), a step scales x by its own sigma, calls the UNet
+    at the nearest distillation timestep and blends by the boundary condition at that timestep."""
+    from plainsd.diffusion.denoisers import LCMDenoiser
+
+    _, ours, context = unets
+    den = LCMDenoiser(_unet_net(ours))
+    sigma = den.get_sigmas(4, "normal")[1]  # index 32.67 of the table: UNet timestep 679
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(12)) * float(sigma)
+    with torch.no_grad():
+        eps = ours(x / (1 + sigma**2) ** 0.5, torch.tensor([679.0]), context)
+    t = 6790.0
+    c_skip, c_out = 0.25 / (t**2 + 0.25), t / (t**2 + 0.25) ** 0.5
+    by_hand = c_out * (x - sigma * eps) + c_skip * x / (1 + sigma**2) ** 0.5
+    with torch.no_grad():
+        got = den(x, sigma.reshape(1), cond=context)
+    assert float((got - by_hand).abs().max()) <= TOL * float(by_hand.abs().max())
+    with torch.no_grad():  # the UNet at the sigma's own (continuous) timestep draws something else
+        continuous = DiscreteDenoiser(_unet_net(ours))(x, sigma.reshape(1), cond=context)
+    assert float((got - continuous).abs().max()) > 100 * float((got - by_hand).abs().max())
+
+
+@pytest.mark.parametrize("steps,eta", [(1, 0.3), (2, 0.3), (4, 0.3), (8, 0.3), (4, 0.0), (4, 1.0)])
+def test_tcd_same_as_diffusers(unets, steps, eta, record_parity):
+    """TCD on its default schedule (diffusers' TCDScheduler's timesteps) with gamma = eta."""
+    from diffusers import TCDScheduler
+
+    theirs, ours, context = unets
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(20 + steps))
+    timesteps, ref = _diffusers_loop(theirs, TCDScheduler(**SD_BETAS), x, context, seed=9, steps=steps, eta=eta)
+    info, schedule = S.resolve_sampler("TCD")
+    den = DiscreteDenoiser(_unet_net(ours))
+    sigmas = den.get_sigmas(steps, schedule)
+    assert den.sigma_to_t(sigmas[:-1]).round().tolist() == timesteps
+    out = _plainsd_run(info.function, den, sigmas, x, context, seed=9, eta=eta)
+    d = float((out - ref).abs().max())
+    record_parity(f"TCD {steps} steps eta={eta}, tiny UNet, vs diffusers TCDScheduler", d)
+    assert d <= TOL * float(ref.abs().max())
+
+
+def test_tcd_gamma_zero_is_euler_and_gamma_adds_noise():
+    """gamma 0: each step is a DDIM jump that lands on the next sigma, i.e. an Euler step; the last one stops at
+    timestep 0 (sigma_0) and comes back in the DDPM scaling. gamma > 0 changes the result; gamma > 1 is refused."""
+    table = DiscreteDenoiser(None).sigmas
+    x = torch.randn(2, 50, generator=torch.Generator().manual_seed(0)) * 14.6
+    sigmas = schedules.get_sigmas_lcm(4, table)
+    tcd = S.sample_tcd(gaussian_denoiser, x, sigmas, eta=0.0, disable=True)
+    to_sigma_0 = torch.cat([sigmas[:-1], table[:1]])
+    euler = S.sample_euler(gaussian_denoiser, x, to_sigma_0, disable=True) / (1 + table[0] ** 2) ** 0.5
+    assert torch.allclose(tcd, euler, atol=1e-5)
+    noisy = S.sample_tcd(gaussian_denoiser, x, sigmas, eta=0.3, disable=True, noise_sampler=PairNoise(x.shape))
+    assert float((noisy - tcd).abs().max()) > 0.01
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        S.sample_tcd(gaussian_denoiser, x, sigmas, eta=1.5, disable=True)

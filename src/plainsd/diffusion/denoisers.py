@@ -60,6 +60,45 @@ class DiscreteDenoiser:
         return x / (s**2 + 1) - out * s / (s**2 + 1) ** 0.5
 
 
+class LCMDenoiser(DiscreteDenoiser):
+    """D(x, sigma) as A1111's LCM sampler (and ComfyUI's "lcm" model sampling) runs a network: on the timesteps
+    latent consistency models were distilled on, with their boundary condition (Luo et al. 2023).
+
+    Its sigma table holds the `original_steps` distillation timesteps k - 1, 2k - 1, ..., 999 (k = 1000 //
+    original_steps), so schedules made from it span sigma(19) to sigma(999); the network is called at the
+    distillation timestep nearest (in log sigma) to the sigma asked for, while x is scaled by that sigma itself,
+    as A1111 does. The estimate is then c_out(t) D + c_skip(t) x_ddpm with t scaled by timestep_scaling, as
+    diffusers' LCMScheduler (A1111 blends with x in the sigma scaling; c_skip is below 1e-5 on these timesteps,
+    so the two differ by float round-off).
+    """
+
+    def __init__(self, net: Callable, prediction: str = "eps", alphas_cumprod: torch.Tensor | None = None,
+                 original_steps: int = 50, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+        full = schedules.alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
+        self.skip = len(full) // original_steps
+        super().__init__(net, prediction, full[self.skip - 1::self.skip][:original_steps])
+        self.sigma_data, self.timestep_scaling = sigma_data, timestep_scaling
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        index = schedules.sigma_to_t(sigma, self.sigmas, quantize=True)
+        return index * self.skip + (self.skip - 1)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        c_skip, c_out = boundary_scalings(self.sigma_to_t(sigma.cpu()).to(x.device), self.sigma_data,
+                                          self.timestep_scaling)
+        s = _bcast(sigma, x)
+        return _bcast(c_out, x) * super().__call__(x, sigma, **extra) + _bcast(c_skip, x) * x / (s**2 + 1) ** 0.5
+
+
+def boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """(c_skip, c_out) of latent consistency models at training timestep t: the identity as t -> 0."""
+    scaled = t.double() * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip.float(), c_out.float()
+
+
 def lcm_boundary(denoiser: DiscreteDenoiser, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> Callable:
     """Latent consistency models' boundary condition (Luo et al. 2023): blend the estimate with the input.
 

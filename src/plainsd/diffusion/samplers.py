@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 from tqdm.auto import trange
 
+from . import schedules
+
 # --- helpers --------------------------------------------------------------------------------------
 
 
@@ -704,7 +706,8 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
 @torch.no_grad()
 def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None):
-    """Latent consistency sampling (Luo et al. 2023): jump to the clean estimate, re-noise to the next sigma."""
+    """Latent consistency sampling (Luo et al. 2023): jump to the clean estimate, re-noise to the next sigma.
+    The distillation timesteps and the boundary condition are the denoiser's (denoisers.LCMDenoiser), as in A1111."""
     extra_args, s_in = _setup(x, extra_args)
     noise_sampler = noise_sampler or default_noise_sampler(x)
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -714,6 +717,37 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, n
         if sigmas[i + 1] > 0:
             x = x + sigmas[i + 1] * noise_sampler(sigmas[i], sigmas[i + 1])
     return x
+
+
+@torch.no_grad()
+def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, eta=0.3,
+               training_sigmas=None):
+    """Trajectory consistency distillation's strategic stochastic sampling (Zheng et al. 2024), as diffusers'
+    TCDScheduler: from the clean estimate, a DDIM jump down to timestep s = floor((1 - eta) * t_next) and fresh
+    noise back up to sigma_next. eta is the paper's gamma: 0 is deterministic (each step lands on sigma_next),
+    1 is LCM's step (all the way to the estimate, then all noise). The timesteps are the training table's
+    (training_sigmas, low to high; SD's by default), the one thing about the model this sampler must know.
+    The last step ends at timestep 0 and returns that sample in the DDPM scaling, as diffusers does."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"TCD's eta (its gamma) must be between 0 and 1, got {eta}")
+    extra_args, s_in = _setup(x, extra_args)
+    noise_sampler = noise_sampler or default_noise_sampler(x)
+    table = _training_sigmas() if training_sigmas is None else training_sigmas
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _report(callback, x, i, sigmas[i], sigmas[i], denoised)
+        t_next = int(schedules.sigma_to_t(sigmas[i + 1], table, quantize=True)) if sigmas[i + 1] > 0 else 0
+        sigma_s = table[math.floor((1 - eta) * t_next)].to(x.dtype)
+        x = denoised + to_d(x, sigmas[i], denoised) * sigma_s
+        if sigmas[i + 1] == 0:
+            x = x / (1 + sigma_s**2) ** 0.5
+        elif eta > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * (sigmas[i + 1] ** 2 - sigma_s**2).clamp(min=0) ** 0.5
+    return x
+
+
+def _training_sigmas() -> torch.Tensor:
+    return schedules.sigmas_from_alphas_cumprod(schedules.alphas_cumprod())
 
 
 # --- the names users know -------------------------------------------------------------------------
@@ -753,7 +787,8 @@ SAMPLERS: dict[str, SamplerInfo] = {s.name: s for s in [
     _info("DDPM", sample_ddpm, "leading", ("ddpm",), True),
     _info("PLMS", sample_plms, "ddim", ("plms", "pndm")),
     _info("UniPC", sample_unipc, "normal", ("unipc",)),
-    _info("LCM", sample_lcm, "sgm_uniform", ("k_lcm", "lcm"), True),
+    _info("LCM", sample_lcm, "normal", ("k_lcm", "lcm"), True),
+    _info("TCD", sample_tcd, "lcm", ("tcd",), True),
 ]}
 
 # Older A1111 names carry the schedule: "DPM++ 2M Karras", "Euler a Exponential", ...
@@ -769,7 +804,10 @@ def takes(info: SamplerInfo, setting: str) -> bool:
 
 def default_eta(info: SamplerInfo) -> float:
     """The eta a sampler with one runs at when none is given: A1111's settings eta_ddim (0) for DDIM and
-    eta_ancestral (1) for k-diffusion's samplers, DPM fast and adaptive included (their functions' own is 0)."""
+    eta_ancestral (1) for k-diffusion's samplers, DPM fast and adaptive included (their functions' own is 0);
+    TCD's gamma, 0.3 (the paper's and diffusers' default)."""
+    if info.function is sample_tcd:
+        return 0.3
     return 0.0 if info.function is sample_ddim else 1.0
 
 

@@ -119,6 +119,20 @@ def get_sigmas_kl_optimal(n: int, sigma_min: float, sigma_max: float) -> torch.T
     return _append_zero(torch.tan((1 - t) * math.atan(sigma_max) + t * math.atan(sigma_min)))
 
 
+def get_sigmas_lcm(n: int, sigmas: torch.Tensor, original_steps: int = 50) -> torch.Tensor:
+    """diffusers' LCMScheduler and TCDScheduler timesteps: of the `original_steps` timesteps the model was distilled
+    on (k - 1, 2k - 1, ..., 999 with k = 1000 // original_steps), n picked at evenly spaced indices from the top
+    (floor of linspace(0, original_steps, n, endpoint=False)). A table of exactly original_steps sigmas (the LCM
+    denoiser's) is taken as those timesteps themselves."""
+    k = len(sigmas) // original_steps
+    if not 1 <= n <= original_steps or k < 1:
+        raise ValueError(f"the lcm schedule has 1 to {original_steps} steps (the timesteps the model was distilled "
+                         f"on), got {n}")
+    origin = sigmas[k - 1::k][:original_steps].flip(0)  # high to low
+    picked = torch.floor(torch.arange(n, dtype=torch.float64) * original_steps / n).long()
+    return _append_zero(origin[picked]).float()
+
+
 def timesteps_spaced(n: int, spacing: str, train_steps: int = TRAIN_STEPS, offset: int = 1) -> torch.Tensor:
     """Discrete timesteps, high to low, with diffusers' spacings: leading (+offset, SD's), trailing, linspace."""
     if spacing == "leading":
@@ -139,12 +153,12 @@ def get_sigmas_spaced(n: int, sigmas: torch.Tensor, spacing: str) -> torch.Tenso
 
 
 SCHEDULES = ("automatic", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "simple", "normal",
-             "ddim", "kl_optimal", "leading", "trailing", "linspace")
+             "ddim", "kl_optimal", "leading", "trailing", "linspace", "lcm")
 # The names A1111 shows in its "Schedule type" menu, and what they mean here.
 SCHEDULE_LABELS = {"Automatic": "automatic", "Uniform": "uniform", "Karras": "karras", "Exponential": "exponential",
                    "Polyexponential": "polyexponential", "SGM Uniform": "sgm_uniform", "Simple": "simple",
                    "Normal": "normal", "DDIM": "ddim", "KL Optimal": "kl_optimal", "Leading": "leading",
-                   "Trailing": "trailing", "Linspace": "linspace"}
+                   "Trailing": "trailing", "Linspace": "linspace", "LCM": "lcm"}
 
 
 def schedule_key(schedule: str) -> str:
@@ -182,4 +196,6 @@ def get_sigmas(schedule: str, n: int, sigmas: torch.Tensor) -> torch.Tensor:
         return get_sigmas_ddim_uniform(n, sigmas)
     if key == "kl_optimal":
         return get_sigmas_kl_optimal(n, lo, hi)
+    if key == "lcm":
+        return get_sigmas_lcm(n, sigmas)
     return get_sigmas_spaced(n, sigmas, key)
