@@ -156,3 +156,17 @@ def test_locon_conv_layers_merge_as_their_low_rank_convolution(tmp_path):
         expected = conv(x) + 0.5 * (6.0 / 3) * F.conv2d(F.conv2d(x, down, padding=1), up)
         lora.merge(sd, lora.read_lora(tmp_path / "locon.safetensors"), 0.5)
         assert max_diff(sd.unet.get_submodule(name)(x), expected) <= 1e-5
+
+
+def test_shipped_loras_are_found_without_a_folder(base, monkeypatch):
+    shipped = base / "loras" / "style.safetensors"
+    monkeypatch.setattr(lora, "SHIPPED", (shipped, base / "absent.safetensors"))
+    assert lora.find_loras(None) == {"style": shipped}
+    assert list(lora.find_loras(base / "loras")) == ["style"]  # the shipped name first, the folder's same stem not twice
+    sd = plainsd.load(base / "base.safetensors")
+    kw = dict(steps=2, width=16, height=16, seed=1)
+    tagged = txt2img(sd, "a circle <lora:style:1>", **kw).images[0]
+    assert tagged.tobytes() == txt2img(sd, "a circle <lora:style:1>", lora_dir=base / "loras", **kw).images[0].tobytes()
+    assert tagged.tobytes() != txt2img(sd, "a circle", **kw).images[0].tobytes()
+    with pytest.raises(ValueError, match="shipped LoRAs.*available: style"):
+        txt2img(sd, "a circle <lora:nope:1>", **kw)
