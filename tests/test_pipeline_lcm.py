@@ -9,6 +9,7 @@ from PIL import Image
 
 import plainsd
 from plainsd import pipeline
+from plainsd.diffusion.samplers import SAMPLERS
 from plainsd.request import GenerationRequest, HiresFix
 from plainsd.runtime import Engine
 from tests.reference import perturb
@@ -90,8 +91,8 @@ def test_fast_mode_and_controlnet_pass_the_guidance_on(sd, tmp_path):
 
 
 def test_whole_run_matches_diffusers_lcm_pipeline(reference, record_parity):
-    """plainsd's LCM sampler on the "simple" schedule (timesteps 999, 749, 499, 249) against
-    LatentConsistencyModelPipeline with LCMScheduler on those timesteps: the same weights (a diffusers folder
+    """plainsd's LCM sampler on the "lcm" schedule (diffusers' timesteps: 999, 759, 499, 259) against
+    LatentConsistencyModelPipeline with LCMScheduler: the same weights (a diffusers folder
     plainsd loaded), the same text states, the same starting and added noise (the image's generator)."""
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
@@ -99,7 +100,7 @@ def test_whole_run_matches_diffusers_lcm_pipeline(reference, record_parity):
     contexts = []
     engine = Engine(sd, unet=lambda x, t, c, **kw: contexts.append(c) or sd.unet(x, t, c, **kw))
     steps, seed, scale = 4, 5, 6.0
-    request = GenerationRequest("a red circle", seed=seed, steps=steps, sampler="LCM", schedule="simple",
+    request = GenerationRequest("a red circle", seed=seed, steps=steps, sampler="LCM", schedule="lcm",
                                 cfg_scale=scale, width=64, height=64)
     ours = np.asarray(pipeline.generate(engine, request).images[0], dtype=np.float64)
 
@@ -107,11 +108,11 @@ def test_whole_run_matches_diffusers_lcm_pipeline(reference, record_parity):
     pipe = LatentConsistencyModelPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    sigma_max = float(pipeline._denoiser(sd).get_sigmas(steps, "simple")[0])
+    sigma_max = float(pipeline._denoiser(sd, sampler=SAMPLERS["LCM"]).get_sigmas(steps, "lcm")[0])
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((1, 4, 8, 8), generator=g)  # the image's noise; g goes on to give the steps' noise
     with torch.no_grad():
-        theirs = pipe(prompt_embeds=contexts[0], timesteps=[999, 749, 499, 249], guidance_scale=scale,
+        theirs = pipe(prompt_embeds=contexts[0], timesteps=[999, 759, 499, 259], guidance_scale=scale,
                       latents=noise * sigma_max / (1 + sigma_max**2) ** 0.5, generator=g, output_type="np").images[0]
     d = np.abs(ours - theirs * 255).max()
     record_parity("txt2img tiny-lcm, 4 LCM steps vs LatentConsistencyModelPipeline (0-255)", float(d))
