@@ -18,6 +18,7 @@ that A1111 and ComfyUI read it too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -111,20 +112,17 @@ def consistency_loss(unet, latents, cond, uncond, s: LCMSettings, prediction: st
     return (((pred - target) ** 2 + s.huber_c**2).sqrt() - s.huber_c).mean()
 
 
-class _adapters_off:
+@contextlib.contextmanager
+def _adapters_off(adapters: dict):
     """The model without its LoRA adapters for the duration of the block (the teacher)."""
-
-    def __init__(self, adapters: dict):
-        self.adapters = adapters
-
-    def __enter__(self):
-        self.scales = {k: a.scale for k, a in self.adapters.items()}
-        for a in self.adapters.values():
-            a.scale = 0.0
-
-    def __exit__(self, *exc):
-        for k, a in self.adapters.items():
-            a.scale = self.scales[k]
+    scales = {k: a.scale for k, a in adapters.items()}
+    for a in adapters.values():
+        a.scale = 0.0
+    try:
+        yield
+    finally:
+        for k, a in adapters.items():
+            a.scale = scales[k]
 
 
 def train_lcm(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -170,23 +168,20 @@ def train_lcm(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     return train(cfg, params, loss_fn, resume, sample, export, progress)
 
 
-class _weights_of:
+@contextlib.contextmanager
+def _weights_of(adapters: dict, weights: dict):
     """The adapters with these weights (the EMA's, named as train() names them) for the duration of the block."""
-
-    def __init__(self, adapters: dict, weights: dict):
-        self.params = {f"{k}.{n}": p for k, a in adapters.items() for n, p in a.named_parameters()}
-        self.weights = weights
-
-    def __enter__(self):
-        self.saved = {k: p.detach().clone() for k, p in self.params.items()}
+    params = {f"{k}.{n}": p for k, a in adapters.items() for n, p in a.named_parameters()}
+    saved = {k: p.detach().clone() for k, p in params.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(weights[k])
+    try:
+        yield
+    finally:
         with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(self.weights[k])
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(self.saved[k])
+            for k, p in params.items():
+                p.copy_(saved[k])
 
 
 @torch.no_grad()
