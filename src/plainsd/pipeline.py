@@ -264,7 +264,7 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
     height = req.height or (init.height // 8 * 8 if init is not None else chosen.get("height", sd.config.resolution))
     req = req.replace(steps=steps, width=width, height=height,
                       sampler=chosen["sampler"] if req.sampler is None else req.sampler,
-                      schedule=chosen["schedule"] if req.schedule is None else req.schedule,
+                      schedule=_schedule(chosen, req),
                       cfg_scale=chosen["cfg_scale"] if req.cfg_scale is None else req.cfg_scale,
                       guidance_until=chosen["guidance_until"] if req.guidance_until is None else req.guidance_until)
     req.check(sd.config.vae.factor, engine.backend)
@@ -294,6 +294,14 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
                (sd.config.vae.z_channels, height // factor, width // factor), fast, tiny,
                ImageNoise(req.subseed_strength, resize, req.eta_noise_seed_delta))
     return req, params, run
+
+
+def _schedule(chosen: dict, req: GenerationRequest) -> str:
+    """The request's schedule; left out, the model's recommended one if the request keeps the recommended sampler,
+    else the chosen sampler's own ("automatic"): a recommendation made for DPM++ 2M is not one for LCM."""
+    if req.schedule is not None:
+        return req.schedule
+    return chosen["schedule"] if req.sampler in (None, chosen["sampler"]) else DEFAULTS["schedule"]
 
 
 def _embeds_guidance(sd: StableDiffusion) -> bool:
@@ -330,7 +338,8 @@ def _notes(sd: StableDiffusion, req: GenerationRequest) -> list[str]:
     names = {"steps": "steps", "sampler": "sampler", "schedule": "schedule", "cfg_scale": "CFG scale",
              "width": "width", "height": "height"}
     left_out = {key: getattr(req, key) is None for key in names}
-    left_out.update(width=not req.width and req.init_image is None, height=not req.height and req.init_image is None)
+    left_out.update(width=not req.width and req.init_image is None, height=not req.height and req.init_image is None,
+                    schedule=req.schedule is None and req.sampler in (None, recommended(sd)["sampler"]))
     used = [f"{label} {sd.defaults[key]}" for key, label in names.items() if key in sd.defaults and left_out[key]]
     if used:
         notes.append(f"{sd.name}'s recommended settings used (set them to override): {', '.join(used)}")
