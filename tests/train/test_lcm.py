@@ -7,7 +7,8 @@ from torch import nn
 import plainsd
 from plainsd import lora as lora_mod
 from plainsd.diffusion import schedules
-from plainsd.train.lcm import LCMSettings, _adapters_off, boundary_scalings, train_lcm, x0_and_eps
+from plainsd.diffusion.denoisers import boundary_scalings
+from plainsd.train.lcm import LCMSettings, _adapters_off, train_lcm, x0_and_eps
 from plainsd.train.loop import TrainConfig
 
 

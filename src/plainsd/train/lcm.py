@@ -30,6 +30,7 @@ import torch
 
 from .. import lora as lora_mod
 from ..diffusion import schedules
+from ..diffusion.denoisers import boundary_scalings
 from ..weights import write_safetensors
 from .loop import TrainConfig, train
 from .settings import RecipeSettings
@@ -64,13 +65,6 @@ class LCMSettings(RecipeSettings):
             raise ValueError(f"extra.loss of the lcm recipe is 'huber' or 'l2', not {self.loss!r}")
         if self.latent_cache < 1:
             raise ValueError(f"extra.latent_cache of the lcm recipe must be at least 1, not {self.latent_cache}")
-
-
-def boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
-    """(c_skip, c_out) of the consistency parametrisation at timesteps t: f(x, t) = c_skip x + c_out x0_estimate,
-    c_skip(0) = 1, c_out(0) = 0 (LCM's values: sigma_data 0.5, timesteps scaled by 10)."""
-    t = t.float() * timestep_scaling
-    return sigma_data**2 / (t**2 + sigma_data**2), t / (t**2 + sigma_data**2) ** 0.5
 
 
 def x0_and_eps(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction: str):
