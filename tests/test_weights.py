@@ -249,16 +249,20 @@ def test_diffusers_folder_with_bin_files(tmp_path):
         assert max_diff(sd.unet(x, torch.tensor([3]), ctx), unet(x, torch.tensor([3]), encoder_hidden_states=ctx).sample) <= 1e-4
 
 
-def _check_diffusers_reads(tmp_path, record_parity, name, size=8):
+def _check_diffusers_reads(tmp_path, record_parity, name, size=8, dtype=None):
+    """dtype=torch.float16 writes a half-size file, of weights first rounded to fp16 so both sides hold the same."""
+    from tests.reference import perturb
+
     sd = plainsd.build(name, seed=11)
     for module in (sd.unet, sd.vae, sd.text_encoder):  # no zero-initialised layers
-        from tests.reference import perturb
         perturb(module, 12, scale=0.02)
-    path = plainsd.save(sd, tmp_path / f"{name}.safetensors")
+        if dtype is not None:
+            module.to(dtype).float()
+    path = plainsd.save(sd, tmp_path / f"{name}.safetensors", dtype=dtype)
     try:
         unet, vae, text = diffusers_from_our_file(path, sd.config)
     finally:
-        path.unlink()  # full-size files are 4-5 GB; CI machines have little disk
+        path.unlink()  # full-size files are 2-5 GB; CI machines have little disk
     ids = sd.tokenizer(["a red circle on the left"])
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, sd.config.unet.in_channels, size, size, generator=g)
@@ -284,7 +288,7 @@ def test_diffusers_reads_what_plainsd_writes(tmp_path, record_parity, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["sd15", "sd21"])
 def test_diffusers_reads_full_size_files(tmp_path, record_parity, name):
-    _check_diffusers_reads(tmp_path, record_parity, name, size=16)
+    _check_diffusers_reads(tmp_path, record_parity, name, size=16, dtype=torch.float16)
 
 
 def test_import_plainsd_does_not_import_references():
