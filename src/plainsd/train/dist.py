@@ -22,9 +22,17 @@ import torch.distributed as dist
 def join() -> None:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR...): gloo
     between CPU processes, NCCL between GPU ones. Nothing to do without torchrun or with a single process."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_initialized() or world <= 1:
         return
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = int(os.environ["RANK"])
+    # torchrun's agent serves one store for all restarts of the group, and a restarted process could read the
+    # address a killed one left in it and wait for it forever: each attempt keeps its keys under its own prefix.
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent and rank == 0)
+    attempt = dist.PrefixStore(f"plainsd/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=attempt, rank=rank, world_size=world)
 
 
 def leave() -> None:
