@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from PIL import Image
 
 from plainsd.batch import Setup, read_jobs
 from plainsd.batch.jobs import job_key, model_sha256, picture_names
@@ -29,7 +30,7 @@ def test_a_line_means_what_the_server_makes_of_it(tmp_path):
 
 
 def test_a_line_with_init_images_is_img2img(tmp_path):
-    image = api.encode_png(__import__("PIL.Image").Image.new("RGB", (64, 64), (200, 10, 10)))
+    image = api.encode_png(Image.new("RGB", (64, 64), (200, 10, 10)))
     [job] = _jobs(tmp_path, [{"prompt": "a", "init_images": [image], "steps": 4, "denoising_strength": 0.5}])
     assert job.request.init_image.getpixel((3, 3)) == (200, 10, 10)
     assert job.request.strength == 0.5

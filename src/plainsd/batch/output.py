@@ -49,8 +49,12 @@ def record(folder: str | Path, job, drawn) -> dict:
         write_file(folder / name, data)
     entry = {"line": job.line, "key": job.key, "files": job.files, "seeds": drawn.seeds,
              "infotexts": drawn.infotexts}
-    with open(folder / MANIFEST, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+    with open(folder / MANIFEST, "a+b") as f:
+        if f.seek(0, os.SEEK_END) > 0:  # a line a killed run left half written is ended first: this one stays whole
+            f.seek(-1, os.SEEK_END)
+            line = (b"" if f.read(1) == b"\n" else b"\n") + line
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
     return entry
