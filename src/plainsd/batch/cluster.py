@@ -5,7 +5,8 @@ and writes them itself (output.py), so the output folder needs no sharing and ha
 Faults: the driver keeps every job until its pictures are written. When an actor dies (its machine lost, the
 process killed, out of memory), the driver starts a new actor in its slot, which Ray places where there is
 room, and sends the dead actor's unfinished jobs again; a job whose actors die three times stops the batch.
-The driver does this itself (actors have no max_restarts) because it knows which jobs an actor held.
+The driver does this itself (actors have no max_restarts) because it knows which jobs an actor held. An actor
+that cannot load the model (or import plainsd) stops the batch at once: its successor would fare no better.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ class _Pool:
             try:
                 drawn = self.ray.get(ref)
             except RayActorError as e:
+                if e.actor_init_failed:  # (no use trying again: the model or plainsd is missing where it ran)
+                    raise BatchError(f"a Ray worker could not load the model: {_last_line(e)}; every machine needs "
+                                     f"plainsd and the model at {self.painter_args[0]}") from None
                 tries[job.key] += 1
                 if tries[job.key] >= MAX_TRIES:
                     raise BatchError(f"line {job.line}: {MAX_TRIES} workers died drawing it (last: {_first_line(e)}); "
@@ -123,3 +127,9 @@ class _Pool:
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _last_line(error: Exception) -> str:
+    """The exception's own line at the end of a remote traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
