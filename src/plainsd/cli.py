@@ -701,6 +701,7 @@ def _finetune(args) -> int:
 
     import torch
 
+    from plainsd.train import dist
     from plainsd.train.finetune import finetune, settings
     from plainsd.train.loop import TrainConfig
 
@@ -725,9 +726,11 @@ def _finetune(args) -> int:
     settings(cfg)  # unknown settings are reported before anything is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = finetune(cfg, resume=args.resume, progress=not args.quiet)
-    print(f"{args.method}: {result['step']} steps in {result['seconds']:.0f} s; {_loss_trend(result['losses'])}; "
-          f"wrote {result['output']}")
+    with dist.group():  # one process, or one of torchrun's
+        result = finetune(cfg, resume=args.resume, progress=not args.quiet)
+        if dist.is_main():
+            print(f"{args.method}: {result['step']} steps in {result['seconds']:.0f} s; "
+                  f"{_loss_trend(result['losses'])}; wrote {result['output']}")
     return 0
 
 
@@ -805,6 +808,7 @@ def _batch(args) -> int:
 def _train(args) -> int:
     import torch
 
+    from plainsd.train import dist
     from plainsd.train.loop import TrainConfig
     from plainsd.train.recipes import RECIPES, settings
 
@@ -823,10 +827,11 @@ def _train(args) -> int:
     settings(cfg)  # unknown or misspelt settings are reported before anything is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = RECIPES[args.network](cfg, resume=args.resume, progress=not args.quiet)
-    losses = result["losses"]
-    print(f"trained {args.network} to step {result['step']} in {result['seconds']:.0f} s; "
-          f"{_loss_trend(losses)}; run folder {cfg.out}")
+    with dist.group():  # one process, or one of torchrun's
+        result = RECIPES[args.network](cfg, resume=args.resume, progress=not args.quiet)
+        if dist.is_main():
+            print(f"trained {args.network} to step {result['step']} in {result['seconds']:.0f} s; "
+                  f"{_loss_trend(result['losses'])}; run folder {cfg.out}")
     return 0
 
 

@@ -119,18 +119,29 @@ def lcm_boundary(denoiser: DiscreteDenoiser, sigma_data: float = 0.5, timestep_s
 def training_loss(net: Callable, x0: torch.Tensor, cond, prediction: str = "eps",
                   alphas_cumprod: torch.Tensor | None = None, generator: torch.Generator | None = None,
                   timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                  weights: torch.Tensor | None = None, snr_gamma: float | None = None) -> torch.Tensor:
+                  weights: torch.Tensor | None = None, snr_gamma: float | None = None,
+                  rows: slice | None = None) -> torch.Tensor:
     """DDPM's simple loss (Ho et al. 2020): noise x0 at a random timestep, regress eps (or v) with MSE.
 
     weights (broadcastable to (B, 1, H, W)): a weighted mean over the latent pixels instead of the plain mean.
     snr_gamma: Min-SNR-gamma weighting (Hang et al. 2023): each sample's loss times min(SNR, gamma) / SNR for
     eps (min(SNR, gamma) / (SNR + 1) for v), SNR = alpha_bar / (1 - alpha_bar); it takes weight off the
-    nearly clean timesteps, whose gradients conflict with the noisy ones. 5 is the paper's value."""
+    nearly clean timesteps, whose gradients conflict with the noisy ones. 5 is the paper's value.
+    rows: the network runs on these rows of the batch only (one process's share in data-parallel training);
+    timesteps and noise are still drawn for the whole batch and weights normalised over it, so that the mean
+    of the processes' losses is the whole batch's loss, whatever the split."""
     ac = (schedules.alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).to(x0.device)
     if timesteps is None:
         timesteps = torch.randint(0, len(ac), (x0.shape[0],), generator=generator).to(x0.device)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    weight_sum = None  # what the weighted squares are divided by: the weights' sum, or the rows' part of the batch's
+    if rows is not None:
+        if weights is not None:
+            weights = weights.float().expand(x0.shape[0], 1, *x0.shape[2:])
+            weight_sum = weights.sum() * len(range(x0.shape[0])[rows]) / x0.shape[0]
+            weights = weights[rows]
+        x0, noise, timesteps, cond = x0[rows], noise[rows], timesteps[rows], cond[rows]
     xt = schedules.add_noise(x0, noise, timesteps, ac)
     a = _bcast(ac[timesteps], x0)
     target = noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
@@ -144,4 +155,4 @@ def training_loss(net: Callable, x0: torch.Tensor, cond, prediction: str = "eps"
     if weights is None:
         return squared.mean()
     weights = weights.float().expand(x0.shape[0], 1, *x0.shape[2:])
-    return (squared * weights).sum() / (weights.sum() * x0.shape[1])
+    return (squared * weights).sum() / ((weights.sum() if weight_sum is None else weight_sum) * x0.shape[1])

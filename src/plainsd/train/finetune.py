@@ -33,6 +33,7 @@ from ..pnginfo import save_png
 from ..prompts import tokenize_chunks
 from ..weights import load, save, write_safetensors
 from .data import FolderDataset, ShapesDataset
+from . import dist
 from .loop import TrainConfig, train
 from .recipes import object_weights, sample_posterior
 from .settings import RecipeSettings
@@ -134,19 +135,19 @@ def class_data(sd, s: DreamBoothSettings, out: Path, progress: bool) -> list[tup
 
     folder = out / "class_images"
     folder.mkdir(parents=True, exist_ok=True)
-    items = []
-    for i in range(s.num_class_images):
-        prompt = prompts[i % len(prompts)]
+    mine = range(dist.rank(), s.num_class_images, dist.size())  # under torchrun each process draws its share
+    for i in mine:
         path = folder / f"{i:04d}.png"
         if not path.is_file():  # a resumed run reuses what was drawn
-            result = txt2img(sd, prompt, seed=10_000 + i)
+            result = txt2img(sd, prompts[i % len(prompts)], seed=10_000 + i)
             save_png(result.images[0], path, result.infotexts[0])
-            if progress:
+            if progress and dist.is_main():
                 print(f"\rclass images {i + 1}/{s.num_class_images}", end="", flush=True)
-        items.append((Image.open(path).convert("RGB"), prompt))
-    if progress:
+    if progress and dist.is_main():
         print()
-    return items
+    dist.barrier()
+    return [(Image.open(folder / f"{i:04d}.png").convert("RGB"), prompts[i % len(prompts)])
+            for i in range(s.num_class_images)]
 
 
 @torch.no_grad()
@@ -217,10 +218,16 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> d
     cls = _latents(sd, prior, s.object_weight) if prior else None
     trained = trainable(sd, s, inst[2])
 
-    def encode(captions: list[str]) -> torch.Tensor:
+    def encode(captions: list[str], rows: slice | None) -> torch.Tensor:
+        """The captions' text states; with rows, only those rows are encoded (the others are never read)."""
         ids = torch.tensor([tokenize_chunks(sd.tokenizer, c, trained.embeddings)[0][0] for c in captions])
         with torch.set_grad_enabled(trained.grad_text):
-            return sd.text_encoder(ids, extra=trained.vectors)
+            states = sd.text_encoder(dist.take(rows, ids), extra=trained.vectors)
+        if rows is None:
+            return states
+        full = states.new_zeros(len(captions), *states.shape[1:])
+        full[rows] = states
+        return full
 
     def loss_fn(step, micro):
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 31 + micro)
@@ -230,12 +237,14 @@ def finetune(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> d
             idx = [rng.randrange(len(captions)) for _ in range(cfg.batch_size)]
             z = sample_posterior(mean[idx], std[idx], g) * scale
             return z, [captions[i] for i in idx], None if weights is None else weights[idx]
+        rows = dist.rows(cfg.batch_size)
         z, captions, w = draw(*inst)
-        loss = training_loss(sd.unet, z, encode(captions), sd.config.prediction, generator=g, weights=w)
+        loss = training_loss(sd.unet, z, encode(captions, rows), sd.config.prediction, generator=g, weights=w,
+                             rows=rows)
         if cls is not None:
             zc, cc, wc = draw(*cls)
-            loss = loss + s.prior_weight * training_loss(sd.unet, zc, encode(cc), sd.config.prediction,
-                                                         generator=g, weights=wc)
+            loss = loss + s.prior_weight * training_loss(sd.unet, zc, encode(cc, rows), sd.config.prediction,
+                                                         generator=g, weights=wc, rows=rows)
         return loss
 
     made = out / (output_name(method, s.token) if isinstance(s, TextualInversionSettings) else output_name(method))

@@ -32,6 +32,7 @@ from .. import lora as lora_mod
 from ..diffusion import schedules
 from ..diffusion.denoisers import boundary_scalings
 from ..weights import write_safetensors
+from . import dist
 from .loop import TrainConfig, train
 from .settings import RecipeSettings
 
@@ -75,8 +76,9 @@ def x0_and_eps(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction: 
 
 
 def consistency_loss(unet, latents, cond, uncond, s: LCMSettings, prediction: str, g: torch.Generator,
-                     adapters: dict) -> torch.Tensor:
-    """One batch of latent consistency distillation (steps 1-4 of the module's docstring)."""
+                     adapters: dict, rows: slice | None = None) -> torch.Tensor:
+    """One batch of latent consistency distillation (steps 1-4 of the module's docstring). rows: the networks
+    run on these rows only (one process's share, dist.rows); the random draws still cover the whole batch."""
     ac = schedules.alphas_cumprod()
     k = len(ac) // s.ddim_steps
     n = latents.shape[0]
@@ -87,6 +89,8 @@ def consistency_loss(unet, latents, cond, uncond, s: LCMSettings, prediction: st
     a_n, a_p = (ac[t].view(-1, 1, 1, 1) for t in (start, prev))
     w = s.w_min + (s.w_max - s.w_min) * torch.rand(n, generator=g)
     w = torch.where(start >= s.guidance_min_t, w, torch.zeros_like(w)).view(-1, 1, 1, 1)
+    if rows is not None:
+        x, start, prev, a_n, a_p, w, cond, uncond = (v[rows] for v in (x, start, prev, a_n, a_p, w, cond, uncond))
 
     with torch.no_grad(), _adapters_off(adapters):  # the teacher: the base model, guided; one DDIM step
         out_c, out_u = unet(torch.cat([x, x]), torch.cat([start, start]), torch.cat([cond, uncond])).float().chunk(2)
@@ -144,7 +148,8 @@ def train_lcm(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
         with torch.no_grad():
             cond = sd.text_encoder(sd.tokenizer([cache[2][i] for i in idx]))
         uncond = uncond_row.expand_as(cond)
-        return consistency_loss(sd.unet, latents, cond, uncond, s, sd.config.prediction, g, adapters)
+        return consistency_loss(sd.unet, latents, cond, uncond, s, sd.config.prediction, g, adapters,
+                                dist.rows(len(idx)))
 
     def export(step, weights):
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(s.rank),

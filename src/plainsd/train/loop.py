@@ -6,10 +6,13 @@ for step in range(start, steps):
     every sample_every steps: on_sample(step); every checkpoint_every steps: save (atomically)
 
 Batches are a pure function of (seed, step), so a resumed run sees exactly the data it would have seen.
+Under torchrun each process computes its rows of every batch and the gradients are averaged (dist.py); only
+process 0 writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,6 +26,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..weights import write_safetensors
+from . import dist
 
 SCHEDULES = ("constant", "cosine", "cosine_with_restarts")
 NETWORKS = ("vae", "vae-decoder", "clip", "unet", "taesd", "controlnet", "lcm", "dreambooth", "textual-inversion", "lora")  # trainings and fine-tunings
@@ -192,21 +196,28 @@ def train(cfg: TrainConfig, params: dict[str, torch.nn.Parameter], loss_fn: Call
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    dist.rows(cfg.batch_size)  # a batch that does not split over the processes is refused before any work
+    main = dist.is_main()      # under torchrun, process 0 alone writes files and shows progress
     optimizer = torch.optim.AdamW(param_groups(params, cfg.weight_decay), lr=cfg.lr)
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
     ckpt = out / "checkpoint.safetensors"
     start, losses, before = 0, [], 0.0
-    if resume and ckpt.is_file():
+    if (resume or dist.restarted()) and ckpt.is_file():
         start, meta = load_checkpoint(ckpt, params, optimizer, ema)
         losses, before = meta.get("losses", []), meta.get("seconds", 0.0)
-    elif resume:
+        if dist.restarted() and main:
+            print(f"plainsd: restarted by torchrun; going on from the checkpoint of step {start}")
+    elif resume and main:
         print(f"plainsd: note: no checkpoint in {out}; starting from step 0")
-    atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2))
+    if main:
+        atomic_write(out / "config.json", json.dumps(asdict(cfg), indent=2))
+    parallel = dist.data_parallel(params, loss_fn)
 
     def export() -> dict[str, torch.Tensor]:
         return ema.shadow if ema is not None else {k: v.detach() for k, v in params.items()}
 
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc=cfg.network)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (progress and main),
+               desc=cfg.network)
     started = time.perf_counter()
     for step in bar:
         for group in optimizer.param_groups:
@@ -214,10 +225,13 @@ def train(cfg: TrainConfig, params: dict[str, torch.nn.Parameter], loss_fn: Call
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(cfg.grad_accum):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = loss_fn(step, micro) / cfg.grad_accum
-            loss.backward()
+            last = micro == cfg.grad_accum - 1  # DDP averages the gradients on the last micro-batch's backward
+            with (parallel.no_sync() if parallel and not last else contextlib.nullcontext()):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss = (parallel or loss_fn)(step, micro) / cfg.grad_accum
+                loss.backward()
             total += float(loss.detach())
+        total = dist.mean(total)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         optimizer.step()
@@ -226,6 +240,8 @@ def train(cfg: TrainConfig, params: dict[str, torch.nn.Parameter], loss_fn: Call
         losses.append(total)
         bar.set_postfix(loss=f"{total:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         done = step + 1
+        if not main:
+            continue
         if on_sample and cfg.sample_every and done % cfg.sample_every == 0:
             on_sample(done, export())
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:

@@ -46,6 +46,7 @@ from ..models.clip import CLIPTextModel, CLIPVisionModel
 from ..models.tokenizer import Tokenizer
 from ..models.vae import AutoencoderKL
 from ..weights import save, write_safetensors
+from . import dist
 from .data import ALL_SHAPES, SHAPES, VARY, FolderDataset, ShapesDataset, hard_negative_batch
 from .lcm import LCMSettings, train_lcm
 from .loop import TrainConfig, train
@@ -134,13 +135,15 @@ def train_vae(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
 
     def loss_fn(step, micro):
         x, _ = batch(ds, cfg, step, micro)
-        posterior = vae.encode(x)
+        rows = dist.rows(len(x))
+        posterior = vae.encode(dist.take(rows, x))
         g = torch.Generator().manual_seed(step * 131 + micro)
-        recon = vae.decode(posterior.sample(g))
+        recon = vae.decode(posterior_rows(posterior, g, len(x), rows))
         # L1 per pixel (the objects' pixels weighted extra.object_weight times, see object_weights), plus the KL
         # summed per sample and scaled as latent diffusion does (per pixel).
         weights = object_weights(x, s.object_weight) if s.object_weight != 1 else None
-        return weighted_l1(recon.float(), x, weights) + s.kl_weight * posterior.kl().float().mean() / x[0].numel()
+        return (weighted_l1(recon.float(), dist.take(rows, x), weights, rows) +
+                s.kl_weight * posterior.kl().float().mean() / x[0].numel())
 
     def export(step, weights):
         state = {("first_stage_model." + k): v for k, v in weights.items()}
@@ -171,11 +174,16 @@ def object_weights(images: torch.Tensor, weight: float, threshold: float = 0.1) 
     return 1 + (weight - 1) * on_object.float()
 
 
-def weighted_l1(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """L1 averaged with per-pixel weights (plain L1 for None)."""
+def weighted_l1(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+                rows: slice | None = None) -> torch.Tensor:
+    """L1 averaged with per-pixel weights (plain L1 for None). With rows, pred and target are those rows of a
+    batch (one process's share), weights the whole batch's: normalised over it, as training_loss does."""
     if weights is None:
         return F.l1_loss(pred, target)
-    return ((pred - target).abs() * weights).sum() / (weights.sum() * pred.shape[1])
+    if rows is None:
+        return ((pred - target).abs() * weights).sum() / (weights.sum() * pred.shape[1])
+    share = weights.sum() * len(pred) / len(weights)
+    return ((pred - target).abs() * weights[rows]).sum() / (share * pred.shape[1])
 
 
 @dataclass
@@ -234,7 +242,8 @@ def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = T
         g = torch.Generator().manual_seed(step * 131 + micro)
         z = sample_posterior(cache[0][idx], cache[1][idx], g, s.latent_noise / scale)
         weights = object_weights(images[idx], s.object_weight) if s.object_weight != 1 else None
-        return weighted_l1(vae.decode(z).float(), images[idx], weights)
+        rows = dist.rows(len(idx))
+        return weighted_l1(vae.decode(dist.take(rows, z)).float(), dist.take(rows, images[idx]), weights, rows)
 
     def export(step, weights):
         with _swapped(vae, weights):
@@ -249,6 +258,15 @@ def train_vae_decoder(cfg: TrainConfig, resume: bool = False, progress: bool = T
         contact_sheet(to_pil(torch.cat([images[:8], recon.clamp(-1, 1)]))).save(out / "samples" / f"vae-decoder-{step:06d}.png")
 
     return train(cfg, trained, loss_fn, resume, sample, export, progress)
+
+
+def posterior_rows(posterior, g: torch.Generator, n: int, rows: slice | None) -> torch.Tensor:
+    """A sample of the posterior of `rows` of a batch of n (dist.rows; None: the whole batch), with the noise
+    drawn for all n, so that each row gets the same numbers whatever the split."""
+    if rows is None:
+        return posterior.sample(g)
+    noise = torch.randn((n, *posterior.mean.shape[1:]), generator=g, dtype=posterior.mean.dtype)
+    return posterior.mean + posterior.std * noise[rows]
 
 
 def sample_posterior(mean: torch.Tensor, std: torch.Tensor, g: torch.Generator, max_noise: float = 0.0) -> torch.Tensor:
@@ -329,8 +347,9 @@ def train_clip(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
         else:
             images, captions = batch(ds, cfg, step, micro)
             target = torch.eye(len(captions))
-        t = F.normalize(text.pooled(tokenizer(captions)).float(), dim=-1)
-        v = F.normalize(vision(images).float(), dim=-1)
+        rows = dist.rows(len(captions))  # each process encodes its rows; the logits compare them with all
+        t = dist.gather(F.normalize(text.pooled(tokenizer(dist.take(rows, captions))).float(), dim=-1))
+        v = dist.gather(F.normalize(vision(dist.take(rows, images)).float(), dim=-1))
         logits = logit_scale.clamp(max=4.6052).exp() * t @ v.T  # temperature capped at 100, as CLIP
         # cross-entropy against the images each caption fits (the diagonal, and any other image that shows
         # every attribute the caption states) and the captions each image fits
@@ -424,6 +443,7 @@ def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
 
     def loss_fn(step, micro):
         g = torch.Generator().manual_seed(step * 7919 + micro)
+        rows = dist.rows(cfg.batch_size)
         if cache is not None:  # the frozen VAE's posteriors, computed once
             rng = random.Random(f"{cfg.seed}:{step}:{micro}")
             idx = [rng.randrange(len(cache[2])) for _ in range(cfg.batch_size)]
@@ -433,14 +453,15 @@ def train_unet(cfg: TrainConfig, resume: bool = False, progress: bool = True) ->
         else:
             weights = None
             images, captions = batch(ds, cfg, step, micro)
-            with torch.no_grad():
-                latents = sd.vae.encode(images).sample(g) * scale
+            with torch.no_grad():  # each process encodes its rows; the UNet's loss needs the whole batch's
+                latents = dist.gather(posterior_rows(sd.vae.encode(dist.take(rows, images)), g, len(images), rows))
+                latents = latents * scale
         rng = random.Random(f"empty:{cfg.seed}:{step}:{micro}")
         captions = ["" if rng.random() < s.empty_caption else c for c in captions]
         with torch.no_grad():
             context = sd.text_encoder(sd.tokenizer(captions))
         return training_loss(sd.unet, latents, context, mc.prediction, generator=g, weights=weights,
-                             snr_gamma=s.snr_gamma)
+                             snr_gamma=s.snr_gamma, rows=rows)
 
     def export(step, weights):
         with _swapped(sd.unet, {k[5:]: v for k, v in weights.items()}):
@@ -578,10 +599,13 @@ def train_taesd(cfg: TrainConfig, resume: bool = False, progress: bool = True) -
         g = torch.Generator().manual_seed(step * 31 + micro)
         latents = sample_posterior(cache[0][idx], cache[1][idx], g) * scale
         target = (images[idx] + 1) / 2
-        loss = weighted_l1(decoder(latents).float(), target, weights_of(target))
+        rows = dist.rows(len(idx))
+        loss = weighted_l1(decoder(dist.take(rows, latents)).float(), dist.take(rows, target), weights_of(target), rows)
         if n_gen:
             gi = [rng.randrange(len(generated)) for _ in range(n_gen)]
-            loss = (loss + weighted_l1(decoder(generated[gi]).float(), targets[gi], weights_of(targets[gi]))) / 2
+            rows = dist.rows(n_gen)
+            loss = (loss + weighted_l1(decoder(dist.take(rows, generated[gi])).float(), dist.take(rows, targets[gi]),
+                                       weights_of(targets[gi]), rows)) / 2
         return loss
 
     def export(step, weights):
@@ -691,7 +715,9 @@ def train_controlnet(cfg: TrainConfig, resume: bool = False, progress: bool = Tr
         captions = [_control_caption(cache[2][i], rng, s) for i in idx]
         with torch.no_grad():
             context = sd.text_encoder(sd.tokenizer(captions))
-        return training_loss(controlled(hints[idx].float() / 255), latents, context, mc.prediction, generator=g)
+        rows = dist.rows(len(idx))
+        return training_loss(controlled(dist.take(rows, hints[idx]).float() / 255), latents, context, mc.prediction,
+                             generator=g, rows=rows)
 
     def export(step, weights):
         from ..weights import save_controlnet
