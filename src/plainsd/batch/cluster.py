@@ -38,7 +38,10 @@ def run_ray(jobs: list, painter_args: tuple, address: str, workers: int | None, 
                              f"or use --ray local for one on this machine only") from None
     pool = None
     try:
-        n = workers or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cpus < threads:  # (an actor no machine can hold would wait for ever)
+            raise BatchError(f"each actor asks for {threads} CPUs (--threads), and the Ray cluster has {cpus:g}")
+        n = workers or max(1, int(cpus // threads))
         pool = _Pool(ray, min(n, len(jobs)), threads, painter_args)
         return pool.run(jobs, on_drawn)
     finally:
