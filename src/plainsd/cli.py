@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   plainsd detect canny photo.jpg -o edges.png --width 512 --height 768 --pixel-perfect
   plainsd detect openpose_json pose.json -o pose.png
   plainsd serve --models-dir models --port 7860
+  plainsd batch requests.jsonl -o out --workers 2 --threads 1
 """
 
 
@@ -250,6 +251,34 @@ def _detect_args(sub) -> None:
     p.add_argument("--debug", action="store_true")
 
 
+def _batch_args(sub):
+    p = sub.add_parser("batch", help="draw a JSON-lines file of A1111 requests, locally or on a Ray cluster",
+                       description="One A1111 txt2img or img2img request (the JSON /sdapi/v1/txt2img or img2img "
+                                   "takes) per line. Pictures and OUT/manifest.jsonl are written as requests finish; "
+                                   "a rerun skips what the manifest holds (see docs/batch.md).")
+    p.add_argument("requests", help="the .jsonl file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the output folder")
+    p.add_argument("--model", default=None, help="checkpoint file or diffusers folder; default: the shipped model")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes, each loading the model once (default 1: this process); with --ray, "
+                        "actors (default: as many as the cluster's CPUs hold)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: the cores shared out; with --ray, 1: the CPUs each "
+                        "actor reserves)")
+    p.add_argument("--ray", default=None, metavar="auto|local|ADDRESS",
+                   help="run on Ray (pip install 'plainsd[ray]'): auto = the cluster this machine is in, local = a "
+                        "new one on this machine, else the head's address")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="the networks' number format; auto = bf16 where the CPU that runs the batch has it")
+    p.add_argument("--backend", choices=["eager", "openvino"], default="eager")
+    p.add_argument("--lora-dir", default=None, help="folder of LoRA files for <lora:name:weight> in prompts")
+    p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings")
+    p.add_argument("--styles", default=None, metavar="PATH", help="A1111's styles.csv for the requests' styles")
+    p.add_argument("--controlnet-dir", default=None, help="folder of ControlNet models the requests' units name")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plainsd", description="Stable Diffusion in plain PyTorch, on the CPU.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -401,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A1111's styles.csv (or a folder of .csv files, or a wildcard) for the requests' styles")
     _runtime_args(p)
     p.add_argument("--debug", action="store_true")
+    _batch_args(sub)
     p = sub.add_parser("demo", help="draw one picture with the default model and say where it is")
     p.add_argument("-o", "--output", default="outputs/demo.png")
     p.add_argument("--debug", action="store_true")
@@ -748,6 +778,33 @@ def _serve(args) -> int:
     return 0
 
 
+def _batch(args) -> int:
+    from plainsd.batch import MANIFEST, BatchError, run_batch
+
+    started = time.perf_counter()
+    try:
+        summary = run_batch(args.requests, args.output, model=args.model, workers=args.workers, threads=args.threads,
+                            ray=args.ray, precision=args.precision, backend=args.backend, lora_dir=args.lora_dir,
+                            embeddings_dir=args.embeddings_dir, styles=args.styles,
+                            controlnet_dir=args.controlnet_dir, progress=not args.quiet)
+    except BatchError as e:
+        if args.debug:
+            raise
+        print(f"plainsd: error: {e}", file=sys.stderr)
+        return 1
+    manifest = Path(args.output) / MANIFEST
+    if not summary.drawn and not summary.failed:
+        print(f"nothing to do: all {summary.requests} request(s) are in {manifest}")
+        return 0
+    print(f"drew {summary.drawn} request(s), {summary.pictures} picture(s), in {time.perf_counter() - started:.1f} s "
+          f"into {args.output}; {summary.skipped} skipped (already in {manifest})"
+          + (f"; {summary.resent} sent again after a worker died" if summary.resent else ""))
+    if summary.failed:
+        raise ValueError(f"{len(summary.failed)} request(s) could not be drawn ({summary.failed[0]}); the others are "
+                         f"written, and a rerun tries these again")
+    return 0
+
+
 def _train(args) -> int:
     import torch
 
@@ -858,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate, "xyz": _xyz,
                 "png-info": _png_info, "detect": _detect,
-                "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "lora": _lora, "finetune": _finetune}
+                "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "batch": _batch, "lora": _lora, "finetune": _finetune}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, CheckpointError, OSError) as e:

@@ -335,6 +335,16 @@ REQUEST_SETTINGS = ("CLIP_stop_at_last_layers", *TOKEN_MERGING, *NOISE_SETTINGS,
 HONOURED_SETTINGS = ("sd_model_checkpoint", *REQUEST_SETTINGS)
 
 
+def default_options() -> dict:
+    """A1111's (and its ControlNet extension's) defaults of the settings plainsd knows: what a server starts with
+    (/sdapi/v1/options) and what `plainsd batch` maps its requests under."""
+    return {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
+            "token_merging_ratio": 0.0, "token_merging_ratio_img2img": 0.0,
+            "token_merging_ratio_hr": 0.0, "eta_noise_seed_delta": 0, "eta_ancestral": 1.0, "eta_ddim": 0.0,
+            "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0, "tiling": False,
+            "initial_noise_multiplier": 1.0, **controlnet.SETTINGS}
+
+
 def _json(value) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -72,11 +72,7 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
     if styles is not None:
         read_styles(styles)  # a missing or malformed file is reported now, not at the first request
     credentials = _parse_auth(auth)
-    options = {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
-               "outdir_samples": str(outputs), "token_merging_ratio": 0.0, "token_merging_ratio_img2img": 0.0,
-               "token_merging_ratio_hr": 0.0, "eta_noise_seed_delta": 0, "eta_ancestral": 1.0, "eta_ddim": 0.0,
-               "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0, "tiling": False,
-               "initial_noise_multiplier": 1.0, **controlnet.SETTINGS}  # A1111's (and its ControlNet extension's) defaults
+    options = {**api.default_options(), "outdir_samples": str(outputs)}
     server = Server(ModelStore(model, models_dir, precision, backend), JobQueue(max_queue), limits or api.Limits(),
                     options, Path(outputs), lora_dir, embeddings_dir, bool(credentials),
                     None if styles is None else str(styles), None if controlnet_dir is None else str(controlnet_dir))
