@@ -131,3 +131,21 @@ def test_a_killed_process_is_restarted_and_the_run_ends_as_if_it_never_was(bases
     made = "model.safetensors" if network == "unet" else "lora.safetensors"
     whole, again = (load_file(str(tmp_path / d / made)) for d in ("whole", "killed"))
     assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
+
+
+@pytest.mark.slow
+def test_a_run_goes_on_with_another_number_of_processes(bases, tmp_path):
+    """2 steps as one process, then 2 more under torchrun with two (--resume): the run of 4 steps one process
+    trains, to float rounding (losses) and within the learning rate (weights), as above."""
+    files = json.loads(bases.read_text())
+    config = {"network": "unet", "steps": 4, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2, "model": TINY,
+              "data": DATA, "extra": {"vae": files["vae"], "clip": files["clip"], "latent_cache": 8}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    train = ["-m", "plainsd", "train", "unet", "--config", "config.json", "--quiet"]
+    run([sys.executable, *train, "--out", "alone"], tmp_path)
+    run([sys.executable, *train, "--out", "mixed", "--steps", "2"], tmp_path)
+    run(torchrun(*train, "--out", "mixed", "--resume"), tmp_path)
+    (alone, loss_alone), (mixed, loss_mixed) = trained(tmp_path / "alone"), trained(tmp_path / "mixed")
+    assert len(loss_alone) == len(loss_mixed) == 4 and loss_alone[:2] == loss_mixed[:2]
+    assert max(abs(a - b) / abs(a) for a, b in zip(loss_alone, loss_mixed)) <= 1e-5, (loss_alone, loss_mixed)
+    assert max(float((a - b).abs().max()) for a, b in zip(alone.values(), mixed.values())) <= 1e-3
