@@ -125,8 +125,8 @@ class StepModule(torch.nn.Module):
 
 
 def data_parallel(params: dict[str, torch.nn.Parameter], loss_fn):
-    """loss_fn itself for one process; else a DDP module whose call computes the loss and, in backward,
-    averages the gradients (no_sync() skips that on the micro-batches before the last)."""
+    """None for one process; else a DDP module whose call computes loss_fn's loss and, in backward, averages
+    the gradients over the processes (its no_sync() skips that on the micro-batches before the last)."""
     if size() == 1:
         return None
     from torch.nn.parallel import DistributedDataParallel
