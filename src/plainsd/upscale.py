@@ -49,6 +49,8 @@ REALESRGAN_NAMES = {
 TILE, TILE_OVERLAP = 192, 8   # A1111's defaults of ESRGAN_tile and ESRGAN_tile_overlap (pixels of the input)
 MAX_PASSES = 3                # A1111's Upscaler.upscale runs a model at most three times to reach a scale
 CACHE_SIZE = 2                # upscaler models kept loaded, the most recently used last
+# convolution-only architectures, run channels-last (oneDNN's fast layout on CPUs; others may .view() NCHW tensors)
+CHANNELS_LAST = ("ESRGAN", "Compact", "SPAN")
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,8 @@ def load_upscaler(path: str | os.PathLike):
     if model.input_channels != 3 or model.output_channels != 3:
         raise CheckpointError(f"{path.name} takes {model.input_channels}-channel pictures; plainsd upscales RGB ones")
     model.model.float().eval()
+    if model.architecture.id in CHANNELS_LAST:
+        model.model.to(memory_format=torch.channels_last)
     with _LOCK:
         _LOADED[key] = model
         while len(_LOADED) > CACHE_SIZE:
@@ -247,9 +251,11 @@ def run_model(model, image: torch.Tensor, tile: int = TILE, tile_overlap: int = 
         raise ValueError(f"unknown precision {precision!r}; known: auto, bf16, fp32")
     check_tiling(tile, tile_overlap)
 
+    layout = torch.channels_last if model.architecture.id in CHANNELS_LAST else torch.contiguous_format
+
     def one(piece):
         with torch.inference_mode(), _autocast(model, precision):
-            return model(piece[None].contiguous())[0].float()
+            return model(piece[None].contiguous(memory_format=layout))[0].float().contiguous()
 
     if tile == 0:
         return one(image)
