@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   plainsd png-info circle.png
   plainsd detect canny photo.jpg -o edges.png --width 512 --height 768 --pixel-perfect
   plainsd detect openpose_json pose.json -o pose.png
+  plainsd merge a.safetensors b.safetensors --method weighted-sum --multiplier 0.3 -o merged.safetensors
   plainsd serve --models-dir models --port 7860
   plainsd batch requests.jsonl -o out --workers 2 --threads 1
 """
@@ -251,6 +252,22 @@ def _detect_args(sub) -> None:
     p.add_argument("--debug", action="store_true")
 
 
+def _merge_args(sub):
+    p = sub.add_parser("merge", help="A1111's checkpoint merger: weighted sum, add difference, VAE bake-in, fp16",
+                       description="(1-M)*A + M*B (weighted-sum) or A + M*(B-C) (add-difference), as A1111's merger; "
+                                   "the merge recipe goes into the file's metadata (sd_merge_recipe).")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="A and B (and C for add-difference): checkpoint files")
+    p.add_argument("--method", default="weighted-sum", choices=["weighted-sum", "add-difference", "none"],
+                   help="none: A alone (to bake in a VAE, halve or drop tensors)")
+    p.add_argument("--multiplier", "-M", type=float, default=0.3, help="M (A1111's default 0.3)")
+    p.add_argument("--vae", default=None, help="a VAE file or folder to bake in (replaces A's VAE)")
+    p.add_argument("--half", action="store_true", help="save float16 weights")
+    p.add_argument("--discard", default="", metavar="REGEX", help="drop the tensors whose keys match (e.g. model_ema)")
+    p.add_argument("-o", "--output", default=None,
+                   help="the merged .safetensors file, or a folder for A1111's name; default: A's folder")
+    p.add_argument("--debug", action="store_true")
+
+
 def _batch_args(sub):
     p = sub.add_parser("batch", help="draw a JSON-lines file of A1111 requests, locally or on a Ray cluster",
                        description="One A1111 txt2img or img2img request (the JSON /sdapi/v1/txt2img or img2img "
@@ -410,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, help="the merged checkpoint (.safetensors)")
     q.add_argument("--half", action="store_true", help="save float16 weights")
     q.add_argument("--debug", action="store_true")
+    _merge_args(sub)
     p = sub.add_parser("serve", help="an AUTOMATIC1111-compatible HTTP API and a web page")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--model", default=None, help="one checkpoint to serve (default: the shipped model)")
@@ -752,6 +770,19 @@ def _lora(args) -> int:
     return 0
 
 
+def _merge(args) -> int:
+    from plainsd.merge import merge_files
+
+    need = {"weighted-sum": 2, "add-difference": 3, "none": 1}[args.method]
+    if len(args.models) != need:
+        raise ValueError(f"--method {args.method} takes {need} model file(s) (A{', B' if need > 1 else ''}"
+                         f"{', C' if need > 2 else ''}), got {len(args.models)}")
+    out = merge_files(*args.models, output=args.output, method=args.method, multiplier=args.multiplier,
+                      half=args.half, vae=args.vae, discard=args.discard)
+    print(out)
+    return 0
+
+
 def _serve(args) -> int:
     import torch
 
@@ -915,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate, "xyz": _xyz,
                 "png-info": _png_info, "detect": _detect,
-                "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "batch": _batch, "lora": _lora, "finetune": _finetune}
+                "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "batch": _batch, "lora": _lora, "merge": _merge, "finetune": _finetune}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, CheckpointError, OSError) as e:
