@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   plainsd png-info circle.png
   plainsd detect canny photo.jpg -o edges.png --width 512 --height 768 --pixel-perfect
   plainsd detect openpose_json pose.json -o pose.png
+  plainsd merge a.safetensors b.safetensors --method weighted-sum --multiplier 0.3 -o merged.safetensors
   plainsd serve --models-dir models --port 7860
   plainsd batch requests.jsonl -o out --workers 2 --threads 1
 """
@@ -70,6 +71,10 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="override what the model predicts")
     p.add_argument("--lora-dir", default=None, help="folder of LoRA files, used by <lora:name:weight> in the prompt")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings, used by name in prompts")
+    p.add_argument("--vae", default=None, help="a VAE to decode with instead of the model's own: a file or diffusers "
+                                               "folder, a name in --vae-dir, Automatic or None (A1111's sd_vae)")
+    p.add_argument("--vae-dir", default=None, help="folder of VAE files (A1111's models/VAE); with it, --vae defaults "
+                                                   "to Automatic: a VAE whose name starts with the model's")
     _style_args(p)
     _controlnet_args(p)
     _runtime_args(p)
@@ -291,6 +296,22 @@ def _detect_args(sub) -> None:
     p.add_argument("--debug", action="store_true")
 
 
+def _merge_args(sub):
+    p = sub.add_parser("merge", help="A1111's checkpoint merger: weighted sum, add difference, VAE bake-in, fp16",
+                       description="(1-M)*A + M*B (weighted-sum) or A + M*(B-C) (add-difference), as A1111's merger; "
+                                   "the merge recipe goes into the file's metadata (sd_merge_recipe).")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="A and B (and C for add-difference): checkpoint files")
+    p.add_argument("--method", default="weighted-sum", choices=["weighted-sum", "add-difference", "none"],
+                   help="none: A alone (to bake in a VAE, halve or drop tensors)")
+    p.add_argument("--multiplier", "-M", type=float, default=0.3, help="M (A1111's default 0.3)")
+    p.add_argument("--vae", default=None, help="a VAE file or folder to bake in (replaces A's VAE)")
+    p.add_argument("--half", action="store_true", help="save float16 weights")
+    p.add_argument("--discard", default="", metavar="REGEX", help="drop the tensors whose keys match (e.g. model_ema)")
+    p.add_argument("-o", "--output", default=None,
+                   help="the merged .safetensors file, or a folder for A1111's name; default: A's folder")
+    p.add_argument("--debug", action="store_true")
+
+
 def _batch_args(sub):
     p = sub.add_parser("batch", help="draw a JSON-lines file of A1111 requests, locally or on a Ray cluster",
                        description="One A1111 txt2img or img2img request (the JSON /sdapi/v1/txt2img or img2img "
@@ -453,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, help="the merged checkpoint (.safetensors)")
     q.add_argument("--half", action="store_true", help="save float16 weights")
     q.add_argument("--debug", action="store_true")
+    _merge_args(sub)
     p = sub.add_parser("serve", help="an AUTOMATIC1111-compatible HTTP API and a web page")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--model", default=None, help="one checkpoint to serve (default: the shipped model)")
@@ -469,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings")
     p.add_argument("--controlnet-dir", default=None,
                    help="folder of ControlNet models (A1111's models/ControlNet), offered besides the shipped one")
+    p.add_argument("--vae-dir", default=None,
+                   help="folder of VAE files (A1111's models/VAE) for the sd_vae setting (/sdapi/v1/sd-vae lists them)")
     p.add_argument("--styles", default=None, metavar="PATH",
                    help="A1111's styles.csv (or a folder of .csv files, or a wildcard) for the requests' styles")
     p.add_argument("--upscalers-dir", default=None, metavar="DIR",
@@ -494,7 +518,11 @@ def _load_model(path: str | None, prediction: str | None, precision: str = "auto
         print("plainsd: note: no default model is shipped yet; drawing with a random tiny model (expect noise). "
               "Pass --model PATH for a real checkpoint.", file=sys.stderr)
         return runtime.prepare(plainsd.build("tiny", seed=0).to(dtype), backend)
-    return runtime.prepare(plainsd.load(path, prediction=prediction, dtype=dtype), backend)
+    sd = plainsd.load(path, prediction=prediction, dtype=dtype)
+    if Path(path or DEFAULT_MODEL).is_file():
+        from plainsd.weights import short_hash
+        sd.hash = short_hash(path or DEFAULT_MODEL)  # A1111's "Model hash" in the infotext
+    return runtime.prepare(sd, backend)
 
 
 def _open_image(path: str):
@@ -559,8 +587,28 @@ def _engine(args):
         print("plainsd: with --backend openvino, --fast stops guidance early but cannot reuse UNet features "
               "(DeepCache needs the eager UNet)", file=sys.stderr)
     engine = _load_model(args.model, args.prediction, args.precision, args.backend)
+    _use_vae(engine, args)
     if tiny is not None:
         engine.use_tiny_decoder(tiny, Path(args.tiny_decoder).name)
+    return engine
+
+
+def _use_vae(engine, args, model: str | None = None):
+    """--vae and --vae-dir as A1111's --vae-path and sd_vae setting: a path, else a name the folder lists ("Automatic":
+    one named after `model`, default --model). Returns the engine."""
+    from plainsd import vaes
+    from plainsd.weights import DEFAULT_MODEL, load_vae
+
+    if args.vae is None and args.vae_dir is None:
+        return engine
+    if args.vae is not None and Path(args.vae).exists() and args.vae not in (vaes.AUTOMATIC, vaes.NONE):
+        path = Path(args.vae)
+    else:
+        found = vaes.find_vaes(args.vae_dir)
+        if args.vae_dir is None:
+            raise ValueError(f"no such VAE file or folder: {args.vae} (a name needs --vae-dir)")
+        path = vaes.resolve(args.vae, model or args.model or DEFAULT_MODEL, found)
+    engine.use_vae(load_vae(path, dtype=engine.sd.dtype) if path is not None else None)
     return engine
 
 
@@ -585,7 +633,8 @@ def _xyz(args) -> int:
         include_sub_grids=args.include_sub_grids, no_fixed_seeds=args.no_fixed_seeds, vary_seeds_x=args.vary_seeds_x,
         vary_seeds_y=args.vary_seeds_y, vary_seeds_z=args.vary_seeds_z, margin_size=args.margin_size, csv_mode=True)
     checkpoints = xyz.Checkpoints(find=_model_file,
-                                  load=lambda path: _load_model(path, args.prediction, args.precision, args.backend))
+                                  load=lambda path: _use_vae(_load_model(path, args.prediction, args.precision,
+                                                                         args.backend), args, path))
     plot = xyz.plan(request, settings, "txt2img", checkpoints)  # all of it checked before a model loads
     started = time.perf_counter()
     result = xyz.run(_engine(args), plot, checkpoints, progress=not args.quiet)
@@ -860,6 +909,19 @@ def _lora(args) -> int:
     return 0
 
 
+def _merge(args) -> int:
+    from plainsd.merge import merge_files
+
+    need = {"weighted-sum": 2, "add-difference": 3, "none": 1}[args.method]
+    if len(args.models) != need:
+        raise ValueError(f"--method {args.method} takes {need} model file(s) (A{', B' if need > 1 else ''}"
+                         f"{', C' if need > 2 else ''}), got {len(args.models)}")
+    out = merge_files(*args.models, output=args.output, method=args.method, multiplier=args.multiplier,
+                      half=args.half, vae=args.vae, discard=args.discard)
+    print(out)
+    return 0
+
+
 def _serve(args) -> int:
     import torch
 
@@ -876,7 +938,7 @@ def _serve(args) -> int:
     app = create_app(args.model, args.models_dir, auth=args.api_auth, max_queue=args.max_queue, limits=limits,
                      outputs=args.outputs, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
                      precision=args.precision, backend=args.backend, styles=args.styles,
-                     controlnet_dir=args.controlnet_dir, upscalers_dir=args.upscalers_dir)
+                     controlnet_dir=args.controlnet_dir, upscalers_dir=args.upscalers_dir, vae_dir=args.vae_dir)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"plainsd: note: listening on {args.host}, reachable from other machines"
               + ("" if args.api_auth else " without authentication (see --api-auth)"), file=sys.stderr)
@@ -1025,7 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate, "xyz": _xyz,
                 "png-info": _png_info, "detect": _detect, "upscale": _upscale, "sd-upscale": _sd_upscale,
                 "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "batch": _batch,
-                "lora": _lora, "finetune": _finetune}
+                "lora": _lora, "merge": _merge, "finetune": _finetune}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, CheckpointError, OSError) as e:

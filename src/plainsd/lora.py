@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .lycoris import IA3Layer, LoHaLayer, LoKrLayer, decompose
 from .runtime import set_weight
 from .weights import CheckpointError, _read_json, _rename, read_tensors, unet_diffusers_names
 
@@ -48,6 +49,8 @@ class LoRALayer:
     down: torch.Tensor
     up: torch.Tensor
     alpha: float | None
+    mid: torch.Tensor | None = None         # LoCon's CP decomposition of a convolution (lora_mid) [rank, rank, k, k]
+    dora_scale: torch.Tensor | None = None  # DoRA's magnitudes (dora_scale, PEFT's lora_magnitude_vector)
 
     @property
     def rank(self) -> int:
@@ -57,16 +60,23 @@ class LoRALayer:
         """up @ down * alpha / rank, shaped like the layer's weight (float32)."""
         up, down = self.up.float().flatten(1), self.down.float().flatten(1)
         scale = (self.alpha / self.rank) if self.alpha is not None else 1.0
-        d = (up @ down) * scale
+        if self.mid is not None:
+            d = torch.einsum("n m k l, i n, m j -> i j k l", self.mid.float(), up, down) * scale
+        else:
+            d = (up @ down) * scale
         if d.numel() != torch.Size(shape).numel():
             raise ValueError(f"up {list(self.up.shape)} x down {list(self.down.shape)} does not fit a weight of {list(shape)}")
         return d.reshape(shape)
+
+    def change(self, weight: torch.Tensor) -> torch.Tensor:
+        """The change to the layer's weight at strength 1 (float32)."""
+        return decompose(self.delta(weight.shape), weight, self.dora_scale)
 
 
 @dataclass
 class LoRA:
     name: str
-    layers: dict[str, LoRALayer]   # kohya name without the .lora_down/... suffix
+    layers: dict[str, LoRALayer | LoHaLayer | LoKrLayer | IA3Layer]   # kohya name without the .lora_down/... suffix
     metadata: dict
 
 
@@ -96,7 +106,7 @@ def name_table(sd) -> dict[str, tuple[str, str]]:
 _PEFT_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora.down.weight", "down"),
                   (".lora.up.weight", "up"), (".lora_linear_layer.down.weight", "down"),
                   (".lora_linear_layer.up.weight", "up"), ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
-                  (".alpha", "alpha"))
+                  (".lora_magnitude_vector.weight", "dora"), (".lora_magnitude_vector", "dora"), (".alpha", "alpha"))
 _PEFT_PREFIXES = (("unet.", "unet"), ("text_encoder.", "text_encoder"), ("base_model.model.", None))
 # diffusers' attention-processor layout names a projection after the processor's attribute (to_q_lora, to_out_lora).
 _PROCESSOR_NAMES = {"unet": {"to_out": "to_out.0"},
@@ -105,7 +115,7 @@ _KOHYA_PREFIX = {"unet": UNET_PREFIX, "text_encoder": TEXT_PREFIX}
 # The file names diffusers (save_lora_weights) and PEFT (save_pretrained) always use: such a file is named
 # after its folder, so a downloaded lcm-lora-sdv1-5/pytorch_lora_weights.safetensors is <lora:lcm-lora-sdv1-5:1>.
 GENERIC_STEMS = ("pytorch_lora_weights", "adapter_model")
-LAYOUTS = ("kohya / A1111 (lora_unet_..., lora_te_...), diffusers (unet.<path>.lora_A.weight, .lora.down.weight, "
+LAYOUTS = ("kohya / A1111 / LyCORIS (lora_unet_..., lora_te_...: LoRA, LoCon, LoHa, LoKr, (IA)^3, DoRA), diffusers (unet.<path>.lora_A.weight, .lora.down.weight, "
            ".processor.to_q_lora.down.weight) and PEFT (base_model.model.<path>.lora_A.weight)")
 
 
@@ -121,13 +131,14 @@ def read_lora(path: str | os.PathLike) -> LoRA:
     source = read_tensors(path)
     _refuse_unread(path, list(source.shapes))
     if all(k.startswith((UNET_PREFIX, TEXT_PREFIX)) for k in source.shapes):
-        found = _kohya_layers(path, source)
+        layers = {base: _kohya_layer(path, base, found, source) for base, found in _kohya_parts(path, source).items()}
     else:
-        found = _peft_layers(path, source)
-    if not found:
+        layers = {base: LoRALayer(source.get(down), source.get(up), alpha,
+                                  dora_scale=source.get(dora).flatten() if dora else None)  # (PEFT's: per row)
+                  for base, (down, up, alpha, dora) in _peft_layers(path, source).items()}
+    if not layers:
         raise CheckpointError(f"{path.name} holds no LoRA layers (expected lora_unet_... / lora_te_... or "
                               "unet.<path>.lora_A.weight keys)")
-    layers = {base: LoRALayer(source.get(down), source.get(up), alpha) for base, (down, up, alpha) in found.items()}
     return LoRA(lora_name(path), layers, source.metadata)
 
 
@@ -136,30 +147,53 @@ def _refuse_unread(path: Path, keys: list[str]):
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
         raise CheckpointError(f"{path.name} is an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 keys); "
                               "plainsd runs SD 1.x and 2.x")
-    if any("dora_scale" in k or "lora_magnitude_vector" in k for k in keys):
-        raise CheckpointError(f"{path.name} is a DoRA (dora_scale / lora_magnitude_vector keys), which plainsd does "
-                              "not read; it reads plain LoRAs")
-    if any(".hada_" in k or ".lokr_" in k for k in keys):
-        raise CheckpointError(f"{path.name} is a LyCORIS LoHa/LoKr (hada_/lokr_ keys), which plainsd does not read; "
-                              "it reads plain LoRAs (LoCon included)")
+    if any(k.endswith((".lokr_t1", ".oft_blocks", ".oft_diag", ".b_norm", ".w_norm")) for k in keys):
+        raise CheckpointError(f"{path.name} is a LyCORIS OFT / BOFT / norm file or a LoKr with lokr_t1, which plainsd "
+                              "does not read; it reads LoRA, LoCon, LoHa, LoKr, (IA)^3 and DoRA")
 
 
-def _kohya_layers(path: Path, source) -> dict[str, tuple[str, str, float | None]]:
-    """kohya name -> (down key, up key, alpha) for a kohya / A1111 file."""
+# The parts of a layer in kohya / LyCORIS files, by key suffix: LoRA / LoCon, LoHa, LoKr, (IA)^3 and DoRA's.
+_KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale", "hada_w1_a",
+                "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b",
+                "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "weight", "on_input")
+
+
+def _kohya_parts(path: Path, source) -> dict[str, dict[str, str]]:
+    """kohya name -> {part: key} for a kohya / A1111 / LyCORIS file."""
     parts: dict[str, dict[str, str]] = {}
     others = []
     for key in source.shapes:
         base, _, kind = key.partition(".")
-        if kind in ("lora_down.weight", "lora_up.weight", "alpha"):
-            parts.setdefault(base, {})[kind.split(".")[0].removeprefix("lora_")] = key
+        if kind in _KOHYA_PARTS:
+            parts.setdefault(base, {})[kind] = key
         else:
             others.append(key)
     if others:
         kinds = sorted({k.partition(".")[2] for k in others})[:4]
         raise CheckpointError(f"{path.name} is not a LoRA plainsd reads: it has keys like {others[0]!r} "
                               f"({', '.join(kinds)}); it reads {LAYOUTS}")
-    return {base: _pair(path, base, found, float(source.get(found["alpha"])) if "alpha" in found else None)
-            for base, found in parts.items()}
+    return parts
+
+
+def _kohya_layer(path: Path, base: str, found: dict[str, str], source):
+    """One layer of a kohya / LyCORIS file, of the kind its parts show (A1111's order of trying them)."""
+    get = {part: source.get(key) for part, key in found.items()}
+    alpha = float(get["alpha"]) if "alpha" in get else None
+    if all(f"hada_{w}" in get for w in ("w1_a", "w1_b", "w2_a", "w2_b")):
+        return LoHaLayer(get["hada_w1_a"], get["hada_w1_b"], get["hada_w2_a"], get["hada_w2_b"], alpha,
+                         get.get("hada_t1"), get.get("hada_t2"), get.get("dora_scale"))
+    has = [f"lokr_w{i}" in get or (f"lokr_w{i}_a" in get and f"lokr_w{i}_b" in get) for i in (1, 2)]
+    if all(has):
+        return LoKrLayer(get.get("lokr_w1"), get.get("lokr_w1_a"), get.get("lokr_w1_b"), get.get("lokr_w2"),
+                         get.get("lokr_w2_a"), get.get("lokr_w2_b"), alpha, get.get("lokr_t2"), get.get("dora_scale"))
+    for kind, prefix in (("LoHa", "hada_"), ("LoKr", "lokr_")):
+        if any(part.startswith(prefix) for part in get):
+            raise CheckpointError(f"{path.name}: {kind} layer {base} lacks some of its {prefix}* tensors (it has "
+                                  f"{', '.join(sorted(get))})")
+    if "weight" in get:
+        return IA3Layer(get["weight"], bool(get["on_input"].item()) if "on_input" in get else False)
+    down, up, _ = _pair(path, base, {k.split(".")[0].removeprefix("lora_"): key for k, key in found.items()}, alpha)
+    return LoRALayer(source.get(down), source.get(up), alpha, get.get("lora_mid.weight"), get.get("dora_scale"))
 
 
 def _pair(path: Path, base: str, found: dict[str, str], alpha: float | None) -> tuple[str, str, float | None]:
@@ -189,8 +223,9 @@ def _parse_peft_key(key: str) -> tuple[str, str, str] | None:
     return net, stem, part
 
 
-def _peft_layers(path: Path, source) -> dict[str, tuple[str, str, float | None]]:
-    """kohya name -> (down key, up key, alpha) for a diffusers or PEFT file; alpha / rank is PEFT's scale."""
+def _peft_layers(path: Path, source) -> dict[str, tuple[str, str, float | None, str | None]]:
+    """kohya name -> (down key, up key, alpha, DoRA magnitude key) for a diffusers or PEFT file; alpha / rank is
+    PEFT's scale."""
     parts: dict[str, dict[str, str]] = {}
     modules: dict[str, tuple[str, str]] = {}
     for key in source.shapes:
@@ -208,7 +243,10 @@ def _peft_layers(path: Path, source) -> dict[str, tuple[str, str, float | None]]
         net, module = modules[base]
         if net in configs:
             alpha = _peft_alpha(configs[net], module, source.shapes[down][0])
-        out[base] = (down, up, alpha)
+        if configs.get(net, {}).get("use_dora") and "dora" not in found:
+            raise CheckpointError(f"{path.name}: its config says use_dora, but layer {module} has no "
+                                  "lora_magnitude_vector")
+        out[base] = (down, up, alpha, found.get("dora"))
     return out
 
 
@@ -234,9 +272,9 @@ def _peft_configs(path: Path, source) -> dict[str, dict]:
     else:
         return {}
     for config in configs.values():
-        if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-            kind = "a DoRA" if config.get("use_dora") else f"a PEFT {config.get('peft_type')} adapter"
-            raise CheckpointError(f"{path.name} is {kind}, which plainsd does not read; it reads plain LoRAs")
+        if config.get("peft_type", "LORA") != "LORA":
+            raise CheckpointError(f"{path.name} is a PEFT {config.get('peft_type')} adapter, which plainsd does not "
+                                  "read; it reads PEFT's LoRA (DoRA included)")
     return configs
 
 
@@ -268,7 +306,7 @@ def deltas(sd, lora: LoRA, weight: float = 1.0) -> dict[tuple[str, str], torch.T
         net, module_name = table[key]
         module = getattr(sd, net).get_submodule(module_name)
         try:
-            d = layer.delta(module.weight.shape)
+            d = layer.change(_weight(module))
         except ValueError as e:
             raise CheckpointError(f"LoRA {lora.name}, layer {key}: {e}") from None
         out[(net, module_name + ".weight")] = d * weight
@@ -297,6 +335,11 @@ def merge(sd, lora: LoRA, weight: float = 1.0):
     """Add the LoRA into the model's weights for good (what `plainsd lora merge` saves)."""
     _add(sd, deltas(sd, lora, weight))
     return sd
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """A layer's weight as a plain tensor (runtime may hold it packed: set_weight's counterpart reads it back)."""
+    return module.weight.detach()
 
 
 def _layer(sd, key: tuple[str, str]) -> nn.Module:

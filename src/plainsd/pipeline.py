@@ -284,7 +284,7 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
         cfg_scale=req.cfg_scale, guidance_until=guidance_until, seed=req.first_seed(), width=width, height=height,
         batch_size=req.batch_size, batch_count=req.batch_count, clip_skip=req.clip_skip or sd.config.text.clip_skip,
         denoising_strength=req.strength if init is not None else (hires.strength if hires else None),
-        model=sd.name, model_hash=sd.hash,
+        model=sd.name, model_hash=sd.hash, vae_name=getattr(sd.vae, "name", None), vae_hash=getattr(sd.vae, "hash", None),
         deepcache=fast.deepcache_interval if deepcache else None, tiny_decoder=tiny is not None,
         token_merging=req.token_merging or None, hires=hires,
         hires_sampler=hr_info.name if hires else None, hires_schedule=hr_schedule, **_seed_fields(req, [info, *([hr_info] if hires else [])]))

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 # The order A1111 writes the fields in.
-FIELDS = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
+FIELDS = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "VAE hash", "VAE",
           "Variation seed", "Variation seed strength", "Seed resize from",
           "Denoising strength", "Clip skip", "Mask blur", "ENSD", "Version")
 

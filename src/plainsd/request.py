@@ -485,6 +485,8 @@ class Parameters:
     denoising_strength: float | None   # img2img's, or the hires fix's second pass's
     model: str
     model_hash: str | None
+    vae_name: str | None = None        # a VAE file used instead of the model's own (A1111's "VAE"), and its short hash
+    vae_hash: str | None = None
     deepcache: int | None = None       # fast mode's interval between whole UNet passes
     tiny_decoder: bool = False
     token_merging: float | None = None
@@ -508,7 +510,7 @@ class Parameters:
         return infotext(self.prompt, self.negative_prompt, **{
             "Steps": self.steps, "Sampler": self.sampler, "Schedule type": schedule_label(self.schedule),
             "CFG scale": float(self.cfg_scale), "Seed": seed, "Size": f"{self.width}x{self.height}",
-            "Model hash": self.model_hash, "Model": self.model,
+            "Model hash": self.model_hash, "Model": self.model, "VAE hash": self.vae_hash, "VAE": self.vae_name,
             "Variation seed": (self.subseed if subseed is None else subseed) if varied else None,
             "Variation seed strength": self.subseed_strength if varied else None,
             "Seed resize from": "{}x{}".format(*self.seed_resize_from) if self.seed_resize_from else None,

@@ -9,6 +9,7 @@ CheckpointError that names the problem and the first few keys, never a silent pa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -22,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import AdapterConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig
-from .models import StableDiffusion
+from .models import AutoencoderKL, StableDiffusion
 from .models.controlnet import HINT_CHANNELS, ControlNet
 from .models.t2i_adapter import UNSHUFFLE, T2IAdapter
 from .models.taesd import TinyDecoder
@@ -694,6 +695,104 @@ def load_tiny_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float3
                               f"{len(wrong)} tensors missing or misshaped (e.g. {wrong[0]})")
     decoder.load_state_dict({k: state[k].to(dtype) for k in expected})
     return decoder.to(dtype).eval().requires_grad_(False)
+
+
+# --- file hashes, as A1111 shows them -----------------------------------------------------------------
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file (hex): A1111's "sha256" of a checkpoint; its first 10 digits are the short hash
+    that infotexts write as "Model hash" and "VAE hash"."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def short_hash(path: str | os.PathLike) -> str:
+    """A1111's short hash of a file: the first 10 hex digits of its SHA-256."""
+    return file_sha256(path)[:10]
+
+
+def legacy_hash(path: str | os.PathLike) -> str:
+    """A1111's old model hash (its merge recipes keep it as legacy_hash): the first 8 hex digits of the SHA-256
+    of the 64 KiB at offset 1 MiB."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+# --- VAE files ----------------------------------------------------------------------------------------
+
+# What a VAE file may carry besides the VAE (A1111's load_vae_dict drops the same: the training loss's
+# discriminator and the EMA bookkeeping)
+_VAE_META = "plainsd.vae_config"  # what save_vae (and `plainsd train vae`) record of a VAE beside its tensors
+_VAE_EXTRA = re.compile(r"^(loss\..*|model_ema\.decay|model_ema\.num_updates)$")
+
+
+def vae_tensors(path: str | os.PathLike) -> tuple[VAEConfig, TensorSource]:
+    """A VAE's config and its tensors under plainsd's (the original) names without a prefix, from: a VAE file in
+    the original layout (vae-ft-mse-840000-ema-pruned: encoder.*, decoder.*, quant_conv.*), the same under
+    first_stage_model. (a whole checkpoint's VAE too), a diffusers AutoencoderKL file, or a diffusers AutoencoderKL
+    folder (config.json and its weights)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file() or _read_json(path / "config.json").get("_class_name") != "AutoencoderKL":
+            raise CheckpointError(f"{path} is not a diffusers AutoencoderKL folder (its config.json is missing or "
+                                  "names another class)")
+        source = read_tensors(_component_file(path))
+    elif path.exists():
+        source = read_tensors(path)
+    else:
+        raise CheckpointError(f"no such VAE file or folder: {path}")
+    keys = [k for k in source.shapes if not _VAE_EXTRA.match(k)]
+    if any(k.startswith(VAE) for k in keys):
+        keys = [k for k in keys if k.startswith(VAE)]
+        names = {k[len(VAE):]: k for k in keys}
+    else:
+        names = {k: k for k in keys}
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in names:  # diffusers' names
+        levels = len({k.split(".")[2] for k in names if k.startswith("encoder.down_blocks.")})
+        blocks = len({k.split(".")[4] for k in names if k.startswith("encoder.down_blocks.0.resnets.")})
+        pairs = vae_diffusers_names(VAEConfig(ch_mult=(1,) * levels, num_res_blocks=blocks))
+        names = {(_rename(k, pairs) or "?" + k): key for k, key in names.items()}
+    if "encoder.conv_in.weight" not in names or "post_quant_conv.weight" not in names:
+        raise CheckpointError(f"{path.name} is not a VAE: it has no encoder.conv_in / post_quant_conv tensors "
+                              f"(with or without {VAE}); it looks like {_looks_like(set(source.shapes))}")
+    source = _renamed(source, names)
+    meta = source.metadata  # plainsd's own files say what the shapes cannot (the norm groups)
+    if "plainsd.config" in meta:
+        return infer_config({}, meta)[0].vae, source
+    if _VAE_META in meta:
+        try:
+            return ModelConfig.from_dict({"vae": json.loads(meta[_VAE_META])}).vae, source
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path.name}: its {_VAE_META} metadata is unreadable: {e}") from None
+    return _vae_config({VAE + k: s for k, s in source.shapes.items()}), source
+
+
+def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """A VAE file or folder (vae_tensors' layouts) as plainsd's AutoencoderKL, loaded strictly with shape checks.
+    Its .name is the file's name (A1111's "VAE" infotext entry) and its .hash A1111's short hash of the file."""
+    path = Path(path)
+    cfg, source = vae_tensors(path)
+    with torch.device("meta"):
+        vae = AutoencoderKL(cfg)
+    state = _strict_state(vae, source, f"{path.name} does not fit the VAE it looks like", dtype)
+    vae.load_state_dict(state, strict=True, assign=True)
+    vae.name = path.name
+    vae.hash = short_hash(_component_file(path) if path.is_dir() else path)
+    return vae.eval().requires_grad_(False)
+
+
+def save_vae(vae: AutoencoderKL, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write a VAE as one .safetensors file in the original layout without a prefix (as the VAE files people share,
+    which A1111's models/VAE folder holds), whole or not at all. dtype: e.g. torch.float16; default: the VAE's."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"plainsd saves .safetensors files only; got {path.name!r}")
+    state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v) for k, v in vae.state_dict().items()}
+    return write_safetensors(state, path, {"format": "pt", _VAE_META: json.dumps(dataclasses.asdict(vae.config))})
 
 
 # --- ControlNet files -------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_unknown_fields_and_unsupported_features_are_refused(client):
     ({"enable_hr": True, "hr_sampler_name": "Nope"}, 'hr_sampler_name: unknown sampler "Nope"'),
     ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "both passes with the same model"),
     ({"enable_hr": True, "denoising_strength": 1.5}, "denoising_strength should be less than or equal to 1, got 1.5"),
-    ({"override_settings": {"sd_vae": "other.pt"}}, "override_settings: plainsd does not act on sd_vae; it takes"),
+    ({"override_settings": {"sd_vae": "other.pt"}}, "sd_vae: unknown VAE 'other.pt'; sd_vae takes Automatic, None"),
     ({"sampler_name": "Euler", "sampler_index": "Euler a"}, "name different samplers; send sampler_name alone"),
     ("not a dict", "the request body should be a valid dictionary"),
 ])

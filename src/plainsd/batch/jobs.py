@@ -99,6 +99,9 @@ def _request(req, kind: str, setup: Setup, api) -> GenerationRequest:
                          "(plainsd serve runs them)")
     if (req.override_settings or {}).get("sd_model_checkpoint"):
         raise ValueError("override_settings.sd_model_checkpoint: a batch draws every line with one model (--model)")
+    if (req.override_settings or {}).get("sd_vae", "Automatic") != "Automatic":
+        raise ValueError("override_settings.sd_vae: a batch draws every line with its model's own VAE, so only "
+                         "'Automatic' is accepted")
     if req.do_not_save_samples:
         raise ValueError("do_not_save_samples: a batch writes every picture it draws, so only false is accepted")
     request = api.generation_request(req, kind, api.Limits(), api.default_options(), setup.backend, setup.styles,

@@ -55,6 +55,25 @@ class Engine:
                              f"have {self.sd.config.vae.z_channels}")
         self.tiny_decoder = decoder.to(self.sd.vae.dtype)
 
+    def use_vae(self, vae=None) -> None:
+        """Encode and decode with this VAE (weights.load_vae), readied as prepare() readies the model's own; None:
+        the model's own VAE again (A1111's "None", and "Automatic" with no VAE named after the model)."""
+        base = getattr(self, "base_vae", None) or self.sd.vae
+        self.base_vae = base
+        if vae is None:
+            self.sd.vae = base
+            return
+        if (vae.config.z_channels, vae.config.factor) != (base.config.z_channels, base.config.factor):
+            raise ValueError(f"the VAE {getattr(vae, 'name', '')} makes {vae.config.z_channels}-channel latents "
+                             f"{vae.config.factor}x smaller; this model's are {base.config.z_channels}-channel, "
+                             f"{base.config.factor}x smaller")
+        if getattr(vae, "prepared", False) is not True:
+            vae.to(dtype=base.dtype, memory_format=torch.channels_last)
+            use_runtime_attention(vae)
+            pack_weights(vae)
+            vae.prepared = True
+        self.sd.vae = vae
+
     def __repr__(self) -> str:
         return f"Engine({self.sd!r}, backend={self.backend!r})"
 

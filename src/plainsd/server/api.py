@@ -332,7 +332,7 @@ NOISE_SETTINGS = ("eta_ancestral", "eta_ddim", "s_churn", "s_tmin", "s_tmax", "s
 REQUEST_SETTINGS = ("CLIP_stop_at_last_layers", *TOKEN_MERGING, *NOISE_SETTINGS, "initial_noise_multiplier",
                     *controlnet.SETTINGS, "ESRGAN_tile", "ESRGAN_tile_overlap")
 # ... and with the model (app.py), every setting plainsd acts on
-HONOURED_SETTINGS = ("sd_model_checkpoint", *REQUEST_SETTINGS)
+HONOURED_SETTINGS = ("sd_model_checkpoint", "sd_vae", *REQUEST_SETTINGS)
 
 
 def default_options() -> dict:
@@ -637,7 +637,7 @@ def info_json(req: ProcessingRequest, result, request: GenerationRequest, sd) ->
         "sampler_name": p.sampler, "scheduler": schedule_label(p.schedule), "cfg_scale": p.cfg_scale,
         "steps": p.steps, "batch_size": p.batch_size, "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": p.model, "sd_model_hash": p.model_hash,
-        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": req.seed_resize_from_w,
+        "sd_vae_name": p.vae_name, "sd_vae_hash": p.vae_hash, "seed_resize_from_w": req.seed_resize_from_w,
         "seed_resize_from_h": req.seed_resize_from_h, "denoising_strength": p.denoising_strength,
         "extra_generation_params": {**p.sampler_fields, **p.controlnet},  # (the ControlNet extension's units too)
         "index_of_first_image": 0, "infotexts": result.infotexts, "styles": req.styles or [],

@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from plainsd import pipeline, scripts
+from plainsd import pipeline, scripts, vaes
 from plainsd.pnginfo import save_png
 from plainsd.request import LATENT_UPSCALERS
 from plainsd.styles import read_styles
@@ -62,22 +62,23 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
                outputs: str | Path = "outputs/api", lora_dir: str | Path | None = None,
                embeddings_dir: str | Path | None = None, precision: str = "auto", backend: str = "eager",
                styles: str | Path | None = None, controlnet_dir: str | Path | None = None,
-               upscalers_dir: str | Path | None = None) -> FastAPI:
+               upscalers_dir: str | Path | None = None, vae_dir: str | Path | None = None) -> FastAPI:
     """auth: "user:pass" (several separated by commas) for HTTP basic auth on every route.
     lora_dir / embeddings_dir: folders whose LoRAs (<lora:name:weight>) and embeddings prompts may use.
     controlnet_dir: a folder of ControlNet models (A1111's models/ControlNet), offered besides the shipped one.
     upscalers_dir: upscaler models (A1111's models folder with ESRGAN/, RealESRGAN/ ..., or one folder of files),
     offered besides the shipped one for Extras, the hires fix and SD upscale.
+    vae_dir: a folder of VAE files (A1111's models/VAE) for the sd_vae setting, besides the models folder's *.vae.* files.
     precision / backend: how the models run (plainsd.runtime). styles: A1111's styles.csv, a folder of such files
     or a wildcard, read again for each request (/sdapi/v1/prompt-styles lists them)."""
-    for folder in (lora_dir, embeddings_dir, controlnet_dir, upscalers_dir):
+    for folder in (lora_dir, embeddings_dir, controlnet_dir, upscalers_dir, vae_dir):
         if folder is not None and not Path(folder).is_dir():
             raise ValueError(f"folder {folder} does not exist")
     if styles is not None:
         read_styles(styles)  # a missing or malformed file is reported now, not at the first request
     credentials = _parse_auth(auth)
     options = {**api.default_options(), "outdir_samples": str(outputs)}
-    server = Server(ModelStore(model, models_dir, precision, backend), JobQueue(max_queue), limits or api.Limits(),
+    server = Server(ModelStore(model, models_dir, precision, backend, vae_dir), JobQueue(max_queue), limits or api.Limits(),
                     options, Path(outputs), lora_dir, embeddings_dir, bool(credentials),
                     None if styles is None else str(styles), None if controlnet_dir is None else str(controlnet_dir),
                     None if upscalers_dir is None else str(upscalers_dir))
@@ -140,18 +141,20 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
     store, options = server.store, server.options
     overrides = req.override_settings or {}
     entry = _find(store, overrides["sd_model_checkpoint"]) if overrides.get("sd_model_checkpoint") else store.current
+    vae_setting = overrides.get("sd_vae", options.get("sd_vae"))
+    vae = _vae(store, vae_setting, entry)
     request = api.generation_request(req, kind, server.limits, options, store.backend, server.styles_file,
                                      server.controlnet_dir, server.upscalers_dir).replace(
         lora_dir=server.lora_dir, embeddings_dir=server.embeddings_dir)
-    script = api.script_plan(req, kind, request, server.limits, _checkpoints(store))
+    script = api.script_plan(req, kind, request, server.limits, _checkpoints(store, vae_setting))
     settings = {**options, **overrides}  # (before the request's overrides may become the server's below)
     if not req.override_settings_restore_afterwards:  # A1111 keeps such overrides as its settings
         if overrides.get("sd_model_checkpoint"):
             store.select(entry.name)
-        options.update({name: overrides[name] for name in api.REQUEST_SETTINGS if name in overrides})
+        options.update({name: overrides[name] for name in (*api.REQUEST_SETTINGS, "sd_vae") if name in overrides})
 
     def work(job: Job):
-        engine = store.get(entry)
+        engine = store.get(entry, vae)
 
         def on_step(info: pipeline.StepInfo):
             job.batch_step, job.batch_steps = info.step + 1, info.total
@@ -314,7 +317,12 @@ def _list_routes(server: Server) -> APIRouter:
 
     @router.get("/sdapi/v1/sd-vae")
     async def sd_vae():
-        return []
+        return [{"model_name": name, "filename": str(path)} for name, path in store.vaes().items()]
+
+    @router.post("/sdapi/v1/refresh-vae")
+    async def refresh_vae():
+        await asyncio.to_thread(store.refresh_vaes)
+        return {}
 
     @router.get("/sdapi/v1/loras")
     async def loras():
@@ -383,6 +391,8 @@ def _settings_routes(server: Server) -> APIRouter:
         # (outdir_samples stays where the server was started with: a client does not choose where files go)
         api.check_settings(values, {**options, "sd_checkpoint_hash": store.current.sha256}, "options")
         api.check_setting_values({**options, **values}, server.limits, store.backend)
+        if "sd_vae" in values:
+            _vae(store, values["sd_vae"], store.current)
         if "sd_model_checkpoint" in values:
             store.select(_find(store, values.pop("sd_model_checkpoint")).name)
         options.update(values)
@@ -469,9 +479,19 @@ def _page_routes(server: Server) -> APIRouter:
     return router
 
 
-def _checkpoints(store: ModelStore) -> Checkpoints:
-    """The server's models, for an X/Y/Z plot's Checkpoint name axis: found by name, loaded one at a time."""
-    return Checkpoints(find=store.find, load=store.get)
+def _checkpoints(store: ModelStore, vae_setting: str | None = None) -> Checkpoints:
+    """The server's models, for an X/Y/Z plot's Checkpoint name axis: found by name, loaded one at a time, each with
+    the VAE the sd_vae setting gives it."""
+    return Checkpoints(find=store.find, load=lambda entry: store.get(entry, _vae(store, vae_setting, entry)))
+
+
+def _vae(store: ModelStore, setting, entry):
+    """The VAE file the sd_vae setting asks for with this model (None: its own); one sentence if it names none."""
+    try:
+        vaes.check_setting(setting, store.vaes())
+        return store.vae_for(setting, entry)
+    except ValueError as e:
+        raise api.BadRequest(f"sd_vae: {e}") from None
 
 
 def _find(store: ModelStore, name):

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import plainsd
-from plainsd import runtime
-from plainsd.weights import DEFAULT_MODEL
+from plainsd import runtime, vaes
+from plainsd.weights import DEFAULT_MODEL, load_vae
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt")
 
@@ -53,7 +53,7 @@ class ModelStore:
     """Finds the models, loads one at a time (lazily), switches on request."""
 
     def __init__(self, model: str | Path | None = None, models_dir: str | Path | None = None,
-                 precision: str = "auto", backend: str = "eager"):
+                 precision: str = "auto", backend: str = "eager", vae_dir: str | Path | None = None):
         runtime.choose_dtype(precision)
         if backend not in runtime.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; known: {', '.join(runtime.BACKENDS)}")
@@ -68,6 +68,9 @@ class ModelStore:
             raise ValueError(f"model {self.single} does not exist")
         self._lock = threading.Lock()
         self._hashes: dict[tuple, str] = {}
+        self.vae_dir = vae_dir
+        self._vaes = vaes.find_vaes(vae_dir, self.models_dir)  # (A1111 lists them at start and on refresh-vae)
+        self._vae: tuple[Path, object] | None = None  # the VAE file loaded last
         self._entries = self.scan()
         if not self._entries:
             raise ValueError(f"no checkpoints ({', '.join(SUFFIXES)} files or diffusers folders) in {self.models_dir}")
@@ -80,7 +83,7 @@ class ModelStore:
         elif self.models_dir is not None:
             paths = []
             for p in sorted(self.models_dir.rglob("*")):
-                if p.is_file() and p.suffix in SUFFIXES and not p.name.startswith("."):
+                if p.is_file() and p.suffix in SUFFIXES and not p.name.startswith(".") and not vaes.is_vae_file(p):
                     paths.append((p.relative_to(self.models_dir).as_posix(), p))
                 elif p.is_dir() and (p / "model_index.json").is_file():
                     paths.append((p.relative_to(self.models_dir).as_posix(), p))
@@ -98,6 +101,19 @@ class ModelStore:
         if key not in self._hashes:
             self._hashes[key] = file_sha256(path)
         return self._hashes[key]
+
+    def vaes(self) -> dict[str, Path]:
+        """name -> file: the VAEs found at start or at the last refresh_vaes (A1111's /sdapi/v1/sd-vae)."""
+        return dict(self._vaes)
+
+    def refresh_vaes(self):
+        with self._lock:
+            self._vaes = vaes.find_vaes(self.vae_dir, self.models_dir)
+
+    def vae_for(self, setting: str | None, entry: ModelEntry | None = None) -> Path | None:
+        """The VAE file the sd_vae setting asks for with this model (None: its own); an unknown name: ValueError."""
+        entry = entry or self.current
+        return vaes.resolve(setting, entry.path, self._vaes)
 
     def refresh(self):
         with self._lock:
@@ -128,18 +144,27 @@ class ModelStore:
             self.current = entry
         return entry
 
-    def get(self, entry: ModelEntry | None = None) -> runtime.Engine:
-        """The current model (or `entry`), loaded on first use and prepared to run; only one is kept in memory."""
+    def get(self, entry: ModelEntry | None = None, vae: Path | None = None) -> runtime.Engine:
+        """The current model (or `entry`), loaded on first use and prepared to run; only one is kept in memory.
+        vae: a VAE file to decode with (vae_for), or None for the model's own; the last one loaded is kept."""
         with self._lock:
-            entry = entry or self.current
-            if self._loaded is None or self._loaded[0] != entry.name:
-                self._loaded = None
-                dtype = runtime.choose_dtype(self.precision)
-                if entry.path is None:
-                    sd = plainsd.build("tiny", seed=0).to(dtype)
-                    sd.name = entry.name
-                else:
-                    sd = plainsd.load(entry.path, dtype=dtype)
-                sd.hash = entry.hash
-                self._loaded = (entry.name, runtime.prepare(sd, self.backend))
-            return self._loaded[1]
+            engine = self._engine(entry)
+            if vae is not None and (self._vae is None or self._vae[0] != vae):
+                self._vae = (vae, load_vae(vae, dtype=engine.sd.dtype))
+            engine.use_vae(self._vae[1] if vae is not None else None)
+            return engine
+
+    def _engine(self, entry: ModelEntry | None) -> runtime.Engine:
+        """The model of `entry` (default: the current one), loaded and prepared if it is not the one in memory."""
+        entry = entry or self.current
+        if self._loaded is None or self._loaded[0] != entry.name:
+            self._loaded = None
+            dtype = runtime.choose_dtype(self.precision)
+            if entry.path is None:
+                sd = plainsd.build("tiny", seed=0).to(dtype)
+                sd.name = entry.name
+            else:
+                sd = plainsd.load(entry.path, dtype=dtype)
+            sd.hash = entry.hash
+            self._loaded = (entry.name, runtime.prepare(sd, self.backend))
+        return self._loaded[1]

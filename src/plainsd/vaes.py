@@ -1,0 +1,79 @@
+"""Choosing a VAE as A1111 does (modules/sd_vae.py): its sd_vae setting, the VAE folder and the files it finds.
+
+A1111 lists the VAEs by file name: every .safetensors / .pt / .ckpt under models/VAE (--vae-dir), and the
+*.vae.safetensors / .vae.pt / .vae.ckpt files among the checkpoints. plainsd lists diffusers AutoencoderKL
+folders too (by folder name). The setting is "Automatic" (a VAE whose file name starts with the checkpoint's
+name, else the checkpoint's own), "None" (the checkpoint's own) or one of the names. A name that is not in the
+list is refused here, where A1111 falls back to the checkpoint's own VAE with a line in its console.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+SUFFIXES = (".safetensors", ".pt", ".ckpt")
+AUTOMATIC, NONE = "Automatic", "None"
+
+
+def is_vae_file(path: Path) -> bool:
+    """A1111's rule for a VAE among checkpoints: NAME.vae.safetensors (.pt, .ckpt)."""
+    return path.suffix in SUFFIXES and path.stem.endswith(".vae")
+
+
+def _is_vae_folder(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("_class_name") == "AutoencoderKL"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def find_vaes(vae_dir: str | os.PathLike | None = None, models_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """name -> file (or diffusers folder): the VAE folder's files, then the *.vae.* files beside the checkpoints,
+    in A1111's natural order (a name found twice: the first)."""
+    found: list[tuple[str, Path]] = []
+    if vae_dir is not None:
+        vae_dir = Path(vae_dir)
+        if not vae_dir.is_dir():
+            raise ValueError(f"VAE folder {vae_dir} does not exist")
+        for p in sorted(vae_dir.rglob("*")):
+            if p.is_file() and p.suffix in SUFFIXES and not p.name.startswith("."):
+                found.append((p.name, p))
+            elif p.is_dir() and _is_vae_folder(p):
+                found.append((p.name, p))
+    if models_dir is not None and Path(models_dir).is_dir():
+        found += [(p.name, p) for p in sorted(Path(models_dir).rglob("*")) if p.is_file() and is_vae_file(p)]
+    out: dict[str, Path] = {}
+    for name, path in sorted(found, key=lambda item: _natural(item[0])):
+        out.setdefault(name, path)
+    return out
+
+
+def _natural(name: str) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def resolve(setting: str | None, checkpoint: str | os.PathLike | None, available: dict[str, Path]) -> Path | None:
+    """The VAE file the sd_vae setting asks for with this checkpoint; None: the checkpoint's own VAE."""
+    setting = AUTOMATIC if setting in (None, "", "auto") else setting
+    if setting == NONE:
+        return None
+    if setting == AUTOMATIC:
+        if checkpoint is None:
+            return None
+        stem = Path(checkpoint).name.rsplit(".", 1)[0] if Path(checkpoint).is_file() else Path(checkpoint).name
+        near = [path for name, path in available.items() if name.startswith(stem)]
+        return near[0] if near else None
+    if setting not in available:
+        names = ", ".join([AUTOMATIC, NONE, *available])
+        raise ValueError(f"unknown VAE {setting!r}; sd_vae takes {names}")
+    return available[setting]
+
+
+def check_setting(setting, available: dict[str, Path]) -> None:
+    """Refuse an sd_vae value that names no VAE (one sentence listing what it takes)."""
+    if not isinstance(setting, str):
+        raise ValueError(f"sd_vae must be a VAE's name, {AUTOMATIC!r} or {NONE!r}, got {setting!r}")
+    resolve(setting, None, available)

@@ -1,0 +1,149 @@
+"""VAE files and A1111's VAE selection: the layouts, a swapped VAE decoding as that VAE does, the infotext,
+the API's listing, options and refresh routes."""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save_file
+
+import plainsd
+from plainsd import pipeline, runtime, vaes, weights
+from plainsd.cli import main
+from plainsd.pnginfo import parse_infotext
+from plainsd.request import GenerationRequest
+from plainsd.server import create_app
+from tests.reference import build_diffusers, max_diff
+
+from tests.server.test_api import decode
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """models/ (alpha, beta and alpha.vae.safetensors beside them) and VAE/ (other.safetensors: beta's VAE)."""
+    root = tmp_path_factory.mktemp("vaes")
+    (root / "models").mkdir()
+    (root / "VAE").mkdir()
+    plainsd.save(plainsd.build("tiny", seed=0), root / "models" / "alpha.safetensors")
+    beta = plainsd.build("tiny", seed=1)
+    plainsd.save(beta, root / "models" / "beta.safetensors")
+    weights.save_vae(plainsd.build("tiny", seed=2).vae, root / "models" / "alpha.vae.safetensors")
+    weights.save_vae(beta.vae, root / "VAE" / "other.safetensors")
+    return root
+
+
+def test_vae_layouts_load_alike_and_decode_as_diffusers(folder, tmp_path):
+    config = plainsd.preset("tiny")
+    _, theirs, _ = build_diffusers(config, seed=7)
+    theirs.save_pretrained(tmp_path / "vae-folder")             # diffusers' own folder
+    save_file(theirs.state_dict(), str(tmp_path / "diffusers-names.safetensors"))   # its names in one file
+    from_folder = weights.load_vae(tmp_path / "vae-folder")
+    from_file = weights.load_vae(tmp_path / "diffusers-names.safetensors")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = theirs.decode(z).sample
+        assert max_diff(from_folder.decode(z), reference) < 1e-4
+        assert torch.equal(from_file.decode(z), from_folder.decode(z))
+    # the original layout without a prefix, and a whole checkpoint's VAE under first_stage_model.
+    bare = weights.load_vae(folder / "VAE" / "other.safetensors")
+    whole = weights.load_vae(folder / "models" / "beta.safetensors")
+    for (k, v), w in zip(bare.state_dict().items(), whole.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert bare.name == "other.safetensors"
+    assert bare.hash == hashlib.sha256((folder / "VAE" / "other.safetensors").read_bytes()).hexdigest()[:10]
+    with pytest.raises(weights.CheckpointError, match="is not a VAE: it has no encoder.conv_in"):
+        weights.load_vae(_lora_file(tmp_path))
+
+
+def _lora_file(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(path))
+    return path
+
+
+def test_a_swapped_vae_decodes_as_that_vae_and_is_named_in_the_infotext(folder):
+    alpha = plainsd.load(folder / "models" / "alpha.safetensors")
+    engine = runtime.Engine(alpha)
+    request = GenerationRequest(prompt="a red circle", steps=3, seed=4, width=64, height=64)
+    own = pipeline.generate(engine, request)
+    engine.use_vae(weights.load_vae(folder / "VAE" / "other.safetensors"))
+    swapped = pipeline.generate(engine, request)
+    # the same model with beta's VAE put in by hand draws the same pixels
+    by_hand = plainsd.load(folder / "models" / "alpha.safetensors")
+    by_hand.vae.load_state_dict(plainsd.load(folder / "models" / "beta.safetensors").vae.state_dict())
+    expected = pipeline.generate(by_hand, request)
+    assert swapped.images[0].tobytes() == expected.images[0].tobytes() != own.images[0].tobytes()
+    fields = parse_infotext(swapped.infotexts[0])
+    sha = hashlib.sha256((folder / "VAE" / "other.safetensors").read_bytes()).hexdigest()
+    assert fields["VAE"] == "other.safetensors" and fields["VAE hash"] == sha[:10]
+    assert swapped.infotexts[0].index("Model:") < swapped.infotexts[0].index("VAE hash:") < swapped.infotexts[0].index("VAE:")
+    engine.use_vae(None)  # the model's own again
+    again = pipeline.generate(engine, request)
+    assert again.images[0].tobytes() == own.images[0].tobytes() and "VAE" not in parse_infotext(again.infotexts[0])
+
+
+def test_a1111_resolution_of_the_sd_vae_setting(folder):
+    found = vaes.find_vaes(folder / "VAE", folder / "models")
+    assert list(found) == ["alpha.vae.safetensors", "other.safetensors"]
+    alpha, beta = folder / "models" / "alpha.safetensors", folder / "models" / "beta.safetensors"
+    assert vaes.resolve("Automatic", alpha, found) == folder / "models" / "alpha.vae.safetensors"  # named after it
+    assert vaes.resolve("Automatic", beta, found) is None        # none named after it: its own
+    assert vaes.resolve("None", alpha, found) is None
+    assert vaes.resolve("other.safetensors", alpha, found) == folder / "VAE" / "other.safetensors"
+    with pytest.raises(ValueError, match="unknown VAE 'nope'; sd_vae takes Automatic, None, alpha.vae.safetensors, "
+                                         "other.safetensors"):
+        vaes.resolve("nope", alpha, found)
+
+
+def test_api_lists_vaes_takes_sd_vae_and_refreshes(folder, tmp_path):
+    models = shutil.copytree(folder / "models", tmp_path / "models")
+    vae_dir = shutil.copytree(folder / "VAE", tmp_path / "VAE")
+    app = create_app(models_dir=models, vae_dir=vae_dir)
+    body = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "seed": 3}
+    with TestClient(app) as client:
+        listed = client.get("/sdapi/v1/sd-vae").json()
+        assert listed == [{"model_name": "alpha.vae.safetensors", "filename": str(models / "alpha.vae.safetensors")},
+                          {"model_name": "other.safetensors", "filename": str(vae_dir / "other.safetensors")}]
+        assert [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()] == ["alpha", "beta"]
+        auto = json.loads(client.post("/sdapi/v1/txt2img", json=body).json()["info"])
+        assert auto["sd_vae_name"] == "alpha.vae.safetensors"   # Automatic: the VAE named after alpha
+        r = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_vae": "other.safetensors"}})
+        info = json.loads(r.json()["info"])
+        assert info["sd_vae_name"] == "other.safetensors" and len(info["sd_vae_hash"]) == 10
+        assert parse_infotext(decode(r.json()["images"][0]).info["parameters"])["VAE"] == "other.safetensors"
+        # the options round trip; a name that is not listed is refused
+        assert client.post("/sdapi/v1/options", json={"sd_vae": "None"}).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["sd_vae"] == "None"
+        assert json.loads(client.post("/sdapi/v1/txt2img", json=body).json()["info"])["sd_vae_name"] is None
+        r = client.post("/sdapi/v1/options", json={"sd_vae": "later.safetensors"})
+        assert r.status_code == 422 and "unknown VAE 'later.safetensors'" in r.json()["detail"]
+        # files added after the start are listed after a refresh, not before (A1111 lists them once)
+        weights.save_vae(plainsd.build("tiny", seed=5).vae, vae_dir / "later.safetensors")
+        plainsd.save(plainsd.build("tiny", seed=6), models / "gamma.safetensors")
+        assert "later.safetensors" not in [v["model_name"] for v in client.get("/sdapi/v1/sd-vae").json()]
+        assert "gamma" not in [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()]
+        assert client.post("/sdapi/v1/refresh-vae").status_code == 200
+        assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+        assert "later.safetensors" in [v["model_name"] for v in client.get("/sdapi/v1/sd-vae").json()]
+        gamma = [m for m in client.get("/sdapi/v1/sd-models").json() if m["model_name"] == "gamma"]
+        sha = hashlib.sha256((models / "gamma.safetensors").read_bytes()).hexdigest()
+        assert gamma[0]["hash"] == sha[:10] and gamma[0]["title"] == f"gamma.safetensors [{sha[:10]}]"
+        assert client.post("/sdapi/v1/options", json={"sd_vae": "later.safetensors"}).status_code == 200
+
+
+def test_cli_vae_file_and_folder(folder, tmp_path):
+    out = tmp_path / "x.png"
+    model = str(folder / "models" / "beta.safetensors")
+    args = ["txt2img", "a red circle", "--steps", "2", "--width", "64", "--height", "64", "--seed", "1", "--quiet",
+            "--model", model, "-o", str(out)]
+    assert main(args + ["--vae", str(folder / "VAE" / "other.safetensors")]) == 0
+    from PIL import Image
+    fields = parse_infotext(Image.open(out).info["parameters"])
+    assert fields["VAE"] == "other.safetensors"
+    assert fields["Model hash"] == hashlib.sha256((folder / "models" / "beta.safetensors").read_bytes()).hexdigest()[:10]
+    assert main(args + ["--vae", "other.safetensors", "--vae-dir", str(folder / "VAE")]) == 0
+    assert parse_infotext(Image.open(out).info["parameters"])["VAE"] == "other.safetensors"
+    assert main(args + ["--vae", "nope", "--vae-dir", str(folder / "VAE")]) == 2
