@@ -1,5 +1,6 @@
 """The upscaler measurements, and the shipped x4 upscaler against Lanczos on held-out scenes."""
 
+import dataclasses
 import json
 import math
 
@@ -8,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from plainsd.eval import upscaling
+from plainsd.train.loop import TrainConfig
 from plainsd.train.recipes import load_vae
 from plainsd.weights import DEFAULT_MODEL, load_upscaler
 
@@ -46,9 +48,9 @@ def test_shipped_upscaler_is_spandrel_compact_x4_and_beats_lanczos():
     desc = spandrel.ModelLoader().load_from_file(str(SHIPPED))
     assert desc.architecture.id == "Compact" and desc.scale == 4
     meta = safe_open(str(SHIPPED), "pt").metadata()
-    recipe = json.loads(meta["plainsd.recipe"])
-    assert recipe["network"] == "upscaler" and meta["plainsd.data_seed"] == str(recipe["data"]["seed"])
-    assert int(meta["plainsd.steps"]) == recipe["steps"]
+    recipe = json.loads(meta["plainsd.recipe"])  # the shipped recipe made it: `plainsd train upscaler` reproduces it
+    assert recipe == dataclasses.asdict(TrainConfig.from_file(DEFAULT_MODEL.parent / "recipes" / "upscaler.json"))
+    assert meta["plainsd.data_seed"] == str(recipe["data"]["seed"]) and int(meta["plainsd.steps"]) == recipe["steps"]
 
     vae, _ = load_vae(DEFAULT_MODEL)
     scenes, small, large = upscaling.held_out_pairs(vae.float(), 16)
