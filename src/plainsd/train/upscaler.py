@@ -32,7 +32,7 @@ from ..config import UpscalerConfig
 from ..images import contact_sheet, to_pil, to_tensor
 from ..models.upscaler import CompactUpscaler
 from ..weights import DEFAULT_MODEL, write_safetensors
-from .data import ShapesDataset, render
+from .data import render
 from .loop import TrainConfig, train
 from .settings import RecipeSettings
 
