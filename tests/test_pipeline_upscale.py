@@ -45,7 +45,7 @@ def test_hires_fix_with_an_upscaler_model(sd, folder):
 
 def test_unknown_hires_upscaler_lists_the_folder(sd, folder):
     with pytest.raises(ValueError, match=r"unknown hires upscaler 'UltraSharp'; plainsd has Latent, .*, Nearest, "
-                                         r"2x-test"):
+                                         r"plainsd-x4, 2x-test"):
         pipeline.txt2img(sd, "x", steps=2, hires=pipeline.HiresFix(upscaler="UltraSharp"), upscalers_dir=str(folder))
     with pytest.raises(ValueError, match="tile overlap"):
         pipeline.txt2img(sd, "x", steps=2, upscaler_tile=32, upscaler_tile_overlap=40)

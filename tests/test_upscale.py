@@ -202,7 +202,7 @@ def test_plain_folder_of_files(tmp_path):
 
 
 def test_unknown_name_lists_the_names(models):
-    with pytest.raises(ValueError, match=r"no upscaler named 'UltraSharp'.*available: None, Lanczos, Nearest, 4x-new"):
+    with pytest.raises(ValueError, match=r"no upscaler named 'UltraSharp'.*available: None, Lanczos, Nearest, plainsd-x4, 4x-new"):
         upscale.find_upscaler("UltraSharp", models)
     assert upscale.find_upscaler("4X-OLD", models).name == "4x-old"  # any case
 

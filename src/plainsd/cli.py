@@ -397,8 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     _detect_args(sub)
     p = sub.add_parser("samplers", help="list samplers and schedules")
     p.add_argument("--debug", action="store_true")
-    p = sub.add_parser("train", help="train the VAE, CLIP, the UNet, a ControlNet or an LCM-LoRA from a config file")
-    p.add_argument("network", choices=["vae", "vae-decoder", "clip", "unet", "taesd", "controlnet", "lcm"])
+    p = sub.add_parser("train", help="train the VAE, CLIP, the UNet, a ControlNet, an LCM-LoRA or the x4 upscaler "
+                                        "from a config file")
+    p.add_argument("network", choices=["vae", "vae-decoder", "clip", "unet", "taesd", "controlnet", "lcm", "upscaler"])
     p.add_argument("--config", default=None, help="a JSON training config, or a shipped recipe's name such as "
                                                    "unet-objects (default: the shipped recipe named after the network)")
     p.add_argument("--out", default=None, help="run folder (checkpoints, samples, exported weights)")

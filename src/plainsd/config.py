@@ -83,6 +83,16 @@ class AdapterConfig:
 
 
 @dataclass
+class UpscalerConfig:
+    """A super-resolution network in Real-ESRGAN's compact architecture (models/upscaler.py, SRVGGNetCompact)."""
+    in_channels: int = 3             # RGB in [0, 1]
+    out_channels: int = 3
+    num_feat: int = 64               # channels of every convolution but the last
+    num_conv: int = 16               # convolutions (each followed by a PReLU) between the first and the last
+    scale: int = 4                   # the last convolution makes out_channels * scale**2 channels, pixel-shuffled
+
+
+@dataclass
 class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)

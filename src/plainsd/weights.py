@@ -27,6 +27,7 @@ from .models import AutoencoderKL, StableDiffusion
 from .models.controlnet import HINT_CHANNELS, ControlNet
 from .models.t2i_adapter import UNSHUFFLE, T2IAdapter
 from .models.taesd import TinyDecoder
+from .models.upscaler import CompactUpscaler
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 TEXT_OPENAI, TEXT_OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
@@ -695,6 +696,30 @@ def load_tiny_decoder(path: str | os.PathLike, dtype: torch.dtype = torch.float3
                               f"{len(wrong)} tensors missing or misshaped (e.g. {wrong[0]})")
     decoder.load_state_dict({k: state[k].to(dtype) for k in expected})
     return decoder.to(dtype).eval().requires_grad_(False)
+
+
+def load_upscaler(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> CompactUpscaler:
+    """A Real-ESRGAN compact upscaler file whose tensors are the bare state dict (plainsd-x4, as `plainsd train
+    upscaler` writes it): .safetensors or .pth (weights only); the config is read off the shapes. Other layouts and
+    architectures are spandrel's to load (plainsd.upscale)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such upscaler file: {path}")
+    source = read_tensors(path)
+    state = {k: source.get(k) for k in source.shapes}
+    if "body.0.weight" not in state or "body.1.weight" not in state or state["body.0.weight"].ndim != 4:
+        raise CheckpointError(f"{path.name} is not a Real-ESRGAN compact upscaler (no body.0.weight convolution and "
+                              "body.1.weight PReLU among its tensors)")
+    upscaler = CompactUpscaler(CompactUpscaler.config_from_state_dict(state))
+    expected = upscaler.state_dict()
+    wrong = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
+    extra = [k for k in state if k not in expected]
+    if wrong or extra:
+        raise CheckpointError(f"{path.name} does not fit a Real-ESRGAN compact upscaler: "
+                              f"{len(wrong)} tensors missing or misshaped, {len(extra)} unknown "
+                              f"(e.g. {(wrong + extra)[0]})")
+    upscaler.load_state_dict({k: state[k].to(dtype) for k in expected})
+    return upscaler.to(dtype).eval().requires_grad_(False)
 
 
 # --- file hashes, as A1111 shows them -----------------------------------------------------------------
