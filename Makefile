@@ -12,7 +12,7 @@ $(VENV)/.base:
 	touch $@
 
 $(VENV)/.run: $(VENV)/.base pyproject.toml
-	$(PIP) install -q -e '.[serve,controlnet]'
+	$(PIP) install -q -e '.[serve,controlnet,upscale]'
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base pyproject.toml

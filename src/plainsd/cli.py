@@ -851,7 +851,28 @@ def _demo(args) -> int:
     path = save_png(result.images[0], args.output, result.infotexts[0])
     which = "the default model" if DEFAULT_MODEL.is_file() else "a random tiny model (no default model is shipped yet)"
     print(f"drew {prompt!r} with {which}\nthe image is at {path.resolve()}")
+    upscaled = _demo_upscale(result.images[0], result.infotexts[0], path)
+    if upscaled is not None:
+        print(f"upscaled x4 by the shipped upscaler plainsd-x4 (as Extras does): {upscaled.resolve()}")
     return 0
+
+
+def _demo_upscale(image, infotext: str, path: Path) -> Path | None:
+    """The demo's picture upscaled 4x by plainsd-x4 into NAME-x4.png, as A1111's Extras writes it; None when the
+    upscale extra (spandrel) or the shipped upscaler is missing."""
+    import importlib.util
+
+    from plainsd import upscale
+    from plainsd.pnginfo import save_png
+
+    if not upscale.SHIPPED.is_file():
+        return None
+    if importlib.util.find_spec("spandrel") is None:
+        print("plainsd: note: install the upscale extra (pip install 'plainsd[upscale]') for the 4x upscale")
+        return None
+    big, info = upscale.extras(image, upscale.Extras(upscaler_1="plainsd-x4", upscaling_resize=4))
+    texts = {"postprocessing": upscale.postprocessing_text(info)}
+    return save_png(big, path.with_name(f"{path.stem}-x4.png"), infotext, texts)
 
 
 def _finetune(args) -> int:
