@@ -34,6 +34,7 @@ from .diffusion.noise import ImageNoise
 from .embeddings import load_embeddings
 from .fast import FAST, DeepCacheUNet, FastSettings
 from .models import StableDiffusion
+from .models.sdxl import size_numbers, vector
 from .prompts import encode_prompt, extract_loras, prompt_schedule, split_and
 from .request import (DEFAULTS, IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix,
                       Parameters, sampler_fields)
@@ -269,6 +270,7 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
                       guidance_until=chosen["guidance_until"] if req.guidance_until is None else req.guidance_until)
     req.check(sd.config.vae.factor, engine.backend)
     _check_guidance_embedding(sd, req)
+    _check_sdxl(engine, req)
     info, schedule = S.resolve_sampler(req.sampler, req.schedule)
     fast = req.fast
     guidance_until = min(req.guidance_until, fast.guidance_until) if fast is not None else req.guidance_until
@@ -281,7 +283,7 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
     params = Parameters(
         prompt=req.prompt, negative_prompt=req.negative_prompt, steps=steps, sampler=info.name, schedule=schedule,
         cfg_scale=req.cfg_scale, guidance_until=guidance_until, seed=req.first_seed(), width=width, height=height,
-        batch_size=req.batch_size, batch_count=req.batch_count, clip_skip=req.clip_skip or sd.config.text.clip_skip,
+        batch_size=req.batch_size, batch_count=req.batch_count, clip_skip=req.clip_skip or _default_clip_skip(sd),
         denoising_strength=req.strength if init is not None else (hires.strength if hires else None),
         model=sd.name, model_hash=sd.hash,
         deepcache=fast.deepcache_interval if deepcache else None, tiny_decoder=tiny is not None,
@@ -294,6 +296,12 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
                (sd.config.vae.z_channels, height // factor, width // factor), fast, tiny,
                ImageNoise(req.subseed_strength, resize, req.eta_noise_seed_delta))
     return req, params, run
+
+
+def _default_clip_skip(sd: StableDiffusion) -> int:
+    """The clip skip a run without one records: the model's; for SDXL 1, as A1111 writes nothing for it (its towers'
+    penultimate layers are the model's own, not a clip skip)."""
+    return 1 if sd.config.sdxl else sd.config.text.clip_skip
 
 
 def _schedule(chosen: dict, req: GenerationRequest) -> str:
@@ -321,6 +329,21 @@ def _check_guidance_embedding(sd: StableDiffusion, req: GenerationRequest) -> No
     if req.guidance_until < 1.0:
         raise ValueError("the model is LCM-distilled and runs no classifier-free guidance to cut "
                          f"off: guidance_until must be 1, got {req.guidance_until}")
+
+
+def _check_sdxl(engine: Engine, req: GenerationRequest) -> None:
+    """What plainsd does not yet run with an SDXL model is refused rather than dropped: LoRA tags, ControlNet and
+    T2I-Adapter units, the OpenVINO backend."""
+    if not engine.sd.config.sdxl:
+        return
+    tags = extract_loras(req.prompt)[1] + (extract_loras(req.hires.prompt)[1] if req.hires and req.hires.prompt else [])
+    if tags:
+        raise ValueError(f"LoRA files for SDXL models are not supported yet; remove <lora:{tags[0][0]}:...> from the "
+                         "prompt")
+    if req.controlnet:
+        raise ValueError("ControlNet and T2I-Adapter units run with SD 1.x / 2.x models, not yet with SDXL; remove them")
+    if engine.backend != "eager":
+        raise ValueError(f"SDXL models run on the eager backend, not yet on {engine.backend}")
 
 
 def _lcm_guidance(sd: StableDiffusion, cfg_scale: float) -> float | None:
@@ -494,7 +517,8 @@ def _first_pass(engine: Engine, req: GenerationRequest, params: Parameters, run:
     """3. The first pass: the prompt's conditioning and what runs the UNet over the start's sigmas. The prompt's
     schedule is made for all the steps asked for, also when img2img runs only the last `strength` of them (its
     step 0 is then the first step it runs), as A1111 does."""
-    cond, uncond = _conditioning(extract_loras(req.prompt)[0], req.negative_prompt, encode, params.steps)
+    cond, uncond = _conditioning(extract_loras(req.prompt)[0], req.negative_prompt, encode, params.steps,
+                                 size=(params.width, params.height))
     keep = (start.init_latent, start.keep) if start.keep is not None else None
     guidance = _lcm_guidance(engine.sd, params.cfg_scale)
     return Pass(run.sampler, start.sigmas, cond, None if guidance is not None else uncond, params.cfg_scale,
@@ -512,9 +536,9 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
     sigmas = _hires_sigmas(_denoiser(sd, sampler=run.hires_sampler), steps, hires.strength, params.hires_schedule)
     prompt = extract_loras(hires.prompt or req.prompt)[0]  # (the first prompt's LoRAs apply)
     negative = hires.negative_prompt or req.negative_prompt
-    cond, uncond = _conditioning(prompt, negative, encode, params.steps, steps)
     factor = sd.config.vae.factor
     final_w, final_h = hires.final_size(params.width, params.height, factor)
+    cond, uncond = _conditioning(prompt, negative, encode, params.steps, steps, size=(final_w, final_h))
     concat = _paint_everything(sd, final_w, final_h, _device(sd)) if sd.config.unet.in_channels == 9 else None
     merging = req.token_merging if hires.token_merging is None else hires.token_merging
     guidance = _lcm_guidance(sd, params.cfg_scale)
@@ -527,35 +551,60 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
 
 class _TextStates:
     """A run's text encoder: each distinct text encoded once (a schedule repeats texts, the hires pass reuses the
-    first pass's), its states [1, tokens, width] shared by every image of the run."""
+    first pass's), its states [1, tokens, width] shared by every image of the run.
+
+    An SDXL model's conditioning is a dict, as A1111's: the "crossattn" states and the UNet's "vector" of pooled
+    text and the numbers of models/sdxl.size_numbers for the pass's picture size (width, height); an empty
+    negative prompt's states and pooled text are zeros (A1111's force_zero_embeddings, diffusers'
+    force_zeros_for_empty_prompt), and the refiner's negative prompts get the low aesthetic score."""
 
     def __init__(self, sd: StableDiffusion, clip_skip: int | None, embeddings):
         self.sd, self.clip_skip, self.embeddings = sd, clip_skip, embeddings
         self.done: dict[str, torch.Tensor] = {}
 
-    def __call__(self, text: str) -> torch.Tensor:
+    def __call__(self, text: str, negative: bool = False, size: tuple[int, int] | None = None):
+        sd = self.sd
         if text not in self.done:
-            sd = self.sd
-            states = encode_prompt(sd.tokenizer, sd.text_encoder, text, self.clip_skip, self.embeddings)
-            self.done[text] = states.to(_device(sd))
-        return self.done[text]
+            encoded = encode_prompt(sd.tokenizer, sd.text_encoder, text, self.clip_skip, self.embeddings,
+                                    pooled=bool(sd.config.sdxl))
+            self.done[text] = tuple(t.to(_device(sd)) for t in encoded) if sd.config.sdxl else encoded.to(_device(sd))
+        if not sd.config.sdxl:
+            return self.done[text]
+        states, pooled = self.done[text]
+        if negative and text == "":
+            states, pooled = torch.zeros_like(states), torch.zeros_like(pooled)
+        numbers = size_numbers(sd.config.sdxl, *size, aesthetic_score=REFINER_SCORES[negative])
+        return {"crossattn": states, "vector": vector(pooled, torch.tensor([numbers], device=pooled.device))}
 
 
-def _conditioning(prompt: str, negative: str, encode: _TextStates, steps: int, hires_steps: int | None = None):
+# The refiner's aesthetic score for prompts and for negative prompts (A1111's sdxl_refiner_high_aesthetic_score and
+# sdxl_refiner_low_aesthetic_score, diffusers' aesthetic_score and negative_aesthetic_score)
+REFINER_SCORES = {False: 6.0, True: 2.5}
+
+
+def _conditioning(prompt: str, negative: str, encode: _TextStates, steps: int, hires_steps: int | None = None,
+                  size: tuple[int, int] | None = None):
     """The prompt's AND parts with their weights and the negative prompt (no AND, as in A1111), each a schedule of
     text states; where their lengths differ, the empty prompt's states pad the texts of each step to one length
-    (CFGDenoiser), as the UNet takes them in one batch."""
+    (CFGDenoiser), as the UNet takes them in one batch. size: the pass's picture (width, height), which SDXL's
+    conditioning holds."""
     parts = [(weight, prompt_schedule(text, steps, hires_steps)) for text, weight in split_and(prompt)]
     negative_schedule = prompt_schedule(negative, steps, hires_steps)
-    texts = {text for _, schedule in parts for _, text in schedule} | {text for _, text in negative_schedule}
-    states = {text: encode(text) for text in texts}
-    padding = encode("") if len({s.shape[1] for s in states.values()}) > 1 else None
+    states = {text: encode(text, size=size) for _, schedule in parts for _, text in schedule}
+    negatives = {text: encode(text, negative=True, size=size) for _, text in negative_schedule}
+    tokens = {_crossattn(s).shape[1] for s in [*states.values(), *negatives.values()]}
+    padding = _crossattn(encode("", size=size)) if len(tokens) > 1 else None
 
-    def scheduled(schedule):
-        return ScheduledCond([(end, states[text]) for end, text in schedule])
+    def scheduled(schedule, encoded):
+        return ScheduledCond([(end, encoded[text]) for end, text in schedule])
 
-    cond = Conditioning([(weight, scheduled(schedule)) for weight, schedule in parts], padding)
-    return cond, scheduled(negative_schedule)
+    cond = Conditioning([(weight, scheduled(schedule, states)) for weight, schedule in parts], padding)
+    return cond, scheduled(negative_schedule, negatives)
+
+
+def _crossattn(states):
+    """The text states of a conditioning: the tensor itself, or SDXL's dict's crossattn."""
+    return states["crossattn"] if isinstance(states, dict) else states
 
 
 def _unet(engine: Engine, run: _Run, params: Parameters, sigmas: torch.Tensor, sampler: S.SamplerInfo) -> Callable:
@@ -709,14 +758,15 @@ def _run_sampler(p: Pass, model, x, hooks: _Hooks, generators, seeds):
 
 def _net(unet: Callable, concat: torch.Tensor | None, guidance: float | None = None):
     """The UNet as the denoiser's network: (x, t, cond) -> prediction; inpainting models get their extra channels,
-    LCM-distilled ones their guidance scale."""
+    LCM-distilled ones their guidance scale, SDXL ones their conditioning's vector (cond a dict: _TextStates)."""
 
     def net(x, t, cond):
         if concat is not None:
             x = torch.cat([x, concat.repeat(x.shape[0] // concat.shape[0], 1, 1, 1).to(x.dtype)], dim=1)
-        if guidance is not None:
-            return unet(x, t, cond, guidance=guidance)
-        return unet(x, t, cond)
+        extra = {"guidance": guidance} if guidance is not None else {}
+        if isinstance(cond, dict):
+            cond, extra["y"] = cond["crossattn"], cond["vector"]
+        return unet(x, t, cond, **extra)
 
     return net
 
