@@ -268,9 +268,9 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
                       schedule=_schedule(chosen, req),
                       cfg_scale=chosen["cfg_scale"] if req.cfg_scale is None else req.cfg_scale,
                       guidance_until=chosen["guidance_until"] if req.guidance_until is None else req.guidance_until)
+    _check_sdxl(engine, req)
     req.check(sd.config.vae.factor, engine.backend)
     _check_guidance_embedding(sd, req)
-    _check_sdxl(engine, req)
     info, schedule = S.resolve_sampler(req.sampler, req.schedule)
     fast = req.fast
     guidance_until = min(req.guidance_until, fast.guidance_until) if fast is not None else req.guidance_until
