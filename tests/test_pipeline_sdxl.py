@@ -134,10 +134,14 @@ def test_infotext_is_a1111s(sd):
     assert last.images[0].tobytes() != result.images[0].tobytes()
 
 
-def test_img2img_and_the_default_size(sd):
+def test_img2img_inpaint_and_the_default_size(sd):
     image = Image.new("RGB", (64, 48), (200, 30, 30))
     result = pipeline.img2img(sd, image, "a red circle", steps=3, seed=1, strength=0.5)
     assert result.images[0].size == (64, 48)
+    mask = Image.new("L", (64, 48), 0)
+    mask.paste(255, (32, 0, 64, 48))
+    painted = np.asarray(pipeline.inpaint(sd, image, mask, "a red circle", steps=3, seed=1, mask_blur=0).images[0])
+    assert (painted[:, :32] == (200, 30, 30)).all() and np.abs(painted[:, 40:].astype(int) - (200, 30, 30)).max() > 20
     assert plainsd.build("tiny-sdxl").config.resolution == 64 and plainsd.preset("sdxl").resolution == 1024
 
 
@@ -149,3 +153,91 @@ def test_what_sdxl_does_not_run_yet_is_refused(sd, tmp_path):
         pipeline.txt2img(sd, "a circle", steps=1, controlnet=(unit,), controlnet_dir=str(tmp_path))
     with pytest.raises(ValueError, match="SDXL models run on the eager backend"):
         pipeline.txt2img(Engine(sd, "openvino", unet=lambda *a, **k: None), "a circle", steps=1)
+
+
+# --- the refiner ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def refiner_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("refiner") / "refiner.safetensors"
+    plainsd.save(perturb(plainsd.build("tiny-sdxl-refiner", seed=1), 1), path)
+    return path
+
+
+def _by_hand(model, prompt, negative, kind, numbers, scale):
+    """A model's guided denoiser and its conditioning, built here from its parts (not the pipeline's)."""
+    from plainsd.diffusion.denoisers import DiscreteDenoiser
+    from plainsd.diffusion.guidance import CFGDenoiser
+
+    def conditioning(text, score):
+        with torch.no_grad():
+            states, pooled = model.text_encoder.encode(model.tokenizer([text]))
+        return {"crossattn": states, "vector": vector(pooled, torch.tensor([numbers + ([score] if kind == "refiner" else [])]))}
+
+    net = DiscreteDenoiser(lambda x, t, cond: model.unet(x, t, cond["crossattn"], y=cond["vector"]))
+    return CFGDenoiser(net, scale), {"cond": conditioning(prompt, 6.0), "uncond": conditioning(negative, 2.5)}
+
+
+def test_refiner_takes_over_as_the_two_models_run_by_hand(sd, refiner_file):
+    """Euler: the base model's steps down to the first sigma whose nearest training timestep t has (999 - t) / 1000
+    >= 0.5 (A1111's completed ratio), then the refiner's, on the same latents; decoded by the refiner's VAE."""
+    from plainsd.diffusion.denoisers import DiscreteDenoiser
+    from plainsd.diffusion.samplers import sample_euler
+    from plainsd.images import to_pil
+
+    steps, switch, scale = 6, 0.5, 6.0
+    result = pipeline.txt2img(sd, "a red circle", "blurry", steps=steps, seed=4, sampler="Euler", cfg_scale=scale,
+                              refiner_checkpoint=str(refiner_file), refiner_switch_at=switch)
+    refiner = plainsd.load(refiner_file)
+    table = DiscreteDenoiser(None).sigmas
+    sigmas = DiscreteDenoiser(None).get_sigmas(steps, "normal")
+    ratios = [(999 - int(torch.argmin((table - s).abs()))) / 1000 for s in sigmas[:-1]]
+    k = next(i for i, r in enumerate(ratios) if r >= switch)
+    assert 0 < k < steps
+    x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(4)) * sigmas[0]
+    with torch.no_grad():
+        base_model, base_args = _by_hand(sd, "a red circle", "blurry", "base", [64, 64, 0, 0, 64, 64], scale)
+        x = sample_euler(base_model, x, sigmas[:k + 1], extra_args=base_args)
+        refined_model, refined_args = _by_hand(refiner, "a red circle", "blurry", "refiner", [64, 64, 0, 0], scale)
+        x = sample_euler(refined_model, x, sigmas[k:], extra_args=refined_args)
+        image = to_pil(refiner.vae.decode(x / refiner.config.scale_factor))[0]
+    d = np.abs(np.asarray(result.images[0], dtype=np.int16) - np.asarray(image, dtype=np.int16)).max()
+    assert d <= 1, d
+    base_only = pipeline.txt2img(sd, "a red circle", "blurry", steps=steps, seed=4, sampler="Euler", cfg_scale=scale)
+    assert np.abs(np.asarray(base_only.images[0], dtype=np.int16) - np.asarray(image, dtype=np.int16)).max() > 10
+    fields = parse_infotext(result.infotexts[0])
+    assert (fields["Refiner"], fields["Refiner switch at"]) == ("refiner", "0.5")
+
+
+def test_refiner_switch_at_one_never_switches(sd, refiner_file):
+    plain = pipeline.txt2img(sd, "a red circle", steps=3, seed=2, sampler="Euler")
+    never = pipeline.txt2img(sd, "a red circle", steps=3, seed=2, sampler="Euler", refiner_checkpoint=str(refiner_file),
+                             refiner_switch_at=1.0)
+    assert never.images[0].tobytes() == plain.images[0].tobytes() and "Refiner" not in never.infotexts[0]
+
+
+def test_refiner_with_hires_fix_runs_in_the_second_pass(sd, refiner_file):
+    """A1111's default (hires_fix_refiner_pass "second pass"): the first pass is the base model's alone."""
+    kw = dict(steps=3, seed=2, sampler="Euler", hires=pipeline.HiresFix(scale=1.5, upscaler="Latent", steps=3, strength=0.9))
+    first = []
+    refined = pipeline.txt2img(sd, "a red circle", refiner_checkpoint=str(refiner_file), refiner_switch_at=0.3,
+                               callback=lambda s: first.append(s.denoised) if s.step < 3 else None, **kw)
+    plain_first = []
+    plain = pipeline.txt2img(sd, "a red circle", callback=lambda s: plain_first.append(s.denoised) if s.step < 3 else None,
+                             **kw)
+    assert all(torch.equal(a, b) for a, b in zip(first, plain_first)) and len(first) == 3
+    assert refined.images[0].tobytes() != plain.images[0].tobytes() and refined.images[0].size == (96, 96)
+
+
+def test_refiner_refusals(sd, refiner_file, tmp_path):
+    with pytest.raises(ValueError, match="refiner_switch_at needs a refiner_checkpoint"):
+        pipeline.txt2img(sd, "x", steps=1, refiner_switch_at=0.5)
+    with pytest.raises(ValueError, match="no such refiner checkpoint"):
+        pipeline.txt2img(sd, "x", steps=1, refiner_checkpoint=str(tmp_path / "nope.safetensors"))
+    with pytest.raises(ValueError, match="between 0 and 1, got 1.5"):
+        pipeline.txt2img(sd, "x", steps=1, refiner_checkpoint=str(refiner_file), refiner_switch_at=1.5)
+    with pytest.raises(ValueError, match="tiling and a refiner do not run together yet"):
+        pipeline.txt2img(sd, "x", steps=1, refiner_checkpoint=str(refiner_file), tiling=True)
+    plainsd.save(plainsd.build("tiny"), tmp_path / "sd1.safetensors")
+    with pytest.raises(ValueError, match="works on other latents"):
+        pipeline.txt2img(sd, "x", steps=1, refiner_checkpoint=str(tmp_path / "sd1.safetensors"))

@@ -39,7 +39,7 @@ from .prompts import encode_prompt, extract_loras, prompt_schedule, split_and
 from .request import (DEFAULTS, IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix,
                       Parameters, sampler_fields)
 from .runtime import Engine, release_freed_memory
-from .weights import load_tiny_decoder
+from .weights import load, load_tiny_decoder
 
 __all__ = ["txt2img", "img2img", "inpaint", "outpaint", "outpaint_request", "generate", "GenerationRequest",
            "HiresFix", "Parameters", "Result", "StepInfo", "Interrupted", "recommended", "decode", "DEFAULTS",
@@ -202,6 +202,9 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
                                                          start.paste is not None and start.paste[2] is not None)
         first = _first_pass(engine, request, params, run, start, encode)
         second = _second_pass(engine, request, params, run, first, encode) if request.hires else None
+        if request.refiner_checkpoint:  # (A1111's default: in the hires fix's pass, where there is one)
+            (second or first).refiner = _refiner(engine, request, params, hires=second is not None)
+        last = second or first
         control_maps = _controlnet(engine, request, params, start, first, second) if request.controlnet else []
         hooks = _Hooks(callback, interrupt, skip, progress, record_steps,
                        total=len(first.sigmas) - 1 + (len(second.sigmas) - 1 if second else 0))
@@ -211,11 +214,15 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
             seeds = [params.seed + (0 if params.subseed_strength else i) for i in images]
             subseeds = [params.subseed + i for i in images]
             latents = _run_batch(engine, run, start, first, second, seeds, subseeds, hooks.for_batch(batch))
-            pictures = decode(sd, latents, run.tiny, wrap=request.tiling)
+            refined = last.refiner is not None and last.refiner.took_over
+            if refined:  # A1111 decodes with the model loaded last: the refiner's VAE
+                params.refiner, params.refiner_switch_at = last.refiner.title, last.refiner.switch_at
+            decoder = last.refiner.engine.sd if refined else sd
+            pictures = decode(decoder, latents, run.tiny, wrap=request.tiling)
             if start.paste is not None:
                 pictures = [_paste(p, *start.paste) for p in pictures]
             if record_steps:
-                decoded = [decode(sd, f / (1 + s**2) ** 0.5, run.tiny, request.tiling)
+                decoded = [decode(decoder, f / (1 + s**2) ** 0.5, run.tiny, request.tiling)
                            for f, s in hooks.frames] + [pictures]
                 result.frames.extend([[step[i] for step in decoded] for i in range(request.batch_size)])
             result.images += pictures
@@ -492,6 +499,7 @@ class Pass:
     keep: tuple[torch.Tensor, torch.Tensor] | None = None  # (init latent, keep mask): inpainting
     upscale: tuple | None = None      # the hires fix: (upscaler, width, height, crop_x, crop_y, wrap) for _upscale
     guidance: float | None = None     # an LCM-distilled UNet's guidance scale (it then gets no uncond: _lcm_guidance)
+    refiner: _RefinerPart | None = None   # the model that takes over during this pass (_refiner)
 
 
 def _last_part(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
@@ -711,11 +719,14 @@ def _sample(sd: StableDiffusion, p: Pass, x: torch.Tensor, start: torch.Tensor, 
         p.unet.reset()  # each pass of each batch starts with a whole UNet pass (DeepCache's)
     denoiser = _denoiser(sd, _net(p.unet, p.concat, p.guidance), p.sampler)
     model = CFGDenoiser(denoiser, p.cfg_scale, p.sigmas, p.guidance_until)
+    if p.refiner is not None:
+        model = _handover(sd, p, model)
     if p.keep is not None:
         model = _KeepUnmasked(model, *p.keep)
     hooks.denoised = start
+    refiner = p.refiner.engine.sd if p.refiner is not None else None
     try:
-        with _token_merging(sd, p.token_merging):
+        with _token_merging(sd, p.token_merging), _token_merging(refiner, p.token_merging):
             if len(p.sigmas) > 1:
                 return _run_sampler(p, model, x, hooks, generators, seeds), True
             return x, True
@@ -771,6 +782,88 @@ def _net(unet: Callable, concat: torch.Tensor | None, guidance: float | None = N
     return net
 
 
+# --- A1111's refiner ------------------------------------------------------------------------------------
+
+@dataclass
+class _RefinerPart:
+    """A1111's refiner in a pass: the model that takes the latents over, its conditioning of the pass's prompts,
+    at which fraction of the denoising, its name for the infotext; took_over: whether it has, in this batch."""
+    engine: Engine
+    cond: Conditioning
+    uncond: ScheduledCond
+    switch_at: float
+    title: str
+    took_over: bool = False
+
+
+def _refiner(engine: Engine, req: GenerationRequest, params: Parameters, hires: bool) -> _RefinerPart:
+    """3c. The refiner (A1111's refiner_checkpoint) for the last pass: loaded (kept on the engine for the next
+    run), checked against the base model's latents, and its own conditioning of the pass's prompts and size."""
+    sd = engine.sd
+    if extract_loras(req.prompt)[1] or (hires and extract_loras(req.hires.prompt or "")[1]):
+        raise ValueError("LoRA tags and a refiner do not run together yet; leave out one of them")
+    if _embeds_guidance(sd):
+        raise ValueError(f"{sd.name} is LCM-distilled and runs no classifier-free guidance; a refiner does not take "
+                         "over from it")
+    refiner = _refiner_engine(engine, req.refiner_checkpoint).sd
+    latents = lambda m: (m.config.vae.z_channels, m.config.vae.factor, m.config.scale_factor)  # noqa: E731
+    if latents(refiner) != latents(sd):
+        raise ValueError(f"the refiner {refiner.name} works on other latents than {sd.name} (channels, factor, scale "
+                         f"{latents(refiner)} against {latents(sd)}); choose a refiner of the same family")
+    if refiner.config.unet.in_channels != refiner.config.vae.z_channels or _embeds_guidance(refiner):
+        raise ValueError(f"the refiner {refiner.name} is an inpainting or LCM-distilled model; a refiner must be a "
+                         "plain text-to-image model")
+    embeddings = load_embeddings(req.embeddings_dir, refiner) if req.embeddings_dir is not None else None
+    encode = _TextStates(refiner, req.clip_skip, embeddings)
+    if hires:
+        size = req.hires.final_size(params.width, params.height, sd.config.vae.factor)
+        cond, uncond = _conditioning(extract_loras(req.hires.prompt or req.prompt)[0],
+                                     req.hires.negative_prompt or req.negative_prompt, encode, params.steps,
+                                     req.hires.steps or params.steps, size=size)
+    else:
+        cond, uncond = _conditioning(extract_loras(req.prompt)[0], req.negative_prompt, encode, params.steps,
+                                     size=(params.width, params.height))
+    title = refiner.name + (f" [{refiner.hash}]" if refiner.hash else "")
+    switch = 0.8 if req.refiner_switch_at is None else req.refiner_switch_at
+    return _RefinerPart(engine.refiner[1], cond, uncond, switch, title)
+
+
+def _refiner_engine(engine: Engine, path: str) -> Engine:
+    """The refiner checkpoint as an Engine in the base model's dtype, kept on the base's engine for later runs."""
+    path = str(Path(path).resolve())
+    if engine.refiner is None or engine.refiner[0] != path:
+        engine.refiner = None  # (the one before freed first)
+        engine.refiner = (path, Engine(load(path, dtype=engine.sd.dtype)))
+    return engine.refiner[1]
+
+
+def _handover(sd: StableDiffusion, p: Pass, base: CFGDenoiser) -> _Handover:
+    """The pass's guided denoiser with the refiner's beside it, for a new batch (not taken over yet)."""
+    part = p.refiner
+    part.took_over = False
+    refiner = part.engine
+    refined = CFGDenoiser(_denoiser(refiner.sd, _net(refiner.unet, None), p.sampler), p.cfg_scale, p.sigmas,
+                          p.guidance_until)
+    return _Handover(base, refined, part, _denoiser(sd, sampler=p.sampler).sigmas)
+
+
+class _Handover:
+    """A1111's refiner switch: calls go to the base model's guided denoiser until A1111's completed ratio, (999 -
+    the training timestep nearest the call's sigma) / 1000, reaches switch_at; from then on (for the rest of the
+    batch's pass) to the refiner's, with the refiner's conditioning. The sampler runs on, its state kept."""
+
+    def __init__(self, base, refined, part: _RefinerPart, table: torch.Tensor):
+        self.base, self.refined, self.part, self.table = base, refined, part, table
+
+    def __call__(self, x, sigma, **extra):
+        if not self.part.took_over:
+            timestep = int(torch.argmin((self.table - float(torch.as_tensor(sigma).max())).abs()))
+            self.part.took_over = (999 - timestep) / 1000 >= self.part.switch_at
+        if self.part.took_over:
+            return self.refined(x, sigma, **{**extra, "cond": self.part.cond, "uncond": self.part.uncond})
+        return self.base(x, sigma, **extra)
+
+
 def _paste(picture: Image.Image, original: Image.Image, mask: Image.Image, box: tuple | None) -> Image.Image:
     """The drawn picture over the original through the blurred mask; "only masked" first puts it back into its box
     (resized to the box, cropped to fill it), so the result has the original's size."""
@@ -794,8 +887,12 @@ class _KeepUnmasked:
 
 
 @contextlib.contextmanager
-def _token_merging(sd: StableDiffusion, ratio: float):
-    """The UNet merges `ratio` of its full-resolution tokens for this pass (0: none), as it did before afterwards."""
+def _token_merging(sd: StableDiffusion | None, ratio: float):
+    """The UNet merges `ratio` of its full-resolution tokens for this pass (0: none), as it did before afterwards.
+    (No model: nothing to do.)"""
+    if sd is None:
+        yield
+        return
     before = {m: m.merge_ratio for m in sd.unet.modules() if hasattr(m, "merge_ratio")}
     sd.unet.set_token_merging(ratio)
     try:

@@ -101,3 +101,29 @@ def test_full_unet_matches_diffusers(record_parity, name, kind):
     d, scale = _compare_unet(preset(name).unet, kind, record_parity, f"UNet {name} vs diffusers, full size", size=16,
                              shared=True)
     assert d <= 1e-3 * max(scale, 1), d
+
+
+@pytest.mark.slow
+def test_full_text_towers_match_transformers(record_parity):
+    """CLIP ViT-L and OpenCLIP ViT-bigG at full size, plainsd's conditioner holding transformers' own tensors."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from plainsd.models.sdxl import SDXLTextEncoder
+    from tests.reference import hf_text_kwargs, perturb
+
+    config = preset("sdxl")
+    torch.manual_seed(0)
+    text = perturb(CLIPTextModel(CLIPTextConfig(**hf_text_kwargs(config.text))), 1, scale=0.02)
+    text2 = perturb(CLIPTextModelWithProjection(CLIPTextConfig(**hf_text_kwargs(config.text2))), 2, scale=0.02)
+    with torch.device("meta"):
+        ours = SDXLTextEncoder(config)
+    state = {**{"embedders.0.transformer." + k: v for k, v in text.state_dict().items()},
+             **{"embedders.1.model." + k: v for k, v in text2.state_dict().items()}}
+    ours.load_state_dict({k: v for k, v in state.items() if "position_ids" not in k}, strict=True, assign=True)
+    ids_l, ids_g = _ids()
+    with torch.no_grad():
+        want_states, want_pooled = sdxl_text_reference(text, text2, ids_l, ids_g)
+        states, pooled = ours.encode(ids_l)
+    d = max(max_diff(states, want_states), max_diff(pooled, want_pooled))
+    record_parity("text towers sdxl (ViT-L + ViT-bigG) vs transformers, full size", d)
+    assert d <= 1e-4, d

@@ -135,6 +135,8 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
     store, options = server.store, server.options
     overrides = req.override_settings or {}
     entry = _find(store, overrides["sd_model_checkpoint"]) if overrides.get("sd_model_checkpoint") else store.current
+    if req.refiner_checkpoint not in (None, "", "None"):  # one of the server's models, by name as A1111 finds it
+        req = req.model_copy(update={"refiner_checkpoint": str(_find(store, req.refiner_checkpoint).path)})
     request = api.generation_request(req, kind, server.limits, options, store.backend, server.styles_file,
                                      server.controlnet_dir).replace(lora_dir=server.lora_dir,
                                                                     embeddings_dir=server.embeddings_dir)
