@@ -8,9 +8,9 @@ from plainsd.request import GenerationRequest
 
 def test_names_match_as_a1111_matches_them():
     assert scripts.names("txt2img") == ["x/y/z plot"]
-    assert scripts.names("img2img") == ["x/y/z plot", "poor man's outpainting"]  # img2img only, as in A1111
+    assert scripts.names("img2img") == ["x/y/z plot", "poor man's outpainting", "sd upscale"]  # img2img only, as in A1111
     assert scripts.find("X/Y/Z Plot", "img2img") is scripts.SCRIPTS["x/y/z plot"]
-    with pytest.raises(ValueError, match=r"unknown script 'loopback' for img2img; plainsd runs 'x/y/z plot', \"poor man's outpainting\""):
+    with pytest.raises(ValueError, match=r"unknown script 'loopback' for img2img; plainsd runs 'x/y/z plot', \"poor man's outpainting\", 'sd upscale'"):
         scripts.find("loopback", "img2img")
 
 
@@ -20,7 +20,7 @@ def test_a_script_is_one_entry(monkeypatch):
                            prepare=lambda request, args, kind, context: (request, args),
                            run=lambda engine, plan, context, **controls: calls.append((engine, plan, controls)))
     monkeypatch.setitem(scripts.SCRIPTS, entry.name, entry)
-    assert scripts.names("img2img") == ["x/y/z plot", "poor man's outpainting", "loopback"] and scripts.names("txt2img") == ["x/y/z plot"]
+    assert scripts.names("img2img") == ["x/y/z plot", "poor man's outpainting", "sd upscale", "loopback"] and scripts.names("txt2img") == ["x/y/z plot"]
     request = GenerationRequest("a")
     prepared = scripts.prepare("Loopback", "img2img", request, [2])
     prepared("engine", interrupt=None)

@@ -16,6 +16,9 @@ EXAMPLES = """examples:
   plainsd inpaint "a star" --init-image circle.png --mask mask.png --only-masked --inpainting-fill fill
   plainsd txt2img "a red circle" --controlnet plainsd-base.controlnet-canny --control-image edges.png --control-module canny
   plainsd outpaint circle.png "a red circle, a wide field" --left 64 --right 64 -o wide.png
+  plainsd upscale circle.png --upscaler plainsd-x4 --scale 4 -o big/
+  plainsd upscale photo.png --upscaler "R-ESRGAN 4x+" --scale 2 --upscalers-dir ~/webui/models
+  plainsd sd-upscale circle.png "a red circle" --upscaler Lanczos --scale 2 --overlap 16 --strength 0.3
   plainsd xyz "a red circle" --x-type Seed --x-values 1-3 --y-type "CFG Scale" --y-values "3, 7" -o grid.png
   plainsd png-info circle.png
   plainsd detect canny photo.jpg -o edges.png --width 512 --height 768 --pixel-perfect
@@ -186,13 +189,50 @@ def _hires_args(p: argparse.ArgumentParser):
     hr.add_argument("--hires-height", type=int, default=None, help="the final height (both: cropped to fill)")
     hr.add_argument("--hires-upscaler", default=None,
                     help='"Latent" (default), "Latent (antialiased)", "Latent (bicubic)", "Latent (nearest-exact)", ... '
-                         'or an image one: "Lanczos", "Nearest"')
+                         'an image one: "Lanczos", "Nearest", or an upscaler model by name (plainsd-x4, the files '
+                         'of --upscalers-dir)')
     hr.add_argument("--hires-steps", type=int, default=None, help="second-pass steps (default: --steps)")
     hr.add_argument("--hires-strength", type=float, default=None, help="second-pass denoising strength (default 0.7)")
     hr.add_argument("--hires-sampler", default=None, help="second-pass sampler (default: --sampler)")
     hr.add_argument("--hires-prompt", default=None, help="second-pass prompt (default: the prompt)")
     hr.add_argument("--hires-token-merging", type=float, default=None, metavar="RATIO",
                     help="second-pass token merging ratio (default: --token-merging)")
+    _upscaler_args(hr)
+
+
+def _upscaler_args(p):
+    p.add_argument("--upscalers-dir", default=None, metavar="DIR",
+                   help="upscaler model files (ESRGAN, Real-ESRGAN, SwinIR, DAT, HAT ...): A1111's models folder "
+                        "(its ESRGAN/, RealESRGAN/ ... subfolders) or one folder of files; pip install 'plainsd[upscale]'")
+    p.add_argument("--upscaler-tile", type=int, default=192, metavar="PIXELS",
+                   help="an upscaler model runs on tiles this large (A1111's ESRGAN_tile; 0: whole; default 192)")
+    p.add_argument("--upscaler-tile-overlap", type=int, default=8, metavar="PIXELS",
+                   help="pixels the tiles share, blended (A1111's ESRGAN_tile_overlap; default 8)")
+
+
+def _upscale_parsers(sub) -> None:
+    """plainsd upscale (A1111's Extras) and plainsd sd-upscale (its SD upscale script)."""
+    p = sub.add_parser("upscale", help="upscale pictures with an upscaler model or Lanczos (A1111's Extras)")
+    p.add_argument("images", nargs="+", help="the pictures")
+    p.add_argument("--upscaler", required=True, help="plainsd-x4, Lanczos, Nearest, or a model of --upscalers-dir")
+    p.add_argument("--scale", type=float, default=4.0, help="upscale by, 1 to 8 (default 4; sizes round down to 8)")
+    p.add_argument("--width", type=int, default=None, help="instead of --scale: fill this width and --height ...")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--no-crop", action="store_true", help="... without cropping to exactly that size")
+    p.add_argument("--upscaler-2", default="None", help="a second upscaler whose result is blended in")
+    p.add_argument("--upscaler-2-visibility", type=float, default=0.0, metavar="V", help="how much of it, 0 to 1")
+    p.add_argument("-o", "--output", default="outputs/extras", metavar="DIR", help="folder (default outputs/extras)")
+    _upscaler_args(p)
+    _runtime_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true")
+    p = sub.add_parser("sd-upscale", help="upscale a picture, then redraw it tile by tile (A1111's SD upscale)")
+    p.add_argument("image", help="the picture to upscale")
+    _common(p, strength=0.3)
+    p.add_argument("--upscaler", default="Lanczos", help="what upscales it first (default Lanczos; None: not at all)")
+    p.add_argument("--scale", type=float, default=2.0, help="upscale by, 1 to 8 (default 2)")
+    p.add_argument("--overlap", type=int, default=64, help="pixels the tiles (--width x --height) share (default 64)")
+    _upscaler_args(p)
 
 
 def _xyz_args(p: argparse.ArgumentParser):
@@ -279,6 +319,8 @@ def _batch_args(sub):
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings")
     p.add_argument("--styles", default=None, metavar="PATH", help="A1111's styles.csv for the requests' styles")
     p.add_argument("--controlnet-dir", default=None, help="folder of ControlNet models the requests' units name")
+    p.add_argument("--upscalers-dir", default=None, metavar="DIR",
+                   help="upscaler models the requests' hr_upscaler names (A1111's models folder or one folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true")
 
@@ -330,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _hires_args(p)
     _xyz_args(p)
+    _upscale_parsers(sub)
     p = sub.add_parser("png-info", help="print the generation parameters stored in an image")
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="as JSON fields")
@@ -432,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of ControlNet models (A1111's models/ControlNet), offered besides the shipped one")
     p.add_argument("--styles", default=None, metavar="PATH",
                    help="A1111's styles.csv (or a folder of .csv files, or a wildcard) for the requests' styles")
+    p.add_argument("--upscalers-dir", default=None, metavar="DIR",
+                   help="upscaler models for Extras, the hires fix and SD upscale: A1111's models folder (ESRGAN/, "
+                        "RealESRGAN/ ...) or one folder of files, offered besides the shipped plainsd-x4")
     _runtime_args(p)
     p.add_argument("--debug", action="store_true")
     _batch_args(sub)
@@ -583,7 +629,9 @@ def _request(args):
         s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax, s_noise=args.s_noise,
         eta_noise_seed_delta=args.ensd, styles=args.styles,
         styles_file=args.styles_file or args.styles_dir or "styles.csv", controlnet=_control_units(args),
-        controlnet_dir=args.controlnet_dir, refiner_checkpoint=args.refiner, refiner_switch_at=args.refiner_switch_at)
+        controlnet_dir=args.controlnet_dir, upscalers_dir=getattr(args, "upscalers_dir", None),
+        upscaler_tile=getattr(args, "upscaler_tile", 192), upscaler_tile_overlap=getattr(args, "upscaler_tile_overlap", 8),
+        refiner_checkpoint=args.refiner, refiner_switch_at=args.refiner_switch_at)
     if args.command == "img2img":
         return request.replace(init_image=_open_image(args.init_image), strength=args.strength,
                                resize_mode=args.resize_mode, initial_noise_multiplier=args.noise_multiplier)
@@ -594,6 +642,8 @@ def _request(args):
                                inpaint_full_res=args.only_masked, inpaint_full_res_padding=args.only_masked_padding,
                                mask_round=not args.no_mask_round, initial_noise_multiplier=args.noise_multiplier,
                                latent_mask=_open_image(args.latent_mask) if args.latent_mask else None)
+    if args.command == "sd-upscale":
+        return request.replace(init_image=_open_image(args.image), strength=args.strength)
     if args.command == "outpaint":
         from plainsd.pipeline import outpaint_request
 
@@ -628,6 +678,65 @@ def _hires(args):
     if not getattr(args, "hires", False) and not given:
         return None
     return HiresFix(**given)
+
+
+def _upscale(args) -> int:
+    """A1111's Extras upscaling of each picture, written to the output folder as NAME.png with the picture's
+    parameters kept and the postprocessing text beside them."""
+    import torch
+
+    from plainsd import upscale
+    from plainsd.pnginfo import read_parameters, save_png
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if (args.width is None) != (args.height is None):
+        raise ValueError("give both --width and --height (the size to fill), or neither (then --scale)")
+    settings = upscale.Extras(upscaler_1=args.upscaler, upscaler_2=args.upscaler_2,
+                              upscaler_2_visibility=args.upscaler_2_visibility, resize_mode=int(args.width is not None),
+                              upscaling_resize=args.scale, upscaling_resize_w=args.width or 512,
+                              upscaling_resize_h=args.height or 512, upscaling_crop=not args.no_crop)
+    settings.check(args.upscalers_dir)
+    upscale.check_tiling(args.upscaler_tile, args.upscaler_tile_overlap)
+    pictures = [(_open_image(path), Path(args.output) / f"{Path(path).stem}.png") for path in args.images]
+    inputs = {Path(path).resolve() for path in args.images}
+    for _, out in pictures:
+        if out.resolve() in inputs:
+            raise ValueError(f"{out} would overwrite a picture being upscaled; choose another output folder (-o)")
+    for picture, out in pictures:
+        started = time.perf_counter()
+        result, info = upscale.extras(picture, settings, args.upscalers_dir, tile=args.upscaler_tile,
+                                      tile_overlap=args.upscaler_tile_overlap, precision=args.precision,
+                                      progress=not args.quiet)
+        save_png(result, out, read_parameters(picture), {"postprocessing": upscale.postprocessing_text(info)})
+        print(f"{out}  ({picture.width}x{picture.height} -> {result.width}x{result.height}, "
+              f"{time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def _sd_upscale(args) -> int:
+    """A1111's SD upscale script on one picture: every tile checked before the model loads, then drawn."""
+    import torch
+
+    from plainsd import scripts
+    from plainsd.pnginfo import save_png
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.output and Path(args.output).suffix.lower() != ".png":
+        raise ValueError(f"the output must be a .png file, got {Path(args.output).name}")
+    request = _request(args)
+    request.check(backend=args.backend)
+    plan = scripts.prepare("sd upscale", "img2img", request, [None, args.overlap, args.upscaler, args.scale])
+    engine = _engine(args)
+    started = time.perf_counter()
+    result = plan(engine, progress=not args.quiet)
+    for image, text, path in zip(result.images, result.infotexts, _outputs(args, len(result.images), result.seeds,
+                                                                           "sd-upscale")):
+        save_png(image, path, text)
+        print(f"{path}  ({image.width}x{image.height})")
+    print(f"{len(result.images)} image(s) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
 
 
 def _png_info(args) -> int:
@@ -772,7 +881,7 @@ def _serve(args) -> int:
     app = create_app(args.model, args.models_dir, auth=args.api_auth, max_queue=args.max_queue, limits=limits,
                      outputs=args.outputs, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
                      precision=args.precision, backend=args.backend, styles=args.styles,
-                     controlnet_dir=args.controlnet_dir)
+                     controlnet_dir=args.controlnet_dir, upscalers_dir=args.upscalers_dir)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"plainsd: note: listening on {args.host}, reachable from other machines"
               + ("" if args.api_auth else " without authentication (see --api-auth)"), file=sys.stderr)
@@ -790,7 +899,8 @@ def _batch(args) -> int:
         summary = run_batch(args.requests, args.output, model=args.model, workers=args.workers, threads=args.threads,
                             ray=args.ray, precision=args.precision, backend=args.backend, lora_dir=args.lora_dir,
                             embeddings_dir=args.embeddings_dir, styles=args.styles,
-                            controlnet_dir=args.controlnet_dir, progress=not args.quiet)
+                            controlnet_dir=args.controlnet_dir, upscalers_dir=args.upscalers_dir,
+                            progress=not args.quiet)
     except BatchError as e:
         if args.debug:
             raise
@@ -918,8 +1028,9 @@ def main(argv: list[str] | None = None) -> int:
     from plainsd.weights import CheckpointError
 
     handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate, "xyz": _xyz,
-                "png-info": _png_info, "detect": _detect,
-                "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "batch": _batch, "lora": _lora, "finetune": _finetune}
+                "png-info": _png_info, "detect": _detect, "upscale": _upscale, "sd-upscale": _sd_upscale,
+                "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "batch": _batch,
+                "lora": _lora, "finetune": _finetune}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, CheckpointError, OSError) as e:

@@ -27,6 +27,7 @@ from PIL import Image
 from . import control as control_mod
 from . import images as imgs
 from . import lora as lora_mod
+from . import upscale as upscale_mod
 from .diffusion import samplers as S
 from .diffusion.denoisers import DiscreteDenoiser, LCMDenoiser
 from .diffusion.guidance import CFGDenoiser, Conditioning, ScheduledCond
@@ -497,7 +498,7 @@ class Pass:
     options: dict = field(default_factory=dict)   # the sampler's eta and s_* (GenerationRequest.sampler_options)
     concat: torch.Tensor | None = None    # an inpainting model's extra input channels
     keep: tuple[torch.Tensor, torch.Tensor] | None = None  # (init latent, keep mask): inpainting
-    upscale: tuple | None = None      # the hires fix: (upscaler, width, height, crop_x, crop_y, wrap) for _upscale
+    upscale: tuple | None = None      # the hires fix: (upscaler, width, height, crop_x, crop_y, wrap, models) for _upscale
     guidance: float | None = None     # an LCM-distilled UNet's guidance scale (it then gets no uncond: _lcm_guidance)
     refiner: _RefinerPart | None = None   # the model that takes over during this pass (_refiner)
 
@@ -553,7 +554,8 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
     return Pass(run.hires_sampler, sigmas, cond, None if guidance is not None else uncond, params.cfg_scale,
                 params.guidance_until, _unet(engine, run, params, sigmas, run.hires_sampler), merging,
                 req.sampler_options(run.hires_sampler), concat,
-                upscale=(hires.upscaler, *hires.target(params.width, params.height, factor), req.tiling),
+                upscale=(hires.upscaler, *hires.target(params.width, params.height, factor), req.tiling,
+                         (req.upscalers_dir, req.upscaler_tile, req.upscaler_tile_overlap)),
                 guidance=guidance)
 
 
@@ -928,19 +930,28 @@ def _paint_everything(sd: StableDiffusion, width: int, height: int, device) -> t
 
 
 def _upscale(sd: StableDiffusion, latents: torch.Tensor, upscaler: str, width: int, height: int, crop_x: int,
-             crop_y: int, wrap: bool = False) -> torch.Tensor:
+             crop_y: int, wrap: bool = False, models: tuple = (None, 192, 8)) -> torch.Tensor:
     """Hires. fix's upscaling to width x height (rounded down to whole latents), then crop_x / crop_y latent
     columns / rows cut off, half on each side (the larger half at the end), as A1111 does. wrap: tiling's
-    decode, for an image upscaler."""
+    decode, for an image upscaler. models: (upscalers folder, tile, tile overlap) for an upscaler model, which
+    upscales the decoded picture as A1111's resize_image does (upscale.resize), in bf16 where the UNet runs in it."""
     f = sd.config.vae.factor
     rows, cols = height // f, width // f
     if upscaler in LATENT_UPSCALERS:
         mode, antialias = LATENT_UPSCALERS[upscaler]
         up = torch.nn.functional.interpolate(latents.float(), size=(rows, cols), mode=mode, antialias=antialias)
     else:
+        folder, tile, overlap = models
+        precision = "bf16" if sd.unet.dtype == torch.bfloat16 else "fp32"
+
+        def resized(p: Image.Image) -> Image.Image:
+            if upscaler in IMAGE_UPSCALERS:
+                return p.resize((cols * f, rows * f), IMAGE_UPSCALERS[upscaler])
+            return upscale_mod.resize(p, cols * f, rows * f, upscaler, folder, tile=tile, tile_overlap=overlap,
+                                      precision=precision)
         with torch.no_grad():
-            up = torch.cat([sd.vae.encode(imgs.to_tensor(p.resize((cols * f, rows * f), IMAGE_UPSCALERS[upscaler]))
-                                          .to(latents.device)).mode().float() for p in decode(sd, latents, wrap=wrap)])
+            up = torch.cat([sd.vae.encode(imgs.to_tensor(resized(p)).to(latents.device)).mode().float()
+                            for p in decode(sd, latents, wrap=wrap)])
         up = up * sd.config.scale_factor
     return up[:, :, crop_y // 2:rows - (crop_y + 1) // 2, crop_x // 2:cols - (crop_x + 1) // 2]
 

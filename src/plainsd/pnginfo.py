@@ -65,13 +65,16 @@ def parse_infotext(text: str) -> dict:
     return out
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None) -> Path:
-    """Write a PNG with the parameters chunk, through a temporary file and a rename."""
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None,
+             texts: dict[str, str] | None = None) -> Path:
+    """Write a PNG with the parameters chunk (and further text chunks, e.g. Extras' "postprocessing"), through a
+    temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = PngImagePlugin.PngInfo()
-    if parameters:
-        meta.add_text("parameters", parameters)
+    for key, text in {"parameters": parameters, **(texts or {})}.items():
+        if text:
+            meta.add_text(key, text)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         image.save(tmp, format="PNG", pnginfo=meta)

@@ -45,8 +45,9 @@ class HiresFix:
 
     scale multiplies width and height, unless width or height (A1111's hr_resize_x / hr_resize_y) name the
     final size: one of them keeps the aspect ratio, both crop the upscaled first pass to fill that size.
-    upscaler: a name in LATENT_UPSCALERS (the latents interpolated) or IMAGE_UPSCALERS (decoded, resized,
-    encoded). steps: the second pass's steps before strength takes its share (0: as many as the first pass).
+    upscaler: a name in LATENT_UPSCALERS (the latents interpolated), IMAGE_UPSCALERS (decoded, resized, encoded)
+    or an upscaler model's from the request's upscalers_dir (plainsd.upscale; decoded, upscaled by the model,
+    resized to the target, encoded). steps: the second pass's steps before strength takes its share (0: as many as the first pass).
     sampler, schedule, prompt, negative_prompt: the second pass's, if not the first pass's. token_merging: the
     second pass's token merging ratio (A1111's token_merging_ratio_hr; None: the first pass's)."""
     scale: float = 2.0
@@ -80,11 +81,16 @@ class HiresFix:
         up_w, up_h, crop_x, crop_y = self.target(width, height, factor)
         return (up_w // factor - crop_x) * factor, (up_h // factor - crop_y) * factor
 
-    def check(self, sampler: str, schedule: str | None) -> None:
-        """The second pass's own settings; sampler and schedule: the first pass's."""
+    def check(self, sampler: str, schedule: str | None, upscalers_dir: str | None = None) -> None:
+        """The second pass's own settings; sampler and schedule: the first pass's; upscalers_dir: where the upscaler
+        models are."""
         if self.upscaler not in LATENT_UPSCALERS and self.upscaler not in IMAGE_UPSCALERS:
-            raise ValueError(f"unknown hires upscaler {self.upscaler!r}; plainsd has "
-                             f"{', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])}")
+            from .upscale import find_upscaler, upscaler_names
+            try:
+                find_upscaler(self.upscaler, upscalers_dir)
+            except ValueError:
+                raise ValueError(f"unknown hires upscaler {self.upscaler!r}; plainsd has "
+                                 f"{', '.join([*LATENT_UPSCALERS, *upscaler_names(upscalers_dir)])}") from None
         if not 1.0 <= self.scale <= 8.0:
             raise ValueError(f"the hires scale must be between 1 and 8, got {self.scale}")
         if self.width < 0 or self.height < 0 or self.width % 8 or self.height % 8:
@@ -238,6 +244,12 @@ class GenerationRequest:
     # controlnet_dir (the extension's models/ControlNet) or the shipped one, or by path
     controlnet: tuple[ControlUnit, ...] = ()
     controlnet_dir: str | None = None
+    # upscaler models by name (plainsd.upscale: A1111's models/ESRGAN, models/RealESRGAN ... or one folder) for the
+    # hires fix and SD upscale, run in tiles of upscaler_tile pixels overlapping by upscaler_tile_overlap (A1111's
+    # ESRGAN_tile and ESRGAN_tile_overlap settings; tile 0: whole)
+    upscalers_dir: str | None = None
+    upscaler_tile: int = 192
+    upscaler_tile_overlap: int = 8
     # A1111's refiner: this checkpoint (a file or a diffusers folder) takes the latents over once refiner_switch_at
     # of the denoising is done (by noise level, as A1111 counts it), with its own conditioning; with the hires fix,
     # in the second pass (A1111's default)
@@ -273,11 +285,13 @@ class GenerationRequest:
         if self.hires is not None:
             if self.init_image is not None:
                 raise ValueError("hires fix is for txt2img; img2img draws at the width and height it is given")
-            self.hires.check(self.sampler or DEFAULTS["sampler"], self.schedule)
+            self.hires.check(self.sampler or DEFAULTS["sampler"], self.schedule, self.upscalers_dir)
             if self.width and self.height:
                 _check_size(*self.hires.final_size(self.width, self.height, factor), factor)
         self._check_noise(factor, backend)
         self._check_controlnet(backend)
+        from .upscale import check_tiling
+        check_tiling(self.upscaler_tile, self.upscaler_tile_overlap)
         self._check_refiner(backend)
 
     def _check_refiner(self, backend: str) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 import plainsd
 from tests.server.test_controlnet import save_random_controlnet, square
+from tests.test_upscale import _esrgan_old, _picture, _write
 
 MAX_QUEUE = 3
 
@@ -31,10 +32,12 @@ def server(tmp_path_factory):
     plainsd.save(sd, folder / "tiny.safetensors")
     controlnets = tmp_path_factory.mktemp("controlnet")
     save_random_controlnet(sd, controlnets / "control_tiny_canny.safetensors")
+    upscalers = tmp_path_factory.mktemp("upscalers")
+    _write(_esrgan_old(seed=4, scale=2), upscalers / "ESRGAN" / "2x-test.pth")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "plainsd.cli", "serve", "--models-dir", str(folder), "--port",
                              str(port), "--max-queue", str(MAX_QUEUE), "--threads", "1",
-                             "--controlnet-dir", str(controlnets)],
+                             "--controlnet-dir", str(controlnets), "--upscalers-dir", str(upscalers)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -265,5 +268,36 @@ def test_web_page_controlnet_section(server, tmp_path):
         # (the gallery shows the newest first: the detected map follows the picture in the answer)
         assert captions[0] == "ControlNet: detected map" and "ControlNet 0:" in captions[1], captions
         assert "Module: canny" in captions[1] and "Weight: 0.8" in captions[1]
+    finally:
+        driver.quit()
+
+
+def test_web_page_extras_section(server, tmp_path):
+    """A picture uploaded to the Extras row, upscaled by a model from the server's list: the result in the gallery,
+    captioned with A1111's postprocessing text; the same models offered for the hires fix."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    _picture(40, 28).save(tmp_path / "small.png")
+    driver = _driver(tmp_path)
+    try:
+        driver.get(server + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "extras-upscaler")).options) > 2)
+        names = [o.text for o in Select(driver.find_element(By.ID, "extras-upscaler")).options]
+        assert names[:2] == ["Lanczos", "Nearest"] and "2x-test" in names
+        assert "2x-test" in [o.text for o in Select(driver.find_element(By.ID, "hr-upscaler")).options]
+        driver.find_element(By.ID, "extras-file").send_keys(str(tmp_path / "small.png"))
+        Select(driver.find_element(By.ID, "extras-upscaler")).select_by_visible_text("2x-test")
+        box = driver.find_element(By.ID, "extras-scale")
+        box.clear()
+        box.send_keys("2")
+        driver.find_element(By.ID, "extras-run").click()
+        image = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img.result"))[0]
+        wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image))
+        assert driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [80, 56]
+        caption = driver.find_element(By.CSS_SELECTOR, "#gallery figcaption").text
+        assert caption == "Postprocess upscale by: 2, Postprocess upscaler: 2x-test"
+        assert driver.find_element(By.ID, "error").text == ""
     finally:
         driver.quit()

@@ -77,10 +77,12 @@ def _model(folder):
 
 def test_scripts_and_script_info_in_a1111s_shape(client):
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot"],
-                                                      "img2img": ["x/y/z plot", "poor man's outpainting"]}
+                                                      "img2img": ["x/y/z plot", "poor man's outpainting",
+                                                                  "sd upscale"]}
     info = client.get("/sdapi/v1/script-info").json()
     assert [(s["name"], s["is_img2img"], s["is_alwayson"]) for s in info] == [
-        ("x/y/z plot", False, False), ("x/y/z plot", True, False), ("poor man's outpainting", True, False)]
+        ("x/y/z plot", False, False), ("x/y/z plot", True, False), ("poor man's outpainting", True, False),
+        ("sd upscale", True, False)]
     assert info[2]["args"] == [  # A1111's ui(): the sliders' ranges, the radio's and checkboxes' choices
         {"label": "Pixels to expand", "value": 128, "minimum": 8, "maximum": 256, "step": 8, "choices": None},
         {"label": "Mask blur", "value": 4, "minimum": 0, "maximum": 64, "step": 1, "choices": None},

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 import plainsd
 from plainsd.images import to_pil, to_tensor
-from plainsd.train.data import BACKGROUNDS, ShapesDataset
+from plainsd.train.data import BACKGROUNDS, SHAPES, ShapesDataset
 from plainsd.pipeline import txt2img
 from plainsd.train.loop import TrainConfig
 from plainsd.weights import load_tiny_decoder
@@ -345,5 +346,10 @@ def test_controlnet_captions_empty_shapeless_or_whole():
     rng = random.Random(1)
     kinds = [_control_caption("a red circle", rng, half) for _ in range(4000)]
     assert abs(kinds.count("") / 4000 - 0.5) < 0.03 and abs(kinds.count("a red") / 4000 - 0.25) < 0.03
+    swapped = ControlNetSettings(empty_caption=0.0, contradicting_caption=1.0)
+    for seed in range(20):
+        caption = _control_caption("a big red diamond and a blue cross", random.Random(seed), swapped)
+        first, second = re.fullmatch(r"a big red (\w+) and a blue (\w+)", caption).groups()
+        assert first in SHAPES and second in SHAPES and first != "diamond" and second != "cross"
     with pytest.raises(ValueError, match="extra.shapeless_caption must be a fraction"):
         ControlNetSettings(shapeless_caption=1.5).check()

@@ -38,7 +38,7 @@ class Summary:
 def run_batch(requests: str | Path, out: str | Path, *, model: str | Path | None = None, workers: int | None = None,
               threads: int | None = None, ray: str | None = None, precision: str = "auto", backend: str = "eager",
               lora_dir: str | None = None, embeddings_dir: str | None = None, styles: str | None = None,
-              controlnet_dir: str | None = None, progress: bool = True,
+              controlnet_dir: str | None = None, upscalers_dir: str | None = None, progress: bool = True,
               on_drawn: Callable[[dict], None] | None = None) -> Summary:
     """Draw every request of the file not yet in out/manifest.jsonl. model: a checkpoint (default: the shipped
     model); workers: processes (1: this one; default 1) or, with ray, actors (default: as many as the cluster's
@@ -55,7 +55,7 @@ def run_batch(requests: str | Path, out: str | Path, *, model: str | Path | None
         raise ValueError("--workers and --threads must be at least 1")
     dtype = choose_dtype(precision)  # chosen once here, so that every worker draws alike
     setup = Setup(model, model_sha256(model), "bf16" if str(dtype) == "torch.bfloat16" else "fp32", backend,
-                  lora_dir, embeddings_dir, styles, controlnet_dir)
+                  lora_dir, embeddings_dir, styles, controlnet_dir, upscalers_dir)
     jobs = read_jobs(requests, setup)
     finished = done(out)
     todo = [job for job in jobs if job.key not in finished]

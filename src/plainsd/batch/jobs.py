@@ -36,6 +36,7 @@ class Setup:
     embeddings_dir: str | None = None
     styles: str | None = None     # A1111's styles.csv (or a folder or wildcard) for the requests' styles
     controlnet_dir: str | None = None
+    upscalers_dir: str | None = None  # upscaler models the requests' hr_upscaler names
 
 
 def read_jobs(path: str | Path, setup: Setup) -> list[Job]:
@@ -101,7 +102,7 @@ def _request(req, kind: str, setup: Setup, api) -> GenerationRequest:
     if req.do_not_save_samples:
         raise ValueError("do_not_save_samples: a batch writes every picture it draws, so only false is accepted")
     request = api.generation_request(req, kind, api.Limits(), api.default_options(), setup.backend, setup.styles,
-                                     setup.controlnet_dir)
+                                     setup.controlnet_dir, setup.upscalers_dir)
     request = request.replace(lora_dir=setup.lora_dir, embeddings_dir=setup.embeddings_dir).styled()
     available = find_loras(setup.lora_dir)
     for name, _ in extract_loras(request.prompt)[1]:  # (the pipeline would refuse it only once drawing)

@@ -30,8 +30,7 @@ from plainsd.images import INPAINTING_FILLS
 from plainsd.models.tome import check_ratio
 from plainsd import scripts
 from plainsd.prompts import extract_loras
-from plainsd.request import (IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix,
-                             check_clip_skip)
+from plainsd.request import MAX_SEED, GenerationRequest, HiresFix, check_clip_skip
 from plainsd.pnginfo import parse_infotext, read_parameters
 
 from . import controlnet
@@ -70,7 +69,6 @@ def sampler_pattern(*others: str) -> str:
 # A1111's schedule labels ("Karras") and names ("karras"); "" is automatic, as in A1111
 Schedule = Literal[tuple(dict.fromkeys(["", *SCHEDULE_LABELS, *SCHEDULE_LABELS.values(), *SCHEDULES]))]
 HiresSchedule = Literal[tuple(dict.fromkeys(["Use same scheduler", *Schedule.__args__]))]
-Upscaler = Literal[tuple([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])]
 SAMPLER = sampler_pattern("")
 HIRES_SAMPLER = sampler_pattern("", "Use same sampler")
 
@@ -136,7 +134,7 @@ class Txt2ImgRequest(ProcessingRequest):
     firstphase_width: int = Field(0, ge=0, multiple_of=8)
     firstphase_height: int = Field(0, ge=0, multiple_of=8)
     hr_scale: float = Field(2.0, ge=1.0, le=8.0)
-    hr_upscaler: Optional[Upscaler] = None
+    hr_upscaler: Optional[str] = Field(None, description="a name from /sdapi/v1/latent-upscale-modes or /sdapi/v1/upscalers")
     hr_second_pass_steps: int = Field(0, ge=0)
     hr_resize_x: int = Field(0, ge=0, multiple_of=8)
     hr_resize_y: int = Field(0, ge=0, multiple_of=8)
@@ -258,12 +256,14 @@ def decode_image(data: Any, what: str, limits: Limits) -> Image.Image:
     return image
 
 
-def encode_png(image: Image.Image, parameters: str | None = None) -> str:
+def encode_png(image: Image.Image, parameters: str | None = None, texts: dict[str, str] | None = None) -> str:
+    """A base64 PNG with A1111's "parameters" text (and further text chunks, e.g. Extras' "postprocessing")."""
     from PIL import PngImagePlugin
 
     meta = PngImagePlugin.PngInfo()
-    if parameters:
-        meta.add_text("parameters", parameters)
+    for key, text in {"parameters": parameters, **(texts or {})}.items():
+        if text:
+            meta.add_text(key, text)
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=meta)
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -328,7 +328,7 @@ NOISE_SETTINGS = ("eta_ancestral", "eta_ddim", "s_churn", "s_tmin", "s_tmax", "s
 # the settings a request's fields take their defaults from (A1111 keeps them for later requests where a request
 # asks not to restore its override_settings) ...
 REQUEST_SETTINGS = ("CLIP_stop_at_last_layers", *TOKEN_MERGING, *NOISE_SETTINGS, "initial_noise_multiplier",
-                    *controlnet.SETTINGS)
+                    *controlnet.SETTINGS, "ESRGAN_tile", "ESRGAN_tile_overlap")
 # ... and with the model (app.py), every setting plainsd acts on
 HONOURED_SETTINGS = ("sd_model_checkpoint", *REQUEST_SETTINGS)
 
@@ -340,7 +340,7 @@ def default_options() -> dict:
             "token_merging_ratio": 0.0, "token_merging_ratio_img2img": 0.0,
             "token_merging_ratio_hr": 0.0, "eta_noise_seed_delta": 0, "eta_ancestral": 1.0, "eta_ddim": 0.0,
             "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0, "tiling": False,
-            "initial_noise_multiplier": 1.0, **controlnet.SETTINGS}
+            "initial_noise_multiplier": 1.0, "ESRGAN_tile": 192, "ESRGAN_tile_overlap": 8, **controlnet.SETTINGS}
 
 
 def _json(value) -> str:
@@ -401,12 +401,13 @@ def _check_sampler_fields(req: ProcessingRequest) -> None:
 
 def generation_request(req: ProcessingRequest, kind: str, limits: Limits, options: dict,
                        backend: str = "eager", styles_file: str | None = None,
-                       controlnet_dir: str | None = None) -> GenerationRequest:
+                       controlnet_dir: str | None = None, upscalers_dir: str | None = None) -> GenerationRequest:
     """An A1111 txt2img or img2img request as plainsd's GenerationRequest, checked: the fields plainsd refuses, the
     server's own limits, then GenerationRequest.check's rules. options: the server's settings (/sdapi/v1/options),
     which a request's override_settings take precedence over, as A1111 applies them for the request; backend: what
     runs the server's UNet; styles_file: the server's styles, which the request's styles name; controlnet_dir: the
-    server's ControlNet models, which the request's ControlNet units name."""
+    server's ControlNet models, which the request's ControlNet units name; upscalers_dir: the server's upscaler
+    models (hr_upscaler, SD upscale), run in tiles of A1111's ESRGAN_tile setting."""
     check_fields(req, options)
     overrides = req.override_settings or {}
     for name in TOKEN_MERGING:
@@ -423,7 +424,8 @@ def generation_request(req: ProcessingRequest, kind: str, limits: Limits, option
         height=req.height, batch_size=req.batch_size, batch_count=req.n_iter,
         clip_skip=clip_skip, fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)),
         token_merging=_token_merging(settings, overrides, kind), **_noise_fields(req, settings, sampler),
-        styles=list(req.styles or []), styles_file=styles_file,
+        styles=list(req.styles or []), styles_file=styles_file, upscalers_dir=upscalers_dir,
+        upscaler_tile=settings.get("ESRGAN_tile", 192), upscaler_tile_overlap=settings.get("ESRGAN_tile_overlap", 8),
         refiner_checkpoint=req.refiner_checkpoint if req.refiner_checkpoint not in ("", "None") else None,
         refiner_switch_at=req.refiner_switch_at)
     if kind == "img2img":

@@ -27,11 +27,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from plainsd import pipeline, scripts
 from plainsd.pnginfo import save_png
-from plainsd.request import IMAGE_UPSCALERS, LATENT_UPSCALERS
+from plainsd.request import LATENT_UPSCALERS
 from plainsd.styles import read_styles
 from plainsd.xyz import Checkpoints
 
-from . import api, controlnet
+from . import api, controlnet, extras
 from .jobs import Job, JobQueue, QueueFull
 from .models import ModelStore
 
@@ -54,19 +54,23 @@ class Server:
     authenticated: bool
     styles_file: str | None = None   # A1111's styles.csv (or a folder of them) for the requests' styles
     controlnet_dir: str | None = None   # ControlNet models besides the shipped one, for the requests' units
+    upscalers_dir: str | None = None    # upscaler models (A1111's models/ESRGAN ... or one folder) besides plainsd-x4
 
 
 def create_app(model: str | Path | None = None, models_dir: str | Path | None = None, *,
                auth: str | None = None, max_queue: int = 16, limits: api.Limits | None = None,
                outputs: str | Path = "outputs/api", lora_dir: str | Path | None = None,
                embeddings_dir: str | Path | None = None, precision: str = "auto", backend: str = "eager",
-               styles: str | Path | None = None, controlnet_dir: str | Path | None = None) -> FastAPI:
+               styles: str | Path | None = None, controlnet_dir: str | Path | None = None,
+               upscalers_dir: str | Path | None = None) -> FastAPI:
     """auth: "user:pass" (several separated by commas) for HTTP basic auth on every route.
     lora_dir / embeddings_dir: folders whose LoRAs (<lora:name:weight>) and embeddings prompts may use.
     controlnet_dir: a folder of ControlNet models (A1111's models/ControlNet), offered besides the shipped one.
+    upscalers_dir: upscaler models (A1111's models folder with ESRGAN/, RealESRGAN/ ..., or one folder of files),
+    offered besides the shipped one for Extras, the hires fix and SD upscale.
     precision / backend: how the models run (plainsd.runtime). styles: A1111's styles.csv, a folder of such files
     or a wildcard, read again for each request (/sdapi/v1/prompt-styles lists them)."""
-    for folder in (lora_dir, embeddings_dir, controlnet_dir):
+    for folder in (lora_dir, embeddings_dir, controlnet_dir, upscalers_dir):
         if folder is not None and not Path(folder).is_dir():
             raise ValueError(f"folder {folder} does not exist")
     if styles is not None:
@@ -75,7 +79,8 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
     options = {**api.default_options(), "outdir_samples": str(outputs)}
     server = Server(ModelStore(model, models_dir, precision, backend), JobQueue(max_queue), limits or api.Limits(),
                     options, Path(outputs), lora_dir, embeddings_dir, bool(credentials),
-                    None if styles is None else str(styles), None if controlnet_dir is None else str(controlnet_dir))
+                    None if styles is None else str(styles), None if controlnet_dir is None else str(controlnet_dir),
+                    None if upscalers_dir is None else str(upscalers_dir))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -92,8 +97,8 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
     app.add_exception_handler(api.BadRequest, _bad_request)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    for routes in (_generation_routes, _control_routes, _list_routes, _settings_routes, _controlnet_routes,
-                   _page_routes):
+    for routes in (_generation_routes, _extras_routes, _control_routes, _list_routes, _settings_routes,
+                   _controlnet_routes, _page_routes):
         app.include_router(routes(server))
     return app
 
@@ -138,8 +143,8 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
     if req.refiner_checkpoint not in (None, "", "None"):  # one of the server's models, by name as A1111 finds it
         req = req.model_copy(update={"refiner_checkpoint": str(_find(store, req.refiner_checkpoint).path)})
     request = api.generation_request(req, kind, server.limits, options, store.backend, server.styles_file,
-                                     server.controlnet_dir).replace(lora_dir=server.lora_dir,
-                                                                    embeddings_dir=server.embeddings_dir)
+                                     server.controlnet_dir, server.upscalers_dir).replace(
+        lora_dir=server.lora_dir, embeddings_dir=server.embeddings_dir)
     script = api.script_plan(req, kind, request, server.limits, _checkpoints(store))
     settings = {**options, **overrides}  # (before the request's overrides may become the server's below)
     if not req.override_settings_restore_afterwards:  # A1111 keeps such overrides as its settings
@@ -177,6 +182,34 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
         encoded += [api.encode_png(request.init_image)]
     return {"images": encoded, "parameters": api.echo(req, drop_images=kind == "img2img" and not with_init),
             "info": api.info_json(req, result, request, engine.sd)}
+
+
+# --- Extras ----------------------------------------------------------------------------------------------
+
+def _extras_routes(server: Server) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/sdapi/v1/extra-single-image", response_model=extras.ExtrasSingleImageResponse)
+    async def extra_single_image(req: extras.ExtrasSingleImageRequest, http: Request):
+        images, html_info = await _extras(server, http, req)
+        return {"html_info": html_info, "image": images[0]}
+
+    @router.post("/sdapi/v1/extra-batch-images", response_model=extras.ExtrasBatchImagesResponse)
+    async def extra_batch_images(req: extras.ExtrasBatchImagesRequest, http: Request):
+        images, html_info = await _extras(server, http, req)
+        return {"html_info": html_info, "images": images}
+
+    return router
+
+
+async def _extras(server: Server, http: Request, req: extras.ExtrasBaseRequest) -> tuple[list[str], str]:
+    """Extras' upscaling through the queue (one job at a time, as generations): checked first, then run."""
+    settings = extras.settings(req, server.upscalers_dir)
+    pictures = extras.pictures(req, server.limits)
+    extras.check_sizes(pictures, settings, server.limits)
+    options = dict(server.options)
+    return await _run(server.queue, http, Job(lambda job: extras.run(pictures, settings, server.upscalers_dir,
+                                                                     options, server.store.precision), kind="extras"))
 
 
 async def _run(queue: JobQueue, http: Request, job: Job):
@@ -270,8 +303,12 @@ def _list_routes(server: Server) -> APIRouter:
 
     @router.get("/sdapi/v1/upscalers")
     async def upscalers():
-        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-                for name in IMAGE_UPSCALERS]
+        from plainsd.upscale import describe
+        return await asyncio.to_thread(describe, server.upscalers_dir)
+
+    @router.get("/sdapi/v1/realesrgan-models")
+    async def realesrgan_models():
+        return await asyncio.to_thread(extras.realesrgan_models, server.upscalers_dir)
 
     @router.get("/sdapi/v1/latent-upscale-modes")
     async def latent_upscale_modes():

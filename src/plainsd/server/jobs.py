@@ -100,14 +100,17 @@ class JobQueue:
                 job = self._waiting.popleft()
                 self.current = job
             job.started = time.time()
+            result, error = None, None
             try:
                 if not job.future.set_running_or_notify_cancel():
                     continue
                 result = job.run(job)
-                job.future.set_result(result)
             except BaseException as e:  # the handler turns it into an HTTP answer
-                if not job.future.done():
-                    job.future.set_exception(e)
+                error = e
             finally:
-                with self._lock:
+                with self._lock:  # no longer current before its answer goes out: /progress then shows it done
                     self.current = None
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)

@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 
 def join() -> None:
-    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR...): gloo
-    between CPU processes, NCCL between GPU ones. Nothing to do without torchrun or with a single process."""
+    """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR...), over
+    gloo: plainsd trains on CPUs. Nothing to do without torchrun or with a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if dist.is_initialized() or world <= 1:
         return
@@ -32,7 +32,7 @@ def join() -> None:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=not agent and rank == 0)
     attempt = dist.PrefixStore(f"plainsd/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=attempt, rank=rank, world_size=world)
+    dist.init_process_group("gloo", store=attempt, rank=rank, world_size=world)
 
 
 def leave() -> None:
@@ -125,8 +125,8 @@ class StepModule(torch.nn.Module):
 
 
 def data_parallel(params: dict[str, torch.nn.Parameter], loss_fn):
-    """loss_fn itself for one process; else a DDP module whose call computes the loss and, in backward,
-    averages the gradients (no_sync() skips that on the micro-batches before the last)."""
+    """None for one process; else a DDP module whose call computes loss_fn's loss and, in backward, averages
+    the gradients over the processes (its no_sync() skips that on the micro-batches before the last)."""
     if size() == 1:
         return None
     from torch.nn.parallel import DistributedDataParallel

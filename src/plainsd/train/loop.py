@@ -189,7 +189,8 @@ def train(cfg: TrainConfig, params: dict[str, torch.nn.Parameter], loss_fn: Call
           on_checkpoint: Callable[[int, dict], None] | None = None, progress: bool = True) -> dict:
     """Run (or continue) a training; returns {"losses": [...], "step": last step, "ema": ema shadow or None}.
 
-    params: the trainable tensors by name; loss_fn(step, micro) -> scalar loss for that micro-batch.
+    params: the trainable tensors by name; loss_fn(step, micro) -> scalar loss for that micro-batch (under
+    torchrun: for this process's rows of it, dist.rows, normalised as the whole micro-batch's mean is).
     on_sample(step, weights) and on_checkpoint(step, weights) get the weights to export (EMA if used).
     """
     out = Path(cfg.out)

@@ -650,6 +650,8 @@ class ControlNetSettings(RecipeSettings):
     empty_caption: float = 0.5    # share of captions left empty (the paper's half: it must work without a prompt)
     shapeless_caption: float = 0.0  # share of the other captions with their shape words left out ("a red on the
                                     # left"), so that the ControlNet learns to supply what the text does not say
+    contradicting_caption: float = 0.0  # share of the rest with each shape word swapped for another shape ("a red
+                                    # square" over a circle's edges), so that the edges learn to outweigh the text
     init: str | None = None       # a ControlNet file to go on training from; None: the copy of the base UNet
     latent_cache: int = 16384     # pictures whose posteriors and hints are computed once and trained on
     fp16: bool = True             # export controlnet.safetensors in float16
@@ -661,7 +663,7 @@ class ControlNetSettings(RecipeSettings):
         if self.latent_cache < 1:
             raise ValueError(f"extra.latent_cache of the controlnet recipe must be at least 1 (it trains on cached "
                              f"latents and hints), not {self.latent_cache}")
-        for name in ("empty_caption", "shapeless_caption"):
+        for name in ("empty_caption", "shapeless_caption", "contradicting_caption"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"extra.{name} must be a fraction in [0, 1], not {getattr(self, name)}")
 
@@ -741,11 +743,14 @@ def train_controlnet(cfg: TrainConfig, resume: bool = False, progress: bool = Tr
 
 def _control_caption(caption: str, rng: random.Random, s: ControlNetSettings) -> str:
     """A training caption: empty for extra.empty_caption of them, without its shape words for extra.shapeless_caption
-    of the rest, else as written."""
+    of the rest, with other shapes' words for extra.contradicting_caption of the rest after that, else as written."""
+    words = rf"\b({'|'.join(SHAPES)})\b"
     if rng.random() < s.empty_caption:
         return ""
     if rng.random() < s.shapeless_caption:
-        return re.sub(rf"\s*\b({'|'.join(SHAPES)})\b", "", caption)
+        return re.sub(rf"\s*{words}", "", caption)
+    if s.contradicting_caption and rng.random() < s.contradicting_caption:
+        return re.sub(words, lambda m: rng.choice([x for x in SHAPES if x != m.group(1)]), caption)
     return caption
 
 
