@@ -48,17 +48,18 @@ def diffusers_controlnet_kwargs(cfg: UNetConfig, **extra) -> dict:
     return {**kwargs, **extra}
 
 
-def unet_pair(cfg: UNetConfig, seed: int = 0, shared: bool = False):
+def unet_pair(cfg: UNetConfig, seed: int = 0, shared: bool = False, scale: float = 0.05):
     """diffusers' UNet with random, perturbed weights, and plainsd's UNet with the same weights (renamed with
     weights.unet_diffusers_names): just the UNets, where a test needs no text encoder or VAE. shared: plainsd's
-    UNet holds diffusers' very tensors (no copy: one full-size SDXL UNet in memory, not two)."""
+    UNet holds diffusers' very tensors (no copy: one full-size SDXL UNet in memory, not two). scale: of the noise
+    added to every weight (perturb)."""
     from diffusers import UNet2DConditionModel
 
     from plainsd.models.unet import UNetModel
     from plainsd.weights import _rename, unet_diffusers_names
 
     torch.manual_seed(seed)
-    theirs = perturb(UNet2DConditionModel(**diffusers_unet_kwargs(cfg)), seed + 1)
+    theirs = perturb(UNet2DConditionModel(**diffusers_unet_kwargs(cfg)), seed + 1, scale)
     pairs = unet_diffusers_names(cfg)
     with torch.device("meta" if shared else "cpu"):
         ours = UNetModel(cfg)
