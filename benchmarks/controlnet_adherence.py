@@ -37,7 +37,8 @@ from plainsd.pipeline import txt2img
 from plainsd.request import ControlUnit
 from plainsd.train.data import SHAPES, Scene, render
 
-MODEL = "plainsd-base.controlnet-canny"
+SHIPPED = "plainsd-base.controlnet-canny"
+MODEL = SHIPPED  # the ControlNet measured (--controlnet)
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 UNITS = {"pixel perfect": dict(pixel_perfect=True), "processor res 512 (default)": dict(processor_res=512)}
 
@@ -115,12 +116,16 @@ def main() -> None:
                                                                        "sweep (0: no sweep)")
     parser.add_argument("--prompt", default="a {colour}", help="the prompt of parts 1 and 3 ({colour}: scene A's)")
     parser.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
+    parser.add_argument("--controlnet", default=SHIPPED, help="the ControlNet: a name or a file (default: the shipped)")
     args = parser.parse_args()
+    global MODEL
+    MODEL = args.controlnet
     started = time.perf_counter()
     engine = runtime.prepare(plainsd.load(dtype=runtime.choose_dtype("auto")))  # as `plainsd txt2img` runs
     scenes = held_out_scenes(args.scenes, 1)
     command = f"--scenes {args.scenes} --contradictions {args.contradictions}"
     command += f" --prompt '{args.prompt}'" if args.prompt != "a {colour}" else ""
+    command += f" --controlnet {args.controlnet}" if args.controlnet != SHIPPED else ""
     lines = [f"# ControlNet adherence: {MODEL} on the shipped model", "",
              f"`.venv/bin/python benchmarks/controlnet_adherence.py {command}` on {cpu_name()}, "
              f"{str(engine.sd.dtype).replace('torch.', '')} (the default runtime); the method in the script's "

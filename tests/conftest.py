@@ -63,3 +63,27 @@ def reference(tmp_path_factory):
 
     yield get
     _REFERENCE_CACHE.clear()
+
+
+@pytest.fixture(scope="module")
+def sdxl_reference(tmp_path_factory):
+    """sdxl_reference(name) -> (config, diffusers unet, vae, transformers text_encoder (None for the refiner),
+    text_encoder_2, plainsd model loaded from the diffusers folder they were written to). Tiny configs only."""
+    from tests.reference import build_diffusers_sdxl, write_diffusers_sdxl_folder
+    from tests.test_configs import test_config
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            config = test_config(name)
+            nets = build_diffusers_sdxl(config, seed=zlib.crc32(name.encode()) % 1000)
+            folder = write_diffusers_sdxl_folder(tmp_path_factory.mktemp(name), *nets)
+            ours = plainsd.load(folder)
+            for t in [*ours.parameters(), *ours.buffers()]:
+                t.data = t.data.clone()
+            shutil.rmtree(folder)
+            cache[name] = (config, *nets, ours)
+        return cache[name]
+
+    return get

@@ -26,14 +26,17 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
     n = len(cfg.channel_mult)
     channels = [cfg.model_channels * m for m in cfg.channel_mult]
     heads = [cfg.heads_for(c) for c in channels]
-    return dict(
+    depth = [cfg.depth_at(i) for i in range(n)] if isinstance(cfg.transformer_depth, tuple) else cfg.transformer_depth
+    sdxl = dict(addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=cfg.adm_in_channels) if cfg.adm_in_channels else {}
+    return dict(**sdxl,
         sample_size=8, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
         block_out_channels=channels, layers_per_block=cfg.num_res_blocks,
         down_block_types=["CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in range(n)],
         up_block_types=["CrossAttnUpBlock2D" if i in cfg.attention_levels else "UpBlock2D" for i in reversed(range(n))],
         cross_attention_dim=cfg.context_dim, attention_head_dim=heads if cfg.head_dim > 0 else cfg.num_heads,
         use_linear_projection=cfg.use_linear_proj, norm_num_groups=cfg.norm_groups,
-        transformer_layers_per_block=cfg.transformer_depth, time_cond_proj_dim=cfg.time_cond_proj_dim or None,
+        transformer_layers_per_block=depth, time_cond_proj_dim=cfg.time_cond_proj_dim or None,
     )
 
 
@@ -45,19 +48,22 @@ def diffusers_controlnet_kwargs(cfg: UNetConfig, **extra) -> dict:
     return {**kwargs, **extra}
 
 
-def unet_pair(cfg: UNetConfig, seed: int = 0):
+def unet_pair(cfg: UNetConfig, seed: int = 0, shared: bool = False, scale: float = 0.05):
     """diffusers' UNet with random, perturbed weights, and plainsd's UNet with the same weights (renamed with
-    weights.unet_diffusers_names): just the UNets, where a test needs no text encoder or VAE."""
+    weights.unet_diffusers_names): just the UNets, where a test needs no text encoder or VAE. shared: plainsd's
+    UNet holds diffusers' very tensors (no copy: one full-size SDXL UNet in memory, not two). scale: of the noise
+    added to every weight (perturb)."""
     from diffusers import UNet2DConditionModel
 
     from plainsd.models.unet import UNetModel
     from plainsd.weights import _rename, unet_diffusers_names
 
     torch.manual_seed(seed)
-    theirs = perturb(UNet2DConditionModel(**diffusers_unet_kwargs(cfg)), seed + 1)
+    theirs = perturb(UNet2DConditionModel(**diffusers_unet_kwargs(cfg)), seed + 1, scale)
     pairs = unet_diffusers_names(cfg)
-    ours = UNetModel(cfg)
-    ours.load_state_dict({_rename(k, pairs): v for k, v in theirs.state_dict().items()}, strict=True)
+    with torch.device("meta" if shared else "cpu"):
+        ours = UNetModel(cfg)
+    ours.load_state_dict({_rename(k, pairs): v for k, v in theirs.state_dict().items()}, strict=True, assign=shared)
     return theirs, ours.eval()
 
 
@@ -78,6 +84,46 @@ def hf_text_kwargs(cfg: TextConfig) -> dict:
         hidden_act=cfg.act, projection_dim=cfg.projection_dim or cfg.width,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407 if cfg.pad == "eot" else 0,
     )
+
+
+def build_diffusers_sdxl(config: ModelConfig, seed: int = 0):
+    """(unet, vae, text_encoder or None (the refiner has none), text_encoder_2) of diffusers / transformers for an
+    SDXL config, with random, perturbed weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = perturb(UNet2DConditionModel(**diffusers_unet_kwargs(config.unet)), seed + 1)
+    vae = perturb(AutoencoderKL(**diffusers_vae_kwargs(config.vae, config.scale_factor)), seed + 2)
+    big_g = config.text2 or config.text
+    text = None
+    if config.text2 is not None:
+        text = perturb(CLIPTextModel(CLIPTextConfig(**hf_text_kwargs(config.text))), seed + 3, scale=0.02)
+    text2 = perturb(CLIPTextModelWithProjection(CLIPTextConfig(**hf_text_kwargs(big_g))), seed + 4, scale=0.02)
+    return unet, vae, text, text2
+
+
+def write_diffusers_sdxl_folder(root: Path, unet, vae, text, text2) -> Path:
+    """An SDXL diffusers folder as StableDiffusionXLPipeline.save_pretrained lays it out (text_encoder absent: the
+    refiner's)."""
+    root.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(root / "unet")
+    vae.save_pretrained(root / "vae")
+    if text is not None:
+        text.save_pretrained(root / "text_encoder")
+    text2.save_pretrained(root / "text_encoder_2")
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon"}))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    return root
+
+
+def sdxl_text_reference(text, text2, ids: torch.Tensor, ids2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What diffusers' StableDiffusionXLPipeline.encode_prompt computes from token ids (each tokenizer's): the
+    towers' penultimate hidden states side by side, and text_encoder_2's projected pooled output."""
+    states = [] if text is None else [text(ids, output_hidden_states=True).hidden_states[-2]]
+    out = text2(ids2, output_hidden_states=True)
+    return torch.cat(states + [out.hidden_states[-2]], dim=-1), out.text_embeds
 
 
 def build_diffusers(config: ModelConfig, seed: int = 0):

@@ -68,6 +68,10 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
                        help=f"0 keeps the image, 1 replaces it (default {strength})")
     p.add_argument("-o", "--output", default=None, help="output PNG (several images: NAME-1.png, ...); default outputs/")
     p.add_argument("--model", default=None, help="checkpoint file or diffusers folder; default: the shipped model")
+    p.add_argument("--refiner", default=None, metavar="PATH",
+                   help="a checkpoint that takes the latents over at --refiner-switch-at (A1111's refiner; SDXL's)")
+    p.add_argument("--refiner-switch-at", type=float, default=None, metavar="F",
+                   help="the fraction of the denoising done before the refiner takes over (default 0.8)")
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="override what the model predicts")
     p.add_argument("--lora-dir", default=None, help="folder of LoRA files, used by <lora:name:weight> in the prompt")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings, used by name in prompts")
@@ -676,7 +680,8 @@ def _request(args):
         eta_noise_seed_delta=args.ensd, styles=args.styles,
         styles_file=args.styles_file or args.styles_dir or "styles.csv", controlnet=_control_units(args),
         controlnet_dir=args.controlnet_dir, upscalers_dir=getattr(args, "upscalers_dir", None),
-        upscaler_tile=getattr(args, "upscaler_tile", 192), upscaler_tile_overlap=getattr(args, "upscaler_tile_overlap", 8))
+        upscaler_tile=getattr(args, "upscaler_tile", 192), upscaler_tile_overlap=getattr(args, "upscaler_tile_overlap", 8),
+        refiner_checkpoint=args.refiner, refiner_switch_at=args.refiner_switch_at)
     if args.command == "img2img":
         return request.replace(init_image=_open_image(args.init_image), strength=args.strength,
                                resize_mode=args.resize_mode, initial_noise_multiplier=args.noise_multiplier)

@@ -24,6 +24,7 @@ class TextConfig:
     layout: str = "openai"           # checkpoint key layout: "openai" (transformers names) or "openclip"
     pad: str = "eot"                 # tokenizer padding: "eot" (SD1) or "zero" (SD2)
     projection_dim: int = 0          # text_projection to CLIP's joint space (0 = none; SD1 files have none)
+    final_norm: bool = True          # the final layer norm on the states the UNet reads (SD1/SD2); SDXL reads them raw
 
 
 @dataclass
@@ -49,13 +50,20 @@ class UNetConfig:
     num_heads: int = 8               # heads per attention layer (SD1) ...
     head_dim: int = -1               # ... or a fixed head size (SD2: 64); exactly one of them is > 0
     context_dim: int = 768           # width of the text states read by cross-attention
-    transformer_depth: int = 1       # BasicTransformerBlocks per SpatialTransformer
+    transformer_depth: int | tuple = 1   # BasicTransformerBlocks per SpatialTransformer: one for all, or one per
+                                         # level (SDXL: 0, 2, 10); the middle block's is the last level's
     use_linear_proj: bool = False    # SD2: proj_in / proj_out are Linear instead of 1x1 Conv
     norm_groups: int = 32            # GroupNorm groups
     time_cond_proj_dim: int = 0      # LCM-distilled UNets: width of the guidance-scale embedding (256); 0 = none
+    adm_in_channels: int = 0         # SDXL: width of the vector y (pooled text + embedded sizes) added through label_emb
 
     def heads_for(self, channels: int) -> int:
         return self.num_heads if self.num_heads > 0 else max(1, channels // self.head_dim)
+
+    def depth_at(self, level: int) -> int:
+        """The transformer depth at this level (the middle block: the last level's)."""
+        depth = self.transformer_depth
+        return depth[level] if isinstance(depth, tuple) else depth
 
 
 @dataclass
@@ -94,12 +102,15 @@ class UpscalerConfig:
 
 @dataclass
 class ModelConfig:
-    text: TextConfig = field(default_factory=TextConfig)
+    text: TextConfig = field(default_factory=TextConfig)  # the text tower (SDXL: the first, CLIP ViT-L; the refiner's bigG)
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     prediction: str = "eps"          # what the UNet predicts: "eps" (noise) or "v" (velocity)
     scale_factor: float = 0.18215    # latents are multiplied by this before the UNet sees them
     resolution: int = 512            # native image size in pixels
+    text2: TextConfig | None = None  # SDXL: the second text tower (OpenCLIP ViT-bigG), its states after the first's
+    sdxl: str = ""                   # SDXL's conditioning: "base" (pooled text, original size, crop top-left, target
+                                     # size) or "refiner" (pooled text, original size, crop, aesthetic score); "" for SD1/2
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -115,8 +126,9 @@ class ModelConfig:
             return kind(**values)
 
         d = dict(d)
+        text2 = make(TextConfig, d["text2"]) if d.get("text2") is not None else None
         return make(cls, {**d, "text": make(TextConfig, d.get("text", {})), "unet": make(UNetConfig, d.get("unet", {})),
-                          "vae": make(VAEConfig, d.get("vae", {}))})
+                          "vae": make(VAEConfig, d.get("vae", {})), "text2": text2})
 
 
 def _sd1() -> ModelConfig:
@@ -151,6 +163,46 @@ def _tiny(sd2: bool = False, in_channels: int = 4, prediction: str = "eps") -> M
     return ModelConfig(text=text, unet=unet, vae=vae, prediction=prediction, resolution=64)
 
 
+# SDXL's text towers: OpenAI CLIP ViT-L and OpenCLIP ViT-bigG, both read at their penultimate layer without the
+# final layer norm; bigG's pooled output (last layer, final norm, projection) goes to the UNet's vector.
+_CLIP_L = TextConfig(clip_skip=2, final_norm=False)
+_BIG_G = TextConfig(width=1280, layers=32, heads=20, act="gelu", clip_skip=2, layout="openclip", pad="zero",
+                    projection_dim=1280, final_norm=False)
+
+
+def _sdxl(refiner: bool = False) -> ModelConfig:
+    """SDXL base 1.0 and its refiner (stabilityai/generative-models configs/inference/sd_xl_*.yaml)."""
+    if refiner:
+        unet = UNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), attention_levels=(1, 2), num_heads=-1,
+                          head_dim=64, context_dim=1280, transformer_depth=4, use_linear_proj=True,
+                          adm_in_channels=1280 + 5 * 256)
+        return ModelConfig(text=dataclasses.replace(_BIG_G), unet=unet, scale_factor=0.13025, resolution=1024,
+                           sdxl="refiner")
+    unet = UNetConfig(channel_mult=(1, 2, 4), attention_levels=(1, 2), num_heads=-1, head_dim=64, context_dim=2048,
+                      transformer_depth=(0, 2, 10), use_linear_proj=True, adm_in_channels=1280 + 6 * 256)
+    return ModelConfig(text=dataclasses.replace(_CLIP_L), unet=unet, scale_factor=0.13025, resolution=1024,
+                       text2=dataclasses.replace(_BIG_G), sdxl="base")
+
+
+def _tiny_sdxl(refiner: bool = False) -> ModelConfig:
+    """SDXL's layout at test size: per-level depth, no attention on the first level, two text towers of different
+    widths (so that their order shows), the vector of pooled text and sizes. The UNet keeps SDXL's head size (64)
+    and the towers CLIP's, so that a file's shapes give the heads."""
+    text_l = TextConfig(width=64, layers=2, heads=1, clip_skip=2, final_norm=False)
+    text_g = TextConfig(width=128, layers=3, heads=2, act="gelu", clip_skip=2, layout="openclip", pad="zero",
+                        projection_dim=96, final_norm=False)
+    vae = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+    if refiner:
+        unet = UNetConfig(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, attention_levels=(1, 2),
+                          num_heads=-1, head_dim=64, context_dim=128, transformer_depth=2, use_linear_proj=True,
+                          adm_in_channels=96 + 5 * 256)
+        return ModelConfig(text=text_g, unet=unet, vae=vae, scale_factor=0.13025, resolution=64, sdxl="refiner")
+    unet = UNetConfig(model_channels=32, channel_mult=(1, 2, 4), num_res_blocks=1, attention_levels=(1, 2),
+                      num_heads=-1, head_dim=64, context_dim=192, transformer_depth=(0, 1, 2), use_linear_proj=True,
+                      adm_in_channels=96 + 6 * 256)
+    return ModelConfig(text=text_l, unet=unet, vae=vae, scale_factor=0.13025, resolution=64, text2=text_g, sdxl="base")
+
+
 PRESETS = {
     "sd15": _sd1,
     "sd15-inpaint": lambda: dataclasses.replace(_sd1(), unet=UNetConfig(in_channels=9)),
@@ -161,6 +213,10 @@ PRESETS = {
     "tiny-sd2": lambda: _tiny(sd2=True),
     "tiny-v": lambda: _tiny(sd2=True, prediction="v"),
     "tiny-inpaint": lambda: _tiny(in_channels=9),
+    "sdxl": _sdxl,
+    "sdxl-refiner": lambda: _sdxl(refiner=True),
+    "tiny-sdxl": _tiny_sdxl,
+    "tiny-sdxl-refiner": lambda: _tiny_sdxl(refiner=True),
 }
 
 

@@ -137,7 +137,9 @@ def load_embeddings(folder: str | os.PathLike, sd) -> EmbeddingSet:
         except CheckpointError as e:
             skipped[name] = str(e)
             continue
-        if emb.vectors.shape[1] == width:
+        if sd.config.sdxl:  # (their clip_l / clip_g pairs: a later step)
+            skipped[name] = "plainsd does not read SDXL embeddings yet"
+        elif emb.vectors.shape[1] == width:
             fitting.append(emb)
         else:
             skipped[name] = f"vectors of width {emb.vectors.shape[1]}, this text encoder has {width}"

@@ -89,14 +89,15 @@ class DeepCacheUNet:
         self.cached, self.calls, self.late_calls, self.since_full = None, 0, 0, 0
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, control=None,
-                 adapter: list[torch.Tensor] | None = None, guidance: torch.Tensor | float | None = None) -> torch.Tensor:
+                 adapter: list[torch.Tensor] | None = None, guidance: torch.Tensor | float | None = None,
+                 y: torch.Tensor | None = None) -> torch.Tensor:
         """control: ControlNet residuals as a function of how many input blocks the call runs (None: all), as
         control.ControlledUNet gives them: a whole call adds them all, a cheap call those of its outer blocks.
         adapter: T2I-Adapter features (unet.run_input_blocks), added in whichever input blocks the call runs.
-        guidance: an LCM-distilled UNet's guidance scale (UNetModel.forward)."""
+        guidance: an LCM-distilled UNet's guidance scale, y: an SDXL UNet's vector (UNetModel.forward)."""
         unet, dtype = self.unet, self.unet.dtype
         whole = self._runs_whole(timesteps, x.shape[0])
-        emb = unet.embed_timesteps(timesteps, x.shape[0], guidance)
+        emb = unet.embed_timesteps(timesteps, x.shape[0], guidance, y)
         h, context = x.to(dtype), context.to(dtype)
         cut = len(unet.output_blocks) - self.depth  # the output block whose input features are kept
         if whole:

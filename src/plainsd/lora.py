@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .lycoris import IA3Layer, LoHaLayer, LoKrLayer, decompose
+from .models import family
 from .runtime import set_weight
 from .weights import CheckpointError, _read_json, _rename, read_tensors, unet_diffusers_names
 
@@ -299,8 +300,8 @@ def deltas(sd, lora: LoRA, weight: float = 1.0) -> dict[tuple[str, str], torch.T
     table = name_table(sd)
     unknown = [k for k in lora.layers if k not in table]
     if unknown:
-        raise CheckpointError(f"LoRA {lora.name} does not fit this {sd.config.text.layout == 'openclip' and 'SD 2' or 'SD 1'} "
-                              f"model: {len(unknown)} of its layers have no match here (e.g. {unknown[0]})")
+        raise CheckpointError(f"LoRA {lora.name} does not fit this {family(sd.config)} model: {len(unknown)} of its "
+                              f"layers have no match here (e.g. {unknown[0]})")
     out = {}
     for key, layer in lora.layers.items():
         net, module_name = table[key]

@@ -35,11 +35,12 @@ from .diffusion.noise import ImageNoise
 from .embeddings import load_embeddings
 from .fast import FAST, DeepCacheUNet, FastSettings
 from .models import StableDiffusion
+from .models.sdxl import size_numbers, vector
 from .prompts import encode_prompt, extract_loras, prompt_schedule, split_and
 from .request import (DEFAULTS, IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix,
                       Parameters, sampler_fields)
 from .runtime import Engine, release_freed_memory
-from .weights import load_tiny_decoder
+from .weights import load, load_tiny_decoder
 
 __all__ = ["txt2img", "img2img", "inpaint", "outpaint", "outpaint_request", "generate", "GenerationRequest",
            "HiresFix", "Parameters", "Result", "StepInfo", "Interrupted", "recommended", "decode", "DEFAULTS",
@@ -202,6 +203,9 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
                                                          start.paste is not None and start.paste[2] is not None)
         first = _first_pass(engine, request, params, run, start, encode)
         second = _second_pass(engine, request, params, run, first, encode) if request.hires else None
+        if request.refiner_checkpoint:  # (A1111's default: in the hires fix's pass, where there is one)
+            (second or first).refiner = _refiner(engine, request, params, hires=second is not None)
+        last = second or first
         control_maps = _controlnet(engine, request, params, start, first, second) if request.controlnet else []
         hooks = _Hooks(callback, interrupt, skip, progress, record_steps,
                        total=len(first.sigmas) - 1 + (len(second.sigmas) - 1 if second else 0))
@@ -211,11 +215,15 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
             seeds = [params.seed + (0 if params.subseed_strength else i) for i in images]
             subseeds = [params.subseed + i for i in images]
             latents = _run_batch(engine, run, start, first, second, seeds, subseeds, hooks.for_batch(batch))
-            pictures = decode(sd, latents, run.tiny, wrap=request.tiling)
+            refined = last.refiner is not None and last.refiner.took_over
+            if refined:  # A1111 decodes with the model loaded last: the refiner's VAE
+                params.refiner, params.refiner_switch_at = last.refiner.title, last.refiner.switch_at
+            decoder = last.refiner.engine.sd if refined else sd
+            pictures = decode(decoder, latents, run.tiny, wrap=request.tiling)
             if start.paste is not None:
                 pictures = [_paste(p, *start.paste) for p in pictures]
             if record_steps:
-                decoded = [decode(sd, f / (1 + s**2) ** 0.5, run.tiny, request.tiling)
+                decoded = [decode(decoder, f / (1 + s**2) ** 0.5, run.tiny, request.tiling)
                            for f, s in hooks.frames] + [pictures]
                 result.frames.extend([[step[i] for step in decoded] for i in range(request.batch_size)])
             result.images += pictures
@@ -268,6 +276,7 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
                       schedule=_schedule(chosen, req),
                       cfg_scale=chosen["cfg_scale"] if req.cfg_scale is None else req.cfg_scale,
                       guidance_until=chosen["guidance_until"] if req.guidance_until is None else req.guidance_until)
+    _check_sdxl(engine, req)
     req.check(sd.config.vae.factor, engine.backend)
     _check_guidance_embedding(sd, req)
     info, schedule = S.resolve_sampler(req.sampler, req.schedule)
@@ -282,7 +291,7 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
     params = Parameters(
         prompt=req.prompt, negative_prompt=req.negative_prompt, steps=steps, sampler=info.name, schedule=schedule,
         cfg_scale=req.cfg_scale, guidance_until=guidance_until, seed=req.first_seed(), width=width, height=height,
-        batch_size=req.batch_size, batch_count=req.batch_count, clip_skip=req.clip_skip or sd.config.text.clip_skip,
+        batch_size=req.batch_size, batch_count=req.batch_count, clip_skip=req.clip_skip or _default_clip_skip(sd),
         denoising_strength=req.strength if init is not None else (hires.strength if hires else None),
         model=sd.name, model_hash=sd.hash, vae_name=getattr(sd.vae, "name", None), vae_hash=getattr(sd.vae, "hash", None),
         deepcache=fast.deepcache_interval if deepcache else None, tiny_decoder=tiny is not None,
@@ -295,6 +304,12 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
                (sd.config.vae.z_channels, height // factor, width // factor), fast, tiny,
                ImageNoise(req.subseed_strength, resize, req.eta_noise_seed_delta))
     return req, params, run
+
+
+def _default_clip_skip(sd: StableDiffusion) -> int:
+    """The clip skip a run without one records: the model's; for SDXL 1, as A1111 writes nothing for it (its towers'
+    penultimate layers are the model's own, not a clip skip)."""
+    return 1 if sd.config.sdxl else sd.config.text.clip_skip
 
 
 def _schedule(chosen: dict, req: GenerationRequest) -> str:
@@ -322,6 +337,21 @@ def _check_guidance_embedding(sd: StableDiffusion, req: GenerationRequest) -> No
     if req.guidance_until < 1.0:
         raise ValueError("the model is LCM-distilled and runs no classifier-free guidance to cut "
                          f"off: guidance_until must be 1, got {req.guidance_until}")
+
+
+def _check_sdxl(engine: Engine, req: GenerationRequest) -> None:
+    """What plainsd does not yet run with an SDXL model is refused rather than dropped: LoRA tags, ControlNet and
+    T2I-Adapter units, the OpenVINO backend."""
+    if not engine.sd.config.sdxl:
+        return
+    tags = extract_loras(req.prompt)[1] + (extract_loras(req.hires.prompt)[1] if req.hires and req.hires.prompt else [])
+    if tags:
+        raise ValueError(f"LoRA files for SDXL models are not supported yet; remove <lora:{tags[0][0]}:...> from the "
+                         "prompt")
+    if req.controlnet:
+        raise ValueError("ControlNet and T2I-Adapter units run with SD 1.x / 2.x models, not yet with SDXL; remove them")
+    if engine.backend != "eager":
+        raise ValueError(f"SDXL models run on the eager backend, not yet on {engine.backend}")
 
 
 def _lcm_guidance(sd: StableDiffusion, cfg_scale: float) -> float | None:
@@ -470,6 +500,7 @@ class Pass:
     keep: tuple[torch.Tensor, torch.Tensor] | None = None  # (init latent, keep mask): inpainting
     upscale: tuple | None = None      # the hires fix: (upscaler, width, height, crop_x, crop_y, wrap, models) for _upscale
     guidance: float | None = None     # an LCM-distilled UNet's guidance scale (it then gets no uncond: _lcm_guidance)
+    refiner: _RefinerPart | None = None   # the model that takes over during this pass (_refiner)
 
 
 def _last_part(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
@@ -495,7 +526,8 @@ def _first_pass(engine: Engine, req: GenerationRequest, params: Parameters, run:
     """3. The first pass: the prompt's conditioning and what runs the UNet over the start's sigmas. The prompt's
     schedule is made for all the steps asked for, also when img2img runs only the last `strength` of them (its
     step 0 is then the first step it runs), as A1111 does."""
-    cond, uncond = _conditioning(extract_loras(req.prompt)[0], req.negative_prompt, encode, params.steps)
+    cond, uncond = _conditioning(extract_loras(req.prompt)[0], req.negative_prompt, encode, params.steps,
+                                 size=(params.width, params.height))
     keep = (start.init_latent, start.keep) if start.keep is not None else None
     guidance = _lcm_guidance(engine.sd, params.cfg_scale)
     return Pass(run.sampler, start.sigmas, cond, None if guidance is not None else uncond, params.cfg_scale,
@@ -513,9 +545,9 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
     sigmas = _hires_sigmas(_denoiser(sd, sampler=run.hires_sampler), steps, hires.strength, params.hires_schedule)
     prompt = extract_loras(hires.prompt or req.prompt)[0]  # (the first prompt's LoRAs apply)
     negative = hires.negative_prompt or req.negative_prompt
-    cond, uncond = _conditioning(prompt, negative, encode, params.steps, steps)
     factor = sd.config.vae.factor
     final_w, final_h = hires.final_size(params.width, params.height, factor)
+    cond, uncond = _conditioning(prompt, negative, encode, params.steps, steps, size=(final_w, final_h))
     concat = _paint_everything(sd, final_w, final_h, _device(sd)) if sd.config.unet.in_channels == 9 else None
     merging = req.token_merging if hires.token_merging is None else hires.token_merging
     guidance = _lcm_guidance(sd, params.cfg_scale)
@@ -529,35 +561,60 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
 
 class _TextStates:
     """A run's text encoder: each distinct text encoded once (a schedule repeats texts, the hires pass reuses the
-    first pass's), its states [1, tokens, width] shared by every image of the run."""
+    first pass's), its states [1, tokens, width] shared by every image of the run.
+
+    An SDXL model's conditioning is a dict, as A1111's: the "crossattn" states and the UNet's "vector" of pooled
+    text and the numbers of models/sdxl.size_numbers for the pass's picture size (width, height); an empty
+    negative prompt's states and pooled text are zeros (A1111's force_zero_embeddings, diffusers'
+    force_zeros_for_empty_prompt), and the refiner's negative prompts get the low aesthetic score."""
 
     def __init__(self, sd: StableDiffusion, clip_skip: int | None, embeddings):
         self.sd, self.clip_skip, self.embeddings = sd, clip_skip, embeddings
         self.done: dict[str, torch.Tensor] = {}
 
-    def __call__(self, text: str) -> torch.Tensor:
+    def __call__(self, text: str, negative: bool = False, size: tuple[int, int] | None = None):
+        sd = self.sd
         if text not in self.done:
-            sd = self.sd
-            states = encode_prompt(sd.tokenizer, sd.text_encoder, text, self.clip_skip, self.embeddings)
-            self.done[text] = states.to(_device(sd))
-        return self.done[text]
+            encoded = encode_prompt(sd.tokenizer, sd.text_encoder, text, self.clip_skip, self.embeddings,
+                                    pooled=bool(sd.config.sdxl))
+            self.done[text] = tuple(t.to(_device(sd)) for t in encoded) if sd.config.sdxl else encoded.to(_device(sd))
+        if not sd.config.sdxl:
+            return self.done[text]
+        states, pooled = self.done[text]
+        if negative and text == "":
+            states, pooled = torch.zeros_like(states), torch.zeros_like(pooled)
+        numbers = size_numbers(sd.config.sdxl, *size, aesthetic_score=REFINER_SCORES[negative])
+        return {"crossattn": states, "vector": vector(pooled, torch.tensor([numbers], device=pooled.device))}
 
 
-def _conditioning(prompt: str, negative: str, encode: _TextStates, steps: int, hires_steps: int | None = None):
+# The refiner's aesthetic score for prompts and for negative prompts (A1111's sdxl_refiner_high_aesthetic_score and
+# sdxl_refiner_low_aesthetic_score, diffusers' aesthetic_score and negative_aesthetic_score)
+REFINER_SCORES = {False: 6.0, True: 2.5}
+
+
+def _conditioning(prompt: str, negative: str, encode: _TextStates, steps: int, hires_steps: int | None = None,
+                  size: tuple[int, int] | None = None):
     """The prompt's AND parts with their weights and the negative prompt (no AND, as in A1111), each a schedule of
     text states; where their lengths differ, the empty prompt's states pad the texts of each step to one length
-    (CFGDenoiser), as the UNet takes them in one batch."""
+    (CFGDenoiser), as the UNet takes them in one batch. size: the pass's picture (width, height), which SDXL's
+    conditioning holds."""
     parts = [(weight, prompt_schedule(text, steps, hires_steps)) for text, weight in split_and(prompt)]
     negative_schedule = prompt_schedule(negative, steps, hires_steps)
-    texts = {text for _, schedule in parts for _, text in schedule} | {text for _, text in negative_schedule}
-    states = {text: encode(text) for text in texts}
-    padding = encode("") if len({s.shape[1] for s in states.values()}) > 1 else None
+    states = {text: encode(text, size=size) for _, schedule in parts for _, text in schedule}
+    negatives = {text: encode(text, negative=True, size=size) for _, text in negative_schedule}
+    tokens = {_crossattn(s).shape[1] for s in [*states.values(), *negatives.values()]}
+    padding = _crossattn(encode("", size=size)) if len(tokens) > 1 else None
 
-    def scheduled(schedule):
-        return ScheduledCond([(end, states[text]) for end, text in schedule])
+    def scheduled(schedule, encoded):
+        return ScheduledCond([(end, encoded[text]) for end, text in schedule])
 
-    cond = Conditioning([(weight, scheduled(schedule)) for weight, schedule in parts], padding)
-    return cond, scheduled(negative_schedule)
+    cond = Conditioning([(weight, scheduled(schedule, states)) for weight, schedule in parts], padding)
+    return cond, scheduled(negative_schedule, negatives)
+
+
+def _crossattn(states):
+    """The text states of a conditioning: the tensor itself, or SDXL's dict's crossattn."""
+    return states["crossattn"] if isinstance(states, dict) else states
 
 
 def _unet(engine: Engine, run: _Run, params: Parameters, sigmas: torch.Tensor, sampler: S.SamplerInfo) -> Callable:
@@ -664,11 +721,14 @@ def _sample(sd: StableDiffusion, p: Pass, x: torch.Tensor, start: torch.Tensor, 
         p.unet.reset()  # each pass of each batch starts with a whole UNet pass (DeepCache's)
     denoiser = _denoiser(sd, _net(p.unet, p.concat, p.guidance), p.sampler)
     model = CFGDenoiser(denoiser, p.cfg_scale, p.sigmas, p.guidance_until)
+    if p.refiner is not None:
+        model = _handover(sd, p, model)
     if p.keep is not None:
         model = _KeepUnmasked(model, *p.keep)
     hooks.denoised = start
+    refiner = p.refiner.engine.sd if p.refiner is not None else None
     try:
-        with _token_merging(sd, p.token_merging):
+        with _token_merging(sd, p.token_merging), _token_merging(refiner, p.token_merging):
             if len(p.sigmas) > 1:
                 return _run_sampler(p, model, x, hooks, generators, seeds), True
             return x, True
@@ -711,16 +771,99 @@ def _run_sampler(p: Pass, model, x, hooks: _Hooks, generators, seeds):
 
 def _net(unet: Callable, concat: torch.Tensor | None, guidance: float | None = None):
     """The UNet as the denoiser's network: (x, t, cond) -> prediction; inpainting models get their extra channels,
-    LCM-distilled ones their guidance scale."""
+    LCM-distilled ones their guidance scale, SDXL ones their conditioning's vector (cond a dict: _TextStates)."""
 
     def net(x, t, cond):
         if concat is not None:
             x = torch.cat([x, concat.repeat(x.shape[0] // concat.shape[0], 1, 1, 1).to(x.dtype)], dim=1)
-        if guidance is not None:
-            return unet(x, t, cond, guidance=guidance)
-        return unet(x, t, cond)
+        extra = {"guidance": guidance} if guidance is not None else {}
+        if isinstance(cond, dict):
+            cond, extra["y"] = cond["crossattn"], cond["vector"]
+        return unet(x, t, cond, **extra)
 
     return net
+
+
+# --- A1111's refiner ------------------------------------------------------------------------------------
+
+@dataclass
+class _RefinerPart:
+    """A1111's refiner in a pass: the model that takes the latents over, its conditioning of the pass's prompts,
+    at which fraction of the denoising, its name for the infotext; took_over: whether it has, in this batch."""
+    engine: Engine
+    cond: Conditioning
+    uncond: ScheduledCond
+    switch_at: float
+    title: str
+    took_over: bool = False
+
+
+def _refiner(engine: Engine, req: GenerationRequest, params: Parameters, hires: bool) -> _RefinerPart:
+    """3c. The refiner (A1111's refiner_checkpoint) for the last pass: loaded (kept on the engine for the next
+    run), checked against the base model's latents, and its own conditioning of the pass's prompts and size."""
+    sd = engine.sd
+    if extract_loras(req.prompt)[1] or (hires and extract_loras(req.hires.prompt or "")[1]):
+        raise ValueError("LoRA tags and a refiner do not run together yet; leave out one of them")
+    if _embeds_guidance(sd):
+        raise ValueError(f"{sd.name} is LCM-distilled and runs no classifier-free guidance; a refiner does not take "
+                         "over from it")
+    refiner = _refiner_engine(engine, req.refiner_checkpoint).sd
+    latents = lambda m: (m.config.vae.z_channels, m.config.vae.factor, m.config.scale_factor)  # noqa: E731
+    if latents(refiner) != latents(sd):
+        raise ValueError(f"the refiner {refiner.name} works on other latents than {sd.name} (channels, factor, scale "
+                         f"{latents(refiner)} against {latents(sd)}); choose a refiner of the same family")
+    if refiner.config.unet.in_channels != refiner.config.vae.z_channels or _embeds_guidance(refiner):
+        raise ValueError(f"the refiner {refiner.name} is an inpainting or LCM-distilled model; a refiner must be a "
+                         "plain text-to-image model")
+    embeddings = load_embeddings(req.embeddings_dir, refiner) if req.embeddings_dir is not None else None
+    encode = _TextStates(refiner, req.clip_skip, embeddings)
+    if hires:
+        size = req.hires.final_size(params.width, params.height, sd.config.vae.factor)
+        cond, uncond = _conditioning(extract_loras(req.hires.prompt or req.prompt)[0],
+                                     req.hires.negative_prompt or req.negative_prompt, encode, params.steps,
+                                     req.hires.steps or params.steps, size=size)
+    else:
+        cond, uncond = _conditioning(extract_loras(req.prompt)[0], req.negative_prompt, encode, params.steps,
+                                     size=(params.width, params.height))
+    title = refiner.name + (f" [{refiner.hash}]" if refiner.hash else "")
+    switch = 0.8 if req.refiner_switch_at is None else req.refiner_switch_at
+    return _RefinerPart(engine.refiner[1], cond, uncond, switch, title)
+
+
+def _refiner_engine(engine: Engine, path: str) -> Engine:
+    """The refiner checkpoint as an Engine in the base model's dtype, kept on the base's engine for later runs."""
+    path = str(Path(path).resolve())
+    if engine.refiner is None or engine.refiner[0] != path:
+        engine.refiner = None  # (the one before freed first)
+        engine.refiner = (path, Engine(load(path, dtype=engine.sd.dtype)))
+    return engine.refiner[1]
+
+
+def _handover(sd: StableDiffusion, p: Pass, base: CFGDenoiser) -> _Handover:
+    """The pass's guided denoiser with the refiner's beside it, for a new batch (not taken over yet)."""
+    part = p.refiner
+    part.took_over = False
+    refiner = part.engine
+    refined = CFGDenoiser(_denoiser(refiner.sd, _net(refiner.unet, None), p.sampler), p.cfg_scale, p.sigmas,
+                          p.guidance_until)
+    return _Handover(base, refined, part, _denoiser(sd, sampler=p.sampler).sigmas)
+
+
+class _Handover:
+    """A1111's refiner switch: calls go to the base model's guided denoiser until A1111's completed ratio, (999 -
+    the training timestep nearest the call's sigma) / 1000, reaches switch_at; from then on (for the rest of the
+    batch's pass) to the refiner's, with the refiner's conditioning. The sampler runs on, its state kept."""
+
+    def __init__(self, base, refined, part: _RefinerPart, table: torch.Tensor):
+        self.base, self.refined, self.part, self.table = base, refined, part, table
+
+    def __call__(self, x, sigma, **extra):
+        if not self.part.took_over:
+            timestep = int(torch.argmin((self.table - float(torch.as_tensor(sigma).max())).abs()))
+            self.part.took_over = (999 - timestep) / 1000 >= self.part.switch_at
+        if self.part.took_over:
+            return self.refined(x, sigma, **{**extra, "cond": self.part.cond, "uncond": self.part.uncond})
+        return self.base(x, sigma, **extra)
 
 
 def _paste(picture: Image.Image, original: Image.Image, mask: Image.Image, box: tuple | None) -> Image.Image:
@@ -746,8 +889,12 @@ class _KeepUnmasked:
 
 
 @contextlib.contextmanager
-def _token_merging(sd: StableDiffusion, ratio: float):
-    """The UNet merges `ratio` of its full-resolution tokens for this pass (0: none), as it did before afterwards."""
+def _token_merging(sd: StableDiffusion | None, ratio: float):
+    """The UNet merges `ratio` of its full-resolution tokens for this pass (0: none), as it did before afterwards.
+    (No model: nothing to do.)"""
+    if sd is None:
+        yield
+        return
     before = {m: m.merge_ratio for m in sd.unet.modules() if hasattr(m, "merge_ratio")}
     sd.unet.set_token_merging(ratio)
     try:

@@ -322,15 +322,24 @@ def tokenize_chunks(tokenizer, prompt: str, embeddings=None) -> list[tuple[list[
     return chunks
 
 
-def encode_prompt(tokenizer, text_encoder, prompt: str, clip_skip: int | None = None, embeddings=None) -> torch.Tensor:
-    """A prompt -> text states [1, 77 * chunks, width], with attention weights applied."""
+def encode_prompt(tokenizer, text_encoder, prompt: str, clip_skip: int | None = None, embeddings=None,
+                  pooled: bool = False):
+    """A prompt -> text states [1, 77 * chunks, width], with attention weights applied.
+
+    pooled: also return the text encoder's pooled text [1, dim] (SDXL's), of the first chunk and unweighted, as
+    A1111 takes it: (states, pooled)."""
     chunks = tokenize_chunks(tokenizer, prompt, embeddings)
     device = next(text_encoder.parameters()).device
     ids = torch.tensor([c[0] for c in chunks], device=device)
     w = torch.tensor([c[1] for c in chunks], device=device, dtype=torch.float32)
     with torch.no_grad():
         extra = embeddings.vectors.to(device) if embeddings is not None and len(embeddings.vectors) else None
-        z = text_encoder(ids, clip_skip=clip_skip, extra=extra).float()  # [chunks, 77, width]
+        if pooled:
+            z, first = text_encoder.encode(ids, clip_skip=clip_skip, extra=extra)
+            first = first[:1].float()
+        else:
+            z = text_encoder(ids, clip_skip=clip_skip, extra=extra)
+        z = z.float()  # [chunks, 77, width]
     if (w != 1).any():
         mean_before = z.mean(dim=(1, 2), keepdim=True)
         z = z * w[..., None]
@@ -340,7 +349,8 @@ def encode_prompt(tokenizer, text_encoder, prompt: str, clip_skip: int | None = 
         tiny = 1e-4 * z.abs().mean(dim=(1, 2), keepdim=True)
         defined = (mean_before.abs() > tiny) & (mean_after.abs() > tiny)
         z = z * torch.where(defined, mean_before / mean_after, torch.ones_like(mean_after))
-    return z.reshape(1, -1, z.shape[-1])
+    z = z.reshape(1, -1, z.shape[-1])
+    return (z, first) if pooled else z
 
 
 def encode_pair(tokenizer, text_encoder, prompts: list[str], negatives: list[str], clip_skip: int | None = None,

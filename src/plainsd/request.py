@@ -12,6 +12,7 @@ import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 
@@ -249,6 +250,11 @@ class GenerationRequest:
     upscalers_dir: str | None = None
     upscaler_tile: int = 192
     upscaler_tile_overlap: int = 8
+    # A1111's refiner: this checkpoint (a file or a diffusers folder) takes the latents over once refiner_switch_at
+    # of the denoising is done (by noise level, as A1111 counts it), with its own conditioning; with the hires fix,
+    # in the second pass (A1111's default)
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None   # None with a refiner: 0.8 (A1111's); 0 = from the start, 1 = never
 
     def check(self, factor: int = 8, backend: str = "eager") -> None:
         """Raise ValueError (TypeError for a wrong kind of value) with one sentence for the first thing that is
@@ -286,6 +292,25 @@ class GenerationRequest:
         self._check_controlnet(backend)
         from .upscale import check_tiling
         check_tiling(self.upscaler_tile, self.upscaler_tile_overlap)
+        self._check_refiner(backend)
+
+    def _check_refiner(self, backend: str) -> None:
+        """The refiner's file and switch; what plainsd does not yet run beside a refiner is refused."""
+        if not self.refiner_checkpoint:
+            if self.refiner_switch_at is not None:
+                raise ValueError("refiner_switch_at needs a refiner_checkpoint to switch to")
+            return
+        if not Path(self.refiner_checkpoint).exists():
+            raise ValueError(f"no such refiner checkpoint file or folder: {self.refiner_checkpoint}")
+        if self.refiner_switch_at is not None and not 0.0 <= self.refiner_switch_at <= 1.0:
+            raise ValueError(f"refiner_switch_at (the fraction of the denoising done before the refiner takes over) "
+                             f"must be between 0 and 1, got {self.refiner_switch_at}")
+        unsupported = [(self.fast is not None and self.fast.deepcache_interval > 1, "fast mode's DeepCache"),
+                       (bool(self.controlnet), "ControlNet units"), (self.tiling, "tiling"),
+                       (backend != "eager", f"the {backend} backend")]
+        for used, what in unsupported:
+            if used:
+                raise ValueError(f"{what} and a refiner do not run together yet; leave out one of them")
 
     def _check_controlnet(self, backend: str) -> None:
         """Each unit's values and model; and what a ControlNet cannot be combined with (plainsd.control)."""
@@ -503,6 +528,8 @@ class Parameters:
     sampler_fields: dict = field(default_factory=dict)   # "Eta", "Sigma churn", ... (request.sampler_fields)
     controlnet: dict = field(default_factory=dict)   # "ControlNet 0": "Module: ..., Model: ...", ... (control.py)
     notes: list[str] = field(default_factory=list)   # for the user, not the infotext: model defaults used, ...
+    refiner: str | None = None         # the refiner's name [short hash], once it has taken over (as A1111 writes it)
+    refiner_switch_at: float | None = None
 
     def infotext(self, seed: int, subseed: int | None = None) -> str:
         """A1111's "parameters" text for the image with this seed (and variation seed)."""
@@ -519,7 +546,8 @@ class Parameters:
             "Guidance until": self.guidance_until if self.guidance_until < 1.0 else None,
             "DeepCache interval": self.deepcache, "Decoder": "TAESD" if self.tiny_decoder else None,
             "Token merging ratio": self.token_merging, "Tiling": "True" if self.tiling else None,
-            **self.sampler_fields, **self._hires_fields(), **self.inpainting, **self.controlnet})
+            **self.sampler_fields, **self._hires_fields(), **self.inpainting, **self.controlnet,
+            "Refiner": self.refiner, "Refiner switch at": self.refiner_switch_at if self.refiner else None})
 
     @staticmethod
     def inpainting_fields(req: GenerationRequest, painted: bool, only_masked: bool) -> dict:

@@ -23,8 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import AdapterConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig
-from .models import AutoencoderKL, StableDiffusion
+from .models import AutoencoderKL, StableDiffusion, family
 from .models.controlnet import HINT_CHANNELS, ControlNet
+from .models.sdxl import SIZE_EMBED_DIM
 from .models.t2i_adapter import UNSHUFFLE, T2IAdapter
 from .models.taesd import TinyDecoder
 from .models.upscaler import CompactUpscaler
@@ -40,6 +41,7 @@ TURBO_DEFAULTS = {"steps": 1, "sampler": "Euler a", "schedule": "sgm_uniform", "
                   "height": 512}
 # Stability's own layout (sgm, as sd_turbo.safetensors is stored): the SD 2.x text encoder under this prefix
 SGM_TEXT_OPENCLIP = "conditioner.embedders.0.model."
+SDXL_TEXT = "conditioner.embedders."  # SDXL's text towers: N.transformer. (CLIP-L), N.model. (OpenCLIP bigG)
 
 # Tensors that original checkpoints carry besides the three networks: the training noise schedule,
 # EMA copies (used only with ema=True), tokenizer position ids, OpenCLIP's temperature.
@@ -47,8 +49,9 @@ _IGNORED = re.compile(
     r"^(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
     r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance"
     r"|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|logvar|v_pred|model_ema\..*"
-    r"|cond_stage_model\.transformer\.text_model\.embeddings\.position_ids|cond_stage_model\.model\.logit_scale"
-    r"|cond_stage_model\.model\.attn_mask|first_stage_model\.loss\..*|denoiser\.sigmas)$"
+    r"|(cond_stage_model|conditioner\.embedders\.\d+)\.(transformer|model)\.text_model\.embeddings\.position_ids"
+    r"|(cond_stage_model|conditioner\.embedders\.\d+)\.model\.(logit_scale|attn_mask)"
+    r"|first_stage_model\.loss\..*|denoiser\.sigmas)$"
 )
 
 
@@ -229,6 +232,8 @@ def unet_diffusers_names(cfg: UNetConfig) -> list[tuple[str, str]]:
              ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2.")]
     if cfg.time_cond_proj_dim > 0:  # an LCM's guidance-scale projection keeps diffusers' name (models/unet.py)
         pairs.append(("time_embedding.cond_proj.", "time_embedding.cond_proj."))
+    if cfg.adm_in_channels > 0:  # SDXL's embedding of pooled text and sizes (diffusers' text_time)
+        pairs += [("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2.")]
 
     def res(d: str, o: str):
         pairs.extend((f"{d}{a}.", f"{o}{b}.") for a, b in _UNET_RES)
@@ -295,65 +300,115 @@ def _diffusers_unet_config(u: dict) -> UNetConfig:
     boc = list(u["block_out_channels"])
     heads = u.get("num_attention_heads") or u.get("attention_head_dim", 8)
     heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(boc)
-    head_dims = {c // h for c, h in zip(boc, heads)}
+    attention = tuple(i for i, b in enumerate(u["down_block_types"]) if "CrossAttn" in b)
+    # (the levels with attention, and the middle block, which has the last level's heads)
+    head_dims = {c // h for i, (c, h) in enumerate(zip(boc, heads)) if i in attention or i == len(boc) - 1}
     per_level = isinstance(u.get("num_attention_heads") or u.get("attention_head_dim"), (list, tuple))
-    num_heads, head_dim = (-1, head_dims.pop()) if per_level and len(head_dims) == 1 else (heads[0], -1)
-    depth = u.get("transformer_layers_per_block", 1)
+    num_heads, head_dim = (-1, head_dims.pop()) if per_level and len(head_dims) == 1 else (heads[-1], -1)
     return UNetConfig(
         in_channels=u["in_channels"], out_channels=u.get("out_channels", u["in_channels"]), model_channels=boc[0],
         channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=u["layers_per_block"],
-        attention_levels=tuple(i for i, b in enumerate(u["down_block_types"]) if "CrossAttn" in b),
-        num_heads=num_heads, head_dim=head_dim, context_dim=u["cross_attention_dim"],
-        transformer_depth=depth[0] if isinstance(depth, (list, tuple)) else depth,
+        attention_levels=attention, num_heads=num_heads, head_dim=head_dim, context_dim=u["cross_attention_dim"],
+        transformer_depth=_depths(u.get("transformer_layers_per_block", 1), attention, len(boc)),
         use_linear_proj=bool(u.get("use_linear_projection", False)), norm_groups=u.get("norm_num_groups", 32),
-        time_cond_proj_dim=u.get("time_cond_proj_dim") or 0)
+        time_cond_proj_dim=u.get("time_cond_proj_dim") or 0,
+        adm_in_channels=(u.get("projection_class_embeddings_input_dim") or 0) if u.get("addition_embed_type") else 0)
+
+
+def _depths(depths: int | list, attention: tuple, levels: int) -> int | tuple:
+    """Transformer depths (one per level, the last one also the middle block's, as diffusers and sgm count them)
+    as UNetConfig holds them: one number where the middle block and every level with attention have the same, else
+    one per level, 0 where a level has no attention (the last level's: the middle block's)."""
+    if not isinstance(depths, (list, tuple)):
+        return depths
+    middle = depths[-1]
+    if {depths[i] for i in attention} <= {middle}:
+        return middle
+    return tuple(middle if i == levels - 1 else (d if i in attention else 0) for i, d in enumerate(depths))
 
 
 def _diffusers_config(root: Path) -> ModelConfig:
     u = _read_json(root / "unet" / "config.json")
     v = _read_json(root / "vae" / "config.json")
-    t = _read_json(root / "text_encoder" / "config.json")
     for field in ("class_embed_type", "addition_embed_type", "encoder_hid_dim"):
-        if u.get(field):
-            raise CheckpointError(f"{root} is not an SD 1.x/2.x model (its UNet has {field}={u[field]!r}; SDXL and "
+        if u.get(field) and (field, u[field]) != ("addition_embed_type", "text_time"):
+            raise CheckpointError(f"{root} is not an SD 1.x/2.x or SDXL model (its UNet has {field}={u[field]!r}; "
                                   "other UNet variants are not supported)")
+    sdxl = u.get("addition_embed_type") == "text_time"
+    if sdxl and u.get("addition_time_embed_dim", SIZE_EMBED_DIM) != SIZE_EMBED_DIM:
+        raise CheckpointError(f"{root}: its UNet embeds each size with {u['addition_time_embed_dim']} sinusoids; "
+                              f"SDXL's take {SIZE_EMBED_DIM}")
     unet = _diffusers_unet_config(u)
     vboc = list(v["block_out_channels"])
     vae = VAEConfig(in_channels=v.get("in_channels", 3), ch=vboc[0], ch_mult=tuple(c // vboc[0] for c in vboc),
                     num_res_blocks=v["layers_per_block"], z_channels=v["latent_channels"],
                     norm_groups=v.get("norm_num_groups", 32))
+    sched = root / "scheduler" / "scheduler_config.json"
+    prediction = "eps"
+    if sched.is_file() and _read_json(sched).get("prediction_type") == "v_prediction":
+        prediction = "v"
+    config = ModelConfig(unet=unet, vae=vae, prediction=prediction, scale_factor=v.get("scaling_factor", 0.18215),
+                         resolution=v.get("sample_size", 512))
+    if sdxl:
+        towers = [_hf_text_config(_read_json(root / part / "config.json"), part) for part in _diffusers_text_parts(root, True)]
+        config.text, config.text2 = towers[0], (towers[1] if len(towers) == 2 else None)
+        config.sdxl = "base" if len(towers) == 2 else "refiner"
+        return config
     pad = "eot"
     special = root / "tokenizer" / "special_tokens_map.json"
     if special.is_file():
         p = _read_json(special).get("pad_token")
         p = p.get("content") if isinstance(p, dict) else p
         pad = "eot" if p in (None, "<|endoftext|>") else "zero"
+    config.text = dataclasses.replace(_hf_text_config(_read_json(root / "text_encoder" / "config.json")), pad=pad)
+    return config
+
+
+def _hf_text_config(t: dict, sdxl_part: str | None = None) -> TextConfig:
+    """A transformers CLIPTextConfig's config.json as a TextConfig; for an SDXL tower (sdxl_part: text_encoder is
+    CLIP-L, text_encoder_2 bigG with its projection) SDXL's way of reading it and its tokenizer's padding."""
     openclip = t.get("hidden_act") == "gelu"
     text = TextConfig(vocab_size=t["vocab_size"], context_length=t["max_position_embeddings"], width=t["hidden_size"],
                       layers=t["num_hidden_layers"], heads=t["num_attention_heads"],
                       mlp_ratio=t["intermediate_size"] / t["hidden_size"], act=t.get("hidden_act", "quick_gelu"),
-                      clip_skip=1, layout="openclip" if openclip else "openai", pad=pad)
-    sched = root / "scheduler" / "scheduler_config.json"
-    prediction = "eps"
-    if sched.is_file() and _read_json(sched).get("prediction_type") == "v_prediction":
-        prediction = "v"
-    return ModelConfig(text=text, unet=unet, vae=vae, prediction=prediction,
-                       scale_factor=v.get("scaling_factor", 0.18215), resolution=v.get("sample_size", 512))
+                      clip_skip=1, layout="openclip" if openclip else "openai")
+    if sdxl_part is None:
+        return text
+    projection = t.get("projection_dim", t["hidden_size"]) if sdxl_part == "text_encoder_2" else 0
+    return dataclasses.replace(text, clip_skip=2, final_norm=False, pad="zero" if openclip else "eot",
+                               projection_dim=projection)
+
+
+def _diffusers_text_parts(root: Path, sdxl: bool) -> list[str]:
+    """The folder's text encoders: text_encoder (SD1/SD2), or SDXL's text_encoder (CLIP-L) and text_encoder_2
+    (bigG; the refiner has it alone)."""
+    if not sdxl:
+        return ["text_encoder"]
+    parts = [part for part in ("text_encoder", "text_encoder_2") if (root / part / "config.json").is_file()]
+    if "text_encoder_2" not in parts:
+        raise CheckpointError(f"{root} is an SDXL folder without text_encoder_2/config.json (its OpenCLIP ViT-bigG "
+                              "text encoder, which the base model and the refiner both have)")
+    return parts
 
 
 def _read_diffusers(root: Path) -> tuple[ModelConfig, TensorSource]:
-    """A diffusers folder as one TensorSource in the original single-file layout."""
-    for part in ("unet", "vae", "text_encoder"):
+    """A diffusers folder as one TensorSource in the original single-file layout (the text encoders' tensors under
+    their towers' prefixes with transformers' names, which plainsd's modules have: load reads them as they are)."""
+    for part in ("unet", "vae"):
         if not (root / part / "config.json").is_file():
             raise CheckpointError(f"{root} is not a diffusers model folder: {part}/config.json is missing")
+    if not any((root / part / "config.json").is_file() for part in ("text_encoder", "text_encoder_2")):
+        raise CheckpointError(f"{root} is not a diffusers model folder: text_encoder/config.json is missing")
     config = _diffusers_config(root)
     shapes, getters = {}, {}
     tables = {"unet": (unet_diffusers_names(config.unet), UNET), "vae": (vae_diffusers_names(config.vae), VAE)}
-    for part in ("unet", "vae", "text_encoder"):
+    text_parts = _diffusers_text_parts(root, bool(config.sdxl))
+    prefixes = dict(zip(text_parts, [tower[0] for tower in text_towers(config)]))
+    for part in ("unet", "vae", *text_parts):
         src = read_tensors(_component_file(root / part))
         for key, shape in src.shapes.items():
-            if part == "text_encoder":
-                name = TEXT_OPENAI + key
+            if part in prefixes:
+                name = prefixes[part] + key
             else:
                 pairs, prefix = tables[part]
                 new = _rename(key, pairs)
@@ -362,6 +417,21 @@ def _read_diffusers(root: Path) -> tuple[ModelConfig, TensorSource]:
             getters[name] = (src.get, key)
     source = TensorSource(shapes, lambda name: getters[name][0](getters[name][1]), {})
     return config, source
+
+
+def text_towers(config: ModelConfig) -> list[tuple[str, str, bool]]:
+    """(file prefix, module prefix, OpenCLIP layout) of each text tower of a model in an original single file:
+    SD1's and SD2's under cond_stage_model., SDXL's under conditioner.embedders.N. (N.transformer: CLIP-L in
+    transformers' names; N.model: OpenCLIP bigG in OpenCLIP's)."""
+    if not config.sdxl:
+        openclip = config.text.layout == "openclip"
+        return [(TEXT_OPENCLIP if openclip else TEXT_OPENAI, "text_encoder.", openclip)]
+    towers = []
+    for i, cfg in enumerate([config.text] + ([config.text2] if config.text2 is not None else [])):
+        openclip = cfg.layout == "openclip"
+        name = f"{i}.{'model' if openclip else 'transformer'}."
+        towers.append((SDXL_TEXT + name, "text_encoder.embedders." + name, openclip))
+    return towers
 
 
 # --- recognising a single file's model from its tensors ----------------------------------------
@@ -377,23 +447,48 @@ def infer_config(shapes: dict[str, tuple], metadata: dict[str, str]) -> tuple[Mo
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"the file's plainsd.config metadata is unreadable: {e}") from None
     keys = set(shapes)
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise CheckpointError("this is an SDXL checkpoint (it has conditioner.embedders.* tensors); plainsd loads SD 1.x and 2.x")
     if UNET + "input_blocks.0.0.weight" not in keys:
+        if any(k.startswith(SDXL_TEXT) for k in keys):
+            raise CheckpointError(f"not a whole SDXL checkpoint: it has text encoder tensors ({SDXL_TEXT}*) but no "
+                                  f"UNet ({UNET}*)")
         lora = any("lora_" in k for k in list(keys)[:50])
         kind = " (it looks like a LoRA file)" if lora else ""
         raise CheckpointError(f"not a Stable Diffusion checkpoint{kind}: it has no {UNET}* tensors; "
                               f"its first keys are {_few(keys)}")
 
     unet = _unet_config(shapes)
+    prediction = "v" if "v_pred" in keys else "eps"
+    if unet.adm_in_channels > 0:
+        return _sdxl_config(shapes, unet, prediction), None
     sd2_unet = unet.head_dim > 0
     text, vae = _text_config(shapes), _vae_config(shapes)
-    prediction = "v" if "v_pred" in keys else "eps"
     # SD 2.x 768 models are v-prediction but nothing in the file says so; like ComfyUI, look at the
     # spread of one LayerNorm bias that v-training moves (override with load(..., prediction=...)).
     key = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
     v_test = sd2_unet and unet.in_channels == 4 and key in keys
     return ModelConfig(text=text, unet=unet, vae=vae, prediction=prediction, resolution=768 if sd2_unet else 512), (key if v_test else None)
+
+
+def _sdxl_config(shapes: dict[str, tuple], unet: UNetConfig, prediction: str) -> ModelConfig:
+    """An SDXL file's config: its text towers under conditioner.embedders.N. (CLIP-L and bigG: the base model;
+    bigG alone: the refiner), read as SDXL reads them, their states as wide as the UNet's context."""
+    keys, towers = set(shapes), []
+    for i in range(2):
+        for name, openclip in (("transformer.", False), ("model.", True)):
+            prefix = f"{SDXL_TEXT}{i}.{name}"
+            if any(k.startswith(prefix) for k in keys):
+                text = _openclip_text_config(shapes, prefix) if openclip else _openai_text_config(shapes, prefix)
+                towers.append(dataclasses.replace(text, clip_skip=2, final_norm=False))
+    if not towers or towers[-1].layout != "openclip" or (len(towers) == 2 and towers[0].layout != "openai"):
+        raise CheckpointError(f"not a whole SDXL checkpoint: its text encoders are not CLIP-L and OpenCLIP bigG (or "
+                              f"bigG alone, the refiner) under {SDXL_TEXT}0. and 1.; found {len(towers)}")
+    width = sum(t.width for t in towers)
+    if width != unet.context_dim:
+        raise CheckpointError(f"this SDXL checkpoint's text encoders give states {width} wide, but its UNet reads "
+                              f"{unet.context_dim}")
+    return ModelConfig(text=towers[0], text2=towers[1] if len(towers) == 2 else None, unet=unet, vae=_vae_config(shapes),
+                       prediction=prediction, scale_factor=0.13025, resolution=1024,
+                       sdxl="base" if len(towers) == 2 else "refiner")
 
 
 def _unet_config(shapes: dict[str, tuple], prefix: str = UNET) -> UNetConfig:
@@ -407,7 +502,7 @@ def _unet_config(shapes: dict[str, tuple], prefix: str = UNET) -> UNetConfig:
         m = re.match(re.escape(prefix) + r"input_blocks\.(\d+)\.(\d+)\.(\w+)", k)
         if m:
             blocks.setdefault(int(m.group(1)), set()).add(f"{m.group(2)}.{m.group(3)}")
-    mults, levels_attn, counts, count = [], [], [], 0
+    mults, levels_attn, counts, count, depths = [], [], [], 0, []
     for i in range(1, max(blocks) + 1):
         parts = blocks.get(i, set())
         if "0.op" in parts:
@@ -416,6 +511,7 @@ def _unet_config(shapes: dict[str, tuple], prefix: str = UNET) -> UNetConfig:
             continue
         if count == 0:
             mults.append(u(f"input_blocks.{i}.0.out_layers.3.weight")[0] // mc)
+            depths.append(_blocks_in(keys, f"{prefix}input_blocks.{i}.1."))
             if any(p.startswith("1.") for p in parts):
                 levels_attn.append(len(mults) - 1)
         count += 1
@@ -424,39 +520,54 @@ def _unet_config(shapes: dict[str, tuple], prefix: str = UNET) -> UNetConfig:
         raise CheckpointError(f"unsupported UNet layout: {counts} ResBlocks per level (plainsd expects the same number on every level)")
     proj_in = u("middle_block.1.proj_in.weight")
     context_dim = u("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
-    depth = len({k for k in keys if k.startswith(prefix + "middle_block.1.transformer_blocks.") and k.endswith("attn1.to_q.weight")})
+    depth = _blocks_in(keys, prefix + "middle_block.1.")
     sd2_unet = context_dim == 1024 or (proj_in is not None and len(proj_in) == 2)
     in_channels, out = u("input_blocks.0.0.weight")[1], u("out.2.weight")  # (a ControlNet has no way up: no out)
     guidance = u("time_embedding.cond_proj.weight")  # LCM-distilled: [model_channels, time_cond_proj_dim]
+    label = u("label_emb.0.0.weight")  # SDXL: [time embedding width, adm_in_channels]
     return UNetConfig(in_channels=in_channels, out_channels=out[0] if out else in_channels, model_channels=mc,
                       channel_mult=tuple(mults), num_res_blocks=counts[0], attention_levels=tuple(levels_attn),
                       num_heads=-1 if sd2_unet else 8, head_dim=64 if sd2_unet else -1, context_dim=context_dim,
-                      transformer_depth=max(depth, 1), use_linear_proj=proj_in is not None and len(proj_in) == 2,
-                      time_cond_proj_dim=guidance[1] if guidance else 0)
+                      transformer_depth=_depths(depths[:-1] + [max(depth, 1)], tuple(levels_attn), len(mults)),
+                      use_linear_proj=proj_in is not None and len(proj_in) == 2,
+                      time_cond_proj_dim=guidance[1] if guidance else 0, adm_in_channels=label[1] if label else 0)
+
+
+def _blocks_in(keys: set[str], transformer: str) -> int:
+    """How many transformer blocks the SpatialTransformer under this key prefix has (0: none there)."""
+    return len({k for k in keys if k.startswith(transformer + "transformer_blocks.") and k.endswith("attn1.to_q.weight")})
 
 
 def _text_config(shapes: dict[str, tuple]) -> TextConfig:
     """The text encoder's config: OpenCLIP's names (SD 2.x) or OpenAI CLIP's in transformers' layout (SD 1.x)."""
     keys = set(shapes)
     if any(k.startswith(TEXT_OPENCLIP) for k in keys):
-        p = TEXT_OPENCLIP
-        vocab, width = shapes[p + "token_embedding.weight"]
-        layers = len({k.split(".")[4] for k in keys if k.startswith(p + "transformer.resblocks.")})
-        mlp = shapes[p + "transformer.resblocks.0.mlp.c_fc.weight"][0]
-        return TextConfig(vocab_size=vocab, context_length=shapes[p + "positional_embedding"][0], width=width, layers=layers,
-                          heads=max(width // 64, 1), mlp_ratio=mlp / width, act="gelu", clip_skip=2, layout="openclip", pad="zero",
-                          projection_dim=shapes[p + "text_projection"][1] if p + "text_projection" in keys else 0)
+        return dataclasses.replace(_openclip_text_config(shapes, TEXT_OPENCLIP), clip_skip=2)
     if any(k.startswith(TEXT_OPENAI) for k in keys):
-        p = TEXT_OPENAI + "text_model."
-        vocab, width = shapes[p + "embeddings.token_embedding.weight"]
-        layers = len({k.split(".")[5] for k in keys if k.startswith(p + "encoder.layers.")})
-        mlp = shapes[p + "encoder.layers.0.mlp.fc1.weight"][0]
-        proj = shapes.get(TEXT_OPENAI + "text_projection.weight")
-        return TextConfig(vocab_size=vocab, context_length=shapes[p + "embeddings.position_embedding.weight"][0], width=width,
-                          layers=layers, heads=max(width // 64, 1), mlp_ratio=mlp / width,
-                          projection_dim=proj[0] if proj else 0)
+        return _openai_text_config(shapes, TEXT_OPENAI)
     raise CheckpointError(f"not a full Stable Diffusion checkpoint: it has no text encoder tensors "
                           f"({TEXT_OPENAI}* or {TEXT_OPENCLIP}*)")
+
+
+def _openclip_text_config(shapes: dict[str, tuple], p: str) -> TextConfig:
+    """An OpenCLIP text tower's config from its tensors under the prefix p (heads: CLIP's head size, 64)."""
+    vocab, width = shapes[p + "token_embedding.weight"]
+    layers = len({k[len(p):].split(".")[2] for k in shapes if k.startswith(p + "transformer.resblocks.")})
+    mlp = shapes[p + "transformer.resblocks.0.mlp.c_fc.weight"][0]
+    return TextConfig(vocab_size=vocab, context_length=shapes[p + "positional_embedding"][0], width=width, layers=layers,
+                      heads=max(width // 64, 1), mlp_ratio=mlp / width, act="gelu", layout="openclip", pad="zero",
+                      projection_dim=shapes[p + "text_projection"][1] if p + "text_projection" in shapes else 0)
+
+
+def _openai_text_config(shapes: dict[str, tuple], prefix: str) -> TextConfig:
+    """An OpenAI CLIP text tower's config from its tensors (transformers' names) under the prefix."""
+    p = prefix + "text_model."
+    vocab, width = shapes[p + "embeddings.token_embedding.weight"]
+    layers = len({k[len(p):].split(".")[2] for k in shapes if k.startswith(p + "encoder.layers.")})
+    mlp = shapes[p + "encoder.layers.0.mlp.fc1.weight"][0]
+    proj = shapes.get(prefix + "text_projection.weight")
+    return TextConfig(vocab_size=vocab, context_length=shapes[p + "embeddings.position_embedding.weight"][0], width=width,
+                      layers=layers, heads=max(width // 64, 1), mlp_ratio=mlp / width, projection_dim=proj[0] if proj else 0)
 
 
 def _vae_config(shapes: dict[str, tuple]) -> VAEConfig:
@@ -481,24 +592,29 @@ def original_state_dict(sd: StableDiffusion) -> dict[str, torch.Tensor]:
     """The model's tensors under the original single-file keys."""
     out = {UNET + k: v for k, v in sd.unet.state_dict().items()}
     out.update({VAE + k: v for k, v in sd.vae.state_dict().items()})
-    text = sd.text_encoder.state_dict()
-    if sd.config.text.layout == "openclip":
-        out.update({TEXT_OPENCLIP + k: v for k, v in text_to_openclip(text).items()})
-    else:
-        out.update({TEXT_OPENAI + k: v for k, v in text.items()})
+    text = {"text_encoder." + k: v for k, v in sd.text_encoder.state_dict().items()}
+    for file_prefix, module_prefix, openclip in text_towers(sd.config):
+        tower = {k[len(module_prefix):]: v for k, v in text.items() if k.startswith(module_prefix)}
+        out.update({file_prefix + k: v for k, v in (text_to_openclip(tower) if openclip else tower).items()})
     return out
 
 
-def _source_plan(config: ModelConfig, source: TensorSource) -> dict[str, tuple[str, Callable]]:
-    """{plainsd state-dict name: (source key, transform)} for every network tensor in the source."""
-    plan = {}
-    text_plan = text_from_openclip({k[len(TEXT_OPENCLIP):]: s for k, s in source.shapes.items() if k.startswith(TEXT_OPENCLIP)})
-    for name, (key, fn) in text_plan.items():
-        plan["text_encoder." + name] = (TEXT_OPENCLIP + key, fn)
-    for key in source.shapes:
-        if _IGNORED.match(key) or key.startswith(TEXT_OPENCLIP):
+def _source_plan(config: ModelConfig, source: TensorSource, openclip_names: bool = True) -> dict[str, tuple[str, Callable]]:
+    """{plainsd state-dict name: (source key, transform)} for every network tensor in the source.
+    openclip_names: OpenCLIP towers have OpenCLIP's names (a single file), else transformers' (a diffusers folder)."""
+    plan, direct = {}, [(UNET, "unet."), (VAE, "vae.")]
+    for file_prefix, module_prefix, openclip in text_towers(config):
+        if not (openclip and openclip_names):
+            direct.append((file_prefix, module_prefix))
             continue
-        for prefix, part in ((UNET, "unet."), (VAE, "vae."), (TEXT_OPENAI, "text_encoder.")):
+        tower = {k[len(file_prefix):]: s for k, s in source.shapes.items() if k.startswith(file_prefix)}
+        for name, (key, fn) in text_from_openclip(tower).items():
+            plan[module_prefix + name] = (file_prefix + key, fn)
+    converted = {key for key, _ in plan.values()}
+    for key in source.shapes:
+        if _IGNORED.match(key) or key in converted:
+            continue
+        for prefix, part in direct:
             if key.startswith(prefix):
                 plan[part + key[len(prefix):]] = (key, lambda t: t)
                 break
@@ -544,7 +660,7 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
     with torch.device("meta"):
         sd = StableDiffusion(config)
     expected = {k: tuple(v.shape) for k, v in sd.state_dict().items()}
-    plan = _source_plan(config, source)
+    plan = _source_plan(config, source, openclip_names=not path.is_dir())
     if ema:
         for name, (key, fn) in plan.items():
             if name.startswith("unet."):
@@ -552,7 +668,7 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
                     raise CheckpointError(f"{path.name} has no EMA weights for {key} (expected {_ema_key(key)}); load it with ema=False")
                 plan[name] = (_ema_key(key), fn)
 
-    missing = sorted({_original_name(k, config, source) for k in expected if k not in plan})
+    missing = sorted({_original_name(k, config, not path.is_dir()) for k in expected if k not in plan})
     unexpected = [plan[k][0] for k in plan if k not in expected]
     problems = []
     if missing:
@@ -604,35 +720,40 @@ def is_turbo(path: Path, source: TensorSource) -> bool:
 
 def _sgm_sd2(source: TensorSource) -> TensorSource:
     """An SD 2.x checkpoint in Stability's sgm layout (its text encoder under conditioner.embedders.0.model.) with
-    the original layout's names; any other file as it is. SDXL (two embedders) stays as it is, to be refused."""
+    the original layout's names; any other file as it is (SDXL's files: two embedders, or a UNet with label_emb)."""
     keys = list(source.shapes)
-    if not any(k.startswith(SGM_TEXT_OPENCLIP) for k in keys) or any(k.startswith("conditioner.embedders.1.") for k in keys):
+    if (not any(k.startswith(SGM_TEXT_OPENCLIP) for k in keys) or any(k.startswith("conditioner.embedders.1.") for k in keys)
+            or UNET + "label_emb.0.0.weight" in source.shapes):  # (the SDXL refiner: bigG alone, the same prefix)
         return source
     rename = {(TEXT_OPENCLIP + k[len(SGM_TEXT_OPENCLIP):] if k.startswith(SGM_TEXT_OPENCLIP) else k): k for k in keys}
     return TensorSource({new: source.shapes[old] for new, old in rename.items()}, lambda k: source.get(rename[k]),
                         source.metadata)
 
 
-def _original_name(name: str, config: ModelConfig, source: TensorSource) -> str:
+def _original_name(name: str, config: ModelConfig, openclip_names: bool = True) -> str:
     """The key under which a file would store plainsd's tensor `name` (for error messages)."""
     part, rest = name.split(".", 1)
     if part == "unet":
         return UNET + rest
     if part == "vae":
         return VAE + rest
-    if any(k.startswith(TEXT_OPENCLIP) for k in source.shapes):
+    for file_prefix, module_prefix, openclip in text_towers(config):
+        if not name.startswith(module_prefix):
+            continue
+        rest = name[len(module_prefix):]
+        if not (openclip and openclip_names):
+            return file_prefix + rest
         m = re.match(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.[qkv]_proj\.(weight|bias)$", rest)
         if m:
-            return TEXT_OPENCLIP + f"transformer.resblocks.{m.group(1)}.attn.in_proj_{m.group(2)}"
-        return TEXT_OPENCLIP + ("text_projection" if rest == "text_projection.weight" else _openclip_rename(rest, True) or rest)
-    return TEXT_OPENAI + rest
+            return file_prefix + f"transformer.resblocks.{m.group(1)}.attn.in_proj_{m.group(2)}"
+        return file_prefix + ("text_projection" if rest == "text_projection.weight" else _openclip_rename(rest, True) or rest)
+    return name
 
 
 def _describe(config: ModelConfig) -> str:
-    kind = "SD2" if config.text.layout == "openclip" or config.unet.context_dim == 1024 else "SD1"
     extra = ", inpainting" if config.unet.in_channels == 9 else ""
     extra += ", LCM" if config.unet.time_cond_proj_dim > 0 else ""
-    return f"{kind}{extra}"
+    return f"{family(config)}{extra}"
 
 
 def save(sd: StableDiffusion, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

@@ -48,7 +48,7 @@ PLAINSD_OWN = {"fast": False, "tiny_decoder": False, "guidance_until": None}
 
 # Default-only fields: a value asking for something plainsd does not do, which must be refused with 422 naming it
 DEFAULT_ONLY = {
-    "restore_faces": True, "s_min_uncond": 1.5, "refiner_checkpoint": "refiner.safetensors", "refiner_switch_at": 0.8,
+    "restore_faces": True, "s_min_uncond": 1.5,
     "firstpass_image": "iVBORw0KGgo=", "hr_checkpoint_name": "other.safetensors", "force_task_id": "task(1)",
     "infotext": "a cat\nSteps: 20", "comments": {"note": "x"}, "image_cfg_scale": 1.5,
 }
@@ -173,6 +173,12 @@ HONOURED = {
     "send_images": Change({"send_images": False}, expect=lambda a, b: a["images"] == [] and len(b["images"]) == 1),
     "fast": Change({"fast": True}, base={"steps": 6}),
     "guidance_until": Change({"guidance_until": 0.5}, base={"steps": 6}),
+    # A1111's refiner: any of the server's models with the same latents (here a second tiny one), by name
+    "refiner_checkpoint": Change({"refiner_checkpoint": "refiner", "refiner_switch_at": 0.5}, base={"steps": 8},
+                                 expect=lambda a, b: "Refiner: refiner, Refiner switch at: 0.5" in infotext(a)
+                                 and pixels(a) != pixels(b)),
+    "refiner_switch_at": Change({"refiner_switch_at": 0.3}, base={"steps": 8, "refiner_checkpoint": "refiner",
+                                                                   "refiner_switch_at": 0.6}),
     # txt2img's hires fix
     "enable_hr": Change({"enable_hr": True}, expect=lambda a, b: sizes(a) == [(64, 64)]),
     "denoising_strength": Change({"denoising_strength": 0.8}, base=HIRES),
@@ -221,6 +227,7 @@ def outputs(tmp_path_factory):
 def client(tmp_path_factory, outputs):
     folder = tmp_path_factory.mktemp("models")
     plainsd.save(plainsd.build("tiny", seed=0), folder / "tiny.safetensors")
+    plainsd.save(plainsd.build("tiny", seed=1), folder / "refiner.safetensors")
     app = create_app(models_dir=folder, outputs=outputs, limits=Limits(max_size=256, max_steps=30, max_images=4))
     with TestClient(app) as c:
         yield c

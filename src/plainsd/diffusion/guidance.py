@@ -26,8 +26,9 @@ class ScheduledCond:
 @dataclass
 class Conditioning:
     """The prompt's conditioning: one (weight, schedule) per part of an AND prompt (a single part of weight 1 for a
-    prompt without AND). padding: the empty prompt's states [1, 77, width], where texts of different lengths meet:
-    the texts a step uses are padded with it to the longest of them (that step's, not the whole schedule's)."""
+    prompt without AND). padding: the empty prompt's states [1, 77, width] (SDXL: its crossattn states), where texts
+    of different lengths meet: the texts a step uses are padded with it to the longest of them (that step's, not
+    the whole schedule's)."""
     parts: list[tuple[float, ScheduledCond]]
     padding: torch.Tensor | None = None
 
@@ -37,7 +38,8 @@ class CFGDenoiser:
     combine_denoised); one part of weight 1 is the familiar D_uncond + scale * (D_cond - D_uncond).
 
     cond: a Conditioning, or whatever the inner denoiser passes on to the network (text states, one row per image
-    or one for all); uncond: a ScheduledCond or states, or None (no guidance). With scale 1 and a single part of
+    or one for all; or, for SDXL, a dict as A1111's of "crossattn" states and the UNet's "vector", each with the
+    batch first); uncond: a ScheduledCond or states, or None (no guidance). With scale 1 and a single part of
     weight 1 only the conditional half is computed. `guidance_until` (0..1] lets guidance stop after that fraction
     of the sigmas, after which only the conditional parts are computed (the first part stands in for D_uncond, as
     A1111 does when it skips the unconditional half).
@@ -98,15 +100,21 @@ def _combine(d_uncond: torch.Tensor, d_conds, conds, scale: float) -> torch.Tens
     return denoised
 
 
-def _rows(states: torch.Tensor, batch: int) -> torch.Tensor:
-    """States with one row for all images -> one row per image (a copy, as the network has always been given)."""
+def _rows(states, batch: int):
+    """States with one row for all images -> one row per image (a copy, as the network has always been given);
+    a dict of them (SDXL's crossattn and vector) entry by entry."""
+    if isinstance(states, dict):
+        return {key: _rows(value, batch) for key, value in states.items()}
     if not isinstance(states, torch.Tensor):
-        raise TypeError("cond and uncond must be tensors")
-    return states.repeat(batch, 1, 1) if states.shape[0] == 1 and batch > 1 else states
+        raise TypeError("cond and uncond must be tensors or dicts of tensors")
+    return states.repeat(batch, *[1] * (states.ndim - 1)) if states.shape[0] == 1 and batch > 1 else states
 
 
-def _cat(states: list[torch.Tensor], padding: torch.Tensor | None = None) -> torch.Tensor:
-    """The states of one call in one batch: shorter ones padded with `padding` (whole chunks) to the longest."""
+def _cat(states: list, padding: torch.Tensor | None = None):
+    """The states of one call in one batch: shorter ones padded with `padding` (whole chunks) to the longest.
+    Dicts (SDXL's) are joined entry by entry; only their "crossattn" states are padded."""
+    if isinstance(states[0], dict):
+        return {key: _cat([s[key] for s in states], padding if key == "crossattn" else None) for key in states[0]}
     longest = max(s.shape[1] for s in states)
     if padding is not None:
         states = [_padded(s, padding, longest) for s in states]

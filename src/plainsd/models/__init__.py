@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .clip import CLIPTextModel
+from .sdxl import SDXLTextEncoder
 from .tokenizer import Tokenizer
 from .unet import UNetModel
 from .vae import AutoencoderKL
@@ -19,7 +20,7 @@ class StableDiffusion(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = Tokenizer("sd2" if config.text.pad == "zero" else "sd1", config.text.context_length)
-        self.text_encoder = CLIPTextModel(config.text)
+        self.text_encoder = SDXLTextEncoder(config) if config.sdxl else CLIPTextModel(config.text)
         self.unet = UNetModel(config.unet)
         self.vae = AutoencoderKL(config.vae)
         self.name = "random"  # a file's stem once loaded
@@ -35,9 +36,16 @@ class StableDiffusion(nn.Module):
 
     def __repr__(self) -> str:
         params = sum(p.numel() for p in self.parameters())
-        kind = "SD2" if self.config.text.layout == "openclip" else "SD1"
+        kind = family(self.config)
         return (f"StableDiffusion({self.name!r}, {kind}, prediction={self.config.prediction}, "
                 f"unet in_channels={self.config.unet.in_channels}, {params / 1e6:.1f}M parameters, {self.dtype})")
 
 
-__all__ = ["StableDiffusion", "Tokenizer", "CLIPTextModel", "UNetModel", "AutoencoderKL"]
+def family(config: ModelConfig) -> str:
+    """The model family a config belongs to, as people name it: SD1, SD2, SDXL or SDXL refiner."""
+    if config.sdxl:
+        return "SDXL" if config.sdxl == "base" else "SDXL refiner"
+    return "SD2" if config.text.layout == "openclip" or config.unet.context_dim == 1024 else "SD1"
+
+
+__all__ = ["StableDiffusion", "Tokenizer", "CLIPTextModel", "SDXLTextEncoder", "UNetModel", "AutoencoderKL", "family"]

@@ -89,7 +89,8 @@ class CLIPTextModel(nn.Module):
     """Token ids [B, T] -> hidden states [B, T, width].
 
     `clip_skip` picks the layer whose output is used, counted from the last (1 = last layer,
-    2 = penultimate, as A1111's "Clip skip"); the final layer norm is applied to it either way.
+    2 = penultimate, as A1111's "Clip skip"); the final layer norm is applied to it unless the config says
+    otherwise (SDXL reads its towers' penultimate states raw).
     """
 
     def __init__(self, cfg: TextConfig):
@@ -105,6 +106,12 @@ class CLIPTextModel(nn.Module):
 
     def forward(self, ids: torch.Tensor, clip_skip: int | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
         """extra: vectors for token ids past the vocabulary (textual inversion)."""
+        return self.encode(ids, clip_skip, extra, pooled=False)[0]
+
+    def encode(self, ids: torch.Tensor, clip_skip: int | None = None, extra: torch.Tensor | None = None,
+               pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the states forward gives, CLIP's text embedding as `pooled` gives it) from one run of the layers;
+        without pooled, the layers after the clip_skip one are not run and the second item is None."""
         clip_skip = clip_skip or self.config.clip_skip
         n = len(self.text_model.encoder.layers)
         if not 1 <= clip_skip <= n:
@@ -112,16 +119,24 @@ class CLIPTextModel(nn.Module):
         if ids.shape[1] > self.config.context_length:
             raise ValueError(f"at most {self.config.context_length} tokens per sequence, got {ids.shape[1]}")
         x = self.text_model.embeddings(ids, extra).to(self.dtype)
-        for layer in self.text_model.encoder.layers[: n - clip_skip + 1]:
+        states = None
+        for i, layer in enumerate(self.text_model.encoder.layers[: n if pooled else n - clip_skip + 1]):
             x = layer(x)
-        return self.text_model.final_layer_norm(x)
+            if i == n - clip_skip:
+                states = x
+        norm = self.text_model.final_layer_norm
+        states = norm(states) if self.config.final_norm else states
+        return states, (self._pool(norm(x), ids) if pooled else None)
 
     def pooled(self, ids: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """CLIP's text embedding: the last layer's state at the end token, projected if the model can."""
-        x = self.forward(ids, clip_skip=1, extra=extra)
+        return self.encode(ids, 1, extra)[1]
+
+    def _pool(self, last: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The final-normed last layer's state at each sequence's end token, projected if the model can."""
         # The end token has the highest id, so argmax finds it (the first one, where padding is also EOT).
         vocab = self.text_model.embeddings.token_embedding.num_embeddings
-        x = x[torch.arange(x.shape[0]), ids.masked_fill(ids >= vocab, 0).argmax(dim=-1)]  # not an embedding's ids
+        x = last[torch.arange(last.shape[0]), ids.masked_fill(ids >= vocab, 0).argmax(dim=-1)]  # not an embedding's ids
         return self.text_projection(x) if hasattr(self, "text_projection") else x
 
 

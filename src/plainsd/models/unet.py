@@ -134,7 +134,7 @@ class TimestepEmbedSequential(nn.Sequential):
 # The parts a ControlNet (models/controlnet.py) copies: built by one function each so that both networks agree.
 
 def _transformer(cfg: UNetConfig, ch: int, level: int) -> SpatialTransformer:
-    return SpatialTransformer(ch, cfg.heads_for(ch), cfg.transformer_depth, cfg.context_dim, cfg.use_linear_proj,
+    return SpatialTransformer(ch, cfg.heads_for(ch), cfg.depth_at(level), cfg.context_dim, cfg.use_linear_proj,
                               cfg.norm_groups, downsample=2 ** level)
 
 
@@ -157,6 +157,13 @@ class GuidanceEmbedding(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return self.cond_proj(guidance_scale_embedding(w, self.dim).to(self.cond_proj.weight.dtype))
+
+
+def label_embedding(cfg: UNetConfig) -> nn.Sequential:
+    """SDXL's embedding of the vector y (the pooled text and the embedded sizes, models/sdxl.py), added to the
+    timestep embedding; nested as the original's label_emb.0.0 / label_emb.0.2 ("sequential" classes)."""
+    emb_dim = cfg.model_channels * 4
+    return nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
 
 
 def input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
@@ -193,7 +200,9 @@ class UNetModel(nn.Module):
     adapter: a T2I-Adapter's features (models/t2i_adapter.py), one per level, already scaled (run_input_blocks).
     guidance: for a UNet with a guidance-scale embedding (cfg.time_cond_proj_dim > 0, LCM-distilled), the scale w
     it embeds, one or one per item, as diffusers' UNet gets it embedded in timestep_cond (its LCM pipeline passes
-    guidance_scale - 1); None adds nothing to the timestep embedding, as diffusers does without timestep_cond."""
+    guidance_scale - 1); None adds nothing to the timestep embedding, as diffusers does without timestep_cond.
+    y: for an SDXL UNet (cfg.adm_in_channels > 0), the vector [B, adm_in_channels] of pooled text and embedded
+    sizes (models/sdxl.py), required there and refused elsewhere (the original's name)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -205,6 +214,8 @@ class UNetModel(nn.Module):
         self.time_embed = time_embedding(cfg)
         if cfg.time_cond_proj_dim > 0:
             self.time_embedding = GuidanceEmbedding(cfg)
+        if cfg.adm_in_channels > 0:
+            self.label_emb = label_embedding(cfg)
         self.input_blocks, skip_channels = input_blocks(cfg)
         ch = skip_channels[-1]
         self.middle_block = middle_block(cfg)
@@ -237,14 +248,14 @@ class UNetModel(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 control: list[torch.Tensor] | None = None, adapter: list[torch.Tensor] | None = None,
-                guidance: torch.Tensor | float | None = None) -> torch.Tensor:
+                guidance: torch.Tensor | float | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"the UNet takes [B, {cfg.in_channels}, h, w] latents, got {list(x.shape)}")
         if context.shape[-1] != cfg.context_dim:
             raise ValueError(f"the UNet reads text states of width {cfg.context_dim}, got {context.shape[-1]}")
         dtype = self.dtype
-        emb = self.embed_timesteps(timesteps, x.shape[0], guidance)
+        emb = self.embed_timesteps(timesteps, x.shape[0], guidance, y)
         context = context.to(dtype)
         skips = self.run_input_blocks(x.to(dtype), emb, context, adapter=adapter)
         h = self.middle_block(skips[-1], emb, context)
@@ -257,9 +268,10 @@ class UNetModel(nn.Module):
     # features entering a late output block and, on the calls in between, runs only the outer blocks around them).
 
     def embed_timesteps(self, timesteps: torch.Tensor | float, batch: int,
-                        guidance: torch.Tensor | float | None = None) -> torch.Tensor:
+                        guidance: torch.Tensor | float | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
         """The timestep embedding [batch, 4 * model_channels] in the UNet's dtype; timesteps: one, or one per item.
-        guidance: the guidance scale an LCM-distilled UNet embeds (forward), one or one per item."""
+        guidance: the guidance scale an LCM-distilled UNet embeds (forward), one or one per item.
+        y: an SDXL UNet's vector (forward), one row per item."""
         device = self.out[2].bias.device
         timesteps = torch.as_tensor(timesteps, device=device).reshape(-1).expand(batch)
         emb = timestep_embedding(timesteps, self.config.model_channels).to(self.dtype)
@@ -268,7 +280,16 @@ class UNetModel(nn.Module):
                 raise ValueError("this UNet has no guidance-scale embedding (it is not LCM-distilled): call it "
                                  "without guidance")
             emb = emb + self.time_embedding(torch.as_tensor(guidance, device=device).reshape(-1).expand(batch))
-        return self.time_embed(emb)
+        emb = self.time_embed(emb)
+        adm = self.config.adm_in_channels
+        if (y is None) != (adm <= 0):
+            raise ValueError(f"an SDXL UNet needs the vector y [B, {adm}] of pooled text and sizes" if adm > 0 else
+                             "this UNet takes no vector y (it is not an SDXL UNet): call it without y")
+        if y is not None:
+            if y.shape != (batch, adm):
+                raise ValueError(f"the UNet's vector y must be [{batch}, {adm}], got {list(y.shape)}")
+            emb = emb + self.label_emb(y.to(emb.dtype))
+        return emb
 
     def run_input_blocks(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
                          stop: int | None = None, adapter: list[torch.Tensor] | None = None) -> list[torch.Tensor]:

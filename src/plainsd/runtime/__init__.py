@@ -47,6 +47,7 @@ class Engine:
         self.unet = unet if unet is not None else sd.unet
         self.tiny_decoder = None
         self.controlnets = OrderedDict()  # loaded ControlNets, the most recently used last (control.load_controlnets)
+        self.refiner = None  # (path, Engine): the refiner checkpoint last used (pipeline._refiner_engine)
 
     def use_tiny_decoder(self, decoder, name: str = "the tiny decoder") -> None:
         """Decode fast mode's pictures with this TAESD decoder (checked against the model's latents)."""

@@ -2,7 +2,7 @@
 GenerationRequest (generation_request), the server's own limits, and answers.
 
 Every field of A1111's txt2img and img2img requests is honoured, or accepted only at the value that asks for
-nothing (NOT_SUPPORTED: restore_faces, the SDXL refiner, ...) and refused otherwise; a field A1111 does not have
+nothing (NOT_SUPPORTED: restore_faces, firstpass_image, ...) and refused otherwise; a field A1111 does not have
 is refused, and so is an override_settings key plainsd does not act on (check_fields). alwayson_scripts takes the
 ControlNet extension's units (controlnet.py) and refuses other scripts. The models state the fixed
 rules in the OpenAPI schema (pydantic enforces them) and state_limits adds the server's own. Checks raise
@@ -312,8 +312,6 @@ def clip_skip_setting(settings: dict) -> int | None:
 NOT_SUPPORTED = {
     "restore_faces": ((None, False), "plainsd has no face restoration"),
     "s_min_uncond": ((None, 0.0), "plainsd computes the unconditional prediction at every step"),
-    "refiner_checkpoint": ((None, "", "None"), "the SDXL refiner is not supported yet"),
-    "refiner_switch_at": ((None,), "the SDXL refiner is not supported yet"),
     "firstpass_image": ((None, ""), "plainsd draws the hires fix's first pass itself"),
     "hr_checkpoint_name": ((None, "", "Use same checkpoint"), "plainsd draws both passes with the same model"),
     "force_task_id": ((None, ""), "plainsd has no task ids (/sdapi/v1/progress reports the job that runs)"),
@@ -427,7 +425,9 @@ def generation_request(req: ProcessingRequest, kind: str, limits: Limits, option
         clip_skip=clip_skip, fast=choose_fast(bool(req.fast), bool(req.tiny_decoder)),
         token_merging=_token_merging(settings, overrides, kind), **_noise_fields(req, settings, sampler),
         styles=list(req.styles or []), styles_file=styles_file, upscalers_dir=upscalers_dir,
-        upscaler_tile=settings.get("ESRGAN_tile", 192), upscaler_tile_overlap=settings.get("ESRGAN_tile_overlap", 8))
+        upscaler_tile=settings.get("ESRGAN_tile", 192), upscaler_tile_overlap=settings.get("ESRGAN_tile_overlap", 8),
+        refiner_checkpoint=req.refiner_checkpoint if req.refiner_checkpoint not in ("", "None") else None,
+        refiner_switch_at=req.refiner_switch_at)
     if kind == "img2img":
         request = _img2img(request, req, limits, settings)
     elif req.enable_hr:

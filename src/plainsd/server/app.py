@@ -143,6 +143,8 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
     entry = _find(store, overrides["sd_model_checkpoint"]) if overrides.get("sd_model_checkpoint") else store.current
     vae_setting = overrides.get("sd_vae", options.get("sd_vae"))
     vae = _vae(store, vae_setting, entry)
+    if req.refiner_checkpoint not in (None, "", "None"):  # one of the server's models, by name as A1111 finds it
+        req = req.model_copy(update={"refiner_checkpoint": str(_find(store, req.refiner_checkpoint).path)})
     request = api.generation_request(req, kind, server.limits, options, store.backend, server.styles_file,
                                      server.controlnet_dir, server.upscalers_dir).replace(
         lora_dir=server.lora_dir, embeddings_dir=server.embeddings_dir)

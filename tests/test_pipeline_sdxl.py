@@ -1,0 +1,243 @@
+"""Generation with SDXL models: the whole txt2img run against diffusers' StableDiffusionXLPipeline on the same random
+weights (same noise, Euler on the same sigmas), the conditioning each pass gives the UNet (A1111's defaults: the
+picture's size as original and target size, crop 0, 0; an empty negative prompt as zeros), infotext, refusals."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import plainsd
+from plainsd import pipeline
+from plainsd.diffusion.samplers import SAMPLERS
+from plainsd.models.sdxl import size_numbers, vector
+from plainsd.models.tokenizer import Tokenizer
+from plainsd.pnginfo import parse_infotext
+from plainsd.prompts import tokenize_chunks
+from plainsd.request import ControlUnit, GenerationRequest
+from plainsd.runtime import Engine
+from tests.reference import max_diff, perturb, sdxl_text_reference
+
+
+class Spy:
+    """Wraps a UNet and records what each call gets: (context, y)."""
+
+    def __init__(self, unet):
+        self.unet, self.calls = unet, []
+
+    def __call__(self, x, t, context, **kw):
+        self.calls.append((context, kw.get("y")))
+        return self.unet(x, t, context, **kw)
+
+
+def _run(sd, **kw):
+    spy = Spy(sd.unet)
+    result = pipeline.generate(Engine(sd, unet=spy), GenerationRequest(**{"prompt": "a red circle", "seed": 3, **kw}))
+    return result, spy.calls
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return perturb(plainsd.build("tiny-sdxl", seed=0), 0)
+
+
+@pytest.mark.parametrize("negative", ["", "blurry, dark"])
+def test_whole_run_matches_diffusers_sdxl_pipeline(sdxl_reference, record_parity, negative):
+    """Ours from the prompt's text; diffusers from the text states transformers' towers give for the same token ids
+    (its encode_prompt's recipe), its own time ids and, for an empty negative prompt, its own zeros
+    (force_zeros_for_empty_prompt). Euler on plainsd's sigmas (diffusers takes them as custom sigmas)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    _, unet, vae, text, text2, sd = sdxl_reference("tiny-sdxl")
+    steps, seed, scale, prompt = 6, 5, 6.0, "a red circle on the left"
+    result = pipeline.txt2img(sd, prompt, negative, seed=seed, steps=steps, sampler="Euler", cfg_scale=scale,
+                              width=64, height=64)
+    ours = np.asarray(result.images[0], dtype=np.float64)
+
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="linspace")  # (so that init_noise_sigma is sigma_max)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=None, tokenizer_2=None,
+                                     unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+                                     add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    sigmas = pipeline._denoiser(sd, sampler=SAMPLERS["Euler"]).get_sigmas(steps, "normal")
+    embeds = {}
+    with torch.no_grad():
+        embeds["prompt_embeds"], embeds["pooled_prompt_embeds"] = sdxl_text_reference(
+            text, text2, Tokenizer("sd1")([prompt]), Tokenizer("sd2")([prompt]))
+        if negative:
+            embeds["negative_prompt_embeds"], embeds["negative_pooled_prompt_embeds"] = sdxl_text_reference(
+                text, text2, Tokenizer("sd1")([negative]), Tokenizer("sd2")([negative]))
+        noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))  # the image's noise
+        theirs = pipe(**embeds, sigmas=sigmas.tolist(), guidance_scale=scale, height=64, width=64, latents=noise,
+                      output_type="np").images[0]
+    d = np.abs(ours - theirs * 255).max()
+    record_parity(f"txt2img tiny-sdxl, 6 Euler steps vs StableDiffusionXLPipeline, negative {negative!r} (0-255)", float(d))
+    assert d <= 1.0, d  # (ours rounded to 8 bits)
+    assert ours.std() > 5  # a picture, not a flat field
+
+
+def test_conditioning_per_pass(sd):
+    """Each pass's vector holds the pooled text and its own picture size (the hires pass: the final size), as A1111
+    builds them; an empty negative prompt is zeros, a written one is not."""
+    hires = pipeline.HiresFix(scale=1.5, upscaler="Lanczos", steps=2, strength=0.5)
+    _, calls = _run(sd, steps=2, sampler="Euler", width=64, height=48, hires=hires)
+    first, last = calls[0], calls[-1]
+    with torch.no_grad():
+        states, pooled = sd.text_encoder.encode(sd.tokenizer(["a red circle"]))
+    uncond_ctx, cond_ctx = first[0].chunk(2)
+    assert torch.equal(uncond_ctx, torch.zeros_like(cond_ctx)) and max_diff(cond_ctx, states) == 0
+    y_uncond, y_cond = first[1].chunk(2)
+    assert max_diff(y_cond, vector(pooled, torch.tensor([size_numbers("base", 64, 48)]))) == 0
+    assert max_diff(y_uncond, vector(torch.zeros_like(pooled), torch.tensor([size_numbers("base", 64, 48)]))) == 0
+    assert max_diff(last[1][1:], vector(pooled, torch.tensor([size_numbers("base", 96, 72)]))) == 0
+    _, calls = _run(sd, steps=1, sampler="Euler", negative_prompt="blurry")
+    assert calls[0][0].chunk(2)[0].abs().max() > 0.1
+
+
+def test_refiner_gets_the_aesthetic_scores(sdxl_reference):
+    sd = perturb(plainsd.build("tiny-sdxl-refiner", seed=0), 0)
+    _, calls = _run(sd, steps=1, sampler="Euler", negative_prompt="blurry")
+    with torch.no_grad():
+        _, pooled = sd.text_encoder.encode(sd.tokenizer(["a red circle"]))
+        _, negative = sd.text_encoder.encode(sd.tokenizer(["blurry"]))
+    y_uncond, y_cond = calls[0][1].chunk(2)
+    assert max_diff(y_cond, vector(pooled, torch.tensor([[64.0, 64, 0, 0, 6.0]]))) == 0
+    assert max_diff(y_uncond, vector(negative, torch.tensor([[64.0, 64, 0, 0, 2.5]]))) == 0
+
+
+def test_long_prompts_and_batches(sd):
+    """A prompt of two chunks against a one-chunk negative prompt: the negative side is padded with the empty
+    prompt's states (not zeros), as A1111 pads; the pooled text is the first chunk's. Batches give each image a row."""
+    long = ", ".join(["a red circle"] * 30)
+    result, calls = _run(sd, prompt=long, steps=1, sampler="Euler", batch_size=2)
+    ctx, y = calls[0]
+    assert ctx.shape == (4, 154, 192) and y.shape == (4, 96 + 6 * 256)
+    with torch.no_grad():
+        empty, _ = sd.text_encoder.encode(sd.tokenizer([""]))
+        chunks = [c[0] for c in tokenize_chunks(sd.tokenizer, long)]
+        _, pooled = sd.text_encoder.encode(torch.tensor(chunks))
+    assert torch.equal(ctx[0, 77:], empty[0]) and not ctx[0, :77].any()
+    assert max_diff(y[2, :96], pooled[0]) <= 1e-6 and max_diff(y[2, :96], pooled[1]) > 1e-2
+    assert torch.equal(y[2], y[3]) and len(result.images) == 2
+
+
+def test_infotext_is_a1111s(sd):
+    result, _ = _run(sd, steps=2, sampler="Euler", negative_prompt="blurry", cfg_scale=5)
+    fields = parse_infotext(result.infotexts[0])
+    assert "Clip skip" not in fields  # as A1111 writes SDXL's (its towers' penultimate layers are the model's own)
+    assert (fields["Steps"], fields["Sampler"], fields["CFG scale"], fields["Size"]) == ("2", "Euler", "5", "64x64")
+    again, _ = _run(sd, steps=2, sampler="Euler", negative_prompt="blurry", cfg_scale=5, clip_skip=2)
+    assert parse_infotext(again.infotexts[0])["Clip skip"] == "2"  # asked for: written (the same layers)
+    assert again.images[0].tobytes() == result.images[0].tobytes()
+    last, _ = _run(sd, steps=2, sampler="Euler", negative_prompt="blurry", cfg_scale=5, clip_skip=1)
+    assert last.images[0].tobytes() != result.images[0].tobytes()
+
+
+def test_img2img_inpaint_and_the_default_size(sd):
+    image = Image.new("RGB", (64, 48), (200, 30, 30))
+    result = pipeline.img2img(sd, image, "a red circle", steps=3, seed=1, strength=0.5)
+    assert result.images[0].size == (64, 48)
+    mask = Image.new("L", (64, 48), 0)
+    mask.paste(255, (32, 0, 64, 48))
+    painted = np.asarray(pipeline.inpaint(sd, image, mask, "a red circle", steps=3, seed=1, mask_blur=0).images[0])
+    assert (painted[:, :32] == (200, 30, 30)).all() and np.abs(painted[:, 40:].astype(int) - (200, 30, 30)).max() > 20
+    assert plainsd.build("tiny-sdxl").config.resolution == 64 and plainsd.preset("sdxl").resolution == 1024
+
+
+def test_what_sdxl_does_not_run_yet_is_refused(sd, tmp_path):
+    with pytest.raises(ValueError, match="LoRA files for SDXL models are not supported yet"):
+        pipeline.txt2img(sd, "a circle <lora:style:0.5>", steps=1)
+    unit = ControlUnit(model="cn", image=Image.new("RGB", (64, 64)), module="none")
+    with pytest.raises(ValueError, match="not yet with SDXL"):
+        pipeline.txt2img(sd, "a circle", steps=1, controlnet=(unit,), controlnet_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="SDXL models run on the eager backend"):
+        pipeline.txt2img(Engine(sd, "openvino", unet=lambda *a, **k: None), "a circle", steps=1)
+
+
+# --- the refiner ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def refiner_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("refiner") / "refiner.safetensors"
+    plainsd.save(perturb(plainsd.build("tiny-sdxl-refiner", seed=1), 1), path)
+    return path
+
+
+def _by_hand(model, prompt, negative, kind, numbers, scale):
+    """A model's guided denoiser and its conditioning, built here from its parts (not the pipeline's)."""
+    from plainsd.diffusion.denoisers import DiscreteDenoiser
+    from plainsd.diffusion.guidance import CFGDenoiser
+
+    def conditioning(text, score):
+        with torch.no_grad():
+            states, pooled = model.text_encoder.encode(model.tokenizer([text]))
+        return {"crossattn": states, "vector": vector(pooled, torch.tensor([numbers + ([score] if kind == "refiner" else [])]))}
+
+    net = DiscreteDenoiser(lambda x, t, cond: model.unet(x, t, cond["crossattn"], y=cond["vector"]))
+    return CFGDenoiser(net, scale), {"cond": conditioning(prompt, 6.0), "uncond": conditioning(negative, 2.5)}
+
+
+def test_refiner_takes_over_as_the_two_models_run_by_hand(sd, refiner_file):
+    """Euler: the base model's steps down to the first sigma whose nearest training timestep t has (999 - t) / 1000
+    >= 0.5 (A1111's completed ratio), then the refiner's, on the same latents; decoded by the refiner's VAE."""
+    from plainsd.diffusion.denoisers import DiscreteDenoiser
+    from plainsd.diffusion.samplers import sample_euler
+    from plainsd.images import to_pil
+
+    steps, switch, scale = 6, 0.5, 6.0
+    result = pipeline.txt2img(sd, "a red circle", "blurry", steps=steps, seed=4, sampler="Euler", cfg_scale=scale,
+                              refiner_checkpoint=str(refiner_file), refiner_switch_at=switch)
+    refiner = plainsd.load(refiner_file)
+    table = DiscreteDenoiser(None).sigmas
+    sigmas = DiscreteDenoiser(None).get_sigmas(steps, "normal")
+    ratios = [(999 - int(torch.argmin((table - s).abs()))) / 1000 for s in sigmas[:-1]]
+    k = next(i for i, r in enumerate(ratios) if r >= switch)
+    assert 0 < k < steps
+    x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(4)) * sigmas[0]
+    with torch.no_grad():
+        base_model, base_args = _by_hand(sd, "a red circle", "blurry", "base", [64, 64, 0, 0, 64, 64], scale)
+        x = sample_euler(base_model, x, sigmas[:k + 1], extra_args=base_args)
+        refined_model, refined_args = _by_hand(refiner, "a red circle", "blurry", "refiner", [64, 64, 0, 0], scale)
+        x = sample_euler(refined_model, x, sigmas[k:], extra_args=refined_args)
+        image = to_pil(refiner.vae.decode(x / refiner.config.scale_factor))[0]
+    d = np.abs(np.asarray(result.images[0], dtype=np.int16) - np.asarray(image, dtype=np.int16)).max()
+    assert d <= 1, d
+    base_only = pipeline.txt2img(sd, "a red circle", "blurry", steps=steps, seed=4, sampler="Euler", cfg_scale=scale)
+    assert np.abs(np.asarray(base_only.images[0], dtype=np.int16) - np.asarray(image, dtype=np.int16)).max() > 10
+    fields = parse_infotext(result.infotexts[0])
+    assert (fields["Refiner"], fields["Refiner switch at"]) == ("refiner", "0.5")
+
+
+def test_refiner_switch_at_one_never_switches(sd, refiner_file):
+    plain = pipeline.txt2img(sd, "a red circle", steps=3, seed=2, sampler="Euler")
+    never = pipeline.txt2img(sd, "a red circle", steps=3, seed=2, sampler="Euler", refiner_checkpoint=str(refiner_file),
+                             refiner_switch_at=1.0)
+    assert never.images[0].tobytes() == plain.images[0].tobytes() and "Refiner" not in never.infotexts[0]
+
+
+def test_refiner_with_hires_fix_runs_in_the_second_pass(sd, refiner_file):
+    """A1111's default (hires_fix_refiner_pass "second pass"): the first pass is the base model's alone."""
+    kw = dict(steps=3, seed=2, sampler="Euler", hires=pipeline.HiresFix(scale=1.5, upscaler="Latent", steps=3, strength=0.9))
+    first = []
+    refined = pipeline.txt2img(sd, "a red circle", refiner_checkpoint=str(refiner_file), refiner_switch_at=0.3,
+                               callback=lambda s: first.append(s.denoised) if s.step < 3 else None, **kw)
+    plain_first = []
+    plain = pipeline.txt2img(sd, "a red circle", callback=lambda s: plain_first.append(s.denoised) if s.step < 3 else None,
+                             **kw)
+    assert all(torch.equal(a, b) for a, b in zip(first, plain_first)) and len(first) == 3
+    assert refined.images[0].tobytes() != plain.images[0].tobytes() and refined.images[0].size == (96, 96)
+
+
+def test_refiner_refusals(sd, refiner_file, tmp_path):
+    with pytest.raises(ValueError, match="refiner_switch_at needs a refiner_checkpoint"):
+        pipeline.txt2img(sd, "x", steps=1, refiner_switch_at=0.5)
+    with pytest.raises(ValueError, match="no such refiner checkpoint"):
+        pipeline.txt2img(sd, "x", steps=1, refiner_checkpoint=str(tmp_path / "nope.safetensors"))
+    with pytest.raises(ValueError, match="between 0 and 1, got 1.5"):
+        pipeline.txt2img(sd, "x", steps=1, refiner_checkpoint=str(refiner_file), refiner_switch_at=1.5)
+    with pytest.raises(ValueError, match="tiling and a refiner do not run together yet"):
+        pipeline.txt2img(sd, "x", steps=1, refiner_checkpoint=str(refiner_file), tiling=True)
+    plainsd.save(plainsd.build("tiny"), tmp_path / "sd1.safetensors")
+    with pytest.raises(ValueError, match="works on other latents"):
+        pipeline.txt2img(sd, "x", steps=1, refiner_checkpoint=str(tmp_path / "sd1.safetensors"))
