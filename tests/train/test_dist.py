@@ -104,7 +104,7 @@ def test_a_killed_process_is_restarted_and_the_run_ends_as_if_it_never_was(bases
     files = json.loads(bases.read_text())
     extra = ({"vae": files["vae"], "clip": files["clip"], "latent_cache": 8} if network == "unet" else
              {"model": files["model"], "num_instance_images": 3, "rank": 2})
-    config = {"network": network, "steps": 120, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 20,
+    config = {"network": network, "steps": 80, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 20,
               "ema_decay": 0.9 if network == "unet" else 0.0, "extra": extra,
               "model": TINY if network == "unet" else {},
               "data": DATA if network == "unet" else {"kind": "shapes", "shapes": ["star"]}}
@@ -119,7 +119,7 @@ def test_a_killed_process_is_restarted_and_the_run_ends_as_if_it_never_was(bases
                                 stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
     killed = []
     watcher = threading.Thread(target=lambda: killed.extend(
-        _kill_rank_at(launcher, tmp_path / "killed" / "checkpoint.safetensors", 40)))
+        _kill_rank_at(launcher, tmp_path / "killed" / "checkpoint.safetensors", 20)))
     watcher.start()
     output = launcher.communicate(timeout=900)[0]
     watcher.join()
