@@ -331,8 +331,8 @@ def _batch_args(sub):
                    help="torch threads per worker (default: the cores shared out; with --ray, 1: the CPUs each "
                         "actor reserves)")
     p.add_argument("--ray", default=None, metavar="auto|local|ADDRESS",
-                   help="run on Ray (pip install 'plainsd[ray]'): auto = the cluster this machine is in, local = a "
-                        "new one on this machine, else the head's address")
+                   help="run on Ray (pip install 'plainsd[ray]'): auto = the cluster started here with `ray start`, "
+                        "local = a new one for this run only, else the head's address")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="the networks' number format; auto = bf16 where the CPU that runs the batch has it")
     p.add_argument("--backend", choices=["eager", "openvino"], default="eager")

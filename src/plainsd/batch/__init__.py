@@ -1,7 +1,7 @@
 """Bulk generation: `plainsd batch requests.jsonl -o OUT`, one A1111 txt2img or img2img request per line.
 
     summary = run_batch("requests.jsonl", "out", workers=2)             # two local worker processes
-    summary = run_batch("requests.jsonl", "out", ray="auto")            # the Ray cluster this machine is in
+    summary = run_batch("requests.jsonl", "out", ray="auto")            # the Ray cluster started here
 
 Each line is mapped as the server maps a request (jobs.py) and checked before anything is drawn. Each picture
 is written whole with its PNG parameters, and each request gets a line in OUT/manifest.jsonl once its pictures

@@ -23,7 +23,7 @@ IN_FLIGHT = 2    # jobs sent ahead to each actor, so that it never waits for the
 
 def run_ray(jobs: list, painter_args: tuple, address: str, workers: int | None, threads: int,
             on_drawn: Callable) -> int:
-    """Draw the jobs on the Ray cluster at address ("auto": the one running on this machine, "local": a new one
+    """Draw the jobs on the Ray cluster at address ("auto": the one `ray start` runs here, "local": a new one
     for this run, else its address); workers: actors (default: as many as the cluster's CPUs hold at `threads`
     each). Uses the connection a caller already made with ray.init, if any. Returns how many jobs were sent
     again after their actor died."""
@@ -35,7 +35,7 @@ def run_ray(jobs: list, painter_args: tuple, address: str, workers: int | None, 
                      **({"include_dashboard": False} if address == "local" else {}))
         except ConnectionError as e:
             raise BatchError(f"cannot reach a Ray cluster at {address!r} ({e}); start one with `ray start --head`, "
-                             f"or use --ray local for one on this machine only") from None
+                             f"or use --ray local for one of this run only") from None
     pool = None
     try:
         cpus = ray.cluster_resources().get("CPU", 0)

@@ -58,7 +58,7 @@ class Painter:
             from .jobs import model_sha256 as sha256_of
 
             if sha256_of(model) != model_sha256:
-                raise CheckpointError(f"{model} on this machine is not the model the batch was keyed with "
+                raise CheckpointError(f"{model} on this Ray node is not the model the batch was keyed with "
                                       f"(sha256 {model_sha256[:10]}); give every machine the same file")
         sd = plainsd.load(model, dtype=runtime.choose_dtype(precision))
         if Path(model).is_file():
