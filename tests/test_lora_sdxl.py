@@ -193,3 +193,18 @@ def test_a_lora_of_another_family_is_one_sentence(xl, tmp_path):
               str(tmp_path / "sd1.safetensors"))
     with pytest.raises(CheckpointError, match="does not fit this SDXL model"):
         lora.deltas(plainsd.load(folder), lora.read_lora(tmp_path / "sd1.safetensors"))
+
+
+def test_adapters_on_sdxl_take_kohyas_sdxl_names():
+    """Training adapters on an SDXL model names them as kohya's SDXL trainer does (original UNet names, lora_te1_ /
+    lora_te2_), and the reader's table finds each one's layer again."""
+    sd = plainsd.build("tiny-sdxl", seed=0)
+    adapters = lora.attach(sd, rank=2, text_encoder=True)
+    try:
+        table = lora.name_table(sd)
+        assert all(k in table for k in adapters)
+        assert {k.split("_")[1] for k in adapters} == {"unet", "te1", "te2"}
+        assert any(k.startswith("lora_unet_input_blocks_") for k in adapters)
+        assert not any("down_blocks" in k for k in adapters)
+    finally:
+        lora.detach(adapters)
