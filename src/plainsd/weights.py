@@ -725,7 +725,7 @@ def few_step_defaults(path: Path, source: TensorSource, config: ModelConfig) -> 
     if is_turbo(path, source, config):
         return dict(TURBO_DEFAULTS)
     name = path.name.lower()
-    if "lightning" not in name:
+    if "lightning" not in name or config.sdxl != "base":  # (Lightning is distilled from SDXL base)
         return {}
     if re.search(r"(^|[^a-z0-9])x0([^a-z0-9]|$)", name):
         raise CheckpointError(f"{path.name} looks like SDXL-Lightning's 1-step model, which predicts the clean image "
