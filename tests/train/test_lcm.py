@@ -8,7 +8,8 @@ import plainsd
 from plainsd import lora as lora_mod
 from plainsd.diffusion import schedules
 from plainsd.diffusion.denoisers import boundary_scalings
-from plainsd.train.lcm import LCMSettings, _adapters_off, _TargetEMA, consistency_loss, train_lcm, x0_and_eps
+from plainsd.train.lcm import (LCMSettings, _adapters_off, _TargetEMA, consistency_loss, teacher_step, train_lcm,
+                               x0_and_eps)
 from plainsd.train.loop import TrainConfig
 
 
@@ -75,6 +76,10 @@ def test_settings_refuse_what_the_recipe_cannot_use():
         LCMSettings.from_extra({"w_min": 5.0, "w_max": 2.0})
     with pytest.raises(ValueError, match="'huber' or 'l2'"):
         LCMSettings.from_extra({"loss": "l1"})
+    with pytest.raises(ValueError, match="'ddim' or 'heun'"):
+        LCMSettings.from_extra({"solver": "euler"})
+    with pytest.raises(ValueError, match="decay in"):
+        LCMSettings.from_extra({"target_ema": 1.0})
 
 
 def test_lcm_recipe_trains_a_lora_the_pipeline_applies_as_trained(tmp_path):
@@ -147,3 +152,23 @@ def test_the_target_network_is_the_online_one_unless_given_other_weights():
     assert loss(online) == loss(None)
     assert loss(zero) != loss(None)
     assert all(torch.equal(p, online[k]) for k, p in params.items())  # the weights are back after the target
+
+
+def test_teacher_step_follows_the_exact_ode_of_gaussian_data():
+    """Data x0 ~ N(0, s^2): the ideal noise prediction is x sqrt(1 - a) / (a s^2 + 1 - a), and the probability-flow
+    ODE scales x by sqrt(a' s^2 + 1 - a') / sqrt(a s^2 + 1 - a) from a to a'. Both solvers follow it over one
+    skip of 20 timesteps; Heun's error is more than ten times below DDIM's."""
+    ac, s2 = schedules.alphas_cumprod(), 0.25
+
+    def ideal(x, t, context):
+        a = ac[t].view(-1, 1, 1, 1)
+        return x * (1 - a).sqrt() / (a * s2 + 1 - a)
+
+    x = torch.randn(2, 4, 8, 8)
+    start, prev = torch.tensor([999, 519]), torch.tensor([979, 499])
+    a = tuple(ac[t].view(-1, 1, 1, 1) for t in (start, prev))
+    context, w = torch.zeros(2, 1, 1), torch.full((2, 1, 1, 1), 3.0)
+    exact = x * ((a[1] * s2 + 1 - a[1]) / (a[0] * s2 + 1 - a[0])).sqrt()
+    error = {solver: (teacher_step(ideal, x, (start, prev), a, context, context, w, "eps", solver) - exact).abs().max()
+             / exact.abs().max() for solver in ("ddim", "heun")}
+    assert error["ddim"] < 1e-3 and error["heun"] < error["ddim"] / 10

@@ -4,8 +4,9 @@ A consistency model maps any point of a sampling trajectory straight to its star
 to four evaluations replace twenty. The distillation teaches that map to a LoRA on the frozen UNet:
 
 1. a training latent is noised to a timestep t_n of a coarse grid (ddim_steps points: skips of k = 1000 / 50);
-2. the teacher, the base model without the LoRA, guided (CFG weight w drawn per sample), takes one DDIM step from
-   t_n to t_n - k: a point on (nearly) the same trajectory, one grid step cleaner;
+2. the teacher, the base model without the LoRA, guided (CFG weight w drawn per sample), takes one DDIM step (or
+   with extra.solver "heun" a second-order one, as LCM allows any ODE solver) from t_n to t_n - k: a point on
+   (nearly) the same trajectory, one grid step cleaner;
 3. the student, the model with the LoRA, estimates the clean latent from t_n; the target is the estimate from
    the teacher's point, without gradients, of the target network: the online weights (the LCM-LoRA recipe's),
    or with extra.target_ema an exponential moving average of them (LCM's, decay 0.95), which moves slower;
@@ -50,7 +51,8 @@ class LCMSettings(RecipeSettings):
     w_min: float = 1.0             # the teacher's guidance weight w, drawn uniformly per sample from [w_min, w_max];
     w_max: float = 4.0             # CFG scale = w + 1 (LCM's convention)
     guidance_min_t: int = 0        # the teacher guides only at timesteps from this one up (0: at all of them)
-    ddim_steps: int = 50           # the DDIM solver's grid: each teacher step skips 1000 / ddim_steps timesteps
+    ddim_steps: int = 50           # the solver's grid: each teacher step skips 1000 / ddim_steps timesteps
+    solver: str = "ddim"           # the teacher's ODE solver over one skip: "ddim" (LCM's) or "heun" (second order)
     loss: str = "huber"            # "huber" (pseudo-Huber with huber_c) or "l2"
     huber_c: float = 0.001
     target_ema: float = 0.0        # the target network's LoRA: 0 the online weights; else an EMA with this decay
@@ -64,6 +66,8 @@ class LCMSettings(RecipeSettings):
                              f"not {self.w_min} and {self.w_max}")
         if self.ddim_steps < 2 or 1000 % self.ddim_steps:
             raise ValueError(f"extra.ddim_steps of the lcm recipe must divide 1000 (50 is LCM's), not {self.ddim_steps}")
+        if self.solver not in ("ddim", "heun"):
+            raise ValueError(f"extra.solver of the lcm recipe is 'ddim' or 'heun', not {self.solver!r}")
         if self.loss not in ("huber", "l2"):
             raise ValueError(f"extra.loss of the lcm recipe is 'huber' or 'l2', not {self.loss!r}")
         if self.latent_cache < 1:
@@ -98,12 +102,8 @@ def consistency_loss(unet, latents, cond, uncond, s: LCMSettings, prediction: st
     if rows is not None:
         x, start, prev, a_n, a_p, w, cond, uncond = (v[rows] for v in (x, start, prev, a_n, a_p, w, cond, uncond))
 
-    with torch.no_grad(), _adapters_off(adapters):  # the teacher: the base model, guided; one DDIM step
-        out_c, out_u = unet(torch.cat([x, x]), torch.cat([start, start]), torch.cat([cond, uncond])).float().chunk(2)
-        x0_c, eps_c = x0_and_eps(out_c, x, a_n, prediction)
-        x0_u, eps_u = x0_and_eps(out_u, x, a_n, prediction)
-        x0, eps = x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
-        x_prev = a_p.sqrt() * x0 + (1 - a_p).sqrt() * eps
+    with torch.no_grad(), _adapters_off(adapters):  # the teacher: the base model, guided; one solver step
+        x_prev = teacher_step(unet, x, (start, prev), (a_n, a_p), cond, uncond, w, prediction, s.solver)
 
     with torch.no_grad(), (_weights_of(adapters, target) if target else contextlib.nullcontext()):
         skip, out = (c.view(-1, 1, 1, 1) for c in boundary_scalings(prev))
@@ -114,6 +114,24 @@ def consistency_loss(unet, latents, cond, uncond, s: LCMSettings, prediction: st
     if s.loss == "l2":
         return torch.nn.functional.mse_loss(pred, target)
     return (((pred - target) ** 2 + s.huber_c**2).sqrt() - s.huber_c).mean()
+
+
+def teacher_step(unet, x, t: tuple, a: tuple, cond, uncond, w, prediction: str, solver: str) -> torch.Tensor:
+    """One guided step of the probability-flow ODE from timestep t[0] to t[1] (a: their alpha_bar): DDIM, or Heun
+    (Karras et al. 2022), which corrects DDIM's step with the guided noise estimate at its end point."""
+    def guided_eps(x, t, a):
+        out_c, out_u = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond])).float().chunk(2)
+        eps_c, eps_u = x0_and_eps(out_c, x, a, prediction)[1], x0_and_eps(out_u, x, a, prediction)[1]
+        return eps_c + w * (eps_c - eps_u)
+
+    # in k-diffusion's variables, x / sqrt(a) = x0 + sigma eps with sigma = sqrt((1 - a) / a), DDIM is Euler's step
+    sigma_n, sigma_p = (((1 - v) / v).sqrt() for v in a)
+    d_n = guided_eps(x, t[0], a[0])
+    x_prev = a[1].sqrt() * (x / a[0].sqrt() + d_n * (sigma_p - sigma_n))
+    if solver == "ddim":
+        return x_prev
+    d_p = guided_eps(x_prev, t[1], a[1])
+    return a[1].sqrt() * (x / a[0].sqrt() + (d_n + d_p) / 2 * (sigma_p - sigma_n))
 
 
 @contextlib.contextmanager
