@@ -73,6 +73,28 @@ def test_ckpt_to_safetensors_keeps_the_model_only(tmp_path):
     assert max(picked.differences.values()) == 0.0
 
 
+def test_lightning_ckpt_reads_as_in_a1111(tmp_path, monkeypatch):
+    """The original SD 1.x .ckpt files hold, besides tensors, Lightning's ModelCheckpoint class as a dict key and
+    numpy scalars: weights_only reads them with A1111's allowlist (the class only as a name); code is still refused."""
+    import sys
+    import types
+
+    import numpy
+
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+    ModelCheckpoint = type("ModelCheckpoint", (), {"__module__": module.__name__})
+    module.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        monkeypatch.setitem(sys.modules, name, module)
+    sd = _model("tiny")
+    torch.save({"state_dict": original_state_dict(sd), "global_step": numpy.int64(470000), "epoch": numpy.float32(6),
+                "callbacks": {ModelCheckpoint: {"best_model_score": None}}}, tmp_path / "sd-v1-4.ckpt")
+    monkeypatch.delitem(sys.modules, module.__name__)  # (as where Lightning is not installed)
+    convert(tmp_path / "sd-v1-4.ckpt", tmp_path / "m.safetensors")
+    assert torch.equal(load_file(str(tmp_path / "m.safetensors"))["model.diffusion_model.out.2.weight"],
+                       sd.unet.out[2].weight)
+
+
 def test_ema_without_ema_weights_is_refused(tmp_path):
     path = _file(_model("tiny"), tmp_path / "m.safetensors")
     with pytest.raises(CheckpointError, match=r"no EMA weights .*without --ema"):
@@ -313,7 +335,7 @@ def test_cli_refuses_unsafe_pickles_and_bad_input(tmp_path, capsys):
     if os.path.exists(marker):
         os.remove(marker)
     torch.save({"state_dict": {"x": torch.zeros(1)}, "callback": _Evil()}, tmp_path / "evil.ckpt")
-    cases = [(["evil.ckpt", "out.safetensors"], "never runs pickled code"),
+    cases = [(["evil.ckpt", "out.safetensors"], "system), which could run code"),
              (["none.ckpt", "out.safetensors"], "no such checkpoint"),
              (["evil.ckpt", "out.ckpt"], "not .ckpt"),
              (["notes.txt", "out.safetensors"], "not a checkpoint")]

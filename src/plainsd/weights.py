@@ -115,6 +115,26 @@ class _SafetensorsReader:
         return torch.frombuffer(buf, dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
+class _LightningCallback:
+    """Stands in for PyTorch Lightning's ModelCheckpoint class, which old Lightning pickled by reference (as a dict
+    key of "callbacks") into training checkpoints such as the original SD 1.x .ckpt files: only ever a name here,
+    never called."""
+
+
+def _pickle_allowlist() -> list:
+    """What weights_only may read besides torch's own types, as A1111's safe unpickler (modules/safe.py) allows it
+    in .ckpt files: the Lightning class above, and numpy scalars and dtypes (a step count, a score)."""
+    import numpy
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # (numpy before 1.26)
+        from numpy.core.multiarray import scalar
+    kinds = ("bool", "int8", "int16", "int32", "int64", "uint8", "float16", "float32", "float64")
+    return [(_LightningCallback, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+            (scalar, "numpy.core.multiarray.scalar"), (numpy.dtype, "numpy.dtype"),
+            *{type(numpy.dtype(kind)) for kind in kinds}]  # (the dtypes' own classes, which unpickling builds)
+
+
 def read_tensors(path: str | os.PathLike) -> TensorSource:
     """Open a .safetensors file (memory-mapped) or a .ckpt/.pt/.bin file (weights_only, never unpickling code)."""
     path = Path(path)
@@ -139,11 +159,15 @@ def read_tensors(path: str | os.PathLike) -> TensorSource:
         raise CheckpointError(f"{path} is not a checkpoint: expected a .safetensors file, a PyTorch .ckpt/.pt file "
                               "or a diffusers folder")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        with torch.serialization.safe_globals(_pickle_allowlist()):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds pickled Python objects other than tensors; plainsd loads .ckpt files only "
-                              f"with weights_only=True and never runs pickled code (convert it to .safetensors with a "
-                              f"tool you trust): {str(e).splitlines()[0]}") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path} holds pickled Python objects other than tensors{what}, which could run code: "
+                              "plainsd loads .ckpt files only with weights_only=True and never runs pickled code; ask "
+                              "for a .safetensors file, or if you trust this one, re-save its state_dict with "
+                              "torch.save elsewhere") from None
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt): {e}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
