@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from .models.sdxl import size_numbers, vector
-from .weights import (CheckpointError, _component_file, _few, load, original_state_dict, read_tensors, save,
-                      save_diffusers)
+from .weights import (SGM_TEXT_OPENCLIP, TEXT_OPENCLIP, CheckpointError, _component_file, _few, load,
+                      original_state_dict, read_tensors, save, save_diffusers)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -147,6 +147,8 @@ def convert(input: str | os.PathLike, output: str | os.PathLike, *, dtype: str |
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose fp32, fp16 or bf16")
         dtype = DTYPES[dtype]
+    if dtype is not None and dtype not in TOLERANCE:
+        raise ValueError(f"plainsd converts to float32, float16 or bfloat16 weights, not {dtype}")
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists already; choose another name, or pass --overwrite to replace it")
     info = _inspect(src)
@@ -154,8 +156,10 @@ def convert(input: str | os.PathLike, output: str | os.PathLike, *, dtype: str |
         raise CheckpointError(f"{src.name} has no EMA weights (model_ema.* tensors); convert it without --ema")
     dtype = dtype or info.dtype
     sd = load(src, ema=ema)
-    written = set(original_state_dict(sd)) if kind == "file" else set()
-    left_out = [k for k in info.keys if k not in written] if src.is_file() else []
+    model = set(original_state_dict(sd))
+    # (Stability's sgm layout of SD 2.x, SD-Turbo's, has its text encoder under another prefix: renamed, not left out)
+    renamed = {SGM_TEXT_OPENCLIP + k[len(TEXT_OPENCLIP):] for k in model if k.startswith(TEXT_OPENCLIP)}
+    left_out = [k for k in info.keys if k not in model and k not in renamed] if src.is_file() else []
     reference, conditioning = probe(sd) if check else (None, None)
     tmp = _temporary(out, kind)
     try:
@@ -173,7 +177,7 @@ def convert(input: str | os.PathLike, output: str | os.PathLike, *, dtype: str |
         _put_in_place(tmp, out)
     finally:
         _remove(tmp)
-    return Converted(out, kind, dtype, left_out if kind == "file" else [], differences,
+    return Converted(out, kind, dtype, left_out, differences,
                      TOLERANCE[dtype] if check else None)
 
 
