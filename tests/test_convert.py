@@ -356,3 +356,18 @@ def test_cli_converts_and_reports(tmp_path, capsys):
     assert plainsd.load(tmp_path / "m-diffusers").unet.out[2].weight.dtype == torch.float32
     from plainsd.cli import build_parser
     assert "convert" in build_parser().format_help()
+
+
+def test_lcm_unet_keeps_its_guidance_embedding(tmp_path):
+    """An LCM-distilled UNet's guidance-scale projection goes into the folder under diffusers' name, with its width
+    in the config; the check (which calls the UNet with a guidance scale) passes and diffusers loads the UNet."""
+    from diffusers import UNet2DConditionModel
+
+    from tests.test_configs import test_config
+
+    sd = perturb(plainsd.build(test_config("tiny-lcm"), seed=3), 4, scale=0.02)
+    result = convert(plainsd.save(sd, tmp_path / "lcm.safetensors"), tmp_path / "lcm")
+    assert result.differences["unet"] == 0.0
+    assert json.loads((tmp_path / "lcm" / "unet" / "config.json").read_text())["time_cond_proj_dim"] == 256
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "lcm" / "unet")
+    assert torch.equal(unet.time_embedding.cond_proj.weight, sd.unet.time_embedding.cond_proj.weight)
