@@ -45,8 +45,11 @@ def test_bad_embedding_files(tmp_path):
         pickle.dump({"string_to_param": {"*": Evil()}}, f)
     with pytest.raises(CheckpointError):
         read_embedding(tmp_path / "evil.pt")
-    save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(tmp_path / "xl.safetensors"))
-    with pytest.raises(CheckpointError, match="SDXL"):
+    save_file({"clip_l": torch.zeros(1, 768)}, str(tmp_path / "xl.safetensors"))
+    with pytest.raises(CheckpointError, match="has clip_l but not clip_g; an SDXL embedding needs both"):
+        read_embedding(tmp_path / "xl.safetensors")
+    save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(2, 1280)}, str(tmp_path / "xl.safetensors"))
+    with pytest.raises(CheckpointError, match="clip_l has 1 vectors and clip_g 2"):
         read_embedding(tmp_path / "xl.safetensors")
     save_file({"a": torch.zeros(1, 4), "b": torch.zeros(1, 4)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(CheckpointError, match="no emb_params"):
@@ -84,3 +87,56 @@ def test_pooled_embedding_finds_the_end_token_past_placeholder_ids(sd):
     b = torch.tensor([tokenize_chunks(sd.tokenizer, "a red star")[0][0]])
     with torch.no_grad():
         assert torch.equal(sd.text_encoder.pooled(a, extra=found.vectors), sd.text_encoder.pooled(b))
+
+
+# --- SDXL: clip_l and clip_g ---------------------------------------------------------------------------------
+
+def _by_hand(model, ids: torch.Tensor, at: list[int], vectors: torch.Tensor, **kw):
+    """A transformers tower run on ids whose token embeddings at positions `at` are replaced by `vectors`."""
+    def replace(module, args, out):
+        out = out.clone()
+        out[0, at] = vectors.to(out.dtype)
+        return out
+
+    hook = model.text_model.embeddings.token_embedding.register_forward_hook(replace)
+    try:
+        return model(ids, output_hidden_states=True, **kw)
+    finally:
+        hook.remove()
+
+
+def test_sdxl_embedding_gives_each_tower_its_vectors(sdxl_reference, tmp_path):
+    """A1111's SDXL embedding: the prompt with its name equals, for both towers, transformers' CLIP-L with the
+    clip_l vectors put in place of the name's tokens and bigG with the clip_g ones (states and pooled text)."""
+    config, _, _, text, text2, sd = sdxl_reference("tiny-sdxl")
+    g = torch.Generator().manual_seed(3)
+    clip_l, clip_g = torch.randn(2, config.text.width, generator=g), torch.randn(2, config.text2.width, generator=g)
+    save_file({"clip_l": clip_l, "clip_g": clip_g}, str(tmp_path / "mystar.safetensors"))
+    save_file({"emb_params": torch.randn(1, config.text.width)}, str(tmp_path / "sd1.safetensors"))
+    found = load_embeddings(tmp_path, sd)
+    assert found.names == ["mystar"] and "takes clip_l and clip_g" in found.skipped["sd1"]
+    states, pooled = encode_prompt(sd.tokenizer, sd.text_encoder, "a mystar on the left", embeddings=found, pooled=True)
+
+    words = [49406, *sd.tokenizer.encode("a"), 0, 0, *sd.tokenizer.encode("on the left"), 49407]
+    ids_l = torch.tensor([words + [49407] * (77 - len(words))])
+    ids_g = torch.tensor([words + [0] * (77 - len(words))])
+    with torch.no_grad():
+        want_l = _by_hand(text, ids_l, [2, 3], clip_l).hidden_states[-2]
+        out_g = _by_hand(text2, ids_g, [2, 3], clip_g)
+    assert (states - torch.cat([want_l, out_g.hidden_states[-2]], dim=-1)).abs().max() <= 1e-5
+    assert (pooled - out_g.text_embeds).abs().max() <= 1e-5
+    plain, _ = encode_prompt(sd.tokenizer, sd.text_encoder, "a mystar on the left", pooled=True)
+    assert (plain - states).abs().max() > 0.1  # without the embedding: the name's own tokens
+
+
+def test_sdxl_embeddings_fit_sdxl_base_only(tmp_path):
+    """The base model takes them; the refiner (bigG alone, 1280 wide) and SD 1 models skip them, as A1111's shape
+    check does; they save back as clip_l / clip_g."""
+    base, refiner, sd1 = (plainsd.build(name, seed=0) for name in ("tiny-sdxl", "tiny-sdxl-refiner", "tiny"))
+    v = torch.randn(3, base.config.text.width + base.config.text2.width)
+    save_embedding(Embedding("xl", v, step=9, clip_l=base.config.text.width), tmp_path / "xl.safetensors")
+    e = read_embedding(tmp_path / "xl.safetensors")
+    assert torch.equal(e.vectors, v) and (e.clip_l, e.step) == (base.config.text.width, 9)
+    assert load_embeddings(tmp_path, base).names == ["xl"]
+    assert "an SDXL embedding" in load_embeddings(tmp_path, refiner).skipped["xl"]
+    assert "an SDXL embedding" in load_embeddings(tmp_path, sd1).skipped["xl"]

@@ -102,9 +102,11 @@ def test_lora_errors_are_one_sentence(base, tmp_path):
         txt2img(sd, "x <lora:nope:1>", lora_dir=base / "loras", steps=1, width=8, height=8)
     with pytest.raises(ValueError, match="no LoRA folder"):
         txt2img(sd, "x <lora:style:1>", steps=1, width=8, height=8)
-    save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 4)}, str(tmp_path / "xl.safetensors"))
-    with pytest.raises(CheckpointError, match="SDXL"):
-        lora.read_lora(tmp_path / "xl.safetensors")
+    key = "lora_te2_text_model_encoder_layers_0_mlp_fc1"  # an SDXL LoRA: read, but it fits no SD 1 layer
+    save_file({f"{key}.lora_down.weight": torch.zeros(2, 4), f"{key}.lora_up.weight": torch.zeros(4, 2)},
+              str(tmp_path / "xl.safetensors"))
+    with pytest.raises(CheckpointError, match=f"does not fit this SD1 model: 1 of its layers .*{key}"):
+        lora.deltas(sd, lora.read_lora(tmp_path / "xl.safetensors"))
     save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 4)}, str(tmp_path / "loha.safetensors"))
     with pytest.raises(CheckpointError, match="LoHa layer lora_unet_x lacks some of its hada_"):
         lora.read_lora(tmp_path / "loha.safetensors")

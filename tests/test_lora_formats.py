@@ -200,7 +200,7 @@ def test_scales_follow_the_config(tmp_path):
 def test_unread_layouts_are_one_sentence(tmp_path):
     cases = [({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 4),
                "unet.down_blocks.0.attentions.0.proj_in.lora_magnitude_vector": torch.zeros(4)}, "lacks its lora_down or lora_up"),
-             ({"text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(2, 4)}, "SDXL"),
+             ({"text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(2, 4)}, "lacks its lora_down or lora_up"),
              ({"lora_unet_down_blocks_0_resnets_0_conv1.lokr_w1": torch.zeros(2, 4)}, "LoKr layer .* lacks some"),
              ({"unet.conv_in.lora_A.weight": torch.zeros(2, 4)}, "lacks its lora_down or lora_up"),
              ({"unet.conv_in.lora_B.bias": torch.zeros(2)}, "not a LoRA plainsd reads.*PEFT"),

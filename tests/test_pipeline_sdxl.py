@@ -146,8 +146,6 @@ def test_img2img_inpaint_and_the_default_size(sd):
 
 
 def test_what_sdxl_does_not_run_yet_is_refused(sd, tmp_path):
-    with pytest.raises(ValueError, match="LoRA files for SDXL models are not supported yet"):
-        pipeline.txt2img(sd, "a circle <lora:style:0.5>", steps=1)
     unit = ControlUnit(model="cn", image=Image.new("RGB", (64, 64)), module="none")
     with pytest.raises(ValueError, match="not yet with SDXL"):
         pipeline.txt2img(sd, "a circle", steps=1, controlnet=(unit,), controlnet_dir=str(tmp_path))

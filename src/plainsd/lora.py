@@ -6,10 +6,14 @@ the layer's weight becomes W + weight * (alpha / rank) * up @ down. kohya names 
 diffusers module path with dots turned into underscores (lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q);
 text encoder layers are lora_te_text_model_encoder_layers_0_self_attn_q_proj. plainsd's modules carry the
 original (LDM) names, so a table built from the same prefix pairs as the diffusers loader translates;
-LDM-style names (lora_unet_input_blocks_1_1_proj_in) are accepted too.
+LDM-style names (lora_unet_input_blocks_1_1_proj_in) are accepted too. SDXL's kohya files name the UNet's layers
+in the LDM style (kohya trains SDXL on the original UNet: lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q)
+and the two text towers lora_te1_ (CLIP-L) and lora_te2_ (bigG), both in transformers' names; lora_te_ is the
+first tower, as diffusers reads it.
 
 The other layouts name the same layers by their diffusers / transformers module paths:
-- diffusers' current (PEFT) one: `unet.<path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<path>...`,
+- diffusers' current (PEFT) one: `unet.<path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<path>...` (and
+  SDXL's `text_encoder_2.<path>...`),
   with LoraConfig fields (r, lora_alpha, rank_pattern, alpha_pattern) in the `lora_adapter_metadata` header;
 - diffusers' older ones: `unet.<path>.lora.down.weight` / `.lora.up.weight`, the attention-processor
   `...attn1.processor.to_q_lora.down.weight`, and `text_encoder.<path>.lora_linear_layer.down.weight`;
@@ -38,6 +42,7 @@ from .runtime import set_weight
 from .weights import CheckpointError, _read_json, _rename, read_tensors, unet_diffusers_names
 
 UNET_PREFIX, TEXT_PREFIX = "lora_unet_", "lora_te_"
+TEXT1_PREFIX, TEXT2_PREFIX = "lora_te1_", "lora_te2_"  # SDXL's towers: CLIP-L, OpenCLIP bigG
 SHIPPED = (Path(__file__).parent / "data" / "plainsd-base.lcm-lora.safetensors",)  # available without a folder
 # What kohya adapts by default: every Linear / 1x1 conv inside the UNet's transformer blocks, and the text
 # encoder's attention and MLP projections.
@@ -99,8 +104,24 @@ def name_table(sd) -> dict[str, tuple[str, str]]:
     """kohya name -> ("unet" | "text_encoder", module path) for this model."""
     to_diffusers = [(o, d) for d, o in unet_diffusers_names(sd.config.unet)]  # original prefix -> diffusers prefix
     table = {k: ("unet", v) for k, v in _module_names(sd.unet, UNET_PREFIX, to_diffusers).items()}
-    table.update({k: ("text_encoder", v) for k, v in _module_names(sd.text_encoder, TEXT_PREFIX).items()})
+    for prefixes, path, tower in text_towers(sd):
+        for prefix in prefixes:
+            table.update({k: ("text_encoder", path + v) for k, v in _module_names(tower, prefix).items()})
     return table
+
+
+def text_towers(sd) -> list[tuple[tuple[str, ...], str, nn.Module]]:
+    """(kohya prefixes, module path in sd.text_encoder, tower) per text tower, the prefix files are written with
+    first: SD 1.x / 2.x's one tower is lora_te_; SDXL's CLIP-L lora_te1_ (and lora_te_, as diffusers reads it),
+    its bigG lora_te2_, also the refiner's bigG (diffusers' text_encoder_2 in both pipelines)."""
+    if not sd.config.sdxl:
+        return [((TEXT_PREFIX,), "", sd.text_encoder)]
+    out = []
+    for i, (holder, tower) in enumerate(zip(sd.text_encoder.embedders, sd.text_encoder.towers)):
+        openclip = hasattr(holder, "model")
+        prefixes = (TEXT2_PREFIX,) if openclip else (TEXT1_PREFIX, TEXT_PREFIX)
+        out.append((prefixes, f"embedders.{i}.{'model' if openclip else 'transformer'}.", tower))
+    return out
 
 
 # How diffusers and PEFT end the keys of a layer's two matrices and its alpha: (suffix, part).
@@ -108,16 +129,19 @@ _PEFT_SUFFIXES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora.
                   (".lora.up.weight", "up"), (".lora_linear_layer.down.weight", "down"),
                   (".lora_linear_layer.up.weight", "up"), ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
                   (".lora_magnitude_vector.weight", "dora"), (".lora_magnitude_vector", "dora"), (".alpha", "alpha"))
-_PEFT_PREFIXES = (("unet.", "unet"), ("text_encoder.", "text_encoder"), ("base_model.model.", None))
+_PEFT_PREFIXES = (("unet.", "unet"), ("text_encoder.", "text_encoder"), ("text_encoder_2.", "text_encoder_2"),
+                  ("base_model.model.", None))
 # diffusers' attention-processor layout names a projection after the processor's attribute (to_q_lora, to_out_lora).
-_PROCESSOR_NAMES = {"unet": {"to_out": "to_out.0"},
-                    "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
-_KOHYA_PREFIX = {"unet": UNET_PREFIX, "text_encoder": TEXT_PREFIX}
+_TEXT_PROCESSOR_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_PROCESSOR_NAMES = {"unet": {"to_out": "to_out.0"}, "text_encoder": _TEXT_PROCESSOR_NAMES,
+                    "text_encoder_2": _TEXT_PROCESSOR_NAMES}
+_KOHYA_PREFIX = {"unet": UNET_PREFIX, "text_encoder": TEXT_PREFIX, "text_encoder_2": TEXT2_PREFIX}
 # The file names diffusers (save_lora_weights) and PEFT (save_pretrained) always use: such a file is named
 # after its folder, so a downloaded lcm-lora-sdv1-5/pytorch_lora_weights.safetensors is <lora:lcm-lora-sdv1-5:1>.
 GENERIC_STEMS = ("pytorch_lora_weights", "adapter_model")
-LAYOUTS = ("kohya / A1111 / LyCORIS (lora_unet_..., lora_te_...: LoRA, LoCon, LoHa, LoKr, (IA)^3, DoRA), diffusers (unet.<path>.lora_A.weight, .lora.down.weight, "
-           ".processor.to_q_lora.down.weight) and PEFT (base_model.model.<path>.lora_A.weight)")
+LAYOUTS = ("kohya / A1111 / LyCORIS (lora_unet_..., lora_te_... / SDXL's lora_te1_..., lora_te2_...: LoRA, LoCon, LoHa, "
+           "LoKr, (IA)^3, DoRA), diffusers (unet.<path>.lora_A.weight, .lora.down.weight, .processor.to_q_lora.down.weight, "
+           "text_encoder_2.<path>...) and PEFT (base_model.model.<path>.lora_A.weight)")
 
 
 def lora_name(path: str | os.PathLike) -> str:
@@ -131,7 +155,7 @@ def read_lora(path: str | os.PathLike) -> LoRA:
     path = Path(path)
     source = read_tensors(path)
     _refuse_unread(path, list(source.shapes))
-    if all(k.startswith((UNET_PREFIX, TEXT_PREFIX)) for k in source.shapes):
+    if all(k.startswith((UNET_PREFIX, TEXT_PREFIX, TEXT1_PREFIX, TEXT2_PREFIX)) for k in source.shapes):
         layers = {base: _kohya_layer(path, base, found, source) for base, found in _kohya_parts(path, source).items()}
     else:
         layers = {base: LoRALayer(source.get(down), source.get(up), alpha,
@@ -145,9 +169,6 @@ def read_lora(path: str | os.PathLike) -> LoRA:
 
 def _refuse_unread(path: Path, keys: list[str]):
     """One sentence for the LoRA-like files plainsd knowingly does not read."""
-    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
-        raise CheckpointError(f"{path.name} is an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 keys); "
-                              "plainsd runs SD 1.x and 2.x")
     if any(k.endswith((".lokr_t1", ".oft_blocks", ".oft_diag", ".b_norm", ".w_norm")) for k in keys):
         raise CheckpointError(f"{path.name} is a LyCORIS OFT / BOFT / norm file or a LoKr with lokr_t1, which plainsd "
                               "does not read; it reads LoRA, LoCon, LoHa, LoKr, (IA)^3 and DoRA")
@@ -266,10 +287,9 @@ def _peft_configs(path: Path, source) -> dict[str, dict]:
             else:  # a model's own save_lora_adapter: one config, no network prefix
                 configs.setdefault("", {})[key] = value
         shared = configs.pop("", None)
-        configs = configs or ({"unet": shared, "text_encoder": shared} if shared else {})
+        configs = configs or (dict.fromkeys(_KOHYA_PREFIX, shared) if shared else {})
     elif any(k.startswith("base_model.model.") for k in source.shapes) and (path.parent / "adapter_config.json").is_file():
-        config = _read_json(path.parent / "adapter_config.json")
-        configs = {"unet": config, "text_encoder": config}
+        configs = dict.fromkeys(_KOHYA_PREFIX, _read_json(path.parent / "adapter_config.json"))
     else:
         return {}
     for config in configs.values():
@@ -439,14 +459,18 @@ def attach(sd, rank: int = 4, alpha: float | None = None, text_encoder: bool = F
     alpha = float(rank if alpha is None else alpha)
     to_diffusers = [(o, d) for d, o in unet_diffusers_names(sd.config.unet)]
     adapters: dict[str, Adapter] = {}
-    nets = [("unet", UNET_PREFIX, UNET_TRAIN_TARGETS)] + ([("text_encoder", TEXT_PREFIX, TEXT_TRAIN_TARGETS)] if text_encoder else [])
-    for net, prefix, names in nets:
-        for name, module in getattr(sd, net).named_modules():
+    nets = [("unet", sd.unet, UNET_PREFIX, UNET_TRAIN_TARGETS)]
+    if text_encoder:  # (each tower under the prefix kohya writes for it)
+        nets += [("text_encoder", tower, prefixes[0], TEXT_TRAIN_TARGETS) for prefixes, _, tower in text_towers(sd)]
+    for net, network, prefix, names in nets:
+        for name, module in network.named_modules():
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 continue
             if not (net == "unet" and targets == "all") and not _kohya_target(net, name, names):
                 continue
-            kohya = name if net == "text_encoder" else (_rename(name + ".", to_diffusers) or name + ".")[:-1]
+            # kohya names SD 1.x / 2.x UNet layers the diffusers way, SDXL's the original way (as its trainers do)
+            original = net == "text_encoder" or sd.config.sdxl
+            kohya = name if original else (_rename(name + ".", to_diffusers) or name + ".")[:-1]
             adapter = Adapter(module, rank, alpha).to(next(module.parameters()).dtype)
             adapter.handle = module.register_forward_hook(
                 lambda m, args, out, a=adapter: out + a(args[0]).to(out.dtype) if a.scale else out)

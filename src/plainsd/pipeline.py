@@ -340,14 +340,10 @@ def _check_guidance_embedding(sd: StableDiffusion, req: GenerationRequest) -> No
 
 
 def _check_sdxl(engine: Engine, req: GenerationRequest) -> None:
-    """What plainsd does not yet run with an SDXL model is refused rather than dropped: LoRA tags, ControlNet and
-    T2I-Adapter units, the OpenVINO backend."""
+    """What plainsd does not yet run with an SDXL model is refused rather than dropped: ControlNet and T2I-Adapter
+    units, the OpenVINO backend."""
     if not engine.sd.config.sdxl:
         return
-    tags = extract_loras(req.prompt)[1] + (extract_loras(req.hires.prompt)[1] if req.hires and req.hires.prompt else [])
-    if tags:
-        raise ValueError(f"LoRA files for SDXL models are not supported yet; remove <lora:{tags[0][0]}:...> from the "
-                         "prompt")
     if req.controlnet:
         raise ValueError("ControlNet and T2I-Adapter units run with SD 1.x / 2.x models, not yet with SDXL; remove them")
     if engine.backend != "eager":

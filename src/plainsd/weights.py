@@ -40,6 +40,10 @@ GENERATION_DEFAULTS = ("steps", "sampler", "schedule", "cfg_scale", "guidance_un
 # model card's single step without guidance, and the sampler A1111 users run it with (Euler a, SGM Uniform).
 TURBO_DEFAULTS = {"steps": 1, "sampler": "Euler a", "schedule": "sgm_uniform", "cfg_scale": 1.0, "width": 512,
                   "height": 512}
+# What SDXL-Lightning (progressive adversarial distillation, SDXL at 1024) is run with: its model card's Euler on
+# trailing timesteps without guidance, for the number of steps the file was distilled to (its name says, e.g.
+# sdxl_lightning_4step.safetensors; 4 where it does not)
+LIGHTNING_DEFAULTS = {"steps": 4, "sampler": "Euler", "schedule": "trailing", "cfg_scale": 1.0}
 # Stability's own layout (sgm, as sd_turbo.safetensors is stored): the SD 2.x text encoder under this prefix
 SGM_TEXT_OPENCLIP = "conditioner.embedders.0.model."
 SDXL_TEXT = "conditioner.embedders."  # SDXL's text towers: N.transformer. (CLIP-L), N.model. (OpenCLIP bigG)
@@ -683,6 +687,7 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
             config.prediction = "v"
     if prediction:
         config.prediction = prediction
+    guessed = few_step_defaults(path, source, config)  # (before the weights: it may refuse the file)
 
     with torch.device("meta"):
         sd = StableDiffusion(config)
@@ -726,23 +731,44 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
     tiny = path.with_suffix(".taesd.safetensors") if path.is_file() else path / "taesd_decoder.safetensors"
     if tiny.is_file():
         sd.tiny_decoder_path = tiny  # fast mode's decoder, loaded when first used
-    if "plainsd.defaults" in source.metadata:
-        try:
-            defaults = json.loads(source.metadata["plainsd.defaults"])
-            sd.defaults = {k: v for k, v in defaults.items() if k in GENERATION_DEFAULTS}
-        except (json.JSONDecodeError, AttributeError):
-            pass  # defaults are a convenience; a file with unreadable ones still loads
-    elif is_turbo(path, source):
-        sd.defaults = dict(TURBO_DEFAULTS)
+    sd.defaults = _own_defaults(source, sd.defaults) if "plainsd.defaults" in source.metadata else guessed
     return sd.eval().requires_grad_(False)
 
 
-def is_turbo(path: Path, source: TensorSource) -> bool:
+def _own_defaults(source: TensorSource, unreadable: dict) -> dict:
+    """A file's own plainsd.defaults metadata (the settings GENERATION_DEFAULTS names); `unreadable` where they are
+    not JSON: defaults are a convenience, and a file with unreadable ones still loads."""
+    try:
+        defaults = json.loads(source.metadata["plainsd.defaults"])
+        return {k: v for k, v in defaults.items() if k in GENERATION_DEFAULTS}
+    except (json.JSONDecodeError, AttributeError):
+        return unreadable
+
+
+def few_step_defaults(path: Path, source: TensorSource, config: ModelConfig) -> dict:
+    """The settings a distilled few-step checkpoint runs with where a request leaves them out: SD-Turbo's and
+    SDXL-Turbo's (TURBO_DEFAULTS), SDXL-Lightning's (LIGHTNING_DEFAULTS, its step count from its name); {} for
+    any other checkpoint."""
+    if is_turbo(path, source, config):
+        return dict(TURBO_DEFAULTS)
+    name = path.name.lower()
+    if "lightning" not in name or config.sdxl != "base":  # (Lightning is distilled from SDXL base)
+        return {}
+    if re.search(r"(^|[^a-z0-9])x0([^a-z0-9]|$)", name):
+        raise CheckpointError(f"{path.name} looks like SDXL-Lightning's 1-step model, which predicts the clean image "
+                              "(x0); plainsd runs eps- and v-prediction models, such as the 2-, 4- and 8-step files")
+    steps = re.search(r"(\d+)[-_ ]?steps?", name)
+    return {**LIGHTNING_DEFAULTS, **({"steps": int(steps.group(1))} if steps else {})}
+
+
+def is_turbo(path: Path, source: TensorSource, config: ModelConfig | None = None) -> bool:
     """Whether a checkpoint is an adversarially distilled Turbo model: its ModelSpec metadata (modelspec.architecture
-    or modelspec.title, which Stability writes) says turbo; or it is SD 2.x in Stability's sgm layout with a
-    denoiser.sigmas tensor, as sd_turbo.safetensors is (SwarmUI's test); or its file or folder name says turbo."""
+    or modelspec.title, which Stability writes: stable-diffusion-xl-turbo-v1) says turbo; or it is SD 2.x in
+    Stability's sgm layout with a denoiser.sigmas tensor, as sd_turbo.safetensors is (SwarmUI's test; an SDXL file
+    from sgm may carry that tensor too, so it does not count there); or its file or folder name says turbo."""
     spec = " ".join(source.metadata.get(f"modelspec.{key}", "") for key in ("architecture", "title"))
-    return "turbo" in spec.lower() or "denoiser.sigmas" in source.shapes or "turbo" in path.name.lower()
+    sgm_sd2 = "denoiser.sigmas" in source.shapes and not (config is not None and config.sdxl)
+    return "turbo" in spec.lower() or sgm_sd2 or "turbo" in path.name.lower()
 
 
 def _sgm_sd2(source: TensorSource) -> TensorSource:

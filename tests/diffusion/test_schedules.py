@@ -132,3 +132,20 @@ def test_training_loss_min_snr_gamma_weights_each_sample_by_its_timestep():
     left[..., :4] = 1
     got_w = training_loss(zero, x0, None, timesteps=t, noise=noise, weights=left, snr_gamma=5.0)
     assert torch.allclose(got_w, ((noise[..., :4] ** 2).mean(dim=(1, 2, 3)) * eps_w).mean())
+
+
+def test_sample_timesteps_uniform_and_cubic():
+    g = torch.Generator().manual_seed(0)
+    uniform = sch.sample_timesteps(200_000, g)
+    cubic = sch.sample_timesteps(200_000, torch.Generator().manual_seed(0), "cubic")
+    for t in (uniform, cubic):
+        assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= 999
+    # E[t] = T/2 - 1/2 for the uniform draw; E[(1 - u^3) T] = 3T/4 before flooring (half a step lower after)
+    assert uniform.float().mean().item() == pytest.approx(499.5, abs=2)
+    assert cubic.float().mean().item() == pytest.approx(749.5, abs=2)
+    # P(t < 500) is 1/2 for the uniform draw and P(u^3 > 1/2) = 1 - 0.5^(1/3) = 0.206 for the cubic one
+    assert (cubic < 500).float().mean().item() == pytest.approx(1 - 0.5 ** (1 / 3), abs=0.005)
+    # the uniform draw is the one DDPM's loss always made: torch.randint over the 1000 training steps
+    assert torch.equal(uniform, torch.randint(0, 1000, (200_000,), generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="'uniform' or 'cubic'"):
+        sch.sample_timesteps(4, g, "logit-normal")

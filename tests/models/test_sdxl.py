@@ -98,10 +98,18 @@ def test_tiny_text_towers_match_transformers(sdxl_reference, record_parity, name
     assert states.shape[-1] == sd.config.unet.context_dim
 
 
-def test_embeddings_are_refused_not_dropped():
+def test_extra_vectors_go_to_their_towers():
+    """Textual-inversion vectors [n, CLIP-L width + bigG width]: each tower takes its own columns, so vectors made of
+    each tower's own token embeddings of a word act as that word."""
     sd = plainsd.build("tiny-sdxl", seed=0)
-    with pytest.raises(ValueError, match="embeddings for SDXL"):
-        sd.text_encoder(_ids()[0], extra=torch.zeros(1, 64))
+    word = Tokenizer("sd1").encode("star")[0]
+    extra = torch.cat([t.text_model.embeddings.token_embedding.weight[word][None] for t in sd.text_encoder.towers], dim=1)
+    ids_l = _ids(["a red star"])[0]
+    vocab = sd.config.text.vocab_size
+    with torch.no_grad():
+        assert torch.equal(sd.text_encoder(ids_l.masked_fill(ids_l == word, vocab), extra=extra), sd.text_encoder(ids_l))
+        assert not torch.equal(sd.text_encoder(ids_l.masked_fill(ids_l == word, vocab), extra=extra.flip(1)),
+                               sd.text_encoder(ids_l))
 
 
 @pytest.mark.slow

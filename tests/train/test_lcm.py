@@ -8,7 +8,7 @@ import plainsd
 from plainsd import lora as lora_mod
 from plainsd.diffusion import schedules
 from plainsd.diffusion.denoisers import boundary_scalings
-from plainsd.train.lcm import LCMSettings, _adapters_off, train_lcm, x0_and_eps
+from plainsd.train.lcm import LCMSettings, _adapters_off, _TargetEMA, consistency_loss, train_lcm, x0_and_eps
 from plainsd.train.loop import TrainConfig
 
 
@@ -111,3 +111,39 @@ def test_lcm_recipe_trains_a_lora_the_pipeline_applies_as_trained(tmp_path):
     diff = lambda p, q: (torch.tensor(list(p.getdata())) - torch.tensor(list(q.getdata()))).abs().max().item()  # noqa: E731
     assert diff(tagged, expected) <= 2
     assert diff(tagged, plain) > 2
+
+
+def test_target_ema_follows_the_trained_weights_with_its_decay():
+    params = {"a": torch.nn.Parameter(torch.zeros(3))}
+    ema = _TargetEMA(params, 0.9)
+    with torch.no_grad():
+        params["a"].fill_(1.0)
+    ema.update(params, 5)   # the first update (or the first after a resume) starts from the weights
+    assert torch.equal(ema.shadow["a"], torch.ones(3))
+    with torch.no_grad():
+        params["a"].fill_(3.0)
+    ema.update(params, 5)   # the same step again (another micro-batch): no update
+    ema.update(params, 6)
+    torch.testing.assert_close(ema.shadow["a"], torch.full((3,), 0.9 * 1 + 0.1 * 3))
+
+
+def test_the_target_network_is_the_online_one_unless_given_other_weights():
+    sd = plainsd.build("tiny", seed=0)
+    adapters = lora_mod.attach(sd, rank=2, targets="all")
+    for a in adapters.values():
+        nn.init.normal_(a.up.weight, std=0.05)
+    params = {f"{k}.{n}": p for k, a in adapters.items() for n, p in a.named_parameters()}
+    latents = torch.randn(2, 4, 8, 8)
+    cond = sd.text_encoder(sd.tokenizer(["a red circle", "a blue square"])).detach()
+    uncond = sd.text_encoder(sd.tokenizer(["", ""])).detach()
+    s = LCMSettings()
+
+    def loss(target):
+        return consistency_loss(sd.unet, latents, cond, uncond, s, "eps", torch.Generator().manual_seed(1),
+                                adapters, target=target).item()
+
+    online = {k: p.detach().clone() for k, p in params.items()}
+    zero = {k: torch.zeros_like(p) if k.endswith("up.weight") else p.detach().clone() for k, p in params.items()}
+    assert loss(online) == loss(None)
+    assert loss(zero) != loss(None)
+    assert all(torch.equal(p, online[k]) for k, p in params.items())  # the weights are back after the target

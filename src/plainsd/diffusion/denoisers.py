@@ -132,7 +132,7 @@ def training_loss(net: Callable, x0: torch.Tensor, cond, prediction: str = "eps"
     of the processes' losses is the whole batch's loss, whatever the split."""
     ac = (schedules.alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).to(x0.device)
     if timesteps is None:
-        timesteps = torch.randint(0, len(ac), (x0.shape[0],), generator=generator).to(x0.device)
+        timesteps = schedules.sample_timesteps(x0.shape[0], generator, train_steps=len(ac)).to(x0.device)
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     weight_sum = None  # what the weighted squares are divided by: the weights' sum, or the rows' part of the batch's

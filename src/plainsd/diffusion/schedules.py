@@ -57,6 +57,18 @@ def t_to_sigma(t: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
 
 
+def sample_timesteps(n: int, generator: torch.Generator | None = None, kind: str = "uniform",
+                     train_steps: int = TRAIN_STEPS) -> torch.Tensor:
+    """n training timesteps: "uniform" over [0, train_steps), as DDPM draws them, or "cubic", t = (1 - u^3) T,
+    the T2I-Adapter recipe's draw, which favours the noisy timesteps where the layout of a picture is decided."""
+    if kind == "uniform":
+        return torch.randint(0, train_steps, (n,), generator=generator)
+    if kind == "cubic":
+        u = torch.rand(n, generator=generator)
+        return ((1 - u**3) * train_steps).long().clamp(0, train_steps - 1)
+    raise ValueError(f"timestep sampling is 'uniform' or 'cubic', not {kind!r}")
+
+
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
     """The forward process q(x_t | x_0) = N(sqrt(a_t) x0, (1 - a_t) I), sampled with the given noise."""
     a = ac.to(x0.device)[timesteps].to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))

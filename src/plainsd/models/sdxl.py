@@ -50,14 +50,15 @@ class SDXLTextEncoder(nn.Module):
     def encode(self, ids: torch.Tensor, clip_skip: int | None = None, extra: torch.Tensor | None = None,
                pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(states [B, T, sum of widths], pooled text [B, projection] or None). clip_skip counts from each tower's
-        last layer (2, the default: the penultimate layer SDXL was trained on)."""
-        if extra is not None:
-            raise ValueError("textual-inversion embeddings for SDXL (clip_l / clip_g vectors) are not supported yet; "
-                             "remove the embedding's name from the prompt")
-        states, last = [], None
+        last layer (2, the default: the penultimate layer SDXL was trained on). extra: textual-inversion vectors
+        [n, sum of widths], each tower's columns in the towers' order (an SDXL embedding's clip_l, then clip_g)."""
+        states, last, start = [], None, 0
         for i, tower in enumerate(self.towers):
             want = pooled and i == len(self.towers) - 1
-            s, p = tower.encode(repad(ids, tower.config.pad), clip_skip, pooled=want)
+            width = tower.config.width
+            mine = extra[:, start:start + width] if extra is not None else None
+            start += width
+            s, p = tower.encode(repad(ids, tower.config.pad), clip_skip, mine, pooled=want)
             states.append(s)
             last = p if want else last
         return torch.cat(states, dim=-1), last

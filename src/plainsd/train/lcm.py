@@ -6,8 +6,9 @@ to four evaluations replace twenty. The distillation teaches that map to a LoRA 
 1. a training latent is noised to a timestep t_n of a coarse grid (ddim_steps points: skips of k = 1000 / 50);
 2. the teacher, the base model without the LoRA, guided (CFG weight w drawn per sample), takes one DDIM step from
    t_n to t_n - k: a point on (nearly) the same trajectory, one grid step cleaner;
-3. the student, the model with the LoRA, estimates the clean latent from t_n; the target is its own estimate
-   from the teacher's point, without gradients (the LCM-LoRA recipe's target network: the online weights);
+3. the student, the model with the LoRA, estimates the clean latent from t_n; the target is the estimate from
+   the teacher's point, without gradients, of the target network: the online weights (the LCM-LoRA recipe's),
+   or with extra.target_ema an exponential moving average of them (LCM's, decay 0.95), which moves slower;
 4. both estimates pass through the consistency boundary condition (c_skip, c_out: the identity at t = 0), and a
    pseudo-Huber loss pulls the first toward the second.
 
@@ -52,6 +53,7 @@ class LCMSettings(RecipeSettings):
     ddim_steps: int = 50           # the DDIM solver's grid: each teacher step skips 1000 / ddim_steps timesteps
     loss: str = "huber"            # "huber" (pseudo-Huber with huber_c) or "l2"
     huber_c: float = 0.001
+    target_ema: float = 0.0        # the target network's LoRA: 0 the online weights; else an EMA with this decay
     latent_cache: int = 16384      # pictures whose posteriors are encoded once and trained on
 
     def check(self):
@@ -66,6 +68,9 @@ class LCMSettings(RecipeSettings):
             raise ValueError(f"extra.loss of the lcm recipe is 'huber' or 'l2', not {self.loss!r}")
         if self.latent_cache < 1:
             raise ValueError(f"extra.latent_cache of the lcm recipe must be at least 1, not {self.latent_cache}")
+        if not 0 <= self.target_ema < 1:
+            raise ValueError(f"extra.target_ema of the lcm recipe is a decay in [0, 1) (0: the online weights), "
+                             f"not {self.target_ema}")
 
 
 def x0_and_eps(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction: str):
@@ -76,9 +81,10 @@ def x0_and_eps(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction: 
 
 
 def consistency_loss(unet, latents, cond, uncond, s: LCMSettings, prediction: str, g: torch.Generator,
-                     adapters: dict, rows: slice | None = None) -> torch.Tensor:
+                     adapters: dict, rows: slice | None = None, target: dict | None = None) -> torch.Tensor:
     """One batch of latent consistency distillation (steps 1-4 of the module's docstring). rows: the networks
-    run on these rows only (one process's share, dist.rows); the random draws still cover the whole batch."""
+    run on these rows only (one process's share, dist.rows); the random draws still cover the whole batch.
+    target: the target network's adapter weights (named as train() names them); None: the online ones."""
     ac = schedules.alphas_cumprod()
     k = len(ac) // s.ddim_steps
     n = latents.shape[0]
@@ -99,7 +105,7 @@ def consistency_loss(unet, latents, cond, uncond, s: LCMSettings, prediction: st
         x0, eps = x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
         x_prev = a_p.sqrt() * x0 + (1 - a_p).sqrt() * eps
 
-    with torch.no_grad():  # the target: the student's own estimate from the teacher's point
+    with torch.no_grad(), (_weights_of(adapters, target) if target else contextlib.nullcontext()):
         skip, out = (c.view(-1, 1, 1, 1) for c in boundary_scalings(prev))
         target = skip * x_prev + out * x0_and_eps(unet(x_prev, prev, cond).float(), x_prev, a_p, prediction)[0]
 
@@ -139,8 +145,11 @@ def train_lcm(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
     with torch.no_grad():
         uncond_row = sd.text_encoder(sd.tokenizer([""]))
     out = Path(cfg.out)
+    target = _TargetEMA(params, s.target_ema) if s.target_ema else None
 
     def loss_fn(step, micro):
+        if target is not None and micro == 0:
+            target.update(params, step)
         g = torch.Generator().manual_seed(step * 7919 + micro)
         rng = random.Random(f"{cfg.seed}:{step}:{micro}")
         idx = [rng.randrange(len(cache[2])) for _ in range(cfg.batch_size)]
@@ -149,7 +158,7 @@ def train_lcm(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
             cond = sd.text_encoder(sd.tokenizer([cache[2][i] for i in idx]))
         uncond = uncond_row.expand_as(cond)
         return consistency_loss(sd.unet, latents, cond, uncond, s, sd.config.prediction, g, adapters,
-                                dist.rows(len(idx)))
+                                dist.rows(len(idx)), target.shadow if target is not None else None)
 
     def export(step, weights):
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(s.rank),
@@ -165,6 +174,26 @@ def train_lcm(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> 
         sheet.save(out / "samples" / f"lcm-{step:06d}.png")
 
     return train(cfg, params, loss_fn, resume, sample, export, progress)
+
+
+class _TargetEMA:
+    """The target network's adapter weights: an exponential moving average of the trained ones, updated once per
+    step before its loss (so after the previous step's optimizer step). A resumed run starts it again from the
+    checkpoint's weights: with LCM's decay of 0.95 it forgets its start within a few dozen steps."""
+
+    def __init__(self, params: dict, decay: float):
+        self.decay, self.step = decay, None
+        self.shadow = {k: p.detach().clone() for k, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict, step: int):
+        if self.step is None:
+            for k, p in params.items():
+                self.shadow[k].copy_(p)
+        elif step != self.step:
+            for k, p in params.items():
+                self.shadow[k].lerp_(p.detach(), 1 - self.decay)
+        self.step = step
 
 
 @contextlib.contextmanager

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from ..config import ModelConfig, TextConfig, UNetConfig, VAEConfig, VisionConfig
+from ..diffusion import schedules
 from ..diffusion.denoisers import training_loss
 from ..images import contact_sheet, to_pil, to_tensor
 from ..models import StableDiffusion
@@ -653,6 +654,8 @@ class ControlNetSettings(RecipeSettings):
                                     # left"), so that the ControlNet learns to supply what the text does not say
     contradicting_caption: float = 0.0  # share of the rest with each shape word swapped for another shape ("a red
                                     # square" over a circle's edges), so that the edges learn to outweigh the text
+    timesteps: str = "uniform"    # "uniform", or "cubic": more of the noisy timesteps, where the layout is decided
+                                  # (schedules.sample_timesteps)
     init: str | None = None       # a ControlNet file to go on training from; None: the copy of the base UNet
     latent_cache: int = 16384     # pictures whose posteriors and hints are computed once and trained on
     fp16: bool = True             # export controlnet.safetensors in float16
@@ -667,6 +670,8 @@ class ControlNetSettings(RecipeSettings):
         for name in ("empty_caption", "shapeless_caption", "contradicting_caption"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"extra.{name} must be a fraction in [0, 1], not {getattr(self, name)}")
+        if self.timesteps not in ("uniform", "cubic"):
+            raise ValueError(f"extra.timesteps of the controlnet recipe is 'uniform' or 'cubic', not {self.timesteps!r}")
 
 
 CONTROL_HINTS = ("canny",)
@@ -719,8 +724,9 @@ def train_controlnet(cfg: TrainConfig, resume: bool = False, progress: bool = Tr
         with torch.no_grad():
             context = sd.text_encoder(sd.tokenizer(captions))
         rows = dist.rows(len(idx))
+        timesteps = schedules.sample_timesteps(len(idx), g, s.timesteps)
         return training_loss(controlled(dist.take(rows, hints[idx]).float() / 255), latents, context, mc.prediction,
-                             generator=g, rows=rows)
+                             generator=g, timesteps=timesteps, rows=rows)
 
     def export(step, weights):
         from ..weights import save_controlnet
