@@ -161,6 +161,7 @@ def convert(input: str | os.PathLike, output: str | os.PathLike, *, dtype: str |
     renamed = {SGM_TEXT_OPENCLIP + k[len(TEXT_OPENCLIP):] for k in model if k.startswith(TEXT_OPENCLIP)}
     left_out = [k for k in info.keys if k not in model and k not in renamed] if src.is_file() else []
     reference, conditioning = probe(sd) if check else (None, None)
+    sd.to(dtype)  # (tensor by tensor, in place: the writers then need no second copy of the weights)
     tmp = _temporary(out, kind)
     try:
         if kind == "file":
