@@ -338,7 +338,8 @@ def test_cli_refuses_unsafe_pickles_and_bad_input(tmp_path, capsys):
     cases = [(["evil.ckpt", "out.safetensors"], "system), which could run code"),
              (["none.ckpt", "out.safetensors"], "no such checkpoint"),
              (["evil.ckpt", "out.ckpt"], "not .ckpt"),
-             (["notes.txt", "out.safetensors"], "not a checkpoint")]
+             (["notes.txt", "out.safetensors"], "not a checkpoint"),
+             (["evil.ckpt", "no/such/out.safetensors"], "does not exist")]
     (tmp_path / "notes.txt").write_text("not a model at all")
     for argv, message in cases:
         assert main(["convert", *[str(tmp_path / a) for a in argv]]) == 2

@@ -151,6 +151,8 @@ def convert(input: str | os.PathLike, output: str | os.PathLike, *, dtype: str |
         raise ValueError(f"plainsd converts to float32, float16 or bfloat16 weights, not {dtype}")
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists already; choose another name, or pass --overwrite to replace it")
+    if not out.absolute().parent.is_dir():
+        raise ValueError(f"cannot write {out}: the folder {out.absolute().parent} does not exist")
     info = _inspect(src)
     if ema and not any(k.startswith("model_ema.") for k in info.keys):
         raise CheckpointError(f"{src.name} has no EMA weights (model_ema.* tensors); convert it without --ema")
