@@ -24,6 +24,8 @@ EXAMPLES = """examples:
   plainsd detect canny photo.jpg -o edges.png --width 512 --height 768 --pixel-perfect
   plainsd detect openpose_json pose.json -o pose.png
   plainsd merge a.safetensors b.safetensors --method weighted-sum --multiplier 0.3 -o merged.safetensors
+  plainsd convert v1-5-pruned.ckpt v1-5.safetensors --dtype fp16
+  plainsd convert sd_xl_base_1.0.safetensors sdxl-base/      # a diffusers folder (and back: swap them)
   plainsd serve --models-dir models --port 7860
   plainsd batch requests.jsonl -o out --workers 2 --threads 1
 """
@@ -316,6 +318,25 @@ def _merge_args(sub):
     p.add_argument("--debug", action="store_true")
 
 
+def _convert_args(sub):
+    p = sub.add_parser("convert", help="convert a checkpoint: .ckpt -> .safetensors, single file <-> diffusers "
+                                       "folder, fp32 / fp16 / bf16, checked",
+                       description="IN: a .safetensors or .ckpt/.pt file (read with weights_only) or a diffusers "
+                                   "folder. OUT: a .safetensors file in the original layout, or a diffusers folder "
+                                   "(a path without a suffix, or ending in /). The result holds the model only "
+                                   "(no EMA copies or optimizer states) and is checked against the input before "
+                                   "it is put in place (see docs/generation.md).")
+    p.add_argument("input", metavar="IN")
+    p.add_argument("output", metavar="OUT")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="the weights' number format (default: the input's)")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="load the result back and compare its outputs with the input's on fixed inputs (default: on)")
+    p.add_argument("--ema", action="store_true", help="take the UNet's EMA weights (model_ema.*) instead of the live ones")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (once the result passed the check)")
+    p.add_argument("--debug", action="store_true")
+
+
 def _batch_args(sub):
     p = sub.add_parser("batch", help="draw a JSON-lines file of A1111 requests, locally or on a Ray cluster",
                        description="One A1111 txt2img or img2img request (the JSON /sdapi/v1/txt2img or img2img "
@@ -480,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--half", action="store_true", help="save float16 weights")
     q.add_argument("--debug", action="store_true")
     _merge_args(sub)
+    _convert_args(sub)
     p = sub.add_parser("serve", help="an AUTOMATIC1111-compatible HTTP API and a web page")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--model", default=None, help="one checkpoint to serve (default: the shipped model)")
@@ -949,6 +971,19 @@ def _merge(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from plainsd.convert import CheckFailed, convert
+
+    try:
+        result = convert(args.input, args.output, dtype=args.dtype, check=args.check, ema=args.ema,
+                         overwrite=args.overwrite)
+    except CheckFailed as e:
+        print(f"plainsd: check failed: {e}", file=sys.stderr)
+        return 1
+    print(result.describe())
+    return 0
+
+
 def _serve(args) -> int:
     import torch
 
@@ -1114,7 +1149,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate, "xyz": _xyz,
                 "png-info": _png_info, "detect": _detect, "upscale": _upscale, "sd-upscale": _sd_upscale,
                 "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "batch": _batch,
-                "lora": _lora, "merge": _merge, "finetune": _finetune}
+                "lora": _lora, "merge": _merge, "convert": _convert, "finetune": _finetune}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, CheckpointError, OSError) as e:

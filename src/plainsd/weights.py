@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import struct
 from pathlib import Path
 from typing import Callable
@@ -118,6 +119,26 @@ class _SafetensorsReader:
         return torch.frombuffer(buf, dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
+class _LightningCallback:
+    """Stands in for PyTorch Lightning's ModelCheckpoint class, which old Lightning pickled by reference (as a dict
+    key of "callbacks") into training checkpoints such as the original SD 1.x .ckpt files: only ever a name here,
+    never called."""
+
+
+def _pickle_allowlist() -> list:
+    """What weights_only may read besides torch's own types, as A1111's safe unpickler (modules/safe.py) allows it
+    in .ckpt files: the Lightning class above, and numpy scalars and dtypes (a step count, a score)."""
+    import numpy
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # (numpy before 1.26)
+        from numpy.core.multiarray import scalar
+    kinds = ("bool", "int8", "int16", "int32", "int64", "uint8", "float16", "float32", "float64")
+    return [(_LightningCallback, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+            (scalar, "numpy.core.multiarray.scalar"), (numpy.dtype, "numpy.dtype"),
+            *{type(numpy.dtype(kind)) for kind in kinds}]  # (the dtypes' own classes, which unpickling builds)
+
+
 def read_tensors(path: str | os.PathLike) -> TensorSource:
     """Open a .safetensors file (memory-mapped) or a .ckpt/.pt/.bin file (weights_only, never unpickling code)."""
     path = Path(path)
@@ -142,11 +163,15 @@ def read_tensors(path: str | os.PathLike) -> TensorSource:
         raise CheckpointError(f"{path} is not a checkpoint: expected a .safetensors file, a PyTorch .ckpt/.pt file "
                               "or a diffusers folder")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        with torch.serialization.safe_globals(_pickle_allowlist()):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds pickled Python objects other than tensors; plainsd loads .ckpt files only "
-                              f"with weights_only=True and never runs pickled code (convert it to .safetensors with a "
-                              f"tool you trust): {str(e).splitlines()[0]}") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path} holds pickled Python objects other than tensors{what}, which could run code: "
+                              "plainsd loads .ckpt files only with weights_only=True and never runs pickled code; ask "
+                              "for a .safetensors file, or if you trust this one, re-save its state_dict with "
+                              "torch.save elsewhere") from None
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt): {e}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -404,12 +429,14 @@ def _read_diffusers(root: Path) -> tuple[ModelConfig, TensorSource]:
     if not any((root / part / "config.json").is_file() for part in ("text_encoder", "text_encoder_2")):
         raise CheckpointError(f"{root} is not a diffusers model folder: text_encoder/config.json is missing")
     config = _diffusers_config(root)
-    shapes, getters = {}, {}
+    shapes, getters, metadata = {}, {}, {}
     tables = {"unet": (unet_diffusers_names(config.unet), UNET), "vae": (vae_diffusers_names(config.vae), VAE)}
     text_parts = _diffusers_text_parts(root, bool(config.sdxl))
     prefixes = dict(zip(text_parts, [tower[0] for tower in text_towers(config)]))
     for part in ("unet", "vae", *text_parts):
         src = read_tensors(_component_file(root / part))
+        if part == "unet":  # the folder's metadata (save_diffusers keeps a single file's there)
+            metadata = src.metadata
         for key, shape in src.shapes.items():
             if part in prefixes:
                 name = prefixes[part] + key
@@ -419,7 +446,7 @@ def _read_diffusers(root: Path) -> tuple[ModelConfig, TensorSource]:
                 name = prefix + new if new else f"{part}/{key}"  # left unrenamed: reported as unexpected
             shapes[name] = shape
             getters[name] = (src.get, key)
-    source = TensorSource(shapes, lambda name: getters[name][0](getters[name][1]), {})
+    source = TensorSource(shapes, lambda name: getters[name][0](getters[name][1]), metadata)
     return config, source
 
 
@@ -782,18 +809,21 @@ def _describe(config: ModelConfig) -> str:
     return f"{family(config)}{extra}"
 
 
-def save(sd: StableDiffusion, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+def save(sd: StableDiffusion, path: str | os.PathLike, dtype: torch.dtype | None = None,
+         metadata: dict[str, str] | None = None) -> Path:
     """Write the model as one .safetensors file in the original layout (A1111, ComfyUI, diffusers read it).
 
     The file is written under a temporary name and renamed, so an interrupted save leaves no partial file.
     dtype: e.g. torch.float16 to halve the file; default: the model's own dtype.
+    metadata: more header entries to keep (another file's, e.g. a merge recipe); plainsd's own entries win.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"plainsd saves .safetensors files only; got {path.name!r}")
     state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in original_state_dict(sd).items()}
-    metadata = {"format": "pt", "plainsd.config": sd.config.to_json(), "plainsd.prediction": sd.config.prediction}
+    metadata = {**(metadata or {}), "format": "pt", "plainsd.config": sd.config.to_json(),
+                "plainsd.prediction": sd.config.prediction}
     if sd.defaults:
         metadata["plainsd.defaults"] = json.dumps(sd.defaults)
     return write_safetensors(state, path, metadata)
@@ -1303,3 +1333,236 @@ def load_control_model(path: str | os.PathLike, dtype: torch.dtype | None = None
     if not any(k.startswith((CONTROL, "input_hint_block.", "controlnet_cond_embedding.")) for k in keys):
         raise CheckpointError(f"{path.name} is neither a ControlNet nor a T2I-Adapter: it looks like {_looks_like(keys)}")
     return _build_controlnet(path, *_controlnet_file(path, source), dtype)
+
+
+# --- writing diffusers folders ------------------------------------------------------------------------
+
+# The releases whose save_pretrained output save_diffusers writes (config keys, file names); a reader takes
+# any config written by an older release.
+DIFFUSERS_VERSION, TRANSFORMERS_VERSION = "0.39.0", "4.57.6"
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _inverted(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A (diffusers prefix, original prefix) table turned around; where two diffusers names map to one original
+    (the VAE's attention: current and older names), the first, current one."""
+    out: dict[str, str] = {}
+    for theirs, ours in pairs:
+        out.setdefault(ours, theirs)
+    return list(out.items())
+
+
+def _diffusers_state(state: dict[str, torch.Tensor], pairs: list[tuple[str, str]], what: str) -> dict[str, torch.Tensor]:
+    """A network's state dict (original names) under diffusers' names, with the loading table turned around."""
+    table, out = _inverted(pairs), {}
+    for key, tensor in state.items():
+        name = _rename(key, table)
+        if name is None:
+            raise CheckpointError(f"the {what}'s tensor {key} has no name in diffusers' layout")
+        out[name] = tensor
+    return out
+
+
+def diffusers_unet_state(unet: torch.nn.Module, cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    return _diffusers_state(unet.state_dict(), unet_diffusers_names(cfg), "UNet")
+
+
+def diffusers_vae_state(vae: torch.nn.Module, cfg: VAEConfig) -> dict[str, torch.Tensor]:
+    """The VAE's tensors in diffusers' names; its attention projections are Linear there (1x1 convolutions here)."""
+    state = _diffusers_state(vae.state_dict(), vae_diffusers_names(cfg), "VAE")
+    projection = re.compile(r"mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+    return {k: (t[:, :, 0, 0] if projection.search(k) and t.ndim == 4 else t) for k, t in state.items()}
+
+
+def diffusers_unet_config(config: ModelConfig) -> dict:
+    """The config.json of diffusers' UNet2DConditionModel for this model, every key save_pretrained writes."""
+    u = config.unet
+    n = len(u.channel_mult)
+    channels = [u.model_channels * m for m in u.channel_mult]
+    attention = [i in u.attention_levels for i in range(n)]
+    depth = u.transformer_depth
+    if isinstance(depth, tuple):  # (the last level's is also the middle block's; 1 where unused, as Stability's)
+        depth = [u.depth_at(i) if attention[i] or i == n - 1 else 1 for i in range(n)]
+    sdxl = u.adm_in_channels > 0
+    return {
+        "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION, "act_fn": "silu",
+        "addition_embed_type": "text_time" if sdxl else None, "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": SIZE_EMBED_DIM if sdxl else None,
+        # diffusers' attention_head_dim is the number of heads (a misnomer it keeps for old configs' sake)
+        "attention_head_dim": u.num_heads if u.num_heads > 0 else [u.heads_for(c) for c in channels],
+        "attention_type": "default", "block_out_channels": channels, "center_input_sample": False,
+        "class_embed_type": None, "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+        "cross_attention_dim": u.context_dim, "cross_attention_norm": None,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        "downsample_padding": 1, "dropout": 0.0, "dual_cross_attention": False, "encoder_hid_dim": None,
+        "encoder_hid_dim_type": None, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": u.in_channels,
+        "layers_per_block": u.num_res_blocks, "mid_block_only_cross_attention": None, "mid_block_scale_factor": 1,
+        "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": u.norm_groups,
+        "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
+        "out_channels": u.out_channels, "projection_class_embeddings_input_dim": u.adm_in_channels if sdxl else None,
+        "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False, "resnet_time_scale_shift": "default",
+        "reverse_transformer_layers_per_block": None, "sample_size": config.resolution // config.vae.factor,
+        "time_cond_proj_dim": u.time_cond_proj_dim or None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+        "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": depth,
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+        # SD 2.x in half precision overflows in attention unless diffusers computes it in float32 (its 2.1 repos')
+        "upcast_attention": family(config) == "SD2", "use_linear_projection": u.use_linear_proj,
+    }
+
+
+def diffusers_vae_config(config: ModelConfig) -> dict:
+    """The config.json of diffusers' AutoencoderKL for this model's VAE, every key save_pretrained writes."""
+    v = config.vae
+    n = len(v.ch_mult)
+    return {
+        "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, "act_fn": "silu",
+        "block_out_channels": [v.ch * m for m in v.ch_mult], "down_block_types": ["DownEncoderBlock2D"] * n,
+        "force_upcast": True, "in_channels": v.in_channels, "latent_channels": v.z_channels, "latents_mean": None,
+        "latents_std": None, "layers_per_block": v.num_res_blocks, "mid_block_add_attention": True,
+        "norm_num_groups": v.norm_groups, "out_channels": v.in_channels, "sample_size": config.resolution,
+        "scaling_factor": config.scale_factor, "shift_factor": None, "up_block_types": ["UpDecoderBlock2D"] * n,
+        "use_post_quant_conv": True, "use_quant_conv": True,
+    }
+
+
+def hf_text_config(cfg: TextConfig, layers: int, architecture: str, dtype: torch.dtype) -> dict:
+    """The config.json of transformers' CLIPTextModel (or CLIPTextModelWithProjection) for a text tower of
+    `layers` layers, every key save_pretrained writes (torch_dtype under the name older releases read too)."""
+    return {
+        "architectures": [architecture], "attention_dropout": 0.0, "bos_token_id": 49406, "eos_token_id": 49407,
+        "hidden_act": cfg.act, "hidden_size": cfg.width, "initializer_factor": 1.0, "initializer_range": 0.02,
+        "intermediate_size": int(cfg.width * cfg.mlp_ratio), "layer_norm_eps": 1e-05,
+        "max_position_embeddings": cfg.context_length, "model_type": "clip_text_model",
+        "num_attention_heads": cfg.heads, "num_hidden_layers": layers, "pad_token_id": 49407 if cfg.pad == "eot" else 0,
+        "projection_dim": cfg.projection_dim or cfg.width, "torch_dtype": _DTYPE_NAMES[dtype],
+        "transformers_version": TRANSFORMERS_VERSION, "vocab_size": cfg.vocab_size,
+    }
+
+
+def _hf_text_tower(tower: torch.nn.Module, cfg: TextConfig, sdxl: bool) -> tuple[dict[str, torch.Tensor], int]:
+    """(tensors, layers) of a text tower as a diffusers folder holds it. SD 1.x / 2.x folders keep only the layers
+    the pipeline reads (diffusers' CLIPTextModel gives its last layer with the final norm: SD 2.x's penultimate
+    layer drops the 24th, as diffusers' own converter does) and no projection; SDXL's towers are kept whole
+    (its pipeline picks the penultimate layer and pools the last)."""
+    state = tower.state_dict()
+    if sdxl:
+        return state, cfg.layers
+    layers = cfg.layers - (cfg.clip_skip - 1)
+    keep = {k: v for k, v in state.items() if k != "text_projection.weight"}
+    dropped = tuple(f"text_model.encoder.layers.{i}." for i in range(layers, cfg.layers))
+    return {k: v for k, v in keep.items() if not k.startswith(dropped)}, layers
+
+
+def write_clip_tokenizer(folder: Path, tokenizer, pad: str) -> None:
+    """transformers' CLIPTokenizer files (vocab.json, merges.txt and the special tokens) from plainsd's own
+    tokenizer, which holds the same BPE vocabulary and merges: pad "eot" pads with <|endoftext|>, "zero" with
+    "!" (id 0, as OpenCLIP's tokenizer pads)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(tokenizer.encoder, ensure_ascii=False), encoding="utf-8")
+    merges = sorted(tokenizer.ranks, key=tokenizer.ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                       encoding="utf-8")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>" if pad == "eot" else "!", "unk_token": "<|endoftext|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    settings = {**special, "add_prefix_space": False, "clean_up_tokenization_spaces": True, "do_lower_case": True,
+                "errors": "replace", "model_max_length": tokenizer.context_length, "tokenizer_class": "CLIPTokenizer"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+
+
+def diffusers_scheduler_config(config: ModelConfig) -> dict:
+    """The scheduler diffusers' own repositories ship: PNDM for SD 1.x / 2.x, Euler for SDXL (plainsd's samplers
+    need only the training schedule and the prediction type, which both say)."""
+    common = {"_diffusers_version": DIFFUSERS_VERSION, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+              "beta_start": 0.00085, "num_train_timesteps": 1000,
+              "prediction_type": "v_prediction" if config.prediction == "v" else "epsilon", "steps_offset": 1,
+              "timestep_spacing": "leading", "trained_betas": None}
+    if not config.sdxl:
+        return {"_class_name": "PNDMScheduler", **common, "set_alpha_to_one": False, "skip_prk_steps": True}
+    return {"_class_name": "EulerDiscreteScheduler", **common, "final_sigmas_type": "zero",
+            "interpolation_type": "linear", "rescale_betas_zero_snr": False, "sigma_max": None, "sigma_min": None,
+            "timestep_type": "discrete", "use_beta_sigmas": False, "use_exponential_sigmas": False,
+            "use_karras_sigmas": False}
+
+
+def _diffusers_text_layout(config: ModelConfig) -> list[tuple[str, str, str, TextConfig]]:
+    """(text encoder folder, tokenizer folder, transformers class, tower config) per text tower, in the order of
+    the model's towers: SD 1.x / 2.x's one, SDXL's CLIP-L and bigG, the refiner's bigG (as text_encoder_2)."""
+    if not config.sdxl:
+        return [("text_encoder", "tokenizer", "CLIPTextModel", config.text)]
+    big_g = ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection")
+    if config.text2 is None:
+        return [(*big_g, config.text)]
+    return [("text_encoder", "tokenizer", "CLIPTextModel", config.text), (*big_g, config.text2)]
+
+
+def diffusers_model_index(config: ModelConfig) -> dict:
+    """model_index.json: the pipeline class (inpainting, SDXL, the refiner's img2img) and its components."""
+    inpaint = config.unet.in_channels == 9
+    scheduler = diffusers_scheduler_config(config)["_class_name"]
+    index = {"_diffusers_version": DIFFUSERS_VERSION, "feature_extractor": [None, None],
+             "image_encoder": [None, None], "scheduler": ["diffusers", scheduler],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    for encoder, tokenizer, cls, _ in _diffusers_text_layout(config):
+        index[encoder], index[tokenizer] = ["transformers", cls], ["transformers", "CLIPTokenizer"]
+    if not config.sdxl:
+        name = "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
+        return {"_class_name": name, **index, "requires_safety_checker": False, "safety_checker": [None, None]}
+    if config.sdxl == "refiner":
+        return {"_class_name": "StableDiffusionXLImg2ImgPipeline", **index, "force_zeros_for_empty_prompt": False,
+                "requires_aesthetics_score": True, "text_encoder": [None, None], "tokenizer": [None, None]}
+    name = "StableDiffusionXLInpaintPipeline" if inpaint else "StableDiffusionXLPipeline"
+    return {"_class_name": name, **index, "force_zeros_for_empty_prompt": True}
+
+
+def save_diffusers(sd: StableDiffusion, folder: str | os.PathLike, dtype: torch.dtype | None = None,
+                   metadata: dict[str, str] | None = None) -> Path:
+    """Write the model as a diffusers folder (model_index.json, scheduler/, unet/, vae/, text_encoder/ and
+    tokenizer/, SDXL's text_encoder_2/ and tokenizer_2/), as diffusers' save_pretrained lays it out: its
+    from_pretrained and plainsd.load read it. Written into a temporary sibling folder, then renamed: an interrupted
+    save leaves nothing; an existing folder is refused.
+
+    dtype: e.g. torch.float16 to halve the files; default: the model's own dtype.
+    metadata: header entries to keep (another file's), written into the UNet's file, where plainsd.load reads them.
+    """
+    folder = Path(folder)
+    if folder.exists():
+        raise ValueError(f"{folder} exists already; save_diffusers writes a new folder")
+    dtype = dtype or sd.dtype
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"diffusers folders hold float32, float16 or bfloat16 weights, not {dtype}")
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # (a save interrupted before)
+    try:
+        _write_diffusers(sd, tmp, dtype, metadata or {})
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return folder
+
+
+def _write_diffusers(sd: StableDiffusion, root: Path, dtype: torch.dtype, metadata: dict[str, str]) -> None:
+    config = sd.config
+
+    def component(part: str, settings: dict, state: dict[str, torch.Tensor], name: str, meta: dict | None = None):
+        (root / part).mkdir(parents=True)
+        (root / part / "config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+        write_safetensors(tensors, root / part / name, {**(meta or {}), "format": "pt"})
+
+    kept = {k: v for k, v in metadata.items() if k not in ("format", "plainsd.config", "plainsd.prediction")}
+    if sd.defaults:
+        kept["plainsd.defaults"] = json.dumps(sd.defaults)
+    component("unet", diffusers_unet_config(config), diffusers_unet_state(sd.unet, config.unet), "diffusion_pytorch_model.safetensors", kept)
+    component("vae", diffusers_vae_config(config), diffusers_vae_state(sd.vae, config.vae),
+              "diffusion_pytorch_model.safetensors")
+    towers = sd.text_encoder.towers if config.sdxl else [sd.text_encoder]
+    for (encoder, tokenizer, cls, cfg), tower in zip(_diffusers_text_layout(config), towers):
+        state, layers = _hf_text_tower(tower, cfg, bool(config.sdxl))
+        component(encoder, hf_text_config(cfg, layers, cls, dtype), state, "model.safetensors")
+        write_clip_tokenizer(root / tokenizer, sd.tokenizer, cfg.pad)
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(diffusers_scheduler_config(config), indent=2) + "\n")
+    (root / "model_index.json").write_text(json.dumps(diffusers_model_index(config), indent=2) + "\n")
