@@ -121,8 +121,9 @@ def _pick(seqs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 class BlipCaptioner:
     """BLIP captioning: BlipCaptioner.from_folder(path).caption(images) -> one sentence per picture.
 
-    Defaults: greedy search, 5 to 30 tokens, no repetition penalty -- BLIP's own captioning lengths, short
-    training-set captions. A1111's interrogator asks for longer ones: beams=1, min_length=24, max_length=48."""
+    Defaults: greedy search (as A1111's interrogator; one decoder pass per word), 5 to 30 tokens (BLIP's COCO
+    captioning minimum and its generate()'s maximum), no repetition penalty. A1111's interrogator asks for longer
+    captions: beams=1, min_length=24, max_length=48. docs/captioning.md has the reasons."""
 
     batch_size = 8  # pictures per forward pass: bounds the memory of the image tokens and the beams' caches
 

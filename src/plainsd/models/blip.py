@@ -254,7 +254,8 @@ class TextDecoder(nn.Module):
         n = ids.shape[1]
         mask = None
         if n > 1:  # causal over the new tokens; every new token sees all cached ones
-            mask = torch.arange(start + n, device=ids.device)[None, :] <= torch.arange(start, start + n, device=ids.device)[:, None]
+            keys, queries = torch.arange(start + n, device=ids.device), torch.arange(start, start + n, device=ids.device)
+            mask = keys[None, :] <= queries[:, None]
         x = self.bert.embeddings(ids, start)
         for layer, kv, past in zip(self.bert.encoder.layer, image_kv, cache):
             x = layer(x, kv, past, mask)
