@@ -1,4 +1,5 @@
-"""The WordPiece tokenizer against transformers' BertTokenizer (slow, the Python one) on the same vocab.txt."""
+"""The WordPiece tokenizer against transformers' BertTokenizer and BertTokenizerFast (the tokenizers library, what
+BlipProcessor loads by default) on the same vocab.txt."""
 
 import pytest
 
@@ -22,22 +23,24 @@ TEXTS = [
 def tokenizers(tmp_path_factory):
     path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
     path.write_text("\n".join(TINY_VOCAB) + "\n")
-    reference = transformers.BertTokenizer(str(path), do_lower_case=True)
-    return WordPieceTokenizer.from_file(path), reference
+    return WordPieceTokenizer.from_file(path), [transformers.BertTokenizer(str(path), do_lower_case=True),
+                                                transformers.BertTokenizerFast(str(path), do_lower_case=True)]
 
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_encode_matches_bert_tokenizer(tokenizers, text):
-    ours, reference = tokenizers
-    assert ours.encode(text) == reference.encode(text, add_special_tokens=False)
+    ours, references = tokenizers
+    for reference in references:
+        assert ours.encode(text) == reference.encode(text, add_special_tokens=False)
 
 
 def test_decode_matches_bert_tokenizer(tokenizers):
-    ours, reference = tokenizers
-    sequences = [reference.encode(t) for t in TEXTS] + [[2, 19, 26, 15, 13, 47, 51, 5, 3, 0, 0],
+    ours, references = tokenizers
+    sequences = [references[0].encode(t) for t in TEXTS + ["we do not sit"]] + [[2, 19, 26, 15, 13, 47, 51, 5, 3, 0, 0],
                                                        [11, 7, 26, 6, 29, 8, 13, 9, 38, 7, 37, 1, 19]]
     for ids in sequences:
-        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True), ids
+        for reference in references:
+            assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True), ids
 
 
 def test_ids_past_the_vocabulary_are_left_out():
