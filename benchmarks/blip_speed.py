@@ -8,7 +8,9 @@ The model: transformers' BlipForConditionalGeneration with base's sizes (ViT-B/1
 decoder with cross-attention) and random weights, saved once as a Hugging Face folder (benchmarks/.cache) with a
 stand-in vocab.txt; every row loads that folder. One 512x512 picture is resized to 384x384 and captioned greedily
 with min_length = max_length = --tokens, so that every row writes the same number of tokens whatever the random
-weights prefer (a real BLIP caption is about 10 to 15 tokens; A1111's interrogator asks for 24 to 48). Each row
+weights prefer (a real BLIP caption is about 10 to 15 tokens; A1111's interrogator asks for 24 to 48). The "8
+pictures per call" rows caption 8 copies of it in one call, as `plainsd caption DIR` does, their time divided
+by 8. Each row
 captions once untimed (start-up: oneDNN picks its kernels), then --rounds times; rows alternate and the table
 gives the median. On a busy machine --threads 1 is fairer: two threads on two shared cores wait for each other.
 Needs transformers (the test extra).
@@ -32,6 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from speed import CACHE, _cpu_name  # noqa: E402
 
 FOLDER = CACHE / "blip-base-random"
+BATCH = 8  # BlipCaptioner.batch_size: the pictures one forward pass takes
 
 
 def _folder() -> Path:
@@ -54,6 +57,8 @@ def _rows(tokens: int) -> dict:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         ours = BlipCaptioner.from_folder(_folder(), dtype=dtype)
         rows[f"plainsd {name}"] = lambda im, c=ours: c.caption([im], min_length=tokens, max_length=tokens)
+        rows[f"plainsd {name}, {BATCH} pictures per call"] = \
+            lambda im, c=ours: c.caption([im] * BATCH, min_length=tokens, max_length=tokens)
         ref = BlipForConditionalGeneration.from_pretrained(_folder(), dtype=dtype).eval()
         processor = BlipImageProcessor()
 
@@ -84,7 +89,7 @@ def main() -> None:
         for name, caption in rows.items():
             start = time.perf_counter()
             caption(picture)
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - start) / (BATCH if "per call" in name else 1))
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
     lines = [f"Machine: {_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; load average "
              f"{load} when the table was written. Median of {args.rounds} rounds; command: "
