@@ -106,6 +106,26 @@ def test_bfloat16_logits_follow_float32(tiny):
     assert len(bf16.caption(pictures(2))) == 2
 
 
+def test_runtime_attention_in_bfloat16_agrees_with_sdpa(tiny):
+    """from_folder gives BLIP's layers runtime attention (bf16 on a CPU without AMX: oneDNN's products, not
+    SDPA's kernel): the same logits as the plain layers' SDPA within bf16 rounding, and the same in float32."""
+    from plainsd.runtime import use_plain_attention, use_runtime_attention
+    from plainsd.runtime.attention import _amx
+    folder, *_ = tiny
+    pixels = preprocess(pictures(2), 32)
+    ids = torch.tensor([[len(TINY_VOCAB), 11, 17, 14, 19]] * 2)
+    for dtype, tolerance in ((torch.float32, 0.0), (torch.bfloat16, 0.1)):
+        model = BlipCaptioner.from_folder(folder, dtype=dtype).model
+        with torch.no_grad():
+            runtime = model(pixels, ids).float()
+            assert use_plain_attention(model) == 2 + 2 * 2  # 2 ViT layers; self and cross in 2 decoder layers
+            plain = model(pixels, ids).float()
+            use_runtime_attention(model)
+        assert (runtime - plain).abs().max() <= tolerance * plain.abs().max()
+        if dtype == torch.bfloat16 and not _amx():
+            assert not torch.equal(runtime, plain)  # the oneDNN path did run
+
+
 def _copy(folder, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(folder, out)

@@ -1,7 +1,7 @@
 """Captions by BLIP: pictures in, sentences out (the captioner people use to caption training sets).
 
     captioner = BlipCaptioner.from_folder("blip-image-captioning-base")
-    captioner.caption([Image.open("cat.png")])                      # ['a cat sitting on a couch']
+    captioner.caption([Image.open("cat.png")])                      # one sentence per picture
     captioner.caption(images, prompt="a picture of", beams=3)      # conditional: continues the prompt
 
 The steps are transformers' BlipForConditionalGeneration.generate with BlipProcessor around it: the picture is
@@ -20,6 +20,7 @@ from PIL import Image
 
 from .models.blip import BlipCaptionModel, TextDecoder
 from .models.wordpiece import WordPieceTokenizer
+from .runtime import use_runtime_attention
 from .weights import load_blip
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, which BLIP was trained with
@@ -132,7 +133,11 @@ class BlipCaptioner:
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "BlipCaptioner":
-        return cls(*load_blip(path, dtype))
+        """The folder's network and tokenizer; its attention runs as this CPU runs it best (in bf16 without AMX,
+        oneDNN's products rather than torch's SDPA kernel: runtime/attention.py)."""
+        model, tokenizer = load_blip(path, dtype)
+        use_runtime_attention(model)
+        return cls(model, tokenizer)
 
     def caption(self, images: list[Image.Image], prompt: str | None = None, beams: int = 1, min_length: int = 5,
                 max_length: int = 30, repetition_penalty: float = 1.0) -> list[str]:
@@ -162,13 +167,13 @@ class BlipCaptioner:
     def _check(self, images, beams, min_length, max_length, prompt_tokens, repetition_penalty) -> None:
         if not isinstance(images, (list, tuple)) or not all(isinstance(im, Image.Image) for im in images):
             raise ValueError("caption() takes a list of PIL images")
-        if not isinstance(beams, int) or not 1 <= beams <= 16:
+        if not isinstance(beams, int) or isinstance(beams, bool) or not 1 <= beams <= 16:
             raise ValueError(f"beams must be a whole number from 1 to 16, not {beams!r}")
         limit = self.model.config.max_positions
-        if not prompt_tokens < max_length <= limit:
+        if not isinstance(max_length, int) or not prompt_tokens < max_length <= limit:
             raise ValueError(f"max_length must be more than the {prompt_tokens} tokens of the start and the prompt "
                              f"and at most {limit}, not {max_length}")
-        if not 0 <= min_length <= max_length:
+        if not isinstance(min_length, int) or not 0 <= min_length <= max_length:
             raise ValueError(f"min_length must be from 0 to max_length ({max_length}), not {min_length}")
         if not repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be positive, not {repetition_penalty}")

@@ -42,7 +42,12 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
-        return self.projection(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return self.projection(_merge_heads(self.attend(q, k, v)))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention on [B, heads, N, d] tensors: torch's SDPA (its own method so that a CPU can run it another
+        way: runtime/attention.py)."""
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class VisionMLP(nn.Module):
@@ -145,8 +150,12 @@ class TextAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
         q = _split_heads(self.self.query(x), self.self.heads)
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
-        return self.output(_merge_heads(out), x)
+        return self.output(_merge_heads(self.attend(q, k, v, mask)), x)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention on [B, heads, N, d] tensors, mask True where a query may look: torch's SDPA (its own method
+        so that a CPU can run it another way: runtime/attention.py)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class TextIntermediate(nn.Module):
@@ -169,7 +178,7 @@ class TextLayer(nn.Module):
         self.output = TextOutput(c.text_width, c.text_eps, in_width=c.text_hidden)  # the MLP's second half
 
     def forward(self, x: torch.Tensor, image_kv: tuple, past: list, mask: torch.Tensor | None) -> torch.Tensor:
-        """past is this layer's [keys, values] of the earlier caption tokens (empty lists at first); the new
+        """past is this layer's [keys, values] of the earlier caption tokens (an empty list at first); the new
         tokens' keys and values are appended to it, which is the KV cache that makes each step one token long."""
         k, v = self.attention.self.keys_values(x)
         if past:
