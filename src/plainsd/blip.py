@@ -20,7 +20,7 @@ from PIL import Image
 
 from .models.blip import BlipCaptionModel, TextDecoder
 from .models.wordpiece import WordPieceTokenizer
-from .runtime import use_runtime_attention
+from .runtime import pack_weights, use_runtime_attention
 from .weights import load_blip
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, which BLIP was trained with
@@ -133,10 +133,12 @@ class BlipCaptioner:
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> "BlipCaptioner":
-        """The folder's network and tokenizer; its attention runs as this CPU runs it best (in bf16 without AMX,
-        oneDNN's products rather than torch's SDPA kernel: runtime/attention.py)."""
+        """The folder's network and tokenizer, readied as runtime.prepare readies a UNet: the attention this CPU
+        runs best (in bf16 without AMX, oneDNN's products rather than torch's SDPA kernel: runtime/attention.py)
+        and the weights packed once for oneDNN (in bf16 every Linear: runtime/packing.py)."""
         model, tokenizer = load_blip(path, dtype)
         use_runtime_attention(model)
+        pack_weights(model)
         return cls(model, tokenizer)
 
     def caption(self, images: list[Image.Image], prompt: str | None = None, beams: int = 1, min_length: int = 5,
