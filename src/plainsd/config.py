@@ -101,6 +101,30 @@ class UpscalerConfig:
 
 
 @dataclass
+class BlipConfig:
+    """BLIP's captioning model (Li et al. 2022; models/blip.py): a ViT reads the picture, a BERT decoder with
+    cross-attention to the ViT's tokens writes the caption. Defaults are Salesforce/blip-image-captioning-base;
+    -large differs only in the ViT (width 1024, 24 layers, 16 heads, hidden 4096)."""
+    image_size: int = 384            # the ViT's input side in pixels (the picture is resized to it)
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    vision_hidden: int = 3072        # the ViT's MLP width
+    vision_eps: float = 1e-5         # its LayerNorms' epsilon
+    vocab_size: int = 30524          # BERT's 30522 WordPieces + [DEC] (the start token) + [ENC]
+    text_width: int = 768
+    text_layers: int = 12
+    text_heads: int = 12
+    text_hidden: int = 3072
+    text_eps: float = 1e-12
+    max_positions: int = 512         # learned positions of the decoder: the longest caption, start token included
+    bos_token_id: int = 30522        # [DEC]: every caption starts from it
+    sep_token_id: int = 102          # [SEP]: ends a caption
+    pad_token_id: int = 0
+
+
+@dataclass
 class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)  # the text tower (SDXL: the first, CLIP ViT-L; the refiner's bigG)
     unet: UNetConfig = field(default_factory=UNetConfig)

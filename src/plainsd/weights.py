@@ -23,13 +23,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import AdapterConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig
+from .config import AdapterConfig, BlipConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig
 from .models import AutoencoderKL, StableDiffusion, family
+from .models.blip import BlipCaptionModel
 from .models.controlnet import HINT_CHANNELS, ControlNet
 from .models.sdxl import SIZE_EMBED_DIM
 from .models.t2i_adapter import UNSHUFFLE, T2IAdapter
 from .models.taesd import TinyDecoder
 from .models.upscaler import CompactUpscaler
+from .models.wordpiece import WordPieceTokenizer
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 TEXT_OPENAI, TEXT_OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
@@ -897,6 +899,64 @@ def load_upscaler(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -
                               f"(e.g. {(wrong + extra)[0]})")
     upscaler.load_state_dict({k: state[k].to(dtype) for k in expected})
     return upscaler.to(dtype).eval().requires_grad_(False)
+
+
+# --- BLIP captioning folders (Hugging Face's layout) ---------------------------------------------------
+
+# Tensors a BLIP folder may hold besides the network: the output layer that transformers ties to the word
+# embeddings (and so never reads from the file), and the position ids older files stored.
+_BLIP_EXTRA = re.compile(r"^text_decoder\.(cls\.predictions\.decoder\.(weight|bias)|bert\.embeddings\.position_ids)$")
+
+
+def blip_config(config: dict, where: str = "config.json") -> BlipConfig:
+    """The BlipConfig of a Hugging Face BLIP config.json; entries it leaves out take transformers' defaults."""
+    architectures = config.get("architectures") or ["BlipForConditionalGeneration"]
+    if config.get("model_type") != "blip" or "BlipForConditionalGeneration" not in architectures:
+        raise CheckpointError(f"{where} is not a BLIP captioning model (model_type {config.get('model_type')!r}, "
+                              f"architectures {architectures}); plainsd reads BlipForConditionalGeneration folders "
+                              "such as Salesforce/blip-image-captioning-base and -large")
+    v, t = config.get("vision_config") or {}, config.get("text_config") or {}
+    acts = {v.get("hidden_act", "gelu"), t.get("hidden_act", "gelu")}
+    if acts != {"gelu"}:
+        raise CheckpointError(f"{where}: BLIP with activation {sorted(acts)} is not supported; only gelu is")
+    return BlipConfig(
+        image_size=v.get("image_size", 384), patch_size=v.get("patch_size", 16), vision_width=v.get("hidden_size", 768),
+        vision_layers=v.get("num_hidden_layers", 12), vision_heads=v.get("num_attention_heads", 12),
+        vision_hidden=v.get("intermediate_size", 3072), vision_eps=v.get("layer_norm_eps", 1e-5),
+        vocab_size=t.get("vocab_size", 30524), text_width=t.get("hidden_size", 768),
+        text_layers=t.get("num_hidden_layers", 12), text_heads=t.get("num_attention_heads", 8),
+        text_hidden=t.get("intermediate_size", 3072), text_eps=t.get("layer_norm_eps", 1e-12),
+        max_positions=t.get("max_position_embeddings", 512), bos_token_id=t.get("bos_token_id", 30522),
+        sep_token_id=t.get("sep_token_id", 102), pad_token_id=t.get("pad_token_id", 0))
+
+
+def load_blip(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[BlipCaptionModel, WordPieceTokenizer]:
+    """A BLIP captioning folder as Hugging Face publishes it (config.json, model.safetensors or pytorch_model.bin
+    read with weights_only, vocab.txt) -> the network, in eval mode, and its tokenizer."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not a BLIP folder: it has no config.json")
+    config = blip_config(_read_json(folder / "config.json"), str(folder / "config.json"))
+    files = [folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()]
+    if not files:
+        raise CheckpointError(f"{folder} has no model.safetensors or pytorch_model.bin with BLIP's weights")
+    if not (folder / "vocab.txt").is_file():
+        raise CheckpointError(f"{folder} has no vocab.txt (BLIP's WordPiece vocabulary)")
+    tokenizer = WordPieceTokenizer.from_file(folder / "vocab.txt")
+    if len(tokenizer.vocab) > config.vocab_size:
+        raise CheckpointError(f"{folder}: vocab.txt has {len(tokenizer.vocab)} pieces, more than the model's "
+                              f"{config.vocab_size} token embeddings")
+    source = read_tensors(files[0])
+    model = BlipCaptionModel(config)
+    expected = model.state_dict()
+    state = {k: source.get(k) for k in source.shapes if not _BLIP_EXTRA.match(k)}
+    wrong = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
+    extra = [k for k in state if k not in expected]
+    if wrong or extra:
+        raise CheckpointError(f"{files[0].name} does not fit the BLIP captioning model its config.json describes: "
+                              f"{len(wrong)} tensors missing or misshaped, {len(extra)} unknown (e.g. {(wrong + extra)[0]})")
+    model.load_state_dict({k: state[k].to(dtype) for k in expected})
+    return model.to(dtype).eval().requires_grad_(False), tokenizer
 
 
 # --- file hashes, as A1111 shows them -----------------------------------------------------------------

@@ -11,7 +11,7 @@ oneDNN's ops have no autograd), causal attention, and a graph being traced or co
 say), which has no use for oneDNN's own ops.
 
 The networks themselves run plain SDPA (models/layers.attention), through an `attend` method of their attention
-layers (models/layers.CrossAttention, models/vae.AttnBlock). prepare() gives those layers this module's
+layers (models/layers.CrossAttention, models/vae.AttnBlock, models/blip's VisionAttention and TextAttention). prepare() gives those layers this module's
 attention by swapping their class for a subclass whose `attend` is `attention` below (use_runtime_attention;
 the class swap runtime/packing.py describes). The subclasses hold no state of their own and choose per call, so
 nothing needs undoing when the model is cast or loaded.
@@ -23,9 +23,11 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..models import layers
+from ..models.blip import TextAttention, VisionAttention
 from ..models.layers import CrossAttention
 from ..models.vae import AttnBlock
 
@@ -46,6 +48,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, cau
         q, k, v = (t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2) for t in (q, k, v))
         return _attention_batched(q, k, v).transpose(1, 2).reshape(b, n, c)
     return layers.attention(q, k, v, heads, causal)
+
+
+def head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention on [B, heads, N, d] tensors (BLIP's layers, whose keys and values are cached split into heads):
+    _attention_batched for bf16 inference on a CPU without AMX when there is no mask and fewer than 1024 keys
+    (BLIP's 577 image tokens; the one query per word of its decoder, where SDPA's kernel is slowest), SDPA
+    otherwise."""
+    fast = (q.dtype == torch.bfloat16 and q.device.type == "cpu" and mask is None and k.shape[2] < 1024
+            and not _amx() and not torch.jit.is_tracing() and not _compiling()
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
+    return _attention_batched(q, k, v) if fast else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def _attention_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -197,11 +210,26 @@ class RuntimeAttnBlock(AttnBlock):
         return attention(q, k, v, heads=1)
 
 
-_RUNTIME = {CrossAttention: RuntimeCrossAttention, AttnBlock: RuntimeAttnBlock}
+class RuntimeVisionAttention(VisionAttention):
+    """BLIP's ViT attention with head_attention (use_runtime_attention)."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return head_attention(q, k, v)
+
+
+class RuntimeTextAttention(TextAttention):
+    """BLIP's decoder attention (self and cross) with head_attention (use_runtime_attention)."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return head_attention(q, k, v, mask)
+
+
+_RUNTIME = {CrossAttention: RuntimeCrossAttention, AttnBlock: RuntimeAttnBlock, VisionAttention: RuntimeVisionAttention,
+            TextAttention: RuntimeTextAttention}
 
 
 def use_runtime_attention(network: nn.Module) -> int:
-    """Give a network's attention layers (the UNet's, the VAE's) this module's attention, by swapping their class
+    """Give a network's attention layers (the UNet's, the VAE's, BLIP's) this module's attention, by swapping their class
     (module doc). CLIP's attention is causal, which always runs SDPA, and stays as it is. Returns how many layers
     were swapped."""
     return _swap(network, _RUNTIME)
