@@ -82,7 +82,7 @@ class ShapesCaptioner:
 
 
 class BlipImageCaptioner:
-    """A BLIP captioning model (plainsd.models.blip) behind the same one-method interface."""
+    """A BLIP captioning model (plainsd.blip) behind the same one-method interface."""
 
     name = "blip"
 
@@ -123,12 +123,20 @@ def load_captioner(name_or_path: str | os.PathLike | None = None) -> ImageCaptio
     kind = captioner_kind(name_or_path)
     if kind != "blip":
         return ShapesCaptioner(read_captioner(DEFAULT_CAPTIONER if kind == "plainsd" else name_or_path))
-    try:
-        from .models.blip import BlipCaptioner
-    except ImportError:
-        raise ValueError("this plainsd has no BLIP network (plainsd.models.blip); update plainsd to caption with "
-                         "a BLIP folder") from None
-    return BlipImageCaptioner(BlipCaptioner.from_folder(name_or_path))
+    return BlipImageCaptioner(blip_class().from_folder(name_or_path))
+
+
+def blip_class():
+    """plainsd's BLIP captioner class (plainsd.blip, or plainsd.models.blip), imported only when a BLIP folder is
+    used; a ValueError if this plainsd has none."""
+    import importlib
+
+    for module in ("plainsd.blip", "plainsd.models.blip"):
+        try:
+            return importlib.import_module(module).BlipCaptioner
+        except (ImportError, AttributeError):
+            continue
+    raise ValueError("this plainsd has no BLIP network (plainsd.blip); update plainsd to caption with a BLIP folder")
 
 
 # --- a folder's captions, for training ------------------------------------------------------------------
