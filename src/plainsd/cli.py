@@ -278,6 +278,25 @@ def _noise_multiplier(p: argparse.ArgumentParser):
                    help="the starting noise times X, 0 to 1.5 (A1111's Noise multiplier for img2img; default 1)")
 
 
+def _caption_args(sub) -> None:
+    p = sub.add_parser("caption", help="write a caption for each picture of a folder (for training)",
+                       description="Captions for fine-tuning: kohya's same-name .txt beside each picture, or a "
+                                   "metadata.jsonl (Hugging Face imagefolder: file_name, text). Pictures that already "
+                                   "have a caption are skipped unless --overwrite.")
+    p.add_argument("folder", help="the folder of pictures (.png, .jpg, .jpeg, .webp, .bmp; not its subfolders)")
+    p.add_argument("--captioner", default=None, metavar="NAME|PATH",
+                   help="plainsd (default: the shipped captioner of the shapes world), a file from `plainsd train "
+                        "captioner`, or a BLIP captioning model's folder")
+    p.add_argument("--format", default="txt", choices=["txt", "jsonl"], help="txt (default): a .txt per picture; "
+                                                                              "jsonl: metadata.jsonl")
+    p.add_argument("--prefix", default="", help="put before each caption as given, e.g. 'sks, '")
+    p.add_argument("--suffix", default="", help="put after each caption as given, e.g. ', sks style'")
+    p.add_argument("--overwrite", action="store_true", help="caption again the pictures that have a caption")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true")
+
+
 def _detect_args(sub) -> None:
     from plainsd.detectors import MODULES, RESIZE_MODES
 
@@ -420,11 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="as JSON fields")
     p.add_argument("--debug", action="store_true")
     _detect_args(sub)
+    _caption_args(sub)
     p = sub.add_parser("samplers", help="list samplers and schedules")
     p.add_argument("--debug", action="store_true")
-    p = sub.add_parser("train", help="train the VAE, CLIP, the UNet, a ControlNet, an LCM-LoRA or the x4 upscaler "
-                                        "from a config file")
-    p.add_argument("network", choices=["vae", "vae-decoder", "clip", "unet", "taesd", "controlnet", "lcm", "upscaler"])
+    p = sub.add_parser("train", help="train the VAE, CLIP, the UNet, a ControlNet, an LCM-LoRA, the x4 upscaler or "
+                                        "the captioner from a config file")
+    p.add_argument("network", choices=["vae", "vae-decoder", "clip", "unet", "taesd", "controlnet", "lcm", "upscaler",
+                                        "captioner"])
     p.add_argument("--config", default=None, help="a JSON training config, or a shipped recipe's name such as "
                                                    "unet-objects (default: the shipped recipe named after the network)")
     p.add_argument("--out", default=None, help="run folder (checkpoints, samples, exported weights)")
@@ -525,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upscalers-dir", default=None, metavar="DIR",
                    help="upscaler models for Extras, the hires fix and SD upscale: A1111's models folder (ESRGAN/, "
                         "RealESRGAN/ ...) or one folder of files, offered besides the shipped plainsd-x4")
+    p.add_argument("--captioner", default=None, metavar="NAME|PATH",
+                   help="what /sdapi/v1/interrogate captions with: plainsd (default: the shipped captioner), a file "
+                        "from `plainsd train captioner`, or a BLIP captioning model's folder")
     _runtime_args(p)
     p.add_argument("--debug", action="store_true")
     _batch_args(sub)
@@ -822,6 +846,27 @@ def _png_info(args) -> int:
     return 0
 
 
+def _caption(args) -> int:
+    import torch
+
+    from plainsd.captioning import METADATA, caption_folder, folder_images, load_captioner
+
+    folder_images(args.folder)  # no such folder, or no pictures in it: said before a captioner is loaded
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    captioner = load_captioner(args.captioner)
+    done = caption_folder(args.folder, captioner, args.format, args.prefix, args.suffix, args.overwrite,
+                          progress=not args.quiet)
+    where = done.metadata if done.metadata else f"{len(done.written)} .txt files in {args.folder}"
+    print(f"captioned {len(done.written)} picture(s) with the {captioner.name} captioner into {where}"
+          + (f"; skipped {done.skipped} that already had a caption (--overwrite captions them again)"
+             if done.skipped else ""))
+    if args.format == "txt" and (Path(args.folder) / METADATA).is_file():
+        print(f"plainsd: note: {args.folder} also holds a {METADATA}, which plainsd finetune reads instead of the "
+              ".txt files", file=sys.stderr)
+    return 0
+
+
 def _detect(args) -> int:
     from plainsd import detectors
     from plainsd.pnginfo import save_png
@@ -1000,7 +1045,8 @@ def _serve(args) -> int:
     app = create_app(args.model, args.models_dir, auth=args.api_auth, max_queue=args.max_queue, limits=limits,
                      outputs=args.outputs, lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
                      precision=args.precision, backend=args.backend, styles=args.styles,
-                     controlnet_dir=args.controlnet_dir, upscalers_dir=args.upscalers_dir, vae_dir=args.vae_dir)
+                     controlnet_dir=args.controlnet_dir, upscalers_dir=args.upscalers_dir, vae_dir=args.vae_dir,
+                     captioner=args.captioner)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"plainsd: note: listening on {args.host}, reachable from other machines"
               + ("" if args.api_auth else " without authentication (see --api-auth)"), file=sys.stderr)
@@ -1149,7 +1195,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"txt2img": _generate, "img2img": _generate, "inpaint": _generate, "outpaint": _generate, "xyz": _xyz,
                 "png-info": _png_info, "detect": _detect, "upscale": _upscale, "sd-upscale": _sd_upscale,
                 "samplers": _samplers, "demo": _demo, "train": _train, "eval": _eval, "serve": _serve, "batch": _batch,
-                "lora": _lora, "merge": _merge, "convert": _convert, "finetune": _finetune}
+                "lora": _lora, "merge": _merge, "convert": _convert, "finetune": _finetune, "caption": _caption}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, CheckpointError, OSError) as e:

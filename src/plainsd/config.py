@@ -125,6 +125,19 @@ class BlipConfig:
 
 
 @dataclass
+class CaptionerConfig:
+    """plainsd's captioner for the shapes world (models/captioner.py): a small convolutional image encoder and a
+    small transformer decoder that writes a caption word by word from a closed vocabulary."""
+    words: tuple[str, ...] = ()      # the vocabulary; ids 0, 1, 2 are padding, start and end, words[i] is id i + 3
+    image_size: int = 64             # pictures are resized to this side before encoding
+    channels: tuple[int, ...] = (32, 64, 128)  # the encoder's stages, each halving the side (64 -> 8 with three)
+    width: int = 128                 # the decoder's width (and the image tokens')
+    layers: int = 2                  # decoder blocks: causal self-attention, cross-attention to the image, MLP
+    heads: int = 4
+    max_length: int = 32             # longest caption in tokens, with the start and end tokens
+
+
+@dataclass
 class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)  # the text tower (SDXL: the first, CLIP ViT-L; the refiner's bigG)
     unet: UNetConfig = field(default_factory=UNetConfig)

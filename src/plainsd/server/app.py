@@ -31,7 +31,7 @@ from plainsd.request import LATENT_UPSCALERS
 from plainsd.styles import read_styles
 from plainsd.xyz import Checkpoints
 
-from . import api, controlnet, extras
+from . import api, controlnet, extras, interrogate
 from .jobs import Job, JobQueue, QueueFull
 from .models import ModelStore
 
@@ -55,6 +55,7 @@ class Server:
     styles_file: str | None = None   # A1111's styles.csv (or a folder of them) for the requests' styles
     controlnet_dir: str | None = None   # ControlNet models besides the shipped one, for the requests' units
     upscalers_dir: str | None = None    # upscaler models (A1111's models/ESRGAN ... or one folder) besides plainsd-x4
+    captioners: interrogate.Captioners | None = None  # what /sdapi/v1/interrogate captions with
 
 
 def create_app(model: str | Path | None = None, models_dir: str | Path | None = None, *,
@@ -62,13 +63,16 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
                outputs: str | Path = "outputs/api", lora_dir: str | Path | None = None,
                embeddings_dir: str | Path | None = None, precision: str = "auto", backend: str = "eager",
                styles: str | Path | None = None, controlnet_dir: str | Path | None = None,
-               upscalers_dir: str | Path | None = None, vae_dir: str | Path | None = None) -> FastAPI:
+               upscalers_dir: str | Path | None = None, vae_dir: str | Path | None = None,
+               captioner: str | Path | None = None) -> FastAPI:
     """auth: "user:pass" (several separated by commas) for HTTP basic auth on every route.
     lora_dir / embeddings_dir: folders whose LoRAs (<lora:name:weight>) and embeddings prompts may use.
     controlnet_dir: a folder of ControlNet models (A1111's models/ControlNet), offered besides the shipped one.
     upscalers_dir: upscaler models (A1111's models folder with ESRGAN/, RealESRGAN/ ..., or one folder of files),
     offered besides the shipped one for Extras, the hires fix and SD upscale.
     vae_dir: a folder of VAE files (A1111's models/VAE) for the sd_vae setting, besides the models folder's *.vae.* files.
+    captioner: what /sdapi/v1/interrogate captions with (plainsd.captioning.load_captioner: "plainsd", the shipped
+    one, by default; a captioner file or a BLIP folder).
     precision / backend: how the models run (plainsd.runtime). styles: A1111's styles.csv, a folder of such files
     or a wildcard, read again for each request (/sdapi/v1/prompt-styles lists them)."""
     for folder in (lora_dir, embeddings_dir, controlnet_dir, upscalers_dir, vae_dir):
@@ -81,7 +85,8 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
     server = Server(ModelStore(model, models_dir, precision, backend, vae_dir), JobQueue(max_queue), limits or api.Limits(),
                     options, Path(outputs), lora_dir, embeddings_dir, bool(credentials),
                     None if styles is None else str(styles), None if controlnet_dir is None else str(controlnet_dir),
-                    None if upscalers_dir is None else str(upscalers_dir))
+                    None if upscalers_dir is None else str(upscalers_dir),
+                    interrogate.Captioners(None if captioner is None else str(captioner)))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -98,7 +103,7 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
     app.add_exception_handler(api.BadRequest, _bad_request)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    for routes in (_generation_routes, _extras_routes, _control_routes, _list_routes, _settings_routes,
+    for routes in (_generation_routes, _extras_routes, _interrogate_routes, _control_routes, _list_routes, _settings_routes,
                    _controlnet_routes, _page_routes):
         app.include_router(routes(server))
     return app
@@ -213,6 +218,20 @@ async def _extras(server: Server, http: Request, req: extras.ExtrasBaseRequest) 
     options = dict(server.options)
     return await _run(server.queue, http, Job(lambda job: extras.run(pictures, settings, server.upscalers_dir,
                                                                      options, server.store.precision), kind="extras"))
+
+
+def _interrogate_routes(server: Server) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/sdapi/v1/interrogate", response_model=interrogate.InterrogateResponse)
+    async def interrogate_image(req: interrogate.InterrogateRequest, http: Request):
+        """A1111's interrogate: the picture's caption (see server/interrogate.py for what each model is here)."""
+        captioner = server.captioners.for_model(req.model)
+        image = api.decode_image(req.image, "image", server.limits).convert("RGB")
+        caption = await _run(server.queue, http, Job(lambda job: captioner.caption([image])[0], kind="interrogate"))
+        return {"caption": caption}
+
+    return router
 
 
 async def _run(queue: JobQueue, http: Request, job: Job):

@@ -29,7 +29,7 @@ from ..weights import write_safetensors
 from . import dist
 
 SCHEDULES = ("constant", "cosine", "cosine_with_restarts")
-NETWORKS = ("vae", "vae-decoder", "clip", "unet", "taesd", "controlnet", "lcm", "upscaler", "dreambooth", "textual-inversion", "lora")  # trainings and fine-tunings
+NETWORKS = ("vae", "vae-decoder", "clip", "unet", "taesd", "controlnet", "lcm", "upscaler", "captioner", "dreambooth", "textual-inversion", "lora")  # trainings and fine-tunings
 
 
 @dataclass

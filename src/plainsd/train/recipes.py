@@ -49,6 +49,7 @@ from ..models.vae import AutoencoderKL
 from ..weights import save, write_safetensors
 from . import dist
 from .data import ALL_SHAPES, SHAPES, VARY, FolderDataset, ShapesDataset, hard_negative_batch
+from .captioner import CaptionerSettings, train_captioner
 from .lcm import LCMSettings, train_lcm
 from .upscaler import UpscalerSettings, train_upscaler
 from .loop import TrainConfig, train
@@ -839,7 +840,7 @@ def settings(cfg: TrainConfig) -> RecipeSettings:
 
 RECIPES = {"vae": train_vae, "vae-decoder": train_vae_decoder, "clip": train_clip, "unet": train_unet,
            "taesd": train_taesd, "controlnet": train_controlnet, "lcm": train_lcm,
-           "upscaler": train_upscaler}
+           "upscaler": train_upscaler, "captioner": train_captioner}
 SETTINGS = {"vae": VAESettings, "vae-decoder": VAEDecoderSettings, "clip": CLIPSettings, "unet": UNetSettings,
             "taesd": TAESDSettings, "controlnet": ControlNetSettings, "lcm": LCMSettings,
-            "upscaler": UpscalerSettings}
+            "upscaler": UpscalerSettings, "captioner": CaptionerSettings}
