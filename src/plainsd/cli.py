@@ -484,8 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
     p = sub.add_parser("finetune", help="teach a model from a few images: dreambooth, textual-inversion, lora")
     p.add_argument("method", choices=["dreambooth", "textual-inversion", "lora"])
-    p.add_argument("--config", default=None, help="a JSON config (default: the shipped recipe, which teaches the "
-                                                  "shipped model a heart)")
+    p.add_argument("--config", default=None, help="a JSON config, or a shipped recipe's name such as "
+                                                  "finetune-textual-inversion-thing (default: the shipped recipe "
+                                                  "finetune-METHOD, which teaches the shipped model a heart)")
     p.add_argument("--model", default=None, help="the base checkpoint (default: the shipped model)")
     p.add_argument("--data", default=None, help="folder of instance images (captions: same-name .txt or metadata.jsonl)")
     p.add_argument("--instance-prompt", default=None, help='one caption for every instance image, e.g. "a sks heart"')
@@ -956,7 +957,10 @@ def _finetune(args) -> int:
     from plainsd.train.finetune import finetune, settings
     from plainsd.train.loop import TrainConfig
 
-    config = args.config or str(Path(__file__).parent / "data" / "recipes" / f"finetune-{args.method}.json")
+    recipes = Path(__file__).parent / "data" / "recipes"
+    config = args.config or str(recipes / f"finetune-{args.method}.json")
+    if not Path(config).exists() and (recipes / f"{config}.json").is_file():  # a shipped recipe's name
+        config = str(recipes / f"{config}.json")
     cfg = TrainConfig.from_file(config, out=args.out, steps=args.max_train_steps, lr=args.learning_rate,
                                 lr_schedule=args.lr_schedule, lr_cycles=args.lr_cycles, batch_size=args.batch_size,
                                 sample_every=args.sample_every, checkpoint_every=args.checkpoint_every)

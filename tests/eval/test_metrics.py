@@ -149,6 +149,30 @@ def test_checks_with_stand_in_painters(monkeypatch):
     assert metrics.img2img_keeps(plainsd.build("tiny"), n=6) == 1.0  # (the model gives the picture size only)
 
 
+def test_scene_rate_reads_every_attribute_and_the_background(monkeypatch):
+    from plainsd import pipeline
+    from plainsd.train.data import Obj, Scene, render
+
+    class R:
+        def __init__(self, image):
+            self.images = [image]
+
+    concept = Obj("diamond", "orange", "small", "top")
+    wrong = [{}, {"colour": "red"}, {"size": "large"}, {"position": "left"}, {"shape": "square"}, {"background": "blue"},
+             {"second": True}]
+
+    def painter(sd, prompt, seed=0, **k):  # seed i > 0 gets wrong[i] wrong; seeds past the list draw the concept
+        change = wrong[seed] if seed < len(wrong) else {}
+        obj = Obj(**{**vars(concept), **{a: v for a, v in change.items() if a in vars(concept)}})
+        extra = [Obj("circle", "green", "small", "bottom")] if "second" in change else []
+        return R(render(Scene([obj, *extra], change.get("background", "black"))))
+
+    monkeypatch.setattr(pipeline, "txt2img", painter)
+    shares = metrics.scene_rate(None, "a sks-thing", Scene([concept], "black"), n=10)
+    assert shares == {"count": 0.9, "shape": 0.9, "colour": 0.9, "size": 0.9, "position": 0.9, "background": 0.9,
+                      "all": 0.4}
+
+
 def test_eval_checks_on_a_tiny_model(tmp_path, capsys):
     model = tmp_path / "m.safetensors"
     plainsd.save(plainsd.build("tiny"), model)

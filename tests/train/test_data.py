@@ -52,6 +52,26 @@ def test_sizes_can_be_restricted_and_the_default_data_is_unchanged():
         ShapesDataset(shapes=["blob"])
 
 
+def test_colours_positions_and_backgrounds_can_be_restricted():
+    one = ShapesDataset(seed=3, colours=["orange"], positions=["top"], backgrounds=["black"], two_objects=0.0)
+    assert {(s.objects[0].colour, s.objects[0].position, s.background) for s in map(one.scene, range(30))} == \
+        {("orange", "top", "black")}
+    two = ShapesDataset(seed=3, colours=["red", "blue", "green"], positions=["left", "right"], two_objects=1.0)
+    scenes = [two.scene(i) for i in range(30)]
+    assert all({o.position for o in s.objects} == {"left", "right"} for s in scenes)
+    assert {o.colour for s in scenes for o in s.objects} == {"red", "blue", "green"}
+    assert all(s.background not in {o.colour for o in s.objects} for s in scenes)
+    assert ShapesDataset(seed=3).scene(7) == ShapesDataset(seed=3, colours=tuple(COLOURS)).scene(7)
+    with pytest.raises(ValueError, match="unknown colour 'pink'"):
+        ShapesDataset(colours=["pink"])
+    with pytest.raises(ValueError, match="unknown position 'top right'; known: left, right, top, bottom, centre"):
+        ShapesDataset(positions=["top right"])
+    with pytest.raises(ValueError, match="need a background of another colour"):
+        ShapesDataset(colours=["black"], backgrounds=["black"], two_objects=0.0)
+    with pytest.raises(ValueError, match="both positions of a pair"):
+        ShapesDataset(positions=["top"])  # two-object scenes by default
+
+
 def test_folder_with_txt_captions(tmp_path):
     Image.new("RGB", (80, 40), "red").save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("a red thing\n")

@@ -1,5 +1,7 @@
 """DreamBooth, textual inversion and LoRA on a tiny model: what each trains, what it writes, resume."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -133,3 +135,43 @@ def test_object_weight_marks_the_latent_pixels_an_object_touches():
         x, y = {"left": (2, 4), "right": (6, 4), "top": (4, 2), "bottom": (4, 6), "centre": (4, 4)}[s.objects[0].position]
         assert w[0, y, x] == 5.0 and w[0, 0, 0] == 1.0
     assert _latents(sd, items)[3] is None and captions == [s.caption for s in scenes]
+
+
+def test_textual_inversion_recipe_for_a_concept_the_model_draws(base, tmp_path):
+    """The shipped recipe renders one concept (a small orange diamond at the top on black) under one new token; the
+    command trains it from the recipe's name; the file is A1111's; only prompts naming the token change."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from plainsd.eval.judge import detect
+    from plainsd.train.finetune import instance_data, settings
+
+    recipe = Path(plainsd.__file__).parent / "data" / "recipes" / "finetune-textual-inversion-thing.json"
+    cfg = TrainConfig.from_file(recipe)
+    s = settings(cfg)
+    for image, caption in instance_data(cfg, s, 64):
+        background, found = detect(image)
+        assert background == "black" and len(found) == 1
+        assert (found[0].shape, found[0].colour, found[0].size, found[0].position) == ("diamond", "orange", "small", "top")
+        assert caption == "a sks-thing"
+    run = tmp_path / "run"
+    args = ["finetune", "textual-inversion", "--config", "finetune-textual-inversion-thing", "--model", str(base),
+            "--max-train-steps", "3", "--sample-every", "0", "--out", str(run), "--quiet"]
+    assert main(args) == 0
+    # A1111 reads a .safetensors embedding holding one tensor as that tensor's [n, width] vectors
+    tensors = load_file(str(run / "sks-thing.safetensors"))
+    sd = plainsd.load(base)
+    assert list(tensors) == ["emb_params"] and tensors["emb_params"].shape == (s.vectors, sd.config.text.width)
+    assert tensors["emb_params"].dtype == torch.float32
+    kw = dict(steps=2, seed=0, width=32, height=32)
+    for prompt in ("a red circle on the left", "sks thing"):  # not the token: bit-identical
+        assert txt2img(sd, prompt, embeddings_dir=run, **kw).images[0].tobytes() == \
+            txt2img(sd, prompt, **kw).images[0].tobytes(), prompt
+    assert txt2img(sd, "a sks-thing", embeddings_dir=run, **kw).images[0].tobytes() != \
+        txt2img(sd, "a sks-thing", **kw).images[0].tobytes()
+    bad = dataclasses.replace(config(base, tmp_path / "x", "textual-inversion", instance_prompt="a sks-star",
+                                     token="sks-star"), data={"kind": "shapes", "colors": ["red"]})
+    with pytest.raises(ValueError, match="data.colors is not a setting of shapes data; allowed: seed, shapes, sizes, "
+                                         "colours, positions, backgrounds"):
+        finetune(bad, progress=False)

@@ -7,7 +7,8 @@
   autoencoder puts on adherence (a UNet cannot draw what the decoder cannot give back);
 - clip_retrieval: text -> image top-1 among held-out pairs;
 - guidance_sweep, negative_prompt_effect, img2img_keeps: that CFG, negative prompts and img2img do their job;
-- concept_rate: how often a prompt draws a given shape (the fine-tuning proofs).
+- concept_rate: how often a prompt draws a given shape (the fine-tuning proofs); scene_rate: how often it draws
+  a given object on a given background, every attribute right (the textual-inversion proof).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import random
 import torch
 
 from ..images import to_tensor
-from ..train.data import SHAPES, ShapesDataset, caption, random_scene
+from ..train.data import SHAPES, Scene, ShapesDataset, caption, random_scene
 from .judge import judge
 
 HELD_OUT_SEED = 424242  # never used by the training recipes
@@ -167,6 +168,23 @@ def img2img_keeps(sd, n: int = 50, strength: float = 0.3, steps: int = 20, sampl
         v = judge(out, scene)[0]
         kept.append(v["shape"] and v["colour"] and v["position"])
     return sum(kept) / n
+
+
+def scene_rate(sd, prompt: str, scene: Scene, n: int = 100, **kwargs) -> dict[str, float]:
+    """Shares of n images for `prompt` (seeds 0..n-1) in which the judge reads each attribute of the scene's one
+    object, its background, one object only, and all of these at once (the textual-inversion proof)."""
+    from ..pipeline import txt2img
+    from .judge import ATTRIBUTES, detect
+
+    defaults = dict(steps=20, sampler="DPM++ 2M", schedule="karras", cfg_scale=5.0)
+    asked = Scene(scene.objects[:1], scene.background, stated=[set(ATTRIBUTES)])
+    tallies = []
+    for i in range(n):
+        image = txt2img(sd, prompt, seed=i, **{**defaults, **kwargs}).images[0]
+        verdict = {"count": True, **judge(image, asked)[0]}
+        verdict["background"] = detect(image)[0] == scene.background
+        tallies.append({**verdict, "all": all(verdict.values())})
+    return _shares(tallies)
 
 
 def concept_rate(sd, prompt: str, shape: str, n: int = 50, **kwargs) -> float:

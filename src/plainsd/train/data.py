@@ -167,16 +167,18 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return text + (f" on {bg}" if say_bg else "")
 
 
-def random_scene(rng: random.Random, shapes=SHAPES, two_objects: float = 0.25, sizes=tuple(SIZES)) -> Scene:
+def random_scene(rng: random.Random, shapes=SHAPES, two_objects: float = 0.25, sizes=tuple(SIZES),
+                 colours=tuple(COLOURS), positions=tuple(POSITIONS), backgrounds=tuple(BACKGROUNDS)) -> Scene:
+    """A random scene whose objects and background take only the given values (all of them by default)."""
     n = 2 if rng.random() < two_objects else 1
-    colours = rng.sample(list(COLOURS), n)
-    background = rng.choice([b for b in BACKGROUNDS if b not in colours])
+    picked = rng.sample(list(colours), n)
+    background = rng.choice([b for b in backgrounds if b not in picked])
     if n == 1:
-        positions = [rng.choice(list(POSITIONS))]
+        where = [rng.choice(list(positions))]
     else:
-        positions = list(rng.choice(PAIRS))
-        rng.shuffle(positions)
-    objects = [Obj(rng.choice(shapes), c, rng.choice(sizes), p) for c, p in zip(colours, positions)]
+        where = list(rng.choice([p for p in PAIRS if set(p) <= set(positions)]))
+        rng.shuffle(where)
+    objects = [Obj(rng.choice(shapes), c, rng.choice(sizes), p) for c, p in zip(picked, where)]
     stated = []
     for _ in objects:
         s = {"shape", "colour"}
@@ -196,18 +198,31 @@ class ShapesDataset:
     """dataset[i] -> (PIL image, caption, scene); deterministic in (seed, i)."""
 
     def __init__(self, length: int = 100_000, seed: int = 0, size: int = 64, shapes=SHAPES, two_objects: float = 0.25,
-                 sizes=tuple(SIZES)):
+                 sizes=tuple(SIZES), colours=tuple(COLOURS), positions=tuple(POSITIONS), backgrounds=tuple(BACKGROUNDS)):
         unknown = [x for x in (*shapes, *sizes) if x not in ALL_SHAPES and x not in SIZES]
         if unknown:
             raise ValueError(f"unknown shape or size {unknown[0]!r}; shapes: {', '.join(ALL_SHAPES)}; sizes: {', '.join(SIZES)}")
+        for what, values, known in (("colour", colours, COLOURS), ("position", positions, POSITIONS),
+                                    ("background", backgrounds, BACKGROUNDS)):
+            wrong = [v for v in values if v not in known] or ([] if values else ["(none)"])
+            if wrong:
+                raise ValueError(f"unknown {what} {wrong[0]!r}; known: {', '.join(known)}")
+        together = [{c} for c in colours] + [{a, b} for a in colours for b in colours if a != b and two_objects > 0]
+        if any(set(backgrounds) <= c for c in together):
+            raise ValueError("the objects' colours need a background of another colour to stand out on")
+        if two_objects > 0 and (len(colours) < 2 or not any(set(p) <= set(positions) for p in PAIRS)):
+            raise ValueError("two-object scenes need two colours and both positions of a pair (left and right, or top "
+                             "and bottom); set two_objects to 0 for one object")
         self.length, self.seed, self.size, self.shapes, self.two_objects = length, seed, size, tuple(shapes), two_objects
-        self.sizes = tuple(sizes)
+        self.sizes, self.colours, self.positions = tuple(sizes), tuple(colours), tuple(positions)
+        self.backgrounds = tuple(backgrounds)
 
     def __len__(self) -> int:
         return self.length
 
     def scene(self, i: int) -> Scene:
-        return random_scene(random.Random(self.seed * 1_000_003 + i), self.shapes, self.two_objects, self.sizes)
+        return random_scene(random.Random(self.seed * 1_000_003 + i), self.shapes, self.two_objects, self.sizes,
+                            self.colours, self.positions, self.backgrounds)
 
     def __getitem__(self, i: int):
         if not 0 <= i < self.length:

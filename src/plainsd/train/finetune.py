@@ -8,9 +8,11 @@ All three minimise the same denoising loss as the base training, on the instance
 - lora (Hu et al. 2021): low-rank adapters beside the attention projections; saved in kohya's format.
 
 The settings live in TrainConfig.extra, read into the method's settings class below (settings(cfg)); the data is
-a folder of images with captions (data.kind = "folder"), or, for the proof on the shipped model, renders of the
-shapes world (data.kind = "shapes" with data.shapes = ["heart"], a shape the base model never saw;
-data.sizes = ["large"] because the 8x8x4 latent of a 64-px image cannot hold a small one).
+a folder of images with captions (data.kind = "folder"), or, for the proofs on the shipped model, renders of the
+shapes world (data.kind = "shapes"): data.shapes = ["heart"], a shape the base model never saw, with
+data.sizes = ["large"] because the 8x8x4 latent of a 64-px image cannot hold a small one; or, for textual
+inversion, which can only find input vectors for what the frozen UNet already draws, one scene the base model
+draws from words (every one of data.shapes, sizes, colours, positions, backgrounds fixed to one value).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from .loop import TrainConfig, train
 from .recipes import object_weights, sample_posterior
 from .settings import RecipeSettings
 
+SHAPES_CHOICES = ("shapes", "sizes", "colours", "positions", "backgrounds")  # data.kind = shapes: the values each
+                                        # instance image draws from (all colours, positions, backgrounds by default)
 CLASS_PROMPTS_SEED = 5  # class_prompts = "shapes": captions of this seed of the shapes world (not the held-out prompts')
 
 
@@ -112,8 +116,13 @@ def instance_data(cfg: TrainConfig, s: FinetuneSettings, size: int) -> list[tupl
         ds = FolderDataset(data["path"], size=size)
         items = [ds[i][:2] for i in range(len(ds))]
     elif kind == "shapes":
-        ds = ShapesDataset(seed=data.get("seed", 77), size=size, shapes=tuple(data.get("shapes", ["heart"])),
-                           two_objects=0.0, sizes=tuple(data.get("sizes", ["small", "large"])))
+        unknown = sorted(set(data) - {"kind", "seed", *SHAPES_CHOICES})
+        if unknown:
+            raise ValueError(f"data.{unknown[0]} is not a setting of shapes data; allowed: seed, "
+                             f"{', '.join(SHAPES_CHOICES)}")
+        choices = {k: tuple(data[k]) for k in SHAPES_CHOICES if k in data}
+        ds = ShapesDataset(seed=data.get("seed", 77), size=size, two_objects=0.0,
+                           **{"shapes": ("heart",), "sizes": ("small", "large"), **choices})
         items = [ds[i][:2] for i in range(s.num_instance_images)]
     else:
         raise ValueError(f"unknown data kind {kind!r}; known: folder, shapes")
@@ -189,12 +198,17 @@ def trainable(sd, s: FinetuneSettings, captions: list[str]) -> Trainable:
     return Trainable(params, grad_text=s.train_text_encoder)
 
 
+def initial_vectors(sd, s: TextualInversionSettings) -> torch.Tensor:
+    """[s.vectors, width]: the token vectors of s.init_word, repeated in turn to fill s.vectors rows."""
+    init_ids = sd.tokenizer.encode(s.init_word) or sd.tokenizer.encode("shape")
+    table = sd.text_encoder.text_model.embeddings.token_embedding.weight
+    return torch.stack([table[init_ids[i % len(init_ids)]] for i in range(s.vectors)]).float()
+
+
 def _token_vectors(sd, s: TextualInversionSettings, captions: list[str]) -> Trainable:
     """Textual inversion's new token: s.vectors vectors started from s.init_word's, which the captions must use."""
     width, vocab = sd.config.text.width, sd.config.text.vocab_size
-    init_ids = sd.tokenizer.encode(s.init_word) or sd.tokenizer.encode("shape")
-    table = sd.text_encoder.text_model.embeddings.token_embedding.weight
-    init = torch.stack([table[init_ids[i % len(init_ids)]] for i in range(s.vectors)]).float()
+    init = initial_vectors(sd, s).detach()
     vectors = torch.nn.Parameter(init.clone())
     embset = EmbeddingSet([Embedding(s.token, init)], sd.tokenizer, width, vocab)
     if not embset.names:
