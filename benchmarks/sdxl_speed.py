@@ -133,8 +133,8 @@ def _diffusers_step(task: dict, dtype):
     unet = _diffusers_unet(task["path"], preset(task["preset"]).unet, dtype)
 
     def step(x, t, c, pooled, numbers):
-        return unet(x.to(dtype), t, encoder_hidden_states=c.to(dtype),
-                    added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": numbers}, return_dict=False)[0].float()
+        added = {"text_embeds": pooled.to(dtype), "time_ids": numbers}
+        return unet(x.to(dtype), t, encoder_hidden_states=c.to(dtype), added_cond_kwargs=added, return_dict=False)[0].float()
     return step
 
 
@@ -186,7 +186,9 @@ def _ov_compile(task: dict) -> dict:
     core = ov.Core()
     model = core.read_model(str(xml))
     model.reshape({i: list(s.shape) for i, s in enumerate(_inputs(preset(task["preset"]).unet, task["size"]))})
-    exported = core.compile_model(model, "CPU", _ov_config(task)).export_model()
+    compiled = core.compile_model(model, "CPU", _ov_config(task))
+    del model  # (the float32 IR: out of memory before the export's copy of the compiled model is made)
+    exported = compiled.export_model()
     with open(blob.with_suffix(".tmp"), "wb") as f:
         f.write(exported.getbuffer() if hasattr(exported, "getbuffer") else exported)
     blob.with_suffix(".tmp").replace(blob)
@@ -200,7 +202,8 @@ def _openvino_step(task: dict, dtype):
 
     _, blob = _ov_paths(task)
     mapped = np.memmap(blob, dtype=np.uint8, mode="c")  # copy-on-write: OpenVINO wants a writeable array
-    request = ov.Core().import_model(ov.Tensor(mapped, shared_memory=True), "CPU", _ov_config(task)).create_infer_request()
+    compiled = ov.Core().import_model(ov.Tensor(mapped, shared_memory=True), "CPU", _ov_config(task))
+    request = compiled.create_infer_request()
 
     def step(x, t, c, pooled, numbers):
         out = request.infer([a.float().numpy() for a in (x, t, c, pooled, numbers)])[0]
@@ -217,7 +220,8 @@ def _unet_step(task: dict) -> dict:
 
     dtype = torch.bfloat16 if task["precision"] == "bf16" else torch.float32
     started = time.perf_counter()
-    step = {"plainsd": _plainsd_step, "diffusers": _diffusers_step, "openvino": _openvino_step}[task["runtime"]](task, dtype)
+    load = {"plainsd": _plainsd_step, "diffusers": _diffusers_step, "openvino": _openvino_step}[task["runtime"]]
+    step = load(task, dtype)
     inputs = _inputs(preset(task["preset"]).unet, task["size"])
     with torch.inference_mode():
         out = step(*inputs)
@@ -301,12 +305,15 @@ def unet_gflop(preset_name: str, size: int) -> float:
     from plainsd.models.unet import UNetModel
 
     cfg = preset(preset_name).unet
-    x, t, c, pooled, numbers = _inputs(cfg, size)
-    y = vector(pooled, numbers)
+    if cfg.adm_in_channels:  # SDXL
+        x, t, c, pooled, numbers = _inputs(cfg, size)
+        y = vector(pooled, numbers).to("meta")
+    else:
+        x, t, c, y = torch.randn(2, 4, size // 8, size // 8), torch.ones(2), torch.randn(2, 77, cfg.context_dim), None
     with torch.device("meta"):
         unet = UNetModel(cfg)
         with FlopCounterMode(display=False) as counter:
-            unet(x.to("meta"), t.to("meta"), c.to("meta"), y=y.to("meta"))
+            unet(x.to("meta"), t.to("meta"), c.to("meta"), y=y)
     return counter.get_total_flops() / 1e9
 
 
@@ -338,10 +345,6 @@ def _measure(args, path: Path, bf16: bool) -> dict:
     return results
 
 
-# SD1.5's runtimes in speed.py's worker for each engine of this script
-SD15_RUNTIMES = {"plainsd": "plainsd", "diffusers": "diffusers", "openvino": "openvino"}
-
-
 def _measure_sd15(args, bf16: bool) -> dict:
     """The same engines' SD1.5 UNet step with CFG at --sd15-size (speed.py's worker and checkpoint)."""
     common = {"checkpoint": str(sd15_checkpoint()), "threads": args.threads, "repeats": args.repeats, "kind": "unet",
@@ -349,10 +352,10 @@ def _measure_sd15(args, bf16: bool) -> dict:
     results: dict[tuple, list[dict]] = {}
     for engine in args.engines:
         if ENGINES[engine][0] == "openvino":  # its IR and compiled blob once, as speed.py warms them
-            _run({**common, "runtime": "openvino", "precision": _precision(engine, bf16), "repeats": 1})
+            speed_run({**common, "runtime": "openvino", "precision": _precision(engine, bf16), "repeats": 1})
     for r in range(args.rounds):
         for engine in args.engines:
-            res = _run({**common, "runtime": SD15_RUNTIMES[ENGINES[engine][0]], "precision": _precision(engine, bf16)})
+            res = speed_run({**common, "runtime": ENGINES[engine][0], "precision": _precision(engine, bf16)})
             results.setdefault(("sd15", args.sd15_size, engine), []).append(res)
             print(f"round {r + 1}: SD1.5 UNet step {args.sd15_size} {engine}: {_shown(res)}", flush=True)
     return results
@@ -472,9 +475,8 @@ def _table(results: dict, peaks: dict, args, check_lines: list[str]) -> str:
                              unet_gflop(args.preset, size), peak)
     compiled = [(k, rs[0]) for k, rs in results.items() if k[0] == "ov-compile"]
     if compiled:
-        lines += ["OpenVINO's compilation (and conversion, where no converted model was on disk yet), once per size, in processes of "
-                  "their own: " + "; ".join(
-            f"{e} at {s}: {_shown(r)}" for (_, s, e), r in compiled), ""]
+        lines += ["OpenVINO's compilation (and conversion, where no converted model was on disk yet), once per size, "
+                  "in processes of their own: " + "; ".join(f"{e} at {s}: {_shown(r)}" for (_, s, e), r in compiled), ""]
     if args.sd15_size:
         lines += _step_table(f"SD1.5 UNet step with CFG (batch 2) at {args.sd15_size}x{args.sd15_size} (speed.py's "
                              "workers)", results, "sd15", args.sd15_size, args, unet_gflop("sd15", args.sd15_size), peak)
