@@ -275,3 +275,29 @@ def test_refiner_is_prepared_as_the_base_model(sd, refiner_file, dtype):
         rounded = lambda m: copy.deepcopy(m).to(dtype).float()  # noqa: E731
         in_float32 = _refined_by_hand(rounded(sd), rounded(plainsd.load(refiner_file)), steps, switch, scale)
         assert np.abs(picture - np.asarray(in_float32, dtype=np.int16)).max() <= 1
+
+
+def test_large_pictures_are_decoded_by_tiles(sd, monkeypatch):
+    """A picture over pipeline.DECODE_TILE latents on a side (512 px) is decoded by overlapping tiles, so the VAE's
+    decoder never holds more than one tile's activations: a 1024x1024 SDXL picture's 128x128 latents go as nine
+    64x64 tiles. Checked here at an eighth of the size (tile 8, a 128x128 picture) through txt2img, against the
+    tiled decode done by hand (how close tiles come to a whole decode: tests/models/test_vae.py)."""
+    from plainsd.models.vae import _starts
+
+    tile = pipeline.DECODE_TILE
+    assert _starts(1024 // 8, tile, tile - tile // 4) == [0, 48, 64]  # 3 x 3 tiles at 1024
+    monkeypatch.setattr(pipeline, "DECODE_TILE", 8)
+    seen, latents = [], []
+    hook = sd.vae.decoder.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[2:])))
+    decode = pipeline.decode
+    monkeypatch.setattr(pipeline, "decode", lambda s, x, *a, **k: (latents.append(x), decode(s, x, *a, **k))[1])
+    try:
+        picture = pipeline.txt2img(sd, "a red circle", steps=2, seed=1, width=128, height=128).images[0]
+    finally:
+        hook.remove()
+    assert seen == [(8, 8)] * 9 and picture.size == (128, 128)
+    unscaled = latents[0] / sd.config.scale_factor
+    with torch.no_grad():
+        by_hand = sd.vae.decode_tiled(unscaled, 8, 2)
+    got = torch.from_numpy(np.asarray(picture, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    assert (got - by_hand[0].clamp(-1, 1)).abs().max() <= 1 / 127.5 + 1e-6
