@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def peak_gb() -> float:
-    """The process's peak resident memory so far, in GB (Linux's VmHWM)."""
+    """The process's peak resident memory so far, in GiB (Linux's VmHWM, kB / 2**20)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM"):
             return int(line.split()[1]) / 2**20
@@ -131,8 +131,8 @@ def main():
     header = (f"One 1024x1024 SDXL picture (random full-size weights, fp16 files), txt2img with CFG 7, Euler, "
               f"{args.steps} steps, VAE decode (by tiles) included; {os.cpu_count()} cores ({', '.join(flags)}), "
               f"{args.threads} threads, precision {args.precision}, each row a fresh process. Written by {command}.")
-    table = ["| CPU path | row | weights loaded as | compute dtype | load s | peak RSS after load GB | picture s "
-             "| peak RSS GB |", "|---|---|---|---|---|---|---|---|"]
+    table = ["| CPU path | row | weights loaded as | compute dtype | load s | peak RSS after load GiB | picture s "
+             "| peak RSS GiB |", "|---|---|---|---|---|---|---|---|"]
     notes = []
     if args.append and Path(args.out).is_file():  # (paragraphs: the header, the table, notes)
         header, table, *notes = Path(args.out).read_text().rstrip("\n").split("\n\n")
