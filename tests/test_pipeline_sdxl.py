@@ -176,17 +176,13 @@ def _by_hand(model, prompt, negative, kind, numbers, scale):
     return CFGDenoiser(net, scale), {"cond": conditioning(prompt, 6.0), "uncond": conditioning(negative, 2.5)}
 
 
-def test_refiner_takes_over_as_the_two_models_run_by_hand(sd, refiner_file):
+def _refined_by_hand(sd, refiner, steps, switch, scale):
     """Euler: the base model's steps down to the first sigma whose nearest training timestep t has (999 - t) / 1000
-    >= 0.5 (A1111's completed ratio), then the refiner's, on the same latents; decoded by the refiner's VAE."""
+    >= switch (A1111's completed ratio), then the refiner's, on the same latents; decoded by the refiner's VAE."""
     from plainsd.diffusion.denoisers import DiscreteDenoiser
     from plainsd.diffusion.samplers import sample_euler
     from plainsd.images import to_pil
 
-    steps, switch, scale = 6, 0.5, 6.0
-    result = pipeline.txt2img(sd, "a red circle", "blurry", steps=steps, seed=4, sampler="Euler", cfg_scale=scale,
-                              refiner_checkpoint=str(refiner_file), refiner_switch_at=switch)
-    refiner = plainsd.load(refiner_file)
     table = DiscreteDenoiser(None).sigmas
     sigmas = DiscreteDenoiser(None).get_sigmas(steps, "normal")
     ratios = [(999 - int(torch.argmin((table - s).abs()))) / 1000 for s in sigmas[:-1]]
@@ -198,7 +194,15 @@ def test_refiner_takes_over_as_the_two_models_run_by_hand(sd, refiner_file):
         x = sample_euler(base_model, x, sigmas[:k + 1], extra_args=base_args)
         refined_model, refined_args = _by_hand(refiner, "a red circle", "blurry", "refiner", [64, 64, 0, 0], scale)
         x = sample_euler(refined_model, x, sigmas[k:], extra_args=refined_args)
-        image = to_pil(refiner.vae.decode(x / refiner.config.scale_factor))[0]
+        return to_pil(refiner.vae.decode(x / refiner.config.scale_factor))[0]
+
+
+def test_refiner_takes_over_as_the_two_models_run_by_hand(sd, refiner_file):
+    """The hand-over at 0.5 (A1111's completed ratio) equals the two models run by hand (_refined_by_hand)."""
+    steps, switch, scale = 6, 0.5, 6.0
+    result = pipeline.txt2img(sd, "a red circle", "blurry", steps=steps, seed=4, sampler="Euler", cfg_scale=scale,
+                              refiner_checkpoint=str(refiner_file), refiner_switch_at=switch)
+    image = _refined_by_hand(sd, plainsd.load(refiner_file), steps, switch, scale)
     d = np.abs(np.asarray(result.images[0], dtype=np.int16) - np.asarray(image, dtype=np.int16)).max()
     assert d <= 1, d
     base_only = pipeline.txt2img(sd, "a red circle", "blurry", steps=steps, seed=4, sampler="Euler", cfg_scale=scale)
@@ -239,3 +243,61 @@ def test_refiner_refusals(sd, refiner_file, tmp_path):
     plainsd.save(plainsd.build("tiny"), tmp_path / "sd1.safetensors")
     with pytest.raises(ValueError, match="works on other latents"):
         pipeline.txt2img(sd, "x", steps=1, refiner_checkpoint=str(tmp_path / "sd1.safetensors"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_refiner_is_prepared_as_the_base_model(sd, refiner_file, dtype):
+    """On an engine made by runtime.prepare, the refiner is loaded in the dtype the base model's weights came in and
+    prepared the same way: bf16 with packed weights and the runtime's attention, or fp16 weights computed in float32
+    (runtime/storage.py). The hand-over equals the two prepared models run by hand (within 8-bit rounding); with fp16
+    storage also the two models run by hand in float32 on the same fp16-rounded weights (the arithmetic is float32)."""
+    import copy
+
+    from plainsd import runtime
+    from plainsd.runtime import PackedConv2d
+
+    if dtype == torch.bfloat16 and not runtime.packing_available(torch.bfloat16):
+        pytest.skip("this CPU runs no bf16 oneDNN kernels")
+    engine = runtime.prepare(copy.deepcopy(sd).to(dtype))
+    steps, switch, scale = 6, 0.5, 6.0
+    result = pipeline.txt2img(engine, "a red circle", "blurry", steps=steps, seed=4, sampler="Euler", cfg_scale=scale,
+                              refiner_checkpoint=str(refiner_file), refiner_switch_at=switch)
+    refiner = engine.refiner[1]
+    assert refiner.prepared and refiner.load_dtype == dtype and refiner.sd.dtype == engine.sd.dtype
+    if dtype == torch.bfloat16:
+        assert any(isinstance(m, PackedConv2d) for m in refiner.sd.unet.modules())
+    else:
+        assert runtime.half_stored(refiner.sd.unet) and refiner.sd.unet.out[2].weight.dtype == torch.float16
+    picture = np.asarray(result.images[0], dtype=np.int16)
+    by_hand = _refined_by_hand(engine.sd, refiner.sd, steps, switch, scale)
+    assert np.abs(picture - np.asarray(by_hand, dtype=np.int16)).max() <= 1
+    if dtype == torch.float16:
+        rounded = lambda m: copy.deepcopy(m).to(dtype).float()  # noqa: E731
+        in_float32 = _refined_by_hand(rounded(sd), rounded(plainsd.load(refiner_file)), steps, switch, scale)
+        assert np.abs(picture - np.asarray(in_float32, dtype=np.int16)).max() <= 1
+
+
+def test_large_pictures_are_decoded_by_tiles(sd, monkeypatch):
+    """A picture over pipeline.DECODE_TILE latents on a side (512 px) is decoded by overlapping tiles, so the VAE's
+    decoder never holds more than one tile's activations: a 1024x1024 SDXL picture's 128x128 latents go as nine
+    64x64 tiles. Checked here at an eighth of the size (tile 8, a 128x128 picture) through txt2img, against the
+    tiled decode done by hand (how close tiles come to a whole decode: tests/models/test_vae.py)."""
+    from plainsd.models.vae import _starts
+
+    tile = pipeline.DECODE_TILE
+    assert _starts(1024 // 8, tile, tile - tile // 4) == [0, 48, 64]  # 3 x 3 tiles at 1024
+    monkeypatch.setattr(pipeline, "DECODE_TILE", 8)
+    seen, latents = [], []
+    hook = sd.vae.decoder.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[2:])))
+    decode = pipeline.decode
+    monkeypatch.setattr(pipeline, "decode", lambda s, x, *a, **k: (latents.append(x), decode(s, x, *a, **k))[1])
+    try:
+        picture = pipeline.txt2img(sd, "a red circle", steps=2, seed=1, width=128, height=128).images[0]
+    finally:
+        hook.remove()
+    assert seen == [(8, 8)] * 9 and picture.size == (128, 128)
+    unscaled = latents[0] / sd.config.scale_factor
+    with torch.no_grad():
+        by_hand = sd.vae.decode_tiled(unscaled, 8, 2)
+    got = torch.from_numpy(np.asarray(picture, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    assert (got - by_hand[0].clamp(-1, 1)).abs().max() <= 1 / 127.5 + 1e-6

@@ -261,8 +261,9 @@ def _xyz_args(p: argparse.ArgumentParser):
 
 def _runtime_args(p: argparse.ArgumentParser):
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: one per core)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="the networks' number format; auto = bf16 where the CPU has native bf16 (avx512_bf16/AMX), else fp32")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="the networks' number format; auto = bf16 where the CPU has native bf16 (avx512_bf16/AMX), "
+                        "else fp32 (SDXL: fp16 weights computed in fp32, as fp16 does)")
     p.add_argument("--backend", choices=["eager", "openvino"], default="eager",
                    help="openvino: run the UNet compiled by OpenVINO (pip install 'plainsd[openvino]'); cached on disk")
 
@@ -563,13 +564,13 @@ def _load_model(path: str | None, prediction: str | None, precision: str = "auto
     """The model at path (default: the shipped one), prepared to run here: a runtime.Engine."""
     import plainsd
     from plainsd import runtime
-    from plainsd.weights import DEFAULT_MODEL
+    from plainsd.weights import DEFAULT_MODEL, read_config
 
-    dtype = runtime.choose_dtype(precision)
     if path is None and not DEFAULT_MODEL.is_file():
         print("plainsd: note: no default model is shipped yet; drawing with a random tiny model (expect noise). "
               "Pass --model PATH for a real checkpoint.", file=sys.stderr)
-        return runtime.prepare(plainsd.build("tiny", seed=0).to(dtype), backend)
+        return runtime.prepare(plainsd.build("tiny", seed=0).to(runtime.choose_dtype(precision)), backend)
+    dtype = runtime.choose_dtype(precision, read_config(path))  # (SDXL without native bf16: fp16 weights)
     sd = plainsd.load(path, prediction=prediction, dtype=dtype)
     if Path(path or DEFAULT_MODEL).is_file():
         from plainsd.weights import short_hash

@@ -39,7 +39,7 @@ from .models.sdxl import size_numbers, vector
 from .prompts import encode_prompt, extract_loras, prompt_schedule, split_and
 from .request import (DEFAULTS, IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix,
                       Parameters, sampler_fields)
-from .runtime import Engine, release_freed_memory
+from .runtime import Engine, prepare, release_freed_memory
 from .weights import load, load_tiny_decoder
 
 __all__ = ["txt2img", "img2img", "inpaint", "outpaint", "outpaint_request", "generate", "GenerationRequest",
@@ -827,11 +827,14 @@ def _refiner(engine: Engine, req: GenerationRequest, params: Parameters, hires: 
 
 
 def _refiner_engine(engine: Engine, path: str) -> Engine:
-    """The refiner checkpoint as an Engine in the base model's dtype, kept on the base's engine for later runs."""
+    """The refiner checkpoint as an Engine, kept on the base's engine for later runs: loaded in the dtype the base
+    model's weights came in (bf16, fp16 storage or float32) and, where the base engine was made by runtime.prepare,
+    prepared the same way (eager: the refiner's UNet is not compiled by OpenVINO)."""
     path = str(Path(path).resolve())
     if engine.refiner is None or engine.refiner[0] != path:
         engine.refiner = None  # (the one before freed first)
-        engine.refiner = (path, Engine(load(path, dtype=engine.sd.dtype)))
+        refiner = load(path, dtype=engine.load_dtype)
+        engine.refiner = (path, prepare(refiner) if engine.prepared else Engine(refiner))
     return engine.refiner[1]
 
 

@@ -247,8 +247,8 @@ def run_model(model, image: torch.Tensor, tile: int = TILE, tile_overlap: int = 
               precision: str = "auto", progress: bool = False) -> torch.Tensor:
     """One pass of a spandrel model over image [3, H, W] in [0, 1] -> [3, H*scale, W*scale] in [0, 1], by tiles
     (tile 0: whole)."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"unknown precision {precision!r}; known: auto, bf16, fp32")
+    if precision not in ("auto", "bf16", "fp16", "fp32"):  # (fp16: weights stored so, computed in float32)
+        raise ValueError(f"unknown precision {precision!r}; known: auto, bf16, fp16, fp32")
     check_tiling(tile, tile_overlap)
 
     layout = torch.channels_last if model.architecture.id in CHANNELS_LAST else torch.contiguous_format

@@ -737,6 +737,18 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
     return sd.eval().requires_grad_(False)
 
 
+def read_config(path: str | os.PathLike | None = None) -> ModelConfig:
+    """The ModelConfig load() would build for a checkpoint file or diffusers folder, from its header or config
+    files alone (no weights read): what runtime.choose_dtype needs to pick the dtype to load it in."""
+    path = Path(path) if path is not None else DEFAULT_MODEL
+    if path.is_dir():
+        return _diffusers_config(path)
+    if not path.exists():
+        raise CheckpointError(f"no such checkpoint file or folder: {path}")
+    source = _sgm_sd2(read_tensors(path))
+    return infer_config(source.shapes, source.metadata)[0]
+
+
 def _own_defaults(source: TensorSource, unreadable: dict) -> dict:
     """A file's own plainsd.defaults metadata (the settings GENERATION_DEFAULTS names); `unreadable` where they are
     not JSON: defaults are a convenience, and a file with unreadable ones still loads."""

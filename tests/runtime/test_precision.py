@@ -15,5 +15,5 @@ def test_choose_dtype(monkeypatch):
     assert runtime.choose_dtype("auto") == torch.bfloat16
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})  # bf16 would be emulated: slower
     assert runtime.choose_dtype("auto") == torch.float32
-    with pytest.raises(ValueError, match="unknown precision 'fp16'; known: auto, bf16, fp32"):
-        runtime.choose_dtype("fp16")
+    with pytest.raises(ValueError, match="unknown precision 'fp8'; known: auto, bf16, fp16, fp32"):
+        runtime.choose_dtype("fp8")

@@ -7,6 +7,7 @@
 
 One concern a file:
     precision.py   the networks' dtype: bf16 where the CPU multiplies it natively, float32 elsewhere
+    storage.py     fp16 weights computed in float32 (SDXL on CPUs without native bf16)
     memory.py      glibc's malloc asked to keep freed memory between UNet steps, and to hand it back
     packing.py     weights reordered once into oneDNN's layout; how a layer's class is swapped for a faster one
     attention.py   bf16 attention through oneDNN on CPUs without AMX (the same class swap)
@@ -27,6 +28,7 @@ from .openvino import OpenVINOUNet, cache_limit, code_version, default_cache_dir
 from .packing import (PackedConv2d, PackedGEGLU, PackedLinear, pack_weights, packing_available, set_weight,
                       unpack_weights)
 from .precision import PRECISIONS, choose_dtype, cpu_flags, native_bf16
+from .storage import HalfStoredConv2d, HalfStoredLinear, compute_in_float32, half_stored
 
 BACKENDS = ("eager", "openvino")
 
@@ -48,6 +50,8 @@ class Engine:
         self.tiny_decoder = None
         self.controlnets = OrderedDict()  # loaded ControlNets, the most recently used last (control.load_controlnets)
         self.refiner = None  # (path, Engine): the refiner checkpoint last used (pipeline._refiner_engine)
+        self.prepared = False  # made by prepare(): another model it loads (a refiner) is prepared alike
+        self.load_dtype = sd.unet.dtype  # the dtype the model's weights came in (fp16 for fp16 storage)
 
     def use_tiny_decoder(self, decoder, name: str = "the tiny decoder") -> None:
         """Decode fast mode's pictures with this TAESD decoder (checked against the model's latents)."""
@@ -85,14 +89,19 @@ def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = No
     CPU runs best (use_runtime_attention), and on the eager path the weights of the UNet and the VAE packed for
     oneDNN (pack_weights). The eager bf16 path also turns on torch.set_flush_denormal for the process (denormal
     floats become zero), and every path asks the C library to keep freed memory for reuse (keep_freed_memory).
-    Returns the Engine the pipeline runs.
+    A model loaded in fp16 keeps its layers' weights in fp16 and computes in float32 (compute_in_float32: how
+    SDXL runs on CPUs without native bf16). Returns the Engine the pipeline runs.
 
     precision: cast the networks (None keeps the dtype the model was loaded in).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if precision is not None:
-        sd.to(choose_dtype(precision))
+        sd.to(choose_dtype(precision, sd.config))
+    load_dtype = sd.unet.dtype
+    if load_dtype == torch.float16:
+        for network in (sd.text_encoder, sd.unet, sd.vae):
+            compute_in_float32(network)
     # oneDNN's convolutions run fastest on NHWC; plain float32 too, so this holds for every precision.
     sd.unet.to(memory_format=torch.channels_last)
     sd.vae.to(memory_format=torch.channels_last)
@@ -108,7 +117,9 @@ def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = No
         # exponentials that underflow into that range run slower as denormals (runtime/attention._attention_fused)
         torch.set_flush_denormal(True)
     keep_freed_memory()
-    return Engine(sd, backend, unet)
+    engine = Engine(sd, backend, unet)
+    engine.prepared, engine.load_dtype = True, load_dtype
+    return engine
 
 
 def prepare_controlnet(controlnet, like: Engine):
@@ -129,6 +140,7 @@ def prepare_controlnet(controlnet, like: Engine):
 __all__ = [
     "BACKENDS", "Engine", "prepare", "prepare_controlnet",
     "PRECISIONS", "choose_dtype", "cpu_flags", "native_bf16",
+    "HalfStoredConv2d", "HalfStoredLinear", "compute_in_float32", "half_stored",
     "keep_freed_memory", "release_freed_memory",
     "PackedConv2d", "PackedGEGLU", "PackedLinear", "pack_weights", "packing_available", "set_weight", "unpack_weights",
     "use_plain_attention", "use_runtime_attention",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import plainsd
 from plainsd import runtime, vaes
-from plainsd.weights import DEFAULT_MODEL, load_vae
+from plainsd.weights import DEFAULT_MODEL, load_vae, read_config
 
 SUFFIXES = (".safetensors", ".ckpt", ".pt")
 
@@ -159,12 +159,11 @@ class ModelStore:
         entry = entry or self.current
         if self._loaded is None or self._loaded[0] != entry.name:
             self._loaded = None
-            dtype = runtime.choose_dtype(self.precision)
             if entry.path is None:
-                sd = plainsd.build("tiny", seed=0).to(dtype)
+                sd = plainsd.build("tiny", seed=0).to(runtime.choose_dtype(self.precision))
                 sd.name = entry.name
-            else:
-                sd = plainsd.load(entry.path, dtype=dtype)
+            else:  # (SDXL on a CPU without native bf16: fp16 weights, runtime/storage.py)
+                sd = plainsd.load(entry.path, dtype=runtime.choose_dtype(self.precision, read_config(entry.path)))
             sd.hash = entry.hash
             self._loaded = (entry.name, runtime.prepare(sd, self.backend))
         return self._loaded[1]
