@@ -174,10 +174,10 @@ HONOURED = {
     "fast": Change({"fast": True}, base={"steps": 6}),
     "guidance_until": Change({"guidance_until": 0.5}, base={"steps": 6}),
     # A1111's refiner: any of the server's models with the same latents (here a second tiny one), by name
-    "refiner_checkpoint": Change({"refiner_checkpoint": "refiner", "refiner_switch_at": 0.5}, base={"steps": 8},
-                                 expect=lambda a, b: "Refiner: refiner, Refiner switch at: 0.5" in infotext(a)
+    "refiner_checkpoint": Change({"refiner_checkpoint": "tiny_refiner", "refiner_switch_at": 0.5}, base={"steps": 8},
+                                 expect=lambda a, b: "Model: tiny, Refiner: tiny_refiner, Refiner switch at: 0.5" in infotext(a)
                                  and pixels(a) != pixels(b)),
-    "refiner_switch_at": Change({"refiner_switch_at": 0.3}, base={"steps": 8, "refiner_checkpoint": "refiner",
+    "refiner_switch_at": Change({"refiner_switch_at": 0.3}, base={"steps": 8, "refiner_checkpoint": "tiny_refiner",
                                                                    "refiner_switch_at": 0.6}),
     # txt2img's hires fix
     "enable_hr": Change({"enable_hr": True}, expect=lambda a, b: sizes(a) == [(64, 64)]),
@@ -227,7 +227,7 @@ def outputs(tmp_path_factory):
 def client(tmp_path_factory, outputs):
     folder = tmp_path_factory.mktemp("models")
     plainsd.save(plainsd.build("tiny", seed=0), folder / "tiny.safetensors")
-    plainsd.save(plainsd.build("tiny", seed=1), folder / "refiner.safetensors")
+    plainsd.save(plainsd.build("tiny", seed=1), folder / "tiny_refiner.safetensors")  # (sorted after the base)
     app = create_app(models_dir=folder, outputs=outputs, limits=Limits(max_size=256, max_steps=30, max_images=4))
     with TestClient(app) as c:
         yield c
