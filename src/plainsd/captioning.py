@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 from .config import CaptionerConfig
 from .images import to_tensor
 from .models.captioner import Captioner
+from .train.data import read_metadata
 from .weights import CheckpointError, read_tensors, write_safetensors
 
 DEFAULT_CAPTIONER = Path(__file__).parent / "data" / "plainsd-base.captioner.safetensors"
@@ -156,22 +157,6 @@ def _open(path: Path) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
-def _read_metadata(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-                raise ValueError(f"{path}, line {n}: expected a JSON object with a file_name")
-            rows.append(row)
-    return rows
-
-
 def caption_folder(folder: str | os.PathLike, captioner: ImageCaptioner, format: str = "txt", prefix: str = "",
                    suffix: str = "", overwrite: bool = False, progress: bool = True) -> FolderCaptions:
     """Caption each picture of a folder for training: "txt" writes kohya's same-name .txt beside it, "jsonl" a
@@ -188,7 +173,7 @@ def caption_folder(folder: str | os.PathLike, captioner: ImageCaptioner, format:
     folder = Path(folder)
     images = folder_images(folder)
     meta_path = folder / METADATA
-    rows = _read_metadata(meta_path) if format == "jsonl" else []
+    rows = read_metadata(meta_path) if format == "jsonl" else []
     by_name = {r["file_name"]: r for r in rows}
     if format == "txt":
         done = {p for p in images if p.with_suffix(".txt").is_file() and p.with_suffix(".txt").read_text().strip()}

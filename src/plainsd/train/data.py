@@ -231,6 +231,25 @@ class ShapesDataset:
         return render(scene, self.size), scene.caption, scene
 
 
+def read_metadata(path: Path) -> list[dict]:
+    """The rows of a Hugging Face imagefolder metadata.jsonl (none if there is no file), each a JSON object with a
+    file_name; a ValueError naming the line of any other."""
+    rows = []
+    if path.is_file():
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                raise ValueError(f"{path}, line {n}: expected a JSON object with a file_name")
+            rows.append(row)
+    return rows
+
+
+
 class FolderDataset:
     """Users' own data, in the ecosystem's two conventions:
 
@@ -247,14 +266,7 @@ class FolderDataset:
         meta = self.folder / "metadata.jsonl"
         self.items: list[tuple[Path, str]] = []
         if meta.is_file():
-            for n, line in enumerate(meta.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    self.items.append((self.folder / row["file_name"], str(row.get(caption_column, ""))))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{meta}, line {n}: expected a JSON object with file_name and {caption_column}") from None
+            self.items = [(self.folder / row["file_name"], str(row.get(caption_column, ""))) for row in read_metadata(meta)]
         else:
             for path in sorted(self.folder.iterdir()):
                 if path.suffix.lower() in self.EXTENSIONS:
