@@ -14,6 +14,7 @@ seed of prompt i's picture is i. Seconds per picture are the mean over the row's
 
     .venv/bin/python benchmarks/lcm_adherence.py                       # the shipped LoRA; writes the .md
     .venv/bin/python benchmarks/lcm_adherence.py --lora runs/lcm/lcm-lora.safetensors --prompts 50 --out /tmp/x.md
+    .venv/bin/python benchmarks/lcm_adherence.py --teacher --prompts 50 --out /tmp/teacher.md   # the ceiling
 """
 
 from __future__ import annotations
@@ -56,10 +57,22 @@ def rows(engine, scenes, lora: Path):
     yield "no LoRA: DPM++ 2M karras, CFG 5 until 60%, 4 steps", measure(engine, scenes, steps=4)
 
 
+def teacher_rows(engine, scenes):
+    """The ceiling of a distillation: the trajectories the teacher's solver follows, run to the end on LCM's grid
+    of 50 timesteps (the ddim schedule), guided as the lcm recipe guides (above t = 200: 80% of the steps)."""
+    for cfg in (2.0, 5.0):
+        for sampler in ("DDIM", "Heun"):
+            yield (f"teacher: {sampler}, 50 steps on the ddim schedule, CFG {cfg:g} until 80%",
+                   measure(engine, scenes, sampler=sampler, schedule="ddim", steps=50, cfg_scale=cfg,
+                           guidance_until=0.8))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lora", default=str(SHIPPED), help="the LCM-LoRA file (default: the shipped one)")
     parser.add_argument("--prompts", type=int, default=100, help="held-out single-object prompts")
+    parser.add_argument("--teacher", action="store_true",
+                        help="measure the distillation's teacher trajectories instead of the LoRA (teacher_rows)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
     args = parser.parse_args()
@@ -70,12 +83,14 @@ def main() -> None:
     scenes = held_out_scenes(args.prompts, 1)
     command = "" if lora == SHIPPED else f" --lora {args.lora}"
     command += f" --prompts {args.prompts}" if args.prompts != 100 else ""
-    lines = [f"# LCM-LoRA adherence: {lora.name} on the shipped model", "",
+    command += " --teacher" if args.teacher else ""
+    title = "the distillation's teacher" if args.teacher else lora.name
+    lines = [f"# LCM-LoRA adherence: {title} on the shipped model", "",
              f"`.venv/bin/python benchmarks/lcm_adherence.py{command}` on {cpu_name()}, "
              f"{str(engine.sd.dtype).replace('torch.', '')} (the default runtime), {args.prompts} held-out "
              "single-object prompts; the method in the script's docstring.", "",
              "| settings | colour and shape | position | size | s / picture |", "|---|---|---|---|---|"]
-    for name, (shares, seconds) in rows(engine, scenes, lora):
+    for name, (shares, seconds) in (teacher_rows(engine, scenes) if args.teacher else rows(engine, scenes, lora)):
         lines.append(f"| {name} | {shares['colour_and_shape']:.2f} | {shares['position']:.2f} | "
                      f"{shares['size']:.2f} | {seconds:.3f} |")
         print(lines[-1], flush=True)
