@@ -80,6 +80,23 @@ def test_training_conditioning_is_generations(files, name):
     assert max_diff(other["vector"], y) > 0.1  # the size is in the vector
 
 
+def test_rows_of_a_batch_give_the_whole_batchs_loss(files):
+    """Data-parallel training's split: each process encodes its rows of SDXL's conditioning, and the rows' losses
+    average to the whole batch's."""
+    sd = plainsd.load(files["tiny-sdxl"])
+    captions = ["a red circle", "a blue square on the left"]
+    numbers = size_conditions(sd, [Crop(64, 64), Crop(80, 40, 0, 32)], 64, 64)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def loss(rows):
+        cond = text_conditioning(sd, Trainable({}), captions, numbers, rows)
+        with torch.no_grad():
+            return float(training_loss(_unet_net(sd.unet), z, cond, generator=torch.Generator().manual_seed(2),
+                                       rows=rows))
+    first, second = loss(slice(0, 1)), loss(slice(1, 2))
+    assert (first + second) / 2 == pytest.approx(loss(None), rel=1e-5) and abs(first - second) > 1e-3
+
+
 def test_folder_pictures_give_their_source_size_and_crop(files, tmp_path):
     """An 80x40 picture trained at 64: scaled to 128x64, its centre kept from x = 32; the UNet is told original size
     (40, 80), crop (0, 32), target size (64, 64), as diffusers' SDXL trainer tells it."""
