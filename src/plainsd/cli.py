@@ -495,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dreambooth prior preservation: a class prompt (repeatable); the base model draws the class images")
     p.add_argument("--num-class-images", type=int, default=None)
     p.add_argument("--prior-weight", type=float, default=None, help="weight of the prior-preservation loss")
-    p.add_argument("--train-text-encoder", action="store_true", default=None, help="dreambooth / lora: also the text encoder")
+    p.add_argument("--train-text-encoder", action="store_true", default=None,
+                   help="dreambooth / lora: also the text encoder (SDXL: both towers)")
     p.add_argument("--token", default=None, help="textual inversion: the embedding's name, as written in prompts")
     p.add_argument("--init-word", default=None, help="textual inversion: the word whose vectors start it")
     p.add_argument("--vectors", type=int, default=None, help="textual inversion: vectors per token")

@@ -35,7 +35,7 @@ from .diffusion.noise import ImageNoise
 from .embeddings import load_embeddings
 from .fast import FAST, DeepCacheUNet, FastSettings
 from .models import StableDiffusion
-from .models.sdxl import size_numbers, vector
+from .models.sdxl import conditioning, size_numbers
 from .prompts import encode_prompt, extract_loras, prompt_schedule, split_and
 from .request import (DEFAULTS, IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix,
                       Parameters, sampler_fields)
@@ -580,7 +580,7 @@ class _TextStates:
         if negative and text == "":
             states, pooled = torch.zeros_like(states), torch.zeros_like(pooled)
         numbers = size_numbers(sd.config.sdxl, *size, aesthetic_score=REFINER_SCORES[negative])
-        return {"crossattn": states, "vector": vector(pooled, torch.tensor([numbers], device=pooled.device))}
+        return conditioning(states, pooled, torch.tensor([numbers], device=pooled.device))
 
 
 # The refiner's aesthetic score for prompts and for negative prompts (A1111's sdxl_refiner_high_aesthetic_score and

@@ -114,7 +114,7 @@ def test_shipped_recipes_teach_large_hearts(method):
     s = settings(cfg)
     items = instance_data(cfg, s, 64)
     assert len(items) == s.num_instance_images
-    for image, caption in items:  # the judge reads every instance image as one large heart
+    for image, caption, _ in items:  # the judge reads every instance image as one large heart
         found = detect(image)[1]
         assert len(found) == 1 and (found[0].shape, found[0].size) == ("heart", "large")
         assert "heart" in caption
@@ -123,18 +123,18 @@ def test_shipped_recipes_teach_large_hearts(method):
 
 def test_object_weight_marks_the_latent_pixels_an_object_touches():
     from plainsd.eval.metrics import held_out_scenes
-    from plainsd.train.data import render
+    from plainsd.train.data import Crop, render
     from plainsd.train.finetune import _latents
 
     sd = plainsd.build("tiny", seed=0)
     scenes = held_out_scenes(3, 1)
-    items = [(render(s, 64), s.caption) for s in scenes]
-    mean, std, captions, weights = _latents(sd, items, 5.0)
+    items = [(render(s, 64), s.caption, Crop(64, 64)) for s in scenes]
+    mean, std, captions, weights, numbers = _latents(sd, items, 5.0)
     assert weights.shape == (3, 1, 8, 8) and set(weights.unique().tolist()) == {1.0, 5.0}
     for s, w in zip(scenes, weights):  # the object's centre (its position word) is a weighted latent pixel
         x, y = {"left": (2, 4), "right": (6, 4), "top": (4, 2), "bottom": (4, 6), "centre": (4, 4)}[s.objects[0].position]
         assert w[0, y, x] == 5.0 and w[0, 0, 0] == 1.0
-    assert _latents(sd, items)[3] is None and captions == [s.caption for s in scenes]
+    assert _latents(sd, items)[3] is None and captions == [s.caption for s in scenes] and numbers is None
 
 
 def test_textual_inversion_recipe_for_a_concept_the_model_draws(base, tmp_path):
@@ -150,7 +150,7 @@ def test_textual_inversion_recipe_for_a_concept_the_model_draws(base, tmp_path):
     recipe = Path(plainsd.__file__).parent / "data" / "recipes" / "finetune-textual-inversion-thing.json"
     cfg = TrainConfig.from_file(recipe)
     s = settings(cfg)
-    for image, caption in instance_data(cfg, s, 64):
+    for image, caption, _ in instance_data(cfg, s, 64):
         background, found = detect(image)
         assert background == "black" and len(found) == 1
         assert (found[0].shape, found[0].colour, found[0].size, found[0].position) == ("diamond", "orange", "small", "top")

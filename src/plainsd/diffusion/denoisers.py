@@ -129,7 +129,8 @@ def training_loss(net: Callable, x0: torch.Tensor, cond, prediction: str = "eps"
     nearly clean timesteps, whose gradients conflict with the noisy ones. 5 is the paper's value.
     rows: the network runs on these rows of the batch only (one process's share in data-parallel training);
     timesteps and noise are still drawn for the whole batch and weights normalised over it, so that the mean
-    of the processes' losses is the whole batch's loss, whatever the split."""
+    of the processes' losses is the whole batch's loss, whatever the split.
+    cond: what net takes beside xt and the timesteps, a tensor or a dict of tensors (SDXL's), one row per sample."""
     ac = (schedules.alphas_cumprod() if alphas_cumprod is None else alphas_cumprod).to(x0.device)
     if timesteps is None:
         timesteps = schedules.sample_timesteps(x0.shape[0], generator, train_steps=len(ac)).to(x0.device)
@@ -141,7 +142,8 @@ def training_loss(net: Callable, x0: torch.Tensor, cond, prediction: str = "eps"
             weights = weights.float().expand(x0.shape[0], 1, *x0.shape[2:])
             weight_sum = weights.sum() * len(range(x0.shape[0])[rows]) / x0.shape[0]
             weights = weights[rows]
-        x0, noise, timesteps, cond = x0[rows], noise[rows], timesteps[rows], cond[rows]
+        x0, noise, timesteps = x0[rows], noise[rows], timesteps[rows]
+        cond = {k: v[rows] for k, v in cond.items()} if isinstance(cond, dict) else cond[rows]
     xt = schedules.add_noise(x0, noise, timesteps, ac)
     a = _bcast(ac[timesteps], x0)
     target = noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0

@@ -73,11 +73,14 @@ def repad(ids: torch.Tensor, pad: str) -> torch.Tensor:
 
 
 def size_numbers(kind: str, width: int, height: int, crop_top: int = 0, crop_left: int = 0,
-                 aesthetic_score: float = 6.0) -> list[float]:
+                 aesthetic_score: float = 6.0, original: tuple[int, int] | None = None) -> list[float]:
     """The numbers SDXL embeds after the pooled text: original size (h, w), crop top-left (top, left), then the
     target size (h, w) for the base model or the aesthetic score for the refiner. A1111 gives the picture's own
-    size as both sizes and crop 0, 0 (its defaults); the refiner's score 6 for prompts, 2.5 for negative ones."""
-    numbers = [height, width, crop_top, crop_left]
+    size as both sizes and crop 0, 0 (its defaults); the refiner's score 6 for prompts, 2.5 for negative ones.
+    original: the (width, height) a training picture had before it was scaled and cropped to width x height
+    (None: width, height), as SDXL was trained and diffusers' and kohya's trainers condition."""
+    original_w, original_h = original or (width, height)
+    numbers = [original_h, original_w, crop_top, crop_left]
     if kind == "base":
         return [float(n) for n in numbers + [height, width]]
     if kind == "refiner":
@@ -91,3 +94,10 @@ def vector(pooled: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
     b, n = numbers.shape
     sizes = timestep_embedding(numbers.reshape(-1), SIZE_EMBED_DIM).reshape(b, n * SIZE_EMBED_DIM)
     return torch.cat([pooled.float(), sizes.to(pooled.device)], dim=1)
+
+
+def conditioning(states: torch.Tensor, pooled: torch.Tensor, numbers: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What an SDXL UNet gets beside the latents, in generation and in fine-tuning alike, as A1111's dict: the text
+    states [B, T, width] as "crossattn" and the vector y of the pooled text [B, P] and the size numbers [B, n]
+    (size_numbers) as "vector"."""
+    return {"crossattn": states, "vector": vector(pooled, numbers)}

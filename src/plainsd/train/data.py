@@ -250,6 +250,23 @@ def read_metadata(path: Path) -> list[dict]:
 
 
 
+@dataclass(frozen=True)
+class Crop:
+    """Where a square training picture came from, as SDXL's size conditioning states it: the source picture's size,
+    and the top-left corner of the part kept, in the pixels of the source scaled to cover the training size."""
+    width: int
+    height: int
+    top: int = 0
+    left: int = 0
+
+
+def centre_crop(width: int, height: int, size: int) -> Crop:
+    """The Crop of ImageOps.fit(source, (size, size)): the source scaled until its shorter side is size, its centre
+    kept (the corner rounded as diffusers' SDXL trainer rounds it)."""
+    scale = size / min(width, height)
+    return Crop(width, height, top=round((height * scale - size) / 2), left=round((width * scale - size) / 2))
+
+
 class FolderDataset:
     """Users' own data, in the ecosystem's two conventions:
 
@@ -290,6 +307,11 @@ class FolderDataset:
         except OSError as e:
             raise ValueError(f"cannot read image {path}: {e}") from None
         return ImageOps.fit(image, (self.size, self.size), Image.LANCZOS), text, None
+
+    def crop(self, i: int) -> Crop:
+        """Where item i's picture came from (its file's size; only the header is read)."""
+        with Image.open(self.items[i][0]) as image:
+            return centre_crop(*image.size, self.size)
 
 
 # --- hard negatives for CLIP ------------------------------------------------------------------------
