@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import ROOT, _checkpoint, _cpu_name  # noqa: E402
+from speed import ROOT, _checkpoint, cpu_name  # noqa: E402
 
 ROWS = {
     "1 process x 2 threads": {"workers": 1, "threads": 2},
@@ -116,7 +116,7 @@ def main() -> None:
               (f"SD1.5-size random weights, {args.big_requests} pictures {args.big_size}x{args.big_size}, "
                f"{args.big_steps} steps", args.big_model or str(_checkpoint()), args.big_requests, args.big_size,
                args.big_steps)]
-    table = [f"CPU: {_cpu_name()}, {_cores()} cores; `{' '.join(['benchmarks/batch_speed.py', *sys.argv[1:]])}`", "",
+    table = [f"CPU: {cpu_name()}, {_cores()} cores; `{' '.join(['benchmarks/batch_speed.py', *sys.argv[1:]])}`", "",
              "| batch | workers | wall s | pictures/min | pictures/min after start-up |", "|---|---|---|---|---|"]
     for label, model, n, size, steps in models:
         for name, row in ROWS.items():

@@ -31,7 +31,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from speed import CACHE, _cpu_name  # noqa: E402
+from speed import CACHE, cpu_name  # noqa: E402
 
 FOLDER = CACHE / "blip-base-random"
 BATCH = 8  # BlipCaptioner.batch_size: the pictures one forward pass takes
@@ -91,7 +91,7 @@ def main() -> None:
             caption(picture)
             times[name].append((time.perf_counter() - start) / (BATCH if "per call" in name else 1))
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
-    lines = [f"Machine: {_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; load average "
+    lines = [f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; load average "
              f"{load} when the table was written. Median of {args.rounds} rounds; command: "
              f"`.venv/bin/python benchmarks/blip_speed.py{' '.join([''] + sys.argv[1:])}`",
              "",

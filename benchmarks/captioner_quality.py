@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from plainsd.eval.judge import judge
 from plainsd.eval.metrics import held_out_scenes
 from plainsd.images import to_pil, to_tensor
 from plainsd.pipeline import txt2img
+from plainsd.runtime import cpu_name
 from plainsd.train.data import ALL_SHAPES, render
 from plainsd.train.recipes import load_vae
 from plainsd.weights import DEFAULT_MODEL
@@ -79,13 +79,6 @@ def generated_table(captioner, n: int) -> tuple[dict, list]:
               if not caption_verdict(captions[i], judged[i])["all"]]
     return table, misses
 
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def _rows(table: dict) -> list[str]:

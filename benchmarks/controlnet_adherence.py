@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import plainsd
 from plainsd import runtime
 from plainsd.eval.judge import detect, judge
 from plainsd.eval.metrics import held_out_scenes
+from plainsd.runtime import cpu_name
 from plainsd.pipeline import txt2img
 from plainsd.request import ControlUnit
 from plainsd.train.data import SHAPES, Scene, render
@@ -77,16 +77,6 @@ def contradiction(engine, scenes: list[Scene], settings: dict, weight: float) ->
     return edges / len(scenes), prompt / len(scenes)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def adherence_table(engine, scenes: list[Scene], prompt: str) -> list[str]:
     lines = [f"## Shape and position of the edges' scene (prompt: \"{prompt}\")", "",
              "| unit | guidance end 1 | guidance end 0.5 |", "|---|---|---|",
@@ -127,7 +117,7 @@ def main() -> None:
     command += f" --prompt '{args.prompt}'" if args.prompt != "a {colour}" else ""
     command += f" --controlnet {args.controlnet}" if args.controlnet != SHIPPED else ""
     lines = [f"# ControlNet adherence: {MODEL} on the shipped model", "",
-             f"`.venv/bin/python benchmarks/controlnet_adherence.py {command}` on {cpu_name()}, "
+             f"`.venv/bin/python benchmarks/controlnet_adherence.py {command}` on {cpu_name()}, {os.cpu_count()} cores, "
              f"{str(engine.sd.dtype).replace('torch.', '')} (the default runtime); the method in the script's "
              "docstring.", ""]
     lines += adherence_table(engine, scenes, args.prompt)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import CACHE, ROOT, _checkpoint, _cpu_name, _diffusers_parts, _peaks, _rss_gb, matmul_peak  # noqa: E402
+from speed import CACHE, ROOT, _checkpoint, cpu_name, _diffusers_parts, _peaks, _rss_gb, matmul_peak  # noqa: E402
 from speed import _run as speed_run  # noqa: E402
 
 CONTROLNET = CACHE / "sd15-controlnet-random.safetensors"
@@ -145,7 +145,7 @@ def _table(results: dict, precisions: list[str], peaks: dict, args) -> str:
     shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
     base = results.get(("diffusers", "fp32"), [])
     base_plain, base_control = _median(base, "plain"), _median(base, "control")
-    lines = [f"Machine: {_cpu_name()} ({shown}), {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
+    lines = [f"Machine: {cpu_name()} ({shown}), {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
              f"diffusers {diffusers.__version__}; measured matmul peak {_peaks(peaks)}. Median of {args.rounds} rounds of "
              f"{args.repeats} repeats; command: `.venv/bin/python benchmarks/controlnet_speed.py {shlex.join(args.argv)}`",
              "", f"UNet step with CFG (batch 2) at {args.size}x{args.size}, SD1.5 size, with and without one ControlNet "

@@ -25,7 +25,7 @@ from plainsd.runtime.precision import cpu_flags
 from plainsd.train.dist import StepModule
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed import _cpu_name  # noqa: E402
+from speed import cpu_name  # noqa: E402
 
 LINKS = {"10 Gbit/s": 10e9 / 8, "100 Gbit/s": 100e9 / 8}
 PROCESSES = (2, 8)
@@ -106,7 +106,7 @@ def main():
         dist.destroy_process_group()
     step = shipped_step_seconds()
     flags = ", ".join(sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
-    lines = [f"# Data-parallel traffic per step (`benchmarks/dist_traffic.py`; {_cpu_name()} ({flags}), "
+    lines = [f"# Data-parallel traffic per step (`benchmarks/dist_traffic.py`; {cpu_name()} ({flags}), "
              f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads)", "",
              "Bytes counted in DDP's communication hook (float32 gradients); times computed for a ring all-reduce "
              "at the link's full speed.", "", *table(rows), "",

@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import _run as speed_run  # noqa: E402
-from speed import (CACHE, PROMPT, ROOT, _checkpoint, _cpu_name, _diffusers_parts, _median,  # noqa: E402
+from speed import (CACHE, PROMPT, ROOT, _checkpoint, cpu_name, _diffusers_parts, _median,  # noqa: E402
                    _OVUNet, _peaks, _rss_gb, matmul_peak)
 
 STEPS = 4
@@ -325,7 +325,7 @@ def _table(results: dict, e2e: dict, unet: dict, peaks: dict, args) -> str:
     flags = cpu_flags()
     shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
     size = args.size
-    lines = [f"Machine: {_cpu_name()} ({shown}), {os.cpu_count()} cores, {args.threads} threads, "
+    lines = [f"Machine: {cpu_name()} ({shown}), {os.cpu_count()} cores, {args.threads} threads, "
              f"torch {torch.__version__}, diffusers {diffusers.__version__}, OpenVINO {openvino.__version__}; "
              f"measured matmul peak {_peaks(peaks)}. Median of {args.rounds} rounds (UNet alone: of {args.repeats} "
              f"calls each); command: `.venv/bin/python benchmarks/fewstep_speed.py {shlex.join(args.argv)}`", "",

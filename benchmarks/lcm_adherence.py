@@ -20,7 +20,6 @@ seed of prompt i's picture is i. Seconds per picture are the mean over the row's
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -31,9 +30,8 @@ from plainsd import runtime
 from plainsd.eval.judge import judge
 from plainsd.eval.metrics import _scores, _shares, held_out_scenes
 from plainsd.pipeline import txt2img
+from plainsd.runtime import cpu_name
 
-sys.path.insert(0, str(Path(__file__).parent))
-from controlnet_adherence import cpu_name  # noqa: E402
 
 SHIPPED = Path(plainsd.__file__).parent / "data" / "plainsd-base.lcm-lora.safetensors"
 STEPS = (1, 2, 4, 8)
@@ -86,7 +84,7 @@ def main() -> None:
     command += " --teacher" if args.teacher else ""
     title = "the distillation's teacher" if args.teacher else lora.name
     lines = [f"# LCM-LoRA adherence: {title} on the shipped model", "",
-             f"`.venv/bin/python benchmarks/lcm_adherence.py{command}` on {cpu_name()}, "
+             f"`.venv/bin/python benchmarks/lcm_adherence.py{command}` on {cpu_name()}, {os.cpu_count()} cores, "
              f"{str(engine.sd.dtype).replace('torch.', '')} (the default runtime), {args.prompts} held-out "
              "single-object prompts; the method in the script's docstring.", "",
              "| settings | colour and shape | position | size | s / picture |", "|---|---|---|---|---|"]

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import CACHE, PROMPT, ROOT, _cpu_name, _peaks, _rss_gb, matmul_peak  # noqa: E402
+from speed import CACHE, PROMPT, ROOT, cpu_name, _peaks, _rss_gb, matmul_peak  # noqa: E402
 from speed import _checkpoint as sd15_checkpoint  # noqa: E402
 from speed import _run as speed_run  # noqa: E402
 
@@ -465,7 +465,7 @@ def _table(results: dict, peaks: dict, args, check_lines: list[str]) -> str:
     flags = cpu_flags()
     shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
     peak = peaks[args.peak_name]
-    lines = [f"Machine: {_cpu_name()} ({shown}), {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
+    lines = [f"Machine: {cpu_name()} ({shown}), {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
              f"diffusers {diffusers.__version__}, OpenVINO {openvino.__version__.split('-')[0]}; measured matmul peak "
              f"{_peaks(peaks)}. Median of {args.rounds} rounds of {args.repeats} steps; command: "
              f"`.venv/bin/python benchmarks/sdxl_speed.py {shlex.join(args.argv)}`", ""]

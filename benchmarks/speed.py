@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -33,6 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / ".cache"
+
+sys.path.insert(0, str(ROOT / "src"))
+from plainsd.runtime.precision import cpu_name  # noqa: E402  (the CPU in every table; torch only, no model)
 PROMPT = "a photograph of an astronaut riding a horse"  # every end-to-end row's (fewstep_speed.py's too)
 
 # name -> (runtime, precision); the order is the order of the table's columns. On a CPU with native bf16
@@ -422,15 +424,6 @@ def _peaks(peaks: dict) -> str:
         "" if "bf16" in peaks else " (no native bf16 on this CPU)")
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
 
 def _median(rs: list[dict], key: str) -> float | None:
     values = [r[key] for r in rs if key in r]
@@ -440,7 +433,7 @@ def _median(rs: list[dict], key: str) -> float | None:
 def _table(results, peaks, sizes, args) -> str:
     import torch
 
-    lines = [f"Machine: {_cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}; "
+    lines = [f"Machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}; "
              f"measured matmul peak {_peaks(peaks)}. Median of {args.rounds} rounds; "
              f"command: `.venv/bin/python benchmarks/speed.py " + shlex.join(sys.argv[1:]) + "`", ""]
     for size in sizes:

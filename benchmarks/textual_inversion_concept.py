@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import plainsd
 from plainsd.embeddings import Embedding, read_embedding, save_embedding
 from plainsd.eval.metrics import held_out_scenes, scene_rate
 from plainsd.pipeline import txt2img
-from plainsd.runtime.precision import cpu_flags
+from plainsd.runtime.precision import cpu_flags, cpu_name
 from plainsd.train.data import Obj, Scene
 from plainsd.train.finetune import initial_vectors, settings
 from plainsd.train.loop import TrainConfig
@@ -68,17 +67,6 @@ def a1111_reads(path: Path) -> torch.Tensor:
         raise AssertionError(f"A1111 refuses {path.name}: 'embedding file has multiple terms in it' ({list(data)})")
     vec = next(iter(data.values()))
     return (vec[None] if vec.ndim == 1 else vec).float()
-
-
-def cpu_name() -> str:
-    """The CPU's model name and the instruction sets that choose plainsd's runtime (bf16 or not, AMX or not)."""
-    try:
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-    except OSError:
-        names = []
-    flags = cpu_flags()
-    shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx512_bf16", "amx_bf16"))
-    return f"{names[0] if names else platform.machine()} ({shown})"
 
 
 def train(run: Path, threads: int) -> float:
@@ -139,9 +127,10 @@ def main() -> int:
              "the embedding loaded"]
     table = "\n".join(lines + [""] + notes)
     print(table)
+    isa = ", ".join(f"{f} {'yes' if f in cpu_flags() else 'no'}" for f in ("avx512_bf16", "amx_bf16"))
     cmd = "`.venv/bin/python benchmarks/textual_inversion_concept.py" + (" --no-train`" if args.no_train else "`")
     head = ("# Textual inversion: one token for a concept the shipped model draws but has no word for\n\n"
-            f"Made by {cmd} on {cpu_name()} ({os.cpu_count()} cores, shared with other work), "
+            f"Made by {cmd} on {cpu_name()} ({isa}, {os.cpu_count()} cores, shared with other work), "
             f"{args.images} seeds per row, 20 steps of DPM++ 2M Karras, CFG 5, the default runtime. The columns are "
             "the shares of pictures in which the judge reads the concept's attribute right; count: one object "
             "only; all: every one at once.\n\n")

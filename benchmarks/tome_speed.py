@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 
-from speed import ROOT, _checkpoint, _cpu_name
+from speed import ROOT, _checkpoint, cpu_name
 
 
 def main(argv=None) -> int:
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     if 0.0 not in ratios:
         ratios.insert(0, 0.0)
     command = " ".join(["benchmarks/tome_speed.py"] + (argv if argv is not None else sys.argv[1:]))
-    lines = [f"Command: `.venv/bin/python {command}`; {_cpu_name()}, {args.threads} threads, {precision}; "
+    lines = [f"Command: `.venv/bin/python {command}`; {cpu_name()}, {args.threads} threads, {precision}; "
              f"UNet step with CFG (batch 2), median of {args.rounds} rounds", ""]
     for size in (int(s) for s in args.sizes.split(",")):
         g = torch.Generator().manual_seed(0)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from plainsd.eval import upscaling
 from plainsd.eval.metrics import held_out_scenes
 from plainsd.images import contact_sheet, to_pil, to_tensor
 from plainsd.pipeline import txt2img
+from plainsd.runtime import cpu_name
 from plainsd.request import HiresFix
 from plainsd.train.recipes import load_vae
 from plainsd.train.upscaler import to_bytes
@@ -77,13 +77,6 @@ def generated_table(net, n: int) -> tuple[dict, float]:
              "hires fix, Latent, strength 0.7": upscaling.adherence_of(torch.cat(hires), scenes)}
     return table, seconds / n, ours_seconds
 
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def markdown(part1: dict, part2: dict, hires_seconds: float, ours_seconds: float, args, meta: dict) -> str:

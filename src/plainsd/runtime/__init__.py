@@ -27,7 +27,7 @@ from .memory import keep_freed_memory, release_freed_memory
 from .openvino import OpenVINOUNet, cache_limit, code_version, default_cache_dir, fingerprint, prune_cache
 from .packing import (PackedConv2d, PackedGEGLU, PackedLinear, pack_weights, packing_available, set_weight,
                       unpack_weights)
-from .precision import PRECISIONS, choose_dtype, cpu_flags, native_bf16
+from .precision import PRECISIONS, choose_dtype, cpu_flags, cpu_name, native_bf16
 from .storage import HalfStoredConv2d, HalfStoredLinear, compute_in_float32, half_stored
 
 BACKENDS = ("eager", "openvino")
@@ -139,7 +139,7 @@ def prepare_controlnet(controlnet, like: Engine):
 
 __all__ = [
     "BACKENDS", "Engine", "prepare", "prepare_controlnet",
-    "PRECISIONS", "choose_dtype", "cpu_flags", "native_bf16",
+    "PRECISIONS", "choose_dtype", "cpu_flags", "cpu_name", "native_bf16",
     "HalfStoredConv2d", "HalfStoredLinear", "compute_in_float32", "half_stored",
     "keep_freed_memory", "release_freed_memory",
     "PackedConv2d", "PackedGEGLU", "PackedLinear", "pack_weights", "packing_available", "set_weight", "unpack_weights",

@@ -33,6 +33,18 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_name() -> str:
+    """The CPU's model name as Linux reports it (the machine's architecture where /proc/cpuinfo does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine() or "unknown CPU"
+
+
 def native_bf16() -> bool:
     """True where the CPU computes in bfloat16 natively (x86 avx512_bf16 or AMX; Apple/ARM bf16 not assumed)."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}) and platform.machine() in ("x86_64", "AMD64")
