@@ -11,8 +11,10 @@ The judge reads the drawn object.
    the share drawing A's shape and B's (it should slide from B to A).
 3. Guidance end 0.5: the unit on for the first half of the steps only; shape and position as in 1.
 
-Each for two units: pixel perfect (the processor resolution that fits 64x64, here 64) and the extension's
-default processor resolution 512 (canny on the picture grown to 512, the edge map shrunk back by fit). The rest
+Each for three units: pixel perfect (the processor resolution that fits 64x64, here 64), the extension's
+default processor resolution 512 (canny on the picture grown to 512, the edge map shrunk back by fit), and pixel
+perfect with control mode "ControlNet is more important" (the extension's soft weights, and residuals on the
+prompt's half of the guidance batch only, so that guidance pushes toward the edges). The rest
 is the shipped model's recommended settings (20 steps of DPM++ 2M karras, CFG 5 until 60%) and the default
 runtime; the seed of scene i's picture is i.
 
@@ -40,7 +42,9 @@ from plainsd.train.data import SHAPES, Scene, render
 SHIPPED = "plainsd-base.controlnet-canny"
 MODEL = SHIPPED  # the ControlNet measured (--controlnet)
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
-UNITS = {"pixel perfect": dict(pixel_perfect=True), "processor res 512 (default)": dict(processor_res=512)}
+UNITS = {"pixel perfect": dict(pixel_perfect=True), "processor res 512 (default)": dict(processor_res=512),
+         "pixel perfect, ControlNet is more important": dict(pixel_perfect=True,
+                                                             control_mode="ControlNet is more important")}
 
 
 def unit(scene: Scene, weight: float = 1.0, **settings) -> ControlUnit:
