@@ -85,13 +85,33 @@ def test_a_blip_folder_captions_through_the_cli(tmp_path):
     images.mkdir()
     for i, picture in enumerate(pictures(2)):
         picture.save(images / f"{i}.png")
-    assert main(["caption", str(images), "--captioner", str(blip), "--quiet"]) == 0
+    assert main(["caption", str(images), "--captioner", str(blip), "--precision", "fp32", "--quiet"]) == 0
     inputs = processor(images=pictures(2), return_tensors="pt")
     with torch.no_grad():
         ids = model.generate(**inputs, max_length=30, min_length=5, num_beams=1)
     want = [processor.decode(row, skip_special_tokens=True).strip() for row in ids]
     got = [(images / f"{i}.txt").read_text().strip() for i in range(2)]
     assert got == want and all(got)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_captioners_precision(tmp_path, monkeypatch, native):
+    """auto: a BLIP model in bf16 exactly where the CPU has native bf16, the shapes world's captioner in float32;
+    bf16 and fp32 as asked; anything else refused."""
+    pytest.importorskip("transformers")
+    from plainsd.runtime import precision
+    from tests.blip_reference import build_tiny_folder
+    monkeypatch.setattr(precision, "native_bf16", lambda: native)
+    blip = tmp_path / "blip"
+    build_tiny_folder(blip)
+    dtype = lambda c: next((c.net if hasattr(c, "net") else c.blip.model).parameters()).dtype  # noqa: E731
+    assert dtype(load_captioner(blip, "auto")) == (torch.bfloat16 if native else torch.float32)
+    assert dtype(load_captioner(blip, "fp32")) == torch.float32
+    assert dtype(load_captioner(blip, "bf16")) == torch.bfloat16
+    assert dtype(load_captioner(None, "auto")) == torch.float32
+    assert dtype(load_captioner(None, "bf16")) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown captioner precision 'fp16'; known: auto, bf16, fp32"):
+        load_captioner(None, "fp16")
 
 
 class Colours:

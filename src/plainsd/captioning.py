@@ -28,6 +28,7 @@ DEFAULT_CAPTIONER = Path(__file__).parent / "data" / "plainsd-base.captioner.saf
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # as train.data.FolderDataset reads them
 FORMATS = ("txt", "jsonl")
 METADATA = "metadata.jsonl"
+CAPTIONER_PRECISIONS = ("auto", "bf16", "fp32")
 BATCH = 64
 
 
@@ -118,15 +119,21 @@ def captioner_kind(name_or_path: str | os.PathLike | None) -> str:
                      "`plainsd train captioner`, or a folder holding a BLIP captioning model (its config.json)")
 
 
-def load_captioner(name_or_path: str | os.PathLike | None = None) -> ImageCaptioner:
+def load_captioner(name_or_path: str | os.PathLike | None = None, precision: str = "fp32") -> ImageCaptioner:
     """None or "plainsd": the shipped captioner; a file from `plainsd train captioner`; a BLIP captioning model's
-    folder (config.json and its safetensors, as the Hugging Face hub has Salesforce/blip-image-captioning-*)."""
+    folder (config.json and its safetensors, as the Hugging Face hub has Salesforce/blip-image-captioning-*).
+    precision: "fp32", "bf16", or "auto": bf16 for a BLIP model where the CPU has native bf16 (runtime.choose_dtype),
+    float32 for a captioner of the shapes world (a network that small gains nothing from bf16)."""
+    if precision not in CAPTIONER_PRECISIONS:
+        raise ValueError(f"unknown captioner precision {precision!r}; known: {', '.join(CAPTIONER_PRECISIONS)}")
     kind = captioner_kind(name_or_path)
     if kind != "blip":
-        return ShapesCaptioner(read_captioner(DEFAULT_CAPTIONER if kind == "plainsd" else name_or_path))
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        return ShapesCaptioner(read_captioner(DEFAULT_CAPTIONER if kind == "plainsd" else name_or_path, dtype))
     from .blip import BlipCaptioner  # BLIP's network is imported only when a BLIP folder is used
+    from .runtime import choose_dtype
 
-    return BlipImageCaptioner(BlipCaptioner.from_folder(name_or_path))
+    return BlipImageCaptioner(BlipCaptioner.from_folder(name_or_path, choose_dtype(precision)))
 
 
 # --- a folder's captions, for training ------------------------------------------------------------------

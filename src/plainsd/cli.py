@@ -293,6 +293,9 @@ def _caption_args(sub) -> None:
     p.add_argument("--prefix", default="", help="put before each caption as given, e.g. 'sks, '")
     p.add_argument("--suffix", default="", help="put after each caption as given, e.g. ', sks style'")
     p.add_argument("--overwrite", action="store_true", help="caption again the pictures that have a caption")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto = a BLIP model in bf16 where the CPU has native bf16, else fp32; the captioner of the "
+                        "shapes world in fp32")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true")
@@ -857,7 +860,7 @@ def _caption(args) -> int:
     folder_images(args.folder)  # no such folder, or no pictures in it: said before a captioner is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
-    captioner = load_captioner(args.captioner)
+    captioner = load_captioner(args.captioner, args.precision)
     done = caption_folder(args.folder, captioner, args.format, args.prefix, args.suffix, args.overwrite,
                           progress=not args.quiet)
     where = done.metadata if done.metadata else f"{len(done.written)} .txt files in {args.folder}"

@@ -86,7 +86,7 @@ def create_app(model: str | Path | None = None, models_dir: str | Path | None = 
                     options, Path(outputs), lora_dir, embeddings_dir, bool(credentials),
                     None if styles is None else str(styles), None if controlnet_dir is None else str(controlnet_dir),
                     None if upscalers_dir is None else str(upscalers_dir),
-                    interrogate.Captioners(None if captioner is None else str(captioner)))
+                    interrogate.Captioners(None if captioner is None else str(captioner), precision))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -14,7 +14,7 @@ import threading
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from plainsd.captioning import ImageCaptioner, captioner_kind, load_captioner
+from plainsd.captioning import CAPTIONER_PRECISIONS, ImageCaptioner, captioner_kind, load_captioner
 
 from .api import BadRequest
 
@@ -37,8 +37,10 @@ class InterrogateResponse(BaseModel):
 class Captioners:
     """The server's captioner and the shipped one, each loaded at its first use and then kept."""
 
-    def __init__(self, captioner: str | None = None):
+    def __init__(self, captioner: str | None = None, precision: str = "auto"):
         self.name = captioner
+        # the server's --precision, as far as a captioner takes it (fp16, storage for SDXL weights, computes in fp32)
+        self.precision = precision if precision in CAPTIONER_PRECISIONS else "fp32"
         self.kind = captioner_kind(captioner)  # a wrong --captioner is refused when the server starts
         self._loaded: dict[str, ImageCaptioner] = {}
         self._lock = threading.Lock()
@@ -46,7 +48,7 @@ class Captioners:
     def _get(self, key: str | None) -> ImageCaptioner:
         with self._lock:
             if str(key) not in self._loaded:
-                self._loaded[str(key)] = load_captioner(key)
+                self._loaded[str(key)] = load_captioner(key, self.precision)
             return self._loaded[str(key)]
 
     def for_model(self, model: str) -> ImageCaptioner:
