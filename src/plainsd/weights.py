@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import AdapterConfig, BlipConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig
+from .diffusion.denoisers import PREDICTIONS
 from .models import AutoencoderKL, StableDiffusion, family
 from .models.blip import BlipCaptionModel
 from .models.controlnet import HINT_CHANNELS, ControlNet
@@ -46,6 +47,8 @@ TURBO_DEFAULTS = {"steps": 1, "sampler": "Euler a", "schedule": "sgm_uniform", "
 # trailing timesteps without guidance, for the number of steps the file was distilled to (its name says, e.g.
 # sdxl_lightning_4step.safetensors; 4 where it does not)
 LIGHTNING_DEFAULTS = {"steps": 4, "sampler": "Euler", "schedule": "trailing", "cfg_scale": 1.0}
+# plainsd's names of what a UNet predicts -> diffusers' scheduler prediction_type
+DIFFUSERS_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 # Stability's own layout (sgm, as sd_turbo.safetensors is stored): the SD 2.x text encoder under this prefix
 SGM_TEXT_OPENCLIP = "conditioner.embedders.0.model."
 SDXL_TEXT = "conditioner.embedders."  # SDXL's text towers: N.transformer. (CLIP-L), N.model. (OpenCLIP bigG)
@@ -376,8 +379,8 @@ def _diffusers_config(root: Path) -> ModelConfig:
                     norm_groups=v.get("norm_num_groups", 32))
     sched = root / "scheduler" / "scheduler_config.json"
     prediction = "eps"
-    if sched.is_file() and _read_json(sched).get("prediction_type") == "v_prediction":
-        prediction = "v"
+    if sched.is_file():
+        prediction = {v: k for k, v in DIFFUSERS_PREDICTIONS.items()}.get(_read_json(sched).get("prediction_type"), "eps")
     config = ModelConfig(unet=unet, vae=vae, prediction=prediction, scale_factor=v.get("scaling_factor", 0.18215),
                          resolution=v.get("sample_size", 512))
     if sdxl:
@@ -665,7 +668,8 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
          dtype: torch.dtype = torch.float32) -> StableDiffusion:
     """Load a checkpoint: an original single file (.safetensors, .ckpt) or a diffusers folder.
 
-    prediction: "eps" or "v" overrides what the file suggests (SD 2.x 768 models are "v").
+    prediction: "eps", "v" or "x0" overrides what the file suggests (SD 2.x 768 models are "v", SDXL-Lightning's
+    1-step file "x0").
     ema: take the UNet's EMA weights (model_ema.*) instead of the live ones, where the file has them.
     With no path, the default model that ships with plainsd.
     """
@@ -675,8 +679,8 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
                                   "for a random tiny model")
         path = DEFAULT_MODEL
     path = Path(path)
-    if prediction not in (None, "eps", "v"):
-        raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+    if prediction not in (None, *PREDICTIONS):
+        raise ValueError(f"prediction must be 'eps', 'v' or 'x0', got {prediction!r}")
     v_key = None
     if path.is_dir():
         config, source = _read_diffusers(path)
@@ -687,6 +691,8 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
         config, v_key = infer_config(source.shapes, source.metadata)
         if _v_by_weights(source, v_key):
             config.prediction = "v"
+    if predicts_sample(path, config):
+        config.prediction = "x0"
     if prediction:
         config.prediction = prediction
     guessed = few_step_defaults(path, source, config)  # (before the weights: it may refuse the file)
@@ -746,7 +752,10 @@ def read_config(path: str | os.PathLike | None = None) -> ModelConfig:
     if not path.exists():
         raise CheckpointError(f"no such checkpoint file or folder: {path}")
     source = _sgm_sd2(read_tensors(path))
-    return infer_config(source.shapes, source.metadata)[0]
+    config = infer_config(source.shapes, source.metadata)[0]
+    if predicts_sample(path, config):
+        config.prediction = "x0"
+    return config
 
 
 def _own_defaults(source: TensorSource, unreadable: dict) -> dict:
@@ -768,11 +777,17 @@ def few_step_defaults(path: Path, source: TensorSource, config: ModelConfig) -> 
     name = path.name.lower()
     if "lightning" not in name or config.sdxl != "base":  # (Lightning is distilled from SDXL base)
         return {}
-    if re.search(r"(^|[^a-z0-9])x0([^a-z0-9]|$)", name):
-        raise CheckpointError(f"{path.name} looks like SDXL-Lightning's 1-step model, which predicts the clean image "
-                              "(x0); plainsd runs eps- and v-prediction models, such as the 2-, 4- and 8-step files")
     steps = re.search(r"(\d+)[-_ ]?steps?", name)
     return {**LIGHTNING_DEFAULTS, **({"steps": int(steps.group(1))} if steps else {})}
+
+
+def predicts_sample(path: Path, config: ModelConfig) -> bool:
+    """Whether a file is SDXL-Lightning's 1-step model (sdxl_lightning_1step_x0.safetensors), whose UNet predicts
+    the clean sample (x0; diffusers' prediction_type "sample", as its model card runs it) rather than the noise: an
+    SDXL base file with "lightning" and "x0" in its name (nothing in the file says so)."""
+    name = path.name.lower()
+    return (config.sdxl == "base" and "lightning" in name
+            and re.search(r"(^|[^a-z0-9])x0([^a-z0-9]|$)", name) is not None)
 
 
 def is_turbo(path: Path, source: TensorSource, config: ModelConfig | None = None) -> bool:
@@ -1547,7 +1562,7 @@ def diffusers_scheduler_config(config: ModelConfig) -> dict:
     need only the training schedule and the prediction type, which both say)."""
     common = {"_diffusers_version": DIFFUSERS_VERSION, "beta_end": 0.012, "beta_schedule": "scaled_linear",
               "beta_start": 0.00085, "num_train_timesteps": 1000,
-              "prediction_type": "v_prediction" if config.prediction == "v" else "epsilon", "steps_offset": 1,
+              "prediction_type": DIFFUSERS_PREDICTIONS[config.prediction], "steps_offset": 1,
               "timestep_spacing": "leading", "trained_betas": None}
     if not config.sdxl:
         return {"_class_name": "PNDMScheduler", **common, "set_alpha_to_one": False, "skip_prk_steps": True}
