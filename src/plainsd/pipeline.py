@@ -197,6 +197,8 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
     loras = lora_mod.resolve(extract_loras(request.prompt)[1], request.lora_dir)
     embeddings = load_embeddings(request.embeddings_dir, sd) if request.embeddings_dir is not None else None
     encode = _TextStates(sd, request.clip_skip, embeddings)
+    if request.refiner_checkpoint:  # (before the LoRAs change the base model's weights: the refiner shares the
+        _load_refiner(engine, request)  # parts whose weights equal the base's)
     with _tiling(engine, request.tiling), lora_mod.applied(sd, loras):
         start = _start(sd, request, run)
         params.inpainting = Parameters.inpainting_fields(request, start.paste is not None,
@@ -794,16 +796,21 @@ class _RefinerPart:
     took_over: bool = False
 
 
+def _load_refiner(engine: Engine, req: GenerationRequest) -> Engine:
+    """The request's refiner, loaded (_refiner_engine) where the base model can hand over to one."""
+    if _embeds_guidance(engine.sd):
+        raise ValueError(f"{engine.sd.name} is LCM-distilled and runs no classifier-free guidance; a refiner does "
+                         "not take over from it")
+    return _refiner_engine(engine, req.refiner_checkpoint)
+
+
 def _refiner(engine: Engine, req: GenerationRequest, params: Parameters, hires: bool) -> _RefinerPart:
     """3c. The refiner (A1111's refiner_checkpoint) for the last pass: loaded (kept on the engine for the next
     run), checked against the base model's latents, and its own conditioning of the pass's prompts and size."""
     sd = engine.sd
     if extract_loras(req.prompt)[1] or (hires and extract_loras(req.hires.prompt or "")[1]):
         raise ValueError("LoRA tags and a refiner do not run together yet; leave out one of them")
-    if _embeds_guidance(sd):
-        raise ValueError(f"{sd.name} is LCM-distilled and runs no classifier-free guidance; a refiner does not take "
-                         "over from it")
-    refiner = _refiner_engine(engine, req.refiner_checkpoint).sd
+    refiner = _load_refiner(engine, req).sd
     latents = lambda m: (m.config.vae.z_channels, m.config.vae.factor, m.config.scale_factor)  # noqa: E731
     if latents(refiner) != latents(sd):
         raise ValueError(f"the refiner {refiner.name} works on other latents than {sd.name} (channels, factor, scale "
@@ -829,11 +836,13 @@ def _refiner(engine: Engine, req: GenerationRequest, params: Parameters, hires: 
 def _refiner_engine(engine: Engine, path: str) -> Engine:
     """The refiner checkpoint as an Engine, kept on the base's engine for later runs: loaded in the dtype the base
     model's weights came in (bf16, fp16 storage or float32) and, where the base engine was made by runtime.prepare,
-    prepared the same way (eager: the refiner's UNet is not compiled by OpenVINO)."""
+    prepared the same way (eager: the refiner's UNet is not compiled by OpenVINO). Its VAE and text tower are the
+    base model's own modules where their weights are equal (weights.load's share_with: SDXL's refiner file holds the
+    base's bigG and VAE, which diffusers' documentation shares the same way), not second copies."""
     path = str(Path(path).resolve())
     if engine.refiner is None or engine.refiner[0] != path:
         engine.refiner = None  # (the one before freed first)
-        refiner = load(path, dtype=engine.load_dtype)
+        refiner = load(path, dtype=engine.load_dtype, share_with=engine.sd)
         engine.refiner = (path, prepare(refiner) if engine.prepared else Engine(refiner))
     return engine.refiner[1]
 

@@ -665,12 +665,14 @@ def _ema_key(key: str) -> str:
 
 
 def load(path: str | os.PathLike | None = None, *, prediction: str | None = None, ema: bool = False,
-         dtype: torch.dtype = torch.float32) -> StableDiffusion:
+         dtype: torch.dtype = torch.float32, share_with: StableDiffusion | None = None) -> StableDiffusion:
     """Load a checkpoint: an original single file (.safetensors, .ckpt) or a diffusers folder.
 
     prediction: "eps", "v" or "x0" overrides what the file suggests (SD 2.x 768 models are "v", SDXL-Lightning's
     1-step file "x0").
     ema: take the UNet's EMA weights (model_ema.*) instead of the live ones, where the file has them.
+    share_with: a loaded model whose VAE and text towers this one takes instead of copies of its own where they are
+    equal (_shared_parts): SDXL's refiner beside its base, whose bigG tower and VAE are the base's.
     With no path, the default model that ships with plainsd.
     """
     if path is None:
@@ -718,29 +720,77 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
     if problems:
         raise CheckpointError(f"{path.name} does not fit the {_describe(config)} model it looks like: " + "; ".join(problems))
 
+    shared = _shared_parts(path, config, plan, expected, source, dtype, share_with) if share_with is not None else {}
     state, misshaped = {}, []
     for name, want in expected.items():
-        key, fn = plan[name]
-        tensor = fn(source.get(key))
+        if name.startswith(tuple(part + "." for part in shared)):
+            continue
+        tensor = _planned(path, plan[name], source, want)
         if tuple(tensor.shape) != want:
-            if tensor.numel() == torch.Size(want).numel() and len(want) == 4 and want[2:] == (1, 1):
-                tensor = tensor.reshape(want)  # attention projections stored as Linear instead of 1x1 Conv
-            else:
-                misshaped.append(f"{key}: file {list(tensor.shape)}, model {list(want)}")
-                continue
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{path.name}: tensor {key} is {tensor.dtype}, expected floating point weights")
+            misshaped.append(f"{plan[name][0]}: file {list(tensor.shape)}, model {list(want)}")
+            continue
         state[name] = tensor.to(dtype).contiguous()
     if misshaped:
         raise CheckpointError(f"{path.name} does not fit the {_describe(config)} model it looks like: "
                               f"{len(misshaped)} tensors have the wrong shape ({'; '.join(misshaped[:4])})")
-    sd.load_state_dict(state, strict=True, assign=True)
+    sd.load_state_dict(state, strict=not shared, assign=True)  # (the shared parts' tensors: the other model's)
+    for part, module in shared.items():
+        sd.set_submodule(part, module)
     sd.name = path.stem if path.is_file() else path.name
     tiny = path.with_suffix(".taesd.safetensors") if path.is_file() else path / "taesd_decoder.safetensors"
     if tiny.is_file():
         sd.tiny_decoder_path = tiny  # fast mode's decoder, loaded when first used
     sd.defaults = _own_defaults(source, sd.defaults) if "plainsd.defaults" in source.metadata else guessed
     return sd.eval().requires_grad_(False)
+
+
+def _planned(path: Path, planned: tuple[str, Callable], source: TensorSource, want: tuple) -> torch.Tensor:
+    """A model tensor as the plan makes it from the file, in the file's dtype (its shape may not be `want`)."""
+    key, fn = planned
+    tensor = fn(source.get(key))
+    if tuple(tensor.shape) != want and tensor.numel() == torch.Size(want).numel() and len(want) == 4 and want[2:] == (1, 1):
+        tensor = tensor.reshape(want)  # attention projections stored as Linear instead of 1x1 Conv
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{path.name}: tensor {key} is {tensor.dtype}, expected floating point weights")
+    return tensor
+
+
+def _shared_parts(path: Path, config: ModelConfig, plan: dict, expected: dict, source: TensorSource,
+                  dtype: torch.dtype, other: StableDiffusion) -> dict[str, torch.nn.Module]:
+    """Module path -> the other model's module, for each part of the file's model that the other holds equal: its
+    VAE, and a text tower of the same config (the refiner's bigG, embedders.0.model, is the base's embedders.1.model).
+    Equal: the same tensor names and every tensor, as loaded in dtype, equal to the other's in value and dtype (or
+    its float32, which fp16 storage keeps for biases and norms: runtime/storage.py). Compared a tensor at a time
+    from the file, stopping at the first difference, so a part that is shared is never held twice."""
+    wider = {torch.float16: torch.float32}.get(dtype, dtype)
+    shared = {}
+    for part, module in _common_parts(config, other):
+        theirs = module.state_dict()  # (packed layers give plain copies: runtime/packing.py)
+        names = [n for n in expected if n.startswith(part + ".")]
+        if len(names) != len(theirs):
+            continue
+        for name in names:
+            mine, their = _planned(path, plan[name], source, expected[name]), theirs.get(name[len(part) + 1:])
+            if (their is None or their.dtype not in (dtype, wider) or mine.shape != their.shape
+                    or not torch.equal(mine.to(dtype).to(their.dtype), their)):
+                break
+        else:
+            shared[part] = module
+    return shared
+
+
+def _common_parts(config: ModelConfig, other: StableDiffusion) -> list[tuple[str, torch.nn.Module]]:
+    """(module path in a model of this config, the other model's module) for the parts two models may share: the
+    VAE, and each text tower with a tower of the same config."""
+    pairs = [("vae", other.vae)] if config.vae == other.config.vae else []
+    mine = [c for c in (config.text, config.text2) if c is not None]
+    theirs = [c for c in (other.config.text, other.config.text2) if c is not None]
+    their_towers = other.text_encoder.towers if other.config.sdxl else [other.text_encoder]
+    for (_, prefix, _), cfg in zip(text_towers(config), mine):
+        same = [tower for their_cfg, tower in zip(theirs, their_towers) if their_cfg == cfg]
+        if same:
+            pairs.append((prefix.rstrip("."), same[0]))
+    return pairs
 
 
 def read_config(path: str | os.PathLike | None = None) -> ModelConfig:
