@@ -328,6 +328,68 @@ def test_refiner_shares_with_an_fp16_stored_base(sd, sharing_refiner_file):
     assert runtime.half_stored(refiner.unet) and refiner.unet.out[2].weight.dtype == torch.float16
 
 
+def _lora_file(sd, folder):
+    from tests.test_lora_sdxl import kohya_file
+
+    folder.mkdir(exist_ok=True)
+    return kohya_file(sd, folder / "style.safetensors", seed=3)
+
+
+def _fitting_by_hand(refiner, path):
+    """The LoRA's layers that have a layer of the same kohya name and weight shape in the refiner (the test's own
+    reading of the rule), as a LoRA."""
+    from plainsd import lora
+
+    full = lora.read_lora(path)
+    table = lora.name_table(refiner)
+    fits = {}
+    for key, layer in full.layers.items():
+        if key in table:
+            net, name = table[key]
+            weight = getattr(refiner, net).get_submodule(name).weight
+            if (layer.up.shape[0], *layer.down.shape[1:]) == tuple(weight.shape):
+                fits[key] = layer
+    return lora.LoRA(full.name, fits, {}), len(full.layers)
+
+
+@pytest.mark.parametrize("kind", ["own", "shared"])
+def test_lora_tags_with_a_refiner(sd, refiner_file, sharing_refiner_file, tmp_path, kind):
+    """A <lora:...> tag stays on when the refiner takes over, as in A1111: the base model's steps run the base with
+    the LoRA merged, the refiner's steps the refiner with the LoRA's layers that fit it merged (its bigG tower takes
+    the lora_te2_ layers; CLIP-L's and the UNet layers of other shapes do not fit); the run says in a note how many
+    did not fit. A bigG tower the refiner shares with the base gets the LoRA once. Both models' weights are
+    bit-identical afterwards."""
+    import copy
+
+    from plainsd import lora
+
+    path = refiner_file if kind == "own" else sharing_refiner_file
+    lora_path = _lora_file(sd, tmp_path / "loras")
+    engine = _engine_with_refiner(sd, path)
+    refiner = engine.refiner[1].sd
+    before = {k: v.clone() for k, v in [*sd.state_dict().items(), *(("r." + k, v) for k, v in refiner.state_dict().items())]}
+    steps, switch, scale = 6, 0.5, 6.0
+    result = pipeline.txt2img(engine, "<lora:style:0.7>a red circle", "blurry", steps=steps, seed=4, sampler="Euler",
+                              cfg_scale=scale, refiner_checkpoint=str(path), refiner_switch_at=switch,
+                              lora_dir=str(tmp_path / "loras"))
+    after = [*sd.state_dict().items(), *(("r." + k, v) for k, v in refiner.state_dict().items())]
+    assert all(torch.equal(before[k], v) for k, v in after) and len(after) == len(before)
+
+    base = lora.merge(copy.deepcopy(sd), lora.read_lora(lora_path), 0.7)
+    alone = plainsd.load(path)  # (its own copies: the LoRA merged into them by hand)
+    fitting, total = _fitting_by_hand(alone, lora_path)
+    assert 0 < len(fitting.layers) < total and any(k.startswith("lora_te2_") for k in fitting.layers)
+    image = _refined_by_hand(base, lora.merge(alone, fitting, 0.7), steps, switch, scale)
+    d = np.abs(np.asarray(result.images[0], dtype=np.int16) - np.asarray(image, dtype=np.int16)).max()
+    assert d <= 1, d
+    without = _refined_by_hand(base, plainsd.load(path), steps, switch, scale)  # (the refiner without the LoRA)
+    assert np.abs(np.asarray(without, dtype=np.int16) - np.asarray(image, dtype=np.int16)).max() > 3
+    unfit = total - len(fitting.layers)
+    assert [n for n in result.parameters.notes if "LoRA style" in n] == [
+        f"{unfit} of the {total} layers of LoRA style have no layer of that name and shape in the refiner refiner, "
+        "so they act in the base model's steps only"]
+
+
 def test_large_pictures_are_decoded_by_tiles(sd, monkeypatch):
     """A picture over pipeline.DECODE_TILE latents on a side (512 px) is decoded by overlapping tiles, so the VAE's
     decoder never holds more than one tile's activations: a 1024x1024 SDXL picture's 128x128 latents go as nine
