@@ -172,7 +172,8 @@ def main():
                f"{args.precision} --paths {args.paths} --rows {args.rows} --refiner-parts {args.refiner_parts}"
                + (f" --preset {args.preset} --size {args.size}" if (args.preset, args.size) != ("sdxl", 1024) else "")
                + "`")
-    model = "SDXL picture (random full-size weights" if args.preset == "sdxl" else f"{args.preset} picture (random weights"
+    full = args.preset == "sdxl"
+    model = "SDXL picture (random full-size weights" if full else f"{args.preset} picture (random weights"
     header = (f"One {args.size}x{args.size} {model}, fp16 files), txt2img with CFG 7, Euler, "
               f"{args.steps} steps, VAE decode (by tiles) included; {os.cpu_count()} cores ({', '.join(flags)}), "
               f"{args.threads} threads, precision {args.precision}, each row a fresh process. Written by {command}.")

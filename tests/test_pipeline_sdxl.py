@@ -324,7 +324,8 @@ def test_refiner_shares_with_an_fp16_stored_base(sd, sharing_refiner_file):
 
     engine = runtime.prepare(copy.deepcopy(sd).to(torch.float16))
     refiner = pipeline._refiner_engine(engine, str(sharing_refiner_file)).sd
-    assert refiner.vae is engine.sd.vae and refiner.text_encoder.embedders[0].model is engine.sd.text_encoder.embedders[1].model
+    assert refiner.vae is engine.sd.vae
+    assert refiner.text_encoder.embedders[0].model is engine.sd.text_encoder.embedders[1].model
     assert runtime.half_stored(refiner.unet) and refiner.unet.out[2].weight.dtype == torch.float16
 
 
@@ -367,12 +368,13 @@ def test_lora_tags_with_a_refiner(sd, refiner_file, sharing_refiner_file, tmp_pa
     lora_path = _lora_file(sd, tmp_path / "loras")
     engine = _engine_with_refiner(sd, path)
     refiner = engine.refiner[1].sd
-    before = {k: v.clone() for k, v in [*sd.state_dict().items(), *(("r." + k, v) for k, v in refiner.state_dict().items())]}
+    weights = lambda: [*sd.state_dict().items(), *(("r." + k, v) for k, v in refiner.state_dict().items())]  # noqa: E731
+    before = {k: v.clone() for k, v in weights()}
     steps, switch, scale = 6, 0.5, 6.0
     result = pipeline.txt2img(engine, "<lora:style:0.7>a red circle", "blurry", steps=steps, seed=4, sampler="Euler",
                               cfg_scale=scale, refiner_checkpoint=str(path), refiner_switch_at=switch,
                               lora_dir=str(tmp_path / "loras"))
-    after = [*sd.state_dict().items(), *(("r." + k, v) for k, v in refiner.state_dict().items())]
+    after = weights()
     assert all(torch.equal(before[k], v) for k, v in after) and len(after) == len(before)
 
     base = lora.merge(copy.deepcopy(sd), lora.read_lora(lora_path), 0.7)

@@ -380,7 +380,8 @@ def _diffusers_config(root: Path) -> ModelConfig:
     sched = root / "scheduler" / "scheduler_config.json"
     prediction = "eps"
     if sched.is_file():
-        prediction = {v: k for k, v in DIFFUSERS_PREDICTIONS.items()}.get(_read_json(sched).get("prediction_type"), "eps")
+        named = _read_json(sched).get("prediction_type")
+        prediction = {v: k for k, v in DIFFUSERS_PREDICTIONS.items()}.get(named, "eps")
     config = ModelConfig(unet=unet, vae=vae, prediction=prediction, scale_factor=v.get("scaling_factor", 0.18215),
                          resolution=v.get("sample_size", 512))
     if sdxl:
@@ -748,7 +749,8 @@ def _planned(path: Path, planned: tuple[str, Callable], source: TensorSource, wa
     """A model tensor as the plan makes it from the file, in the file's dtype (its shape may not be `want`)."""
     key, fn = planned
     tensor = fn(source.get(key))
-    if tuple(tensor.shape) != want and tensor.numel() == torch.Size(want).numel() and len(want) == 4 and want[2:] == (1, 1):
+    as_conv = len(want) == 4 and want[2:] == (1, 1) and tensor.numel() == torch.Size(want).numel()
+    if tuple(tensor.shape) != want and as_conv:
         tensor = tensor.reshape(want)  # attention projections stored as Linear instead of 1x1 Conv
     if not tensor.is_floating_point():
         raise CheckpointError(f"{path.name}: tensor {key} is {tensor.dtype}, expected floating point weights")

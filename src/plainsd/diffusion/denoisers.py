@@ -136,8 +136,8 @@ def training_loss(net: Callable, x0: torch.Tensor, cond, prediction: str = "eps"
 
     weights (broadcastable to (B, 1, H, W)): a weighted mean over the latent pixels instead of the plain mean.
     snr_gamma: Min-SNR-gamma weighting (Hang et al. 2023): each sample's loss times min(SNR, gamma) / SNR for
-    eps (min(SNR, gamma) / (SNR + 1) for v, min(SNR, gamma) for x0), SNR = alpha_bar / (1 - alpha_bar); it takes weight off the
-    nearly clean timesteps, whose gradients conflict with the noisy ones. 5 is the paper's value.
+    eps (min(SNR, gamma) / (SNR + 1) for v, min(SNR, gamma) for x0), SNR = alpha_bar / (1 - alpha_bar); it takes
+    weight off the nearly clean timesteps, whose gradients conflict with the noisy ones. 5 is the paper's value.
     rows: the network runs on these rows of the batch only (one process's share in data-parallel training);
     timesteps and noise are still drawn for the whole batch and weights normalised over it, so that the mean
     of the processes' losses is the whole batch's loss, whatever the split."""
