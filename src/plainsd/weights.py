@@ -698,7 +698,7 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
         config.prediction = "x0"
     if prediction:
         config.prediction = prediction
-    guessed = few_step_defaults(path, source, config)  # (before the weights: it may refuse the file)
+    guessed = few_step_defaults(path, source, config)
 
     with torch.device("meta"):
         sd = StableDiffusion(config)
