@@ -6,10 +6,14 @@ A full-size SDXL base file with random weights (fp16, as Stability publishes it:
 --cache and reused. Each row runs in a fresh process: plainsd.load with the dtype runtime.choose_dtype picks for
 the model on this CPU (or --precision), runtime.prepare, then txt2img at 1024x1024 with CFG, the VAE decode at
 1024 (by tiles) included. The refiner row hands the latents over at refiner_switch_at 0.5 to a full-size random
-refiner built in that process in fp16 and cast to the base's load dtype, as loading its file would give it (no
-second 6 GB file on disk), then prepared as the pipeline prepares a refiner. The peak is the process's resident
-high-water mark (VmHWM), the seconds are wall time. A few steps are enough for the peak (every step allocates
-alike); the time of a 20-step picture needs a quiet machine.
+refiner. --refiner-parts base (the default): its file, written once into --cache in fp16, holds a random UNet and
+the base file's own bigG tower and VAE, as Stability's refiner file holds the base's, and the pipeline loads it as
+it loads any refiner, sharing those two parts with the base (weights.load's share_with). --refiner-parts own: the
+refiner is built whole in that process with random weights of its own in fp16 and cast to the base's load dtype,
+as loading such a file would give it (no second file on disk), then prepared as the pipeline prepares a refiner.
+Either refiner is in memory before the picture's timer starts. The peak is the process's resident high-water mark
+(VmHWM), the seconds are wall time. A few steps are enough for the peak (every step allocates alike); the time of a
+20-step picture needs a quiet machine. --preset tiny-sdxl --size 64 runs the same code at test size, in seconds.
 
 --paths: "native" runs as this CPU is; "avx2" runs as a CPU with AVX2 alone would: runtime.cpu_flags reports
 avx2 and fma only (so "auto" makes its choice for such a CPU) and oneDNN, MKL and ATen are held to their AVX2
@@ -53,6 +57,27 @@ def make_random(preset: str, path: Path) -> None:
     plainsd.save(sd, path)
 
 
+def make_refiner(preset: str, base: Path, path: Path) -> None:
+    """A refiner file for the base preset ("<preset>-refiner") as Stability's is made: a random UNet built in fp16,
+    and the base file's bigG tower (its conditioner.embedders.1., here .0.) and VAE tensors as they are."""
+    import plainsd
+    from plainsd.models.unet import UNetModel
+    from plainsd.weights import SDXL_TEXT, UNET, VAE, read_tensors, write_safetensors
+
+    config = plainsd.preset(preset + "-refiner")
+    torch.manual_seed(1)
+    torch.set_default_dtype(torch.float16)
+    tensors = {UNET + k: v for k, v in UNetModel(config.unet).state_dict().items()}
+    torch.set_default_dtype(torch.float32)
+    source = read_tensors(base)
+    for key in source.shapes:
+        if key.startswith(VAE):
+            tensors[key] = source.get(key)
+        elif key.startswith(SDXL_TEXT + "1."):
+            tensors[SDXL_TEXT + "0." + key[len(SDXL_TEXT + "1."):]] = source.get(key)
+    write_safetensors(tensors, path, {"format": "pt"})
+
+
 def run(task: dict) -> dict:
     """One row, in this (fresh) process."""
     import plainsd
@@ -66,21 +91,26 @@ def run(task: dict) -> dict:
     dtype = runtime.choose_dtype(task["precision"], weights.read_config(task["base"]))
     engine = runtime.prepare(plainsd.load(task["base"], dtype=dtype))
     loaded, after_load = time.perf_counter() - started, peak_gb()
-    extra = {}
-    if task.get("refiner"):  # a random refiner built here, as loading would make it: fp16, then the load dtype
-        torch.manual_seed(0)
+    extra, shared = {}, False
+    if task.get("refiner") and task["refiner_parts"] == "own":  # built here, as loading would make it: fp16, then
+        torch.manual_seed(0)                                     # the load dtype
         torch.set_default_dtype(torch.float16)
-        refiner = StableDiffusion(plainsd.preset("sdxl-refiner")).to(engine.load_dtype).eval().requires_grad_(False)
+        refiner = StableDiffusion(plainsd.preset(task["preset"] + "-refiner")).to(engine.load_dtype)
         torch.set_default_dtype(torch.float32)
         Path(task["refiner"]).touch()  # (the request checks that the refiner's path exists)
-        engine.refiner = (str(Path(task["refiner"]).resolve()), runtime.prepare(refiner))
+        engine.refiner = (str(Path(task["refiner"]).resolve()), runtime.prepare(refiner.eval().requires_grad_(False)))
+    elif task.get("refiner"):  # its file, loaded as the pipeline loads a refiner
+        refiner = pipeline._refiner_engine(engine, task["refiner"]).sd
+        shared = refiner.vae is engine.sd.vae and refiner.text_encoder.towers[0] is engine.sd.text_encoder.towers[1]
+    if task.get("refiner"):
         extra = {"refiner_checkpoint": task["refiner"], "refiner_switch_at": 0.5}
+    size = task["size"]
     started = time.perf_counter()
-    result = pipeline.txt2img(engine, "a lighthouse at dusk", "blurry", steps=task["steps"], width=1024,
-                              height=1024, seed=0, sampler="Euler", **extra)
+    result = pipeline.txt2img(engine, "a lighthouse at dusk", "blurry", steps=task["steps"], width=size,
+                              height=size, seed=0, sampler="Euler", **extra)
     seconds = time.perf_counter() - started
-    assert result.images[0].size == (1024, 1024)
-    return {"load_s": loaded, "load_peak": after_load, "seconds": seconds, "peak": peak_gb(),
+    assert result.images[0].size == (size, size)
+    return {"load_s": loaded, "load_peak": after_load, "seconds": seconds, "peak": peak_gb(), "shared": shared,
             "dtype": str(dtype).replace("torch.", ""), "compute": str(engine.sd.unet.dtype).replace("torch.", "")}
 
 
@@ -106,11 +136,19 @@ def main():
     p.add_argument("--paths", default="native", help="native, avx2 or both (module doc)")
     p.add_argument("--append", action="store_true", help="add the rows to the table already in --out")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "sdxl_memory.md"))
+    p.add_argument("--refiner-parts", choices=["base", "own"], default="base",
+                   help="the refiner's bigG tower and VAE: the base file's, shared (as the published refiner), or "
+                        "random ones of its own (module doc)")
+    p.add_argument("--preset", default="sdxl", help="the base model's preset (tiny-sdxl: a check at test size)")
+    p.add_argument("--size", type=int, default=1024, help="the picture's side in pixels")
     p.add_argument("--task", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.task:
         task = json.loads(args.task)
-        if task.get("make"):
+        if task.get("make_refiner"):
+            make_refiner(task["make_refiner"], Path(task["base"]), Path(task["path"]))
+            print("{}")
+        elif task.get("make"):
             make_random(task["make"], Path(task["path"]))
             print("{}")
         else:
@@ -118,17 +156,25 @@ def main():
         return
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    files = {"sdxl": cache / "sdxl-random-fp16.safetensors", "sdxl-refiner": cache / "sdxl-refiner-in-memory"}
-    for preset, path in list(files.items())[:1]:
-        if not path.is_file():
-            print(f"writing {path} ...", flush=True)
-            _child({"make": preset, "path": str(path)})
+    base = cache / f"{args.preset}-random-fp16.safetensors"
+    refiner = cache / (f"{args.preset}-refiner-base-parts-fp16.safetensors" if args.refiner_parts == "base"
+                       else f"{args.preset}-refiner-in-memory")
+    if not base.is_file():
+        print(f"writing {base} ...", flush=True)
+        _child({"make": args.preset, "path": str(base)})
+    if args.refiner_parts == "base" and "refiner" in args.rows.split(",") and not refiner.is_file():
+        print(f"writing {refiner} ...", flush=True)
+        _child({"make_refiner": args.preset, "base": str(base), "path": str(refiner)})
     from plainsd import runtime
 
     flags = sorted(runtime.cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
     command = (f"`benchmarks/sdxl_memory.py --threads {args.threads} --steps {args.steps} --precision "
-               f"{args.precision} --paths {args.paths} --rows {args.rows}`")
-    header = (f"One 1024x1024 SDXL picture (random full-size weights, fp16 files), txt2img with CFG 7, Euler, "
+               f"{args.precision} --paths {args.paths} --rows {args.rows} --refiner-parts {args.refiner_parts}"
+               + (f" --preset {args.preset} --size {args.size}" if (args.preset, args.size) != ("sdxl", 1024) else "")
+               + "`")
+    full = args.preset == "sdxl"
+    model = "SDXL picture (random full-size weights" if full else f"{args.preset} picture (random weights"
+    header = (f"One {args.size}x{args.size} {model}, fp16 files), txt2img with CFG 7, Euler, "
               f"{args.steps} steps, VAE decode (by tiles) included; {os.cpu_count()} cores ({', '.join(flags)}), "
               f"{args.threads} threads, precision {args.precision}, each row a fresh process. Written by {command}.")
     table = ["| CPU path | row | weights loaded as | compute dtype | load s | peak RSS after load GiB | picture s "
@@ -140,10 +186,12 @@ def main():
         notes.append(f"The rows from row {len(table) - 1} on were added by {command}.")
     for path in args.paths.split(","):
         for row in args.rows.split(","):
-            task = {"base": str(files["sdxl"]), "refiner": str(files["sdxl-refiner"]) if row == "refiner" else None,
-                    "threads": args.threads, "steps": args.steps, "precision": args.precision, "path": path}
+            task = {"base": str(base), "refiner": str(refiner) if row == "refiner" else None, "preset": args.preset,
+                    "refiner_parts": args.refiner_parts, "size": args.size, "threads": args.threads,
+                    "steps": args.steps, "precision": args.precision, "path": path}
             r = _child(task)
             label = "base" if row == "base" else "base + refiner (switch at 0.5)"
+            label += ", bigG and VAE shared" if r["shared"] else ""
             cpu = "this CPU" if path == "native" else "as AVX2 only (forced)"
             table.append(f"| {cpu} | {label} | {r['dtype']} | {r['compute']} | {r['load_s']:.0f} | "
                          f"{r['load_peak']:.2f} | {r['seconds']:.0f} | {r['peak']:.2f} |")

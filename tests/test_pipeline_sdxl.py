@@ -2,6 +2,8 @@
 weights (same noise, Euler on the same sigmas), the conditioning each pass gives the UNet (A1111's defaults: the
 picture's size as original and target size, crop 0, 0; an empty negative prompt as zeros), infotext, refusals."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -176,7 +178,7 @@ def _by_hand(model, prompt, negative, kind, numbers, scale):
     return CFGDenoiser(net, scale), {"cond": conditioning(prompt, 6.0), "uncond": conditioning(negative, 2.5)}
 
 
-def _refined_by_hand(sd, refiner, steps, switch, scale):
+def _refined_by_hand(sd, refiner, steps, switch, scale, prompt="a red circle"):
     """Euler: the base model's steps down to the first sigma whose nearest training timestep t has (999 - t) / 1000
     >= switch (A1111's completed ratio), then the refiner's, on the same latents; decoded by the refiner's VAE."""
     from plainsd.diffusion.denoisers import DiscreteDenoiser
@@ -190,9 +192,9 @@ def _refined_by_hand(sd, refiner, steps, switch, scale):
     assert 0 < k < steps
     x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(4)) * sigmas[0]
     with torch.no_grad():
-        base_model, base_args = _by_hand(sd, "a red circle", "blurry", "base", [64, 64, 0, 0, 64, 64], scale)
+        base_model, base_args = _by_hand(sd, prompt, "blurry", "base", [64, 64, 0, 0, 64, 64], scale)
         x = sample_euler(base_model, x, sigmas[:k + 1], extra_args=base_args)
-        refined_model, refined_args = _by_hand(refiner, "a red circle", "blurry", "refiner", [64, 64, 0, 0], scale)
+        refined_model, refined_args = _by_hand(refiner, prompt, "blurry", "refiner", [64, 64, 0, 0], scale)
         x = sample_euler(refined_model, x, sigmas[k:], extra_args=refined_args)
         return to_pil(refiner.vae.decode(x / refiner.config.scale_factor))[0]
 
@@ -275,6 +277,119 @@ def test_refiner_is_prepared_as_the_base_model(sd, refiner_file, dtype):
         rounded = lambda m: copy.deepcopy(m).to(dtype).float()  # noqa: E731
         in_float32 = _refined_by_hand(rounded(sd), rounded(plainsd.load(refiner_file)), steps, switch, scale)
         assert np.abs(picture - np.asarray(in_float32, dtype=np.int16)).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def sharing_refiner_file(sd, tmp_path_factory):
+    """A refiner file as Stability's is made: its own UNet, the base model's bigG tower and VAE."""
+    refiner = perturb(plainsd.build("tiny-sdxl-refiner", seed=2), 2)
+    refiner.text_encoder.embedders[0].model.load_state_dict(sd.text_encoder.embedders[1].model.state_dict())
+    refiner.vae.load_state_dict(sd.vae.state_dict())
+    return plainsd.save(refiner, tmp_path_factory.mktemp("sharing") / "refiner.safetensors")
+
+
+def _engine_with_refiner(sd, path, refiner=None):
+    """An engine whose refiner is the file (loaded as the pipeline loads it), or the model given (not shared)."""
+    engine = Engine(sd)
+    if refiner is None:
+        pipeline._refiner_engine(engine, str(path))
+    else:
+        engine.refiner = (str(Path(path).resolve()), Engine(refiner))
+    return engine
+
+
+def test_refiner_shares_the_base_models_equal_parts(sd, refiner_file, sharing_refiner_file):
+    """A refiner file whose bigG tower and VAE equal the base model's takes the base's modules (no second copy) and
+    draws the picture it draws with copies of its own; one with other weights keeps its own."""
+    kw = dict(steps=4, seed=5, sampler="Euler", cfg_scale=5.0, refiner_switch_at=0.5)
+    engine = _engine_with_refiner(sd, sharing_refiner_file)
+    refiner = engine.refiner[1].sd
+    assert refiner.vae is sd.vae and refiner.text_encoder.embedders[0].model is sd.text_encoder.embedders[1].model
+    shared = pipeline.txt2img(engine, "a red circle", "blurry", refiner_checkpoint=str(sharing_refiner_file), **kw)
+    copies = plainsd.load(sharing_refiner_file)
+    assert copies.vae is not sd.vae
+    apart = _engine_with_refiner(sd, sharing_refiner_file, refiner=copies)
+    separate = pipeline.txt2img(apart, "a red circle", "blurry", refiner_checkpoint=str(sharing_refiner_file), **kw)
+    assert shared.images[0].tobytes() == separate.images[0].tobytes() and "Refiner" in shared.infotexts[0]
+    other = _engine_with_refiner(sd, refiner_file).refiner[1].sd
+    assert other.vae is not sd.vae and other.text_encoder.embedders[0].model is not sd.text_encoder.embedders[1].model
+
+
+def test_refiner_shares_with_an_fp16_stored_base(sd, sharing_refiner_file):
+    """On an engine prepared with fp16 weights computed in float32, the refiner loaded in fp16 still finds the
+    base's bigG and VAE equal (their biases and norms float32 there: runtime/storage.py) and shares them."""
+    import copy
+
+    from plainsd import runtime
+
+    engine = runtime.prepare(copy.deepcopy(sd).to(torch.float16))
+    refiner = pipeline._refiner_engine(engine, str(sharing_refiner_file)).sd
+    assert refiner.vae is engine.sd.vae
+    assert refiner.text_encoder.embedders[0].model is engine.sd.text_encoder.embedders[1].model
+    assert runtime.half_stored(refiner.unet) and refiner.unet.out[2].weight.dtype == torch.float16
+
+
+def _lora_file(sd, folder):
+    from tests.test_lora_sdxl import kohya_file
+
+    folder.mkdir(exist_ok=True)
+    return kohya_file(sd, folder / "style.safetensors", seed=3)
+
+
+def _fitting_by_hand(refiner, path):
+    """The LoRA's layers that have a layer of the same kohya name and weight shape in the refiner (the test's own
+    reading of the rule), as a LoRA."""
+    from plainsd import lora
+
+    full = lora.read_lora(path)
+    table = lora.name_table(refiner)
+    fits = {}
+    for key, layer in full.layers.items():
+        if key in table:
+            net, name = table[key]
+            weight = getattr(refiner, net).get_submodule(name).weight
+            if (layer.up.shape[0], *layer.down.shape[1:]) == tuple(weight.shape):
+                fits[key] = layer
+    return lora.LoRA(full.name, fits, {}), len(full.layers)
+
+
+@pytest.mark.parametrize("kind", ["own", "shared"])
+def test_lora_tags_with_a_refiner(sd, refiner_file, sharing_refiner_file, tmp_path, kind):
+    """A <lora:...> tag stays on when the refiner takes over, as in A1111: the base model's steps run the base with
+    the LoRA merged, the refiner's steps the refiner with the LoRA's layers that fit it merged (its bigG tower takes
+    the lora_te2_ layers; CLIP-L's and the UNet layers of other shapes do not fit); the run says in a note how many
+    did not fit. A bigG tower the refiner shares with the base gets the LoRA once. Both models' weights are
+    bit-identical afterwards."""
+    import copy
+
+    from plainsd import lora
+
+    path = refiner_file if kind == "own" else sharing_refiner_file
+    lora_path = _lora_file(sd, tmp_path / "loras")
+    engine = _engine_with_refiner(sd, path)
+    refiner = engine.refiner[1].sd
+    weights = lambda: [*sd.state_dict().items(), *(("r." + k, v) for k, v in refiner.state_dict().items())]  # noqa: E731
+    before = {k: v.clone() for k, v in weights()}
+    steps, switch, scale = 6, 0.5, 6.0
+    result = pipeline.txt2img(engine, "<lora:style:0.7>a red circle", "blurry", steps=steps, seed=4, sampler="Euler",
+                              cfg_scale=scale, refiner_checkpoint=str(path), refiner_switch_at=switch,
+                              lora_dir=str(tmp_path / "loras"))
+    after = weights()
+    assert all(torch.equal(before[k], v) for k, v in after) and len(after) == len(before)
+
+    base = lora.merge(copy.deepcopy(sd), lora.read_lora(lora_path), 0.7)
+    alone = plainsd.load(path)  # (its own copies: the LoRA merged into them by hand)
+    fitting, total = _fitting_by_hand(alone, lora_path)
+    assert 0 < len(fitting.layers) < total and any(k.startswith("lora_te2_") for k in fitting.layers)
+    image = _refined_by_hand(base, lora.merge(alone, fitting, 0.7), steps, switch, scale)
+    d = np.abs(np.asarray(result.images[0], dtype=np.int16) - np.asarray(image, dtype=np.int16)).max()
+    assert d <= 1, d
+    without = _refined_by_hand(base, plainsd.load(path), steps, switch, scale)  # (the refiner without the LoRA)
+    assert np.abs(np.asarray(without, dtype=np.int16) - np.asarray(image, dtype=np.int16)).max() > 3
+    unfit = total - len(fitting.layers)
+    assert [n for n in result.parameters.notes if "LoRA style" in n] == [
+        f"{unfit} of the {total} layers of LoRA style have no layer of that name and shape in the refiner refiner, "
+        "so they act in the base model's steps only"]
 
 
 def test_large_pictures_are_decoded_by_tiles(sd, monkeypatch):

@@ -119,8 +119,8 @@ def test_detects_sd2_inpainting_and_prediction_override(tmp_path):
     marked = _bare_file(plainsd.build("tiny-sd2"), tmp_path / "vm.safetensors", add={"v_pred": torch.tensor([])})
     assert plainsd.load(marked).config.prediction == "v"
     assert plainsd.load(marked, prediction="eps").config.prediction == "eps"
-    with pytest.raises(ValueError, match="'eps' or 'v'"):
-        plainsd.load(marked, prediction="x0")
+    with pytest.raises(ValueError, match="'eps', 'v' or 'x0', got 'sample'"):
+        plainsd.load(marked, prediction="sample")
 
 
 def _meta_shapes(name):

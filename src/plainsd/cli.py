@@ -74,7 +74,8 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
                    help="a checkpoint that takes the latents over at --refiner-switch-at (A1111's refiner; SDXL's)")
     p.add_argument("--refiner-switch-at", type=float, default=None, metavar="F",
                    help="the fraction of the denoising done before the refiner takes over (default 0.8)")
-    p.add_argument("--prediction", choices=["eps", "v"], default=None, help="override what the model predicts")
+    p.add_argument("--prediction", choices=["eps", "v", "x0"], default=None,
+                   help="override what the model predicts: the noise, the velocity or the clean sample")
     p.add_argument("--lora-dir", default=None, help="folder of LoRA files, used by <lora:name:weight> in the prompt")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings, used by name in prompts")
     p.add_argument("--vae", default=None, help="a VAE to decode with instead of the model's own: a file or diffusers "

@@ -142,7 +142,8 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)  # the text tower (SDXL: the first, CLIP ViT-L; the refiner's bigG)
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
-    prediction: str = "eps"          # what the UNet predicts: "eps" (noise) or "v" (velocity)
+    prediction: str = "eps"          # what the UNet predicts: "eps" (noise), "v" (velocity) or "x0" (the clean
+                                     # sample: SDXL-Lightning's 1-step model; diffusers' "sample")
     scale_factor: float = 0.18215    # latents are multiplied by this before the UNet sees them
     resolution: int = 512            # native image size in pixels
     text2: TextConfig | None = None  # SDXL: the second text tower (OpenCLIP ViT-bigG), its states after the first's

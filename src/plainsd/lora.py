@@ -334,6 +334,27 @@ def deltas(sd, lora: LoRA, weight: float = 1.0) -> dict[tuple[str, str], torch.T
     return out
 
 
+def fitting(sd, lora: LoRA, shared=lambda module: False) -> tuple[LoRA, int]:
+    """The part of a LoRA made for another model that fits this one, as a LoRA of its own, and how many of its
+    layers do not fit: a layer fits where this model has a layer of that name (name_table) whose weight takes the
+    change (what A1111's Lora extension patches when its refiner takes over). A layer on a module for which
+    shared(module) is true fits but is left out: the model shares that module with one the LoRA is applied to."""
+    table = name_table(sd)
+    layers, unfit = {}, 0
+    for key, layer in lora.layers.items():
+        module = getattr(sd, table[key][0]).get_submodule(table[key][1]) if key in table else None
+        try:
+            if module is None:
+                raise ValueError(key)
+            layer.change(_weight(module))
+        except (ValueError, RuntimeError):  # (no such layer; a weight of another shape: LoHa's reshape says so)
+            unfit += 1
+            continue
+        if not shared(module):
+            layers[key] = layer
+    return LoRA(lora.name, layers, lora.metadata), unfit
+
+
 @contextlib.contextmanager
 def applied(sd, loras: list[tuple[LoRA, float]]):
     """Add the LoRAs to the model's weights for the duration of the block; the originals come back after."""

@@ -197,7 +197,9 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
     loras = lora_mod.resolve(extract_loras(request.prompt)[1], request.lora_dir)
     embeddings = load_embeddings(request.embeddings_dir, sd) if request.embeddings_dir is not None else None
     encode = _TextStates(sd, request.clip_skip, embeddings)
-    with _tiling(engine, request.tiling), lora_mod.applied(sd, loras):
+    refiner = _load_refiner(engine, request) if request.refiner_checkpoint else None  # (before the LoRAs change
+    # the base model's weights: the refiner shares the parts whose weights equal the base's)
+    with _tiling(engine, request.tiling), lora_mod.applied(sd, loras), _refiner_loras(engine, refiner, loras) as notes:
         start = _start(sd, request, run)
         params.inpainting = Parameters.inpainting_fields(request, start.paste is not None,
                                                          start.paste is not None and start.paste[2] is not None)
@@ -218,6 +220,7 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
             refined = last.refiner is not None and last.refiner.took_over
             if refined:  # A1111 decodes with the model loaded last: the refiner's VAE
                 params.refiner, params.refiner_switch_at = last.refiner.title, last.refiner.switch_at
+                params.notes += [n for n in notes if n not in params.notes]
             decoder = last.refiner.engine.sd if refined else sd
             pictures = decode(decoder, latents, run.tiny, wrap=request.tiling)
             if start.paste is not None:
@@ -794,16 +797,19 @@ class _RefinerPart:
     took_over: bool = False
 
 
+def _load_refiner(engine: Engine, req: GenerationRequest) -> Engine:
+    """The request's refiner, loaded (_refiner_engine) where the base model can hand over to one."""
+    if _embeds_guidance(engine.sd):
+        raise ValueError(f"{engine.sd.name} is LCM-distilled and runs no classifier-free guidance; a refiner does "
+                         "not take over from it")
+    return _refiner_engine(engine, req.refiner_checkpoint)
+
+
 def _refiner(engine: Engine, req: GenerationRequest, params: Parameters, hires: bool) -> _RefinerPart:
     """3c. The refiner (A1111's refiner_checkpoint) for the last pass: loaded (kept on the engine for the next
     run), checked against the base model's latents, and its own conditioning of the pass's prompts and size."""
     sd = engine.sd
-    if extract_loras(req.prompt)[1] or (hires and extract_loras(req.hires.prompt or "")[1]):
-        raise ValueError("LoRA tags and a refiner do not run together yet; leave out one of them")
-    if _embeds_guidance(sd):
-        raise ValueError(f"{sd.name} is LCM-distilled and runs no classifier-free guidance; a refiner does not take "
-                         "over from it")
-    refiner = _refiner_engine(engine, req.refiner_checkpoint).sd
+    refiner = _load_refiner(engine, req).sd
     latents = lambda m: (m.config.vae.z_channels, m.config.vae.factor, m.config.scale_factor)  # noqa: E731
     if latents(refiner) != latents(sd):
         raise ValueError(f"the refiner {refiner.name} works on other latents than {sd.name} (channels, factor, scale "
@@ -829,13 +835,37 @@ def _refiner(engine: Engine, req: GenerationRequest, params: Parameters, hires: 
 def _refiner_engine(engine: Engine, path: str) -> Engine:
     """The refiner checkpoint as an Engine, kept on the base's engine for later runs: loaded in the dtype the base
     model's weights came in (bf16, fp16 storage or float32) and, where the base engine was made by runtime.prepare,
-    prepared the same way (eager: the refiner's UNet is not compiled by OpenVINO)."""
+    prepared the same way (eager: the refiner's UNet is not compiled by OpenVINO). Its VAE and text tower are the
+    base model's own modules where their weights are equal (weights.load's share_with: SDXL's refiner file holds the
+    base's bigG and VAE, which diffusers' documentation shares the same way), not second copies."""
     path = str(Path(path).resolve())
     if engine.refiner is None or engine.refiner[0] != path:
         engine.refiner = None  # (the one before freed first)
-        refiner = load(path, dtype=engine.load_dtype)
+        refiner = load(path, dtype=engine.load_dtype, share_with=engine.sd)
         engine.refiner = (path, prepare(refiner) if engine.prepared else Engine(refiner))
     return engine.refiner[1]
+
+
+@contextlib.contextmanager
+def _refiner_loras(engine: Engine, refiner: Engine | None, loras: list):
+    """The prompt's LoRAs on the refiner as well, as A1111's stay on when its refiner takes over: each LoRA layer that
+    fits the refiner (lora.fitting: a layer of that name and shape; its bigG tower takes the lora_te2_ layers, as
+    diffusers' text_encoder_2 does) for the run, the refiner's weights as before afterwards. A part the refiner
+    shares with the base (_refiner_engine) has the base's LoRA already. Yields the notes for the run: one sentence
+    per LoRA with layers that do not fit (A1111 counts them as "Networks with errors")."""
+    if refiner is None or not loras:
+        yield []
+        return
+    base = {id(m) for m in engine.sd.modules()}
+    fitted, notes = [], []
+    for lora, weight in loras:
+        part, unfit = lora_mod.fitting(refiner.sd, lora, shared=lambda module: id(module) in base)
+        fitted.append((part, weight))
+        if unfit and weight:
+            notes.append(f"{unfit} of the {len(lora.layers)} layers of LoRA {lora.name} have no layer of that name "
+                         f"and shape in the refiner {refiner.sd.name}, so they act in the base model's steps only")
+    with lora_mod.applied(refiner.sd, fitted):
+        yield notes
 
 
 def _handover(sd: StableDiffusion, p: Pass, base: CFGDenoiser) -> _Handover:

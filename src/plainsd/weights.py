@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import AdapterConfig, BlipConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig
+from .diffusion.denoisers import PREDICTIONS
 from .models import AutoencoderKL, StableDiffusion, family
 from .models.blip import BlipCaptionModel
 from .models.controlnet import HINT_CHANNELS, ControlNet
@@ -46,6 +47,8 @@ TURBO_DEFAULTS = {"steps": 1, "sampler": "Euler a", "schedule": "sgm_uniform", "
 # trailing timesteps without guidance, for the number of steps the file was distilled to (its name says, e.g.
 # sdxl_lightning_4step.safetensors; 4 where it does not)
 LIGHTNING_DEFAULTS = {"steps": 4, "sampler": "Euler", "schedule": "trailing", "cfg_scale": 1.0}
+# plainsd's names of what a UNet predicts -> diffusers' scheduler prediction_type
+DIFFUSERS_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 # Stability's own layout (sgm, as sd_turbo.safetensors is stored): the SD 2.x text encoder under this prefix
 SGM_TEXT_OPENCLIP = "conditioner.embedders.0.model."
 SDXL_TEXT = "conditioner.embedders."  # SDXL's text towers: N.transformer. (CLIP-L), N.model. (OpenCLIP bigG)
@@ -376,8 +379,9 @@ def _diffusers_config(root: Path) -> ModelConfig:
                     norm_groups=v.get("norm_num_groups", 32))
     sched = root / "scheduler" / "scheduler_config.json"
     prediction = "eps"
-    if sched.is_file() and _read_json(sched).get("prediction_type") == "v_prediction":
-        prediction = "v"
+    if sched.is_file():
+        named = _read_json(sched).get("prediction_type")
+        prediction = {v: k for k, v in DIFFUSERS_PREDICTIONS.items()}.get(named, "eps")
     config = ModelConfig(unet=unet, vae=vae, prediction=prediction, scale_factor=v.get("scaling_factor", 0.18215),
                          resolution=v.get("sample_size", 512))
     if sdxl:
@@ -662,11 +666,14 @@ def _ema_key(key: str) -> str:
 
 
 def load(path: str | os.PathLike | None = None, *, prediction: str | None = None, ema: bool = False,
-         dtype: torch.dtype = torch.float32) -> StableDiffusion:
+         dtype: torch.dtype = torch.float32, share_with: StableDiffusion | None = None) -> StableDiffusion:
     """Load a checkpoint: an original single file (.safetensors, .ckpt) or a diffusers folder.
 
-    prediction: "eps" or "v" overrides what the file suggests (SD 2.x 768 models are "v").
+    prediction: "eps", "v" or "x0" overrides what the file suggests (SD 2.x 768 models are "v", SDXL-Lightning's
+    1-step file "x0").
     ema: take the UNet's EMA weights (model_ema.*) instead of the live ones, where the file has them.
+    share_with: a loaded model whose VAE and text towers this one takes instead of copies of its own where they are
+    equal (_shared_parts): SDXL's refiner beside its base, whose bigG tower and VAE are the base's.
     With no path, the default model that ships with plainsd.
     """
     if path is None:
@@ -675,8 +682,8 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
                                   "for a random tiny model")
         path = DEFAULT_MODEL
     path = Path(path)
-    if prediction not in (None, "eps", "v"):
-        raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+    if prediction not in (None, *PREDICTIONS):
+        raise ValueError(f"prediction must be 'eps', 'v' or 'x0', got {prediction!r}")
     v_key = None
     if path.is_dir():
         config, source = _read_diffusers(path)
@@ -687,9 +694,11 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
         config, v_key = infer_config(source.shapes, source.metadata)
         if _v_by_weights(source, v_key):
             config.prediction = "v"
+    if predicts_sample(path, config):
+        config.prediction = "x0"
     if prediction:
         config.prediction = prediction
-    guessed = few_step_defaults(path, source, config)  # (before the weights: it may refuse the file)
+    guessed = few_step_defaults(path, source, config)
 
     with torch.device("meta"):
         sd = StableDiffusion(config)
@@ -712,29 +721,78 @@ def load(path: str | os.PathLike | None = None, *, prediction: str | None = None
     if problems:
         raise CheckpointError(f"{path.name} does not fit the {_describe(config)} model it looks like: " + "; ".join(problems))
 
+    shared = _shared_parts(path, config, plan, expected, source, dtype, share_with) if share_with is not None else {}
     state, misshaped = {}, []
     for name, want in expected.items():
-        key, fn = plan[name]
-        tensor = fn(source.get(key))
+        if name.startswith(tuple(part + "." for part in shared)):
+            continue
+        tensor = _planned(path, plan[name], source, want)
         if tuple(tensor.shape) != want:
-            if tensor.numel() == torch.Size(want).numel() and len(want) == 4 and want[2:] == (1, 1):
-                tensor = tensor.reshape(want)  # attention projections stored as Linear instead of 1x1 Conv
-            else:
-                misshaped.append(f"{key}: file {list(tensor.shape)}, model {list(want)}")
-                continue
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{path.name}: tensor {key} is {tensor.dtype}, expected floating point weights")
+            misshaped.append(f"{plan[name][0]}: file {list(tensor.shape)}, model {list(want)}")
+            continue
         state[name] = tensor.to(dtype).contiguous()
     if misshaped:
         raise CheckpointError(f"{path.name} does not fit the {_describe(config)} model it looks like: "
                               f"{len(misshaped)} tensors have the wrong shape ({'; '.join(misshaped[:4])})")
-    sd.load_state_dict(state, strict=True, assign=True)
+    sd.load_state_dict(state, strict=not shared, assign=True)  # (the shared parts' tensors: the other model's)
+    for part, module in shared.items():
+        sd.set_submodule(part, module)
     sd.name = path.stem if path.is_file() else path.name
     tiny = path.with_suffix(".taesd.safetensors") if path.is_file() else path / "taesd_decoder.safetensors"
     if tiny.is_file():
         sd.tiny_decoder_path = tiny  # fast mode's decoder, loaded when first used
     sd.defaults = _own_defaults(source, sd.defaults) if "plainsd.defaults" in source.metadata else guessed
     return sd.eval().requires_grad_(False)
+
+
+def _planned(path: Path, planned: tuple[str, Callable], source: TensorSource, want: tuple) -> torch.Tensor:
+    """A model tensor as the plan makes it from the file, in the file's dtype (its shape may not be `want`)."""
+    key, fn = planned
+    tensor = fn(source.get(key))
+    as_conv = len(want) == 4 and want[2:] == (1, 1) and tensor.numel() == torch.Size(want).numel()
+    if tuple(tensor.shape) != want and as_conv:
+        tensor = tensor.reshape(want)  # attention projections stored as Linear instead of 1x1 Conv
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{path.name}: tensor {key} is {tensor.dtype}, expected floating point weights")
+    return tensor
+
+
+def _shared_parts(path: Path, config: ModelConfig, plan: dict, expected: dict, source: TensorSource,
+                  dtype: torch.dtype, other: StableDiffusion) -> dict[str, torch.nn.Module]:
+    """Module path -> the other model's module, for each part of the file's model that the other holds equal: its
+    VAE, and a text tower of the same config (the refiner's bigG, embedders.0.model, is the base's embedders.1.model).
+    Equal: the same tensor names and every tensor, as loaded in dtype, equal to the other's in value and dtype (or
+    its float32, which fp16 storage keeps for biases and norms: runtime/storage.py). Compared a tensor at a time
+    from the file, stopping at the first difference, so a part that is shared is never held twice."""
+    wider = {torch.float16: torch.float32}.get(dtype, dtype)
+    shared = {}
+    for part, module in _common_parts(config, other):
+        theirs = module.state_dict()  # (packed layers give plain copies: runtime/packing.py)
+        names = [n for n in expected if n.startswith(part + ".")]
+        if len(names) != len(theirs):
+            continue
+        for name in names:
+            mine, their = _planned(path, plan[name], source, expected[name]), theirs.get(name[len(part) + 1:])
+            if (their is None or their.dtype not in (dtype, wider) or mine.shape != their.shape
+                    or not torch.equal(mine.to(dtype).to(their.dtype), their)):
+                break
+        else:
+            shared[part] = module
+    return shared
+
+
+def _common_parts(config: ModelConfig, other: StableDiffusion) -> list[tuple[str, torch.nn.Module]]:
+    """(module path in a model of this config, the other model's module) for the parts two models may share: the
+    VAE, and each text tower with a tower of the same config."""
+    pairs = [("vae", other.vae)] if config.vae == other.config.vae else []
+    mine = [c for c in (config.text, config.text2) if c is not None]
+    theirs = [c for c in (other.config.text, other.config.text2) if c is not None]
+    their_towers = other.text_encoder.towers if other.config.sdxl else [other.text_encoder]
+    for (_, prefix, _), cfg in zip(text_towers(config), mine):
+        same = [tower for their_cfg, tower in zip(theirs, their_towers) if their_cfg == cfg]
+        if same:
+            pairs.append((prefix.rstrip("."), same[0]))
+    return pairs
 
 
 def read_config(path: str | os.PathLike | None = None) -> ModelConfig:
@@ -746,7 +804,10 @@ def read_config(path: str | os.PathLike | None = None) -> ModelConfig:
     if not path.exists():
         raise CheckpointError(f"no such checkpoint file or folder: {path}")
     source = _sgm_sd2(read_tensors(path))
-    return infer_config(source.shapes, source.metadata)[0]
+    config = infer_config(source.shapes, source.metadata)[0]
+    if predicts_sample(path, config):
+        config.prediction = "x0"
+    return config
 
 
 def _own_defaults(source: TensorSource, unreadable: dict) -> dict:
@@ -768,11 +829,17 @@ def few_step_defaults(path: Path, source: TensorSource, config: ModelConfig) -> 
     name = path.name.lower()
     if "lightning" not in name or config.sdxl != "base":  # (Lightning is distilled from SDXL base)
         return {}
-    if re.search(r"(^|[^a-z0-9])x0([^a-z0-9]|$)", name):
-        raise CheckpointError(f"{path.name} looks like SDXL-Lightning's 1-step model, which predicts the clean image "
-                              "(x0); plainsd runs eps- and v-prediction models, such as the 2-, 4- and 8-step files")
     steps = re.search(r"(\d+)[-_ ]?steps?", name)
     return {**LIGHTNING_DEFAULTS, **({"steps": int(steps.group(1))} if steps else {})}
+
+
+def predicts_sample(path: Path, config: ModelConfig) -> bool:
+    """Whether a file is SDXL-Lightning's 1-step model (sdxl_lightning_1step_x0.safetensors), whose UNet predicts
+    the clean sample (x0; diffusers' prediction_type "sample", as its model card runs it) rather than the noise: an
+    SDXL base file with "lightning" and "x0" in its name (nothing in the file says so)."""
+    name = path.name.lower()
+    return (config.sdxl == "base" and "lightning" in name
+            and re.search(r"(^|[^a-z0-9])x0([^a-z0-9]|$)", name) is not None)
 
 
 def is_turbo(path: Path, source: TensorSource, config: ModelConfig | None = None) -> bool:
@@ -1547,7 +1614,7 @@ def diffusers_scheduler_config(config: ModelConfig) -> dict:
     need only the training schedule and the prediction type, which both say)."""
     common = {"_diffusers_version": DIFFUSERS_VERSION, "beta_end": 0.012, "beta_schedule": "scaled_linear",
               "beta_start": 0.00085, "num_train_timesteps": 1000,
-              "prediction_type": "v_prediction" if config.prediction == "v" else "epsilon", "steps_offset": 1,
+              "prediction_type": DIFFUSERS_PREDICTIONS[config.prediction], "steps_offset": 1,
               "timestep_spacing": "leading", "trained_betas": None}
     if not config.sdxl:
         return {"_class_name": "PNDMScheduler", **common, "set_alpha_to_one": False, "skip_prk_steps": True}

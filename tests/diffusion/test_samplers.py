@@ -163,6 +163,22 @@ def test_denoisers_and_sigma_table_same_as_k_diffusion(prediction, quantize):
     assert torch.allclose(ours.sigma_to_t(sigma).float(), wrapper.sigma_to_t(sigma).float(), atol=1e-3)
 
 
+def test_the_three_predictions_give_the_same_clean_estimate():
+    """A network that predicts the noise, the velocity or the clean sample itself (x0: SDXL-Lightning's 1-step
+    model), each exactly, gives the same denoised estimate (the network sees x in the DDPM scaling)."""
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    sigma = torch.tensor([7.5, 0.3])
+    s = sigma.reshape(-1, 1, 1, 1)
+    x = x0 + s * eps
+    alpha, sigma_ddpm = 1 / (s**2 + 1) ** 0.5, s / (s**2 + 1) ** 0.5
+    outputs = {"eps": eps, "v": alpha * eps - sigma_ddpm * x0, "x0": x0}
+    for prediction, out in outputs.items():
+        got = DiscreteDenoiser(lambda x_in, t, out=out: out, prediction)(x, sigma)
+        assert torch.allclose(got, x0, atol=1e-5), prediction
+    with pytest.raises(ValueError, match="prediction must be 'eps', 'v' or 'x0', got 'sample'"):
+        DiscreteDenoiser(None, "sample")
+
+
 # --- against diffusers' schedulers ------------------------------------------------------------------
 
 _AC = schedules.alphas_cumprod()

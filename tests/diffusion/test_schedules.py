@@ -127,6 +127,9 @@ def test_training_loss_min_snr_gamma_weights_each_sample_by_its_timestep():
     v = ac.sqrt()[:, None, None, None] * noise - (1 - ac).sqrt()[:, None, None, None] * x0
     got_v = training_loss(zero, x0, None, "v", timesteps=t, noise=noise, snr_gamma=5.0)
     assert torch.allclose(got_v, ((v ** 2).mean(dim=(1, 2, 3)) * torch.clamp(snr, max=5.0) / (snr + 1)).mean())
+    # x0-prediction: min(SNR, gamma) on the clean-sample target
+    got_x0 = training_loss(zero, x0, None, "x0", timesteps=t, noise=noise, snr_gamma=5.0)
+    assert torch.allclose(got_x0, ((x0 ** 2).mean(dim=(1, 2, 3)) * torch.clamp(snr, max=5.0)).mean())
     # with per-pixel weights as well: both apply
     left = torch.zeros(3, 1, 8, 8)
     left[..., :4] = 1

@@ -1,4 +1,4 @@
-"""Denoisers: turn a noise- or velocity-predicting network into D(x, sigma) -> clean estimate.
+"""Denoisers: turn a noise-, velocity- or sample-predicting network into D(x, sigma) -> clean estimate.
 
 Samplers only ever call model(x, sigma, **extra) and get the denoised latents back (Karras et al.
 2022, k-diffusion's contract). Here x is in the "sigma" scaling: x = x0 + sigma * noise. The network
@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from . import schedules
 
 
+PREDICTIONS = ("eps", "v", "x0")  # what a network may predict: the noise, the velocity, the clean sample
+
+
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
 
@@ -22,13 +25,14 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class DiscreteDenoiser:
     """D(x, sigma) for a network trained on SD's 1000 discrete timesteps.
 
-    net(x_in, t, cond, **kw) returns eps (prediction="eps") or v (prediction="v").
+    net(x_in, t, cond, **kw) returns eps (prediction="eps"), v (prediction="v") or the clean sample itself
+    (prediction="x0", diffusers' "sample": SDXL-Lightning's 1-step model); denoised() turns it into the estimate.
     """
 
     def __init__(self, net: Callable, prediction: str = "eps", alphas_cumprod: torch.Tensor | None = None,
                  quantize: bool = False):
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be 'eps', 'v' or 'x0', got {prediction!r}")
         self.net = net
         self.prediction = prediction
         self.alphas_cumprod = schedules.alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
@@ -54,10 +58,17 @@ class DiscreteDenoiser:
         s = _bcast(sigma, x)
         c_in = 1 / (s**2 + 1) ** 0.5
         out = self.net(x * c_in, self.sigma_to_t(sigma.cpu()).to(x.device), **extra)
-        if self.prediction == "eps":
-            return x - s * out
-        # v = alpha * eps - sigma_ddpm * x0 in DDPM scaling; solved for x0 in sigma scaling:
-        return x / (s**2 + 1) - out * s / (s**2 + 1) ** 0.5
+        return denoised(out, x, s, self.prediction)
+
+
+def denoised(out: torch.Tensor, x: torch.Tensor, s: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The clean estimate a network's output gives at x (sigma scaling, s: sigma broadcast to x)."""
+    if prediction == "eps":
+        return x - s * out
+    if prediction == "x0":  # the clean sample is the same in either scaling
+        return out
+    # v = alpha * eps - sigma_ddpm * x0 in DDPM scaling; solved for x0 in sigma scaling:
+    return x / (s**2 + 1) - out * s / (s**2 + 1) ** 0.5
 
 
 class LCMDenoiser(DiscreteDenoiser):
@@ -121,12 +132,12 @@ def training_loss(net: Callable, x0: torch.Tensor, cond, prediction: str = "eps"
                   timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                   weights: torch.Tensor | None = None, snr_gamma: float | None = None,
                   rows: slice | None = None) -> torch.Tensor:
-    """DDPM's simple loss (Ho et al. 2020): noise x0 at a random timestep, regress eps (or v) with MSE.
+    """DDPM's simple loss (Ho et al. 2020): noise x0 at a random timestep, regress eps (or v, or x0) with MSE.
 
     weights (broadcastable to (B, 1, H, W)): a weighted mean over the latent pixels instead of the plain mean.
     snr_gamma: Min-SNR-gamma weighting (Hang et al. 2023): each sample's loss times min(SNR, gamma) / SNR for
-    eps (min(SNR, gamma) / (SNR + 1) for v), SNR = alpha_bar / (1 - alpha_bar); it takes weight off the
-    nearly clean timesteps, whose gradients conflict with the noisy ones. 5 is the paper's value.
+    eps (min(SNR, gamma) / (SNR + 1) for v, min(SNR, gamma) for x0), SNR = alpha_bar / (1 - alpha_bar); it takes
+    weight off the nearly clean timesteps, whose gradients conflict with the noisy ones. 5 is the paper's value.
     rows: the network runs on these rows of the batch only (one process's share in data-parallel training);
     timesteps and noise are still drawn for the whole batch and weights normalised over it, so that the mean
     of the processes' losses is the whole batch's loss, whatever the split.
@@ -146,14 +157,15 @@ def training_loss(net: Callable, x0: torch.Tensor, cond, prediction: str = "eps"
         cond = {k: v[rows] for k, v in cond.items()} if isinstance(cond, dict) else cond[rows]
     xt = schedules.add_noise(x0, noise, timesteps, ac)
     a = _bcast(ac[timesteps], x0)
-    target = noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    target = {"eps": noise, "x0": x0}.get(prediction, a.sqrt() * noise - (1 - a).sqrt() * x0)
     pred = net(xt, timesteps, cond).float()
     if weights is None and snr_gamma is None:
         return F.mse_loss(pred, target.float())
     squared = (pred - target.float()) ** 2
     if snr_gamma is not None:  # per-sample weights on the timesteps
         snr = (ac[timesteps] / (1 - ac[timesteps])).float()
-        squared = squared * _bcast(snr.clamp(max=snr_gamma) / (snr if prediction == "eps" else snr + 1), squared)
+        per = {"eps": snr, "x0": torch.ones_like(snr)}.get(prediction, snr + 1)  # (Min-SNR's weight per target)
+        squared = squared * _bcast(snr.clamp(max=snr_gamma) / per, squared)
     if weights is None:
         return squared.mean()
     weights = weights.float().expand(x0.shape[0], 1, *x0.shape[2:])

@@ -78,9 +78,11 @@ class LCMSettings(RecipeSettings):
 
 
 def x0_and_eps(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction: str):
-    """The clean latent and the noise a UNet output (eps or v) implies at x, a = alpha_bar of x's timestep."""
+    """The clean latent and the noise a UNet output (eps, v or x0) implies at x, a = alpha_bar of x's timestep."""
     if prediction == "eps":
         return (x - (1 - a).sqrt() * out) / a.sqrt(), out
+    if prediction == "x0":
+        return out, (x - a.sqrt() * out) / (1 - a).sqrt()
     return a.sqrt() * x - (1 - a).sqrt() * out, (1 - a).sqrt() * x + a.sqrt() * out
 
 
