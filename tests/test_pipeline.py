@@ -164,6 +164,11 @@ def test_hires_fix_second_pass_settings_and_bad_values(sd):
                          (pipeline.HiresFix(strength=2), "hires denoising strength must be between 0 and 1")]:
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace("+", r"\+")):
             pipeline.txt2img(sd, "x", steps=2, hires=hires)
+    for prompt, hires_prompt, words in [("x <lora:a:1>", "y", r"\(none\) differ from the prompt's \(<lora:a:1>\)"),
+                                        ("x", "y <lora:a:0.5>", r"\(<lora:a:0.5>\) differ from the prompt's \(none\)")]:
+        with pytest.raises(ValueError, match="the hires prompt's LoRA tags " + words):
+            pipeline.txt2img(sd, prompt, steps=2, hires=pipeline.HiresFix(prompt=hires_prompt))
+    pipeline.GenerationRequest("x <lora:a:1>", hires=pipeline.HiresFix(prompt="y <lora:a:1>")).check()  # the same
     with pytest.raises(ValueError, match="hires fix is for txt2img"):
         pipeline.generate(sd, pipeline.GenerationRequest("x", steps=2, init_image=Image.new("RGB", (64, 64)),
                                                          hires=pipeline.HiresFix()))

@@ -542,7 +542,7 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
     sd, hires = engine.sd, req.hires
     steps = hires.steps or params.steps
     sigmas = _hires_sigmas(_denoiser(sd, sampler=run.hires_sampler), steps, hires.strength, params.hires_schedule)
-    prompt = extract_loras(hires.prompt or req.prompt)[0]  # (the first prompt's LoRAs apply)
+    prompt = extract_loras(hires.prompt or req.prompt)[0]  # (its LoRA tags are the first prompt's: request.py)
     negative = hires.negative_prompt or req.negative_prompt
     factor = sd.config.vae.factor
     final_w, final_h = hires.final_size(params.width, params.height, factor)

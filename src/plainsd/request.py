@@ -22,7 +22,7 @@ from .diffusion.schedules import schedule_key, schedule_label
 from .fast import FastSettings
 from .images import RESIZE_MODES, _named, inpainting_fill, resize_mode
 from .models.tome import check_ratio
-from .prompts import check_prompt
+from .prompts import check_prompt, extract_loras
 from .pnginfo import infotext
 from .styles import apply_styles, read_styles
 
@@ -286,6 +286,7 @@ class GenerationRequest:
             if self.init_image is not None:
                 raise ValueError("hires fix is for txt2img; img2img draws at the width and height it is given")
             self.hires.check(self.sampler or DEFAULTS["sampler"], self.schedule, self.upscalers_dir)
+            self._check_hires_loras()
             if self.width and self.height:
                 _check_size(*self.hires.final_size(self.width, self.height, factor), factor)
         self._check_noise(factor, backend)
@@ -293,6 +294,17 @@ class GenerationRequest:
         from .upscale import check_tiling
         check_tiling(self.upscaler_tile, self.upscaler_tile_overlap)
         self._check_refiner(backend)
+
+    def _check_hires_loras(self) -> None:
+        """A1111 runs the hires pass with its own prompt's LoRAs; plainsd runs the prompt's in both passes, so a hires
+        prompt with other LoRA tags (or none, which in A1111 leaves them out of that pass) is refused."""
+        if not self.hires.prompt:
+            return
+        tags, hires_tags = (sorted(extract_loras(p)[1]) for p in (self.prompt, self.hires.prompt))
+        if tags != hires_tags:
+            show = lambda t: ", ".join(f"<lora:{n}:{w:g}>" for n, w in t) or "none"  # noqa: E731
+            raise ValueError(f"the hires prompt's LoRA tags ({show(hires_tags)}) differ from the prompt's ({show(tags)}); "
+                             "plainsd runs the same LoRAs in both passes: give the hires prompt the prompt's tags")
 
     def _check_refiner(self, backend: str) -> None:
         """The refiner's file and switch; what plainsd does not yet run beside a refiner is refused."""
