@@ -449,6 +449,13 @@ def test_tiny_decoder_is_a_request_field():
     assert fast.fast.tiny_decoder is False
 
 
+def test_the_runs_notes_are_in_the_info(client):
+    req = {"prompt": "a red circle", "negative_prompt": "blue", "steps": 2, "width": 32, "height": 32, "seed": 3}
+    notes = json.loads(client.post("/sdapi/v1/txt2img", json={**req, "cfg_scale": 1}).json()["info"])["notes"]
+    assert notes == ["CFG scale 1: the unconditional half is skipped, so the negative prompt has no effect"]
+    assert json.loads(client.post("/sdapi/v1/txt2img", json={**req, "cfg_scale": 5}).json()["info"])["notes"] == []
+
+
 def test_guidance_until_is_a_request_field(client):
     req = {"prompt": "a red circle", "steps": 6, "width": 32, "height": 32, "seed": 3, "cfg_scale": 5,
            "sampler_name": "DPM++ 2M"}

@@ -644,6 +644,7 @@ def info_json(req: ProcessingRequest, result, request: GenerationRequest, sd) ->
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p.clip_skip,
         "is_using_inpainting_conditioning": sd.config.unet.in_channels == 9 and request.init_image is not None,
         "version": "plainsd", "interrupted": result.interrupted,
+        "notes": p.notes,  # (plainsd's: what the run did that the request did not say, as the CLI prints them)
     }
     return json.dumps(info)
 
