@@ -20,6 +20,7 @@ seed of prompt i's picture is i. Seconds per picture are the mean over the row's
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -46,13 +47,15 @@ def measure(engine, scenes, tag: str = "", lora_dir: Path | None = None, **setti
     return _shares(tallies), (time.perf_counter() - started) / len(scenes)
 
 
-def rows(engine, scenes, lora: Path):
+def rows(engine, scenes, lora: Path, steps=STEPS, baselines: bool = True):
     tag, lcm = f" <lora:{lora.stem}:1>", dict(sampler="LCM", cfg_scale=1.0)
-    yield "default path: 20 steps DPM++ 2M karras, CFG 5 until 60%", measure(engine, scenes)
-    for n in STEPS:
+    if baselines:
+        yield "default path: 20 steps DPM++ 2M karras, CFG 5 until 60%", measure(engine, scenes)
+    for n in steps:
         yield f"LCM-LoRA, LCM, CFG 1, {n} step{'s' * (n > 1)}", measure(engine, scenes, tag, lora.parent, steps=n, **lcm)
-    yield "no LoRA: LCM, CFG 1, 4 steps", measure(engine, scenes, steps=4, **lcm)
-    yield "no LoRA: DPM++ 2M karras, CFG 5 until 60%, 4 steps", measure(engine, scenes, steps=4)
+    if baselines:
+        yield "no LoRA: LCM, CFG 1, 4 steps", measure(engine, scenes, steps=4, **lcm)
+        yield "no LoRA: DPM++ 2M karras, CFG 5 until 60%, 4 steps", measure(engine, scenes, steps=4)
 
 
 def teacher_rows(engine, scenes):
@@ -69,6 +72,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lora", default=str(SHIPPED), help="the LCM-LoRA file (default: the shipped one)")
     parser.add_argument("--prompts", type=int, default=100, help="held-out single-object prompts")
+    parser.add_argument("--steps", default=",".join(map(str, STEPS)),
+                        help="the LoRA's step counts, comma-separated (default: 1,2,4,8)")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="only the LoRA's rows (to follow a training's checkpoints)")
     parser.add_argument("--teacher", action="store_true",
                         help="measure the distillation's teacher trajectories instead of the LoRA (teacher_rows)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -82,13 +89,17 @@ def main() -> None:
     command = "" if lora == SHIPPED else f" --lora {args.lora}"
     command += f" --prompts {args.prompts}" if args.prompts != 100 else ""
     command += " --teacher" if args.teacher else ""
+    command += f" --steps {args.steps}" if args.steps != parser.get_default("steps") else ""
+    command += " --no-baselines" if args.no_baselines else ""
+    steps = [int(n) for n in args.steps.split(",")]
     title = "the distillation's teacher" if args.teacher else lora.name
     lines = [f"# LCM-LoRA adherence: {title} on the shipped model", "",
              f"`.venv/bin/python benchmarks/lcm_adherence.py{command}` on {cpu_name()}, {os.cpu_count()} cores, "
              f"{str(engine.sd.dtype).replace('torch.', '')} (the default runtime), {args.prompts} held-out "
              "single-object prompts; the method in the script's docstring.", "",
              "| settings | colour and shape | position | size | s / picture |", "|---|---|---|---|---|"]
-    for name, (shares, seconds) in (teacher_rows(engine, scenes) if args.teacher else rows(engine, scenes, lora)):
+    for name, (shares, seconds) in (teacher_rows(engine, scenes) if args.teacher else
+                                    rows(engine, scenes, lora, steps, not args.no_baselines)):
         lines.append(f"| {name} | {shares['colour_and_shape']:.2f} | {shares['position']:.2f} | "
                      f"{shares['size']:.2f} | {seconds:.3f} |")
         print(lines[-1], flush=True)
