@@ -138,8 +138,12 @@ def test_resume_reuses_the_stored_pairs(tmp_path, monkeypatch):
     resumed = train_lcm(dataclasses.replace(cfg, steps=6), resume=True, progress=False)
     assert len(solves) == made and stored.stat().st_mtime_ns == mtime  # no teacher call, the file untouched
     assert resumed["losses"][:4] == first["losses"] and len(resumed["losses"]) == 6
-    # pairs made with other settings are made again
+    # pairs made with other settings, or by another teacher, are made again
     train_lcm(dataclasses.replace(cfg, extra={**cfg.extra, "solve_steps": 3}), progress=False)
+    assert len(solves) > made
+    made = len(solves)
+    other = plainsd.save(plainsd.build("tiny", seed=1), tmp_path / "other.safetensors")
+    train_lcm(dataclasses.replace(cfg, extra={**cfg.extra, "solve_steps": 3, "base": str(other)}), progress=False)
     assert len(solves) > made
 
 

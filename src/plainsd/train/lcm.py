@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -92,7 +93,8 @@ class LCMSettings(RecipeSettings):
             raise ValueError(f"extra.target_ema of the lcm recipe is a decay in [0, 1) (0: the online weights), "
                              f"not {self.target_ema}")
         if self.objective not in ("consistency", "trajectory"):
-            raise ValueError(f"extra.objective of the lcm recipe is 'consistency' or 'trajectory', not {self.objective!r}")
+            raise ValueError(f"extra.objective of the lcm recipe is 'consistency' or 'trajectory', "
+                             f"not {self.objective!r}")
         if not self.student_steps or min(self.student_steps) < 1:
             raise ValueError(f"extra.student_steps of the lcm recipe is a non-empty list of step counts of at least 1 "
                              f"(the LCM sampler's, whose timesteps the student learns), not {list(self.student_steps)}")
@@ -217,11 +219,15 @@ def trajectory_pairs(sd, cache, uncond_row, s: LCMSettings, seed: int, adapters:
                      progress: bool = True) -> dict[str, torch.Tensor]:
     """s.pairs training pairs of the trajectory objective: x (a cached latent noised to t, a timestep of
     student_timesteps), t, caption (its index in the cache) and target, the teacher's solution from x. Kept in
-    `path`, read back while the settings that made them are the same (a resumed run does not recompute them).
-    Batch i of PAIRS_BATCH pairs is drawn from its own seeded generator, so under torchrun each process solves
-    every size()-th batch and they share them."""
-    key = json.dumps({"seed": seed, "cache": len(cache[2]), **{k: getattr(s, k) for k in (
-        "base", "w_min", "w_max", "guidance_min_t", "student_steps", "solve_steps", "pairs", "latent_cache")}})
+    `path`, read back while what made them is the same: the settings, the cached latents and captions, and the
+    frozen weights of the teacher (a resumed run does not recompute them). Batch i of PAIRS_BATCH pairs is drawn
+    from its own seeded generator, so under torchrun each process solves every size()-th batch and they share them."""
+    inputs = hashlib.sha256("\n".join(cache[2]).encode())
+    frozen = [p for m in (sd.unet, sd.text_encoder) for p in m.parameters() if not p.requires_grad]
+    for tensor in (cache[0], cache[1], *frozen):
+        inputs.update(tensor.detach().float().contiguous().numpy().tobytes())
+    key = json.dumps({"seed": seed, "inputs": inputs.hexdigest(), **{k: getattr(s, k) for k in (
+        "w_min", "w_max", "guidance_min_t", "student_steps", "solve_steps", "pairs")}})
     if path is not None and path.is_file():
         with safe_open(str(path), "pt") as f:
             if f.metadata().get("plainsd.pairs") == key:
