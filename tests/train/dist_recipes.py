@@ -37,6 +37,8 @@ def runs(bases: dict) -> dict[str, tuple[str, dict]]:
         "unet-encoding": ("unet", {"vae": vae, "clip": clip}),
         "controlnet": ("controlnet", {"base": model, "latent_cache": 8, "fp16": False}),
         "lcm": ("lcm", {"base": model, "rank": 2, "latent_cache": 8}),
+        "lcm-trajectory": ("lcm", {"base": model, "rank": 2, "latent_cache": 8, "objective": "trajectory",
+                                   "pairs": 300, "solve_steps": 2}),  # two batches of pairs: one per process
         "lora": ("lora", {"model": model, "num_instance_images": 3, "rank": 2}),
         "textual-inversion": ("textual-inversion", {"model": model, "num_instance_images": 3,
                                                     "instance_prompt": "a sks-star", "token": "sks-star"}),

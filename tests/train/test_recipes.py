@@ -156,7 +156,7 @@ def test_every_shipped_recipe_is_a_valid_config_of_a_known_training():
         if not path.name.startswith("finetune-"):  # NETWORK.json, NETWORK-STAGE.json for a later stage, controlnet-HINT
             hint = f"{cfg.network}-{cfg.extra.get('hint')}"
             stems = (cfg.network, f"{cfg.network}-objects", hint, f"{hint}-shapeless", f"{hint}-contradicting",
-                     f"{hint}-cubic")
+                     f"{hint}-cubic", f"{cfg.network}-{cfg.extra.get('objective')}")
             assert cfg.network in RECIPES and path.stem in stems, path.name
     # `plainsd train NET` finds its recipe (`plainsd train controlnet`: the canny one)
     assert {p.stem for p in folder.glob("*.json")} >= set(RECIPES) - {"controlnet"} | {"controlnet-canny"}

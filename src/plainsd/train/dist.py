@@ -106,6 +106,15 @@ def mean(value: float) -> float:
     return float(t) / size()
 
 
+def share(mine: dict) -> dict:
+    """Every process's entries of a dict (each process made some of the keys) in one dict, on every process."""
+    if size() == 1:
+        return mine
+    everyone = [None] * size()
+    dist.all_gather_object(everyone, mine)
+    return {k: v for part in everyone for k, v in part.items()}
+
+
 def barrier() -> None:
     if size() > 1:
         dist.barrier()

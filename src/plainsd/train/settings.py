@@ -40,8 +40,7 @@ class RecipeSettings:
         """Refuse, in one sentence, values the recipe cannot use (each recipe adds its own rules)."""
 
 
-_KINDS = {float: "a number", int: "a whole number", bool: "true or false", str: "a string", type(None): "null",
-          list: "a list of strings", tuple: "a list of strings"}
+_KINDS = {float: "a number", int: "a whole number", bool: "true or false", str: "a string", type(None): "null"}
 
 
 def _typed(where: str, value: Any, hint: Any) -> Any:
@@ -56,7 +55,24 @@ def _typed(where: str, value: Any, hint: Any) -> Any:
             return float(value)
         if kind in (int, bool, str) and isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
             return value
-        if origin in (list, tuple) and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        if origin in (list, tuple) and isinstance(value, (list, tuple)) and all(_is_item(v, kind) for v in value):
             return origin(value)
-    wanted = " or ".join(dict.fromkeys(_KINDS[typing.get_origin(k) or k] for k in options))
+    wanted = " or ".join(dict.fromkeys(_kind_name(k) for k in options))
     raise ValueError(f"{where} must be {wanted}, got {value!r}")
+
+
+def _item_kind(hint: Any) -> type:
+    """What a list field holds: its annotation's first argument (tuple[int, ...] -> int), strings if bare."""
+    return (typing.get_args(hint) or (str,))[0]
+
+
+def _is_item(value: Any, hint: Any) -> bool:
+    kind = _item_kind(hint)
+    return isinstance(value, kind) and (kind is not int or not isinstance(value, bool))
+
+
+def _kind_name(hint: Any) -> str:
+    origin = typing.get_origin(hint) or hint
+    if origin in (list, tuple):
+        return "a list of whole numbers" if _item_kind(hint) is int else "a list of strings"
+    return _KINDS[origin]
