@@ -4,8 +4,8 @@ Held-out single-object prompts (metrics.held_out_scenes: seeds no training recip
 card's figures), the judge reading colour and shape, position and size of each picture. Rows:
 
 - the default path: the shipped model's recommended settings (20 steps of DPM++ 2M karras, CFG 5 until 60%);
-- the LCM-LoRA: `<lora:NAME:1>` in the prompt, sampler LCM (its own schedule, normal: timesteps 999, 679, 339, 19 at 4 steps), CFG 1 (one UNet call per
-  step), 1, 2, 4 and 8 steps;
+- the LCM-LoRA: `<lora:NAME:1>` in the prompt, sampler LCM (its own schedule, normal: timesteps 999, 679, 339
+  and 19 at 4 steps), CFG 1 (one UNet call per step), 1, 2, 4 and 8 steps;
 - without the LoRA, for comparison: the base model with the LCM sampler at 4 steps, and with its own sampler
   (DPM++ 2M karras, CFG 5 until 60%) at 4 steps.
 
