@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# pytest workers for make test (tests/conftest.py keeps each file, and all slow tests, on one worker)
-TEST_WORKERS ?= 2
 
 .PHONY: demo test browser clean model
 
@@ -25,7 +23,7 @@ demo: $(VENV)/.run
 	$(VENV)/bin/plainsd demo
 
 test: $(VENV)/.test browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The web page test drives Debian's Chromium through its chromedriver (no browser download at test time):
 # installed here when missing, with sudo unless make runs as root.

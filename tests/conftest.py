@@ -1,10 +1,8 @@
 import gc
-import os
 import shutil
 import zlib
 
 import pytest
-import torch
 
 import plainsd
 
@@ -12,15 +10,9 @@ PARITY: list[tuple[str, float]] = []
 
 
 @pytest.fixture
-def record_parity(request):
-    """Tests call record_parity(name, max_abs_diff); the figures are printed at the end of the run. They travel in
-    the test's report, so that they reach the summary from pytest-xdist's workers too."""
-    return lambda name, value: request.node.user_properties.append(("parity", (name, float(value))))
-
-
-def pytest_runtest_logreport(report):
-    if report.when == "call":
-        PARITY.extend(tuple(v) for k, v in report.user_properties if k == "parity")
+def record_parity():
+    """Tests call record_parity(name, max_abs_diff); the figures are printed at the end of the run."""
+    return lambda name, value: PARITY.append((name, value))
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -28,30 +20,6 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("parity with reference implementations (max abs difference)")
         for name, value in PARITY:
             terminalreporter.write_line(f"{name:60s} {value:.3e}")
-
-
-def pytest_collection_modifyitems(config, items):
-    """With pytest-xdist's loadgroup (make test runs two workers): a file's tests stay on one worker, so its module
-    fixtures are built once, and all slow tests (full-size networks, GBs of RAM each) share one worker, one at a
-    time, so that two of them never hold their networks at once."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        slow = item.get_closest_marker("slow") is not None
-        item.add_marker(pytest.mark.xdist_group("slow" if slow else item.nodeid.split("::")[0]))
-
-
-@pytest.fixture(autouse=True)
-def _worker_threads(request):
-    """Under xdist each worker's ordinary tests run torch on one thread (two workers on two cores); slow tests,
-    which hold the full-size networks, keep torch's default."""
-    if not os.environ.get("PYTEST_XDIST_WORKER") or request.node.get_closest_marker("slow"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
