@@ -57,19 +57,21 @@ def trained(folder: Path) -> tuple[dict[str, torch.Tensor], list[float]]:
 
 def test_two_processes_train_the_weights_of_one_with_the_whole_batch(bases, tmp_path, record_parity):
     """The losses, which would show any row taken twice or normalised over half the batch, agree to float
-    rounding; the weights to within the learning rate (1e-3): Adam's first steps move every
-    weight by about the learning rate times the sign of its gradient, so a gradient that is nearly zero can
-    come out with either sign when the batch is summed in another order."""
+    rounding at the first step (the same weights) and nearly so after; the weights to within the learning rate
+    (1e-3) per step: Adam's first steps move every weight by about the learning rate times the sign of its
+    gradient, so a gradient that is nearly zero can come out with either sign when the batch is summed in another
+    order, and the later steps start from weights that differ by that much."""
     run([sys.executable, str(SCRIPT), str(bases), str(tmp_path / "one")], tmp_path)
     run(torchrun(str(SCRIPT), str(bases), str(tmp_path / "two")), tmp_path)
     for name in runs(json.loads(bases.read_text())):
         (one, loss_one), (two, loss_two) = trained(tmp_path / "one" / name), trained(tmp_path / "two" / name)
         assert one.keys() == two.keys() and one and len(loss_one) == len(loss_two) == 3
+        first_gap = abs(loss_one[0] - loss_two[0]) / abs(loss_one[0])
         loss_gap = max(abs(a - b) / abs(a) for a, b in zip(loss_one, loss_two))
         moved = max(float((a - b).abs().max()) for a, b in zip(one.values(), two.values()))
         record_parity(f"torchrun 2 x batch 2 vs 1 x batch 4, 3 steps, {name}: loss (rel)", loss_gap)
         record_parity(f"torchrun 2 x batch 2 vs 1 x batch 4, 3 steps, {name}: weights", moved)
-        assert loss_gap <= 1e-5 and moved <= 1e-3, (name, loss_one, loss_two, moved)
+        assert first_gap <= 1e-5 and loss_gap <= 1e-4 and moved <= 3e-3, (name, loss_one, loss_two, moved)
     assert not (tmp_path / "two" / "unet" / "samples").exists()  # nothing but rank 0's files
     assert sorted(p.name for p in (tmp_path / "two" / "dreambooth" / "class_images").iterdir()) == \
         [f"{i:04d}.png" for i in range(4)]  # drawn half by each process
