@@ -118,6 +118,11 @@ def test_lora_errors_are_one_sentence(base, tmp_path):
               str(tmp_path / "other.safetensors"))
     with pytest.raises(CheckpointError, match="does not fit a weight"):
         lora.merge(sd, lora.read_lora(tmp_path / "other.safetensors"))
+    save_file({f"{key}.hada_w1_a": torch.zeros(32, 2), f"{key}.hada_w1_b": torch.zeros(2, 7),
+               f"{key}.hada_w2_a": torch.zeros(32, 2), f"{key}.hada_w2_b": torch.zeros(2, 7)},
+              str(tmp_path / "loha-other.safetensors"))
+    with pytest.raises(CheckpointError, match="Hadamard factors of \\[32, 7\\] and \\[32, 7\\] do not fit a weight"):
+        lora.merge(sd, lora.read_lora(tmp_path / "loha-other.safetensors"))
     save_file({"lora_unet_no_such_layer.lora_down.weight": torch.zeros(2, 7),
                "lora_unet_no_such_layer.lora_up.weight": torch.zeros(32, 2)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(CheckpointError, match="have no match here"):

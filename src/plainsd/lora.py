@@ -347,7 +347,7 @@ def fitting(sd, lora: LoRA, shared=lambda module: False) -> tuple[LoRA, int]:
             if module is None:
                 raise ValueError(key)
             layer.change(_weight(module))
-        except (ValueError, RuntimeError):  # (no such layer; a weight of another shape: LoHa's reshape says so)
+        except ValueError:  # no such layer, or a weight of another shape
             unfit += 1
             continue
         if not shared(module):

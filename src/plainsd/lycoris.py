@@ -69,7 +69,11 @@ class LoHaLayer:
                 return cp_weight(t, a, b)
             return a.float().flatten(1) @ b.float().flatten(1)
 
-        d = factor(self.t1, self.w1a, self.w1b).reshape(weight.shape) * factor(self.t2, self.w2a, self.w2b).reshape(weight.shape)
+        f1, f2 = factor(self.t1, self.w1a, self.w1b), factor(self.t2, self.w2a, self.w2b)
+        if f1.numel() != weight.numel() or f2.numel() != weight.numel():
+            raise ValueError(f"Hadamard factors of {list(f1.shape)} and {list(f2.shape)} do not fit a weight of "
+                             f"{list(weight.shape)}")
+        d = f1.reshape(weight.shape) * f2.reshape(weight.shape)
         return decompose(d * _scale(self.alpha, self.rank), weight, self.dora_scale)
 
 
