@@ -17,12 +17,27 @@ from tests.reference import sdxl_text_reference
 from tests.test_pipeline_fewstep import UNetCalls
 
 
+def _diffusers_picture(parts, scheduler, prompt: str, seed: int, steps: int):
+    """StableDiffusionXLPipeline's 64x64 picture (0-1) from the tiny reference parts (unet, vae, text, text2) with
+    this scheduler, without guidance, from the text states of the prompt and a generator seeded like ours."""
+    from diffusers import StableDiffusionXLPipeline
+
+    unet, vae, text, text2 = parts
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=None, tokenizer_2=None,
+                                     unet=unet, scheduler=scheduler, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        states, pooled = sdxl_text_reference(text, text2, Tokenizer("sd1")([prompt]), Tokenizer("sd2")([prompt]))
+        return pipe(prompt_embeds=states, pooled_prompt_embeds=pooled, num_inference_steps=steps, guidance_scale=0.0,
+                    height=64, width=64, generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+
+
 @pytest.mark.parametrize("sampler, steps", [("Euler a", 1), ("Euler a", 4), ("Euler", 2), ("Euler", 3)])
 def test_trailing_few_steps_match_diffusers(sdxl_reference, record_parity, sampler, steps):
     """Ours from the prompt at CFG scale 1 (one UNet row, no negative prompt); diffusers from the same text states
     at guidance_scale 0 (no classifier-free guidance either), its latents and its ancestral noise drawn from a
     generator seeded like ours (one per image: the starting noise first, then each step's)."""
-    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
     _, unet, vae, text, text2, sd = sdxl_reference("tiny-sdxl")
     seed, prompt = 7, "a red circle on the left"
@@ -33,16 +48,10 @@ def test_trailing_few_steps_match_diffusers(sdxl_reference, record_parity, sampl
 
     kind = EulerAncestralDiscreteScheduler if sampler == "Euler a" else EulerDiscreteScheduler
     scheduler = kind(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=None, tokenizer_2=None,
-                                     unet=unet, scheduler=scheduler, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        states, pooled = sdxl_text_reference(text, text2, Tokenizer("sd1")([prompt]), Tokenizer("sd2")([prompt]))
-        theirs = pipe(prompt_embeds=states, pooled_prompt_embeds=pooled, num_inference_steps=steps, guidance_scale=0.0,
-                      height=64, width=64, generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+    theirs = _diffusers_picture((unet, vae, text, text2), scheduler, prompt, seed, steps)
     d = np.abs(ours - theirs * 255).max()
     record_parity(f"txt2img tiny-sdxl, {steps} {sampler} trailing steps, no CFG vs StableDiffusionXLPipeline (0-255)", float(d))
-    assert calls.timesteps == pytest.approx(pipe.scheduler.timesteps.tolist(), abs=1e-3) and calls.batches == [1] * steps
+    assert calls.timesteps == pytest.approx(scheduler.timesteps.tolist(), abs=1e-3) and calls.batches == [1] * steps
     assert d <= 1.0, d
     assert ours.std() > 5
 
@@ -55,7 +64,7 @@ def test_sample_prediction_matches_diffusers(sdxl_reference, record_parity, tmp_
     from the same weights and seed, as the model card runs it."""
     import json
 
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import EulerDiscreteScheduler
 
     from tests.reference import write_diffusers_sdxl_folder
 
@@ -70,13 +79,7 @@ def test_sample_prediction_matches_diffusers(sdxl_reference, record_parity, tmp_
 
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="trailing", prediction_type="sample")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=None, tokenizer_2=None,
-                                     unet=unet, scheduler=scheduler, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        states, pooled = sdxl_text_reference(text, text2, Tokenizer("sd1")([prompt]), Tokenizer("sd2")([prompt]))
-        theirs = pipe(prompt_embeds=states, pooled_prompt_embeds=pooled, num_inference_steps=steps, guidance_scale=0.0,
-                      height=64, width=64, generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+    theirs = _diffusers_picture((unet, vae, text, text2), scheduler, prompt, seed, steps)
     d = np.abs(ours - theirs * 255).max()
     record_parity(f"txt2img tiny-sdxl x0 prediction, {steps} Euler trailing steps vs StableDiffusionXLPipeline (0-255)",
                   float(d))
