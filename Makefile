@@ -23,7 +23,7 @@ demo: $(VENV)/.run
 	$(VENV)/bin/plainsd demo
 
 test: $(VENV)/.test browser
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # The web page test drives Debian's Chromium through its chromedriver (no browser download at test time):
 # installed here when missing, with sudo unless make runs as root.
