@@ -53,7 +53,7 @@ def unit(scene: Scene, weight: float = 1.0, **settings) -> ControlUnit:
 
 def follows(engine, scene: Scene, prompt: str, seed: int, units: tuple) -> bool:
     """Whether the picture has the scene's shape at the scene's position."""
-    picture = txt2img(engine, prompt, seed=seed, controlnet=units).images[0]
+    picture = txt2img(engine, prompt, seed=seed, controlnet=units, sampler="DPM++ 2M").images[0]
     asked = Scene(scene.objects, scene.background, prompt, [{"shape", "position"}])
     return all(judge(picture, asked)[0].values())
 
@@ -74,7 +74,7 @@ def contradiction(engine, scenes: list[Scene], settings: dict, weight: float) ->
         a = s.objects[0]
         b = random.Random(f"contradiction:{i}").choice([x for x in SHAPES if x != a.shape])
         units = (unit(s, weight, **settings),)
-        found = detect(txt2img(engine, f"a {a.colour} {b}", seed=i, controlnet=units).images[0])[1]
+        found = detect(txt2img(engine, f"a {a.colour} {b}", seed=i, controlnet=units, sampler="DPM++ 2M").images[0])[1]
         drawn = found[0].shape if found else None
         edges += drawn == a.shape
         prompt += drawn == b

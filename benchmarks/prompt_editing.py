@@ -6,7 +6,7 @@ is settled in the late part of the schedule), a late one a red circle (it was se
     .venv/bin/python benchmarks/prompt_editing.py --seeds 10 --when 0.3 0.5 0.9
 
 The shipped model's recommended settings (20 steps of DPM++ 2M karras, CFG 5 for the first 60% of the steps), seeds
-0..N-1, the default path as `plainsd txt2img` runs it.
+0..N-1, the default path as `plainsd txt2img --sampler "DPM++ 2M"` runs it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def colours(engine, prompt: str, seeds: int) -> Counter:
     """How often the judge reads each colour for the largest object (None: no object found)."""
     found = Counter()
     for seed in range(seeds):
-        objects = detect(txt2img(engine, prompt, seed=seed).images[0])[1]
+        objects = detect(txt2img(engine, prompt, seed=seed, sampler="DPM++ 2M").images[0])[1]
         found[objects[0].colour if objects else None] += 1
     return found
 

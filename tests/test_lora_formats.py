@@ -167,7 +167,7 @@ def test_peft_adapter_folder_equals_peft_merge(base, tmp_path, record_parity):
 
 def test_prompt_tag_applies_a_diffusers_file_named_after_its_folder(base, tmp_path):
     path = write_layout(base, "diffusers-metadata", tmp_path / "loras" / "lcm-like")
-    assert lora.find_loras(tmp_path / "loras") == {"lcm-like": path}
+    assert lora.find_loras(tmp_path / "loras") == {**lora.find_loras(None), "lcm-like": path}  # (the shipped ones first)
     sd = plainsd.load(base / "base.safetensors")
     kw = dict(steps=3, seed=1, width=32, height=32)
     plain = txt2img(sd, "a circle", **kw).images[0]

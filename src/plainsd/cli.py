@@ -926,10 +926,14 @@ def _demo(args) -> int:
 
     engine = _load_model(None, None)
     prompt = "a red circle on the left, on a blue background"
+    started = time.perf_counter()
     result = pipeline.txt2img(engine, prompt, seed=1, progress=True)
+    seconds = time.perf_counter() - started
     path = save_png(result.images[0], args.output, result.infotexts[0])
     which = "the default model" if DEFAULT_MODEL.is_file() else "a random tiny model (no default model is shipped yet)"
-    print(f"drew {prompt!r} with {which}\nthe image is at {path.resolve()}")
+    p = result.parameters
+    print(f"drew {prompt!r} with {which}: {p.steps} steps of {p.sampler}, {seconds:.1f} s "
+          f"(its recommended settings; prompt as run: {p.prompt!r})\nthe image is at {path.resolve()}")
     upscaled = _demo_upscale(result.images[0], result.infotexts[0], path)
     if upscaled is not None:
         print(f"upscaled x4 by the shipped upscaler plainsd-x4 (as Extras does): {upscaled.resolve()}")
@@ -1188,7 +1192,9 @@ def _eval(args) -> int:
                                                                n=args.concept_images, lora_dir=args.lora_dir,
                                                                embeddings_dir=args.embeddings_dir, **common)}
     if args.prompts or args.two_object_prompts or args.checks or args.concept_prompt:
-        used = pipeline.recommended(engine)["guidance_until"] if args.guidance_until is None else args.guidance_until
+        used = args.guidance_until
+        if used is None:
+            used = pipeline.recommended(engine, args.sampler)["guidance_until"]
         out["settings"] = {**common, "guidance_until": used, "model": engine.sd.name,
                            "precision": str(engine.sd.dtype).replace("torch.", ""), "backend": args.backend, "fast": args.fast}
     text = json.dumps(out, indent=2)

@@ -17,6 +17,7 @@ diffusion/noise.py draws and blends the noise.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -170,11 +171,43 @@ def _request(prompt: str, negative_prompt: str, kwargs: dict) -> GenerationReque
 LCM_DEFAULTS = {"steps": 4, "sampler": "LCM", "cfg_scale": 8.0}
 
 
-def recommended(sd: StableDiffusion | Engine) -> dict:
-    """The settings a request that leaves them out gets: the model's own recommendations (sd.defaults), then
-    LCM_DEFAULTS for an LCM-distilled model, then DEFAULTS."""
+def recommended(sd: StableDiffusion | Engine, sampler: str | None = None) -> dict:
+    """The settings a request with this sampler (None: left out) gets where it leaves them out: the model's own
+    recommendations (model_recommendations), then LCM_DEFAULTS for an LCM-distilled model, then DEFAULTS."""
     sd = sd.sd if isinstance(sd, Engine) else sd
-    return {**DEFAULTS, **(LCM_DEFAULTS if _embeds_guidance(sd) else {}), **sd.defaults}
+    return {**DEFAULTS, **(LCM_DEFAULTS if _embeds_guidance(sd) else {}), **model_recommendations(sd, sampler)}
+
+
+def model_recommendations(sd: StableDiffusion, sampler: str | None = None) -> dict:
+    """The model's own recommended settings (sd.defaults). Where they carry a with_lora set (the shipped model: its
+    LCM-LoRA, 4 LCM steps, CFG 1) whose LoRA is at hand, a request whose sampler is left out or is the set's own
+    gets that set, its "lora" included (_with_recommended_lora); other samplers get the model's plain set."""
+    own = {k: v for k, v in sd.defaults.items() if k != "with_lora"}
+    few = sd.defaults.get("with_lora")
+    if few and few["lora"] in lora_mod.find_loras(None) and (sampler is None or _same_sampler(sampler, few["sampler"])):
+        own.update(few)
+    return own
+
+
+def _same_sampler(name: str, other: str) -> bool:
+    try:
+        return S.resolve_sampler(name)[0].name == S.resolve_sampler(other)[0].name
+    except ValueError:  # (an unknown name: request.check says so)
+        return False
+
+
+def _with_recommended_lora(req: GenerationRequest, chosen: dict) -> GenerationRequest:
+    """The request with the recommended LoRA's tag, <lora:NAME:1>, added to its prompt (and hires prompt), unless
+    the prompt names that LoRA already (with weight 0 it is left out). The infotext then carries the tag, so that
+    A1111 draws the same picture from it."""
+    name = chosen.get("lora")
+    if name is None or any(n == name for n, _ in extract_loras(req.prompt)[1]):
+        return req
+    tag = f" <lora:{name}:1>"
+    hires = req.hires
+    if hires is not None and hires.prompt:
+        hires = dataclasses.replace(hires, prompt=hires.prompt + tag)
+    return req.replace(prompt=req.prompt + tag, hires=hires)
 
 
 def as_engine(sd: StableDiffusion | Engine) -> Engine:
@@ -268,8 +301,9 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
     the sampler and its sigmas."""
     sd = engine.sd
     req = req.styled()  # A1111 applies styles before anything else reads the prompts
-    chosen = recommended(sd)
+    chosen = recommended(sd, req.sampler)
     notes = _notes(sd, req)
+    req = _with_recommended_lora(req, chosen)
     steps = chosen["steps"] if req.steps is None else req.steps
     init = req.init_image
     width = req.width or (init.width // 8 * 8 if init is not None else chosen.get("width", sd.config.resolution))
@@ -367,13 +401,17 @@ def _notes(sd: StableDiffusion, req: GenerationRequest) -> list[str]:
     notes = []
     names = {"steps": "steps", "sampler": "sampler", "schedule": "schedule", "cfg_scale": "CFG scale",
              "width": "width", "height": "height"}
+    mine = model_recommendations(sd, req.sampler)
     left_out = {key: getattr(req, key) is None for key in names}
     left_out.update(width=not req.width and req.init_image is None, height=not req.height and req.init_image is None,
-                    schedule=req.schedule is None and req.sampler in (None, recommended(sd)["sampler"]))
-    used = [f"{label} {sd.defaults[key]}" for key, label in names.items() if key in sd.defaults and left_out[key]]
+                    schedule=req.schedule is None and req.sampler in (None, recommended(sd, req.sampler)["sampler"]))
+    used = [f"{label} {mine[key]}" for key, label in names.items() if key in mine and left_out[key]]
+    if "lora" in mine and all(n != mine["lora"] for n, _ in extract_loras(req.prompt)[1]):
+        used.append(f"LoRA {mine['lora']} (<lora:{mine['lora']}:1> added to the prompt; another sampler, or the tag "
+                    "at weight 0, leaves it out)")
     if used:
         notes.append(f"{sd.name}'s recommended settings used (set them to override): {', '.join(used)}")
-    cfg = sd.defaults.get("cfg_scale", DEFAULTS["cfg_scale"]) if req.cfg_scale is None else req.cfg_scale
+    cfg = mine.get("cfg_scale", DEFAULTS["cfg_scale"]) if req.cfg_scale is None else req.cfg_scale
     if cfg == 1 and req.negative_prompt.strip() and len(split_and(extract_loras(req.prompt)[0])) == 1:
         notes.append("CFG scale 1: the unconditional half is skipped, so the negative prompt has no effect")
     return notes

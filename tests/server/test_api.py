@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import plainsd
-from plainsd import pipeline
+from plainsd import lora, pipeline
 from plainsd.pnginfo import parse_infotext
 
 from fastapi.testclient import TestClient  # the serve extra is part of the test extras
@@ -388,7 +388,9 @@ def test_loras_and_embeddings_from_their_folders(models_dir, tmp_path):
     save_embedding(Embedding("crimson", vectors), tmp_path / "emb" / "crimson.safetensors")
     app = create_app(models_dir=models_dir, lora_dir=tmp_path / "loras", embeddings_dir=tmp_path / "emb")
     with TestClient(app) as c:
-        assert [entry["name"] for entry in c.get("/sdapi/v1/loras").json()] == ["style"]
+        shipped = list(lora.find_loras(None))  # the shipped model's LCM-LoRA, listed first
+        assert shipped == ["plainsd-base.lcm-lora"]
+        assert [entry["name"] for entry in c.get("/sdapi/v1/loras").json()] == [*shipped, "style"]
         assert list(c.get("/sdapi/v1/embeddings").json()["loaded"]) == ["crimson"]
         req = {"steps": 2, "width": 32, "height": 32, "seed": 1}
         def pixels(prompt):
@@ -423,7 +425,8 @@ def test_loras_lists_diffusers_and_peft_files_with_their_metadata(models_dir, tm
     app = create_app(models_dir=models_dir, lora_dir=loras)
     with TestClient(app) as c:
         listed = {entry["name"]: entry for entry in c.get("/sdapi/v1/loras").json()}
-    assert sorted(listed) == ["broken", "lcm-like", "peft-like", "style"]
+    assert sorted(listed) == ["broken", "lcm-like", "peft-like", "plainsd-base.lcm-lora", "style"]
+    assert listed["plainsd-base.lcm-lora"]["metadata"]["ss_network_dim"] == "32"
     assert listed["style"]["metadata"] == {"ss_network_dim": "2", "ss_tag_frequency": {"a": 1}}
     assert listed["lcm-like"]["metadata"] == {"format": "pt", "lora_adapter_metadata": config}
     assert listed["peft-like"]["metadata"] == {} and listed["broken"]["metadata"] == {}
