@@ -68,10 +68,11 @@ def test_it_draws_what_it_is_told():
 
 def test_its_lcm_lora_draws_what_it_is_told_in_4_steps():
     # benchmarks/lcm_adherence.md on 100 held-out prompts: colour and shape 0.94 at 4 steps (the 20-step path 0.96),
-    # position 1.00, size 0.97; without the LoRA the LCM sampler's 4 steps give 0.84.
+    # position 1.00, size 0.97; without the LoRA the LCM sampler's 4 steps give 0.84. On these first 20 (float32)
+    # the LoRA gets all three right in every picture, the model without it in 18.
     sd = plainsd.load()
     score = metrics.adherence(sd, 20, steps=4, sampler="LCM", schedule="automatic", cfg_scale=1.0)  # (tag added)
-    assert score["position"] >= 0.9 and score["size"] >= 0.9 and score["colour_and_shape"] >= 0.85, score
+    assert score["all"] >= 0.95, score
 
 
 @pytest.mark.slow

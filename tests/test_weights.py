@@ -325,12 +325,12 @@ def test_turbo_files_get_few_step_defaults(tmp_path):
 
 def test_a_with_lora_set_is_kept_and_foreign_entries_are_dropped(tmp_path):
     """plainsd.defaults may carry a with_lora set (a LoRA by name and its settings): saved and loaded as it is;
-    entries neither set knows, and a set that names no LoRA, are left out."""
+    entries neither set knows, and a set that names no LoRA or no sampler, are left out."""
     sd = plainsd.build("tiny", seed=0)
     few = {"lora": "x.lcm", "steps": 4, "sampler": "LCM", "cfg_scale": 1.0}
     sd.defaults = {"steps": 20, "with_lora": {**few, "eta": 2}, "colour": "red"}
     plainsd.save(sd, tmp_path / "a.safetensors")
     assert plainsd.load(tmp_path / "a.safetensors").defaults == {"steps": 20, "with_lora": few}
-    sd.defaults = {"steps": 20, "with_lora": {"steps": 4}}
+    sd.defaults = {"steps": 20, "with_lora": {"lora": "x.lcm", "steps": 4}}  # (no sampler to choose it by)
     plainsd.save(sd, tmp_path / "b.safetensors")
     assert plainsd.load(tmp_path / "b.safetensors").defaults == {"steps": 20}

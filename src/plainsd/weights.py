@@ -39,7 +39,7 @@ TEXT_OPENAI, TEXT_OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.
 DEFAULT_MODEL = Path(__file__).parent / "data" / "plainsd-base.safetensors"
 GENERATION_DEFAULTS = ("steps", "sampler", "schedule", "cfg_scale", "guidance_until", "width", "height", "negative_prompt")
 # A model's recommendations may carry a second set, "with_lora": a LoRA beside the model (by name) and the settings
-# it is run with (the shipped model's LCM-LoRA and its 4 LCM steps); pipeline.recommended says when it applies.
+# it is run with (the shipped model's LCM-LoRA and its 4 LCM steps); pipeline.model_recommendations says when.
 WITH_LORA_DEFAULTS = ("lora", "steps", "sampler", "schedule", "cfg_scale", "guidance_until")
 
 # What SD-Turbo (adversarial diffusion distillation, SD 2.1 at 512) is run with where a request leaves it out: its
@@ -815,13 +815,13 @@ def read_config(path: str | os.PathLike | None = None) -> ModelConfig:
 
 def _own_defaults(source: TensorSource, unreadable: dict) -> dict:
     """A file's own plainsd.defaults metadata (the settings GENERATION_DEFAULTS names, and a with_lora set of those
-    WITH_LORA_DEFAULTS names, its LoRA named); `unreadable` where they are not JSON: defaults are a convenience, and
-    a file with unreadable ones still loads."""
+    WITH_LORA_DEFAULTS names, its LoRA and sampler named); `unreadable` where they are not JSON: defaults are a
+    convenience, and a file with unreadable ones still loads."""
     try:
         defaults = json.loads(source.metadata["plainsd.defaults"])
         own = {k: v for k, v in defaults.items() if k in GENERATION_DEFAULTS}
         with_lora = defaults.get("with_lora")
-        if isinstance(with_lora, dict) and isinstance(with_lora.get("lora"), str):
+        if isinstance(with_lora, dict) and all(isinstance(with_lora.get(k), str) for k in ("lora", "sampler")):
             own["with_lora"] = {k: v for k, v in with_lora.items() if k in WITH_LORA_DEFAULTS}
         return own
     except (json.JSONDecodeError, AttributeError):
