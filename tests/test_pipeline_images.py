@@ -81,6 +81,7 @@ def _shipped(dtype: torch.dtype):
 def _cases(dtype: torch.dtype) -> dict:
     """name -> a function drawing that case's pictures."""
     tiny, shipped = (lambda: _tiny("tiny", dtype)), (lambda: _shipped(dtype))
+    full = dict(sampler="DPM++ 2M")  # the shipped model's 20-step settings (without a sampler: its LCM-LoRA's)
     files = lambda: _files(dtype)  # noqa: E731
     quick = dict(steps=6, seed=1)
     return {
@@ -108,15 +109,18 @@ def _cases(dtype: torch.dtype) -> dict:
         "tiny-fast": lambda: pipeline.txt2img(tiny(), "a circle", fast=True, steps=10, seed=3),
         "tiny-token-merging": lambda: pipeline.txt2img(tiny(), "a circle", token_merging=0.5, **quick),
         "shipped-txt2img": lambda: pipeline.txt2img(shipped(), "a red circle on the left, on a blue background",
-                                                    seed=1, batch_size=2),
+                                                    seed=1, batch_size=2, **full),
+        "shipped-lcm-lora": lambda: pipeline.txt2img(shipped(), "a red circle on the left, on a blue background",
+                                                     seed=1, batch_size=2),  # (its recommended settings: the LoRA)
         "shipped-img2img": lambda: pipeline.img2img(
             shipped(), _scene(64, "green", (4, 20, 28, 44), "white"), "a yellow square on the right", seed=2,
-            strength=0.7),
+            strength=0.7, **full),
         "shipped-inpaint": lambda: pipeline.inpaint(
-            shipped(), _scene(64, "green", (4, 20, 28, 44), "white"), _mask(64), "a red triangle", seed=3),
-        "shipped-fast": lambda: pipeline.txt2img(shipped(), "a small purple diamond at the top", seed=4, fast=True),
+            shipped(), _scene(64, "green", (4, 20, 28, 44), "white"), _mask(64), "a red triangle", seed=3, **full),
+        "shipped-fast": lambda: pipeline.txt2img(shipped(), "a small purple diamond at the top", seed=4, fast=True, **full),
         "shipped-hires": lambda: pipeline.txt2img(
-            shipped(), "a big orange cross", seed=5, steps=12, hires=HiresFix(scale=2.0, upscaler="Latent (bicubic)")),
+            shipped(), "a big orange cross", seed=5, steps=12, hires=HiresFix(scale=2.0, upscaler="Latent (bicubic)"),
+            **full),
         "shipped-heun-ddim": lambda: [*pipeline.txt2img(shipped(), "a blue square", seed=6, steps=8,
                                                         sampler="Heun").images,
                                       *pipeline.txt2img(shipped(), "a blue square", seed=6, steps=8,

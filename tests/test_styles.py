@@ -86,7 +86,7 @@ def test_cli_styles_from_a_file_a_folder_or_styles_csv_here(tmp_path, monkeypatc
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "styles.csv").write_text(CSV)
-    common = ["--steps", "1", "--width", "32", "--height", "32", "--seed", "1", "--quiet"]
+    common = ["--steps", "1", "--width", "32", "--height", "32", "--seed", "1", "--quiet", "--sampler", "Euler"]
     assert main(["txt2img", "a cat", "--style", "wrap", "--style", "shiny", "-o", "a.png", *common]) == 0
     fields = parse_infotext(read_parameters("a.png"))
     assert fields["Prompt"] == "a picture of a cat, centred, glossy" and fields["Negative prompt"] == "dull, blurry"

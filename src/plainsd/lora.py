@@ -415,6 +415,14 @@ def find_loras(folder: str | os.PathLike | None) -> dict[str, Path]:
     return found
 
 
+def fits_shipped(sd, name: str) -> bool:
+    """Whether a LoRA shipped beside the shipped model (find_loras(None)) has this name and fits this model in every
+    layer (fitting): what a model's recommendation of it needs (a model trained or merged from the shipped one keeps
+    its recommendations, but may not take the LoRA)."""
+    path = find_loras(None).get(name)
+    return path is not None and fitting(sd, read_lora(path))[1] == 0
+
+
 def file_metadata(path: str | os.PathLike) -> dict:
     """A LoRA file's header metadata as A1111's /sdapi/v1/loras lists it (values that are JSON objects decoded);
     {} for .pt/.ckpt files and unreadable headers: one odd file must not break a listing."""

@@ -175,16 +175,20 @@ def recommended(sd: StableDiffusion | Engine, sampler: str | None = None) -> dic
     """The settings a request with this sampler (None: left out) gets where it leaves them out: the model's own
     recommendations (model_recommendations), then LCM_DEFAULTS for an LCM-distilled model, then DEFAULTS."""
     sd = sd.sd if isinstance(sd, Engine) else sd
-    return {**DEFAULTS, **(LCM_DEFAULTS if _embeds_guidance(sd) else {}), **model_recommendations(sd, sampler)}
+    return {**_fallbacks(sd), **model_recommendations(sd, sampler)}
+
+
+def _fallbacks(sd: StableDiffusion) -> dict:
+    return {**DEFAULTS, **(LCM_DEFAULTS if _embeds_guidance(sd) else {})}
 
 
 def model_recommendations(sd: StableDiffusion, sampler: str | None = None) -> dict:
     """The model's own recommended settings (sd.defaults). Where they carry a with_lora set (the shipped model: its
-    LCM-LoRA, 4 LCM steps, CFG 1) whose LoRA is at hand, a request whose sampler is left out or is the set's own
-    gets that set, its "lora" included (_with_recommended_lora); other samplers get the model's plain set."""
+    LCM-LoRA, 4 LCM steps, CFG 1) whose LoRA is shipped and fits the model, a request whose sampler is left out or is
+    the set's own gets that set, its "lora" included (_with_recommended_lora); other samplers get the plain set."""
     own = {k: v for k, v in sd.defaults.items() if k != "with_lora"}
     few = sd.defaults.get("with_lora")
-    if few and few["lora"] in lora_mod.find_loras(None) and (sampler is None or _same_sampler(sampler, few["sampler"])):
+    if few and (sampler is None or _same_sampler(sampler, few["sampler"])) and lora_mod.fits_shipped(sd, few["lora"]):
         own.update(few)
     return own
 
@@ -301,8 +305,9 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
     the sampler and its sigmas."""
     sd = engine.sd
     req = req.styled()  # A1111 applies styles before anything else reads the prompts
-    chosen = recommended(sd, req.sampler)
-    notes = _notes(sd, req)
+    mine = model_recommendations(sd, req.sampler)
+    chosen = {**_fallbacks(sd), **mine}  # recommended(sd, req.sampler), the model's part computed once
+    notes = _notes(sd, req, mine, chosen["sampler"])
     req = _with_recommended_lora(req, chosen)
     steps = chosen["steps"] if req.steps is None else req.steps
     init = req.init_image
@@ -394,17 +399,17 @@ def _lcm_guidance(sd: StableDiffusion, cfg_scale: float) -> float | None:
     return cfg_scale - 1.0 if _embeds_guidance(sd) else None
 
 
-def _notes(sd: StableDiffusion, req: GenerationRequest) -> list[str]:
+def _notes(sd: StableDiffusion, req: GenerationRequest, mine: dict, sampler: str) -> list[str]:
     """What a run should tell its user beyond the infotext: the model's recommended settings it used where the
-    request left them out (an SD-Turbo file's few-step settings, say), and that at CFG scale 1 the negative prompt
-    has no effect (the unconditional half is skipped, as Forge does; A1111 computes it to the same result)."""
+    request left them out (mine: model_recommendations for the request; sampler: the recommended one), say an
+    SD-Turbo file's few-step settings, and that at CFG scale 1 the negative prompt has no effect (the unconditional
+    half is skipped, as Forge does; A1111 computes it to the same result)."""
     notes = []
     names = {"steps": "steps", "sampler": "sampler", "schedule": "schedule", "cfg_scale": "CFG scale",
              "width": "width", "height": "height"}
-    mine = model_recommendations(sd, req.sampler)
     left_out = {key: getattr(req, key) is None for key in names}
     left_out.update(width=not req.width and req.init_image is None, height=not req.height and req.init_image is None,
-                    schedule=req.schedule is None and req.sampler in (None, recommended(sd, req.sampler)["sampler"]))
+                    schedule=req.schedule is None and req.sampler in (None, sampler))
     used = [f"{label} {mine[key]}" for key, label in names.items() if key in mine and left_out[key]]
     if "lora" in mine and all(n != mine["lora"] for n, _ in extract_loras(req.prompt)[1]):
         used.append(f"LoRA {mine['lora']} (<lora:{mine['lora']}:1> added to the prompt; another sampler, or the tag "
