@@ -78,15 +78,16 @@ def test_its_lcm_lora_draws_what_it_is_told_in_4_steps():
 @pytest.mark.slow
 def test_prompt_editing_switches_the_colour_when_it_says():
     # benchmarks/prompt_editing.py's table, as a test: switching to "a blue circle" after 30% of the steps draws
-    # blue (46 of 50 seeds), after 90% red (50 of 50); literal text or a switch at the wrong step would not.
+    # blue (46 of its 50 seeds; 22 of the first 25, taken here), after 90% red (50 of 50; 25 of 25); literal text
+    # or a switch at the wrong step would not.
     engine = runtime.prepare(plainsd.load())
 
     def colours(prompt: str) -> list:
-        found = [detect(txt2img(engine, prompt, seed=seed, sampler="DPM++ 2M").images[0])[1] for seed in range(50)]
+        found = [detect(txt2img(engine, prompt, seed=seed, sampler="DPM++ 2M").images[0])[1] for seed in range(25)]
         return [objects[0].colour if objects else None for objects in found]
 
     early, late = colours("[a red circle:a blue circle:0.3]"), colours("[a red circle:a blue circle:0.9]")
-    assert early.count("blue") >= 42 and late.count("red") >= 47, (early, late)
+    assert early.count("blue") >= 20 and late.count("red") >= 23, (early, late)
 
 
 def test_shipped_controlnet_is_fp16_in_the_original_layout_with_its_recipe():
@@ -118,7 +119,8 @@ def test_the_shipped_controlnet_draws_the_edges_shape_where_they_are():
         for i, s in enumerate(metrics.held_out_scenes(20, 1)):
             units = (ControlUnit("plainsd-base.controlnet-canny", render(s, 64), module="canny", pixel_perfect=True),)
             prompt = f"a {s.objects[0].colour}"
-            picture = txt2img(engine, prompt, seed=i, controlnet=units if with_unit else (), sampler="DPM++ 2M").images[0]
+            picture = txt2img(engine, prompt, seed=i, controlnet=units if with_unit else (),
+                              sampler="DPM++ 2M").images[0]
             hits += all(judge(picture, Scene(s.objects, s.background, "", [{"shape", "position"}]))[0].values())
         return hits / 20
 
