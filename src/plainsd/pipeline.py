@@ -179,6 +179,7 @@ def recommended(sd: StableDiffusion | Engine, sampler: str | None = None) -> dic
 
 
 def _fallbacks(sd: StableDiffusion) -> dict:
+    """What a model's own recommendations leave out: LCM_DEFAULTS for an LCM-distilled model, then DEFAULTS."""
     return {**DEFAULTS, **(LCM_DEFAULTS if _embeds_guidance(sd) else {})}
 
 
