@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -415,12 +416,18 @@ def find_loras(folder: str | os.PathLike | None) -> dict[str, Path]:
     return found
 
 
+_FITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {shipped LoRA name: fits}
+
+
 def fits_shipped(sd, name: str) -> bool:
     """Whether a LoRA shipped beside the shipped model (find_loras(None)) has this name and fits this model in every
     layer (fitting): what a model's recommendation of it needs (a model trained or merged from the shipped one keeps
-    its recommendations, but may not take the LoRA)."""
-    path = find_loras(None).get(name)
-    return path is not None and fitting(sd, read_lora(path))[1] == 0
+    its recommendations, but may not take the LoRA). Answered once per model: its layers' shapes do not change."""
+    known = _FITS.setdefault(sd, {})
+    if name not in known:
+        path = find_loras(None).get(name)
+        known[name] = path is not None and fitting(sd, read_lora(path))[1] == 0
+    return known[name]
 
 
 def file_metadata(path: str | os.PathLike) -> dict:
