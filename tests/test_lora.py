@@ -96,6 +96,50 @@ def test_prompt_tag_equals_merge_and_weight_zero_is_the_base(base):
     assert tagged.tobytes() != plain.tobytes()
 
 
+def test_a_lora_stays_on_until_a_prompt_asks_for_other_loras(base, tmp_path, monkeypatch):
+    """As A1111's Lora extension does: the next run with the same tags changes no weight and reads no file; other
+    tags, other weights or a file changed on disk put the right set on, starting from the model's own weights; a
+    LoRA that does not fit leaves the set before it on."""
+    import shutil
+
+    sd = plainsd.load(base / "base.safetensors")
+    own = {k: v.clone() for k, v in sd.state_dict().items()}
+    folder = tmp_path / "loras"
+    shutil.copytree(base / "loras", folder)
+    save_file(random_lora(sd, seed=7), str(folder / "other.safetensors"))
+    reads, adds = [], []
+    monkeypatch.setattr(lora, "read_lora", lambda p, read=lora.read_lora: reads.append(p.name) or read(p))
+    monkeypatch.setattr(lora, "_add", lambda sd, changes, add=lora._add: adds.append(len(changes)) or add(sd, changes))
+    kw = dict(steps=2, seed=1, width=32, height=32, lora_dir=folder)
+
+    def merged(*loras):  # the weights of a fresh model with these (file, weight) merged
+        fresh = plainsd.load(base / "base.safetensors")
+        for name, w in loras:
+            lora.merge(fresh, lora.read_lora(folder / f"{name}.safetensors"), w)
+        return fresh.state_dict()
+
+    def weights_are(expected, atol=0.0):  # (two LoRAs' changes are summed before they are added: rounding)
+        return all(torch.allclose(v, expected[k], rtol=0, atol=atol) for k, v in sd.state_dict().items())
+
+    first = txt2img(sd, "a circle <lora:style:0.6>", **kw).images[0]
+    again = txt2img(sd, "a circle <lora:style:0.6>", **kw).images[0]
+    assert again.tobytes() == first.tobytes() and reads == ["style.safetensors"] and len(adds) == 1
+    txt2img(sd, "a circle <lora:style:0.6> <lora:other:-0.5>", **kw)
+    assert len(adds) == 2 and weights_are(merged(("style", 0.6), ("other", -0.5)), atol=1e-6)
+    txt2img(sd, "a circle <lora:other:-0.5>", **kw)
+    assert weights_are(merged(("other", -0.5)))
+    save_file(random_lora(sd, seed=8), str(folder / "other.safetensors"))  # (a new file under the same name)
+    txt2img(sd, "a circle <lora:other:-0.5>", **kw)
+    assert reads[-1] == "other.safetensors" and weights_are(merged(("other", -0.5)))
+    save_file({"lora_unet_no_such_layer.lora_down.weight": torch.zeros(2, 7),
+               "lora_unet_no_such_layer.lora_up.weight": torch.zeros(32, 2)}, str(folder / "foreign.safetensors"))
+    with pytest.raises(CheckpointError, match="have no match here"):
+        txt2img(sd, "a circle <lora:foreign:1>", **kw)
+    assert weights_are(merged(("other", -0.5)))
+    txt2img(sd, "a circle <lora:other:0>", **kw)  # (weight 0: none)
+    assert weights_are(own)
+
+
 def test_lora_errors_are_one_sentence(base, tmp_path):
     sd = plainsd.load(base / "base.safetensors")
     with pytest.raises(ValueError, match="no LoRA named 'nope'.*available: .*style"):

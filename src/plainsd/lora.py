@@ -356,22 +356,33 @@ def fitting(sd, lora: LoRA, shared=lambda module: False) -> tuple[LoRA, int]:
     return LoRA(lora.name, layers, lora.metadata), unfit
 
 
-@contextlib.contextmanager
-def applied(sd, loras: list[tuple[LoRA, float]]):
-    """Add the LoRAs to the model's weights for the duration of the block; the originals come back after."""
+_APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its LoRAs, changed layers' originals)
+
+
+def use(sd, loras: list[tuple[LoRA, float]]):
+    """Give the model exactly these LoRAs: its own weights plus each LoRA's change at its weight. They stay on until
+    another set is asked for, as A1111's Lora extension keeps them from one picture to the next, so a run with the
+    LoRAs of the run before costs nothing; use(sd, []) gives the model's own weights back. Each changed layer's
+    original is kept while a LoRA is on, and every new set starts from the originals, so the weights never
+    drift. A set is the same when it holds the same LoRA objects (resolve hands out one per unchanged file) at
+    the same weights."""
+    wanted = tuple((lora, w) for lora, w in loras if w != 0)  # (weight 0 is the base model, exactly)
+    on, saved = _APPLIED.get(sd, ((), {}))
+    if len(on) == len(wanted) and all(a is b and wa == wb for (a, wa), (b, wb) in zip(on, wanted)):
+        return
     changes: dict[tuple[str, str], torch.Tensor] = {}
-    for lora, w in loras:
-        if w == 0:
-            continue  # weight 0 is the base model, exactly
+    for lora, w in wanted:  # (computed first: a LoRA that does not fit leaves the model as it was)
         for k, d in deltas(sd, lora, w).items():
             changes[k] = changes[k] + d if k in changes else d
+    for key, original in saved.items():
+        set_weight(_layer(sd, key), original)
+    _APPLIED.pop(sd, None)
+    if not wanted:
+        return
     saved = {k: _layer(sd, k).weight.detach().clone() for k in changes}  # (a copy already when packed)
-    try:
-        _add(sd, changes)
-        yield sd
-    finally:
-        for key, original in saved.items():
-            set_weight(_layer(sd, key), original)
+    _APPLIED[sd] = ((object(),), saved)  # (a set that matches none, until every change is in)
+    _add(sd, changes)
+    _APPLIED[sd] = (wanted, saved)
 
 
 def merge(sd, lora: LoRA, weight: float = 1.0):
@@ -449,17 +460,26 @@ def file_metadata(path: str | os.PathLike) -> dict:
     return out
 
 
+_READ: dict[tuple, LoRA] = {}  # (file, mtime, size) -> its LoRA, for the files of the last resolve
+
+
 def resolve(requested: list[tuple[str, float]], folder) -> list[tuple[LoRA, float]]:
-    """<lora:name:weight> tags -> loaded LoRAs, by name from the shipped ones and the folder only."""
+    """<lora:name:weight> tags -> loaded LoRAs, by name from the shipped ones and the folder only. A file unchanged
+    since the last call gives the same LoRA object (so that use() sees the same set) without being read again."""
     if not requested:
         return []
     available = find_loras(folder)
-    out = []
+    out, read = [], {}
     for name, w in requested:
         if name not in available:
             where = folder if folder is not None else "the shipped LoRAs (no LoRA folder was given: --lora-dir)"
             raise ValueError(f"no LoRA named {name!r} in {where}; available: {', '.join(available) or 'none'}")
-        out.append((read_lora(available[name]), w))
+        stat = available[name].stat()
+        key = (available[name].resolve(), stat.st_mtime_ns, stat.st_size)
+        read[key] = read.get(key) or _READ.get(key) or read_lora(available[name])
+        out.append((read[key], w))
+    _READ.clear()
+    _READ.update(read)
     return out
 
 

@@ -235,9 +235,10 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
     loras = lora_mod.resolve(extract_loras(request.prompt)[1], request.lora_dir)
     embeddings = load_embeddings(request.embeddings_dir, sd) if request.embeddings_dir is not None else None
     encode = _TextStates(sd, request.clip_skip, embeddings)
-    refiner = _load_refiner(engine, request) if request.refiner_checkpoint else None  # (before the LoRAs change
-    # the base model's weights: the refiner shares the parts whose weights equal the base's)
-    with _tiling(engine, request.tiling), lora_mod.applied(sd, loras), _refiner_loras(engine, refiner, loras) as notes:
+    refiner = _load_refiner(engine, request) if request.refiner_checkpoint else None
+    lora_mod.use(sd, loras)  # (they stay on for the next run: lora.use)
+    notes = _refiner_loras(engine, refiner, loras)
+    with _tiling(engine, request.tiling):
         start = _start(sd, request, run)
         params.inpainting = Parameters.inpainting_fields(request, start.paste is not None,
                                                          start.paste is not None and start.paste[2] is not None)
@@ -881,25 +882,25 @@ def _refiner_engine(engine: Engine, path: str) -> Engine:
     model's weights came in (bf16, fp16 storage or float32) and, where the base engine was made by runtime.prepare,
     prepared the same way (eager: the refiner's UNet is not compiled by OpenVINO). Its VAE and text tower are the
     base model's own modules where their weights are equal (weights.load's share_with: SDXL's refiner file holds the
-    base's bigG and VAE, which diffusers' documentation shares the same way), not second copies."""
+    base's bigG and VAE, which diffusers' documentation shares the same way), not second copies: compared with the
+    base's own weights, without the LoRAs of the run before (lora.use)."""
     path = str(Path(path).resolve())
     if engine.refiner is None or engine.refiner[0] != path:
         engine.refiner = None  # (the one before freed first)
+        lora_mod.use(engine.sd, [])
         refiner = load(path, dtype=engine.load_dtype, share_with=engine.sd)
         engine.refiner = (path, prepare(refiner) if engine.prepared else Engine(refiner))
     return engine.refiner[1]
 
 
-@contextlib.contextmanager
-def _refiner_loras(engine: Engine, refiner: Engine | None, loras: list):
+def _refiner_loras(engine: Engine, refiner: Engine | None, loras: list) -> list[str]:
     """The prompt's LoRAs on the refiner as well, as A1111's stay on when its refiner takes over: each LoRA layer that
     fits the refiner (lora.fitting: a layer of that name and shape; its bigG tower takes the lora_te2_ layers, as
-    diffusers' text_encoder_2 does) for the run, the refiner's weights as before afterwards. A part the refiner
-    shares with the base (_refiner_engine) has the base's LoRA already. Yields the notes for the run: one sentence
-    per LoRA with layers that do not fit (A1111 counts them as "Networks with errors")."""
-    if refiner is None or not loras:
-        yield []
-        return
+    diffusers' text_encoder_2 does), kept on as the base's are (lora.use). A part the refiner shares with the base
+    (_refiner_engine) has the base's LoRA already. Returns the notes for the run: one sentence per LoRA with layers
+    that do not fit (A1111 counts them as "Networks with errors")."""
+    if refiner is None:
+        return []
     base = {id(m) for m in engine.sd.modules()}
     fitted, notes = [], []
     for lora, weight in loras:
@@ -908,8 +909,8 @@ def _refiner_loras(engine: Engine, refiner: Engine | None, loras: list):
         if unfit and weight:
             notes.append(f"{unfit} of the {len(lora.layers)} layers of LoRA {lora.name} have no layer of that name "
                          f"and shape in the refiner {refiner.sd.name}, so they act in the base model's steps only")
-    with lora_mod.applied(refiner.sd, fitted):
-        yield notes
+    lora_mod.use(refiner.sd, fitted)
+    return notes
 
 
 def _handover(sd: StableDiffusion, p: Pass, base: CFGDenoiser) -> _Handover:

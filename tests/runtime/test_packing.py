@@ -159,25 +159,22 @@ def test_packed_unet_within_bf16_tolerance_and_back_to_plain_on_demand():
 
 
 @pytest.mark.parametrize("dtype", PACKING_DTYPES)
-def test_a_lora_on_a_packed_model_equals_it_on_a_plain_one_and_leaves_it_as_it_was(dtype):
+def test_a_lora_on_a_packed_model_equals_it_on_a_plain_one_and_leaves_it_as_it_was(dtype, tmp_path):
+    from safetensors.torch import save_file
     from plainsd import lora
     from tests.test_lora import random_lora
     sd = _model(2).to(dtype)
-    layers = lora.LoRA("style", {}, {})
-    state = random_lora(sd, seed=4)
-    for key in {k.split(".")[0] for k in state}:
-        layers.layers[key] = lora.LoRALayer(state[key + ".lora_down.weight"], state[key + ".lora_up.weight"], 1.0)
-    kw = dict(steps=3, seed=1, width=32, height=32)
-    with lora.applied(sd, [(layers, 0.8)]):
-        with_lora = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    save_file(random_lora(sd, seed=4), tmp_path / "style.safetensors")
+    lora.use(sd, lora.resolve([("style", 0.8)], tmp_path))
+    with_lora = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    lora.use(sd, [])
     runtime.prepare(sd)
     before = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    kw = dict(steps=3, seed=1, width=32, height=32, lora_dir=tmp_path)
     plain_run = txt2img(sd, "a circle", **kw).images[0]
-    with lora.applied(sd, [(layers, 0.8)]):
-        assert isinstance(sd.unet.input_blocks[1][1].proj_in, runtime.PackedConv2d)  # a LoRA layer
-        assert all(torch.equal(v, with_lora[k]) for k, v in sd.unet.state_dict().items())  # the same weights
-        on_packed = txt2img(sd, "a circle", **kw).images[0]
+    on_packed = txt2img(sd, "a circle <lora:style:0.8>", **kw).images[0]
+    assert isinstance(sd.unet.input_blocks[1][1].proj_in, runtime.PackedConv2d)  # a LoRA layer
+    assert all(torch.equal(v, with_lora[k]) for k, v in sd.unet.state_dict().items())  # the same weights
     assert on_packed.tobytes() != plain_run.tobytes()  # and the packed layers did run with them
-    assert all(torch.equal(v, before[k]) for k, v in sd.unet.state_dict().items())  # taken off exactly
     assert txt2img(sd, "a circle", **kw).images[0].tobytes() == plain_run.tobytes()
-
+    assert all(torch.equal(v, before[k]) for k, v in sd.unet.state_dict().items())  # taken off exactly
