@@ -140,6 +140,28 @@ def test_a_lora_stays_on_until_a_prompt_asks_for_other_loras(base, tmp_path, mon
     assert weights_are(own)
 
 
+def test_infotext_carries_a1111s_lora_hashes(base, tmp_path):
+    """"Lora hashes" as A1111's Lora extension writes it: per tag name (':' and ',' removed), the first 12 hex digits
+    of the SHA-256 of a .safetensors file's bytes after its header, or of the whole of a .pt file, or the
+    sshs_model_hash recorded in the header."""
+    import hashlib
+    import shutil
+
+    sd = plainsd.load(base / "base.safetensors")
+    folder = tmp_path / "loras"
+    shutil.copytree(base / "loras", folder)
+    data = (folder / "style.safetensors").read_bytes()
+    kohya = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+    state = random_lora(sd, seed=5)
+    torch.save(state, folder / "old.pt")
+    whole = hashlib.sha256((folder / "old.pt").read_bytes()).hexdigest()[:12]
+    save_file(state, str(folder / "trained.safetensors"), metadata={"sshs_model_hash": "ab" * 32})
+    kw = dict(steps=1, seed=1, width=32, height=32, lora_dir=folder)
+    text = txt2img(sd, "a circle <lora:style:0.6> <lora:old:0.3> <lora:trained:0>", **kw).infotexts[0]
+    assert f'Lora hashes: "style: {kohya}, old: {whole}, trained: {"ab" * 6}"' in text
+    assert "Lora hashes" not in txt2img(sd, "a circle", **kw).infotexts[0]
+
+
 def test_lora_errors_are_one_sentence(base, tmp_path):
     sd = plainsd.load(base / "base.safetensors")
     with pytest.raises(ValueError, match="no LoRA named 'nope'.*available: .*style"):

@@ -26,6 +26,7 @@ config and no `.alpha` tensors it is 1 (alpha = rank), as diffusers does for a f
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -85,6 +86,7 @@ class LoRA:
     name: str
     layers: dict[str, LoRALayer | LoHaLayer | LoKrLayer | IA3Layer]   # kohya name without the .lora_down/... suffix
     metadata: dict
+    hash: str = ""      # A1111's short hash of the file (file_hash), which infotexts write as "Lora hashes"
 
 
 def _module_names(model: nn.Module, prefix: str, to_diffusers=None) -> dict[str, str]:
@@ -165,7 +167,30 @@ def read_lora(path: str | os.PathLike) -> LoRA:
     if not layers:
         raise CheckpointError(f"{path.name} holds no LoRA layers (expected lora_unet_... / lora_te_... or "
                               "unet.<path>.lora_A.weight keys)")
-    return LoRA(lora_name(path), layers, source.metadata)
+    return LoRA(lora_name(path), layers, source.metadata, file_hash(path, source.metadata))
+
+
+def file_hash(path: Path, metadata: dict) -> str:
+    """A1111's short hash of a LoRA file (its Lora extension's shorthash): the first 12 hex digits of the
+    sshs_model_hash its trainer recorded, else of the SHA-256 of a .safetensors file's tensor data (kohya's and
+    the Additional Networks extension's hash, which leaves the header out) or of a whole .pt / .ckpt file."""
+    recorded = metadata.get("sshs_model_hash", "")
+    if recorded:
+        return recorded[:12]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors":
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
+def infotext_hashes(requested: list[tuple[str, float]], loras: list[tuple[LoRA, float]]) -> str | None:
+    """The infotext's "Lora hashes" value for a prompt's tags and the LoRAs they resolved to, as A1111 writes it:
+    "name: hash, name: hash", each name as the tag gives it without ':' or ','."""
+    pairs = {name.translate(str.maketrans("", "", ":,")): lora.hash for (name, _), (lora, _) in zip(requested, loras)}
+    return ", ".join(f"{name}: {h}" for name, h in pairs.items() if h) or None
 
 
 def _refuse_unread(path: Path, keys: list[str]):
@@ -353,7 +378,7 @@ def fitting(sd, lora: LoRA, shared=lambda module: False) -> tuple[LoRA, int]:
             continue
         if not shared(module):
             layers[key] = layer
-    return LoRA(lora.name, layers, lora.metadata), unfit
+    return LoRA(lora.name, layers, lora.metadata, lora.hash), unfit
 
 
 _APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its LoRAs, changed layers' originals)

@@ -232,7 +232,9 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
     engine = as_engine(sd)
     sd = engine.sd
     request, params, run = _settings(engine, request)
-    loras = lora_mod.resolve(extract_loras(request.prompt)[1], request.lora_dir)
+    tags = extract_loras(request.prompt)[1]
+    loras = lora_mod.resolve(tags, request.lora_dir)
+    params.lora_hashes = lora_mod.infotext_hashes(tags, loras)
     embeddings = load_embeddings(request.embeddings_dir, sd) if request.embeddings_dir is not None else None
     encode = _TextStates(sd, request.clip_skip, embeddings)
     refiner = _load_refiner(engine, request) if request.refiner_checkpoint else None

@@ -540,6 +540,7 @@ class Parameters:
     sampler_fields: dict = field(default_factory=dict)   # "Eta", "Sigma churn", ... (request.sampler_fields)
     controlnet: dict = field(default_factory=dict)   # "ControlNet 0": "Module: ..., Model: ...", ... (control.py)
     notes: list[str] = field(default_factory=list)   # for the user, not the infotext: model defaults used, ...
+    lora_hashes: str | None = None     # "name: hash, ..." of the prompt's LoRAs (lora.infotext_hashes)
     refiner: str | None = None         # the refiner's name [short hash], once it has taken over (as A1111 writes it)
     refiner_switch_at: float | None = None
 
@@ -559,7 +560,7 @@ class Parameters:
             "DeepCache interval": self.deepcache, "Decoder": "TAESD" if self.tiny_decoder else None,
             "Token merging ratio": self.token_merging, "Tiling": "True" if self.tiling else None,
             **self.sampler_fields, **self._hires_fields(), **self.inpainting, **self.controlnet,
-            "Refiner": self.refiner, "Refiner switch at": self.refiner_switch_at if self.refiner else None})
+            "Lora hashes": self.lora_hashes, "Refiner": self.refiner, "Refiner switch at": self.refiner_switch_at if self.refiner else None})
 
     @staticmethod
     def inpainting_fields(req: GenerationRequest, painted: bool, only_masked: bool) -> dict:
