@@ -11,7 +11,10 @@ the base file's own bigG tower and VAE, as Stability's refiner file holds the ba
 it loads any refiner, sharing those two parts with the base (weights.load's share_with). --refiner-parts own: the
 refiner is built whole in that process with random weights of its own in fp16 and cast to the base's load dtype,
 as loading such a file would give it (no second file on disk), then prepared as the pipeline prepares a refiner.
-Either refiner is in memory before the picture's timer starts. The peak is the process's resident high-water mark
+Either refiner is in memory before the picture's timer starts. --checkpoints-limit 1 (A1111's default, and
+plainsd's) lets the base's UNet and the refiner's take turns in memory (runtime/offloading.py: the other written to
+a temporary file, read back before it runs again), 2 keeps both; the refiner built in memory (--refiner-parts own)
+is made beside the base's UNet, whatever the limit. The peak is the process's resident high-water mark
 (VmHWM), the seconds are wall time. A few steps are enough for the peak (every step allocates alike); the time of a
 20-step picture needs a quiet machine. --preset tiny-sdxl --size 64 runs the same code at test size, in seconds.
 
@@ -90,6 +93,7 @@ def run(task: dict) -> dict:
     started = time.perf_counter()
     dtype = runtime.choose_dtype(task["precision"], weights.read_config(task["base"]))
     engine = runtime.prepare(plainsd.load(task["base"], dtype=dtype))
+    engine.checkpoints_limit = task["checkpoints_limit"]
     loaded, after_load = time.perf_counter() - started, peak_gb()
     extra, shared = {}, False
     if task.get("refiner") and task["refiner_parts"] == "own":  # built here, as loading would make it: fp16, then
@@ -139,6 +143,8 @@ def main():
     p.add_argument("--refiner-parts", choices=["base", "own"], default="base",
                    help="the refiner's bigG tower and VAE: the base file's, shared (as the published refiner), or "
                         "random ones of its own (module doc)")
+    p.add_argument("--checkpoints-limit", type=int, default=1,
+                   help="A1111's sd_checkpoints_limit: 1 keeps one UNet in memory at a time, 2 both (Engine)")
     p.add_argument("--preset", default="sdxl", help="the base model's preset (tiny-sdxl: a check at test size)")
     p.add_argument("--size", type=int, default=1024, help="the picture's side in pixels")
     p.add_argument("--task", help=argparse.SUPPRESS)
@@ -170,6 +176,7 @@ def main():
     flags = sorted(runtime.cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
     command = (f"`benchmarks/sdxl_memory.py --threads {args.threads} --steps {args.steps} --precision "
                f"{args.precision} --paths {args.paths} --rows {args.rows} --refiner-parts {args.refiner_parts}"
+               f" --checkpoints-limit {args.checkpoints_limit}"
                + (f" --preset {args.preset} --size {args.size}" if (args.preset, args.size) != ("sdxl", 1024) else "")
                + "`")
     full = args.preset == "sdxl"
@@ -188,10 +195,13 @@ def main():
         for row in args.rows.split(","):
             task = {"base": str(base), "refiner": str(refiner) if row == "refiner" else None, "preset": args.preset,
                     "refiner_parts": args.refiner_parts, "size": args.size, "threads": args.threads,
-                    "steps": args.steps, "precision": args.precision, "path": path}
+                    "steps": args.steps, "precision": args.precision, "path": path,
+                    "checkpoints_limit": args.checkpoints_limit}
             r = _child(task)
             label = "base" if row == "base" else "base + refiner (switch at 0.5)"
             label += ", bigG and VAE shared" if r["shared"] else ""
+            if row == "refiner":
+                label += ", one UNet at a time" if args.checkpoints_limit == 1 else ", both UNets kept"
             cpu = "this CPU" if path == "native" else "as AVX2 only (forced)"
             table.append(f"| {cpu} | {label} | {r['dtype']} | {r['compute']} | {r['load_s']:.0f} | "
                          f"{r['load_peak']:.2f} | {r['seconds']:.0f} | {r['peak']:.2f} |")

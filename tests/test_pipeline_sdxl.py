@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import plainsd
-from plainsd import pipeline
+from plainsd import pipeline, runtime
 from plainsd.diffusion.samplers import SAMPLERS
 from plainsd.models.sdxl import size_numbers, vector
 from plainsd.models.tokenizer import Tokenizer
@@ -265,6 +265,7 @@ def test_refiner_is_prepared_as_the_base_model(sd, refiner_file, dtype):
     result = pipeline.txt2img(engine, "a red circle", "blurry", steps=steps, seed=4, sampler="Euler", cfg_scale=scale,
                               refiner_checkpoint=str(refiner_file), refiner_switch_at=switch)
     refiner = engine.refiner[1]
+    runtime.restore(refiner.sd.unet)  # (written out after its steps: test_one_unet_in_memory_at_a_time)
     assert refiner.prepared and refiner.load_dtype == dtype and refiner.sd.dtype == engine.sd.dtype
     if dtype == torch.bfloat16:
         assert any(isinstance(m, PackedConv2d) for m in refiner.sd.unet.modules())
@@ -286,6 +287,54 @@ def sharing_refiner_file(sd, tmp_path_factory):
     refiner.text_encoder.embedders[0].model.load_state_dict(sd.text_encoder.embedders[1].model.state_dict())
     refiner.vae.load_state_dict(sd.vae.state_dict())
     return plainsd.save(refiner, tmp_path_factory.mktemp("sharing") / "refiner.safetensors")
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_one_unet_in_memory_at_a_time(sd, sharing_refiner_file, prepared):
+    """As A1111 with its default sd_checkpoints_limit of 1: in a refiner run the base's UNet and the refiner's take
+    turns in memory (the other's weights written out: runtime/offloading.py), two batches included; the pictures
+    equal those of an engine that keeps both (checkpoints_limit 2) bit for bit; after the run the base's UNet is
+    back and the refiner's written out, while the parts the two share stay."""
+    import copy
+
+    def engine_with(limit):
+        model = copy.deepcopy(sd).to(torch.bfloat16) if prepared else copy.deepcopy(sd)
+        engine = runtime.prepare(model) if prepared else Engine(model)
+        engine.checkpoints_limit = limit
+        return engine
+
+    def holds(unet):
+        return sum(t.numel() for t in unet.parameters()) > 0
+
+    seen = []
+    kw = dict(steps=6, seed=3, sampler="Euler", cfg_scale=5.0, refiner_checkpoint=str(sharing_refiner_file),
+              refiner_switch_at=0.5, batch_count=2)
+    one = engine_with(1)
+    result = pipeline.txt2img(one, "a red circle", "blurry", **kw, callback=lambda info: seen.append(
+        (info.step, holds(one.sd.unet), holds(one.refiner[1].sd.unet))))
+    refiner = one.refiner[1].sd
+    assert seen == [(i, i < 3, i >= 3) for i in range(6)] * 2
+    assert holds(one.sd.unet) and not holds(refiner.unet) and runtime.offloaded(refiner.unet)
+    assert refiner.vae is one.sd.vae and holds(refiner.vae)
+    both = engine_with(2)
+    kept = pipeline.txt2img(both, "a red circle", "blurry", **kw)
+    assert holds(both.sd.unet) and holds(both.refiner[1].sd.unet)
+    assert [p.tobytes() for p in result.images] == [p.tobytes() for p in kept.images]
+    assert result.infotexts == kept.infotexts
+
+
+def test_a_refiner_that_fails_to_load_leaves_the_base_model_whole(sd, tmp_path):
+    """The base's UNet is written out before a refiner is read (one UNet at a time); a file that is no checkpoint
+    gives its sentence and the base's UNet is back."""
+    from plainsd.weights import CheckpointError
+
+    engine = Engine(sd)
+    plain = pipeline.txt2img(engine, "a red circle", steps=2, seed=1).images[0]
+    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="broken.safetensors is not a readable .safetensors file"):
+        pipeline.txt2img(engine, "a red circle", steps=2, seed=1, refiner_checkpoint=str(tmp_path / "broken.safetensors"))
+    assert not runtime.offloaded(sd.unet)
+    assert pipeline.txt2img(engine, "a red circle", steps=2, seed=1).images[0].tobytes() == plain.tobytes()
 
 
 def _engine_with_refiner(sd, path, refiner=None):
@@ -368,7 +417,11 @@ def test_lora_tags_with_a_refiner(sd, refiner_file, sharing_refiner_file, tmp_pa
     lora_path = _lora_file(sd, tmp_path / "loras")
     engine = _engine_with_refiner(sd, path)
     refiner = engine.refiner[1].sd
-    weights = lambda: [*sd.state_dict().items(), *(("r." + k, v) for k, v in refiner.state_dict().items())]  # noqa: E731
+
+    def weights():
+        runtime.restore(refiner.unet)  # (written out after its steps: test_one_unet_in_memory_at_a_time)
+        return [*sd.state_dict().items(), *(("r." + k, v) for k, v in refiner.state_dict().items())]
+
     before = {k: v.clone() for k, v in weights()}
     steps, switch, scale = 6, 0.5, 6.0
     result = pipeline.txt2img(engine, "<lora:style:0.7>a red circle", "blurry", steps=steps, seed=4, sampler="Euler",

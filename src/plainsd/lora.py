@@ -410,6 +410,11 @@ def use(sd, loras: list[tuple[LoRA, float]]):
     _APPLIED[sd] = (wanted, saved)
 
 
+def carries(sd) -> bool:
+    """Whether the model has LoRAs on (use)."""
+    return sd in _APPLIED
+
+
 def merge(sd, lora: LoRA, weight: float = 1.0):
     """Add the LoRA into the model's weights for good (what `plainsd lora merge` saves)."""
     _add(sd, deltas(sd, lora, weight))

@@ -40,7 +40,7 @@ from .models.sdxl import conditioning, size_numbers
 from .prompts import encode_prompt, extract_loras, prompt_schedule, split_and
 from .request import (DEFAULTS, IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix,
                       Parameters, sampler_fields)
-from .runtime import Engine, prepare, release_freed_memory
+from .runtime import Engine, offload, prepare, release_freed_memory, restore
 from .weights import load, load_tiny_decoder
 
 __all__ = ["txt2img", "img2img", "inpaint", "outpaint", "outpaint_request", "generate", "GenerationRequest",
@@ -230,6 +230,17 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
     is; skip() -> True ends the batch early and goes on with the next; progress: a bar per step; record_steps:
     one decoded frame per step (Result.frames)."""
     engine = as_engine(sd)
+    sd = engine.sd
+    _resident(engine, sd.unet)
+    try:
+        return _stages(engine, request, callback, interrupt, skip, progress, record_steps)
+    finally:
+        _resident(engine, sd.unet)  # (the refiner's steps ran last: its UNet makes way again)
+
+
+def _stages(engine: Engine, request: GenerationRequest, callback, interrupt, skip, progress: bool,
+              record_steps: bool) -> Result:
+    """generate's stages, with the base model's UNet in memory to begin with (_resident)."""
     sd = engine.sd
     request, params, run = _settings(engine, request)
     tags = extract_loras(request.prompt)[1]
@@ -708,6 +719,7 @@ def _run_batch(engine: Engine, run: _Run, start: _Start, first: Pass, second: Pa
     """4. One batch: its noise from its seeds (and variation seeds), the first pass, and the hires fix's pass on
     the upscaled result."""
     device = _device(engine.sd)
+    _resident(engine, engine.sd.unet)  # (the batch before ended with the refiner's steps)
     noise, generators = run.noise.draw(run.latent_shape, seeds, subseeds)
     noise = noise.to(device)
     if start.init_latent is not None:
@@ -841,6 +853,7 @@ class _RefinerPart:
     uncond: ScheduledCond
     switch_at: float
     title: str
+    base: Engine                      # the base model's engine (whose UNet makes way: _resident)
     took_over: bool = False
 
 
@@ -876,7 +889,7 @@ def _refiner(engine: Engine, req: GenerationRequest, params: Parameters, hires: 
                                      size=(params.width, params.height))
     title = refiner.name + (f" [{refiner.hash}]" if refiner.hash else "")
     switch = 0.8 if req.refiner_switch_at is None else req.refiner_switch_at
-    return _RefinerPart(engine.refiner[1], cond, uncond, switch, title)
+    return _RefinerPart(engine.refiner[1], cond, uncond, switch, title, engine)
 
 
 def _refiner_engine(engine: Engine, path: str) -> Engine:
@@ -890,9 +903,29 @@ def _refiner_engine(engine: Engine, path: str) -> Engine:
     if engine.refiner is None or engine.refiner[0] != path:
         engine.refiner = None  # (the one before freed first)
         lora_mod.use(engine.sd, [])
+        if _one_unet(engine):
+            offload(engine.sd.unet)
         refiner = load(path, dtype=engine.load_dtype, share_with=engine.sd)
         engine.refiner = (path, prepare(refiner) if engine.prepared else Engine(refiner))
+        _resident(engine, engine.sd.unet)
     return engine.refiner[1]
+
+
+def _one_unet(engine: Engine) -> bool:
+    """Whether the engine keeps one UNet in memory at a time (A1111's sd_checkpoints_limit of 1, its default:
+    engine.checkpoints_limit): on the eager path, where the UNet's weights are the module's own (OpenVINO's
+    compiled UNet holds a copy)."""
+    return engine.checkpoints_limit < 2 and engine.backend == "eager"
+
+
+def _resident(engine: Engine, unet: torch.nn.Module) -> None:
+    """Make this UNet (the base's or the refiner's) the one whose weights are in memory, the other's written out
+    (runtime/offloading.py), where the engine keeps one at a time (_one_unet)."""
+    if engine.refiner is not None and _one_unet(engine):
+        for other in (engine.sd.unet, engine.refiner[1].sd.unet):
+            if other is not unet:
+                offload(other)
+    restore(unet)  # (also where a refiner failed to load, or the engine keeps both now)
 
 
 def _refiner_loras(engine: Engine, refiner: Engine | None, loras: list) -> list[str]:
@@ -901,8 +934,9 @@ def _refiner_loras(engine: Engine, refiner: Engine | None, loras: list) -> list[
     diffusers' text_encoder_2 does), kept on as the base's are (lora.use). A part the refiner shares with the base
     (_refiner_engine) has the base's LoRA already. Returns the notes for the run: one sentence per LoRA with layers
     that do not fit (A1111 counts them as "Networks with errors")."""
-    if refiner is None:
+    if refiner is None or not (loras or lora_mod.carries(refiner.sd)):
         return []
+    _resident(engine, refiner.sd.unet)  # (its layers' shapes and weights; the base's steps come first: back after)
     base = {id(m) for m in engine.sd.modules()}
     fitted, notes = [], []
     for lora, weight in loras:
@@ -912,6 +946,7 @@ def _refiner_loras(engine: Engine, refiner: Engine | None, loras: list) -> list[
             notes.append(f"{unfit} of the {len(lora.layers)} layers of LoRA {lora.name} have no layer of that name "
                          f"and shape in the refiner {refiner.sd.name}, so they act in the base model's steps only")
     lora_mod.use(refiner.sd, fitted)
+    _resident(engine, engine.sd.unet)
     return notes
 
 
@@ -937,6 +972,8 @@ class _Handover:
         if not self.part.took_over:
             timestep = int(torch.argmin((self.table - float(torch.as_tensor(sigma).max())).abs()))
             self.part.took_over = (999 - timestep) / 1000 >= self.part.switch_at
+            if self.part.took_over:
+                _resident(self.part.base, self.part.engine.sd.unet)
         if self.part.took_over:
             return self.refined(x, sigma, **{**extra, "cond": self.part.cond, "uncond": self.part.uncond})
         return self.base(x, sigma, **extra)

@@ -560,7 +560,8 @@ class Parameters:
             "DeepCache interval": self.deepcache, "Decoder": "TAESD" if self.tiny_decoder else None,
             "Token merging ratio": self.token_merging, "Tiling": "True" if self.tiling else None,
             **self.sampler_fields, **self._hires_fields(), **self.inpainting, **self.controlnet,
-            "Lora hashes": self.lora_hashes, "Refiner": self.refiner, "Refiner switch at": self.refiner_switch_at if self.refiner else None})
+            "Lora hashes": self.lora_hashes, "Refiner": self.refiner,
+            "Refiner switch at": self.refiner_switch_at if self.refiner else None})
 
     @staticmethod
     def inpainting_fields(req: GenerationRequest, painted: bool, only_masked: bool) -> dict:

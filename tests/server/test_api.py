@@ -138,6 +138,7 @@ def test_unknown_fields_and_unsupported_features_are_refused(client):
     ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "both passes with the same model"),
     ({"enable_hr": True, "denoising_strength": 1.5}, "denoising_strength should be less than or equal to 1, got 1.5"),
     ({"override_settings": {"sd_vae": "other.pt"}}, "sd_vae: unknown VAE 'other.pt'; sd_vae takes Automatic, None"),
+    ({"override_settings": {"sd_checkpoints_limit": 0}}, "sd_checkpoints_limit must be a whole number from 1 to 10, got 0"),
     ({"sampler_name": "Euler", "sampler_index": "Euler a"}, "name different samplers; send sampler_name alone"),
     ("not a dict", "the request body should be a valid dictionary"),
 ])
@@ -578,6 +579,23 @@ def test_token_merging_is_a1111s_setting(client):
         client.post("/sdapi/v1/options", json={"token_merging_ratio_hr": 0.0})
     r = client.post("/sdapi/v1/txt2img", json={**hr, "override_settings": {"token_merging_ratio_hr": 1}})
     assert r.status_code == 422 and "token_merging_ratio_hr must be at least 0 and below 1" in r.json()["detail"]
+
+
+def test_checkpoints_limit_reaches_the_engine(client):
+    """A1111's sd_checkpoints_limit (1: the refiner's UNet and the base's take turns in memory): the server's
+    setting, or a request's override for that request, on the engine that draws it."""
+    store = client.app.state.store
+    req = {"prompt": "x", "steps": 1, "width": 32, "height": 32}
+    assert client.get("/sdapi/v1/options").json()["sd_checkpoints_limit"] == 1
+    assert client.post("/sdapi/v1/txt2img", json=req).status_code == 200
+    assert store.get().checkpoints_limit == 1
+    r = client.post("/sdapi/v1/txt2img", json={**req, "override_settings": {"sd_checkpoints_limit": 2}})
+    assert r.status_code == 200 and store.get().checkpoints_limit == 2
+    assert client.post("/sdapi/v1/options", json={"sd_checkpoints_limit": 3}).status_code == 200
+    assert client.post("/sdapi/v1/txt2img", json=req).status_code == 200 and store.get().checkpoints_limit == 3
+    r = client.post("/sdapi/v1/options", json={"sd_checkpoints_limit": 1.5})
+    assert r.status_code == 422 and "sd_checkpoints_limit must be a whole number from 1 to 10, got 1.5" in r.text
+    assert client.post("/sdapi/v1/options", json={"sd_checkpoints_limit": 1}).status_code == 200
 
 
 def test_sampler_settings_reach_each_pass_and_bad_options_are_refused_when_set(client):

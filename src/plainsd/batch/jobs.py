@@ -102,6 +102,9 @@ def _request(req, kind: str, setup: Setup, api) -> GenerationRequest:
     if (req.override_settings or {}).get("sd_vae", "Automatic") != "Automatic":
         raise ValueError("override_settings.sd_vae: a batch draws every line with its model's own VAE, so only "
                          "'Automatic' is accepted")
+    if (req.override_settings or {}).get("sd_checkpoints_limit", 1) != 1:
+        raise ValueError("override_settings.sd_checkpoints_limit: a batch keeps one UNet in memory at a time in a "
+                         "refiner run, so only 1 is accepted")
     if req.do_not_save_samples:
         raise ValueError("do_not_save_samples: a batch writes every picture it draws, so only false is accepted")
     request = api.generation_request(req, kind, api.Limits(), api.default_options(), setup.backend, setup.styles,

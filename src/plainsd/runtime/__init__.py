@@ -9,6 +9,7 @@ One concern a file:
     precision.py   the networks' dtype: bf16 where the CPU multiplies it natively, float32 elsewhere
     storage.py     fp16 weights computed in float32 (SDXL on CPUs without native bf16)
     memory.py      glibc's malloc asked to keep freed memory between UNet steps, and to hand it back
+    offloading.py  a network's weights in a temporary file while another runs (one UNet at a time)
     packing.py     weights reordered once into oneDNN's layout; how a layer's class is swapped for a faster one
     attention.py   bf16 attention through oneDNN on CPUs without AMX (the same class swap)
     openvino.py    the UNet converted and compiled by OpenVINO, kept on disk
@@ -24,6 +25,7 @@ import torch
 
 from .attention import use_plain_attention, use_runtime_attention
 from .memory import keep_freed_memory, release_freed_memory
+from .offloading import offload, offloaded, restore
 from .openvino import OpenVINOUNet, cache_limit, code_version, default_cache_dir, fingerprint, prune_cache
 from .packing import (PackedConv2d, PackedGEGLU, PackedLinear, pack_weights, packing_available, set_weight,
                       unpack_weights)
@@ -50,6 +52,9 @@ class Engine:
         self.tiny_decoder = None
         self.controlnets = OrderedDict()  # loaded ControlNets, the most recently used last (control.load_controlnets)
         self.refiner = None  # (path, Engine): the refiner checkpoint last used (pipeline._refiner_engine)
+        # A1111's sd_checkpoints_limit: with 1 (its default), the refiner's UNet and the base's take turns in
+        # memory (pipeline._resident, runtime/offloading.py); with 2, both stay
+        self.checkpoints_limit = 1
         self.prepared = False  # made by prepare(): another model it loads (a refiner) is prepared alike
         self.load_dtype = sd.unet.dtype  # the dtype the model's weights came in (fp16 for fp16 storage)
 
@@ -141,7 +146,7 @@ __all__ = [
     "BACKENDS", "Engine", "prepare", "prepare_controlnet",
     "PRECISIONS", "choose_dtype", "cpu_flags", "cpu_name", "native_bf16",
     "HalfStoredConv2d", "HalfStoredLinear", "compute_in_float32", "half_stored",
-    "keep_freed_memory", "release_freed_memory",
+    "keep_freed_memory", "release_freed_memory", "offload", "offloaded", "restore",
     "PackedConv2d", "PackedGEGLU", "PackedLinear", "pack_weights", "packing_available", "set_weight", "unpack_weights",
     "use_plain_attention", "use_runtime_attention",
     "OpenVINOUNet", "cache_limit", "code_version", "default_cache_dir", "fingerprint", "prune_cache",

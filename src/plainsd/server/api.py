@@ -305,6 +305,15 @@ def clip_skip_setting(settings: dict) -> int | None:
     return value
 
 
+def checkpoints_limit_setting(settings: dict) -> int:
+    """A1111's sd_checkpoints_limit checked (A1111 offers 1 to 10): 1 keeps one UNet in memory at a time in a refiner
+    run (runtime.Engine.checkpoints_limit), more keeps the base's and the refiner's both."""
+    value = settings.get("sd_checkpoints_limit", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10:
+        raise BadRequest(f"sd_checkpoints_limit must be a whole number from 1 to 10, got {value!r}")
+    return value
+
+
 # --- what plainsd refuses ----------------------------------------------------------------------------------
 
 # A1111 fields that ask for something plainsd does not do: accepted only at the values that ask for nothing
@@ -330,13 +339,13 @@ NOISE_SETTINGS = ("eta_ancestral", "eta_ddim", "s_churn", "s_tmin", "s_tmax", "s
 REQUEST_SETTINGS = ("CLIP_stop_at_last_layers", *TOKEN_MERGING, *NOISE_SETTINGS, "initial_noise_multiplier",
                     *controlnet.SETTINGS, "ESRGAN_tile", "ESRGAN_tile_overlap")
 # ... and with the model (app.py), every setting plainsd acts on
-HONOURED_SETTINGS = ("sd_model_checkpoint", "sd_vae", *REQUEST_SETTINGS)
+HONOURED_SETTINGS = ("sd_model_checkpoint", "sd_vae", "sd_checkpoints_limit", *REQUEST_SETTINGS)
 
 
 def default_options() -> dict:
     """A1111's (and its ControlNet extension's) defaults of the settings plainsd knows: what a server starts with
     (/sdapi/v1/options) and what `plainsd batch` maps its requests under."""
-    return {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
+    return {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic", "sd_checkpoints_limit": 1,
             "token_merging_ratio": 0.0, "token_merging_ratio_img2img": 0.0,
             "token_merging_ratio_hr": 0.0, "eta_noise_seed_delta": 0, "eta_ancestral": 1.0, "eta_ddim": 0.0,
             "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0, "tiling": False,

@@ -155,13 +155,16 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
         lora_dir=server.lora_dir, embeddings_dir=server.embeddings_dir)
     script = api.script_plan(req, kind, request, server.limits, _checkpoints(store, vae_setting))
     settings = {**options, **overrides}  # (before the request's overrides may become the server's below)
+    limit = api.checkpoints_limit_setting(settings)
     if not req.override_settings_restore_afterwards:  # A1111 keeps such overrides as its settings
         if overrides.get("sd_model_checkpoint"):
             store.select(entry.name)
-        options.update({name: overrides[name] for name in (*api.REQUEST_SETTINGS, "sd_vae") if name in overrides})
+        options.update({name: overrides[name] for name in (*api.REQUEST_SETTINGS, "sd_vae", "sd_checkpoints_limit")
+                        if name in overrides})
 
     def work(job: Job):
         engine = store.get(entry, vae)
+        engine.checkpoints_limit = limit
 
         def on_step(info: pipeline.StepInfo):
             job.batch_step, job.batch_steps = info.step + 1, info.total
@@ -407,6 +410,7 @@ def _settings_routes(server: Server) -> APIRouter:
     async def set_options(req: api.OptionsRequest):
         values = req.model_dump()
         api.clip_skip_setting(values)
+        api.checkpoints_limit_setting(values)
         for name in api.TOKEN_MERGING:
             api.token_merging_ratio(values, name)
         # (outdir_samples stays where the server was started with: a client does not choose where files go)
