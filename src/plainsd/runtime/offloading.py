@@ -80,14 +80,18 @@ def restore(network: nn.Module) -> None:
     stored = _STORED.pop(network, None)
     if stored is None:
         return
+    t = value = None
     with open(stored.path, "rb") as f:
         for t, shape, channels_last in stored.layout:
             value = torch.empty(shape, dtype=t.dtype)
             f.readinto(_bytes(value))
             t.data = value.contiguous(memory_format=torch.channels_last) if channels_last else value
     stored.path.unlink()
-    if stored.packed:
+    packed = stored.packed
+    del stored, t, value  # (the network's own tensors alone now: packing frees each plain weight as it goes)
+    if packed:
         pack_weights(network)
+    release_freed_memory()
 
 
 def _tensors(network: nn.Module) -> list[torch.Tensor]:
