@@ -98,8 +98,8 @@ def test_prompt_tag_equals_merge_and_weight_zero_is_the_base(base):
 
 def test_a_lora_stays_on_until_a_prompt_asks_for_other_loras(base, tmp_path, monkeypatch):
     """As A1111's Lora extension does: the next run with the same tags changes no weight and reads no file; other
-    tags, other weights or a file changed on disk put the right set on, starting from the model's own weights; a
-    LoRA that does not fit leaves the set before it on."""
+    tags, other weights or a file changed on disk put the right set on, starting from the model's own weights (a
+    DoRA layer's change depends on them); a LoRA that does not fit leaves the model's own weights."""
     import shutil
 
     sd = plainsd.load(base / "base.safetensors")
@@ -107,6 +107,11 @@ def test_a_lora_stays_on_until_a_prompt_asks_for_other_loras(base, tmp_path, mon
     folder = tmp_path / "loras"
     shutil.copytree(base / "loras", folder)
     save_file(random_lora(sd, seed=7), str(folder / "other.safetensors"))
+    dora = random_lora(sd, seed=9)
+    for key in [k.removesuffix(".lora_up.weight") for k in dora if k.endswith(".lora_up.weight")]:
+        rows = dora[key + ".lora_up.weight"].shape[0]
+        dora[key + ".dora_scale"] = torch.rand(rows, 1, generator=torch.Generator().manual_seed(rows)) + 0.5
+    save_file(dora, str(folder / "dora.safetensors"))
     reads, adds = [], []
     monkeypatch.setattr(lora, "read_lora", lambda p, read=lora.read_lora: reads.append(p.name) or read(p))
     monkeypatch.setattr(lora, "_add", lambda sd, changes, add=lora._add: adds.append(len(changes)) or add(sd, changes))
@@ -128,14 +133,18 @@ def test_a_lora_stays_on_until_a_prompt_asks_for_other_loras(base, tmp_path, mon
     assert len(adds) == 2 and weights_are(merged(("style", 0.6), ("other", -0.5)), atol=1e-6)
     txt2img(sd, "a circle <lora:other:-0.5>", **kw)
     assert weights_are(merged(("other", -0.5)))
+    txt2img(sd, "a circle <lora:dora:0.8>", **kw)  # (DoRA's change is computed from the model's own weights)
+    assert weights_are(merged(("dora", 0.8)))
+    txt2img(sd, "a circle <lora:other:-0.5>", **kw)
     save_file(random_lora(sd, seed=8), str(folder / "other.safetensors"))  # (a new file under the same name)
     txt2img(sd, "a circle <lora:other:-0.5>", **kw)
     assert reads[-1] == "other.safetensors" and weights_are(merged(("other", -0.5)))
     save_file({"lora_unet_no_such_layer.lora_down.weight": torch.zeros(2, 7),
                "lora_unet_no_such_layer.lora_up.weight": torch.zeros(32, 2)}, str(folder / "foreign.safetensors"))
     with pytest.raises(CheckpointError, match="have no match here"):
-        txt2img(sd, "a circle <lora:foreign:1>", **kw)
-    assert weights_are(merged(("other", -0.5)))
+        txt2img(sd, "a circle <lora:other:-0.5> <lora:foreign:1>", **kw)
+    assert weights_are(own)
+    txt2img(sd, "a circle <lora:other:-0.5>", **kw)
     txt2img(sd, "a circle <lora:other:0>", **kw)  # (weight 0: none)
     assert weights_are(own)
 

@@ -387,21 +387,21 @@ _APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (i
 def use(sd, loras: list[tuple[LoRA, float]]):
     """Give the model exactly these LoRAs: its own weights plus each LoRA's change at its weight. They stay on until
     another set is asked for, as A1111's Lora extension keeps them from one picture to the next, so a run with the
-    LoRAs of the run before costs nothing; use(sd, []) gives the model's own weights back. Each changed layer's
-    original is kept while a LoRA is on, and every new set starts from the originals, so the weights never
-    drift. A set is the same when it holds the same LoRA objects (resolve hands out one per unchanged file) at
-    the same weights."""
+    LoRAs of the run before costs nothing; use(sd, []) gives the model's own weights back, and so does a set with a
+    LoRA that does not fit (the error is raised). Each changed layer's original is kept while a LoRA is on, and
+    every new set starts from the originals, so the weights never drift. A set is the same when it holds the same
+    LoRA objects (resolve hands out one per unchanged file) at the same weights."""
     wanted = tuple((lora, w) for lora, w in loras if w != 0)  # (weight 0 is the base model, exactly)
     on, saved = _APPLIED.get(sd, ((), {}))
     if len(on) == len(wanted) and all(a is b and wa == wb for (a, wa), (b, wb) in zip(on, wanted)):
         return
-    changes: dict[tuple[str, str], torch.Tensor] = {}
-    for lora, w in wanted:  # (computed first: a LoRA that does not fit leaves the model as it was)
-        for k, d in deltas(sd, lora, w).items():
-            changes[k] = changes[k] + d if k in changes else d
-    for key, original in saved.items():
+    for key, original in saved.items():  # (first: DoRA's and (IA)^3's changes depend on the weights they change)
         set_weight(_layer(sd, key), original)
     _APPLIED.pop(sd, None)
+    changes: dict[tuple[str, str], torch.Tensor] = {}
+    for lora, w in wanted:  # (all computed before any is added: a LoRA that does not fit leaves the model's own)
+        for k, d in deltas(sd, lora, w).items():
+            changes[k] = changes[k] + d if k in changes else d
     if not wanted:
         return
     saved = {k: _layer(sd, k).weight.detach().clone() for k in changes}  # (a copy already when packed)
