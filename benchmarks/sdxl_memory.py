@@ -143,8 +143,9 @@ def main():
     p.add_argument("--refiner-parts", choices=["base", "own"], default="base",
                    help="the refiner's bigG tower and VAE: the base file's, shared (as the published refiner), or "
                         "random ones of its own (module doc)")
-    p.add_argument("--checkpoints-limit", type=int, default=1,
-                   help="A1111's sd_checkpoints_limit: 1 keeps one UNet in memory at a time, 2 both (Engine)")
+    p.add_argument("--checkpoints-limit", default="1",
+                   help="A1111's sd_checkpoints_limit: 1 keeps one UNet in memory at a time, 2 both (Engine); "
+                        "1,2: a refiner row with each, side by side")
     p.add_argument("--preset", default="sdxl", help="the base model's preset (tiny-sdxl: a check at test size)")
     p.add_argument("--size", type=int, default=1024, help="the picture's side in pixels")
     p.add_argument("--task", help=argparse.SUPPRESS)
@@ -191,17 +192,18 @@ def main():
         header, table, *notes = Path(args.out).read_text().rstrip("\n").split("\n\n")
         table = table.split("\n")
         notes.append(f"The rows from row {len(table) - 1} on were added by {command}.")
+    limits = [int(n) for n in args.checkpoints_limit.split(",")]
+    rows = [(row, limit) for row in args.rows.split(",") for limit in (limits if row == "refiner" else limits[:1])]
     for path in args.paths.split(","):
-        for row in args.rows.split(","):
+        for row, limit in rows:
             task = {"base": str(base), "refiner": str(refiner) if row == "refiner" else None, "preset": args.preset,
                     "refiner_parts": args.refiner_parts, "size": args.size, "threads": args.threads,
-                    "steps": args.steps, "precision": args.precision, "path": path,
-                    "checkpoints_limit": args.checkpoints_limit}
+                    "steps": args.steps, "precision": args.precision, "path": path, "checkpoints_limit": limit}
             r = _child(task)
             label = "base" if row == "base" else "base + refiner (switch at 0.5)"
             label += ", bigG and VAE shared" if r["shared"] else ""
             if row == "refiner":
-                label += ", one UNet at a time" if args.checkpoints_limit == 1 else ", both UNets kept"
+                label += ", one UNet at a time" if limit == 1 else ", both UNets kept"
             cpu = "this CPU" if path == "native" else "as AVX2 only (forced)"
             table.append(f"| {cpu} | {label} | {r['dtype']} | {r['compute']} | {r['load_s']:.0f} | "
                          f"{r['load_peak']:.2f} | {r['seconds']:.0f} | {r['peak']:.2f} |")
