@@ -4,7 +4,7 @@ prepare(sd, backend="openvino") converts the UNet with openvino.convert_model an
 disk, keyed by a fingerprint of the weights, the config, the precision and the code that builds the graph
 (code_version), and runs it with OpenVINO's CPU plugin; the compiled model of each input shape is exported
 beside it, so that a second run maps it from the file and starts in seconds (nothing converted, compiled or
-hashed). The UNet's own parameters stay the truth: when they change (a LoRA applied for one run, say) the
+hashed). The UNet's own parameters stay the truth: when they change (a prompt with other LoRAs, say) the
 compiled model is looked up again for the new weights.
 """
 
