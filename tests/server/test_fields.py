@@ -315,7 +315,8 @@ def test_override_settings_plainsd_does_not_act_on_are_refused_unless_unchanged(
     r = client.post("/sdapi/v1/txt2img", json={**BASE, "override_settings": {"samples_format": "jpg", "x": 1}})
     assert r.status_code == 422
     assert r.json()["detail"].startswith("override_settings: plainsd does not act on samples_format, x; it takes "
-                                         "sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers, token_merging_ratio,")
+                                         "sd_model_checkpoint, sd_vae, sd_checkpoints_limit, CLIP_stop_at_last_layers, "
+                                         "token_merging_ratio,")
     # /sdapi/v1/options alike; what a client read back from it is accepted as it is
     assert client.post("/sdapi/v1/options", json=options).status_code == 200
     r = client.post("/sdapi/v1/options", json={"show_progressbar": False})
