@@ -11,12 +11,13 @@ the base file's own bigG tower and VAE, as Stability's refiner file holds the ba
 it loads any refiner, sharing those two parts with the base (weights.load's share_with). --refiner-parts own: the
 refiner is built whole in that process with random weights of its own in fp16 and cast to the base's load dtype,
 as loading such a file would give it (no second file on disk), then prepared as the pipeline prepares a refiner.
-Either refiner is in memory before the picture's timer starts. --checkpoints-limit 1 (A1111's default, and
-plainsd's) lets the base's UNet and the refiner's take turns in memory (runtime/offloading.py: the other written to
-a temporary file, read back before it runs again), 2 keeps both; the refiner built in memory (--refiner-parts own)
-is made beside the base's UNet, whatever the limit. The peak is the process's resident high-water mark
-(VmHWM), the seconds are wall time. A few steps are enough for the peak (every step allocates alike); the time of a
-20-step picture needs a quiet machine. --preset tiny-sdxl --size 64 runs the same code at test size, in seconds.
+Either refiner is in memory before the picture's timer starts. --checkpoints-limit 1 (A1111's default, and plainsd's)
+lets the base's UNet and the refiner's take turns in memory (runtime/offloading.py: the other written to a file under
+plainsd's cache, read back before it runs again), 2 keeps both, "1,2" runs a refiner row with each; the refiner built
+in memory (--refiner-parts own) is made beside the base's UNet, whatever the limit. The peak is the process's
+resident high-water mark (VmHWM), the seconds are wall time. A few steps are enough for the peak (every step
+allocates alike); the time of a 20-step picture needs a quiet machine. --preset tiny-sdxl --size 64 runs the same
+code at test size, in seconds.
 
 --paths: "native" runs as this CPU is; "avx2" runs as a CPU with AVX2 alone would: runtime.cpu_flags reports
 avx2 and fma only (so "auto" makes its choice for such a CPU) and oneDNN, MKL and ATen are held to their AVX2

@@ -239,7 +239,7 @@ def generate(sd: StableDiffusion | Engine, request: GenerationRequest, *,
 
 
 def _stages(engine: Engine, request: GenerationRequest, callback, interrupt, skip, progress: bool,
-              record_steps: bool) -> Result:
+            record_steps: bool) -> Result:
     """generate's stages, with the base model's UNet in memory to begin with (_resident)."""
     sd = engine.sd
     request, params, run = _settings(engine, request)

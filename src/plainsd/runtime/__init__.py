@@ -9,7 +9,7 @@ One concern a file:
     precision.py   the networks' dtype: bf16 where the CPU multiplies it natively, float32 elsewhere
     storage.py     fp16 weights computed in float32 (SDXL on CPUs without native bf16)
     memory.py      glibc's malloc asked to keep freed memory between UNet steps, and to hand it back
-    offloading.py  a network's weights in a temporary file while another runs (one UNet at a time)
+    offloading.py  a network's weights in a file while another runs (one UNet at a time)
     packing.py     weights reordered once into oneDNN's layout; how a layer's class is swapped for a faster one
     attention.py   bf16 attention through oneDNN on CPUs without AMX (the same class swap)
     openvino.py    the UNet converted and compiled by OpenVINO, kept on disk

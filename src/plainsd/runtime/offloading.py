@@ -1,4 +1,4 @@
-"""A network's weights written to a temporary file while another network runs, and read back before it runs again.
+"""A network's weights written to a file while another network runs, and read back before it runs again.
 
 A1111 keeps one checkpoint in memory by default (its setting sd_checkpoints_limit, 1): when its refiner takes over,
 the base model's weights make way for the refiner's, and the base's come back for the next picture. The pipeline
@@ -7,8 +7,9 @@ both UNets' weights at once, and a 1024x1024 picture with the refiner peaks at a
 (benchmarks/sdxl_memory.md). The parts the two models share (VAE, text towers) stay in memory.
 
 offload(network) unpacks the network's packed layers (runtime/packing.py), writes every parameter and buffer to one
-file in a temporary folder, and leaves each of them an empty tensor of its dtype: the modules, their classes and
-every reference to them stay, so that nothing else has to know. restore(network) reads the tensors back in their
+file in a folder of its own under plainsd's cache (~/.cache/plainsd/offload, or $PLAINSD_CACHE/offload: on disk,
+where a system's /tmp may be memory itself), and leaves each of them an empty tensor of its dtype: the modules,
+their classes and every reference to them stay, so that nothing else has to know. restore(network) reads the tensors back in their
 shapes, dtypes and memory formats, packs the layers that were packed, and deletes the file; the network then gives
 the numbers it gave before, bit for bit.
 """
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from .memory import release_freed_memory
+from .openvino import default_cache_dir
 from .packing import pack_weights, unpack_weights
 
 
@@ -45,14 +47,15 @@ def offloaded(network: nn.Module) -> bool:
 
 
 def offload(network: nn.Module) -> None:
-    """Write the network's weights to a temporary file and free them (module doc); nothing to do when they are
+    """Write the network's weights to its file and free them (module doc); nothing to do when they are
     written out already. Written to a temporary name first: a full disk leaves the network as it was."""
     if network in _STORED:
         return
     packed = unpack_weights(network) > 0
     tensors = _tensors(network)
     if network not in _FOLDERS:
-        _FOLDERS[network] = Path(tempfile.mkdtemp(prefix="plainsd-offload-"))
+        (default_cache_dir() / "offload").mkdir(parents=True, exist_ok=True)
+        _FOLDERS[network] = Path(tempfile.mkdtemp(dir=default_cache_dir() / "offload"))
         weakref.finalize(network, shutil.rmtree, _FOLDERS[network], True)
     folder = _FOLDERS[network]
     path = folder / "weights.bin"
@@ -66,7 +69,8 @@ def offload(network: nn.Module) -> None:
             pack_weights(network)
         path.with_suffix(".tmp").unlink(missing_ok=True)
         raise OSError(f"could not write a network's weights to {folder} to make room for another "
-                      f"({e.strerror or e}); free disk space there (TMPDIR) or keep both models in memory") from None
+                      f"({e.strerror or e}); free disk space there ($PLAINSD_CACHE) or keep both models in "
+                      "memory") from None
     layout = [(t, tuple(t.shape), t.ndim == 4 and not t.is_contiguous() and
                t.is_contiguous(memory_format=torch.channels_last)) for t in tensors]
     for t in tensors:
