@@ -55,3 +55,23 @@ def test_a_failed_write_leaves_the_network_as_it_was(monkeypatch):
         runtime.offload(sd.unet)
     assert not runtime.offloaded(sd.unet)
     assert all(torch.equal(v, state[k]) for k, v in sd.unet.state_dict().items())
+
+
+def test_folders_of_processes_that_are_gone_are_deleted(tmp_path, monkeypatch):
+    """A process killed while a network was written out leaves its folder; the next one to write deletes it."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("PLAINSD_CACHE", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / "offload" / f"{gone.stdout.strip()}-abc"
+    left.mkdir(parents=True)
+    (left / "weights.bin").write_bytes(b"x" * 100)
+    mine = tmp_path / "offload" / f"{os.getpid()}-def"
+    mine.mkdir()
+    sd = plainsd.build("tiny", seed=0)
+    runtime.offload(sd.unet)
+    assert not left.exists() and mine.exists()
+    assert offloading._STORED[sd.unet].path.parent.name.startswith(f"{os.getpid()}-")
+    runtime.restore(sd.unet)

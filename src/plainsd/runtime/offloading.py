@@ -54,8 +54,7 @@ def offload(network: nn.Module) -> None:
     packed = unpack_weights(network) > 0
     tensors = _tensors(network)
     if network not in _FOLDERS:
-        (default_cache_dir() / "offload").mkdir(parents=True, exist_ok=True)
-        _FOLDERS[network] = Path(tempfile.mkdtemp(dir=default_cache_dir() / "offload"))
+        _FOLDERS[network] = _new_folder()
         weakref.finalize(network, shutil.rmtree, _FOLDERS[network], True)
     folder = _FOLDERS[network]
     path = folder / "weights.bin"
@@ -96,6 +95,28 @@ def restore(network: nn.Module) -> None:
     if packed:
         pack_weights(network)
     release_freed_memory()
+
+
+def _new_folder() -> Path:
+    """A folder for one network's file, named after this process; folders left by processes that are gone (killed
+    while a network was written out) are deleted first."""
+    parent = default_cache_dir() / "offload"
+    parent.mkdir(parents=True, exist_ok=True)
+    for old in parent.iterdir():
+        pid = old.name.split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's process)
+        return True
+    return True
 
 
 def _tensors(network: nn.Module) -> list[torch.Tensor]:
