@@ -330,9 +330,10 @@ def test_a_refiner_that_fails_to_load_leaves_the_base_model_whole(sd, tmp_path):
 
     engine = Engine(sd)
     plain = pipeline.txt2img(engine, "a red circle", steps=2, seed=1).images[0]
-    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint at all")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="broken.safetensors is not a readable .safetensors file"):
-        pipeline.txt2img(engine, "a red circle", steps=2, seed=1, refiner_checkpoint=str(tmp_path / "broken.safetensors"))
+        pipeline.txt2img(engine, "a red circle", steps=2, seed=1, refiner_checkpoint=str(broken))
     assert not runtime.offloaded(sd.unet)
     assert pipeline.txt2img(engine, "a red circle", steps=2, seed=1).images[0].tobytes() == plain.tobytes()
 
