@@ -22,6 +22,27 @@ def perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn
     return module.eval()
 
 
+def random_module(make, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    """make()'s module with random weights drawn directly, without the library's own initialisation (which takes
+    most of the time of building a full-size UNet): built on the meta device, then every parameter uniform with
+    standard deviation `scale`, the scales of normalisation layers 1 plus that noise. So no layer is left at zero,
+    as with perturb. Modules with buffers are refused: those would be left unset."""
+    with torch.device("meta"):
+        module = make()
+    if next(module.buffers(), None) is not None:
+        raise ValueError(f"{type(module).__name__} has buffers, which random_module would leave unset")
+    module = module.to_empty(device="cpu")
+    scales = {id(m.weight) for m in module.modules()
+              if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None}
+    g, bound = torch.Generator().manual_seed(seed), scale * 3 ** 0.5
+    with torch.no_grad():
+        for p in module.parameters():
+            p.uniform_(-bound, bound, generator=g)
+            if id(p) in scales:
+                p.add_(1.0)
+    return module.eval()
+
+
 def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
     n = len(cfg.channel_mult)
     channels = [cfg.model_channels * m for m in cfg.channel_mult]
@@ -58,8 +79,7 @@ def unet_pair(cfg: UNetConfig, seed: int = 0, shared: bool = False, scale: float
     from plainsd.models.unet import UNetModel
     from plainsd.weights import _rename, unet_diffusers_names
 
-    torch.manual_seed(seed)
-    theirs = perturb(UNet2DConditionModel(**diffusers_unet_kwargs(cfg)), seed + 1, scale)
+    theirs = random_module(lambda: UNet2DConditionModel(**diffusers_unet_kwargs(cfg)), seed + 1, scale)
     pairs = unet_diffusers_names(cfg)
     with torch.device("meta" if shared else "cpu"):
         ours = UNetModel(cfg)
@@ -93,8 +113,8 @@ def build_diffusers_sdxl(config: ModelConfig, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    unet = perturb(UNet2DConditionModel(**diffusers_unet_kwargs(config.unet)), seed + 1)
-    vae = perturb(AutoencoderKL(**diffusers_vae_kwargs(config.vae, config.scale_factor)), seed + 2)
+    unet = random_module(lambda: UNet2DConditionModel(**diffusers_unet_kwargs(config.unet)), seed + 1)
+    vae = random_module(lambda: AutoencoderKL(**diffusers_vae_kwargs(config.vae, config.scale_factor)), seed + 2)
     big_g = config.text2 or config.text
     text = None
     if config.text2 is not None:
@@ -132,8 +152,8 @@ def build_diffusers(config: ModelConfig, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = perturb(UNet2DConditionModel(**diffusers_unet_kwargs(config.unet)), seed + 1)
-    vae = perturb(AutoencoderKL(**diffusers_vae_kwargs(config.vae, config.scale_factor)), seed + 2)
+    unet = random_module(lambda: UNet2DConditionModel(**diffusers_unet_kwargs(config.unet)), seed + 1)
+    vae = random_module(lambda: AutoencoderKL(**diffusers_vae_kwargs(config.vae, config.scale_factor)), seed + 2)
     text = perturb(CLIPTextModel(CLIPTextConfig(**hf_text_kwargs(config.text))), seed + 3, scale=0.02)
     return unet, vae, text
 
@@ -185,11 +205,12 @@ def diffusers_from_our_file(path, config):
     from safetensors.torch import load_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    ckpt = load_file(str(path))
-    unet = UNet2DConditionModel(**diffusers_unet_kwargs(config.unet))
-    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, dict(unet.config)), strict=True)
-    vae = AutoencoderKL(**diffusers_vae_kwargs(config.vae))
-    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, dict(vae.config)), strict=True)
+    ckpt = {k: v.float() for k, v in load_file(str(path)).items()}  # the models compute in float32
+    with torch.device("meta"):  # no initialisation: every weight comes from the file (assign)
+        unet = UNet2DConditionModel(**diffusers_unet_kwargs(config.unet))
+        vae = AutoencoderKL(**diffusers_vae_kwargs(config.vae))
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ckpt, dict(unet.config)), strict=True, assign=True)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(ckpt, dict(vae.config)), strict=True, assign=True)
     text = CLIPTextModel(CLIPTextConfig(**hf_text_kwargs(config.text)))
     if config.text.layout == "openclip":
         state = convert_open_clip_checkpoint(text, ckpt)

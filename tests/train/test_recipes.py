@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import plainsd
 from plainsd.images import to_pil, to_tensor
@@ -297,7 +298,8 @@ def test_controlnet_recipe_starts_from_the_base_model_and_exports_the_original_l
 
     path = plainsd.save(base, tmp_path / "base.safetensors")
     cfg = TrainConfig(network="controlnet", steps=6, batch_size=4, lr=1e-3, checkpoint_every=3, out=str(tmp_path / "cn"),
-                      data={"kind": "shapes", "seed": 0, "length": 8}, extra={"base": str(path), "latent_cache": 8})
+                      data={"kind": "shapes", "seed": 0, "length": 8},
+                      extra={"base": str(path), "latent_cache": 8, "colour_caption": 0.5})
     first = train_controlnet(cfg, progress=False)
     resumed = train_controlnet(dataclasses.replace(cfg, steps=8), resume=True, progress=False)
     assert resumed["losses"][:6] == first["losses"] and len(resumed["losses"]) == 8
@@ -312,6 +314,11 @@ def test_controlnet_recipe_starts_from_the_base_model_and_exports_the_original_l
     # the base model stayed as it was (frozen): the file it came from is untouched and nothing else was written
     assert sorted(p.name for p in (tmp_path / "cn").iterdir()) == ["checkpoint.safetensors", "config.json",
                                                                   "controlnet.safetensors"]
+    # captions of colours alone need the shapes world's scenes, which a folder of pictures does not have
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    folder = dataclasses.replace(cfg, data={"kind": "folder", "path": str(tmp_path)}, out=str(tmp_path / "cn2"))
+    with pytest.raises(ValueError, match="extra.colour_caption needs the shapes data"):
+        train_controlnet(folder, progress=False)
 
 
 def test_control_hints_are_canny_at_the_processor_resolution_brought_back_to_the_picture():
@@ -354,3 +361,24 @@ def test_controlnet_captions_empty_shapeless_or_whole():
         assert first in SHAPES and second in SHAPES and first != "diamond" and second != "cross"
     with pytest.raises(ValueError, match="extra.shapeless_caption must be a fraction"):
         ControlNetSettings(shapeless_caption=1.5).check()
+
+
+def test_controlnet_captions_naming_only_colours():
+    import random
+
+    from plainsd.train.data import ShapesDataset
+    from plainsd.train.recipes import ControlNetSettings, _colours_only, _control_caption
+
+    ds = ShapesDataset(seed=2)
+    one, two = (next(ds.scene(i) for i in range(100) if len(ds.scene(i).objects) == n) for n in (1, 2))
+    assert _colours_only(one) == f"a {one.objects[0].colour}"
+    assert _colours_only(two) == f"a {two.objects[0].colour} and a {two.objects[1].colour}"
+    colours = ControlNetSettings(empty_caption=0.5, colour_caption=0.5, shapeless_caption=1.0)
+    rng = random.Random(3)
+    kinds = [_control_caption("a red circle on the left", rng, colours, "a red") for _ in range(4000)]
+    assert abs(kinds.count("") / 4000 - 0.5) < 0.03 and abs(kinds.count("a red") / 4000 - 0.25) < 0.03
+    assert abs(kinds.count("a red on the left") / 4000 - 0.25) < 0.03
+    # without colour captions the draws are those of the recipes trained before them
+    before = ControlNetSettings(empty_caption=0.5, shapeless_caption=0.5)
+    assert ([_control_caption("a red circle", random.Random(s), before) for s in range(50)]
+            == [_control_caption("a red circle", random.Random(s), before, "a red") for s in range(50)])

@@ -651,6 +651,8 @@ class ControlNetSettings(RecipeSettings):
     base: str | None = None       # the whole checkpoint whose UNet the ControlNet steers; None: the shipped model
     hint: str = "canny"           # the preprocessor (detectors) that turns each training picture into its hint
     empty_caption: float = 0.5    # share of captions left empty (the paper's half: it must work without a prompt)
+    colour_caption: float = 0.0   # share of the other captions naming only the objects' colours ("a red"): the
+                                  # prompt that leaves the whole layout to the edges (shapes data only)
     shapeless_caption: float = 0.0  # share of the other captions with their shape words left out ("a red on the
                                     # left"), so that the ControlNet learns to supply what the text does not say
     contradicting_caption: float = 0.0  # share of the rest with each shape word swapped for another shape ("a red
@@ -668,7 +670,7 @@ class ControlNetSettings(RecipeSettings):
         if self.latent_cache < 1:
             raise ValueError(f"extra.latent_cache of the controlnet recipe must be at least 1 (it trains on cached "
                              f"latents and hints), not {self.latent_cache}")
-        for name in ("empty_caption", "shapeless_caption", "contradicting_caption"):
+        for name in ("empty_caption", "colour_caption", "shapeless_caption", "contradicting_caption"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"extra.{name} must be a fraction in [0, 1], not {getattr(self, name)}")
         if self.timesteps not in ("uniform", "cubic"):
@@ -693,9 +695,10 @@ def train_controlnet(cfg: TrainConfig, resume: bool = False, progress: bool = Tr
     """The ControlNet recipe (Zhang, Rao & Agrawala 2023): a trainable copy of the base UNet's time embedding,
     input blocks and middle block, whose zero convolutions (and the hint encoder's last convolution) start at
     zero, so that training starts from the base model exactly; the base UNet, VAE and text encoder stay frozen.
-    The loss is the base UNet's noise-prediction loss with the ControlNet's residuals added to its skips, half
-    the captions empty. Latents and hints of extra.latent_cache pictures are computed once; each picture's hint
-    is made at one of HINT_RESOLUTIONS (control_hint)."""
+    The loss is the base UNet's noise-prediction loss with the ControlNet's residuals added to its skips; the
+    captions are left empty, cut to their colours, stripped of their shape words or given wrong ones in the shares
+    extra sets (_control_caption). Latents and hints of extra.latent_cache pictures are computed once; each
+    picture's hint is made at one of HINT_RESOLUTIONS (control_hint)."""
     from ..models.controlnet import ControlNet
 
     s = ControlNetSettings.from_extra(cfg.extra)
@@ -707,8 +710,12 @@ def train_controlnet(cfg: TrainConfig, resume: bool = False, progress: bool = Tr
         from ..weights import load_controlnet
         controlnet.load_state_dict(load_controlnet(s.init).state_dict())
     ds = dataset(cfg, mc.resolution)
+    if s.colour_caption and not hasattr(ds, "scene"):
+        raise ValueError("extra.colour_caption needs the shapes data (data.kind 'shapes'), whose scenes name the "
+                         "objects' colours")
     out = Path(cfg.out)
     cache, hints = _control_cache(sd.vae, ds, s, progress)
+    colours = [_colours_only(ds.scene(i)) if s.colour_caption else "" for i in range(len(cache[2]))]
 
     def controlled(hint):
         def net(x, t, context):
@@ -721,7 +728,7 @@ def train_controlnet(cfg: TrainConfig, resume: bool = False, progress: bool = Tr
         idx = [rng.randrange(len(cache[2])) for _ in range(cfg.batch_size)]
         latents = sample_posterior(cache[0][idx], cache[1][idx], g) * scale
         rng = random.Random(f"empty:{cfg.seed}:{step}:{micro}")
-        captions = [_control_caption(cache[2][i], rng, s) for i in idx]
+        captions = [_control_caption(cache[2][i], rng, s, colours[i]) for i in idx]
         with torch.no_grad():
             context = sd.text_encoder(sd.tokenizer(captions))
         rows = dist.rows(len(idx))
@@ -749,17 +756,25 @@ def train_controlnet(cfg: TrainConfig, resume: bool = False, progress: bool = Tr
     return train(cfg, _named(controlnet), loss_fn, resume, sample, export, progress)
 
 
-def _control_caption(caption: str, rng: random.Random, s: ControlNetSettings) -> str:
-    """A training caption: empty for extra.empty_caption of them, without its shape words for extra.shapeless_caption
-    of the rest, with other shapes' words for extra.contradicting_caption of the rest after that, else as written."""
+def _control_caption(caption: str, rng: random.Random, s: ControlNetSettings, colours: str = "") -> str:
+    """A training caption: empty for extra.empty_caption of them, the colours only (`colours`) for
+    extra.colour_caption of the rest, without its shape words for extra.shapeless_caption of the rest after that,
+    with other shapes' words for extra.contradicting_caption of the rest after that, else as written."""
     words = rf"\b({'|'.join(SHAPES)})\b"
     if rng.random() < s.empty_caption:
         return ""
+    if s.colour_caption and rng.random() < s.colour_caption:
+        return colours
     if rng.random() < s.shapeless_caption:
         return re.sub(rf"\s*{words}", "", caption)
     if s.contradicting_caption and rng.random() < s.contradicting_caption:
         return re.sub(words, lambda m: rng.choice([x for x in SHAPES if x != m.group(1)]), caption)
     return caption
+
+
+def _colours_only(scene) -> str:
+    """"a red", or "a red and a blue": the scene's objects by colour alone."""
+    return " and ".join(f"a {o.colour}" for o in scene.objects)
 
 
 def _frozen_base(path: str | None) -> StableDiffusion:
