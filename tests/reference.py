@@ -70,10 +70,10 @@ def diffusers_controlnet_kwargs(cfg: UNetConfig, **extra) -> dict:
 
 
 def unet_pair(cfg: UNetConfig, seed: int = 0, shared: bool = False, scale: float = 0.05):
-    """diffusers' UNet with random, perturbed weights, and plainsd's UNet with the same weights (renamed with
+    """diffusers' UNet with random weights (random_module), and plainsd's UNet with the same weights (renamed with
     weights.unet_diffusers_names): just the UNets, where a test needs no text encoder or VAE. shared: plainsd's
-    UNet holds diffusers' very tensors (no copy: one full-size SDXL UNet in memory, not two). scale: of the noise
-    added to every weight (perturb)."""
+    UNet holds diffusers' very tensors (no copy: one full-size SDXL UNet in memory, not two). scale: the
+    spread of every weight (random_module)."""
     from diffusers import UNet2DConditionModel
 
     from plainsd.models.unet import UNetModel
@@ -108,7 +108,7 @@ def hf_text_kwargs(cfg: TextConfig) -> dict:
 
 def build_diffusers_sdxl(config: ModelConfig, seed: int = 0):
     """(unet, vae, text_encoder or None (the refiner has none), text_encoder_2) of diffusers / transformers for an
-    SDXL config, with random, perturbed weights."""
+    SDXL config, with random weights (random_module; the text towers perturbed)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -147,7 +147,8 @@ def sdxl_text_reference(text, text2, ids: torch.Tensor, ids2: torch.Tensor) -> t
 
 
 def build_diffusers(config: ModelConfig, seed: int = 0):
-    """(unet, vae, text_encoder) of diffusers / transformers with random, perturbed weights."""
+    """(unet, vae, text_encoder) of diffusers / transformers with random weights (random_module; the text encoder
+    perturbed)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
