@@ -9,9 +9,9 @@ both UNets' weights at once, and a 1024x1024 picture with the refiner peaks at a
 offload(network) unpacks the network's packed layers (runtime/packing.py), writes every parameter and buffer to one
 file in a folder of its own under plainsd's cache (~/.cache/plainsd/offload, or $PLAINSD_CACHE/offload: on disk,
 where a system's /tmp may be memory itself), and leaves each of them an empty tensor of its dtype: the modules,
-their classes and every reference to them stay, so that nothing else has to know. restore(network) reads the tensors back in their
-shapes, dtypes and memory formats, packs the layers that were packed, and deletes the file; the network then gives
-the numbers it gave before, bit for bit.
+their classes and every reference to them stay, so that nothing else has to know. restore(network) reads the tensors
+back in their shapes, dtypes and memory formats, packs the layers that were packed, and deletes the file; the
+network then gives the numbers it gave before, bit for bit.
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # (another user's process)
-        return True
+    except PermissionError:  # another user's process: alive
+        pass
     return True
 
 
