@@ -144,6 +144,7 @@ def test_bad_inpainting_input_is_one_line(args, message, capsys):
     (["txt2img", "x", "--tiling", "--backend", "openvino"], "tiling needs the eager UNet"),
     (["txt2img", "x", "--sampler", "DPM++ 2M", "--s-churn", "1"], "s_churn is for the samplers Euler, Heun, DPM2;"),
     (["txt2img", "x", "--sampler", "LMS", "--eta", "0.5"], "eta is for the samplers"),
+    (["txt2img", "x", "--checkpoints-limit", "2"], "--checkpoints-limit sets how many UNets a --refiner run keeps"),
     # a shipped recipe by name: unet-objects goes on from the earlier runs' files, here absent
     (["train", "unet", "--config", "unet-objects"], "no such checkpoint file or folder: runs/vae-decoder-objects/vae.safetensors"),
     (["train", "vae", "--config", "unet-objects"], "is a unet config, not a vae one"),
@@ -249,6 +250,25 @@ def test_fast_with_openvino_says_what_it_leaves_out(capsys, monkeypatch):
     assert "--fast stops guidance early but cannot reuse UNet features" in err and "stopped before loading" in err
     assert main(["txt2img", "x", "--fast", "--quiet"]) == 2  # eager: nothing to say
     assert "cannot reuse" not in capsys.readouterr().err
+
+
+def test_checkpoints_limit_reaches_the_engine(monkeypatch, capsys):
+    import plainsd.pipeline
+
+    limits = []
+
+    def stop(engine, request, **kw):
+        limits.append(engine.checkpoints_limit)
+        raise ValueError("stopped before drawing")
+
+    monkeypatch.setattr(plainsd.pipeline, "generate", stop)
+    open("refiner.safetensors", "wb").close()  # read by the pipeline, here stopped before
+    for extra in ([], ["--checkpoints-limit", "2"]):
+        assert main(["txt2img", "x", "--refiner", "refiner.safetensors", "--quiet", *extra]) == 2
+    assert limits == [1, 2] and "stopped before drawing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["txt2img", "x", "--refiner", "refiner.safetensors", "--checkpoints-limit", "11"])
+    assert e.value.code == 2 and "invalid choice: 11" in capsys.readouterr().err
 
 
 def test_detect_writes_the_hint(capsys):

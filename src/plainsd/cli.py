@@ -74,6 +74,9 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
                    help="a checkpoint that takes the latents over at --refiner-switch-at (A1111's refiner; SDXL's)")
     p.add_argument("--refiner-switch-at", type=float, default=None, metavar="F",
                    help="the fraction of the denoising done before the refiner takes over (default 0.8)")
+    p.add_argument("--checkpoints-limit", type=int, default=None, choices=range(1, 11), metavar="N",
+                   help="A1111's sd_checkpoints_limit with --refiner: 1 (default) keeps one UNet in memory, the idle "
+                        "one written to a temporary file; 2 keeps both (faster, more memory)")
     p.add_argument("--prediction", choices=["eps", "v", "x0"], default=None,
                    help="override what the model predicts: the noise, the velocity or the clean sample")
     p.add_argument("--lora-dir", default=None, help="folder of LoRA files, used by <lora:name:weight> in the prompt")
@@ -644,7 +647,11 @@ def _engine(args):
     if args.fast and args.backend == "openvino":
         print("plainsd: with --backend openvino, --fast stops guidance early but cannot reuse UNet features "
               "(DeepCache needs the eager UNet)", file=sys.stderr)
+    if args.checkpoints_limit is not None and args.refiner is None:
+        raise ValueError("--checkpoints-limit sets how many UNets a --refiner run keeps in memory; it needs --refiner")
     engine = _load_model(args.model, args.prediction, args.precision, args.backend)
+    if args.checkpoints_limit is not None:
+        engine.checkpoints_limit = args.checkpoints_limit
     _use_vae(engine, args)
     if tiny is not None:
         engine.use_tiny_decoder(tiny, Path(args.tiny_decoder).name)
