@@ -404,12 +404,14 @@ def _fitting_by_hand(refiner, path):
 
 
 @pytest.mark.parametrize("kind", ["own", "shared"])
-def test_lora_tags_with_a_refiner(sd, refiner_file, sharing_refiner_file, tmp_path, kind):
+def test_lora_tags_with_a_refiner(sd, refiner_file, sharing_refiner_file, tmp_path, kind, monkeypatch):
     """A <lora:...> tag stays on when the refiner takes over, as in A1111: the base model's steps run the base with
     the LoRA merged, the refiner's steps the refiner with the LoRA's layers that fit it merged (its bigG tower takes
     the lora_te2_ layers; CLIP-L's and the UNet layers of other shapes do not fit); the run says in a note how many
     did not fit. A bigG tower the refiner shares with the base gets the LoRA once. The LoRA stays on both models
-    until a run without it, after which both models' weights are bit-identical to what they were (lora.use)."""
+    until a run without it, after which both models' weights are bit-identical to what they were (lora.use). A run
+    with the LoRAs of the run before neither fits nor adds them again: the refiner's UNet is read back once, when
+    it takes over."""
     import copy
 
     from plainsd import lora
@@ -428,6 +430,14 @@ def test_lora_tags_with_a_refiner(sd, refiner_file, sharing_refiner_file, tmp_pa
     result = pipeline.txt2img(engine, "<lora:style:0.7>a red circle", "blurry", steps=steps, seed=4, sampler="Euler",
                               cfg_scale=scale, refiner_checkpoint=str(path), refiner_switch_at=switch,
                               lora_dir=str(tmp_path / "loras"))
+    restored, added, restore, add = [], [], pipeline.restore, lora._add
+    monkeypatch.setattr(pipeline, "restore", lambda net: (restored.append(net is refiner.unet), restore(net))[1])
+    monkeypatch.setattr(lora, "_add", lambda *a: (added.append(a), add(*a))[1])
+    again = pipeline.txt2img(engine, "<lora:style:0.7>a red circle", "blurry", steps=steps, seed=4, sampler="Euler",
+                             cfg_scale=scale, refiner_checkpoint=str(path), refiner_switch_at=switch,
+                             lora_dir=str(tmp_path / "loras"))
+    assert sum(restored) == 1 and added == [] and again.images[0].tobytes() == result.images[0].tobytes()
+    monkeypatch.undo()
     assert not all(torch.equal(before[k], v) for k, v in weights())
     pipeline.txt2img(engine, "a red circle", steps=2, refiner_checkpoint=str(path), lora_dir=str(tmp_path / "loras"))
     after = weights()

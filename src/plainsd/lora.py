@@ -391,13 +391,12 @@ def use(sd, loras: list[tuple[LoRA, float]]):
     LoRA that does not fit (the error is raised). Each changed layer's original is kept while a LoRA is on, and
     every new set starts from the originals, so the weights never drift. A set is the same when it holds the same
     LoRA objects (resolve hands out one per unchanged file) at the same weights."""
-    wanted = tuple((lora, w) for lora, w in loras if w != 0)  # (weight 0 is the base model, exactly)
-    on, saved = _APPLIED.get(sd, ((), {}))
-    if len(on) == len(wanted) and all(a is b and wa == wb for (a, wa), (b, wb) in zip(on, wanted)):
+    if wears(sd, loras):
         return
-    for key, original in saved.items():  # (first: DoRA's and (IA)^3's changes depend on the weights they change)
+    # The originals back first: DoRA's and (IA)^3's changes depend on the weights they change.
+    for key, original in _APPLIED.pop(sd, ((), {}))[1].items():
         set_weight(_layer(sd, key), original)
-    _APPLIED.pop(sd, None)
+    wanted = _wanted(loras)
     changes: dict[tuple[str, str], torch.Tensor] = {}
     for lora, w in wanted:  # (all computed before any is added: a LoRA that does not fit leaves the model's own)
         for k, d in deltas(sd, lora, w).items():
@@ -408,6 +407,16 @@ def use(sd, loras: list[tuple[LoRA, float]]):
     _APPLIED[sd] = ((object(),), saved)  # (a set that matches none, until every change is in)
     _add(sd, changes)
     _APPLIED[sd] = (wanted, saved)
+
+
+def wears(sd, loras: list[tuple[LoRA, float]]) -> bool:
+    """Whether the model has exactly this set on (use): the same LoRA objects at the same weights."""
+    on, wanted = _APPLIED.get(sd, ((), {}))[0], _wanted(loras)
+    return len(on) == len(wanted) and all(a is b and wa == wb for (a, wa), (b, wb) in zip(on, wanted))
+
+
+def _wanted(loras: list[tuple[LoRA, float]]) -> tuple:
+    return tuple((lora, w) for lora, w in loras if w != 0)  # (weight 0 is the base model, exactly)
 
 
 def carries(sd) -> bool:

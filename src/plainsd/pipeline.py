@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -932,22 +933,32 @@ def _refiner_loras(engine: Engine, refiner: Engine | None, loras: list) -> list[
     """The prompt's LoRAs on the refiner as well, as A1111's stay on when its refiner takes over: each LoRA layer that
     fits the refiner (lora.fitting: a layer of that name and shape; its bigG tower takes the lora_te2_ layers, as
     diffusers' text_encoder_2 does), kept on as the base's are (lora.use). A part the refiner shares with the base
-    (_refiner_engine) has the base's LoRA already. Returns the notes for the run: one sentence per LoRA with layers
-    that do not fit (A1111 counts them as "Networks with errors")."""
+    (_refiner_engine) has the base's LoRA already. Each LoRA's fitting part is kept for the next run (_FITTED), so
+    a run with the LoRAs of the run before reads no refiner weights here. Returns the notes for the run: one
+    sentence per LoRA with layers that do not fit (A1111 counts them as "Networks with errors")."""
     if refiner is None or not (loras or lora_mod.carries(refiner.sd)):
         return []
-    _resident(engine, refiner.sd.unet)  # (its layers' shapes and weights; the base's steps come first: back after)
     base = {id(m) for m in engine.sd.modules()}
-    fitted, notes = [], []
-    for lora, weight in loras:
-        part, unfit = lora_mod.fitting(refiner.sd, lora, shared=lambda module: id(module) in base)
-        fitted.append((part, weight))
-        if unfit and weight:
-            notes.append(f"{unfit} of the {len(lora.layers)} layers of LoRA {lora.name} have no layer of that name "
-                         f"and shape in the refiner {refiner.sd.name}, so they act in the base model's steps only")
-    lora_mod.use(refiner.sd, fitted)
+    known, fits = _FITTED.get(refiner.sd, {}), {}
+    for lora, _ in loras:
+        fit = known.get(id(lora))
+        if fit is None or fit[0] is not lora:
+            _resident(engine, refiner.sd.unet)  # (its layers' shapes; the base's steps come first: back below)
+            fit = (lora, *lora_mod.fitting(refiner.sd, lora, shared=lambda module: id(module) in base))
+        fits[id(lora)] = fit
+    _FITTED[refiner.sd] = fits  # (this run's only: a LoRA left out of a prompt is fitted again when it is back)
+    fitted = [(fits[id(lora)][1], weight) for lora, weight in loras]
+    if not lora_mod.wears(refiner.sd, fitted):
+        _resident(engine, refiner.sd.unet)
+        lora_mod.use(refiner.sd, fitted)
     _resident(engine, engine.sd.unet)
-    return notes
+    return [f"{fits[id(lora)][2]} of the {len(lora.layers)} layers of LoRA {lora.name} have no layer of that name and "
+            f"shape in the refiner {refiner.sd.name}, so they act in the base model's steps only"
+            for lora, weight in loras if fits[id(lora)][2] and weight]
+
+
+# refiner model -> {id(LoRA): (the LoRA, the part of it that fits the refiner, the count of its layers that do not)}
+_FITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _handover(sd: StableDiffusion, p: Pass, base: CFGDenoiser) -> _Handover:
