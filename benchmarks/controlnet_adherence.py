@@ -9,7 +9,8 @@ The judge reads the drawn object.
    model then draws a shape and position of its own choosing, matching by chance).
 2. Contradiction: the prompt "a <colour> <shape B>" (B != A's shape) with A's edges, at control weights 0 to 1:
    the share drawing A's shape and B's (it should slide from B to A).
-3. Guidance end 0.5: the unit on for the first half of the steps only; shape and position as in 1.
+3. Guidance end 0.5: the unit on for the first half of the steps only; shape and position as in 1, and the
+   position alone (the composition: the outline of a small object is settled in the later steps).
 4. CFG scale (--cfg-sweep): adherence as in 1 (pixel perfect) at each scale, on other held-out scenes than 1-3's
    (seed CFG_CHOICE_SEED), so that a scale chosen from this table is not chosen on the scenes it is reported on.
 
@@ -67,20 +68,22 @@ def cfg_words() -> str:
     return f"CFG {CFG:g}" if CFG else "the model's CFG"
 
 
-def follows(engine, scene: Scene, prompt: str, seed: int, units: tuple, cfg_scale: float | None = None) -> bool:
-    """Whether the picture has the scene's shape at the scene's position."""
+def follows(engine, scene: Scene, prompt: str, seed: int, units: tuple, cfg_scale: float | None = None) -> dict:
+    """The judge's verdicts on the picture: {"shape": bool, "position": bool} against the scene's object."""
     picture = draw(engine, prompt, seed, units, cfg_scale)
-    asked = Scene(scene.objects, scene.background, prompt, [{"shape", "position"}])
-    return all(judge(picture, asked)[0].values())
+    return judge(picture, Scene(scene.objects, scene.background, prompt, [{"shape", "position"}]))[0]
 
 
-def adherence(engine, scenes: list[Scene], settings: dict | None, prompt: str, cfg_scale: float | None = None) -> float:
-    """Share of pictures with scene A's shape and position; settings None: no unit."""
-    hits = 0
+def adherence(engine, scenes: list[Scene], settings: dict | None, prompt: str,
+              cfg_scale: float | None = None) -> tuple[float, float]:
+    """Shares of pictures with scene A's shape and position, and with its position; settings None: no unit."""
+    both = placed = 0
     for i, s in enumerate(scenes):
         units = () if settings is None else (unit(s, **settings),)
-        hits += follows(engine, s, prompt.format(colour=s.objects[0].colour), i, units, cfg_scale)
-    return hits / len(scenes)
+        verdict = follows(engine, s, prompt.format(colour=s.objects[0].colour), i, units, cfg_scale)
+        both += all(verdict.values())
+        placed += verdict["position"]
+    return both / len(scenes), placed / len(scenes)
 
 
 def contradiction(engine, scenes: list[Scene], settings: dict, weight: float) -> tuple[float, float]:
@@ -98,13 +101,15 @@ def contradiction(engine, scenes: list[Scene], settings: dict, weight: float) ->
 
 
 def adherence_table(engine, scenes: list[Scene], prompt: str) -> list[str]:
+    """Shape and position at guidance end 1 and 0.5, and the position alone (the composition) at 0.5."""
+    alone = adherence(engine, scenes, None, prompt)
     lines = [f"## Shape and position of the edges' scene (prompt: \"{prompt}\", {cfg_words()})", "",
-             "| unit | guidance end 1 | guidance end 0.5 |", "|---|---|---|",
-             f"| none (the base model alone) | {adherence(engine, scenes, None, prompt):.2f} | |"]
+             "| unit | guidance end 1 | guidance end 0.5 | position only, guidance end 0.5 |", "|---|---|---|---|",
+             f"| none (the base model alone) | {alone[0]:.2f} | | {alone[1]:.2f} |"]
     for name, settings in UNITS.items():
-        full = adherence(engine, scenes, settings, prompt)
-        half = adherence(engine, scenes, {**settings, "guidance_end": 0.5}, prompt)
-        lines.append(f"| {name} | {full:.2f} | {half:.2f} |")
+        full = adherence(engine, scenes, settings, prompt)[0]
+        half, placed = adherence(engine, scenes, {**settings, "guidance_end": 0.5}, prompt)
+        lines.append(f"| {name} | {full:.2f} | {half:.2f} | {placed:.2f} |")
         print(lines[-1], flush=True)
     return lines
 
@@ -123,7 +128,7 @@ def contradiction_table(engine, scenes: list[Scene]) -> list[str]:
 def cfg_table(engine, scenes: list[Scene], prompt: str, scales: list[float]) -> list[str]:
     lines = [f"## CFG scale: pixel perfect, guidance end 1, prompt \"{prompt}\" ({len(scenes)} other held-out scenes)",
              "", "| CFG scale | " + " | ".join(f"{s:g}" for s in scales) + " |", "|---|" + "---|" * len(scales)]
-    shares = [adherence(engine, scenes, UNITS["pixel perfect"], prompt, s) for s in scales]
+    shares = [adherence(engine, scenes, UNITS["pixel perfect"], prompt, s)[0] for s in scales]
     lines.append("| shape and position | " + " | ".join(f"{a:.2f}" for a in shares) + " |")
     print(lines[-1], flush=True)
     return lines
