@@ -14,8 +14,9 @@ after the other (never two full UNets in memory at once), so that start-up and p
 conversion and compilation happen once beforehand in processes of their own, and the timed process imports the
 compiled model mapped from disk. The same engines' SD1.5 step (benchmarks/speed.py's workers and checkpoint) at
 --sd15-size gives the ratios the SDXL ones are held to. --e2e adds one txt2img picture (20 steps of DPM++ 2M,
-CFG 7) with plainsd's default path, without and with the refiner (A1111's switch at 0.8), each process drawing
-an untimed 1-step picture first. --check compares one step of every engine with plainsd's float32 one on the
+CFG 7) with plainsd's default path, without and with the refiner (A1111's switch at 0.8; one UNet in memory at a
+time, as A1111's default sd_checkpoints_limit of 1 keeps it), each process drawing an untimed 1-step picture first;
+--e2e-rows picks one of the two. --check compares one step of every engine with plainsd's float32 one on the
 same weights (use it with a tiny preset).
 
 Needs the test extras (diffusers, transformers) and openvino: pip install -e '.[test,openvino]'.
@@ -362,10 +363,12 @@ def _measure_sd15(args, bf16: bool) -> dict:
 
 
 def _measure_e2e(args, path: Path) -> dict:
-    refiner = _weights(args.preset + "-refiner", args.threads)
+    refiner = _weights(args.preset + "-refiner", args.threads) if "refiner" in args.e2e_rows else None
     results: dict[tuple, list[dict]] = {}
     for r in range(args.rounds):
-        for row, extra in (("base", {}), ("base + refiner", {"refiner": str(refiner)})):
+        for name, row, extra in (("base", "base", {}), ("refiner", "base + refiner", {"refiner": str(refiner)})):
+            if name not in args.e2e_rows:
+                continue
             res = _run({"kind": "e2e", "preset": args.preset, "path": str(path), "threads": args.threads,
                         "size": args.e2e_size, **extra})
             results.setdefault(("e2e", args.e2e_size, row), []).append(res)
@@ -485,7 +488,7 @@ def _table(results: dict, peaks: dict, args, check_lines: list[str]) -> str:
     if rows:
         lines += [f"txt2img {args.e2e_size}x{args.e2e_size} with plainsd's default path ({args.precisions['plainsd']}), "
                   "20 steps of DPM++ 2M, CFG 7, one picture after an untimed 1-step one (text encoders + sampling + "
-                  "decode; the refiner takes over at 0.8, A1111's default)", "",
+                  "decode; the refiner takes over at 0.8, A1111's default, with one UNet in memory at a time)", "",
                   "| picture | s | start-up s (load, 1-step picture) | peak RSS GB |", "|---|---|---|---|"]
         for row, rs in rows:
             s = _median(rs, "seconds")
@@ -507,6 +510,7 @@ def _parse(argv):
     p.add_argument("--sd15-size", type=int, default=512, help="the SD1.5 step's picture side (0: leave it out)")
     p.add_argument("--e2e", action="store_true", help="also txt2img end to end, without and with the refiner")
     p.add_argument("--e2e-size", type=int, default=1024)
+    p.add_argument("--e2e-rows", default="base,refiner", help="comma-separated end-to-end rows: base, refiner")
     p.add_argument("--check", action="store_true", help="first compare one step of every engine with plainsd's float32 "
                    "one (a tiny preset is enough)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "sdxl_speed.md"))
@@ -530,6 +534,9 @@ def _parse(argv):
         p.error(f"unknown engine {unknown[0] if unknown else '(none)'!r}; engines: {', '.join(ENGINES)}")
     if args.preset not in PRESETS or not args.preset.endswith("sdxl"):
         p.error(f"--preset must be an SDXL base preset (sdxl, tiny-sdxl), got {args.preset!r}")
+    args.e2e_rows = [r.strip() for r in args.e2e_rows.split(",") if r.strip()]
+    if not args.e2e_rows or set(args.e2e_rows) - {"base", "refiner"}:
+        p.error(f"--e2e-rows must name base, refiner or both, got {','.join(args.e2e_rows)!r}")
     if args.repeats < 1 or args.rounds < 1 or args.threads < 1:
         p.error("--repeats, --rounds and --threads must be at least 1")
     return args
