@@ -394,8 +394,9 @@ def use(sd, loras: list[tuple[LoRA, float]]):
     if wears(sd, loras):
         return
     # The originals back first: DoRA's and (IA)^3's changes depend on the weights they change.
-    for key, original in _APPLIED.pop(sd, ((), {}))[1].items():
+    for key, original in _APPLIED.get(sd, ((), {}))[1].items():
         set_weight(_layer(sd, key), original)
+    _APPLIED.pop(sd, None)
     wanted = _wanted(loras)
     changes: dict[tuple[str, str], torch.Tensor] = {}
     for lora, w in wanted:  # (all computed before any is added: a LoRA that does not fit leaves the model's own)
