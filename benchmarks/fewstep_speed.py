@@ -27,6 +27,11 @@ OpenVINO running diffusers' UNet of the same file, f32 and (native bf16) bf16. E
 the rounds alternate the rows and the table gives the median over rounds. plainsd runs in its default precision
 (bf16 where the CPU has it natively, float32 elsewhere).
 
+--avx2-only runs every row as a CPU with AVX2 alone would (speed.hold_to_avx2: the kernels of torch, MKL and
+OpenVINO held to AVX2, plainsd choosing as there, so float32 and no bf16 rows): the kernels and the choices of
+that CPU class on this CPU's clock, caches and memory. A stand-in for the class, not a measurement of one of its
+CPUs; the table says which it is.
+
 Needs the test extras (diffusers, transformers, openvino): pip install -e '.[test]'.
 """
 
@@ -43,8 +48,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import _run as speed_run  # noqa: E402
-from speed import (CACHE, PROMPT, ROOT, _checkpoint, cpu_name, _diffusers_parts, _median,  # noqa: E402
-                   _OVUNet, _peaks, _rss_gb, matmul_peak)
+from speed import (CACHE, PROMPT, ROOT, _checkpoint, cpu_name, _diffusers_parts, hold_to_avx2,  # noqa: E402
+                   _median, _OVUNet, _peaks, _rss_gb, matmul_peak)
 
 STEPS = 4
 LORA_RANK = 64
@@ -222,6 +227,8 @@ def _unet_alone(task: dict, dtype, started: float) -> dict:
 def worker(task: dict) -> dict:
     import torch
 
+    if task["avx2_only"]:
+        hold_to_avx2()
     torch.set_num_threads(task["threads"])
     torch.set_flush_denormal(True)  # for every runtime, as speed.py does
     sys.path.insert(0, str(ROOT / "src"))
@@ -271,6 +278,8 @@ def main(argv=None) -> int:
                    "written once); the LoRA is fused into a copy in benchmarks/.cache")
     p.add_argument("--tiny-decoder", default=None, metavar="FILE", help="a TAESD decoder file (default: the "
                    ".taesd.safetensors beside the base checkpoint, which speed.py writes beside its own)")
+    p.add_argument("--avx2-only", action="store_true", help="run every row as a CPU with AVX2 alone would "
+                   "(module doc)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "fewstep_speed.md"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -280,7 +289,8 @@ def main(argv=None) -> int:
         return 0
     args.argv = sys.argv[1:] if argv is None else list(argv)
 
-    sys.path.insert(0, str(ROOT / "src"))
+    if args.avx2_only:
+        hold_to_avx2()
     from plainsd.runtime import native_bf16
 
     bf16 = native_bf16()
@@ -289,12 +299,13 @@ def main(argv=None) -> int:
     tiny = Path(args.tiny_decoder) if args.tiny_decoder else base.with_suffix(".taesd.safetensors")
     if not tiny.is_file():
         raise SystemExit(f"no tiny decoder file {tiny}: name a TAESD decoder with --tiny-decoder FILE")
-    fused = _run({"kind": "fuse", "checkpoint": str(base), "threads": args.threads, "precision": "fp32"})
+    fused = _run({"kind": "fuse", "checkpoint": str(base), "threads": args.threads, "precision": "fp32",
+                  "avx2_only": args.avx2_only})
     if "error" in fused:
         raise SystemExit(f"could not fuse the LCM-LoRA into {base}: {fused['error']}")
     checkpoint = fused["checkpoint"]
     common = {"checkpoint": str(checkpoint), "tiny_decoder": str(tiny), "threads": args.threads, "size": args.size,
-              "repeats": args.repeats}
+              "repeats": args.repeats, "avx2_only": args.avx2_only}
     e2e, unet = _rows(args.precision, bf16)
     peaks = matmul_peak(args.threads, bf16)
     print(f"matmul peak ({args.threads} threads): {_peaks(peaks)}", flush=True)
@@ -324,6 +335,9 @@ def _table(results: dict, e2e: dict, unet: dict, peaks: dict, args) -> str:
 
     flags = cpu_flags()
     shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    if args.avx2_only:
+        shown += ("; every row held to AVX2 (--avx2-only: the kernels and choices of a CPU with AVX2 alone, on this "
+                  "CPU's clock, caches and memory)")
     size = args.size
     lines = [f"Machine: {cpu_name()} ({shown}), {os.cpu_count()} cores, {args.threads} threads, "
              f"torch {torch.__version__}, diffusers {diffusers.__version__}, OpenVINO {openvino.__version__}; "

@@ -37,6 +37,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import AVX2_ONLY, hold_to_avx2  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -89,7 +92,7 @@ def run(task: dict) -> dict:
     from plainsd.models import StableDiffusion
 
     if task["path"] == "avx2":  # (the kernels were held to AVX2 by the environment the parent gave this process)
-        runtime.precision.cpu_flags = lambda: {"avx", "avx2", "fma", "f16c"}
+        hold_to_avx2()
     torch.set_num_threads(task["threads"])
     started = time.perf_counter()
     dtype = runtime.choose_dtype(task["precision"], weights.read_config(task["base"]))
@@ -117,9 +120,6 @@ def run(task: dict) -> dict:
     assert result.images[0].size == (size, size)
     return {"load_s": loaded, "load_peak": after_load, "seconds": seconds, "peak": peak_gb(), "shared": shared,
             "dtype": str(dtype).replace("torch.", ""), "compute": str(engine.sd.unet.dtype).replace("torch.", "")}
-
-
-AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
 def _child(task: dict) -> dict:

@@ -302,6 +302,22 @@ def _run(task: dict, script: str = __file__) -> dict:
         return json.loads(Path(out.name).read_text())
 
 
+# A CPU with AVX2 alone, as this one runs it: oneDNN (torch's and OpenVINO's), MKL and ATen held to their AVX2
+# kernels by the environment, and plainsd's runtime.cpu_flags reporting what such a CPU has.
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+AVX2_FLAGS = {"avx", "avx2", "fma", "f16c"}
+
+
+def hold_to_avx2() -> None:
+    """Run this process, and the processes it starts, as a CPU with AVX2 alone would: its kernels and plainsd's
+    choices ("auto" precision among them) are that CPU's; its clock, caches and memory stay this CPU's. Call it
+    before the first torch operation."""
+    from plainsd.runtime import precision
+
+    os.environ.update(AVX2_ONLY)
+    precision.cpu_flags = lambda: set(AVX2_FLAGS)
+
+
 def matmul_peak(threads: int, bf16: bool = True) -> dict:
     """Measured GEMM throughput (GFLOP/s) of this machine in fp32 and (where the CPU has it natively) bf16,
     with torch (oneDNN / MKL)."""
