@@ -17,7 +17,10 @@ compiled model mapped from disk. The same engines' SD1.5 step (benchmarks/speed.
 CFG 7) with plainsd's default path, without and with the refiner (A1111's switch at 0.8; one UNet in memory at a
 time, as A1111's default sd_checkpoints_limit of 1 keeps it), each process drawing an untimed 1-step picture first;
 --e2e-rows picks one of the two. --check compares one step of every engine with plainsd's float32 one on the
-same weights (use it with a tiny preset).
+same weights (use it with a tiny preset). --avx2-only runs every process as a CPU with AVX2 alone would
+(speed.hold_to_avx2: the kernels of torch, MKL and OpenVINO held to AVX2, plainsd choosing as there: fp16 weights
+computed in float32 for SDXL, float32 for SD1.5), on this CPU's clock, caches and memory: a stand-in for that
+class, which the table names.
 
 Needs the test extras (diffusers, transformers) and openvino: pip install -e '.[test,openvino]'.
 """
@@ -34,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import CACHE, PROMPT, ROOT, cpu_name, _peaks, _rss_gb, matmul_peak  # noqa: E402
+from speed import CACHE, PROMPT, ROOT, cpu_name, hold_to_avx2, _peaks, _rss_gb, matmul_peak  # noqa: E402
 from speed import _checkpoint as sd15_checkpoint  # noqa: E402
 from speed import _run as speed_run  # noqa: E402
 
@@ -124,6 +127,7 @@ def _plainsd_step(task: dict, dtype):
     from plainsd.models.sdxl import vector
 
     engine = runtime.prepare(plainsd.load(task["path"], dtype=dtype))
+    dtype = engine.sd.unet.dtype  # (fp16-stored weights compute in float32)
     return lambda x, t, c, pooled, numbers: engine.unet(x.to(dtype), t, c.to(dtype),
                                                         y=vector(pooled, numbers).to(dtype)).float()
 
@@ -217,9 +221,12 @@ def _unet_step(task: dict) -> dict:
     """Load one engine, call it once untimed (packs weights / picks kernels: start-up), then time --repeats steps."""
     import torch
 
+    from plainsd import runtime, weights
     from plainsd.config import preset
 
     dtype = torch.bfloat16 if task["precision"] == "bf16" else torch.float32
+    if task.get("default"):  # plainsd's choice for this CPU and this model
+        dtype = runtime.choose_dtype("auto", weights.read_config(task["path"]))
     started = time.perf_counter()
     load = {"plainsd": _plainsd_step, "diffusers": _diffusers_step, "openvino": _openvino_step}[task["runtime"]]
     step = load(task, dtype)
@@ -253,10 +260,11 @@ def _e2e(task: dict) -> dict:
     import torch
 
     import plainsd
-    from plainsd import pipeline, runtime
+    from plainsd import pipeline, runtime, weights
 
     started = time.perf_counter()
-    engine = runtime.prepare(plainsd.load(task["path"], dtype=runtime.choose_dtype("auto")))
+    dtype = runtime.choose_dtype("auto", weights.read_config(task["path"]))
+    engine = runtime.prepare(plainsd.load(task["path"], dtype=dtype))
     refiner = {"refiner_checkpoint": task["refiner"], "refiner_switch_at": 0.8} if task.get("refiner") else {}
     settings = dict(sampler="DPM++ 2M", cfg_scale=7, seed=1, width=task["size"], height=task["size"], **refiner)
     with torch.inference_mode():
@@ -270,6 +278,8 @@ def _e2e(task: dict) -> dict:
 def worker(task: dict) -> dict:
     import torch
 
+    if task.get("avx2_only"):
+        hold_to_avx2()
     torch.set_num_threads(task["threads"])
     torch.set_flush_denormal(True)  # for every engine, as speed.py does
     sys.path.insert(0, str(ROOT / "src"))
@@ -327,7 +337,8 @@ def _shown(r: dict) -> str:
 
 def _measure(args, path: Path, bf16: bool) -> dict:
     """Every engine at every size, --rounds times, each in a fresh process; OpenVINO compiled beforehand."""
-    common = {"preset": args.preset, "path": str(path), "threads": args.threads, "repeats": args.repeats}
+    common = {"preset": args.preset, "path": str(path), "threads": args.threads, "repeats": args.repeats,
+              "avx2_only": args.avx2_only}
     results: dict[tuple, list[dict]] = {}
     for engine in args.engines:
         if ENGINES[engine][0] == "openvino":
@@ -340,7 +351,7 @@ def _measure(args, path: Path, bf16: bool) -> dict:
         for size in args.sizes:
             for engine in args.engines:
                 res = _run({**common, "kind": "unet", "runtime": ENGINES[engine][0], "size": size,
-                            "precision": _precision(engine, bf16)})
+                            "precision": _precision(engine, bf16), "default": engine == "plainsd"})
                 results.setdefault(("unet", size, engine), []).append(res)
                 print(f"round {r + 1}: SDXL UNet step {size} {engine}: {_shown(res)}", flush=True)
     return results
@@ -370,7 +381,7 @@ def _measure_e2e(args, path: Path) -> dict:
             if name not in args.e2e_rows:
                 continue
             res = _run({"kind": "e2e", "preset": args.preset, "path": str(path), "threads": args.threads,
-                        "size": args.e2e_size, **extra})
+                        "size": args.e2e_size, "avx2_only": args.avx2_only, **extra})
             results.setdefault(("e2e", args.e2e_size, row), []).append(res)
             print(f"round {r + 1}: txt2img {args.e2e_size} {row}: {_shown(res)}", flush=True)
     return results
@@ -430,7 +441,7 @@ def _step_table(title: str, results: dict, kind: str, size: int, args, gflop: fl
     for engine in args.engines:
         rs = results.get((kind, size, engine), [])
         s = _median(rs, "seconds")
-        name = f"{engine} ({args.precisions[engine]})"
+        name = f"{engine} ({args.sdxl_default if (kind, engine) == ('unet', 'plainsd') else args.precisions[engine]})"
         if s is None:
             lines.append(f"| {name} | failed: {rs[0].get('error', '') if rs else 'not run'} | | | | |")
             continue
@@ -468,6 +479,9 @@ def _table(results: dict, peaks: dict, args, check_lines: list[str]) -> str:
     flags = cpu_flags()
     shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
     peak = peaks[args.peak_name]
+    if args.avx2_only:
+        shown += ("; every process held to AVX2 (--avx2-only: the kernels and choices of a CPU with AVX2 alone, on "
+                  "this CPU's clock, caches and memory)")
     lines = [f"Machine: {cpu_name()} ({shown}), {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
              f"diffusers {diffusers.__version__}, OpenVINO {openvino.__version__.split('-')[0]}; measured matmul peak "
              f"{_peaks(peaks)}. Median of {args.rounds} rounds of {args.repeats} steps; command: "
@@ -486,7 +500,7 @@ def _table(results: dict, peaks: dict, args, check_lines: list[str]) -> str:
         lines += _targets(results, args)
     rows = [(k[2], rs) for k, rs in results.items() if k[0] == "e2e"]
     if rows:
-        lines += [f"txt2img {args.e2e_size}x{args.e2e_size} with plainsd's default path ({args.precisions['plainsd']}), "
+        lines += [f"txt2img {args.e2e_size}x{args.e2e_size} with plainsd's default path ({args.sdxl_default}), "
                   "20 steps of DPM++ 2M, CFG 7, one picture after an untimed 1-step one (text encoders + sampling + "
                   "decode; the refiner takes over at 0.8, A1111's default, with one UNet in memory at a time)", "",
                   "| picture | s | start-up s (load, 1-step picture) | peak RSS GB |", "|---|---|---|---|"]
@@ -513,6 +527,7 @@ def _parse(argv):
     p.add_argument("--e2e-rows", default="base,refiner", help="comma-separated end-to-end rows: base, refiner")
     p.add_argument("--check", action="store_true", help="first compare one step of every engine with plainsd's float32 "
                    "one (a tiny preset is enough)")
+    p.add_argument("--avx2-only", action="store_true", help="run as a CPU with AVX2 alone would (module doc)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "sdxl_speed.md"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -550,10 +565,14 @@ def main(argv=None) -> int:
         Path(args.result).write_text(json.dumps(worker(json.loads(args.worker))))
         return 0
     args.argv = sys.argv[1:] if argv is None else list(argv)
+    if args.avx2_only:
+        hold_to_avx2()
     from plainsd.runtime import native_bf16
 
     bf16 = native_bf16()
     args.precisions = {e: _precision(e, bf16) for e in ENGINES}
+    # plainsd's SDXL default here (where the CPU has no native bf16, the SD1.5 step's is float32)
+    args.sdxl_default = args.precisions["plainsd"] if bf16 else "fp16 weights, fp32 compute"
     args.peak_name = "bf16" if bf16 else "fp32"  # plainsd's default precision here: the table's peak
     path = _weights(args.preset, args.threads)
     check_lines = check(args, path, bf16) if args.check else []
