@@ -8,6 +8,7 @@ import torch
 
 import plainsd
 from plainsd import pipeline, runtime, weights
+from plainsd.models.layers import GEGLU
 from plainsd.runtime import HalfStoredConv2d, HalfStoredLinear, precision
 from tests.reference import perturb
 
@@ -36,12 +37,16 @@ def test_auto_picks_by_cpu_class_and_family(monkeypatch):
 
 
 def test_fp16_storage_computes_in_float32(sdxl):
-    """Linear and Conv2d weights stay fp16 (2 bytes a number), everything else is float32 (4), and each network gives what
-    the float32 network with the same fp16-rounded weights gives (float32 arithmetic: to float32's rounding)."""
+    """Linear and Conv2d weights but GEGLU's projections stay fp16 (2 bytes a number), everything else is float32
+    (4), and each network gives what the float32 network with the same fp16-rounded weights gives (float32
+    arithmetic: to float32's rounding)."""
     stored = copy.deepcopy(sdxl).half()
     counts = [runtime.compute_in_float32(n) for n in (stored.text_encoder, stored.unet, stored.vae)]
     reference = copy.deepcopy(sdxl).half().float()
-    layers = [m for m in stored.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    projections = [m.proj for m in stored.unet.modules() if isinstance(m, GEGLU)]
+    assert projections and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in projections)
+    layers = [m for m in stored.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+              and all(m is not p for p in projections)]
     assert sum(counts) == len(layers) and all(type(m) in (HalfStoredLinear, HalfStoredConv2d) for m in layers)
     assert all(m.weight.dtype == torch.float16 for m in layers)
     others = [p for n, p in stored.named_parameters() if not (n.endswith("weight") and p.dtype == torch.float16)]

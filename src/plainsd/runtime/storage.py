@@ -8,16 +8,24 @@ file's fp16, and each layer casts its weight to float32 when it runs: the activa
 path, and only the weights are rounded to fp16 (as an fp16 file already is). The cast costs one pass over the
 weights per network call.
 
+One kind of layer is the exception: GEGLU's projections (the feed-forward's first layer, 0.8 of SDXL's 2.6 billion
+UNet numbers) become float32 whole, 1.5 GiB more. runtime.prepare then packs them into oneDNN's layout once, as on
+the float32 path; cast at every call, they would be cast and then packed again by MKL, and they run at the deep
+levels' few rows, where that costs most. Of the float32 path's lead over all-fp16 weights they win back about half
+(benchmarks/sdxl_storage-held-to-avx2.md), and they leave a 1024x1024 picture within 12 GB.
+
 compute_in_float32 turns this on for a network loaded in fp16, by the class swap runtime/packing.py describes:
 nn.Linear and nn.Conv2d become HalfStoredLinear and HalfStoredConv2d (their forward alone changes), and every
-other parameter (biases, norms, embeddings: small) becomes float32, so that the network's dtype, which the
-models read from a bias, says float32 and the denoiser hands it float32 inputs.
+other parameter (biases, norms, embeddings: small; GEGLU's projections) becomes float32, so that the network's
+dtype, which the models read from a bias, says float32 and the denoiser hands it float32 inputs.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..models.layers import GEGLU
 
 
 class HalfStoredLinear(nn.Linear):
@@ -39,11 +47,13 @@ _HALF_STORED = {nn.Linear: HalfStoredLinear, nn.Conv2d: HalfStoredConv2d}
 
 def compute_in_float32(network: nn.Module) -> int:
     """Keep a network's fp16 linear and convolution weights in fp16 and run it in float32 (module doc): those
-    layers' classes swapped, every other fp16 parameter and buffer cast to float32. Returns how many layers keep
-    fp16 weights. A network in another dtype is left as it is (0)."""
+    layers' classes swapped, every other fp16 parameter and buffer (GEGLU's projections among them) cast to
+    float32. Returns how many layers keep fp16 weights. A network in another dtype is left as it is (0)."""
+    float32_layers = {id(m.proj) for m in network.modules() if isinstance(m, GEGLU)}
     count = 0
     for module in network.modules():
-        if type(module) in _HALF_STORED and module.weight.dtype == torch.float16:
+        if (type(module) in _HALF_STORED and module.weight.dtype == torch.float16
+                and id(module) not in float32_layers):
             module.__class__ = _HALF_STORED[type(module)]
             count += 1
     for module in network.modules():
