@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import CACHE, ROOT, _checkpoint, cpu_name, _diffusers_parts, _peaks, _rss_gb, matmul_peak  # noqa: E402
+from speed import CACHE, ROOT, _checkpoint, cpu_name, _diffusers_parts, _peaks, _rss_gib, matmul_peak  # noqa: E402
 from speed import _run as speed_run  # noqa: E402
 
 CONTROLNET = CACHE / "sd15-controlnet-random.safetensors"
@@ -122,7 +122,7 @@ def worker(task: dict) -> dict:
                 step(x, t, c, hint)
                 times[name].append(time.perf_counter() - t0)
     result.update({name: statistics.median(values) for name, values in times.items()})
-    result["peak_rss_gb"] = _rss_gb()
+    result["peak_rss_gib"] = _rss_gib()
     return result
 
 
@@ -151,7 +151,7 @@ def _table(results: dict, precisions: list[str], peaks: dict, args) -> str:
              "", f"UNet step with CFG (batch 2) at {args.size}x{args.size}, SD1.5 size, with and without one ControlNet "
              "(SD1.5 size, on both halves)", "",
              "| runtime | s/step | s/step + ControlNet | ControlNet's share | vs diffusers fp32 | + ControlNet vs diffusers fp32 "
-             "| start-up s | peak RSS GB |", "|---|---|---|---|---|---|---|---|"]
+             "| start-up s | peak RSS GiB |", "|---|---|---|---|---|---|---|---|"]
     for precision in precisions:
         for runtime in RUNTIMES:
             rs = results.get((runtime, precision), [])
@@ -163,7 +163,7 @@ def _table(results: dict, precisions: list[str], peaks: dict, args) -> str:
             lines.append(f"| {name} | {plain:.2f} | {control:.2f} | {100 * (control / plain - 1):+.0f}% | "
                          f"{base_plain / plain if base_plain else float('nan'):.2f}x | "
                          f"{base_control / control if base_control else float('nan'):.2f}x | "
-                         f"{_median(rs, 'startup'):.1f} | {_median(rs, 'peak_rss_gb'):.2f} |")
+                         f"{_median(rs, 'startup'):.1f} | {_median(rs, 'peak_rss_gib'):.2f} |")
     return "\n".join(lines) + "\n"
 
 

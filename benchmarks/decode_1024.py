@@ -14,7 +14,7 @@ from plainsd import pipeline, runtime
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def peak_gb() -> float:
+def peak_gib() -> float:
     return [int(line.split()[1]) / 2**20 for line in Path("/proc/self/status").read_text().splitlines()
             if line.startswith("VmHWM")][0]
 
@@ -22,11 +22,11 @@ def peak_gb() -> float:
 def main():
     sd = runtime.prepare(plainsd.load(ROOT / "benchmarks" / ".cache" / "sd15-random.safetensors",
                                       dtype=runtime.choose_dtype("auto"))).sd
-    print(f"after loading SD1.5 ({sd.dtype}): peak RSS {peak_gb():.2f} GB")
+    print(f"after loading SD1.5 ({sd.dtype}): peak RSS {peak_gib():.2f} GiB")
     latents = torch.randn(1, 4, 128, 128) * sd.config.scale_factor
     started = time.perf_counter()
     image = pipeline.decode(sd, latents)[0]
-    print(f"{image.width}x{image.height} decode by tiles: {time.perf_counter() - started:.1f} s, peak RSS {peak_gb():.2f} GB")
+    print(f"{image.width}x{image.height} decode by tiles: {time.perf_counter() - started:.1f} s, peak RSS {peak_gib():.2f} GiB")
 
 
 if __name__ == "__main__":

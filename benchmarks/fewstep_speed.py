@@ -49,7 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import _run as speed_run  # noqa: E402
 from speed import (CACHE, PROMPT, ROOT, _checkpoint, cpu_name, _diffusers_parts, hold_to_avx2,  # noqa: E402
-                   _median, _OVUNet, _peaks, _rss_gb, matmul_peak)
+                   _median, _OVUNet, _peaks, _rss_gib, matmul_peak)
 
 STEPS = 4
 LORA_RANK = 64
@@ -245,7 +245,7 @@ def worker(task: dict) -> dict:
         result = _diffusers_e2e(task, dtype, started)
     else:
         result = _plainsd_e2e(task, dtype, started)
-    result["peak_rss_gb"] = _rss_gb()
+    result["peak_rss_gib"] = _rss_gib()
     return result
 
 
@@ -262,7 +262,7 @@ def _measure(jobs: list[tuple[str, str, dict]], rounds: int) -> dict:
         for kind, name, task in jobs:
             res = _run(task)
             results.setdefault((kind, name), []).append(res)
-            shown = (f"{res['seconds']:.2f} s (start-up {res['startup']:.1f} s, peak RSS {res['peak_rss_gb']:.2f} GB)"
+            shown = (f"{res['seconds']:.2f} s (start-up {res['startup']:.1f} s, peak RSS {res['peak_rss_gib']:.2f} GiB)"
                      if "seconds" in res else res["error"])
             print(f"round {r + 1}: {kind} {name}: {shown}", flush=True)
     return results
@@ -348,13 +348,13 @@ def _table(results: dict, e2e: dict, unet: dict, peaks: dict, args) -> str:
              "LCM-LoRA model: the pictures are noise, the work is the same.", "",
              f"txt2img end to end, {size}x{size}, one image (text encoder + sampling + decode); plainsd in "
              f"{args.precision}, its default here", "",
-             "| row | UNet calls | s | start-up s | peak RSS GB |", "|---|---|---|---|---|"]
+             "| row | UNet calls | s | start-up s | peak RSS GiB |", "|---|---|---|---|---|"]
     for name in e2e:
         rs = results.get(("e2e", name), [])
         s = _median(rs, "seconds")
         lines.append(_row(name, 2 * 20 if name == DEFAULT_ROW else STEPS, s and f"{s:.2f}", rs))
     lines += ["", f"UNet alone at {size}x{size}, batch 1 (one step at CFG 1)", "",
-              f"| runtime | s/step | {STEPS} steps s | start-up s | peak RSS GB |", "|---|---|---|---|---|"]
+              f"| runtime | s/step | {STEPS} steps s | start-up s | peak RSS GiB |", "|---|---|---|---|---|"]
     for name in unet:
         rs = results.get(("unet", name), [])
         s = _median(rs, "seconds")
@@ -367,7 +367,7 @@ def _row(name: str, first, seconds: str | None, rs: list[dict]) -> str:
     """A table row: name, first column, seconds, start-up, peak RSS; or why it has no figures."""
     if seconds is None:
         return f"| {name} | {first or ''} | failed: {rs[0].get('error', '') if rs else 'not run'} | | |"
-    return f"| {name} | {first} | {seconds} | {_median(rs, 'startup'):.1f} | {_median(rs, 'peak_rss_gb'):.2f} |"
+    return f"| {name} | {first} | {seconds} | {_median(rs, 'startup'):.1f} | {_median(rs, 'peak_rss_gib'):.2f} |"
 
 
 def _ratios(results: dict, e2e: dict, unet: dict, args) -> list[str]:

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import CACHE, PROMPT, ROOT, cpu_name, hold_to_avx2, _peaks, _rss_gb, matmul_peak  # noqa: E402
+from speed import CACHE, PROMPT, ROOT, cpu_name, hold_to_avx2, _peaks, _rss_gib, matmul_peak  # noqa: E402
 from speed import _checkpoint as sd15_checkpoint  # noqa: E402
 from speed import _run as speed_run  # noqa: E402
 
@@ -83,7 +83,7 @@ def _write_weights(task: dict) -> dict:
 
         perturb(sd, task.get("seed", 0) + 1)
     plainsd.save(sd, task["path"], dtype=torch.float16)
-    return {"peak_rss_gb": _rss_gb()}
+    return {"peak_rss_gib": _rss_gib()}
 
 
 def _inputs(unet_cfg, size: int):
@@ -197,7 +197,7 @@ def _ov_compile(task: dict) -> dict:
     with open(blob.with_suffix(".tmp"), "wb") as f:
         f.write(exported.getbuffer() if hasattr(exported, "getbuffer") else exported)
     blob.with_suffix(".tmp").replace(blob)
-    return {"seconds": time.perf_counter() - started, "peak_rss_gb": _rss_gb()}
+    return {"seconds": time.perf_counter() - started, "peak_rss_gib": _rss_gib()}
 
 
 def _openvino_step(task: dict, dtype):
@@ -239,7 +239,7 @@ def _unet_step(task: dict) -> dict:
             t0 = time.perf_counter()
             step(*inputs)
             times.append(time.perf_counter() - t0)
-        result.update(seconds=statistics.median(times), peak_rss_gb=_rss_gb())
+        result.update(seconds=statistics.median(times), peak_rss_gib=_rss_gib())
         if task.get("save"):
             from safetensors.torch import save_file
 
@@ -272,7 +272,7 @@ def _e2e(task: dict) -> dict:
         result = {"startup": time.perf_counter() - started}
         t0 = time.perf_counter()
         pipeline.txt2img(engine, PROMPT, steps=20, **settings)
-    return {**result, "seconds": time.perf_counter() - t0, "peak_rss_gb": _rss_gb()}
+    return {**result, "seconds": time.perf_counter() - t0, "peak_rss_gib": _rss_gib()}
 
 
 def worker(task: dict) -> dict:
@@ -332,7 +332,7 @@ def _shown(r: dict) -> str:
     if "error" in r:
         return "failed: " + r["error"]
     extra = f", start-up {r['startup']:.1f} s" if "startup" in r else ""
-    return f"{r['seconds']:.2f} s ({'peak RSS %.2f GB' % r['peak_rss_gb']}{extra})"
+    return f"{r['seconds']:.2f} s ({'peak RSS %.2f GiB' % r['peak_rss_gib']}{extra})"
 
 
 def _measure(args, path: Path, bf16: bool) -> dict:
@@ -436,7 +436,7 @@ def _median(rs: list[dict], key: str) -> float | None:
 def _step_table(title: str, results: dict, kind: str, size: int, args, gflop: float, peak: float) -> list[str]:
     base = _median(results.get((kind, size, "diffusers-fp32"), []), "seconds")
     lines = [f"{title}: {gflop:.0f} GFLOP", "",
-             f"| engine | s/step | vs diffusers fp32 | % of {args.peak_name} matmul peak | start-up s | peak RSS GB |",
+             f"| engine | s/step | vs diffusers fp32 | % of {args.peak_name} matmul peak | start-up s | peak RSS GiB |",
              "|---|---|---|---|---|---|"]
     for engine in args.engines:
         rs = results.get((kind, size, engine), [])
@@ -447,7 +447,7 @@ def _step_table(title: str, results: dict, kind: str, size: int, args, gflop: fl
             continue
         ratio = f"{base / s:.2f}x" if base else ""
         lines.append(f"| {name} | {s:.2f} | {ratio} | {100 * gflop / s / peak:.0f}% | {_median(rs, 'startup'):.1f} | "
-                     f"{_median(rs, 'peak_rss_gb'):.2f} |")
+                     f"{_median(rs, 'peak_rss_gib'):.2f} |")
     return lines + [""]
 
 
@@ -503,10 +503,10 @@ def _table(results: dict, peaks: dict, args, check_lines: list[str]) -> str:
         lines += [f"txt2img {args.e2e_size}x{args.e2e_size} with plainsd's default path ({args.sdxl_default}), "
                   "20 steps of DPM++ 2M, CFG 7, one picture after an untimed 1-step one (text encoders + sampling + "
                   "decode; the refiner takes over at 0.8, A1111's default, with one UNet in memory at a time)", "",
-                  "| picture | s | start-up s (load, 1-step picture) | peak RSS GB |", "|---|---|---|---|"]
+                  "| picture | s | start-up s (load, 1-step picture) | peak RSS GiB |", "|---|---|---|---|"]
         for row, rs in rows:
             s = _median(rs, "seconds")
-            lines.append(f"| {row} | {s:.1f} | {_median(rs, 'startup'):.1f} | {_median(rs, 'peak_rss_gb'):.2f} |" if s
+            lines.append(f"| {row} | {s:.1f} | {_median(rs, 'startup'):.1f} | {_median(rs, 'peak_rss_gib'):.2f} |" if s
                          else f"| {row} | failed: {rs[0].get('error', '')} | | |")
         lines.append("")
     return "\n".join(lines)

@@ -89,7 +89,7 @@ VARIANTS, E2E = VARIANTS_BF16, E2E_BF16  # main() picks the pair for this CPU
 
 # --- the worker: one measurement in a fresh process -------------------------------------------------
 
-def _rss_gb() -> float:
+def _rss_gib() -> float:
     """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited across fork + exec)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -258,7 +258,7 @@ def worker(task: dict) -> dict:
                     latents = sched.step(eps_u + 7 * (eps_c - eps_u), ts, latents).prev_sample
                 parts["vae"].decode((latents / 0.18215).to(dtype), return_dict=False)
                 result["seconds"] = time.perf_counter() - t0
-    result["peak_rss_gb"] = _rss_gb()
+    result["peak_rss_gib"] = _rss_gib()
     return result
 
 
@@ -425,7 +425,7 @@ def main(argv=None) -> int:
             res = _run({**common, "runtime": runtime, "precision": precision, "kind": kind, "size": size, "fast": fast,
                         "token_merging": merging[0] if merging else 0.0})
             results.setdefault((kind, size, name), []).append(res)
-            shown = f"{res['seconds']:.2f} s (start-up {res['startup']:.1f} s, peak RSS {res['peak_rss_gb']:.2f} GB)" \
+            shown = f"{res['seconds']:.2f} s (start-up {res['startup']:.1f} s, peak RSS {res['peak_rss_gib']:.2f} GiB)" \
                 if "seconds" in res else res["error"]
             print(f"round {r + 1}: {kind} {size} {name}: {shown}", flush=True)
 
@@ -458,7 +458,7 @@ def _table(results, peaks, sizes, args) -> str:
         step_gflop, _ = model_gflop(size)
         base = _median(results.get(("unet", size, "diffusers fp32"), []), "seconds")
         lines += [f"UNet step with CFG (batch 2) at {size}x{size}: {step_gflop:.0f} GFLOP", "",
-                  f"| runtime | s/step | vs diffusers fp32 | % of {args.peak} matmul peak | start-up s | peak RSS GB |",
+                  f"| runtime | s/step | vs diffusers fp32 | % of {args.peak} matmul peak | start-up s | peak RSS GiB |",
                   "|---|---|---|---|---|---|"]
         for name in VARIANTS:
             rs = results.get(("unet", size, name))
@@ -470,7 +470,7 @@ def _table(results, peaks, sizes, args) -> str:
                 continue
             ratio = f"{base / s:.2f}x" if base else ""
             lines.append(f"| {name} | {s:.2f} | {ratio} | {100 * step_gflop / s / peaks[args.peak]:.0f}% | "
-                         f"{_median(rs, 'startup'):.1f} | {_median(rs, 'peak_rss_gb'):.2f} |")
+                         f"{_median(rs, 'startup'):.1f} | {_median(rs, 'peak_rss_gib'):.2f} |")
         lines.append("")
     _, vae_gflop = model_gflop(512)
     rows = [(name, results[("vae", 512, name)]) for name in VARIANTS if ("vae", 512, name) in results]
@@ -484,10 +484,10 @@ def _table(results, peaks, sizes, args) -> str:
     rows = [(name, results[("e2e", 512, name)]) for name in E2E if ("e2e", 512, name) in results]
     if rows:
         lines += ["txt2img 512x512, 20 steps of DPM++ 2M, CFG 7, one image (text encoder + sampling + decode)", "",
-                  "| runtime | s | start-up s | peak RSS GB |", "|---|---|---|---|"]
+                  "| runtime | s | start-up s | peak RSS GiB |", "|---|---|---|---|"]
         for name, rs in rows:
             s = _median(rs, "seconds")
-            lines.append(f"| {name} | {s:.1f} | {_median(rs, 'startup'):.1f} | {_median(rs, 'peak_rss_gb'):.2f} |"
+            lines.append(f"| {name} | {s:.1f} | {_median(rs, 'startup'):.1f} | {_median(rs, 'peak_rss_gib'):.2f} |"
                          if s else f"| {name} | failed: {rs[0].get('error', '')} | | |")
         lines.append("")
     return "\n".join(lines)
