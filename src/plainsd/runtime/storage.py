@@ -4,15 +4,15 @@ On a CPU without avx512_bf16 or AMX (AVX2 and older AVX-512) bf16 arithmetic is 
 float32, and half precision arithmetic is slower still; but an SDXL model's float32 weights (14 GB with its two
 text encoders) alone exceed the 12 GB a 1024x1024 picture should fit in. So the weights of its linear and
 convolution layers (97% of SDXL's numbers; the rest is mostly the text towers' token embeddings) stay in the
-file's fp16, and each layer casts its weight to float32 when it runs: the activations, the arithmetic and the results are float32, as on the float32
-path, and only the weights are rounded to fp16 (as an fp16 file already is). The cast costs one pass over the
-weights per network call.
+file's fp16, and each layer casts its weight to float32 when it runs: the activations, the arithmetic and the
+results are float32, as on the float32 path, and only the weights are rounded to fp16 (as an fp16 file already
+is). The cast costs one pass over the weights per network call.
 
-One kind of layer is the exception: GEGLU's projections (the feed-forward's first layer, 0.8 of SDXL's 2.6 billion
-UNet numbers) become float32 whole, 1.5 GiB more. runtime.prepare then packs them into oneDNN's layout once, as on
-the float32 path; cast at every call, they would be cast and then packed again by MKL, and they run at the deep
-levels' few rows, where that costs most. Of the float32 path's lead over all-fp16 weights they win back about half
-(benchmarks/sdxl_storage-held-to-avx2.md), and they leave a 1024x1024 picture within 12 GB.
+One kind of layer is the exception: GEGLU's projections (the feed-forward's first layer, 0.8 billion of the SDXL
+UNet's 2.6 billion numbers) become float32 whole, 1.5 GiB more. runtime.prepare then packs them into oneDNN's
+layout once, as on the float32 path; cast at every call, they would be cast and then packed again by MKL, and
+they run at the deep levels' few rows, where that costs most. With them the fp16 path comes within a few percent
+of float32 weights at SDXL's sizes (docs/sdxl.md, "AVX2 kernels"), and a 1024x1024 picture stays within 12 GB.
 
 compute_in_float32 turns this on for a network loaded in fp16, by the class swap runtime/packing.py describes:
 nn.Linear and nn.Conv2d become HalfStoredLinear and HalfStoredConv2d (their forward alone changes), and every
