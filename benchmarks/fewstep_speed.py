@@ -339,7 +339,7 @@ def _table(results: dict, e2e: dict, unet: dict, peaks: dict, args) -> str:
         shown += ("; every row held to AVX2 (--avx2-only: the kernels and choices of a CPU with AVX2 alone, on this "
                   "CPU's clock, caches and memory)")
     size = args.size
-    lines = [f"Machine: {cpu_name()} ({shown}), {os.cpu_count()} cores, {args.threads} threads, "
+    lines = [f"Machine: {cpu_name()} (this CPU's flags: {shown}), {os.cpu_count()} cores, {args.threads} threads, "
              f"torch {torch.__version__}, diffusers {diffusers.__version__}, OpenVINO {openvino.__version__}; "
              f"measured matmul peak {_peaks(peaks)}. Median of {args.rounds} rounds (UNet alone: of {args.repeats} "
              f"calls each); command: `.venv/bin/python benchmarks/fewstep_speed.py {shlex.join(args.argv)}`", "",

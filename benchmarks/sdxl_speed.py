@@ -482,8 +482,9 @@ def _table(results: dict, peaks: dict, args, check_lines: list[str]) -> str:
     if args.avx2_only:
         shown += ("; every process held to AVX2 (--avx2-only: the kernels and choices of a CPU with AVX2 alone, on "
                   "this CPU's clock, caches and memory)")
-    lines = [f"Machine: {cpu_name()} ({shown}), {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}, "
-             f"diffusers {diffusers.__version__}, OpenVINO {openvino.__version__.split('-')[0]}; measured matmul peak "
+    lines = [f"Machine: {cpu_name()} (this CPU's flags: {shown}), {os.cpu_count()} cores, {args.threads} threads, "
+             f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
+             f"OpenVINO {openvino.__version__.split('-')[0]}; measured matmul peak "
              f"{_peaks(peaks)}. Median of {args.rounds} rounds of {args.repeats} steps; command: "
              f"`.venv/bin/python benchmarks/sdxl_speed.py {shlex.join(args.argv)}`", ""]
     lines += check_lines

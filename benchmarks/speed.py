@@ -318,6 +318,11 @@ def hold_to_avx2() -> None:
     precision.cpu_flags = lambda: set(AVX2_FLAGS)
 
 
+def held_to_avx2() -> bool:
+    """True in a process that hold_to_avx2 holds, or that such a process started."""
+    return all(os.environ.get(name) == value for name, value in AVX2_ONLY.items())
+
+
 def matmul_peak(threads: int, bf16: bool = True) -> dict:
     """Measured GEMM throughput (GFLOP/s) of this machine in fp32 and (where the CPU has it natively) bf16,
     with torch (oneDNN / MKL)."""
@@ -436,8 +441,9 @@ def main(argv=None) -> int:
 
 
 def _peaks(peaks: dict) -> str:
+    missing = " (bf16 not run: held to AVX2)" if held_to_avx2() else " (no native bf16 on this CPU)"
     return ", ".join(f"{name} {value:.0f} GFLOP/s" for name, value in peaks.items()) + (
-        "" if "bf16" in peaks else " (no native bf16 on this CPU)")
+        "" if "bf16" in peaks else missing)
 
 
 
