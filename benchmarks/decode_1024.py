@@ -26,7 +26,8 @@ def main():
     latents = torch.randn(1, 4, 128, 128) * sd.config.scale_factor
     started = time.perf_counter()
     image = pipeline.decode(sd, latents)[0]
-    print(f"{image.width}x{image.height} decode by tiles: {time.perf_counter() - started:.1f} s, peak RSS {peak_gib():.2f} GiB")
+    seconds = time.perf_counter() - started
+    print(f"{image.width}x{image.height} decode by tiles: {seconds:.1f} s, peak RSS {peak_gib():.2f} GiB")
 
 
 if __name__ == "__main__":
