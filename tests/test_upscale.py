@@ -109,9 +109,11 @@ def test_each_file_runs_as_spandrel_runs_it(models, name, record_parity):
     record_parity(f"upscaler {name} vs spandrel", diff)
     assert diff < 1e-6
     assert expected.std() > 0.01  # the model does something (not one colour), so equality means something
-    # the whole way from a picture, by name, at the model's own scale: the reference's output rounded
+    # the whole way from a picture, by name, at the model's own scale: the reference's output rounded, where a value
+    # within 1e-6 of a half step may round the other way (it does on AVX2 kernels): one step at most, and rarely
     picture = upscale.upscale(_picture(), listed.name, MODELS[name][1], models, tile=0, precision="fp32")
-    assert np.array_equal(np.asarray(picture), np.asarray(upscale._to_pil(expected)))
+    steps = np.abs(np.asarray(picture, dtype=int) - np.asarray(upscale._to_pil(expected), dtype=int))
+    assert steps.max() <= 1 and (steps > 0).mean() < 1e-3
 
 
 def test_tiles_placed_as_a1111_split_grid():
