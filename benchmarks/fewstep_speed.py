@@ -48,8 +48,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import _run as speed_run  # noqa: E402
-from speed import (CACHE, PROMPT, ROOT, _checkpoint, cpu_name, _diffusers_parts, hold_to_avx2,  # noqa: E402
-                   _median, _OVUNet, _peaks, _rss_gib, matmul_peak)
+from speed import (CACHE, PROMPT, ROOT, _checkpoint, cpu_name, _diffusers_parts, flags_shown,  # noqa: E402
+                   hold_to_avx2, _median, _OVUNet, _peaks, _rss_gib, matmul_peak)
 
 STEPS = 4
 LORA_RANK = 64
@@ -331,13 +331,7 @@ def _table(results: dict, e2e: dict, unet: dict, peaks: dict, args) -> str:
     import openvino
     import torch
 
-    from plainsd.runtime import cpu_flags
-
-    flags = cpu_flags()
-    shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
-    if args.avx2_only:
-        shown += ("; every row held to AVX2 (--avx2-only: the kernels and choices of a CPU with AVX2 alone, on this "
-                  "CPU's clock, caches and memory)")
+    shown = flags_shown("every row" if args.avx2_only else None)
     size = args.size
     lines = [f"Machine: {cpu_name()} (this CPU's flags: {shown}), {os.cpu_count()} cores, {args.threads} threads, "
              f"torch {torch.__version__}, diffusers {diffusers.__version__}, OpenVINO {openvino.__version__}; "

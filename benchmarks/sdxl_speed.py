@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import CACHE, PROMPT, ROOT, cpu_name, hold_to_avx2, _peaks, _rss_gib, matmul_peak  # noqa: E402
+from speed import CACHE, PROMPT, ROOT, cpu_name, flags_shown, hold_to_avx2, _peaks, _rss_gib, matmul_peak  # noqa: E402
 from speed import _checkpoint as sd15_checkpoint  # noqa: E402
 from speed import _run as speed_run  # noqa: E402
 
@@ -474,14 +474,8 @@ def _table(results: dict, peaks: dict, args, check_lines: list[str]) -> str:
     import openvino
     import torch
 
-    from plainsd.runtime import cpu_flags
-
-    flags = cpu_flags()
-    shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    shown = flags_shown("every process" if args.avx2_only else None)
     peak = peaks[args.peak_name]
-    if args.avx2_only:
-        shown += ("; every process held to AVX2 (--avx2-only: the kernels and choices of a CPU with AVX2 alone, on "
-                  "this CPU's clock, caches and memory)")
     lines = [f"Machine: {cpu_name()} (this CPU's flags: {shown}), {os.cpu_count()} cores, {args.threads} threads, "
              f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
              f"OpenVINO {openvino.__version__.split('-')[0]}; measured matmul peak "

@@ -323,6 +323,19 @@ def held_to_avx2() -> bool:
     return all(os.environ.get(name) == value for name, value in AVX2_ONLY.items())
 
 
+def flags_shown(held: str | None = None) -> str:
+    """This CPU's flags as the tables' first line names them; held (what --avx2-only held to AVX2: "every row",
+    "every process") adds what that means."""
+    from plainsd.runtime import cpu_flags
+
+    flags = cpu_flags()
+    shown = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    if held:
+        shown += (f"; {held} held to AVX2 (--avx2-only: the kernels and choices of a CPU with AVX2 alone, on this "
+                  "CPU's clock, caches and memory)")
+    return shown
+
+
 def matmul_peak(threads: int, bf16: bool = True) -> dict:
     """Measured GEMM throughput (GFLOP/s) of this machine in fp32 and (where the CPU has it natively) bf16,
     with torch (oneDNN / MKL)."""
