@@ -265,7 +265,8 @@ def test_refiner_is_prepared_as_the_base_model(sd, refiner_file, dtype):
     result = pipeline.txt2img(engine, "a red circle", "blurry", steps=steps, seed=4, sampler="Euler", cfg_scale=scale,
                               refiner_checkpoint=str(refiner_file), refiner_switch_at=switch)
     refiner = engine.refiner[1]
-    runtime.restore(refiner.sd.unet)  # (written out after its steps: test_one_unet_in_memory_at_a_time)
+    for part in (refiner.sd.unet, refiner.sd.vae, *refiner.sd.text_encoder.towers):
+        runtime.restore(part)  # (written out after its steps: test_one_unet_in_memory_at_a_time)
     assert refiner.prepared and refiner.load_dtype == dtype and refiner.sd.dtype == engine.sd.dtype
     if dtype == torch.bfloat16:
         assert any(isinstance(m, PackedConv2d) for m in refiner.sd.unet.modules())
@@ -290,11 +291,13 @@ def sharing_refiner_file(sd, tmp_path_factory):
 
 
 @pytest.mark.parametrize("prepared", [False, True])
-def test_one_unet_in_memory_at_a_time(sd, sharing_refiner_file, prepared):
+@pytest.mark.parametrize("shares", [True, False], ids=["sharing", "own-parts"])
+def test_one_unet_in_memory_at_a_time(sd, sharing_refiner_file, refiner_file, prepared, shares):
     """As A1111 with its default sd_checkpoints_limit of 1: in a refiner run the base's UNet and the refiner's take
     turns in memory (the other's weights written out: runtime/offloading.py), two batches included; the pictures
     equal those of an engine that keeps both (checkpoints_limit 2) bit for bit; after the run the base's UNet is
-    back and the refiner's written out, while the parts the two share stay."""
+    back and the refiner's written out, while the parts the two share stay. A refiner with a bigG tower and VAE of
+    its own writes them out with its UNet."""
     import copy
 
     def engine_with(limit):
@@ -303,22 +306,27 @@ def test_one_unet_in_memory_at_a_time(sd, sharing_refiner_file, prepared):
         engine.checkpoints_limit = limit
         return engine
 
-    def holds(unet):
-        return sum(t.numel() for t in unet.parameters()) > 0
+    def holds(*modules):
+        return all(sum(t.numel() for t in m.parameters()) > 0 for m in modules)
+
+    def own(engine):
+        refiner = engine.refiner[1].sd
+        return [refiner.unet, refiner.vae, refiner.text_encoder.towers[0]]
 
     seen = []
-    kw = dict(steps=6, seed=3, sampler="Euler", cfg_scale=5.0, refiner_checkpoint=str(sharing_refiner_file),
-              refiner_switch_at=0.5, batch_count=2)
+    kw = dict(steps=6, seed=3, sampler="Euler", cfg_scale=5.0, refiner_checkpoint=str(
+        sharing_refiner_file if shares else refiner_file), refiner_switch_at=0.5, batch_count=2)
     one = engine_with(1)
     result = pipeline.txt2img(one, "a red circle", "blurry", **kw, callback=lambda info: seen.append(
-        (info.step, holds(one.sd.unet), holds(one.refiner[1].sd.unet))))
+        (info.step, holds(one.sd.unet), holds(one.refiner[1].sd.unet), holds(*own(one)[1:]))))
     refiner = one.refiner[1].sd
-    assert seen == [(i, i < 3, i >= 3) for i in range(6)] * 2
+    assert seen == [(i, i < 3, i >= 3, shares or i >= 3) for i in range(6)] * 2
     assert holds(one.sd.unet) and not holds(refiner.unet) and runtime.offloaded(refiner.unet)
-    assert refiner.vae is one.sd.vae and holds(refiner.vae)
+    assert (refiner.vae is one.sd.vae) == shares and holds(one.sd.vae, *one.sd.text_encoder.towers)
+    assert holds(*own(one)[1:]) == shares and all(runtime.offloaded(m) != shares for m in own(one)[1:])
     both = engine_with(2)
     kept = pipeline.txt2img(both, "a red circle", "blurry", **kw)
-    assert holds(both.sd.unet) and holds(both.refiner[1].sd.unet)
+    assert holds(both.sd.unet, *own(both))
     assert [p.tobytes() for p in result.images] == [p.tobytes() for p in kept.images]
     assert result.infotexts == kept.infotexts
 

@@ -878,6 +878,8 @@ def _refiner(engine: Engine, req: GenerationRequest, params: Parameters, hires: 
     if refiner.config.unet.in_channels != refiner.config.vae.z_channels or _embeds_guidance(refiner):
         raise ValueError(f"the refiner {refiner.name} is an inpainting or LCM-distilled model; a refiner must be a "
                          "plain text-to-image model")
+    for tower in _towers(refiner):  # (its own come back for the encoding; written out again when the steps begin)
+        restore(tower)
     embeddings = load_embeddings(req.embeddings_dir, refiner) if req.embeddings_dir is not None else None
     encode = _TextStates(refiner, req.clip_skip, embeddings)
     if hires:
@@ -921,12 +923,28 @@ def _one_unet(engine: Engine) -> bool:
 
 def _resident(engine: Engine, unet: torch.nn.Module) -> None:
     """Make this UNet (the base's or the refiner's) the one whose weights are in memory, the other's written out
-    (runtime/offloading.py), where the engine keeps one at a time (_one_unet)."""
+    (runtime/offloading.py), where the engine keeps one at a time (_one_unet). The refiner's own text towers and VAE,
+    where it does not share the base's (_refiner_engine), come and go with its UNet."""
     if engine.refiner is not None and _one_unet(engine):
         for other in (engine.sd.unet, engine.refiner[1].sd.unet):
             if other is not unet:
-                offload(other)
-    restore(unet)  # (also where a refiner failed to load, or the engine keeps both now)
+                for part in _with_own_parts(engine, other):
+                    offload(part)
+    for part in _with_own_parts(engine, unet):
+        restore(part)  # (also where a refiner failed to load, or the engine keeps both now)
+
+
+def _with_own_parts(engine: Engine, unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """The UNet, and where it is the refiner's, the refiner's text towers and VAE that are not the base's."""
+    refiner = engine.refiner[1].sd if engine.refiner is not None else None
+    if refiner is None or unet is not refiner.unet:
+        return [unet]
+    base = {id(m) for m in engine.sd.modules()}
+    return [unet] + [m for m in (*_towers(refiner), refiner.vae) if id(m) not in base]
+
+
+def _towers(sd: StableDiffusion) -> list[torch.nn.Module]:
+    return sd.text_encoder.towers if sd.config.sdxl else [sd.text_encoder]
 
 
 def _refiner_loras(engine: Engine, refiner: Engine | None, loras: list) -> list[str]:
