@@ -143,13 +143,9 @@ def _diffusers_step(task: dict, dtype):
     return step
 
 
-def _ov_paths(task: dict) -> tuple[Path, Path]:
-    """The converted model (one per weights file) and the compiled one (per size, precision, threads)."""
-    import openvino as ov
-
-    folder = CACHE / f"ov-{Path(task['path']).stem}"
-    version = ov.__version__.split("-")[0]
-    return folder / "unet.xml", folder / f"{task['size']}-{task['precision']}-{task['threads']}t-ov{version}.blob"
+def _ov_xml(task: dict) -> Path:
+    """The converted model, one per weights file."""
+    return CACHE / f"ov-{Path(task['path']).stem}" / "unet.xml"
 
 
 def _ov_config(task: dict) -> dict:
@@ -157,14 +153,29 @@ def _ov_config(task: dict) -> dict:
             "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": task["threads"]}
 
 
+def _ov_compiled(task: dict):
+    """The converted model compiled for the task's size, precision and threads. OpenVINO keeps the compiled model in
+    its CACHE_DIR, written to the file as it goes (export_model's bytes would hold a second copy of SDXL's weights in
+    memory), and reads it from there in later processes; one cache per precision, as speed.py keeps them."""
+    import openvino as ov
+
+    from plainsd.config import preset
+
+    core = ov.Core()
+    core.set_property({"CACHE_DIR": str(_ov_xml(task).parent / f"compiled-{task['precision']}")})
+    model = core.read_model(str(_ov_xml(task)))
+    model.reshape({i: list(s.shape) for i, s in enumerate(_inputs(preset(task["preset"]).unet, task["size"]))})
+    return core.compile_model(model, "CPU", _ov_config(task))
+
+
 def _ov_compile(task: dict) -> dict:
-    """Convert diffusers' UNet once (float32 IR) and compile it for one size and precision, exported to disk."""
+    """Convert diffusers' UNet once (float32 IR) and compile it for one size and precision (_ov_compiled)."""
     import openvino as ov
     import torch
 
     from plainsd.config import preset
 
-    xml, blob = _ov_paths(task)
+    xml = _ov_xml(task)
     started = time.perf_counter()
     if not xml.is_file():
         unet_cfg = preset(task["preset"]).unet
@@ -188,32 +199,20 @@ def _ov_compile(task: dict) -> dict:
         del model
         tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
         tmp.replace(xml)
-    core = ov.Core()
-    model = core.read_model(str(xml))
-    model.reshape({i: list(s.shape) for i, s in enumerate(_inputs(preset(task["preset"]).unet, task["size"]))})
-    compiled = core.compile_model(model, "CPU", _ov_config(task))
-    del model  # (the float32 IR: out of memory before the export's copy of the compiled model is made)
-    exported = compiled.export_model()
-    with open(blob.with_suffix(".tmp"), "wb") as f:
-        f.write(exported.getbuffer() if hasattr(exported, "getbuffer") else exported)
-    blob.with_suffix(".tmp").replace(blob)
+    _ov_compiled(task)
     return {"seconds": time.perf_counter() - started, "peak_rss_gib": _rss_gib()}
 
 
 def _openvino_step(task: dict, dtype):
-    import numpy as np
-    import openvino as ov
     import torch
 
-    _, blob = _ov_paths(task)
-    mapped = np.memmap(blob, dtype=np.uint8, mode="c")  # copy-on-write: OpenVINO wants a writeable array
-    compiled = ov.Core().import_model(ov.Tensor(mapped, shared_memory=True), "CPU", _ov_config(task))
+    compiled = _ov_compiled(task)  # (read from OpenVINO's cache: _ov_compile made it)
     request = compiled.create_infer_request()
 
     def step(x, t, c, pooled, numbers):
         out = request.infer([a.float().numpy() for a in (x, t, c, pooled, numbers)])[0]
         return torch.from_numpy(out.copy())
-    step.mapped = mapped  # (the mapping lives as long as the compiled model)
+    step.compiled = compiled  # (kept as long as the step)
     return step
 
 
