@@ -878,7 +878,7 @@ def _refiner(engine: Engine, req: GenerationRequest, params: Parameters, hires: 
     if refiner.config.unet.in_channels != refiner.config.vae.z_channels or _embeds_guidance(refiner):
         raise ValueError(f"the refiner {refiner.name} is an inpainting or LCM-distilled model; a refiner must be a "
                          "plain text-to-image model")
-    for tower in _towers(refiner):  # (its own come back for the encoding; written out again when the steps begin)
+    for tower in refiner.text_towers:  # (its own come back for the encoding; written out again when the steps begin)
         restore(tower)
     embeddings = load_embeddings(req.embeddings_dir, refiner) if req.embeddings_dir is not None else None
     encode = _TextStates(refiner, req.clip_skip, embeddings)
@@ -939,12 +939,8 @@ def _with_own_parts(engine: Engine, unet: torch.nn.Module) -> list[torch.nn.Modu
     refiner = engine.refiner[1].sd if engine.refiner is not None else None
     if refiner is None or unet is not refiner.unet:
         return [unet]
-    base = {id(m) for m in engine.sd.modules()}
-    return [unet] + [m for m in (*_towers(refiner), refiner.vae) if id(m) not in base]
-
-
-def _towers(sd: StableDiffusion) -> list[torch.nn.Module]:
-    return sd.text_encoder.towers if sd.config.sdxl else [sd.text_encoder]
+    shared = [*engine.sd.text_towers, engine.sd.vae]  # (what weights.load's share_with may take)
+    return [unet] + [m for m in (*refiner.text_towers, refiner.vae) if not any(m is s for s in shared)]
 
 
 def _refiner_loras(engine: Engine, refiner: Engine | None, loras: list) -> list[str]:

@@ -790,9 +790,8 @@ def _common_parts(config: ModelConfig, other: StableDiffusion) -> list[tuple[str
     pairs = [("vae", other.vae)] if config.vae == other.config.vae else []
     mine = [c for c in (config.text, config.text2) if c is not None]
     theirs = [c for c in (other.config.text, other.config.text2) if c is not None]
-    their_towers = other.text_encoder.towers if other.config.sdxl else [other.text_encoder]
     for (_, prefix, _), cfg in zip(text_towers(config), mine):
-        same = [tower for their_cfg, tower in zip(theirs, their_towers) if their_cfg == cfg]
+        same = [tower for their_cfg, tower in zip(theirs, other.text_towers) if their_cfg == cfg]
         if same:
             pairs.append((prefix.rstrip("."), same[0]))
     return pairs
@@ -1705,8 +1704,7 @@ def _write_diffusers(sd: StableDiffusion, root: Path, dtype: torch.dtype, metada
     component("unet", diffusers_unet_config(config), diffusers_unet_state(sd.unet, config.unet), "diffusion_pytorch_model.safetensors", kept)
     component("vae", diffusers_vae_config(config), diffusers_vae_state(sd.vae, config.vae),
               "diffusion_pytorch_model.safetensors")
-    towers = sd.text_encoder.towers if config.sdxl else [sd.text_encoder]
-    for (encoder, tokenizer, cls, cfg), tower in zip(_diffusers_text_layout(config), towers):
+    for (encoder, tokenizer, cls, cfg), tower in zip(_diffusers_text_layout(config), sd.text_towers):
         state, layers = _hf_text_tower(tower, cfg, bool(config.sdxl))
         component(encoder, hf_text_config(cfg, layers, cls, dtype), state, "model.safetensors")
         write_clip_tokenizer(root / tokenizer, sd.tokenizer, cfg.pad)

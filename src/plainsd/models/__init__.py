@@ -34,6 +34,11 @@ class StableDiffusion(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.unet.dtype
 
+    @property
+    def text_towers(self) -> list[nn.Module]:
+        """The CLIP text models: SD1/2's one, SDXL's CLIP-L and bigG (the refiner's bigG alone)."""
+        return self.text_encoder.towers if self.config.sdxl else [self.text_encoder]
+
     def __repr__(self) -> str:
         params = sum(p.numel() for p in self.parameters())
         kind = family(self.config)

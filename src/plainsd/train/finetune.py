@@ -222,8 +222,7 @@ def trainable(sd, s: FinetuneSettings, captions: list[str]) -> Trainable:
 def token_tables(sd) -> list[torch.Tensor]:
     """The token embedding table of each text tower (SDXL: CLIP-L's, then bigG's, the order of the towers' columns
     in an embedding's vectors)."""
-    towers = sd.text_encoder.towers if sd.config.sdxl else [sd.text_encoder]
-    return [tower.text_model.embeddings.token_embedding.weight for tower in towers]
+    return [tower.text_model.embeddings.token_embedding.weight for tower in sd.text_towers]
 
 
 def initial_vectors(sd, s: TextualInversionSettings) -> torch.Tensor:
