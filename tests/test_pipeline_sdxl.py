@@ -294,10 +294,11 @@ def sharing_refiner_file(sd, tmp_path_factory):
 @pytest.mark.parametrize("shares", [True, False], ids=["sharing", "own-parts"])
 def test_one_unet_in_memory_at_a_time(sd, sharing_refiner_file, refiner_file, prepared, shares):
     """As A1111 with its default sd_checkpoints_limit of 1: in a refiner run the base's UNet and the refiner's take
-    turns in memory (the other's weights written out: runtime/offloading.py), two batches included; the pictures
-    equal those of an engine that keeps both (checkpoints_limit 2) bit for bit; after the run the base's UNet is
-    back and the refiner's written out, while the parts the two share stay. A refiner with a bigG tower and VAE of
-    its own writes them out with its UNet."""
+    turns in memory (the other's weights written out: runtime/offloading.py), two batches included. In the base's
+    steps the base model is whole and the refiner's parts of its own are written out; in the refiner's steps only
+    its UNet and the VAE that decodes its latents are in memory; the refiner's text towers come back for its
+    prompts in place of the base's. The pictures equal those of an engine that keeps both (checkpoints_limit 2) bit
+    for bit; after the run the base model is whole again and the refiner's UNet written out."""
     import copy
 
     def engine_with(limit):
@@ -309,24 +310,30 @@ def test_one_unet_in_memory_at_a_time(sd, sharing_refiner_file, refiner_file, pr
     def holds(*modules):
         return all(sum(t.numel() for t in m.parameters()) > 0 for m in modules)
 
-    def own(engine):
-        refiner = engine.refiner[1].sd
-        return [refiner.unet, refiner.vae, refiner.text_encoder.towers[0]]
+    def held(engine):  # (base UNet, base CLIP-L, base bigG, base VAE, refiner UNet, refiner bigG, refiner VAE)
+        base, refiner = engine.sd, engine.refiner[1].sd
+        return tuple(holds(m) for m in (base.unet, *base.text_towers, base.vae, refiner.unet, *refiner.text_towers,
+                                        refiner.vae))
 
-    seen = []
+    def expected(refining):  # the refiner's bigG and VAE are the base's where it shares them
+        if refining:
+            return (False, False, False, shares, True, False, True)
+        return (True, True, True, True, False, shares, shares)
+
+    seen, encoding = [], []
     kw = dict(steps=6, seed=3, sampler="Euler", cfg_scale=5.0, refiner_checkpoint=str(
         sharing_refiner_file if shares else refiner_file), refiner_switch_at=0.5, batch_count=2)
     one = engine_with(1)
-    result = pipeline.txt2img(one, "a red circle", "blurry", **kw, callback=lambda info: seen.append(
-        (info.step, holds(one.sd.unet), holds(one.refiner[1].sd.unet), holds(*own(one)[1:]))))
-    refiner = one.refiner[1].sd
-    assert seen == [(i, i < 3, i >= 3, shares or i >= 3) for i in range(6)] * 2
-    assert holds(one.sd.unet) and not holds(refiner.unet) and runtime.offloaded(refiner.unet)
-    assert (refiner.vae is one.sd.vae) == shares and holds(one.sd.vae, *one.sd.text_encoder.towers)
-    assert holds(*own(one)[1:]) == shares and all(runtime.offloaded(m) != shares for m in own(one)[1:])
+    pipeline._refiner_engine(one, kw["refiner_checkpoint"]).sd.text_towers[0].text_model.embeddings.register_forward_hook(
+        lambda *_: encoding.append(held(one)))
+    result = pipeline.txt2img(one, "a red circle", "blurry", **kw, callback=lambda info: seen.append(held(one)))
+    assert seen == [expected(refining=i >= 3) for i in range(6)] * 2
+    refiners_prompts = (True, False, shares, True, False, True, shares)  # its towers in place of the base's
+    assert set(encoding) == ({refiners_prompts, expected(refining=False)} if shares else {refiners_prompts})
+    assert held(one) == expected(refining=False) and runtime.offloaded(one.refiner[1].sd.unet)
     both = engine_with(2)
     kept = pipeline.txt2img(both, "a red circle", "blurry", **kw)
-    assert holds(both.sd.unet, *own(both))
+    assert all(held(both))
     assert [p.tobytes() for p in result.images] == [p.tobytes() for p in kept.images]
     assert result.infotexts == kept.infotexts
 

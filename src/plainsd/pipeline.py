@@ -878,8 +878,8 @@ def _refiner(engine: Engine, req: GenerationRequest, params: Parameters, hires: 
     if refiner.config.unet.in_channels != refiner.config.vae.z_channels or _embeds_guidance(refiner):
         raise ValueError(f"the refiner {refiner.name} is an inpainting or LCM-distilled model; a refiner must be a "
                          "plain text-to-image model")
-    for tower in refiner.text_towers:  # (its own come back for the encoding; written out again when the steps begin)
-        restore(tower)
+    # its towers back for the encoding, in place of the base's (written out again when the steps begin)
+    _keep(engine, [sd.unet, sd.vae, *refiner.text_towers])
     embeddings = load_embeddings(req.embeddings_dir, refiner) if req.embeddings_dir is not None else None
     encode = _TextStates(refiner, req.clip_skip, embeddings)
     if hires:
@@ -922,25 +922,34 @@ def _one_unet(engine: Engine) -> bool:
 
 
 def _resident(engine: Engine, unet: torch.nn.Module) -> None:
-    """Make this UNet (the base's or the refiner's) the one whose weights are in memory, the other's written out
-    (runtime/offloading.py), where the engine keeps one at a time (_one_unet). The refiner's own text towers and VAE,
-    where it does not share the base's (_refiner_engine), come and go with its UNet."""
-    if engine.refiner is not None and _one_unet(engine):
-        for other in (engine.sd.unet, engine.refiner[1].sd.unet):
-            if other is not unet:
-                for part in _with_own_parts(engine, other):
-                    offload(part)
-    for part in _with_own_parts(engine, unet):
-        restore(part)  # (also where a refiner failed to load, or the engine keeps both now)
+    """Make this UNet (the base's or the refiner's) the one whose weights are in memory, with what its steps use
+    beside it (_used_with), where the engine keeps one UNet at a time (_one_unet): every other network of the two
+    models is written out (runtime/offloading.py)."""
+    _keep(engine, _used_with(engine, unet))
 
 
-def _with_own_parts(engine: Engine, unet: torch.nn.Module) -> list[torch.nn.Module]:
-    """The UNet, and where it is the refiner's, the refiner's text towers and VAE that are not the base's."""
+def _used_with(engine: Engine, unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """What a refiner run's steps use: in the base's, the base model whole; in the refiner's, its UNet and the VAE
+    that decodes their latents (both models' prompts are encoded before the steps: _refiner)."""
     refiner = engine.refiner[1].sd if engine.refiner is not None else None
     if refiner is None or unet is not refiner.unet:
-        return [unet]
-    shared = [*engine.sd.text_towers, engine.sd.vae]  # (what weights.load's share_with may take)
-    return [unet] + [m for m in (*refiner.text_towers, refiner.vae) if not any(m is s for s in shared)]
+        return _whole(engine.sd)
+    return [unet, refiner.vae]
+
+
+def _whole(sd: StableDiffusion) -> list[torch.nn.Module]:
+    return [sd.unet, *sd.text_towers, sd.vae]
+
+
+def _keep(engine: Engine, used: list[torch.nn.Module]) -> None:
+    """These networks in memory; where the engine has a refiner and keeps one UNet at a time, every other network
+    of the base and the refiner written out."""
+    if engine.refiner is not None and _one_unet(engine):
+        for part in _whole(engine.sd) + _whole(engine.refiner[1].sd):
+            if not any(part is u for u in used):
+                offload(part)
+    for part in used:
+        restore(part)  # (also where a refiner failed to load, or the engine keeps both now)
 
 
 def _refiner_loras(engine: Engine, refiner: Engine | None, loras: list) -> list[str]:
@@ -957,13 +966,13 @@ def _refiner_loras(engine: Engine, refiner: Engine | None, loras: list) -> list[
     for lora, _ in loras:
         fit = known.get(id(lora))
         if fit is None or fit[0] is not lora:
-            _resident(engine, refiner.sd.unet)  # (its layers' shapes; the base's steps come first: back below)
+            _keep(engine, _whole(refiner.sd))  # (its layers' shapes; the base's steps come first: back below)
             fit = (lora, *lora_mod.fitting(refiner.sd, lora, shared=lambda module: id(module) in base))
         fits[id(lora)] = fit
     _FITTED[refiner.sd] = fits  # (this run's only: a LoRA left out of a prompt is fitted again when it is back)
     fitted = [(fits[id(lora)][1], weight) for lora, weight in loras]
     if not lora_mod.wears(refiner.sd, fitted):
-        _resident(engine, refiner.sd.unet)
+        _keep(engine, _whole(refiner.sd))
         lora_mod.use(refiner.sd, fitted)
     _resident(engine, engine.sd.unet)
     return [f"{fits[id(lora)][2]} of the {len(lora.layers)} layers of LoRA {lora.name} have no layer of that name and "

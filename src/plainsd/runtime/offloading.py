@@ -4,8 +4,9 @@ A1111 keeps one checkpoint in memory by default (its setting sd_checkpoints_limi
 the base model's weights make way for the refiner's, and the base's come back for the next picture. The pipeline
 does the same with the two UNets of a refiner run (pipeline._resident): an SDXL base and refiner then never hold
 both UNets' weights at once, and a 1024x1024 picture with the refiner peaks at about what one without it does
-(benchmarks/sdxl_memory.md). The parts the two models share (VAE, text towers) stay in memory; a refiner's text
-towers and VAE of its own come and go with its UNet.
+(benchmarks/sdxl_memory.md). In the base's steps the base model is whole; in the refiner's, its UNet and the
+VAE that decodes their latents alone: the text towers of both models are written out too (the prompts are
+encoded before the steps), and so is the base's VAE where the refiner has one of its own.
 
 offload(network) unpacks the network's packed layers (runtime/packing.py), writes every parameter and buffer to one
 file in a folder of its own under plainsd's cache (~/.cache/plainsd/offload, or $PLAINSD_CACHE/offload: on disk,
