@@ -8,16 +8,14 @@ the model on this CPU (or --precision), runtime.prepare, then txt2img at 1024x10
 1024 (by tiles) included. The refiner row hands the latents over at refiner_switch_at 0.5 to a full-size random
 refiner. --refiner-parts base (the default): its file, written once into --cache in fp16, holds a random UNet and
 the base file's own bigG tower and VAE, as Stability's refiner file holds the base's, and the pipeline loads it as
-it loads any refiner, sharing those two parts with the base (weights.load's share_with). --refiner-parts own: the
-refiner is built whole in that process with random weights of its own in fp16 and cast to the base's load dtype,
-as loading such a file would give it (no second file on disk), then prepared as the pipeline prepares a refiner.
-Either refiner is in memory before the picture's timer starts. --checkpoints-limit 1 (A1111's default, and plainsd's)
-lets the base's UNet and the refiner's take turns in memory (runtime/offloading.py: the other written to a file under
-plainsd's cache, read back before it runs again), 2 keeps both, "1,2" runs a refiner row with each; the refiner built
-in memory (--refiner-parts own) is made beside the base's UNet, whatever the limit. The peak is the process's
-resident high-water mark (VmHWM), the seconds are wall time. A few steps are enough for the peak (every step
-allocates alike); the time of a 20-step picture needs a quiet machine. --preset tiny-sdxl --size 64 runs the same
-code at test size, in seconds.
+it loads any refiner, sharing those two parts with the base (weights.load's share_with). --refiner-parts own: a
+random refiner of its own bigG tower and VAE, written once into --cache in fp16 as well (the worst case: nothing
+shared). Either refiner is in memory before the picture's timer starts. --checkpoints-limit 1 (A1111's default,
+and plainsd's) lets the base's UNet and the refiner's take turns in memory (runtime/offloading.py: the other written
+to a file under plainsd's cache, read back before it runs again), 2 keeps both, "1,2" runs a refiner row with each.
+The peak is the process's resident high-water mark (VmHWM), the seconds are wall time. A few steps are enough for
+the peak (every step allocates alike); the time of a 20-step picture needs a quiet machine. --preset tiny-sdxl
+--size 64 runs the same code at test size, in seconds.
 
 --paths: "native" runs as this CPU is; "avx2" runs as a CPU with AVX2 alone would: runtime.cpu_flags reports
 avx2 and fma only (so "auto" makes its choice for such a CPU) and oneDNN, MKL and ATen are held to their AVX2
@@ -89,7 +87,6 @@ def run(task: dict) -> dict:
     """One row, in this (fresh) process."""
     import plainsd
     from plainsd import pipeline, runtime, weights
-    from plainsd.models import StableDiffusion
 
     if task["path"] == "avx2":  # (the kernels were held to AVX2 by the environment the parent gave this process)
         hold_to_avx2()
@@ -100,14 +97,7 @@ def run(task: dict) -> dict:
     engine.checkpoints_limit = task["checkpoints_limit"]
     loaded, after_load = time.perf_counter() - started, peak_gb()
     extra, shared = {}, False
-    if task.get("refiner") and task["refiner_parts"] == "own":  # built here, as loading would make it: fp16, then
-        torch.manual_seed(0)                                     # the load dtype
-        torch.set_default_dtype(torch.float16)
-        refiner = StableDiffusion(plainsd.preset(task["preset"] + "-refiner")).to(engine.load_dtype)
-        torch.set_default_dtype(torch.float32)
-        Path(task["refiner"]).touch()  # (the request checks that the refiner's path exists)
-        engine.refiner = (str(Path(task["refiner"]).resolve()), runtime.prepare(refiner.eval().requires_grad_(False)))
-    elif task.get("refiner"):  # its file, loaded as the pipeline loads a refiner
+    if task.get("refiner"):  # its file, loaded as the pipeline loads a refiner
         refiner = pipeline._refiner_engine(engine, task["refiner"]).sd
         shared = refiner.vae is engine.sd.vae and refiner.text_encoder.towers[0] is engine.sd.text_encoder.towers[1]
     if task.get("refiner"):
@@ -166,13 +156,14 @@ def main():
     cache.mkdir(parents=True, exist_ok=True)
     base = cache / f"{args.preset}-random-fp16.safetensors"
     refiner = cache / (f"{args.preset}-refiner-base-parts-fp16.safetensors" if args.refiner_parts == "base"
-                       else f"{args.preset}-refiner-in-memory")
+                       else f"{args.preset}-refiner-random-fp16.safetensors")
     if not base.is_file():
         print(f"writing {base} ...", flush=True)
         _child({"make": args.preset, "path": str(base)})
-    if args.refiner_parts == "base" and "refiner" in args.rows.split(",") and not refiner.is_file():
+    if "refiner" in args.rows.split(",") and not refiner.is_file():
         print(f"writing {refiner} ...", flush=True)
-        _child({"make_refiner": args.preset, "base": str(base), "path": str(refiner)})
+        _child({"make_refiner": args.preset, "base": str(base), "path": str(refiner)} if args.refiner_parts == "base"
+               else {"make": args.preset + "-refiner", "path": str(refiner)})
     from plainsd import runtime
 
     flags = sorted(runtime.cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
@@ -202,7 +193,7 @@ def main():
                     "steps": args.steps, "precision": args.precision, "path": path, "checkpoints_limit": limit}
             r = _child(task)
             label = "base" if row == "base" else "base + refiner (switch at 0.5)"
-            label += ", bigG and VAE shared" if r["shared"] else ""
+            label += (", bigG and VAE shared" if r["shared"] else ", bigG and VAE its own") if row == "refiner" else ""
             if row == "refiner":
                 label += ", one UNet at a time" if limit == 1 else ", both UNets kept"
             cpu = "this CPU" if path == "native" else "as AVX2 only (forced)"
