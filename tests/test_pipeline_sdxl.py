@@ -338,6 +338,26 @@ def test_one_unet_in_memory_at_a_time(sd, sharing_refiner_file, refiner_file, pr
     assert result.infotexts == kept.infotexts
 
 
+@pytest.mark.parametrize("shares", [True, False], ids=["sharing", "own-parts"])
+def test_the_base_makes_way_while_a_refiner_is_readied(sd, sharing_refiner_file, refiner_file, shares, monkeypatch):
+    """With one UNet at a time, the base's parts that a new refiner does not share are written out while the refiner
+    is prepared (the base's UNet before it is read); the base is whole again after."""
+    import copy
+
+    engine = runtime.prepare(copy.deepcopy(sd))
+    base, seen = engine.sd, []
+    holds = lambda m: sum(t.numel() for t in m.parameters()) > 0  # noqa: E731
+
+    def spy(model, *args, **kwargs):
+        seen.append(tuple(holds(m) for m in (base.unet, *base.text_towers, base.vae)))
+        return runtime.prepare(model, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prepare", spy)
+    pipeline._refiner_engine(engine, str(sharing_refiner_file if shares else refiner_file))
+    assert seen == [(False, False, shares, shares)]  # (UNet, CLIP-L, bigG, VAE): the shared bigG and VAE stay
+    assert all(holds(m) for m in (base.unet, *base.text_towers, base.vae))
+
+
 def test_a_refiner_that_fails_to_load_leaves_the_base_model_whole(sd, tmp_path):
     """The base's UNet is written out before a refiner is read (one UNet at a time); a file that is no checkpoint
     gives its sentence and the base's UNet is back."""

@@ -901,7 +901,9 @@ def _refiner_engine(engine: Engine, path: str) -> Engine:
     prepared the same way (eager: the refiner's UNet is not compiled by OpenVINO). Its VAE and text tower are the
     base model's own modules where their weights are equal (weights.load's share_with: SDXL's refiner file holds the
     base's bigG and VAE, which diffusers' documentation shares the same way), not second copies: compared with the
-    base's own weights, without the LoRAs of the run before (lora.use)."""
+    base's own weights, without the LoRAs of the run before (lora.use). With one UNet at a time (_one_unet), the
+    base's UNet is written out before the refiner is read, and its other parts that the refiner does not share before
+    the refiner is prepared; the base comes back whole after (_resident)."""
     path = str(Path(path).resolve())
     if engine.refiner is None or engine.refiner[0] != path:
         engine.refiner = None  # (the one before freed first)
@@ -909,6 +911,10 @@ def _refiner_engine(engine: Engine, path: str) -> Engine:
         if _one_unet(engine):
             offload(engine.sd.unet)
         refiner = load(path, dtype=engine.load_dtype, share_with=engine.sd)
+        if _one_unet(engine):  # (the base's parts it does not share make way while it is readied)
+            for part in _whole(engine.sd):
+                if not any(part is mine for mine in _whole(refiner)):
+                    offload(part)
         engine.refiner = (path, prepare(refiner) if engine.prepared else Engine(refiner))
         _resident(engine, engine.sd.unet)
     return engine.refiner[1]
