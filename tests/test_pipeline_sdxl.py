@@ -324,8 +324,8 @@ def test_one_unet_in_memory_at_a_time(sd, sharing_refiner_file, refiner_file, pr
     kw = dict(steps=6, seed=3, sampler="Euler", cfg_scale=5.0, refiner_checkpoint=str(
         sharing_refiner_file if shares else refiner_file), refiner_switch_at=0.5, batch_count=2)
     one = engine_with(1)
-    pipeline._refiner_engine(one, kw["refiner_checkpoint"]).sd.text_towers[0].text_model.embeddings.register_forward_hook(
-        lambda *_: encoding.append(held(one)))
+    refiners_tower = pipeline._refiner_engine(one, kw["refiner_checkpoint"]).sd.text_towers[0]
+    refiners_tower.text_model.embeddings.register_forward_hook(lambda *_: encoding.append(held(one)))
     result = pipeline.txt2img(one, "a red circle", "blurry", **kw, callback=lambda info: seen.append(held(one)))
     assert seen == [expected(refining=i >= 3) for i in range(6)] * 2
     refiners_prompts = (True, False, shares, True, False, True, shares)  # its towers in place of the base's
