@@ -107,7 +107,6 @@ def run(task: dict) -> dict:
     if task.get("refiner"):  # its file, loaded as the pipeline loads a refiner
         refiner = pipeline._refiner_engine(engine, task["refiner"]).sd
         shared = refiner.vae is engine.sd.vae and refiner.text_encoder.towers[0] is engine.sd.text_encoder.towers[1]
-    if task.get("refiner"):
         extra = {"refiner_checkpoint": task["refiner"], "refiner_switch_at": 0.5}
     size = task["size"]
     before_picture = peak_gb()
@@ -115,10 +114,10 @@ def run(task: dict) -> dict:
     started = time.perf_counter()
     result = pipeline.txt2img(engine, "a lighthouse at dusk", "blurry", steps=task["steps"], width=size,
                               height=size, seed=0, sampler="Euler", **extra)
-    seconds = time.perf_counter() - started
+    seconds, picture_peak = time.perf_counter() - started, peak_gb()
     assert result.images[0].size == (size, size)
-    return {"load_s": loaded, "load_peak": after_load, "seconds": seconds, "picture_peak": peak_gb(),
-            "peak": max(before_picture, peak_gb()), "shared": shared,
+    return {"load_s": loaded, "load_peak": after_load, "seconds": seconds, "picture_peak": picture_peak,
+            "peak": max(before_picture, picture_peak), "shared": shared,
             "dtype": str(dtype).replace("torch.", ""), "compute": str(engine.sd.unet.dtype).replace("torch.", "")}
 
 
@@ -204,10 +203,10 @@ def main():
                     "refiner_parts": args.refiner_parts, "size": args.size, "threads": args.threads,
                     "steps": args.steps, "precision": args.precision, "path": path, "checkpoints_limit": limit}
             r = _child(task)
-            label = "base" if row == "base" else "base + refiner (switch at 0.5)"
-            label += (", bigG and VAE shared" if r["shared"] else ", bigG and VAE its own") if row == "refiner" else ""
+            label = "base"
             if row == "refiner":
-                label += ", one UNet at a time" if limit == 1 else ", both UNets kept"
+                label = ("base + refiner (switch at 0.5), bigG and VAE " + ("shared" if r["shared"] else "its own")
+                         + (", one UNet at a time" if limit == 1 else ", both UNets kept"))
             cpu = "this CPU" if path == "native" else "as AVX2 only (forced)"
             table.append(f"| {cpu} | {label} | {r['dtype']} | {r['compute']} | {r['load_s']:.0f} | "
                          f"{r['load_peak']:.2f} | {r['seconds']:.0f} | {r['picture_peak']:.2f} | {r['peak']:.2f} |")
