@@ -109,8 +109,8 @@ def test_the_unconditional_half_by_mode(sd, folder):
 def test_the_controlnet_sees_the_unets_text(sd, folder, monkeypatch):
     seen = []
     real = ControlNet.forward
-    monkeypatch.setattr(ControlNet, "forward", lambda net, x, hint, t, context, stop=None:
-                        seen.append(context.clone()) or real(net, x, hint, t, context, stop))
+    monkeypatch.setattr(ControlNet, "forward", lambda net, x, hint, t, context, stop=None, y=None:
+                        seen.append(context.clone()) or real(net, x, hint, t, context, stop, y))
     engine = _spied(sd)
     texts = []
     inner = engine.unet.__call__

@@ -2,6 +2,8 @@
 weights (same noise, Euler on the same sigmas), the conditioning each pass gives the UNet (A1111's defaults: the
 picture's size as original and target size, crop 0, 0; an empty negative prompt as zeros), infotext, refusals."""
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -147,10 +149,62 @@ def test_img2img_inpaint_and_the_default_size(sd):
     assert plainsd.build("tiny-sdxl").config.resolution == 64 and plainsd.preset("sdxl").resolution == 1024
 
 
-def test_what_sdxl_does_not_run_yet_is_refused(sd, tmp_path):
-    unit = ControlUnit(model="cn", image=Image.new("RGB", (64, 64)), module="none")
-    with pytest.raises(ValueError, match="not yet with SDXL"):
+def test_controlnet_run_matches_diffusers_sdxl_controlnet_pipeline(sdxl_reference, record_parity, tmp_path):
+    """A ControlNet unit (Balanced, weight 0.8, the hint as given) against StableDiffusionXLControlNetPipeline at
+    controlnet_conditioning_scale 0.8, on the same random UNet and a ControlNet diffusers made from it, written
+    by its save_pretrained into the ControlNet folder; Euler on plainsd's sigmas, as the plain run's test."""
+    from diffusers import ControlNetModel, EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
+
+    _, unet, vae, text, text2, sd = sdxl_reference("tiny-sdxl")
+    torch.manual_seed(0)
+    perturb(ControlNetModel.from_unet(unet), 4).save_pretrained(tmp_path / "xl_canny")
+    controlnet = ControlNetModel.from_pretrained(tmp_path / "xl_canny").eval()
+    hint = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    steps, seed, scale, prompt = 4, 5, 6.0, "a red circle on the left"
+    unit = ControlUnit(model="xl_canny", image=hint, module="none", weight=0.8)
+    request = GenerationRequest(prompt, seed=seed, steps=steps, sampler="Euler", cfg_scale=scale, width=64, height=64,
+                                controlnet=(unit,), controlnet_dir=str(tmp_path))
+    ours = np.asarray(pipeline.generate(sd, request).images[0], dtype=np.float64)
+    plain = np.asarray(pipeline.generate(sd, dataclasses.replace(request, controlnet=())).images[0], dtype=np.float64)
+
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="linspace")
+    pipe = StableDiffusionXLControlNetPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=None,
+                                               tokenizer_2=None, unet=unet, controlnet=controlnet, scheduler=scheduler,
+                                               force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    sigmas = pipeline._denoiser(sd, sampler=SAMPLERS["Euler"]).get_sigmas(steps, "normal")
+    with torch.no_grad():
+        embeds, pooled = sdxl_text_reference(text, text2, Tokenizer("sd1")([prompt]), Tokenizer("sd2")([prompt]))
+        noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+        theirs = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=hint, controlnet_conditioning_scale=0.8,
+                      sigmas=sigmas.tolist(), guidance_scale=scale, height=64, width=64, latents=noise,
+                      output_type="np").images[0]
+    d = np.abs(ours - theirs * 255).max()
+    record_parity("txt2img tiny-sdxl + ControlNet, 4 Euler steps vs StableDiffusionXLControlNetPipeline (0-255)",
+                  float(d))
+    assert d <= 1.0, d
+    assert np.abs(ours - plain).max() > 10  # the ControlNet steers the picture
+    # an AVX2 CPU's default: fp16 weights computed in float32, the ControlNet's as the UNet's, read in fp16
+    engine = runtime.prepare(copy.deepcopy(sd).half())
+    stored = np.asarray(pipeline.generate(engine, request).images[0], dtype=np.float64)
+    (net,) = engine.controlnets.values()
+    assert runtime.half_stored(net) and net.label_emb[0][0].weight.dtype == torch.float16
+    d16 = np.abs(stored - ours).max()
+    record_parity("txt2img tiny-sdxl + ControlNet, fp16 weights computed in float32 vs float32 (0-255)", float(d16))
+    assert d16 <= 2, d16
+
+
+def test_an_sd1_controlnet_is_refused_by_an_sdxl_model(sd, tmp_path):
+    from tests.test_control import random_controlnet, save_controlnet
+
+    save_controlnet(random_controlnet(plainsd.build("tiny").unet.config, 0), tmp_path / "sd15_canny.safetensors")
+    unit = ControlUnit(model="sd15_canny", image=Image.new("RGB", (64, 64)), module="none")
+    with pytest.raises(ValueError, match="is for another kind of model.*an SDXL one an SDXL base model"):
         pipeline.txt2img(sd, "a circle", steps=1, controlnet=(unit,), controlnet_dir=str(tmp_path))
+
+
+def test_what_sdxl_does_not_run_yet_is_refused(sd):
     with pytest.raises(ValueError, match="SDXL models run on the eager backend"):
         pipeline.txt2img(Engine(sd, "openvino", unet=lambda *a, **k: None), "a circle", steps=1)
 

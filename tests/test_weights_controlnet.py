@@ -147,7 +147,7 @@ def test_what_is_not_a_controlnet_gets_one_sentence(tmp_path):
         "lora.safetensors": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)},
                              "not a ControlNet.*looks like a LoRA file"),
         "adapter.safetensors": ({"adapter.body.0.resnets.0.block1.weight": torch.zeros(4, 4, 3, 3)}, "T2I-Adapter"),
-        "sdxl.safetensors": ({**state, "label_emb.0.0.weight": torch.zeros(4, 4)}, "is an SDXL ControlNet"),
+        "sdxl.safetensors": ({**state, "label_emb.0.0.weight": torch.zeros(4, 4)}, "does not fit the SDXL ControlNet"),
         "control-lora.safetensors": ({**state, "lora_controlnet": torch.zeros(1)}, "is a Control-LoRA"),
         "diff.safetensors": ({**state, "difference": torch.zeros(1)}, "difference from a base UNet"),
         "missing.safetensors": ({k: v for k, v in state.items() if k != "zero_convs.1.0.weight"},

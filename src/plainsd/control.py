@@ -27,8 +27,8 @@
    - The hires pass of a canny or mlsd unit always uses the soft weights (the extension does so to keep thin
      edges from leaving artefacts at the larger size).
    - Several units: the sum of their residuals. A unit of weight 0 is not run (it would add zeros).
-   The ControlNet sees the UNet's text for each row of the batch, its timesteps, and (inpainting UNets: 9 input
-   channels) the first 4 channels of its input.
+   The ControlNet sees the UNet's text for each row of the batch, its timesteps, an SDXL UNet's vector of pooled
+   text and sizes, and (inpainting UNets: 9 input channels) the first 4 channels of its input.
    T2I-Adapter units follow the same rules of steps, weight and halves, with the extension's adapter branches: the
    features depend on the hint alone, so each pass computes them once (at its first active call; the extension
    computes them once per job and resizes them for the hires pass, here that pass computes its own from its hint);
@@ -144,7 +144,9 @@ def load_controlnets(engine, units: tuple[ControlUnit, ...], folder=None) -> lis
         path = find_controlnet(unit.model, folder).resolve()
         key = (str(path), path.stat().st_mtime_ns)
         if key not in cache:
-            cache[key] = runtime.prepare_controlnet(weights.load_control_model(path).eval(), engine)
+            # read in the dtype the model's weights came in (fp16 where they stay fp16: no float32 copy on the way)
+            net = weights.load_control_model(path, dtype=engine.load_dtype)
+            cache[key] = runtime.prepare_controlnet(net.eval(), engine)
         cache.move_to_end(key)
         _check_fits(cache[key], engine.sd.unet.config, unit.model)
         nets.append(cache[key])
@@ -168,12 +170,13 @@ def _check_fits(net, unet_cfg, name: str) -> None:
     if cfg.in_channels != unet_cfg.in_channels and not (cfg.in_channels == 4 and unet_cfg.in_channels == 9):
         raise ValueError(f"the ControlNet {name!r} reads {cfg.in_channels} latent channels and this model's UNet "
                          f"{unet_cfg.in_channels}; it needs the same, or 4 beside an inpainting model's 9")
-    same = ("model_channels", "channel_mult", "num_res_blocks", "context_dim")
+    same = ("model_channels", "channel_mult", "num_res_blocks", "context_dim", "adm_in_channels")
     if any(getattr(cfg, f) != getattr(unet_cfg, f) for f in same):
         mine = ", ".join(f"{f} {getattr(cfg, f)}" for f in same)
         theirs = ", ".join(f"{f} {getattr(unet_cfg, f)}" for f in same)
         raise ValueError(f"the ControlNet {name!r} is for another kind of model ({mine}); this model's UNet has "
-                         f"{theirs} (an SD 1.x ControlNet needs an SD 1.x model, an SD 2.x one an SD 2.x model)")
+                         f"{theirs} (an SD 1.x ControlNet needs an SD 1.x model, an SD 2.x one an SD 2.x model, "
+                         "an SDXL one an SDXL base model)")
 
 
 def unit_title(unit: ControlUnit, folder=None) -> str:
@@ -310,12 +313,16 @@ class ControlledUNet:
         """The pass's step a call at timestep t belongs to: the last step whose timestep is at or above it."""
         return step_at(self.ts, float(torch.as_tensor(t).reshape(-1).max()))
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance=None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance=None,
+                 y: torch.Tensor | None = None) -> torch.Tensor:
         """guidance: an LCM-distilled UNet's guidance scale (UNetModel.forward), passed on to it (the ControlNets,
-        which have no guidance embedding, do not get it)."""
+        which have no guidance embedding, do not get it). y: an SDXL UNet's vector, which its ControlNets read
+        too."""
         step, steps = self.step(t), len(self.ts)
         units = [u for u in self.units if u.active(step, steps)]
         extra = {} if guidance is None else {"guidance": guidance}
+        if y is not None:
+            extra["y"] = y
         if not units:
             return self.unet(x, t, context, **extra)
         cond_mark = torch.ones(x.shape[0], 1, 1, 1, device=x.device)
@@ -326,7 +333,7 @@ class ControlledUNet:
         adapters = [u for u in units if u.is_adapter]
         if nets:
             def control(stop: int | None = None) -> list[torch.Tensor]:
-                return _residuals(nets, x, t, context, cond_mark, stop)
+                return _residuals(nets, x, t, context, cond_mark, stop, y)
 
             extra["control"] = control if self.lazy else control()
         if adapters:
@@ -334,13 +341,14 @@ class ControlledUNet:
         return self.unet(x, t, context, **extra)
 
 
-def _residuals(units: list[ActiveUnit], x, t, context, cond_mark, stop: int | None) -> list[torch.Tensor]:
-    """The sum over the units of their scaled residuals (stop: only those of the first `stop` input blocks)."""
+def _residuals(units: list[ActiveUnit], x, t, context, cond_mark, stop: int | None, y=None) -> list[torch.Tensor]:
+    """The sum over the units of their scaled residuals (stop: only those of the first `stop` input blocks; y: an
+    SDXL UNet's vector)."""
     total = None
     for unit in units:
         x_in = x[:, :4] if x.shape[1] == 9 and unit.net.config.in_channels == 4 else x
         with torch.no_grad():
-            out = unit.net(x_in, unit.hint.to(x.device), t, context, stop=stop)
+            out = unit.net(x_in, unit.hint.to(x.device), t, context, stop=stop, y=y)
         full = len(unit.net.zero_convs) + 1
         out = [r * s for r, s in zip(out, unit.scales(full))]
         if unit.cond_only:

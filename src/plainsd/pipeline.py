@@ -398,12 +398,10 @@ def _check_guidance_embedding(sd: StableDiffusion, req: GenerationRequest) -> No
 
 
 def _check_sdxl(engine: Engine, req: GenerationRequest) -> None:
-    """What plainsd does not yet run with an SDXL model is refused rather than dropped: ControlNet and T2I-Adapter
-    units, the OpenVINO backend."""
+    """What plainsd does not yet run with an SDXL model is refused rather than dropped: the OpenVINO backend. (A
+    ControlNet or T2I-Adapter unit's network is checked against the model as it loads: control._check_fits.)"""
     if not engine.sd.config.sdxl:
         return
-    if req.controlnet:
-        raise ValueError("ControlNet and T2I-Adapter units run with SD 1.x / 2.x models, not yet with SDXL; remove them")
     if engine.backend != "eager":
         raise ValueError(f"SDXL models run on the eager backend, not yet on {engine.backend}")
 

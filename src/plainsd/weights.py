@@ -364,17 +364,27 @@ def _depths(depths: int | list, attention: tuple, levels: int) -> int | tuple:
     return tuple(middle if i == levels - 1 else (d if i in attention else 0) for i, d in enumerate(depths))
 
 
+def _check_text_time(u: dict, label: str) -> None:
+    """A diffusers UNet's or ControlNet's config.json adds no vector to the timestep embedding (SD 1.x / 2.x), or
+    SDXL's (addition_embed_type text_time, each size embedded by SIZE_EMBED_DIM sinusoids)."""
+    kind = u.get("addition_embed_type")
+    if kind not in (None, "text_time"):
+        raise CheckpointError(f"{label} has addition_embed_type={kind!r}; plainsd runs SD 1.x / 2.x (none) and SDXL "
+                              "(text_time) networks")
+    if kind and u.get("addition_time_embed_dim", SIZE_EMBED_DIM) != SIZE_EMBED_DIM:
+        raise CheckpointError(f"{label} embeds each size with {u['addition_time_embed_dim']} sinusoids; SDXL's take "
+                              f"{SIZE_EMBED_DIM}")
+
+
 def _diffusers_config(root: Path) -> ModelConfig:
     u = _read_json(root / "unet" / "config.json")
     v = _read_json(root / "vae" / "config.json")
-    for field in ("class_embed_type", "addition_embed_type", "encoder_hid_dim"):
-        if u.get(field) and (field, u[field]) != ("addition_embed_type", "text_time"):
+    for field in ("class_embed_type", "encoder_hid_dim"):
+        if u.get(field):
             raise CheckpointError(f"{root} is not an SD 1.x/2.x or SDXL model (its UNet has {field}={u[field]!r}; "
                                   "other UNet variants are not supported)")
+    _check_text_time(u, f"{root}: its UNet")
     sdxl = u.get("addition_embed_type") == "text_time"
-    if sdxl and u.get("addition_time_embed_dim", SIZE_EMBED_DIM) != SIZE_EMBED_DIM:
-        raise CheckpointError(f"{root}: its UNet embeds each size with {u['addition_time_embed_dim']} sinusoids; "
-                              f"SDXL's take {SIZE_EMBED_DIM}")
     unet = _diffusers_unet_config(u)
     vboc = list(v["block_out_channels"])
     vae = VAEConfig(in_channels=v.get("in_channels", 3), ch=vboc[0], ch_mult=tuple(c // vboc[0] for c in vboc),
@@ -1149,9 +1159,10 @@ CONTROL = "control_model."  # the prefix of a ControlNet's tensors inside lllyas
 _CONTROL_META = "plainsd.controlnet"  # what save_controlnet records of a ControlNet beside its tensors
 
 # diffusers ControlNetModel settings that name something plainsd's ControlNet does not have: (setting, the value
-# SD 1.x / 2.x ControlNets have; a config.json without the setting has that value too)
-_CONTROLNET_SAME = (("class_embed_type", None), ("num_class_embeds", None), ("addition_embed_type", None),
-                    ("encoder_hid_dim", None), ("encoder_hid_dim_type", None), ("mid_block_type", "UNetMidBlock2DCrossAttn"),
+# SD 1.x / 2.x and SDXL ControlNets have; a config.json without the setting has that value too). SDXL's
+# addition_embed_type, text_time, is read as the UNet's (_check_text_time).
+_CONTROLNET_SAME = (("class_embed_type", None), ("num_class_embeds", None), ("encoder_hid_dim", None),
+                    ("encoder_hid_dim_type", None), ("mid_block_type", "UNetMidBlock2DCrossAttn"),
                     ("resnet_time_scale_shift", "default"), ("flip_sin_to_cos", True), ("freq_shift", 0),
                     ("mid_block_scale_factor", 1), ("act_fn", "silu"), ("downsample_padding", 1),
                     ("conditioning_embedding_out_channels", [16, 32, 96, 256]))
@@ -1160,7 +1171,8 @@ _CONTROLNET_SAME = (("class_embed_type", None), ("num_class_embeds", None), ("ad
 def controlnet_diffusers_names(cfg: UNetConfig) -> list[tuple[str, str]]:
     """(diffusers prefix, original prefix) pairs for a ControlNet of this config: the UNet's way down and middle,
     then the hint encoder, the zero convolutions and the middle block's (as diffusers' ControlNetModel names them)."""
-    pairs = [p for p in unet_diffusers_names(cfg) if p[1].startswith(("time_embed.", "input_blocks.", "middle_block."))]
+    pairs = [p for p in unet_diffusers_names(cfg)
+             if p[1].startswith(("time_embed.", "label_emb.", "input_blocks.", "middle_block."))]
     hint = ["conv_in", *(f"blocks.{i}" for i in range(len(HINT_CHANNELS) - 1)), "conv_out"]
     pairs += [(f"controlnet_cond_embedding.{name}.", f"input_hint_block.{2 * i}.") for i, name in enumerate(hint)]
     skips = len(cfg.channel_mult) * (cfg.num_res_blocks + 1)  # the first convolution's, then each block's
@@ -1182,24 +1194,25 @@ def _controlnet_names(keys: set[str]) -> dict[str, str]:
     if any(k.startswith(CONTROL) for k in keys):
         return {k[len(CONTROL):]: k for k in keys if k.startswith(CONTROL)}
     if "controlnet_cond_embedding.conv_in.weight" in keys:
-        # the table needs only the levels and ResBlocks per level, which the names show
+        # the table needs only the levels, ResBlocks per level and SDXL's vector or not, which the names show
         levels = {k.split(".")[1] for k in keys if k.startswith("down_blocks.")}
         per_level = {k.split(".")[3] for k in keys if k.startswith("down_blocks.0.resnets.")}
-        pairs = controlnet_diffusers_names(UNetConfig(channel_mult=(1,) * len(levels), num_res_blocks=len(per_level)))
+        sdxl = "add_embedding.linear_1.weight" in keys
+        pairs = controlnet_diffusers_names(UNetConfig(channel_mult=(1,) * len(levels), num_res_blocks=len(per_level),
+                                                      adm_in_channels=int(sdxl)))
         return {(_rename(k, pairs) or "?" + k): k for k in keys}
     return {k: k for k in keys}
 
 
 def _check_controlnet_kind(names: set[str], keys: set[str], label: str) -> None:
-    """One sentence for a file that is not an SD 1.x / 2.x ControlNet plainsd runs, saying what it looks like."""
+    """One sentence for a file that is not a ControlNet plainsd runs, saying what it looks like."""
     if "input_hint_block.0.weight" in names and "time_embed.0.weight" in names:
         kinds = (("lora_controlnet", "a Control-LoRA (low-rank differences from a base UNet)"),
-                 ("difference", "a ControlNet stored as its difference from a base UNet (a transfer-control file)"),
-                 ("label_emb.0.0.weight", "an SDXL ControlNet"))
+                 ("difference", "a ControlNet stored as its difference from a base UNet (a transfer-control file)"))
         for key, kind in kinds:
             if key in names:
-                raise CheckpointError(f"{label} is {kind}, which plainsd does not load; it runs SD 1.x / 2.x ControlNets "
-                                      "with their full weights")
+                raise CheckpointError(f"{label} is {kind}, which plainsd does not load; it runs SD 1.x / 2.x and SDXL "
+                                      "ControlNets with their full weights")
         return
     raise CheckpointError(f"{label} is not a ControlNet: it has no {CONTROL}*, input_hint_block.* or "
                           f"controlnet_cond_embedding.* tensors; it looks like {_looks_like(keys)}")
@@ -1235,8 +1248,8 @@ def _controlnet_file(path: Path, source: TensorSource | None = None) -> tuple[UN
     needed = ("input_blocks.0.0.weight", "middle_block.1.transformer_blocks.0.attn2.to_k.weight")
     if any(k not in source.shapes for k in needed):
         lacks = _few(set(needed) - set(source.shapes))
-        raise CheckpointError(f"{path.name} is not a whole SD 1.x / 2.x ControlNet: it lacks {lacks}")
-    # The heads are not in the file: 8 for SD1 (768-wide text), 64 channels each for SD2, as the UNets have.
+        raise CheckpointError(f"{path.name} is not a whole SD 1.x / 2.x or SDXL ControlNet: it lacks {lacks}")
+    # The heads are not in the file: 8 for SD1 (768-wide text), 64 channels each for SD2 and SDXL, as the UNets have.
     # "shuffle" in the name means global pooling: the A1111 extension's rule (the files cannot say).
     return (_unet_config(source.shapes, prefix=""), source.shapes["input_hint_block.0.weight"][1],
             "shuffle" in path.stem.lower(), source)
@@ -1254,8 +1267,9 @@ def _controlnet_folder(root: Path) -> tuple[UNetConfig, int, bool, TensorSource]
     settings.append(("only_cross_attention", any(cross_only) if isinstance(cross_only, list) else cross_only, False))
     for field, have, value in settings:
         if (list(have) if isinstance(have, (list, tuple)) else have) != value:
-            raise CheckpointError(f"{root}: its ControlNet has {field}={have!r}, which plainsd's SD 1.x / 2.x ControlNet "
-                                  f"does not run (it needs {field}={value!r})")
+            raise CheckpointError(f"{root}: its ControlNet has {field}={have!r}, which plainsd's ControlNet does not "
+                                  f"run (it needs {field}={value!r})")
+    _check_text_time(c, f"{root}: its ControlNet")
     order = c.get("controlnet_conditioning_channel_order", "rgb")
     if order not in ("rgb", "bgr"):
         raise CheckpointError(f"{root}: unknown controlnet_conditioning_channel_order {order!r} (rgb or bgr)")
@@ -1289,7 +1303,7 @@ def _build_controlnet(path: Path, cfg: UNetConfig, hint_channels: int, pool: boo
     """The ControlNet of this config with the source's weights (a strict load)."""
     with torch.device("meta"):
         controlnet = ControlNet(cfg, hint_channels)
-    kind = "SD2" if cfg.head_dim > 0 else "SD1"
+    kind = "SDXL" if cfg.adm_in_channels > 0 else "SD2" if cfg.head_dim > 0 else "SD1"
     state = _strict_state(controlnet, source, f"{path.name} does not fit the {kind} ControlNet it looks like",
                           dtype or torch.float32)
     controlnet.load_state_dict(state, strict=True, assign=True)

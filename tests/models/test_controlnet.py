@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
+from plainsd.config import preset
 from plainsd.models.controlnet import ControlNet
+from plainsd.models.sdxl import SIZE_EMBED_DIM, size_numbers, vector
 from plainsd.weights import load_controlnet
 from tests.reference import max_diff, perturb, unet_pair
 from tests.test_configs import test_config
@@ -37,17 +39,28 @@ def _inputs(cfg, size=16, hint_channels=3, seed=0):
     return x, hint, torch.tensor([10, 900]), torch.randn(2, 77, cfg.context_dim, generator=g)
 
 
+def _vectors(cfg, seed=0) -> tuple[dict, dict]:
+    """An SDXL network's vector for two rows, as diffusers gets it (added_cond_kwargs: pooled text and time ids)
+    and as plainsd does (y); nothing for SD 1.x / 2.x."""
+    if cfg.adm_in_channels <= 0:
+        return {}, {}
+    pooled = torch.randn(2, cfg.adm_in_channels - 6 * SIZE_EMBED_DIM, generator=torch.Generator().manual_seed(seed))
+    numbers = torch.tensor([size_numbers("base", 1024, 768), size_numbers("base", 832, 1216, 64, 32)])
+    return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": numbers}}, {"y": vector(pooled, numbers)}
+
+
 def _compare(theirs, ours, record_parity, name, scale=0.7, hint_channels=3, tol=TOL):
     """Residuals at conditioning scale `scale` and the UNet's output with them, plainsd against diffusers."""
     (dunet, dcn), (unet, cn) = theirs, ours
     x, hint, t, ctx = _inputs(unet.config, hint_channels=hint_channels)
+    added, y = _vectors(unet.config)
     with torch.no_grad():
-        down, mid = dcn(x, t, ctx, hint, conditioning_scale=scale, return_dict=False)
-        residuals = cn(x, hint, t, ctx)
+        down, mid = dcn(x, t, ctx, hint, conditioning_scale=scale, return_dict=False, **added)
+        residuals = cn(x, hint, t, ctx, **y)
         expected = dunet(x, t, encoder_hidden_states=ctx, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid).sample
-        got = unet(x, t, ctx, control=[r * scale for r in residuals])
-        plain = unet(x, t, ctx)
+                         mid_block_additional_residual=mid, **added).sample
+        got = unet(x, t, ctx, control=[r * scale for r in residuals], **y)
+        plain = unet(x, t, ctx, **y)
     assert len(residuals) == len(down) + 1 == len(unet.input_blocks) + 1
     # relative to the largest value: the residuals of big random networks run to the thousands
     d_res = max(max_diff(a * scale, b) / max(1.0, float(b.abs().max())) for a, b in zip(residuals, [*down, mid]))
@@ -65,6 +78,45 @@ def test_controlnet_and_controlled_unet_match_diffusers(tmp_path, record_parity,
     dcn, cn = _controlnets(tmp_path / "cn", dunet)
     assert cn.config == unet.config and cn.name == "cn" and not cn.global_pool
     _compare((dunet, dcn), (unet, cn), record_parity, name)
+
+
+def test_sdxl_controlnet_matches_diffusers(tmp_path, record_parity):
+    """An SDXL ControlNet (diffusers' text_time: the vector of pooled text and sizes, per-level depth, no
+    attention on the first level), from a save_pretrained folder and from its weights as one file in diffusers'
+    names (how A1111 users keep diffusers' SDXL ControlNets)."""
+    from safetensors.torch import save_file
+
+    dunet, unet = unet_pair(preset("tiny-sdxl").unet)
+    dcn, cn = _controlnets(tmp_path / "cn", dunet)
+    assert cn.config == unet.config and hasattr(cn, "label_emb")
+    _compare((dunet, dcn), (unet, cn), record_parity, "tiny-sdxl")
+    save_file(dcn.state_dict(), str(tmp_path / "diffusers_xl_canny.safetensors"))
+    single = load_controlnet(tmp_path / "diffusers_xl_canny.safetensors")
+    assert single.config == unet.config
+    _compare((dunet, dcn), (unet, single), record_parity, "tiny-sdxl (one file, diffusers' names)")
+
+
+def test_sdxl_controlnets_with_fewer_transformer_blocks(tmp_path, record_parity):
+    """diffusers' "-mid" and "-small" SDXL ControlNets keep fewer transformer blocks than the UNet they steer (none
+    on some levels: a transformer of norm and projections alone); their residuals are the same sizes."""
+    from diffusers import ControlNetModel
+
+    dunet, unet = unet_pair(preset("tiny-sdxl").unet)
+    config = {k: v for k, v in ControlNetModel.from_unet(dunet).config.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    perturb(ControlNetModel(**{**config, "transformer_layers_per_block": [0, 0, 1]}), 3).save_pretrained(tmp_path)
+    dcn, cn = ControlNetModel.from_pretrained(tmp_path).eval(), load_controlnet(tmp_path)
+    assert cn.config.transformer_depth == (0, 0, 1) and not cn.input_blocks[3][1].transformer_blocks
+    _compare((dunet, dcn), (unet, cn), record_parity, "tiny-sdxl, fewer transformer blocks")
+
+
+def test_an_sdxl_controlnet_needs_the_vector():
+    cn = ControlNet(preset("tiny-sdxl").unet)
+    x, hint, t, ctx = _inputs(cn.config, size=8)
+    with pytest.raises(ValueError, match=r"an SDXL ControlNet needs the vector y \[B, 1632\]"):
+        cn(x, hint, t, ctx)
+    with pytest.raises(ValueError, match=r"this ControlNet takes no vector y"):
+        ControlNet(test_config("tiny").unet)(*_inputs(test_config("tiny").unet, size=8), y=torch.zeros(2, 4))
 
 
 def test_bin_folders_load_too(tmp_path, record_parity):

@@ -58,10 +58,11 @@ def test_lcm_unet_on_the_bf16_path():
     assert bf.dtype == torch.float32 and error < 0.05 * exact.abs().max() and error < 0.25 * effect, (error, effect)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "fp16"])
 def test_prepare_controlnet_runs_it_as_the_engine_runs_the_unet(precision):
-    """The ControlNet takes the engine's dtype, channels-last convolutions, the runtime's attention and packed
-    weights (where torch has the ops), and gives the float32 residuals within that precision's tolerance."""
+    """The ControlNet takes the engine's dtype (fp16: fp16 weights computed in float32, as the UNet's),
+    channels-last convolutions, the runtime's attention and packed weights (where torch has the ops), and gives
+    the float32 residuals within that precision's tolerance."""
     from plainsd.models.controlnet import ControlNet
     from plainsd.runtime import packing
 
@@ -75,13 +76,17 @@ def test_prepare_controlnet_runs_it_as_the_engine_runs_the_unet(precision):
         engine = runtime.prepare(sd, precision=precision)
         assert runtime.prepare_controlnet(cn, like=engine) is cn and cn.dtype == sd.unet.dtype
         assert cn.input_hint_block[2].weight.is_contiguous(memory_format=torch.channels_last)
-        if runtime.packing_available(cn.dtype):
-            assert isinstance(cn.input_blocks[1][0].in_layers[2], packing._Packed)
+        conv = cn.input_blocks[1][0].in_layers[2]
+        if precision == "fp16":
+            assert runtime.half_stored(cn) and isinstance(conv, runtime.HalfStoredConv2d)
+            assert conv.weight.dtype == torch.float16 and cn.dtype == torch.float32
+        elif runtime.packing_available(cn.dtype):
+            assert isinstance(conv, packing._Packed)
         got = engine.unet(x, t, ctx, control=cn(x, hint, t, ctx))
         runtime.prepare_controlnet(cn, like=engine)  # again: no harm
         again = engine.unet(x, t, ctx, control=cn(x, hint, t, ctx))
     assert runtime.use_plain_attention(cn) > 0  # (its attention was the runtime's)
-    tol = 0.05 if precision == "bf16" else 1e-4
+    tol = {"bf16": 0.05, "fp16": 0.005, "fp32": 1e-4}[precision]
     assert (got - exact).abs().max() <= tol * exact.abs().max() and torch.allclose(again, got, rtol=0, atol=1e-6)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import UNetConfig
 from .layers import timestep_embedding
-from .unet import TimestepEmbedSequential, input_blocks, middle_block, time_embedding
+from .unet import TimestepEmbedSequential, add_vector, input_blocks, label_embedding, middle_block, time_embedding
 
 # The hint encoder's channels after each of its convolutions, and which of them halve the size (three: the
 # latent's factor 8). The last convolution brings them to the UNet's first-level channels and starts at zero.
@@ -46,14 +46,17 @@ def hint_block(hint_channels: int, out_channels: int) -> TimestepEmbedSequential
 
 
 class ControlNet(nn.Module):
-    """controlnet(x [B, C, h, w], hint [B, 3, 8h, 8w] in [0, 1], timesteps [B], context [B, T, D])
-    -> residuals: one per UNet skip connection, then one for the middle block (unscaled)."""
+    """controlnet(x [B, C, h, w], hint [B, 3, 8h, 8w] in [0, 1], timesteps [B], context [B, T, D], y=None)
+    -> residuals: one per UNet skip connection, then one for the middle block (unscaled). y: an SDXL ControlNet's
+    vector [B, adm_in_channels], the one its UNet gets (UNetModel.forward)."""
 
     def __init__(self, cfg: UNetConfig, hint_channels: int = 3):
         super().__init__()
         self.config = cfg
         self.hint_channels = hint_channels
         self.time_embed = time_embedding(cfg)
+        if cfg.adm_in_channels > 0:  # SDXL's: the vector of pooled text and sizes, as the UNet reads it
+            self.label_emb = label_embedding(cfg)
         self.input_hint_block = hint_block(hint_channels, cfg.model_channels)
         self.input_blocks, skip_channels = input_blocks(cfg)
         self.zero_convs = nn.ModuleList([zero_conv(ch) for ch in skip_channels])
@@ -68,7 +71,7 @@ class ControlNet(nn.Module):
         return self.middle_block_out[0].bias.dtype
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                stop: int | None = None) -> list[torch.Tensor]:
+                stop: int | None = None, y: torch.Tensor | None = None) -> list[torch.Tensor]:
         """stop: only the residuals of the first `stop` input blocks (for a UNet call that runs only its outer
         blocks, fast.DeepCacheUNet's cheap calls); None: all of them and the middle block's."""
         cfg = self.config
@@ -80,7 +83,8 @@ class ControlNet(nn.Module):
                              f"{x.shape[-1] * factor}] for these latents, got {list(hint.shape)}")
         dtype = self.dtype
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(dtype))
+        emb = add_vector(self, self.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(dtype)), y,
+                         "ControlNet")
         context = context.to(dtype)
         guided_hint = self.input_hint_block(hint.to(dtype), emb, context)
         h, outs = x.to(dtype), []

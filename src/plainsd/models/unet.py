@@ -166,6 +166,21 @@ def label_embedding(cfg: UNetConfig) -> nn.Sequential:
     return nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
 
 
+def add_vector(net: nn.Module, emb: torch.Tensor, y: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """The timestep embedding [B, 4 * model_channels] with an SDXL network's vector y [B, adm_in_channels] embedded
+    (net.label_emb) and added: y required where the net's config has adm_in_channels, refused elsewhere. kind: the
+    net's name in the messages ("UNet", "ControlNet")."""
+    adm = net.config.adm_in_channels
+    if (y is None) != (adm <= 0):
+        raise ValueError(f"an SDXL {kind} needs the vector y [B, {adm}] of pooled text and sizes" if adm > 0 else
+                         f"this {kind} takes no vector y (it is not an SDXL {kind}): call it without y")
+    if y is None:
+        return emb
+    if y.shape != (emb.shape[0], adm):
+        raise ValueError(f"the {kind}'s vector y must be [{emb.shape[0]}, {adm}], got {list(y.shape)}")
+    return emb + net.label_emb(y.to(emb.dtype))
+
+
 def input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
     """The way down: the first convolution, then ResBlocks (+ transformers) and a Downsample per level.
     Returns the blocks and the channels of each block's output (the skip connections)."""
@@ -280,16 +295,7 @@ class UNetModel(nn.Module):
                 raise ValueError("this UNet has no guidance-scale embedding (it is not LCM-distilled): call it "
                                  "without guidance")
             emb = emb + self.time_embedding(torch.as_tensor(guidance, device=device).reshape(-1).expand(batch))
-        emb = self.time_embed(emb)
-        adm = self.config.adm_in_channels
-        if (y is None) != (adm <= 0):
-            raise ValueError(f"an SDXL UNet needs the vector y [B, {adm}] of pooled text and sizes" if adm > 0 else
-                             "this UNet takes no vector y (it is not an SDXL UNet): call it without y")
-        if y is not None:
-            if y.shape != (batch, adm):
-                raise ValueError(f"the UNet's vector y must be [{batch}, {adm}], got {list(y.shape)}")
-            emb = emb + self.label_emb(y.to(emb.dtype))
-        return emb
+        return add_vector(self, self.time_embed(emb), y, "UNet")
 
     def run_input_blocks(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
                          stop: int | None = None, adapter: list[torch.Tensor] | None = None) -> list[torch.Tensor]:

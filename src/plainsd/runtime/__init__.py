@@ -129,12 +129,18 @@ def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = No
 
 def prepare_controlnet(controlnet, like: Engine):
     """Get a loaded ControlNet (models/controlnet.py) ready to run beside an engine's UNet, as prepare() readies
-    the UNet's way down, which the ControlNet copies: the UNet's dtype, channels-last convolutions, the attention
-    this CPU runs best and packed weights. Packed on every backend: under OpenVINO too, the ControlNet runs
-    eagerly. Changes the ControlNet in place (preparing it again is harmless) and returns it. A T2I-Adapter
-    (models/t2i_adapter.py) is readied the same way."""
+    the UNet's way down, which the ControlNet copies: the UNet's dtype (or, where the UNet keeps fp16 weights
+    computed in float32, the same: compute_in_float32), channels-last convolutions, the attention this CPU runs
+    best and packed weights. Packed on every backend: under OpenVINO too, the ControlNet runs eagerly. Changes the
+    ControlNet in place (preparing it again is harmless) and returns it. A T2I-Adapter (models/t2i_adapter.py) is
+    readied the same way."""
     dtype = like.sd.unet.dtype
-    controlnet.to(dtype=dtype, memory_format=torch.channels_last)
+    if half_stored(like.sd.unet):
+        if not half_stored(controlnet):
+            compute_in_float32(controlnet.half())
+        controlnet.to(memory_format=torch.channels_last)
+    else:
+        controlnet.to(dtype=dtype, memory_format=torch.channels_last)
     use_runtime_attention(controlnet)
     pack_weights(controlnet)
     if dtype == torch.bfloat16:
