@@ -218,8 +218,9 @@ def refiner_file(tmp_path_factory):
     return path
 
 
-def _by_hand(model, prompt, negative, kind, numbers, scale):
-    """A model's guided denoiser and its conditioning, built here from its parts (not the pipeline's)."""
+def _by_hand(model, prompt, negative, kind, numbers, scale, control=None):
+    """A model's guided denoiser and its conditioning, built here from its parts (not the pipeline's); control: a
+    ControlNet's residuals for (x, t, text states, vector), added to the UNet's."""
     from plainsd.diffusion.denoisers import DiscreteDenoiser
     from plainsd.diffusion.guidance import CFGDenoiser
 
@@ -228,13 +229,18 @@ def _by_hand(model, prompt, negative, kind, numbers, scale):
             states, pooled = model.text_encoder.encode(model.tokenizer([text]))
         return {"crossattn": states, "vector": vector(pooled, torch.tensor([numbers + ([score] if kind == "refiner" else [])]))}
 
-    net = DiscreteDenoiser(lambda x, t, cond: model.unet(x, t, cond["crossattn"], y=cond["vector"]))
+    def unet(x, t, cond):
+        residuals = control(x, t, cond["crossattn"], cond["vector"]) if control else None
+        return model.unet(x, t, cond["crossattn"], y=cond["vector"], control=residuals)
+
+    net = DiscreteDenoiser(unet)
     return CFGDenoiser(net, scale), {"cond": conditioning(prompt, 6.0), "uncond": conditioning(negative, 2.5)}
 
 
-def _refined_by_hand(sd, refiner, steps, switch, scale, prompt="a red circle"):
+def _refined_by_hand(sd, refiner, steps, switch, scale, prompt="a red circle", control=None):
     """Euler: the base model's steps down to the first sigma whose nearest training timestep t has (999 - t) / 1000
-    >= switch (A1111's completed ratio), then the refiner's, on the same latents; decoded by the refiner's VAE."""
+    >= switch (A1111's completed ratio), then the refiner's, on the same latents; decoded by the refiner's VAE.
+    control: a ControlNet's residuals in the base model's steps (_by_hand)."""
     from plainsd.diffusion.denoisers import DiscreteDenoiser
     from plainsd.diffusion.samplers import sample_euler
     from plainsd.images import to_pil
@@ -246,7 +252,7 @@ def _refined_by_hand(sd, refiner, steps, switch, scale, prompt="a red circle"):
     assert 0 < k < steps
     x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(4)) * sigmas[0]
     with torch.no_grad():
-        base_model, base_args = _by_hand(sd, prompt, "blurry", "base", [64, 64, 0, 0, 64, 64], scale)
+        base_model, base_args = _by_hand(sd, prompt, "blurry", "base", [64, 64, 0, 0, 64, 64], scale, control)
         x = sample_euler(base_model, x, sigmas[:k + 1], extra_args=base_args)
         refined_model, refined_args = _by_hand(refiner, prompt, "blurry", "refiner", [64, 64, 0, 0], scale)
         x = sample_euler(refined_model, x, sigmas[k:], extra_args=refined_args)
@@ -265,6 +271,29 @@ def test_refiner_takes_over_as_the_two_models_run_by_hand(sd, refiner_file):
     assert np.abs(np.asarray(base_only.images[0], dtype=np.int16) - np.asarray(image, dtype=np.int16)).max() > 10
     fields = parse_infotext(result.infotexts[0])
     assert (fields["Refiner"], fields["Refiner switch at"]) == ("refiner", "0.5")
+
+
+def test_a_controlnet_unit_steers_the_base_models_steps_only(sd, refiner_file, tmp_path):
+    """With a refiner, the ControlNet steers the base model and the refiner's steps run without it, as A1111's
+    extension hooks the base model's UNet alone: the run equals the two models by hand with the ControlNet's
+    residuals (Balanced, weight 1, the picture as the hint) added to the base UNet's."""
+    from plainsd.models.controlnet import ControlNet
+    from plainsd.weights import save_controlnet
+
+    save_controlnet(perturb(ControlNet(sd.unet.config), 5), tmp_path / "xl_cn.safetensors")
+    hint = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    steps, switch, scale = 6, 0.5, 6.0
+    result = pipeline.txt2img(sd, "a red circle", "blurry", steps=steps, seed=4, sampler="Euler", cfg_scale=scale,
+                              refiner_checkpoint=str(refiner_file), refiner_switch_at=switch, controlnet_dir=str(tmp_path),
+                              controlnet=(ControlUnit("xl_cn", hint, module="none"),))
+    cn = plainsd.weights.load_controlnet(tmp_path / "xl_cn.safetensors")
+    picture = torch.from_numpy(np.asarray(hint, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    control = lambda x, t, ctx, y: cn(x, picture.expand(len(x), -1, -1, -1), t, ctx, y=y)  # noqa: E731
+    image = _refined_by_hand(sd, plainsd.load(refiner_file), steps, switch, scale, control=control)
+    d = np.abs(np.asarray(result.images[0], dtype=np.int16) - np.asarray(image, dtype=np.int16)).max()
+    assert d <= 1, d
+    plain = _refined_by_hand(sd, plainsd.load(refiner_file), steps, switch, scale)
+    assert np.abs(np.asarray(plain, dtype=np.int16) - np.asarray(image, dtype=np.int16)).max() > 10
 
 
 def test_refiner_switch_at_one_never_switches(sd, refiner_file):
