@@ -74,7 +74,7 @@ def test_a_controlnet_is_loaded_once_per_engine(sd, folder, monkeypatch):
     engine = Engine(sd)
     loads = []
     real = weights.load_control_model
-    monkeypatch.setattr(weights, "load_control_model", lambda path, dtype=None: loads.append(path) or real(path))
+    monkeypatch.setattr(weights, "load_control_model", lambda path, dtype=None, unet=None: loads.append(path) or real(path))
     units = (ControlUnit("cn_a"), ControlUnit("cn_b"), ControlUnit("cn_a"))
     first = control.load_controlnets(engine, units, folder)
     again = control.load_controlnets(engine, units, folder)

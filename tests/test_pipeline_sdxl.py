@@ -195,6 +195,40 @@ def test_controlnet_run_matches_diffusers_sdxl_controlnet_pipeline(sdxl_referenc
     assert d16 <= 2, d16
 
 
+def test_a_control_lora_unit_runs_as_the_controlnet_it_builds(sd, tmp_path):
+    """A Control-LoRA in the ControlNet folder: built on the engine's UNet (with the run's LoRAs merged in, again
+    when they change), it draws what the ControlNet it builds draws as a plain ControlNet file, bit for bit."""
+    from safetensors.torch import save_file
+
+    from plainsd import weights
+    from tests.test_lora_sdxl import kohya_file
+    from tests.test_weights_controlnet import _control_lora
+
+    save_file(_control_lora(sd.unet), str(tmp_path / "sai_xl_canny_rank2.safetensors"))
+    (tmp_path / "built").mkdir()
+    weights.save_controlnet(weights.load_control_lora(tmp_path / "sai_xl_canny_rank2.safetensors", sd.unet),
+                            tmp_path / "built" / "as_controlnet.safetensors")
+    (tmp_path / "loras").mkdir()
+    kohya_file(sd, tmp_path / "loras" / "style.safetensors")
+    hint = Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    engine = Engine(sd)
+
+    def draw(model, prompt="a red circle"):
+        unit = ControlUnit(model, hint, module="none")
+        return pipeline.txt2img(engine, prompt, steps=3, seed=1, sampler="Euler", controlnet=(unit,),
+                                controlnet_dir=str(tmp_path), lora_dir=str(tmp_path / "loras")).images[0]
+
+    lora_built = draw("sai_xl_canny_rank2")
+    assert lora_built.tobytes() == draw("as_controlnet").tobytes()
+    (net,) = [n for n in engine.controlnets.values() if getattr(n, "control_lora", False)]
+    with_style = draw("sai_xl_canny_rank2", "<lora:style:0.8>a red circle")
+    (rebuilt,) = [n for n in engine.controlnets.values() if getattr(n, "control_lora", False)]
+    assert rebuilt is not net and not torch.equal(rebuilt.input_blocks[3][0].in_layers[2].weight,
+                                                  net.input_blocks[3][0].in_layers[2].weight)
+    assert with_style.tobytes() != lora_built.tobytes()
+    assert draw("sai_xl_canny_rank2").tobytes() == lora_built.tobytes()  # (the LoRA off: built on the model's own)
+
+
 def test_an_sd1_controlnet_is_refused_by_an_sdxl_model(sd, tmp_path):
     from tests.test_control import random_controlnet, save_controlnet
 

@@ -191,3 +191,60 @@ def test_diffusers_features_plainsd_lacks_are_refused(tmp_path, setting, message
     config.unlink()
     with pytest.raises(CheckpointError, match="config.json is missing"):
         load_controlnet(folder)
+
+
+# --- Control-LoRA ------------------------------------------------------------------------------------------------
+
+def _control_lora(unet, rank=2, seed=0) -> dict:
+    """A Control-LoRA's tensors as Stability's files hold them, for this UNet: low-rank pairs (X.up [out, rank, 1,
+    1 for a convolution], X.down [rank, in, kh, kw]) for the way down's convolutions and attention projections,
+    the hint encoder, zero convolutions and middle block's output whole, one ResBlock norm replaced whole, the
+    marker tensor; the rest of the way down left to the UNet."""
+    g = torch.Generator().manual_seed(seed)
+    cn = _controlnet(unet.config, seed)
+    tensors = {k: v for k, v in cn.state_dict().items()
+               if k.startswith(("input_hint_block.", "zero_convs.", "middle_block_out."))}
+    tensors["input_blocks.1.0.in_layers.0.weight"] = torch.rand(cn.input_blocks[1][0].in_layers[0].weight.shape,
+                                                                generator=g)
+    for name, module in cn.named_modules():
+        layer = isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))
+        if name.startswith(("input_blocks.", "middle_block.")) and layer:
+            w = module.weight
+            tensors[name + ".up"] = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []), generator=g) * 0.1
+            tensors[name + ".down"] = torch.randn(rank, *w.shape[1:], generator=g) * 0.1
+    tensors["lora_controlnet"] = torch.tensor([])
+    return tensors
+
+
+def test_a_control_lora_is_built_on_the_unet_it_steers(tmp_path):
+    """Each up / down pair adds up @ down to the UNet's weight, whole tensors stand as they are, and what the file
+    leaves out is the UNet's own (ComfyUI's reading of Stability's files): the ControlNet built by hand from the
+    UNet's state dict, bit for bit in float32; the unit loader routes the file there; alone it is one sentence."""
+    from plainsd.weights import load_control_lora, load_control_model
+
+    unet = perturb(plainsd.build("tiny-sdxl", seed=0).unet, 1)
+    tensors = _control_lora(unet)
+    save_file(tensors, str(tmp_path / "control-lora-canny-rank2.safetensors"))
+    base = unet.state_dict()
+    want = {}
+    for name, value in ControlNet(unet.config).state_dict().items():
+        layer = name.rsplit(".", 1)[0]
+        value = tensors.get(name, base.get(name))
+        if layer + ".up" in tensors and name.endswith(".weight"):
+            up, down = tensors[layer + ".up"], tensors[layer + ".down"]
+            value = value + (up.flatten(1) @ down.flatten(1)).reshape(value.shape)
+        want[name] = value
+    built = load_control_lora(tmp_path / "control-lora-canny-rank2.safetensors", unet)
+    assert built.config == unet.config and built.name == "control-lora-canny-rank2"
+    assert all(torch.equal(built.state_dict()[k], v) for k, v in want.items())
+    assert built.state_dict().keys() == want.keys()
+    routed = load_control_model(tmp_path / "control-lora-canny-rank2.safetensors", unet=unet)
+    assert routed.control_lora and torch.equal(routed.input_blocks[3][0].in_layers[2].weight,
+                                               want["input_blocks.3.0.in_layers.2.weight"])
+    with pytest.raises(CheckpointError, match="is a Control-LoRA .*built on a model's UNet"):
+        load_controlnet(tmp_path / "control-lora-canny-rank2.safetensors")
+    with pytest.raises(CheckpointError, match="does not fit this model's UNet as a Control-LoRA"):
+        load_control_lora(tmp_path / "control-lora-canny-rank2.safetensors", plainsd.build("tiny", seed=0).unet)
+    save_file({**tensors, "input_blocks.3.0.in_layers.2.down": torch.zeros(2, 3)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError, match=r"low-rank pair input_blocks\.3\.0\.in_layers\.2\.up"):
+        load_control_lora(tmp_path / "bad.safetensors", unet)

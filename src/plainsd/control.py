@@ -56,6 +56,7 @@ import torch
 from PIL import Image
 
 from . import detectors, runtime, weights
+from . import lora as lora_mod
 from . import images as imgs
 from .diffusion.guidance import step_at
 from .models.t2i_adapter import T2IAdapter
@@ -143,9 +144,11 @@ def load_controlnets(engine, units: tuple[ControlUnit, ...], folder=None) -> lis
     for unit in units:
         path = find_controlnet(unit.model, folder).resolve()
         key = (str(path), path.stat().st_mtime_ns)
-        if key not in cache:
+        if key not in cache or not _fits_weights(cache[key], engine):
             # read in the dtype the model's weights came in (fp16 where they stay fp16: no float32 copy on the way)
-            net = weights.load_control_model(path, dtype=engine.load_dtype)
+            net = weights.load_control_model(path, dtype=engine.load_dtype, unet=engine.sd.unet)
+            if getattr(net, "control_lora", False):
+                net.built_with = lora_mod.worn(engine.sd)
             cache[key] = runtime.prepare_controlnet(net.eval(), engine)
         cache.move_to_end(key)
         _check_fits(cache[key], engine.sd.unet.config, unit.model)
@@ -153,6 +156,12 @@ def load_controlnets(engine, units: tuple[ControlUnit, ...], folder=None) -> lis
     while len(cache) > max(CACHE_SIZE, len(set(map(id, nets)))):
         cache.popitem(last=False)
     return nets
+
+
+def _fits_weights(net, engine) -> bool:
+    """Whether a kept network still fits the model's weights: a Control-LoRA is built on the UNet's as they were,
+    with the LoRAs the model wore then (weights.load_control_lora), and is built again for another set."""
+    return not hasattr(net, "built_with") or lora_mod.wears(engine.sd, net.built_with)
 
 
 def _check_fits(net, unet_cfg, name: str) -> None:

@@ -416,6 +416,11 @@ def wears(sd, loras: list[tuple[LoRA, float]]) -> bool:
     return len(on) == len(wanted) and all(a is b and wa == wb for (a, wa), (b, wb) in zip(on, wanted))
 
 
+def worn(sd) -> tuple:
+    """The set the model has on (use): ((LoRA, weight), ...), () for none."""
+    return _APPLIED.get(sd, ((), {}))[0]
+
+
 def _wanted(loras: list[tuple[LoRA, float]]) -> tuple:
     return tuple((lora, w) for lora, w in loras if w != 0)  # (weight 0 is the base model, exactly)
 

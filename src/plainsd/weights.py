@@ -1156,6 +1156,7 @@ def save_vae(vae: AutoencoderKL, path: str | os.PathLike, dtype: torch.dtype | N
 # --- ControlNet files -------------------------------------------------------------------------------
 
 CONTROL = "control_model."  # the prefix of a ControlNet's tensors inside lllyasviel's 1.0 / 1.1 files
+CONTROL_LORA = "lora_controlnet"  # the tensor that marks Stability's Control-LoRA files
 _CONTROL_META = "plainsd.controlnet"  # what save_controlnet records of a ControlNet beside its tensors
 
 # diffusers ControlNetModel settings that name something plainsd's ControlNet does not have: (setting, the value
@@ -1206,13 +1207,14 @@ def _controlnet_names(keys: set[str]) -> dict[str, str]:
 
 def _check_controlnet_kind(names: set[str], keys: set[str], label: str) -> None:
     """One sentence for a file that is not a ControlNet plainsd runs, saying what it looks like."""
+    if CONTROL_LORA in names:
+        raise CheckpointError(f"{label} is a Control-LoRA (low-rank differences from the UNet it steers): it is "
+                              "built on a model's UNet, by load_control_lora or a ControlNet unit")
     if "input_hint_block.0.weight" in names and "time_embed.0.weight" in names:
-        kinds = (("lora_controlnet", "a Control-LoRA (low-rank differences from a base UNet)"),
-                 ("difference", "a ControlNet stored as its difference from a base UNet (a transfer-control file)"))
-        for key, kind in kinds:
-            if key in names:
-                raise CheckpointError(f"{label} is {kind}, which plainsd does not load; it runs SD 1.x / 2.x and SDXL "
-                                      "ControlNets with their full weights")
+        if "difference" in names:
+            raise CheckpointError(f"{label} is a ControlNet stored as its difference from a base UNet (a "
+                                  "transfer-control file), which plainsd does not load; it runs SD 1.x / 2.x and "
+                                  "SDXL ControlNets with their full weights and Control-LoRAs")
         return
     raise CheckpointError(f"{label} is not a ControlNet: it has no {CONTROL}*, input_hint_block.* or "
                           f"controlnet_cond_embedding.* tensors; it looks like {_looks_like(keys)}")
@@ -1296,6 +1298,58 @@ def load_controlnet(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     if path.exists():
         return _build_controlnet(path, *_controlnet_file(path), dtype)
     raise CheckpointError(f"no such ControlNet file or folder: {path}")
+
+
+def load_control_lora(path: str | os.PathLike, unet: torch.nn.Module, dtype: torch.dtype | None = None,
+                      source: TensorSource | None = None) -> ControlNet:
+    """Stability's Control-LoRA (control-lora-canny-rank128, ...): a ControlNet kept as low-rank differences from
+    the UNet it steers, built here on that UNet's weights as ComfyUI and the A1111 extension build it. Its tensors
+    carry the ControlNet's own names: each X.up / X.down pair adds up @ down (both flattened after their first
+    axis, the product reshaped) to the UNet's X.weight; every other tensor is the ControlNet's own value; what
+    the file leaves out of the way down and the middle is the UNet's. The result is a plain ControlNet of the
+    UNet's config (a strict load).
+
+    unet: the model's UNet as it is now (with the LoRAs a run merged in, as ComfyUI's patched model); dtype: as
+    load_controlnet's; source: the file's tensors when the caller has opened them."""
+    path = Path(path)
+    source = source or read_tensors(path)
+    keys = set(source.shapes)
+    if CONTROL_LORA not in keys or "input_hint_block.0.weight" not in keys:
+        raise CheckpointError(f"{path.name} is not a Control-LoRA: it has no {CONTROL_LORA} and input_hint_block.* "
+                              f"tensors; it looks like {_looks_like(keys)}")
+    with torch.device("meta"):
+        controlnet = ControlNet(unet.config, source.shapes["input_hint_block.0.weight"][1])
+    low_rank = {k[:-len(".up")] for k in keys if k.endswith(".up") and k[:-len(".up")] + ".down" in keys}
+    shapes = {name: tuple(t.shape) for name, t in controlnet.state_dict().items()}
+    names = {n: s for n, s in shapes.items() if n in keys or n.rsplit(".", 1)[0] in low_rank or _holds(unet, n)}
+    used = set(names) | {f"{layer}.{end}" for layer in low_rank for end in ("up", "down")} | {CONTROL_LORA}
+    names.update({"?" + k: source.shapes[k] for k in keys - used})  # (unexpected: _strict_state names them)
+
+    def get(name: str) -> torch.Tensor:
+        layer, _, attr = name.rpartition(".")
+        value = source.get(name) if name in keys else getattr(unet.get_submodule(layer), attr).detach()
+        if layer not in low_rank or attr != "weight":
+            return value
+        up, down = source.get(layer + ".up").float(), source.get(layer + ".down").float()
+        if up.shape[1] != down.shape[0] or up.shape[0] * down[0].numel() != value.numel():
+            raise CheckpointError(f"{path.name}: the low-rank pair {layer}.up {list(up.shape)} / .down "
+                                  f"{list(down.shape)} does not fit the UNet's {layer}.weight {list(value.shape)}")
+        return value.float() + (up.flatten(1) @ down.flatten(1)).reshape(value.shape)
+
+    state = _strict_state(controlnet, TensorSource(names, get, source.metadata),
+                          f"{path.name} does not fit this model's UNet as a Control-LoRA", dtype or torch.float32)
+    controlnet.load_state_dict(state, strict=True, assign=True)
+    controlnet.name, controlnet.control_lora = path.stem, True
+    return controlnet.eval().requires_grad_(False)
+
+
+def _holds(module: torch.nn.Module, name: str) -> bool:
+    """Whether the module has this parameter or buffer (a packed layer's weight too: runtime/packing.py)."""
+    layer, _, attr = name.rpartition(".")
+    try:
+        return hasattr(module.get_submodule(layer), attr)
+    except AttributeError:
+        return False
 
 
 def _build_controlnet(path: Path, cfg: UNetConfig, hint_channels: int, pool: bool, source: TensorSource,
@@ -1474,10 +1528,11 @@ def _is_adapter_file(keys: set[str]) -> bool:
     return any(k.startswith(("body.", "adapter.")) or k == "style_embedding" for k in keys)
 
 
-def load_control_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> ControlNet | T2IAdapter:
+def load_control_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                       unet: torch.nn.Module | None = None) -> ControlNet | T2IAdapter:
     """What a ControlNet unit's model file holds, as the A1111 extension tells them apart by their keys: a
-    ControlNet (load_controlnet's layouts) or a T2I-Adapter (load_adapter's); a diffusers folder by its config's
-    class. The file is opened once."""
+    ControlNet (load_controlnet's layouts), a Control-LoRA (load_control_lora, built on `unet`) or a T2I-Adapter
+    (load_adapter's); a diffusers folder by its config's class. The file is opened once."""
     path = Path(path)
     if path.is_dir():
         config = path / "config.json"
@@ -1490,6 +1545,8 @@ def load_control_model(path: str | os.PathLike, dtype: torch.dtype | None = None
     keys = set(source.shapes)
     if _is_adapter_file(keys):
         return _build_adapter(path, *_adapter_file(path, source), dtype)
+    if CONTROL_LORA in keys and unet is not None:
+        return load_control_lora(path, unet, dtype, source)
     if not any(k.startswith((CONTROL, "input_hint_block.", "controlnet_cond_embedding.")) for k in keys):
         raise CheckpointError(f"{path.name} is neither a ControlNet nor a T2I-Adapter: it looks like {_looks_like(keys)}")
     return _build_controlnet(path, *_controlnet_file(path, source), dtype)
