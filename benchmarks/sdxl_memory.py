@@ -1,4 +1,5 @@
-"""Peak memory and time of one 1024x1024 SDXL picture on plainsd's default path, with and without the refiner.
+"""Peak memory and time of one 1024x1024 SDXL picture on plainsd's default path, alone, with the refiner and with
+a ControlNet.
 
     .venv/bin/python benchmarks/sdxl_memory.py --threads 1 --steps 2 --paths native,avx2 --cache /tmp/plainsd-sdxl
 
@@ -15,7 +16,10 @@ and plainsd's) lets the base's UNet and the refiner's take turns in memory (runt
 to a file under plainsd's cache, read back before it runs again), 2 keeps both, "1,2" runs a refiner row with each.
 The peak is the process's resident high-water mark (VmHWM); the picture's peak is the same mark started again
 when the picture starts, after the loading (of a refiner too): what each picture costs once the models are in
-memory, as in a server. The seconds are wall time. A few steps are enough for the peak (every step allocates
+memory, as in a server. The controlnet row adds one ControlNet unit (Balanced, weight 1, a random 1024x1024
+picture as the hint) with a random full-size SDXL ControlNet, written once into --cache in fp16 (its zero
+convolutions zero, as a new one's: that changes neither time nor memory) and loaded before the timer starts, as
+a server keeps it. The seconds are wall time. A few steps are enough for the peak (every step allocates
 alike); the time of a 20-step picture needs a quiet machine. --preset tiny-sdxl --size 64 runs the same code at
 test size, in seconds.
 
@@ -90,6 +94,35 @@ def make_refiner(preset: str, base: Path, path: Path) -> None:
     write_safetensors(tensors, path, {"format": "pt"})
 
 
+def make_controlnet(preset: str, path: Path) -> None:
+    """A random-weight ControlNet for the preset's UNet, built in fp16 and written in the original layout."""
+    import plainsd
+    from plainsd.models.controlnet import ControlNet
+    from plainsd.weights import save_controlnet
+
+    torch.manual_seed(2)
+    torch.set_default_dtype(torch.float16)
+    controlnet = ControlNet(plainsd.preset(preset).unet)
+    torch.set_default_dtype(torch.float32)
+    save_controlnet(controlnet, path)
+
+
+def _controlnet_unit(engine, task: dict) -> dict:
+    """The controlnet row's unit, its network loaded into the engine as the pipeline keeps it; the request's
+    fields for it."""
+    import numpy as np
+    from PIL import Image
+
+    from plainsd import control
+    from plainsd.request import ControlUnit
+
+    folder = str(Path(task["controlnet"]).parent)
+    picture = np.random.default_rng(0).integers(0, 256, (task["size"], task["size"], 3), dtype=np.uint8)
+    unit = ControlUnit(Path(task["controlnet"]).stem, Image.fromarray(picture), module="none")
+    control.load_controlnets(engine, (unit,), folder)
+    return {"controlnet": (unit,), "controlnet_dir": folder}
+
+
 def run(task: dict) -> dict:
     """One row, in this (fresh) process."""
     import plainsd
@@ -108,6 +141,8 @@ def run(task: dict) -> dict:
         refiner = pipeline._refiner_engine(engine, task["refiner"]).sd
         shared = refiner.vae is engine.sd.vae and refiner.text_encoder.towers[0] is engine.sd.text_encoder.towers[1]
         extra = {"refiner_checkpoint": task["refiner"], "refiner_switch_at": 0.5}
+    if task.get("controlnet"):
+        extra = _controlnet_unit(engine, task)
     size = task["size"]
     before_picture = peak_gb()
     reset_peak()
@@ -136,7 +171,7 @@ def main():
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--precision", default="auto", help="runtime.choose_dtype's setting (auto, bf16, fp16, fp32)")
     p.add_argument("--cache", default=str(ROOT / "benchmarks" / ".cache"))
-    p.add_argument("--rows", default="base,refiner")
+    p.add_argument("--rows", default="base,refiner", help="base, refiner, controlnet (module doc)")
     p.add_argument("--paths", default="native", help="native, avx2 or both (module doc)")
     p.add_argument("--append", action="store_true", help="add the rows to the table already in --out")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "sdxl_memory.md"))
@@ -152,7 +187,10 @@ def main():
     args = p.parse_args()
     if args.task:
         task = json.loads(args.task)
-        if task.get("make_refiner"):
+        if task.get("make_controlnet"):
+            make_controlnet(task["make_controlnet"], Path(task["path"]))
+            print("{}")
+        elif task.get("make_refiner"):
             make_refiner(task["make_refiner"], Path(task["base"]), Path(task["path"]))
             print("{}")
         elif task.get("make"):
@@ -161,6 +199,9 @@ def main():
         else:
             print(json.dumps(run(task)))
         return
+    unknown = set(args.rows.split(",")) - {"base", "refiner", "controlnet"}
+    if unknown:
+        p.error(f"unknown rows {', '.join(sorted(unknown))}; known: base, refiner, controlnet")
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     base = cache / f"{args.preset}-random-fp16.safetensors"
@@ -173,6 +214,11 @@ def main():
         print(f"writing {refiner} ...", flush=True)
         _child({"make_refiner": args.preset, "base": str(base), "path": str(refiner)} if args.refiner_parts == "base"
                else {"make": args.preset + "-refiner", "path": str(refiner)})
+    controlnet = cache / "ControlNet" / f"{args.preset}-controlnet-random-fp16.safetensors"
+    if "controlnet" in args.rows.split(",") and not controlnet.is_file():
+        print(f"writing {controlnet} ...", flush=True)
+        controlnet.parent.mkdir(exist_ok=True)
+        _child({"make_controlnet": args.preset, "path": str(controlnet)})
     from plainsd import runtime
 
     flags = sorted(runtime.cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
@@ -200,10 +246,11 @@ def main():
     for path in args.paths.split(","):
         for row, limit in rows:
             task = {"base": str(base), "refiner": str(refiner) if row == "refiner" else None, "preset": args.preset,
+                    "controlnet": str(controlnet) if row == "controlnet" else None,
                     "refiner_parts": args.refiner_parts, "size": args.size, "threads": args.threads,
                     "steps": args.steps, "precision": args.precision, "path": path, "checkpoints_limit": limit}
             r = _child(task)
-            label = "base"
+            label = {"base": "base", "controlnet": "base + one ControlNet unit"}.get(row)
             if row == "refiner":
                 label = ("base + refiner (switch at 0.5), bigG and VAE " + ("shared" if r["shared"] else "its own")
                          + (", one UNet at a time" if limit == 1 else ", both UNets kept"))
