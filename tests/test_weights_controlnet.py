@@ -245,6 +245,11 @@ def test_a_control_lora_is_built_on_the_unet_it_steers(tmp_path):
         load_controlnet(tmp_path / "control-lora-canny-rank2.safetensors")
     with pytest.raises(CheckpointError, match="does not fit this model's UNet as a Control-LoRA"):
         load_control_lora(tmp_path / "control-lora-canny-rank2.safetensors", plainsd.build("tiny", seed=0).unet)
+    stray = {"output_blocks.0.0.in_layers.2.up": torch.zeros(4, 2, 1, 1), "output_blocks.0.0.in_layers.2.down":
+             torch.zeros(2, 4, 3, 3)}  # (a pair for a layer the ControlNet has not)
+    save_file({**tensors, **stray}, str(tmp_path / "stray.safetensors"))
+    with pytest.raises(CheckpointError, match=r"2 unexpected tensors \(output_blocks\.0\.0\.in_layers\.2\.down"):
+        load_control_lora(tmp_path / "stray.safetensors", unet)
     save_file({**tensors, "input_blocks.3.0.in_layers.2.down": torch.zeros(2, 3)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(CheckpointError, match=r"low-rank pair input_blocks\.3\.0\.in_layers\.2\.up"):
         load_control_lora(tmp_path / "bad.safetensors", unet)

@@ -1322,7 +1322,8 @@ def load_control_lora(path: str | os.PathLike, unet: torch.nn.Module, dtype: tor
     low_rank = {k[:-len(".up")] for k in keys if k.endswith(".up") and k[:-len(".up")] + ".down" in keys}
     shapes = {name: tuple(t.shape) for name, t in controlnet.state_dict().items()}
     names = {n: s for n, s in shapes.items() if n in keys or n.rsplit(".", 1)[0] in low_rank or _holds(unet, n)}
-    used = set(names) | {f"{layer}.{end}" for layer in low_rank for end in ("up", "down")} | {CONTROL_LORA}
+    used = set(names) | {CONTROL_LORA} | {f"{layer}.{end}" for layer in low_rank if layer + ".weight" in shapes
+                                          for end in ("up", "down")}
     names.update({"?" + k: source.shapes[k] for k in keys - used})  # (unexpected: _strict_state names them)
 
     def get(name: str) -> torch.Tensor:
