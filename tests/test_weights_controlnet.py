@@ -247,8 +247,11 @@ def test_a_control_lora_is_built_on_the_unet_it_steers(tmp_path):
         load_control_lora(tmp_path / "control-lora-canny-rank2.safetensors", plainsd.build("tiny", seed=0).unet)
     stray = {"output_blocks.0.0.in_layers.2.up": torch.zeros(4, 2, 1, 1), "output_blocks.0.0.in_layers.2.down":
              torch.zeros(2, 4, 3, 3)}  # (a pair for a layer the ControlNet has not)
-    save_file({**tensors, **stray}, str(tmp_path / "stray.safetensors"))
-    with pytest.raises(CheckpointError, match=r"2 unexpected tensors \(output_blocks\.0\.0\.in_layers\.2\.down"):
+    stray["zero_convs.0.0.up"], stray["zero_convs.0.0.down"] = torch.zeros(32, 2, 1, 1), torch.zeros(2, 32, 1, 1)
+    save_file({**{k: v for k, v in tensors.items() if k != "zero_convs.0.0.weight"}, **stray},
+              str(tmp_path / "stray.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1 tensors missing \(zero_convs\.0\.0\.weight\); 2 unexpected "
+                                              r"tensors \(output_blocks\.0\.0\.in_layers\.2\.down"):
         load_control_lora(tmp_path / "stray.safetensors", unet)
     save_file({**tensors, "input_blocks.3.0.in_layers.2.down": torch.zeros(2, 3)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(CheckpointError, match=r"low-rank pair input_blocks\.3\.0\.in_layers\.2\.up"):

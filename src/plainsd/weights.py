@@ -1321,7 +1321,7 @@ def load_control_lora(path: str | os.PathLike, unet: torch.nn.Module, dtype: tor
         controlnet = ControlNet(unet.config, source.shapes["input_hint_block.0.weight"][1])
     low_rank = {k[:-len(".up")] for k in keys if k.endswith(".up") and k[:-len(".up")] + ".down" in keys}
     shapes = {name: tuple(t.shape) for name, t in controlnet.state_dict().items()}
-    names = {n: s for n, s in shapes.items() if n in keys or n.rsplit(".", 1)[0] in low_rank or _holds(unet, n)}
+    names = {n: s for n, s in shapes.items() if n in keys or _holds(unet, n)}  # (the rest: missing)
     used = set(names) | {CONTROL_LORA} | {f"{layer}.{end}" for layer in low_rank if layer + ".weight" in shapes
                                           for end in ("up", "down")}
     names.update({"?" + k: source.shapes[k] for k in keys - used})  # (unexpected: _strict_state names them)
