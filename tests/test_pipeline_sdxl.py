@@ -1,6 +1,7 @@
 """Generation with SDXL models: the whole txt2img run against diffusers' StableDiffusionXLPipeline on the same random
 weights (same noise, Euler on the same sigmas), the conditioning each pass gives the UNet (A1111's defaults: the
-picture's size as original and target size, crop 0, 0; an empty negative prompt as zeros), infotext, refusals."""
+picture's size as original and target size, crop 0, 0; an empty negative prompt as zeros), infotext, refusals;
+ControlNet units against diffusers' StableDiffusionXLControlNetPipeline, Control-LoRAs; the refiner."""
 
 import copy
 import dataclasses
