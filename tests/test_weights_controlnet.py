@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import plainsd
+from plainsd import runtime
 from plainsd.config import UNetConfig, preset
 from plainsd.models.controlnet import ControlNet
 from plainsd.weights import CheckpointError, _unet_config, load_controlnet, save_controlnet
@@ -225,7 +226,7 @@ def test_a_control_lora_is_built_on_the_unet_it_steers(tmp_path):
     unet = perturb(plainsd.build("tiny-sdxl", seed=0).unet, 1)
     tensors = _control_lora(unet)
     save_file(tensors, str(tmp_path / "control-lora-canny-rank2.safetensors"))
-    base = unet.state_dict()
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
     want = {}
     for name, value in ControlNet(unet.config).state_dict().items():
         layer = name.rsplit(".", 1)[0]
@@ -241,6 +242,13 @@ def test_a_control_lora_is_built_on_the_unet_it_steers(tmp_path):
     routed = load_control_model(tmp_path / "control-lora-canny-rank2.safetensors", unet=unet)
     assert routed.control_lora and torch.equal(routed.input_blocks[3][0].in_layers[2].weight,
                                                want["input_blocks.3.0.in_layers.2.weight"])
+    with torch.no_grad():  # its own tensors: a LoRA merged into the UNet later does not reach it
+        unet.input_blocks[1][0].in_layers[2].bias.add_(1.0)  # (a tensor the ControlNet takes from the UNet)
+    assert torch.equal(built.input_blocks[1][0].in_layers[2].bias, want["input_blocks.1.0.in_layers.2.bias"])
+    packed = runtime.prepare(plainsd.build("tiny-sdxl", seed=0)).sd.unet  # packed layers: the same numbers
+    packed.load_state_dict(base)
+    on_packed = load_control_lora(tmp_path / "control-lora-canny-rank2.safetensors", packed)
+    assert all(torch.equal(on_packed.state_dict()[k], v) for k, v in want.items())
     with pytest.raises(CheckpointError, match="is a Control-LoRA .*built on a model's UNet"):
         load_controlnet(tmp_path / "control-lora-canny-rank2.safetensors")
     with pytest.raises(CheckpointError, match="does not fit this model's UNet as a Control-LoRA"):

@@ -1248,6 +1248,9 @@ def _controlnet_file(path: Path, source: TensorSource | None = None) -> tuple[UN
         except (ValueError, TypeError, KeyError) as e:
             raise CheckpointError(f"{path.name}: its {_CONTROL_META} metadata is unreadable: {e}") from None
     needed = ("input_blocks.0.0.weight", "middle_block.1.transformer_blocks.0.attn2.to_k.weight")
+    if "middle_block.1.proj_in.weight" in source.shapes and needed[1] not in source.shapes:
+        raise CheckpointError(f"{path.name}: its middle block has no transformer blocks, so its tensors do not give "
+                              "the text width; plainsd reads such a ControlNet from a diffusers folder (config.json)")
     if any(k not in source.shapes for k in needed):
         lacks = _few(set(needed) - set(source.shapes))
         raise CheckpointError(f"{path.name} is not a whole SD 1.x / 2.x or SDXL ControlNet: it lacks {lacks}")
@@ -1287,7 +1290,7 @@ def _controlnet_folder(root: Path) -> tuple[UNetConfig, int, bool, TensorSource]
 def load_controlnet(path: str | os.PathLike, dtype: torch.dtype | None = None) -> ControlNet:
     """Load a ControlNet: lllyasviel's 1.0 / 1.1 files (.pth read with weights_only, .safetensors; with or without
     the control_model. prefix), a single file in diffusers' names, or a diffusers ControlNetModel folder. The
-    config is read from the file (SD 1.x or 2.x, hint channels); the load is strict, with shape checks.
+    config is read from the file (SD 1.x, 2.x or SDXL, hint channels); the load is strict, with shape checks.
 
     dtype: the weights' dtype (default float32; runtime.prepare_controlnet casts to the engine's).
     The ControlNet's .name is the file's stem (the folder's name); .global_pool is set for "shuffle" models.
@@ -1328,7 +1331,8 @@ def load_control_lora(path: str | os.PathLike, unet: torch.nn.Module, dtype: tor
 
     def get(name: str) -> torch.Tensor:
         layer, _, attr = name.rpartition(".")
-        value = source.get(name) if name in keys else getattr(unet.get_submodule(layer), attr).detach()
+        # (a copy of the UNet's: LoRAs change its weights in place, and offloading frees them)
+        value = source.get(name) if name in keys else getattr(unet.get_submodule(layer), attr).detach().clone()
         if layer not in low_rank or attr != "weight":
             return value
         up, down = source.get(layer + ".up").float(), source.get(layer + ".down").float()
@@ -1345,12 +1349,15 @@ def load_control_lora(path: str | os.PathLike, unet: torch.nn.Module, dtype: tor
 
 
 def _holds(module: torch.nn.Module, name: str) -> bool:
-    """Whether the module has this parameter or buffer (a packed layer's weight too: runtime/packing.py)."""
+    """Whether the module has this parameter or buffer, or a packed layer's weight (a property that builds it:
+    runtime/packing.py, not called here)."""
     layer, _, attr = name.rpartition(".")
     try:
-        return hasattr(module.get_submodule(layer), attr)
+        sub = module.get_submodule(layer)
     except AttributeError:
         return False
+    return (sub._parameters.get(attr) is not None or sub._buffers.get(attr) is not None
+            or isinstance(getattr(type(sub), attr, None), property))
 
 
 def _build_controlnet(path: Path, cfg: UNetConfig, hint_channels: int, pool: bool, source: TensorSource,

@@ -11,7 +11,7 @@ import torch
 from plainsd.config import preset
 from plainsd.models.controlnet import ControlNet
 from plainsd.models.sdxl import SIZE_EMBED_DIM, size_numbers, vector
-from plainsd.weights import load_controlnet
+from plainsd.weights import CheckpointError, load_controlnet
 from tests.reference import max_diff, perturb, unet_pair
 from tests.test_configs import test_config
 
@@ -97,9 +97,10 @@ def test_sdxl_controlnet_matches_diffusers(tmp_path, record_parity):
 
 
 def test_sdxl_controlnets_with_fewer_transformer_blocks(tmp_path, record_parity):
-    """diffusers' "-mid" and "-small" SDXL ControlNets keep fewer transformer blocks than the UNet they steer (none
-    on some levels: a transformer of norm and projections alone); their residuals are the same sizes."""
+    """SDXL ControlNets with fewer transformer blocks than the UNet they steer, as diffusers' smaller ones (none on
+    some levels: a transformer of norm and projections alone); their residuals are the same sizes."""
     from diffusers import ControlNetModel
+    from safetensors.torch import save_file
 
     dunet, unet = unet_pair(preset("tiny-sdxl").unet)
     config = {k: v for k, v in ControlNetModel.from_unet(dunet).config.items() if not k.startswith("_")}
@@ -108,6 +109,12 @@ def test_sdxl_controlnets_with_fewer_transformer_blocks(tmp_path, record_parity)
     dcn, cn = ControlNetModel.from_pretrained(tmp_path).eval(), load_controlnet(tmp_path)
     assert cn.config.transformer_depth == (0, 0, 1) and not cn.input_blocks[3][1].transformer_blocks
     _compare((dunet, dcn), (unet, cn), record_parity, "tiny-sdxl, fewer transformer blocks")
+    # none in the middle either: a folder says the text width, a single file's tensors cannot
+    perturb(ControlNetModel(**{**config, "transformer_layers_per_block": 0}), 3).save_pretrained(tmp_path / "none")
+    assert load_controlnet(tmp_path / "none").config.transformer_depth == 0
+    save_file(ControlNetModel.from_pretrained(tmp_path / "none").state_dict(), str(tmp_path / "none.safetensors"))
+    with pytest.raises(CheckpointError, match="middle block has no transformer blocks.*from a diffusers folder"):
+        load_controlnet(tmp_path / "none.safetensors")
 
 
 def test_an_sdxl_controlnet_needs_the_vector():
