@@ -274,6 +274,14 @@ def test_decoder_recipe_refuses_negative_latent_noise(tmp_path):
         train_vae_decoder(_cfg(tmp_path, "vae-decoder", 2, extra=extra), progress=False)
 
 
+def test_an_sdxl_controlnet_copies_the_vectors_embedding_too():
+    from plainsd.models.controlnet import ControlNet
+
+    unet = plainsd.build("tiny-sdxl", seed=0).unet
+    controlnet = controlnet_from_unet(unet, ControlNet)
+    assert torch.equal(controlnet.label_emb[0][0].weight, unet.label_emb[0][0].weight)
+
+
 def test_controlnet_recipe_starts_from_the_base_model_and_exports_the_original_layout(tmp_path):
     from safetensors import safe_open
 

@@ -786,9 +786,9 @@ def _frozen_base(path: str | None) -> StableDiffusion:
 
 
 def controlnet_from_unet(unet, controlnet_class):
-    """A new ControlNet for this UNet: its time embedding, input blocks and middle block copied from the UNet
-    (every one of their tensors, strictly), the hint encoder random but for its zeroed last convolution, and the
-    zero convolutions at zero.
+    """A new ControlNet for this UNet: its time embedding (and SDXL's label_emb), input blocks and middle block
+    copied from the UNet (every one of their tensors, strictly), the hint encoder random but for its zeroed last
+    convolution, and the zero convolutions at zero.
 
     The hint encoder's other convolutions start with He initialisation (variance kept through each ReLU-like
     layer): with PyTorch's default, which shrinks a signal about threefold per layer, a sparse edge map reached its
@@ -798,7 +798,7 @@ def controlnet_from_unet(unet, controlnet_class):
     for conv in convs[:-1]:
         torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
         torch.nn.init.zeros_(conv.bias)
-    copied = ("time_embed.", "input_blocks.", "middle_block.")
+    copied = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
     own = controlnet.state_dict()
     state = {k: v for k, v in unet.state_dict().items() if k.startswith(copied)}
     missing = [k for k in own if k.startswith(copied) and k not in state]
