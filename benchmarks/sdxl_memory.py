@@ -156,6 +156,24 @@ def run(task: dict) -> dict:
             "dtype": str(dtype).replace("torch.", ""), "compute": str(engine.sd.unet.dtype).replace("torch.", "")}
 
 
+def _header(args, flags: set[str], command: str) -> str:
+    """The table's first paragraph: what each row draws, on what, and the command."""
+    flags = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+    full = args.preset == "sdxl"
+    model = "SDXL picture (random full-size weights" if full else f"{args.preset} picture (random weights"
+    return (f"One {args.size}x{args.size} {model}, fp16 files), txt2img with CFG 7, Euler, "
+            f"{args.steps} steps, VAE decode (by tiles) included; {os.cpu_count()} cores ({', '.join(flags)}), "
+            f"{args.threads} threads, precision {args.precision}, each row a fresh process. Written by {command}.")
+
+
+def _label(row: str, limit: int, shared: bool) -> str:
+    """A row's name in the table."""
+    if row == "refiner":
+        return ("base + refiner (switch at 0.5), bigG and VAE " + ("shared" if shared else "its own")
+                + (", one UNet at a time" if limit == 1 else ", both UNets kept"))
+    return {"base": "base", "controlnet": "base + one ControlNet unit"}[row]
+
+
 def _child(task: dict) -> dict:
     env = {**os.environ, **(AVX2_ONLY if task.get("path") == "avx2" else {})}
     out = subprocess.run([sys.executable, __file__, "--task", json.dumps(task)], capture_output=True, text=True,
@@ -221,17 +239,12 @@ def main():
         _child({"make_controlnet": args.preset, "path": str(controlnet)})
     from plainsd import runtime
 
-    flags = sorted(runtime.cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
     command = (f"`benchmarks/sdxl_memory.py --threads {args.threads} --steps {args.steps} --precision "
                f"{args.precision} --paths {args.paths} --rows {args.rows} --refiner-parts {args.refiner_parts}"
                f" --checkpoints-limit {args.checkpoints_limit}"
                + (f" --preset {args.preset} --size {args.size}" if (args.preset, args.size) != ("sdxl", 1024) else "")
                + "`")
-    full = args.preset == "sdxl"
-    model = "SDXL picture (random full-size weights" if full else f"{args.preset} picture (random weights"
-    header = (f"One {args.size}x{args.size} {model}, fp16 files), txt2img with CFG 7, Euler, "
-              f"{args.steps} steps, VAE decode (by tiles) included; {os.cpu_count()} cores ({', '.join(flags)}), "
-              f"{args.threads} threads, precision {args.precision}, each row a fresh process. Written by {command}.")
+    header = _header(args, runtime.cpu_flags(), command)
     table = ["| CPU path | row | weights loaded as | compute dtype | load s | peak RSS after load GiB | picture s "
              "| picture's peak RSS GiB | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
     notes = []
@@ -250,12 +263,8 @@ def main():
                     "refiner_parts": args.refiner_parts, "size": args.size, "threads": args.threads,
                     "steps": args.steps, "precision": args.precision, "path": path, "checkpoints_limit": limit}
             r = _child(task)
-            label = {"base": "base", "controlnet": "base + one ControlNet unit"}.get(row)
-            if row == "refiner":
-                label = ("base + refiner (switch at 0.5), bigG and VAE " + ("shared" if r["shared"] else "its own")
-                         + (", one UNet at a time" if limit == 1 else ", both UNets kept"))
             cpu = "this CPU" if path == "native" else "as AVX2 only (forced)"
-            table.append(f"| {cpu} | {label} | {r['dtype']} | {r['compute']} | {r['load_s']:.0f} | "
+            table.append(f"| {cpu} | {_label(row, limit, r['shared'])} | {r['dtype']} | {r['compute']} | {r['load_s']:.0f} | "
                          f"{r['load_peak']:.2f} | {r['seconds']:.0f} | {r['picture_peak']:.2f} | {r['peak']:.2f} |")
             print(table[-1], flush=True)
             Path(args.out).write_text("\n\n".join([header, "\n".join(table), *notes]) + "\n")
