@@ -320,8 +320,9 @@ def test_adapter_files_are_listed_loaded_and_checked(sd, tmp_path):
     from plainsd.models.t2i_adapter import T2IAdapter
     assert isinstance(net, T2IAdapter) and net.dtype == sd.unet.dtype  # readied as a ControlNet is
     other = random_adapter(dataclasses.replace(sd.unet.config, model_channels=64))
-    with pytest.raises(ValueError, match=r"the T2I-Adapter 'a' is for another kind of model \(channels per level "
-                                         r"\(64, 128\)\); this model's UNet has \(32, 64\)"):
+    with pytest.raises(ValueError, match=r"the T2I-Adapter 'a' is for another kind of model: its feature maps have "
+                                         r"\(channels, times smaller than the latent\) \[\(64, 1\), \(128, 2\)\]; "
+                                         r"this model's UNet takes \[\(32, 1\), \(64, 2\)\], and \(64, 2\) at"):
         control._check_fits(other, sd.unet.config, "a")
 
 
@@ -400,7 +401,8 @@ def test_adapter_levels_fit_latents_of_any_multiple_of_8_px(sd):
         torch.testing.assert_close(wrapped(x, torch.tensor(500.0), context),
                                    sd.unet(x, torch.tensor(500.0), context, adapter=features))
     wrong = control.ControlledUNet(sd.unet, [_unit(adapter, torch.rand(1, 3, 32, 72))], torch.tensor([500.0]), 1, 1)
-    with pytest.raises(ValueError, match=r"the T2I-Adapter's features are \(4, 9\), not the latent's \(5, 9\)"):
+    with pytest.raises(ValueError, match=r"feature map is \[32, 4, 9\] .* the UNet's features are \[32, 5, 9\]: "
+                                         r".* or its hint is not 8 times the latent's size"):
         wrong(x, torch.tensor(500.0), context)
 
 

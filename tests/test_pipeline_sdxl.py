@@ -1,7 +1,8 @@
 """Generation with SDXL models: the whole txt2img run against diffusers' StableDiffusionXLPipeline on the same random
 weights (same noise, Euler on the same sigmas), the conditioning each pass gives the UNet (A1111's defaults: the
 picture's size as original and target size, crop 0, 0; an empty negative prompt as zeros), infotext, refusals;
-ControlNet units against diffusers' StableDiffusionXLControlNetPipeline, Control-LoRAs; the refiner."""
+ControlNet units against diffusers' StableDiffusionXLControlNetPipeline, Control-LoRAs, T2I-Adapter units against
+StableDiffusionXLAdapterPipeline; the refiner."""
 
 import copy
 import dataclasses
@@ -228,6 +229,68 @@ def test_a_control_lora_unit_runs_as_the_controlnet_it_builds(sd, tmp_path):
                                                   net.input_blocks[3][0].in_layers[2].weight)
     assert with_style.tobytes() != lora_built.tobytes()
     assert draw("sai_xl_canny_rank2").tobytes() == lora_built.tobytes()  # (the LoRA off: built on the model's own)
+
+
+def test_adapter_run_matches_diffusers_sdxl_adapter_pipeline(sdxl_reference, record_parity, tmp_path):
+    """An SDXL T2I-Adapter unit (Balanced, weight 0.7) against StableDiffusionXLAdapterPipeline at
+    adapter_conditioning_scale 0.7, on the same random UNet and an adapter diffusers wrote by save_pretrained;
+    then at a size 8 px past a multiple of 16 (the hint padded), in fast mode, and held in fp16 beside an
+    fp16-stored UNet."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLAdapterPipeline, T2IAdapter
+
+    _, unet, vae, text, text2, sd = sdxl_reference("tiny-sdxl")
+    torch.manual_seed(0)
+    perturb(T2IAdapter(in_channels=3, channels=[32, 64, 128, 128], num_res_blocks=2, downscale_factor=16,
+                       adapter_type="full_adapter_xl"), 5).save_pretrained(tmp_path / "t2i_xl_canny")
+    adapter = T2IAdapter.from_pretrained(tmp_path / "t2i_xl_canny").eval()
+    hint = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    steps, seed, scale, prompt = 4, 5, 6.0, "a red circle on the left"
+    unit = ControlUnit(model="t2i_xl_canny", image=hint, module="none", weight=0.7)
+    request = GenerationRequest(prompt, seed=seed, steps=steps, sampler="Euler", cfg_scale=scale, width=64, height=64,
+                                controlnet=(unit,), controlnet_dir=str(tmp_path))
+    ours = np.asarray(pipeline.generate(sd, request).images[0], dtype=np.float64)
+    plain = np.asarray(pipeline.generate(sd, dataclasses.replace(request, controlnet=())).images[0], dtype=np.float64)
+
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="linspace")
+    pipe = StableDiffusionXLAdapterPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=None,
+                                            tokenizer_2=None, unet=unet, adapter=adapter, scheduler=scheduler,
+                                            force_zeros_for_empty_prompt=True)
+    pipe.set_progress_bar_config(disable=True)
+    sigmas = pipeline._denoiser(sd, sampler=SAMPLERS["Euler"]).get_sigmas(steps, "normal")
+    with torch.no_grad():
+        embeds, pooled = sdxl_text_reference(text, text2, Tokenizer("sd1")([prompt]), Tokenizer("sd2")([prompt]))
+        noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+        theirs = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=hint, adapter_conditioning_scale=0.7,
+                      sigmas=sigmas.tolist(), guidance_scale=scale, height=64, width=64, latents=noise,
+                      output_type="np").images[0]
+    d = np.abs(ours - theirs * 255).max()
+    record_parity("txt2img tiny-sdxl + T2I-Adapter, 4 Euler steps vs StableDiffusionXLAdapterPipeline (0-255)", float(d))
+    assert d <= 1.0, d
+    assert np.abs(ours - plain).max() > 10  # the adapter steers the picture
+
+    odd = dataclasses.replace(request, width=72, height=40)
+    assert pipeline.generate(sd, odd).images[0].size == (72, 40)
+    fast = pipeline.generate(sd, dataclasses.replace(request, fast=plainsd.fast.FAST, steps=6)).images[0]
+    fast_plain = pipeline.generate(sd, dataclasses.replace(request, fast=plainsd.fast.FAST, steps=6, controlnet=()))
+    assert np.abs(np.asarray(fast, dtype=np.float64) - np.asarray(fast_plain.images[0], dtype=np.float64)).max() > 10
+    engine = runtime.prepare(copy.deepcopy(sd).half())
+    stored = np.asarray(pipeline.generate(engine, request).images[0], dtype=np.float64)
+    (net,) = engine.controlnets.values()
+    assert runtime.half_stored(net) and np.abs(stored - ours).max() <= 2
+
+
+def test_adapters_for_the_other_family_are_refused(sd, tmp_path):
+    from plainsd.config import AdapterConfig
+    from plainsd.models.t2i_adapter import T2IAdapter
+    from plainsd.weights import save_adapter
+
+    save_adapter(T2IAdapter(AdapterConfig(channels=(32, 64, 128, 128))), tmp_path / "t2iadapter_sd15.safetensors")
+    save_adapter(T2IAdapter(AdapterConfig(channels=(32, 64), xl=True)), tmp_path / "t2i_xl.safetensors")
+    for model, engine in (("t2iadapter_sd15", sd), ("t2i_xl", plainsd.build("tiny"))):
+        unit = ControlUnit(model=model, image=Image.new("RGB", (64, 64)), module="none")
+        with pytest.raises(ValueError, match="is for another kind of model.*an SDXL one an SDXL base model"):
+            pipeline.txt2img(engine, "a circle", steps=1, controlnet=(unit,), controlnet_dir=str(tmp_path))
 
 
 def test_an_sd1_controlnet_is_refused_by_an_sdxl_model(sd, tmp_path):

@@ -93,7 +93,7 @@ def test_what_is_not_an_sd_adapter_gets_one_sentence(tmp_path):
         "style.safetensors": ({"style_embedding": torch.zeros(1, 8, 16), "conv_in.weight": torch.zeros(1)}, "style or light"),
         "light.safetensors": ({"body.0.in_conv.weight": torch.zeros(1), "body.0.body.0.block1.weight": torch.zeros(1)},
                               "style or light"),
-        "xl.safetensors": ({**state, "conv_in.weight": torch.zeros(32, 768, 3, 3)}, "reads 768 channels"),
+        "odd.safetensors": ({**state, "conv_in.weight": torch.zeros(32, 500, 3, 3)}, "reads 500 channels"),
         "missing.safetensors": ({k: v for k, v in state.items() if k != "body.3.block2.bias"},
                                 r"1 tensors missing \(body\.3\.block2\.bias\)"),
         "lora.safetensors": ({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, "not a T2I-Adapter.*a LoRA file"),
@@ -110,12 +110,43 @@ def test_what_is_not_an_sd_adapter_gets_one_sentence(tmp_path):
         assert "\n" not in str(e.value), name
 
 
+@pytest.mark.parametrize("layout", ["diffusers folder", "diffusers-named .safetensors", "TencentARC .safetensors"])
+def test_sdxl_adapters_load_in_each_layout(tmp_path, layout):
+    """SDXL's adapters (diffusers' full_adapter_xl; lllyasviel's t2i-adapter_diffusers_xl_* files are its names in one
+    file): the fold of 16 read from the config or from conv_in's 768 (or 256) channels."""
+    from diffusers import T2IAdapter as DiffusersAdapter
+
+    torch.manual_seed(0)
+    theirs = perturb(DiffusersAdapter(in_channels=3, channels=[32, 64, 128, 128], num_res_blocks=2,
+                                      downscale_factor=16, adapter_type="full_adapter_xl"), 1).eval()
+    state = {k: v.contiguous() for k, v in theirs.state_dict().items()}
+    if layout == "diffusers folder":
+        theirs.save_pretrained(tmp_path / "t2i-adapter-canny-sdxl-1.0")
+    elif layout.startswith("diffusers"):
+        save_file(state, str(tmp_path / "t2i-adapter_diffusers_xl_canny.safetensors"))
+    else:
+        save_file(_tencentarc_names(state), str(tmp_path / "adapter_xl_canny.safetensors"))
+    path = next(tmp_path.iterdir())
+    adapter = load_adapter(path)
+    assert adapter.config == AdapterConfig(channels=(32, 64, 128, 128), num_res_blocks=2, xl=True)
+    assert _same(load_control_model(path), adapter)
+    hint = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert all(max_diff(a, b) <= 1e-6 for a, b in zip(adapter(hint), theirs(hint)))
+    back = load_adapter(save_adapter(adapter, tmp_path / "saved.safetensors"))
+    assert back.config == adapter.config and _same(back, adapter)
+
+
 def test_diffusers_folders_of_other_kinds_are_refused(tmp_path):
     from diffusers import T2IAdapter as DiffusersAdapter
 
-    folder = tmp_path / "xl"
-    DiffusersAdapter(channels=[32, 64, 64], num_res_blocks=1, downscale_factor=16, adapter_type="full_adapter_xl").save_pretrained(folder)
-    with pytest.raises(CheckpointError, match="full_adapter_xl"):
+    folder = tmp_path / "light"
+    DiffusersAdapter(channels=[32, 64, 64], num_res_blocks=1, downscale_factor=8, adapter_type="light_adapter").save_pretrained(folder)
+    with pytest.raises(CheckpointError, match="is a light_adapter T2I-Adapter.*full_adapter_xl"):
+        load_adapter(folder)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "T2IAdapter", "adapter_type": "full_adapter_xl",
+                                                    "downscale_factor": 8}))
+    with pytest.raises(CheckpointError, match=r"full_adapter_xl T2I-Adapter \(downscale factor 8\)"):
         load_adapter(folder)
     (folder / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
     with pytest.raises(CheckpointError, match="not a diffusers T2IAdapter folder"):

@@ -88,6 +88,7 @@ class AdapterConfig:
     hint_channels: int = 3           # the hint picture's channels: 3, or 1 for the grey sketch models
     ksize: int = 1                   # kernel size of each block's second convolution and of in_conv
     use_conv: bool = False           # halve the size with a strided convolution instead of average pooling
+    xl: bool = False                 # SDXL's layout: the hint folded by 16, only the third level halving
 
 
 @dataclass

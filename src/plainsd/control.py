@@ -33,10 +33,11 @@
    features depend on the hint alone, so each pass computes them once (at its first active call; the extension
    computes them once per job and resizes them for the hires pass, here that pass computes its own from its hint);
    soft injection scales the levels by weight * (0.25, 0.62, 0.825, 1.0) (fewer levels: the last ones); the sum
-   over the adapter units goes to the UNet as `adapter=`, added after each level's last ResBlock on the way down
-   (input blocks 2, 5, 8, 11 in SD), beside the ControlNet units' `control=`. Their levels match the UNet's at
-   every size the pipeline makes (multiples of 8 px): both halve rounding up. Grey (sketch) adapters read the
-   hint's first channel, as the extension gives them.
+   over the adapter units goes to the UNet as `adapter=`, added on the way down where diffusers' UNet and the
+   extension add it (unet.adapter_taps: input blocks 2, 5, 8, 11 in SD; 3, 5, 8 and the middle block in SDXL),
+   beside the ControlNet units' `control=`. Their sizes match the UNet's at every size the pipeline makes
+   (multiples of 8 px): both halve rounding up. Grey (sketch) adapters read the hint's first channel, as the
+   extension gives them.
 4. Combinations: token merging merges the UNet's tokens only; the ControlNet runs unmerged, as in A1111 (tomesd
    patches the diffusion model alone). Fast mode's DeepCache works: a cheap call runs the ControlNet's first blocks
    only and adds their residuals to the skips it runs; a whole call, all of them; adapter features reach the input
@@ -60,6 +61,7 @@ from . import lora as lora_mod
 from . import images as imgs
 from .diffusion.guidance import step_at
 from .models.t2i_adapter import T2IAdapter
+from .models.unet import adapter_taps
 from .request import CONTROL_MODES, CONTROL_RESIZE_MODES, ControlUnit, GenerationRequest
 
 # --- 1. models ------------------------------------------------------------------------------------------------
@@ -164,17 +166,26 @@ def _fits_weights(net, engine) -> bool:
     return not hasattr(net, "built_with") or lora_mod.wears(engine.sd, net.built_with)
 
 
+def _check_adapter_fits(adapter: T2IAdapter, unet_cfg, name: str) -> None:
+    """A T2I-Adapter's feature maps (channels, how many times smaller than the latent) must be the UNet's features
+    where they go (unet.adapter_taps; a map beyond them, the middle block's output)."""
+    want = [(ch, scale) for _, ch, scale in adapter_taps(unet_cfg)]
+    want.append((unet_cfg.model_channels * unet_cfg.channel_mult[-1], 2 ** (len(unet_cfg.channel_mult) - 1)))
+    got = list(zip(adapter.config.channels, adapter.scales()))
+    if got != want[:len(got)] or len(got) < len(want) - 1:
+        raise ValueError(f"the T2I-Adapter {name!r} is for another kind of model: its feature maps have (channels, "
+                         f"times smaller than the latent) {got}; this model's UNet takes {want[:-1]}, and "
+                         f"{want[-1]} at its middle block (an SD 1.x / 2.x adapter needs an SD 1.x / 2.x model, an "
+                         "SDXL one an SDXL base model)")
+
+
 def _check_fits(net, unet_cfg, name: str) -> None:
     """A ControlNet's copy of the UNet must match the UNet it steers (its residuals go onto the UNet's skips); a
-    T2I-Adapter's levels, the UNet's levels and channels. (An adapter has no text width: SD 1.x and 2.x UNets, alike
-    in channels, both take one, as the extension lets them.)"""
+    T2I-Adapter's maps, the UNet's features where they go. (An adapter has no text width: SD 1.x and 2.x UNets,
+    alike in channels, both take one, as the extension lets them.)"""
     cfg = net.config
     if isinstance(net, T2IAdapter):
-        want = tuple(unet_cfg.model_channels * m for m in unet_cfg.channel_mult)
-        if tuple(cfg.channels) != want:
-            raise ValueError(f"the T2I-Adapter {name!r} is for another kind of model (channels per level "
-                             f"{tuple(cfg.channels)}); this model's UNet has {want} (SD 1.x / 2.x adapters need an "
-                             f"SD 1.x / 2.x model)")
+        _check_adapter_fits(net, unet_cfg, name)
         return
     if cfg.in_channels != unet_cfg.in_channels and not (cfg.in_channels == 4 and unet_cfg.in_channels == 9):
         raise ValueError(f"the ControlNet {name!r} reads {cfg.in_channels} latent channels and this model's UNet "
@@ -368,13 +379,10 @@ def _residuals(units: list[ActiveUnit], x, t, context, cond_mark, stop: int | No
 
 def _adapter_sum(units: list[ActiveUnit], x: torch.Tensor, cond_mark: torch.Tensor) -> list[torch.Tensor]:
     """The sum over the adapter units of their scaled features (the unconditional rows left out for cfg injection);
-    one map per UNet level, the first at the latent's size."""
+    the maps the UNet takes where unet.adapter_taps says."""
     total = None
     for unit in units:
         features = [f.to(x.device) for f in unit.adapter_features()]
-        if features[0].shape[-2:] != x.shape[-2:]:
-            raise ValueError(f"the T2I-Adapter's features are {tuple(features[0].shape[-2:])}, not the latent's "
-                             f"{tuple(x.shape[-2:])}: its hint must be 8 times the latent's size")
         out = [f * s for f, s in zip(features, unit.scales(len(features)))]
         if unit.cond_only:
             out = [f * cond_mark.to(f.dtype) for f in out]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.unet import add_control
+from .models.unet import add_adapter_middle, add_control
 
 
 @dataclass
@@ -103,7 +103,7 @@ class DeepCacheUNet:
         if whole:
             self.full_calls += 1
             skips = unet.run_input_blocks(h, emb, context, adapter=adapter)
-            h = unet.middle_block(skips[-1], emb, context)
+            h = add_adapter_middle(unet.middle_block(skips[-1], emb, context), adapter, unet.config)
             if control is not None:
                 skips, h = add_control(skips, h, control(None))
             self.cached = h = unet.run_output_blocks(h, skips, emb, context, stop=cut)

@@ -29,7 +29,7 @@ from .models import AutoencoderKL, StableDiffusion, family
 from .models.blip import BlipCaptionModel
 from .models.controlnet import HINT_CHANNELS, ControlNet
 from .models.sdxl import SIZE_EMBED_DIM
-from .models.t2i_adapter import UNSHUFFLE, T2IAdapter
+from .models.t2i_adapter import UNSHUFFLE, XL_UNSHUFFLE, T2IAdapter
 from .models.taesd import TinyDecoder
 from .models.upscaler import CompactUpscaler
 from .models.wordpiece import WordPieceTokenizer
@@ -1422,7 +1422,8 @@ def save_controlnet(controlnet: ControlNet, path: str | os.PathLike, dtype: torc
 # --- T2I-Adapter files ------------------------------------------------------------------------------
 
 _ADAPTER_META = "plainsd.adapter"  # what save_adapter records of an adapter beside its tensors
-SD_LEVELS = 4  # the levels of every SD 1.x / 2.x UNet: what a bare adapter file's blocks are split into
+ADAPTER_LEVELS = 4  # what a bare adapter file's blocks are split into: SD's four levels, SDXL's three and its middle
+_ADAPTER_KINDS = {"full_adapter": UNSHUFFLE, "full_adapter_xl": XL_UNSHUFFLE}  # diffusers' adapter_type: its fold
 
 
 def adapter_diffusers_names(cfg: AdapterConfig) -> list[tuple[str, str]]:
@@ -1446,24 +1447,26 @@ def _adapter_names(keys: set[str]) -> dict[str, str]:
 
 
 def _adapter_config(shapes: dict[str, tuple], label: str) -> AdapterConfig:
-    """The config of a TencentARC-named adapter from its shapes, split into SD's four UNet levels."""
+    """The config of a TencentARC-named adapter from its shapes: four levels; SDXL's if its conv_in reads a hint
+    folded by 16 (as the A1111 extension tells them apart)."""
     if "style_embedding" in shapes or "body.0.body.0.block1.weight" in shapes:
         raise CheckpointError(f"{label} is a style or light T2I-Adapter, which plainsd does not run; it runs the "
                               "full adapters (canny, sketch, depth, keypose, openpose, ...)")
     if "conv_in.weight" not in shapes or "body.0.block1.weight" not in shapes:
         raise CheckpointError(f"{label} is not a T2I-Adapter: it has no conv_in / body.0.block1 tensors; "
                               f"it looks like {_looks_like(set(shapes))}")
-    hint_channels, rest = divmod(shapes["conv_in.weight"][1], UNSHUFFLE ** 2)
-    if rest or hint_channels not in (1, 3):
-        raise CheckpointError(f"{label}: its conv_in reads {shapes['conv_in.weight'][1]} channels, which is not an SD "
-                              f"1.x / 2.x T2I-Adapter's {UNSHUFFLE ** 2} per hint channel (1 or 3; SDXL adapters read 768)")
+    reads = shapes["conv_in.weight"][1]
+    fold = next((f for f in (UNSHUFFLE, XL_UNSHUFFLE) if reads % f ** 2 == 0 and reads // f ** 2 in (1, 3)), None)
+    if fold is None:
+        raise CheckpointError(f"{label}: its conv_in reads {reads} channels, which is not a T2I-Adapter's "
+                              f"{UNSHUFFLE ** 2} (SD 1.x / 2.x) or {XL_UNSHUFFLE ** 2} (SDXL) per hint channel (1 or 3)")
     blocks = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("body."))
-    if blocks % SD_LEVELS:
-        raise CheckpointError(f"{label}: {blocks} ResnetBlocks do not split into the {SD_LEVELS} levels of an SD UNet")
-    n = blocks // SD_LEVELS
-    return AdapterConfig(channels=tuple(shapes[f"body.{i * n}.block1.weight"][0] for i in range(SD_LEVELS)),
-                         num_res_blocks=n, hint_channels=hint_channels, ksize=shapes["body.0.block2.weight"][-1],
-                         use_conv=any(k.endswith("down_opt.op.weight") for k in shapes))
+    if blocks % ADAPTER_LEVELS:
+        raise CheckpointError(f"{label}: {blocks} ResnetBlocks do not split into a T2I-Adapter's {ADAPTER_LEVELS} levels")
+    n = blocks // ADAPTER_LEVELS
+    return AdapterConfig(channels=tuple(shapes[f"body.{i * n}.block1.weight"][0] for i in range(ADAPTER_LEVELS)),
+                         num_res_blocks=n, hint_channels=reads // fold ** 2, ksize=shapes["body.0.block2.weight"][-1],
+                         use_conv=any(k.endswith("down_opt.op.weight") for k in shapes), xl=fold == XL_UNSHUFFLE)
 
 
 def _adapter_folder(root: Path) -> tuple[AdapterConfig, TensorSource]:
@@ -1471,11 +1474,13 @@ def _adapter_folder(root: Path) -> tuple[AdapterConfig, TensorSource]:
     c = _read_json(root / "config.json") if (root / "config.json").is_file() else {}
     if c.get("_class_name") != "T2IAdapter":
         raise CheckpointError(f"{root} is not a diffusers T2IAdapter folder (its config.json is missing or names another class)")
-    if c.get("adapter_type", "full_adapter") != "full_adapter" or c.get("downscale_factor", UNSHUFFLE) != UNSHUFFLE:
-        raise CheckpointError(f"{root} is a {c.get('adapter_type')} T2I-Adapter (downscale factor "
-                              f"{c.get('downscale_factor')}); plainsd runs the SD 1.x / 2.x full_adapter (factor 8)")
+    kind = c.get("adapter_type", "full_adapter")
+    if kind not in _ADAPTER_KINDS or c.get("downscale_factor", UNSHUFFLE) != _ADAPTER_KINDS[kind]:
+        raise CheckpointError(f"{root} is a {kind} T2I-Adapter (downscale factor {c.get('downscale_factor')}); "
+                              "plainsd runs the full_adapter (factor 8, SD 1.x / 2.x) and full_adapter_xl (factor "
+                              "16, SDXL)")
     cfg = AdapterConfig(channels=tuple(c.get("channels", (320, 640, 1280, 1280))), num_res_blocks=c.get("num_res_blocks", 2),
-                        hint_channels=c.get("in_channels", 3))
+                        hint_channels=c.get("in_channels", 3), xl=kind == "full_adapter_xl")
     source = read_tensors(_component_file(root))
     pairs = adapter_diffusers_names(cfg)
     return cfg, _renamed(source, {(_rename(k, pairs) or "?" + k): k for k in source.shapes})

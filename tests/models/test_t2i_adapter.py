@@ -1,72 +1,105 @@
 """The T2I-Adapter gives diffusers' T2IAdapter features on the same weights (plainsd loading the folder diffusers'
 save_pretrained writes), and the UNet given them gives UNet2DConditionModel's output with
-down_intrablock_additional_residuals, scaled and doubled for CFG as diffusers' adapter pipeline does."""
+down_intrablock_additional_residuals, scaled and doubled for CFG as diffusers' adapter pipeline does; SD 1.x / 2.x
+adapters ("full_adapter") and SDXL's ("full_adapter_xl", three levels and the middle block)."""
 
 import pytest
 import torch
 
-from plainsd.config import AdapterConfig
+from plainsd.config import AdapterConfig, preset
 from plainsd.models.t2i_adapter import T2IAdapter
+from plainsd.models.unet import adapter_taps
 from plainsd.weights import load_adapter
+from tests.models.test_controlnet import _vectors
 from tests.reference import max_diff, perturb, unet_pair
 from tests.test_configs import test_config
 
 TOL = 1e-4
 
 
-def _adapters(folder, channels, seed=0, hint_channels=3):
+def _adapters(folder, cfg, seed=0, hint_channels=3):
+    """diffusers' T2IAdapter for this UNet (SDXL's kind for an SDXL UNet), written by save_pretrained, read back by
+    plainsd."""
     from diffusers import T2IAdapter as DiffusersAdapter
 
+    channels = [cfg.model_channels * m for m in cfg.channel_mult]
+    xl = cfg.adm_in_channels > 0
     torch.manual_seed(seed)
-    theirs = perturb(DiffusersAdapter(in_channels=hint_channels, channels=list(channels), num_res_blocks=2,
-                                      downscale_factor=8, adapter_type="full_adapter"), seed + 3)
+    theirs = perturb(DiffusersAdapter(in_channels=hint_channels, channels=channels + channels[-1:] if xl else channels,
+                                      num_res_blocks=2, downscale_factor=16 if xl else 8,
+                                      adapter_type="full_adapter_xl" if xl else "full_adapter"), seed + 3)
     theirs.save_pretrained(folder)
     return theirs.eval(), load_adapter(folder)
 
 
-def _compare(name, record_parity, tmp_path, hint_channels=3, tol=TOL, size=16):
-    cfg = test_config(name).unet
+def _compare(cfg, record_parity, tmp_path, label, hint_channels=3, tol=TOL, size=16):
     dunet, unet = unet_pair(cfg)
-    dadapter, adapter = _adapters(tmp_path / "adapter", [cfg.model_channels * m for m in cfg.channel_mult],
-                                  hint_channels=hint_channels)
+    dadapter, adapter = _adapters(tmp_path / "adapter", cfg, hint_channels=hint_channels)
     g = torch.Generator().manual_seed(0)
     hint = torch.rand(1, hint_channels, 8 * size, 8 * size, generator=g)
     x, t = torch.randn(2, cfg.in_channels, size, size, generator=g), torch.tensor([10, 900])
     ctx, scale = torch.randn(2, 77, cfg.context_dim, generator=g), 0.6
+    added, y = _vectors(cfg)
     with torch.no_grad():
         theirs = [torch.cat([f * scale] * 2) for f in dadapter(hint)]  # the pipeline: scaled, one copy per CFG half
         expected = dunet(x, t, encoder_hidden_states=ctx, return_dict=False,
-                         down_intrablock_additional_residuals=[f.clone() for f in theirs])[0]
+                         down_intrablock_additional_residuals=[f.clone() for f in theirs], **added)[0]
         features = adapter(hint)
-        got = unet(x, t, ctx, adapter=[torch.cat([f * scale] * 2) for f in features])
-        plain = unet(x, t, ctx)
-    assert len(features) == len(cfg.channel_mult) and adapter.config.hint_channels == hint_channels
+        got = unet(x, t, ctx, adapter=[torch.cat([f * scale] * 2) for f in features], **y)
+        plain = unet(x, t, ctx, **y)
+    assert len(features) == len(theirs) and adapter.config.hint_channels == hint_channels
     d_feat = max(max_diff(torch.cat([f * scale] * 2), e) / max(1.0, float(e.abs().max())) for f, e in zip(features, theirs))
     d_out = max_diff(got, expected)
-    record_parity(f"T2I-Adapter {name} features vs diffusers (relative)", d_feat)
-    record_parity(f"UNet + T2I-Adapter {name} vs diffusers", d_out)
+    record_parity(f"T2I-Adapter {label} features vs diffusers (relative)", d_feat)
+    record_parity(f"UNet + T2I-Adapter {label} vs diffusers", d_out)
     assert d_feat <= tol and d_out <= tol, (d_feat, d_out)
     assert max_diff(got, plain) > 100 * tol  # the features change the output
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-sd2", "tiny-deep"])
 def test_adapter_and_adapted_unet_match_diffusers(tmp_path, record_parity, name):
-    _compare(name, record_parity, tmp_path)
+    _compare(test_config(name).unet, record_parity, tmp_path, name)
 
 
 def test_grey_hints(tmp_path, record_parity):
     """The sketch adapters read a one-channel picture."""
-    _compare("tiny", record_parity, tmp_path, hint_channels=1)
+    _compare(test_config("tiny").unet, record_parity, tmp_path, "tiny", hint_channels=1)
+
+
+@pytest.mark.parametrize("hint_channels", [3, 1])
+def test_sdxl_adapter_and_adapted_unet_match_diffusers(tmp_path, record_parity, hint_channels):
+    """SDXL's kind: the hint folded by 16, maps at 1/2, 1/2, 1/4, 1/4 of the latent, the last onto the middle
+    block's output (diffusers' FullAdapterXL and its UNet)."""
+    cfg = preset("tiny-sdxl").unet
+    _compare(cfg, record_parity, tmp_path, f"tiny-sdxl ({hint_channels} hint channels)", hint_channels=hint_channels)
+    assert [block for block, _, _ in adapter_taps(cfg)] == [2, 3, 5]  # SDXL's 3, 5, 8 at one ResBlock per level
+    assert [block for block, _, _ in adapter_taps(preset("sdxl").unet)] == [3, 5, 8]
+    assert [block for block, _, _ in adapter_taps(preset("sd15").unet)] == [2, 5, 8, 11]
+
+
+def test_sdxl_hints_of_odd_sixteenths_are_padded():
+    """A picture 8 px past a multiple of 16: the hint is padded by its last row and column, so the maps have the
+    sizes of the UNet's halved levels (rounding up), and the part the picture fills is what a padded hint gives."""
+    adapter = perturb(T2IAdapter(AdapterConfig(channels=(32, 64, 128, 128), xl=True)), 0)
+    hint = torch.rand(1, 3, 72, 40)
+    with torch.no_grad():
+        features = adapter(hint)
+        padded = adapter(torch.nn.functional.pad(hint, (0, 8, 0, 8), mode="replicate"))
+    assert [tuple(f.shape[-2:]) for f in features] == [(5, 3), (5, 3), (3, 2), (3, 2)]
+    assert adapter.scales() == [2, 2, 4, 4] and all(torch.equal(a, b) for a, b in zip(features, padded))
 
 
 def test_wrong_inputs_are_refused(tiny):
     adapter = T2IAdapter(AdapterConfig(channels=(32, 64)))
     with pytest.raises(ValueError, match=r"multiples of 8"):
         adapter(torch.rand(1, 3, 60, 64))
-    with pytest.raises(ValueError, match="gives 2 feature maps, got 1"):
+    with pytest.raises(ValueError, match=r"gives 2 feature maps \(or one more for its middle block\), got 1"):
         tiny.unet(torch.randn(1, 4, 8, 8), 1, torch.randn(1, 77, 128), adapter=[torch.zeros(1, 32, 8, 8)])
+    with pytest.raises(ValueError, match=r"feature map is \[32, 4, 4\].* UNet's features are \[32, 8, 8\]"):
+        tiny.unet(torch.randn(1, 4, 8, 8), 1, torch.randn(1, 77, 128),
+                  adapter=[torch.zeros(1, 32, 4, 4), torch.zeros(1, 64, 4, 4)])
 
 
 @pytest.mark.slow
 def test_full_size_adapter_matches_diffusers(tmp_path, record_parity):
-    _compare("sd15", record_parity, tmp_path, tol=1e-3)
+    _compare(test_config("sd15").unet, record_parity, tmp_path, "sd15", tol=1e-3)

@@ -212,7 +212,7 @@ class UNetModel(nn.Module):
 
     control: residuals from ControlNets (models/controlnet.py), one per skip connection and one for the middle
     block's output, in that order, already scaled; they are added where the original ControlledUnetModel adds them.
-    adapter: a T2I-Adapter's features (models/t2i_adapter.py), one per level, already scaled (run_input_blocks).
+    adapter: a T2I-Adapter's features (models/t2i_adapter.py), already scaled (run_input_blocks, adapter_taps).
     guidance: for a UNet with a guidance-scale embedding (cfg.time_cond_proj_dim > 0, LCM-distilled), the scale w
     it embeds, one or one per item, as diffusers' UNet gets it embedded in timestep_cond (its LCM pipeline passes
     guidance_scale - 1); None adds nothing to the timestep embedding, as diffusers does without timestep_cond.
@@ -273,7 +273,7 @@ class UNetModel(nn.Module):
         emb = self.embed_timesteps(timesteps, x.shape[0], guidance, y)
         context = context.to(dtype)
         skips = self.run_input_blocks(x.to(dtype), emb, context, adapter=adapter)
-        h = self.middle_block(skips[-1], emb, context)
+        h = add_adapter_middle(self.middle_block(skips[-1], emb, context), adapter, cfg)
         if control is not None:
             skips, h = add_control(skips, h, control)
         h = self.run_output_blocks(h, skips, emb, context)
@@ -302,16 +302,17 @@ class UNetModel(nn.Module):
         """The outputs of input blocks 0 .. stop - 1 (all when None), each fed the one before: the skip
         connections, the last of them the features that go on down.
 
-        adapter: one feature map per level, added to the output of the level's last ResBlock before it becomes a
-        skip and goes on (input blocks 2, 5, 8, 11 in SD), as TencentARC's UNet and diffusers' add a T2I-Adapter's."""
-        per = self.config.num_res_blocks + 1  # input blocks per level: its ResBlocks and a Downsample
-        if adapter is not None and len(adapter) != len(self.config.channel_mult):
-            raise ValueError(f"a T2I-Adapter for this UNet gives {len(self.config.channel_mult)} feature maps, got {len(adapter)}")
+        adapter: a T2I-Adapter's feature maps, added to the outputs of the input blocks adapter_taps names before
+        they become skips and go on (one more map, an SDXL adapter's, is the middle block's: add_adapter_middle)."""
+        taps = [block for block, _, _ in adapter_taps(self.config)]
+        if adapter is not None and len(adapter) not in (len(taps), len(taps) + 1):
+            raise ValueError(f"a T2I-Adapter for this UNet gives {len(taps)} feature maps (or one more for its middle "
+                             f"block), got {len(adapter)}")
         skips = []
         for i, block in enumerate(itertools.islice(self.input_blocks, stop)):
             h = block(h, emb, context)
-            if adapter is not None and i % per == per - 1:
-                h = h + adapter[i // per].to(h.dtype)
+            if adapter is not None and i in taps:
+                h = _add_feature(h, adapter[taps.index(i)])
             skips.append(h)
         return skips
 
@@ -326,6 +327,36 @@ class UNetModel(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None)
         return h
+
+
+def adapter_taps(cfg: UNetConfig) -> list[tuple[int, int, int]]:
+    """Where a T2I-Adapter's feature maps go, one per level, as diffusers' UNet adds them
+    (down_intrablock_additional_residuals): (input block, its channels, how many times smaller than the latent its
+    output is). A level's map goes after its last ResBlock (and transformer) where the level has attention or is
+    the last, else after its Downsample: input blocks 2, 5, 8, 11 in SD, 3, 5, 8 in SDXL. One more map goes onto
+    the middle block's output (add_adapter_middle)."""
+    per, last = cfg.num_res_blocks + 1, len(cfg.channel_mult) - 1
+    taps = []
+    for level, mult in enumerate(cfg.channel_mult):
+        past = int(level not in cfg.attention_levels and level != last)  # after the level's Downsample
+        taps.append((level * per + cfg.num_res_blocks + past, cfg.model_channels * mult, 2 ** (level + past)))
+    return taps
+
+
+def add_adapter_middle(h: torch.Tensor, adapter: list[torch.Tensor] | None, cfg: UNetConfig) -> torch.Tensor:
+    """The middle block's output with a T2I-Adapter's map for it added, if it gives one beyond the levels' (SDXL's
+    adapters: their fourth)."""
+    if adapter is None or len(adapter) <= len(cfg.channel_mult):
+        return h
+    return _add_feature(h, adapter[-1])
+
+
+def _add_feature(h: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    if feature.shape[-3:] != h.shape[-3:]:
+        raise ValueError(f"a T2I-Adapter's feature map is {list(feature.shape[-3:])} (channels, height, width) where "
+                         f"the UNet's features are {list(h.shape[-3:])}: the adapter is for another kind of model, or "
+                         "its hint is not 8 times the latent's size")
+    return h + feature.to(h.dtype)
 
 
 def add_control(skips: list[torch.Tensor], middle: torch.Tensor, control: list[torch.Tensor]):
