@@ -81,6 +81,24 @@ def test_a_controlnet_is_loaded_once_per_engine(sd, folder, monkeypatch):
     assert len(loads) == 2 and first[0] is first[2] is again[0] and first[1] is again[1]
 
 
+def test_the_oldest_controlnet_is_dropped_before_another_is_read(sd, folder, tmp_path, monkeypatch):
+    """The cache keeps CACHE_SIZE networks; the least recently used one the request does not take goes before the
+    next is read, so that no more than CACHE_SIZE (or what one request uses) are in memory while it loads."""
+    from plainsd.runtime import Engine
+    for name, source in (("cn_a", "cn_a"), ("cn_b", "more/cn_b"), ("cn_c", "cn_a")):
+        (tmp_path / f"{name}.safetensors").write_bytes((folder / f"{source}.safetensors").read_bytes())
+    folder, engine, held = tmp_path, Engine(sd), []
+    real = weights.load_control_model
+    monkeypatch.setattr(weights, "load_control_model",
+                        lambda path, dtype=None, unet=None: held.append(len(engine.controlnets)) or real(path))
+    for name in ("cn_a", "cn_b", "cn_c", "cn_a"):
+        control.load_controlnets(engine, (ControlUnit(name),), folder)
+    assert held == [0, 1, 1, 1] and len(engine.controlnets) == control.CACHE_SIZE == 2
+    held.clear()
+    nets = control.load_controlnets(engine, (ControlUnit("cn_b"), ControlUnit("cn_a"), ControlUnit("cn_c")), folder)
+    assert held == [1, 2] and len(engine.controlnets) == 3 and all(n in engine.controlnets.values() for n in nets)
+
+
 def test_a_controlnet_for_another_model_is_refused(sd):
     other = ControlNet(dataclasses.replace(sd.unet.config, context_dim=64))  # (as SD 2.x's 1024 beside SD 1.x's 768)
     with pytest.raises(ValueError, match="the ControlNet 'cn_x' is for another kind of model .*context_dim 64"):

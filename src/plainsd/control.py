@@ -138,6 +138,16 @@ def check_combination(req: GenerationRequest, backend: str) -> None:
 CACHE_SIZE = 2   # ControlNets kept loaded (more while one request uses more; the extension's default)
 
 
+def _make_room(cache, in_use: list) -> None:
+    """Before another network is read: drop the least recently used ones the request has not taken until one more
+    fits in CACHE_SIZE, as the extension frees its oldest before building the next (two full-size SDXL ControlNets
+    are 6 GiB on an AVX2 CPU)."""
+    for key in [k for k, net in cache.items() if not any(net is n for n in in_use)]:
+        if len(cache) < CACHE_SIZE:
+            return
+        del cache[key]
+
+
 def load_controlnets(engine, units: tuple[ControlUnit, ...], folder=None) -> list:
     """Each unit's ControlNet (or T2I-Adapter), loaded once and kept on the engine (engine.controlnets: path ->
     network, the most recently used last), checked against the engine's UNet."""
@@ -147,6 +157,8 @@ def load_controlnets(engine, units: tuple[ControlUnit, ...], folder=None) -> lis
         path = find_controlnet(unit.model, folder).resolve()
         key = (str(path), path.stat().st_mtime_ns)
         if key not in cache or not _fits_weights(cache[key], engine):
+            cache.pop(key, None)
+            _make_room(cache, nets)
             # read in the dtype the model's weights came in (fp16 where they stay fp16: no float32 copy on the way)
             net = weights.load_control_model(path, dtype=engine.load_dtype, unet=engine.sd.unet)
             if getattr(net, "control_lora", False):
