@@ -394,6 +394,37 @@ def test_a_controlnet_unit_steers_the_base_models_steps_only(sd, refiner_file, t
     assert np.abs(np.asarray(plain, dtype=np.int16) - np.asarray(image, dtype=np.int16)).max() > 10
 
 
+def test_tiling_with_a_refiner_wraps_both_models(sd, refiner_file, monkeypatch):
+    """Tiling with a refiner: its UNet and VAE pad circularly too, so noise rolled by (4, 4) latents gives the
+    picture rolled by (32, 32) px (4 latents: the tiny UNet halves twice). A prepared engine keeping one UNet in memory at a time: the networks written out
+    and read back during the tiled run pad circularly as well, and are packed as before once it is over."""
+    from tests.test_pipeline_seeds import _rolled_noise
+
+    engine = runtime.prepare(copy.deepcopy(sd))
+    packed = {}  # tiling -> packed convolutions of the UNet each step ran
+
+    def draw(tiling):
+        def count(step):
+            unet = engine.refiner[1].sd.unet if step.step >= 2 else engine.sd.unet
+            packed.setdefault(tiling, []).append(sum(isinstance(m, runtime.PackedConv2d) for m in unet.modules()))
+
+        result = pipeline.txt2img(engine, "a red circle", steps=4, seed=1, sampler="Euler", tiling=tiling,
+                                  refiner_checkpoint=str(refiner_file), refiner_switch_at=0.5, callback=count)
+        return np.asarray(result.images[0], dtype=np.float64)
+
+    untiled = draw(False)
+    networks = [engine.sd.unet, engine.sd.vae, engine.refiner[1].sd.unet, engine.refiner[1].sd.vae]
+    tiled = draw(True)
+    assert packed[True] == packed[False] and min(packed[True]) > 0  # (read back while tiled: packed all the same)
+    with monkeypatch.context() as m:
+        _rolled_noise(m, (4, 4))
+        tiled_rolled, untiled_rolled = draw(True), draw(False)
+    assert np.abs(np.roll(tiled, (32, 32), axis=(0, 1)) - tiled_rolled).mean() < 0.5
+    assert np.abs(np.roll(untiled, (32, 32), axis=(0, 1)) - untiled_rolled).mean() > 5
+    assert all(m.padding_mode == "zeros" for net in networks for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert np.array_equal(draw(False), untiled)
+
+
 def test_refiner_switch_at_one_never_switches(sd, refiner_file):
     plain = pipeline.txt2img(sd, "a red circle", steps=3, seed=2, sampler="Euler")
     never = pipeline.txt2img(sd, "a red circle", steps=3, seed=2, sampler="Euler", refiner_checkpoint=str(refiner_file),
@@ -421,8 +452,6 @@ def test_refiner_refusals(sd, refiner_file, tmp_path):
         pipeline.txt2img(sd, "x", steps=1, refiner_checkpoint=str(tmp_path / "nope.safetensors"))
     with pytest.raises(ValueError, match="between 0 and 1, got 1.5"):
         pipeline.txt2img(sd, "x", steps=1, refiner_checkpoint=str(refiner_file), refiner_switch_at=1.5)
-    with pytest.raises(ValueError, match="tiling and a refiner do not run together yet"):
-        pipeline.txt2img(sd, "x", steps=1, refiner_checkpoint=str(refiner_file), tiling=True)
     plainsd.save(plainsd.build("tiny"), tmp_path / "sd1.safetensors")
     with pytest.raises(ValueError, match="works on other latents"):
         pipeline.txt2img(sd, "x", steps=1, refiner_checkpoint=str(tmp_path / "sd1.safetensors"))

@@ -111,13 +111,13 @@ def test_sampler_settings_are_honoured_written_or_refused(sd):
     pipeline.txt2img(sd, "x", steps=1, sampler="DPM++ 2M", s_churn=0.0, s_noise=1.0)  # values that change nothing
 
 
-def _rolled_noise(monkeypatch):
-    """Make every run's starting noise rolled by (2, 4) latents."""
+def _rolled_noise(monkeypatch, shift=(2, 4)):
+    """Make every run's starting noise rolled by `shift` latents."""
     draw = ImageNoise.draw
 
     def rolled(self, shape, seeds, subseeds=None):
         noise, generators = draw(self, shape, seeds, subseeds)
-        return noise.roll((2, 4), dims=(2, 3)), generators
+        return noise.roll(shift, dims=(2, 3)), generators
 
     monkeypatch.setattr(ImageNoise, "draw", rolled)
 

@@ -252,7 +252,7 @@ def _stages(engine: Engine, request: GenerationRequest, callback, interrupt, ski
     refiner = _load_refiner(engine, request) if request.refiner_checkpoint else None
     lora_mod.use(sd, loras)  # (they stay on for the next run: lora.use)
     notes = _refiner_loras(engine, refiner, loras)
-    with _tiling(engine, request.tiling):
+    with _tiling(engine, request.tiling, refiner):
         start = _start(sd, request, run)
         params.inpainting = Parameters.inpainting_fields(request, start.paste is not None,
                                                          start.paste is not None and start.paste[2] is not None)
@@ -1056,11 +1056,12 @@ def _token_merging(sd: StableDiffusion | None, ratio: float):
 
 
 @contextlib.contextmanager
-def _tiling(engine: Engine, on: bool):
-    """A1111's tiling: for the run, every padded convolution of the UNet and the VAE (and the tiny decoder) pads
-    circularly, so that the picture's left edge continues its right and its top its bottom; as before afterwards,
-    also after an error. (Packed convolutions honour it: runtime/packing.py.)"""
+def _tiling(engine: Engine, on: bool, refiner: Engine | None = None):
+    """A1111's tiling: for the run, every padded convolution of the UNet and the VAE (and the tiny decoder; a
+    refiner's UNet and VAE) pads circularly, so that the picture's left edge continues its right and its top its
+    bottom; as before afterwards, also after an error. (Packed convolutions honour it: runtime/packing.py.)"""
     networks = [engine.sd.unet, engine.sd.vae] + ([engine.tiny_decoder] if engine.tiny_decoder is not None else [])
+    networks += [refiner.sd.unet, refiner.sd.vae] if refiner is not None else []
     convs = [m for net in networks for m in net.modules()
              if on and isinstance(m, torch.nn.Conv2d) and any(m._reversed_padding_repeated_twice)]
     before = [m.padding_mode for m in convs]

@@ -318,7 +318,6 @@ class GenerationRequest:
             raise ValueError(f"refiner_switch_at (the fraction of the denoising done before the refiner takes over) "
                              f"must be between 0 and 1, got {self.refiner_switch_at}")
         unsupported = [(self.fast is not None and self.fast.deepcache_interval > 1, "fast mode's DeepCache"),
-                       (self.tiling, "tiling"),
                        (backend != "eager", f"the {backend} backend")]
         for used, what in unsupported:
             if used:

@@ -16,7 +16,10 @@ def _ids(prompts=("a red circle", "a blue square on the left of a green triangle
     return Tokenizer("sd1")(list(prompts)), Tokenizer("sd2")(list(prompts))
 
 
-def _compare_unet(cfg, kind, record_parity, label, size=8, shared=False, scale=0.05, dtype=torch.float32):
+def _compare_unet(cfg, kind, record_parity, label, size=8, shared=False, scale=0.05, dtype=torch.float32,
+                  adapters=None):
+    """The UNets' largest difference and the size of diffusers' output; adapters: a function giving (diffusers'
+    T2IAdapter, plainsd's), whose features both UNets then take too (recorded apart)."""
     theirs, ours = unet_pair(cfg, seed=3, shared=shared, scale=scale)
     theirs.to(dtype)
     ours.to(dtype)
@@ -27,12 +30,21 @@ def _compare_unet(cfg, kind, record_parity, label, size=8, shared=False, scale=0
     pooled = torch.randn(2, pooled_width, generator=g)  # (float32 values, so that both get the same vector)
     numbers = torch.tensor([size_numbers(kind, 1024, 768), size_numbers(kind, 832, 1216, 64, 32, 2.5)])
     t = torch.tensor([981.0, 3.5])
+    added, y = {"text_embeds": pooled.to(dtype), "time_ids": numbers}, vector(pooled, numbers).to(dtype)
     with torch.no_grad():
-        want = theirs(x, t, encoder_hidden_states=context,
-                      added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": numbers}).sample
-        got = ours(x, t, context, y=vector(pooled, numbers).to(dtype))
+        want = theirs(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        got = ours(x, t, context, y=y)
     d = max_diff(got, want)
     record_parity(label, d)
+    if adapters is not None:
+        their_adapter, our_adapter = adapters()
+        hint = torch.rand(2, 3, 8 * size, 8 * size, generator=g)
+        with torch.no_grad():
+            want = theirs(x, t, encoder_hidden_states=context, added_cond_kwargs=added,
+                          down_intrablock_additional_residuals=their_adapter(hint)).sample
+            got = ours(x, t, context, y=y, adapter=our_adapter(hint))
+        d = max(d, max_diff(got, want))
+        record_parity(f"{label}, with a T2I-Adapter", max_diff(got, want))
     return d, float(want.abs().mean())
 
 
@@ -114,12 +126,16 @@ def test_extra_vectors_go_to_their_towers():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, kind", [("sdxl", "base"), ("sdxl-refiner", "refiner")])
-def test_full_unet_matches_diffusers(record_parity, name, kind):
+def test_full_unet_matches_diffusers(record_parity, tmp_path, name, kind):
     """Full size (2.6B parameters, 10.3 GB in float32): plainsd's UNet holds diffusers' own weight tensors, so one
     UNet's worth of memory is in use, never two. The weights are perturbed by 0.005, not 0.05: more would make
-    this deep random network amplify float32 round-off to ~1e-2 in either implementation."""
+    this deep random network amplify float32 round-off to ~1e-2 in either implementation. The base UNet also takes
+    a full-size SDXL T2I-Adapter's features (diffusers' full_adapter_xl, read back by plainsd)."""
+    from tests.models.test_t2i_adapter import _adapters
+
+    adapters = (lambda: _adapters(tmp_path / "adapter", preset(name).unet)) if kind == "base" else None
     d, scale = _compare_unet(preset(name).unet, kind, record_parity, f"UNet {name} vs diffusers, full size", size=16,
-                             shared=True, scale=0.005)
+                             shared=True, scale=0.005, adapters=adapters)
     assert scale > 0.1 and d <= 1e-4, d
 
 
