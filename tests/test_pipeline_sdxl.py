@@ -425,6 +425,28 @@ def test_tiling_with_a_refiner_wraps_both_models(sd, refiner_file, monkeypatch):
     assert np.array_equal(draw(False), untiled)
 
 
+def test_fast_mode_with_a_refiner_gives_it_a_cache_of_its_own(sd, refiner_file, monkeypatch):
+    """Fast mode's DeepCache with a refiner taking over at 0.5 of 8 Euler steps: the refiner's UNet runs under the
+    same schedule (interval 2) with a cache of its own, so its first call runs whole (the base's cached features
+    never reach it) and every other one after is cheap; without the refiner the pass caches as before."""
+    from plainsd.fast import DeepCacheUNet, FastSettings
+
+    calls = []
+    runs_whole = DeepCacheUNet._runs_whole
+    monkeypatch.setattr(DeepCacheUNet, "_runs_whole",
+                        lambda self, t, batch: calls.append((self.unet, runs_whole(self, t, batch))) or calls[-1][1])
+    fast = FastSettings(deepcache_interval=2, guidance_until=1.0)
+    engine = Engine(sd)
+    refined = pipeline.txt2img(engine, "a red circle", steps=8, seed=1, sampler="Euler", fast=fast,
+                               refiner_checkpoint=str(refiner_file), refiner_switch_at=0.5).images[0]
+    refiner_unet = engine.refiner[1].sd.unet
+    assert [whole for unet, whole in calls if unet is sd.unet] == [True, False] * 2
+    assert [whole for unet, whole in calls if unet is refiner_unet] == [True, False] * 2
+    calls.clear()
+    plain = pipeline.txt2img(engine, "a red circle", steps=8, seed=1, sampler="Euler", fast=fast).images[0]
+    assert [whole for _, whole in calls] == [True, False] * 4 and plain.tobytes() != refined.tobytes()
+
+
 def test_refiner_switch_at_one_never_switches(sd, refiner_file):
     plain = pipeline.txt2img(sd, "a red circle", steps=3, seed=2, sampler="Euler")
     never = pipeline.txt2img(sd, "a red circle", steps=3, seed=2, sampler="Euler", refiner_checkpoint=str(refiner_file),

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -87,6 +88,14 @@ class DeepCacheUNet:
     def reset(self) -> None:
         """Start again (a new batch, the hires fix's second pass): the next call runs the whole UNet."""
         self.cached, self.calls, self.late_calls, self.since_full = None, 0, 0, 0
+
+    def around(self, unet: torch.nn.Module) -> DeepCacheUNet:
+        """The same schedule around another UNet (a refiner's, which takes over part of the way), from a fresh
+        start."""
+        other = copy.copy(self)
+        other.unet, other.full_calls = unet, 0
+        other.reset()
+        return other
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, control=None,
                  adapter: list[torch.Tensor] | None = None, guidance: torch.Tensor | float | None = None,

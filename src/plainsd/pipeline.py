@@ -989,12 +989,14 @@ _FITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _handover(sd: StableDiffusion, p: Pass, base: CFGDenoiser) -> _Handover:
-    """The pass's guided denoiser with the refiner's beside it, for a new batch (not taken over yet)."""
+    """The pass's guided denoiser with the refiner's beside it, for a new batch (not taken over yet); in fast mode
+    the refiner's UNet runs under DeepCache's schedule too (a cache of its own)."""
     part = p.refiner
     part.took_over = False
     refiner = part.engine
-    refined = CFGDenoiser(_denoiser(refiner.sd, _net(refiner.unet, None), p.sampler), p.cfg_scale, p.sigmas,
-                          p.guidance_until)
+    cache = p.unet.unet if isinstance(p.unet, control_mod.ControlledUNet) else p.unet
+    unet = cache.around(refiner.sd.unet) if isinstance(cache, DeepCacheUNet) else refiner.unet  # (fast mode's)
+    refined = CFGDenoiser(_denoiser(refiner.sd, _net(unet, None), p.sampler), p.cfg_scale, p.sigmas, p.guidance_until)
     return _Handover(base, refined, part, _denoiser(sd, sampler=p.sampler).sigmas)
 
 

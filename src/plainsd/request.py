@@ -317,11 +317,8 @@ class GenerationRequest:
         if self.refiner_switch_at is not None and not 0.0 <= self.refiner_switch_at <= 1.0:
             raise ValueError(f"refiner_switch_at (the fraction of the denoising done before the refiner takes over) "
                              f"must be between 0 and 1, got {self.refiner_switch_at}")
-        unsupported = [(self.fast is not None and self.fast.deepcache_interval > 1, "fast mode's DeepCache"),
-                       (backend != "eager", f"the {backend} backend")]
-        for used, what in unsupported:
-            if used:
-                raise ValueError(f"{what} and a refiner do not run together yet; leave out one of them")
+        if backend != "eager":
+            raise ValueError(f"the {backend} backend and a refiner do not run together yet; leave out one of them")
 
     def _check_controlnet(self, backend: str) -> None:
         """Each unit's values and model; and what a ControlNet cannot be combined with (plainsd.control)."""
