@@ -42,7 +42,8 @@ def _compare_unet(cfg, kind, record_parity, label, size=8, shared=False, scale=0
         with torch.no_grad():
             want = theirs(x, t, encoder_hidden_states=context, added_cond_kwargs=added,
                           down_intrablock_additional_residuals=their_adapter(hint)).sample
-            got = ours(x, t, context, y=y, adapter=our_adapter(hint))
+            plain, got = got, ours(x, t, context, y=y, adapter=our_adapter(hint))
+        assert max_diff(got, plain) > 1e3 * max_diff(got, want)  # the features change the output
         d = max(d, max_diff(got, want))
         record_parity(f"{label}, with a T2I-Adapter", max_diff(got, want))
     return d, float(want.abs().mean())
