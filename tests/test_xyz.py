@@ -192,3 +192,27 @@ def test_cli_xyz_writes_the_grid_and_its_cells(tmp_path, monkeypatch, capsys):
     plainsd.save(plainsd.build("tiny", seed=1), tmp_path / "other.safetensors")
     assert main(["xyz", "a", "--x-type", "Checkpoint name", "--x-values", "other.safetensors, missing.safetensors"]) == 2
     assert "no such model file or folder: missing.safetensors" in capsys.readouterr().err
+
+
+def test_refiner_axes_pick_the_refiner_and_its_switch(tmp_path):
+    """A1111's Refiner checkpoint axis (a model by name, or None: no refiner, whatever switch the cell has) and
+    Refiner switch at; the refiner's axis loads a model, so it changes least often."""
+    sd = plainsd.build("tiny-sdxl", seed=0)
+    plainsd.save(plainsd.build("tiny-sdxl-refiner", seed=1), tmp_path / "refiner.safetensors")
+    names = {"xl_refiner": str(tmp_path / "refiner.safetensors")}
+    checkpoints = xyz.Checkpoints(find=lambda name: names[name], load=None)
+    req = GenerationRequest("a red circle", steps=2, width=64, height=64, seed=5, sampler="Euler")
+    settings = XYZSettings(x_type="Refiner switch at", x_values="0.5, 0.8", y_type="Refiner checkpoint",
+                           y_values="None, xl_refiner", draw_legend=False, include_lone_images=True)
+    plot = xyz.plan(req, settings, checkpoints=checkpoints)
+    assert [(c.request.refiner_checkpoint, c.request.refiner_switch_at) for c in plot.cells] == [
+        (None, None), (None, None), (names["xl_refiner"], 0.5), (names["xl_refiner"], 0.8)]
+    assert xyz.plan(req, XYZSettings(x_type="Refiner checkpoint", x_values="xl_refiner, None", y_type="Seed",
+                                     y_values="1, 2"), checkpoints=checkpoints).order == [0, 2, 1, 3]
+    result = xyz.run(sd, plot)
+    for picture, cell in zip(result.images[1:], plot.cells):
+        assert picture.tobytes() == pipeline.generate(sd, cell.request).images[0].tobytes()
+    assert parse_infotext(result.infotexts[3])["Refiner switch at"] == "0.5"
+    with pytest.raises(ValueError, match="the Y axis \\(Refiner checkpoint\\) value 'xl_refiner': the Refiner "
+                                         "checkpoint axis has no models to choose among here"):
+        xyz.plan(req, settings)

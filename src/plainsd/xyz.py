@@ -56,17 +56,22 @@ def axis_labels(kind: str) -> list[str]:
 
 @dataclass
 class Cell:
-    """One picture of the plot: its request, and the model the Checkpoint name axis chose (None: run's engine)."""
+    """One picture of the plot: its request, and the model the Checkpoint name axis chose (None: run's engine).
+    no_refiner: the Refiner checkpoint axis said None, so the cell draws without one whatever switch it was given
+    (as A1111 draws it)."""
     request: GenerationRequest
     checkpoint: Any = None
+    no_refiner: bool = False
 
 
 @dataclass
 class Checkpoints:
-    """The models a Checkpoint name axis chooses among: find(name) -> a key (ValueError naming the ones there are
-    for an unknown name); load(key) -> the Engine that draws with it."""
+    """The models a Checkpoint name (or Refiner checkpoint) axis chooses among: find(name) -> a key (ValueError
+    naming the ones there are for an unknown name); load(key) -> the Engine that draws with it; file(key) -> its
+    file or folder (a refiner's, for the request)."""
     find: Callable[[str], Any]
     load: Callable[[Any], Any]
+    file: Callable[[Any], str] = str
 
 
 PERMUTATIONS = "permutations"  # an axis type: each value is an order of the listed prompt words
@@ -125,6 +130,16 @@ def _checkpoint(cell: Cell, x: str, xs: list, checkpoints: Checkpoints | None) -
     cell.checkpoint = checkpoints.find(x)
 
 
+def _refiner(cell: Cell, x: str, xs: list, checkpoints: Checkpoints | None) -> None:
+    """A1111's Refiner checkpoint: one of the models by name, or None for no refiner."""
+    cell.no_refiner = x.strip() in ("", "None")
+    if cell.no_refiner:
+        return
+    if checkpoints is None:
+        raise ValueError("the Refiner checkpoint axis has no models to choose among here")
+    cell.request = cell.request.replace(refiner_checkpoint=checkpoints.file(checkpoints.find(x)))
+
+
 def _denoising(cell: Cell, x: float, xs: list, checkpoints) -> None:
     """img2img's denoising strength, or in txt2img the hires fix's (as A1111's denoising_strength)."""
     r = cell.request
@@ -179,6 +194,8 @@ AXES: dict[str, Axis] = {
     "Token merging ratio": Axis(float, _field("token_merging")),
     "Token merging ratio high-res": Axis(float, _hires_field("token_merging", "Token merging ratio high-res")),
     "Size": Axis(str, _size),
+    "Refiner checkpoint": Axis(str, _refiner, legend="path", choices=True, cost=1.0),
+    "Refiner switch at": Axis(float, _field("refiner_switch_at")),
 }
 
 
@@ -364,6 +381,8 @@ def plan(request: GenerationRequest, settings: XYZSettings, kind: str = "txt2img
                 a.axis.apply(cell, value, a.values, checkpoints)
             except ValueError as e:
                 raise ValueError(f"the {a.letter} axis ({a.label}) value {value!r}: {e}") from None
+        if cell.no_refiner:
+            cell.request = cell.request.replace(refiner_checkpoint=None, refiner_switch_at=None)
         # A1111's offsets: an axis that does not vary the seeds counts as one column (or row) for the next
         xdim, ydim = (len(xs) if settings.vary_seeds_x else 1), (len(ys) if settings.vary_seeds_y else 1)
         offset = ((ix if settings.vary_seeds_x else 0) + xdim * (iy if settings.vary_seeds_y else 0)

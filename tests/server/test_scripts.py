@@ -198,3 +198,18 @@ def test_the_page_offers_the_servers_styles(client):
     html = client.get("/").text
     assert '<select id="styles" multiple' in html and 'getJSON("/sdapi/v1/prompt-styles")' in html
     assert "body.styles = styles" in html
+
+
+def test_xyz_refiner_axis_names_the_servers_models(client):
+    """The Refiner checkpoint axis by A1111's index: None, or one of the server's models by name (any model with
+    the same latents can be a refiner); the cell with one is the picture a request naming it draws."""
+    axis = xyz.axis_labels("txt2img").index("Refiner checkpoint")
+    body = {**BASE, "steps": 4, "script_name": "x/y/z plot",
+            "script_args": [axis, "", ["None", "beta.safetensors"], 0, "", None, 0, "", None, False, True]}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    images = [decode(b) for b in r.json()["images"]]
+    fields = [parse_infotext(im.info["parameters"]) for im in images[1:]]
+    assert "Refiner" not in fields[0] and fields[1]["Refiner"].startswith("beta")
+    alone = client.post("/sdapi/v1/txt2img", json={**BASE, "steps": 4, "refiner_checkpoint": "beta.safetensors"})
+    assert images[2].tobytes() == decode(alone.json()["images"][0]).tobytes() != images[1].tobytes()

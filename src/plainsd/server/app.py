@@ -505,9 +505,10 @@ def _page_routes(server: Server) -> APIRouter:
 
 
 def _checkpoints(store: ModelStore, vae_setting: str | None = None) -> Checkpoints:
-    """The server's models, for an X/Y/Z plot's Checkpoint name axis: found by name, loaded one at a time, each with
-    the VAE the sd_vae setting gives it."""
-    return Checkpoints(find=store.find, load=lambda entry: store.get(entry, _vae(store, vae_setting, entry)))
+    """The server's models, for an X/Y/Z plot's Checkpoint name and Refiner checkpoint axes: found by name, loaded
+    one at a time, each with the VAE the sd_vae setting gives it."""
+    return Checkpoints(find=store.find, load=lambda entry: store.get(entry, _vae(store, vae_setting, entry)),
+                       file=lambda entry: str(entry.path))
 
 
 def _vae(store: ModelStore, setting, entry):
