@@ -216,3 +216,13 @@ def test_refiner_axes_pick_the_refiner_and_its_switch(tmp_path):
     with pytest.raises(ValueError, match="the Y axis \\(Refiner checkpoint\\) value 'xl_refiner': the Refiner "
                                          "checkpoint axis has no models to choose among here"):
         xyz.plan(req, settings)
+
+
+def test_initial_noise_multiplier_axis_is_img2imgs():
+    picture = Image.new("RGB", (32, 32), (200, 40, 40))
+    req = GenerationRequest("a", steps=2, width=32, height=32, seed=1, init_image=picture, strength=0.5)
+    plot = xyz.plan(req, XYZSettings(x_type="Initial noise multiplier", x_values="0.9, 1.1"), "img2img")
+    assert [c.request.initial_noise_multiplier for c in plot.cells] == [0.9, 1.1]
+    with pytest.raises(ValueError, match="initial_noise_multiplier scales img2img's starting noise: it needs an "
+                                         "init image"):
+        xyz.plan(req.replace(init_image=None), XYZSettings(x_type="Initial noise multiplier", x_values="0.9"))

@@ -196,6 +196,7 @@ AXES: dict[str, Axis] = {
     "Size": Axis(str, _size),
     "Refiner checkpoint": Axis(str, _refiner, legend="path", choices=True, cost=1.0),
     "Refiner switch at": Axis(float, _field("refiner_switch_at")),
+    "Initial noise multiplier": Axis(float, _field("initial_noise_multiplier")),
 }
 
 
