@@ -82,8 +82,9 @@ def test_a_controlnet_is_loaded_once_per_engine(sd, folder, monkeypatch):
 
 
 def test_the_oldest_controlnet_is_dropped_before_another_is_read(sd, folder, tmp_path, monkeypatch):
-    """The cache keeps CACHE_SIZE networks; the least recently used one the request does not take goes before the
-    next is read, so that no more than CACHE_SIZE (or what one request uses) are in memory while it loads."""
+    """The cache keeps CACHE_SIZE networks; the least recently used one the request does not name goes before the
+    next is read, so that no more than CACHE_SIZE (or what one request uses) are in memory while it loads, and
+    one the request names is never dropped to be read again."""
     from plainsd.runtime import Engine
     for name, source in (("cn_a", "cn_a"), ("cn_b", "more/cn_b"), ("cn_c", "cn_a")):
         (tmp_path / f"{name}.safetensors").write_bytes((folder / f"{source}.safetensors").read_bytes())
@@ -96,7 +97,8 @@ def test_the_oldest_controlnet_is_dropped_before_another_is_read(sd, folder, tmp
     assert held == [0, 1, 1, 1] and len(engine.controlnets) == control.CACHE_SIZE == 2
     held.clear()
     nets = control.load_controlnets(engine, (ControlUnit("cn_b"), ControlUnit("cn_a"), ControlUnit("cn_c")), folder)
-    assert held == [1, 2] and len(engine.controlnets) == 3 and all(n in engine.controlnets.values() for n in nets)
+    assert held == [2] and len(engine.controlnets) == 3  # (cn_c and cn_a, named, stay: only cn_b is read)
+    assert all(n in engine.controlnets.values() for n in nets)
 
 
 def test_a_controlnet_for_another_model_is_refused(sd):
@@ -340,8 +342,12 @@ def test_adapter_files_are_listed_loaded_and_checked(sd, tmp_path):
     other = random_adapter(dataclasses.replace(sd.unet.config, model_channels=64))
     with pytest.raises(ValueError, match=r"the T2I-Adapter 'a' is for another kind of model: its feature maps have "
                                          r"\(channels, times smaller than the latent\) \[\(64, 1\), \(128, 2\)\]; "
-                                         r"this model's UNet takes \[\(32, 1\), \(64, 2\)\], and \(64, 2\) at"):
+                                         r"this model's UNet takes \[\(32, 1\), \(64, 2\)\] \(an SD"):
         control._check_fits(other, sd.unet.config, "a")
+    short = T2IAdapter(dataclasses.replace(other.config, channels=(32,)))
+    with pytest.raises(ValueError, match=r"'a' gives 1 feature maps; this model's UNet takes 2 \(or 3, the last for "
+                                         r"its middle block\)"):
+        control._check_fits(short, sd.unet.config, "a")
 
 
 def test_adapter_scales_halves_and_features_once(sd):
@@ -404,6 +410,16 @@ def test_a_controlnet_and_an_adapter_together_give_each_its_part(sd):
         torch.testing.assert_close(wrapped(x, t, context), sd.unet(x, t, context, control=cn_both, adapter=ad_both))
         assert not torch.allclose(sd.unet(x, t, context, control=cn_both), sd.unet(x, t, context, control=cn_both,
                                                                                    adapter=ad_both))
+
+
+def test_adapter_units_of_three_and_four_maps_sum_each_map():
+    """An adapter with a map for the middle block beside one without: each map is the sum of the units that give
+    it, the middle one the second unit's alone (weights 1 and 2)."""
+    maps = [torch.ones(1, 4, 2, 2) * (i + 1) for i in range(4)]
+    units = [_unit(None, None), _unit(None, None, weight=2.0)]
+    units[0].features, units[1].features = maps[:3], maps
+    total = control._adapter_sum(units, torch.zeros(1, 4, 4, 4), torch.ones(1, 1, 1, 1))
+    assert [float(t.max()) for t in total] == [3.0, 6.0, 9.0, 8.0]
 
 
 def test_adapter_levels_fit_latents_of_any_multiple_of_8_px(sd):

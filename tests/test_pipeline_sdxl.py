@@ -265,7 +265,8 @@ def test_adapter_run_matches_diffusers_sdxl_adapter_pipeline(sdxl_reference, rec
                       sigmas=sigmas.tolist(), guidance_scale=scale, height=64, width=64, latents=noise,
                       output_type="np").images[0]
     d = np.abs(ours - theirs * 255).max()
-    record_parity("txt2img tiny-sdxl + T2I-Adapter, 4 Euler steps vs StableDiffusionXLAdapterPipeline (0-255)", float(d))
+    record_parity("txt2img tiny-sdxl + T2I-Adapter, 4 Euler steps vs StableDiffusionXLAdapterPipeline (0-255)",
+                  float(d))
     assert d <= 1.0, d
     assert np.abs(ours - plain).max() > 10  # the adapter steers the picture
 
@@ -396,8 +397,9 @@ def test_a_controlnet_unit_steers_the_base_models_steps_only(sd, refiner_file, t
 
 def test_tiling_with_a_refiner_wraps_both_models(sd, refiner_file, monkeypatch):
     """Tiling with a refiner: its UNet and VAE pad circularly too, so noise rolled by (4, 4) latents gives the
-    picture rolled by (32, 32) px (4 latents: the tiny UNet halves twice). A prepared engine keeping one UNet in memory at a time: the networks written out
-    and read back during the tiled run pad circularly as well, and are packed as before once it is over."""
+    picture rolled by (32, 32) px (4 latents: the tiny UNet halves twice). A prepared engine keeping one UNet in
+    memory at a time: the networks written out and read back during the tiled run pad circularly as well, and are
+    packed as in an untiled run."""
     from tests.test_pipeline_seeds import _rolled_noise
 
     engine = runtime.prepare(copy.deepcopy(sd))
@@ -427,7 +429,8 @@ def test_tiling_with_a_refiner_wraps_both_models(sd, refiner_file, monkeypatch):
 def test_fast_mode_with_a_refiner_gives_it_a_cache_of_its_own(sd, refiner_file, monkeypatch):
     """Fast mode's DeepCache with a refiner taking over at 0.5 of 8 Euler steps: the refiner's UNet runs under the
     same schedule (interval 2) with a cache of its own, so its first call runs whole (the base's cached features
-    never reach it) and every other one after is cheap; without the refiner the pass caches as before."""
+    never reach it) and every other one after is cheap, also after a warm-up of the base's; without the refiner the
+    pass caches as before."""
     from plainsd.fast import DeepCacheUNet, FastSettings
 
     calls = []
@@ -444,6 +447,11 @@ def test_fast_mode_with_a_refiner_gives_it_a_cache_of_its_own(sd, refiner_file, 
     calls.clear()
     plain = pipeline.txt2img(engine, "a red circle", steps=8, seed=1, sampler="Euler", fast=fast).images[0]
     assert [whole for _, whole in calls] == [True, False] * 4 and plain.tobytes() != refined.tobytes()
+    calls.clear()  # a warm-up of whole calls is the pass's start, not the refiner's again
+    pipeline.txt2img(engine, "a red circle", steps=8, seed=1, sampler="Euler", refiner_checkpoint=str(refiner_file),
+                     fast=dataclasses.replace(fast, deepcache_start=0.25), refiner_switch_at=0.5)
+    assert [whole for unet, whole in calls if unet is sd.unet] == [True, True, False, True]
+    assert [whole for unet, whole in calls if unet is refiner_unet] == [True, False] * 2
 
 
 def test_refiner_switch_at_one_never_switches(sd, refiner_file):

@@ -141,7 +141,8 @@ def test_diffusers_folders_of_other_kinds_are_refused(tmp_path):
     from diffusers import T2IAdapter as DiffusersAdapter
 
     folder = tmp_path / "light"
-    DiffusersAdapter(channels=[32, 64, 64], num_res_blocks=1, downscale_factor=8, adapter_type="light_adapter").save_pretrained(folder)
+    DiffusersAdapter(channels=[32, 64, 64], num_res_blocks=1, downscale_factor=8,
+                     adapter_type="light_adapter").save_pretrained(folder)
     with pytest.raises(CheckpointError, match="is a light_adapter T2I-Adapter.*full_adapter_xl"):
         load_adapter(folder)
     (folder / "config.json").write_text(json.dumps({"_class_name": "T2IAdapter", "adapter_type": "full_adapter_xl",

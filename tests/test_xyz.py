@@ -192,6 +192,9 @@ def test_cli_xyz_writes_the_grid_and_its_cells(tmp_path, monkeypatch, capsys):
     plainsd.save(plainsd.build("tiny", seed=1), tmp_path / "other.safetensors")
     assert main(["xyz", "a", "--x-type", "Checkpoint name", "--x-values", "other.safetensors, missing.safetensors"]) == 2
     assert "no such model file or folder: missing.safetensors" in capsys.readouterr().err
+    assert main(["xyz", "a", "--backend", "openvino", "--x-type", "Refiner checkpoint", "--x-values",
+                 "None, other.safetensors"]) == 2  # every cell checked on the run's backend before one is drawn
+    assert "the openvino backend and a refiner do not run together yet" in capsys.readouterr().err
 
 
 def test_refiner_axes_pick_the_refiner_and_its_switch(tmp_path):

@@ -700,7 +700,8 @@ def _xyz(args) -> int:
     checkpoints = xyz.Checkpoints(find=_model_file,
                                   load=lambda path: _use_vae(_load_model(path, args.prediction, args.precision,
                                                                          args.backend), args, path))
-    plot = xyz.plan(request, settings, "txt2img", checkpoints)  # all of it checked before a model loads
+    plot = xyz.plan(request, settings, "txt2img", checkpoints,  # all of it checked before a model loads
+                    check=lambda cell: cell.check(backend=args.backend))
     started = time.perf_counter()
     result = xyz.run(_engine(args), plot, checkpoints, progress=not args.quiet)
     elapsed = time.perf_counter() - started

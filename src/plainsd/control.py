@@ -48,6 +48,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,11 +139,10 @@ def check_combination(req: GenerationRequest, backend: str) -> None:
 CACHE_SIZE = 2   # ControlNets kept loaded (more while one request uses more; the extension's default)
 
 
-def _make_room(cache, in_use: list) -> None:
-    """Before another network is read: drop the least recently used ones the request has not taken until one more
-    fits in CACHE_SIZE, as the extension frees its oldest before building the next (two full-size SDXL ControlNets
-    are 6 GiB on an AVX2 CPU)."""
-    for key in [k for k, net in cache.items() if not any(net is n for n in in_use)]:
+def _make_room(cache, wanted: set) -> None:
+    """Before another network is read: drop the least recently used ones the request does not name until one more
+    fits in CACHE_SIZE (the extension, too, frees a cached model before building the next)."""
+    for key in [k for k in cache if k not in wanted]:
         if len(cache) < CACHE_SIZE:
             return
         del cache[key]
@@ -152,13 +152,13 @@ def load_controlnets(engine, units: tuple[ControlUnit, ...], folder=None) -> lis
     """Each unit's ControlNet (or T2I-Adapter), loaded once and kept on the engine (engine.controlnets: path ->
     network, the most recently used last), checked against the engine's UNet."""
     cache = engine.controlnets
+    paths = [find_controlnet(unit.model, folder).resolve() for unit in units]
+    keys = [(str(path), path.stat().st_mtime_ns) for path in paths]
     nets = []
-    for unit in units:
-        path = find_controlnet(unit.model, folder).resolve()
-        key = (str(path), path.stat().st_mtime_ns)
+    for unit, path, key in zip(units, paths, keys):
         if key not in cache or not _fits_weights(cache[key], engine):
             cache.pop(key, None)
-            _make_room(cache, nets)
+            _make_room(cache, set(keys))
             # read in the dtype the model's weights came in (fp16 where they stay fp16: no float32 copy on the way)
             net = weights.load_control_model(path, dtype=engine.load_dtype, unet=engine.sd.unet)
             if getattr(net, "control_lora", False):
@@ -180,15 +180,16 @@ def _fits_weights(net, engine) -> bool:
 
 def _check_adapter_fits(adapter: T2IAdapter, unet_cfg, name: str) -> None:
     """A T2I-Adapter's feature maps (channels, how many times smaller than the latent) must be the UNet's features
-    where they go (unet.adapter_taps; a map beyond them, the middle block's output)."""
+    where they go (unet.adapter_taps: one per level, and maybe one for the middle block)."""
     want = [(ch, scale) for _, ch, scale in adapter_taps(unet_cfg)]
-    want.append((unet_cfg.model_channels * unet_cfg.channel_mult[-1], 2 ** (len(unet_cfg.channel_mult) - 1)))
     got = list(zip(adapter.config.channels, adapter.scales()))
-    if got != want[:len(got)] or len(got) < len(want) - 1:
+    if not len(want) - 1 <= len(got) <= len(want):
+        raise ValueError(f"the T2I-Adapter {name!r} gives {len(got)} feature maps; this model's UNet takes "
+                         f"{len(want) - 1} (or {len(want)}, the last for its middle block)")
+    if got != want[:len(got)]:
         raise ValueError(f"the T2I-Adapter {name!r} is for another kind of model: its feature maps have (channels, "
-                         f"times smaller than the latent) {got}; this model's UNet takes {want[:-1]}, and "
-                         f"{want[-1]} at its middle block (an SD 1.x / 2.x adapter needs an SD 1.x / 2.x model, an "
-                         "SDXL one an SDXL base model)")
+                         f"times smaller than the latent) {got}; this model's UNet takes {want[:len(got)]} (an SD "
+                         "1.x / 2.x adapter needs an SD 1.x / 2.x model, an SDXL one an SDXL base model)")
 
 
 def _check_fits(net, unet_cfg, name: str) -> None:
@@ -398,8 +399,13 @@ def _adapter_sum(units: list[ActiveUnit], x: torch.Tensor, cond_mark: torch.Tens
         out = [f * s for f, s in zip(features, unit.scales(len(features)))]
         if unit.cond_only:
             out = [f * cond_mark.to(f.dtype) for f in out]
-        total = out if total is None else [a + b for a, b in zip(total, out)]
+        total = out if total is None else [_plus(a, b) for a, b in itertools.zip_longest(total, out)]
     return total
+
+
+def _plus(a, b):
+    """a + b, either of which may be None (one adapter's map for the middle block, another's none)."""
+    return b if a is None else a if b is None else a + b
 
 
 # --- the infotext ---------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ class DeepCacheUNet:
         """The same schedule around another UNet (a refiner's, which takes over part of the way), from a fresh
         start."""
         other = copy.copy(self)
-        other.unet, other.full_calls = unet, 0
+        other.unet, other.full_calls, other.warmup = unet, 0, 0  # (sampling is under way: its first call runs whole)
         other.reset()
         return other
 

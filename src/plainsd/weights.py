@@ -1459,10 +1459,12 @@ def _adapter_config(shapes: dict[str, tuple], label: str) -> AdapterConfig:
     fold = next((f for f in (UNSHUFFLE, XL_UNSHUFFLE) if reads % f ** 2 == 0 and reads // f ** 2 in (1, 3)), None)
     if fold is None:
         raise CheckpointError(f"{label}: its conv_in reads {reads} channels, which is not a T2I-Adapter's "
-                              f"{UNSHUFFLE ** 2} (SD 1.x / 2.x) or {XL_UNSHUFFLE ** 2} (SDXL) per hint channel (1 or 3)")
+                              f"{UNSHUFFLE ** 2} (SD 1.x / 2.x) or {XL_UNSHUFFLE ** 2} (SDXL) per hint channel "
+                              "(1 or 3)")
     blocks = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("body."))
     if blocks % ADAPTER_LEVELS:
-        raise CheckpointError(f"{label}: {blocks} ResnetBlocks do not split into a T2I-Adapter's {ADAPTER_LEVELS} levels")
+        raise CheckpointError(f"{label}: {blocks} ResnetBlocks do not split into a T2I-Adapter's "
+                              f"{ADAPTER_LEVELS} levels")
     n = blocks // ADAPTER_LEVELS
     return AdapterConfig(channels=tuple(shapes[f"body.{i * n}.block1.weight"][0] for i in range(ADAPTER_LEVELS)),
                          num_res_blocks=n, hint_channels=reads // fold ** 2, ksize=shapes["body.0.block2.weight"][-1],

@@ -8,7 +8,7 @@ import torch
 
 from plainsd.config import AdapterConfig, preset
 from plainsd.models.t2i_adapter import T2IAdapter
-from plainsd.models.unet import adapter_taps
+from plainsd.models.unet import MIDDLE, adapter_taps
 from plainsd.weights import load_adapter
 from tests.models.test_controlnet import _vectors
 from tests.reference import max_diff, perturb, unet_pair
@@ -72,21 +72,25 @@ def test_sdxl_adapter_and_adapted_unet_match_diffusers(tmp_path, record_parity, 
     block's output (diffusers' FullAdapterXL and its UNet)."""
     cfg = preset("tiny-sdxl").unet
     _compare(cfg, record_parity, tmp_path, f"tiny-sdxl ({hint_channels} hint channels)", hint_channels=hint_channels)
-    assert [block for block, _, _ in adapter_taps(cfg)] == [2, 3, 5]  # SDXL's 3, 5, 8 at one ResBlock per level
-    assert [block for block, _, _ in adapter_taps(preset("sdxl").unet)] == [3, 5, 8]
-    assert [block for block, _, _ in adapter_taps(preset("sd15").unet)] == [2, 5, 8, 11]
+    assert [block for block, _, _ in adapter_taps(cfg)] == [2, 3, 5, MIDDLE]  # SDXL's 3, 5, 8 at one ResBlock a level
+    assert [block for block, _, _ in adapter_taps(preset("sdxl").unet)] == [3, 5, 8, MIDDLE]
+    assert [block for block, _, _ in adapter_taps(preset("sd15").unet)] == [2, 5, 8, 11, MIDDLE]
 
 
-def test_sdxl_hints_of_odd_sixteenths_are_padded():
-    """A picture 8 px past a multiple of 16: the hint is padded by its last row and column, so the maps have the
-    sizes of the UNet's halved levels (rounding up), and the part the picture fills is what a padded hint gives."""
+def test_sdxl_hints_of_odd_sixteenths_fit_the_unet():
+    """A picture 8 px past a multiple of 16 (72 x 40: latents 9 x 5): the hint is padded by its last row and column,
+    so the maps have the sizes of the UNet's halved levels (rounding up), which the UNet takes (it refuses maps of
+    another size)."""
+    import plainsd
+
+    unet = plainsd.build("tiny-sdxl", seed=0).unet
     adapter = perturb(T2IAdapter(AdapterConfig(channels=(32, 64, 128, 128), xl=True)), 0)
-    hint = torch.rand(1, 3, 72, 40)
+    x, ctx, y = torch.randn(1, 4, 5, 9), torch.randn(1, 77, 192), torch.randn(1, unet.config.adm_in_channels)
     with torch.no_grad():
-        features = adapter(hint)
-        padded = adapter(torch.nn.functional.pad(hint, (0, 8, 0, 8), mode="replicate"))
-    assert [tuple(f.shape[-2:]) for f in features] == [(5, 3), (5, 3), (3, 2), (3, 2)]
-    assert adapter.scales() == [2, 2, 4, 4] and all(torch.equal(a, b) for a, b in zip(features, padded))
+        features = adapter(torch.rand(1, 3, 40, 72))
+        plain, got = unet(x, 500, ctx, y=y), unet(x, 500, ctx, adapter=features, y=y)
+    assert [tuple(f.shape[-2:]) for f in features] == [(3, 5), (3, 5), (2, 3), (2, 3)]
+    assert adapter.scales() == [2, 2, 4, 4] and max_diff(got, plain) > 1e-3
 
 
 def test_wrong_inputs_are_refused(tiny):

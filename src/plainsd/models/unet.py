@@ -305,9 +305,9 @@ class UNetModel(nn.Module):
         adapter: a T2I-Adapter's feature maps, added to the outputs of the input blocks adapter_taps names before
         they become skips and go on (one more map, an SDXL adapter's, is the middle block's: add_adapter_middle)."""
         taps = [block for block, _, _ in adapter_taps(self.config)]
-        if adapter is not None and len(adapter) not in (len(taps), len(taps) + 1):
-            raise ValueError(f"a T2I-Adapter for this UNet gives {len(taps)} feature maps (or one more for its middle "
-                             f"block), got {len(adapter)}")
+        if adapter is not None and len(adapter) not in (len(taps) - 1, len(taps)):
+            raise ValueError(f"a T2I-Adapter for this UNet gives {len(taps) - 1} feature maps (or one more for its "
+                             f"middle block), got {len(adapter)}")
         skips = []
         for i, block in enumerate(itertools.islice(self.input_blocks, stop)):
             h = block(h, emb, context)
@@ -329,24 +329,26 @@ class UNetModel(nn.Module):
         return h
 
 
-def adapter_taps(cfg: UNetConfig) -> list[tuple[int, int, int]]:
-    """Where a T2I-Adapter's feature maps go, one per level, as diffusers' UNet adds them
-    (down_intrablock_additional_residuals): (input block, its channels, how many times smaller than the latent its
-    output is). A level's map goes after its last ResBlock (and transformer) where the level has attention or is
-    the last, else after its Downsample: input blocks 2, 5, 8, 11 in SD, 3, 5, 8 in SDXL. One more map goes onto
-    the middle block's output (add_adapter_middle)."""
+MIDDLE = None  # adapter_taps' block for the middle block's output
+
+
+def adapter_taps(cfg: UNetConfig) -> list[tuple[int | None, int, int]]:
+    """Where a T2I-Adapter's feature maps go, as diffusers' UNet adds them (down_intrablock_additional_residuals):
+    (input block, its channels, how many times smaller than the latent its output is), one per level and, last,
+    the middle block's output (MIDDLE), which SDXL's adapters give a map too. A level's map goes after its last
+    ResBlock (and transformer) where the level has attention or is the last, else after its Downsample: input
+    blocks 2, 5, 8, 11 in SD, 3, 5, 8 in SDXL."""
     per, last = cfg.num_res_blocks + 1, len(cfg.channel_mult) - 1
     taps = []
     for level, mult in enumerate(cfg.channel_mult):
         past = int(level not in cfg.attention_levels and level != last)  # after the level's Downsample
         taps.append((level * per + cfg.num_res_blocks + past, cfg.model_channels * mult, 2 ** (level + past)))
-    return taps
+    return taps + [(MIDDLE, cfg.model_channels * cfg.channel_mult[-1], 2 ** last)]
 
 
 def add_adapter_middle(h: torch.Tensor, adapter: list[torch.Tensor] | None, cfg: UNetConfig) -> torch.Tensor:
-    """The middle block's output with a T2I-Adapter's map for it added, if it gives one beyond the levels' (SDXL's
-    adapters: their fourth)."""
-    if adapter is None or len(adapter) <= len(cfg.channel_mult):
+    """The middle block's output with a T2I-Adapter's map for it added, where it gives one (SDXL's: their fourth)."""
+    if adapter is None or len(adapter) < len(adapter_taps(cfg)):
         return h
     return _add_feature(h, adapter[-1])
 

@@ -515,10 +515,11 @@ def _noise_fields(req: ProcessingRequest, settings: dict, sampler: str) -> dict:
 
 
 def script_plan(req: ProcessingRequest, kind: str, request: GenerationRequest, limits: Limits,
-                checkpoints=None) -> scripts.Prepared | None:
+                checkpoints=None, backend: str = "eager") -> scripts.Prepared | None:
     """The script script_name names with its script_args checked (scripts.prepare), or None for none.
-    Each request the script will run must keep the server's limits, and all of them together draw at most
-    max_images pictures. checkpoints: the server's models, for an X/Y/Z plot's Checkpoint name axis."""
+    Each request the script will run must keep the server's limits and run on its backend, and all of them
+    together draw at most max_images pictures. checkpoints: the server's models, for an X/Y/Z plot's Checkpoint
+    name and Refiner checkpoint axes."""
     if not req.script_name:
         if req.script_args:
             raise BadRequest("script_args were given without a script_name; name the script they are for "
@@ -534,6 +535,7 @@ def script_plan(req: ProcessingRequest, kind: str, request: GenerationRequest, l
                              f"draw); ask for fewer values")
         _check_limits(cell, limits)
         _check_hires_size(cell, limits)
+        cell.check(backend=backend)
 
     try:
         return scripts.prepare(req.script_name, kind, request, req.script_args, scripts.Context(checkpoints, check))

@@ -153,7 +153,7 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
     request = api.generation_request(req, kind, server.limits, options, store.backend, server.styles_file,
                                      server.controlnet_dir, server.upscalers_dir).replace(
         lora_dir=server.lora_dir, embeddings_dir=server.embeddings_dir)
-    script = api.script_plan(req, kind, request, server.limits, _checkpoints(store, vae_setting))
+    script = api.script_plan(req, kind, request, server.limits, _checkpoints(store, vae_setting), store.backend)
     settings = {**options, **overrides}  # (before the request's overrides may become the server's below)
     limit = api.checkpoints_limit_setting(settings)
     if not req.override_settings_restore_afterwards:  # A1111 keeps such overrides as its settings
