@@ -1,5 +1,5 @@
-"""Peak memory and time of one 1024x1024 SDXL picture on plainsd's default path, alone, with the refiner and with
-a ControlNet.
+"""Peak memory and time of one 1024x1024 SDXL picture on plainsd's default path, alone, with the refiner, with
+a ControlNet and with a T2I-Adapter.
 
     .venv/bin/python benchmarks/sdxl_memory.py --threads 1 --steps 2 --paths native,avx2 --cache /tmp/plainsd-sdxl
 
@@ -19,7 +19,8 @@ when the picture starts, after the loading (of a refiner too): what each picture
 memory, as in a server. The controlnet row adds one ControlNet unit (Balanced, weight 1, a random 1024x1024
 picture as the hint) with a random full-size SDXL ControlNet, written once into --cache in fp16 (its zero
 convolutions zero, as a new one's: that changes neither time nor memory) and loaded before the timer starts, as
-a server keeps it. The seconds are wall time. A few steps are enough for the peak (every step allocates
+a server keeps it. The adapter row does the same with a random full-size SDXL T2I-Adapter (full_adapter_xl,
+fp16). The seconds are wall time. A few steps are enough for the peak (every step allocates
 alike); the time of a 20-step picture needs a quiet machine. --preset tiny-sdxl --size 64 runs the same code at
 test size, in seconds.
 
@@ -107,8 +108,22 @@ def make_controlnet(preset: str, path: Path) -> None:
     save_controlnet(controlnet, path)
 
 
+def make_adapter(preset: str, path: Path) -> None:
+    """A random-weight SDXL T2I-Adapter for the preset's UNet (maps for its levels and its middle block), in fp16."""
+    import plainsd
+    from plainsd.config import AdapterConfig
+    from plainsd.models.t2i_adapter import T2IAdapter
+    from plainsd.weights import save_adapter
+
+    cfg = plainsd.preset(preset).unet
+    channels = [cfg.model_channels * m for m in cfg.channel_mult]
+    torch.manual_seed(3)
+    save_adapter(T2IAdapter(AdapterConfig(channels=tuple(channels + channels[-1:]), xl=True)), path,
+                 dtype=torch.float16)
+
+
 def _controlnet_unit(engine, task: dict) -> dict:
-    """The controlnet row's unit, its network loaded into the engine as the pipeline keeps it; the request's
+    """The controlnet (or adapter) row's unit, its network loaded into the engine as the pipeline keeps it; the request's
     fields for it."""
     import numpy as np
     from PIL import Image
@@ -171,7 +186,7 @@ def _label(row: str, limit: int, shared: bool) -> str:
     if row == "refiner":
         return ("base + refiner (switch at 0.5), bigG and VAE " + ("shared" if shared else "its own")
                 + (", one UNet at a time" if limit == 1 else ", both UNets kept"))
-    return {"base": "base", "controlnet": "base + one ControlNet unit"}[row]
+    return {"base": "base", "controlnet": "base + one ControlNet unit", "adapter": "base + one T2I-Adapter unit"}[row]
 
 
 def _child(task: dict) -> dict:
@@ -189,7 +204,7 @@ def main():
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--precision", default="auto", help="runtime.choose_dtype's setting (auto, bf16, fp16, fp32)")
     p.add_argument("--cache", default=str(ROOT / "benchmarks" / ".cache"))
-    p.add_argument("--rows", default="base,refiner", help="base, refiner, controlnet (module doc)")
+    p.add_argument("--rows", default="base,refiner", help="base, refiner, controlnet, adapter (module doc)")
     p.add_argument("--paths", default="native", help="native, avx2 or both (module doc)")
     p.add_argument("--append", action="store_true", help="add the rows to the table already in --out")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "sdxl_memory.md"))
@@ -208,6 +223,9 @@ def main():
         if task.get("make_controlnet"):
             make_controlnet(task["make_controlnet"], Path(task["path"]))
             print("{}")
+        elif task.get("make_adapter"):
+            make_adapter(task["make_adapter"], Path(task["path"]))
+            print("{}")
         elif task.get("make_refiner"):
             make_refiner(task["make_refiner"], Path(task["base"]), Path(task["path"]))
             print("{}")
@@ -217,9 +235,9 @@ def main():
         else:
             print(json.dumps(run(task)))
         return
-    unknown = set(args.rows.split(",")) - {"base", "refiner", "controlnet"}
+    unknown = set(args.rows.split(",")) - {"base", "refiner", "controlnet", "adapter"}
     if unknown:
-        p.error(f"unknown rows {', '.join(sorted(unknown))}; known: base, refiner, controlnet")
+        p.error(f"unknown rows {', '.join(sorted(unknown))}; known: base, refiner, controlnet, adapter")
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     base = cache / f"{args.preset}-random-fp16.safetensors"
@@ -237,6 +255,11 @@ def main():
         print(f"writing {controlnet} ...", flush=True)
         controlnet.parent.mkdir(exist_ok=True)
         _child({"make_controlnet": args.preset, "path": str(controlnet)})
+    adapter = cache / "ControlNet" / f"{args.preset}-t2i-adapter-xl-random-fp16.safetensors"
+    if "adapter" in args.rows.split(",") and not adapter.is_file():
+        print(f"writing {adapter} ...", flush=True)
+        adapter.parent.mkdir(exist_ok=True)
+        _child({"make_adapter": args.preset, "path": str(adapter)})
     from plainsd import runtime
 
     command = (f"`benchmarks/sdxl_memory.py --threads {args.threads} --steps {args.steps} --precision "
@@ -259,7 +282,7 @@ def main():
     for path in args.paths.split(","):
         for row, limit in rows:
             task = {"base": str(base), "refiner": str(refiner) if row == "refiner" else None, "preset": args.preset,
-                    "controlnet": str(controlnet) if row == "controlnet" else None,
+                    "controlnet": {"controlnet": str(controlnet), "adapter": str(adapter)}.get(row),
                     "refiner_parts": args.refiner_parts, "size": args.size, "threads": args.threads,
                     "steps": args.steps, "precision": args.precision, "path": path, "checkpoints_limit": limit}
             r = _child(task)
