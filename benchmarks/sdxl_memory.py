@@ -123,8 +123,8 @@ def make_adapter(preset: str, path: Path) -> None:
 
 
 def _controlnet_unit(engine, task: dict) -> dict:
-    """The controlnet (or adapter) row's unit, its network loaded into the engine as the pipeline keeps it; the request's
-    fields for it."""
+    """The controlnet (or adapter) row's unit, its network loaded into the engine as the pipeline keeps it; the
+    request's fields for it."""
     import numpy as np
     from PIL import Image
 
