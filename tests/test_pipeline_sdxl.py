@@ -42,29 +42,19 @@ def _run(sd, **kw):
     return result, spy.calls
 
 
-@pytest.fixture(scope="module")
-def sd():
-    return perturb(plainsd.build("tiny-sdxl", seed=0), 0)
+def _diffusers_picture(pipe_class, reference, prompt, negative, steps, seed, scale, parts, **call):
+    """What one of diffusers' SDXL pipelines draws at 64x64 (0-255) on sdxl_reference's networks: from the text
+    states transformers' towers give for the same token ids (its encode_prompt's recipe), the image's noise of
+    `seed`, Euler on plainsd's sigmas (diffusers takes them as custom sigmas), its own time ids and, for an empty
+    negative prompt, its own zeros (force_zeros_for_empty_prompt). parts: the pipeline's other arguments (a
+    ControlNet, ...); call: its call's (a hint, a conditioning scale, ...)."""
+    from diffusers import EulerDiscreteScheduler
 
-
-@pytest.mark.parametrize("negative", ["", "blurry, dark"])
-def test_whole_run_matches_diffusers_sdxl_pipeline(sdxl_reference, record_parity, negative):
-    """Ours from the prompt's text; diffusers from the text states transformers' towers give for the same token ids
-    (its encode_prompt's recipe), its own time ids and, for an empty negative prompt, its own zeros
-    (force_zeros_for_empty_prompt). Euler on plainsd's sigmas (diffusers takes them as custom sigmas)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    _, unet, vae, text, text2, sd = sdxl_reference("tiny-sdxl")
-    steps, seed, scale, prompt = 6, 5, 6.0, "a red circle on the left"
-    result = pipeline.txt2img(sd, prompt, negative, seed=seed, steps=steps, sampler="Euler", cfg_scale=scale,
-                              width=64, height=64)
-    ours = np.asarray(result.images[0], dtype=np.float64)
-
+    _, unet, vae, text, text2, sd = reference
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="linspace")  # (so that init_noise_sigma is sigma_max)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=None, tokenizer_2=None,
-                                     unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
-                                     add_watermarker=False)
+    pipe = pipe_class(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=None, tokenizer_2=None, unet=unet,
+                      scheduler=scheduler, force_zeros_for_empty_prompt=True, **parts)
     pipe.set_progress_bar_config(disable=True)
     sigmas = pipeline._denoiser(sd, sampler=SAMPLERS["Euler"]).get_sigmas(steps, "normal")
     embeds = {}
@@ -76,8 +66,28 @@ def test_whole_run_matches_diffusers_sdxl_pipeline(sdxl_reference, record_parity
                 text, text2, Tokenizer("sd1")([negative]), Tokenizer("sd2")([negative]))
         noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))  # the image's noise
         theirs = pipe(**embeds, sigmas=sigmas.tolist(), guidance_scale=scale, height=64, width=64, latents=noise,
-                      output_type="np").images[0]
-    d = np.abs(ours - theirs * 255).max()
+                      output_type="np", **call).images[0]
+    return theirs * 255
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return perturb(plainsd.build("tiny-sdxl", seed=0), 0)
+
+
+@pytest.mark.parametrize("negative", ["", "blurry, dark"])
+def test_whole_run_matches_diffusers_sdxl_pipeline(sdxl_reference, record_parity, negative):
+    """Ours from the prompt's text, against StableDiffusionXLPipeline as _diffusers_picture runs it."""
+    from diffusers import StableDiffusionXLPipeline
+
+    reference = sdxl_reference("tiny-sdxl")
+    steps, seed, scale, prompt = 6, 5, 6.0, "a red circle on the left"
+    result = pipeline.txt2img(reference[-1], prompt, negative, seed=seed, steps=steps, sampler="Euler",
+                              cfg_scale=scale, width=64, height=64)
+    ours = np.asarray(result.images[0], dtype=np.float64)
+    theirs = _diffusers_picture(StableDiffusionXLPipeline, reference, prompt, negative, steps, seed, scale,
+                                {"add_watermarker": False})
+    d = np.abs(ours - theirs).max()
     record_parity(f"txt2img tiny-sdxl, 6 Euler steps vs StableDiffusionXLPipeline, negative {negative!r} (0-255)", float(d))
     assert d <= 1.0, d  # (ours rounded to 8 bits)
     assert ours.std() > 5  # a picture, not a flat field
@@ -155,9 +165,10 @@ def test_controlnet_run_matches_diffusers_sdxl_controlnet_pipeline(sdxl_referenc
     """A ControlNet unit (Balanced, weight 0.8, the hint as given) against StableDiffusionXLControlNetPipeline at
     controlnet_conditioning_scale 0.8, on the same random UNet and a ControlNet diffusers made from it, written
     by its save_pretrained into the ControlNet folder; Euler on plainsd's sigmas, as the plain run's test."""
-    from diffusers import ControlNetModel, EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
-    _, unet, vae, text, text2, sd = sdxl_reference("tiny-sdxl")
+    reference = sdxl_reference("tiny-sdxl")
+    unet, sd = reference[1], reference[-1]
     torch.manual_seed(0)
     perturb(ControlNetModel.from_unet(unet), 4).save_pretrained(tmp_path / "xl_canny")
     controlnet = ControlNetModel.from_pretrained(tmp_path / "xl_canny").eval()
@@ -168,21 +179,10 @@ def test_controlnet_run_matches_diffusers_sdxl_controlnet_pipeline(sdxl_referenc
                                 controlnet=(unit,), controlnet_dir=str(tmp_path))
     ours = np.asarray(pipeline.generate(sd, request).images[0], dtype=np.float64)
     plain = np.asarray(pipeline.generate(sd, dataclasses.replace(request, controlnet=())).images[0], dtype=np.float64)
-
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       timestep_spacing="linspace")
-    pipe = StableDiffusionXLControlNetPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=None,
-                                               tokenizer_2=None, unet=unet, controlnet=controlnet, scheduler=scheduler,
-                                               force_zeros_for_empty_prompt=True, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    sigmas = pipeline._denoiser(sd, sampler=SAMPLERS["Euler"]).get_sigmas(steps, "normal")
-    with torch.no_grad():
-        embeds, pooled = sdxl_text_reference(text, text2, Tokenizer("sd1")([prompt]), Tokenizer("sd2")([prompt]))
-        noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
-        theirs = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=hint, controlnet_conditioning_scale=0.8,
-                      sigmas=sigmas.tolist(), guidance_scale=scale, height=64, width=64, latents=noise,
-                      output_type="np").images[0]
-    d = np.abs(ours - theirs * 255).max()
+    theirs = _diffusers_picture(StableDiffusionXLControlNetPipeline, reference, prompt, "", steps, seed, scale,
+                                {"controlnet": controlnet, "add_watermarker": False}, image=hint,
+                                controlnet_conditioning_scale=0.8)
+    d = np.abs(ours - theirs).max()
     record_parity("txt2img tiny-sdxl + ControlNet, 4 Euler steps vs StableDiffusionXLControlNetPipeline (0-255)",
                   float(d))
     assert d <= 1.0, d
@@ -236,9 +236,10 @@ def test_adapter_run_matches_diffusers_sdxl_adapter_pipeline(sdxl_reference, rec
     adapter_conditioning_scale 0.7, on the same random UNet and an adapter diffusers wrote by save_pretrained;
     then at a size 8 px past a multiple of 16 (the hint padded), in fast mode, and held in fp16 beside an
     fp16-stored UNet."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLAdapterPipeline, T2IAdapter
+    from diffusers import StableDiffusionXLAdapterPipeline, T2IAdapter
 
-    _, unet, vae, text, text2, sd = sdxl_reference("tiny-sdxl")
+    reference = sdxl_reference("tiny-sdxl")
+    sd = reference[-1]
     torch.manual_seed(0)
     perturb(T2IAdapter(in_channels=3, channels=[32, 64, 128, 128], num_res_blocks=2, downscale_factor=16,
                        adapter_type="full_adapter_xl"), 5).save_pretrained(tmp_path / "t2i_xl_canny")
@@ -250,21 +251,9 @@ def test_adapter_run_matches_diffusers_sdxl_adapter_pipeline(sdxl_reference, rec
                                 controlnet=(unit,), controlnet_dir=str(tmp_path))
     ours = np.asarray(pipeline.generate(sd, request).images[0], dtype=np.float64)
     plain = np.asarray(pipeline.generate(sd, dataclasses.replace(request, controlnet=())).images[0], dtype=np.float64)
-
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       timestep_spacing="linspace")
-    pipe = StableDiffusionXLAdapterPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=None,
-                                            tokenizer_2=None, unet=unet, adapter=adapter, scheduler=scheduler,
-                                            force_zeros_for_empty_prompt=True)
-    pipe.set_progress_bar_config(disable=True)
-    sigmas = pipeline._denoiser(sd, sampler=SAMPLERS["Euler"]).get_sigmas(steps, "normal")
-    with torch.no_grad():
-        embeds, pooled = sdxl_text_reference(text, text2, Tokenizer("sd1")([prompt]), Tokenizer("sd2")([prompt]))
-        noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
-        theirs = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, image=hint, adapter_conditioning_scale=0.7,
-                      sigmas=sigmas.tolist(), guidance_scale=scale, height=64, width=64, latents=noise,
-                      output_type="np").images[0]
-    d = np.abs(ours - theirs * 255).max()
+    theirs = _diffusers_picture(StableDiffusionXLAdapterPipeline, reference, prompt, "", steps, seed, scale,
+                                {"adapter": adapter}, image=hint, adapter_conditioning_scale=0.7)
+    d = np.abs(ours - theirs).max()
     record_parity("txt2img tiny-sdxl + T2I-Adapter, 4 Euler steps vs StableDiffusionXLAdapterPipeline (0-255)",
                   float(d))
     assert d <= 1.0, d

@@ -304,14 +304,14 @@ class UNetModel(nn.Module):
 
         adapter: a T2I-Adapter's feature maps, added to the outputs of the input blocks adapter_taps names before
         they become skips and go on (one more map, an SDXL adapter's, is the middle block's: add_adapter_middle)."""
-        taps = [block for block, _, _ in adapter_taps(self.config)]
+        taps = [block for block, _, _ in adapter_taps(self.config)] if adapter is not None else []
         if adapter is not None and len(adapter) not in (len(taps) - 1, len(taps)):
             raise ValueError(f"a T2I-Adapter for this UNet gives {len(taps) - 1} feature maps (or one more for its "
                              f"middle block), got {len(adapter)}")
         skips = []
         for i, block in enumerate(itertools.islice(self.input_blocks, stop)):
             h = block(h, emb, context)
-            if adapter is not None and i in taps:
+            if i in taps:
                 h = _add_feature(h, adapter[taps.index(i)])
             skips.append(h)
         return skips
