@@ -5,14 +5,13 @@ import torch
 
 import plainsd
 from plainsd.config import preset
-from tests.reference import build_open_clip_text, max_diff, open_clip_hidden
+from tests.reference import build_open_clip_text, hf_text_kwargs, max_diff, open_clip_hidden, perturb
 
 TOL = 1e-4
 PROMPTS = ["a red circle on the left", "a photograph of an astronaut riding a horse, highly detailed", ""]
 
 
-def _compare_transformers(reference, record_parity, name):
-    config, _, _, text, _, sd = reference(name)
+def _compare_transformers(text, sd, record_parity, name):
     ids = sd.tokenizer(PROMPTS)
     with torch.no_grad():
         out = text(ids, output_hidden_states=True)
@@ -23,28 +22,50 @@ def _compare_transformers(reference, record_parity, name):
     assert d1 <= TOL and d2 <= TOL
 
 
+def _load_with_tower(tmp_path, base: str, prefix: str, tower: torch.nn.Module) -> plainsd.StableDiffusion:
+    """plainsd.load of a single file holding a tiny model's UNet and VAE and this text tower under prefix: a
+    full-size tower is tested without building a full-size UNet beside it."""
+    from safetensors.torch import save_file
+
+    from plainsd.weights import original_state_dict
+
+    state = {k: v for k, v in original_state_dict(plainsd.build(base)).items() if not k.startswith("cond_stage_model.")}
+    state.update({prefix + k: v.contiguous() for k, v in tower.state_dict().items() if k != "attn_mask"})
+    save_file(state, str(tmp_path / "model.safetensors"))
+    sd = plainsd.load(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()  # the disk is freed when the memory-mapped weights are
+    return sd
+
+
 def test_tiny_text_matches_transformers(reference, record_parity):
-    _compare_transformers(reference, record_parity, "tiny")
+    """Loaded with the rest of a diffusers folder, by plainsd.load."""
+    _, _, _, text, _, sd = reference("tiny")
+    _compare_transformers(text, sd, record_parity, "tiny")
 
 
 @pytest.mark.slow
-def test_full_sd1_text_matches_transformers(reference, record_parity):
-    _compare_transformers(reference, record_parity, "sd15")
+def test_full_sd1_text_matches_transformers(record_parity, tmp_path):
+    """CLIP ViT-L/14's text model in an SD1 single file (the folder loader reads the whole SD1.5 folder in
+    tests/models/test_unet.py)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from plainsd.weights import TEXT_OPENAI
+
+    config = preset("sd15")
+    torch.manual_seed(3)
+    text = perturb(CLIPTextModel(CLIPTextConfig(**hf_text_kwargs(config.text))), 4, scale=0.02)
+    sd = _load_with_tower(tmp_path, "tiny", TEXT_OPENAI, text)
+    assert sd.config.text == config.text
+    _compare_transformers(text, sd, record_parity, "sd15")
 
 
 def _compare_open_clip(record_parity, tmp_path, name):
     """An SD2 single file whose text tower comes from open_clip loads and encodes as open_clip does."""
+    from plainsd.weights import TEXT_OPENCLIP
+
     config = preset(name)
     tower = build_open_clip_text(config.text)
-    base = plainsd.build("tiny-sd2")  # UNet and VAE tensors for a complete file; the text tower is replaced
-    from plainsd.weights import TEXT_OPENCLIP, original_state_dict
-    from safetensors.torch import save_file
-
-    state = {k: v for k, v in original_state_dict(base).items() if not k.startswith("cond_stage_model.")}
-    state.update({TEXT_OPENCLIP + k: v.contiguous() for k, v in tower.state_dict().items() if k != "attn_mask"})
-    save_file(state, str(tmp_path / "sd2.safetensors"))
-    sd = plainsd.load(tmp_path / "sd2.safetensors")
-    (tmp_path / "sd2.safetensors").unlink()  # the disk is freed when the memory-mapped weights are
+    sd = _load_with_tower(tmp_path, "tiny-sd2", TEXT_OPENCLIP, tower)
     assert sd.config.text.layout == "openclip" and sd.config.text.act == "gelu" and sd.config.text.clip_skip == 2
     ids = sd.tokenizer(PROMPTS)
     assert ids[0, 7] == 49407 and (ids[0, 8:] == 0).all()  # OpenCLIP pads with 0

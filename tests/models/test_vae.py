@@ -8,32 +8,47 @@ from tests.reference import max_diff
 TOL = 1e-4
 
 
-def _compare(reference, record_parity, name):
-    config, _, vae, _, _, sd = reference(name)
+def _compare(vae, ours, record_parity, name):
+    """vae: diffusers' AutoencoderKL; ours: plainsd's, loaded from its weights."""
     g = torch.Generator().manual_seed(1)
     images = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
     latents = torch.randn(1, 4, 8, 8, generator=g)
     with torch.no_grad():
         ref_post = vae.encode(images).latent_dist
         ref_img = vae.decode(latents).sample
-        post = sd.vae.encode(images)
-        img = sd.vae.decode(latents)
+        post = ours.encode(images)
+        img = ours.decode(latents)
     d = max(max_diff(post.mean, ref_post.mean), max_diff(post.logvar, ref_post.logvar))
     record_parity(f"VAE encoder {name} vs diffusers (mean, logvar)", d)
     assert d <= TOL
     d = max_diff(img, ref_img)
     record_parity(f"VAE decoder {name} vs diffusers", d)
     assert d <= TOL
-    assert sd.config.scale_factor == vae.config.scaling_factor
 
 
 def test_tiny_vae_matches_diffusers(reference, record_parity):
-    _compare(reference, record_parity, "tiny")
+    """Loaded with the rest of a diffusers folder, by plainsd.load."""
+    config, _, vae, _, _, sd = reference("tiny")
+    _compare(vae, sd.vae, record_parity, "tiny")
+    assert sd.config.scale_factor == vae.config.scaling_factor
 
 
 @pytest.mark.slow
-def test_full_vae_matches_diffusers(reference, record_parity):
-    _compare(reference, record_parity, "sd15")
+def test_full_vae_matches_diffusers(tmp_path, record_parity):
+    """The SD-size VAE alone, as a diffusers AutoencoderKL folder read by load_vae (the folder loader reads the
+    whole SD1.5 and SD2.1 folders in tests/models/test_unet.py)."""
+    from diffusers import AutoencoderKL
+
+    from plainsd.weights import load_vae
+    from tests.reference import diffusers_vae_kwargs, random_module
+    from tests.test_configs import test_config
+
+    config = test_config("sd15")
+    vae = random_module(lambda: AutoencoderKL(**diffusers_vae_kwargs(config.vae, config.scale_factor)), 7)
+    vae.save_pretrained(tmp_path / "vae")
+    ours = load_vae(tmp_path / "vae")
+    assert ours.config == config.vae
+    _compare(vae, ours, record_parity, "sd15")
 
 
 def test_latent_shape_and_sampling(tiny):
