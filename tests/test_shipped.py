@@ -79,11 +79,13 @@ def test_its_lcm_lora_draws_what_it_is_told_in_4_steps():
 def test_prompt_editing_switches_the_colour_when_it_says():
     # benchmarks/prompt_editing.py's table, as a test: switching to "a blue circle" after 30% of the steps draws
     # blue (46 of its 50 seeds; 22 of the first 25, taken here), after 90% red (50 of 50; 25 of 25); literal text
-    # or a switch at the wrong step would not.
+    # or a switch at the wrong step would not. A batch of 25 draws seeds 0-24, the pictures of 25 single calls
+    # (to the 8-bit rounding), six times faster.
     engine = runtime.prepare(plainsd.load())
 
     def colours(prompt: str) -> list:
-        found = [detect(txt2img(engine, prompt, seed=seed, sampler="DPM++ 2M").images[0])[1] for seed in range(25)]
+        pictures = txt2img(engine, prompt, seed=0, batch_size=25, sampler="DPM++ 2M").images
+        found = [detect(picture)[1] for picture in pictures]
         return [objects[0].colour if objects else None for objects in found]
 
     early, late = colours("[a red circle:a blue circle:0.3]"), colours("[a red circle:a blue circle:0.9]")
