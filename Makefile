@@ -22,8 +22,12 @@ $(VENV)/.test: $(VENV)/.base pyproject.toml
 demo: $(VENV)/.run
 	$(VENV)/bin/plainsd demo
 
+# The quick tests run two at a time (pytest-xdist, one thread each: twice as fast on two cores); the slow ones
+# (full-size networks, several processes, GBs of memory) after them one at a time, with every core. Exit code 5
+# is pytest's "no test selected", which a PYTEST_ARGS filter can make of either part.
 test: $(VENV)/.test browser
-	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 -m "not slow" --durations=15 $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -m slow --durations=15 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # The web page test drives Debian's Chromium through its chromedriver (no browser download at test time):
 # installed here when missing, with sudo unless make runs as root.

@@ -1,18 +1,34 @@
 import gc
+import os
 import shutil
 import zlib
 
 import pytest
+import torch
 
 import plainsd
 
 PARITY: list[tuple[str, float]] = []
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (make test's first part runs the quick tests two at a time, one per core) each worker
+    computes with one thread, and so do the processes its tests start."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
-def record_parity():
-    """Tests call record_parity(name, max_abs_diff); the figures are printed at the end of the run."""
-    return lambda name, value: PARITY.append((name, value))
+def record_parity(request):
+    """Tests call record_parity(name, max_abs_diff); the figures are printed at the end of the run. They travel
+    in the test's report, which reaches the main process from pytest-xdist's workers too."""
+    return lambda name, value: request.node.user_properties.append(("parity", (name, float(value))))
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        PARITY.extend(value for key, value in report.user_properties if key == "parity")
 
 
 def pytest_terminal_summary(terminalreporter):
