@@ -186,3 +186,24 @@ def test_full_size_controlnet_matches_diffusers(tmp_path, record_parity, name):
         f.unlink()  # (1.4 GB; the weights are in memory now)
     assert cn.config == unet.config
     _compare((dunet, dcn), (unet, cn), record_parity, name, tol=1e-3)
+
+
+@pytest.mark.slow
+def test_full_size_sdxl_controlnet_matches_diffusers(record_parity):
+    """SDXL size: diffusers' ControlNetModel.from_unet (1.25B parameters) beside the 2.6B UNet it steers. plainsd's
+    networks hold diffusers' own tensors, renamed as load_controlnet renames a diffusers file, so each network is
+    in memory once (15 GB in float32); the weights are perturbed by 0.005, as the full-size SDXL UNet's
+    (tests/models/test_sdxl.py). Reading the files is tested at tiny size above."""
+    from diffusers import ControlNetModel
+
+    from plainsd.weights import _rename, controlnet_diffusers_names
+
+    cfg = preset("sdxl").unet
+    dunet, unet = unet_pair(cfg, shared=True, scale=0.005)
+    torch.manual_seed(0)
+    dcn = perturb(ControlNetModel.from_unet(dunet), 2, scale=0.005)
+    with torch.device("meta"):
+        cn = ControlNet(cfg)
+    pairs = controlnet_diffusers_names(cfg)
+    cn.load_state_dict({_rename(k, pairs): v for k, v in dcn.state_dict().items()}, strict=True, assign=True)
+    _compare((dunet, dcn), (unet, cn.eval()), record_parity, "sdxl, full size", tol=1e-3)
