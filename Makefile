@@ -22,12 +22,16 @@ $(VENV)/.test: $(VENV)/.base pyproject.toml
 demo: $(VENV)/.run
 	$(VENV)/bin/plainsd demo
 
-# The quick tests run two at a time (pytest-xdist, one thread each: twice as fast on two cores); the slow ones
-# (full-size networks, several processes, GBs of memory) after them one at a time, with every core. Exit code 5
-# is pytest's "no test selected", which a PYTEST_ARGS filter can make of either part.
+# The quick tests run two at a time (pytest-xdist, a file's tests on one worker, one thread each); the slow ones
+# (full-size networks, long runs, GBs of memory) after them in one process with every core. PYTEST_ARGS goes to
+# both parts (a path, -k ...; each part has its own -m). Both parts always run; exit code 5 is pytest's "no test
+# selected", which a filter may make of one part but not of both.
 test: $(VENV)/.test browser
-	$(PY) -m pytest -q -n 2 -m "not slow" --durations=15 $(PYTEST_ARGS) || [ $$? -eq 5 ]
-	$(PY) -m pytest -q -m slow --durations=15 $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	@quick=0; slow=0; \
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" --durations=15 $(PYTEST_ARGS) || quick=$$?; \
+	$(PY) -m pytest -q -m slow --durations=15 $(PYTEST_ARGS) || slow=$$?; \
+	if [ $$quick$$slow = 55 ]; then echo "make test: PYTEST_ARGS selects no test"; exit 5; fi; \
+	for code in $$quick $$slow; do [ $$code = 0 ] || [ $$code = 5 ] || exit $$code; done
 
 # The web page test drives Debian's Chromium through its chromedriver (no browser download at test time):
 # installed here when missing, with sudo unless make runs as root.

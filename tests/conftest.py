@@ -34,7 +34,7 @@ def pytest_runtest_logreport(report):
 def pytest_terminal_summary(terminalreporter):
     if PARITY:
         terminalreporter.section("parity with reference implementations (max abs difference)")
-        for name, value in PARITY:
+        for name, value in sorted(PARITY):  # (xdist's workers report in no fixed order)
             terminalreporter.write_line(f"{name:60s} {value:.3e}")
 
 

@@ -79,8 +79,8 @@ def test_its_lcm_lora_draws_what_it_is_told_in_4_steps():
 def test_prompt_editing_switches_the_colour_when_it_says():
     # benchmarks/prompt_editing.py's table, as a test: switching to "a blue circle" after 30% of the steps draws
     # blue (46 of its 50 seeds; 22 of the first 25, taken here), after 90% red (50 of 50; 25 of 25); literal text
-    # or a switch at the wrong step would not. A batch of 25 draws seeds 0-24, the pictures of 25 single calls
-    # (to the 8-bit rounding), six times faster.
+    # or a switch at the wrong step would not. A batch of 25 draws seeds 0-24: the pictures of 25 single calls (to
+    # the 8-bit rounding) in less time.
     engine = runtime.prepare(plainsd.load())
 
     def colours(prompt: str) -> list:

@@ -37,7 +37,15 @@ def test_sizes_that_are_not_multiples_of_the_unet_factor(reference, record_parit
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["sd15", "sd21"])
 def test_full_unet_matches_diffusers(reference, record_parity, name):
+    """The whole diffusers folder is read: its VAE and text encoder come out in the preset's shapes too (their
+    numbers are compared at full size in test_vae.py and test_clip.py). A folder's text encoder runs to its last
+    layer, as diffusers runs it, so its clip skip is not the preset's."""
     _compare(reference, record_parity, name, size=16)
+    config, _, vae, _, _, sd = reference(name)
+    assert sd.config.vae == config.vae and sd.config.scale_factor == vae.config.scaling_factor
+    got, want = sd.config.text, config.text
+    assert (got.width, got.layers, got.heads, got.act, got.layout) == (want.width, want.layers, want.heads, want.act,
+                                                                       want.layout)
 
 
 def test_fractional_and_scalar_timesteps(tiny):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tests.reference import max_diff
+from tests.reference import diffusers_vae_kwargs, max_diff, random_module
+from tests.test_configs import test_config
 
 TOL = 1e-4
 
@@ -28,7 +29,7 @@ def _compare(vae, ours, record_parity, name):
 
 def test_tiny_vae_matches_diffusers(reference, record_parity):
     """Loaded with the rest of a diffusers folder, by plainsd.load."""
-    config, _, vae, _, _, sd = reference("tiny")
+    _, _, vae, _, _, sd = reference("tiny")
     _compare(vae, sd.vae, record_parity, "tiny")
     assert sd.config.scale_factor == vae.config.scaling_factor
 
@@ -40,8 +41,6 @@ def test_full_vae_matches_diffusers(tmp_path, record_parity):
     from diffusers import AutoencoderKL
 
     from plainsd.weights import load_vae
-    from tests.reference import diffusers_vae_kwargs, random_module
-    from tests.test_configs import test_config
 
     config = test_config("sd15")
     vae = random_module(lambda: AutoencoderKL(**diffusers_vae_kwargs(config.vae, config.scale_factor)), 7)
