@@ -413,6 +413,7 @@ def test_tiling_with_a_refiner_wraps_both_models(sd, refiner_file, monkeypatch):
     assert np.abs(np.roll(tiled, (32, 32), axis=(0, 1)) - tiled_rolled).mean() < 0.5
     assert np.abs(np.roll(untiled, (32, 32), axis=(0, 1)) - untiled_rolled).mean() > 5
     assert all(m.padding_mode == "zeros" for net in networks for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert np.array_equal(draw(False), untiled)
 
 
 def test_fast_mode_with_a_refiner_gives_it_a_cache_of_its_own(sd, refiner_file, monkeypatch):

@@ -154,11 +154,11 @@ def load_controlnets(engine, units: tuple[ControlUnit, ...], folder=None) -> lis
     cache = engine.controlnets
     paths = [find_controlnet(unit.model, folder).resolve() for unit in units]
     keys = [(str(path), path.stat().st_mtime_ns) for path in paths]
-    nets = []
+    wanted, nets = set(keys), []
     for unit, path, key in zip(units, paths, keys):
         if key not in cache or not _fits_weights(cache[key], engine):
             cache.pop(key, None)
-            _make_room(cache, set(keys))
+            _make_room(cache, wanted)
             # read in the dtype the model's weights came in (fp16 where they stay fp16: no float32 copy on the way)
             net = weights.load_control_model(path, dtype=engine.load_dtype, unet=engine.sd.unet)
             if getattr(net, "control_lora", False):

@@ -216,7 +216,7 @@ def pack_weights(network: nn.Module) -> int:
             _pack(module.proj)
             count += 1
         if type(module) in (nn.Conv2d, nn.Linear) and _packs(type(module).__name__, module.weight):
-            if isinstance(module, nn.Conv2d) and isinstance(module.padding, str):  # (circular ones: forward pads)
+            if isinstance(module, nn.Conv2d) and isinstance(module.padding, str):  # "same", "valid" (circular: packed)
                 continue
             _pack(module)
             count += 1
