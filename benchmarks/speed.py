@@ -74,6 +74,7 @@ VARIANTS_FP32 = {
     "diffusers fp32": ("diffusers", "fp32"),
     "OpenVINO f32": ("openvino", "fp32"),
     "plainsd fp32 (default)": ("plainsd", "fp32"),
+    "plainsd fp32, direct convolutions (no Winograd)": ("plainsd-direct", "fp32"),
     "plainsd openvino f32 (compiled)": ("plainsd-openvino", "fp32"),
 }
 E2E_FP32 = {
@@ -193,6 +194,9 @@ def worker(task: dict) -> dict:
         from plainsd import pipeline, runtime as rt
         from plainsd.fast import FAST
 
+        if runtime == "plainsd-direct":  # no layer wide enough for Winograd's convolutions: oneDNN's direct ones
+            from plainsd.runtime import winograd
+            winograd.MIN_CHANNELS = sys.maxsize
         engine = rt.prepare(plainsd.load(checkpoint, dtype=dtype),
                             "openvino" if runtime == "plainsd-openvino" else "eager", cache_dir=CACHE / "plainsd-openvino")
         unet = engine.unet
@@ -429,7 +433,7 @@ def main(argv=None) -> int:
     if "unet" not in skip:
         jobs += [("unet", size, name) for size in sizes for name in variants]
     if "vae" not in skip:
-        jobs += [("vae", 512, name) for name, (rt, _) in variants.items() if rt in ("diffusers", "plainsd")]
+        jobs += [("vae", 512, name) for name, (rt, _) in variants.items() if rt in ("diffusers", "plainsd", "plainsd-direct")]
     if "e2e" not in skip:
         chosen = [n.strip() for n in args.e2e.split(";") if n.strip()]
         unknown = [n for n in chosen if n not in E2E]

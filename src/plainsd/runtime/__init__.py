@@ -11,6 +11,7 @@ One concern a file:
     memory.py      glibc's malloc asked to keep freed memory between UNet steps, and to hand it back
     offloading.py  a network's weights in a file while another runs (one UNet at a time)
     packing.py     weights reordered once into oneDNN's layout; how a layer's class is swapped for a faster one
+    winograd.py    float32 3x3 convolutions as Winograd's F(4x4, 3x3): a quarter of the multiplications
     attention.py   bf16 attention through oneDNN on CPUs without AMX (the same class swap)
     openvino.py    the UNet converted and compiled by OpenVINO, kept on disk
 The networks in models/ stay plain PyTorch; prepare() is what turns these on for a loaded model.

@@ -7,7 +7,8 @@ each weight once, as OpenVINO and torch.compile's freezing do, and in bf16 fuses
 its projection. oneDNN picks a convolution's layout for the input's shape, and a layout picked for one shape can
 run another shape many times slower than the plain layer (benchmarks/conv_layouts.md), so a convolution is
 packed at its first call and again whenever the input's shape changes (a new image size: one reorder per layer;
-in bf16 a new batch size keeps the layout: _layout_key).
+in bf16 a new batch size keeps the layout: _layout_key). In float32 the wide 3x3 convolutions on large inputs run
+as Winograd's instead (runtime/winograd.py: uses_winograd), on filters transformed at their first such call.
 
 In bf16, packed linears and convolutions give the plain layers' numbers bit for bit, except 1x1 convolutions,
 which run as matrix products over the channels and agree to the last bit; in float32 all agree to the last bit
@@ -38,6 +39,7 @@ from torch import nn
 
 from ..models.layers import GEGLU
 from .memory import release_freed_memory
+from .winograd import transform_filters, uses_winograd, winograd_conv2d
 
 _MKLDNN_OPS = ("_reorder_convolution_weight", "_reorder_linear_weight", "_convolution_pointwise", "_linear_pointwise",
                "_is_mkldnn_bf16_supported")
@@ -121,10 +123,15 @@ def _layout_key(x: torch.Tensor) -> tuple:
 
 class PackedConv2d(_Packed, nn.Conv2d):
     packed_for: tuple | None = None  # the input shape the weight's layout was chosen for (_layout_key; once packed)
+    winograd: torch.Tensor | None = None  # the transformed filters, once an input runs it as Winograd's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x) or x.ndim != 4:
             return self._conv_forward(x, self.weight, self.bias)
+        if uses_winograd(self, x):  # float32, 3x3, wide enough (runtime/winograd.py)
+            if self.winograd is None:
+                self.winograd = transform_filters(self.weight)
+            return winograd_conv2d(x, self.winograd, self.bias)
         if _pointwise(self):  # over the channels of the NHWC view (a view for channels-last input)
             y = torch.ops.mkldnn._linear_pointwise(x.permute(0, 2, 3, 1), self.packed[0], self.bias, "none", [], "")
             return y.permute(0, 3, 1, 2)
@@ -192,6 +199,7 @@ def _unpack(module: nn.Module):
         module.__class__ = next(plain for plain, packed in _PACKED.items() if packed is type(module))
         del module.packed
         module.__dict__.pop("packed_for", None)
+        module.__dict__.pop("winograd", None)
         weight = nn.Parameter(dense, requires_grad=module.__dict__.pop("_requires_grad", True))
         module._parameters = {"weight": weight, **module._parameters}  # first, as before (state_dict's order)
 
@@ -236,6 +244,7 @@ def set_weight(module: nn.Module, value: torch.Tensor):
     """Give a layer a new weight (packed again when the layer is packed)."""
     if isinstance(module, _Packed):
         module.packed = _reorder(module, value.to(module.packed[0].dtype))
+        module.__dict__.pop("winograd", None)  # made again from the new weight at the next call
     else:
         with torch.no_grad():
             module.weight.copy_(value)

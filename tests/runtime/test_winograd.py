@@ -1,0 +1,89 @@
+"""Winograd's F(4x4, 3x3): the direct convolution's numbers (exactly in float64, to rounding in float32), which
+layers of a prepared model use it, and its transformed filters following the layer's weight."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from plainsd import runtime
+from plainsd.runtime import packing, winograd
+from plainsd.runtime.winograd import transform_filters, uses_winograd, winograd_conv2d
+
+needs_fp32_packing = pytest.mark.skipif(not runtime.packing_available(torch.float32), reason="torch's oneDNN ops for "
+                                        "packed weights are missing here (prepare() then keeps plain weights)")
+
+
+def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+# sizes not a multiple of 4 (cropped tiles), batch 1 and 3, tall and thin, and many chunks of tile rows
+@pytest.mark.parametrize("batch,channels,out_channels,height,width",
+                         [(1, 3, 5, 4, 4), (2, 7, 3, 9, 13), (3, 16, 8, 33, 30), (2, 8, 8, 130, 6), (1, 4, 6, 1, 1)])
+def test_the_algorithm_is_the_convolution_exactly_in_float64(batch, channels, out_channels, height, width):
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, height, width, dtype=torch.float64)
+    weight = torch.randn(out_channels, channels, 3, 3, dtype=torch.float64)
+    bias = torch.randn(out_channels, dtype=torch.float64)
+    got = winograd_conv2d(x, transform_filters(weight), bias)
+    assert got.shape == (batch, out_channels, height, width) and got.is_contiguous(memory_format=torch.channels_last)
+    assert _relative(got, F.conv2d(x, weight, bias, padding=1)) < 1e-13
+    assert _relative(winograd_conv2d(x, transform_filters(weight), None), F.conv2d(x, weight, padding=1)) < 1e-13
+
+
+def test_float32_rounding_is_within_a_few_times_the_direct_convolutions():
+    torch.manual_seed(0)
+    x = torch.randn(2, 256, 36, 36).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(128, 256, 3, 3) / 48, torch.randn(128)
+    exact = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    direct = _relative(F.conv2d(x, weight, bias, padding=1), exact)
+    assert _relative(winograd_conv2d(x, transform_filters(weight), bias), exact) < max(10 * direct, 2e-5)
+
+
+def test_which_convolutions_use_it():
+    wide = torch.nn.Conv2d(128, 128, 3, padding=1)
+    x = torch.zeros(1, 128, 32, 32)
+    assert uses_winograd(wide, x)
+    assert not uses_winograd(wide, x[..., :31, :])  # too small an input
+    assert not uses_winograd(wide, x.to(torch.bfloat16))  # bf16 keeps oneDNN's direct convolution
+    others = [torch.nn.Conv2d(64, 128, 3, padding=1), torch.nn.Conv2d(128, 64, 3, padding=1),
+              torch.nn.Conv2d(128, 128, 3, stride=2, padding=1), torch.nn.Conv2d(128, 128, 1),
+              torch.nn.Conv2d(128, 128, 3, padding=1, groups=2), torch.nn.Conv2d(128, 128, 3, padding=2, dilation=2),
+              torch.nn.Conv2d(128, 128, 3, padding=1, padding_mode="circular")]
+    for conv in others:
+        assert not uses_winograd(conv, torch.zeros(1, conv.in_channels, 32, 32)), conv
+
+
+@needs_fp32_packing
+def test_a_packed_layer_runs_it_and_follows_its_weight():
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(128, 128, 3, padding=1)
+    plain_weight = layer.weight.detach().clone()
+    big, small = (torch.randn(2, 128, s, s).contiguous(memory_format=torch.channels_last) for s in (36, 12))
+    with torch.no_grad():
+        expected = [layer(big), layer(small)]
+        runtime.pack_weights(layer)
+        got = [layer(big), layer(small)]
+    assert layer.winograd is not None and layer.winograd.shape == (36, 128, 128)
+    assert 0 < _relative(got[0], expected[0]) < 2e-5  # Winograd's (not the direct convolution's) numbers
+    assert _relative(got[1], expected[1]) < 1e-6  # the small input: oneDNN's direct convolution
+    assert torch.equal(layer.state_dict()["weight"], plain_weight)
+    new_weight = torch.randn_like(plain_weight) / 32
+    packing.set_weight(layer, new_weight)  # (what LoRA does): the transformed filters are made again
+    with torch.no_grad():
+        assert _relative(layer(big), F.conv2d(big, new_weight, layer.bias, padding=1)) < 2e-5
+    runtime.unpack_weights(layer)
+    assert "winograd" not in layer.__dict__ and torch.equal(layer.weight, new_weight)
+    big.requires_grad_(True)  # training: the plain convolution, with its gradients
+    assert layer(big).requires_grad
+
+
+def test_the_transforms_are_the_published_matrices():
+    """B^T d B, G g G^T and A^T m A for one tile, against the matrices written out (Lavin and Gray, 2015)."""
+    torch.manual_seed(0)
+    tile, filt, product = torch.randn(6, 6, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64), \
+        torch.randn(6, 6, dtype=torch.float64)
+    bt, g, at = (torch.tensor(m, dtype=torch.float64) for m in (winograd._BT, winograd._G, winograd._AT))
+    assert torch.allclose((winograd.INPUT_TRANSFORM @ tile.reshape(36)).view(6, 6), bt @ tile @ bt.T)
+    assert torch.allclose((winograd.FILTER_TRANSFORM @ filt.reshape(9)).view(6, 6), g @ filt @ g.T)
+    assert torch.allclose((winograd.OUTPUT_TRANSFORM @ product.reshape(36)).view(4, 4), at @ product @ at.T)
