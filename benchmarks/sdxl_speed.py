@@ -45,6 +45,7 @@ from speed import _run as speed_run  # noqa: E402
 ENGINES = {
     "plainsd": ("plainsd", "auto"),
     "plainsd-fp32": ("plainsd", "fp32"),
+    "plainsd-direct": ("plainsd-direct", "auto"),  # plainsd's default without Winograd's convolutions
     "diffusers-fp32": ("diffusers", "fp32"),
     "diffusers-bf16": ("diffusers", "bf16"),
     "openvino": ("openvino", "best"),
@@ -126,6 +127,9 @@ def _plainsd_step(task: dict, dtype):
     from plainsd import runtime
     from plainsd.models.sdxl import vector
 
+    if task["runtime"] == "plainsd-direct":  # no layer wide enough for Winograd's convolutions: the direct ones
+        from plainsd.runtime import winograd
+        winograd.MIN_CHANNELS = sys.maxsize
     engine = runtime.prepare(plainsd.load(task["path"], dtype=dtype))
     dtype = engine.sd.unet.dtype  # (fp16-stored weights compute in float32)
     return lambda x, t, c, pooled, numbers: engine.unet(x.to(dtype), t, c.to(dtype),
@@ -227,7 +231,8 @@ def _unet_step(task: dict) -> dict:
     if task.get("default"):  # plainsd's choice for this CPU and this model
         dtype = runtime.choose_dtype("auto", weights.read_config(task["path"]))
     started = time.perf_counter()
-    load = {"plainsd": _plainsd_step, "diffusers": _diffusers_step, "openvino": _openvino_step}[task["runtime"]]
+    load = {"plainsd": _plainsd_step, "plainsd-direct": _plainsd_step, "diffusers": _diffusers_step,
+            "openvino": _openvino_step}[task["runtime"]]
     step = load(task, dtype)
     inputs = _inputs(preset(task["preset"]).unet, task["size"])
     with torch.inference_mode():
@@ -350,7 +355,7 @@ def _measure(args, path: Path, bf16: bool) -> dict:
         for size in args.sizes:
             for engine in args.engines:
                 res = _run({**common, "kind": "unet", "runtime": ENGINES[engine][0], "size": size,
-                            "precision": _precision(engine, bf16), "default": engine == "plainsd"})
+                            "precision": _precision(engine, bf16), "default": engine in ("plainsd", "plainsd-direct")})
                 results.setdefault(("unet", size, engine), []).append(res)
                 print(f"round {r + 1}: SDXL UNet step {size} {engine}: {_shown(res)}", flush=True)
     return results
@@ -440,7 +445,8 @@ def _step_table(title: str, results: dict, kind: str, size: int, args, gflop: fl
     for engine in args.engines:
         rs = results.get((kind, size, engine), [])
         s = _median(rs, "seconds")
-        name = f"{engine} ({args.sdxl_default if (kind, engine) == ('unet', 'plainsd') else args.precisions[engine]})"
+        default = kind == "unet" and engine in ("plainsd", "plainsd-direct")
+        name = f"{engine} ({args.sdxl_default if default else args.precisions[engine]})"
         if s is None:
             lines.append(f"| {name} | failed: {rs[0].get('error', '') if rs else 'not run'} | | | | |")
             continue

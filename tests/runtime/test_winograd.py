@@ -87,3 +87,17 @@ def test_the_transforms_are_the_published_matrices():
     assert torch.allclose((winograd.INPUT_TRANSFORM @ tile.reshape(36)).view(6, 6), bt @ tile @ bt.T)
     assert torch.allclose((winograd.FILTER_TRANSFORM @ filt.reshape(9)).view(6, 6), g @ filt @ g.T)
     assert torch.allclose((winograd.OUTPUT_TRANSFORM @ product.reshape(36)).view(4, 4), at @ product @ at.T)
+
+
+def test_fp16_weights_run_it_on_large_inputs_with_filters_made_each_call():
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Conv2d(128, 128, 3, padding=1)).half()
+    assert runtime.compute_in_float32(layer) == 1
+    conv = layer[0]
+    weight = conv.weight.float()  # the fp16 weights, computed in float32
+    large, small = torch.randn(1, 128, 64, 64), torch.randn(2, 128, 32, 32)  # 4096 and 2048 positions
+    with torch.no_grad():
+        got_large, got_small = conv(large), conv(small)
+    assert 0 < _relative(got_large, F.conv2d(large, weight, conv.bias, padding=1)) < 2e-5
+    assert torch.equal(got_small, F.conv2d(small, weight, conv.bias, padding=1))
+    assert "winograd" not in conv.__dict__ and conv.weight.dtype == torch.float16  # nothing kept

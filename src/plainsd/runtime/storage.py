@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..models.layers import GEGLU
+from .winograd import transform_filters, uses_winograd, winograd_conv2d
 
 
 class HalfStoredLinear(nn.Linear):
@@ -36,9 +37,12 @@ class HalfStoredLinear(nn.Linear):
 
 
 class HalfStoredConv2d(nn.Conv2d):
-    """nn.Conv2d whose weight is kept in fp16 and cast to the input's dtype at each call."""
+    """nn.Conv2d whose weight is kept in fp16 and cast to the input's dtype at each call (or, for wide 3x3
+    layers on large inputs, transformed for Winograd's convolution at each call)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if uses_winograd(self, x, filters_kept=False) and not (torch.is_grad_enabled() and x.requires_grad):
+            return winograd_conv2d(x, transform_filters(self.weight), self.bias)  # (runtime/winograd.py)
         return self._conv_forward(x, self.weight.to(x.dtype), self.bias)
 
 

@@ -19,12 +19,17 @@ The tiles are taken a few rows at a time (about 256 tiles a chunk, _TILES_PER_CH
 their transform and its products stay in the CPU's caches between the steps: the transforms read and write
 2.25 times the input, and over a whole large input they would run at memory speed.
 
-Where it is used (uses_winograd, one rule): a prepared model's float32 convolutions (runtime/packing.py) that are
-3x3, stride 1, padding 1, no groups or dilation, with at least 128 input and output channels, on an input of at
-least 32x32 pixels. Narrower layers gain little (1.0-1.2x at 64-128 channels), and U holds four times the
-layer's weights, so smaller inputs, where there is less arithmetic for those bytes, keep the direct convolution:
-for SD1.5 at 512x512 the UNet's first two levels and most of the VAE's convolutions. The speed and the memory it
-costs are in docs/speed.md.
+Where it is used (uses_winograd, one rule): convolutions that are 3x3, stride 1, padding 1, no groups or
+dilation, with at least 128 input and output channels (narrower ones gain little), on float32 inputs, in two
+places:
+- a prepared model's float32 layers (runtime/packing.py) keep U once made, four times the layer's weights; so
+  only inputs of at least 32x32 pixels, where there is most arithmetic for those bytes, run it: for SD1.5 at
+  512x512 the UNet's first two levels and most of the VAE's convolutions.
+- layers with fp16 weights computed in float32 (runtime/storage.py: SDXL on CPUs without native bf16), whose
+  point is memory, make U at each call instead, from the fp16 weights; making it costs as much as a few
+  thousand positions' arithmetic saves, so only inputs of at least 4096 positions (batch x height x width) run
+  it: at 768x768 and 1024x1024 with CFG, SDXL's first two levels and the VAE's wide convolutions.
+The speed and the memory it costs are in docs/speed.md.
 
 The numbers differ from the direct convolution's by rounding, a few times a float32 direct convolution's own (the
 transforms add and scale by up to 25 before the products; tests/runtime/test_winograd.py bounds it). bf16 keeps
@@ -54,15 +59,21 @@ INPUT_TRANSFORM = _kron_square(_BT)    # [36, 36]
 FILTER_TRANSFORM = _kron_square(_G)    # [36, 9]
 OUTPUT_TRANSFORM = _kron_square(_AT)   # [16, 36]
 _TILES_PER_CHUNK = 256
-MIN_CHANNELS, MIN_SIZE = 128, 32
+MIN_CHANNELS = 128
+MIN_SIZE = 32  # height and width, where U is kept
+MIN_POSITIONS_EACH_CALL = 4096  # batch x height x width, where U is made at each call
 
 
-def uses_winograd(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether this convolution runs as Winograd's on this input (module doc: the one rule)."""
-    return (x.dtype == torch.float32 and x.ndim == 4 and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+def uses_winograd(conv: nn.Conv2d, x: torch.Tensor, filters_kept: bool = True) -> bool:
+    """Whether this convolution runs as Winograd's on this input (module doc: the one rule); filters_kept:
+    whether the layer keeps U once made (a float32 layer) or makes it at each call (fp16 weights)."""
+    if not (x.dtype == torch.float32 and x.ndim == 4 and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros" and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
-            and min(x.shape[-2:]) >= MIN_SIZE)
+            and conv.padding_mode == "zeros" and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS):
+        return False
+    if filters_kept:
+        return min(x.shape[-2:]) >= MIN_SIZE
+    return x.shape[0] * x.shape[2] * x.shape[3] >= MIN_POSITIONS_EACH_CALL
 
 
 def transform_filters(weight: torch.Tensor) -> torch.Tensor:
