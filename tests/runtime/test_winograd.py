@@ -17,7 +17,7 @@ def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
 
 
-# sizes not a multiple of 4 (cropped tiles), batch 1 and 3, tall and thin, and many chunks of tile rows
+# sizes not a multiple of 4 (cropped tiles), batch 1 and 3, tall and thin, one pixel
 @pytest.mark.parametrize("batch,channels,out_channels,height,width",
                          [(1, 3, 5, 4, 4), (2, 7, 3, 9, 13), (3, 16, 8, 33, 30), (2, 8, 8, 130, 6), (1, 4, 6, 1, 1)])
 def test_the_algorithm_is_the_convolution_exactly_in_float64(batch, channels, out_channels, height, width):
@@ -40,6 +40,7 @@ def test_float32_rounding_is_within_a_few_times_the_direct_convolutions():
     assert _relative(winograd_conv2d(x, transform_filters(weight), bias), exact) < max(10 * direct, 2e-5)
 
 
+@torch.no_grad()
 def test_which_convolutions_use_it():
     wide = torch.nn.Conv2d(128, 128, 3, padding=1)
     x = torch.zeros(1, 128, 32, 32)
@@ -101,3 +102,28 @@ def test_fp16_weights_run_it_on_large_inputs_with_filters_made_each_call():
     assert 0 < _relative(got_large, F.conv2d(large, weight, conv.bias, padding=1)) < 2e-5
     assert torch.equal(got_small, F.conv2d(small, weight, conv.bias, padding=1))
     assert "winograd" not in conv.__dict__ and conv.weight.dtype == torch.float16  # nothing kept
+
+
+def test_many_chunks_of_tile_rows_and_strided_inputs(monkeypatch):
+    monkeypatch.setattr(winograd, "_TILES_PER_CHUNK", 1)  # one tile row a chunk
+    torch.manual_seed(0)
+    weight, bias = torch.randn(6, 4, 3, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    for x in (torch.randn(3, 4, 9, 5, dtype=torch.float64), torch.randn(1, 4, 13, 13, dtype=torch.float64),
+              torch.randn(2, 8, 8, 8, dtype=torch.float64)[:, ::2]):  # every other channel: not contiguous
+        got = winograd_conv2d(x, transform_filters(weight), bias)
+        assert _relative(got, F.conv2d(x, weight, bias, padding=1)) < 1e-13
+
+
+def test_training_and_tracing_keep_the_plain_convolution():
+    wide = torch.nn.Conv2d(128, 128, 3, padding=1)
+    x = torch.zeros(1, 128, 32, 32)
+    assert not uses_winograd(wide, x)  # its weight requires grad
+    wide.requires_grad_(False)
+    assert uses_winograd(wide, x)
+    assert not uses_winograd(wide, x.requires_grad_(True))
+    with torch.no_grad():
+        assert uses_winograd(wide, x)
+    seen = []
+    probe = lambda t: seen.append(uses_winograd(wide, t)) or t  # noqa: E731
+    torch.jit.trace(probe, torch.zeros(1, 128, 32, 32), check_trace=False)
+    assert seen == [False]

@@ -41,7 +41,7 @@ class HalfStoredConv2d(nn.Conv2d):
     layers on large inputs, transformed for Winograd's convolution at each call)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if uses_winograd(self, x, filters_kept=False) and not (torch.is_grad_enabled() and x.requires_grad):
+        if uses_winograd(self, x, filters_kept=False):
             return winograd_conv2d(x, transform_filters(self.weight), self.bias)  # (runtime/winograd.py)
         return self._conv_forward(x, self.weight.to(x.dtype), self.bias)
 

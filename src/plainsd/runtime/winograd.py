@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import _compiling
+
 _BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
 _G = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
@@ -70,6 +72,10 @@ def uses_winograd(conv: nn.Conv2d, x: torch.Tensor, filters_kept: bool = True) -
     if not (x.dtype == torch.float32 and x.ndim == 4 and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters())):
+        return False  # training: the plain convolution and its gradients
+    if torch.jit.is_tracing() or _compiling():  # a graph being made (OpenVINO's conversion): the plain convolution
         return False
     if filters_kept:
         return min(x.shape[-2:]) >= MIN_SIZE
@@ -114,7 +120,8 @@ def _tile_rows(pixels: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor |
     flat = tiles.permute(4, 5, 0, 1, 2, 3).reshape(36, count * channels)  # the tiles' 36 positions first
     inputs = (INPUT_TRANSFORM.to(flat.dtype) @ flat).view(36, count, channels)  # V = B^T d B
     products = torch.bmm(inputs, filters)  # [36, tiles, K]
-    result = (OUTPUT_TRANSFORM.to(products.dtype) @ products.view(36, count * out_channels)).view(4, 4, batch, -1, cols, out_channels)
+    result = OUTPUT_TRANSFORM.to(products.dtype) @ products.view(36, count * out_channels)
+    result = result.view(4, 4, batch, -1, cols, out_channels)
     result = result.permute(2, 3, 0, 4, 1, 5)  # [B, rows, 4, cols, 4, K]
     if bias is None:
         out.copy_(result)
