@@ -56,6 +56,22 @@ def test_which_convolutions_use_it():
 
 
 @needs_fp32_packing
+def test_the_widest_float32_layers_make_their_filters_at_each_call():
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(1920, 640, 3, padding=1)  # the widest that keeps them
+    wide = torch.nn.Conv2d(1280, 1280, 3, padding=1).requires_grad_(False)
+    assert winograd.keeps_filters(layer) and not winograd.keeps_filters(wide)
+    runtime.pack_weights(wide)
+    large, small = torch.randn(2, 1280, 32, 32), torch.randn(1, 1280, 32, 32)  # 2048 and 1024 positions
+    with torch.no_grad():
+        got_large, got_small = wide(large), wide(small)
+    weight = wide.weight
+    assert 0 < _relative(got_large, F.conv2d(large, weight, wide.bias, padding=1)) < 2e-5
+    assert _relative(got_small, F.conv2d(small, weight, wide.bias, padding=1)) < 1e-6  # oneDNN's direct one
+    assert wide.winograd is None  # nothing kept
+
+
+@needs_fp32_packing
 def test_a_packed_layer_runs_it_and_follows_its_weight():
     torch.manual_seed(0)
     layer = torch.nn.Conv2d(128, 128, 3, padding=1)
@@ -96,7 +112,7 @@ def test_fp16_weights_run_it_on_large_inputs_with_filters_made_each_call():
     assert runtime.compute_in_float32(layer) == 1
     conv = layer[0]
     weight = conv.weight.float()  # the fp16 weights, computed in float32
-    large, small = torch.randn(1, 128, 64, 64), torch.randn(2, 128, 32, 32)  # 4096 and 2048 positions
+    large, small = torch.randn(1, 128, 64, 64), torch.randn(1, 128, 40, 40)  # 4096 and 1600 positions
     with torch.no_grad():
         got_large, got_small = conv(large), conv(small)
     assert 0 < _relative(got_large, F.conv2d(large, weight, conv.bias, padding=1)) < 2e-5

@@ -8,11 +8,12 @@ its projection. oneDNN picks a convolution's layout for the input's shape, and a
 run another shape many times slower than the plain layer (benchmarks/conv_layouts.md), so a convolution is
 packed at its first call and again whenever the input's shape changes (a new image size: one reorder per layer;
 in bf16 a new batch size keeps the layout: _layout_key). In float32 the wide 3x3 convolutions on large inputs run
-as Winograd's instead (runtime/winograd.py: uses_winograd), on filters transformed at their first such call.
+as Winograd's instead (runtime/winograd.py: uses_winograd), on filters transformed at their first such call
+(kept) or, for the widest layers, at each call.
 
 In bf16, packed linears and convolutions give the plain layers' numbers bit for bit, except 1x1 convolutions,
 which run as matrix products over the channels and agree to the last bit; in float32 all agree to the last bit
-(torch's plain float32 convolution is not always oneDNN's). Float32 linear layers stay plain (MKL's sgemm is as
+(torch's plain float32 convolution is not always oneDNN's), except those run as Winograd's (to rounding). Float32 linear layers stay plain (MKL's sgemm is as
 fast as oneDNN's packed product), except GEGLU's projection (faster packed at the deep levels), whose gelu and
 product stay torch's.
 
@@ -39,7 +40,7 @@ from torch import nn
 
 from ..models.layers import GEGLU
 from .memory import release_freed_memory
-from .winograd import transform_filters, uses_winograd, winograd_conv2d
+from .winograd import keeps_filters, transform_filters, uses_winograd, winograd_conv2d
 
 _MKLDNN_OPS = ("_reorder_convolution_weight", "_reorder_linear_weight", "_convolution_pointwise", "_linear_pointwise",
                "_is_mkldnn_bf16_supported")
@@ -128,7 +129,10 @@ class PackedConv2d(_Packed, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x) or x.ndim != 4:
             return self._conv_forward(x, self.weight, self.bias)
-        if uses_winograd(self, x):  # float32, 3x3, wide enough (runtime/winograd.py)
+        kept = keeps_filters(self)
+        if uses_winograd(self, x, filters_kept=kept):  # float32, 3x3, wide enough (runtime/winograd.py)
+            if not kept:
+                return winograd_conv2d(x, transform_filters(self.weight), self.bias)
             if self.winograd is None:
                 self.winograd = transform_filters(self.weight)
             return winograd_conv2d(x, self.winograd, self.bias)

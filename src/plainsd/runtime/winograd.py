@@ -20,15 +20,16 @@ their transform and its products stay in the CPU's caches between the steps: the
 2.25 times the input, and over a whole large input they would run at memory speed.
 
 Where it is used (uses_winograd, one rule): convolutions that are 3x3, stride 1, padding 1, no groups or
-dilation, with at least 128 input and output channels (narrower ones gain little), on float32 inputs, in two
-places:
-- a prepared model's float32 layers (runtime/packing.py) keep U once made, four times the layer's weights; so
-  only inputs of at least 32x32 pixels, where there is most arithmetic for those bytes, run it: for SD1.5 at
-  512x512 the UNet's first two levels and most of the VAE's convolutions.
-- layers with fp16 weights computed in float32 (runtime/storage.py: SDXL on CPUs without native bf16), whose
-  point is memory, make U at each call instead, from the fp16 weights; making it costs as much as a few
-  thousand positions' arithmetic saves, so only inputs of at least 4096 positions (batch x height x width) run
-  it: at 768x768 and 1024x1024 with CFG, SDXL's first two levels and the VAE's wide convolutions.
+dilation, with at least 128 input and output channels (narrower ones gain little), on float32 inputs, outside
+training and graph tracing. U holds four times the layer's weights, so where it lives depends on the layer:
+- a prepared model's float32 layers (runtime/packing.py) of at most 1920 x 640 channels (the widest of SD's
+  640-channel level) keep U once made, on inputs of at least 32x32 pixels: about 1 GiB for an SD UNet at any
+  image size (its first two levels), a quarter of that for the VAE.
+- wider float32 layers (the 1280-channel level), and every layer whose fp16 weights are computed in float32
+  (runtime/storage.py: SDXL on CPUs without native bf16, whose point is memory), make U at each call and keep
+  nothing; making it costs about what a thousand or two positions' arithmetic saves, so only inputs of at least
+  2048 positions (batch x height x width) run it: SD's deepest convolutions at 1024x1024 with CFG, SDXL's first
+  two levels at 768x768 and all three at 1024x1024.
 The speed and the memory it costs are in docs/speed.md.
 
 The numbers differ from the direct convolution's by rounding, a few times a float32 direct convolution's own (the
@@ -62,13 +63,19 @@ FILTER_TRANSFORM = _kron_square(_G)    # [36, 9]
 OUTPUT_TRANSFORM = _kron_square(_AT)   # [16, 36]
 _TILES_PER_CHUNK = 256
 MIN_CHANNELS = 128
+MAX_KEPT_CHANNEL_PAIRS = 1920 * 640  # in x out channels of a layer that may keep U
 MIN_SIZE = 32  # height and width, where U is kept
-MIN_POSITIONS_EACH_CALL = 4096  # batch x height x width, where U is made at each call
+MIN_POSITIONS_EACH_CALL = 2048  # batch x height x width, where U is made at each call
+
+
+def keeps_filters(conv: nn.Conv2d) -> bool:
+    """Whether a float32 layer that runs Winograd's convolution keeps U (module doc)."""
+    return conv.in_channels * conv.out_channels <= MAX_KEPT_CHANNEL_PAIRS
 
 
 def uses_winograd(conv: nn.Conv2d, x: torch.Tensor, filters_kept: bool = True) -> bool:
     """Whether this convolution runs as Winograd's on this input (module doc: the one rule); filters_kept:
-    whether the layer keeps U once made (a float32 layer) or makes it at each call (fp16 weights)."""
+    whether the layer keeps U once made (keeps_filters) or makes it at each call."""
     if not (x.dtype == torch.float32 and x.ndim == 4 and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS):
