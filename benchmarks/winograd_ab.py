@@ -6,15 +6,16 @@
 plainsd's default path for this CPU on the benchmarks' random weights (sdxl_speed.py's SDXL file, speed.py's
 SD1.5 checkpoint; run those once to write them), one UNet step with CFG (batch 2) at a time, alternating between
 the direct convolutions (runtime/winograd.py's MIN_CHANNELS raised past every layer) and Winograd's (the
-default), after one untimed step. Separate processes a few minutes apart differ by up to 10-15% on a shared
-machine (benchmarks/alternate.py's doc); here both settings share the process, the weights and the input, and
-what counts is the median of the pairs' ratios.
+default), after one untimed step of each; each setting goes first in every other pair. Separate processes a few
+minutes apart differ by up to 10-15% on a shared machine (benchmarks/alternate.py's doc); here both settings
+share the process, the weights and the input, and what counts is the median of the pairs' ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -61,10 +62,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default=None, help="write the table to this file too")
     args = p.parse_args(argv)
+    if args.pairs < 1:
+        p.error("--pairs must be at least 1")
+    argv = sys.argv[1:] if argv is None else list(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as speed.py's workers
     sys.path.insert(0, str(ROOT / "src"))
     from plainsd.runtime import winograd
 
@@ -72,10 +77,12 @@ def main(argv=None) -> int:
     settings = {"direct": sys.maxsize, "winograd": winograd.MIN_CHANNELS}
     times = {name: [] for name in settings}
     with torch.inference_mode():
-        step()  # untimed: packs weights, makes the kept filters
+        for channels in settings.values():  # untimed: packs the weights for the direct ones, makes the kept filters
+            winograd.MIN_CHANNELS = channels
+            step()
         for pair in range(args.pairs):
-            for name, channels in settings.items():
-                winograd.MIN_CHANNELS = channels
+            for name in (list(settings) if pair % 2 == 0 else list(reversed(settings))):  # each first in turn
+                winograd.MIN_CHANNELS = settings[name]
                 time.sleep(1)
                 started = time.perf_counter()
                 step()
@@ -83,12 +90,13 @@ def main(argv=None) -> int:
                 print(f"pair {pair + 1}: {name} {times[name][-1]:.2f} s", flush=True)
     ratios = [d / w for d, w in zip(times["direct"], times["winograd"])]
     lines = [f"Machine: {cpu_name()} ({flags_shown()}), {args.threads} threads, torch {torch.__version__}; "
-             f"{weights_name}; command: `.venv/bin/python benchmarks/winograd_ab.py {' '.join(argv or sys.argv[1:])}`",
+             f"{weights_name}; command: `.venv/bin/python benchmarks/winograd_ab.py {shlex.join(argv)}`",
              "", f"{args.preset} UNet step with CFG (batch 2) at {args.size}x{args.size}, plainsd's default path, "
              f"{args.pairs} pairs in one process", "",
              "| convolutions | s/step, each pair | median |", "|---|---|---|"]
     for name in settings:
-        lines.append(f"| {name} | {', '.join(f'{s:.2f}' for s in times[name])} | {statistics.median(times[name]):.2f} |")
+        shown = ", ".join(f"{s:.2f}" for s in times[name])
+        lines.append(f"| {name} | {shown} | {statistics.median(times[name]):.2f} |")
     lines += ["", f"Winograd's speed-up (direct / winograd, median of the pairs): {statistics.median(ratios):.3f}x "
               f"(pairs: {', '.join(f'{r:.3f}' for r in ratios)})"]
     text = "\n".join(lines) + "\n"

@@ -13,9 +13,9 @@ as Winograd's instead (runtime/winograd.py: uses_winograd), on filters transform
 
 In bf16, packed linears and convolutions give the plain layers' numbers bit for bit, except 1x1 convolutions,
 which run as matrix products over the channels and agree to the last bit; in float32 all agree to the last bit
-(torch's plain float32 convolution is not always oneDNN's), except those run as Winograd's (to rounding). Float32 linear layers stay plain (MKL's sgemm is as
-fast as oneDNN's packed product), except GEGLU's projection (faster packed at the deep levels), whose gelu and
-product stay torch's.
+(torch's plain float32 convolution is not always oneDNN's), except those run as Winograd's (to rounding).
+Float32 linear layers stay plain (MKL's sgemm is as fast as oneDNN's packed product), except GEGLU's projection
+(faster packed at the deep levels), whose gelu and product stay torch's.
 
 The ops are those torch.compile's CPU freezing uses (torch.ops.mkldnn): _reorder_*_weight gives an opaque
 (torch._mkldnn layout) copy of a weight in oneDNN's blocked format, and _convolution_pointwise /

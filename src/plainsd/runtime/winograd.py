@@ -23,13 +23,13 @@ Where it is used (uses_winograd, one rule): convolutions that are 3x3, stride 1,
 dilation, with at least 128 input and output channels (narrower ones gain little), on float32 inputs, outside
 training and graph tracing. U holds four times the layer's weights, so where it lives depends on the layer:
 - a prepared model's float32 layers (runtime/packing.py) of at most 1920 x 640 channels (the widest of SD's
-  640-channel level) keep U once made, on inputs of at least 32x32 pixels: about 1 GiB for an SD UNet at any
-  image size (its first two levels), a quarter of that for the VAE.
+  640-channel level) keep U once made, on inputs of at least 32x32 pixels: for an SD UNet about 1 GiB at any
+  image size (mostly its first two levels), and the VAE's wide convolutions keep theirs too.
 - wider float32 layers (the 1280-channel level), and every layer whose fp16 weights are computed in float32
   (runtime/storage.py: SDXL on CPUs without native bf16, whose point is memory), make U at each call and keep
-  nothing; making it costs about what a thousand or two positions' arithmetic saves, so only inputs of at least
-  2048 positions (batch x height x width) run it: SD's deepest convolutions at 1024x1024 with CFG, SDXL's first
-  two levels at 768x768 and all three at 1024x1024.
+  nothing; making it costs about what a few thousand positions' arithmetic saves, so only inputs of at least
+  2048 positions (batch x height x width) run it: with CFG, SD's 1280-channel level at 1024x1024 (the upsampler
+  into the 640-channel level at 512x512), SDXL's first two levels at 768x768 and all three at 1024x1024.
 The speed and the memory it costs are in docs/speed.md.
 
 The numbers differ from the direct convolution's by rounding, a few times a float32 direct convolution's own (the
@@ -76,8 +76,8 @@ def keeps_filters(conv: nn.Conv2d) -> bool:
 def uses_winograd(conv: nn.Conv2d, x: torch.Tensor, filters_kept: bool = True) -> bool:
     """Whether this convolution runs as Winograd's on this input (module doc: the one rule); filters_kept:
     whether the layer keeps U once made (keeps_filters) or makes it at each call."""
-    if not (x.dtype == torch.float32 and x.ndim == 4 and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+    if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.ndim == 4 and conv.kernel_size == (3, 3)
+            and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in conv.parameters())):
