@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import CACHE, PROMPT, ROOT, cpu_name, flags_shown, hold_to_avx2, _peaks, _rss_gib, matmul_peak  # noqa: E402
+from speed import (CACHE, PROMPT, ROOT, cpu_name, direct_convolutions, flags_shown, hold_to_avx2, _peaks,  # noqa: E402
+                   _rss_gib, matmul_peak)
 from speed import _checkpoint as sd15_checkpoint  # noqa: E402
 from speed import _run as speed_run  # noqa: E402
 
@@ -127,9 +128,8 @@ def _plainsd_step(task: dict, dtype):
     from plainsd import runtime
     from plainsd.models.sdxl import vector
 
-    if task["runtime"] == "plainsd-direct":  # no layer wide enough for Winograd's convolutions: the direct ones
-        from plainsd.runtime import winograd
-        winograd.MIN_CHANNELS = sys.maxsize
+    if task["runtime"] == "plainsd-direct":
+        direct_convolutions()
     engine = runtime.prepare(plainsd.load(task["path"], dtype=dtype))
     dtype = engine.sd.unet.dtype  # (fp16-stored weights compute in float32)
     return lambda x, t, c, pooled, numbers: engine.unet(x.to(dtype), t, c.to(dtype),

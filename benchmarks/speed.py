@@ -194,9 +194,8 @@ def worker(task: dict) -> dict:
         from plainsd import pipeline, runtime as rt
         from plainsd.fast import FAST
 
-        if runtime == "plainsd-direct":  # no layer wide enough for Winograd's convolutions: oneDNN's direct ones
-            from plainsd.runtime import winograd
-            winograd.MIN_CHANNELS = sys.maxsize
+        if runtime == "plainsd-direct":
+            direct_convolutions()
         engine = rt.prepare(plainsd.load(checkpoint, dtype=dtype),
                             "openvino" if runtime == "plainsd-openvino" else "eager", cache_dir=CACHE / "plainsd-openvino")
         unet = engine.unet
@@ -310,6 +309,14 @@ def _run(task: dict, script: str = __file__) -> dict:
 # kernels by the environment, and plainsd's runtime.cpu_flags reporting what such a CPU has.
 AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 AVX2_FLAGS = {"avx", "avx2", "fma", "f16c"}
+
+
+def direct_convolutions() -> None:
+    """plainsd without Winograd's convolutions in this process (the "plainsd-direct" rows): no layer is wide
+    enough for them (runtime/winograd.py's MIN_CHANNELS), so every convolution is the direct one."""
+    from plainsd.runtime import winograd
+
+    winograd.MIN_CHANNELS = sys.maxsize
 
 
 def hold_to_avx2() -> None:
