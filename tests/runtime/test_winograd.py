@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import plainsd
 from plainsd import runtime
 from plainsd.runtime import packing, winograd
 from plainsd.runtime.winograd import transform_filters, uses_winograd, winograd_conv2d
@@ -93,6 +94,33 @@ def test_a_packed_layer_runs_it_and_follows_its_weight():
     assert "winograd" not in layer.__dict__ and torch.equal(layer.weight, new_weight)
     big.requires_grad_(True)  # training: the plain convolution, with its gradients
     assert layer(big).requires_grad
+
+
+@needs_fp32_packing
+def test_a_network_run_once_a_picture_makes_its_filters_each_call():
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(128, 128, 3, padding=1).requires_grad_(False)
+    runtime.pack_weights(layer, runs_once=True)
+    runtime.unpack_weights(layer)
+    runtime.pack_weights(layer)  # packed again (as offloading does): still marked
+    large, small = torch.randn(1, 128, 48, 48), torch.randn(1, 128, 40, 40)  # 2304 and 1600 positions
+    with torch.no_grad():
+        got_large, got_small = layer(large), layer(small)
+    assert 0 < _relative(got_large, F.conv2d(large, layer.weight, layer.bias, padding=1)) < 2e-5  # Winograd's
+    assert _relative(got_small, F.conv2d(small, layer.weight, layer.bias, padding=1)) < 1e-6  # the direct one
+    assert layer.winograd is None  # nothing kept
+
+
+def test_prepare_marks_the_vae_alone():
+    """The VAE runs once a picture: its layers make Winograd's filters at each call (a swapped-in VAE's too);
+    the UNet's keep theirs."""
+    engine = runtime.prepare(plainsd.build("tiny", seed=0))
+    other = plainsd.build("tiny", seed=1).vae
+    engine.use_vae(other)
+    for vae in (engine.base_vae, other):
+        convs = [m for m in vae.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and not any(winograd.keeps_filters(m) for m in convs)
+    assert all(winograd.keeps_filters(m) for m in engine.sd.unet.modules() if isinstance(m, torch.nn.Conv2d))
 
 
 def test_the_transforms_are_the_published_matrices():

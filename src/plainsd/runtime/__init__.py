@@ -81,7 +81,7 @@ class Engine:
         if getattr(vae, "prepared", False) is not True:
             vae.to(dtype=base.dtype, memory_format=torch.channels_last)
             use_runtime_attention(vae)
-            pack_weights(vae)
+            pack_weights(vae, runs_once=True)
             vae.prepared = True
         self.sd.vae = vae
 
@@ -117,7 +117,7 @@ def prepare(sd, backend: str = "eager", cache_dir: str | os.PathLike | None = No
     use_runtime_attention(sd.vae)
     if backend == "eager":
         pack_weights(sd.unet)  # (what the dtype and this torch allow: pack_weights)
-        pack_weights(sd.vae)
+        pack_weights(sd.vae, runs_once=True)
     if backend == "eager" and sd.unet.dtype == torch.bfloat16:
         # bf16 inference: numbers below float32's 1.2e-38 carry nothing here, and the fused attention's
         # exponentials that underflow into that range run slower as denormals (runtime/attention._attention_fused)

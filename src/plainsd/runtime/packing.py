@@ -212,12 +212,16 @@ def _packs(kind: str, weight: torch.Tensor) -> bool:
     return kind in _PACKED_TYPES.get(weight.dtype, ()) and packing_available(weight.dtype)
 
 
-def pack_weights(network: nn.Module) -> int:
+def pack_weights(network: nn.Module, runs_once: bool = False) -> int:
     """Reorder the weights of a network's Conv2d and Linear layers once into oneDNN's layout (inference): in
     bf16 all of them (GEGLU's projection in its two halves), in float32 the convolutions and GEGLU's projection
-    (_PACKED_TYPES). Returns how many layers were packed."""
+    (_PACKED_TYPES). runs_once: a network that runs once a picture (the VAE), whose float32 convolutions make
+    Winograd's filters at each call rather than keep them (runtime/winograd.py: keeps_filters); it stays so
+    marked. Returns how many layers were packed."""
     count = 0
     for module in network.modules():
+        if runs_once and isinstance(module, nn.Conv2d):
+            module.keeps_winograd = False
         if isinstance(module, GEGLU) and type(module.proj) is nn.Linear and _packs("GEGLU", module.proj.weight):
             module.proj.geglu = True
             _pack(module.proj)

@@ -22,11 +22,12 @@ their transform and its products stay in the CPU's caches between the steps: the
 Where it is used (uses_winograd, one rule): convolutions that are 3x3, stride 1, padding 1, no groups or
 dilation, with at least 128 input and output channels (narrower ones gain little), on float32 inputs, outside
 training and graph tracing. U holds four times the layer's weights, so where it lives depends on the layer:
-- a prepared model's float32 layers (runtime/packing.py) of at most 1920 x 640 channels (the widest of SD's
-  640-channel level) keep U once made, on inputs of at least 32x32 pixels: for an SD UNet about 1 GiB at any
-  image size (mostly its first two levels), and the VAE's wide convolutions keep theirs too.
-- wider float32 layers (the 1280-channel level), and every layer whose fp16 weights are computed in float32
-  (runtime/storage.py: SDXL on CPUs without native bf16, whose point is memory), make U at each call and keep
+- a prepared UNet's (or ControlNet's) float32 layers (runtime/packing.py) of at most 1920 x 640 channels (the
+  widest of SD's 640-channel level) keep U once made, on inputs of at least 32x32 pixels: for an SD UNet about
+  1 GiB at any image size (mostly its first two levels).
+- wider float32 layers (the 1280-channel level), the VAE's (it runs once a picture, and its kept U would add
+  0.7 GiB to the peak of a 512x512 decode), and every layer whose fp16 weights are computed in float32
+  (runtime/storage.py: SDXL on CPUs without native bf16, whose point is memory) make U at each call and keep
   nothing; making it costs about what a few thousand positions' arithmetic saves, so only inputs of at least
   2048 positions (batch x height x width) run it: with CFG, SD's 1280-channel level at 1024x1024 (the upsampler
   into the 640-channel level at 512x512), SDXL's first two levels at 768x768 and all three at 1024x1024.
@@ -69,8 +70,9 @@ MIN_POSITIONS_EACH_CALL = 2048  # batch x height x width, where U is made at eac
 
 
 def keeps_filters(conv: nn.Conv2d) -> bool:
-    """Whether a float32 layer that runs Winograd's convolution keeps U (module doc)."""
-    return conv.in_channels * conv.out_channels <= MAX_KEPT_CHANNEL_PAIRS
+    """Whether a float32 layer that runs Winograd's convolution keeps U (module doc): not in a network that runs
+    once a picture (pack_weights(runs_once=True) marks its layers), nor past MAX_KEPT_CHANNEL_PAIRS."""
+    return getattr(conv, "keeps_winograd", True) and conv.in_channels * conv.out_channels <= MAX_KEPT_CHANNEL_PAIRS
 
 
 def uses_winograd(conv: nn.Conv2d, x: torch.Tensor, filters_kept: bool = True) -> bool:
