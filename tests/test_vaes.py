@@ -147,3 +147,69 @@ def test_cli_vae_file_and_folder(folder, tmp_path):
     assert main(args + ["--vae", "other.safetensors", "--vae-dir", str(folder / "VAE")]) == 0
     assert parse_infotext(Image.open(out).info["parameters"])["VAE"] == "other.safetensors"
     assert main(args + ["--vae", "nope", "--vae-dir", str(folder / "VAE")]) == 2
+
+
+def test_vae_axis_values_are_found_as_a1111_finds_them(folder):
+    found = vaes.find_vaes(folder / "VAE", folder / "models")
+    assert [vaes.find_setting(v, found) for v in ("auto", "AUTOMATIC", " none ", "OTHER", "safetensors")] == [
+        "Automatic", "Automatic", "None", "other.safetensors", "other.safetensors"]  # the shortest containing it
+    with pytest.raises(ValueError, match="no VAE is named like 'nope'; there are Automatic, None, "
+                                         "alpha.vae.safetensors, other.safetensors"):
+        vaes.find_setting("nope", found)
+
+
+def test_the_xyz_vae_axis_draws_each_cell_with_its_vae(folder, tmp_path, capsys):
+    from PIL import Image
+
+    model, vae_dir = str(folder / "models" / "alpha.safetensors"), str(folder / "VAE")
+    common = ["a red circle", "--steps", "2", "--width", "64", "--height", "64", "--seed", "1", "--quiet",
+              "--model", model, "--vae-dir", vae_dir]
+    grid = tmp_path / "grid.png"
+    assert main(["xyz", *common, "--x-type", "VAE", "--x-values", "None, other", "--no-legend",
+                 "--include-lone-images", "-o", str(grid)]) == 0
+    cells = [Image.open(tmp_path / f"grid-{i}.png") for i in (1, 2)]
+    for cell, setting in zip(cells, ("None", "other.safetensors")):  # each the picture txt2img draws with it
+        assert main(["txt2img", *common, "--vae", setting, "-o", str(tmp_path / "alone.png")]) == 0
+        assert cell.tobytes() == Image.open(tmp_path / "alone.png").tobytes()
+    assert cells[0].tobytes() != cells[1].tobytes()
+    assert [parse_infotext(c.info["parameters"]).get("VAE") for c in cells] == [None, "other.safetensors"]
+    assert main(["xyz", *common, "--x-type", "VAE", "--x-values", "other, nope"]) == 2
+    assert "no VAE is named like 'nope'" in capsys.readouterr().err
+
+
+def test_the_xyz_vae_axis_leaves_the_engine_as_it_found_it(folder):
+    from plainsd import xyz
+
+    engine = runtime.Engine(plainsd.load(folder / "models" / "alpha.safetensors"))
+    own = engine.sd.vae
+    found = vaes.find_vaes(folder / "VAE")
+    checkpoints = xyz.Checkpoints(find=None, load=None, vaes=lambda: found, use_vae=lambda e, setting, key: e.use_vae(
+        weights.load_vae(found[setting]) if setting in found else None))
+    request = GenerationRequest(prompt="a red circle", steps=1, seed=4, width=32, height=32)
+    plot = xyz.plan(request, xyz.XYZSettings("VAE", "other"), checkpoints=checkpoints)
+    xyz.run(engine, plot, checkpoints)
+    assert engine.sd.vae is own
+    with pytest.raises(ValueError, match="the VAE axis has no VAEs to choose among here"):
+        xyz.plan(request, xyz.XYZSettings("VAE", "other"))
+
+
+def test_the_api_xyz_vae_axis(folder, tmp_path):
+    from plainsd import xyz
+
+    app = create_app(models_dir=folder / "models", vae_dir=folder / "VAE")
+    body = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64, "seed": 3}
+    axis = xyz.axis_labels("txt2img").index("VAE")
+    with TestClient(app) as client:
+        r = client.post("/sdapi/v1/txt2img", json={**body, "script_name": "x/y/z plot", "script_args": [
+            axis, "", ["Automatic", "other.safetensors"], 0, "", None, 0, "", None, False, True]})
+        assert r.status_code == 200, r.text
+        cells = [decode(b) for b in r.json()["images"]][1:]
+        assert [parse_infotext(c.info["parameters"])["VAE"] for c in cells] == ["alpha.vae.safetensors",
+                                                                                "other.safetensors"]
+        alone = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_vae": "other.safetensors"}})
+        assert cells[1].tobytes() == decode(alone.json()["images"][0]).tobytes()
+        after = json.loads(client.post("/sdapi/v1/txt2img", json=body).json()["info"])
+        assert after["sd_vae_name"] == "alpha.vae.safetensors"  # the setting's again
+        r = client.post("/sdapi/v1/txt2img", json={**body, "script_name": "x/y/z plot",
+                                                    "script_args": [axis, "nope"]})
+        assert r.status_code == 422 and "no VAE is named like 'nope'" in r.json()["detail"]

@@ -662,7 +662,7 @@ def _use_vae(engine, args, model: str | None = None):
     """--vae and --vae-dir as A1111's --vae-path and sd_vae setting: a path, else a name the folder lists ("Automatic":
     one named after `model`, default --model). Returns the engine."""
     from plainsd import vaes
-    from plainsd.weights import DEFAULT_MODEL, load_vae
+    from plainsd.weights import DEFAULT_MODEL
 
     if args.vae is None and args.vae_dir is None:
         return engine
@@ -673,6 +673,13 @@ def _use_vae(engine, args, model: str | None = None):
         if args.vae_dir is None:
             raise ValueError(f"no such VAE file or folder: {args.vae} (a name needs --vae-dir)")
         path = vaes.resolve(args.vae, model or args.model or DEFAULT_MODEL, found)
+    return _put_vae(engine, path)
+
+
+def _put_vae(engine, path: Path | None):
+    """The engine decoding with the VAE of this file or folder (None: the model's own). Returns the engine."""
+    from plainsd.weights import load_vae
+
     engine.use_vae(load_vae(path, dtype=engine.sd.dtype) if path is not None else None)
     return engine
 
@@ -681,8 +688,9 @@ def _xyz(args) -> int:
     """The X/Y/Z plot: every cell checked, then drawn; the grid (and the cells or sub-grids asked for) written."""
     import torch
 
-    from plainsd import xyz
+    from plainsd import vaes, xyz
     from plainsd.pnginfo import save_png
+    from plainsd.weights import DEFAULT_MODEL
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -697,9 +705,13 @@ def _xyz(args) -> int:
         draw_legend=not args.no_legend, include_lone_images=args.include_lone_images,
         include_sub_grids=args.include_sub_grids, no_fixed_seeds=args.no_fixed_seeds, vary_seeds_x=args.vary_seeds_x,
         vary_seeds_y=args.vary_seeds_y, vary_seeds_z=args.vary_seeds_z, margin_size=args.margin_size, csv_mode=True)
+    found_vaes = vaes.find_vaes(args.vae_dir) if args.vae_dir is not None else {}
     checkpoints = xyz.Checkpoints(find=_model_file,
                                   load=lambda path: _use_vae(_load_model(path, args.prediction, args.precision,
-                                                                         args.backend), args, path))
+                                                                         args.backend), args, path),
+                                  vaes=lambda: found_vaes,  # the VAE axis: an sd_vae setting for the cell's model
+                                  use_vae=lambda engine, setting, path: _put_vae(engine, vaes.resolve(
+                                      setting, path or args.model or DEFAULT_MODEL, found_vaes)))
     plot = xyz.plan(request, settings, "txt2img", checkpoints,  # all of it checked before a model loads
                     check=lambda cell: cell.check(backend=args.backend))
     started = time.perf_counter()

@@ -72,6 +72,21 @@ def resolve(setting: str | None, checkpoint: str | os.PathLike | None, available
     return available[setting]
 
 
+def find_setting(name: str, available: dict[str, Path]) -> str:
+    """The sd_vae setting a name the user typed stands for, as A1111's X/Y/Z plot reads a VAE axis' values:
+    "auto" or "automatic" and "none" in any case, else the shortest listed name containing it (ignoring case).
+    A name that matches none is refused (A1111 falls back to Automatic)."""
+    wanted = name.strip().lower()
+    if wanted in ("auto", AUTOMATIC.lower()):
+        return AUTOMATIC
+    if wanted == NONE.lower():
+        return NONE
+    matches = sorted((n for n in available if wanted and wanted in n.lower()), key=len)
+    if not matches:
+        raise ValueError(f"no VAE is named like {name!r}; there are {', '.join([AUTOMATIC, NONE, *available])}")
+    return matches[0]
+
+
 def check_setting(setting, available: dict[str, Path]) -> None:
     """Refuse an sd_vae value that names no VAE (one sentence listing what it takes)."""
     if not isinstance(setting, str):

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from . import pipeline
+from . import pipeline, vaes
 from .pnginfo import add_fields
 from .request import MAX_SEED, GenerationRequest
 
@@ -56,11 +56,12 @@ def axis_labels(kind: str) -> list[str]:
 
 @dataclass
 class Cell:
-    """One picture of the plot: its request, and the model the Checkpoint name axis chose (None: run's engine).
-    no_refiner: the Refiner checkpoint axis said None, so the cell draws without one whatever switch it was given
-    (as A1111 draws it)."""
+    """One picture of the plot: its request, the model the Checkpoint name axis chose (None: run's engine) and the
+    sd_vae setting the VAE axis chose (None: the engine's VAE as it is). no_refiner: the Refiner checkpoint axis
+    said None, so the cell draws without one whatever switch it was given (as A1111 draws it)."""
     request: GenerationRequest
     checkpoint: Any = None
+    vae: str | None = None
     no_refiner: bool = False
 
 
@@ -68,10 +69,14 @@ class Cell:
 class Checkpoints:
     """The models a Checkpoint name (or Refiner checkpoint) axis chooses among: find(name) -> a key (ValueError
     naming the ones there are for an unknown name); load(key) -> the Engine that draws with it; file(key) -> its
-    file or folder (a refiner's, for the request)."""
+    file or folder (a refiner's, for the request). And the VAEs a VAE axis chooses among: vaes() -> name -> file
+    (vaes.find_vaes); use_vae(engine, setting, key) puts in the engine (of the model `key`; None: the one run was
+    given) the VAE that sd_vae setting gives that model (vaes.resolve)."""
     find: Callable[[str], Any]
     load: Callable[[Any], Any]
     file: Callable[[Any], str] = str
+    vaes: Callable[[], dict] = dict
+    use_vae: Callable[[Any, str, Any], None] | None = None
 
 
 PERMUTATIONS = "permutations"  # an axis type: each value is an order of the listed prompt words
@@ -140,6 +145,13 @@ def _refiner(cell: Cell, x: str, xs: list, checkpoints: Checkpoints | None) -> N
     cell.request = cell.request.replace(refiner_checkpoint=checkpoints.file(checkpoints.find(x)))
 
 
+def _vae(cell: Cell, x: str, xs: list, checkpoints: Checkpoints | None) -> None:
+    """A1111's VAE axis: Automatic, None or a VAE's name (vaes.find_setting), for the cell's model."""
+    if checkpoints is None or checkpoints.use_vae is None:
+        raise ValueError("the VAE axis has no VAEs to choose among here")
+    cell.vae = vaes.find_setting(x, checkpoints.vaes())
+
+
 def _denoising(cell: Cell, x: float, xs: list, checkpoints) -> None:
     """img2img's denoising strength, or in txt2img the hires fix's (as A1111's denoising_strength)."""
     r = cell.request
@@ -195,6 +207,7 @@ AXES: dict[str, Axis] = {
     "Token merging ratio high-res": Axis(float, _hires_field("token_merging", "Token merging ratio high-res")),
     "Size": Axis(str, _size),
     "Refiner checkpoint": Axis(str, _refiner, legend="path", choices=True, cost=1.0),
+    "VAE": Axis(str, _vae, choices=True, cost=0.7),
     "Refiner switch at": Axis(float, _field("refiner_switch_at")),
     "Initial noise multiplier": Axis(float, _field("initial_noise_multiplier")),
 }
@@ -425,27 +438,42 @@ def _order(axes: list[_AxisPlan]) -> list[int]:
 def run(engine, plot: Plot, checkpoints: Checkpoints | None = None, **controls) -> pipeline.Result:
     """Draw every cell (pipeline.generate with `controls`: callback, interrupt, skip, progress) and the grids.
     The result's images, as A1111 returns them: the grid, each Z value's grid (include_sub_grids), each cell's
-    picture (include_lone_images); each with its infotext. Interrupted: the cells not drawn stay black."""
+    picture (include_lone_images); each with its infotext. Interrupted: the cells not drawn stay black. A VAE
+    axis leaves the engine's VAE as it found it."""
+    own_vae = engine.sd.vae if any(cell.vae is not None for cell in plot.cells) else None
+    try:
+        pictures, results, interrupted = _draw(engine, plot, checkpoints, controls)
+    finally:
+        if own_vae is not None and engine.sd.vae is not own_vae:  # (as A1111 restores its sd_vae setting)
+            engine.use_vae(None if own_vae is getattr(engine, "base_vae", own_vae) else own_vae)
+    done = [r for r in results if r is not None]
+    size = next(p.size for p in pictures if p is not None)
+    pictures = [p if p is not None else Image.new("RGB", size) for p in pictures]
+    return _assemble(plot, pictures, results, done[0].parameters, interrupted)
+
+
+def _draw(engine, plot: Plot, checkpoints: Checkpoints | None, controls: dict):
+    """The cells' pictures and results in the plot's order (None where not drawn), and whether interrupted."""
     pictures: list[Image.Image | None] = [None] * len(plot.cells)
     results: list[pipeline.Result | None] = [None] * len(plot.cells)
     loaded: tuple[Any, Any] = (None, engine)
-    interrupted = False
+    vae_for = None  # (model, sd_vae setting) of the VAE last put in
     for i in plot.order:
         cell = plot.cells[i]
         if cell.checkpoint is not None and loaded[0] != cell.checkpoint:
-            loaded = (cell.checkpoint, checkpoints.load(cell.checkpoint))
-        result = pipeline.generate(loaded[1] if cell.checkpoint is not None else engine, cell.request, **controls)
+            loaded, vae_for = (cell.checkpoint, checkpoints.load(cell.checkpoint)), None
+        drawer = loaded[1] if cell.checkpoint is not None else engine
+        if cell.vae is not None and vae_for != (cell.checkpoint, cell.vae):
+            checkpoints.use_vae(drawer, cell.vae, cell.checkpoint)
+            vae_for = (cell.checkpoint, cell.vae)
+        result = pipeline.generate(drawer, cell.request, **controls)
         results[i] = result
         # several images in a cell: A1111's grid of them (rows: the square root, rounded) stands for the cell
         pictures[i] = result.images[0] if len(result.images) == 1 else image_grid(
             result.images, rows=round(math.sqrt(len(result.images))))
         if result.interrupted:
-            interrupted = True
-            break
-    done = [r for r in results if r is not None]
-    size = next(p.size for p in pictures if p is not None)
-    pictures = [p if p is not None else Image.new("RGB", size) for p in pictures]
-    return _assemble(plot, pictures, results, done[0].parameters, interrupted)
+            return pictures, results, True
+    return pictures, results, False
 
 
 def _assemble(plot: Plot, pictures: list[Image.Image], results: list, parameters, interrupted: bool):

@@ -153,7 +153,7 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
     request = api.generation_request(req, kind, server.limits, options, store.backend, server.styles_file,
                                      server.controlnet_dir, server.upscalers_dir).replace(
         lora_dir=server.lora_dir, embeddings_dir=server.embeddings_dir)
-    script = api.script_plan(req, kind, request, server.limits, _checkpoints(store, vae_setting), store.backend)
+    script = api.script_plan(req, kind, request, server.limits, _checkpoints(store, entry, vae_setting), store.backend)
     settings = {**options, **overrides}  # (before the request's overrides may become the server's below)
     limit = api.checkpoints_limit_setting(settings)
     if not req.override_settings_restore_afterwards:  # A1111 keeps such overrides as its settings
@@ -504,11 +504,14 @@ def _page_routes(server: Server) -> APIRouter:
     return router
 
 
-def _checkpoints(store: ModelStore, vae_setting: str | None = None) -> Checkpoints:
+def _checkpoints(store: ModelStore, request_entry, vae_setting: str | None = None) -> Checkpoints:
     """The server's models, for an X/Y/Z plot's Checkpoint name and Refiner checkpoint axes: found by name, loaded
-    one at a time, each with the VAE the sd_vae setting gives it."""
+    one at a time, each with the VAE the sd_vae setting gives it; and its VAEs, for the VAE axis (the request's
+    model, request_entry, where no Checkpoint name axis chooses one)."""
     return Checkpoints(find=store.find, load=lambda entry: store.get(entry, _vae(store, vae_setting, entry)),
-                       file=lambda entry: str(entry.path))
+                       file=lambda entry: str(entry.path), vaes=store.vaes,
+                       use_vae=lambda engine, setting, entry: store.get(entry or request_entry, _vae(
+                           store, setting, entry or request_entry)))
 
 
 def _vae(store: ModelStore, setting, entry):
