@@ -182,15 +182,53 @@ def test_the_xyz_vae_axis_leaves_the_engine_as_it_found_it(folder):
 
     engine = runtime.Engine(plainsd.load(folder / "models" / "alpha.safetensors"))
     own = engine.sd.vae
-    found = vaes.find_vaes(folder / "VAE")
+    found = vaes.find_vaes(folder / "VAE", folder / "models")
     checkpoints = xyz.Checkpoints(find=None, load=None, vaes=lambda: found, use_vae=lambda e, setting, key: e.use_vae(
         weights.load_vae(found[setting]) if setting in found else None))
     request = GenerationRequest(prompt="a red circle", steps=1, seed=4, width=32, height=32)
     plot = xyz.plan(request, xyz.XYZSettings("VAE", "other"), checkpoints=checkpoints)
     xyz.run(engine, plot, checkpoints)
     assert engine.sd.vae is own
+    swapped = weights.load_vae(found["alpha.vae.safetensors"])
+    engine.use_vae(swapped)  # one put in before the plot is there after it
+    xyz.run(engine, xyz.plan(request, xyz.XYZSettings("VAE", "None, other"), checkpoints=checkpoints), checkpoints)
+    assert engine.sd.vae is swapped and engine.base_vae is own
     with pytest.raises(ValueError, match="the VAE axis has no VAEs to choose among here"):
         xyz.plan(request, xyz.XYZSettings("VAE", "other"))
+    with pytest.raises(ValueError, match="the VAE axis and a refiner do not run together yet"):
+        xyz.plan(request.replace(refiner_checkpoint=str(folder / "models" / "beta.safetensors")),
+                 xyz.XYZSettings("VAE", "other"), checkpoints=checkpoints)
+
+
+def test_the_xyz_vae_axis_with_the_checkpoint_axis(folder, tmp_path):
+    """Automatic per model: beta's a VAE named after it, alpha's its own."""
+    from PIL import Image
+
+    models, vae_dir = folder / "models", tmp_path / "VAE"
+    vae_dir.mkdir()
+    shutil.copy(models / "alpha.vae.safetensors", vae_dir / "beta.x.safetensors")
+    shutil.copy(folder / "VAE" / "other.safetensors", vae_dir / "other.safetensors")
+    common = ["a red circle", "--steps", "2", "--width", "32", "--height", "32", "--seed", "1", "--quiet",
+              "--vae-dir", str(vae_dir)]
+    assert main(["xyz", *common, "--model", str(models / "alpha.safetensors"), "--x-type", "Checkpoint name",
+                 "--x-values", f"{models / 'alpha.safetensors'}, {models / 'beta.safetensors'}", "--y-type", "VAE",
+                 "--y-values", "Automatic, other", "--include-lone-images", "-o", str(tmp_path / "g.png")]) == 0
+    alone = []
+    for name, vae in [("alpha", "Automatic"), ("beta", "Automatic"), ("alpha", "other"), ("beta", "other"),
+                      ("beta", "None")]:
+        assert main(["txt2img", *common, "--model", str(models / f"{name}.safetensors"), "--vae",
+                     "other.safetensors" if vae == "other" else vae, "-o", str(tmp_path / "alone.png")]) == 0
+        alone.append(Image.open(tmp_path / "alone.png").tobytes())
+    assert [Image.open(tmp_path / f"g-{i}.png").tobytes() for i in range(1, 5)] == alone[:4]
+    assert alone[1] != alone[4]  # beta's Automatic is the VAE named after it, not its own
+
+
+def test_reading_the_servers_model_leaves_its_vae(folder):
+    from plainsd.server.models import ModelStore
+
+    store = ModelStore(models_dir=folder / "models", vae_dir=folder / "VAE")
+    engine = store.get(None, store.vae_for("other.safetensors"))
+    assert store.model() is engine and engine.sd.vae.name == "other.safetensors"
 
 
 def test_the_api_xyz_vae_axis(folder, tmp_path):

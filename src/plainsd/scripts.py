@@ -35,8 +35,8 @@ class ScriptArg:
 
 @dataclass
 class Context:
-    """What a script may need besides the request: the models a Checkpoint name axis chooses among, and a check
-    of every request it will run (e.g. a server's limits; ValueError)."""
+    """What a script may need besides the request: the models a Checkpoint name axis chooses among (and the VAEs
+    a VAE axis does), and a check of every request it will run (e.g. a server's limits; ValueError)."""
     checkpoints: Checkpoints | None = None
     check: Callable[[GenerationRequest], None] | None = None
 

@@ -404,6 +404,9 @@ def plan(request: GenerationRequest, settings: XYZSettings, kind: str = "txt2img
         if offset and cell.request.seed is not None:
             cell.request = cell.request.replace(seed=cell.request.seed + offset)
         try:
+            if cell.vae is not None and cell.request.refiner_checkpoint is not None:
+                raise ValueError("the VAE axis and a refiner do not run together yet (a refined picture decodes with "
+                                 "the refiner's own VAE); draw the plot without the refiner")
             cell.request.check()
             if check is not None:
                 check(cell.request)
@@ -440,12 +443,13 @@ def run(engine, plot: Plot, checkpoints: Checkpoints | None = None, **controls) 
     The result's images, as A1111 returns them: the grid, each Z value's grid (include_sub_grids), each cell's
     picture (include_lone_images); each with its infotext. Interrupted: the cells not drawn stay black. A VAE
     axis leaves the engine's VAE as it found it."""
+    engine = pipeline.as_engine(engine)
     own_vae = engine.sd.vae if any(cell.vae is not None for cell in plot.cells) else None
     try:
         pictures, results, interrupted = _draw(engine, plot, checkpoints, controls)
     finally:
-        if own_vae is not None and engine.sd.vae is not own_vae:  # (as A1111 restores its sd_vae setting)
-            engine.use_vae(None if own_vae is getattr(engine, "base_vae", own_vae) else own_vae)
+        if own_vae is not None:  # (as A1111 restores its sd_vae setting)
+            engine.use_vae(own_vae)
     done = [r for r in results if r is not None]
     size = next(p.size for p in pictures if p is not None)
     pictures = [p if p is not None else Image.new("RGB", size) for p in pictures]

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 import plainsd
 from plainsd import runtime
+from plainsd.config import AdapterConfig
+from plainsd.models.t2i_adapter import T2IAdapter
 from plainsd.runtime import packing, winograd
 from plainsd.runtime.winograd import transform_filters, uses_winograd, winograd_conv2d
 
@@ -112,8 +114,8 @@ def test_a_network_run_once_a_picture_makes_its_filters_each_call():
 
 
 def test_prepare_marks_the_vae_alone():
-    """The VAE runs once a picture: its layers make Winograd's filters at each call (a swapped-in VAE's too);
-    the UNet's keep theirs."""
+    """The VAE runs once a picture, a T2I-Adapter once a pass: their layers make Winograd's filters at each call
+    (a swapped-in VAE's too); the UNet's keep theirs."""
     engine = runtime.prepare(plainsd.build("tiny", seed=0))
     other = plainsd.build("tiny", seed=1).vae
     engine.use_vae(other)
@@ -121,6 +123,8 @@ def test_prepare_marks_the_vae_alone():
         convs = [m for m in vae.modules() if isinstance(m, torch.nn.Conv2d)]
         assert convs and not any(winograd.keeps_filters(m) for m in convs)
     assert all(winograd.keeps_filters(m) for m in engine.sd.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    adapter = runtime.prepare_controlnet(T2IAdapter(AdapterConfig(channels=(32, 64), num_res_blocks=1)), engine)
+    assert not any(winograd.keeps_filters(m) for m in adapter.modules() if isinstance(m, torch.nn.Conv2d))
 
 
 def test_the_transforms_are_the_published_matrices():

@@ -24,6 +24,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..models.t2i_adapter import T2IAdapter
 from .attention import use_plain_attention, use_runtime_attention
 from .memory import keep_freed_memory, release_freed_memory
 from .offloading import offload, offloaded, restore
@@ -67,11 +68,12 @@ class Engine:
         self.tiny_decoder = decoder.to(self.sd.vae.dtype)
 
     def use_vae(self, vae=None) -> None:
-        """Encode and decode with this VAE (weights.load_vae), readied as prepare() readies the model's own; None:
-        the model's own VAE again (A1111's "None", and "Automatic" with no VAE named after the model)."""
+        """Encode and decode with this VAE (weights.load_vae), readied as prepare() readies the model's own; None
+        (or the model's own): the model's own VAE again (A1111's "None", and "Automatic" with no VAE named after the
+        model)."""
         base = getattr(self, "base_vae", None) or self.sd.vae
         self.base_vae = base
-        if vae is None:
+        if vae is None or vae is base:
             self.sd.vae = base
             return
         if (vae.config.z_channels, vae.config.factor) != (base.config.z_channels, base.config.factor):
@@ -143,7 +145,7 @@ def prepare_controlnet(controlnet, like: Engine):
     else:
         controlnet.to(dtype=dtype, memory_format=torch.channels_last)
     use_runtime_attention(controlnet)
-    pack_weights(controlnet)
+    pack_weights(controlnet, runs_once=isinstance(controlnet, T2IAdapter))  # (an adapter runs once a pass)
     if dtype == torch.bfloat16:
         torch.set_flush_denormal(True)  # as prepare() does for a bf16 UNet
     return controlnet

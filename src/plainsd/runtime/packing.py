@@ -9,7 +9,8 @@ run another shape many times slower than the plain layer (benchmarks/conv_layout
 packed at its first call and again whenever the input's shape changes (a new image size: one reorder per layer;
 in bf16 a new batch size keeps the layout: _layout_key). In float32 the wide 3x3 convolutions on large inputs run
 as Winograd's instead (runtime/winograd.py: uses_winograd), on filters transformed at their first such call
-(kept) or, for the widest layers, at each call.
+(kept) or, for the widest layers and a network that runs once a picture (the VAE: pack_weights' runs_once), at
+each call.
 
 In bf16, packed linears and convolutions give the plain layers' numbers bit for bit, except 1x1 convolutions,
 which run as matrix products over the channels and agree to the last bit; in float32 all agree to the last bit

@@ -518,8 +518,8 @@ def script_plan(req: ProcessingRequest, kind: str, request: GenerationRequest, l
                 checkpoints=None, backend: str = "eager") -> scripts.Prepared | None:
     """The script script_name names with its script_args checked (scripts.prepare), or None for none.
     Each request the script will run must keep the server's limits and run on its backend, and all of them
-    together draw at most max_images pictures. checkpoints: the server's models, for an X/Y/Z plot's Checkpoint
-    name and Refiner checkpoint axes."""
+    together draw at most max_images pictures. checkpoints: the server's models and VAEs, for an X/Y/Z plot's
+    Checkpoint name, Refiner checkpoint and VAE axes."""
     if not req.script_name:
         if req.script_args:
             raise BadRequest("script_args were given without a script_name; name the script they are for "

@@ -388,7 +388,7 @@ async def _embeddings(server: Server) -> dict:
     if server.embeddings_dir is None:
         return {"loaded": {}, "skipped": {}}
     from plainsd.embeddings import load_embeddings
-    engine = await asyncio.to_thread(server.store.get)
+    engine = await asyncio.to_thread(server.store.model)
     found = await asyncio.to_thread(load_embeddings, server.embeddings_dir, engine.sd)
     loaded = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                      "shape": found.vectors.shape[1], "vectors": found.embeddings[name].vectors.shape[0]}
@@ -490,7 +490,7 @@ def _page_routes(server: Server) -> APIRouter:
     async def defaults():
         """What the page pre-fills: the current model's own recommended settings."""
         entry = server.store.current
-        engine = await asyncio.to_thread(server.store.get, entry)
+        engine = await asyncio.to_thread(server.store.model, entry)
         merged = pipeline.recommended(engine)
         size = engine.sd.config.resolution
         return {"steps": merged["steps"], "sampler": merged["sampler"], "schedule": merged["schedule"],
@@ -510,7 +510,7 @@ def _checkpoints(store: ModelStore, request_entry, vae_setting: str | None = Non
     model, request_entry, where no Checkpoint name axis chooses one)."""
     return Checkpoints(find=store.find, load=lambda entry: store.get(entry, _vae(store, vae_setting, entry)),
                        file=lambda entry: str(entry.path), vaes=store.vaes,
-                       use_vae=lambda engine, setting, entry: store.get(entry or request_entry, _vae(
+                       use_vae=lambda engine, setting, entry: store.use_vae(engine, _vae(
                            store, setting, entry or request_entry)))
 
 

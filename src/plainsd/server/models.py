@@ -149,10 +149,23 @@ class ModelStore:
         vae: a VAE file to decode with (vae_for), or None for the model's own; the last one loaded is kept."""
         with self._lock:
             engine = self._engine(entry)
-            if vae is not None and (self._vae is None or self._vae[0] != vae):
-                self._vae = (vae, load_vae(vae, dtype=engine.sd.dtype))
-            engine.use_vae(self._vae[1] if vae is not None else None)
+            self._put_vae(engine, vae)
             return engine
+
+    def model(self, entry: ModelEntry | None = None) -> runtime.Engine:
+        """As get, but the engine's VAE left as it is (for reading the model: a job may be drawing with it)."""
+        with self._lock:
+            return self._engine(entry)
+
+    def use_vae(self, engine: runtime.Engine, vae: Path | None) -> None:
+        """Decode with this VAE file (vae_for; None: the model's own) on a model get() gave."""
+        with self._lock:
+            self._put_vae(engine, vae)
+
+    def _put_vae(self, engine: runtime.Engine, vae: Path | None) -> None:
+        if vae is not None and (self._vae is None or self._vae[0] != vae):
+            self._vae = (vae, load_vae(vae, dtype=engine.sd.dtype))
+        engine.use_vae(self._vae[1] if vae is not None else None)
 
     def _engine(self, entry: ModelEntry | None) -> runtime.Engine:
         """The model of `entry` (default: the current one), loaded and prepared if it is not the one in memory."""
