@@ -26,11 +26,12 @@ training and graph tracing. U holds four times the layer's weights, so where it 
   widest of SD's 640-channel level) keep U once made, on inputs of at least 32x32 pixels: for an SD UNet about
   1 GiB at any image size (mostly its first two levels).
 - wider float32 layers (the 1280-channel level), those of a network that runs once or a few times a picture (the
-  VAE, whose U, about 0.7 GiB for SD's, would only add to the decode's peak; a T2I-Adapter), and every layer whose fp16 weights are computed in float32
-  (runtime/storage.py: SDXL on CPUs without native bf16, whose point is memory) make U at each call and keep
-  nothing; making it costs about what a few thousand positions' arithmetic saves, so only inputs of at least
-  2048 positions (batch x height x width) run it: with CFG, SD's 1280-channel level at 1024x1024 (the upsampler
-  into the 640-channel level at 512x512), SDXL's first two levels at 768x768 and all three at 1024x1024.
+  VAE, whose U, about 0.7 GiB for SD's, would only add to the decode's peak; a T2I-Adapter), and every layer
+  whose fp16 weights are computed in float32 (runtime/storage.py: SDXL on CPUs without native bf16, whose point
+  is memory) make U at each call and keep nothing; making it costs about what a few thousand positions'
+  arithmetic saves, so only inputs of at least 2048 positions (batch x height x width) run it: with CFG, SD's
+  1280-channel level at 1024x1024 (the upsampler into the 640-channel level at 512x512), SDXL's first two levels
+  at 768x768 and all three at 1024x1024, every layer of the VAE's decode at 512x512.
 The speed and the memory it costs are in docs/speed.md.
 
 The numbers differ from the direct convolution's by rounding, a few times a float32 direct convolution's own (the
