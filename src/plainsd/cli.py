@@ -662,18 +662,23 @@ def _use_vae(engine, args, model: str | None = None):
     """--vae and --vae-dir as A1111's --vae-path and sd_vae setting: a path, else a name the folder lists ("Automatic":
     one named after `model`, default --model). Returns the engine."""
     from plainsd import vaes
-    from plainsd.weights import DEFAULT_MODEL
 
     if args.vae is None and args.vae_dir is None:
         return engine
     if args.vae is not None and Path(args.vae).exists() and args.vae not in (vaes.AUTOMATIC, vaes.NONE):
-        path = Path(args.vae)
-    else:
-        found = vaes.find_vaes(args.vae_dir)
-        if args.vae_dir is None:
-            raise ValueError(f"no such VAE file or folder: {args.vae} (a name needs --vae-dir)")
-        path = vaes.resolve(args.vae, model or args.model or DEFAULT_MODEL, found)
-    return _put_vae(engine, path)
+        return _put_vae(engine, Path(args.vae))
+    found = vaes.find_vaes(args.vae_dir)
+    if args.vae_dir is None:
+        raise ValueError(f"no such VAE file or folder: {args.vae} (a name needs --vae-dir)")
+    return _put_named_vae(engine, args, args.vae, model, found)
+
+
+def _put_named_vae(engine, args, setting: str | None, model: str | None, found: dict):
+    """The engine decoding with the VAE an sd_vae setting names among `found` for `model` (default --model)."""
+    from plainsd import vaes
+    from plainsd.weights import DEFAULT_MODEL
+
+    return _put_vae(engine, vaes.resolve(setting, model or args.model or DEFAULT_MODEL, found))
 
 
 def _put_vae(engine, path: Path | None):
@@ -690,7 +695,6 @@ def _xyz(args) -> int:
 
     from plainsd import vaes, xyz
     from plainsd.pnginfo import save_png
-    from plainsd.weights import DEFAULT_MODEL
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -710,8 +714,8 @@ def _xyz(args) -> int:
                                   load=lambda path: _use_vae(_load_model(path, args.prediction, args.precision,
                                                                          args.backend), args, path),
                                   vaes=lambda: found_vaes,  # the VAE axis: an sd_vae setting for the cell's model
-                                  use_vae=lambda engine, setting, path: _put_vae(engine, vaes.resolve(
-                                      setting, path or args.model or DEFAULT_MODEL, found_vaes)))
+                                  use_vae=lambda engine, setting, path: _put_named_vae(engine, args, setting, path,
+                                                                                       found_vaes))
     plot = xyz.plan(request, settings, "txt2img", checkpoints,  # all of it checked before a model loads
                     check=lambda cell: cell.check(backend=args.backend))
     started = time.perf_counter()
