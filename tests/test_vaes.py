@@ -149,6 +149,94 @@ def test_cli_vae_file_and_folder(folder, tmp_path):
     assert main(args + ["--vae", "nope", "--vae-dir", str(folder / "VAE")]) == 2
 
 
+def test_cli_automatic_finds_the_vae_beside_the_model(folder, tmp_path):
+    """A1111's default sd_vae, Automatic: NAME.vae.safetensors beside the model, as if named with --vae."""
+    from PIL import Image
+
+    models = folder / "models"
+    args = ["txt2img", "a red circle", "--steps", "2", "--width", "32", "--height", "32", "--seed", "1", "--quiet",
+            "--model", str(models / "alpha.safetensors")]
+    drawn = {}
+    for name, extra in [("auto", []), ("file", ["--vae", str(models / "alpha.vae.safetensors")]),
+                        ("name", ["--vae", "alpha.vae.safetensors"]), ("none", ["--vae", "None"])]:
+        assert main(args + extra + ["-o", str(tmp_path / f"{name}.png")]) == 0
+        drawn[name] = Image.open(tmp_path / f"{name}.png")
+    assert drawn["auto"].tobytes() == drawn["file"].tobytes() == drawn["name"].tobytes() != drawn["none"].tobytes()
+    assert parse_infotext(drawn["auto"].info["parameters"])["VAE"] == "alpha.vae.safetensors"
+    assert vaes.beside(models / "alpha.safetensors") == {"alpha.vae.safetensors": models / "alpha.vae.safetensors"}
+    assert main(args + ["--vae", "other.safetensors"]) == 2  # a name that is neither beside it nor given a folder
+
+
+@pytest.fixture(scope="module")
+def refiner_folder(folder, tmp_path_factory):
+    """beta with alpha.vae's weights for its own VAE: what beta refines to when it decodes with alpha.vae."""
+    root = tmp_path_factory.mktemp("refiner")
+    baked = plainsd.load(folder / "models" / "beta.safetensors")
+    baked.vae.load_state_dict(weights.load_vae(folder / "models" / "alpha.vae.safetensors").state_dict())
+    plainsd.save(baked, root / "baked.safetensors")
+    return root
+
+
+def _refined(tmp_path, name, model, refiner, *extra):
+    from PIL import Image
+
+    out = tmp_path / f"{name}.png"
+    assert main(["txt2img", "a red circle", "--steps", "4", "--width", "32", "--height", "32", "--seed", "1",
+                 "--quiet", "--model", str(model), "--refiner", str(refiner), "--refiner-switch-at", "0.5",
+                 *extra, "-o", str(out)]) == 0
+    return Image.open(out)
+
+
+def test_the_refiner_decodes_with_the_vae_sd_vae_gives_its_checkpoint(folder, refiner_folder, tmp_path):
+    """As A1111 loads the sd_vae setting's VAE with the refiner: a named or given VAE for it too, Automatic the one
+    named after the refiner (not the base's), None its own; the infotext names the VAE that decoded."""
+    models = folder / "models"
+    alpha, beta, baked = models / "alpha.safetensors", models / "beta.safetensors", refiner_folder / "baked.safetensors"
+    expected = _refined(tmp_path, "expected", alpha, baked, "--vae", "None")
+    own = _refined(tmp_path, "own", alpha, beta, "--vae", "None")
+    assert expected.tobytes() != own.tobytes()
+    for name, extra in [("file", ["--vae", str(models / "alpha.vae.safetensors")]),
+                        ("name", ["--vae", "alpha.vae.safetensors", "--vae-dir", str(folder / "VAE")])]:
+        picture = _refined(tmp_path, name, alpha, beta, *extra)
+        assert picture.tobytes() == expected.tobytes(), name
+        fields = parse_infotext(picture.info["parameters"])
+        sha = hashlib.sha256((models / "alpha.vae.safetensors").read_bytes()).hexdigest()
+        assert fields["VAE"] == "alpha.vae.safetensors" and fields["VAE hash"] == sha[:10]
+        assert fields["Refiner"].startswith("beta")
+    automatic = _refined(tmp_path, "automatic", alpha, beta)  # alpha.vae for alpha, nothing named after beta
+    assert automatic.tobytes() == own.tobytes() and "VAE" not in parse_infotext(automatic.info["parameters"])
+    # the API alike: sd_vae resolved for the refiner's checkpoint
+    served = shutil.copytree(models, tmp_path / "models")
+    shutil.copy(baked, served / "baked.safetensors")
+    body = {"prompt": "a red circle", "steps": 4, "width": 32, "height": 32, "seed": 1, "refiner_switch_at": 0.5}
+    with TestClient(create_app(models_dir=served, vae_dir=folder / "VAE")) as client:
+        drawn = {}
+        for setting, refiner in [("None", "baked"), ("None", "beta"), ("Automatic", "beta"),
+                                 ("alpha.vae.safetensors", "beta")]:
+            r = client.post("/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": refiner,
+                                                        "override_settings": {"sd_vae": setting}})
+            drawn[setting, refiner] = decode(r.json()["images"][0]).tobytes(), json.loads(r.json()["info"])
+    assert drawn["alpha.vae.safetensors", "beta"][0] == drawn["None", "baked"][0] != drawn["None", "beta"][0]
+    assert drawn["Automatic", "beta"][0] == drawn["None", "beta"][0]
+    assert [drawn[key][1]["sd_vae_name"] for key in drawn] == [None, None, None, "alpha.vae.safetensors"]
+
+
+def test_the_xyz_vae_axis_with_a_refiner(folder, tmp_path):
+    """Each cell's VAE decodes the refined picture, as txt2img --vae X --refiner draws it."""
+    from PIL import Image
+
+    models = folder / "models"
+    common = ["a red circle", "--steps", "4", "--width", "32", "--height", "32", "--seed", "1", "--quiet",
+              "--model", str(models / "alpha.safetensors"), "--refiner", str(models / "beta.safetensors"),
+              "--refiner-switch-at", "0.5", "--vae-dir", str(folder / "VAE")]
+    assert main(["xyz", *common, "--x-type", "VAE", "--x-values", "None, alpha.vae", "--include-lone-images",
+                 "-o", str(tmp_path / "g.png")]) == 0
+    for i, setting in [(1, "None"), (2, "alpha.vae.safetensors")]:
+        assert main(["txt2img", *common, "--vae", setting, "-o", str(tmp_path / "alone.png")]) == 0
+        assert Image.open(tmp_path / f"g-{i}.png").tobytes() == Image.open(tmp_path / "alone.png").tobytes()
+    assert Image.open(tmp_path / "g-1.png").tobytes() != Image.open(tmp_path / "g-2.png").tobytes()
+
+
 def test_vae_axis_values_are_found_as_a1111_finds_them(folder):
     found = vaes.find_vaes(folder / "VAE", folder / "models")
     assert [vaes.find_setting(v, found) for v in ("auto", "AUTOMATIC", " none ", "OTHER", "safetensors")] == [
@@ -195,13 +283,14 @@ def test_the_xyz_vae_axis_leaves_the_engine_as_it_found_it(folder):
     assert engine.sd.vae is swapped and engine.base_vae is own
     with pytest.raises(ValueError, match="the VAE axis has no VAEs to choose among here"):
         xyz.plan(request, xyz.XYZSettings("VAE", "other"))
-    with pytest.raises(ValueError, match="the VAE axis and a refiner do not run together yet"):
-        xyz.plan(request.replace(refiner_checkpoint=str(folder / "models" / "beta.safetensors")),
-                 xyz.XYZSettings("VAE", "other"), checkpoints=checkpoints)
+    rule = engine.vae_for = lambda checkpoint: None  # the refiner's rule comes back too
+    xyz.run(engine, plot, xyz.Checkpoints(find=None, load=None, vaes=lambda: found, use_vae=lambda e, setting, key: (
+        setattr(e, "vae_for", lambda checkpoint: found[setting]), e.use_vae(weights.load_vae(found[setting])))))
+    assert engine.vae_for is rule and engine.sd.vae is swapped
 
 
 def test_the_xyz_vae_axis_with_the_checkpoint_axis(folder, tmp_path):
-    """Automatic per model: beta's a VAE named after it, alpha's its own."""
+    """Automatic per model: beta's a VAE named after it in --vae-dir, alpha's the one named after it beside it."""
     from PIL import Image
 
     models, vae_dir = folder / "models", tmp_path / "VAE"

@@ -81,10 +81,11 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
                    help="override what the model predicts: the noise, the velocity or the clean sample")
     p.add_argument("--lora-dir", default=None, help="folder of LoRA files, used by <lora:name:weight> in the prompt")
     p.add_argument("--embeddings-dir", default=None, help="folder of textual-inversion embeddings, used by name in prompts")
-    p.add_argument("--vae", default=None, help="a VAE to decode with instead of the model's own: a file or diffusers "
-                                               "folder, a name in --vae-dir, Automatic or None (A1111's sd_vae)")
-    p.add_argument("--vae-dir", default=None, help="folder of VAE files (A1111's models/VAE); with it, --vae defaults "
-                                                   "to Automatic: a VAE whose name starts with the model's")
+    p.add_argument("--vae", default=None, help="a VAE to decode with instead of the model's own (and the refiner's): "
+                                               "a file or diffusers folder, a name in --vae-dir or of a NAME.vae.* "
+                                               "file beside the model, Automatic or None (A1111's sd_vae; default "
+                                               "Automatic: a VAE whose name starts with the model's)")
+    p.add_argument("--vae-dir", default=None, help="folder of VAE files (A1111's models/VAE)")
     _style_args(p)
     _controlnet_args(p)
     _runtime_args(p)
@@ -659,26 +660,43 @@ def _engine(args):
 
 
 def _use_vae(engine, args, model: str | None = None):
-    """--vae and --vae-dir as A1111's --vae-path and sd_vae setting: a path, else a name the folder lists ("Automatic":
-    one named after `model`, default --model). Returns the engine."""
-    from plainsd import vaes
-
-    if args.vae is None and args.vae_dir is None:
-        return engine
-    if args.vae is not None and Path(args.vae).exists() and args.vae not in (vaes.AUTOMATIC, vaes.NONE):
-        return _put_vae(engine, Path(args.vae))
-    found = vaes.find_vaes(args.vae_dir)
-    if args.vae_dir is None:
-        raise ValueError(f"no such VAE file or folder: {args.vae} (a name needs --vae-dir)")
-    return _put_named_vae(engine, args, args.vae, model, found)
-
-
-def _put_named_vae(engine, args, setting: str | None, model: str | None, found: dict):
-    """The engine decoding with the VAE an sd_vae setting names among `found` for `model` (default --model)."""
-    from plainsd import vaes
+    """The engine decoding with the VAE --vae and --vae-dir give `model` (default --model), and giving a refiner the
+    one they give its checkpoint (engine.vae_for). Returns the engine."""
     from plainsd.weights import DEFAULT_MODEL
 
-    return _put_vae(engine, vaes.resolve(setting, model or args.model or DEFAULT_MODEL, found))
+    return _put_rule(engine, _vae_rule(args), model or args.model or DEFAULT_MODEL)
+
+
+def _put_rule(engine, rule, model):
+    """The engine decoding with the VAE file rule(model) names, and giving a refiner rule(its checkpoint)."""
+    engine.vae_for = rule
+    return _put_vae(engine, rule(model))
+
+
+def _vae_rule(args):
+    """checkpoint -> the VAE file (None: its own) as A1111's --vae-path and sd_vae setting give it: --vae a file or
+    folder for every checkpoint, else the sd_vae setting --vae names (_sd_vae; default Automatic)."""
+    from plainsd import vaes
+
+    if args.vae is not None and args.vae not in (vaes.AUTOMATIC, vaes.NONE) and Path(args.vae).exists():
+        return lambda checkpoint: Path(args.vae)
+    return _sd_vae(args, args.vae)
+
+
+def _sd_vae(args, setting: str | None):
+    """checkpoint -> the VAE file (None: its own) this sd_vae setting gives it among --vae-dir's files and the
+    *.vae.* files beside the checkpoint; "Automatic" (and None) is one whose name starts with the checkpoint's."""
+    from plainsd import vaes
+
+    found = vaes.find_vaes(args.vae_dir) if args.vae_dir is not None else {}
+
+    def choose(checkpoint):
+        available = {**vaes.beside(checkpoint), **found}
+        if setting not in (None, vaes.AUTOMATIC, vaes.NONE) and setting not in available and args.vae_dir is None:
+            raise ValueError(f"no such VAE file or folder: {setting} (a name needs --vae-dir, or a file of that "
+                             f"name beside the model)")
+        return vaes.resolve(setting, checkpoint, available)
+    return choose
 
 
 def _put_vae(engine, path: Path | None):
@@ -695,6 +713,7 @@ def _xyz(args) -> int:
 
     from plainsd import vaes, xyz
     from plainsd.pnginfo import save_png
+    from plainsd.weights import DEFAULT_MODEL
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -709,13 +728,14 @@ def _xyz(args) -> int:
         draw_legend=not args.no_legend, include_lone_images=args.include_lone_images,
         include_sub_grids=args.include_sub_grids, no_fixed_seeds=args.no_fixed_seeds, vary_seeds_x=args.vary_seeds_x,
         vary_seeds_y=args.vary_seeds_y, vary_seeds_z=args.vary_seeds_z, margin_size=args.margin_size, csv_mode=True)
-    found_vaes = vaes.find_vaes(args.vae_dir) if args.vae_dir is not None else {}
+    model = args.model or DEFAULT_MODEL
+    found_vaes = {**vaes.beside(model), **(vaes.find_vaes(args.vae_dir) if args.vae_dir is not None else {})}
     checkpoints = xyz.Checkpoints(find=_model_file,
                                   load=lambda path: _use_vae(_load_model(path, args.prediction, args.precision,
                                                                          args.backend), args, path),
                                   vaes=lambda: found_vaes,  # the VAE axis: an sd_vae setting for the cell's model
-                                  use_vae=lambda engine, setting, path: _put_named_vae(engine, args, setting, path,
-                                                                                       found_vaes))
+                                  use_vae=lambda engine, setting, path: _put_rule(engine, _sd_vae(args, setting),
+                                                                                  path or model))
     plot = xyz.plan(request, settings, "txt2img", checkpoints,  # all of it checked before a model loads
                     check=lambda cell: cell.check(backend=args.backend))
     started = time.perf_counter()

@@ -42,7 +42,7 @@ from .prompts import encode_prompt, extract_loras, prompt_schedule, split_and
 from .request import (DEFAULTS, IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, GenerationRequest, HiresFix,
                       Parameters, sampler_fields)
 from .runtime import Engine, offload, prepare, release_freed_memory, restore
-from .weights import load, load_tiny_decoder
+from .weights import load, load_tiny_decoder, load_vae
 
 __all__ = ["txt2img", "img2img", "inpaint", "outpaint", "outpaint_request", "generate", "GenerationRequest",
            "HiresFix", "Parameters", "Result", "StepInfo", "Interrupted", "recommended", "decode", "DEFAULTS",
@@ -271,10 +271,12 @@ def _stages(engine: Engine, request: GenerationRequest, callback, interrupt, ski
             subseeds = [params.subseed + i for i in images]
             latents = _run_batch(engine, run, start, first, second, seeds, subseeds, hooks.for_batch(batch))
             refined = last.refiner is not None and last.refiner.took_over
-            if refined:  # A1111 decodes with the model loaded last: the refiner's VAE
-                params.refiner, params.refiner_switch_at = last.refiner.title, last.refiner.switch_at
-                params.notes += [n for n in notes if n not in params.notes]
             decoder = last.refiner.engine.sd if refined else sd
+            if refined:  # A1111 decodes with the model loaded last, and names its VAE: the refiner's (_refiner_vae)
+                params.refiner, params.refiner_switch_at = last.refiner.title, last.refiner.switch_at
+                params.vae_name = getattr(decoder.vae, "name", None)
+                params.vae_hash = getattr(decoder.vae, "hash", None)
+                params.notes += [n for n in notes if n not in params.notes]
             pictures = decode(decoder, latents, run.tiny, wrap=request.tiling)
             if start.paste is not None:
                 pictures = [_paste(p, *start.paste) for p in pictures]
@@ -915,7 +917,23 @@ def _refiner_engine(engine: Engine, path: str) -> Engine:
                     offload(part)
         engine.refiner = (path, prepare(refiner) if engine.prepared else Engine(refiner))
         _resident(engine, engine.sd.unet)
+    _refiner_vae(engine, engine.refiner[1], path)
     return engine.refiner[1]
+
+
+def _refiner_vae(engine: Engine, refiner: Engine, path: str) -> None:
+    """The refiner decodes with the VAE A1111's sd_vae setting gives its checkpoint (engine.vae_for), as A1111
+    loads that VAE with the refiner: a file read when the setting's choice changes, the base's module where the
+    base decodes with the same file, else the refiner's own VAE."""
+    file = engine.vae_for(path) if engine.vae_for is not None else None
+    if file is not None and getattr(refiner.sd.vae, "path", None) == Path(file):
+        return
+    if file is None:
+        refiner.use_vae(None)
+    elif getattr(engine.sd.vae, "path", None) == Path(file):
+        refiner.use_vae(engine.sd.vae)
+    else:
+        refiner.use_vae(load_vae(file, dtype=refiner.sd.dtype))
 
 
 def _one_unet(engine: Engine) -> bool:

@@ -51,6 +51,16 @@ def find_vaes(vae_dir: str | os.PathLike | None = None, models_dir: str | os.Pat
     return out
 
 
+def beside(checkpoint: str | os.PathLike) -> dict[str, Path]:
+    """name -> file: the *.vae.* files in a checkpoint's folder, not its subfolders (the command line's stand-in for
+    A1111's models folder, whose *.vae.* files it lists among its VAEs)."""
+    folder = Path(checkpoint).parent
+    if not folder.is_dir():
+        return {}
+    files = sorted(folder.iterdir(), key=lambda p: _natural(p.name))
+    return {p.name: p for p in files if p.is_file() and is_vae_file(p)}
+
+
 def _natural(name: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 

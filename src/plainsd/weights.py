@@ -1131,14 +1131,15 @@ def vae_tensors(path: str | os.PathLike) -> tuple[VAEConfig, TensorSource]:
 
 def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     """A VAE file or folder (vae_tensors' layouts) as plainsd's AutoencoderKL, loaded strictly with shape checks.
-    Its .name is the file's name (A1111's "VAE" infotext entry) and its .hash A1111's short hash of the file."""
+    Its .name is the file's name (A1111's "VAE" infotext entry), its .hash A1111's short hash of the file and its
+    .path the file."""
     path = Path(path)
     cfg, source = vae_tensors(path)
     with torch.device("meta"):
         vae = AutoencoderKL(cfg)
     state = _strict_state(vae, source, f"{path.name} does not fit the VAE it looks like", dtype)
     vae.load_state_dict(state, strict=True, assign=True)
-    vae.name = path.name
+    vae.name, vae.path = path.name, path
     vae.hash = short_hash(_component_file(path) if path.is_dir() else path)
     return vae.eval().requires_grad_(False)
 

@@ -71,7 +71,8 @@ class Checkpoints:
     naming the ones there are for an unknown name); load(key) -> the Engine that draws with it; file(key) -> its
     file or folder (a refiner's, for the request). And the VAEs a VAE axis chooses among: vaes() -> name -> file
     (vaes.find_vaes); use_vae(engine, setting, key) puts in the engine (of the model `key`; None: the one run was
-    given) the VAE that sd_vae setting gives that model (vaes.resolve)."""
+    given) the VAE that sd_vae setting gives that model (vaes.resolve), and the one it gives a refiner
+    (runtime.Engine.vae_for)."""
     find: Callable[[str], Any]
     load: Callable[[Any], Any]
     file: Callable[[Any], str] = str
@@ -404,9 +405,6 @@ def plan(request: GenerationRequest, settings: XYZSettings, kind: str = "txt2img
         if offset and cell.request.seed is not None:
             cell.request = cell.request.replace(seed=cell.request.seed + offset)
         try:
-            if cell.vae is not None and cell.request.refiner_checkpoint is not None:
-                raise ValueError("the VAE axis and a refiner do not run together yet (a refined picture decodes with "
-                                 "the refiner's own VAE); draw the plot without the refiner")
             cell.request.check()
             if check is not None:
                 check(cell.request)
@@ -442,14 +440,15 @@ def run(engine, plot: Plot, checkpoints: Checkpoints | None = None, **controls) 
     """Draw every cell (pipeline.generate with `controls`: callback, interrupt, skip, progress) and the grids.
     The result's images, as A1111 returns them: the grid, each Z value's grid (include_sub_grids), each cell's
     picture (include_lone_images); each with its infotext. Interrupted: the cells not drawn stay black. A VAE
-    axis leaves the engine's VAE as it found it."""
+    axis leaves the engine's VAE, and the one it gives a refiner, as it found them."""
     engine = pipeline.as_engine(engine)
-    own_vae = engine.sd.vae if any(cell.vae is not None for cell in plot.cells) else None
+    own_vae = (engine.sd.vae, engine.vae_for) if any(cell.vae is not None for cell in plot.cells) else None
     try:
         pictures, results, interrupted = _draw(engine, plot, checkpoints, controls)
     finally:
         if own_vae is not None:  # (as A1111 restores its sd_vae setting)
-            engine.use_vae(own_vae)
+            engine.use_vae(own_vae[0])
+            engine.vae_for = own_vae[1]
     done = [r for r in results if r is not None]
     size = next(p.size for p in pictures if p is not None)
     pictures = [p if p is not None else Image.new("RGB", size) for p in pictures]

@@ -54,6 +54,9 @@ class Engine:
         self.tiny_decoder = None
         self.controlnets = OrderedDict()  # loaded ControlNets, the most recently used last (control.load_controlnets)
         self.refiner = None  # (path, Engine): the refiner checkpoint last used (pipeline._refiner_engine)
+        # A1111's sd_vae setting for a checkpoint this engine hands over to (a refiner): its path -> the VAE file to
+        # decode with, None for its own (pipeline._refiner_vae); None here: every refiner decodes with its own
+        self.vae_for = None
         # A1111's sd_checkpoints_limit: with 1 (its default), the refiner's UNet and the base's take turns in
         # memory (pipeline._resident, runtime/offloading.py); with 2, both stay
         self.checkpoints_limit = 1

@@ -163,7 +163,7 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
                         if name in overrides})
 
     def work(job: Job):
-        engine = store.get(entry, vae)
+        engine = _drawing(store, entry, vae, vae_setting)
         engine.checkpoints_limit = limit
 
         def on_step(info: pipeline.StepInfo):
@@ -508,10 +508,31 @@ def _checkpoints(store: ModelStore, request_entry, vae_setting: str | None = Non
     """The server's models, for an X/Y/Z plot's Checkpoint name and Refiner checkpoint axes: found by name, loaded
     one at a time, each with the VAE the sd_vae setting gives it; and its VAEs, for the VAE axis (the request's
     model, request_entry, where no Checkpoint name axis chooses one)."""
-    return Checkpoints(find=store.find, load=lambda entry: store.get(entry, _vae(store, vae_setting, entry)),
+    return Checkpoints(find=store.find, load=lambda entry: _drawing(store, entry, _vae(store, vae_setting, entry),
+                                                                    vae_setting),
                        file=lambda entry: str(entry.path), vaes=store.vaes,
-                       use_vae=lambda engine, setting, entry: store.use_vae(engine, _vae(
-                           store, setting, entry or request_entry)))
+                       use_vae=lambda engine, setting, entry: _use_setting(store, engine, setting,
+                                                                           entry or request_entry))
+
+
+def _drawing(store: ModelStore, entry, vae: Path | None, setting):
+    """The engine of `entry` decoding with `vae` (_vae), and giving a refiner the VAE the sd_vae setting gives its
+    checkpoint (runtime.Engine.vae_for), as A1111 resolves sd_vae for each checkpoint it loads."""
+    engine = store.get(entry, vae)
+    engine.vae_for = _refiner_vae(store, setting)
+    return engine
+
+
+def _use_setting(store: ModelStore, engine, setting, entry) -> None:
+    """The X/Y/Z plot's VAE axis: an engine get() gave decoding with the VAE the sd_vae setting gives its model
+    (entry), and giving a refiner the one it gives the refiner."""
+    store.use_vae(engine, _vae(store, setting, entry))
+    engine.vae_for = _refiner_vae(store, setting)
+
+
+def _refiner_vae(store: ModelStore, setting):
+    """checkpoint -> the VAE file the sd_vae setting gives it (runtime.Engine.vae_for)."""
+    return lambda checkpoint: vaes.resolve(setting, checkpoint, store.vaes())
 
 
 def _vae(store: ModelStore, setting, entry):
