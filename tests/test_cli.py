@@ -57,6 +57,9 @@ def test_variation_seed_seed_resize_tiling_and_sampler_noise_options(capsys):
     assert main(["txt2img", "x", "--steps", "2", "--seed", "4", "--sampler", "Euler a", "--ensd", "31337",
                  "-o", "e.png", "--quiet"]) == 0
     assert parse_infotext(read_parameters("e.png"))["ENSD"] == "31337"
+    assert main(["txt2img", "x", "--steps", "2", "--seed", "4", "--rng", "NV", "-o", "nv.png", "--quiet"]) == 0
+    assert parse_infotext(read_parameters("nv.png"))["RNG"] == "NV"
+    assert main(["txt2img", "x", "--rng", "cuda"]) == 2
 
 
 def test_hires_fix_options():

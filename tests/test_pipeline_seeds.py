@@ -91,6 +91,39 @@ def test_ensd_restarts_the_samplers_noise_only(sd):
     assert np.array_equal(_arr(c.images[0]), _arr(d.images[0])) and "ENSD" not in parse_infotext(d.infotexts[0])
 
 
+def test_the_nv_source_draws_an_nvidia_gpus_numbers(sd):
+    """RNG source NV: the starting noise is the seed's first Philox draw, an ancestral sampler's noise its next ones;
+    the infotext says RNG: NV, GPU (A1111's default, torch's CPU numbers here) is not written, an unknown one refused."""
+    from plainsd.diffusion.philox import PhiloxGenerator
+
+    noise, result = _start(sd, seed=3, randn_source="NV")
+    assert torch.allclose(noise[0], PhiloxGenerator(3).randn((4, 8, 8)), atol=1e-6)
+    assert parse_infotext(result.infotexts[0])["RNG"] == "NV"
+    gpu = pipeline.txt2img(sd, "a red circle", steps=3, seed=3, sampler="Euler a")
+    cpu = pipeline.txt2img(sd, "a red circle", steps=3, seed=3, sampler="Euler a", randn_source="CPU")
+    nv = pipeline.txt2img(sd, "a red circle", steps=3, seed=3, sampler="Euler a", randn_source="NV")
+    assert np.array_equal(_arr(gpu.images[0]), _arr(cpu.images[0])) and "RNG" not in parse_infotext(gpu.infotexts[0])
+    assert parse_infotext(cpu.infotexts[0])["RNG"] == "CPU"
+    # the ancestral steps' noise: Euler a by hand from the NV noise gives the NV picture
+    steps = []
+    pipeline.txt2img(sd, "a red circle", steps=3, seed=3, sampler="Euler a", randn_source="NV",
+                     callback=lambda s: steps.append(s))
+    g = PhiloxGenerator(3)
+    g.randn((4, 8, 8))
+    sigma_down, sigma_up = _ancestral(steps[0].sigma, steps[1].sigma)
+    d = (steps[0].latents - steps[0].denoised) / steps[0].sigma
+    by_hand = steps[0].latents + d * (sigma_down - steps[0].sigma) + g.randn((4, 8, 8)) * sigma_up
+    assert torch.allclose(steps[1].latents, by_hand, atol=1e-5)
+    assert np.abs(_arr(nv.images[0]) - _arr(gpu.images[0])).max() > 10
+    with pytest.raises(ValueError, match="randn_source .* must be one of GPU, CPU, NV, got 'cuda'"):
+        pipeline.txt2img(sd, "x", steps=1, randn_source="cuda")
+
+
+def _ancestral(sigma, sigma_next):
+    up = min(sigma_next, (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    return (sigma_next**2 - up**2) ** 0.5, up
+
+
 def test_sampler_settings_are_honoured_written_or_refused(sd):
     plain = pipeline.txt2img(sd, "a red circle", steps=4, seed=6, sampler="Euler")
     churn = pipeline.txt2img(sd, "a red circle", steps=4, seed=6, sampler="Euler", s_churn=2.0, s_noise=1.1)

@@ -178,6 +178,18 @@ def test_variation_and_sigma_cells_are_their_own_pictures(tiny, request_fields, 
     assert result.infotexts[1:] == [a.infotexts[0] for a in alone]
 
 
+def test_rng_source_cells_are_their_own_pictures(tiny):
+    req = GenerationRequest("a red circle", steps=3, width=32, height=32, seed=5, sampler="Euler a")
+    settings = XYZSettings(x_type="RNG source", x_values="GPU, NV", include_lone_images=True, draw_legend=False)
+    result = xyz.run(tiny, xyz.plan(req, settings))
+    alone = [pipeline.generate(tiny, req.replace(randn_source=v)) for v in ("GPU", "NV")]
+    assert [c.tobytes() for c in result.images[1:]] == [a.images[0].tobytes() for a in alone]
+    assert result.images[1].tobytes() != result.images[2].tobytes()
+    assert parse_infotext(result.infotexts[2])["RNG"] == "NV"
+    with pytest.raises(ValueError, match="cell RNG source cuda: randn_source .* must be one of GPU, CPU, NV"):
+        xyz.plan(req, XYZSettings(x_type="RNG source", x_values="cuda"))
+
+
 def test_cli_xyz_writes_the_grid_and_its_cells(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["xyz", "a red circle", "--x-type", "Seed", "--x-values", "1, 2", "--y-type", "Steps", "--y-values", "1-2",

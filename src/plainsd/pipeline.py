@@ -362,7 +362,7 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
     resize = (req.seed_resize_from_h // factor, req.seed_resize_from_w // factor) if params.seed_resize_from else None
     run = _Run(info, _denoiser(sd, sampler=info).get_sigmas(steps, schedule), hr_info,
                (sd.config.vae.z_channels, height // factor, width // factor), fast, tiny,
-               ImageNoise(req.subseed_strength, resize, req.eta_noise_seed_delta))
+               ImageNoise(req.subseed_strength, resize, req.eta_noise_seed_delta, req.randn_source))
     return req, params, run
 
 
@@ -449,7 +449,7 @@ def _seed_fields(req: GenerationRequest, infos: list[S.SamplerInfo]) -> dict:
         fields.update(sampler_fields(opts, info))
     resize = (req.seed_resize_from_w, req.seed_resize_from_h)
     return dict(subseed=req.first_subseed(), subseed_strength=req.subseed_strength,
-                seed_resize_from=resize if min(resize) > 0 else None, tiling=req.tiling,
+                seed_resize_from=resize if min(resize) > 0 else None, tiling=req.tiling, randn_source=req.randn_source,
                 eta_noise_seed_delta=(req.eta_noise_seed_delta or None) if uses_generators else None,
                 sampler_fields=fields)
 
@@ -728,7 +728,8 @@ def _run_batch(engine: Engine, run: _Run, start: _Start, first: Pass, second: Pa
         if start.noise_in is not None:  # "latent noise": the image's seed's noise alone in the mask (no variation
             # seed, no seed resize), as A1111 draws it; A1111 reuses the first batch's seeds for later batches, a
             # slip plainsd does not copy
-            fill = noise if run.noise == ImageNoise() else ImageNoise().draw(run.latent_shape, seeds)[0].to(device)
+            alone = ImageNoise(source=run.noise.source)
+            fill = noise if run.noise == alone else alone.draw(run.latent_shape, seeds)[0].to(device)
             x0 = x0 * (1 - start.noise_in) + fill * start.noise_in
         x = x0 + noise * start.noise_multiplier * first.sigmas[0]
     else:

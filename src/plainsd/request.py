@@ -18,6 +18,7 @@ from PIL import Image
 
 from . import detectors
 from .diffusion.samplers import SAMPLERS, SamplerInfo, chosen_schedule, default_eta, resolve_sampler, takes
+from .diffusion.noise import SOURCES
 from .diffusion.schedules import schedule_key, schedule_label
 from .fast import FastSettings
 from .images import RESIZE_MODES, _named, inpainting_fill, resize_mode
@@ -234,6 +235,7 @@ class GenerationRequest:
     s_tmax: float | None = None          # ... to s_tmax (None or 0: no limit)
     s_noise: float | None = None         # the scale of the noise a sampler adds (None: 1)
     eta_noise_seed_delta: int = 0        # A1111's ENSD: a sampler's later noise comes from seed + this (0: off)
+    randn_source: str = "GPU"            # A1111's random number source: GPU, CPU or NV (diffusion/noise.py)
     eta_ancestral: float = 1.0           # A1111's settings: the eta of k-diffusion's samplers where eta is None ...
     eta_ddim: float = 0.0                # ... and DDIM's (each pass's sampler takes its own kind's)
     # A1111's styles: these names from styles_file (a csv, a folder of them or a wildcard) are applied in order to
@@ -387,6 +389,9 @@ class GenerationRequest:
         if not 0 <= self.eta_noise_seed_delta <= MAX_SEED:
             raise ValueError(f"eta_noise_seed_delta (ENSD) must be between 0 and {MAX_SEED}, "
                              f"got {self.eta_noise_seed_delta}")
+        if self.randn_source not in SOURCES:
+            raise ValueError(f"randn_source (the random number source) must be one of {', '.join(SOURCES)}, "
+                             f"got {self.randn_source!r}")
         if self.tiling and backend != "eager":
             raise ValueError("tiling needs the eager UNet: the OpenVINO-compiled one cannot pad circularly "
                              "(leave out the openvino backend, or tiling)")
@@ -533,6 +538,7 @@ class Parameters:
     seed_resize_from: tuple[int, int] | None = None   # (width, height)
     tiling: bool = False
     eta_noise_seed_delta: int | None = None   # where it changed the sampler's noise
+    randn_source: str = "GPU"          # the random number source (written where not A1111's default)
     sampler_fields: dict = field(default_factory=dict)   # "Eta", "Sigma churn", ... (request.sampler_fields)
     controlnet: dict = field(default_factory=dict)   # "ControlNet 0": "Module: ..., Model: ...", ... (control.py)
     notes: list[str] = field(default_factory=list)   # for the user, not the infotext: model defaults used, ...
@@ -554,7 +560,8 @@ class Parameters:
             "Clip skip": self.clip_skip if self.clip_skip > 1 else None, "ENSD": self.eta_noise_seed_delta,
             "Guidance until": self.guidance_until if self.guidance_until < 1.0 else None,
             "DeepCache interval": self.deepcache, "Decoder": "TAESD" if self.tiny_decoder else None,
-            "Token merging ratio": self.token_merging, "Tiling": "True" if self.tiling else None,
+            "Token merging ratio": self.token_merging, "RNG": self.randn_source if self.randn_source != "GPU" else None,
+            "Tiling": "True" if self.tiling else None,
             **self.sampler_fields, **self._hires_fields(), **self.inpainting, **self.controlnet,
             "Lora hashes": self.lora_hashes, "Refiner": self.refiner,
             "Refiner switch at": self.refiner_switch_at if self.refiner else None})

@@ -211,6 +211,7 @@ AXES: dict[str, Axis] = {
     "VAE": Axis(str, _vae, choices=True, cost=0.7),
     "Refiner switch at": Axis(float, _field("refiner_switch_at")),
     "Initial noise multiplier": Axis(float, _field("initial_noise_multiplier")),
+    "RNG source": Axis(str, _field("randn_source"), choices=True),
 }
 
 

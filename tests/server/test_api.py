@@ -123,6 +123,8 @@ def test_unknown_fields_and_unsupported_features_are_refused(client):
     ({"sampler_name": "Euler", "s_noise": -1}, "s_noise should be greater than or equal to 0, got -1"),
     ({"override_settings": {"tiling": "yes"}}, "the tiling setting must be true or false, got 'yes'"),
     ({"override_settings": {"eta_noise_seed_delta": "x"}}, "eta_noise_seed_delta must be a whole number, got 'x'"),
+    ({"override_settings": {"randn_source": "cuda"}}, "randn_source (the random number source) must be one of GPU, "
+                                                      "CPU, NV, got 'cuda'"),
     ({"override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, "unknown model"),
     ({"prompt": "a <lora:style:1> circle"}, "LoRA"),
     ({"tiny_decoder": True}, "this model has no tiny decoder"),
@@ -244,9 +246,9 @@ def test_options_switch_models_only_among_those_found(client):
     assert options["sd_model_checkpoint"] == models[0]["title"]
     # the settings a request's fields default to, at A1111's defaults, so a client can read them
     assert {k: options[k] for k in ("eta_ancestral", "eta_ddim", "s_churn", "s_tmin", "s_tmax", "s_noise", "tiling",
-                                    "initial_noise_multiplier", "eta_noise_seed_delta")} == \
+                                    "initial_noise_multiplier", "eta_noise_seed_delta", "randn_source")} == \
         {"eta_ancestral": 1.0, "eta_ddim": 0.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0,
-         "tiling": False, "initial_noise_multiplier": 1.0, "eta_noise_seed_delta": 0}
+         "tiling": False, "initial_noise_multiplier": 1.0, "eta_noise_seed_delta": 0, "randn_source": "GPU"}
     req = {"prompt": "x", "steps": 2, "width": 32, "height": 32, "seed": 3}
     first = client.post("/sdapi/v1/txt2img", json=req).json()
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": models[1]["title"]}).status_code == 200
@@ -497,6 +499,11 @@ def test_variation_seeds_seed_resize_tiling_and_sampler_noise(client):
         "images"] == plain["images"]  # a setting for the samplers that take eta: Euler does not
     ensd = client.post("/sdapi/v1/txt2img", json={**ancestral, "override_settings": {"eta_noise_seed_delta": 31337}}).json()
     assert "ENSD: 31337" in json.loads(ensd["info"])["infotexts"][0]
+    nv = client.post("/sdapi/v1/txt2img", json={**ancestral, "override_settings": {"randn_source": "NV"}}).json()
+    assert "RNG: NV" in json.loads(nv["info"])["infotexts"][0] and nv["images"] != eta["images"]
+    direct = pipeline.txt2img(client.app.state.store.get(), "a red circle", steps=3, width=32, height=32, seed=3,
+                              sampler="Euler a", randn_source="NV")
+    assert np.abs(np.asarray(decode(nv["images"][0]), np.int16) - np.asarray(direct.images[0], np.int16)).max() <= 1
     page = client.get("/").text  # the page's controls for them, which send these fields
     assert 'id="tiling"' in page and "body.tiling = true" in page and "subseed_strength:" in page
 

@@ -201,15 +201,16 @@ def test_web_page_in_headless_chromium(server, tmp_path):
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery figcaption")) == 3)
         captions = [f.text for f in driver.find_elements(By.CSS_SELECTOR, "#gallery figcaption")]
         assert any("Token merging ratio: 0.5" in c for c in captions), captions
-        # Hires. fix from its switch, with an upscaler from the server's lists
+        # Hires. fix from its switch, with an upscaler from the server's lists; the NV random number source
         box.clear()
         box.send_keys("0")
         driver.find_element(By.ID, "hires").click()
         Select(driver.find_element(By.ID, "hr-upscaler")).select_by_visible_text("Lanczos")
+        Select(driver.find_element(By.ID, "rng")).select_by_visible_text("NV")
         driver.find_element(By.ID, "generate").click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery figcaption")) == 4)
         captions = [f.text for f in driver.find_elements(By.CSS_SELECTOR, "#gallery figcaption")]
-        assert any("Hires upscale: 2, Hires upscaler: Lanczos" in c for c in captions), captions
+        assert any("Hires upscale: 2, Hires upscaler: Lanczos" in c and "RNG: NV" in c for c in captions), captions
     finally:
         driver.quit()
 

@@ -11,6 +11,10 @@ places it in the middle of the requested one, so a composition found at one size
 The generator that drew an image's noise goes on to give the noise a stochastic sampler adds at later steps,
 unless an eta noise seed delta (A1111's ENSD) restarts it at seed + delta. A variation seed changes the starting
 noise only: the later noise is the seed's. (A1111: modules/rng.py, ImageRNG.)
+
+The numbers come from A1111's random number source (SOURCES): "GPU" and "CPU" are torch's CPU generator (plainsd
+runs on the CPU, and A1111 without a GPU draws these for "GPU" too), "NV" the numbers an NVIDIA GPU draws
+(philox.py), so that a seed gives the picture it gives there.
 """
 
 from __future__ import annotations
@@ -18,6 +22,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .philox import PhiloxGenerator
+
+SOURCES = ("GPU", "CPU", "NV")   # A1111's randn_source setting, its default first
+
+
+def generator(seed: int, source: str = "GPU"):
+    """A seed's generator for this random number source: a torch.Generator, or for "NV" a PhiloxGenerator."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown random number source {source!r}; the sources are {', '.join(SOURCES)}")
+    return PhiloxGenerator(seed) if source == "NV" else torch.Generator().manual_seed(int(seed))
+
+
+def randn(gen, shape) -> torch.Tensor:
+    """Standard normal float32 noise of this shape from a generator made by generator(), moving it on."""
+    if isinstance(gen, PhiloxGenerator):
+        return gen.randn(shape)
+    return torch.randn(shape, generator=gen)
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor, dim: int) -> torch.Tensor:
@@ -47,18 +69,16 @@ def place_centred(small: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _randn(seed: int, shape) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
-
-
 @dataclass
 class ImageNoise:
     """How a run draws its images' noise. subseed_strength: 0 = the seed's noise only, 1 = the subseed's.
     resize_from: (rows, columns) of latents to draw the noise at, then placed centred (None: the image's own
-    size). ensd: A1111's eta noise seed delta, where a sampler's later noise starts (0: it continues the seed's)."""
+    size). ensd: A1111's eta noise seed delta, where a sampler's later noise starts (0: it continues the seed's).
+    source: the random number source (SOURCES)."""
     subseed_strength: float = 0.0
     resize_from: tuple[int, int] | None = None
     ensd: int = 0
+    source: str = "GPU"
 
     def draw(self, shape: tuple[int, int, int], seeds: list[int], subseeds: list[int] | None = None,
              ) -> tuple[torch.Tensor, list[torch.Generator]]:
@@ -67,14 +87,17 @@ class ImageNoise:
         drawn_shape = shape if self.resize_from is None else (shape[0], *self.resize_from)
         noises, generators = [], []
         for i, seed in enumerate(seeds):
-            generator = torch.Generator().manual_seed(int(seed))
-            own = torch.randn(shape, generator=generator)  # the image's generator moves on by one noise as always
-            noise = own if drawn_shape == tuple(shape) else _randn(seed, drawn_shape)
+            gen = generator(seed, self.source)
+            own = randn(gen, shape)  # the image's generator moves on by one noise as always
+            noise = own if drawn_shape == tuple(shape) else self._randn(seed, drawn_shape)
             if subseeds is not None and self.subseed_strength:
                 # along the rows of [C, H, W]: A1111 normalises dim 1, so each channel's column is one vector
-                noise = slerp(self.subseed_strength, noise, _randn(subseeds[i], drawn_shape), dim=1)
+                noise = slerp(self.subseed_strength, noise, self._randn(subseeds[i], drawn_shape), dim=1)
             if drawn_shape != tuple(shape):
                 noise = place_centred(noise, own)
             noises.append(noise)
-            generators.append(torch.Generator().manual_seed(int(seed) + self.ensd) if self.ensd else generator)
+            generators.append(generator(int(seed) + self.ensd, self.source) if self.ensd else gen)
         return torch.stack(noises), generators
+
+    def _randn(self, seed: int, shape) -> torch.Tensor:
+        return randn(generator(seed, self.source), shape)

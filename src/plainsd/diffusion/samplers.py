@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import trange
 
 from . import schedules
+from .noise import randn
 
 # --- helpers --------------------------------------------------------------------------------------
 
@@ -54,7 +55,7 @@ class NoiseSampler:
     def __call__(self, sigma=None, sigma_next=None) -> torch.Tensor:
         if self.generators is None:
             return torch.randn(self.shape, dtype=self.dtype, device=self.device)
-        return torch.stack([torch.randn(self.shape[1:], generator=g) for g in self.generators]).to(self.device, self.dtype)
+        return torch.stack([randn(g, self.shape[1:]) for g in self.generators]).to(self.device, self.dtype)
 
 
 def default_noise_sampler(x: torch.Tensor) -> NoiseSampler:

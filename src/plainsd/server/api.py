@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, Optional
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
+from plainsd.diffusion.noise import SOURCES
 from plainsd.diffusion.samplers import SAMPLERS, SCHEDULE_SUFFIXES, resolve_sampler, takes
 from plainsd.diffusion.schedules import SCHEDULE_LABELS, SCHEDULES, schedule_label
 from plainsd.fast import choose as choose_fast
@@ -333,7 +334,7 @@ NOT_SUPPORTED = {
 # used where the request leaves the field out, and for the samplers that take them; eta_ancestral is the eta of
 # k-diffusion's samplers, eta_ddim DDIM's
 NOISE_SETTINGS = ("eta_ancestral", "eta_ddim", "s_churn", "s_tmin", "s_tmax", "s_noise", "eta_noise_seed_delta",
-                  "tiling")
+                  "randn_source", "tiling")
 # the settings a request's fields take their defaults from (A1111 keeps them for later requests where a request
 # asks not to restore its override_settings) ...
 REQUEST_SETTINGS = ("CLIP_stop_at_last_layers", *TOKEN_MERGING, *NOISE_SETTINGS, "initial_noise_multiplier",
@@ -348,7 +349,7 @@ def default_options() -> dict:
     return {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic", "sd_checkpoints_limit": 1,
             "token_merging_ratio": 0.0, "token_merging_ratio_img2img": 0.0,
             "token_merging_ratio_hr": 0.0, "eta_noise_seed_delta": 0, "eta_ancestral": 1.0, "eta_ddim": 0.0,
-            "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0, "tiling": False,
+            "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0, "randn_source": "GPU", "tiling": False,
             "initial_noise_multiplier": 1.0, "ESRGAN_tile": 192, "ESRGAN_tile_overlap": 8, **controlnet.SETTINGS}
 
 
@@ -506,12 +507,16 @@ def _noise_fields(req: ProcessingRequest, settings: dict, sampler: str) -> dict:
     ensd = settings.get("eta_noise_seed_delta") or 0
     if isinstance(ensd, bool) or not isinstance(ensd, int):
         raise BadRequest(f"eta_noise_seed_delta must be a whole number, got {ensd!r}")
+    source = settings.get("randn_source", "GPU")
+    if source not in SOURCES:
+        raise BadRequest(f"randn_source (the random number source) must be one of {', '.join(SOURCES)}, "
+                         f"got {source!r}")
     tiling = req.tiling if req.tiling is not None else settings.get("tiling", False)
     if not isinstance(tiling, bool):
         raise BadRequest(f"the tiling setting must be true or false, got {tiling!r}")
     return dict(fields, subseed=req.subseed, subseed_strength=req.subseed_strength,
                 seed_resize_from_w=req.seed_resize_from_w, seed_resize_from_h=req.seed_resize_from_h,
-                tiling=bool(tiling), eta_noise_seed_delta=ensd)
+                tiling=bool(tiling), eta_noise_seed_delta=ensd, randn_source=source)
 
 
 def script_plan(req: ProcessingRequest, kind: str, request: GenerationRequest, limits: Limits,
