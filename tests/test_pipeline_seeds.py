@@ -119,6 +119,22 @@ def test_the_nv_source_draws_an_nvidia_gpus_numbers(sd):
         pipeline.txt2img(sd, "x", steps=1, randn_source="cuda")
 
 
+def test_dpm2_runs_a1111s_schedule_without_its_next_to_last_sigma(sd):
+    """txt2img and the hires fix's pass with DPM2: the steps' sigmas are a Karras schedule one longer, its
+    next-to-last sigma left out (A1111's discard_next_to_last_sigma)."""
+    from plainsd.diffusion import samplers as S
+    from plainsd.diffusion.denoisers import DiscreteDenoiser
+
+    seen = []
+    pipeline.txt2img(sd, "a red circle", steps=4, seed=1, sampler="DPM2", callback=lambda s: seen.append(s.sigma),
+                     hires=pipeline.HiresFix(scale=1.5, steps=3, strength=0.5))
+    karras = DiscreteDenoiser(None).get_sigmas(5, "karras")
+    assert torch.allclose(torch.tensor(seen[:4]), karras[:4], atol=1e-5)  # (then from karras[3] to 0)
+    stretched = DiscreteDenoiser(None).get_sigmas(int(3 / 0.5) + 1, "karras")  # the hires pass' last 3 of 6
+    assert torch.allclose(torch.tensor(seen[4:]), stretched[3:6], atol=1e-5)
+    assert len(S.schedule_sigmas(DiscreteDenoiser(None), S.SAMPLERS["DPM2"], 4, "karras")) == 5
+
+
 def _ancestral(sigma, sigma_next):
     up = min(sigma_next, (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
     return (sigma_next**2 - up**2) ** 0.5, up

@@ -360,7 +360,7 @@ def _settings(engine: Engine, req: GenerationRequest) -> tuple[GenerationRequest
     params.notes = notes
     factor = sd.config.vae.factor
     resize = (req.seed_resize_from_h // factor, req.seed_resize_from_w // factor) if params.seed_resize_from else None
-    run = _Run(info, _denoiser(sd, sampler=info).get_sigmas(steps, schedule), hr_info,
+    run = _Run(info, S.schedule_sigmas(_denoiser(sd, sampler=info), info, steps, schedule), hr_info,
                (sd.config.vae.z_channels, height // factor, width // factor), fast, tiny,
                ImageNoise(req.subseed_strength, resize, req.eta_noise_seed_delta, req.randn_source))
     return req, params, run
@@ -569,14 +569,15 @@ def _last_part(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tenso
     return sigmas[steps - t_enc - 1:]
 
 
-def _hires_sigmas(denoiser: DiscreteDenoiser, steps: int, strength: float, schedule: str) -> torch.Tensor:
+def _hires_sigmas(sd: StableDiffusion, sampler: S.SamplerInfo, steps: int, strength: float,
+                  schedule: str) -> torch.Tensor:
     """The hires fix's second pass as A1111 runs it: all of its `steps`, at the end of a schedule stretched to
     int(steps / strength) steps (strength capped at 0.999), so that they cover the last `strength` of the noise;
     strength 0 runs none."""
     if strength <= 0:
-        return denoiser.get_sigmas(steps, schedule)[-1:]
+        return S.schedule_sigmas(_denoiser(sd, sampler=sampler), sampler, steps, schedule)[-1:]
     total = int(steps / min(strength, 0.999))
-    return denoiser.get_sigmas(total, schedule)[total - steps:]
+    return S.schedule_sigmas(_denoiser(sd, sampler=sampler), sampler, total, schedule)[total - steps:]
 
 
 def _first_pass(engine: Engine, req: GenerationRequest, params: Parameters, run: _Run, start: _Start,
@@ -600,7 +601,7 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
     hires_steps)."""
     sd, hires = engine.sd, req.hires
     steps = hires.steps or params.steps
-    sigmas = _hires_sigmas(_denoiser(sd, sampler=run.hires_sampler), steps, hires.strength, params.hires_schedule)
+    sigmas = _hires_sigmas(sd, run.hires_sampler, steps, hires.strength, params.hires_schedule)
     prompt = extract_loras(hires.prompt or req.prompt)[0]  # (its LoRA tags are the first prompt's: request.py)
     negative = hires.negative_prompt or req.negative_prompt
     factor = sd.config.vae.factor

@@ -129,6 +129,23 @@ def test_schedules_same_as_k_diffusion():
                               kd.get_sigmas_polyexponential(n, 0.0292, 14.6146, 2.0), atol=1e-6)
 
 
+def test_a1111s_samplers_that_discard_the_next_to_last_sigma():
+    """DPM2, DPM2 a and DPM++ 3M SDE (A1111's discard_next_to_last_sigma): a schedule of steps + 1 with its
+    next-to-last sigma left out, so still `steps` steps; the others keep theirs."""
+    kd = pytest.importorskip("k_diffusion.sampling")
+    denoiser = DiscreteDenoiser(None)
+    lo, hi = float(denoiser.sigmas[0]), float(denoiser.sigmas[-1])
+    for name, schedule, made in [("DPM2", "karras", kd.get_sigmas_karras), ("DPM2 a", "karras", kd.get_sigmas_karras),
+                                 ("DPM++ 3M SDE", "exponential", kd.get_sigmas_exponential)]:
+        info = S.SAMPLERS[name]
+        sigmas = S.schedule_sigmas(denoiser, info, 6, S.resolve_sampler(name)[1])
+        longer = made(7, lo, hi)
+        assert len(sigmas) == 7 and torch.allclose(sigmas, torch.cat([longer[:-2], longer[-1:]]), atol=1e-5), name
+    for name in ("Euler", "DPM++ 2M", "DDIM"):
+        info, schedule = S.resolve_sampler(name)
+        assert torch.equal(S.schedule_sigmas(denoiser, info, 6, schedule), denoiser.get_sigmas(6, schedule)), name
+
+
 class _FakeLDM(torch.nn.Module):
     """What k-diffusion's CompVis wrappers expect of a model: alphas_cumprod and apply_model."""
 

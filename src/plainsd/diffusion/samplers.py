@@ -762,10 +762,21 @@ class SamplerInfo:
     aliases: tuple = ()
     stochastic: bool = False  # takes a noise_sampler
     options: tuple = ()      # extra keyword arguments fixed by the name (e.g. eta)
+    discard_penultimate: bool = False   # A1111's discard_next_to_last_sigma (schedule_sigmas)
 
 
-def _info(name, fn, schedule="normal", aliases=(), stochastic=False, **options):
-    return SamplerInfo(name, fn, schedule, aliases, stochastic, tuple(options.items()))
+def _info(name, fn, schedule="normal", aliases=(), stochastic=False, discard=False, **options):
+    return SamplerInfo(name, fn, schedule, aliases, stochastic, tuple(options.items()), discard)
+
+
+def schedule_sigmas(denoiser, info: SamplerInfo, steps: int, schedule: str) -> torch.Tensor:
+    """A sampler's schedule of `steps` steps as A1111 makes it (KDiffusionSampler.get_sigmas): for the samplers
+    that discard the next-to-last sigma (DPM2, DPM2 a, DPM++ 3M SDE), one step more with that sigma left out, so
+    that their last step goes down to 0 from a lower noise level."""
+    if not info.discard_penultimate:
+        return denoiser.get_sigmas(steps, schedule)
+    sigmas = denoiser.get_sigmas(steps + 1, schedule)
+    return torch.cat([sigmas[:-2], sigmas[-1:]])
 
 
 SAMPLERS: dict[str, SamplerInfo] = {s.name: s for s in [
@@ -775,13 +786,13 @@ SAMPLERS: dict[str, SamplerInfo] = {s.name: s for s in [
     _info("DPM++ 2M SDE Heun", sample_dpmpp_2m_sde, "exponential", ("k_dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun"), True,
           solver_type="heun"),
     _info("DPM++ 2S a", sample_dpmpp_2s_ancestral, "karras", ("k_dpmpp_2s_a", "dpmpp_2s_ancestral"), True),
-    _info("DPM++ 3M SDE", sample_dpmpp_3m_sde, "exponential", ("k_dpmpp_3m_sde", "dpmpp_3m_sde"), True),
+    _info("DPM++ 3M SDE", sample_dpmpp_3m_sde, "exponential", ("k_dpmpp_3m_sde", "dpmpp_3m_sde"), True, discard=True),
     _info("Euler a", sample_euler_ancestral, "normal", ("k_euler_a", "k_euler_ancestral", "euler_ancestral"), True),
     _info("Euler", sample_euler, "normal", ("k_euler", "euler")),
     _info("LMS", sample_lms, "normal", ("k_lms", "lms")),
     _info("Heun", sample_heun, "normal", ("k_heun", "heun")),
-    _info("DPM2", sample_dpm_2, "karras", ("k_dpm_2", "dpm_2")),
-    _info("DPM2 a", sample_dpm_2_ancestral, "karras", ("k_dpm_2_a", "dpm_2_ancestral"), True),
+    _info("DPM2", sample_dpm_2, "karras", ("k_dpm_2", "dpm_2"), discard=True),
+    _info("DPM2 a", sample_dpm_2_ancestral, "karras", ("k_dpm_2_a", "dpm_2_ancestral"), True, discard=True),
     _info("DPM fast", sample_dpm_fast, "normal", ("k_dpm_fast", "dpm_fast"), True),
     _info("DPM adaptive", sample_dpm_adaptive, "normal", ("k_dpm_ad", "dpm_adaptive"), True),
     _info("DDIM", sample_ddim, "ddim", ("ddim",), True),
