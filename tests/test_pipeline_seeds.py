@@ -135,6 +135,20 @@ def test_dpm2_runs_a1111s_schedule_without_its_next_to_last_sigma(sd):
     assert len(S.schedule_sigmas(DiscreteDenoiser(None), S.SAMPLERS["DPM2"], 4, "karras")) == 5
 
 
+def test_ngms_skips_the_negative_prompt_and_says_so(sd):
+    """A1111's negative guidance minimum sigma: a threshold above every sigma skips every second call's negative
+    prompt (NGMS in the infotext); one below every sigma changes nothing and is not written."""
+    plain = pipeline.txt2img(sd, "a red circle", steps=3, seed=2, sampler="Euler")
+    skipping = pipeline.txt2img(sd, "a red circle", steps=3, seed=2, sampler="Euler", s_min_uncond=100.0)
+    unreached = pipeline.txt2img(sd, "a red circle", steps=3, seed=2, sampler="Euler", s_min_uncond=0.01)
+    assert np.abs(_arr(skipping.images[0]) - _arr(plain.images[0])).max() > 0
+    assert parse_infotext(skipping.infotexts[0])["NGMS"] == "100"
+    assert np.array_equal(_arr(unreached.images[0]), _arr(plain.images[0]))
+    assert "NGMS" not in parse_infotext(unreached.infotexts[0])
+    with pytest.raises(ValueError, match="s_min_uncond .* must be a number of at least 0, got -1"):
+        pipeline.txt2img(sd, "x", steps=1, s_min_uncond=-1)
+
+
 def _ancestral(sigma, sigma_next):
     up = min(sigma_next, (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
     return (sigma_next**2 - up**2) ** 0.5, up

@@ -42,10 +42,10 @@ def test_axis_types_by_a1111_index_per_tab():
     assert [c.request.cfg_scale for c in plot.cells] == [3.0, 5.0] and plot.cells[0].request.steps == 2
     assert xyz.axis_labels("txt2img")[12:17] == ["Negative Guidance minimum sigma", "Sigma Churn", "Sigma min",
                                                  "Sigma max", "Sigma noise"]
-    with pytest.raises(ValueError, match=r"the X/Y/Z plot axis 'Negative Guidance minimum sigma' is not drawn by "
+    with pytest.raises(ValueError, match=r"the X/Y/Z plot axis 'Face restore' is not drawn by "
                                          r"plainsd for txt2img; it draws Nothing, Seed, Var. seed, Var. strength, "
                                          r"Steps"):
-        xyz.plan(GenerationRequest("a"), XYZSettings(x_type=12, x_values="1"))
+        xyz.plan(GenerationRequest("a"), XYZSettings(x_type=32, x_values="1"))
     with pytest.raises(ValueError, match="x_type 99 is not an axis"):
         xyz.plan(GenerationRequest("a"), XYZSettings(x_type=99, x_values="1"))
     with pytest.raises(ValueError, match="'Hires steps' is not drawn by plainsd for img2img"):

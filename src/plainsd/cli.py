@@ -65,6 +65,9 @@ def _common(p: argparse.ArgumentParser, strength: float | None = None):
     v.add_argument("--s-noise", type=float, default=None, help="scale of the noise samplers add (default 1)")
     v.add_argument("--ensd", type=int, default=0, metavar="DELTA",
                    help="A1111's eta noise seed delta: the sampler's added noise from seed + DELTA (default 0 = off)")
+    v.add_argument("--ngms", type=float, default=0.0, metavar="SIGMA",
+                   help="A1111's negative guidance minimum sigma: below it every second model call skips the negative "
+                        "prompt (faster, less exact; default 0 = off)")
     v.add_argument("--rng", default="GPU", metavar="SOURCE",
                    help="A1111's random number source: GPU (default) and CPU draw torch's CPU numbers, as A1111 "
                         "does without a GPU; NV the numbers an NVIDIA GPU draws, for its seeds' pictures")
@@ -777,7 +780,7 @@ def _request(args):
         hires=_hires(args), subseed=args.subseed, subseed_strength=args.subseed_strength,
         seed_resize_from_w=args.seed_resize_from_w, seed_resize_from_h=args.seed_resize_from_h, tiling=args.tiling,
         s_churn=args.s_churn, s_tmin=args.s_tmin, s_tmax=args.s_tmax, s_noise=args.s_noise,
-        eta_noise_seed_delta=args.ensd, randn_source=args.rng, styles=args.styles,
+        eta_noise_seed_delta=args.ensd, randn_source=args.rng, s_min_uncond=args.ngms, styles=args.styles,
         styles_file=args.styles_file or args.styles_dir or "styles.csv", controlnet=_control_units(args),
         controlnet_dir=args.controlnet_dir, upscalers_dir=getattr(args, "upscalers_dir", None),
         upscaler_tile=getattr(args, "upscaler_tile", 192), upscaler_tile_overlap=getattr(args, "upscaler_tile_overlap", 8),

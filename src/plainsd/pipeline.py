@@ -287,6 +287,8 @@ def _stages(engine: Engine, request: GenerationRequest, callback, interrupt, ski
             result.images += pictures
             result.seeds += seeds
             result.subseeds += subseeds
+            if any(part.skipped_uncond for part in (first, second) if part is not None):
+                params.ngms = request.s_min_uncond
             result.infotexts += [params.infotext(s, sub) for s, sub in zip(seeds, subseeds)]
             if hooks.interrupted:
                 result.interrupted = True
@@ -559,6 +561,8 @@ class Pass:
     upscale: tuple | None = None      # the hires fix: (upscaler, width, height, crop_x, crop_y, wrap, models) for _upscale
     guidance: float | None = None     # an LCM-distilled UNet's guidance scale (it then gets no uncond: _lcm_guidance)
     refiner: _RefinerPart | None = None   # the model that takes over during this pass (_refiner)
+    min_uncond: float = 0.0           # A1111's NGMS (CFGDenoiser's min_uncond) ...
+    skipped_uncond: bool = False      # ... and whether a call of the pass skipped the unconditional half for it
 
 
 def _last_part(sigmas: torch.Tensor, steps: int, strength: float) -> torch.Tensor:
@@ -591,7 +595,7 @@ def _first_pass(engine: Engine, req: GenerationRequest, params: Parameters, run:
     guidance = _lcm_guidance(engine.sd, params.cfg_scale)
     return Pass(run.sampler, start.sigmas, cond, None if guidance is not None else uncond, params.cfg_scale,
                 params.guidance_until, _unet(engine, run, params, start.sigmas, run.sampler), req.token_merging,
-                req.sampler_options(run.sampler), start.concat, keep, guidance=guidance)
+                req.sampler_options(run.sampler), start.concat, keep, guidance=guidance, min_uncond=req.s_min_uncond)
 
 
 def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run: _Run, first: Pass,
@@ -615,7 +619,7 @@ def _second_pass(engine: Engine, req: GenerationRequest, params: Parameters, run
                 req.sampler_options(run.hires_sampler), concat,
                 upscale=(hires.upscaler, *hires.target(params.width, params.height, factor), req.tiling,
                          (req.upscalers_dir, req.upscaler_tile, req.upscaler_tile_overlap)),
-                guidance=guidance)
+                guidance=guidance, min_uncond=req.s_min_uncond)
 
 
 class _TextStates:
@@ -781,9 +785,11 @@ def _sample(sd: StableDiffusion, p: Pass, x: torch.Tensor, start: torch.Tensor, 
     if isinstance(p.unet, (DeepCacheUNet, control_mod.ControlledUNet)):
         p.unet.reset()  # each pass of each batch starts with a whole UNet pass (DeepCache's)
     denoiser = _denoiser(sd, _net(p.unet, p.concat, p.guidance), p.sampler)
-    model = CFGDenoiser(denoiser, p.cfg_scale, p.sigmas, p.guidance_until)
+    guided = [CFGDenoiser(denoiser, p.cfg_scale, p.sigmas, p.guidance_until, p.min_uncond)]
+    model = guided[0]
     if p.refiner is not None:
         model = _handover(sd, p, model)
+        guided.append(model.refined)
     if p.keep is not None:
         model = _KeepUnmasked(model, *p.keep)
     hooks.denoised = start
@@ -797,6 +803,8 @@ def _sample(sd: StableDiffusion, p: Pass, x: torch.Tensor, start: torch.Tensor, 
         hooks.interrupted = True
     except _Skipped:
         pass
+    finally:
+        p.skipped_uncond = p.skipped_uncond or any(g.skipped for g in guided)
     return hooks.denoised, False
 
 
@@ -1016,7 +1024,8 @@ def _handover(sd: StableDiffusion, p: Pass, base: CFGDenoiser) -> _Handover:
     refiner = part.engine
     cache = p.unet.unet if isinstance(p.unet, control_mod.ControlledUNet) else p.unet
     unet = cache.around(refiner.sd.unet) if isinstance(cache, DeepCacheUNet) else refiner.unet  # (fast mode's)
-    refined = CFGDenoiser(_denoiser(refiner.sd, _net(unet, None), p.sampler), p.cfg_scale, p.sigmas, p.guidance_until)
+    refined = CFGDenoiser(_denoiser(refiner.sd, _net(unet, None), p.sampler), p.cfg_scale, p.sigmas, p.guidance_until,
+                          p.min_uncond)
     return _Handover(base, refined, part, _denoiser(sd, sampler=p.sampler).sigmas)
 
 
@@ -1034,6 +1043,7 @@ class _Handover:
             self.part.took_over = (999 - timestep) / 1000 >= self.part.switch_at
             if self.part.took_over:
                 _resident(self.part.base, self.part.engine.sd.unet)
+                self.refined.calls = self.base.calls  # (A1111 counts the calls of the pass on)
         if self.part.took_over:
             return self.refined(x, sigma, **{**extra, "cond": self.part.cond, "uncond": self.part.uncond})
         return self.base(x, sigma, **extra)

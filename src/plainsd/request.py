@@ -236,6 +236,8 @@ class GenerationRequest:
     s_noise: float | None = None         # the scale of the noise a sampler adds (None: 1)
     eta_noise_seed_delta: int = 0        # A1111's ENSD: a sampler's later noise comes from seed + this (0: off)
     randn_source: str = "GPU"            # A1111's random number source: GPU, CPU or NV (diffusion/noise.py)
+    s_min_uncond: float = 0.0            # A1111's NGMS: below this sigma every second call skips the negative
+                                         # prompt (diffusion/guidance.py; 0: off)
     eta_ancestral: float = 1.0           # A1111's settings: the eta of k-diffusion's samplers where eta is None ...
     eta_ddim: float = 0.0                # ... and DDIM's (each pass's sampler takes its own kind's)
     # A1111's styles: these names from styles_file (a csv, a folder of them or a wildcard) are applied in order to
@@ -389,6 +391,9 @@ class GenerationRequest:
         if not 0 <= self.eta_noise_seed_delta <= MAX_SEED:
             raise ValueError(f"eta_noise_seed_delta (ENSD) must be between 0 and {MAX_SEED}, "
                              f"got {self.eta_noise_seed_delta}")
+        if not (isinstance(self.s_min_uncond, (int, float)) and self.s_min_uncond >= 0):
+            raise ValueError(f"s_min_uncond (the negative guidance minimum sigma) must be a number of at least 0, "
+                             f"got {self.s_min_uncond!r}")
         if self.randn_source not in SOURCES:
             raise ValueError(f"randn_source (the random number source) must be one of {', '.join(SOURCES)}, "
                              f"got {self.randn_source!r}")
@@ -539,6 +544,7 @@ class Parameters:
     tiling: bool = False
     eta_noise_seed_delta: int | None = None   # where it changed the sampler's noise
     randn_source: str = "GPU"          # the random number source (written where not A1111's default)
+    ngms: float | None = None          # NGMS, where a call skipped the negative prompt for it
     sampler_fields: dict = field(default_factory=dict)   # "Eta", "Sigma churn", ... (request.sampler_fields)
     controlnet: dict = field(default_factory=dict)   # "ControlNet 0": "Module: ..., Model: ...", ... (control.py)
     notes: list[str] = field(default_factory=list)   # for the user, not the infotext: model defaults used, ...
@@ -561,7 +567,7 @@ class Parameters:
             "Guidance until": self.guidance_until if self.guidance_until < 1.0 else None,
             "DeepCache interval": self.deepcache, "Decoder": "TAESD" if self.tiny_decoder else None,
             "Token merging ratio": self.token_merging, "RNG": self.randn_source if self.randn_source != "GPU" else None,
-            "Tiling": "True" if self.tiling else None,
+            "Tiling": "True" if self.tiling else None, "NGMS": self.ngms,
             **self.sampler_fields, **self._hires_fields(), **self.inpainting, **self.controlnet,
             "Lora hashes": self.lora_hashes, "Refiner": self.refiner,
             "Refiner switch at": self.refiner_switch_at if self.refiner else None})

@@ -212,6 +212,7 @@ AXES: dict[str, Axis] = {
     "Refiner switch at": Axis(float, _field("refiner_switch_at")),
     "Initial noise multiplier": Axis(float, _field("initial_noise_multiplier")),
     "RNG source": Axis(str, _field("randn_source"), choices=True),
+    "Negative Guidance minimum sigma": Axis(float, _field("s_min_uncond")),
 }
 
 

@@ -79,3 +79,17 @@ def test_after_the_cutoff_the_first_part_stands_in_for_uncond():
     x = torch.zeros(1, 1, 1, 1)
     late = cfg(x, torch.tensor([1.0]), cond=cond, uncond=ScheduledCond([(5, _states(1))]))
     assert inner.calls[-1][1] == [2.0, 6.0] and torch.equal(late, torch.full_like(x, 2 + 0.5 * 4))
+
+
+def test_ngms_skips_the_negative_prompt_every_second_call_below_its_sigma():
+    """A1111's s_min_uncond: a call with an odd count whose sigma is below it computes the prompt's half alone,
+    which stands in for the negative one (the prompt's prediction at scale 1); calls above it, or even, are guided."""
+    inner = _Recorder()
+    cfg = CFGDenoiser(inner, 3.0, min_uncond=6.0)
+    x = torch.zeros(1, 1, 1, 1)
+    out = [float(cfg(x, torch.tensor([s]), cond=_states(2), uncond=_states(1))) for s in (10.0, 8.0, 5.0, 4.0, 2.0)]
+    assert out == [1 + 3 * (2 - 1), 4.0, 4.0, 2.0, 4.0]   # call 1 is above 6, call 3 odd and below: cond alone
+    assert [len(states) for _, states in inner.calls] == [2, 2, 2, 1, 2] and cfg.skipped
+    plain = CFGDenoiser(_Recorder(), 3.0)
+    assert [float(plain(x, torch.tensor([s]), cond=_states(2), uncond=_states(1))) for s in (5.0, 4.0)] == [4.0, 4.0]
+    assert not plain.skipped

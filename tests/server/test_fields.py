@@ -48,7 +48,7 @@ PLAINSD_OWN = {"fast": False, "tiny_decoder": False, "guidance_until": None}
 
 # Default-only fields: a value asking for something plainsd does not do, which must be refused with 422 naming it
 DEFAULT_ONLY = {
-    "restore_faces": True, "s_min_uncond": 1.5,
+    "restore_faces": True,
     "firstpass_image": "iVBORw0KGgo=", "hr_checkpoint_name": "other.safetensors", "force_task_id": "task(1)",
     "infotext": "a cat\nSteps: 20", "comments": {"note": "x"}, "image_cfg_scale": 1.5,
 }
@@ -165,6 +165,8 @@ HONOURED = {
     "s_tmin": Change({"s_tmin": 5.0}, base={"s_churn": 1.0}),
     "s_tmax": Change({"s_tmax": 0.5}, base={"s_churn": 1.0}),
     "s_noise": Change({"s_noise": 0.5}, base={"sampler_name": "Euler a"}),
+    "s_min_uncond": Change({"s_min_uncond": 100.0}, base={"steps": 4},
+                           expect=lambda a, b: "NGMS: 100" in infotext(a) and pixels(a) != pixels(b)),
     "override_settings": Change({"override_settings": {"token_merging_ratio": 0.5}}),
     "disable_extra_networks": Change({"disable_extra_networks": True, "prompt": "a red circle <lora:absent:1>"},
                                      expect=lambda a, b: pixels(a) == pixels(b)),

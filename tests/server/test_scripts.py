@@ -127,7 +127,7 @@ def test_xyz_checkpoint_axis_chooses_among_the_servers_models(client):
 @pytest.mark.parametrize("extra, words", [
     ({"script_name": "prompt matrix"}, "unknown script 'prompt matrix' for txt2img; plainsd runs 'x/y/z plot'"),
     ({"script_args": [1, "2"]}, "script_args were given without a script_name"),
-    ({"script_name": "x/y/z plot", "script_args": [12, "1"]}, "'Negative Guidance minimum sigma' is not drawn"),
+    ({"script_name": "x/y/z plot", "script_args": [32, "1"]}, "'Face restore' is not drawn"),
     ({"script_name": "x/y/z plot", "script_args": [4, "25, 40"]}, "steps may be at most 30"),
     ({"script_name": "x/y/z plot", "script_args": [1, "1-7"]}, "more than 6 images"),
     ({"script_name": "x/y/z plot", "script_args": [1, "1", None, 0, "", None, 0, "", None, True, False, False,

@@ -51,13 +51,19 @@ class CFGDenoiser:
     once per step at the step's own sigma, both give the same steps. Heun's correction, made at the next step's
     sigma, gets the next step's text; a call whose noise was raised by s_churn above the previous step's sigma,
     the previous step's.
+
+    `min_uncond` is A1111's negative guidance minimum sigma (NGMS, s_min_uncond): below that sigma every second
+    call skips the unconditional half, as a call past `guidance_until` does; `calls` counts the calls (A1111's
+    step counter, which counts a second-order sampler's extra calls too) and `skipped` says whether any was.
     """
 
     def __init__(self, denoiser: Callable, scale: float = 7.0, sigmas: torch.Tensor | None = None,
-                 guidance_until: float = 1.0):
+                 guidance_until: float = 1.0, min_uncond: float = 0.0):
         self.denoiser = denoiser
         self.scale = float(scale)
         self.sigmas = sigmas
+        self.min_uncond = float(min_uncond)
+        self.calls, self.skipped = 0, False
         self.cutoff = None
         if sigmas is not None and guidance_until < 1.0:
             steps = len(sigmas) - 1
@@ -79,6 +85,9 @@ class CFGDenoiser:
         guided = uncond is not None and (self.scale != 1.0 or not single)
         if guided and self.cutoff is not None and first_sigma <= self.cutoff:
             guided = False
+        if guided and self.calls % 2 and first_sigma < self.min_uncond:
+            guided, self.skipped = False, True
+        self.calls += 1
         if single and not guided:
             return self.denoiser(x, sigma, cond=conds[0][1], **extra)
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])

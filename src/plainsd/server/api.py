@@ -102,7 +102,7 @@ class ProcessingRequest(BaseModel):
     do_not_save_grid: bool = False
     eta: Optional[float] = Field(None, ge=0.0)
     denoising_strength: Optional[float] = Field(None, ge=0.0, le=1.0)
-    s_min_uncond: Optional[float] = None
+    s_min_uncond: Optional[float] = Field(None, ge=0.0)
     s_churn: Optional[float] = Field(None, ge=0.0)
     s_tmax: Optional[float] = Field(None, ge=0.0, description="0: no limit")
     s_tmin: Optional[float] = Field(None, ge=0.0)
@@ -321,7 +321,6 @@ def checkpoints_limit_setting(settings: dict) -> int:
 # (A1111's default and its spellings of "none"), refused with the reason otherwise
 NOT_SUPPORTED = {
     "restore_faces": ((None, False), "plainsd has no face restoration"),
-    "s_min_uncond": ((None, 0.0), "plainsd computes the unconditional prediction at every step"),
     "firstpass_image": ((None, ""), "plainsd draws the hires fix's first pass itself"),
     "hr_checkpoint_name": ((None, "", "Use same checkpoint"), "plainsd draws both passes with the same model"),
     "force_task_id": ((None, ""), "plainsd has no task ids (/sdapi/v1/progress reports the job that runs)"),
@@ -334,7 +333,7 @@ NOT_SUPPORTED = {
 # used where the request leaves the field out, and for the samplers that take them; eta_ancestral is the eta of
 # k-diffusion's samplers, eta_ddim DDIM's
 NOISE_SETTINGS = ("eta_ancestral", "eta_ddim", "s_churn", "s_tmin", "s_tmax", "s_noise", "eta_noise_seed_delta",
-                  "randn_source", "tiling")
+                  "randn_source", "s_min_uncond", "tiling")
 # the settings a request's fields take their defaults from (A1111 keeps them for later requests where a request
 # asks not to restore its override_settings) ...
 REQUEST_SETTINGS = ("CLIP_stop_at_last_layers", *TOKEN_MERGING, *NOISE_SETTINGS, "initial_noise_multiplier",
@@ -349,7 +348,8 @@ def default_options() -> dict:
     return {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic", "sd_checkpoints_limit": 1,
             "token_merging_ratio": 0.0, "token_merging_ratio_img2img": 0.0,
             "token_merging_ratio_hr": 0.0, "eta_noise_seed_delta": 0, "eta_ancestral": 1.0, "eta_ddim": 0.0,
-            "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0, "randn_source": "GPU", "tiling": False,
+            "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0, "randn_source": "GPU", "s_min_uncond": 0.0,
+            "tiling": False,
             "initial_noise_multiplier": 1.0, "ESRGAN_tile": 192, "ESRGAN_tile_overlap": 8, **controlnet.SETTINGS}
 
 
@@ -516,7 +516,8 @@ def _noise_fields(req: ProcessingRequest, settings: dict, sampler: str) -> dict:
         raise BadRequest(f"the tiling setting must be true or false, got {tiling!r}")
     return dict(fields, subseed=req.subseed, subseed_strength=req.subseed_strength,
                 seed_resize_from_w=req.seed_resize_from_w, seed_resize_from_h=req.seed_resize_from_h,
-                tiling=bool(tiling), eta_noise_seed_delta=ensd, randn_source=source)
+                tiling=bool(tiling), eta_noise_seed_delta=ensd, randn_source=source,
+                s_min_uncond=req.s_min_uncond if req.s_min_uncond is not None else settings.get("s_min_uncond", 0.0))
 
 
 def script_plan(req: ProcessingRequest, kind: str, request: GenerationRequest, limits: Limits,
