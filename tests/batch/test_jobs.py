@@ -79,6 +79,7 @@ def test_model_hash_is_the_files_sha256(tmp_path):
     ('{"prompt": "x", "script_name": "x/y/z plot"}', "script_name"),
     ('{"prompt": "x", "override_settings": {"sd_model_checkpoint": "other"}}', "one model"),
     ('{"prompt": "x <lora:missing:1>"}', "no LoRA named 'missing'"),
+    ('{"infotext": "a cat\\nSteps: 4, Seed: 1, Sampler: Euler"}', "a batch line's settings are its fields"),
 ])
 def test_a_bad_line_stops_the_batch_before_anything_is_written(tmp_path, model_file, capsys, line, words):
     requests = tmp_path / "r.jsonl"

@@ -508,6 +508,27 @@ def test_variation_seeds_seed_resize_tiling_and_sampler_noise(client):
     assert 'id="tiling"' in page and "body.tiling = true" in page and "subseed_strength:" in page
 
 
+def test_an_infotext_draws_its_picture_again(client):
+    """A1111's infotext field: a picture's parameters, sent alone, draw that picture again (its hires fix and its
+    settings too); what plainsd does not act on is in the notes, and a value it cannot read is refused."""
+    req = {"prompt": "a red circle", "negative_prompt": "blue", "steps": 4, "width": 32, "height": 48, "seed": 3,
+           "sampler_name": "DPM++ 2M", "scheduler": "Karras", "cfg_scale": 6, "subseed": 9, "subseed_strength": 0.3,
+           "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Lanczos", "hr_second_pass_steps": 3,
+           "denoising_strength": 0.6, "override_settings": {"randn_source": "NV", "CLIP_stop_at_last_layers": 2}}
+    first = client.post("/sdapi/v1/txt2img", json=req).json()
+    text = json.loads(first["info"])["infotexts"][0]
+    assert "Hires upscale: 1.5" in text and "RNG: NV" in text and "Clip skip: 2" in text
+    again = client.post("/sdapi/v1/txt2img", json={"infotext": text + ", ADetailer model: face_yolov8n.pt"}).json()
+    assert decode(again["images"][0]).tobytes() == decode(first["images"][0]).tobytes()
+    info = json.loads(again["info"])
+    assert info["infotexts"][0] == text
+    assert "the infotext's ADetailer model were not applied: plainsd does not act on them" in info["notes"]
+    other = client.post("/sdapi/v1/txt2img", json={"infotext": text.replace("Model hash: ", "Model hash: 0")}).json()
+    assert any("drawn by the model" in n for n in json.loads(other["info"])["notes"])
+    r = client.post("/sdapi/v1/txt2img", json={"infotext": "a cat\nSteps: many, Sampler: Euler, Seed: 1"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("infotext: its Steps 'many' is not a value")
+
+
 def test_hires_fix_as_a1111_clients_ask_for_it(client):
     req = {"prompt": "a red circle", "steps": 4, "width": 32, "height": 48, "seed": 3, "sampler_name": "Euler"}
     r = client.post("/sdapi/v1/txt2img", json={**req, "enable_hr": True, "hr_scale": 2,

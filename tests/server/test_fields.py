@@ -50,7 +50,7 @@ PLAINSD_OWN = {"fast": False, "tiny_decoder": False, "guidance_until": None}
 DEFAULT_ONLY = {
     "restore_faces": True,
     "firstpass_image": "iVBORw0KGgo=", "hr_checkpoint_name": "other.safetensors", "force_task_id": "task(1)",
-    "infotext": "a cat\nSteps: 20", "comments": {"note": "x"}, "image_cfg_scale": 1.5,
+    "comments": {"note": "x"}, "image_cfg_scale": 1.5,
 }
 
 BASE = {"prompt": "a red circle", "steps": 2, "width": 32, "height": 32, "seed": 1, "sampler_name": "Euler",
@@ -165,6 +165,12 @@ HONOURED = {
     "s_tmin": Change({"s_tmin": 5.0}, base={"s_churn": 1.0}),
     "s_tmax": Change({"s_tmax": 0.5}, base={"s_churn": 1.0}),
     "s_noise": Change({"s_noise": 0.5}, base={"sampler_name": "Euler a"}),
+    # (the request's own fields win over the infotext's: its prompt, steps and seed stay)
+    "infotext": Change({"infotext": "a blue square\nSteps: 9, Seed: 5, RNG: NV, Variation seed: 7, Variation seed "
+                                    "strength: 0.5, Version: v1.10.1"},
+                       expect=lambda a, b: infotext(a).startswith("a red circle\nSteps: 2,") and "Seed: 1," in infotext(a)
+                       and "Variation seed: 7, Variation seed strength: 0.5" in infotext(a) and "RNG: NV" in infotext(a)
+                       and pixels(a) != pixels(b)),
     "s_min_uncond": Change({"s_min_uncond": 100.0}, base={"steps": 4},
                            expect=lambda a, b: "NGMS: 100" in infotext(a) and pixels(a) != pixels(b)),
     "override_settings": Change({"override_settings": {"token_merging_ratio": 0.5}}),

@@ -97,6 +97,8 @@ def _request(req, kind: str, setup: Setup, api) -> GenerationRequest:
     if req.script_name:
         raise ValueError("script_name: a batch line is one generation, so scripts are not run here "
                          "(plainsd serve runs them)")
+    if req.infotext:
+        raise ValueError("infotext: a batch line's settings are its fields (plainsd serve reads an infotext)")
     if (req.override_settings or {}).get("sd_model_checkpoint"):
         raise ValueError("override_settings.sd_model_checkpoint: a batch draws every line with one model (--model)")
     if (req.override_settings or {}).get("sd_vae", "Automatic") != "Automatic":

@@ -324,7 +324,6 @@ NOT_SUPPORTED = {
     "firstpass_image": ((None, ""), "plainsd draws the hires fix's first pass itself"),
     "hr_checkpoint_name": ((None, "", "Use same checkpoint"), "plainsd draws both passes with the same model"),
     "force_task_id": ((None, ""), "plainsd has no task ids (/sdapi/v1/progress reports the job that runs)"),
-    "infotext": ((None, ""), "plainsd does not read settings from an infotext, so send them as fields"),
     "comments": ((None, {}), "A1111 discards a request's comments and plainsd takes none"),
     "image_cfg_scale": ((None,), "it is for instruct-pix2pix models, which plainsd does not load"),
 }

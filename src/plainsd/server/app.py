@@ -31,7 +31,7 @@ from plainsd.request import LATENT_UPSCALERS
 from plainsd.styles import read_styles
 from plainsd.xyz import Checkpoints
 
-from . import api, controlnet, extras, interrogate
+from . import api, controlnet, extras, infotext, interrogate
 from .jobs import Job, JobQueue, QueueFull
 from .models import ModelStore
 
@@ -144,8 +144,12 @@ def _generation_routes(server: Server) -> APIRouter:
 async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind: str) -> dict:
     """An A1111 request through the queue: checked, drawn, answered as A1111 answers."""
     store, options = server.store, server.options
+    notes, read = [], {}
+    if req.infotext:  # (its labels fill what the request leaves unset)
+        req, notes, read = infotext.apply(req, kind, store.vaes())
     overrides = req.override_settings or {}
     entry = _find(store, overrides["sd_model_checkpoint"]) if overrides.get("sd_model_checkpoint") else store.current
+    notes += infotext.model_note(read, entry.title, entry.hash)
     vae_setting = overrides.get("sd_vae", options.get("sd_vae"))
     vae = _vae(store, vae_setting, entry)
     if req.refiner_checkpoint not in (None, "", "None"):  # one of the server's models, by name as A1111 finds it
@@ -181,6 +185,7 @@ async def _generate(server: Server, http: Request, req: api.Txt2ImgRequest, kind
     # (steps_total: on_step corrects it, a hires fix adds steps)
     engine, result, maps = await _run(server.queue, http, Job(work, kind=kind,
                                                               steps_total=request.steps * request.batch_count))
+    result.parameters.notes += [n for n in notes if n not in result.parameters.notes]
     if req.save_images:
         folder = Path(options.get("outdir_samples") or server.outputs)
         for i, (image, text) in enumerate(zip(result.images, result.infotexts)):
