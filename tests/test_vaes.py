@@ -203,6 +203,9 @@ def test_the_refiner_decodes_with_the_vae_sd_vae_gives_its_checkpoint(folder, re
         sha = hashlib.sha256((models / "alpha.vae.safetensors").read_bytes()).hexdigest()
         assert fields["VAE"] == "alpha.vae.safetensors" and fields["VAE hash"] == sha[:10]
         assert fields["Refiner"].startswith("beta")
+    # a name listed beside --model gives the refiner of another folder that VAE too (A1111's one list)
+    elsewhere = _refined(tmp_path, "elsewhere", alpha, baked, "--vae", "alpha.vae.safetensors")
+    assert elsewhere.tobytes() == expected.tobytes()
     automatic = _refined(tmp_path, "automatic", alpha, beta)  # alpha.vae for alpha, nothing named after beta
     assert automatic.tobytes() == own.tobytes() and "VAE" not in parse_infotext(automatic.info["parameters"])
     # the API alike: sd_vae resolved for the refiner's checkpoint

@@ -690,19 +690,30 @@ def _vae_rule(args):
 
 
 def _sd_vae(args, setting: str | None):
-    """checkpoint -> the VAE file (None: its own) this sd_vae setting gives it among --vae-dir's files and the
-    *.vae.* files beside the checkpoint; "Automatic" (and None) is one whose name starts with the checkpoint's."""
+    """checkpoint -> the VAE file (None: its own) this sd_vae setting gives it among the listed VAEs (_listed_vaes)
+    and the *.vae.* files beside the checkpoint; "Automatic" (and None) is one whose name starts with the
+    checkpoint's."""
     from plainsd import vaes
 
-    found = vaes.find_vaes(args.vae_dir) if args.vae_dir is not None else {}
+    listed = _listed_vaes(args)
 
     def choose(checkpoint):
-        available = {**vaes.beside(checkpoint), **found}
+        available = vaes.merge(listed, vaes.beside(checkpoint))
         if setting not in (None, vaes.AUTOMATIC, vaes.NONE) and setting not in available and args.vae_dir is None:
             raise ValueError(f"no such VAE file or folder: {setting} (a name needs --vae-dir, or a file of that "
                              f"name beside the model)")
         return vaes.resolve(setting, checkpoint, available)
     return choose
+
+
+def _listed_vaes(args) -> dict:
+    """The VAEs a name may give for any model (A1111's one list): --vae-dir's files and the *.vae.* files beside
+    --model and --refiner."""
+    from plainsd import vaes
+    from plainsd.weights import DEFAULT_MODEL
+
+    models = [args.model or DEFAULT_MODEL, *([args.refiner] if getattr(args, "refiner", None) else [])]
+    return vaes.merge(vaes.find_vaes(args.vae_dir) if args.vae_dir is not None else {}, *map(vaes.beside, models))
 
 
 def _put_vae(engine, path: Path | None):
@@ -735,7 +746,7 @@ def _xyz(args) -> int:
         include_sub_grids=args.include_sub_grids, no_fixed_seeds=args.no_fixed_seeds, vary_seeds_x=args.vary_seeds_x,
         vary_seeds_y=args.vary_seeds_y, vary_seeds_z=args.vary_seeds_z, margin_size=args.margin_size, csv_mode=True)
     model = args.model or DEFAULT_MODEL
-    found_vaes = {**vaes.beside(model), **(vaes.find_vaes(args.vae_dir) if args.vae_dir is not None else {})}
+    found_vaes = _listed_vaes(args)
     checkpoints = xyz.Checkpoints(find=_model_file,
                                   load=lambda path: _use_vae(_load_model(path, args.prediction, args.precision,
                                                                          args.backend), args, path),

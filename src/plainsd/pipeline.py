@@ -272,7 +272,8 @@ def _stages(engine: Engine, request: GenerationRequest, callback, interrupt, ski
             latents = _run_batch(engine, run, start, first, second, seeds, subseeds, hooks.for_batch(batch))
             refined = last.refiner is not None and last.refiner.took_over
             decoder = last.refiner.engine.sd if refined else sd
-            if refined:  # A1111 decodes with the model loaded last, and names its VAE: the refiner's (_refiner_vae)
+            if refined:  # A1111 decodes with the model loaded last: the refiner, with its VAE (_refiner_vae); the
+                # infotext names that VAE, where A1111's names the base's (chosen before sampling)
                 params.refiner, params.refiner_switch_at = last.refiner.title, last.refiner.switch_at
                 params.vae_name = getattr(decoder.vae, "name", None)
                 params.vae_hash = getattr(decoder.vae, "hash", None)

@@ -391,7 +391,8 @@ class GenerationRequest:
         if not 0 <= self.eta_noise_seed_delta <= MAX_SEED:
             raise ValueError(f"eta_noise_seed_delta (ENSD) must be between 0 and {MAX_SEED}, "
                              f"got {self.eta_noise_seed_delta}")
-        if not (isinstance(self.s_min_uncond, (int, float)) and self.s_min_uncond >= 0):
+        if isinstance(self.s_min_uncond, bool) or not (isinstance(self.s_min_uncond, (int, float))
+                                                        and self.s_min_uncond >= 0):
             raise ValueError(f"s_min_uncond (the negative guidance minimum sigma) must be a number of at least 0, "
                              f"got {self.s_min_uncond!r}")
         if self.randn_source not in SOURCES:

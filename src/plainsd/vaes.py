@@ -61,6 +61,15 @@ def beside(checkpoint: str | os.PathLike) -> dict[str, Path]:
     return {p.name: p for p in files if p.is_file() and is_vae_file(p)}
 
 
+def merge(*lists: dict[str, Path]) -> dict[str, Path]:
+    """Several lists of VAEs (name -> file) as one, in A1111's natural order; a name found twice: the first."""
+    out: dict[str, Path] = {}
+    for found in lists:
+        for name, path in found.items():
+            out.setdefault(name, path)
+    return dict(sorted(out.items(), key=lambda item: _natural(item[0])))
+
+
 def _natural(name: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 

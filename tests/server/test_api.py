@@ -527,6 +527,14 @@ def test_an_infotext_draws_its_picture_again(client):
     assert any("drawn by the model" in n for n in json.loads(other["info"])["notes"])
     r = client.post("/sdapi/v1/txt2img", json={"infotext": "a cat\nSteps: many, Sampler: Euler, Seed: 1"})
     assert r.status_code == 422 and r.json()["detail"].startswith("infotext: its Steps 'many' is not a value")
+    r = client.post("/sdapi/v1/txt2img", json={"infotext": "a cat\nSteps: 2, Sampler: Euler, Size: 36x36"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("infotext: width")
+    # A1111's order: the infotext's sampler before a client's sampler_index; NGMS is a setting, which the
+    # request's own override_settings keep
+    short = "a cat\nSteps: 2, Sampler: Euler a, Seed: 1, Size: 32x32, NGMS: 100"
+    r = client.post("/sdapi/v1/txt2img", json={"infotext": short, "sampler_index": "Euler",
+                                                "override_settings": {"s_min_uncond": 0}}).json()
+    assert "Sampler: Euler a," in json.loads(r["info"])["infotexts"][0] and "NGMS" not in r["info"]
 
 
 def test_hires_fix_as_a1111_clients_ask_for_it(client):

@@ -772,7 +772,7 @@ def _info(name, fn, schedule="normal", aliases=(), stochastic=False, discard=Fal
 def schedule_sigmas(denoiser, info: SamplerInfo, steps: int, schedule: str) -> torch.Tensor:
     """A sampler's schedule of `steps` steps as A1111 makes it (KDiffusionSampler.get_sigmas): for the samplers
     that discard the next-to-last sigma (DPM2, DPM2 a, DPM++ 3M SDE), one step more with that sigma left out, so
-    that their last step goes down to 0 from a lower noise level."""
+    that their last step goes down to 0 from a higher noise level."""
     if not info.discard_penultimate:
         return denoiser.get_sigmas(steps, schedule)
     sigmas = denoiser.get_sigmas(steps + 1, schedule)

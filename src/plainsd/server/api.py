@@ -23,7 +23,6 @@ from typing import Annotated, Any, Literal, Optional
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
-from plainsd.diffusion.noise import SOURCES
 from plainsd.diffusion.samplers import SAMPLERS, SCHEDULE_SUFFIXES, resolve_sampler, takes
 from plainsd.diffusion.schedules import SCHEDULE_LABELS, SCHEDULES, schedule_label
 from plainsd.fast import choose as choose_fast
@@ -506,16 +505,12 @@ def _noise_fields(req: ProcessingRequest, settings: dict, sampler: str) -> dict:
     ensd = settings.get("eta_noise_seed_delta") or 0
     if isinstance(ensd, bool) or not isinstance(ensd, int):
         raise BadRequest(f"eta_noise_seed_delta must be a whole number, got {ensd!r}")
-    source = settings.get("randn_source", "GPU")
-    if source not in SOURCES:
-        raise BadRequest(f"randn_source (the random number source) must be one of {', '.join(SOURCES)}, "
-                         f"got {source!r}")
     tiling = req.tiling if req.tiling is not None else settings.get("tiling", False)
     if not isinstance(tiling, bool):
         raise BadRequest(f"the tiling setting must be true or false, got {tiling!r}")
     return dict(fields, subseed=req.subseed, subseed_strength=req.subseed_strength,
                 seed_resize_from_w=req.seed_resize_from_w, seed_resize_from_h=req.seed_resize_from_h,
-                tiling=bool(tiling), eta_noise_seed_delta=ensd, randn_source=source,
+                tiling=bool(tiling), eta_noise_seed_delta=ensd, randn_source=settings.get("randn_source", "GPU"),
                 s_min_uncond=req.s_min_uncond if req.s_min_uncond is not None else settings.get("s_min_uncond", 0.0))
 
 
@@ -655,7 +650,8 @@ def info_json(req: ProcessingRequest, result, request: GenerationRequest, sd) ->
         "face_restoration_model": None, "sd_model_name": p.model, "sd_model_hash": p.model_hash,
         "sd_vae_name": p.vae_name, "sd_vae_hash": p.vae_hash, "seed_resize_from_w": req.seed_resize_from_w,
         "seed_resize_from_h": req.seed_resize_from_h, "denoising_strength": p.denoising_strength,
-        "extra_generation_params": {**p.sampler_fields, **p.controlnet},  # (the ControlNet extension's units too)
+        # (the ControlNet extension's units too, and NGMS where a call skipped the negative prompt, as A1111's)
+        "extra_generation_params": {**p.sampler_fields, **p.controlnet, **({"NGMS": p.ngms} if p.ngms else {})},
         "index_of_first_image": 0, "infotexts": result.infotexts, "styles": req.styles or [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": p.clip_skip,
         "is_using_inpainting_conditioning": sd.config.unet.in_channels == 9 and request.init_image is not None,

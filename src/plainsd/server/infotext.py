@@ -1,7 +1,9 @@
 """A1111's `infotext` request field (modules/api/api.py, apply_infotext): a picture's parameters text read into
 the request, as A1111's API reads it. Each label fills its request field where the request leaves that field
-unset, and each label of an A1111 setting fills override_settings where those leave the setting unset. A1111
-keeps its model whatever the infotext's is (its disable_weights_auto_swap, on by default), and so does plainsd.
+unset, and each label of an A1111 setting fills override_settings where those leave the setting unset; a
+missing Clip skip or RNG is A1111's default (its parse_generation_parameters). A1111 keeps its model whatever
+the infotext's is (its disable_weights_auto_swap, on by default), and so does plainsd. Unlike A1111's API,
+plainsd reads an img2img infotext's prompts, size, CFG scale and denoising strength too, and its own labels.
 What plainsd does not act on is said in the answer's notes rather than dropped unsaid.
 """
 
@@ -26,7 +28,10 @@ FIELDS = {
     "Sampler": ("sampler_name", str), "Schedule type": ("scheduler", str), "CFG scale": ("cfg_scale", float),
     "Seed": ("seed", int), "Batch size": ("batch_size", int), "Variation seed": ("subseed", int),
     "Variation seed strength": ("subseed_strength", float), "Denoising strength": ("denoising_strength", float),
-    "NGMS": ("s_min_uncond", float),
+    "Refiner": ("refiner_checkpoint", str), "Refiner switch at": ("refiner_switch_at", float),
+    # plainsd's own
+    "Guidance until": ("guidance_until", float), "DeepCache interval": ("fast", lambda text: True),
+    "Decoder": ("tiny_decoder", lambda text: text == "TAESD"),
 }
 HIRES_FIELDS = {  # txt2img's hires fix
     "Hires upscale": ("hr_scale", float), "Hires upscaler": ("hr_upscaler", str),
@@ -43,7 +48,8 @@ SETTINGS = {
     "Eta": ("eta_ancestral", float), "Eta DDIM": ("eta_ddim", float), "Sigma churn": ("s_churn", float),
     "Sigma tmin": ("s_tmin", float), "Sigma tmax": ("s_tmax", float), "Sigma noise": ("s_noise", float),
     "Token merging ratio": ("token_merging_ratio", float), "Token merging ratio hr": ("token_merging_ratio_hr", float),
-    "Tiling": ("tiling", _flag),
+    "Tiling": ("tiling", _flag), "NGMS": ("s_min_uncond", float),
+    "Noise multiplier": ("initial_noise_multiplier", float),
 }
 # labels that say what drew the picture and set nothing (the model's is compared: model_note)
 DESCRIBING = {"Model", "Model hash", "VAE hash", "Version", "Lora hashes", "TI hashes", "Hashes"}
@@ -52,8 +58,8 @@ DESCRIBING = {"Model", "Model hash", "VAE hash", "Version", "Lora hashes", "TI h
 def apply(req: api.ProcessingRequest, kind: str, vaes: dict) -> tuple[api.ProcessingRequest, list[str], dict]:
     """The request with its infotext read in (and the field emptied), the notes on what was not applied, and the
     infotext's labels. vaes: the server's VAEs by name (an infotext's VAE is used where it is one of them)."""
-    params = parse_infotext(req.infotext)
-    given = req.model_fields_set - {"infotext"}
+    params = {"Clip skip": "1", "RNG": "GPU", **parse_infotext(req.infotext)}
+    given = set(req.model_fields_set)
     fields, sizes = dict(FIELDS), dict(SIZES)
     if kind == "txt2img":
         fields.update(HIRES_FIELDS)
@@ -88,10 +94,13 @@ def apply(req: api.ProcessingRequest, kind: str, vaes: dict) -> tuple[api.Proces
         update["enable_hr"] = True  # (A1111's paste rule for its Hires. fix switch)
     if settings:
         update["override_settings"] = settings
+    if "sampler_name" in update:
+        given.discard("sampler_index")  # (A1111 takes sampler_name before sampler_index)
     try:
-        req = type(req).model_validate({**{n: getattr(req, n) for n in given}, **update, "infotext": None})
+        req = type(req).model_validate({**{n: getattr(req, n) for n in given}, **update})
     except ValidationError as e:
-        raise api.BadRequest(f"infotext: {api.validation_sentence(e.errors())}") from None
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in e.errors()]
+        raise api.BadRequest(f"infotext: {api.validation_sentence(errors)}") from None
     notes = [f"the infotext's {', '.join(skipped)} were not applied: plainsd does not act on them"] if skipped else []
     return req, notes, params
 
