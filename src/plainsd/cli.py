@@ -728,7 +728,7 @@ def _xyz(args) -> int:
     """The X/Y/Z plot: every cell checked, then drawn; the grid (and the cells or sub-grids asked for) written."""
     import torch
 
-    from plainsd import vaes, xyz
+    from plainsd import xyz
     from plainsd.pnginfo import save_png
     from plainsd.weights import DEFAULT_MODEL
 

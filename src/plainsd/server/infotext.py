@@ -56,8 +56,8 @@ DESCRIBING = {"Model", "Model hash", "VAE hash", "Version", "Lora hashes", "TI h
 
 
 def apply(req: api.ProcessingRequest, kind: str, vaes: dict) -> tuple[api.ProcessingRequest, list[str], dict]:
-    """The request with its infotext read in (and the field emptied), the notes on what was not applied, and the
-    infotext's labels. vaes: the server's VAEs by name (an infotext's VAE is used where it is one of them)."""
+    """The request with its infotext read in (the field kept, as A1111 echoes it), the notes on what was not
+    applied, and the infotext's labels. vaes: the server's VAEs by name (an infotext's VAE is used where it is one of them)."""
     params = {"Clip skip": "1", "RNG": "GPU", **parse_infotext(req.infotext)}
     given = set(req.model_fields_set)
     fields, sizes = dict(FIELDS), dict(SIZES)
