@@ -45,10 +45,7 @@ def find_vaes(vae_dir: str | os.PathLike | None = None, models_dir: str | os.Pat
                 found.append((p.name, p))
     if models_dir is not None and Path(models_dir).is_dir():
         found += [(p.name, p) for p in sorted(Path(models_dir).rglob("*")) if p.is_file() and is_vae_file(p)]
-    out: dict[str, Path] = {}
-    for name, path in sorted(found, key=lambda item: _natural(item[0])):
-        out.setdefault(name, path)
-    return out
+    return merge(found)
 
 
 def beside(checkpoint: str | os.PathLike) -> dict[str, Path]:
@@ -57,17 +54,17 @@ def beside(checkpoint: str | os.PathLike) -> dict[str, Path]:
     folder = Path(checkpoint).parent
     if not folder.is_dir():
         return {}
-    files = sorted(folder.iterdir(), key=lambda p: _natural(p.name))
-    return {p.name: p for p in files if p.is_file() and is_vae_file(p)}
+    return merge([(p.name, p) for p in folder.iterdir() if p.is_file() and is_vae_file(p)])
 
 
-def merge(*lists: dict[str, Path]) -> dict[str, Path]:
-    """Several lists of VAEs (name -> file) as one, in A1111's natural order; a name found twice: the first."""
+def merge(*lists) -> dict[str, Path]:
+    """Lists of VAEs (dicts name -> file, or (name, file) pairs) as one, in A1111's natural order; a name found
+    twice: the first."""
+    pairs = [pair for found in lists for pair in (found.items() if isinstance(found, dict) else found)]
     out: dict[str, Path] = {}
-    for found in lists:
-        for name, path in found.items():
-            out.setdefault(name, path)
-    return dict(sorted(out.items(), key=lambda item: _natural(item[0])))
+    for name, path in sorted(pairs, key=lambda item: _natural(item[0])):
+        out.setdefault(name, path)
+    return out
 
 
 def _natural(name: str) -> list:
